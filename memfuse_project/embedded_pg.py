@@ -1,0 +1,141 @@
+"""The embedded default database: PostgreSQL 16 with pgvector from the ``pgserver`` package.
+
+Used when ``DATABASE_URL`` is not set. The first process starts the server in a data folder
+(``.pgdata/`` in the working directory) and later processes reuse it: ``manage.py migrate`` and
+the ASGI server share one running server, which outlives them (``cleanup_mode=None``). It
+listens on a Unix socket in the data folder only, so it never clashes with another server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DATABASE_NAME = "memfuse"
+
+
+def _running_server(data_dir: Path) -> dict | None:
+    """Socket host and port from ``postmaster.pid`` when the server there says it is ready.
+
+    The file's lines are: pid, data dir, start time, port, socket dir, listen address,
+    shared memory key, status.
+    """
+    try:
+        lines = (data_dir / "postmaster.pid").read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    if len(lines) < 8 or lines[7].strip() != "ready":
+        return None
+    return {"pid": int(lines[0]), "port": lines[3].strip() or "5432", "host": lines[4].strip()}
+
+
+def _accepts_connections(server: dict) -> bool:
+    import psycopg
+
+    try:
+        psycopg.connect(
+            host=server["host"], port=server["port"], user="postgres", dbname="postgres", connect_timeout=3
+        ).close()
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
+def _drop_stale_pidfile(data_dir: Path) -> None:
+    """Remove ``postmaster.pid`` when its pid now belongs to an unrelated process.
+
+    pgserver takes any live pid in that file for a running server; after a machine restart the
+    pid may have been reused by something else, and the server would never be started.
+    """
+    import psutil
+
+    server = _running_server(data_dir)
+    if server is None:
+        return
+    try:
+        process = psutil.Process(server["pid"])
+        for _ in range(100):  # a killed server stays a zombie until it is reaped
+            if process.status() != psutil.STATUS_ZOMBIE:
+                break
+            time.sleep(0.1)
+        if process.status() == psutil.STATUS_ZOMBIE or str(data_dir) in " ".join(process.cmdline()):
+            return
+    except psutil.NoSuchProcess:
+        return  # postgres handles a stale file of a dead process itself
+    (data_dir / "postmaster.pid").unlink(missing_ok=True)
+
+
+def ensure_server(data_dir: Path) -> dict:
+    """Start (or reuse) the embedded server in ``data_dir``; returns ``{"host", "port"}``.
+
+    Cheap when the server is already running (a few ms: one test connection). Creating a new
+    data folder takes about a second. Safe to call from several processes at once: pgserver
+    serialises start-up with a file lock.
+    """
+    data_dir = Path(data_dir).expanduser().resolve()
+    server = _running_server(data_dir)
+    if server is not None and _accepts_connections(server):
+        return server
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+    import pgserver
+
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with pgserver.PostgresServer._lock:
+        _drop_stale_pidfile(data_dir)
+    info = pgserver.get_server(data_dir, cleanup_mode=None).get_postmaster_info()
+    logger.info("embedded PostgreSQL running in %s", data_dir)
+    return {"host": str(info.socket_dir), "port": str(info.port)}
+
+
+def stop_server(data_dir: Path) -> None:
+    """Stop the embedded server in ``data_dir`` (fast shutdown); no-op when it is not running."""
+    import os
+
+    import pgserver
+
+    data_dir = Path(data_dir).expanduser().resolve()
+    if _running_server(data_dir) is None:
+        return
+    # As root, pgserver runs PostgreSQL as its own 'pgserver' user; pg_ctl must run as that user.
+    user = "pgserver" if os.geteuid() == 0 else None
+    pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=str(data_dir), user=user)
+
+
+def embedded_database_settings(data_dir: Path) -> dict:
+    """Django ``DATABASES`` entry for the embedded server, creating its database if needed."""
+    import psycopg
+
+    server = ensure_server(data_dir)
+    with psycopg.connect(
+        host=server["host"], port=server["port"], user="postgres", dbname="postgres", autocommit=True
+    ) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)).fetchone() is None:
+            try:
+                conn.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
+            except psycopg.errors.DuplicateDatabase:
+                pass  # another process created it first
+    return {
+        "NAME": DATABASE_NAME,
+        "USER": "postgres",
+        "PASSWORD": "",
+        "HOST": server["host"],
+        "PORT": server["port"],
+    }
+
+
+def migrate_if_embedded() -> None:
+    """Apply pending migrations when running on the embedded default (no ``DATABASE_URL``).
+
+    The embedded database belongs to this working directory, so the service brings it up to
+    date itself on start. A configured ``DATABASE_URL`` is migrated by its operator.
+    """
+    from django.conf import settings
+    from django.core.management import call_command
+
+    if settings.USING_EMBEDDED_DB:
+        call_command("migrate", interactive=False, verbosity=0)
+        logger.info("embedded PostgreSQL in %s is migrated", settings.EMBEDDED_PG_DIR)

@@ -1,0 +1,184 @@
+"""Settings for MemFuse for Django, read from the environment.
+
+Every value has a default that works on a laptop: without ``DATABASE_URL`` the service starts
+an embedded PostgreSQL (the ``pgserver`` package) in ``.pgdata/`` inside the working directory.
+"""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def envstr(name: str, default: str = "") -> str:
+    """Return env var ``name``, or the contents of the file named by ``{name}_FILE``."""
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        return Path(path).read_text().strip()
+    return os.environ.get(name, default)
+
+
+def envbool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def envint(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else int(value)
+
+
+def envfloat(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else float(value)
+
+
+SECRET_KEY = envstr("SECRET_KEY", "dev-only-insecure-key-change-me")
+DEBUG = envbool("DEBUG", False)
+ALLOWED_HOSTS = [h for h in envstr("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver").split(",") if h]
+
+INSTALLED_APPS = [
+    # daphne first: its runserver serves the ASGI application (HTTP and WebSocket).
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.postgres",
+    "rest_framework",
+    "channels",
+    "memory",
+    "buffers",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "memfuse_project.urls"
+WSGI_APPLICATION = "memfuse_project.wsgi.application"
+ASGI_APPLICATION = "memfuse_project.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------------
+# The only way to the database is Django's native psycopg pool (Django 5.1+): connection
+# count stays bounded by DB_POOL_MAX_SIZE per process whatever the number of users.
+DB_POOL = {
+    "min_size": envint("DB_POOL_MIN_SIZE", 2),
+    "max_size": envint("DB_POOL_MAX_SIZE", 10),
+    # Seconds a request waits for a free connection before psycopg_pool raises PoolTimeout.
+    "timeout": envfloat("DB_POOL_TIMEOUT", 10.0),
+}
+EMBEDDED_PG_DIR = Path(envstr("EMBEDDED_PG_DIR", str(Path.cwd() / ".pgdata")))
+
+USING_EMBEDDED_DB = not envstr("DATABASE_URL")
+if not USING_EMBEDDED_DB:
+    _default_db = dj_database_url.parse(envstr("DATABASE_URL"))
+else:
+    from memfuse_project.embedded_pg import embedded_database_settings
+
+    _default_db = embedded_database_settings(EMBEDDED_PG_DIR)
+
+_default_db.update(
+    {
+        "ENGINE": "django.db.backends.postgresql",
+        "CONN_MAX_AGE": 0,  # required with a pool: the pool owns connection lifetime
+        "OPTIONS": {**_default_db.get("OPTIONS", {}), "pool": DB_POOL},
+    }
+)
+DATABASES = {"default": _default_db}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Channels -------------------------------------------------------------------------------
+REDIS_URL = envstr("REDIS_URL")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- REST API -------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # Authentication arrives with tenants and API keys; until then the API is open.
+    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+    "UNAUTHENTICATED_USER": None,
+    "EXCEPTION_HANDLER": "memory.api.errors.exception_handler",
+}
+
+# --- Memory service -------------------------------------------------------------------------
+MEMFUSE = {
+    # Local path of a sentence-transformers model; empty: the bundled all-MiniLM-L6-v2.
+    "EMBEDDING_MODEL_PATH": envstr("EMBEDDING_MODEL_PATH"),
+    "EMBEDDING_DIM": envint("EMBEDDING_DIM", 384),
+    "EMBEDDING_BATCH_SIZE": envint("EMBEDDING_BATCH_SIZE", 64),
+    # torch intra-op threads. Inference is serialised by a lock, so one call may use every
+    # core; more threads than cores made one encode take 480 ms instead of 10 ms.
+    "TORCH_THREADS": envint("TORCH_THREADS", os.cpu_count() or 1),
+    # Load the model at start in serving processes (see memory.registry.should_preload).
+    "PRELOAD_MODELS": envbool("PRELOAD_MODELS", True),
+    "MAX_MESSAGE_CHARS": envint("MAX_MESSAGE_CHARS", 32_000),
+    "MAX_BATCH_MESSAGES": envint("MAX_BATCH_MESSAGES", 500),
+    # Per-user services kept in the process's bounded LRU cache.
+    "USER_CACHE_SIZE": envint("USER_CACHE_SIZE", 1024),
+    # Retrieval: weighted reciprocal rank fusion of BM25 and vector candidates
+    # (see docs in memory/retrieval.py for why these weights).
+    "RRF_K": envint("RRF_K", 60),
+    "BM25_WEIGHT": envfloat("BM25_WEIGHT", 3.0),
+    "VECTOR_WEIGHT": envfloat("VECTOR_WEIGHT", 1.0),
+    "CANDIDATES_PER_RETRIEVER": envint("CANDIDATES_PER_RETRIEVER", 100),
+}
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "memory": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
+        "memfuse_project": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
+        "buffers": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
+        "django.request": {"handlers": ["console"], "level": "ERROR"},
+    },
+}

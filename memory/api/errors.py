@@ -1,0 +1,81 @@
+"""One JSON shape for every response: MemFuse's envelope ``{status, code, data, message, errors}``."""
+
+from __future__ import annotations
+
+import logging
+
+from django.http import Http404, JsonResponse
+from rest_framework import exceptions
+from rest_framework.response import Response
+
+from memory.errors import ServiceError
+
+logger = logging.getLogger(__name__)
+
+
+def envelope(data=None, *, code: int = 200, message: str = "Success") -> Response:
+    """A success response: ``{"status": "success", "code", "data", "message", "errors": null}``."""
+    return Response({"status": "success", "code": code, "data": data, "message": message, "errors": None}, status=code)
+
+
+def error_body(code: int, message: str, errors: list[dict] | None = None) -> dict:
+    """An error body; ``errors`` is ``[{"field": name|None, "message": text}]``."""
+    return {
+        "status": "error",
+        "code": code,
+        "data": None,
+        "message": message,
+        "errors": errors if errors is not None else [{"field": None, "message": message}],
+    }
+
+
+def _flatten(detail, prefix: str = "") -> list[dict]:
+    """DRF's nested validation detail as ``[{"field": "messages[0].role", "message": ...}]``."""
+    if isinstance(detail, dict):
+        items = []
+        for key, value in detail.items():
+            if key == "non_field_errors":
+                name = prefix
+            elif isinstance(key, int):  # ListField reports its items' errors as {index: detail}
+                name = f"{prefix}[{key}]"
+            else:
+                name = f"{prefix}.{key}" if prefix else str(key)
+            items.extend(_flatten(value, name))
+        return items
+    if isinstance(detail, list):
+        if all(not isinstance(item, (dict, list)) for item in detail):
+            return [{"field": prefix or None, "message": str(item)} for item in detail]
+        items = []
+        for index, item in enumerate(detail):
+            if item:  # DRF puts {} for list items that passed
+                items.extend(_flatten(item, f"{prefix}[{index}]"))
+        return items
+    return [{"field": prefix or None, "message": str(detail)}]
+
+
+def exception_handler(exc, context) -> Response | None:
+    """DRF ``EXCEPTION_HANDLER``: domain errors, validation errors and HTTP errors, one shape."""
+    if isinstance(exc, ServiceError):
+        return Response(error_body(exc.status, exc.message, exc.errors), status=exc.status)
+    if isinstance(exc, exceptions.ValidationError):
+        errors = _flatten(exc.detail)
+        summary = "; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors)
+        return Response(error_body(400, f"Invalid input: {summary}", errors), status=400)
+    if isinstance(exc, Http404):
+        return Response(error_body(404, "Not found"), status=404)
+    if isinstance(exc, exceptions.APIException):
+        headers = {}
+        if getattr(exc, "wait", None):
+            headers["Retry-After"] = str(int(exc.wait))
+        return Response(error_body(exc.status_code, str(exc.detail)), status=exc.status_code, headers=headers)
+    return None  # an unexpected error: Django's handler500 answers, in the same shape
+
+
+def json_404(request, exception=None) -> JsonResponse:
+    """``handler404``: unknown URLs answer in the envelope too."""
+    return JsonResponse(error_body(404, f"No endpoint at {request.path}"), status=404)
+
+
+def json_500(request) -> JsonResponse:
+    """``handler500``: an unexpected error, in the envelope (details are in the server log)."""
+    return JsonResponse(error_body(500, "Internal server error"), status=500)

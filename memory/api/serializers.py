@@ -1,0 +1,194 @@
+"""Input validation and output shapes of the REST API.
+
+Inputs are strict about types: a number where text is expected is a 400 naming the field,
+not text silently made of it.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from rest_framework import serializers
+
+from memory.models import Agent, Knowledge, Message, Role, Session, User
+from memory.services import MessageIn
+
+
+class StrictCharField(serializers.CharField):
+    """A ``CharField`` that accepts only JSON strings."""
+
+    default_error_messages = {"invalid": "Must be a string."}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """An ``IntegerField`` that accepts only JSON integers (not strings, floats or booleans)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+MAX_CHARS = settings.MEMFUSE["MAX_MESSAGE_CHARS"]
+MAX_BATCH = settings.MEMFUSE["MAX_BATCH_MESSAGES"]
+
+
+def _id_list() -> serializers.ListField:
+    return serializers.ListField(child=serializers.UUIDField(), allow_empty=False, max_length=MAX_BATCH)
+
+
+class NamedIn(serializers.Serializer):
+    name = StrictCharField(max_length=255)
+    description = StrictCharField(required=False, allow_blank=True, allow_null=True, max_length=10_000)
+    metadata = serializers.DictField(required=False)
+
+
+class NamedUpdate(serializers.Serializer):
+    name = StrictCharField(required=False, allow_null=True, max_length=255)
+    description = StrictCharField(required=False, allow_blank=True, allow_null=True, max_length=10_000)
+    metadata = serializers.DictField(required=False, allow_null=True)
+
+
+class NameFilter(serializers.Serializer):
+    name = serializers.CharField(required=False, max_length=255)
+
+
+class SessionIn(serializers.Serializer):
+    user_id = serializers.UUIDField()
+    agent_id = serializers.UUIDField()
+    name = StrictCharField(required=False, allow_null=True, max_length=255)
+    metadata = serializers.DictField(required=False)
+
+
+class SessionUpdate(serializers.Serializer):
+    name = StrictCharField(required=False, allow_null=True, max_length=255)
+    metadata = serializers.DictField(required=False, allow_null=True)
+
+
+class SessionFilter(serializers.Serializer):
+    user_id = serializers.UUIDField(required=False)
+    agent_id = serializers.UUIDField(required=False)
+    name = serializers.CharField(required=False, max_length=255)
+
+
+class MessageInSerializer(serializers.Serializer):
+    """One message: ``role``, ``content``, optional ``metadata``, ``name`` and ``created_at``.
+
+    ``name`` (the OpenAI chat field for the speaker's display name) is stored as
+    ``metadata["speaker"]``; ``metadata["image_caption"]`` is indexed with the content.
+    """
+
+    role = serializers.ChoiceField(choices=Role.choices)
+    content = StrictCharField(trim_whitespace=False, max_length=MAX_CHARS)
+    name = StrictCharField(required=False, max_length=255)
+    metadata = serializers.DictField(required=False)
+    created_at = serializers.DateTimeField(required=False)
+
+    def validate(self, attrs):
+        metadata = dict(attrs.get("metadata") or {})
+        if "name" in attrs:
+            metadata.setdefault("speaker", attrs["name"])
+        for key in ("speaker", "image_caption"):
+            if key in metadata and not isinstance(metadata[key], str):
+                raise serializers.ValidationError({"metadata": {key: "Must be a string."}})
+        return MessageIn(
+            role=attrs["role"], content=attrs["content"], metadata=metadata, created_at=attrs.get("created_at")
+        )
+
+
+class MessagesAdd(serializers.Serializer):
+    messages = serializers.ListField(child=MessageInSerializer(), allow_empty=False, max_length=MAX_BATCH)
+
+
+class MessageIds(serializers.Serializer):
+    message_ids = _id_list()
+
+
+class MessagesUpdate(serializers.Serializer):
+    message_ids = _id_list()
+    new_messages = serializers.ListField(child=MessageInSerializer(), allow_empty=False, max_length=MAX_BATCH)
+
+    def validate(self, attrs):
+        if len(attrs["message_ids"]) != len(attrs["new_messages"]):
+            raise serializers.ValidationError({"new_messages": "Must have one message per id in message_ids."})
+        if len(set(attrs["message_ids"])) != len(attrs["message_ids"]):
+            raise serializers.ValidationError({"message_ids": "Ids must be distinct."})
+        return attrs
+
+
+class MessagesListQuery(serializers.Serializer):
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, default=20)
+    sort_by = serializers.ChoiceField(choices=["timestamp", "position"], required=False, default="timestamp")
+    order = serializers.ChoiceField(choices=["asc", "desc"], required=False, default="desc")
+    buffer_only = serializers.BooleanField(required=False, allow_null=True, default=None)
+
+
+class QueryIn(serializers.Serializer):
+    query = StrictCharField(max_length=MAX_CHARS)
+    top_k = StrictIntegerField(required=False, default=5, min_value=1, max_value=100)
+    session_id = serializers.UUIDField(required=False, allow_null=True)
+    agent_id = serializers.UUIDField(required=False, allow_null=True)
+    metadata = serializers.DictField(required=False, allow_null=True)
+
+
+def _knowledge_list() -> serializers.ListField:
+    return serializers.ListField(
+        child=StrictCharField(trim_whitespace=False, max_length=MAX_CHARS), allow_empty=False, max_length=MAX_BATCH
+    )
+
+
+class KnowledgeAdd(serializers.Serializer):
+    knowledge = _knowledge_list()
+
+
+class KnowledgeIds(serializers.Serializer):
+    knowledge_ids = _id_list()
+
+
+class KnowledgeUpdate(serializers.Serializer):
+    knowledge_ids = _id_list()
+    new_knowledge = _knowledge_list()
+
+    def validate(self, attrs):
+        if len(attrs["knowledge_ids"]) != len(attrs["new_knowledge"]):
+            raise serializers.ValidationError({"new_knowledge": "Must have one item per id in knowledge_ids."})
+        if len(set(attrs["knowledge_ids"])) != len(attrs["knowledge_ids"]):
+            raise serializers.ValidationError({"knowledge_ids": "Ids must be distinct."})
+        return attrs
+
+
+# --- outputs ---------------------------------------------------------------------------------
+
+
+class UserOut(serializers.ModelSerializer):
+    class Meta:
+        model = User
+        fields = ["id", "name", "description", "metadata", "created_at", "updated_at"]
+
+
+class AgentOut(serializers.ModelSerializer):
+    class Meta:
+        model = Agent
+        fields = ["id", "name", "description", "metadata", "created_at", "updated_at"]
+
+
+class SessionOut(serializers.ModelSerializer):
+    class Meta:
+        model = Session
+        fields = ["id", "name", "user_id", "agent_id", "metadata", "created_at", "updated_at"]
+
+
+class MessageOut(serializers.ModelSerializer):
+    class Meta:
+        model = Message
+        fields = ["id", "session_id", "role", "content", "metadata", "position", "created_at", "updated_at"]
+
+
+class KnowledgeOut(serializers.ModelSerializer):
+    class Meta:
+        model = Knowledge
+        fields = ["id", "user_id", "content", "metadata", "created_at", "updated_at"]

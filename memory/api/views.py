@@ -1,0 +1,234 @@
+"""REST API under ``/api/v1/``, compatible with MemFuse's server and its ``memfuse`` client.
+
+Views are thin: validate with a serializer, call one service or selector, answer in MemFuse's
+envelope. Ids in paths are UUIDs; anything else is an unknown id (404 naming the field).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import connection
+from rest_framework import serializers as drf_serializers
+from rest_framework.views import APIView
+
+from memory import selectors, services
+from memory.api import serializers as s
+from memory.api.errors import envelope
+from memory.errors import NotFound
+
+API_VERSION = "0.3.0"  # the MemFuse API generation we are compatible with (client 0.3.x)
+
+
+def parse_id(value: str, *, field: str, what: str) -> uuid.UUID:
+    """``value`` as a UUID; ``NotFound`` naming ``field`` when it is not one."""
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise NotFound(f"{what} '{value}' not found", field=field) from None
+
+
+def validated(serializer_class: type[drf_serializers.Serializer], data) -> dict:
+    """``data`` validated by ``serializer_class``; DRF's ``ValidationError`` (400) otherwise."""
+    if data is None or not hasattr(data, "get"):
+        raise drf_serializers.ValidationError({"non_field_errors": ["Expected a JSON object."]})
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+def _user(user_id: str):
+    return selectors.user_get(user_id=parse_id(user_id, field="user_id", what="User"))
+
+
+def _agent(agent_id: str):
+    return selectors.agent_get(agent_id=parse_id(agent_id, field="agent_id", what="Agent"))
+
+
+def _session(session_id: str):
+    return selectors.session_get(session_id=parse_id(session_id, field="session_id", what="Session"))
+
+
+class HealthView(APIView):
+    def get(self, request):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        return envelope({"status": "ok", "version": API_VERSION, "database": "ok"}, message="Service is healthy")
+
+
+# --- users -------------------------------------------------------------------------------------
+
+
+class UsersView(APIView):
+    def get(self, request):
+        name = validated(s.NameFilter, request.query_params).get("name")
+        users = list(selectors.users_list(name=name))
+        if name is not None and not users:
+            # The memfuse client's get-or-create expects 404 for an unknown name.
+            raise NotFound(f"User with name '{name}' not found", field="name")
+        return envelope({"users": s.UserOut(users, many=True).data})
+
+    def post(self, request):
+        data = validated(s.NamedIn, request.data)
+        user = services.user_create(**data)
+        return envelope({"user": s.UserOut(user).data}, code=201, message="User created successfully")
+
+
+class UserDetailView(APIView):
+    def get(self, request, user_id):
+        return envelope({"user": s.UserOut(_user(user_id)).data})
+
+    def put(self, request, user_id):
+        user = _user(user_id)
+        user = services.user_update(user=user, **validated(s.NamedUpdate, request.data))
+        return envelope({"user": s.UserOut(user).data}, message="User updated successfully")
+
+    def delete(self, request, user_id):
+        user = _user(user_id)
+        services.user_delete(user=user)
+        return envelope({"user_id": user_id}, message="User deleted successfully")
+
+
+class UserQueryView(APIView):
+    def post(self, request, user_id):
+        user = _user(user_id)
+        data = validated(s.QueryIn, request.data)
+        results = selectors.memory_query(
+            user=user,
+            query=data["query"],
+            top_k=data["top_k"],
+            session_id=data.get("session_id"),
+            agent_id=data.get("agent_id"),
+        )
+        return envelope({"results": results, "total": len(results)})
+
+
+class UserKnowledgeView(APIView):
+    def get(self, request, user_id):
+        items = selectors.knowledge_list(user=_user(user_id))
+        return envelope({"knowledge": s.KnowledgeOut(items, many=True).data})
+
+    def post(self, request, user_id):
+        user = _user(user_id)
+        rows = services.knowledge_add(user=user, contents=validated(s.KnowledgeAdd, request.data)["knowledge"])
+        return envelope({"knowledge_ids": [str(r.pk) for r in rows]}, code=201, message="Knowledge added successfully")
+
+    def put(self, request, user_id):
+        user = _user(user_id)
+        data = validated(s.KnowledgeUpdate, request.data)
+        rows = services.knowledge_update(user=user, knowledge_ids=data["knowledge_ids"], new_contents=data["new_knowledge"])
+        return envelope({"knowledge_ids": [str(r.pk) for r in rows]}, message="Knowledge updated successfully")
+
+    def delete(self, request, user_id):
+        user = _user(user_id)
+        ids = validated(s.KnowledgeIds, request.data)["knowledge_ids"]
+        services.knowledge_delete(user=user, knowledge_ids=ids)
+        return envelope({"knowledge_ids": [str(i) for i in ids]}, message="Knowledge deleted successfully")
+
+
+class UserKnowledgeReadView(APIView):
+    def post(self, request, user_id):
+        user = _user(user_id)
+        ids = validated(s.KnowledgeIds, request.data)["knowledge_ids"]
+        rows = selectors.knowledge_by_ids(user=user, knowledge_ids=ids)
+        return envelope({"knowledge": s.KnowledgeOut(rows, many=True).data})
+
+
+# --- agents ------------------------------------------------------------------------------------
+
+
+class AgentsView(APIView):
+    def get(self, request):
+        name = validated(s.NameFilter, request.query_params).get("name")
+        agents = list(selectors.agents_list(name=name))
+        if name is not None and not agents:
+            raise NotFound(f"Agent with name '{name}' not found", field="name")
+        return envelope({"agents": s.AgentOut(agents, many=True).data})
+
+    def post(self, request):
+        agent = services.agent_create(**validated(s.NamedIn, request.data))
+        return envelope({"agent": s.AgentOut(agent).data}, code=201, message="Agent created successfully")
+
+
+class AgentDetailView(APIView):
+    def get(self, request, agent_id):
+        return envelope({"agent": s.AgentOut(_agent(agent_id)).data})
+
+    def put(self, request, agent_id):
+        agent = services.agent_update(agent=_agent(agent_id), **validated(s.NamedUpdate, request.data))
+        return envelope({"agent": s.AgentOut(agent).data}, message="Agent updated successfully")
+
+    def delete(self, request, agent_id):
+        services.agent_delete(agent=_agent(agent_id))
+        return envelope({"agent_id": agent_id}, message="Agent deleted successfully")
+
+
+# --- sessions ----------------------------------------------------------------------------------
+
+
+class SessionsView(APIView):
+    def get(self, request):
+        filters = validated(s.SessionFilter, request.query_params)
+        sessions = list(selectors.sessions_list(**filters))
+        if "name" in filters and not sessions:
+            raise NotFound(f"Session with name '{filters['name']}' not found", field="name")
+        return envelope({"sessions": s.SessionOut(sessions, many=True).data})
+
+    def post(self, request):
+        data = validated(s.SessionIn, request.data)
+        user = selectors.user_get(user_id=data["user_id"])
+        agent = selectors.agent_get(agent_id=data["agent_id"])
+        session = services.session_create(user=user, agent=agent, name=data.get("name"), metadata=data.get("metadata"))
+        return envelope({"session": s.SessionOut(session).data}, code=201, message="Session created successfully")
+
+
+class SessionDetailView(APIView):
+    def get(self, request, session_id):
+        return envelope({"session": s.SessionOut(_session(session_id)).data})
+
+    def put(self, request, session_id):
+        session = services.session_update(session=_session(session_id), **validated(s.SessionUpdate, request.data))
+        return envelope({"session": s.SessionOut(session).data}, message="Session updated successfully")
+
+    def delete(self, request, session_id):
+        services.session_delete(session=_session(session_id))
+        return envelope({"session_id": session_id}, message="Session deleted successfully")
+
+
+class SessionMessagesView(APIView):
+    def get(self, request, session_id):
+        session = _session(session_id)
+        params = validated(s.MessagesListQuery, request.query_params)
+        if params["buffer_only"]:
+            # Every message is stored and embedded when added: nothing waits in a buffer.
+            return envelope({"messages": []})
+        rows = selectors.messages_list(
+            session=session, limit=params["limit"], order=params["order"], sort_by=params["sort_by"]
+        )
+        return envelope({"messages": s.MessageOut(rows, many=True).data})
+
+    def post(self, request, session_id):
+        session = _session(session_id)
+        messages = validated(s.MessagesAdd, request.data)["messages"]
+        rows = services.messages_add(session=session, messages=messages)
+        return envelope({"message_ids": [str(r.pk) for r in rows]}, code=201, message="Messages added successfully")
+
+    def put(self, request, session_id):
+        session = _session(session_id)
+        data = validated(s.MessagesUpdate, request.data)
+        rows = services.messages_update(session=session, message_ids=data["message_ids"], new_messages=data["new_messages"])
+        return envelope({"message_ids": [str(r.pk) for r in rows]}, message="Messages updated successfully")
+
+    def delete(self, request, session_id):
+        session = _session(session_id)
+        ids = validated(s.MessageIds, request.data)["message_ids"]
+        services.messages_delete(session=session, message_ids=ids)
+        return envelope({"message_ids": [str(i) for i in ids]}, message="Messages deleted successfully")
+
+
+class SessionMessagesReadView(APIView):
+    def post(self, request, session_id):
+        session = _session(session_id)
+        ids = validated(s.MessageIds, request.data)["message_ids"]
+        rows = selectors.messages_by_ids(session=session, message_ids=ids)
+        return envelope({"messages": s.MessageOut(rows, many=True).data})

@@ -1,0 +1,64 @@
+"""System checks for what can be wrong at start: pgvector missing, embedding dimension mismatch."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.checks import Error, Tags, register
+from django.db import connection
+from django.db.utils import DatabaseError
+
+from memory import registry
+
+
+@register(Tags.database)
+def check_pgvector(app_configs=None, databases=None, **kwargs) -> list[Error]:
+    """memory.E001/E002: the ``vector`` extension is available; the stored dimension is the model's.
+
+    Runs with ``manage.py check --database default`` and before ``migrate``/``runserver``.
+    """
+    if not databases or "default" not in databases:
+        return []
+    errors: list[Error] = []
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT name FROM pg_available_extensions WHERE name = 'vector'")
+            if cursor.fetchone() is None:
+                return [
+                    Error(
+                        "The PostgreSQL server has no pgvector extension.",
+                        hint="Install pgvector into the server (see README), or unset DATABASE_URL "
+                        "to use the embedded PostgreSQL, which ships it.",
+                        id="memory.E001",
+                    )
+                ]
+            # atttypmod of a vector column is its dimension; -1 would mean 'any'.
+            cursor.execute(
+                "SELECT atttypmod FROM pg_attribute "
+                "WHERE attrelid = to_regclass('memory_message') AND attname = 'embedding'"
+            )
+            row = cursor.fetchone()
+    except DatabaseError as exc:
+        return [Error(f"Could not inspect the database for pgvector: {exc}", id="memory.E003")]
+
+    loaded = registry.loaded_embedder()
+    model_dim = loaded.dimension if loaded else registry.model_dimension_from_config(registry.default_model_path())
+    configured = settings.MEMFUSE["EMBEDDING_DIM"]
+    if model_dim is not None and model_dim != configured:
+        errors.append(
+            Error(
+                f"The embedding model produces {model_dim}-dimensional vectors but EMBEDDING_DIM "
+                f"is {configured}.",
+                hint="Set EMBEDDING_DIM to the model's dimension and migrate a new database.",
+                id="memory.E002",
+            )
+        )
+    if row is not None and model_dim is not None and row[0] not in (-1, model_dim):
+        errors.append(
+            Error(
+                f"Stored embeddings have dimension {row[0]} but the embedding model produces "
+                f"{model_dim}.",
+                hint="Use the model the database was built with, or re-embed into a new database.",
+                id="memory.E002",
+            )
+        )
+    return errors

@@ -1,0 +1,36 @@
+"""The one domain exception type: services raise it, the API turns it into MemFuse's envelope."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """A request the service refuses: ``status`` is the HTTP status, ``errors`` name the fields.
+
+    ``errors`` is a list of ``{"field": name, "message": text}``; ``field`` is ``None`` for an
+    error about the request as a whole.
+    """
+
+    status = 400
+    default_message = "Bad request"
+
+    def __init__(self, message: str | None = None, *, field: str | None = None, errors: list[dict] | None = None):
+        self.message = message or self.default_message
+        self.errors = errors if errors is not None else [{"field": field, "message": self.message}]
+        super().__init__(self.message)
+
+
+class InvalidInput(ServiceError):
+    status = 400
+    default_message = "Invalid input"
+
+
+class NotFound(ServiceError):
+    status = 404
+    default_message = "Not found"
+
+
+class Conflict(ServiceError):
+    status = 409
+    default_message = "Conflict"
+
+

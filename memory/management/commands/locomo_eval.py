@@ -1,0 +1,215 @@
+"""``python manage.py locomo_eval PATH``: retrieval recall@k on a LoCoMo-format file.
+
+LoCoMo: Maharana et al., "Evaluating Very Long-Term Conversational Memory of LLM Agents",
+ACL 2024. One user per conversation, one session per LoCoMo session, every turn stored
+through ``services.messages_add`` (the REST API's function) and every question outside
+category 5 asked through ``selectors.memory_query`` (the REST API's query function).
+
+R@k = |evidence turns among the top k messages| / |evidence turns|, averaged over questions,
+per category code and overall (percentages). Only ``conversation`` and each question's
+``question``, ``evidence`` and ``category`` are read: never ``event_summary``,
+``observation``, ``session_summary`` or the answers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
+
+from memfuse_project.embedded_pg import migrate_if_embedded
+from memory import selectors, services
+from memory.models import Agent
+from memory.retrieval import RetrievalConfig
+from memory.services import MessageIn
+
+KS = (5, 10, 20)
+EVIDENCE_ID = re.compile(r"D(\d+):(\d+)")
+SESSION_KEY = re.compile(r"^session_(\d+)$")
+DIA_ID_KEY = "locomo_dia_id"
+
+
+def parse_session_date(text: str) -> datetime:
+    """``"1:56 pm on 8 May, 2023"`` -> an aware UTC datetime. ``ValueError`` if unparseable."""
+    return datetime.strptime(text.strip(), "%I:%M %p on %d %B, %Y").replace(tzinfo=UTC)
+
+
+def conversation_sessions(conversation: dict) -> list[tuple[int, datetime | None, list[dict]]]:
+    """``[(session number, date or None, turns)]`` for the sessions that have turn lists."""
+    sessions = []
+    for key, turns in conversation.items():
+        match = SESSION_KEY.match(key)
+        if not match or not isinstance(turns, list):
+            continue
+        number = int(match.group(1))
+        date_text = conversation.get(f"session_{number}_date_time")
+        try:
+            date = parse_session_date(date_text) if date_text else None
+        except ValueError:
+            date = None
+        sessions.append((number, date, turns))
+    return sorted(sessions, key=lambda item: item[0])
+
+
+def evidence_ids(evidence: list, known: set[str]) -> list[str]:
+    """Valid evidence turn ids of a question: ``D<s>:<t>`` found by regex, unknown ids dropped."""
+    ids = []
+    for item in evidence or []:
+        for session, turn in EVIDENCE_ID.findall(str(item)):
+            dia_id = f"D{int(session)}:{int(turn)}"
+            if dia_id in known and dia_id not in ids:
+                ids.append(dia_id)
+    return ids
+
+
+class Command(BaseCommand):
+    help = "Ingest a LoCoMo-format file and measure retrieval recall@5/10/20 of the evidence turns."
+
+    def add_arguments(self, parser):
+        parser.add_argument("path", type=Path, help="LoCoMo-format JSON file (a list of conversations)")
+        parser.add_argument("--json", dest="json_out", type=Path, help="write the results as JSON to this file")
+        parser.add_argument("--keep", action="store_true", help="keep the users created (default: delete them)")
+        parser.add_argument("--conversations", type=int, default=0, help="only the first N conversations (0: all)")
+        parser.add_argument("--bm25-weight", type=float, help="override BM25_WEIGHT for this run")
+        parser.add_argument("--vector-weight", type=float, help="override VECTOR_WEIGHT for this run")
+        parser.add_argument("--rrf-k", type=int, help="override RRF_K for this run")
+
+    def handle(self, *args, **options):
+        conversations = self._load(options["path"])
+        migrate_if_embedded()
+        if options["conversations"] > 0:
+            conversations = conversations[: options["conversations"]]
+        config = RetrievalConfig.from_settings(
+            bm25_weight=options["bm25_weight"], vector_weight=options["vector_weight"], rrf_k=options["rrf_k"]
+        )
+        run = uuid.uuid4().hex[:8]
+        agent = Agent.objects.filter(name="locomo-eval").first() or services.agent_create(name="locomo-eval")
+        users = []
+        try:
+            ingest_seconds, n_messages, users = self._ingest(conversations, agent, run)
+            hits, latencies = self._ask(conversations, users, config)
+        finally:
+            if not options["keep"]:
+                for user in users:
+                    services.user_delete(user=user)
+        report = self._report(hits, latencies, n_messages, ingest_seconds)
+        self._print_table(report)
+        if options["json_out"]:
+            options["json_out"].write_text(json.dumps(report, indent=2) + "\n")
+            self.stdout.write(f"wrote {options['json_out']}")
+
+    def _load(self, path: Path) -> list[dict]:
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CommandError(f"path: no such file: {path}") from None
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"path: cannot read {path} as JSON: {exc}") from None
+        if not isinstance(data, list) or not all(isinstance(c, dict) and "conversation" in c for c in data):
+            raise CommandError("path: expected a JSON list of LoCoMo conversations (objects with 'conversation')")
+        return data
+
+    def _ingest(self, conversations: list[dict], agent, run: str):
+        users, n_messages = [], 0
+        total = sum(len(turns) for c in conversations for _, _, turns in conversation_sessions(c["conversation"]))
+        started = time.perf_counter()
+        with tqdm(total=total, desc="ingest", unit="msg", disable=None) as progress:
+            for index, item in enumerate(conversations):
+                conversation = item["conversation"]
+                sample_id = item.get("sample_id", f"conv-{index}")
+                user = services.user_create(name=f"locomo-{sample_id}-{run}")
+                users.append(user)
+                speaker_a = conversation.get("speaker_a")
+                for number, date, turns in conversation_sessions(conversation):
+                    session = services.session_create(user=user, agent=agent, name=f"session_{number}")
+                    base = date or datetime(2000, 1, 1, tzinfo=UTC)
+                    messages = []
+                    for position, turn in enumerate(turns):
+                        metadata = {"speaker": turn.get("speaker", ""), DIA_ID_KEY: turn.get("dia_id")}
+                        if turn.get("blip_caption"):
+                            metadata["image_caption"] = turn["blip_caption"]
+                        messages.append(
+                            MessageIn(
+                                role="user" if turn.get("speaker") == speaker_a else "assistant",
+                                content=turn.get("text", ""),
+                                metadata=metadata,
+                                # Turns keep their order within the session's date.
+                                created_at=base + timedelta(seconds=position),
+                            )
+                        )
+                    services.messages_add(session=session, messages=messages)
+                    n_messages += len(messages)
+                    progress.update(len(messages))
+        return time.perf_counter() - started, n_messages, users
+
+    def _ask(self, conversations: list[dict], users: list, config: RetrievalConfig):
+        hits: list[tuple[str, dict[int, float]]] = []
+        latencies: list[float] = []
+        questions = []
+        for item, user in zip(conversations, users):
+            known = {
+                turn.get("dia_id") for _, _, turns in conversation_sessions(item["conversation"]) for turn in turns
+            }
+            for qa in item.get("qa", []):
+                category = qa.get("category")
+                if category == 5:
+                    continue
+                evidence = evidence_ids(qa.get("evidence"), known)
+                if evidence:
+                    questions.append((user, str(category), qa["question"], evidence))
+        for user, category, question, evidence in tqdm(questions, desc="queries", unit="q", disable=None):
+            user.refresh_from_db(fields=["memory_version"])
+            started = time.perf_counter()
+            results = selectors.memory_query(user=user, query=question, top_k=max(KS), config=config)
+            latencies.append((time.perf_counter() - started) * 1000)
+            ranked = [r["metadata"].get(DIA_ID_KEY) for r in results]
+            hits.append(
+                (category, {k: len(set(ranked[:k]) & set(evidence)) / len(evidence) for k in KS})
+            )
+        return hits, latencies
+
+    @staticmethod
+    def _report(hits, latencies, n_messages: int, ingest_seconds: float) -> dict:
+        def mean_recall(rows):
+            return {str(k): round(100 * float(np.mean([r[k] for r in rows])), 1) if rows else 0.0 for k in KS}
+
+        categories = sorted({c for c, _ in hits}, key=lambda c: (len(c), c))
+        return {
+            "recall": {
+                "overall": mean_recall([r for _, r in hits]),
+                "by_category": {c: mean_recall([r for cat, r in hits if cat == c]) for c in categories},
+            },
+            "n_questions": len(hits),
+            "n_by_category": {c: sum(1 for cat, _ in hits if cat == c) for c in categories},
+            "ingest": {
+                "messages": n_messages,
+                "seconds": round(ingest_seconds, 2),
+                "messages_per_s": round(n_messages / ingest_seconds, 1) if ingest_seconds else 0.0,
+            },
+            "query_ms": {
+                "p50": round(float(np.percentile(latencies, 50)), 1) if latencies else 0.0,
+                "p95": round(float(np.percentile(latencies, 95)), 1) if latencies else 0.0,
+            },
+        }
+
+    def _print_table(self, report: dict) -> None:
+        names = {"1": "multi-hop", "2": "temporal", "3": "open-domain", "4": "single-hop"}
+        lines = [f"{'category':<16}{'n':>6}" + "".join(f"{'R@' + str(k):>8}" for k in KS)]
+        for code, recall in report["recall"]["by_category"].items():
+            label = f"{code} {names.get(code, '')}".strip()
+            lines.append(f"{label:<16}{report['n_by_category'][code]:>6}" + "".join(f"{recall[str(k)]:>8.1f}" for k in KS))
+        overall = report["recall"]["overall"]
+        lines.append(f"{'overall':<16}{report['n_questions']:>6}" + "".join(f"{overall[str(k)]:>8.1f}" for k in KS))
+        ingest, query_ms = report["ingest"], report["query_ms"]
+        lines.append(
+            f"ingest: {ingest['messages']} messages in {ingest['seconds']} s ({ingest['messages_per_s']}/s); "
+            f"query: p50 {query_ms['p50']} ms, p95 {query_ms['p95']} ms"
+        )
+        self.stdout.write("\n".join(lines))

@@ -1,0 +1,161 @@
+"""Users, agents, sessions, messages and knowledge items.
+
+Ids are UUIDs, as in MemFuse. A message stores its embedding (``vector(384)``, HNSW index
+with cosine ops) and a generated ``tsvector`` over its indexed text (GIN index). The indexed
+text is what was said: ``"speaker: content"`` plus an image caption when the metadata has one.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.contrib.postgres.indexes import GinIndex
+from django.contrib.postgres.search import SearchVector, SearchVectorField
+from django.db import models
+from pgvector.django import HnswIndex, VectorField
+
+EMBEDDING_DIM = settings.MEMFUSE["EMBEDDING_DIM"]
+
+
+class Named(models.Model):
+    """Common fields of the top-level objects a client names."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=255)
+    description = models.TextField(blank=True, default="")
+    metadata = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        abstract = True
+        ordering = ["created_at"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class User(Named):
+    """An end user of a chat application: the owner of memories.
+
+    ``memory_version`` is bumped in the same transaction as every write to the user's messages
+    or knowledge, so per-user caches (BM25 index, query results) know when they are stale.
+    """
+
+    memory_version = models.BigIntegerField(default=0)
+
+    class Meta(Named.Meta):
+        constraints = [models.UniqueConstraint(fields=["name"], name="memory_user_name_unique")]
+
+
+class Agent(Named):
+    """The assistant (or application persona) a user talks to."""
+
+    class Meta(Named.Meta):
+        constraints = [models.UniqueConstraint(fields=["name"], name="memory_agent_name_unique")]
+
+
+class Session(Named):
+    """One conversation of a user with an agent."""
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="sessions")
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="sessions")
+
+    class Meta(Named.Meta):
+        # Names are unique per user: the memfuse client finds a session by (name, user_id).
+        constraints = [models.UniqueConstraint(fields=["user", "name"], name="memory_session_user_name_unique")]
+        indexes = [models.Index(fields=["user", "agent"])]
+
+
+class Role(models.TextChoices):
+    USER = "user"
+    ASSISTANT = "assistant"
+    SYSTEM = "system"
+
+
+def search_vector_expression() -> SearchVector:
+    return SearchVector("index_text", config="english")
+
+
+class Message(models.Model):
+    """One message of a session.
+
+    ``position`` is the message's place in its session (0, 1, ...). ``index_text`` is what is
+    embedded and full-text indexed (see ``memory.services.message_index_text``); ``embedding``
+    is NULL until the message has been embedded.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="messages")
+    # Denormalised from the session: every query is per user, and a user's query must be
+    # able to filter its own rows without a join.
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="messages")
+    position = models.PositiveIntegerField()
+    role = models.CharField(max_length=16, choices=Role.choices)
+    content = models.TextField()
+    metadata = models.JSONField(default=dict, blank=True)
+    index_text = models.TextField()
+    embedding = VectorField(dimensions=EMBEDDING_DIM, null=True, blank=True)
+    search_vector = models.GeneratedField(
+        expression=search_vector_expression(),
+        output_field=SearchVectorField(),
+        db_persist=True,
+    )
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["session", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["session", "position"], name="memory_message_position_unique")
+        ]
+        indexes = [
+            models.Index(fields=["user", "created_at"]),
+            HnswIndex(
+                name="memory_message_embedding_hnsw",
+                fields=["embedding"],
+                m=16,
+                ef_construction=64,
+                opclasses=["vector_cosine_ops"],
+            ),
+            GinIndex(fields=["search_vector"], name="memory_message_search_gin"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.role}: {self.content[:60]}"
+
+
+class Knowledge(models.Model):
+    """A user-level fact given by the client (not part of any conversation)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="knowledge")
+    content = models.TextField()
+    metadata = models.JSONField(default=dict, blank=True)
+    embedding = VectorField(dimensions=EMBEDDING_DIM, null=True, blank=True)
+    search_vector = models.GeneratedField(
+        expression=SearchVector("content", config="english"),
+        output_field=SearchVectorField(),
+        db_persist=True,
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        verbose_name_plural = "knowledge"
+        indexes = [
+            models.Index(fields=["user", "created_at"]),
+            HnswIndex(
+                name="memory_knowledge_embedding_hnsw",
+                fields=["embedding"],
+                m=16,
+                ef_construction=64,
+                opclasses=["vector_cosine_ops"],
+            ),
+            GinIndex(fields=["search_vector"], name="memory_knowledge_search_gin"),
+        ]
+
+    def __str__(self) -> str:
+        return self.content[:60]

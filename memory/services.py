@@ -1,0 +1,251 @@
+"""Writes: users, agents, sessions, messages, knowledge.
+
+Every function takes keyword-only arguments that have already been validated for shape (the
+API's serializers, or trusted callers such as ``locomo_eval``) and raises ``memory.errors``
+exceptions for what only the database can tell (unknown ids, duplicate names). Embedding runs
+before the transaction that writes the rows, never inside it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from django.db import IntegrityError, transaction
+from django.db.models import F, Max
+from django.utils import timezone
+
+from memory import registry
+from memory.errors import Conflict
+from memory.models import Agent, Knowledge, Message, Session, User
+from memory.selectors import knowledge_by_ids, messages_by_ids
+
+
+@dataclass(frozen=True)
+class MessageIn:
+    """One message to store. ``metadata`` may carry ``speaker`` and ``image_caption``."""
+
+    role: str
+    content: str
+    metadata: dict = field(default_factory=dict)
+    created_at: datetime | None = None
+
+
+def message_index_text(*, content: str, metadata: dict) -> str:
+    """The text that is embedded and full-text indexed for a message.
+
+    What was said: ``"speaker: content"`` (the speaker's display name from
+    ``metadata["speaker"]``, when given) plus ``metadata["image_caption"]``, the caption of an
+    image shared with the message, which is part of what was said.
+    """
+    speaker = metadata.get("speaker")
+    text = f"{speaker}: {content}" if isinstance(speaker, str) and speaker else content
+    caption = metadata.get("image_caption")
+    if isinstance(caption, str) and caption:
+        text = f"{text} [image: {caption}]"
+    return text
+
+
+def _bump_memory_version(user_id: uuid.UUID) -> None:
+    """Mark the user's memory as changed (same transaction as the write): caches go stale."""
+    User.objects.filter(pk=user_id).update(memory_version=F("memory_version") + 1)
+
+
+def _create_unique(model, *, field_name: str = "name", **values):
+    """Create a row; a unique-constraint violation becomes ``Conflict`` naming ``field_name``."""
+    try:
+        with transaction.atomic():
+            return model.objects.create(**values)
+    except IntegrityError:
+        raise Conflict(
+            f"{model._meta.verbose_name.capitalize()} with {field_name} '{values.get(field_name)}' already exists",
+            field=field_name,
+        ) from None
+
+
+def _update_fields(obj, *, field_name: str = "name", **changes):
+    """Apply the non-None ``changes`` to ``obj`` and save; duplicate name becomes ``Conflict``."""
+    changes = {key: value for key, value in changes.items() if value is not None}
+    for key, value in changes.items():
+        setattr(obj, key, value)
+    if changes:
+        try:
+            with transaction.atomic():
+                obj.save(update_fields=[*changes, "updated_at"])
+        except IntegrityError:
+            raise Conflict(
+                f"{obj._meta.verbose_name.capitalize()} with {field_name} '{changes.get(field_name)}' already exists",
+                field=field_name,
+            ) from None
+    return obj
+
+
+# --- users and agents -------------------------------------------------------------------------
+
+
+def user_create(*, name: str, description: str = "", metadata: dict | None = None) -> User:
+    """Create a user. Raises ``Conflict`` (field ``name``) when the name is taken."""
+    return _create_unique(User, name=name, description=description or "", metadata=metadata or {})
+
+
+def user_update(*, user: User, name: str | None = None, description: str | None = None, metadata: dict | None = None) -> User:
+    """Change the given fields of ``user``. Raises ``Conflict`` when the new name is taken."""
+    return _update_fields(user, name=name, description=description, metadata=metadata)
+
+
+def user_delete(*, user: User) -> None:
+    """Delete a user with its sessions, messages and knowledge, in one transaction."""
+    with transaction.atomic():
+        user.delete()
+
+
+def agent_create(*, name: str, description: str = "", metadata: dict | None = None) -> Agent:
+    """Create an agent. Raises ``Conflict`` (field ``name``) when the name is taken."""
+    return _create_unique(Agent, name=name, description=description or "", metadata=metadata or {})
+
+
+def agent_update(*, agent: Agent, name: str | None = None, description: str | None = None, metadata: dict | None = None) -> Agent:
+    """Change the given fields of ``agent``. Raises ``Conflict`` when the new name is taken."""
+    return _update_fields(agent, name=name, description=description, metadata=metadata)
+
+
+def agent_delete(*, agent: Agent) -> None:
+    """Delete an agent with its sessions and their messages, in one transaction."""
+    with transaction.atomic():
+        user_ids = list(agent.sessions.values_list("user_id", flat=True).distinct())
+        agent.delete()
+        for user_id in user_ids:
+            _bump_memory_version(user_id)
+
+
+# --- sessions ----------------------------------------------------------------------------------
+
+
+def session_create(*, user: User, agent: Agent, name: str | None = None, metadata: dict | None = None) -> Session:
+    """Create a session of ``user`` with ``agent``; a missing name becomes ``session-<hex>``.
+
+    Raises ``Conflict`` (field ``name``) when the user already has a session of that name.
+    """
+    return _create_unique(
+        Session,
+        user=user,
+        agent=agent,
+        name=name or f"session-{uuid.uuid4().hex[:12]}",
+        metadata=metadata or {},
+    )
+
+
+def session_update(*, session: Session, name: str | None = None, metadata: dict | None = None) -> Session:
+    """Rename a session or replace its metadata. Raises ``Conflict`` when the name is taken."""
+    return _update_fields(session, name=name, metadata=metadata)
+
+
+def session_delete(*, session: Session) -> None:
+    """Delete a session with its messages, in one transaction."""
+    with transaction.atomic():
+        user_id = session.user_id
+        session.delete()
+        _bump_memory_version(user_id)
+
+
+# --- messages ----------------------------------------------------------------------------------
+
+
+def messages_add(*, session: Session, messages: list[MessageIn]) -> list[Message]:
+    """Store ``messages`` at the end of ``session``, embedded; returns them in input order.
+
+    The batch is embedded in one model call before the transaction; the rows are written in
+    one ``INSERT`` under a lock of the session row, which serialises position assignment.
+    All or nothing: on any error no message is stored.
+    """
+    if not messages:
+        return []
+    index_texts = [message_index_text(content=m.content, metadata=m.metadata) for m in messages]
+    embeddings = registry.embed(index_texts)
+    now = timezone.now()
+    with transaction.atomic():
+        Session.objects.select_for_update().filter(pk=session.pk).first()
+        last = Message.objects.filter(session=session).aggregate(last=Max("position"))["last"]
+        start = 0 if last is None else last + 1
+        rows = [
+            Message(
+                session=session,
+                user_id=session.user_id,
+                position=start + offset,
+                role=m.role,
+                content=m.content,
+                metadata=m.metadata,
+                index_text=text,
+                embedding=embedding,
+                created_at=m.created_at or now,
+            )
+            for offset, (m, text, embedding) in enumerate(zip(messages, index_texts, embeddings))
+        ]
+        Message.objects.bulk_create(rows)
+        _bump_memory_version(session.user_id)
+    return rows
+
+
+def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messages: list[MessageIn]) -> list[Message]:
+    """Replace role, content and metadata of the given messages, re-embedding them.
+
+    ``message_ids[i]`` gets ``new_messages[i]``. Raises ``NotFound`` (field ``message_ids``)
+    when any id is not a message of ``session``; then nothing is changed.
+    """
+    messages_by_ids(session=session, message_ids=message_ids)  # fail before paying for the embedding
+    index_texts = [message_index_text(content=m.content, metadata=m.metadata) for m in new_messages]
+    embeddings = registry.embed(index_texts)
+    with transaction.atomic():
+        rows = messages_by_ids(session=session, message_ids=message_ids, for_update=True)
+        now = timezone.now()  # bulk_update does not apply auto_now
+        for row, new, text, embedding in zip(rows, new_messages, index_texts, embeddings):
+            row.role, row.content, row.metadata = new.role, new.content, new.metadata
+            row.index_text, row.embedding, row.updated_at = text, embedding, now
+        Message.objects.bulk_update(rows, ["role", "content", "metadata", "index_text", "embedding", "updated_at"])
+        _bump_memory_version(session.user_id)
+    return rows
+
+
+def messages_delete(*, session: Session, message_ids: list[uuid.UUID]) -> None:
+    """Delete the given messages. Raises ``NotFound`` when any id is not in ``session``."""
+    with transaction.atomic():
+        messages_by_ids(session=session, message_ids=message_ids, for_update=True)
+        Message.objects.filter(session=session, pk__in=message_ids).delete()
+        _bump_memory_version(session.user_id)
+
+
+# --- knowledge ---------------------------------------------------------------------------------
+
+
+def knowledge_add(*, user: User, contents: list[str]) -> list[Knowledge]:
+    """Store user-level facts, embedded in one batch; returns them in input order."""
+    embeddings = registry.embed(contents)
+    with transaction.atomic():
+        rows = Knowledge.objects.bulk_create(
+            [Knowledge(user=user, content=c, embedding=e) for c, e in zip(contents, embeddings)]
+        )
+        _bump_memory_version(user.pk)
+    return rows
+
+
+def knowledge_update(*, user: User, knowledge_ids: list[uuid.UUID], new_contents: list[str]) -> list[Knowledge]:
+    """Replace the content of the given items, re-embedding them. ``NotFound`` on unknown ids."""
+    knowledge_by_ids(user=user, knowledge_ids=knowledge_ids)
+    embeddings = registry.embed(new_contents)
+    with transaction.atomic():
+        rows = knowledge_by_ids(user=user, knowledge_ids=knowledge_ids, for_update=True)
+        now = timezone.now()  # bulk_update does not apply auto_now
+        for row, content, embedding in zip(rows, new_contents, embeddings):
+            row.content, row.embedding, row.updated_at = content, embedding, now
+        Knowledge.objects.bulk_update(rows, ["content", "embedding", "updated_at"])
+        _bump_memory_version(user.pk)
+    return rows
+
+
+def knowledge_delete(*, user: User, knowledge_ids: list[uuid.UUID]) -> None:
+    """Delete the given items. Raises ``NotFound`` when any id is not the user's."""
+    with transaction.atomic():
+        knowledge_by_ids(user=user, knowledge_ids=knowledge_ids, for_update=True)
+        Knowledge.objects.filter(user=user, pk__in=knowledge_ids).delete()
+        _bump_memory_version(user.pk)

@@ -1,0 +1,220 @@
+"""The process-wide model registry: one load under concurrency, when to preload, the real model, checks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from django.conf import settings
+
+from memory import checks, registry
+
+
+class CountingDeterministicEmbedder:
+    """A stand-in model: slow to construct (0.2 s), counts constructions, hash-based unit vectors."""
+
+    constructed = 0
+    _count_lock = threading.Lock()
+
+    def __init__(self, path, *, batch_size: int, threads: int) -> None:
+        time.sleep(0.2)  # wide window for a second thread to race the first load
+        with CountingDeterministicEmbedder._count_lock:
+            CountingDeterministicEmbedder.constructed += 1
+        self.path = path
+        self.dimension = 8
+        self.stats = registry.ModelStats(load_seconds=0.2)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        rows = [
+            np.frombuffer(hashlib.sha256(t.encode()).digest()[:8], dtype=np.uint8).astype(np.float32) + 1 for t in texts
+        ]
+        vectors = np.array(rows, dtype=np.float32).reshape(len(texts), self.dimension)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """An empty registry whose model class is ``CountingDeterministicEmbedder``; restored afterwards."""
+    monkeypatch.setattr(registry, "_embedder", None)
+    monkeypatch.setattr(registry, "Embedder", CountingDeterministicEmbedder)
+    monkeypatch.setattr(CountingDeterministicEmbedder, "constructed", 0)
+    return registry
+
+
+def test_concurrent_first_use_loads_the_model_once(fresh_registry):
+    """16 threads asking for the model at once all get one instance, constructed exactly once."""
+    threads_count = 16
+    barrier = threading.Barrier(threads_count)
+    got: list = [None] * threads_count
+    errors: list[BaseException] = []
+
+    def first_use(index: int) -> None:
+        try:
+            barrier.wait(timeout=10)
+            got[index] = fresh_registry.get_embedder()
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_use, args=(i,)) for i in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert errors == []
+    assert all(isinstance(e, CountingDeterministicEmbedder) for e in got)
+    assert len({id(e) for e in got}) == 1
+    assert CountingDeterministicEmbedder.constructed == 1
+    assert fresh_registry.loaded_embedder() is got[0]
+
+
+def test_embed_goes_through_the_loaded_model(fresh_registry):
+    """registry.embed uses the registry's model: deterministic output of the stand-in."""
+    first = fresh_registry.embed(["a", "b"])
+    again = fresh_registry.embed(["a"])
+
+    assert first.shape == (2, 8)
+    np.testing.assert_array_equal(first[0], again[0])
+    assert CountingDeterministicEmbedder.constructed == 1
+
+
+def test_stats_before_any_load_report_no_model(fresh_registry):
+    """Before first use, stats name no model and loaded_embedder() does not load one."""
+    assert fresh_registry.loaded_embedder() is None
+    assert fresh_registry.stats() == {"embedding": None, "reranker": None}
+    assert CountingDeterministicEmbedder.constructed == 0
+
+
+# --- should_preload ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def preload_enabled(monkeypatch):
+    monkeypatch.setitem(settings.MEMFUSE, "PRELOAD_MODELS", True)
+    monkeypatch.delenv("RUN_MAIN", raising=False)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["manage.py", "migrate"], False),
+        (["manage.py", "check"], False),
+        (["manage.py", "shell"], False),
+        (["manage.py"], False),
+        ([], False),
+        (["/x/bin/daphne", "memfuse_project.asgi:application"], True),
+        (["/usr/local/bin/gunicorn", "memfuse_project.wsgi"], True),
+        (["manage.py", "runserver", "--noreload"], True),
+        (["manage.py", "runserver"], False),  # the autoreloader's parent only watches files
+        (["manage.py", "locomo_eval"], True),
+        (["/venv/bin/pytest", "tests"], False),
+    ],
+)
+def test_should_preload_only_in_serving_processes(preload_enabled, argv, expected):
+    """Only servers and serving commands preload the model; migrate, check, shell and tests do not."""
+    assert registry.should_preload(argv) is expected
+
+
+def test_runserver_child_preloads(preload_enabled, monkeypatch):
+    """runserver with the autoreloader preloads only in its serving child (RUN_MAIN=true)."""
+    monkeypatch.setenv("RUN_MAIN", "true")
+
+    assert registry.should_preload(["manage.py", "runserver"]) is True
+
+
+def test_preload_can_be_switched_off(monkeypatch):
+    """PRELOAD_MODELS=False: not even a server preloads."""
+    monkeypatch.setitem(settings.MEMFUSE, "PRELOAD_MODELS", False)
+
+    assert registry.should_preload(["/x/bin/daphne", "memfuse_project.asgi:application"]) is False
+
+
+# --- the real model ----------------------------------------------------------------------------
+
+
+def test_real_model_embeds_unit_norm_float32_rows():
+    """The real model gives (n, 384) float32 rows of unit length; similar texts are closer."""
+    vectors = registry.embed(["a", "b"])
+    dog, puppy, tax = registry.embed(["a dog barks", "a puppy yaps", "income tax return"])
+
+    assert vectors.shape == (2, 384)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), [1.0, 1.0], atol=1e-5)
+    assert float(dog @ puppy) > float(dog @ tax)
+
+
+def test_real_model_embeds_nothing_for_no_texts():
+    """Embedding an empty list returns a (0, 384) float32 array without calling the model."""
+    registry.get_embedder()
+    before = registry.stats()["embedding"]
+
+    empty = registry.embed([])
+
+    assert empty.shape == (0, 384) and empty.dtype == np.float32
+    assert registry.stats()["embedding"]["calls"] == before["calls"]
+
+
+def test_stats_count_calls_and_texts():
+    """stats() counts model calls and texts embedded, and names the loaded model."""
+    registry.embed(["warm up"])
+    before = registry.stats()["embedding"]
+
+    registry.embed(["one", "two", "three"])
+    registry.embed(["four"])
+
+    after = registry.stats()["embedding"]
+    assert after["calls"] - before["calls"] == 2
+    assert after["texts"] - before["texts"] == 4
+    assert after["dimension"] == 384
+    assert after["path"] == str(registry.default_model_path())
+    assert after["inference_seconds"] >= before["inference_seconds"]
+    assert registry.stats()["reranker"] is None
+
+
+# --- system checks -----------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_pgvector_check_passes_on_this_database():
+    """memory's database check finds pgvector and a matching dimension: no errors."""
+    assert checks.check_pgvector(databases=["default"]) == []
+
+
+def test_pgvector_check_skipped_without_databases():
+    """Without --database the check does not touch the database."""
+    assert checks.check_pgvector(databases=None) == []
+
+
+def test_pgvector_check_reports_a_dimension_mismatch(db, monkeypatch):
+    """An EMBEDDING_DIM that differs from the model's dimension is error memory.E002."""
+    monkeypatch.setitem(settings.MEMFUSE, "EMBEDDING_DIM", 768)
+
+    errors = checks.check_pgvector(databases=["default"])
+
+    assert [e.id for e in errors] == ["memory.E002"]
+
+
+def test_manage_py_check_does_not_load_the_model():
+    """`manage.py check --database default` passes without loading the embedding model (a subprocess, ~3 s)."""
+    env = {**os.environ, "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
+    env.pop("RUN_MAIN", None)
+
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--database", "default"],
+        cwd=settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "System check identified no issues" in output
+    assert "embedding model loaded" not in output
