@@ -145,6 +145,8 @@ MEMFUSE = {
     "EMBEDDING_MODEL_PATH": envstr("EMBEDDING_MODEL_PATH"),
     "EMBEDDING_DIM": envint("EMBEDDING_DIM", 384),
     "EMBEDDING_BATCH_SIZE": envint("EMBEDDING_BATCH_SIZE", 64),
+    # Most texts one model call takes from the requests of many callers (EmbeddingBatcher).
+    "EMBEDDING_MAX_BATCH_TEXTS": envint("EMBEDDING_MAX_BATCH_TEXTS", 256),
     # torch intra-op threads. Inference is serialised by a lock, so one call may use every
     # core; more threads than cores made one encode take 480 ms instead of 10 ms.
     "TORCH_THREADS": envint("TORCH_THREADS", os.cpu_count() or 1),
@@ -160,6 +162,30 @@ MEMFUSE = {
     "BM25_WEIGHT": envfloat("BM25_WEIGHT", 3.0),
     "VECTOR_WEIGHT": envfloat("VECTOR_WEIGHT", 1.0),
     "CANDIDATES_PER_RETRIEVER": envint("CANDIDATES_PER_RETRIEVER", 100),
+}
+
+# --- Write-behind buffers (the buffers app) ---------------------------------------------------
+BUFFERS = {
+    # Flush workers per process, and whether this process runs them: "auto" runs them in the
+    # ASGI process when the channel layer is in-memory (single process) and in runworker.
+    "WORKERS": envint("FLUSH_WORKERS", 2),
+    "IN_PROCESS": envstr("FLUSH_IN_PROCESS", "auto"),
+    "CHANNEL": envstr("FLUSH_CHANNEL", "memfuse-flush"),
+    # Messages one flush claims, embeds and writes at a time.
+    "BATCH_SIZE": envint("FLUSH_BATCH_SIZE", 64),
+    # Size trigger: pending messages, or pending tokens (estimated as characters / 4).
+    "SIZE_MESSAGES": envint("FLUSH_SIZE_MESSAGES", 10),
+    "SIZE_TOKENS": envint("FLUSH_SIZE_TOKENS", 2000),
+    # Time trigger: a message pending longer than this is flushed at low priority.
+    "INTERVAL_SECONDS": envfloat("FLUSH_INTERVAL_SECONDS", 5.0),
+    "TICK_SECONDS": envfloat("FLUSH_TICK_SECONDS", 1.0),
+    "TIMEOUT_SECONDS": envfloat("FLUSH_TIMEOUT_SECONDS", 60.0),
+    # A claim (of messages or of a job) older than this belongs to a dead worker.
+    "LEASE_SECONDS": envfloat("FLUSH_LEASE_SECONDS", 120.0),
+    "MAX_ATTEMPTS": envint("FLUSH_MAX_ATTEMPTS", 4),
+    "BACKOFF_SECONDS": envfloat("FLUSH_BACKOFF_SECONDS", 1.0),
+    "BACKOFF_MAX_SECONDS": envfloat("FLUSH_BACKOFF_MAX_SECONDS", 60.0),
+    "SHUTDOWN_SECONDS": envfloat("FLUSH_SHUTDOWN_SECONDS", 10.0),
 }
 
 LANGUAGE_CODE = "en-us"

@@ -82,8 +82,14 @@ class Message(models.Model):
     """One message of a session.
 
     ``position`` is the message's place in its session (0, 1, ...). ``index_text`` is what is
-    embedded and full-text indexed (see ``memory.services.message_index_text``); ``embedding``
-    is NULL until the message has been embedded.
+    embedded and full-text indexed (see ``memory.services.message_index_text``).
+
+    Write-behind: a message is stored (and full-text indexed) at once, and embedded later by a
+    flush (``buffers``). Until then ``flushed_at`` is NULL: the message is *pending*. A flush
+    claims pending rows by writing its ``flush_claim`` token and a lease (``claimed_until``);
+    it writes the embedding only where its token still stands, so a message is embedded by
+    one flush however many run. ``flush_count`` counts those writes (1 per version of the
+    text), which lets operators and tests see that nothing was embedded twice.
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -97,6 +103,10 @@ class Message(models.Model):
     metadata = models.JSONField(default=dict, blank=True)
     index_text = models.TextField()
     embedding = VectorField(dimensions=EMBEDDING_DIM, null=True, blank=True)
+    flushed_at = models.DateTimeField(null=True, blank=True)
+    flush_claim = models.UUIDField(null=True, blank=True)
+    claimed_until = models.DateTimeField(null=True, blank=True)
+    flush_count = models.PositiveIntegerField(default=0)
     search_vector = models.GeneratedField(
         expression=search_vector_expression(),
         output_field=SearchVectorField(),
@@ -112,6 +122,12 @@ class Message(models.Model):
         ]
         indexes = [
             models.Index(fields=["user", "created_at"]),
+            # The pending messages of a user, oldest change first: what a flush claims.
+            models.Index(
+                fields=["user", "updated_at"],
+                name="memory_message_pending",
+                condition=models.Q(flushed_at__isnull=True),
+            ),
             HnswIndex(
                 name="memory_message_embedding_hnsw",
                 fields=["embedding"],

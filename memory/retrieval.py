@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import bm25s
@@ -143,6 +144,26 @@ class UserMemory:
     user_id: uuid.UUID
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _bm25: BM25Index | None = None
+    _pending_vectors: dict = field(default_factory=dict, repr=False)
+
+    def pending_embeddings(self, rows: list[tuple[uuid.UUID, object, str]]) -> np.ndarray:
+        """Embeddings ``(len(rows), dim)`` of pending messages ``[(id, updated_at, text)]``.
+
+        Read your writes: a message not flushed yet is embedded on demand, once per version
+        of its text (cached by ``(id, updated_at)``); entries of messages no longer pending
+        are dropped. The flush embeds it again for the index: the price of never making an
+        add wait for the model.
+        """
+        keys = [(message_id, updated_at) for message_id, updated_at, _ in rows]
+        with self._lock:
+            self._pending_vectors = {key: self._pending_vectors[key] for key in keys if key in self._pending_vectors}
+            missing = [(key, text) for key, (_, _, text) in zip(keys, rows) if key not in self._pending_vectors]
+        if missing:
+            vectors = registry.embed([text for _, text in missing])
+            with self._lock:
+                self._pending_vectors.update({key: vector for (key, _), vector in zip(missing, vectors)})
+        with self._lock:
+            return np.stack([self._pending_vectors[key] for key in keys])
 
     def bm25_index(self, version: int) -> BM25Index:
         """The BM25 index at ``version``, rebuilt (one query over the user's rows) if stale."""
@@ -180,27 +201,39 @@ def vector_candidates(
 ) -> list[tuple[DocKey, float]]:
     """Top ``limit`` documents by cosine similarity to ``embedding`` (``(dim,)`` float32).
 
-    Returns ``(key, similarity)`` best first, similarity = 1 - cosine distance. The scan is
-    exact over the user's rows (a MATERIALIZED CTE keeps the planner from the HNSW index):
-    an HNSW search filtered by user afterwards returns the ``ef_search`` nearest rows of all
-    users and can silently miss a small user's rows. A user's rows are few, so the exact scan
-    through the ``user_id`` index is fast.
+    Returns ``(key, similarity)`` best first, similarity = 1 - cosine distance. Flushed rows:
+    an exact scan of the user's rows (a MATERIALIZED CTE keeps the planner from the HNSW
+    index): an HNSW search filtered by user afterwards returns the ``ef_search`` nearest rows
+    of all users and can silently miss a small user's rows, while a user's rows are few
+    enough to scan through the ``user_id`` index. Pending rows (not flushed yet) are embedded
+    on demand (``UserMemory.pending_embeddings``) and scored the same way, so a message is
+    found, with the same score, right after its add.
     """
     agent_join = "JOIN memory_session s ON s.id = m.session_id AND s.agent_id = %(agent)s" if agent_id else ""
     sql = f"""
         WITH mine AS MATERIALIZED (
             SELECT 'message' AS kind, m.id, m.embedding FROM memory_message m {agent_join}
-            WHERE m.user_id = %(user)s AND m.embedding IS NOT NULL
+            WHERE m.user_id = %(user)s AND m.flushed_at IS NOT NULL
             UNION ALL
             SELECT 'knowledge', k.id, k.embedding FROM memory_knowledge k
             WHERE k.user_id = %(user)s AND k.embedding IS NOT NULL
         )
-        SELECT kind, id, 1 - (embedding <=> %(q)s::vector) AS similarity FROM mine
-        ORDER BY embedding <=> %(q)s::vector LIMIT %(limit)s
+        (SELECT kind, id, 1 - (embedding <=> %(q)s::vector), NULL::timestamptz, NULL FROM mine
+         ORDER BY embedding <=> %(q)s::vector LIMIT %(limit)s)
+        UNION ALL
+        SELECT 'pending', m.id, NULL, m.updated_at, m.index_text FROM memory_message m {agent_join}
+        WHERE m.user_id = %(user)s AND m.flushed_at IS NULL
     """
     with connection.cursor() as cursor:
         cursor.execute(sql, {"user": user_id, "agent": agent_id, "q": Vector._to_db(embedding), "limit": limit})
-        return [(DocKey(kind, doc_id), float(similarity)) for kind, doc_id, similarity in cursor.fetchall()]
+        rows = cursor.fetchall()
+    results = [(DocKey(kind, doc_id), float(similarity)) for kind, doc_id, similarity, _, _ in rows if kind != "pending"]
+    pending = [(doc_id, updated_at, text) for kind, doc_id, _, updated_at, text in rows if kind == "pending"]
+    if pending:
+        similarities = user_memory(user_id).pending_embeddings(pending) @ embedding
+        results.extend((DocKey("message", doc_id), float(sim)) for (doc_id, _, _), sim in zip(pending, similarities))
+        results.sort(key=lambda item: -item[1])
+    return results[:limit]
 
 
 def rrf_fuse(ranked_lists: dict[str, list[tuple[DocKey, float]]], weights: dict[str, float], k: int) -> list[tuple[DocKey, float, dict]]:
@@ -221,7 +254,7 @@ def rrf_fuse(ranked_lists: dict[str, list[tuple[DocKey, float]]], weights: dict[
     return [(key, score, found[key]) for key, score in ordered]
 
 
-def hybrid_search(
+def hybrid_search_stages(
     *,
     user_id: uuid.UUID,
     memory_version: int,
@@ -229,10 +262,13 @@ def hybrid_search(
     top_k: int,
     agent_id: uuid.UUID | None = None,
     config: RetrievalConfig | None = None,
-) -> list[tuple[DocKey, float, dict]]:
-    """The user's ``top_k`` documents for ``query`` as ``(key, fused_score, retrievers)``.
+) -> Iterator[tuple[str, list[tuple[DocKey, float, dict]]]]:
+    """The search in stages: ``("partial", hits)`` from BM25 alone, then ``("final", hits)``.
 
-    ``agent_id`` restricts messages to that agent's sessions (knowledge is user-level).
+    ``hits`` are ``(key, fused_score, retrievers)``, at most ``top_k``. BM25 is fast and
+    already covers pending messages, so a UI can show its ranking before the query has been
+    embedded. ``agent_id`` restricts messages to that agent's sessions (knowledge is
+    user-level). With a retriever switched off (weight 0) only the final stage comes.
     """
     config = config or RetrievalConfig.from_settings()
     limit = max(config.candidates, top_k)
@@ -241,12 +277,20 @@ def hybrid_search(
         from memory.models import Session
 
         allowed_sessions = set(Session.objects.filter(user_id=user_id, agent_id=agent_id).values_list("id", flat=True))
+    weights = {"bm25": config.bm25_weight, "vector": config.vector_weight}
     ranked: dict[str, list] = {}
     if config.bm25_weight > 0:
         index = user_memory(user_id).bm25_index(memory_version)
         ranked["bm25"] = index.search(query_tokens(query), limit=limit, allowed_sessions=allowed_sessions)
+        if config.vector_weight > 0:
+            yield "partial", rrf_fuse(ranked, weights, config.rrf_k)[:top_k]
     if config.vector_weight > 0:
         embedding = registry.embed([query])[0]
         ranked["vector"] = vector_candidates(user_id=user_id, embedding=embedding, limit=limit, agent_id=agent_id)
-    weights = {"bm25": config.bm25_weight, "vector": config.vector_weight}
-    return rrf_fuse(ranked, weights, config.rrf_k)[:top_k]
+    yield "final", rrf_fuse(ranked, weights, config.rrf_k)[:top_k]
+
+
+def hybrid_search(**kwargs) -> list[tuple[DocKey, float, dict]]:
+    """The final stage of ``hybrid_search_stages`` (same arguments)."""
+    *_, (_, hits) = hybrid_search_stages(**kwargs)
+    return hits

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 
 from django.db.models import QuerySet
 
 from memory.errors import NotFound
 from memory.models import Agent, Knowledge, Message, Session, User
-from memory.retrieval import RetrievalConfig, hybrid_search
+from memory.retrieval import RetrievalConfig, hybrid_search, hybrid_search_stages
 
 
 def _get(model, pk, *, field: str):
@@ -118,6 +119,27 @@ def knowledge_list(*, user: User) -> QuerySet[Knowledge]:
     return Knowledge.objects.filter(user=user).defer("embedding")
 
 
+def memory_query_stages(
+    *,
+    user: User,
+    query: str,
+    top_k: int = 5,
+    session_id: uuid.UUID | None = None,
+    agent_id: uuid.UUID | None = None,
+    config: RetrievalConfig | None = None,
+) -> Iterator[tuple[str, list[dict]]]:
+    """``memory_query`` in stages: ``("partial", results)`` (BM25), then ``("final", results)``."""
+    for stage, hits in hybrid_search_stages(
+        user_id=user.pk,
+        memory_version=user.memory_version,
+        query=query,
+        top_k=top_k,
+        agent_id=agent_id,
+        config=config,
+    ):
+        yield stage, _results(user, hits, session_id=session_id)
+
+
 def memory_query(
     *,
     user: User,
@@ -134,7 +156,7 @@ def memory_query(
     best first; ``score`` is the fused RRF score. ``scope`` is ``"in_session"`` or
     ``"cross_session"`` relative to ``session_id`` (``None`` when no session is given, and
     for knowledge). ``agent_id`` restricts messages to that agent's sessions. Only ``user``'s
-    own rows are ever read.
+    own rows are ever read. Messages not flushed yet are found too (read your writes).
     """
     hits = hybrid_search(
         user_id=user.pk,
@@ -144,6 +166,11 @@ def memory_query(
         agent_id=agent_id,
         config=config,
     )
+    return _results(user, hits, session_id=session_id)
+
+
+def _results(user: User, hits: list, *, session_id: uuid.UUID | None) -> list[dict]:
+    """Result dicts of ``(key, score, retrievers)`` hits, in hit order (one query per kind)."""
     message_ids = [key.id for key, _, _ in hits if key.kind == "message"]
     knowledge_ids = [key.id for key, _, _ in hits if key.kind == "knowledge"]
     messages = {
@@ -170,6 +197,7 @@ def memory_query(
                         "session_name": m.session.name,
                         "position": m.position,
                         "scope": scope,
+                        "flushed": m.flushed_at is not None,
                         "retrievers": retrievers,
                     },
                 }

@@ -153,16 +153,17 @@ def session_delete(*, session: Session) -> None:
 
 
 def messages_add(*, session: Session, messages: list[MessageIn]) -> list[Message]:
-    """Store ``messages`` at the end of ``session``, embedded; returns them in input order.
+    """Store ``messages`` at the end of ``session``; returns them in input order.
 
-    The batch is embedded in one model call before the transaction; the rows are written in
-    one ``INSERT`` under a lock of the session row, which serialises position assignment.
-    All or nothing: on any error no message is stored.
+    Write-behind: the rows are written (and full-text indexed) in one ``INSERT`` under a lock
+    of the session row, which serialises position assignment, and are durable when this
+    returns; embedding is left to a flush (``buffers``), requested here when the user's
+    pending messages pass the size trigger. All or nothing: on any error no message is stored.
     """
+    from buffers.services import note_pending
+
     if not messages:
         return []
-    index_texts = [message_index_text(content=m.content, metadata=m.metadata) for m in messages]
-    embeddings = registry.embed(index_texts)
     now = timezone.now()
     with transaction.atomic():
         Session.objects.select_for_update().filter(pk=session.pk).first()
@@ -176,34 +177,41 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> list[Message
                 role=m.role,
                 content=m.content,
                 metadata=m.metadata,
-                index_text=text,
-                embedding=embedding,
+                index_text=message_index_text(content=m.content, metadata=m.metadata),
                 created_at=m.created_at or now,
             )
-            for offset, (m, text, embedding) in enumerate(zip(messages, index_texts, embeddings))
+            for offset, m in enumerate(messages)
         ]
         Message.objects.bulk_create(rows)
         _bump_memory_version(session.user_id)
+        note_pending(user_id=session.user_id)
     return rows
 
 
 def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messages: list[MessageIn]) -> list[Message]:
-    """Replace role, content and metadata of the given messages, re-embedding them.
+    """Replace role, content and metadata of the given messages; they are pending again.
 
-    ``message_ids[i]`` gets ``new_messages[i]``. Raises ``NotFound`` (field ``message_ids``)
-    when any id is not a message of ``session``; then nothing is changed.
+    ``message_ids[i]`` gets ``new_messages[i]``. The old embedding is dropped with the old text
+    and the claim of any flush under way is cleared, so that flush cannot write a stale
+    embedding. Raises ``NotFound`` (field ``message_ids``) when any id is not a message of
+    ``session``; then nothing is changed.
     """
-    messages_by_ids(session=session, message_ids=message_ids)  # fail before paying for the embedding
-    index_texts = [message_index_text(content=m.content, metadata=m.metadata) for m in new_messages]
-    embeddings = registry.embed(index_texts)
+    from buffers.services import note_pending
+
     with transaction.atomic():
         rows = messages_by_ids(session=session, message_ids=message_ids, for_update=True)
         now = timezone.now()  # bulk_update does not apply auto_now
-        for row, new, text, embedding in zip(rows, new_messages, index_texts, embeddings):
+        for row, new in zip(rows, new_messages):
             row.role, row.content, row.metadata = new.role, new.content, new.metadata
-            row.index_text, row.embedding, row.updated_at = text, embedding, now
-        Message.objects.bulk_update(rows, ["role", "content", "metadata", "index_text", "embedding", "updated_at"])
+            row.index_text = message_index_text(content=new.content, metadata=new.metadata)
+            row.embedding = row.flushed_at = row.flush_claim = row.claimed_until = None
+            row.updated_at = now
+        Message.objects.bulk_update(
+            rows,
+            ["role", "content", "metadata", "index_text", "embedding", "flushed_at", "flush_claim", "claimed_until", "updated_at"],
+        )
         _bump_memory_version(session.user_id)
+        note_pending(user_id=session.user_id)
     return rows
 
 

@@ -7,6 +7,7 @@ import uuid
 import pytest
 from django.conf import settings
 
+from buffers.services import flush_pending
 from memory.models import Message
 from tests.envelopes import assert_error, assert_success
 
@@ -37,7 +38,8 @@ def test_add_returns_ids_in_input_order(api, alice_session):
 
     data = assert_success(api.post(messages_url(alice_session.pk), {"messages": batch}, format="json"), 201)
 
-    assert set(data) == {"message_ids"}
+    assert set(data) == {"message_ids", "pending_messages"}
+    assert data["pending_messages"] == 3
     rows = [Message.objects.get(pk=message_id) for message_id in data["message_ids"]]
     assert [(r.role, r.content, r.position) for r in rows] == [
         ("user", "first", 0),
@@ -46,7 +48,12 @@ def test_add_returns_ids_in_input_order(api, alice_session):
     ]
     assert rows[1].metadata == {"mood": "calm"}
     assert all(r.session_id == alice_session.pk and r.user_id == alice_session.user_id for r in rows)
-    assert all(r.embedding is not None and len(r.embedding) == 384 for r in rows)
+    # Write-behind: stored now, embedded by a flush.
+    assert all(r.flushed_at is None and r.embedding is None for r in rows)
+    assert flush_pending(user_id=alice_session.user_id) == 3
+    for r in rows:
+        r.refresh_from_db()
+    assert all(r.flushed_at is not None and len(r.embedding) == 384 and r.flush_count == 1 for r in rows)
 
 
 def test_positions_continue_across_batches(api, alice_session, alice_messages):

@@ -42,6 +42,7 @@ class CountingDeterministicEmbedder:
 def fresh_registry(monkeypatch):
     """An empty registry whose model class is ``CountingDeterministicEmbedder``; restored afterwards."""
     monkeypatch.setattr(registry, "_embedder", None)
+    monkeypatch.setattr(registry, "_batcher", None)
     monkeypatch.setattr(registry, "Embedder", CountingDeterministicEmbedder)
     monkeypatch.setattr(CountingDeterministicEmbedder, "constructed", 0)
     return registry

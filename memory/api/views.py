@@ -12,6 +12,7 @@ from django.db import connection
 from rest_framework import serializers as drf_serializers
 from rest_framework.views import APIView
 
+from buffers.services import pending_summary
 from memory import selectors, services
 from memory.api import serializers as s
 from memory.api.errors import envelope
@@ -211,7 +212,12 @@ class SessionMessagesView(APIView):
         session = _session(session_id)
         messages = validated(s.MessagesAdd, request.data)["messages"]
         rows = services.messages_add(session=session, messages=messages)
-        return envelope({"message_ids": [str(r.pk) for r in rows]}, code=201, message="Messages added successfully")
+        pending = pending_summary(user_id=session.user_id).messages
+        return envelope(
+            {"message_ids": [str(r.pk) for r in rows], "pending_messages": pending},
+            code=201,
+            message="Messages added successfully",
+        )
 
     def put(self, request, session_id):
         session = _session(session_id)

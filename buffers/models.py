@@ -1,0 +1,84 @@
+"""Flush jobs: the durable queue of requests to embed and index a user's pending messages.
+
+The pending work itself is the messages (``Message.flushed_at IS NULL``); a job only says
+"flush this user (or session) soon, at this priority". Workers take the next job with
+``SELECT ... FOR UPDATE SKIP LOCKED`` ordered by priority, then age (FIFO within a priority).
+A job that fails is retried with exponential backoff, then left ``failed`` for an operator.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+
+class Priority(models.IntegerChoices):
+    """Lower runs first. Manual flushes are high, size triggers normal, time triggers low."""
+
+    CRITICAL = 0
+    HIGH = 1
+    NORMAL = 2
+    LOW = 3
+
+
+class Reason(models.TextChoices):
+    MANUAL = "manual"
+    SIZE = "size"
+    TIME = "time"
+    SHUTDOWN = "shutdown"
+    RECOVERY = "recovery"
+
+
+class State(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    DONE = "done"
+    FAILED = "failed"
+
+
+ACTIVE_STATES = (State.QUEUED, State.RUNNING, State.RETRYING)
+
+
+class FlushJob(models.Model):
+    """One flush request. ``session`` narrows it to one session's pending messages."""
+
+    user = models.ForeignKey("memory.User", on_delete=models.CASCADE, related_name="flush_jobs")
+    session = models.ForeignKey("memory.Session", on_delete=models.CASCADE, null=True, blank=True, related_name="+")
+    priority = models.PositiveSmallIntegerField(choices=Priority.choices, default=Priority.NORMAL)
+    reason = models.CharField(max_length=16, choices=Reason.choices)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.QUEUED)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    max_attempts = models.PositiveSmallIntegerField(default=4)
+    last_error = models.TextField(blank=True, default="")
+    messages_flushed = models.PositiveIntegerField(default=0)
+    # Which worker runs it, and until when its claim holds; an expired lease means the
+    # worker died (or hung) and the job may be taken again.
+    worker = models.CharField(max_length=64, blank=True, default="")
+    lease_until = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    next_attempt_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["priority", "created_at", "id"]
+        indexes = [
+            models.Index(
+                fields=["priority", "created_at", "id"],
+                name="buffers_job_runnable",
+                condition=Q(state__in=["queued", "retrying"]),
+            ),
+            models.Index(fields=["state", "finished_at"], name="buffers_job_state"),
+        ]
+        constraints = [
+            # At most one automatic (user-wide) job waits per user: triggers upgrade it instead.
+            models.UniqueConstraint(
+                fields=["user"],
+                condition=Q(state__in=["queued", "retrying"], session__isnull=True),
+                name="buffers_one_waiting_job_per_user",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"flush {self.user_id} ({self.get_reason_display()}, {self.get_state_display()})"

@@ -1,0 +1,349 @@
+"""Write-behind: pending messages, flush requests, and the flush itself.
+
+A message is durable (a row, full-text indexed) before its add is acknowledged; what a flush
+does later is the expensive part: embedding and the vector index. The flush is idempotent:
+
+1. **claim** (short transaction): pending rows not under a live claim are locked with
+   ``FOR UPDATE SKIP LOCKED`` (a concurrent flush skips them rather than waiting) and given
+   this flush's token and a lease;
+2. **embed** outside any transaction, through the registry's cross-user batcher;
+3. **write** in one ``UPDATE ... FROM unnest(...)`` per batch, only where the token still
+   stands. A second flush never sees rows under a live claim; a flush whose worker died
+   leaves a claim that expires and is taken again; a message changed meanwhile lost its
+   token and is not overwritten. So each message is embedded and written once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+from pgvector import Vector
+
+from buffers import events
+from buffers.models import ACTIVE_STATES, FlushJob, Priority, Reason, State
+from memory import registry
+
+logger = logging.getLogger(__name__)
+
+
+class FlushTimeout(Exception):
+    """A flush ran past its deadline (``FLUSH_TIMEOUT_SECONDS``); it is retried."""
+
+
+@dataclass(frozen=True)
+class PendingSummary:
+    """A user's pending messages: how many, estimated tokens (chars / 4), oldest change age (s)."""
+
+    messages: int
+    tokens: int
+    oldest_age_seconds: float
+
+
+def pending_summary(*, user_id: uuid.UUID) -> PendingSummary:
+    """The user's pending (not yet flushed) messages, from the partial index on them."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*), coalesce(sum(length(index_text)), 0), "
+            "coalesce(extract(epoch FROM now() - min(updated_at)), 0) "
+            "FROM memory_message WHERE user_id = %s AND flushed_at IS NULL",
+            [user_id],
+        )
+        count, chars, age = cursor.fetchone()
+    return PendingSummary(messages=count, tokens=int(chars) // 4, oldest_age_seconds=float(age))
+
+
+def size_trigger_reached(summary: PendingSummary) -> bool:
+    """Whether pending messages or tokens are over the size thresholds."""
+    config = settings.BUFFERS
+    return summary.messages >= config["SIZE_MESSAGES"] or summary.tokens >= config["SIZE_TOKENS"]
+
+
+def request_flush(
+    *, user_id: uuid.UUID, priority: int, reason: str, session_id: uuid.UUID | None = None
+) -> int:
+    """Queue a flush of the user's (or one session's) pending messages; returns the job id.
+
+    Durable: the job is a row, written in the caller's transaction. At most one user-wide job
+    waits per user: a new request raises that job's priority instead of adding another.
+    Workers are notified when the transaction commits (``events.notify_flush``); a lost
+    notification only delays the flush until the next poll.
+    """
+    with connection.cursor() as cursor:
+        if session_id is None:
+            cursor.execute(
+                """
+                INSERT INTO buffers_flushjob
+                    (user_id, session_id, priority, reason, state, attempts, max_attempts, last_error,
+                     messages_flushed, worker, created_at, next_attempt_at)
+                VALUES (%(user)s, NULL, %(priority)s, %(reason)s, 'queued', 0, %(max)s, '', 0, '', now(), now())
+                ON CONFLICT (user_id) WHERE state IN ('queued', 'retrying') AND session_id IS NULL
+                DO UPDATE SET priority = LEAST(buffers_flushjob.priority, EXCLUDED.priority),
+                              reason = CASE WHEN EXCLUDED.priority < buffers_flushjob.priority
+                                            THEN EXCLUDED.reason ELSE buffers_flushjob.reason END,
+                              next_attempt_at = CASE WHEN EXCLUDED.priority < buffers_flushjob.priority
+                                                     THEN now() ELSE buffers_flushjob.next_attempt_at END
+                RETURNING id
+                """,
+                {"user": user_id, "priority": priority, "reason": reason, "max": settings.BUFFERS["MAX_ATTEMPTS"]},
+            )
+            job_id = cursor.fetchone()[0]
+        else:
+            job_id = FlushJob.objects.create(
+                user_id=user_id,
+                session_id=session_id,
+                priority=priority,
+                reason=reason,
+                max_attempts=settings.BUFFERS["MAX_ATTEMPTS"],
+            ).pk
+    transaction.on_commit(lambda: events.notify_flush(user_id=user_id, priority=priority))
+    return job_id
+
+
+def note_pending(*, user_id: uuid.UUID) -> PendingSummary:
+    """After a write of the user's messages (same transaction): apply the size trigger.
+
+    Returns the user's pending summary, which the add's answer reports.
+    """
+    summary = pending_summary(user_id=user_id)
+    if size_trigger_reached(summary):
+        request_flush(user_id=user_id, priority=Priority.NORMAL, reason=Reason.SIZE)
+    return summary
+
+
+def _claim(*, user_id: uuid.UUID, session_id: uuid.UUID | None, token: uuid.UUID, limit: int) -> list[tuple]:
+    """Claim up to ``limit`` pending messages: ``[(id, index_text)]``, oldest change first."""
+    lease = settings.BUFFERS["LEASE_SECONDS"]
+    session_filter = "AND session_id = %(session)s" if session_id else ""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            UPDATE memory_message SET flush_claim = %(token)s,
+                                      claimed_until = now() + make_interval(secs => %(lease)s)
+            WHERE id IN (
+                SELECT id FROM memory_message
+                WHERE user_id = %(user)s {session_filter} AND flushed_at IS NULL
+                  AND (claimed_until IS NULL OR claimed_until < now())
+                ORDER BY updated_at, id
+                LIMIT %(limit)s
+                FOR UPDATE SKIP LOCKED
+            )
+            RETURNING id, index_text
+            """,
+            {"token": token, "lease": lease, "user": user_id, "session": session_id, "limit": limit},
+        )
+        return cursor.fetchall()
+
+
+def _write(*, token: uuid.UUID, ids: list[uuid.UUID], vectors) -> list[tuple]:
+    """Write embeddings where ``token`` still holds the claim; returns ``[(id, session_id)]``."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            UPDATE memory_message AS m
+            SET embedding = v.embedding::vector, flushed_at = now(), flush_claim = NULL,
+                claimed_until = NULL, flush_count = m.flush_count + 1
+            FROM unnest(%(ids)s::uuid[], %(vectors)s::text[]) AS v(id, embedding)
+            WHERE m.id = v.id AND m.flush_claim = %(token)s
+            RETURNING m.id, m.session_id
+            """,
+            {"ids": ids, "vectors": [Vector._to_db(vector) for vector in vectors], "token": token},
+        )
+        return cursor.fetchall()
+
+
+def flush_pending(
+    *,
+    user_id: uuid.UUID,
+    session_id: uuid.UUID | None = None,
+    deadline: float | None = None,
+    batch_size: int | None = None,
+) -> int:
+    """Embed and index the user's (or one session's) pending messages; returns how many.
+
+    Batch by batch: claim (``SKIP LOCKED``), embed, write (see the module docstring).
+    ``deadline`` is a ``time.monotonic()`` value; past it, ``FlushTimeout`` is raised between
+    batches (claimed but unwritten rows are taken again when their lease expires). Publishes
+    ``flush.completed`` to each session's group after each batch is written.
+    """
+    batch_size = batch_size or settings.BUFFERS["BATCH_SIZE"]
+    token = uuid.uuid4()
+    flushed = 0
+    while True:
+        if deadline is not None and time.monotonic() > deadline:
+            raise FlushTimeout(f"flush of user {user_id} passed its deadline after {flushed} messages")
+        claimed = _claim(user_id=user_id, session_id=session_id, token=token, limit=batch_size)
+        if not claimed:
+            return flushed
+        ids = [row[0] for row in claimed]
+        vectors = registry.embed([row[1] for row in claimed], priority=registry.BACKGROUND)
+        written = _write(token=token, ids=ids, vectors=vectors)
+        flushed += len(written)
+        by_session: dict[uuid.UUID, list[str]] = {}
+        for message_id, message_session in written:
+            by_session.setdefault(message_session, []).append(str(message_id))
+        for message_session, message_ids in by_session.items():
+            events.flush_completed(session_id=message_session, message_ids=message_ids)
+
+
+# --- jobs ---------------------------------------------------------------------------------------
+
+
+def claim_next_job(*, worker: str) -> FlushJob | None:
+    """Take the runnable job first by priority, then age (FIFO), or ``None``.
+
+    ``SKIP LOCKED``: workers in any number of processes never take the same job.
+    """
+    lease = settings.BUFFERS["TIMEOUT_SECONDS"] + settings.BUFFERS["LEASE_SECONDS"]
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(
+            """
+            UPDATE buffers_flushjob SET state = 'running', worker = %(worker)s, started_at = now(),
+                                        attempts = attempts + 1,
+                                        lease_until = now() + make_interval(secs => %(lease)s)
+            WHERE id = (
+                SELECT id FROM buffers_flushjob
+                WHERE state IN ('queued', 'retrying') AND next_attempt_at <= now()
+                ORDER BY priority, created_at, id
+                LIMIT 1
+                FOR UPDATE SKIP LOCKED
+            )
+            RETURNING id
+            """,
+            {"worker": worker, "lease": lease},
+        )
+        row = cursor.fetchone()
+    return FlushJob.objects.get(pk=row[0]) if row else None
+
+
+def backoff_seconds(attempts: int) -> float:
+    """Delay before retry number ``attempts`` (1, 2, ...): exponential, capped."""
+    config = settings.BUFFERS
+    return min(config["BACKOFF_MAX_SECONDS"], config["BACKOFF_SECONDS"] * 2 ** (attempts - 1))
+
+
+def run_job(job: FlushJob) -> None:
+    """Run a claimed job: flush, then mark it done, or retrying with backoff, or failed.
+
+    Errors of the flush are recorded on the job, never raised.
+    """
+    deadline = time.monotonic() + settings.BUFFERS["TIMEOUT_SECONDS"]
+    try:
+        flushed = flush_pending(user_id=job.user_id, session_id=job.session_id, deadline=deadline)
+    except Exception as exc:  # any failure of the store or the model: retry, then fail
+        _job_failed(job, exc)
+        return
+    FlushJob.objects.filter(pk=job.pk, worker=job.worker).update(
+        state=State.DONE, messages_flushed=flushed, finished_at=timezone.now(), lease_until=None, last_error=""
+    )
+
+
+def _job_failed(job: FlushJob, exc: Exception) -> None:
+    error = f"{type(exc).__name__}: {exc}"
+    if job.attempts >= job.max_attempts:
+        logger.error("flush job %s of user %s failed for good: %s", job.pk, job.user_id, error)
+        FlushJob.objects.filter(pk=job.pk).update(
+            state=State.FAILED, last_error=error, finished_at=timezone.now(), lease_until=None
+        )
+        return
+    delay = backoff_seconds(job.attempts)
+    logger.warning("flush job %s of user %s failed (attempt %d), retry in %.1f s: %s", job.pk, job.user_id, job.attempts, delay, error)
+    _requeue(job, state=State.RETRYING, error=error, delay=delay)
+
+
+def _requeue(job: FlushJob, *, state: str, error: str, delay: float = 0.0) -> None:
+    """Put a job back in the queue; if another user-wide job already waits, fold into it."""
+    from django.db import IntegrityError
+
+    try:
+        with transaction.atomic():
+            FlushJob.objects.filter(pk=job.pk).update(
+                state=state,
+                last_error=error,
+                lease_until=None,
+                next_attempt_at=timezone.now() + timedelta(seconds=delay),
+            )
+    except IntegrityError:
+        # A newer request for the same user waits already and will flush these messages.
+        FlushJob.objects.filter(pk=job.pk).update(
+            state=State.DONE, last_error=f"{error} (superseded by a waiting flush)", finished_at=timezone.now()
+        )
+
+
+def job_retry(*, job: FlushJob) -> FlushJob:
+    """Operator action: put a failed job back in the queue with fresh attempts."""
+    if job.state != State.FAILED:
+        return job
+    job.attempts = 0
+    job.save(update_fields=["attempts"])
+    _requeue(job, state=State.QUEUED, error=job.last_error)
+    transaction.on_commit(lambda: events.notify_flush(user_id=job.user_id, priority=job.priority))
+    job.refresh_from_db()
+    return job
+
+
+def recover(*, all_pending: bool = False) -> int:
+    """Requeue work no live worker holds; returns how many flushes were requested.
+
+    - running jobs whose lease expired (their worker died) go back to the queue;
+    - users with pending messages not under a live claim get a flush: at low priority for the
+      time trigger (oldest pending change older than ``FLUSH_INTERVAL_SECONDS``), or for every
+      such user with ``all_pending`` (at start: reason ``recovery``).
+    """
+    for job in FlushJob.objects.filter(state=State.RUNNING, lease_until__lt=timezone.now()):
+        logger.warning("flush job %s lost its worker %s; requeued", job.pk, job.worker)
+        if job.attempts >= job.max_attempts:
+            FlushJob.objects.filter(pk=job.pk).update(
+                state=State.FAILED, last_error="worker lost (lease expired)", finished_at=timezone.now()
+            )
+        else:
+            _requeue(job, state=State.RETRYING, error="worker lost (lease expired)")
+    interval = 0.0 if all_pending else settings.BUFFERS["INTERVAL_SECONDS"]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT m.user_id FROM memory_message m
+            WHERE m.flushed_at IS NULL AND (m.claimed_until IS NULL OR m.claimed_until < now())
+            GROUP BY m.user_id
+            HAVING min(m.updated_at) <= now() - make_interval(secs => %s)
+               AND NOT EXISTS (SELECT 1 FROM buffers_flushjob j
+                               WHERE j.user_id = m.user_id AND j.session_id IS NULL
+                                 AND j.state IN ('queued', 'retrying', 'running'))
+            """,
+            [interval],
+        )
+        user_ids = [row[0] for row in cursor.fetchall()]
+    reason = Reason.RECOVERY if all_pending else Reason.TIME
+    for user_id in user_ids:
+        with transaction.atomic():
+            request_flush(user_id=user_id, priority=Priority.LOW, reason=reason)
+    return len(user_ids)
+
+
+def request_shutdown_flushes() -> int:
+    """At a graceful stop: a critical flush for every user with pending messages."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT DISTINCT user_id FROM memory_message WHERE flushed_at IS NULL")
+        user_ids = [row[0] for row in cursor.fetchall()]
+    for user_id in user_ids:
+        with transaction.atomic():
+            request_flush(user_id=user_id, priority=Priority.CRITICAL, reason=Reason.SHUTDOWN)
+    return len(user_ids)
+
+
+def job_active(*, job_id: int) -> bool:
+    """Whether the job is still queued, running or retrying."""
+    return FlushJob.objects.filter(pk=job_id, state__in=ACTIVE_STATES).exists()
+
+
+def pending_total() -> int:
+    """Pending messages of all users."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM memory_message WHERE flushed_at IS NULL")
+        return cursor.fetchone()[0]
