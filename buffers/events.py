@@ -48,12 +48,15 @@ def _deliver(coroutine_factory) -> None:
     The in-memory layer is not thread-safe: worker threads must hand it to the loop its
     consumers run on. Failures are logged: delivery is at most once by design.
     """
+    async def deliver() -> None:
+        await coroutine_factory()
+
     loop = _loop
     try:
         if loop is not None and loop.is_running():
-            asyncio.run_coroutine_threadsafe(coroutine_factory(), loop)
+            asyncio.run_coroutine_threadsafe(deliver(), loop)
         else:
-            async_to_sync(coroutine_factory)()
+            async_to_sync(deliver)()
     except Exception:
         logger.warning("channel layer delivery failed", exc_info=True)
 

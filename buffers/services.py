@@ -347,3 +347,46 @@ def pending_total() -> int:
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM memory_message WHERE flushed_at IS NULL")
         return cursor.fetchone()[0]
+
+
+def wait_for_job(*, job_id: int, timeout: float) -> FlushJob:
+    """Poll the job until it is no longer active or ``timeout`` (s) passes; returns it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and job_active(job_id=job_id):
+        time.sleep(0.05)
+    return FlushJob.objects.get(pk=job_id)
+
+
+def flush_now(*, user_id: uuid.UUID, session_id: uuid.UUID | None = None) -> int:
+    """Flush in this thread, bypassing the queue (``locomo_eval``, tests); returns how many."""
+    return flush_pending(user_id=user_id, session_id=session_id)
+
+
+def buffer_status(*, user_id: uuid.UUID) -> dict:
+    """The user's buffer for the API: pending messages, tokens, oldest age, active jobs."""
+    summary = pending_summary(user_id=user_id)
+    jobs = FlushJob.objects.filter(user_id=user_id, state__in=[*ACTIVE_STATES, State.FAILED]).order_by("-id")[:20]
+    return {
+        "pending_messages": summary.messages,
+        "pending_tokens": summary.tokens,
+        "oldest_pending_age_s": round(summary.oldest_age_seconds, 3),
+        "jobs": [job_dict(job) for job in jobs],
+    }
+
+
+def job_dict(job: FlushJob) -> dict:
+    """A job as JSON for the API and the admin's figures."""
+    return {
+        "id": job.pk,
+        "user_id": str(job.user_id),
+        "session_id": str(job.session_id) if job.session_id else None,
+        "priority": Priority(job.priority).label.lower(),
+        "reason": job.reason,
+        "state": job.state,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "messages_flushed": job.messages_flushed,
+        "last_error": job.last_error,
+        "created_at": job.created_at.isoformat(),
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }

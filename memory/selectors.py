@@ -64,15 +64,21 @@ def sessions_list(
     return queryset
 
 
-def messages_list(*, session: Session, limit: int, order: str = "desc", sort_by: str = "timestamp") -> list[Message]:
+def messages_list(
+    *, session: Session, limit: int, order: str = "desc", sort_by: str = "timestamp", buffered: bool | None = None
+) -> list[Message]:
     """Up to ``limit`` messages of ``session``, newest first (``order="desc"``) or oldest first.
 
     ``sort_by`` is ``"timestamp"`` (created_at, then position) or ``"position"``.
+    ``buffered``: ``True`` only messages waiting for a flush, ``False`` only flushed ones.
     """
     keys = ["created_at", "position"] if sort_by == "timestamp" else ["position"]
     if order == "desc":
         keys = [f"-{key}" for key in keys]
-    return list(Message.objects.filter(session=session).defer("embedding").order_by(*keys)[:limit])
+    queryset = Message.objects.filter(session=session).defer("embedding")
+    if buffered is not None:
+        queryset = queryset.filter(flushed_at__isnull=buffered)
+    return list(queryset.order_by(*keys)[:limit])
 
 
 def _rows_by_ids(queryset: QuerySet, ids: list[uuid.UUID], *, for_update: bool, field: str, missing_message: str) -> list:

@@ -13,7 +13,7 @@ from tests.envelopes import assert_error, assert_success
 
 pytestmark = pytest.mark.django_db
 
-MESSAGE_KEYS = {"id", "session_id", "role", "content", "metadata", "position", "created_at", "updated_at"}
+MESSAGE_KEYS = {"id", "session_id", "role", "content", "metadata", "position", "flushed", "created_at", "updated_at"}
 
 
 def messages_url(session_id) -> str:
@@ -87,7 +87,8 @@ def test_add_stores_name_as_speaker_and_given_created_at(api, alice_session):
 
 @pytest.fixture
 def six_messages(api, alice_session, alice_messages):
-    """alice's session with positions 0..2 (fixture batch) and 3..5 (a later batch)."""
+    """alice's session with positions 0..2 (fixture batch, flushed) and 3..5 (a later batch, pending)."""
+    flush_pending(user_id=alice_session.user_id)
     batch = [{"role": "user", "content": f"later {i}"} for i in range(3)]
     assert_success(api.post(messages_url(alice_session.pk), {"messages": batch}, format="json"), 201)
     return alice_session
@@ -102,7 +103,8 @@ def six_messages(api, alice_session, alice_messages):
         ("?limit=4&order=asc", [0, 1, 2, 3]),
         ("?limit=20&sort_by=timestamp&order=desc", [5, 4, 3, 2, 1, 0]),
         ("?sort_by=position&order=asc&limit=3", [0, 1, 2]),
-        ("?buffer_only=false&limit=2", [5, 4]),
+        ("?buffer_only=false&limit=2", [2, 1]),
+        ("?buffer_only=true", [5, 4, 3]),
     ],
 )
 def test_list_respects_limit_and_order(api, six_messages, params, positions):
@@ -114,11 +116,13 @@ def test_list_respects_limit_and_order(api, six_messages, params, positions):
     assert all(m["session_id"] == str(six_messages.pk) for m in data["messages"])
 
 
-def test_list_with_buffer_only_is_empty(api, six_messages):
-    """buffer_only=true lists nothing: every message is already stored, none waits in a buffer."""
-    data = assert_success(api.get(f"{messages_url(six_messages.pk)}?limit=10&buffer_only=true"))
+def test_list_marks_flushed_messages(api, six_messages):
+    """Each listed message says whether it is flushed; buffer_only=true lists only the pending ones."""
+    listed = assert_success(api.get(f"{messages_url(six_messages.pk)}?limit=10"))["messages"]
+    assert [(m["position"], m["flushed"]) for m in listed] == [(5, False), (4, False), (3, False), (2, True), (1, True), (0, True)]
 
-    assert data == {"messages": []}
+    flush_pending(user_id=six_messages.user_id)
+    assert assert_success(api.get(f"{messages_url(six_messages.pk)}?buffer_only=true")) == {"messages": []}
 
 
 @pytest.mark.parametrize(

@@ -185,10 +185,19 @@ class SessionOut(serializers.ModelSerializer):
 class MessageOut(serializers.ModelSerializer):
     class Meta:
         model = Message
-        fields = ["id", "session_id", "role", "content", "metadata", "position", "created_at", "updated_at"]
+        fields = ["id", "session_id", "role", "content", "metadata", "position", "flushed", "created_at", "updated_at"]
+
+    flushed = serializers.SerializerMethodField()
+
+    def get_flushed(self, message: Message) -> bool:
+        return message.flushed_at is not None
 
 
 class KnowledgeOut(serializers.ModelSerializer):
     class Meta:
         model = Knowledge
         fields = ["id", "user_id", "content", "metadata", "created_at", "updated_at"]
+
+
+class FlushIn(serializers.Serializer):
+    wait = serializers.BooleanField(required=False, default=False)

@@ -22,10 +22,13 @@ urlpatterns = [
     route(f"users/{ID.format('user_id')}/query", views.UserQueryView, "user-query"),
     route(f"users/{ID.format('user_id')}/knowledge", views.UserKnowledgeView, "user-knowledge"),
     route(f"users/{ID.format('user_id')}/knowledge/read", views.UserKnowledgeReadView, "user-knowledge-read"),
+    route(f"users/{ID.format('user_id')}/flush", views.UserFlushView, "user-flush"),
+    route(f"users/{ID.format('user_id')}/buffer", views.UserBufferView, "user-buffer"),
     route("agents", views.AgentsView, "agents"),
     route(f"agents/{ID.format('agent_id')}", views.AgentDetailView, "agent-detail"),
     route("sessions", views.SessionsView, "sessions"),
     route(f"sessions/{ID.format('session_id')}", views.SessionDetailView, "session-detail"),
+    route(f"sessions/{ID.format('session_id')}/flush", views.SessionFlushView, "session-flush"),
     route(f"sessions/{ID.format('session_id')}/messages", views.SessionMessagesView, "session-messages"),
     route(f"sessions/{ID.format('session_id')}/messages/read", views.SessionMessagesReadView, "session-messages-read"),
 ]

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import uuid
 
-from django.db import connection
+from django.conf import settings
+from django.db import connection, transaction
 from rest_framework import serializers as drf_serializers
 from rest_framework.views import APIView
 
+from buffers import services as buffer_services
+from buffers.models import Priority, Reason
 from buffers.services import pending_summary
 from memory import selectors, services
 from memory.api import serializers as s
@@ -200,11 +203,12 @@ class SessionMessagesView(APIView):
     def get(self, request, session_id):
         session = _session(session_id)
         params = validated(s.MessagesListQuery, request.query_params)
-        if params["buffer_only"]:
-            # Every message is stored and embedded when added: nothing waits in a buffer.
-            return envelope({"messages": []})
         rows = selectors.messages_list(
-            session=session, limit=params["limit"], order=params["order"], sort_by=params["sort_by"]
+            session=session,
+            limit=params["limit"],
+            order=params["order"],
+            sort_by=params["sort_by"],
+            buffered=params["buffer_only"],
         )
         return envelope({"messages": s.MessageOut(rows, many=True).data})
 
@@ -238,3 +242,35 @@ class SessionMessagesReadView(APIView):
         ids = validated(s.MessageIds, request.data)["message_ids"]
         rows = selectors.messages_by_ids(session=session, message_ids=ids)
         return envelope({"messages": s.MessageOut(rows, many=True).data})
+
+
+# --- buffers -----------------------------------------------------------------------------------
+
+
+def _manual_flush(request, *, user_id, session_id=None):
+    """Queue a high-priority flush; with ``{"wait": true}`` answer when it has run (200)."""
+    wait = validated(s.FlushIn, request.data if request.data else {}).get("wait", False)
+    with transaction.atomic():
+        job_id = buffer_services.request_flush(
+            user_id=user_id, session_id=session_id, priority=Priority.HIGH, reason=Reason.MANUAL
+        )
+    if not wait:
+        return envelope({"job_id": job_id, "state": "queued"}, code=202, message="Flush queued")
+    job = buffer_services.wait_for_job(job_id=job_id, timeout=settings.BUFFERS["TIMEOUT_SECONDS"])
+    return envelope(buffer_services.job_dict(job), message=f"Flush {job.state}")
+
+
+class UserFlushView(APIView):
+    def post(self, request, user_id):
+        return _manual_flush(request, user_id=_user(user_id).pk)
+
+
+class SessionFlushView(APIView):
+    def post(self, request, session_id):
+        session = _session(session_id)
+        return _manual_flush(request, user_id=session.user_id, session_id=session.pk)
+
+
+class UserBufferView(APIView):
+    def get(self, request, user_id):
+        return envelope(buffer_services.buffer_status(user_id=_user(user_id).pk))
