@@ -174,6 +174,30 @@ def flush_pending(
     """
     batch_size = batch_size or settings.BUFFERS["BATCH_SIZE"]
     token = uuid.uuid4()
+    try:
+        return _flush_batches(user_id=user_id, session_id=session_id, deadline=deadline, batch_size=batch_size, token=token)
+    except BaseException:
+        _release(token)
+        raise
+
+
+def _release(token: uuid.UUID) -> None:
+    """Give up the claims of a failed flush so its retry can take the rows at once.
+
+    Best effort: when the store itself is failing, the claims' leases expire instead.
+    """
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE memory_message SET flush_claim = NULL, claimed_until = NULL WHERE flush_claim = %s", [token]
+            )
+    except Exception:
+        logger.warning("could not release the claims of a failed flush; their leases will expire", exc_info=True)
+
+
+def _flush_batches(
+    *, user_id: uuid.UUID, session_id: uuid.UUID | None, deadline: float | None, batch_size: int, token: uuid.UUID
+) -> int:
     flushed = 0
     while True:
         if deadline is not None and time.monotonic() > deadline:
@@ -209,7 +233,7 @@ def claim_next_job(*, worker: str) -> FlushJob | None:
                                         lease_until = now() + make_interval(secs => %(lease)s)
             WHERE id = (
                 SELECT id FROM buffers_flushjob
-                WHERE state IN ('queued', 'retrying') AND next_attempt_at <= now()
+                WHERE state IN ('queued', 'retrying') AND next_attempt_at <= clock_timestamp()
                 ORDER BY priority, created_at, id
                 LIMIT 1
                 FOR UPDATE SKIP LOCKED

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -172,7 +173,15 @@ def start_pool() -> FlushWorkerPool:
             _pool = FlushWorkerPool(workers=settings.BUFFERS["WORKERS"])
             _pool.start()
             atexit.register(_drain_at_exit)
+            if threading.current_thread() is threading.main_thread():
+                # A plain SIGTERM would end the process without running atexit (runworker);
+                # an exit lets the drain run. ASGI servers install their own graceful handler.
+                signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return _pool
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    sys.exit(0)
 
 
 def local_pool() -> FlushWorkerPool | None:
