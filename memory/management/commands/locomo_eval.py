@@ -2,8 +2,11 @@
 
 LoCoMo: Maharana et al., "Evaluating Very Long-Term Conversational Memory of LLM Agents",
 ACL 2024. One user per conversation, one session per LoCoMo session, every turn stored
-through ``services.messages_add`` (the REST API's function) and every question outside
-category 5 asked through ``selectors.memory_query`` (the REST API's query function).
+through ``services.messages_add`` (the REST API's function, write-behind), each user then
+flushed through ``buffers.services.flush_pending`` (what the flush workers run), and every
+question outside category 5 asked through ``selectors.memory_query`` (the REST API's query
+function). Flushing before querying measures the index as it stands in production; the
+ingest time includes the flush (the embedding).
 
 R@k = |evidence turns among the top k messages| / |evidence turns|, averaged over questions,
 per category code and overall (percentages). Only ``conversation`` and each question's
@@ -24,6 +27,7 @@ import numpy as np
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
+from buffers.services import flush_pending
 from memfuse_project.embedded_pg import migrate_if_embedded
 from memory import selectors, services
 from memory.models import Agent
@@ -147,6 +151,8 @@ class Command(BaseCommand):
                     services.messages_add(session=session, messages=messages)
                     n_messages += len(messages)
                     progress.update(len(messages))
+        for user in tqdm(users, desc="flush", unit="user", disable=None):
+            flush_pending(user_id=user.pk)
         return time.perf_counter() - started, n_messages, users
 
     def _ask(self, conversations: list[dict], users: list, config: RetrievalConfig):

@@ -1,0 +1,25 @@
+"""Operator view of flush jobs: failed ones can be retried."""
+
+from django.contrib import admin, messages
+
+from buffers import services
+from buffers.models import FlushJob, State
+
+
+@admin.register(FlushJob)
+class FlushJobAdmin(admin.ModelAdmin):
+    list_display = ["id", "user", "session", "priority", "reason", "state", "attempts", "messages_flushed", "created_at", "finished_at"]
+    list_select_related = ["user", "session"]
+    list_filter = ["state", "priority", "reason"]
+    search_fields = ["user__name", "user__id", "last_error"]
+    raw_id_fields = ["user", "session"]
+    readonly_fields = ["worker", "lease_until", "started_at", "finished_at", "created_at"]
+    actions = ["retry_failed"]
+
+    @admin.action(description="Retry the selected failed flushes")
+    def retry_failed(self, request, queryset):
+        retried = 0
+        for job in queryset.filter(state=State.FAILED):
+            services.job_retry(job=job)
+            retried += 1
+        self.message_user(request, f"{retried} failed flush(es) queued again.", messages.SUCCESS)

@@ -1,0 +1,44 @@
+"""The operator admin: list pages render without vectors, failed flushes can be retried."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.db import transaction
+
+from buffers import services as buffers
+from buffers.models import FlushJob, Priority, Reason, State
+
+
+@pytest.fixture
+def staff_client(client, db):
+    get_user_model().objects.create_superuser("operator", "op@example.com", "pw")
+    client.login(username="operator", password="pw")
+    return client
+
+
+@pytest.mark.parametrize("model", ["memory/user", "memory/agent", "memory/session", "memory/message", "memory/knowledge", "buffers/flushjob"])
+def test_list_pages_render(staff_client, alice_messages, model):
+    """Every model's admin list renders for staff."""
+    assert staff_client.get(f"/admin/{model}/").status_code == 200
+
+
+def test_message_list_shows_flushed_state_and_no_vector(staff_client, alice_messages):
+    """The message list says whether each message is flushed and never prints an embedding."""
+    buffers.flush_now(user_id=alice_messages[0].user_id)
+    page = staff_client.get("/admin/memory/message/").content.decode()
+    assert "Biscuit" in page and "icon-yes" in page
+    assert "embedding" not in page.lower().split("<table")[1]
+
+
+def test_retry_action_requeues_failed_flushes(staff_client, alice_session):
+    """The 'retry' admin action puts a failed flush back in the queue with fresh attempts."""
+    with transaction.atomic():
+        job_id = buffers.request_flush(user_id=alice_session.user_id, priority=Priority.HIGH, reason=Reason.MANUAL)
+    FlushJob.objects.filter(pk=job_id).update(state=State.FAILED, attempts=4, last_error="boom")
+
+    response = staff_client.post("/admin/buffers/flushjob/", {"action": "retry_failed", "_selected_action": [job_id]})
+
+    assert response.status_code == 302
+    job = FlushJob.objects.get(pk=job_id)
+    assert (job.state, job.attempts) == (State.QUEUED, 0)
