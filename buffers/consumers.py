@@ -1,10 +1,25 @@
-"""Channels consumers: flush requests for ``runworker`` processes."""
+"""Channels consumers: flush requests for ``runworker`` processes, and a session's WebSocket."""
 
 from __future__ import annotations
 
-from channels.consumer import SyncConsumer
+import logging
+import uuid
+from collections.abc import Iterator
 
-from buffers import workers
+from channels.consumer import SyncConsumer
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from rest_framework.exceptions import ValidationError
+
+from buffers import events, workers
+from memory import selectors, services
+from memory.api import serializers as s
+from memory.api.errors import validation_error
+from memory.api.serializers import validated
+from memory.errors import NotFound, ServiceError
+from memory.models import Session
+
+logger = logging.getLogger(__name__)
 
 
 class FlushConsumer(SyncConsumer):
@@ -18,8 +33,247 @@ class FlushConsumer(SyncConsumer):
         workers.start_pool().wake()
 
 
-from channels.generic.websocket import AsyncJsonWebsocketConsumer  # noqa: E402
+MAX_REQUEST_ID_CHARS = 128
+
+
+def in_thread(func):
+    """``func`` as a coroutine run in the event loop's thread pool, closing stale DB connections.
+
+    Not ``thread_sensitive`` (the default of ``database_sync_to_async``): that runs the sync
+    work of every consumer of the process in one shared thread, so a socket's query would wait
+    behind all the others' and the embedding batcher could never batch them together (the
+    REST views run concurrently for the same reason, ``memory.api.base``). Each call here is
+    self-contained (a pooled connection, no transaction left open), so any thread will do.
+    The pool is the event loop's default executor (daphne sizes it with ``ASGI_THREADS``).
+    """
+    return database_sync_to_async(func, thread_sensitive=False)
+
+
+class FrameError(Exception):
+    """A client frame the protocol refuses: answered with a code-400 error frame naming ``field``."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        self.message = message
+        self.field = field
+        super().__init__(message)
+
+
+class _Forbidden(ServiceError):
+    """``SessionConsumer.authorize`` refused the connection's principal."""
+
+    status = 403
+    default_message = "Forbidden"
 
 
 class SessionConsumer(AsyncJsonWebsocketConsumer):
-    """Placeholder until the WebSocket protocol lands."""
+    """The WebSocket of one session: ``ws/v1/sessions/<session_id>/``.
+
+    Every frame is a JSON object with a ``type``. A client frame may carry a ``request_id``
+    (a string of at most 128 characters, or an integer) chosen by the client; every frame
+    answering it echoes it (``null`` when absent or invalid).
+
+    Client to server:
+
+    - ``{"type": "messages.add", "messages": [{role, content, metadata?, name?, created_at?}],
+      "request_id"?}``: store the messages at the end of the session (validated as the REST
+      ``POST sessions/{id}/messages``: the whole batch, or nothing is stored).
+    - ``{"type": "memory.query", "query", "top_k"? (1..100, default 5), "agent_id"?,
+      "session_id"? (default: this session, for the ``scope`` tag of results), "request_id"?}``:
+      query the memory of the session's user.
+
+    Server to client:
+
+    - ``{"type": "messages.added", "request_id", "message_ids": [...], "pending_messages": n}``:
+      the messages are rows (durable); ``n`` is the user's messages waiting for a flush.
+    - ``{"type": "memory.results", "request_id", "stage": "partial"|"final", "final": bool,
+      "results": [...], "total": n}``: one frame per stage, sent as soon as it is ready: the
+      BM25 ranking first (``partial``), then the fused BM25 + vector ranking (``final``;
+      only this one when a retriever is switched off by its weight).
+      Results have the shape of the REST query's (``memory.selectors.memory_query``).
+    - ``{"type": "flush.completed", "session_id", "message_ids": [...]}``: these messages of
+      the session were embedded and indexed (pushed whenever a flush writes some; at most
+      once, so a client that must know polls ``GET sessions/{id}/messages`` instead).
+    - ``{"type": "error", "request_id", "error": {"code", "message", "errors": [{"field",
+      "message"}]}}``: code 400 for a bad frame (not JSON, binary, not an object, missing or
+      unknown ``type``, invalid ``request_id``, invalid fields such as ``messages[0].role``),
+      404 for an unknown id, 500 for a server error (logged). The connection stays open.
+
+    An unknown session (or an id that is not a UUID) gets a 404 error frame, then the socket
+    is closed with code 4404; a principal ``authorize`` refuses, a 403 frame and code 4403.
+    Frames of one connection are answered in order: a query delays the frames after it.
+    Model inference and database work run in the event loop's thread pool (``in_thread``), never on
+    the event loop.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.session_id: uuid.UUID | None = None
+        self.group_name: str | None = None
+
+    # --- connection -----------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        raw_id = self.scope["url_route"]["kwargs"]["session_id"]
+        try:
+            session = await in_thread(self._open_session)(raw_id)
+        except ServiceError as exc:
+            await self.accept()
+            await self.send_error(None, exc.status, exc.message, exc.errors)
+            # 4000-4999 are the application's close codes (RFC 6455, 7.4.2): 4000 + HTTP status.
+            await self.close(code=4000 + exc.status)
+            return
+        self.session_id = session.pk
+        self.group_name = events.session_group(session.pk)
+        await self.channel_layer.group_add(self.group_name, self.channel_name)
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        if self.group_name is not None:
+            await self.channel_layer.group_discard(self.group_name, self.channel_name)
+
+    def _open_session(self, raw_id: str) -> Session:
+        """The session of the URL, if the principal may use it (worker thread).
+
+        Raises ``NotFound`` (field ``session_id``) or a 403 ``ServiceError``.
+        """
+        try:
+            session_id = uuid.UUID(raw_id)
+        except ValueError:
+            raise NotFound(f"Session '{raw_id}' not found", field="session_id") from None
+        session = selectors.session_get(session_id=session_id)
+        if not self.authorize(self.scope.get("principal"), session):
+            raise _Forbidden(f"Not allowed to use session '{session_id}'", field="session_id")
+        return session
+
+    def authorize(self, principal: dict | None, session: Session) -> bool:
+        """Whether ``principal`` (``scope["principal"]``, from ``WebSocketAuthMiddleware``) may use ``session``.
+
+        The hook for API keys and tenants; the service is open today, so always ``True``.
+        Runs in a worker thread: it may query the database.
+        """
+        return True
+
+    # --- client frames --------------------------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs) -> None:
+        """Decode a frame ourselves: a bad one gets an error frame instead of closing the socket."""
+        if self.session_id is None:
+            return  # refused at connect; the close is on its way
+        if text_data is None:
+            await self.send_error(None, 400, "Binary frames are not supported: send JSON text frames")
+            return
+        try:
+            content = await self.decode_json(text_data)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError; nesting deeper than the stack
+            await self.send_error(None, 400, f"Invalid JSON: {exc}")
+            return
+        await self.receive_json(content)
+
+    async def receive_json(self, content, **kwargs) -> None:
+        request_id = None
+        try:
+            if not isinstance(content, dict):
+                raise FrameError(f"A frame must be a JSON object, not {type(content).__name__}")
+            request_id = self._request_id(content)
+            handler = self._handler(content)
+            await handler(content, request_id)
+        except FrameError as exc:
+            await self.send_error(request_id, 400, exc.message, [{"field": exc.field, "message": exc.message}])
+        except ValidationError as exc:
+            message, errors = validation_error(exc.detail)
+            await self.send_error(request_id, 400, message, errors)
+        except ServiceError as exc:
+            await self.send_error(request_id, exc.status, exc.message, exc.errors)
+        except Exception:
+            logger.exception("websocket frame of session %s failed", self.session_id)
+            await self.send_error(request_id, 500, "Internal server error")
+
+    @staticmethod
+    def _request_id(content: dict) -> str | int | None:
+        """The frame's ``request_id``: a string of at most 128 characters, an integer, or absent."""
+        request_id = content.get("request_id")
+        if request_id is None:
+            return None
+        if isinstance(request_id, bool) or not isinstance(request_id, str | int):
+            raise FrameError("request_id must be a string or an integer", field="request_id")
+        if isinstance(request_id, str) and len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise FrameError(f"request_id must have at most {MAX_REQUEST_ID_CHARS} characters", field="request_id")
+        return request_id
+
+    def _handler(self, content: dict):
+        # A table, not Channels' type-to-method dispatch: a client must not reach the
+        # handlers of channel-layer events (``flush.completed``) by naming their type.
+        handlers = {"messages.add": self.messages_add_frame, "memory.query": self.memory_query_frame}
+        frame_type = content.get("type")
+        if frame_type is None:
+            raise FrameError("type is required", field="type")
+        if not isinstance(frame_type, str) or frame_type not in handlers:
+            raise FrameError(f"Unknown frame type {frame_type!r}; expected one of {', '.join(handlers)}", field="type")
+        return handlers[frame_type]
+
+    async def messages_add_frame(self, content: dict, request_id: str | int | None) -> None:
+        message_ids, pending = await in_thread(self._messages_add)(_fields(content, "messages"))
+        await self.send_json(
+            {"type": "messages.added", "request_id": request_id, "message_ids": message_ids, "pending_messages": pending}
+        )
+
+    def _messages_add(self, data: dict) -> tuple[list[str], int]:
+        """Validate the whole batch, then store it (worker thread): ``(message_ids, pending)``."""
+        messages = validated(s.MessagesAdd, data)["messages"]
+        session = selectors.session_get(session_id=self.session_id)  # fresh: it may have been deleted
+        rows = services.messages_add(session=session, messages=messages)
+        return [str(row.pk) for row in rows], rows.pending
+
+    async def memory_query_frame(self, content: dict, request_id: str | int | None) -> None:
+        data = _fields(content, "query", "top_k", "session_id", "agent_id")
+        stages = await in_thread(self._memory_query_stages)(data)
+        # One step of the generator per thread hop, so the partial frame leaves before the
+        # query is embedded for the final stage.
+        while (step := await in_thread(next)(stages, None)) is not None:
+            stage, results = step
+            await self.send_json(
+                {
+                    "type": "memory.results",
+                    "request_id": request_id,
+                    "stage": stage,
+                    "final": stage == "final",
+                    "results": results,
+                    "total": len(results),
+                }
+            )
+
+    def _memory_query_stages(self, data: dict) -> Iterator[tuple[str, list[dict]]]:
+        """Validate the query and start it (worker thread); the stages run as they are pulled."""
+        data = validated(s.QueryIn, data)
+        # The user is read per query: its memory_version keys the BM25 cache, and a copy
+        # kept since connect would miss the messages added since.
+        session = selectors.session_get(session_id=self.session_id)
+        return selectors.memory_query_stages(
+            user=session.user,
+            query=data["query"],
+            top_k=data["top_k"],
+            session_id=data.get("session_id") or self.session_id,
+            agent_id=data.get("agent_id"),
+        )
+
+    # --- server frames --------------------------------------------------------------------
+
+    async def flush_completed(self, event: dict) -> None:
+        """Group event from ``events.flush_completed``: forward it to the client."""
+        await self.send_json(
+            {"type": "flush.completed", "session_id": event["session_id"], "message_ids": event["message_ids"]}
+        )
+
+    async def send_error(
+        self, request_id: str | int | None, code: int, message: str, errors: list[dict] | None = None
+    ) -> None:
+        """Send an error frame; ``errors`` default to one entry with no field."""
+        errors = errors if errors is not None else [{"field": None, "message": message}]
+        await self.send_json(
+            {"type": "error", "request_id": request_id, "error": {"code": code, "message": message, "errors": errors}}
+        )
+
+
+def _fields(content: dict, *names: str) -> dict:
+    """The named fields the frame has: an absent one stays absent, so it is "required", not null."""
+    return {name: content[name] for name in names if name in content}

@@ -29,11 +29,15 @@ def session_group(session_id: uuid.UUID | str) -> str:
 
 
 def register_server_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Remember the ASGI server's event loop: threads deliver in-memory layer messages on it."""
+    """Remember the ASGI server's event loop: threads deliver in-memory layer messages on it.
+
+    Replaced when the remembered loop has stopped (a reloaded server, or tests' loops).
+    """
     global _loop
-    if _loop is None:
+    if _loop is not loop and (_loop is None or not _loop.is_running()):
         with _lock:
-            _loop = _loop or loop
+            if _loop is None or not _loop.is_running():
+                _loop = loop
 
 
 def set_local_pool(pool) -> None:

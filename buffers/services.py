@@ -141,9 +141,15 @@ def _claim(*, user_id: uuid.UUID, session_id: uuid.UUID | None, token: uuid.UUID
         return cursor.fetchall()
 
 
-def _write(*, token: uuid.UUID, ids: list[uuid.UUID], vectors) -> list[tuple]:
-    """Write embeddings where ``token`` still holds the claim; returns ``[(id, session_id)]``."""
-    with connection.cursor() as cursor:
+def _write(*, user_id: uuid.UUID, token: uuid.UUID, ids: list[uuid.UUID], vectors) -> list[tuple]:
+    """Write embeddings where ``token`` still holds the claim; returns ``[(id, session_id)]``.
+
+    Takes ``FOR SHARE`` on the user's row first: the lock order of every writer of a user's
+    messages (see ``memory.services._bump_memory_version``), so this ``UPDATE`` and a cascade
+    delete never deadlock. Flushes of one user still write side by side.
+    """
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM memory_user WHERE id = %s FOR SHARE", [user_id])
         cursor.execute(
             """
             UPDATE memory_message AS m
@@ -207,7 +213,7 @@ def _flush_batches(
             return flushed
         ids = [row[0] for row in claimed]
         vectors = registry.embed([row[1] for row in claimed], priority=registry.BACKGROUND)
-        written = _write(token=token, ids=ids, vectors=vectors)
+        written = _write(user_id=user_id, token=token, ids=ids, vectors=vectors)
         flushed += len(written)
         by_session: dict[uuid.UUID, list[str]] = {}
         for message_id, message_session in written:

@@ -22,6 +22,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from buffers import events, services
+from buffers.models import FlushJob, State
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +88,12 @@ class FlushWorkerPool:
                 finally:
                     with self.stats.lock:
                         self.stats.busy -= 1
-                job.refresh_from_db(fields=["state"])
+                # The job is gone if its user was deleted meanwhile.
+                state = FlushJob.objects.filter(pk=job.pk).values_list("state", flat=True).first()
                 with self.stats.lock:
-                    if job.state == "done":
+                    if state == State.DONE:
                         self.stats.jobs_done += 1
-                    elif job.state == "failed":
+                    elif state == State.FAILED:
                         self.stats.jobs_failed += 1
             except Exception:
                 logger.exception("flush worker %s: unexpected error", worker)
@@ -128,6 +130,8 @@ class FlushWorkerPool:
                 break
             time.sleep(0.1)
         self.stop()
+        for thread in self._threads:  # let running flushes finish before the interpreter exits
+            thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
         close_old_connections()
         return remaining
 

@@ -122,7 +122,12 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": envstr("CHANNEL_LAYER_PREFIX", "asgi")},
+            "CONFIG": {
+                # redis-py 8 reads with a 5 s socket timeout, as long as channels_redis's
+                # blocking pop: an idle worker's read would time out and kill runworker.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+                "prefix": envstr("CHANNEL_LAYER_PREFIX", "asgi"),
+            },
         }
     }
 else:
@@ -147,6 +152,8 @@ MEMFUSE = {
     "EMBEDDING_BATCH_SIZE": envint("EMBEDDING_BATCH_SIZE", 64),
     # Most texts one model call takes from the requests of many callers (EmbeddingBatcher).
     "EMBEDDING_MAX_BATCH_TEXTS": envint("EMBEDDING_MAX_BATCH_TEXTS", 256),
+    # Niceness of the embedding thread (0: same as requests). Requests preempt inference.
+    "EMBEDDING_NICE": envint("EMBEDDING_NICE", 10),
     # torch intra-op threads. Inference is serialised by a lock, so one call may use every
     # core; more threads than cores made one encode take 480 ms instead of 10 ms.
     "TORCH_THREADS": envint("TORCH_THREADS", os.cpu_count() or 1),
@@ -168,7 +175,7 @@ MEMFUSE = {
 BUFFERS = {
     # Flush workers per process, and whether this process runs them: "auto" runs them in the
     # ASGI process when the channel layer is in-memory (single process) and in runworker.
-    "WORKERS": envint("FLUSH_WORKERS", 2),
+    "WORKERS": envint("FLUSH_WORKERS", 4),
     "IN_PROCESS": envstr("FLUSH_IN_PROCESS", "auto"),
     "CHANNEL": envstr("FLUSH_CHANNEL", "memfuse-flush"),
     # Messages one flush claims, embeds and writes at a time.

@@ -164,6 +164,15 @@ class EmbeddingBatcher:
         return future.result()
 
     def _run(self) -> None:
+        nice = settings.MEMFUSE["EMBEDDING_NICE"]
+        if nice and hasattr(os, "setpriority"):
+            # Inference runs below request handling: on a small machine a busy model must not
+            # make adds and queries wait for a core. Linux niceness is per thread, and torch's
+            # intra-op threads, created by this thread's first inference, inherit it.
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            except OSError:
+                logger.warning("could not lower the embedding thread's priority", exc_info=True)
         while True:
             requests = [self._queue.get()]
             size = len(requests[0][2])

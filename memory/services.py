@@ -48,7 +48,13 @@ def message_index_text(*, content: str, metadata: dict) -> str:
 
 
 def _bump_memory_version(user_id: uuid.UUID) -> None:
-    """Mark the user's memory as changed (same transaction as the write): caches go stale."""
+    """Mark the user's memory as changed: caches keyed by ``memory_version`` go stale.
+
+    Called FIRST in every transaction that writes a user's messages or knowledge: its row
+    lock on the user orders those writers, and the flush's write (which takes ``FOR SHARE``
+    on the same row) behind or before them, so a cascade delete and a flush never deadlock
+    on message rows locked in different orders.
+    """
     User.objects.filter(pk=user_id).update(memory_version=F("memory_version") + 1)
 
 
@@ -97,6 +103,7 @@ def user_update(*, user: User, name: str | None = None, description: str | None 
 def user_delete(*, user: User) -> None:
     """Delete a user with its sessions, messages and knowledge, in one transaction."""
     with transaction.atomic():
+        _bump_memory_version(user.pk)
         user.delete()
 
 
@@ -113,10 +120,9 @@ def agent_update(*, agent: Agent, name: str | None = None, description: str | No
 def agent_delete(*, agent: Agent) -> None:
     """Delete an agent with its sessions and their messages, in one transaction."""
     with transaction.atomic():
-        user_ids = list(agent.sessions.values_list("user_id", flat=True).distinct())
-        agent.delete()
-        for user_id in user_ids:
+        for user_id in sorted(set(agent.sessions.values_list("user_id", flat=True))):  # one lock order
             _bump_memory_version(user_id)
+        agent.delete()
 
 
 # --- sessions ----------------------------------------------------------------------------------
@@ -144,16 +150,23 @@ def session_update(*, session: Session, name: str | None = None, metadata: dict 
 def session_delete(*, session: Session) -> None:
     """Delete a session with its messages, in one transaction."""
     with transaction.atomic():
-        user_id = session.user_id
+        _bump_memory_version(session.user_id)
         session.delete()
-        _bump_memory_version(user_id)
 
 
 # --- messages ----------------------------------------------------------------------------------
 
 
-def messages_add(*, session: Session, messages: list[MessageIn]) -> list[Message]:
-    """Store ``messages`` at the end of ``session``; returns them in input order.
+class AddedMessages(list):
+    """The stored messages, in input order, with ``pending``: the user's messages awaiting a flush."""
+
+    def __init__(self, rows: list[Message], *, pending: int) -> None:
+        super().__init__(rows)
+        self.pending = pending
+
+
+def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessages:
+    """Store ``messages`` at the end of ``session``; returns them in input order (``AddedMessages``).
 
     Write-behind: the rows are written (and full-text indexed) in one ``INSERT`` under a lock
     of the session row, which serialises position assignment, and are durable when this
@@ -163,9 +176,10 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> list[Message
     from buffers.services import note_pending
 
     if not messages:
-        return []
+        return AddedMessages([], pending=0)
     now = timezone.now()
     with transaction.atomic():
+        _bump_memory_version(session.user_id)
         Session.objects.select_for_update().filter(pk=session.pk).first()
         last = Message.objects.filter(session=session).aggregate(last=Max("position"))["last"]
         start = 0 if last is None else last + 1
@@ -183,9 +197,8 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> list[Message
             for offset, m in enumerate(messages)
         ]
         Message.objects.bulk_create(rows)
-        _bump_memory_version(session.user_id)
-        note_pending(user_id=session.user_id)
-    return rows
+        pending = note_pending(user_id=session.user_id)
+    return AddedMessages(rows, pending=pending.messages)
 
 
 def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messages: list[MessageIn]) -> list[Message]:
@@ -199,6 +212,7 @@ def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messa
     from buffers.services import note_pending
 
     with transaction.atomic():
+        _bump_memory_version(session.user_id)
         rows = messages_by_ids(session=session, message_ids=message_ids, for_update=True)
         now = timezone.now()  # bulk_update does not apply auto_now
         for row, new in zip(rows, new_messages):
@@ -210,7 +224,6 @@ def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messa
             rows,
             ["role", "content", "metadata", "index_text", "embedding", "flushed_at", "flush_claim", "claimed_until", "updated_at"],
         )
-        _bump_memory_version(session.user_id)
         note_pending(user_id=session.user_id)
     return rows
 
@@ -218,9 +231,9 @@ def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messa
 def messages_delete(*, session: Session, message_ids: list[uuid.UUID]) -> None:
     """Delete the given messages. Raises ``NotFound`` when any id is not in ``session``."""
     with transaction.atomic():
+        _bump_memory_version(session.user_id)
         messages_by_ids(session=session, message_ids=message_ids, for_update=True)
         Message.objects.filter(session=session, pk__in=message_ids).delete()
-        _bump_memory_version(session.user_id)
 
 
 # --- knowledge ---------------------------------------------------------------------------------
@@ -230,10 +243,10 @@ def knowledge_add(*, user: User, contents: list[str]) -> list[Knowledge]:
     """Store user-level facts, embedded in one batch; returns them in input order."""
     embeddings = registry.embed(contents)
     with transaction.atomic():
+        _bump_memory_version(user.pk)
         rows = Knowledge.objects.bulk_create(
             [Knowledge(user=user, content=c, embedding=e) for c, e in zip(contents, embeddings)]
         )
-        _bump_memory_version(user.pk)
     return rows
 
 
@@ -242,18 +255,18 @@ def knowledge_update(*, user: User, knowledge_ids: list[uuid.UUID], new_contents
     knowledge_by_ids(user=user, knowledge_ids=knowledge_ids)
     embeddings = registry.embed(new_contents)
     with transaction.atomic():
+        _bump_memory_version(user.pk)
         rows = knowledge_by_ids(user=user, knowledge_ids=knowledge_ids, for_update=True)
         now = timezone.now()  # bulk_update does not apply auto_now
         for row, content, embedding in zip(rows, new_contents, embeddings):
             row.content, row.embedding, row.updated_at = content, embedding, now
         Knowledge.objects.bulk_update(rows, ["content", "embedding", "updated_at"])
-        _bump_memory_version(user.pk)
     return rows
 
 
 def knowledge_delete(*, user: User, knowledge_ids: list[uuid.UUID]) -> None:
     """Delete the given items. Raises ``NotFound`` when any id is not the user's."""
     with transaction.atomic():
+        _bump_memory_version(user.pk)
         knowledge_by_ids(user=user, knowledge_ids=knowledge_ids, for_update=True)
         Knowledge.objects.filter(user=user, pk__in=knowledge_ids).delete()
-        _bump_memory_version(user.pk)

@@ -22,6 +22,7 @@ from memory import registry, selectors, services
 from memory.models import Message
 from memory.services import MessageIn
 from tests.envelopes import assert_success
+from tests.subprocesses import subprocess_env
 
 
 def add(session, n: int, text: str = "message") -> list[Message]:
@@ -295,13 +296,6 @@ def test_pool_flushes_in_background_and_drains_at_shutdown(alice_session, bob_se
     assert FlushJob.objects.filter(reason=Reason.SHUTDOWN, priority=Priority.CRITICAL, state=State.DONE).exists()
 
 
-def _worker_env(**extra) -> dict:
-    db = connection.settings_dict
-    host = db["HOST"] or "127.0.0.1"
-    url = f"postgres://{db['USER']}@{host.replace('/', '%2F')}:{db['PORT'] or 5432}/{db['NAME']}"
-    return {**os.environ, "DATABASE_URL": url, "LOG_LEVEL": "INFO", **extra}
-
-
 def _start_worker(env: dict, log_path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "manage.py", "runworker", settings.BUFFERS["CHANNEL"]],
@@ -326,7 +320,7 @@ def test_worker_killed_mid_flush_loses_and_duplicates_nothing(alice_session, tmp
     for start in range(0, total, 100):
         add(alice_session, 100, text=f"kill test {start}")
     pending = Message.objects.filter(user=alice_session.user, flushed_at__isnull=True)
-    env = _worker_env(
+    env = subprocess_env(
         FLUSH_BATCH_SIZE="8", FLUSH_LEASE_SECONDS="2", FLUSH_TIMEOUT_SECONDS="5", FLUSH_TICK_SECONDS="0.2", FLUSH_WORKERS="1"
     )
 
@@ -363,7 +357,7 @@ def test_flush_request_reaches_a_runworker_over_redis(alice_session, tmp_path, s
     settings.CHANNEL_LAYERS = {"default": redis}
     channel_layers.backends.clear()
     # The worker polls its queue only every 60 s: a prompt flush proves the channel message woke it.
-    env = _worker_env(REDIS_URL="redis://127.0.0.1:6379", FLUSH_TICK_SECONDS="60", CHANNEL_LAYER_PREFIX=prefix)
+    env = subprocess_env(REDIS_URL="redis://127.0.0.1:6379", FLUSH_TICK_SECONDS="60", CHANNEL_LAYER_PREFIX=prefix)
     log = tmp_path / "worker.log"
     worker = _start_worker(env, log)
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ import pytest
 from django.conf import settings
 
 from memory import checks, registry
+from tests.subprocesses import subprocess_env
 
 
 class CountingDeterministicEmbedder:
@@ -201,10 +201,10 @@ def test_pgvector_check_reports_a_dimension_mismatch(db, monkeypatch):
     assert [e.id for e in errors] == ["memory.E002"]
 
 
+@pytest.mark.django_db
 def test_manage_py_check_does_not_load_the_model():
     """`manage.py check --database default` passes without loading the embedding model (a subprocess, ~3 s)."""
-    env = {**os.environ, "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
-    env.pop("RUN_MAIN", None)
+    env = subprocess_env(PYTHONUNBUFFERED="1")
 
     result = subprocess.run(
         [sys.executable, "manage.py", "check", "--database", "default"],

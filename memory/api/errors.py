@@ -29,7 +29,7 @@ def error_body(code: int, message: str, errors: list[dict] | None = None) -> dic
     }
 
 
-def _flatten(detail, prefix: str = "") -> list[dict]:
+def flatten_errors(detail, prefix: str = "") -> list[dict]:
     """DRF's nested validation detail as ``[{"field": "messages[0].role", "message": ...}]``."""
     if isinstance(detail, dict):
         items = []
@@ -40,7 +40,7 @@ def _flatten(detail, prefix: str = "") -> list[dict]:
                 name = f"{prefix}[{key}]"
             else:
                 name = f"{prefix}.{key}" if prefix else str(key)
-            items.extend(_flatten(value, name))
+            items.extend(flatten_errors(value, name))
         return items
     if isinstance(detail, list):
         if all(not isinstance(item, (dict, list)) for item in detail):
@@ -48,9 +48,16 @@ def _flatten(detail, prefix: str = "") -> list[dict]:
         items = []
         for index, item in enumerate(detail):
             if item:  # DRF puts {} for list items that passed
-                items.extend(_flatten(item, f"{prefix}[{index}]"))
+                items.extend(flatten_errors(item, f"{prefix}[{index}]"))
         return items
     return [{"field": prefix or None, "message": str(detail)}]
+
+
+def validation_error(detail) -> tuple[str, list[dict]]:
+    """A DRF validation detail as ``(message, errors)``: one summary line and the field errors."""
+    errors = flatten_errors(detail)
+    summary = "; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors)
+    return f"Invalid input: {summary}", errors
 
 
 def exception_handler(exc, context) -> Response | None:
@@ -58,9 +65,8 @@ def exception_handler(exc, context) -> Response | None:
     if isinstance(exc, ServiceError):
         return Response(error_body(exc.status, exc.message, exc.errors), status=exc.status)
     if isinstance(exc, exceptions.ValidationError):
-        errors = _flatten(exc.detail)
-        summary = "; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors)
-        return Response(error_body(400, f"Invalid input: {summary}", errors), status=400)
+        message, errors = validation_error(exc.detail)
+        return Response(error_body(400, message, errors), status=400)
     if isinstance(exc, Http404):
         return Response(error_body(404, "Not found"), status=404)
     if isinstance(exc, exceptions.APIException):

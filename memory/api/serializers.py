@@ -13,6 +13,19 @@ from memory.models import Agent, Knowledge, Message, Role, Session, User
 from memory.services import MessageIn
 
 
+def validated(serializer_class: type[serializers.Serializer], data) -> dict:
+    """``data`` validated by ``serializer_class``: REST views and WebSocket consumers.
+
+    Raises DRF's ``ValidationError`` (a 400 naming the fields) when ``data`` is not a JSON
+    object or does not validate.
+    """
+    if data is None or not hasattr(data, "get"):
+        raise serializers.ValidationError({"non_field_errors": ["Expected a JSON object."]})
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
 class StrictCharField(serializers.CharField):
     """A ``CharField`` that accepts only JSON strings."""
 

@@ -10,15 +10,14 @@ import uuid
 
 from django.conf import settings
 from django.db import connection, transaction
-from rest_framework import serializers as drf_serializers
-from rest_framework.views import APIView
 
 from buffers import services as buffer_services
 from buffers.models import Priority, Reason
-from buffers.services import pending_summary
 from memory import selectors, services
 from memory.api import serializers as s
+from memory.api.base import ConcurrentAPIView as APIView
 from memory.api.errors import envelope
+from memory.api.serializers import validated
 from memory.errors import NotFound
 
 API_VERSION = "0.3.0"  # the MemFuse API generation we are compatible with (client 0.3.x)
@@ -30,15 +29,6 @@ def parse_id(value: str, *, field: str, what: str) -> uuid.UUID:
         return uuid.UUID(str(value))
     except ValueError:
         raise NotFound(f"{what} '{value}' not found", field=field) from None
-
-
-def validated(serializer_class: type[drf_serializers.Serializer], data) -> dict:
-    """``data`` validated by ``serializer_class``; DRF's ``ValidationError`` (400) otherwise."""
-    if data is None or not hasattr(data, "get"):
-        raise drf_serializers.ValidationError({"non_field_errors": ["Expected a JSON object."]})
-    serializer = serializer_class(data=data)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
 
 
 def _user(user_id: str):
@@ -216,9 +206,8 @@ class SessionMessagesView(APIView):
         session = _session(session_id)
         messages = validated(s.MessagesAdd, request.data)["messages"]
         rows = services.messages_add(session=session, messages=messages)
-        pending = pending_summary(user_id=session.user_id).messages
         return envelope(
-            {"message_ids": [str(r.pk) for r in rows], "pending_messages": pending},
+            {"message_ids": [str(r.pk) for r in rows], "pending_messages": rows.pending},
             code=201,
             message="Messages added successfully",
         )

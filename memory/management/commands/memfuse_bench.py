@@ -1,0 +1,728 @@
+"""``python manage.py memfuse_bench ingest``: latency and throughput of the ingest path over HTTP.
+
+Everything goes through the REST API of a real server: either ``--url``, or a ``runserver``
+subprocess this command starts on a free loopback port (with this process's environment, so
+the embedded database unless ``DATABASE_URL`` is set) and stops with SIGTERM at the end, so
+its graceful flush drain runs. Each benchmark is a class in ``BENCHMARKS``; ``query`` slots in
+beside ``ingest``.
+
+``ingest`` (one add = one round: a user and an assistant message):
+
+0. setup (not timed): ``--clients`` users, each with one agent and one session;
+1. steady, OPEN loop: add i is scheduled at ``t0 + i / rate`` and fired as a task at that
+   time whatever earlier adds are doing, from client ``i % clients``; its latency runs from
+   the scheduled time to the answer, so queueing counts (no coordinated omission: Gil Tene,
+   "How NOT to Measure Latency", and wrk2's constant-throughput mode);
+2. burst, CLOSED loop: after the server has flushed phase 1, ``--burst`` messages as fast as
+   the clients go, then the time until every message is flushed (embedded, vector-indexed);
+   then, with the server idle, the embedding model's raw batched throughput on the same texts
+   in this process: the ceiling of the ingest path on this machine.
+
+Texts are chat turns: the ``conversation`` turns' ``text`` of the LoCoMo development file when
+it exists (nothing else of that file is read), else a small built-in generator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import aiohttp
+import numpy as np
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from memory.management.commands.locomo_eval import conversation_sessions
+
+LOCOMO_DEV = settings.BASE_DIR.parent / "shared" / "data" / "locomo" / "locomo-dev.json"
+HEALTH_PATH = "/api/v1/health"
+SERVER_START_TIMEOUT = 120.0  # s: migrations and the model load happen before the first answer
+FLUSH_WAIT_TIMEOUT = 300.0  # s
+REQUEST_TIMEOUT = 60.0  # s, per HTTP request
+SETUP_CONCURRENCY = 8  # requests in flight while creating and deleting bench users
+SEARCH_CHECK_USERS = 4
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on (setup failed, the server died); becomes ``CommandError``."""
+
+
+# --- pure helpers ------------------------------------------------------------------------------
+
+
+def scheduled_offsets(*, rate: float, duration: float) -> list[float]:
+    """Send times of an open-loop run, in seconds after its start: add i at ``i / rate``.
+
+    ``round(rate * duration)`` adds (at least one), so 100/s for 30 s is exactly 3000 adds.
+    """
+    count = max(1, round(rate * duration))
+    return [index / rate for index in range(count)]
+
+
+def latency_summary(latencies_ms: Sequence[float]) -> dict:
+    """``{"p50", "p95", "p99", "max"}`` of latencies in ms, rounded to 0.01 ms.
+
+    Percentiles interpolate linearly between samples (numpy's default); all ``None`` when
+    there is no sample.
+    """
+    if len(latencies_ms) == 0:
+        return {"p50": None, "p95": None, "p99": None, "max": None}
+    values = np.asarray(latencies_ms, dtype=float)
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {
+        "p50": round(float(p50), 2),
+        "p95": round(float(p95), 2),
+        "p99": round(float(p99), 2),
+        "max": round(float(values.max()), 2),
+    }
+
+
+def chat_rounds(texts: Sequence[str], *, count: int, start: int) -> list[tuple[str, str]]:
+    """``count`` rounds ``(user text, assistant text)`` of consecutive turns from ``start``, cycling.
+
+    Raises ``ValueError`` with fewer than two texts.
+    """
+    if len(texts) < 2:
+        raise ValueError("need at least two texts to make a chat round")
+    n = len(texts)
+    return [(texts[(start + 2 * i) % n], texts[(start + 2 * i + 1) % n]) for i in range(count)]
+
+
+def locomo_turn_texts(path: Path) -> list[str]:
+    """The ``text`` of every turn of every conversation's sessions, in conversation order.
+
+    Only ``conversation.session_<n>`` turn lists are read (never questions, answers,
+    summaries or observations). Raises ``OSError``/``ValueError`` when the file is unreadable.
+    """
+    data = json.loads(path.read_text())
+    texts = []
+    for item in data:
+        for _, _, turns in conversation_sessions(item["conversation"]):
+            texts.extend(turn["text"] for turn in turns if isinstance(turn.get("text"), str) and turn["text"].strip())
+    return texts
+
+
+_PEOPLE = ["my sister", "my brother", "my friend Maya", "my neighbour Tom", "my coworker Priya", "my dad", "my mom"]
+_ACTIVITIES = ["went hiking", "tried a new recipe", "started pottery classes", "adopted a puppy",
+               "ran a half marathon", "visited a museum", "planted tomatoes", "learned to play chess"]
+_PLACES = ["near Lake Tahoe", "in Lisbon", "downtown", "at the community centre", "in the park", "at home"]
+_WHEN = ["last weekend", "yesterday", "a few days ago", "last month", "this morning"]
+_REPLIES = ["That sounds wonderful! How did {who} like it?", "Nice! Would you do it again {where}?",
+            "How exciting. What was the best part?", "I remember you mentioned {who} before. How are they?",
+            "That's great. Did anything surprise you?"]
+
+
+def generated_turn_texts(rng: random.Random, *, count: int = 400) -> list[str]:
+    """``count`` chat turns alternating a user's news and an assistant's reply (fallback texts)."""
+    texts = []
+    for _ in range(count // 2):
+        who, where = rng.choice(_PEOPLE), rng.choice(_PLACES)
+        texts.append(f"I {rng.choice(_ACTIVITIES)} with {who} {where} {rng.choice(_WHEN)}.")
+        texts.append(rng.choice(_REPLIES).format(who=who, where=where))
+    return texts
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def health_ok(url: str, *, timeout: float) -> bool:
+    """Whether ``GET {url}/api/v1/health`` answers 200 within ``timeout`` s."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + HEALTH_PATH, timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+# --- the server --------------------------------------------------------------------------------
+
+
+class ServerProcess:
+    """``manage.py runserver 127.0.0.1:<free port> --noreload`` as a subprocess.
+
+    Same environment and interpreter as this process; its stdout and stderr go to ``log_path``.
+    ``stop()`` sends SIGTERM and waits, so the flush workers' graceful drain runs.
+    """
+
+    def __init__(self, *, log_path: Path) -> None:
+        self.log_path = log_path
+        self.url = ""
+        self._process: subprocess.Popen | None = None
+
+    def start(self, *, timeout: float = SERVER_START_TIMEOUT) -> str:
+        """Start the server and wait for its health endpoint; returns its base URL.
+
+        Raises ``BenchError`` when it exits or does not answer within ``timeout`` s.
+        """
+        port = free_loopback_port()
+        self.url = f"http://127.0.0.1:{port}"
+        with self.log_path.open("wb") as log:
+            # A session of its own: a Ctrl-C on the bench reaches the server only through stop().
+            self._process = subprocess.Popen(
+                [sys.executable, str(settings.BASE_DIR / "manage.py"), "runserver", f"127.0.0.1:{port}", "--noreload"],
+                cwd=settings.BASE_DIR,
+                env=dict(os.environ),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise BenchError(f"server exited with code {self._process.returncode}; see {self.log_path}")
+            if health_ok(self.url, timeout=2):
+                return self.url
+            time.sleep(0.5)
+        self.stop()
+        raise BenchError(f"server not healthy after {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self) -> dict:
+        """SIGTERM, then wait for the drain (``FLUSH_SHUTDOWN_SECONDS`` + margin) before SIGKILL."""
+        process = self._process
+        if process is None:
+            return {}
+        started = time.monotonic()
+        killed = False
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=settings.BUFFERS["SHUTDOWN_SECONDS"] + 30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                killed = True
+        self._process = None
+        return {
+            "exit_code": process.returncode,
+            "stop_seconds": round(time.monotonic() - started, 2),
+            "killed": killed,
+            "log": str(self.log_path),
+            "log_error_lines": self._count_log_errors(),
+        }
+
+    def _count_log_errors(self) -> int:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return 0
+        return sum(1 for line in lines if " ERROR " in line or line.startswith("Traceback"))
+
+
+# --- HTTP client -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchUser:
+    """One simulated client: its user, agent and session ids."""
+
+    index: int
+    user_id: str
+    agent_id: str
+    session_id: str
+
+
+@dataclass(frozen=True)
+class AddOutcome:
+    """One add: whether it was stored (201), its latency (ms), when it answered (loop time, s)."""
+
+    ok: bool
+    latency_ms: float
+    answered_at: float
+    error: str = ""
+    pending_messages: int = 0
+
+
+class Api:
+    """The REST API at ``base_url`` through one aiohttp session (one connection per client)."""
+
+    def __init__(self, http: aiohttp.ClientSession, base_url: str) -> None:
+        self.http = http
+        self.base = base_url.rstrip("/") + "/api/v1"
+
+    async def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict | None]:
+        """``(status, decoded JSON body or None)``; network errors raise ``aiohttp.ClientError``."""
+        async with self.http.request(method, self.base + path, json=body) as response:
+            try:
+                payload = await response.json(content_type=None)
+            except (ValueError, aiohttp.ContentTypeError):
+                payload = None
+            return response.status, payload
+
+    async def data(self, method: str, path: str, body: dict | None = None, *, expect: int = 200) -> dict:
+        """The envelope's ``data``; ``BenchError`` on any other status than ``expect``."""
+        try:
+            status, payload = await self.call(method, path, body)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise BenchError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+        if status != expect:
+            message = payload.get("message") if isinstance(payload, dict) else payload
+            raise BenchError(f"{method} {path}: HTTP {status}: {message}")
+        return payload["data"]
+
+    async def add_round(self, user: BenchUser, round_texts: tuple[str, str], *, scheduled: float) -> AddOutcome:
+        """POST one round to the user's session; latency from ``scheduled`` (loop time, s)."""
+        loop = asyncio.get_running_loop()
+        user_text, assistant_text = round_texts
+        body = {"messages": [{"role": "user", "content": user_text}, {"role": "assistant", "content": assistant_text}]}
+        try:
+            status, payload = await self.call("POST", f"/sessions/{user.session_id}/messages", body)
+            error = "" if status == 201 else f"HTTP {status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            status, payload, error = 0, None, type(exc).__name__
+        answered = loop.time()
+        pending = payload["data"].get("pending_messages", 0) if status == 201 and isinstance(payload, dict) else 0
+        return AddOutcome(
+            ok=status == 201,
+            latency_ms=(answered - scheduled) * 1000,
+            answered_at=answered,
+            error=error,
+            pending_messages=pending,
+        )
+
+    async def pending_messages(self, user: BenchUser) -> int:
+        return (await self.data("GET", f"/users/{user.user_id}/buffer"))["pending_messages"]
+
+
+async def create_users(api: Api, *, count: int, run_id: str, created: list[str]) -> list[BenchUser]:
+    """``count`` users ``bench-<run>-<i>``, each with an agent and a session of the same name.
+
+    The path of every user and agent created is appended to ``created`` as soon as it exists,
+    so a failure half-way leaves nothing that ``delete_created`` does not know of.
+    """
+    limit = asyncio.Semaphore(SETUP_CONCURRENCY)
+
+    async def create(index: int) -> BenchUser:
+        name = f"bench-{run_id}-{index}"
+        async with limit:
+            user = (await api.data("POST", "/users", {"name": name}, expect=201))["user"]
+            created.append(f"/users/{user['id']}")
+            agent = (await api.data("POST", "/agents", {"name": name}, expect=201))["agent"]
+            created.append(f"/agents/{agent['id']}")
+            body = {"user_id": user["id"], "agent_id": agent["id"], "name": name}
+            session = (await api.data("POST", "/sessions", body, expect=201))["session"]
+        return BenchUser(index=index, user_id=user["id"], agent_id=agent["id"], session_id=session["id"])
+
+    return list(await asyncio.gather(*(create(index) for index in range(count))))
+
+
+async def delete_created(api: Api, paths: list[str], *, attempts: int = 3) -> int:
+    """DELETE each path, users before agents; returns how many could not be deleted.
+
+    A user's delete takes its sessions and messages with it, and so does its agent's: run
+    together, the two cascades lock the same rows in different orders and deadlock, so every
+    user goes first and the agents (by then without sessions) after. A delete that still fails
+    (one racing a flush's write can lose a deadlock, HTTP 500) is tried again.
+    """
+    limit = asyncio.Semaphore(SETUP_CONCURRENCY)
+
+    async def delete(path: str) -> bool:
+        async with limit:
+            for attempt in range(attempts):
+                try:
+                    await api.data("DELETE", path)
+                    return True
+                except BenchError:
+                    await asyncio.sleep(0.5 * (attempt + 1))
+        return False
+
+    failures = 0
+    for kind in ("/users/", "/agents/"):
+        batch = [path for path in paths if path.startswith(kind)]
+        failures += sum(1 for ok in await asyncio.gather(*(delete(path) for path in batch)) if not ok)
+    return failures
+
+
+async def wait_until_flushed(
+    api: Api, users: list[BenchUser], *, timeout: float, interval: float = 0.2, chunk: int = 4
+) -> tuple[bool, float, dict]:
+    """Poll ``users/{id}/buffer`` until no user has pending messages.
+
+    Returns ``(flushed, loop time when seen flushed or at timeout, {user index: pending})``.
+    Only call it once no add is in flight: then a user seen at 0 stays at 0 and is not polled
+    again. Each poll goes through the users a ``chunk`` at a time and stops at the first
+    chunk with a user still pending, so waiting costs a few requests per ``interval``, not one
+    per user: the polls share the server's cores with the flush being measured.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    remaining = list(users)
+    last_seen: dict[int, int] = {}
+    while True:
+        while remaining:
+            batch = remaining[:chunk]
+            counts = await asyncio.gather(*(api.pending_messages(user) for user in batch))
+            last_seen.update({user.index: count for user, count in zip(batch, counts)})
+            remaining = [user for user, count in zip(batch, counts) if count > 0] + remaining[chunk:]
+            if any(counts):
+                break
+        now = loop.time()
+        if not remaining:
+            return True, now, {}
+        if now >= deadline:
+            return False, now, {user.index: last_seen.get(user.index) for user in remaining}
+        await asyncio.sleep(interval)
+
+
+async def failed_jobs(api: Api, users: list[BenchUser], *, limit: int = 5) -> list[dict]:
+    """Up to ``limit`` flush jobs in state ``failed`` of the given users, with their errors."""
+    found = []
+    for user in users:
+        for job in (await api.data("GET", f"/users/{user.user_id}/buffer"))["jobs"]:
+            if job["state"] == "failed":
+                fields = {key: job[key] for key in ("reason", "attempts", "last_error")}
+                found.append({"user": user.index, **fields})
+        if len(found) >= limit:
+            break
+    return found[:limit]
+
+
+# --- benchmarks --------------------------------------------------------------------------------
+
+
+class IngestBench:
+    """Adds under an open-loop steady load, then a burst and its time until flushed."""
+
+    name = "ingest"
+    help = "add latency under open-loop load, then burst throughput until flushed vs the raw model"
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        parser.add_argument("--rate", type=float, default=100.0, help="offered adds per second in the steady phase")
+        parser.add_argument("--duration", type=float, default=30.0, help="seconds of steady load")
+        parser.add_argument("--burst", type=int, default=5000, help="messages of the burst phase (2 per add)")
+
+    @staticmethod
+    def validate(options: dict) -> None:
+        if options["rate"] <= 0:
+            raise CommandError(f"--rate must be > 0 (got {options['rate']})")
+        if options["duration"] <= 0:
+            raise CommandError(f"--duration must be > 0 (got {options['duration']})")
+        if options["burst"] < 2:
+            raise CommandError(f"--burst must be >= 2 (got {options['burst']})")
+
+    def __init__(self, options: dict, *, run_id: str) -> None:
+        self.options = options
+        self.run_id = run_id
+        self.rng = random.Random(options["seed"])
+        self.texts, self.texts_source = self._load_texts()
+
+    def _load_texts(self) -> tuple[list[str], str]:
+        if LOCOMO_DEV.exists():
+            try:
+                texts = locomo_turn_texts(LOCOMO_DEV)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise CommandError(f"cannot read chat turns from {LOCOMO_DEV}: {exc}") from None
+            if len(texts) >= 2:
+                return texts, "locomo-dev conversation turns"
+        return generated_turn_texts(self.rng), "built-in generator"
+
+    def config(self) -> dict:
+        return {
+            "rate": self.options["rate"],
+            "duration": self.options["duration"],
+            "burst": self.options["burst"],
+            "texts": self.texts_source,
+            "embedding_batch_size": settings.MEMFUSE["EMBEDDING_BATCH_SIZE"],
+            "raw_chunk_texts": settings.MEMFUSE["EMBEDDING_MAX_BATCH_TEXTS"],
+        }
+
+    async def run(self, api: Api, users: list[BenchUser]) -> dict:
+        offsets = scheduled_offsets(rate=self.options["rate"], duration=self.options["duration"])
+        burst_rounds = self.options["burst"] // 2
+        rounds = chat_rounds(self.texts, count=len(offsets) + burst_rounds, start=self.rng.randrange(len(self.texts)))
+        steady = await self._steady(api, users, offsets, rounds[: len(offsets)])
+        if not steady["flushed"]:
+            return {"steady": steady, "burst": {"skipped": f"phase 1 not flushed within {FLUSH_WAIT_TIMEOUT:.0f} s"}}
+        burst = await self._burst(api, users, rounds[len(offsets) :])
+        return {"steady": steady, "burst": burst}
+
+    async def _steady(
+        self, api: Api, users: list[BenchUser], offsets: list[float], rounds: list[tuple[str, str]]
+    ) -> dict:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time() + 0.05
+        tasks = []
+        for index, (offset, round_texts) in enumerate(zip(offsets, rounds)):
+            scheduled = t0 + offset
+            delay = scheduled - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            # Fired at its time whatever earlier adds are doing: a slow answer cannot lower the
+            # offered rate, and a late start shows in the latency (measured from `scheduled`).
+            user = users[index % len(users)]
+            tasks.append(asyncio.create_task(api.add_round(user, round_texts, scheduled=scheduled)))
+        outcomes: list[AddOutcome] = await asyncio.gather(*tasks)
+        done = [o for o in outcomes if o.ok]
+        wall = max(o.answered_at for o in outcomes) - t0
+        load_end = loop.time()
+        flushed, flushed_at, still_pending = await wait_until_flushed(api, users, timeout=FLUSH_WAIT_TIMEOUT)
+        result = {
+            "offered_rate": self.options["rate"],
+            "served_rate": round(len(done) / wall, 2),
+            "adds": len(outcomes),
+            "errors": len(outcomes) - len(done),
+            "latency_ms": latency_summary([o.latency_ms for o in done]),
+            "error_kinds": dict(Counter(o.error for o in outcomes if not o.ok)),
+            "max_pending_messages_seen": max((o.pending_messages for o in done), default=0),
+            "flushed": flushed,
+            "seconds_until_flushed_after_load": round(flushed_at - load_end, 2) if flushed else None,
+        }
+        if not flushed:
+            result["still_pending"] = still_pending
+            result["failed_jobs"] = await failed_jobs(api, users)
+        return result
+
+    async def _burst(self, api: Api, users: list[BenchUser], rounds: list[tuple[str, str]]) -> dict:
+        loop = asyncio.get_running_loop()
+        outcomes: list[AddOutcome] = []
+
+        async def client(user: BenchUser) -> None:
+            for index in range(user.index, len(rounds), len(users)):
+                outcomes.append(await api.add_round(user, rounds[index], scheduled=loop.time()))
+
+        started = loop.time()
+        await asyncio.gather(*(client(user) for user in users))
+        adds_done = loop.time()
+        flushed, flushed_at, still_pending = await wait_until_flushed(api, users, timeout=FLUSH_WAIT_TIMEOUT)
+        ok = [o for o in outcomes if o.ok]
+        messages = 2 * len(rounds)
+        add_seconds = adds_done - started
+        seconds_until_flushed = flushed_at - started
+        result = {
+            "messages": messages,
+            "adds": len(outcomes),
+            "errors": len(outcomes) - len(ok),
+            "error_kinds": dict(Counter(o.error for o in outcomes if not o.ok)),
+            "add_seconds": round(add_seconds, 3),
+            "adds_per_s": round(len(ok) / add_seconds, 2),
+            "messages_per_s": round(2 * len(ok) / add_seconds, 2),
+            "add_latency_ms": latency_summary([o.latency_ms for o in ok]),
+            "flushed": flushed,
+            "seconds_until_flushed": round(seconds_until_flushed, 3),
+            "end_to_end_messages_per_s": round(messages / seconds_until_flushed, 2) if flushed else None,
+        }
+        if not flushed:
+            result["still_pending"] = still_pending
+            result["failed_jobs"] = await failed_jobs(api, users)
+            return result
+        result["search_check"] = await self._search_check(api, users, rounds)
+        # The server is idle now (everything flushed); the model runs in a thread, never on the loop.
+        raw = await asyncio.to_thread(raw_model_throughput, [text for pair in rounds for text in pair])
+        result["raw_model_messages_per_s"] = raw["messages_per_s"]
+        result["raw_model_seconds"] = raw["seconds"]
+        result["ratio"] = round(result["end_to_end_messages_per_s"] / raw["messages_per_s"], 3)
+        return result
+
+    async def _search_check(self, api: Api, users: list[BenchUser], rounds: list[tuple[str, str]]) -> dict:
+        """Query a few users with one of their burst texts: results must be there and flushed."""
+        step = max(1, len(users) // SEARCH_CHECK_USERS)
+        checks = []
+        for user in users[::step][:SEARCH_CHECK_USERS]:
+            own = list(range(user.index, len(rounds), len(users)))
+            if not own:
+                continue
+            query = rounds[own[-1]][0]
+            results = (await api.data("POST", f"/users/{user.user_id}/query", {"query": query, "top_k": 5}))["results"]
+            messages = [r for r in results if r.get("type") == "message"]
+            checks.append(
+                {
+                    "user": user.index,
+                    "results": len(results),
+                    "all_flushed": bool(messages) and all(r["metadata"].get("flushed") is True for r in messages),
+                    "top_is_query_text": bool(results) and results[0]["content"] == query,
+                }
+            )
+        return {"queries": checks, "ok": bool(checks) and all(c["results"] > 0 and c["all_flushed"] for c in checks)}
+
+    @staticmethod
+    def summary(report: dict) -> list[str]:
+        steady, burst = report["steady"], report["burst"]
+        latency = steady["latency_ms"]
+        if steady["flushed"]:
+            drained = f"flushed {steady['seconds_until_flushed_after_load']} s after the load"
+        else:
+            drained = f"NOT flushed within {FLUSH_WAIT_TIMEOUT:.0f} s"
+        lines = [
+            f"steady: offered {steady['offered_rate']}/s, served {steady['served_rate']}/s, "
+            f"{steady['adds']} adds, {steady['errors']} errors; latency ms p50 {latency['p50']} "
+            f"p95 {latency['p95']} p99 {latency['p99']} max {latency['max']}; "
+            f"{drained}",
+        ]
+        if "skipped" in burst:
+            lines.append(f"burst: skipped ({burst['skipped']})")
+        else:
+            lines.append(
+                f"burst: {burst['messages']} messages, {burst['messages_per_s']} msg/s added "
+                f"({burst['errors']} errors), flushed in {burst['seconds_until_flushed']} s: "
+                f"{burst['end_to_end_messages_per_s']} msg/s end to end"
+            )
+            if "ratio" in burst:
+                lines.append(
+                    f"raw model: {burst['raw_model_messages_per_s']} msg/s; end to end / raw = {burst['ratio']}; "
+                    f"search check {'ok' if burst['search_check']['ok'] else 'FAILED'}"
+                )
+        return lines
+
+
+def raw_model_throughput(texts: list[str]) -> dict:
+    """Embed ``texts`` as a flush indexes them, in chunks as the batcher feeds the model.
+
+    Chunks of ``EMBEDDING_MAX_BATCH_TEXTS`` texts (the most one batched model call takes),
+    each encoded in batches of ``EMBEDDING_BATCH_SIZE``. One untimed chunk first, as the
+    server's model is warm by then. Returns ``{"messages_per_s", "seconds"}``.
+    """
+    from memory import registry
+    from memory.services import message_index_text
+
+    embedder = registry.get_embedder()
+    chunk = settings.MEMFUSE["EMBEDDING_MAX_BATCH_TEXTS"]
+    index_texts = [message_index_text(content=text, metadata={}) for text in texts]
+    embedder.embed(index_texts[:chunk])
+    started = time.perf_counter()
+    for start in range(0, len(index_texts), chunk):
+        embedder.embed(index_texts[start : start + chunk])
+    seconds = time.perf_counter() - started
+    return {"messages_per_s": round(len(index_texts) / seconds, 2), "seconds": round(seconds, 3)}
+
+
+class Benchmark(Protocol):
+    """What a subcommand provides: its options, their checks, a run over the bench users."""
+
+    name: str
+    help: str
+
+    @staticmethod
+    def add_arguments(parser) -> None: ...
+
+    @staticmethod
+    def validate(options: dict) -> None:
+        """Raise ``CommandError`` naming the bad option."""
+
+    def __init__(self, options: dict, *, run_id: str) -> None: ...
+
+    def config(self) -> dict:
+        """The benchmark's own settings, for the report's ``config``."""
+
+    async def run(self, api: Api, users: list[BenchUser]) -> dict:
+        """The report's sections (``{"steady": ..., "burst": ...}`` for ingest)."""
+
+    @staticmethod
+    def summary(report: dict) -> list[str]:
+        """A few human-readable lines of the report."""
+
+
+BENCHMARKS: dict[str, type[Benchmark]] = {IngestBench.name: IngestBench}
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+class Command(BaseCommand):
+    help = "Benchmark the service over HTTP and print the results as JSON (see the module docstring)."
+
+    def add_arguments(self, parser):
+        subparsers = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+        for name, bench in BENCHMARKS.items():
+            sub = subparsers.add_parser(name, help=bench.help)
+            sub.add_argument("--url", help="base URL of a running server (default: start runserver on loopback)")
+            sub.add_argument("--clients", type=int, default=64, help="concurrent clients, one user each")
+            sub.add_argument("--json", dest="json_out", type=Path, help="also write the results to this file")
+            sub.add_argument("--seed", type=int, help="seed of text selection (default: random, reported)")
+            sub.add_argument("--keep", action="store_true", help="keep the bench users (default: delete them)")
+            bench.add_arguments(sub)
+
+    def handle(self, *args, **options):
+        bench_class = BENCHMARKS[options["benchmark"]]
+        if options["clients"] <= 0:
+            raise CommandError(f"--clients must be > 0 (got {options['clients']})")
+        bench_class.validate(options)
+        if options["url"] and not health_ok(options["url"], timeout=10):
+            raise CommandError(f"--url: {options['url']} is unreachable (no 200 from {HEALTH_PATH})")
+        if options["seed"] is None:
+            options["seed"] = random.SystemRandom().randrange(2**31)
+        run_id = uuid.uuid4().hex[:8]
+        bench = bench_class(options, run_id=run_id)
+
+        # The machine may be shared: the load around the run says how far to trust the figures.
+        loadavg_start = [round(value, 2) for value in os.getloadavg()]
+        server = None
+        url = options["url"]
+        server_info: dict = {}
+        try:
+            if not url:
+                server = ServerProcess(log_path=Path(f"/tmp/memfuse-bench-{run_id}-server.log"))
+                self.stderr.write(f"starting runserver (log: {server.log_path}) ...")
+                url = server.start()
+            results = asyncio.run(self._run(bench, url, options, run_id))
+        except BenchError as exc:
+            raise CommandError(str(exc)) from None
+        finally:
+            if server is not None:
+                server_info = server.stop()
+
+        report = {
+            "benchmark": bench_class.name,
+            "config": {
+                "url": options["url"],
+                "clients": options["clients"],
+                "seed": options["seed"],
+                "keep": options["keep"],
+                "run_id": run_id,
+                **bench.config(),
+            },
+            "host": {
+                "cpu_count": os.cpu_count(),
+                "loadavg_start": loadavg_start,
+                "loadavg_end": [round(value, 2) for value in os.getloadavg()],
+            },
+            **results,
+            "server": {"url": url, "started_by_bench": server is not None, **server_info},
+        }
+        for line in bench.summary(report):
+            self.stderr.write(line)
+        host = report["host"]
+        self.stderr.write(
+            f"host: {host['cpu_count']} cores, load average (1 min) {host['loadavg_start'][0]} at start, "
+            f"{host['loadavg_end'][0]} at end"
+        )
+        text = json.dumps(report, indent=2)
+        if options["json_out"]:
+            options["json_out"].write_text(text + "\n")
+        self.stdout.write(text)
+
+    async def _run(self, bench: Benchmark, url: str, options: dict, run_id: str) -> dict:
+        clients = options["clients"]
+        connector = aiohttp.TCPConnector(limit=clients)
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+            api = Api(http, url)
+            created: list[str] = []
+            try:
+                users = await create_users(api, count=clients, run_id=run_id, created=created)
+                results = await bench.run(api, users)
+            finally:
+                cleanup_failures = 0
+                if not options["keep"]:
+                    cleanup_failures = await delete_created(api, created)
+        if cleanup_failures:
+            self.stderr.write(f"cleanup: {cleanup_failures} deletions failed")
+        return results

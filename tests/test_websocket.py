@@ -1,0 +1,353 @@
+"""The session WebSocket (``ws/v1/sessions/<id>/``): frames both ways, bad frames, the Redis layer.
+
+Through the whole ASGI application (origin check, auth middleware, router) against real
+PostgreSQL. The consumer works in other threads, so test data must be committed
+(``transaction=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+
+import channels.testing.application
+import pytest
+from channels.db import database_sync_to_async
+from channels.layers import channel_layers, get_channel_layer
+from channels.testing import WebsocketCommunicator
+from channels_redis.core import RedisChannelLayer
+from django.db import close_old_connections
+
+from buffers import consumers, events
+from buffers.services import flush_pending
+from memory import registry, services
+from memory.models import Message
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ORIGIN = [(b"origin", b"http://127.0.0.1")]  # AllowedHostsOriginValidator refuses a missing origin
+TIMEOUT = 10  # s: generous, the final stage of a query runs the embedding model
+REDIS_URL = "redis://127.0.0.1:6379"
+VALID_MESSAGE = {"role": "user", "content": "I adopted a golden retriever puppy named Biscuit."}
+
+
+@pytest.fixture(scope="session")
+def application(django_db_setup, django_db_blocker):
+    """The project's ASGI application, imported once the test database exists (it loads the model)."""
+    with django_db_blocker.unblock():
+        from memfuse_project.asgi import application
+    return application
+
+
+@pytest.fixture(autouse=True)
+def return_connections_to_the_pool(monkeypatch):
+    """The consumer's threads give back their pooled DB connections after each frame, as in serving.
+
+    channels' test communicator makes ``close_old_connections`` a no-op (for ``TestCase``
+    transactions); these tests commit, and connections kept by the consumer's threads would
+    exhaust the pool and keep the test database busy at teardown.
+    """
+    monkeypatch.setattr(channels.testing.application, "no_op", close_old_connections)
+
+
+@pytest.fixture
+async def connect(application):
+    """Opens accepted WebSockets to a session's URL; closes them after the test."""
+    opened: list[WebsocketCommunicator] = []
+
+    async def open_socket(session_id) -> WebsocketCommunicator:
+        communicator = WebsocketCommunicator(application, f"/ws/v1/sessions/{session_id}/", headers=ORIGIN)
+        connected, _ = await communicator.connect(timeout=TIMEOUT)
+        assert connected
+        opened.append(communicator)
+        return communicator
+
+    yield open_socket
+    for communicator in opened:
+        if not communicator.future.done():
+            await communicator.disconnect()
+
+
+@pytest.fixture
+async def redis_channel_layer(settings):
+    """The default channel layer is Redis for this test, under a prefix no other run uses."""
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": f"memfuse-test-{uuid.uuid4().hex[:12]}"},
+        }
+    }
+    channel_layers.backends = {}  # the cache of layer instances, built from the old setting
+    layer = get_channel_layer()
+    yield layer
+    await layer.flush()  # deletes this prefix's keys and closes the pools
+    channel_layers.backends = {}
+
+
+async def receive(communicator: WebsocketCommunicator) -> dict:
+    return await communicator.receive_json_from(timeout=TIMEOUT)
+
+
+async def add(communicator: WebsocketCommunicator, messages: list[dict], request_id="add") -> dict:
+    await communicator.send_json_to({"type": "messages.add", "messages": messages, "request_id": request_id})
+    frame = await receive(communicator)
+    assert frame["type"] == "messages.added", frame
+    return frame
+
+
+async def stored(session) -> list[Message]:
+    return [m async for m in Message.objects.filter(session=session).order_by("position")]
+
+
+# --- connection ----------------------------------------------------------------------------------
+
+
+async def test_connect_joins_the_session_group_and_disconnect_leaves_it(connect, alice_session):
+    """A real session's socket is accepted without a frame, in the session's group until it closes."""
+    communicator = await connect(alice_session.pk)
+    layer = get_channel_layer()
+    group = events.session_group(alice_session.pk)
+
+    assert await communicator.receive_nothing()
+    assert len(layer.groups.get(group, {})) == 1
+
+    await communicator.disconnect()
+    assert layer.groups.get(group, {}) == {}
+
+
+@pytest.mark.parametrize("session_id", [uuid.UUID(int=1), "not-a-uuid"], ids=["unknown-uuid", "not-a-uuid"])
+async def test_unknown_session_gets_404_frame_then_close_4404(connect, session_id):
+    """An unknown or malformed session id is answered with a 404 error frame naming session_id, then close 4404."""
+    communicator = await connect(session_id)
+
+    frame = await receive(communicator)
+
+    assert frame["type"] == "error" and frame["request_id"] is None
+    assert frame["error"]["code"] == 404
+    assert str(session_id) in frame["error"]["message"]
+    assert [e["field"] for e in frame["error"]["errors"]] == ["session_id"]
+    assert await communicator.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4404}
+
+
+async def test_authorize_refusal_gets_403_frame_then_close_4403(connect, alice_session, monkeypatch):
+    """authorize() gets the middleware's principal and the session; False means a 403 frame and close 4403."""
+    calls = []
+
+    def refuse(consumer, principal, session):
+        calls.append((principal, session.pk))
+        return False
+
+    monkeypatch.setattr(consumers.SessionConsumer, "authorize", refuse)
+    communicator = await connect(alice_session.pk)
+
+    frame = await receive(communicator)
+
+    assert frame["error"]["code"] == 403
+    assert await communicator.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4403}
+    assert calls == [({"kind": "anonymous", "token_present": False}, alice_session.pk)]
+    assert len(get_channel_layer().groups.get(events.session_group(alice_session.pk), {})) == 0
+
+
+# --- messages.add --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("request_id", ["add-1", 0, "r" * 128], ids=["string", "zero", "128-chars"])
+async def test_messages_add_acknowledges_with_request_id_and_stores_rows(connect, alice_session, request_id):
+    """messages.add answers messages.added echoing request_id, with the ids of rows already stored."""
+    communicator = await connect(alice_session.pk)
+    batch = [VALID_MESSAGE, {"role": "assistant", "content": "Biscuit is a lovely name.", "name": "Max"}]
+
+    frame = await add(communicator, batch, request_id=request_id)
+
+    rows = await stored(alice_session)
+    assert frame == {
+        "type": "messages.added",
+        "request_id": request_id,
+        "message_ids": [str(r.pk) for r in rows],
+        "pending_messages": 2,
+    }
+    assert [(r.role, r.content, r.position) for r in rows] == [
+        ("user", VALID_MESSAGE["content"], 0),
+        ("assistant", "Biscuit is a lovely name.", 1),
+    ]
+    assert rows[1].metadata == {"speaker": "Max"}
+    assert all(r.flushed_at is None for r in rows)
+
+
+# --- memory.query --------------------------------------------------------------------------------
+
+
+async def test_memory_query_streams_partial_then_final_before_any_flush(connect, alice_session, bob_messages):
+    """A query right after an add finds the pending message: a partial frame, then a final one, both echoing request_id."""
+    communicator = await connect(alice_session.pk)
+    added = await add(communicator, [VALID_MESSAGE, {"role": "user", "content": "My sister lives in Lisbon."}])
+    biscuit_id = added["message_ids"][0]
+
+    await communicator.send_json_to({"type": "memory.query", "query": "my golden retriever Biscuit", "top_k": 3, "request_id": 42})
+    partial = await receive(communicator)
+    final = await receive(communicator)
+
+    assert (partial["type"], partial["stage"], partial["final"]) == ("memory.results", "partial", False)
+    assert (final["type"], final["stage"], final["final"]) == ("memory.results", "final", True)
+    bob_ids = {str(m.pk) for m in bob_messages}
+    for frame in (partial, final):
+        assert frame["request_id"] == 42
+        assert frame["total"] == len(frame["results"]) <= 3
+        assert not bob_ids & {r["id"] for r in frame["results"]}  # only alice's memory
+        assert frame["results"][0]["id"] == biscuit_id
+    top = final["results"][0]
+    assert top["metadata"]["flushed"] is False
+    assert top["metadata"]["scope"] == "in_session"
+    assert set(top["metadata"]["retrievers"]) == {"bm25", "vector"}
+
+
+async def test_each_query_sees_the_messages_added_since_the_last_one(connect, alice_session):
+    """A query reads the user's current memory_version, so the BM25 cache never hides a later add."""
+    communicator = await connect(alice_session.pk)
+    await add(communicator, [VALID_MESSAGE])
+    await communicator.send_json_to({"type": "memory.query", "query": "Lisbon architect"})
+    for _stage in ("partial", "final"):
+        await receive(communicator)
+
+    lisbon_id = (await add(communicator, [{"role": "user", "content": "My sister is an architect in Lisbon."}]))["message_ids"][0]
+    await communicator.send_json_to({"type": "memory.query", "query": "Lisbon architect"})
+    partial = await receive(communicator)
+    final = await receive(communicator)
+
+    assert partial["results"][0]["id"] == lisbon_id
+    assert final["results"][0]["id"] == lisbon_id
+
+
+async def test_partial_frame_leaves_before_the_query_is_embedded(connect, alice_session, monkeypatch):
+    """The partial frame is sent while the final stage still waits for the model, which runs off the event loop."""
+    released = threading.Event()
+    released_in_time = []
+    embed = registry.embed
+
+    def embed_when_released(texts, **kwargs):
+        released_in_time.append(released.wait(timeout=5))
+        return embed(texts, **kwargs)
+
+    communicator = await connect(alice_session.pk)
+    await add(communicator, [VALID_MESSAGE])
+    monkeypatch.setattr(registry, "embed", embed_when_released)
+
+    await communicator.send_json_to({"type": "memory.query", "query": "Biscuit", "request_id": "q"})
+    partial = await receive(communicator)
+    released.set()
+    final = await receive(communicator)
+
+    assert (partial["stage"], final["stage"]) == ("partial", "final")
+    assert released_in_time and all(released_in_time)  # the query, and pending messages not embedded yet
+
+
+# --- flush.completed -----------------------------------------------------------------------------
+
+
+async def test_flush_completed_is_pushed_after_a_flush(connect, alice, alice_session):
+    """When flush_pending writes the session's messages, the client gets flush.completed with their ids."""
+    communicator = await connect(alice_session.pk)
+    added = await add(communicator, [VALID_MESSAGE, {"role": "assistant", "content": "Congratulations!"}])
+
+    assert await database_sync_to_async(flush_pending)(user_id=alice.pk) == 2
+    frame = await receive(communicator)
+
+    assert frame["type"] == "flush.completed"
+    assert frame["session_id"] == str(alice_session.pk)
+    assert sorted(frame["message_ids"]) == sorted(added["message_ids"])  # in no particular order
+
+
+async def test_flush_completed_reaches_the_client_through_redis(redis_channel_layer, connect, alice, alice_session):
+    """With the Redis channel layer, flush.completed from the flush's thread reaches the client through Redis."""
+    assert isinstance(redis_channel_layer, RedisChannelLayer)
+    communicator = await connect(alice_session.pk)
+    added = await add(communicator, [VALID_MESSAGE])
+
+    assert await database_sync_to_async(flush_pending)(user_id=alice.pk) == 1
+    frame = await receive(communicator)
+
+    assert frame["type"] == "flush.completed"
+    assert frame["session_id"] == str(alice_session.pk)
+    assert sorted(frame["message_ids"]) == sorted(added["message_ids"])  # in no particular order
+
+
+# --- bad frames ----------------------------------------------------------------------------------
+
+BAD_FRAMES = [
+    # (id, frame: text, bytes or a JSON object, the field errors name, the request_id echoed)
+    ("invalid-json", '{"type": "messages.add", "messages": [', None, None),
+    ("empty-text", "", None, None),
+    ("nested-too-deep", "[" * 100_000 + "]" * 100_000, None, None),
+    ("binary", json.dumps({"type": "messages.add", "messages": [VALID_MESSAGE]}).encode(), None, None),
+    ("not-an-object", json.dumps([{"type": "messages.add", "messages": [VALID_MESSAGE]}]), None, None),
+    ("missing-type", {"messages": [VALID_MESSAGE], "request_id": "r-1"}, "type", "r-1"),
+    ("unknown-type", {"type": "messages.delete", "request_id": 7}, "type", 7),
+    ("server-event-type", {"type": "flush.completed", "session_id": "x", "message_ids": []}, "type", None),
+    ("type-not-a-string", {"type": ["messages.add"], "messages": [VALID_MESSAGE]}, "type", None),
+    ("request-id-too-long", {"type": "messages.add", "messages": [VALID_MESSAGE], "request_id": "r" * 129}, "request_id", None),
+    ("request-id-float", {"type": "messages.add", "messages": [VALID_MESSAGE], "request_id": 1.5}, "request_id", None),
+    ("request-id-bool", {"type": "messages.add", "messages": [VALID_MESSAGE], "request_id": True}, "request_id", None),
+    ("request-id-object", {"type": "messages.add", "messages": [VALID_MESSAGE], "request_id": {"a": 1}}, "request_id", None),
+    ("bad-role-late-in-batch", {"type": "messages.add", "messages": [VALID_MESSAGE, {"role": "robot", "content": "x"}], "request_id": "r-2"}, "messages[1].role", "r-2"),
+    ("content-not-a-string", {"type": "messages.add", "messages": [{"role": "user", "content": 5}]}, "messages[0].content", None),
+    ("messages-missing", {"type": "messages.add", "request_id": "r-3"}, "messages", "r-3"),
+    ("messages-empty", {"type": "messages.add", "messages": []}, "messages", None),
+    ("messages-not-a-list", {"type": "messages.add", "messages": VALID_MESSAGE}, "messages", None),
+    ("query-missing", {"type": "memory.query", "request_id": "q-1"}, "query", "q-1"),
+    ("query-not-a-string", {"type": "memory.query", "query": ["dog"]}, "query", None),
+    ("top-k-string", {"type": "memory.query", "query": "dog", "top_k": "5"}, "top_k", None),
+    ("top-k-zero", {"type": "memory.query", "query": "dog", "top_k": 0}, "top_k", None),
+    ("top-k-too-big", {"type": "memory.query", "query": "dog", "top_k": 101}, "top_k", None),
+    ("agent-id-not-a-uuid", {"type": "memory.query", "query": "dog", "agent_id": "nope"}, "agent_id", None),
+]
+
+
+@pytest.mark.parametrize(("frame", "field", "request_id"), [case[1:] for case in BAD_FRAMES], ids=[case[0] for case in BAD_FRAMES])
+async def test_bad_frame_gets_400_naming_the_problem_and_the_connection_stays_open(
+    connect, alice_session, frame, field, request_id
+):
+    """A bad frame gets a 400 error frame naming the field, writes nothing, and the next valid frame is answered."""
+    communicator = await connect(alice_session.pk)
+
+    if isinstance(frame, bytes):
+        await communicator.send_input({"type": "websocket.receive", "bytes": frame})
+    elif isinstance(frame, str):  # send_to() refuses the empty text frame
+        await communicator.send_input({"type": "websocket.receive", "text": frame})
+    else:
+        await communicator.send_json_to(frame)
+    error = await receive(communicator)
+
+    assert error["type"] == "error"
+    assert error["request_id"] == request_id
+    assert error["error"]["code"] == 400
+    assert error["error"]["message"]
+    assert field in [e["field"] for e in error["error"]["errors"]], error
+    assert await stored(alice_session) == []
+
+    ack = await add(communicator, [VALID_MESSAGE], request_id=1)
+    assert ack["request_id"] == 1
+    assert [str(m.pk) for m in await stored(alice_session)] == ack["message_ids"]
+
+
+async def test_unexpected_error_gets_500_frame_and_the_connection_stays_open(connect, alice_session, monkeypatch, caplog):
+    """A server error while handling a frame is logged and answered with a 500 error frame; later frames still work."""
+
+    def broken_messages_add(**kwargs):
+        raise RuntimeError("disk on fire")
+
+    communicator = await connect(alice_session.pk)
+
+    with monkeypatch.context() as patch, caplog.at_level(logging.ERROR, logger="buffers.consumers"):
+        patch.setattr(services, "messages_add", broken_messages_add)
+        await communicator.send_json_to({"type": "messages.add", "messages": [VALID_MESSAGE], "request_id": "boom"})
+        error = await receive(communicator)
+
+    assert error["request_id"] == "boom"
+    assert error["error"]["code"] == 500
+    assert "disk on fire" not in json.dumps(error)  # details go to the log, not to the client
+    assert any(record.exc_info and "disk on fire" in str(record.exc_info[1]) for record in caplog.records)
+
+    ack = await add(communicator, [VALID_MESSAGE], request_id="after")
+    assert ack["request_id"] == "after"
