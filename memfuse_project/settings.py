@@ -169,6 +169,10 @@ MEMFUSE = {
     "BM25_WEIGHT": envfloat("BM25_WEIGHT", 3.0),
     "VECTOR_WEIGHT": envfloat("VECTOR_WEIGHT", 1.0),
     "CANDIDATES_PER_RETRIEVER": envint("CANDIDATES_PER_RETRIEVER", 100),
+    # BM25 indexes each message with this many neighbouring turns either side (0: alone),
+    # its own words counted BM25_OWN_WEIGHT times (docs/retrieval.md has the measurements).
+    "BM25_CONTEXT_TURNS": envint("BM25_CONTEXT_TURNS", 2),
+    "BM25_OWN_WEIGHT": envint("BM25_OWN_WEIGHT", 2),
 }
 
 # --- Write-behind buffers (the buffers app) ---------------------------------------------------

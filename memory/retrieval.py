@@ -6,7 +6,9 @@ Two retrievers rank the user's documents (messages and knowledge items):
   2009) with Lucene's idf, ``log(1 + (N - n + 0.5) / (n + 0.5))`` (the ``bm25s`` library,
   ``method="lucene"``, k1 = 1.5, b = 0.75). Okapi's original idf is zero or negative for a term
   in half the documents or more, which on a user's small corpus silences common but
-  relevant words. It runs over PostgreSQL's English analysis of each
+  relevant words. Each message is indexed with its neighbouring turns
+  (``context_documents``: ``BM25_CONTEXT_TURNS`` either side, its own words counted
+  ``BM25_OWN_WEIGHT`` times) and returned alone. It runs over PostgreSQL's English analysis of each
   document: the lexemes of its generated ``search_vector`` column (Snowball stemming,
   stop words removed) and of ``to_tsvector('english', query)``. PostgreSQL's own ``ts_rank``
   is not BM25: it has no inverse document frequency, which is what makes rare words (names,
@@ -114,17 +116,47 @@ class BM25Index:
         return results
 
 
+def context_documents(tokens: list[list[str]], sessions: list, *, window: int, own_weight: int) -> list[list[str]]:
+    """BM25 documents of turns in conversation order: each turn with its neighbours' words.
+
+    Document i is turn i's tokens repeated ``own_weight`` times plus the tokens of the turns
+    at most ``window`` positions before and after it in the same session. A turn often
+    answers or is answered by its neighbours ("Which trail?" / "The one by the lake"), so a
+    question's words may sit next to the turn that holds the fact. The turn itself is still
+    what is returned; counting its own words more keeps it ahead of its neighbours.
+    ``tokens`` and ``sessions`` are parallel lists in (session, position) order.
+    """
+    documents = []
+    for i, own in enumerate(tokens):
+        document = list(own) * own_weight
+        for j in range(max(0, i - window), min(len(tokens), i + window + 1)):
+            if j != i and sessions[j] == sessions[i]:
+                document.extend(tokens[j])
+        documents.append(document)
+    return documents
+
+
 def _load_bm25_index(user_id: uuid.UUID, version: int) -> BM25Index:
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT 'message', id, session_id, search_vector::text FROM memory_message WHERE user_id = %s "
-            "UNION ALL SELECT 'knowledge', id, NULL, search_vector::text FROM memory_knowledge WHERE user_id = %s",
-            [user_id, user_id],
+            "ORDER BY session_id, position",
+            [user_id],
         )
         rows = cursor.fetchall()
+        cursor.execute("SELECT 'knowledge', id, NULL, search_vector::text FROM memory_knowledge WHERE user_id = %s", [user_id])
+        knowledge = cursor.fetchall()
+    config = settings.MEMFUSE
+    messages = context_documents(
+        [tsvector_tokens(text) for _, _, _, text in rows],
+        [session_id for _, _, session_id, _ in rows],
+        window=config["BM25_CONTEXT_TURNS"],
+        own_weight=config["BM25_OWN_WEIGHT"],
+    )
+    rows += knowledge
     keys = [DocKey(kind, doc_id) for kind, doc_id, _, _ in rows]
     sessions = [session_id for _, _, session_id, _ in rows]
-    corpus = [tsvector_tokens(text) for _, _, _, text in rows]
+    corpus = messages + [tsvector_tokens(text) for _, _, _, text in knowledge]
     bm25 = None
     if any(corpus):  # an all-empty corpus has no vocabulary to index
         bm25 = bm25s.BM25(method="lucene")

@@ -1,0 +1,93 @@
+"""Retrieval stages: tsvector tokens, neighbouring-turn context for BM25, weighted RRF."""
+
+from __future__ import annotations
+
+import uuid
+
+from memory import retrieval, selectors, services
+from memory.retrieval import DocKey, context_documents, rrf_fuse, tsvector_tokens
+from memory.services import MessageIn
+
+
+def test_tsvector_tokens_repeat_each_lexeme_per_position():
+    """A tsvector's text form becomes its lexemes, once per position, quotes unescaped."""
+    assert tsvector_tokens("'group':6,9 'it''s':2 'support':5") == ["group", "group", "it's", "support"]
+    assert tsvector_tokens("") == []
+
+
+def test_context_documents_add_neighbours_of_the_same_session_only():
+    """A turn's document holds its own words (weighted) and its neighbours' within the session."""
+    tokens = [["a"], ["b"], ["c"], ["d"]]
+    sessions = ["s1", "s1", "s1", "s2"]
+
+    documents = context_documents(tokens, sessions, window=1, own_weight=2)
+
+    assert documents == [["a", "a", "b"], ["b", "b", "a", "c"], ["c", "c", "b"], ["d", "d"]]
+    assert context_documents(tokens, sessions, window=0, own_weight=1) == tokens
+
+
+def test_rrf_weights_order_the_fusion():
+    """With a heavier weight, a retriever's first hit wins the fused ranking; ranks are reported."""
+    a, b = DocKey("message", uuid.uuid4()), DocKey("message", uuid.uuid4())
+    lists = {"bm25": [(a, 9.0), (b, 1.0)], "vector": [(b, 0.9), (a, 0.1)]}
+
+    fused = rrf_fuse(lists, {"bm25": 3.0, "vector": 1.0}, k=60)
+
+    assert [key for key, _, _ in fused] == [a, b]
+    assert fused[0][2] == {"bm25": {"rank": 1, "score": 9.0}, "vector": {"rank": 2, "score": 0.1}}
+    assert [key for key, _, _ in rrf_fuse(lists, {"bm25": 1.0, "vector": 3.0}, k=60)] == [b, a]
+
+
+def _trail_conversation(alice_session):
+    return services.messages_add(
+        session=alice_session,
+        messages=[
+            MessageIn(role="user", content="Which hiking trail did you pick in Patagonia?"),
+            MessageIn(role="assistant", content="The one along the glacier, it took three days."),
+            MessageIn(role="user", content="I baked bread this morning."),
+        ],
+    )
+
+
+def test_bm25_finds_a_turn_through_its_neighbours_words(alice_session, settings):
+    """BM25 ranks the answer turn for a question whose words are only in the turn before it."""
+    settings.MEMFUSE = {**settings.MEMFUSE, "BM25_CONTEXT_TURNS": 2}
+    _, answer, _ = _trail_conversation(alice_session)
+    alice = alice_session.user
+    alice.refresh_from_db()
+
+    hits = retrieval.hybrid_search(
+        user_id=alice.pk, memory_version=alice.memory_version, query="Patagonia hiking trail", top_k=3,
+        config=retrieval.RetrievalConfig.from_settings(vector_weight=0.0),
+    )
+
+    assert DocKey("message", answer.pk) in [key for key, _, _ in hits]
+
+
+def test_without_context_bm25_sees_only_the_turns_own_words(alice_session, settings):
+    """With BM25_CONTEXT_TURNS=0 the answer turn has none of the question's words and is not found."""
+    settings.MEMFUSE = {**settings.MEMFUSE, "BM25_CONTEXT_TURNS": 0}
+    retrieval._cache = None  # a fresh per-user index under the new setting
+    _, answer, _ = _trail_conversation(alice_session)
+    alice = alice_session.user
+    alice.refresh_from_db()
+
+    hits = retrieval.hybrid_search(
+        user_id=alice.pk, memory_version=alice.memory_version, query="Patagonia hiking trail", top_k=3,
+        config=retrieval.RetrievalConfig.from_settings(vector_weight=0.0),
+    )
+
+    assert DocKey("message", answer.pk) not in [key for key, _, _ in hits]
+
+
+def test_query_stages_stream_bm25_then_the_fused_ranking(alice_session):
+    """memory_query_stages yields a BM25-only 'partial' stage, then the 'final' fused one."""
+    _trail_conversation(alice_session)
+    alice = alice_session.user
+    alice.refresh_from_db()
+
+    stages = list(selectors.memory_query_stages(user=alice, query="glacier trail", top_k=2))
+
+    assert [stage for stage, _ in stages] == ["partial", "final"]
+    assert all(set(r["metadata"]["retrievers"]) == {"bm25"} for r in stages[0][1])
+    assert any("vector" in r["metadata"]["retrievers"] for r in stages[1][1])
