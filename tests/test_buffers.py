@@ -96,9 +96,11 @@ def test_manual_flush_upgrades_a_waiting_size_job(alice_session):
 
 
 def test_flush_endpoint_rejects_bad_input(api, alice_session):
-    """Unknown ids answer 404 and a non-boolean 'wait' answers 400 naming it; no job is queued."""
+    """Unknown ids (flush, buffer) answer 404 and a non-boolean 'wait' 400 naming it; no job is queued."""
     response = api.post("/api/v1/users/00000000-0000-0000-0000-000000000000/flush", {}, format="json")
     assert response.status_code == 404
+    response = api.get("/api/v1/users/not-a-uuid/buffer")
+    assert response.status_code == 404 and response.json()["errors"][0]["field"] == "user_id"
     response = api.post(f"/api/v1/sessions/{alice_session.pk}/flush", {"wait": "soon"}, format="json")
     assert response.status_code == 400 and response.json()["errors"][0]["field"] == "wait"
     assert not FlushJob.objects.exists()

@@ -1,0 +1,94 @@
+"""Management commands: locomo_eval end to end on a small file, and bad input to both commands."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from memory.models import Message, User
+
+
+def locomo_file(tmp_path):
+    """A two-session LoCoMo-format conversation: 5 turns, one image, 3 questions (one category 5)."""
+    conversation = {
+        "speaker_a": "Ann",
+        "speaker_b": "Ben",
+        "session_1_date_time": "1:56 pm on 8 May, 2023",
+        "session_1": [
+            {"speaker": "Ann", "dia_id": "D1:1", "text": "I adopted a cat named Miso last week."},
+            {"speaker": "Ben", "dia_id": "D1:2", "text": "Cute! What colour is she?"},
+            {"speaker": "Ann", "dia_id": "D1:3", "text": "She is orange with white paws.",
+             "blip_caption": "a photo of an orange kitten on a sofa", "img_url": ["x"], "query": "kitten"},
+        ],
+        "session_2_date_time": "10:00 am on 20 May, 2023",
+        "session_2": [
+            {"speaker": "Ben", "dia_id": "D2:1", "text": "I started learning the violin."},
+            {"speaker": "Ann", "dia_id": "D2:2", "text": "That is a hard instrument, good luck!"},
+        ],
+        "session_3_date_time": "9:00 am on 1 June, 2023",  # a date without turns
+    }
+    qa = [
+        {"question": "What is the name of Ann's cat?", "answer": "Miso", "evidence": ["D1:1"], "category": 4},
+        {"question": "Which instrument is Ben learning?", "answer": "violin", "evidence": ["D2:1; D9:9"], "category": 1},
+        {"question": "What is Ann's dog called?", "adversarial_answer": "Rex", "evidence": ["D1:1"], "category": 5},
+    ]
+    path = tmp_path / "locomo.json"
+    path.write_text(json.dumps([{"sample_id": "conv-t", "conversation": conversation, "qa": qa}]))
+    return path
+
+
+@pytest.mark.django_db(transaction=True)
+def test_locomo_eval_reports_recall_and_cleans_up(tmp_path):
+    """locomo_eval ingests every turn, asks the non-adversarial questions, reports recall, deletes its users."""
+    out = tmp_path / "out.json"
+
+    call_command("locomo_eval", str(locomo_file(tmp_path)), json_out=out)
+
+    report = json.loads(out.read_text())
+    assert report["n_questions"] == 2  # category 5 skipped; D9:9 names no turn and is dropped
+    assert set(report["recall"]["by_category"]) == {"1", "4"}
+    assert report["recall"]["overall"]["5"] == 100.0  # 5 turns: every evidence turn is in the top 5
+    assert report["ingest"]["messages"] == 5
+    assert set(report["query_ms"]) == {"p50", "p95"}
+    assert not User.objects.filter(name__startswith="locomo-conv-t").exists()
+    assert not Message.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_locomo_eval_keep_stores_turns_with_speaker_date_and_caption(tmp_path):
+    """With --keep the turns stay: speaker and caption in metadata, timestamps from the session date."""
+    call_command("locomo_eval", str(locomo_file(tmp_path)), keep=True)
+
+    image_turn = Message.objects.get(metadata__locomo_dia_id="D1:3")
+    assert image_turn.metadata["speaker"] == "Ann" and image_turn.role == "user"
+    assert image_turn.metadata["image_caption"] == "a photo of an orange kitten on a sofa"
+    assert "kitten" not in image_turn.content and "orange kitten" in image_turn.index_text
+    assert (image_turn.created_at.year, image_turn.created_at.month, image_turn.created_at.day) == (2023, 5, 8)
+    assert Message.objects.get(metadata__locomo_dia_id="D2:1").role == "assistant"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "path: no such file"), ("not json", "path: cannot read"), ('{"a": 1}', "path: expected a JSON list")],
+)
+def test_locomo_eval_rejects_bad_files(tmp_path, db, content, message):
+    """A missing, unreadable or wrongly shaped file is a command error naming 'path'; nothing is stored."""
+    path = tmp_path / "data.json"
+    if content is not None:
+        path.write_text(content)
+
+    with pytest.raises(CommandError, match=message):
+        call_command("locomo_eval", str(path))
+    assert not User.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [(["--rate", "0"], "--rate"), (["--duration", "-1"], "--duration"), (["--burst", "1"], "--burst"), (["--clients", "0"], "--clients")],
+)
+def test_memfuse_bench_rejects_bad_options(args, option):
+    """Bad benchmark options are command errors naming the option, before any server starts."""
+    with pytest.raises(CommandError, match=option):
+        call_command("memfuse_bench", "ingest", *args)
