@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from pgvector import Vector
 
@@ -289,8 +289,6 @@ def _job_failed(job: FlushJob, exc: Exception) -> None:
 
 def _requeue(job: FlushJob, *, state: str, error: str, delay: float = 0.0) -> None:
     """Put a job back in the queue; if another user-wide job already waits, fold into it."""
-    from django.db import IntegrityError
-
     try:
         with transaction.atomic():
             FlushJob.objects.filter(pk=job.pk).update(
@@ -385,11 +383,6 @@ def wait_for_job(*, job_id: int, timeout: float) -> FlushJob:
     while time.monotonic() < deadline and job_active(job_id=job_id):
         time.sleep(0.05)
     return FlushJob.objects.get(pk=job_id)
-
-
-def flush_now(*, user_id: uuid.UUID, session_id: uuid.UUID | None = None) -> int:
-    """Flush in this thread, bypassing the queue (``locomo_eval``, tests); returns how many."""
-    return flush_pending(user_id=user_id, session_id=session_id)
 
 
 def buffer_status(*, user_id: uuid.UUID) -> dict:

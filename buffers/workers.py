@@ -188,10 +188,6 @@ def _exit_on_sigterm(signum, frame) -> None:
     sys.exit(0)
 
 
-def local_pool() -> FlushWorkerPool | None:
-    return _pool
-
-
 def _drain_at_exit() -> None:
     pool = _pool
     if pool is None:

@@ -25,7 +25,7 @@ def test_list_pages_render(staff_client, alice_messages, model):
 
 def test_message_list_shows_flushed_state_and_no_vector(staff_client, alice_messages):
     """The message list says whether each message is flushed and never prints an embedding."""
-    buffers.flush_now(user_id=alice_messages[0].user_id)
+    buffers.flush_pending(user_id=alice_messages[0].user_id)
     page = staff_client.get("/admin/memory/message/").content.decode()
     assert "Biscuit" in page and "icon-yes" in page
     assert "embedding" not in page.lower().split("<table")[1]

@@ -111,7 +111,7 @@ def test_buffer_endpoint_reports_pending_messages(api, alice_session):
     add(alice_session, 3)
     assert assert_success(api.get(f"/api/v1/users/{alice_session.user_id}/buffer"))["pending_messages"] == 3
 
-    buffers.flush_now(user_id=alice_session.user_id)
+    buffers.flush_pending(user_id=alice_session.user_id)
     assert assert_success(api.get(f"/api/v1/users/{alice_session.user_id}/buffer"))["pending_messages"] == 0
 
 
@@ -265,7 +265,7 @@ def test_query_right_after_add_finds_the_message_with_its_flushed_score(alice_se
     alice.refresh_from_db()
 
     before = selectors.memory_query(user=alice, query="What boat did I buy?", top_k=3)
-    buffers.flush_now(user_id=alice.pk)
+    buffers.flush_pending(user_id=alice.pk)
     alice.refresh_from_db()
     after = selectors.memory_query(user=alice, query="What boat did I buy?", top_k=3)
 
