@@ -112,9 +112,18 @@ def note_pending(*, user_id: uuid.UUID) -> PendingSummary:
     Returns the user's pending summary, which the add's answer reports.
     """
     summary = pending_summary(user_id=user_id)
+    apply_size_trigger(user_id=user_id, summary=summary)
+    return summary
+
+
+def apply_size_trigger(*, user_id: uuid.UUID, summary: PendingSummary) -> None:
+    """Queue a size-triggered (normal priority) flush when ``summary`` is over a threshold.
+
+    Called after a write, in its transaction or just after it commits: should the process die
+    in between, the periodic time trigger still flushes the messages (they are rows).
+    """
     if size_trigger_reached(summary):
         request_flush(user_id=user_id, priority=Priority.NORMAL, reason=Reason.SIZE)
-    return summary
 
 
 def _claim(*, user_id: uuid.UUID, session_id: uuid.UUID | None, token: uuid.UUID, limit: int) -> list[tuple]:

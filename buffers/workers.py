@@ -23,6 +23,7 @@ from django.db import close_old_connections
 
 from buffers import events, services
 from buffers.models import FlushJob, State
+from memory import registry
 
 logger = logging.getLogger(__name__)
 
@@ -176,12 +177,21 @@ def start_pool() -> FlushWorkerPool:
 
             _pool = FlushWorkerPool(workers=settings.BUFFERS["WORKERS"])
             _pool.start()
+            # Load the background model now, beside serving, not at the first flush.
+            threading.Thread(target=_start_background_embedder, name="background-embedder-start", daemon=True).start()
             atexit.register(_drain_at_exit)
             if threading.current_thread() is threading.main_thread():
                 # A plain SIGTERM would end the process without running atexit (runworker);
                 # an exit lets the drain run. ASGI servers install their own graceful handler.
                 signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return _pool
+
+
+def _start_background_embedder() -> None:
+    try:
+        registry.start_background_embedder()
+    except Exception:  # the first flush tries again, and its failure is retried with backoff
+        logger.exception("could not start the background embedding model")
 
 
 def _exit_on_sigterm(signum, frame) -> None:

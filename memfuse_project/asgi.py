@@ -8,6 +8,7 @@ is migrated, and the flush workers start where this process runs them.
 import os
 
 from django.core.asgi import get_asgi_application
+from django.core.handlers.asgi import ASGIHandler
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "memfuse_project.settings")
 
@@ -32,6 +33,50 @@ registry.get_embedder()
 workers.start_if_serving()
 
 
+class APIHandler(ASGIHandler):
+    """Django's ASGI handler with the API's middleware (``settings.API_MIDDLEWARE``) only.
+
+    Django runs every sync middleware of an ASGI request through ``sync_to_async``: two thread
+    hand-offs per middleware, on a thread created for each request. With the seven
+    middlewares the admin needs, a health check cost ~5 ms of CPU, and under load each
+    hand-off waits for the GIL behind the embedding thread. The REST API needs none of them
+    (no sessions, cookies, CSRF or messages: it authenticates every request itself), so
+    ``/api/`` gets a handler built with its own, shorter list.
+
+    It also serves without asgiref's ``ThreadSensitiveContext``, which starts (and stops) a
+    thread for every request to run its thread-sensitive calls. With no middleware left,
+    those are only the request_started/finished signal receivers (``close_old_connections``,
+    ``reset_queries``), which then run on asgiref's one shared thread; the views themselves
+    run in the thread pool (``memory.api.base.ConcurrentAPIView``) and return their
+    connections to the pool there.
+    """
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            raise ValueError(f"APIHandler serves HTTP only, not {scope['type']}")
+        await self.handle(scope, receive, send)
+
+    def load_middleware(self, is_async=False):
+        # BaseHandler.load_middleware reads settings.MIDDLEWARE; swap the list in for the build.
+        full = settings.MIDDLEWARE
+        settings.MIDDLEWARE = settings.API_MIDDLEWARE
+        try:
+            super().load_middleware(is_async=is_async)
+        finally:
+            settings.MIDDLEWARE = full
+
+
+class PathPrefixRouter:
+    """Sends HTTP requests whose path starts with ``prefix`` to ``matched``, others to ``default``."""
+
+    def __init__(self, prefix: str, matched, default):
+        self.prefix, self.matched, self.default = prefix, matched, default
+
+    async def __call__(self, scope, receive, send):
+        app = self.matched if scope["path"].startswith(self.prefix) else self.default
+        return await app(scope, receive, send)
+
+
 class ServerLoopRegistration:
     """Remembers the server's event loop on the first connection (see ``buffers.events``)."""
 
@@ -46,7 +91,7 @@ class ServerLoopRegistration:
 application = ServerLoopRegistration(
     ProtocolTypeRouter(
         {
-            "http": django_asgi_app,
+            "http": PathPrefixRouter("/api/", APIHandler(), django_asgi_app),
             "websocket": AllowedHostsOriginValidator(WebSocketAuthMiddleware(URLRouter(websocket_urlpatterns))),
             "channel": ChannelNameRouter({settings.BUFFERS["CHANNEL"]: FlushConsumer.as_asgi()}),
         }

@@ -67,6 +67,10 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
+# The REST API's requests (``/api/`` under ASGI, see ``memfuse_project.asgi.APIHandler``) skip
+# the middlewares above: it keeps no sessions or cookies and authenticates every request.
+API_MIDDLEWARE: list[str] = []
+
 ROOT_URLCONF = "memfuse_project.urls"
 WSGI_APPLICATION = "memfuse_project.wsgi.application"
 ASGI_APPLICATION = "memfuse_project.asgi.application"
@@ -152,8 +156,11 @@ MEMFUSE = {
     "EMBEDDING_BATCH_SIZE": envint("EMBEDDING_BATCH_SIZE", 64),
     # Most texts one model call takes from the requests of many callers (EmbeddingBatcher).
     "EMBEDDING_MAX_BATCH_TEXTS": envint("EMBEDDING_MAX_BATCH_TEXTS", 256),
-    # Niceness of the embedding thread (0: same as requests). Requests preempt inference.
-    "EMBEDDING_NICE": envint("EMBEDDING_NICE", 10),
+    # Where flushes embed: "process" (a child process with its own model, niced: requests
+    # never wait behind flush inference for a core or the GIL) or "thread" (the process's model).
+    "BACKGROUND_EMBEDDING": envstr("BACKGROUND_EMBEDDING", "process"),
+    # Niceness of background (flush) inference (0: same as requests). Requests preempt it.
+    "EMBEDDING_NICE": envint("EMBEDDING_NICE", 19),
     # torch intra-op threads. Inference is serialised by a lock, so one call may use every
     # core; more threads than cores made one encode take 480 ms instead of 10 ms.
     "TORCH_THREADS": envint("TORCH_THREADS", os.cpu_count() or 1),

@@ -62,3 +62,18 @@ def check_pgvector(app_configs=None, databases=None, **kwargs) -> list[Error]:
             )
         )
     return errors
+
+
+@register()
+def check_background_embedding(app_configs, **kwargs):
+    """memory.E003: BACKGROUND_EMBEDDING must name a known mode."""
+    mode = settings.MEMFUSE["BACKGROUND_EMBEDDING"]
+    if mode in ("process", "thread"):
+        return []
+    return [
+        Error(
+            f"BACKGROUND_EMBEDDING is {mode!r}; it must be 'process' or 'thread'.",
+            hint="Unset it for the default ('process': flush inference in a niced child process).",
+            id="memory.E003",
+        )
+    ]

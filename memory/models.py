@@ -61,6 +61,9 @@ class Session(Named):
 
     user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="sessions")
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="sessions")
+    # Position of the session's next message: an add takes its positions by incrementing this
+    # counter in the statement that inserts the messages (``memory.services.messages_add``).
+    next_position = models.PositiveIntegerField(default=0, editable=False)
 
     class Meta(Named.Meta):
         # Names are unique per user: the memfuse client finds a session by (name, user_id).

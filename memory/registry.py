@@ -133,6 +133,127 @@ class Embedder:
         return vectors.astype(np.float32, copy=False)
 
 
+def _serve_embeddings(path: str, batch_size: int, threads: int, nice: int, conn) -> None:
+    """Main of the background inference process (see ``ProcessEmbedder``).
+
+    Loads the model, answers ``("ready", dimension, load_seconds)``, then for each list of
+    texts received answers ``("ok", (n, dim) float32 array)`` or ``("error", message)``.
+    Exits when the parent's end of the pipe closes (the parent exited, even by SIGKILL).
+    """
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent's graceful drain still needs this
+    # process, which ends with the parent (pipe closed) or by multiprocessing's exit handler.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if nice and hasattr(os, "nice"):
+        os.nice(nice)
+    try:
+        embedder = Embedder(Path(path), batch_size=batch_size, threads=threads)
+    except Exception as exc:  # reported to the parent, which raises it
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", embedder.dimension, embedder.stats.load_seconds))
+    while True:
+        try:
+            texts = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            conn.send(("ok", embedder.embed(texts)))
+        except Exception as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class BackgroundEmbeddingError(RuntimeError):
+    """The background inference process failed or died; the flush that asked is retried."""
+
+
+class ProcessEmbedder:
+    """The embedding model in a child process, for background work (flushes).
+
+    Same interface as ``Embedder``. A flush embeds hundreds of texts per call; in the serving
+    process that inference holds the GIL for its Python parts and, lowered in priority, keeps
+    it while descheduled, so request threads wait behind it (add p99 in seconds at 100 adds/s).
+    In its own process, niced (``EMBEDDING_NICE``), it takes only the CPU that requests leave.
+    The child is spawned on first use and again after it dies: texts go over a pipe, vectors
+    come back (``(n, dim)`` float32, 1.5 KB per text). One model per process, as everywhere.
+    """
+
+    def __init__(self, path: Path, *, batch_size: int, threads: int, nice: int) -> None:
+        self.path = path
+        self._args = (str(path), batch_size, threads, nice)
+        self._lock = threading.Lock()
+        self._conn = None
+        self._process = None
+        self.dimension = 0
+        self.stats = ModelStats()
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
+        import multiprocessing
+
+        # spawn, not fork: a forked child would inherit the parent's threads' locks and torch state.
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe()
+        process = context.Process(
+            target=_serve_embeddings, args=(*self._args, child), name="memfuse-embedder", daemon=True
+        )
+        process.start()
+        child.close()
+        try:
+            reply = parent.recv()
+        except EOFError:
+            reply = ("error", f"exited with code {process.exitcode} before loading the model")
+        if reply[0] != "ready":
+            process.join(timeout=5)
+            raise BackgroundEmbeddingError(f"background embedding process: {reply[1]}")
+        self._conn, self._process = parent, process
+        self.dimension = reply[1]
+        self.stats.load_seconds = reply[2]
+        logger.info("background embedding process %d ready (model loaded in %.2f s)", process.pid, reply[2])
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Embed ``texts`` in the child: ``(len(texts), dim)`` float32, L2-normalised rows.
+
+        Raises ``BackgroundEmbeddingError`` when the child fails or dies (a new one is started
+        for the next call).
+        """
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        with self._lock:
+            if self._conn is None:
+                self._start()
+            started = time.perf_counter()
+            try:
+                self._conn.send(list(texts))
+                status, payload = self._conn.recv()
+            except (EOFError, OSError) as exc:
+                self._conn, self._process = None, None
+                raise BackgroundEmbeddingError(f"background embedding process died: {exc!r}") from exc
+            elapsed = time.perf_counter() - started
+        if status != "ok":
+            raise BackgroundEmbeddingError(f"background embedding failed: {payload}")
+        with self.stats.lock:
+            self.stats.calls += 1
+            self.stats.texts += len(texts)
+            self.stats.inference_seconds += elapsed
+        return payload
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._process.join(timeout=5)
+                if self._process.is_alive():
+                    self._process.kill()
+            self._conn, self._process = None, None
+
+
 INTERACTIVE, BACKGROUND = 0, 1
 
 
@@ -147,9 +268,10 @@ class EmbeddingBatcher:
     the ingest path. Interactive requests (queries) go before background ones (flushes).
     """
 
-    def __init__(self, embedder: Embedder, *, max_texts: int) -> None:
+    def __init__(self, embedder: Embedder | ProcessEmbedder, *, max_texts: int, nice: int = 0) -> None:
         self.embedder = embedder
         self.max_texts = max_texts
+        self.nice = nice
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         self._thread = threading.Thread(target=self._run, name="embedding-batcher", daemon=True)
@@ -164,11 +286,11 @@ class EmbeddingBatcher:
         return future.result()
 
     def _run(self) -> None:
-        nice = settings.MEMFUSE["EMBEDDING_NICE"]
+        nice = self.nice
         if nice and hasattr(os, "setpriority"):
-            # Inference runs below request handling: on a small machine a busy model must not
-            # make adds and queries wait for a core. Linux niceness is per thread, and torch's
-            # intra-op threads, created by this thread's first inference, inherit it.
+            # Background inference in this process runs below request handling. Linux niceness
+            # is per thread, and torch's intra-op threads, created by this thread's first
+            # inference, inherit it.
             try:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
             except OSError:
@@ -199,6 +321,7 @@ class EmbeddingBatcher:
 _lock = threading.Lock()
 _embedder: Embedder | None = None
 _batcher: EmbeddingBatcher | None = None
+_background_batcher: EmbeddingBatcher | None = None
 
 
 def get_embedder() -> Embedder:
@@ -227,11 +350,17 @@ def loaded_embedder() -> Embedder | None:
 
 
 def embed(texts: list[str], *, priority: int = INTERACTIVE) -> np.ndarray:
-    """Embed ``texts`` with the process's model: ``(n, dim)`` float32, L2-normalised rows.
+    """Embed ``texts``: ``(n, dim)`` float32, L2-normalised rows.
 
-    Goes through the process's ``EmbeddingBatcher``, so concurrent callers share model
-    calls; ``priority`` is ``INTERACTIVE`` (queries) or ``BACKGROUND`` (flushes).
+    ``INTERACTIVE`` requests (queries) go to the process's model through its
+    ``EmbeddingBatcher``, so concurrent callers share model calls. ``BACKGROUND`` requests
+    (flushes) go to the background batcher: by default (``BACKGROUND_EMBEDDING="process"``)
+    a niced child process with its own copy of the model (``ProcessEmbedder``); with
+    ``"thread"``, the process's model on a niced thread. Raises ``BackgroundEmbeddingError``
+    when the background process fails.
     """
+    if priority == BACKGROUND:
+        return _get_background_batcher().embed(texts, priority=priority)
     global _batcher
     if _batcher is None:
         embedder = get_embedder()
@@ -241,15 +370,46 @@ def embed(texts: list[str], *, priority: int = INTERACTIVE) -> np.ndarray:
     return _batcher.embed(texts, priority=priority)
 
 
+def _get_background_batcher() -> EmbeddingBatcher:
+    global _background_batcher
+    if _background_batcher is None:
+        config = settings.MEMFUSE
+        in_process = config["BACKGROUND_EMBEDDING"] != "process"
+        embedder = get_embedder() if in_process else None
+        with _lock:
+            if _background_batcher is None:
+                if embedder is None:
+                    embedder = ProcessEmbedder(
+                        default_model_path(),
+                        batch_size=config["EMBEDDING_BATCH_SIZE"],
+                        threads=config["TORCH_THREADS"],
+                        nice=config["EMBEDDING_NICE"],
+                    )
+                _background_batcher = EmbeddingBatcher(
+                    embedder,
+                    max_texts=config["EMBEDDING_MAX_BATCH_TEXTS"],
+                    nice=config["EMBEDDING_NICE"] if in_process else 0,
+                )
+    return _background_batcher
+
+
+def start_background_embedder() -> None:
+    """Start the background inference now rather than at the first flush (serving processes)."""
+    _get_background_batcher()
+
+
 def stats() -> dict:
     """Registry statistics for operators: which models are loaded and their counters."""
     embedder = _embedder
-    if embedder is None:
-        return {"embedding": None, "reranker": None}
-    return {
-        "embedding": {"path": str(embedder.path), "dimension": embedder.dimension, **embedder.stats.as_dict()},
-        "reranker": None,
-    }
+    background = _background_batcher.embedder if _background_batcher is not None else None
+    result: dict = {"embedding": None, "background_embedding": None, "reranker": None}
+    if embedder is not None:
+        result["embedding"] = {"path": str(embedder.path), "dimension": embedder.dimension, **embedder.stats.as_dict()}
+    if isinstance(background, ProcessEmbedder):
+        result["background_embedding"] = {"mode": "process", "pid": background.pid, **background.stats.as_dict()}
+    elif background is not None:
+        result["background_embedding"] = {"mode": "thread"}
+    return result
 
 
 def should_preload(argv: list[str]) -> bool:

@@ -8,16 +8,17 @@ before the transaction that writes the rows, never inside it.
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from django.db import IntegrityError, transaction
-from django.db.models import F, Max
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from memory import registry
-from memory.errors import Conflict
+from memory.errors import Conflict, NotFound
 from memory.models import Agent, Knowledge, Message, Session, User
 from memory.selectors import knowledge_by_ids, messages_by_ids
 
@@ -165,40 +166,91 @@ class AddedMessages(list):
         self.pending = pending
 
 
+_ADD_SQL = """
+WITH bumped AS (
+    -- First, as in every writer of a user's messages: the user row lock orders this add
+    -- against a flush's write and a cascade delete (see _bump_memory_version).
+    UPDATE memory_user SET memory_version = memory_version + 1 WHERE id = %(user)s RETURNING id
+), slot AS (
+    -- The session row lock serialises adds to one session; the counter gives their positions.
+    UPDATE memory_session SET next_position = next_position + %(count)s
+    WHERE id = %(session)s AND EXISTS (SELECT FROM bumped)
+    RETURNING next_position - %(count)s AS start
+), added AS (
+    INSERT INTO memory_message (id, session_id, user_id, position, role, content, metadata, index_text,
+                                flush_count, created_at, updated_at)
+    SELECT m.id, %(session)s, %(user)s, slot.start + m.ord - 1, m.role, m.content, m.metadata,
+           m.index_text, 0, m.created_at, %(now)s
+    FROM slot, unnest(%(ids)s::uuid[], %(roles)s::text[], %(contents)s::text[], %(metadata)s::jsonb[],
+                      %(index_texts)s::text[], %(created)s::timestamptz[]) WITH ORDINALITY
+               AS m(id, role, content, metadata, index_text, created_at, ord)
+    RETURNING position, length(index_text) AS chars
+)
+-- The user's pending messages as before this add (one snapshot) plus the added ones.
+SELECT (SELECT min(position) FROM added),
+       count(*) + (SELECT count(*) FROM added),
+       coalesce(sum(length(index_text)), 0) + (SELECT coalesce(sum(chars), 0) FROM added),
+       coalesce(extract(epoch FROM now() - min(updated_at)), 0)
+FROM memory_message WHERE user_id = %(user)s AND flushed_at IS NULL
+"""
+
+
 def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessages:
     """Store ``messages`` at the end of ``session``; returns them in input order (``AddedMessages``).
 
-    Write-behind: the rows are written (and full-text indexed) in one ``INSERT`` under a lock
-    of the session row, which serialises position assignment, and are durable when this
-    returns; embedding is left to a flush (``buffers``), requested here when the user's
-    pending messages pass the size trigger. All or nothing: on any error no message is stored.
+    Write-behind: the rows are written (and full-text indexed) by ONE statement, which takes
+    the user row's lock, then the session row's (its ``next_position`` counter gives the
+    positions), inserts the rows and reads the user's pending summary; they are durable when
+    this returns. Embedding is left to a flush (``buffers``), requested here when the user's
+    pending messages pass the size trigger. One statement is all or nothing, and one round
+    trip: the add is the hottest write of the service (about 2 database round trips in all,
+    against 8 with one ORM call per step). Raises ``NotFound`` (field ``session_id``) when
+    the session was deleted meanwhile; then nothing is stored.
     """
-    from buffers.services import note_pending
+    from buffers.services import PendingSummary, apply_size_trigger
 
     if not messages:
         return AddedMessages([], pending=0)
     now = timezone.now()
-    with transaction.atomic():
-        _bump_memory_version(session.user_id)
-        Session.objects.select_for_update().filter(pk=session.pk).first()
-        last = Message.objects.filter(session=session).aggregate(last=Max("position"))["last"]
-        start = 0 if last is None else last + 1
-        rows = [
-            Message(
-                session=session,
-                user_id=session.user_id,
-                position=start + offset,
-                role=m.role,
-                content=m.content,
-                metadata=m.metadata,
-                index_text=message_index_text(content=m.content, metadata=m.metadata),
-                created_at=m.created_at or now,
-            )
-            for offset, m in enumerate(messages)
-        ]
-        Message.objects.bulk_create(rows)
-        pending = note_pending(user_id=session.user_id)
-    return AddedMessages(rows, pending=pending.messages)
+    rows = [
+        Message(
+            id=uuid.uuid4(),
+            session=session,
+            user_id=session.user_id,
+            role=m.role,
+            content=m.content,
+            metadata=m.metadata,
+            index_text=message_index_text(content=m.content, metadata=m.metadata),
+            created_at=m.created_at or now,
+            updated_at=now,
+        )
+        for m in messages
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _ADD_SQL,
+            {
+                "user": session.user_id,
+                "session": session.pk,
+                "count": len(rows),
+                "now": now,
+                "ids": [row.id for row in rows],
+                "roles": [row.role for row in rows],
+                "contents": [row.content for row in rows],
+                "metadata": [json.dumps(row.metadata) for row in rows],
+                "index_texts": [row.index_text for row in rows],
+                "created": [row.created_at for row in rows],
+            },
+        )
+        start, count, chars, age = cursor.fetchone()
+    if start is None:
+        raise NotFound(f"Session '{session.pk}' not found", field="session_id")
+    for offset, row in enumerate(rows):
+        row.position = start + offset
+        row._state.adding, row._state.db = False, connection.alias
+    summary = PendingSummary(messages=count, tokens=int(chars) // 4, oldest_age_seconds=float(age))
+    apply_size_trigger(user_id=session.user_id, summary=summary)
+    return AddedMessages(rows, pending=summary.messages)
 
 
 def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messages: list[MessageIn]) -> list[Message]:

@@ -69,6 +69,56 @@ def test_positions_continue_across_batches(api, alice_session, alice_messages):
     assert [Message.objects.get(pk=i).position for i in ids] == [3, 4]
 
 
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_adds_to_one_session_get_distinct_consecutive_positions(alice_session):
+    """Adds racing on one session (8 threads x 5 rounds) take disjoint positions 0..79, in order within each add."""
+    import threading
+
+    from django.db import connection
+
+    from memory import services
+    from memory.services import MessageIn
+
+    barrier = threading.Barrier(8)
+    added = []
+
+    def writer(index: int) -> None:
+        barrier.wait()
+        try:
+            for round_index in range(5):
+                rows = services.messages_add(
+                    session=alice_session,
+                    messages=[MessageIn(role="user", content=f"w{index} r{round_index} q"), MessageIn(role="assistant", content=f"w{index} r{round_index} a")],
+                )
+                added.append([row.position for row in rows])
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert all(b == a + 1 for a, b in added)  # one add's messages are adjacent and in input order
+    stored = sorted(Message.objects.filter(session=alice_session).values_list("position", flat=True))
+    assert stored == list(range(80)) == sorted(p for pair in added for p in pair)
+
+
+def test_add_to_a_session_deleted_meanwhile_is_404_and_stores_nothing(alice_session):
+    """The add's single statement finds no session row: NotFound naming session_id, no message stored."""
+    from memory import services
+    from memory.errors import NotFound
+    from memory.models import Session
+    from memory.services import MessageIn
+
+    Session.objects.filter(pk=alice_session.pk).delete()  # the caller still holds the old object
+    with pytest.raises(NotFound) as raised:
+        services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="too late")])
+    assert raised.value.errors[0]["field"] == "session_id"
+    assert not Message.objects.filter(content="too late").exists()
+
+
 def test_add_stores_name_as_speaker_and_given_created_at(api, alice_session):
     """The OpenAI ``name`` field becomes metadata.speaker; an explicit created_at is kept."""
     batch = [{"role": "user", "content": "hello", "name": "Alice", "created_at": "2023-05-01T10:00:00Z"}]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -43,6 +45,7 @@ def fresh_registry(monkeypatch):
     """An empty registry whose model class is ``CountingDeterministicEmbedder``; restored afterwards."""
     monkeypatch.setattr(registry, "_embedder", None)
     monkeypatch.setattr(registry, "_batcher", None)
+    monkeypatch.setattr(registry, "_background_batcher", None)
     monkeypatch.setattr(registry, "Embedder", CountingDeterministicEmbedder)
     monkeypatch.setattr(CountingDeterministicEmbedder, "constructed", 0)
     return registry
@@ -88,7 +91,7 @@ def test_embed_goes_through_the_loaded_model(fresh_registry):
 def test_stats_before_any_load_report_no_model(fresh_registry):
     """Before first use, stats name no model and loaded_embedder() does not load one."""
     assert fresh_registry.loaded_embedder() is None
-    assert fresh_registry.stats() == {"embedding": None, "reranker": None}
+    assert fresh_registry.stats() == {"embedding": None, "background_embedding": None, "reranker": None}
     assert CountingDeterministicEmbedder.constructed == 0
 
 
@@ -219,3 +222,52 @@ def test_manage_py_check_does_not_load_the_model():
     assert result.returncode == 0, output
     assert "System check identified no issues" in output
     assert "embedding model loaded" not in output
+
+
+# --- background (flush) inference ---------------------------------------------------------------
+
+
+def test_background_mode_thread_uses_the_process_model(fresh_registry, settings):
+    """BACKGROUND_EMBEDDING="thread": flush inference runs on this process's model."""
+    settings.MEMFUSE = {**settings.MEMFUSE, "BACKGROUND_EMBEDDING": "thread"}
+    vectors = fresh_registry.embed(["a", "b"], priority=fresh_registry.BACKGROUND)
+    assert CountingDeterministicEmbedder.constructed == 1
+    assert np.allclose(vectors, fresh_registry.get_embedder().embed(["a", "b"]))
+    assert fresh_registry.stats()["background_embedding"] == {"mode": "thread"}
+
+
+@pytest.fixture
+def background_process(monkeypatch, settings):
+    """The default background mode ("process") with a fresh child, closed afterwards."""
+    settings.MEMFUSE = {**settings.MEMFUSE, "BACKGROUND_EMBEDDING": "process"}
+    monkeypatch.setattr(registry, "_background_batcher", None)
+    yield registry
+    batcher = registry._background_batcher
+    if batcher is not None:
+        batcher.embedder.close()
+
+
+@pytest.mark.integration
+def test_background_inference_runs_in_a_child_process_with_the_same_model(background_process):
+    """Flush inference happens in another process and gives the serving model's vectors."""
+    texts = ["I adopted a puppy named Biscuit.", "My sister lives in Lisbon."]
+    vectors = background_process.embed(texts, priority=registry.BACKGROUND)
+    stats = background_process.stats()["background_embedding"]
+    assert stats["mode"] == "process" and stats["pid"] not in (None, os.getpid())
+    assert stats["calls"] == 1 and stats["texts"] == 2
+    assert vectors.shape == (2, 384) and vectors.dtype == np.float32
+    assert np.allclose(vectors, registry.embed(texts), atol=1e-5)
+
+
+@pytest.mark.integration
+def test_a_killed_background_process_fails_one_call_and_is_replaced(background_process):
+    """SIGKILL of the child: the call under way raises BackgroundEmbeddingError, the next starts a new child."""
+    background_process.embed(["warm"], priority=registry.BACKGROUND)
+    first_pid = background_process.stats()["background_embedding"]["pid"]
+    os.kill(first_pid, signal.SIGKILL)
+    time.sleep(0.2)
+    with pytest.raises(registry.BackgroundEmbeddingError):
+        background_process.embed(["lost"], priority=registry.BACKGROUND)
+    vectors = background_process.embed(["again"], priority=registry.BACKGROUND)
+    assert vectors.shape == (1, 384)
+    assert background_process.stats()["background_embedding"]["pid"] not in (None, first_pid)
