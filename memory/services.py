@@ -135,6 +135,9 @@ def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
     if not api_key.revoked:
         api_key.revoked = True
         api_key.save(update_fields=["revoked"])
+    # Now, and again after the commit: a request between the two could re-cache the key
+    # from the row as it was before this transaction.
+    tenancy.forget_key(api_key.prefix)
     transaction.on_commit(lambda: tenancy.forget_key(api_key.prefix))
     return api_key
 
