@@ -412,3 +412,29 @@ def test_services_refuse_a_session_across_tenants(alice, globex_agent):
     with pytest.raises(NotFound):
         services.session_create(user=alice, agent=globex_agent)
     assert not Session.objects.exists()
+
+
+def test_embedded_default_creates_the_local_tenant_once(db, settings, tmp_path):
+    """On the embedded default the first start creates tenant 'local' and writes a working key (0600); later starts reuse it."""
+    from memfuse_project.embedded_pg import local_tenant_if_embedded
+
+    settings.USING_EMBEDDED_DB = True
+    settings.EMBEDDED_PG_DIR = tmp_path
+
+    key_file = local_tenant_if_embedded()
+    key = key_file.read_text().strip()
+
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert assert_success(key_client(key).get("/api/v1/users"))["users"] == []
+    assert local_tenant_if_embedded() == key_file and key_file.read_text().strip() == key
+    assert ApiKey.objects.filter(tenant__name="local").count() == 1
+
+
+def test_no_local_tenant_with_a_database_url(db, settings, tmp_path):
+    """With DATABASE_URL (not the embedded default) no tenant is created at start."""
+    from memfuse_project.embedded_pg import local_tenant_if_embedded
+
+    settings.USING_EMBEDDED_DB = False
+    settings.EMBEDDED_PG_DIR = tmp_path
+    assert local_tenant_if_embedded() is None
+    assert not ApiKey.objects.exists()
