@@ -197,6 +197,15 @@ async def test_another_tenants_session_is_an_unknown_session(connect, alice_sess
     assert await communicator.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4404}
 
 
+async def test_operator_key_sees_no_session(connect, alice_session):
+    """An operator key belongs to no tenant: every session is unknown to it (404, close 4404)."""
+    _, operator_key = await database_sync_to_async(services.api_key_create)(scope=KeyScope.OPERATOR, name="ops")
+    communicator = await connect(alice_session.pk, key=operator_key)
+
+    assert (await receive(communicator))["error"]["code"] == 404
+    assert await communicator.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4404}
+
+
 async def test_user_key_reaches_its_users_session_only(connect, alice, alice_session, bob_session):
     """A user key of bob opens bob's session, and alice's is unknown to it."""
     _, bob_key = await database_sync_to_async(services.api_key_create)(

@@ -304,7 +304,7 @@ class UserApiKeysView(APIView):
         user = _user(request, user_id)
         data = validated(s.ApiKeyIn, request.data if request.data else {})
         api_key, key = services.api_key_create(
-            scope=KeyScope.USER, user=user, name=data.get("name") or f"{user.name} key", expires_at=data.get("expires_at")
+            scope=KeyScope.USER, user=user, name=data.get("name") or f"{user.name[:40]} key", expires_at=data.get("expires_at")
         )
         # The only time the key is shown: it is stored hashed.
         return envelope(
