@@ -14,10 +14,12 @@ from rest_framework.exceptions import ValidationError
 from buffers import events, workers
 from memory import selectors, services
 from memory.api import serializers as s
+from memory.api.auth import WS_SUBPROTOCOL
 from memory.api.errors import validation_error
 from memory.api.serializers import validated
 from memory.errors import NotFound, ServiceError
 from memory.models import Session
+from memory.tenancy import Principal
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +60,11 @@ class FrameError(Exception):
         super().__init__(message)
 
 
-class _Forbidden(ServiceError):
-    """``SessionConsumer.authorize`` refused the connection's principal."""
+class _Unauthenticated(ServiceError):
+    """No usable API key on the connection."""
 
-    status = 403
-    default_message = "Forbidden"
+    status = 401
+    default_message = "Invalid, expired or revoked API key"
 
 
 class SessionConsumer(AsyncJsonWebsocketConsumer):
@@ -98,8 +100,11 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
       unknown ``type``, invalid ``request_id``, invalid fields such as ``messages[0].role``),
       404 for an unknown id, 500 for a server error (logged). The connection stays open.
 
-    An unknown session (or an id that is not a UUID) gets a 404 error frame, then the socket
-    is closed with code 4404; a principal ``authorize`` refuses, a 403 frame and code 4403.
+    The connection needs an API key (``memory.api.auth``: the ``Authorization`` header, or a
+    ``bearer.<key>`` subprotocol next to ``memfuse``): without a usable one, a 401 error frame
+    and close code 4401. An unknown session (or an id that is not a UUID, or a session the key
+    may not see: another tenant's or another user's) gets a 404 error frame, then close code
+    4404. The key is checked when the socket opens; revoking it does not close open sockets.
     Frames of one connection are answered in order: a query delays the frames after it.
     Model inference and database work run in the event loop's thread pool (``in_thread``), never on
     the event loop.
@@ -114,10 +119,12 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
 
     async def connect(self) -> None:
         raw_id = self.scope["url_route"]["kwargs"]["session_id"]
+        # A browser that offered subprotocols fails the handshake unless one is chosen.
+        subprotocol = WS_SUBPROTOCOL if WS_SUBPROTOCOL in self.scope.get("subprotocols", []) else None
         try:
             session = await in_thread(self._open_session)(raw_id)
         except ServiceError as exc:
-            await self.accept()
+            await self.accept(subprotocol)
             await self.send_error(None, exc.status, exc.message, exc.errors)
             # 4000-4999 are the application's close codes (RFC 6455, 7.4.2): 4000 + HTTP status.
             await self.close(code=4000 + exc.status)
@@ -125,7 +132,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         self.session_id = session.pk
         self.group_name = events.session_group(session.pk)
         await self.channel_layer.group_add(self.group_name, self.channel_name)
-        await self.accept()
+        await self.accept(subprotocol)
 
     async def disconnect(self, code: int) -> None:
         if self.group_name is not None:
@@ -134,22 +141,26 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
     def _open_session(self, raw_id: str) -> Session:
         """The session of the URL, if the principal may use it (worker thread).
 
-        Raises ``NotFound`` (field ``session_id``) or a 403 ``ServiceError``.
+        Raises a 401 ``ServiceError`` without a usable key, ``NotFound`` (field ``session_id``)
+        for a session it may not see, exactly as for an unknown one.
         """
+        principal = self.scope.get("principal")
+        if not isinstance(principal, Principal):
+            raise _Unauthenticated()
         try:
             session_id = uuid.UUID(raw_id)
         except ValueError:
             raise NotFound(f"Session '{raw_id}' not found", field="session_id") from None
-        session = selectors.session_get(session_id=session_id)
-        if not self.authorize(self.scope.get("principal"), session):
-            raise _Forbidden(f"Not allowed to use session '{session_id}'", field="session_id")
+        session = selectors.session_get(principal=principal, session_id=session_id)
+        if not self.authorize(principal, session):
+            raise NotFound(f"Session '{session_id}' not found", field="session_id")
         return session
 
-    def authorize(self, principal: dict | None, session: Session) -> bool:
+    def authorize(self, principal: Principal, session: Session) -> bool:
         """Whether ``principal`` (``scope["principal"]``, from ``WebSocketAuthMiddleware``) may use ``session``.
 
-        The hook for API keys and tenants; the service is open today, so always ``True``.
-        Runs in a worker thread: it may query the database.
+        ``session`` was already looked up through the principal (its tenant, its user for a
+        user key); this hook is for finer rules. Runs in a worker thread: it may query.
         """
         return True
 
@@ -220,7 +231,8 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
     def _messages_add(self, data: dict) -> tuple[list[str], int]:
         """Validate the whole batch, then store it (worker thread): ``(message_ids, pending)``."""
         messages = validated(s.MessagesAdd, data)["messages"]
-        session = selectors.session_get(session_id=self.session_id)  # fresh: it may have been deleted
+        # Fresh: it may have been deleted.
+        session = selectors.session_get(principal=self.scope["principal"], session_id=self.session_id)
         rows = services.messages_add(session=session, messages=messages)
         return [str(row.pk) for row in rows], rows.pending
 
@@ -247,7 +259,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         data = validated(s.QueryIn, data)
         # The user is read per query: its memory_version keys the BM25 cache, and a copy
         # kept since connect would miss the messages added since.
-        session = selectors.session_get(session_id=self.session_id)
+        session = selectors.session_get(principal=self.scope["principal"], session_id=self.session_id)
         return selectors.memory_query_stages(
             user=session.user,
             query=data["query"],

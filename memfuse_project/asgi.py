@@ -2,7 +2,7 @@
 
 Loading this module means the process serves: the model registry is filled before the first
 request, whatever ASGI server imported us (daphne, uvicorn, runserver), the embedded database
-is migrated, and the flush workers start where this process runs them.
+is migrated (with a development tenant on first start), and the flush workers start where this process runs them.
 """
 
 import os
@@ -24,11 +24,12 @@ from django.conf import settings  # noqa: E402
 from buffers import events, workers  # noqa: E402
 from buffers.consumers import FlushConsumer  # noqa: E402
 from buffers.routing import websocket_urlpatterns  # noqa: E402
-from memfuse_project.embedded_pg import migrate_if_embedded  # noqa: E402
+from memfuse_project.embedded_pg import local_tenant_if_embedded, migrate_if_embedded  # noqa: E402
 from memory import registry  # noqa: E402
 from memory.api.auth import WebSocketAuthMiddleware  # noqa: E402
 
 migrate_if_embedded()
+local_tenant_if_embedded()
 registry.get_embedder()
 workers.start_if_serving()
 

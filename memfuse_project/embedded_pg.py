@@ -139,3 +139,41 @@ def migrate_if_embedded() -> None:
     if settings.USING_EMBEDDED_DB:
         call_command("migrate", interactive=False, verbosity=0)
         logger.info("embedded PostgreSQL in %s is migrated", settings.EMBEDDED_PG_DIR)
+
+
+LOCAL_TENANT = "local"
+LOCAL_KEY_FILE = "local-api-key"
+
+
+def local_tenant_if_embedded() -> Path | None:
+    """On the embedded default, create the development tenant ``local`` once; returns its key file.
+
+    Its first key is written to ``<EMBEDDED_PG_DIR>/local-api-key`` (mode 0600, next to the
+    database files it unlocks) and the log says where. Off with ``LOCAL_TENANT=0``; never with
+    a ``DATABASE_URL``, where tenants come from ``manage.py create_tenant``.
+    """
+    from django.conf import settings
+
+    from memory import services
+    from memory.errors import Conflict
+    from memory.models import KeyScope, Tenant
+
+    if not (settings.USING_EMBEDDED_DB and settings.MEMFUSE["LOCAL_TENANT"]):
+        return None
+    key_file = Path(settings.EMBEDDED_PG_DIR) / LOCAL_KEY_FILE
+    if Tenant.objects.filter(name=LOCAL_TENANT).exists():
+        logger.info("development tenant '%s': its first API key is in %s", LOCAL_TENANT, key_file)
+        return key_file
+    try:
+        tenant = services.tenant_create(name=LOCAL_TENANT)
+    except Conflict:  # another process created it meanwhile
+        return key_file
+    _, key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="local development")
+    key_file.touch(mode=0o600)
+    key_file.write_text(key + "\n")
+    logger.warning(
+        "created development tenant '%s'; its API key is in %s (send it as Authorization: Bearer <key>)",
+        LOCAL_TENANT,
+        key_file,
+    )
+    return key_file

@@ -52,6 +52,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django.contrib.postgres",
     "rest_framework",
+    # API keys: our memory.ApiKey subclasses its AbstractAPIKey (its own APIKey table stays unused).
+    "rest_framework_api_key",
     "channels",
     "memory",
     "buffers",
@@ -137,13 +139,27 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+# --- Cache: rate-limit counters ---------------------------------------------------------------
+# With REDIS_URL, counters are shared by every process; otherwise each process counts alone.
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": envstr("CACHE_KEY_PREFIX", "memfuse"),
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
 # --- REST API -------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
-    # Authentication arrives with tenants and API keys; until then the API is open.
-    "DEFAULT_AUTHENTICATION_CLASSES": [],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+    # Every endpoint but health needs an API key (Authorization: Bearer <key>).
+    "DEFAULT_AUTHENTICATION_CLASSES": ["memory.api.auth.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["memory.api.auth.HasTenantKey"],
+    "DEFAULT_THROTTLE_CLASSES": ["memory.api.auth.ApiKeyRateThrottle"],
     "UNAUTHENTICATED_USER": None,
     "EXCEPTION_HANDLER": "memory.api.errors.exception_handler",
 }
@@ -180,6 +196,15 @@ MEMFUSE = {
     # its own words counted BM25_OWN_WEIGHT times (docs/retrieval.md has the measurements).
     "BM25_CONTEXT_TURNS": envint("BM25_CONTEXT_TURNS", 2),
     "BM25_OWN_WEIGHT": envint("BM25_OWN_WEIGHT", 2),
+    # API keys: resolved keys are cached per process this long (s): also how long a key revoked
+    # in another process may still be accepted here.
+    "API_KEY_CACHE_SECONDS": envfloat("API_KEY_CACHE_SECONDS", 10.0),
+    "API_KEY_CACHE_SIZE": envint("API_KEY_CACHE_SIZE", 10_000),
+    # Requests per API key ("<n>/second|minute|hour|day"), counted in the default cache.
+    "API_RATE_LIMIT": envstr("API_RATE_LIMIT", "6000/minute"),
+    # The embedded default (no DATABASE_URL) creates a tenant "local" at first start and
+    # writes its key to <EMBEDDED_PG_DIR>/local-api-key.
+    "LOCAL_TENANT": envbool("LOCAL_TENANT", True),
 }
 
 # --- Write-behind buffers (the buffers app) ---------------------------------------------------

@@ -1,15 +1,68 @@
-"""Operator views of users, agents, sessions, messages and knowledge. Vectors never shown."""
+"""Operator views of tenants, API keys, users, agents, sessions, messages and knowledge. Vectors never shown."""
 
 from django.contrib import admin
 from django.db.models import Count, Q
+from rest_framework_api_key.admin import APIKeyModelAdmin
+from rest_framework_api_key.models import APIKey
 
-from memory.models import Agent, Knowledge, Message, Session, User
+from memory import services, tenancy
+from memory.models import Agent, ApiKey, Knowledge, Message, Session, Tenant, User
+
+# The library's own key model is unused (ours adds scope and owner): keep it out of the admin.
+admin.site.unregister(APIKey)
+
+
+@admin.register(Tenant)
+class TenantAdmin(admin.ModelAdmin):
+    list_display = ["name", "id", "users_count", "agents_count", "created_at"]
+    search_fields = ["name", "id"]
+    readonly_fields = ["id", "created_at"]
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(users_count=Count("users", distinct=True), agents_count=Count("agents", distinct=True))
+        )
+
+    @admin.display(ordering="users_count")
+    def users_count(self, tenant):
+        return tenant.users_count
+
+    @admin.display(ordering="agents_count")
+    def agents_count(self, tenant):
+        return tenant.agents_count
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(APIKeyModelAdmin):
+    """Keys by prefix; a new key is shown once (the library's admin), revocation is one-way."""
+
+    list_display = ["prefix", "name", "scope", "tenant", "user", "created", "expiry_date", "_has_expired", "revoked"]
+    list_select_related = ["tenant", "user"]
+    list_filter = ["scope", "revoked", "created"]
+    search_fields = ["name", "prefix", "tenant__name", "user__name"]
+    raw_id_fields = ["tenant", "user"]
+    actions = ["revoke"]
+
+    def save_model(self, request, obj, form=None, change=False):
+        super().save_model(request, obj, form, change)
+        if obj.revoked:
+            tenancy.forget_key(obj.prefix)
+
+    @admin.action(description="Revoke the selected API keys")
+    def revoke(self, request, queryset):
+        for api_key in queryset:
+            services.api_key_revoke(api_key=api_key)
 
 
 @admin.register(User)
 class UserAdmin(admin.ModelAdmin):
-    list_display = ["name", "id", "sessions_count", "pending_messages", "memory_version", "created_at"]
+    list_display = ["name", "tenant", "id", "sessions_count", "pending_messages", "memory_version", "created_at"]
+    list_select_related = ["tenant"]
+    list_filter = ["tenant"]
     search_fields = ["name", "id"]
+    raw_id_fields = ["tenant"]
     readonly_fields = ["id", "memory_version", "created_at", "updated_at"]
 
     def get_queryset(self, request):
@@ -33,8 +86,11 @@ class UserAdmin(admin.ModelAdmin):
 
 @admin.register(Agent)
 class AgentAdmin(admin.ModelAdmin):
-    list_display = ["name", "id", "created_at"]
+    list_display = ["name", "tenant", "id", "created_at"]
+    list_select_related = ["tenant"]
+    list_filter = ["tenant"]
     search_fields = ["name", "id"]
+    raw_id_fields = ["tenant"]
     readonly_fields = ["id", "created_at", "updated_at"]
 
 

@@ -34,3 +34,10 @@ class Conflict(ServiceError):
     default_message = "Conflict"
 
 
+
+
+class Forbidden(ServiceError):
+    """The caller's key may not do this at all (an operation, never an object: those are 404)."""
+
+    status = 403
+    default_message = "Forbidden"

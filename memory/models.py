@@ -14,6 +14,7 @@ from django.contrib.postgres.indexes import GinIndex
 from django.contrib.postgres.search import SearchVector, SearchVectorField
 from django.db import models
 from pgvector.django import HnswIndex, VectorField
+from rest_framework_api_key.models import AbstractAPIKey
 
 EMBEDDING_DIM = settings.MEMFUSE["EMBEDDING_DIM"]
 
@@ -36,6 +37,23 @@ class Named(models.Model):
         return self.name
 
 
+class Tenant(models.Model):
+    """A client application: owns its users and agents (and through them everything else).
+
+    Names of users and agents are unique per tenant, so two tenants can both have ``alice``.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=255, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class User(Named):
     """An end user of a chat application: the owner of memories.
 
@@ -43,17 +61,20 @@ class User(Named):
     or knowledge, so per-user caches (BM25 index, query results) know when they are stale.
     """
 
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="users")
     memory_version = models.BigIntegerField(default=0)
 
     class Meta(Named.Meta):
-        constraints = [models.UniqueConstraint(fields=["name"], name="memory_user_name_unique")]
+        constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="memory_user_tenant_name_unique")]
 
 
 class Agent(Named):
     """The assistant (or application persona) a user talks to."""
 
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="agents")
+
     class Meta(Named.Meta):
-        constraints = [models.UniqueConstraint(fields=["name"], name="memory_agent_name_unique")]
+        constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="memory_agent_tenant_name_unique")]
 
 
 class Session(Named):
@@ -178,3 +199,39 @@ class Knowledge(models.Model):
 
     def __str__(self) -> str:
         return self.content[:60]
+
+
+class KeyScope(models.TextChoices):
+    TENANT = "tenant"  # everything of its tenant
+    USER = "user"  # one user of its tenant (and the tenant's agents, read-only)
+    OPERATOR = "operator"  # operator endpoints only; no tenant data
+
+
+class ApiKey(AbstractAPIKey):
+    """An API key (``djangorestframework-api-key``): ``<prefix>.<secret>``, stored hashed.
+
+    Only the 8-character ``prefix`` is kept in clear (it finds the row); the whole key is
+    hashed with SHA-512 (fine for a random 32-character secret; no password hashing needed)
+    and compared in constant time. The library's ``get_from_key`` finds a key with one
+    unique-index lookup on ``prefix``. ``expiry_date`` (optional) and ``revoked`` (one-way) end a
+    key. ``scope``: a tenant key acts for its tenant, a user key for one user of it, an
+    operator key only on operator endpoints (no tenant).
+    """
+
+    scope = models.CharField(max_length=16, choices=KeyScope.choices, default=KeyScope.TENANT)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys", null=True, blank=True)
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="api_keys", null=True, blank=True)
+
+    class Meta(AbstractAPIKey.Meta):
+        verbose_name = "API key"
+        verbose_name_plural = "API keys"
+        constraints = [
+            models.CheckConstraint(
+                name="memory_apikey_scope_owner",
+                condition=(
+                    models.Q(scope=KeyScope.TENANT, tenant__isnull=False, user__isnull=True)
+                    | models.Q(scope=KeyScope.USER, tenant__isnull=False, user__isnull=False)
+                    | models.Q(scope=KeyScope.OPERATOR, tenant__isnull=True, user__isnull=True)
+                ),
+            )
+        ]

@@ -1,4 +1,9 @@
-"""Reads: lookups by id or name, message lists, and the memory query."""
+"""Reads: lookups by id or name, message lists, and the memory query.
+
+Lookups by id and lists take the caller's ``Principal``: they only ever see its tenant's rows
+(and, for a user key, its user's). Reads given a ``User`` or ``Session`` trust that the caller
+got it through one of those lookups.
+"""
 
 from __future__ import annotations
 
@@ -8,53 +13,83 @@ from collections.abc import Iterator
 from django.db.models import QuerySet
 
 from memory.errors import NotFound
-from memory.models import Agent, Knowledge, Message, Session, User
+from memory.models import Agent, ApiKey, Knowledge, Message, Session, User
 from memory.retrieval import RetrievalConfig, hybrid_search, hybrid_search_stages
+from memory.tenancy import Principal
 
 
-def _get(model, pk, *, field: str):
-    """The ``model`` row with primary key ``pk``; ``NotFound`` naming ``field`` otherwise."""
+def _not_found(model, pk, field: str) -> NotFound:
+    return NotFound(f"{model._meta.verbose_name.capitalize()} '{pk}' not found", field=field)
+
+
+def users_visible(*, principal: Principal) -> QuerySet[User]:
+    """The users ``principal`` may see: its tenant's, or only its own user for a user key."""
+    queryset = User.objects.filter(tenant_id=principal.tenant_id)
+    return queryset.filter(pk=principal.user_id) if principal.user_id is not None else queryset
+
+
+def agents_visible(*, principal: Principal) -> QuerySet[Agent]:
+    """The agents of ``principal``'s tenant (user keys see them too: a session needs one)."""
+    return Agent.objects.filter(tenant_id=principal.tenant_id)
+
+
+def sessions_visible(*, principal: Principal) -> QuerySet[Session]:
+    """The sessions of the users ``principal`` may see (user and agent joined)."""
+    queryset = Session.objects.select_related("user", "agent").filter(user__tenant_id=principal.tenant_id)
+    return queryset.filter(user_id=principal.user_id) if principal.user_id is not None else queryset
+
+
+def user_get(*, principal: Principal, user_id: uuid.UUID, field: str = "user_id") -> User:
+    """The user with ``user_id`` if ``principal`` may see it. Raises ``NotFound`` (naming ``field``).
+
+    Another tenant's user is not found, exactly like an unknown id, so ids do not leak.
+    """
     try:
-        return model.objects.get(pk=pk)
-    except (model.DoesNotExist, ValueError):
-        raise NotFound(f"{model._meta.verbose_name.capitalize()} '{pk}' not found", field=field) from None
+        return users_visible(principal=principal).get(pk=user_id)
+    except (User.DoesNotExist, ValueError):
+        raise _not_found(User, user_id, field) from None
 
 
-def user_get(*, user_id: uuid.UUID, field: str = "user_id") -> User:
-    """The user with ``user_id``. Raises ``NotFound`` (naming ``field``)."""
-    return _get(User, user_id, field=field)
-
-
-def agent_get(*, agent_id: uuid.UUID, field: str = "agent_id") -> Agent:
-    """The agent with ``agent_id``. Raises ``NotFound`` (naming ``field``)."""
-    return _get(Agent, agent_id, field=field)
-
-
-def session_get(*, session_id: uuid.UUID, field: str = "session_id") -> Session:
-    """The session with ``session_id`` (its user and agent joined). Raises ``NotFound``."""
+def agent_get(*, principal: Principal, agent_id: uuid.UUID, field: str = "agent_id") -> Agent:
+    """The agent with ``agent_id`` in ``principal``'s tenant. Raises ``NotFound`` (naming ``field``)."""
     try:
-        return Session.objects.select_related("user", "agent").get(pk=session_id)
+        return agents_visible(principal=principal).get(pk=agent_id)
+    except (Agent.DoesNotExist, ValueError):
+        raise _not_found(Agent, agent_id, field) from None
+
+
+def session_get(*, principal: Principal, session_id: uuid.UUID, field: str = "session_id") -> Session:
+    """The session with ``session_id`` (its user and agent joined) if ``principal`` may see it.
+
+    One query (the tenant check rides on the join with the user). Raises ``NotFound``.
+    """
+    try:
+        return sessions_visible(principal=principal).get(pk=session_id)
     except Session.DoesNotExist:
         raise NotFound(f"Session '{session_id}' not found", field=field) from None
 
 
-def users_list(*, name: str | None = None) -> QuerySet[User]:
-    """Users, oldest first; only the one called ``name`` when given."""
-    queryset = User.objects.all()
+def users_list(*, principal: Principal, name: str | None = None) -> QuerySet[User]:
+    """Users ``principal`` may see, oldest first; only the one called ``name`` when given."""
+    queryset = users_visible(principal=principal)
     return queryset.filter(name=name) if name is not None else queryset
 
 
-def agents_list(*, name: str | None = None) -> QuerySet[Agent]:
-    """Agents, oldest first; only the one called ``name`` when given."""
-    queryset = Agent.objects.all()
+def agents_list(*, principal: Principal, name: str | None = None) -> QuerySet[Agent]:
+    """Agents of ``principal``'s tenant, oldest first; only the one called ``name`` when given."""
+    queryset = agents_visible(principal=principal)
     return queryset.filter(name=name) if name is not None else queryset
 
 
 def sessions_list(
-    *, user_id: uuid.UUID | None = None, agent_id: uuid.UUID | None = None, name: str | None = None
+    *,
+    principal: Principal,
+    user_id: uuid.UUID | None = None,
+    agent_id: uuid.UUID | None = None,
+    name: str | None = None,
 ) -> QuerySet[Session]:
-    """Sessions, oldest first, filtered by whichever of user, agent and name are given."""
-    queryset = Session.objects.select_related("user", "agent")
+    """Sessions ``principal`` may see, oldest first, filtered by whichever of user, agent and name are given."""
+    queryset = sessions_visible(principal=principal)
     if user_id is not None:
         queryset = queryset.filter(user_id=user_id)
     if agent_id is not None:
@@ -62,6 +97,19 @@ def sessions_list(
     if name is not None:
         queryset = queryset.filter(name=name)
     return queryset
+
+
+def api_keys_list(*, user: User) -> QuerySet[ApiKey]:
+    """The user keys of ``user`` (revoked and expired ones too), newest first."""
+    return ApiKey.objects.filter(user=user)
+
+
+def api_key_get(*, user: User, api_key_id: str, field: str = "api_key_id") -> ApiKey:
+    """The key of ``user`` whose id (its prefix) is ``api_key_id``. Raises ``NotFound`` (naming ``field``)."""
+    try:
+        return ApiKey.objects.get(user=user, prefix=api_key_id)
+    except ApiKey.DoesNotExist:
+        raise NotFound(f"API key '{api_key_id}' not found", field=field) from None
 
 
 def messages_list(

@@ -17,9 +17,9 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from memory import registry
-from memory.errors import Conflict, NotFound
-from memory.models import Agent, Knowledge, Message, Session, User
+from memory import registry, tenancy
+from memory.errors import Conflict, InvalidInput, NotFound
+from memory.models import Agent, ApiKey, KeyScope, Knowledge, Message, Session, Tenant, User
 from memory.selectors import knowledge_by_ids, messages_by_ids
 
 
@@ -88,12 +88,67 @@ def _update_fields(obj, *, field_name: str = "name", **changes):
     return obj
 
 
+# --- tenants and API keys ----------------------------------------------------------------------
+
+
+def tenant_create(*, name: str) -> Tenant:
+    """Create a tenant. Raises ``InvalidInput`` for a blank name, ``Conflict`` (field ``name``) when taken."""
+    name = name.strip()
+    if not name or len(name) > 255:
+        raise InvalidInput("A tenant name must have 1 to 255 characters", field="name")
+    return _create_unique(Tenant, name=name)
+
+
+def api_key_create(
+    *,
+    scope: str,
+    name: str,
+    tenant: Tenant | None = None,
+    user: User | None = None,
+    expires_at: datetime | None = None,
+) -> tuple[ApiKey, str]:
+    """Create an API key; returns ``(row, key)``. The key (``<prefix>.<secret>``) is never stored.
+
+    ``scope`` ``"tenant"`` needs ``tenant``; ``"user"`` needs ``user`` (its tenant is the
+    user's); ``"operator"`` takes neither. Raises ``InvalidInput`` naming the wrong field.
+    """
+    if scope not in KeyScope.values:
+        raise InvalidInput(f"scope must be one of {', '.join(KeyScope.values)}", field="scope")
+    if scope == KeyScope.USER:
+        if user is None:
+            raise InvalidInput("A user key needs a user", field="user")
+        tenant = user.tenant
+    elif user is not None:
+        raise InvalidInput(f"A {scope} key is not bound to a user", field="user")
+    if scope == KeyScope.TENANT and tenant is None:
+        raise InvalidInput("A tenant key needs a tenant", field="tenant")
+    if scope == KeyScope.OPERATOR and tenant is not None:
+        raise InvalidInput("An operator key belongs to no tenant", field="tenant")
+    if not name or len(name) > 50:
+        raise InvalidInput("A key name must have 1 to 50 characters", field="name")
+    if expires_at is not None and expires_at <= timezone.now():
+        raise InvalidInput("expires_at must be in the future", field="expires_at")
+    return ApiKey.objects.create_key(scope=scope, name=name, tenant=tenant, user=user, expiry_date=expires_at)
+
+
+def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
+    """Revoke ``api_key`` for good; this process forgets it at once, others within ``API_KEY_CACHE_SECONDS``."""
+    if not api_key.revoked:
+        api_key.revoked = True
+        api_key.save(update_fields=["revoked"])
+    # Now, and again after the commit: a request between the two could re-cache the key
+    # from the row as it was before this transaction.
+    tenancy.forget_key(api_key.prefix)
+    transaction.on_commit(lambda: tenancy.forget_key(api_key.prefix))
+    return api_key
+
+
 # --- users and agents -------------------------------------------------------------------------
 
 
-def user_create(*, name: str, description: str = "", metadata: dict | None = None) -> User:
-    """Create a user. Raises ``Conflict`` (field ``name``) when the name is taken."""
-    return _create_unique(User, name=name, description=description or "", metadata=metadata or {})
+def user_create(*, tenant_id: uuid.UUID, name: str, description: str = "", metadata: dict | None = None) -> User:
+    """Create a user of tenant ``tenant_id``. Raises ``Conflict`` (field ``name``) when the tenant has that name."""
+    return _create_unique(User, tenant_id=tenant_id, name=name, description=description or "", metadata=metadata or {})
 
 
 def user_update(*, user: User, name: str | None = None, description: str | None = None, metadata: dict | None = None) -> User:
@@ -108,9 +163,9 @@ def user_delete(*, user: User) -> None:
         user.delete()
 
 
-def agent_create(*, name: str, description: str = "", metadata: dict | None = None) -> Agent:
-    """Create an agent. Raises ``Conflict`` (field ``name``) when the name is taken."""
-    return _create_unique(Agent, name=name, description=description or "", metadata=metadata or {})
+def agent_create(*, tenant_id: uuid.UUID, name: str, description: str = "", metadata: dict | None = None) -> Agent:
+    """Create an agent of tenant ``tenant_id``. Raises ``Conflict`` (field ``name``) when the tenant has that name."""
+    return _create_unique(Agent, tenant_id=tenant_id, name=name, description=description or "", metadata=metadata or {})
 
 
 def agent_update(*, agent: Agent, name: str | None = None, description: str | None = None, metadata: dict | None = None) -> Agent:
@@ -132,8 +187,11 @@ def agent_delete(*, agent: Agent) -> None:
 def session_create(*, user: User, agent: Agent, name: str | None = None, metadata: dict | None = None) -> Session:
     """Create a session of ``user`` with ``agent``; a missing name becomes ``session-<hex>``.
 
-    Raises ``Conflict`` (field ``name``) when the user already has a session of that name.
+    Raises ``Conflict`` (field ``name``) when the user already has a session of that name, and
+    ``NotFound`` (field ``agent_id``) when the agent belongs to another tenant than the user.
     """
+    if agent.tenant_id != user.tenant_id:
+        raise NotFound(f"Agent '{agent.pk}' not found", field="agent_id")
     return _create_unique(
         Session,
         user=user,

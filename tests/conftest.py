@@ -1,5 +1,9 @@
 """The small named world of the tests: alice and bob, two users whose data must never mix.
 
+They are users of the tenant ``acme``; ``api`` is a client with acme's tenant key. A second
+tenant, ``globex``, has its own alice (``globex_alice``), agent and session, and its own
+client ``globex_api``: what one tenant holds the other must never reach.
+
 Tests run against real PostgreSQL with pgvector (``DATABASE_URL``, or the embedded default)
 and the real embedding model, loaded once per test process.
 """
@@ -9,28 +13,93 @@ from __future__ import annotations
 import pytest
 from rest_framework.test import APIClient
 
-from memory import services
+from memory import services, tenancy
+from memory.models import KeyScope
 from memory.services import MessageIn
 
 
+@pytest.fixture(autouse=True)
+def forget_resolved_keys():
+    """Each test starts with an empty key cache (the database is rolled back between tests)."""
+    tenancy.clear_cache()
+    yield
+    tenancy.clear_cache()
+
+
+def key_client(key: str | None) -> APIClient:
+    """A REST client sending ``Authorization: Bearer <key>`` (no header for ``None``)."""
+    client = APIClient()
+    if key is not None:
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    return client
+
+
 @pytest.fixture
-def api() -> APIClient:
+def tenant(db):
+    return services.tenant_create(name="acme")
+
+
+@pytest.fixture
+def tenant_key(tenant) -> str:
+    return services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="acme test key")[1]
+
+
+@pytest.fixture
+def api(tenant_key) -> APIClient:
+    """A client of tenant acme (alice and bob's), with its tenant key."""
+    return key_client(tenant_key)
+
+
+@pytest.fixture
+def anonymous_api() -> APIClient:
     return APIClient()
 
 
 @pytest.fixture
-def agent(db):
-    return services.agent_create(name="assistant")
+def agent(tenant):
+    return services.agent_create(tenant_id=tenant.pk, name="assistant")
 
 
 @pytest.fixture
-def alice(db):
-    return services.user_create(name="alice")
+def alice(tenant):
+    return services.user_create(tenant_id=tenant.pk, name="alice")
 
 
 @pytest.fixture
-def bob(db):
-    return services.user_create(name="bob")
+def bob(tenant):
+    return services.user_create(tenant_id=tenant.pk, name="bob")
+
+
+@pytest.fixture
+def other_tenant(db):
+    return services.tenant_create(name="globex")
+
+
+@pytest.fixture
+def other_tenant_key(other_tenant) -> str:
+    return services.api_key_create(scope=KeyScope.TENANT, tenant=other_tenant, name="globex test key")[1]
+
+
+@pytest.fixture
+def globex_api(other_tenant_key) -> APIClient:
+    """A client of the second tenant, globex."""
+    return key_client(other_tenant_key)
+
+
+@pytest.fixture
+def globex_alice(other_tenant):
+    """Globex's own user called alice (same name as acme's: names are per tenant)."""
+    return services.user_create(tenant_id=other_tenant.pk, name="alice")
+
+
+@pytest.fixture
+def globex_agent(other_tenant):
+    return services.agent_create(tenant_id=other_tenant.pk, name="assistant")
+
+
+@pytest.fixture
+def globex_session(globex_alice, globex_agent):
+    return services.session_create(user=globex_alice, agent=globex_agent, name="alice-chat")
 
 
 @pytest.fixture

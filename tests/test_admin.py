@@ -17,7 +17,7 @@ def staff_client(client, db):
     return client
 
 
-@pytest.mark.parametrize("model", ["memory/user", "memory/agent", "memory/session", "memory/message", "memory/knowledge", "buffers/flushjob"])
+@pytest.mark.parametrize("model", ["memory/tenant", "memory/apikey", "memory/user", "memory/agent", "memory/session", "memory/message", "memory/knowledge", "buffers/flushjob"])
 def test_list_pages_render(staff_client, alice_messages, model):
     """Every model's admin list renders for staff."""
     assert staff_client.get(f"/admin/{model}/").status_code == 200
@@ -42,3 +42,18 @@ def test_retry_action_requeues_failed_flushes(staff_client, alice_session):
     assert response.status_code == 302
     job = FlushJob.objects.get(pk=job_id)
     assert (job.state, job.attempts) == (State.QUEUED, 0)
+
+
+def test_revoke_action_revokes_keys_for_good(staff_client, tenant_key):
+    """The admin's 'revoke' action revokes the selected keys: the API refuses them at once."""
+    from memory.models import ApiKey
+    from tests.conftest import key_client
+
+    assert key_client(tenant_key).get("/api/v1/users").status_code == 200
+    api_key = ApiKey.objects.get(prefix=tenant_key.split(".")[0])
+
+    response = staff_client.post("/admin/memory/apikey/", {"action": "revoke", "_selected_action": [api_key.pk]})
+
+    assert response.status_code == 302
+    assert ApiKey.objects.get(pk=api_key.pk).revoked
+    assert key_client(tenant_key).get("/api/v1/users").status_code == 401

@@ -125,7 +125,7 @@ def test_scope_is_relative_to_the_given_session(api, alice, alice_session, alice
 
 def test_agent_id_restricts_to_that_agents_sessions(api, alice, agent, alice_session, alice_messages):
     """With agent_id, only messages of that agent's sessions come back."""
-    other_agent = services.agent_create(name="gardener")
+    other_agent = services.agent_create(tenant_id=agent.tenant_id, name="gardener")
     other_session = services.session_create(user=alice, agent=other_agent, name="alice-with-gardener")
     [other_message] = services.messages_add(
         session=other_session, messages=[MessageIn(role="user", content="My puppy Biscuit digs up the tulips.")]

@@ -28,7 +28,7 @@ def world(alice, bob, agent, alice_session, bob_session, alice_messages, bob_mes
 
     Rows: 2 users, 2 agents, 3 sessions, 3 + 2 + 1 messages, 2 + 1 knowledge items.
     """
-    gardener = services.agent_create(name="gardener")
+    gardener = services.agent_create(tenant_id=agent.tenant_id, name="gardener")
     garden_session = services.session_create(user=alice, agent=gardener, name="alice-garden")
     services.messages_add(session=garden_session, messages=[MessageIn(role="user", content="Tomatoes need sun.")])
     services.knowledge_add(user=alice, contents=["Alice is vegetarian.", "Alice speaks Portuguese."])

@@ -86,7 +86,7 @@ def test_locomo_eval_rejects_bad_files(tmp_path, db, content, message):
 
 @pytest.mark.parametrize(
     "args, option",
-    [(["--rate", "0"], "--rate"), (["--duration", "-1"], "--duration"), (["--burst", "1"], "--burst"), (["--clients", "0"], "--clients")],
+    [(["--rate", "0"], "--rate"), (["--duration", "-1"], "--duration"), (["--burst", "1"], "--burst"), (["--clients", "0"], "--clients"), (["--url", "http://127.0.0.1:9"], "--api-key")],
 )
 def test_memfuse_bench_rejects_bad_options(args, option):
     """Bad benchmark options are command errors naming the option, before any server starts."""

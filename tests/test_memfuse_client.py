@@ -15,10 +15,11 @@ pytestmark = pytest.mark.django_db(transaction=True)
 TIMEOUT_S = 30  # the live server embeds on a small shared machine
 
 
-def test_sync_client_round_trip(live_server):
+def test_sync_client_round_trip(live_server, tenant_key, tenant):
     """init, add, query, list, add_knowledge, re-init to the same ids, and a 404 as MemFuseHTTPError."""
-    with MemFuse(base_url=live_server.url, timeout=TIMEOUT_S) as client:
+    with MemFuse(base_url=live_server.url, api_key=tenant_key, timeout=TIMEOUT_S) as client:
         memory = client.init(user="alice", agent="test_agent", session="test_session")
+        assert User.objects.get(pk=memory.user_id).tenant_id == tenant.pk
         assert memory.user_id and memory.agent_id and memory.session_id
         assert Session.objects.get(pk=memory.session_id).name == "test_session"
 
@@ -60,9 +61,9 @@ def test_sync_client_round_trip(live_server):
         assert raised.value.response_data["errors"][0]["field"] == "user_id"
 
 
-def test_sync_client_init_without_session_name_creates_one(live_server):
+def test_sync_client_init_without_session_name_creates_one(live_server, tenant_key):
     """init without a session name gets a new session with a generated name each time."""
-    with MemFuse(base_url=live_server.url, timeout=TIMEOUT_S) as client:
+    with MemFuse(base_url=live_server.url, api_key=tenant_key, timeout=TIMEOUT_S) as client:
         first = client.init(user="bob")
         second = client.init(user="bob")
 
@@ -72,11 +73,11 @@ def test_sync_client_init_without_session_name_creates_one(live_server):
     assert Agent.objects.get().name == "agent_default"
 
 
-def test_async_client_init_add_query(live_server):
+def test_async_client_init_add_query(live_server, tenant_key):
     """The AsyncMemFuse client can init, add and find a message."""
 
     async def scenario() -> tuple[str, dict]:
-        async with AsyncMemFuse(base_url=live_server.url, timeout=TIMEOUT_S) as client:
+        async with AsyncMemFuse(base_url=live_server.url, api_key=tenant_key, timeout=TIMEOUT_S) as client:
             memory = await client.init(user="carol", agent="async_agent", session="async_session")
             added = await memory.add(
                 [
@@ -92,3 +93,32 @@ def test_async_client_init_add_query(live_server):
     assert found["total"] == 1
     assert found["results"][0]["id"] == tortoise_id
     assert Message.objects.filter(session__name="async_session").count() == 2
+
+
+def test_client_manages_user_keys_and_a_user_key_works(live_server, tenant_key):
+    """api_keys create/list/delete through the client; the created key works until it is revoked."""
+    with MemFuse(base_url=live_server.url, api_key=tenant_key, timeout=TIMEOUT_S) as client:
+        memory = client.init(user="dora", agent="keys_agent", session="keys_session")
+        created = client.api_keys.create_sync(memory.user_id, name="dora's phone")["data"]["api_key"]
+        listed = client.api_keys.list_sync(memory.user_id)["data"]["api_keys"]
+        assert [k["id"] for k in listed] == [created["id"]] and "key" not in listed[0]
+
+    with MemFuse(base_url=live_server.url, api_key=created["key"], timeout=TIMEOUT_S) as as_dora:
+        assert as_dora.users.get_sync(memory.user_id)["data"]["user"]["name"] == "dora"
+        client_of_tenant = MemFuse(base_url=live_server.url, api_key=tenant_key, timeout=TIMEOUT_S)
+        try:
+            client_of_tenant.api_keys.delete_sync(memory.user_id, created["id"])
+        finally:
+            client_of_tenant.close()
+        with pytest.raises(MemFuseHTTPError) as raised:
+            as_dora.users.get_sync(memory.user_id)
+        assert raised.value.status_code == 401
+
+
+def test_client_without_a_key_gets_401(live_server, db):
+    """The client without a key gets a 401 error envelope on anything but health."""
+    with MemFuse(base_url=live_server.url, timeout=TIMEOUT_S) as client:
+        with pytest.raises(MemFuseHTTPError) as raised:
+            client.users.list_sync()
+    assert raised.value.status_code == 401
+    assert raised.value.response_data["status"] == "error"

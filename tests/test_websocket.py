@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import uuid
+from datetime import timedelta
 
 import channels.testing.application
 import pytest
@@ -19,11 +20,12 @@ from channels.layers import channel_layers, get_channel_layer
 from channels.testing import WebsocketCommunicator
 from channels_redis.core import RedisChannelLayer
 from django.db import close_old_connections
+from django.utils import timezone
 
 from buffers import consumers, events
 from buffers.services import flush_pending
 from memory import registry, services
-from memory.models import Message
+from memory.models import ApiKey, KeyScope, Message
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -53,12 +55,18 @@ def return_connections_to_the_pool(monkeypatch):
 
 
 @pytest.fixture
-async def connect(application):
-    """Opens accepted WebSockets to a session's URL; closes them after the test."""
+async def connect(application, tenant_key):
+    """Opens accepted WebSockets to a session's URL (with acme's key unless given); closes them after the test.
+
+    ``key=None`` sends no key; ``subprotocols`` are offered as a browser would.
+    """
     opened: list[WebsocketCommunicator] = []
 
-    async def open_socket(session_id) -> WebsocketCommunicator:
-        communicator = WebsocketCommunicator(application, f"/ws/v1/sessions/{session_id}/", headers=ORIGIN)
+    async def open_socket(session_id, *, key: str | None = tenant_key, subprotocols=None) -> WebsocketCommunicator:
+        headers = ORIGIN + ([(b"authorization", f"Bearer {key}".encode())] if key is not None else [])
+        communicator = WebsocketCommunicator(
+            application, f"/ws/v1/sessions/{session_id}/", headers=headers, subprotocols=subprotocols
+        )
         connected, _ = await communicator.connect(timeout=TIMEOUT)
         assert connected
         opened.append(communicator)
@@ -131,12 +139,12 @@ async def test_unknown_session_gets_404_frame_then_close_4404(connect, session_i
     assert await communicator.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4404}
 
 
-async def test_authorize_refusal_gets_403_frame_then_close_4403(connect, alice_session, monkeypatch):
-    """authorize() gets the middleware's principal and the session; False means a 403 frame and close 4403."""
+async def test_authorize_refusal_looks_like_an_unknown_session(connect, alice_session, monkeypatch, tenant):
+    """authorize() gets the key's principal and the session; False is a 404 frame and close 4404, as for an unknown id."""
     calls = []
 
     def refuse(consumer, principal, session):
-        calls.append((principal, session.pk))
+        calls.append((principal.tenant_id, session.pk))
         return False
 
     monkeypatch.setattr(consumers.SessionConsumer, "authorize", refuse)
@@ -144,10 +152,88 @@ async def test_authorize_refusal_gets_403_frame_then_close_4403(connect, alice_s
 
     frame = await receive(communicator)
 
-    assert frame["error"]["code"] == 403
-    assert await communicator.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4403}
-    assert calls == [({"kind": "anonymous", "token_present": False}, alice_session.pk)]
+    assert frame["error"]["code"] == 404
+    assert await communicator.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4404}
+    assert calls == [(tenant.pk, alice_session.pk)]
     assert len(get_channel_layer().groups.get(events.session_group(alice_session.pk), {})) == 0
+
+
+def _unusable_keys(tenant) -> dict[str, str | None]:
+    """A missing, unknown, wrong-secret, expired and revoked key (committed rows)."""
+    live, live_key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="live")
+    expired, expired_key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="expired")
+    ApiKey.objects.filter(pk=expired.pk).update(expiry_date=timezone.now() - timedelta(seconds=1))
+    revoked, revoked_key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="revoked")
+    services.api_key_revoke(api_key=revoked)
+    return {
+        "none": None,
+        "unknown": "nope1234.abcdefghijklmnopqrstuvwxyz012345",
+        "wrong-secret": live_key.split(".")[0] + ".x" + live_key.split(".")[1][1:],
+        "expired": expired_key,
+        "revoked": revoked_key,
+    }
+
+
+@pytest.mark.parametrize("which", ["none", "unknown", "wrong-secret", "expired", "revoked"])
+async def test_socket_without_a_usable_key_gets_401_then_close_4401(connect, alice_session, tenant, which):
+    """No key, an unknown or wrong one, an expired or a revoked one: a 401 frame, close 4401, nothing joined."""
+    key = (await database_sync_to_async(_unusable_keys)(tenant))[which]
+    communicator = await connect(alice_session.pk, key=key)
+
+    frame = await receive(communicator)
+
+    assert frame["type"] == "error" and frame["error"]["code"] == 401
+    assert await communicator.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4401}
+    assert len(get_channel_layer().groups.get(events.session_group(alice_session.pk), {})) == 0
+
+
+async def test_another_tenants_session_is_an_unknown_session(connect, alice_session, other_tenant_key):
+    """Globex's key on acme's session: 404 and close 4404, exactly as for an id that does not exist."""
+    communicator = await connect(alice_session.pk, key=other_tenant_key)
+
+    frame = await receive(communicator)
+
+    assert frame["error"]["code"] == 404
+    assert await communicator.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4404}
+
+
+async def test_operator_key_sees_no_session(connect, alice_session):
+    """An operator key belongs to no tenant: every session is unknown to it (404, close 4404)."""
+    _, operator_key = await database_sync_to_async(services.api_key_create)(scope=KeyScope.OPERATOR, name="ops")
+    communicator = await connect(alice_session.pk, key=operator_key)
+
+    assert (await receive(communicator))["error"]["code"] == 404
+    assert await communicator.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4404}
+
+
+async def test_user_key_reaches_its_users_session_only(connect, alice, alice_session, bob_session):
+    """A user key of bob opens bob's session, and alice's is unknown to it."""
+    _, bob_key = await database_sync_to_async(services.api_key_create)(
+        scope=KeyScope.USER, user=bob_session.user, name="bob"
+    )
+    own = await connect(bob_session.pk, key=bob_key)
+    assert await own.receive_nothing()
+
+    other = await connect(alice_session.pk, key=bob_key)
+    assert (await receive(other))["error"]["code"] == 404
+    assert await other.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4404}
+
+
+async def test_browser_key_as_subprotocol(application, alice_session, tenant_key):
+    """A browser offers ["memfuse", "bearer.<key>"]: accepted with subprotocol memfuse (the key is never echoed)."""
+    communicator = WebsocketCommunicator(
+        application,
+        f"/ws/v1/sessions/{alice_session.pk}/",
+        headers=ORIGIN,
+        subprotocols=["memfuse", f"bearer.{tenant_key}"],
+    )
+    connected, subprotocol = await communicator.connect(timeout=TIMEOUT)
+    try:
+        assert connected and subprotocol == "memfuse"
+        frame = await add(communicator, [VALID_MESSAGE])
+        assert len(frame["message_ids"]) == 1
+    finally:
+        await communicator.disconnect()
 
 
 # --- messages.add --------------------------------------------------------------------------------

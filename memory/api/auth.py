@@ -1,13 +1,27 @@
-"""Authentication hook shared by the REST API and WebSocket connections.
+"""API-key authentication shared by the REST API and WebSocket connections, and rate limits.
 
-Today the service is open: every request is served. Tenants and API keys (``Authorization:
-Bearer <key>``) plug in here: ``authenticate_bearer`` resolves a key to a principal, and both
-the DRF authentication class and the WebSocket middleware call it.
+Every REST request but ``GET /api/v1/health`` carries ``Authorization: Bearer <key>`` (the
+header the ``memfuse`` client sends). ``memory.tenancy.resolve_key`` turns a key into a
+``Principal``; ``ApiKeyAuthentication`` (DRF) and ``WebSocketAuthMiddleware`` (Channels) both
+call it. A missing, unknown, revoked or expired key is a 401.
+
+Browsers cannot set headers on a WebSocket, so a socket may also offer the key as a
+subprotocol: ``new WebSocket(url, ["memfuse", "bearer.<key>"])``; the server then accepts
+with the ``memfuse`` subprotocol (never echoing the key). A subprotocol rather than
+``?api_key=``: query strings are written to access logs and proxies' logs, headers are not.
 """
 
 from __future__ import annotations
 
+from channels.db import database_sync_to_async
 from channels.middleware import BaseMiddleware
+from django.conf import settings
+from rest_framework import authentication, exceptions, permissions, throttling
+
+from memory.tenancy import Principal, resolve_key
+
+WS_SUBPROTOCOL = "memfuse"
+WS_KEY_SUBPROTOCOL_PREFIX = "bearer."
 
 
 def bearer_token(headers: list[tuple[bytes, bytes]] | dict) -> str | None:
@@ -22,14 +36,104 @@ def bearer_token(headers: list[tuple[bytes, bytes]] | dict) -> str | None:
     return None
 
 
-def authenticate_bearer(token: str | None) -> dict:
-    """The principal a request acts as. Open service: everyone is the anonymous principal."""
-    return {"kind": "anonymous", "token_present": token is not None}
+def subprotocol_token(subprotocols: list[str]) -> str | None:
+    """The key offered as a ``bearer.<key>`` WebSocket subprotocol, or ``None``."""
+    for protocol in subprotocols:
+        if protocol.startswith(WS_KEY_SUBPROTOCOL_PREFIX):
+            return protocol[len(WS_KEY_SUBPROTOCOL_PREFIX) :] or None
+    return None
+
+
+def authenticate_bearer(token: str | None) -> Principal | None:
+    """The principal of ``token``; ``None`` when there is none or it is not a usable key."""
+    return resolve_key(token)
+
+
+class ApiKeyAuthentication(authentication.BaseAuthentication):
+    """DRF authentication by ``Authorization: Bearer <key>``: ``request.auth`` is the ``Principal``.
+
+    No header: not authenticated (the permission then answers 401). A header with a key
+    that does not resolve: 401 at once.
+    """
+
+    def authenticate(self, request):
+        header = request.META.get("HTTP_AUTHORIZATION")
+        if not header:
+            return None
+        token = bearer_token({"authorization": header})
+        principal = authenticate_bearer(token)
+        if principal is None:
+            raise exceptions.AuthenticationFailed("Invalid, expired or revoked API key")
+        return None, principal  # no Django user: the key is the identity
+
+    def authenticate_header(self, request) -> str:
+        # Makes DRF answer 401 (not 403) to a request without a key.
+        return 'Bearer realm="api"'
+
+
+class HasTenantKey(permissions.BasePermission):
+    """A tenant or user key. Operator keys are refused (403): they see no tenant's data."""
+
+    message = "An API key is required: Authorization: Bearer <key>"
+
+    def has_permission(self, request, view) -> bool:
+        principal = request.auth
+        if not isinstance(principal, Principal):
+            return False
+        if principal.tenant_id is None:
+            raise exceptions.PermissionDenied("Operator keys cannot access tenant data")
+        return True
+
+
+def is_operator(request) -> bool:
+    """Whether ``request`` comes from an operator: a staff user's admin session, or an operator key.
+
+    ``request`` is a DRF ``Request`` (or a Django ``HttpRequest``); authentication must have run.
+    """
+    if isinstance(getattr(request, "auth", None), Principal) and request.auth.is_operator:
+        return True
+    django_request = getattr(request, "_request", request)
+    user = getattr(django_request, "user", None)
+    return bool(user is not None and user.is_active and user.is_staff)
+
+
+class IsOperator(permissions.BasePermission):
+    """DRF permission for operator endpoints (see ``is_operator``)."""
+
+    message = "Operator access required"
+
+    def has_permission(self, request, view) -> bool:
+        return is_operator(request)
+
+
+class ApiKeyRateThrottle(throttling.SimpleRateThrottle):
+    """At most ``API_RATE_LIMIT`` requests per API key (default ``6000/minute``).
+
+    Counted in Django's default cache: Redis when ``REDIS_URL`` is set (shared by every
+    process), else per process. DRF's sliding window reads then writes the key's history
+    without a lock, so concurrent requests of one key may overshoot the limit slightly.
+    """
+
+    scope = "api_key"
+
+    def get_rate(self) -> str:
+        return settings.MEMFUSE["API_RATE_LIMIT"]  # read per request, so tests can change it
+
+    def get_cache_key(self, request, view) -> str | None:
+        if not isinstance(request.auth, Principal):
+            return None  # no key, no limit here (the request is refused anyway)
+        return self.cache_format % {"scope": self.scope, "ident": request.auth.key_id}
 
 
 class WebSocketAuthMiddleware(BaseMiddleware):
-    """Puts ``scope["principal"]`` on WebSocket connections, from the same hook as REST."""
+    """Puts ``scope["principal"]`` (a ``Principal`` or ``None``) on WebSocket connections.
+
+    The key comes from the ``Authorization`` header, else from a ``bearer.<key>`` subprotocol.
+    Resolving may query the database, so it runs in a worker thread.
+    """
 
     async def __call__(self, scope, receive, send):
-        scope = dict(scope, principal=authenticate_bearer(bearer_token(scope.get("headers", []))))
+        token = bearer_token(scope.get("headers", [])) or subprotocol_token(scope.get("subprotocols", []))
+        principal = await database_sync_to_async(authenticate_bearer, thread_sensitive=False)(token)
+        scope = dict(scope, principal=principal)
         return await super().__call__(scope, receive, send)

@@ -24,6 +24,12 @@ urlpatterns = [
     route(f"users/{ID.format('user_id')}/knowledge/read", views.UserKnowledgeReadView, "user-knowledge-read"),
     route(f"users/{ID.format('user_id')}/flush", views.UserFlushView, "user-flush"),
     route(f"users/{ID.format('user_id')}/buffer", views.UserBufferView, "user-buffer"),
+    route(f"users/{ID.format('user_id')}/api-keys", views.UserApiKeysView, "user-api-keys"),
+    route(
+        f"users/{ID.format('user_id')}/api-keys/{ID.format('api_key_id')}",
+        views.UserApiKeyDetailView,
+        "user-api-key-detail",
+    ),
     route("agents", views.AgentsView, "agents"),
     route(f"agents/{ID.format('agent_id')}", views.AgentDetailView, "agent-detail"),
     route("sessions", views.SessionsView, "sessions"),

@@ -2,6 +2,12 @@
 
 Views are thin: validate with a serializer, call one service or selector, answer in MemFuse's
 envelope. Ids in paths are UUIDs; anything else is an unknown id (404 naming the field).
+
+Every view but health needs an API key (``memory.api.auth``); ``request.auth`` is its
+``Principal`` and every lookup goes through it, so another tenant's object (or, for a user
+key, another user's) is a 404 like an unknown id. A user key may not create users nor
+create, change or delete agents (403): an agent is shared by the tenant's users, and
+deleting one deletes every session with it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from memory.api import serializers as s
 from memory.api.base import ConcurrentAPIView as APIView
 from memory.api.errors import envelope
 from memory.api.serializers import validated
-from memory.errors import NotFound
+from memory.errors import Forbidden, NotFound
+from memory.models import KeyScope
+from memory.tenancy import Principal
 
 API_VERSION = "0.3.0"  # the MemFuse API generation we are compatible with (client 0.3.x)
 
@@ -31,19 +39,32 @@ def parse_id(value: str, *, field: str, what: str) -> uuid.UUID:
         raise NotFound(f"{what} '{value}' not found", field=field) from None
 
 
-def _user(user_id: str):
-    return selectors.user_get(user_id=parse_id(user_id, field="user_id", what="User"))
+def _user(request, user_id: str):
+    return selectors.user_get(principal=request.auth, user_id=parse_id(user_id, field="user_id", what="User"))
 
 
-def _agent(agent_id: str):
-    return selectors.agent_get(agent_id=parse_id(agent_id, field="agent_id", what="Agent"))
+def _agent(request, agent_id: str):
+    return selectors.agent_get(principal=request.auth, agent_id=parse_id(agent_id, field="agent_id", what="Agent"))
 
 
-def _session(session_id: str):
-    return selectors.session_get(session_id=parse_id(session_id, field="session_id", what="Session"))
+def _session(request, session_id: str):
+    return selectors.session_get(
+        principal=request.auth, session_id=parse_id(session_id, field="session_id", what="Session")
+    )
+
+
+def _tenant_key_only(request, action: str) -> Principal:
+    """The caller's principal when it is a tenant key; ``Forbidden`` for a user key."""
+    if request.auth.is_user_key:
+        raise Forbidden(f"A user key cannot {action}: use a tenant key")
+    return request.auth
 
 
 class HealthView(APIView):
+    authentication_classes = []  # open, and a stale key must not turn a health check into a 401
+    permission_classes = []
+    throttle_classes = []
+
     def get(self, request):
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
@@ -56,36 +77,37 @@ class HealthView(APIView):
 class UsersView(APIView):
     def get(self, request):
         name = validated(s.NameFilter, request.query_params).get("name")
-        users = list(selectors.users_list(name=name))
+        users = list(selectors.users_list(principal=request.auth, name=name))
         if name is not None and not users:
             # The memfuse client's get-or-create expects 404 for an unknown name.
             raise NotFound(f"User with name '{name}' not found", field="name")
         return envelope({"users": s.UserOut(users, many=True).data})
 
     def post(self, request):
+        principal = _tenant_key_only(request, "create users")
         data = validated(s.NamedIn, request.data)
-        user = services.user_create(**data)
+        user = services.user_create(tenant_id=principal.tenant_id, **data)
         return envelope({"user": s.UserOut(user).data}, code=201, message="User created successfully")
 
 
 class UserDetailView(APIView):
     def get(self, request, user_id):
-        return envelope({"user": s.UserOut(_user(user_id)).data})
+        return envelope({"user": s.UserOut(_user(request, user_id)).data})
 
     def put(self, request, user_id):
-        user = _user(user_id)
+        user = _user(request, user_id)
         user = services.user_update(user=user, **validated(s.NamedUpdate, request.data))
         return envelope({"user": s.UserOut(user).data}, message="User updated successfully")
 
     def delete(self, request, user_id):
-        user = _user(user_id)
+        user = _user(request, user_id)
         services.user_delete(user=user)
         return envelope({"user_id": user_id}, message="User deleted successfully")
 
 
 class UserQueryView(APIView):
     def post(self, request, user_id):
-        user = _user(user_id)
+        user = _user(request, user_id)
         data = validated(s.QueryIn, request.data)
         results = selectors.memory_query(
             user=user,
@@ -99,22 +121,22 @@ class UserQueryView(APIView):
 
 class UserKnowledgeView(APIView):
     def get(self, request, user_id):
-        items = selectors.knowledge_list(user=_user(user_id))
+        items = selectors.knowledge_list(user=_user(request, user_id))
         return envelope({"knowledge": s.KnowledgeOut(items, many=True).data})
 
     def post(self, request, user_id):
-        user = _user(user_id)
+        user = _user(request, user_id)
         rows = services.knowledge_add(user=user, contents=validated(s.KnowledgeAdd, request.data)["knowledge"])
         return envelope({"knowledge_ids": [str(r.pk) for r in rows]}, code=201, message="Knowledge added successfully")
 
     def put(self, request, user_id):
-        user = _user(user_id)
+        user = _user(request, user_id)
         data = validated(s.KnowledgeUpdate, request.data)
         rows = services.knowledge_update(user=user, knowledge_ids=data["knowledge_ids"], new_contents=data["new_knowledge"])
         return envelope({"knowledge_ids": [str(r.pk) for r in rows]}, message="Knowledge updated successfully")
 
     def delete(self, request, user_id):
-        user = _user(user_id)
+        user = _user(request, user_id)
         ids = validated(s.KnowledgeIds, request.data)["knowledge_ids"]
         services.knowledge_delete(user=user, knowledge_ids=ids)
         return envelope({"knowledge_ids": [str(i) for i in ids]}, message="Knowledge deleted successfully")
@@ -122,7 +144,7 @@ class UserKnowledgeView(APIView):
 
 class UserKnowledgeReadView(APIView):
     def post(self, request, user_id):
-        user = _user(user_id)
+        user = _user(request, user_id)
         ids = validated(s.KnowledgeIds, request.data)["knowledge_ids"]
         rows = selectors.knowledge_by_ids(user=user, knowledge_ids=ids)
         return envelope({"knowledge": s.KnowledgeOut(rows, many=True).data})
@@ -134,26 +156,29 @@ class UserKnowledgeReadView(APIView):
 class AgentsView(APIView):
     def get(self, request):
         name = validated(s.NameFilter, request.query_params).get("name")
-        agents = list(selectors.agents_list(name=name))
+        agents = list(selectors.agents_list(principal=request.auth, name=name))
         if name is not None and not agents:
             raise NotFound(f"Agent with name '{name}' not found", field="name")
         return envelope({"agents": s.AgentOut(agents, many=True).data})
 
     def post(self, request):
-        agent = services.agent_create(**validated(s.NamedIn, request.data))
+        principal = _tenant_key_only(request, "create agents")
+        agent = services.agent_create(tenant_id=principal.tenant_id, **validated(s.NamedIn, request.data))
         return envelope({"agent": s.AgentOut(agent).data}, code=201, message="Agent created successfully")
 
 
 class AgentDetailView(APIView):
     def get(self, request, agent_id):
-        return envelope({"agent": s.AgentOut(_agent(agent_id)).data})
+        return envelope({"agent": s.AgentOut(_agent(request, agent_id)).data})
 
     def put(self, request, agent_id):
-        agent = services.agent_update(agent=_agent(agent_id), **validated(s.NamedUpdate, request.data))
+        _tenant_key_only(request, "change agents")
+        agent = services.agent_update(agent=_agent(request, agent_id), **validated(s.NamedUpdate, request.data))
         return envelope({"agent": s.AgentOut(agent).data}, message="Agent updated successfully")
 
     def delete(self, request, agent_id):
-        services.agent_delete(agent=_agent(agent_id))
+        _tenant_key_only(request, "delete agents")
+        services.agent_delete(agent=_agent(request, agent_id))
         return envelope({"agent_id": agent_id}, message="Agent deleted successfully")
 
 
@@ -163,35 +188,35 @@ class AgentDetailView(APIView):
 class SessionsView(APIView):
     def get(self, request):
         filters = validated(s.SessionFilter, request.query_params)
-        sessions = list(selectors.sessions_list(**filters))
+        sessions = list(selectors.sessions_list(principal=request.auth, **filters))
         if "name" in filters and not sessions:
             raise NotFound(f"Session with name '{filters['name']}' not found", field="name")
         return envelope({"sessions": s.SessionOut(sessions, many=True).data})
 
     def post(self, request):
         data = validated(s.SessionIn, request.data)
-        user = selectors.user_get(user_id=data["user_id"])
-        agent = selectors.agent_get(agent_id=data["agent_id"])
+        user = selectors.user_get(principal=request.auth, user_id=data["user_id"])
+        agent = selectors.agent_get(principal=request.auth, agent_id=data["agent_id"])
         session = services.session_create(user=user, agent=agent, name=data.get("name"), metadata=data.get("metadata"))
         return envelope({"session": s.SessionOut(session).data}, code=201, message="Session created successfully")
 
 
 class SessionDetailView(APIView):
     def get(self, request, session_id):
-        return envelope({"session": s.SessionOut(_session(session_id)).data})
+        return envelope({"session": s.SessionOut(_session(request, session_id)).data})
 
     def put(self, request, session_id):
-        session = services.session_update(session=_session(session_id), **validated(s.SessionUpdate, request.data))
+        session = services.session_update(session=_session(request, session_id), **validated(s.SessionUpdate, request.data))
         return envelope({"session": s.SessionOut(session).data}, message="Session updated successfully")
 
     def delete(self, request, session_id):
-        services.session_delete(session=_session(session_id))
+        services.session_delete(session=_session(request, session_id))
         return envelope({"session_id": session_id}, message="Session deleted successfully")
 
 
 class SessionMessagesView(APIView):
     def get(self, request, session_id):
-        session = _session(session_id)
+        session = _session(request, session_id)
         params = validated(s.MessagesListQuery, request.query_params)
         rows = selectors.messages_list(
             session=session,
@@ -203,7 +228,7 @@ class SessionMessagesView(APIView):
         return envelope({"messages": s.MessageOut(rows, many=True).data})
 
     def post(self, request, session_id):
-        session = _session(session_id)
+        session = _session(request, session_id)
         messages = validated(s.MessagesAdd, request.data)["messages"]
         rows = services.messages_add(session=session, messages=messages)
         return envelope(
@@ -213,13 +238,13 @@ class SessionMessagesView(APIView):
         )
 
     def put(self, request, session_id):
-        session = _session(session_id)
+        session = _session(request, session_id)
         data = validated(s.MessagesUpdate, request.data)
         rows = services.messages_update(session=session, message_ids=data["message_ids"], new_messages=data["new_messages"])
         return envelope({"message_ids": [str(r.pk) for r in rows]}, message="Messages updated successfully")
 
     def delete(self, request, session_id):
-        session = _session(session_id)
+        session = _session(request, session_id)
         ids = validated(s.MessageIds, request.data)["message_ids"]
         services.messages_delete(session=session, message_ids=ids)
         return envelope({"message_ids": [str(i) for i in ids]}, message="Messages deleted successfully")
@@ -227,7 +252,7 @@ class SessionMessagesView(APIView):
 
 class SessionMessagesReadView(APIView):
     def post(self, request, session_id):
-        session = _session(session_id)
+        session = _session(request, session_id)
         ids = validated(s.MessageIds, request.data)["message_ids"]
         rows = selectors.messages_by_ids(session=session, message_ids=ids)
         return envelope({"messages": s.MessageOut(rows, many=True).data})
@@ -251,15 +276,44 @@ def _manual_flush(request, *, user_id, session_id=None):
 
 class UserFlushView(APIView):
     def post(self, request, user_id):
-        return _manual_flush(request, user_id=_user(user_id).pk)
+        return _manual_flush(request, user_id=_user(request, user_id).pk)
 
 
 class SessionFlushView(APIView):
     def post(self, request, session_id):
-        session = _session(session_id)
+        session = _session(request, session_id)
         return _manual_flush(request, user_id=session.user_id, session_id=session.pk)
 
 
 class UserBufferView(APIView):
     def get(self, request, user_id):
-        return envelope(buffer_services.buffer_status(user_id=_user(user_id).pk))
+        return envelope(buffer_services.buffer_status(user_id=_user(request, user_id).pk))
+
+
+# --- API keys (MemFuse's users/{id}/api-keys) --------------------------------------------------
+
+
+class UserApiKeysView(APIView):
+    """A user's keys: a tenant key manages any user's, a user key its own user's."""
+
+    def get(self, request, user_id):
+        keys = selectors.api_keys_list(user=_user(request, user_id))
+        return envelope({"api_keys": s.ApiKeyOut(keys, many=True).data})
+
+    def post(self, request, user_id):
+        user = _user(request, user_id)
+        data = validated(s.ApiKeyIn, request.data if request.data else {})
+        api_key, key = services.api_key_create(
+            scope=KeyScope.USER, user=user, name=data.get("name") or f"{user.name[:40]} key", expires_at=data.get("expires_at")
+        )
+        # The only time the key is shown: it is stored hashed.
+        return envelope(
+            {"api_key": {**s.ApiKeyOut(api_key).data, "key": key}}, code=201, message="API key created: store it now"
+        )
+
+
+class UserApiKeyDetailView(APIView):
+    def delete(self, request, user_id, api_key_id):
+        api_key = selectors.api_key_get(user=_user(request, user_id), api_key_id=api_key_id)
+        services.api_key_revoke(api_key=api_key)
+        return envelope({"api_key_id": api_key.prefix}, message="API key revoked")

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from buffers.services import flush_pending
 from memfuse_project.embedded_pg import migrate_if_embedded
 from memory import selectors, services
-from memory.models import Agent
+from memory.models import Agent, Tenant
 from memory.retrieval import RetrievalConfig
 from memory.services import MessageIn
 
@@ -38,6 +38,7 @@ KS = (5, 10, 20)
 EVIDENCE_ID = re.compile(r"D(\d+):(\d+)")
 SESSION_KEY = re.compile(r"^session_(\d+)$")
 DIA_ID_KEY = "locomo_dia_id"
+EVAL_TENANT = "locomo-eval"  # the tenant of the users and agent this command creates
 
 
 def parse_session_date(text: str) -> datetime:
@@ -94,7 +95,11 @@ class Command(BaseCommand):
             bm25_weight=options["bm25_weight"], vector_weight=options["vector_weight"], rrf_k=options["rrf_k"]
         )
         run = uuid.uuid4().hex[:8]
-        agent = Agent.objects.filter(name="locomo-eval").first() or services.agent_create(name="locomo-eval")
+        # Its own tenant, so its users and agent never share names with a client's.
+        tenant = Tenant.objects.filter(name=EVAL_TENANT).first() or services.tenant_create(name=EVAL_TENANT)
+        agent = Agent.objects.filter(tenant=tenant, name="locomo-eval").first() or services.agent_create(
+            tenant_id=tenant.pk, name="locomo-eval"
+        )
         users = []
         try:
             ingest_seconds, n_messages, users = self._ingest(conversations, agent, run)
@@ -128,7 +133,7 @@ class Command(BaseCommand):
             for index, item in enumerate(conversations):
                 conversation = item["conversation"]
                 sample_id = item.get("sample_id", f"conv-{index}")
-                user = services.user_create(name=f"locomo-{sample_id}-{run}")
+                user = services.user_create(tenant_id=agent.tenant_id, name=f"locomo-{sample_id}-{run}")
                 users.append(user)
                 speaker_a = conversation.get("speaker_a")
                 for number, date, turns in conversation_sessions(conversation):

@@ -18,6 +18,12 @@ beside ``ingest``.
    then, with the server idle, the embedding model's raw batched throughput on the same texts
    in this process: the ceiling of the ingest path on this machine.
 
+Every request carries an API key. A server started by the bench serves the same database as
+this process, so the bench creates a tenant ``bench-<run>`` with a tenant key in-process (and
+deletes it at the end unless ``--keep``); with ``--url``, pass ``--api-key`` (a tenant key, or
+``MEMFUSE_API_KEY``). Each bench user then gets a user key of its own for its adds: the rate
+limit counts per key, and one key doing 100 adds/s would meet the default limit (6000/minute).
+
 Texts are chat turns: the ``conversation`` turns' ``text`` of the LoCoMo development file when
 it exists (nothing else of that file is read), else a small built-in generator.
 """
@@ -238,6 +244,7 @@ class BenchUser:
     user_id: str
     agent_id: str
     session_id: str
+    api_key: str  # the user's own key (per-key rate limits)
 
 
 @dataclass(frozen=True)
@@ -254,13 +261,20 @@ class AddOutcome:
 class Api:
     """The REST API at ``base_url`` through one aiohttp session (one connection per client)."""
 
-    def __init__(self, http: aiohttp.ClientSession, base_url: str) -> None:
+    def __init__(self, http: aiohttp.ClientSession, base_url: str, *, api_key: str) -> None:
         self.http = http
         self.base = base_url.rstrip("/") + "/api/v1"
+        self.api_key = api_key
 
-    async def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict | None]:
-        """``(status, decoded JSON body or None)``; network errors raise ``aiohttp.ClientError``."""
-        async with self.http.request(method, self.base + path, json=body) as response:
+    async def call(
+        self, method: str, path: str, body: dict | None = None, *, api_key: str | None = None
+    ) -> tuple[int, dict | None]:
+        """``(status, decoded JSON body or None)`` with ``api_key`` (default: the tenant key).
+
+        Network errors raise ``aiohttp.ClientError``.
+        """
+        headers = {"Authorization": f"Bearer {api_key or self.api_key}"}
+        async with self.http.request(method, self.base + path, json=body, headers=headers) as response:
             try:
                 payload = await response.json(content_type=None)
             except (ValueError, aiohttp.ContentTypeError):
@@ -284,7 +298,9 @@ class Api:
         user_text, assistant_text = round_texts
         body = {"messages": [{"role": "user", "content": user_text}, {"role": "assistant", "content": assistant_text}]}
         try:
-            status, payload = await self.call("POST", f"/sessions/{user.session_id}/messages", body)
+            status, payload = await self.call(
+                "POST", f"/sessions/{user.session_id}/messages", body, api_key=user.api_key
+            )
             error = "" if status == 201 else f"HTTP {status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
             status, payload, error = 0, None, type(exc).__name__
@@ -319,7 +335,10 @@ async def create_users(api: Api, *, count: int, run_id: str, created: list[str])
             created.append(f"/agents/{agent['id']}")
             body = {"user_id": user["id"], "agent_id": agent["id"], "name": name}
             session = (await api.data("POST", "/sessions", body, expect=201))["session"]
-        return BenchUser(index=index, user_id=user["id"], agent_id=agent["id"], session_id=session["id"])
+            key = (await api.data("POST", f"/users/{user['id']}/api-keys", {"name": name}, expect=201))["api_key"]
+        return BenchUser(
+            index=index, user_id=user["id"], agent_id=agent["id"], session_id=session["id"], api_key=key["key"]
+        )
 
     return list(await asyncio.gather(*(create(index) for index in range(count))))
 
@@ -636,6 +655,16 @@ BENCHMARKS: dict[str, type[Benchmark]] = {IngestBench.name: IngestBench}
 # --- the command -------------------------------------------------------------------------------
 
 
+def bench_tenant(run_id: str):
+    """A tenant ``bench-<run_id>`` and its tenant key, written to the server's database directly."""
+    from memory import services
+    from memory.models import KeyScope
+
+    tenant = services.tenant_create(name=f"bench-{run_id}")
+    _, key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="memfuse_bench")
+    return tenant, key
+
+
 class Command(BaseCommand):
     help = "Benchmark the service over HTTP and print the results as JSON (see the module docstring)."
 
@@ -644,6 +673,11 @@ class Command(BaseCommand):
         for name, bench in BENCHMARKS.items():
             sub = subparsers.add_parser(name, help=bench.help)
             sub.add_argument("--url", help="base URL of a running server (default: start runserver on loopback)")
+            sub.add_argument(
+                "--api-key",
+                default=os.environ.get("MEMFUSE_API_KEY"),
+                help="a tenant key of the --url server (default: $MEMFUSE_API_KEY)",
+            )
             sub.add_argument("--clients", type=int, default=64, help="concurrent clients, one user each")
             sub.add_argument("--json", dest="json_out", type=Path, help="also write the results to this file")
             sub.add_argument("--seed", type=int, help="seed of text selection (default: random, reported)")
@@ -655,6 +689,8 @@ class Command(BaseCommand):
         if options["clients"] <= 0:
             raise CommandError(f"--clients must be > 0 (got {options['clients']})")
         bench_class.validate(options)
+        if options["url"] and not options["api_key"]:
+            raise CommandError("--api-key: a tenant key of the --url server is required (or set MEMFUSE_API_KEY)")
         if options["url"] and not health_ok(options["url"], timeout=10):
             raise CommandError(f"--url: {options['url']} is unreachable (no 200 from {HEALTH_PATH})")
         if options["seed"] is None:
@@ -667,17 +703,22 @@ class Command(BaseCommand):
         server = None
         url = options["url"]
         server_info: dict = {}
+        tenant = None
         try:
             if not url:
                 server = ServerProcess(log_path=Path(f"/tmp/memfuse-bench-{run_id}-server.log"))
                 self.stderr.write(f"starting runserver (log: {server.log_path}) ...")
                 url = server.start()
+                # After the start: the server has migrated the (embedded) database by now.
+                tenant, options["api_key"] = bench_tenant(run_id)
             results = asyncio.run(self._run(bench, url, options, run_id))
         except BenchError as exc:
             raise CommandError(str(exc)) from None
         finally:
             if server is not None:
                 server_info = server.stop()
+            if tenant is not None and not options["keep"]:
+                tenant.delete()
 
         report = {
             "benchmark": bench_class.name,
@@ -714,7 +755,7 @@ class Command(BaseCommand):
         connector = aiohttp.TCPConnector(limit=clients)
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-            api = Api(http, url)
+            api = Api(http, url, api_key=options["api_key"])
             created: list[str] = []
             try:
                 users = await create_users(api, count=clients, run_id=run_id, created=created)
