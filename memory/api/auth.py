@@ -33,3 +33,21 @@ class WebSocketAuthMiddleware(BaseMiddleware):
     async def __call__(self, scope, receive, send):
         scope = dict(scope, principal=authenticate_bearer(bearer_token(scope.get("headers", []))))
         return await super().__call__(scope, receive, send)
+
+
+def is_operator(request) -> bool:
+    """Whether ``request`` (a Django ``HttpRequest`` or a DRF ``Request``) may see operator figures.
+
+    Today: an authenticated, active staff user of a Django session (the admin login).
+    Operator-scope API keys plug in here when tenants and keys arrive.
+    """
+    django_request = getattr(request, "_request", request)  # DRF wraps Django's request
+    user = getattr(django_request, "user", None)
+    return bool(user is not None and user.is_authenticated and user.is_active and user.is_staff)
+
+
+def is_authenticated(request) -> bool:
+    """Whether ``request`` carries any credentials: a session user or a bearer token."""
+    django_request = getattr(request, "_request", request)
+    user = getattr(django_request, "user", None)
+    return bool(user is not None and user.is_authenticated) or bearer_token(dict(django_request.headers)) is not None
