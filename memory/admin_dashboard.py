@@ -41,6 +41,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     context = {
         **admin.site.each_context(request),
         "title": "MemFuse dashboard",
+        "is_nav_sidebar_enabled": False,  # the figures need the width
         "stats": operator_stats(),
         "refresh_seconds": REFRESH_SECONDS,
         "failed_jobs_url": reverse("admin:buffers_flushjob_changelist") + "?state__exact=failed",
