@@ -9,6 +9,7 @@ from memory.models import Agent, Knowledge, Message, Session, User
 @admin.register(User)
 class UserAdmin(admin.ModelAdmin):
     list_display = ["name", "id", "sessions_count", "pending_messages", "memory_version", "created_at"]
+    list_filter = ["created_at"]
     search_fields = ["name", "id"]
     readonly_fields = ["id", "memory_version", "created_at", "updated_at"]
 
@@ -34,6 +35,7 @@ class UserAdmin(admin.ModelAdmin):
 @admin.register(Agent)
 class AgentAdmin(admin.ModelAdmin):
     list_display = ["name", "id", "created_at"]
+    list_filter = ["created_at"]
     search_fields = ["name", "id"]
     readonly_fields = ["id", "created_at", "updated_at"]
 
@@ -48,11 +50,26 @@ class SessionAdmin(admin.ModelAdmin):
     readonly_fields = ["id", "created_at", "updated_at"]
 
 
+class FlushedFilter(admin.SimpleListFilter):
+    """Flushed (embedded and indexed) or still pending in the write-behind buffer."""
+
+    title = "flushed"
+    parameter_name = "flushed"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Flushed"), ("no", "Pending")]
+
+    def queryset(self, request, queryset):
+        if self.value() in ("yes", "no"):
+            return queryset.filter(flushed_at__isnull=self.value() == "no")
+        return queryset
+
+
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
-    list_display = ["short_content", "role", "session", "position", "flushed", "flush_count", "created_at"]
-    list_select_related = ["session"]
-    list_filter = ["role", ("flushed_at", admin.EmptyFieldListFilter)]
+    list_display = ["short_content", "role", "user", "session", "position", "flushed", "flush_count", "created_at"]
+    list_select_related = ["session", "user"]
+    list_filter = ["role", FlushedFilter, "created_at"]
     search_fields = ["content", "id", "session__name", "user__name"]
     raw_id_fields = ["session", "user"]
     exclude = ["embedding", "flush_claim"]
@@ -74,6 +91,7 @@ class MessageAdmin(admin.ModelAdmin):
 class KnowledgeAdmin(admin.ModelAdmin):
     list_display = ["short_content", "user", "created_at"]
     list_select_related = ["user"]
+    list_filter = ["created_at"]
     search_fields = ["content", "id", "user__name"]
     raw_id_fields = ["user"]
     exclude = ["embedding"]

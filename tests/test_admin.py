@@ -42,3 +42,14 @@ def test_retry_action_requeues_failed_flushes(staff_client, alice_session):
     assert response.status_code == 302
     job = FlushJob.objects.get(pk=job_id)
     assert (job.state, job.attempts) == (State.QUEUED, 0)
+
+
+def test_message_list_filters_pending_and_flushed(staff_client, alice_messages, bob_messages):
+    """The 'flushed' filter separates flushed messages from those still pending."""
+    buffers.flush_pending(user_id=alice_messages[0].user_id)
+
+    pending = staff_client.get("/admin/memory/message/?flushed=no").content.decode()
+    flushed = staff_client.get("/admin/memory/message/?flushed=yes").content.decode()
+
+    assert "Pepper" in pending and "Biscuit" not in pending
+    assert "Biscuit" in flushed and "Pepper" not in flushed
