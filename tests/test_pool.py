@@ -119,11 +119,12 @@ def _hold_the_only_connection(url: str) -> threading.Thread:
     return thread
 
 
-def _wait_until_blocked(locker: psycopg.Connection) -> None:
+def _wait_until_blocked() -> None:
+    """Until some session of the test database waits for a lock (the held request)."""
     deadline = time.monotonic() + 10
     while True:
         with psycopg.connect(**_conninfo(), autocommit=True) as probe:
-            waiting = probe.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetchone()[0]
+            waiting = probe.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()").fetchone()[0]
         if waiting:
             return
         assert time.monotonic() < deadline, "the server's request never blocked on the lock"
@@ -144,7 +145,7 @@ def test_exhausted_pool_answers_503_with_retry_after(tiny_pool_server, alice_ses
     with ws_connect(socket_url, **origin) as ws, psycopg.connect(**_conninfo()) as locker:
         locker.execute("LOCK TABLE auth_user IN ACCESS EXCLUSIVE MODE")
         holder = _hold_the_only_connection(url)
-        _wait_until_blocked(locker)
+        _wait_until_blocked()
 
         started = time.monotonic()
         rest = requests.get(f"{url}/api/v1/health", timeout=10)
