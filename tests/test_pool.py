@@ -72,36 +72,62 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def tiny_pool_server(tmp_path):
-    """daphne serving the test database with a pool of one connection and a 0.5 s timeout."""
+TINY_POOL = {"DB_POOL_MIN_SIZE": "1", "DB_POOL_MAX_SIZE": "1", "DB_POOL_TIMEOUT": "0.5"}
+
+
+def _serve(command: list[str], log, **env: str):
+    """Start ``command`` (a server on the test database) and wait until its health check answers.
+
+    Returns ``(process, url, health_status)``: the first status other than a refused connection.
+    """
     port = _free_port()
-    env = subprocess_env(
-        DB_POOL_MIN_SIZE="1", DB_POOL_MAX_SIZE="1", DB_POOL_TIMEOUT="0.5", PRELOAD_MODELS="false", FLUSH_IN_PROCESS="off"
-    )
-    log = tmp_path / "server.log"
     server = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "memfuse_project.asgi:application"],
+        [arg.format(port=port) for arg in command],
         cwd=settings.BASE_DIR,
-        env=env,
+        env=subprocess_env(**env),
         stdout=open(log, "wb"),
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return server, url, requests.get(f"{url}/api/v1/health", timeout=5).status_code
+        except requests.ConnectionError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(log.read_text()[-3000:])
+        time.sleep(0.2)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture
+def tiny_pool_server(tmp_path):
+    """daphne serving the test database with a pool of one connection and a 0.5 s timeout."""
+    command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", "{port}", "memfuse_project.asgi:application"]
+    server, url, status = _serve(command, tmp_path / "server.log", PRELOAD_MODELS="false", FLUSH_IN_PROCESS="off", **TINY_POOL)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{url}/api/v1/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+        assert status == 200
         yield url
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        _stop(server)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_runserver_keeps_no_pool_connection_outside_requests(tmp_path):
+    """runserver's start-up work (migration check) gives its connection back: a one-connection pool still serves."""
+    command = [sys.executable, "manage.py", "runserver", "127.0.0.1:{port}", "--noreload"]
+    server, url, status = _serve(command, tmp_path / "server.log", PRELOAD_MODELS="false", FLUSH_IN_PROCESS="off", **TINY_POOL)
+    try:
+        assert status == 200
+        assert requests.get(f"{url}/api/v1/health", timeout=5).status_code == 200
+    finally:
+        _stop(server)
 
 
 def _admin_login(url: str, *, timeout: float) -> requests.Response:
