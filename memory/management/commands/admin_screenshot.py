@@ -78,9 +78,11 @@ class Command(BaseCommand):
         password = secrets.token_urlsafe(16)
         staff = self._staff_user(password)
         samples: list[User] = []
+        agent = None
         try:
             if not options["no_sample"]:
-                samples = self._add_samples(url)
+                agent = services.agent_create(name=f"{SAMPLE_PREFIX}agent-{secrets.token_hex(3)}")
+                samples = self._add_samples(url, agent)
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path=str(chromium), args=["--no-sandbox"])
                 try:
@@ -97,6 +99,8 @@ class Command(BaseCommand):
             if not options["keep"]:
                 for user in samples:
                     services.user_delete(user=user)
+                if agent is not None:
+                    services.agent_delete(agent=agent)
                 staff.delete()
             if server is not None:
                 server.stop()
@@ -110,9 +114,8 @@ class Command(BaseCommand):
         user.save()
         return user
 
-    def _add_samples(self, url: str) -> list[User]:
+    def _add_samples(self, url: str, agent) -> list[User]:
         """Three users' messages (one flushed by the server, two pending) and a few REST queries."""
-        agent = services.agent_create(name=f"{SAMPLE_PREFIX}agent-{secrets.token_hex(3)}")
         users = []
         for index, count in enumerate([settings.BUFFERS["SIZE_MESSAGES"] + 2, 5, 2]):
             user = services.user_create(name=f"{SAMPLE_PREFIX}{secrets.token_hex(3)}-{index}")
