@@ -3,7 +3,7 @@
 from django.contrib import admin, messages
 
 from buffers import services
-from buffers.models import FlushJob, State
+from buffers.models import FlushJob
 
 
 @admin.register(FlushJob)
@@ -18,8 +18,5 @@ class FlushJobAdmin(admin.ModelAdmin):
 
     @admin.action(description="Retry the selected failed flushes")
     def retry_failed(self, request, queryset):
-        retried = 0
-        for job in queryset.filter(state=State.FAILED):
-            services.job_retry(job=job)
-            retried += 1
+        retried = services.failed_jobs_retry(job_ids=list(queryset.values_list("pk", flat=True)))
         self.message_user(request, f"{retried} failed flush(es) queued again.", messages.SUCCESS)

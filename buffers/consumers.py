@@ -20,6 +20,7 @@ from memory.api.serializers import validated
 from memory.errors import NotFound, ServiceError
 from memory.models import Session
 from memory.tenancy import Principal
+from memory.pool import RETRY_AFTER_SECONDS, is_pool_exhausted, note_pool_exhausted
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +99,15 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
     - ``{"type": "error", "request_id", "error": {"code", "message", "errors": [{"field",
       "message"}]}}``: code 400 for a bad frame (not JSON, binary, not an object, missing or
       unknown ``type``, invalid ``request_id``, invalid fields such as ``messages[0].role``),
-      404 for an unknown id, 500 for a server error (logged). The connection stays open.
+      404 for an unknown id, 503 when no database connection is free in time (retry), 500 for a
+      server error (logged). The connection stays open.
 
     The connection needs an API key (``memory.api.auth``: the ``Authorization`` header, or a
     ``bearer.<key>`` subprotocol next to ``memfuse``): without a usable one, a 401 error frame
     and close code 4401. An unknown session (or an id that is not a UUID, or a session the key
     may not see: another tenant's or another user's) gets a 404 error frame, then close code
-    4404. The key is checked when the socket opens; revoking it does not close open sockets.
+    4404; no database connection free in time, a 503 frame and code 4503. The key is checked
+    when the socket opens; revoking it does not close open sockets.
     Frames of one connection are answered in order: a query delays the frames after it.
     Model inference and database work run in the event loop's thread pool (``in_thread``), never on
     the event loop.
@@ -124,15 +127,26 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         try:
             session = await in_thread(self._open_session)(raw_id)
         except ServiceError as exc:
-            await self.accept(subprotocol)
-            await self.send_error(None, exc.status, exc.message, exc.errors)
-            # 4000-4999 are the application's close codes (RFC 6455, 7.4.2): 4000 + HTTP status.
-            await self.close(code=4000 + exc.status)
+            await self.refuse(exc.status, exc.message, exc.errors, subprotocol=subprotocol)
+            return
+        except Exception as exc:
+            if not is_pool_exhausted(exc):
+                raise
+            await self.refuse(503, pool_busy_message(), subprotocol=subprotocol)
             return
         self.session_id = session.pk
         self.group_name = events.session_group(session.pk)
         await self.channel_layer.group_add(self.group_name, self.channel_name)
         await self.accept(subprotocol)
+
+    async def refuse(
+        self, status: int, message: str, errors: list[dict] | None = None, *, subprotocol: str | None = None
+    ) -> None:
+        """Accept, send an error frame, and close with code 4000 + ``status``."""
+        await self.accept(subprotocol)
+        await self.send_error(None, status, message, errors)
+        # 4000-4999 are the application's close codes (RFC 6455, 7.4.2): 4000 + HTTP status.
+        await self.close(code=4000 + status)
 
     async def disconnect(self, code: int) -> None:
         if self.group_name is not None:
@@ -195,7 +209,10 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             await self.send_error(request_id, 400, message, errors)
         except ServiceError as exc:
             await self.send_error(request_id, exc.status, exc.message, exc.errors)
-        except Exception:
+        except Exception as exc:
+            if is_pool_exhausted(exc):
+                await self.send_error(request_id, 503, pool_busy_message())
+                return
             logger.exception("websocket frame of session %s failed", self.session_id)
             await self.send_error(request_id, 500, "Internal server error")
 
@@ -284,6 +301,12 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json(
             {"type": "error", "request_id": request_id, "error": {"code": code, "message": message, "errors": errors}}
         )
+
+
+def pool_busy_message() -> str:
+    """The message of a 503 frame (the REST API sends ``Retry-After``; a frame says it)."""
+    note_pool_exhausted()
+    return f"The service is busy (no database connection free): retry in {RETRY_AFTER_SECONDS} s"
 
 
 def _fields(content: dict, *names: str) -> dict:

@@ -325,6 +325,18 @@ def job_retry(*, job: FlushJob) -> FlushJob:
     return job
 
 
+def failed_jobs_retry(*, job_ids: list[int] | None = None) -> int:
+    """Queue failed flushes again (all of them, or those of ``job_ids``); returns how many."""
+    jobs = FlushJob.objects.filter(state=State.FAILED)
+    if job_ids is not None:
+        jobs = jobs.filter(pk__in=job_ids)
+    retried = 0
+    for job in jobs:
+        job_retry(job=job)
+        retried += 1
+    return retried
+
+
 def recover(*, all_pending: bool = False) -> int:
     """Requeue work no live worker holds; returns how many flushes were requested.
 

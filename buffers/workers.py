@@ -51,6 +51,11 @@ class FlushWorkerPool:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
+    def status(self) -> dict:
+        """``{"workers", "busy", "jobs_done", "jobs_failed"}``: busy workers now, jobs since start."""
+        with self.stats.lock:
+            return {"workers": self.size, "busy": self.stats.busy, "jobs_done": self.stats.jobs_done, "jobs_failed": self.stats.jobs_failed}
+
     def start(self) -> None:
         """Start the workers and the ticker; the ticker first recovers everything pending."""
         for index in range(self.size):
@@ -80,6 +85,9 @@ class FlushWorkerPool:
             try:
                 job = services.claim_next_job(worker=worker)
                 if job is None:
+                    # Give the connection back before sleeping: idle workers held one pool
+                    # connection each (the dashboard showed 6 of 7 in use on an idle server).
+                    close_old_connections()
                     self._sleep()
                     continue
                 with self.stats.lock:
@@ -146,6 +154,12 @@ class FlushWorkerPool:
 
 _pool: FlushWorkerPool | None = None
 _pool_lock = threading.Lock()
+
+
+def local_pool_status() -> dict | None:
+    """This process's pool (``FlushWorkerPool.status``), or ``None`` when it runs no workers."""
+    pool = _pool
+    return pool.status() if pool is not None else None
 
 
 def should_run_in_process(argv: list[str]) -> bool:

@@ -20,6 +20,7 @@ import asyncio  # noqa: E402
 from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
+from django.db import connections  # noqa: E402
 
 from buffers import events, workers  # noqa: E402
 from buffers.consumers import FlushConsumer  # noqa: E402
@@ -32,6 +33,9 @@ migrate_if_embedded()
 local_tenant_if_embedded()
 registry.get_embedder()
 workers.start_if_serving()
+# The importing thread serves no request: give back the pool connections it used (runserver's
+# migration check, the embedded database's migrate), or it would hold one for ever.
+connections.close_all()
 
 
 class APIHandler(ASGIHandler):

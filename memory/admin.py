@@ -60,7 +60,7 @@ class ApiKeyAdmin(APIKeyModelAdmin):
 class UserAdmin(admin.ModelAdmin):
     list_display = ["name", "tenant", "id", "sessions_count", "pending_messages", "memory_version", "created_at"]
     list_select_related = ["tenant"]
-    list_filter = ["tenant"]
+    list_filter = ["tenant", "created_at"]
     search_fields = ["name", "id"]
     raw_id_fields = ["tenant"]
     readonly_fields = ["id", "memory_version", "created_at", "updated_at"]
@@ -88,7 +88,7 @@ class UserAdmin(admin.ModelAdmin):
 class AgentAdmin(admin.ModelAdmin):
     list_display = ["name", "tenant", "id", "created_at"]
     list_select_related = ["tenant"]
-    list_filter = ["tenant"]
+    list_filter = ["tenant", "created_at"]
     search_fields = ["name", "id"]
     raw_id_fields = ["tenant"]
     readonly_fields = ["id", "created_at", "updated_at"]
@@ -104,11 +104,26 @@ class SessionAdmin(admin.ModelAdmin):
     readonly_fields = ["id", "created_at", "updated_at"]
 
 
+class FlushedFilter(admin.SimpleListFilter):
+    """Flushed (embedded and indexed) or still pending in the write-behind buffer."""
+
+    title = "flushed"
+    parameter_name = "flushed"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Flushed"), ("no", "Pending")]
+
+    def queryset(self, request, queryset):
+        if self.value() in ("yes", "no"):
+            return queryset.filter(flushed_at__isnull=self.value() == "no")
+        return queryset
+
+
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
-    list_display = ["short_content", "role", "session", "position", "flushed", "flush_count", "created_at"]
-    list_select_related = ["session"]
-    list_filter = ["role", ("flushed_at", admin.EmptyFieldListFilter)]
+    list_display = ["short_content", "role", "user", "session", "position", "flushed", "flush_count", "created_at"]
+    list_select_related = ["session", "user"]
+    list_filter = ["role", FlushedFilter, "created_at"]
     search_fields = ["content", "id", "session__name", "user__name"]
     raw_id_fields = ["session", "user"]
     exclude = ["embedding", "flush_claim"]
@@ -130,6 +145,7 @@ class MessageAdmin(admin.ModelAdmin):
 class KnowledgeAdmin(admin.ModelAdmin):
     list_display = ["short_content", "user", "created_at"]
     list_select_related = ["user"]
+    list_filter = ["created_at"]
     search_fields = ["content", "id", "user__name"]
     raw_id_fields = ["user"]
     exclude = ["embedding"]

@@ -205,20 +205,82 @@ class UserMemory:
             return self._bm25
 
 
+class UserMemoryCache(LRUCache):
+    """cachetools' ``LRUCache`` that counts its hits, misses and evictions (for operators).
+
+    Not thread-safe by itself, like its base: ``user_memory`` holds ``_cache_lock``.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize=maxsize)
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def popitem(self):
+        # cachetools evicts through popitem() when an insert finds the cache full.
+        item = super().popitem()
+        self.evictions += 1
+        return item
+
+
 _cache_lock = threading.Lock()
-_cache: LRUCache | None = None
+_cache: UserMemoryCache | None = None
+
+
+def _user_cache() -> UserMemoryCache:
+    """The process's cache, created on first use (caller holds ``_cache_lock``)."""
+    global _cache
+    if _cache is None:
+        _cache = UserMemoryCache(maxsize=settings.MEMFUSE["USER_CACHE_SIZE"])
+    return _cache
 
 
 def user_memory(user_id: uuid.UUID) -> UserMemory:
-    """The process's ``UserMemory`` for ``user_id`` from a thread-safe, bounded LRU cache."""
+    """The process's ``UserMemory`` for ``user_id`` from a thread-safe, bounded LRU cache.
+
+    At most ``USER_CACHE_SIZE`` users are kept; the least recently used one is evicted. An
+    evicted ``UserMemory`` only held rebuildable data (its BM25 index, embeddings of pending
+    messages): its pending messages are rows and are still queried and flushed.
+    """
+    with _cache_lock:
+        cache = _user_cache()
+        service = cache.get(user_id)
+        if service is None:
+            cache.misses += 1
+            service = cache[user_id] = UserMemory(user_id=user_id)
+        else:
+            cache.hits += 1
+        return service
+
+
+def cache_stats() -> dict:
+    """The per-user service cache of this process since start.
+
+    ``{"size", "max_size", "hits", "misses", "evictions", "hit_rate"}``; ``hit_rate`` is
+    hits / lookups in [0, 1], ``None`` before the first lookup.
+    """
+    with _cache_lock:
+        cache = _user_cache()
+        lookups = cache.hits + cache.misses
+        return {
+            "size": len(cache),
+            "max_size": int(cache.maxsize),
+            "hits": cache.hits,
+            "misses": cache.misses,
+            "evictions": cache.evictions,
+            "hit_rate": round(cache.hits / lookups, 4) if lookups else None,
+        }
+
+
+def reset_user_cache(*, max_size: int | None = None) -> None:
+    """Drop every cached ``UserMemory`` and the counters; ``max_size`` overrides the setting.
+
+    For tests and for an operator who wants a fresh start; nothing durable is lost.
+    """
     global _cache
     with _cache_lock:
-        if _cache is None:
-            _cache = LRUCache(maxsize=settings.MEMFUSE["USER_CACHE_SIZE"])
-        service = _cache.get(user_id)
-        if service is None:
-            service = _cache[user_id] = UserMemory(user_id=user_id)
-        return service
+        _cache = UserMemoryCache(maxsize=max_size or settings.MEMFUSE["USER_CACHE_SIZE"])
 
 
 def query_tokens(text: str) -> list[str]:

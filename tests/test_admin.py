@@ -57,3 +57,14 @@ def test_revoke_action_revokes_keys_for_good(staff_client, tenant_key):
     assert response.status_code == 302
     assert ApiKey.objects.get(pk=api_key.pk).revoked
     assert key_client(tenant_key).get("/api/v1/users").status_code == 401
+
+
+def test_message_list_filters_pending_and_flushed(staff_client, alice_messages, bob_messages):
+    """The 'flushed' filter separates flushed messages from those still pending."""
+    buffers.flush_pending(user_id=alice_messages[0].user_id)
+
+    pending = staff_client.get("/admin/memory/message/?flushed=no").content.decode()
+    flushed = staff_client.get("/admin/memory/message/?flushed=yes").content.decode()
+
+    assert "Pepper" in pending and "Biscuit" not in pending
+    assert "Biscuit" in flushed and "Pepper" not in flushed

@@ -92,3 +92,9 @@ def test_memfuse_bench_rejects_bad_options(args, option):
     """Bad benchmark options are command errors naming the option, before any server starts."""
     with pytest.raises(CommandError, match=option):
         call_command("memfuse_bench", "ingest", *args)
+
+
+def test_admin_screenshot_names_a_missing_browser(tmp_path):
+    """admin_screenshot refuses a Chromium path that does not exist, before starting anything."""
+    with pytest.raises(CommandError, match="--chromium"):
+        call_command("admin_screenshot", "--chromium", str(tmp_path / "no-chromium"), "--out", str(tmp_path / "x.png"))

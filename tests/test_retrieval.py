@@ -78,3 +78,53 @@ def test_query_stages_stream_bm25_then_the_fused_ranking(alice_session):
     assert [stage for stage, _ in stages] == ["partial", "final"]
     assert all(set(r["metadata"]["retrievers"]) == {"bm25"} for r in stages[0][1])
     assert any("vector" in r["metadata"]["retrievers"] for r in stages[1][1])
+
+
+# --- the per-user service cache ----------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_user_cache():
+    retrieval.reset_user_cache(max_size=1)
+    yield
+    retrieval.reset_user_cache()
+
+
+def test_user_cache_counts_hits_misses_and_evictions(tiny_user_cache):
+    """The LRU keeps USER_CACHE_SIZE services; lookups and evictions are counted."""
+    first, second = uuid.uuid4(), uuid.uuid4()
+
+    service = retrieval.user_memory(first)
+    assert retrieval.user_memory(first) is service
+    retrieval.user_memory(second)  # evicts first
+
+    assert retrieval.cache_stats() == {"size": 1, "max_size": 1, "hits": 1, "misses": 2, "evictions": 1, "hit_rate": 0.3333}
+    assert retrieval.user_memory(first) is not service  # rebuilt, not kept
+
+
+def test_evicting_a_user_with_pending_messages_loses_nothing(tiny_user_cache, alice_session, bob_session):
+    """Alice's service is evicted while her messages are pending: they stay pending, are found, then flushed."""
+    from buffers import services as buffers
+
+    [kayak] = services.messages_add(
+        session=alice_session, messages=[services.MessageIn(role="user", content="I bought a red kayak for the lake.")]
+    )
+    alice, bob = alice_session.user, bob_session.user
+    alice.refresh_from_db()
+    assert selectors.memory_query(user=alice, query="What boat did I buy?", top_k=1)[0]["id"] == str(kayak.pk)
+    alice_service = retrieval.user_memory(alice.pk)
+    assert alice_service._pending_vectors  # her pending message's embedding is cached here
+
+    bob.refresh_from_db()
+    selectors.memory_query(user=bob, query="dog", top_k=1)  # the cache holds one user: alice is evicted
+
+    assert retrieval.cache_stats()["evictions"] == 1
+    kayak.refresh_from_db()
+    assert kayak.flushed_at is None and kayak.embedding is None  # still pending, in the database
+    [found] = selectors.memory_query(user=alice, query="What boat did I buy?", top_k=1)
+    assert (found["id"], found["metadata"]["flushed"]) == (str(kayak.pk), False)
+    assert retrieval.user_memory(alice.pk) is not alice_service
+
+    buffers.flush_pending(user_id=alice.pk)
+    kayak.refresh_from_db()
+    assert kayak.flushed_at is not None and kayak.embedding is not None

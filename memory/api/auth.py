@@ -94,7 +94,7 @@ def is_operator(request) -> bool:
         return True
     django_request = getattr(request, "_request", request)
     user = getattr(django_request, "user", None)
-    return bool(user is not None and user.is_active and user.is_staff)
+    return bool(user is not None and user.is_authenticated and user.is_active and user.is_staff)
 
 
 class IsOperator(permissions.BasePermission):
@@ -137,3 +137,10 @@ class WebSocketAuthMiddleware(BaseMiddleware):
         principal = await database_sync_to_async(authenticate_bearer, thread_sensitive=False)(token)
         scope = dict(scope, principal=principal)
         return await super().__call__(scope, receive, send)
+
+
+def is_authenticated(request) -> bool:
+    """Whether ``request`` carries any credentials: a session user or a bearer token."""
+    django_request = getattr(request, "_request", request)
+    user = getattr(django_request, "user", None)
+    return bool(user is not None and user.is_authenticated) or bearer_token(dict(django_request.headers)) is not None

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions
 from rest_framework.response import Response
 
 from memory.errors import ServiceError
+from memory.pool import RETRY_AFTER_SECONDS, is_pool_exhausted, note_pool_exhausted
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +62,25 @@ def validation_error(detail) -> tuple[str, list[dict]]:
     return f"Invalid input: {summary}", errors
 
 
+POOL_EXHAUSTED_MESSAGE = "The service is busy (no database connection free): retry later"
+
+
+def pool_exhausted_body() -> tuple[dict, dict]:
+    """The 503 answer to a request the database pool could not serve: ``(body, headers)``."""
+    note_pool_exhausted()
+    return error_body(503, POOL_EXHAUSTED_MESSAGE), {"Retry-After": str(RETRY_AFTER_SECONDS)}
+
+
 def exception_handler(exc, context) -> Response | None:
-    """DRF ``EXCEPTION_HANDLER``: domain errors, validation errors and HTTP errors, one shape."""
+    """DRF ``EXCEPTION_HANDLER``: domain errors, validation errors and HTTP errors, one shape.
+
+    An exhausted database pool (``memory.pool.is_pool_exhausted``) is a 503 with ``Retry-After``.
+    """
+    if is_pool_exhausted(exc):
+        body, headers = pool_exhausted_body()
+        request = context.get("request")
+        logger.warning("503: database pool exhausted (%s)", request.path if request is not None else "?")
+        return Response(body, status=503, headers=headers)
     if isinstance(exc, ServiceError):
         return Response(error_body(exc.status, exc.message, exc.errors), status=exc.status)
     if isinstance(exc, exceptions.ValidationError):
@@ -83,5 +102,12 @@ def json_404(request, exception=None) -> JsonResponse:
 
 
 def json_500(request) -> JsonResponse:
-    """``handler500``: an unexpected error, in the envelope (details are in the server log)."""
+    """``handler500``: an unexpected error, in the envelope (details are in the server log).
+
+    Django calls it while handling the exception, so ``sys.exc_info()`` is that exception: an
+    exhausted database pool outside DRF (the admin, the dashboard) is a 503 with ``Retry-After``.
+    """
+    if is_pool_exhausted(sys.exc_info()[1]):
+        body, headers = pool_exhausted_body()
+        return JsonResponse(body, status=503, headers=headers)
     return JsonResponse(error_body(500, "Internal server error"), status=500)

@@ -165,12 +165,14 @@ def health_ok(url: str, *, timeout: float) -> bool:
 class ServerProcess:
     """``manage.py runserver 127.0.0.1:<free port> --noreload`` as a subprocess.
 
-    Same environment and interpreter as this process; its stdout and stderr go to ``log_path``.
+    Same environment (plus ``env``) and interpreter as this process; its stdout and stderr go to ``log_path``.
     ``stop()`` sends SIGTERM and waits, so the flush workers' graceful drain runs.
     """
 
-    def __init__(self, *, log_path: Path) -> None:
+    def __init__(self, *, log_path: Path, env: dict | None = None, args: Sequence[str] = ()) -> None:
         self.log_path = log_path
+        self.env = {**os.environ, **(env or {})}
+        self.args = list(args)
         self.url = ""
         self._process: subprocess.Popen | None = None
 
@@ -184,9 +186,9 @@ class ServerProcess:
         with self.log_path.open("wb") as log:
             # A session of its own: a Ctrl-C on the bench reaches the server only through stop().
             self._process = subprocess.Popen(
-                [sys.executable, str(settings.BASE_DIR / "manage.py"), "runserver", f"127.0.0.1:{port}", "--noreload"],
+                [sys.executable, str(settings.BASE_DIR / "manage.py"), "runserver", f"127.0.0.1:{port}", "--noreload", *self.args],
                 cwd=settings.BASE_DIR,
-                env=dict(os.environ),
+                env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

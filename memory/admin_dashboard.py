@@ -1,0 +1,70 @@
+"""The operator dashboard: an admin page and ``GET /api/v1/admin/stats``, both from ``operator_stats``."""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from rest_framework.authentication import SessionAuthentication
+from rest_framework.settings import api_settings
+from rest_framework.views import APIView
+
+from buffers import services as buffers
+from memory.api.auth import is_authenticated, is_operator
+from memory.api.errors import envelope
+from memory.errors import NotFound, ServiceError
+from memory.operator_stats import operator_stats
+
+REFRESH_SECONDS = 5
+
+
+class NotAuthenticated(ServiceError):
+    status = 401
+    default_message = "Authentication required"
+
+
+def dashboard(request: HttpRequest) -> HttpResponse:
+    """``/admin/dashboard/`` (staff only, through ``admin.site.admin_view``): live figures.
+
+    A POST with ``retry_failed`` queues every failed flush again (the FlushJob admin's action
+    does the same for selected jobs); it needs the permission to change flush jobs.
+    """
+    if request.method == "POST" and "retry_failed" in request.POST:
+        if not request.user.has_perm("buffers.change_flushjob"):
+            messages.error(request, "You may not retry flushes.")
+        else:
+            retried = buffers.failed_jobs_retry()
+            messages.success(request, f"{retried} failed flush(es) queued again.")
+        return redirect("memfuse-dashboard")
+    context = {
+        **admin.site.each_context(request),
+        "title": "MemFuse dashboard",
+        "is_nav_sidebar_enabled": False,  # the figures need the width
+        "stats": operator_stats(),
+        "refresh_seconds": REFRESH_SECONDS,
+        "failed_jobs_url": reverse("admin:buffers_flushjob_changelist") + "?state__exact=failed",
+        "stats_url": reverse("memfuse-dashboard-stats"),
+    }
+    return TemplateResponse(request, "admin/memfuse_dashboard.html", context)
+
+
+class AdminStatsView(APIView):
+    """``GET /api/v1/admin/stats``: ``operator_stats()`` in the envelope, for monitoring.
+
+    Operators only (``memory.api.auth.is_operator``): 401 without credentials, 404 for
+    credentials that are not an operator's (the endpoint does not exist for them).
+    """
+
+    # The admin's session too: DRF replaces Django's request.user with what its own
+    # authentication classes find, and the API's defaults know no sessions.
+    authentication_classes = [SessionAuthentication, *api_settings.DEFAULT_AUTHENTICATION_CLASSES]
+    permission_classes = []  # get() checks is_operator: 401 without credentials, else 404
+
+    def get(self, request):
+        if not is_operator(request):
+            if not is_authenticated(request):
+                raise NotAuthenticated("Authentication required: operators only")
+            raise NotFound(f"No endpoint at {request.path}")
+        return envelope(operator_stats())

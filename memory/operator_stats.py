@@ -1,0 +1,35 @@
+"""The operator's figures: one selector for the admin dashboard and ``GET /api/v1/admin/stats``."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from django.utils import timezone
+
+from buffers import workers
+from buffers.selectors import buffers_overview
+from memory import registry, retrieval
+from memory.pool import pool_stats
+
+
+def operator_stats(*, top_users: int = 10) -> dict:
+    """Live figures of this process and of the shared database.
+
+    ``{"generated_at" (ISO 8601), "process": {"host", "pid"}, "pool": memory.pool.pool_stats(),
+    "models": memory.registry.stats(), "user_cache": memory.retrieval.cache_stats(),
+    "buffers": buffers.selectors.buffers_overview() plus "workers": {"workers", "busy",
+    "jobs_done", "jobs_failed"} or None when this process runs no flush workers}``.
+    Pool, models, cache and workers are per process; the buffers part is read from the
+    database and so covers every process.
+    """
+    buffers = buffers_overview(top_users=top_users)
+    buffers["workers"] = workers.local_pool_status()
+    return {
+        "generated_at": timezone.now().isoformat(),
+        "process": {"host": socket.gethostname(), "pid": os.getpid()},
+        "pool": pool_stats(),
+        "models": registry.stats(),
+        "user_cache": retrieval.cache_stats(),
+        "buffers": buffers,
+    }

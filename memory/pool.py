@@ -1,0 +1,78 @@
+"""Django's psycopg connection pool: its figures for operators, and recognising its timeout.
+
+Every database connection of a process comes from one ``psycopg_pool.ConnectionPool`` per
+database alias (``DATABASES[...]["OPTIONS"]["pool"]``, settings ``DB_POOL_*``). A request that
+waits longer than ``DB_POOL_TIMEOUT`` for a connection gets ``psycopg_pool.PoolTimeout``, which
+Django's error wrapper re-raises as ``django.db.OperationalError`` with the ``PoolTimeout`` as
+``__cause__`` (``tests/test_pool.py`` pins this down). The API answers it with 503 and
+``Retry-After`` (``memory.api.errors``), WebSocket frames with a 503 error frame.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from django.db import connections
+from psycopg_pool import PoolTimeout, TooManyRequests
+
+# Seconds a client should wait before retrying when the pool is exhausted: a pool timeout
+# means every connection was busy for DB_POOL_TIMEOUT; a second usually frees one.
+RETRY_AFTER_SECONDS = 1
+
+_exhausted_lock = threading.Lock()
+_exhausted = 0
+
+
+def is_pool_exhausted(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an exception it wraps, through ``__cause__``) is the pool's refusal.
+
+    ``PoolTimeout`` (no connection within ``DB_POOL_TIMEOUT``) or ``TooManyRequests`` (the
+    pool's waiting queue is full).
+    """
+    seen = 0
+    while exc is not None and seen < 5:  # Django wraps once; a short walk covers re-raises
+        if isinstance(exc, PoolTimeout | TooManyRequests):
+            return True
+        exc, seen = exc.__cause__, seen + 1
+    return False
+
+
+def note_pool_exhausted() -> None:
+    """Count one request refused because the pool was exhausted (shown in ``pool_stats``)."""
+    global _exhausted
+    with _exhausted_lock:
+        _exhausted += 1
+
+
+def pool_stats(alias: str = "default") -> dict:
+    """The pool of ``alias`` in this process, from ``ConnectionPool.get_stats()``.
+
+    ``{"enabled", "min_size", "max_size", "timeout_s", "size", "in_use", "idle",
+    "requests_waiting", "requests_total", "requests_wait_ms", "requests_errors",
+    "connection_errors", "connections_lost", "refused_503"}``: ``size`` connections are open,
+    ``in_use`` of them lent out, ``idle`` ready; ``requests_waiting`` requests wait for one now.
+    Totals are since the pool opened: ``requests_errors`` counts pool timeouts and queue-full
+    refusals, ``refused_503`` the requests this process answered with 503 for that reason.
+    ``{"enabled": False}`` when the alias has no pool.
+    """
+    pool = connections[alias].pool
+    if pool is None:
+        return {"enabled": False, "refused_503": _exhausted}
+    stats = pool.get_stats()
+    size, idle = stats.get("pool_size", 0), stats.get("pool_available", 0)
+    return {
+        "enabled": True,
+        "min_size": pool.min_size,
+        "max_size": pool.max_size,
+        "timeout_s": pool.timeout,
+        "size": size,
+        "in_use": size - idle,
+        "idle": idle,
+        "requests_waiting": stats.get("requests_waiting", 0),
+        "requests_total": stats.get("requests_num", 0),
+        "requests_wait_ms": stats.get("requests_wait_ms", 0),
+        "requests_errors": stats.get("requests_errors", 0),
+        "connection_errors": stats.get("connections_errors", 0),
+        "connections_lost": stats.get("connections_lost", 0),
+        "refused_503": _exhausted,
+    }

@@ -1,0 +1,102 @@
+"""The operator dashboard (admin page) and its JSON twin GET /api/v1/admin/stats: real figures, operators only."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.db import transaction
+
+from buffers import services as buffers
+from buffers.models import FlushJob, Priority, Reason, State
+from memory import retrieval, services
+from memory.services import MessageIn
+
+
+@pytest.fixture
+def staff_client(client, db):
+    get_user_model().objects.create_superuser("operator", "op@example.com", "pw")
+    client.login(username="operator", password="pw")
+    return client
+
+
+@pytest.fixture
+def busy_buffers(alice_session, bob_session):
+    """Alice: 3 pending messages; bob: 1 pending and a failed flush."""
+    services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=f"note {i}") for i in range(3)])
+    services.messages_add(session=bob_session, messages=[MessageIn(role="user", content="my beagle Pepper")])
+    with transaction.atomic():
+        job_id = buffers.request_flush(user_id=bob_session.user_id, priority=Priority.HIGH, reason=Reason.MANUAL)
+    FlushJob.objects.filter(pk=job_id).update(state=State.FAILED, attempts=4, last_error="embedding timed out")
+    with transaction.atomic():
+        buffers.request_flush(user_id=alice_session.user_id, priority=Priority.LOW, reason=Reason.TIME)
+    return job_id
+
+
+def test_admin_index_links_to_the_dashboard(staff_client):
+    """The admin index links to the dashboard."""
+    assert 'href="/admin/dashboard/"' in staff_client.get("/admin/").content.decode()
+
+
+def test_dashboard_shows_pending_messages_and_failed_flushes(staff_client, busy_buffers):
+    """The page shows the real pending totals, the top users, the queue and the failed job with its error."""
+    page = staff_client.get("/admin/dashboard/")
+
+    assert page.status_code == 200
+    html = page.content.decode()
+    stats = page.context["stats"]
+    assert stats["buffers"]["pending_messages"] == 4 and stats["buffers"]["pending_users"] == 2
+    assert [(u["name"], u["pending_messages"]) for u in stats["buffers"]["top_users"]] == [("alice", 3), ("bob", 1)]
+    assert stats["buffers"]["queue_depth"] == {"critical": 0, "high": 0, "normal": 0, "low": 1}
+    assert stats["buffers"]["jobs"]["failed"] == 1 and stats["buffers"]["failed_jobs"][0]["id"] == busy_buffers
+    assert ">4 (2)<" in html and "alice" in html and "embedding timed out" in html
+    assert f"#{busy_buffers}" in html and "Retry all 1 failed flush(es)" in html
+    assert stats["pool"]["in_use"] >= 1 and "Database pool" in html
+
+
+def test_dashboard_retries_every_failed_flush(staff_client, busy_buffers):
+    """'Retry all' on the dashboard queues the failed flush again."""
+    response = staff_client.post("/admin/dashboard/", {"retry_failed": "1"})
+
+    assert response.status_code == 302
+    assert FlushJob.objects.get(pk=busy_buffers).state == State.QUEUED
+
+
+def test_dashboard_is_for_staff_only(client, db):
+    """Anonymous and non-staff users are sent to the admin login."""
+    get_user_model().objects.create_user("visitor", password="pw")
+    assert client.get("/admin/dashboard/").status_code == 302
+    client.login(username="visitor", password="pw")
+    response = client.get("/admin/dashboard/")
+    assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+def test_stats_endpoint_shape(staff_client, busy_buffers, alice):
+    """GET /api/v1/admin/stats returns the same figures in the envelope."""
+    retrieval.user_memory(alice.pk)
+
+    body = staff_client.get("/api/v1/admin/stats").json()
+
+    assert (body["status"], body["code"]) == ("success", 200)
+    data = body["data"]
+    assert set(data) == {"generated_at", "process", "pool", "models", "user_cache", "buffers"}
+    assert {"enabled", "size", "in_use", "idle", "requests_waiting", "requests_errors", "refused_503"} <= set(data["pool"])
+    assert {"size", "max_size", "hits", "misses", "evictions", "hit_rate"} == set(data["user_cache"])
+    assert data["user_cache"]["size"] >= 1
+    assert set(data["models"]) == {"embedding", "background_embedding", "reranker"}
+    assert data["buffers"]["pending_messages"] == 4 and data["buffers"]["failed_total"] == 1
+    assert {"top_users", "jobs", "queue_depth", "failed_jobs", "oldest_pending_age_s", "workers"} <= set(data["buffers"])
+
+
+def test_stats_endpoint_refuses_non_operators(anonymous_api, api, client, db):
+    """Without credentials 401; a tenant key or a non-staff session 404; all in the error envelope."""
+    anonymous = anonymous_api.get("/api/v1/admin/stats")
+    assert anonymous.status_code == 401 and anonymous.json()["status"] == "error"
+    assert anonymous.json()["errors"] == [{"field": None, "message": anonymous.json()["message"]}]
+    assert api.get("/api/v1/admin/stats").status_code == 404  # a tenant key is no operator's
+
+    assert api.get("/api/v1/admin/stats").status_code == 404  # a tenant key is no operator's
+
+    get_user_model().objects.create_user("visitor", password="pw")
+    client.login(username="visitor", password="pw")
+    refused = client.get("/api/v1/admin/stats")
+    assert refused.status_code == 404 and refused.json()["code"] == 404
