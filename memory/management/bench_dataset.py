@@ -88,12 +88,15 @@ def load_conversations(path: Path) -> list[Conversation]:
                         index_text=message_index_text(content=text, metadata=metadata),
                     )
                 )
+        known = {turn.dia_id for turn in turns}
         questions = []
         for qa in item.get("qa", []):
             if qa.get("category") == 5 or not isinstance(qa.get("question"), str):
                 continue
-            evidence = frozenset(e.strip() for entry in qa.get("evidence", []) for e in str(entry).split(";"))
-            questions.append((qa["question"], evidence))
+            # Evidence naming no turn of the conversation is dropped, as locomo_eval does.
+            evidence = frozenset(e.strip() for entry in qa.get("evidence", []) for e in str(entry).split(";")) & known
+            if evidence:
+                questions.append((qa["question"], evidence))
         if turns:
             conversations.append(Conversation(item.get("sample_id", f"conv-{index}"), turns, questions))
     return conversations

@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -795,7 +796,7 @@ class QueryBench:
                         cursor.execute("SET LOCAL enable_sort = off")
                         if not plan:
                             cursor.execute("EXPLAIN " + sql, params)
-                            plan = " / ".join(line for (line,) in cursor.fetchall())
+                            plan = " / ".join(re.sub(r"'\[[^']*\]'", "'[...]'", line) for (line,) in cursor.fetchall())
                         started = time.perf_counter()
                         cursor.execute(sql, params)
                         returned = [row[0] for row in cursor.fetchall()]
