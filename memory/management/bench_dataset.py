@@ -237,7 +237,8 @@ class QueryDataset:
         users, sessions, messages = [], [], []
         for index, (conversation, turns) in enumerate(held):
             user_id = uuid.uuid4()
-            users.append((user_id, self.user_name(index), json.dumps({"bench_dataset": self.tag, "conversation": conversation.sample_id})))
+            metadata = json.dumps({"bench_dataset": self.tag, "conversation": conversation.sample_id})
+            users.append((user_id, self.user_name(index), metadata))
             session_ids: dict[int, uuid.UUID] = {}
             positions: dict[int, int] = {}
             for turn in turns:
@@ -257,14 +258,16 @@ class QueryDataset:
                 )
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute(
-                "INSERT INTO memory_agent (id, name, description, metadata, created_at, updated_at) VALUES (%s, %s, '', %s, %s, %s)",
+                "INSERT INTO memory_agent (id, name, description, metadata, created_at, updated_at) "
+                "VALUES (%s, %s, '', %s, %s, %s)",
                 [agent_id, self.agent_name, json.dumps({"bench_dataset": self.shape()}), now, now],
             )
             raw = cursor.cursor  # psycopg's cursor: COPY
-            with raw.copy("COPY memory_user (id, name, description, metadata, created_at, updated_at, memory_version) FROM STDIN") as copy:
+            columns = "id, name, description, metadata, created_at, updated_at"
+            with raw.copy(f"COPY memory_user ({columns}, memory_version) FROM STDIN") as copy:
                 for user_id, name, metadata in users:
                     copy.write_row((user_id, name, "", metadata, now, now, 1))
-            with raw.copy("COPY memory_session (id, name, description, metadata, created_at, updated_at, agent_id, user_id) FROM STDIN") as copy:
+            with raw.copy(f"COPY memory_session ({columns}, agent_id, user_id) FROM STDIN") as copy:
                 for session_id, name, user_id in sessions:
                     copy.write_row((session_id, name, "", "{}", now, now, agent_id, user_id))
             # Embeddings once per distinct text, then joined in: 200,000 vectors as text over

@@ -20,11 +20,19 @@ beside ``ingest``.
 
 Texts are chat turns: the ``conversation`` turns' ``text`` of the LoCoMo development file when
 it exists (nothing else of that file is read), else a small built-in generator.
+
+``query`` (``QueryBench``): 1,000 users x 200 flushed messages bulk-loaded into this process's
+database (``memory.management.bench_dataset``, reused across runs), then queries over HTTP:
+one to each of 10 users and one to every other user (server memory read after each), an
+open-loop phase at a fixed rate and a closed-loop phase, each with p50/p95/p99 and how many
+queries were a user's first (cold). Before the server starts, in this process: recall@10 of
+the served per-user vector search and of a filtered HNSW search against an exact numpy scan.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -326,7 +334,8 @@ class Api:
             status, payload, error = 0, None, type(exc).__name__
         answered = loop.time()
         results = len(payload["data"]["results"]) if status == 200 and isinstance(payload, dict) else 0
-        return QueryOutcome(ok=status == 200, latency_ms=(answered - scheduled) * 1000, answered_at=answered, error=error, results=results)
+        latency_ms = (answered - scheduled) * 1000
+        return QueryOutcome(ok=status == 200, latency_ms=latency_ms, answered_at=answered, error=error, results=results)
 
     async def pending_messages(self, user: BenchUser) -> int:
         return (await self.data("GET", f"/users/{user.user_id}/buffer"))["pending_messages"]
@@ -835,7 +844,7 @@ class QueryBench:
         cold = user.index not in self.queried
         self.queried.add(user.index)
         outcome = await api.query(str(user.user_id), text, top_k=self.options["top_k"], scheduled=scheduled)
-        return QueryOutcome(**{**outcome.__dict__, "cold": cold})
+        return dataclasses.replace(outcome, cold=cold)
 
     async def _pass(self, api: Api, users: list) -> dict:
         """One query per user, ``clients`` at a time (closed loop): fills the server's caches."""
@@ -929,7 +938,8 @@ class QueryBench:
     def summary(report: dict) -> list[str]:
         lines = []
         dataset = report["dataset"]
-        lines.append(f"dataset: {dataset['users']} users, {dataset['messages']} messages, {'reused' if dataset['reused'] else 'built in %s s' % dataset['seconds']}")
+        how = "reused" if dataset["reused"] else f"built in {dataset['seconds']} s"
+        lines.append(f"dataset: {dataset['users']} users, {dataset['messages']} messages, {how}")
         for name in ("first_users", "warmup", "open_loop", "closed_loop"):
             phase = report.get(name)
             if phase is None:
@@ -941,7 +951,10 @@ class QueryBench:
             )
         if "exactness" in report:
             served = report["exactness"]["served_vector_search"]
-            lines.append(f"exactness: served vector search recall@{report['exactness']['k']} {served['recall_mean']} (min {served['recall_min']})")
+            lines.append(
+                f"exactness: served vector search recall@{report['exactness']['k']} {served['recall_mean']} "
+                f"(min {served['recall_min']})"
+            )
             for row in report["exactness"]["filtered_hnsw"]:
                 lines.append(
                     f"  filtered HNSW ef_search {row['ef_search']} iterative {row['iterative_scan']}: "
@@ -951,7 +964,8 @@ class QueryBench:
         if "growth_kb_per_cached_user" in memory:
             lines.append(
                 f"server memory: {memory['rss_mb_first_users']} MB with {memory['first_users_cached']} users cached, "
-                f"{memory['rss_mb_all_users']} MB with {memory['users_cached']}: {memory['growth_kb_per_cached_user']} KB per user; "
+                f"{memory['rss_mb_all_users']} MB with {memory['users_cached']}: "
+                f"{memory['growth_kb_per_cached_user']} KB per user; "
                 f"model loads {memory.get('model_loads_in_server_log')}"
             )
         return lines
