@@ -180,6 +180,9 @@ MEMFUSE = {
     # torch intra-op threads. Inference is serialised by a lock, so one call may use every
     # core; more threads than cores made one encode take 480 ms instead of 10 ms.
     "TORCH_THREADS": envint("TORCH_THREADS", os.cpu_count() or 1),
+    # torch threads of a serving process's own model when flushes embed in the background
+    # process: it embeds queries, one short text at a time (see registry.serving_threads).
+    "QUERY_TORCH_THREADS": envint("QUERY_TORCH_THREADS", 1),
     # Load the model at start in serving processes (see memory.registry.should_preload).
     "PRELOAD_MODELS": envbool("PRELOAD_MODELS", True),
     "MAX_MESSAGE_CHARS": envint("MAX_MESSAGE_CHARS", 32_000),

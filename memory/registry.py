@@ -332,9 +332,7 @@ def get_embedder() -> Embedder:
             if _embedder is None:
                 config = settings.MEMFUSE
                 path = default_model_path()
-                _embedder = Embedder(
-                    path, batch_size=config["EMBEDDING_BATCH_SIZE"], threads=config["TORCH_THREADS"]
-                )
+                _embedder = Embedder(path, batch_size=config["EMBEDDING_BATCH_SIZE"], threads=serving_threads())
                 logger.info(
                     "embedding model loaded from %s in %.2f s (dimension %d)",
                     path,
@@ -342,6 +340,15 @@ def get_embedder() -> Embedder:
                     _embedder.dimension,
                 )
     return _embedder
+
+
+def serving_threads() -> int:
+    """torch threads of this process's model: ``QUERY_TORCH_THREADS`` when flushes embed in the
+    background process (this model then embeds one query at a time, where a second thread
+    barely helps and, on a busy machine, made one encode take 0.4-1.2 s instead of ~35 ms),
+    else ``TORCH_THREADS`` (it embeds the flushes' batches too)."""
+    config = settings.MEMFUSE
+    return config["QUERY_TORCH_THREADS"] if config["BACKGROUND_EMBEDDING"] == "process" else config["TORCH_THREADS"]
 
 
 def loaded_embedder() -> Embedder | None:

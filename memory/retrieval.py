@@ -31,6 +31,7 @@ import re
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import bm25s
@@ -224,6 +225,9 @@ class UserMemoryCache(LRUCache):
         return item
 
 
+# Threads that only wait for the embedding batcher on behalf of queries (no database work).
+_query_embedder = ThreadPoolExecutor(max_workers=32, thread_name_prefix="query-embed")
+
 _cache_lock = threading.Lock()
 _cache: UserMemoryCache | None = None
 
@@ -373,14 +377,16 @@ def hybrid_search_stages(
         allowed_sessions = set(Session.objects.filter(user_id=user_id, agent_id=agent_id).values_list("id", flat=True))
     weights = {"bm25": config.bm25_weight, "vector": config.vector_weight}
     ranked: dict[str, list] = {}
+    # The query is embedded while BM25 runs (its SQL, and the index build of a user not
+    # cached): both are on every query's critical path, and the model waits in its own thread.
+    embedding = _query_embedder.submit(registry.embed, [query]) if config.vector_weight > 0 else None
     if config.bm25_weight > 0:
         index = user_memory(user_id).bm25_index(memory_version)
         ranked["bm25"] = index.search(query_tokens(query), limit=limit, allowed_sessions=allowed_sessions)
         if config.vector_weight > 0:
             yield "partial", rrf_fuse(ranked, weights, config.rrf_k)[:top_k]
-    if config.vector_weight > 0:
-        embedding = registry.embed([query])[0]
-        ranked["vector"] = vector_candidates(user_id=user_id, embedding=embedding, limit=limit, agent_id=agent_id)
+    if embedding is not None:
+        ranked["vector"] = vector_candidates(user_id=user_id, embedding=embedding.result()[0], limit=limit, agent_id=agent_id)
     yield "final", rrf_fuse(ranked, weights, config.rrf_k)[:top_k]
 
 

@@ -98,3 +98,63 @@ def test_admin_screenshot_names_a_missing_browser(tmp_path):
     """admin_screenshot refuses a Chromium path that does not exist, before starting anything."""
     with pytest.raises(CommandError, match="--chromium"):
         call_command("admin_screenshot", "--chromium", str(tmp_path / "no-chromium"), "--out", str(tmp_path / "x.png"))
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [(["--users", "0"], "--users"), (["--messages-per-user", "0"], "--messages-per-user"), (["--rate", "0"], "--rate"),
+     (["--closed-duration", "0"], "--closed-duration"), (["--data", "/nonexistent.json"], "--data")],
+)
+def test_memfuse_bench_query_rejects_bad_options(args, option):
+    """Bad query-benchmark options are command errors naming the option, before anything is built."""
+    with pytest.raises(CommandError, match=option):
+        call_command("memfuse_bench", "query", *args)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_query_dataset_rows_look_flushed_and_are_reused(tmp_path):
+    """The bulk-loaded messages look like flushed ones; the same shape is reused, another is rebuilt."""
+    from memory.management.bench_dataset import QueryDataset
+
+    dataset = QueryDataset(tag="t", users=3, per_user=4, path=locomo_file(tmp_path))
+
+    assert dataset.ensure(log=lambda _: None)["reused"] is False
+    messages = Message.objects.filter(user__name__startswith="bench-query-t-")
+    assert messages.count() == 12
+    assert not messages.filter(flushed_at__isnull=True).exists() and set(messages.values_list("flush_count", flat=True)) == {1}
+    assert not messages.filter(embedding__isnull=True).exists() and not messages.filter(search_vector__isnull=True).exists()
+    first = messages.get(user__name="bench-query-t-00000", metadata__locomo_dia_id="D2:1")
+    assert first.position == 0 and first.index_text == "Ben: I started learning the violin." and first.role == "assistant"
+    users = dataset.users()
+    assert [u.queries for u in users][0] == ["What is the name of Ann's cat?", "Which instrument is Ben learning?"]
+
+    assert dataset.ensure(log=lambda _: None)["reused"] is True
+    bigger = QueryDataset(tag="t", users=4, per_user=4, path=dataset.path)
+    assert bigger.ensure(log=lambda _: None)["reused"] is False
+    assert User.objects.filter(name__startswith="bench-query-t-").count() == 4
+    assert bigger.drop() == 4 and not Message.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_memfuse_bench_query_end_to_end(tmp_path, monkeypatch):
+    """A tiny query run over a real server: every phase answers, search is exact, one model, dataset dropped."""
+    from tests.subprocesses import subprocess_env
+
+    monkeypatch.setenv("DATABASE_URL", subprocess_env()["DATABASE_URL"])
+    out = tmp_path / "query.json"
+
+    call_command(
+        "memfuse_bench", "query", "--users", "3", "--messages-per-user", "4", "--data", str(locomo_file(tmp_path)),
+        "--rate", "10", "--duration", "1", "--closed-duration", "1", "--clients", "2", "--exactness-users", "2",
+        "--tag", "e2e", "--drop", "--json", str(out),
+    )
+
+    report = json.loads(out.read_text())
+    assert report["dataset"]["messages"] == 12
+    assert report["first_users"]["queries"] == 3 and report["first_users"]["cold_users"] == 3
+    for phase in ("first_users", "open_loop", "closed_loop"):
+        assert report[phase]["errors"] == 0 and report[phase]["empty_results"] == 0, phase
+    assert report["open_loop"]["queries"] == 10 and report["open_loop"]["cold_users"] == 0
+    assert report["exactness"]["served_vector_search"]["recall_min"] == 1.0
+    assert report["server_memory"]["model_loads_in_server_log"] == 1
+    assert report["dropped_users"] == 3 and not User.objects.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import numpy as np
 import pytest
 
 from memory import retrieval, selectors, services
@@ -128,3 +129,59 @@ def test_evicting_a_user_with_pending_messages_loses_nothing(tiny_user_cache, al
     buffers.flush_pending(user_id=alice.pk)
     kayak.refresh_from_db()
     assert kayak.flushed_at is not None and kayak.embedding is not None
+
+
+@pytest.mark.django_db
+def test_vector_search_is_an_exact_scan_of_the_users_rows_even_for_a_tiny_user(agent):
+    """Per-user vector search returns the exact top k of that user's vectors (numpy scan).
+
+    The big user's 1,200 rows all sit next to the query and the tiny user's 3 rows far from
+    it: an HNSW search filtered by user afterwards would see only the big user's rows and
+    return nothing for the tiny one.
+    """
+    from django.utils import timezone
+
+    from memory.models import EMBEDDING_DIM, Message
+
+    rng = np.random.default_rng(5)
+    query = rng.normal(size=EMBEDDING_DIM).astype(np.float32)
+    query /= np.linalg.norm(query)
+
+    def user_with_vectors(name: str, vectors: np.ndarray) -> tuple:
+        user = services.user_create(tenant_id=agent.tenant_id, name=name)
+        session = services.session_create(user=user, agent=agent, name=f"{name}-chat")
+        now = timezone.now()
+        rows = Message.objects.bulk_create(
+            Message(session=session, user=user, position=i, role="user", content=f"turn {i}", index_text=f"turn {i}",
+                    embedding=vector, flushed_at=now, flush_count=1, created_at=now)
+            for i, vector in enumerate(vectors)
+        )
+        return user, [row.pk for row in rows], vectors
+
+    near = query + 0.3 * rng.normal(size=(1200, EMBEDDING_DIM)).astype(np.float32) / np.sqrt(EMBEDDING_DIM)
+    big = user_with_vectors("big", near)
+    tiny = user_with_vectors("tiny", rng.normal(size=(3, EMBEDDING_DIM)).astype(np.float32) - 2 * query)
+    mid = user_with_vectors("mid", rng.normal(size=(60, EMBEDDING_DIM)).astype(np.float32))
+
+    for user, ids, vectors in (tiny, mid, big):
+        similarities = vectors @ query / np.linalg.norm(vectors, axis=1)
+        exact = [ids[i] for i in np.argsort(-similarities)[:10]]
+
+        served = retrieval.vector_candidates(user_id=user.pk, embedding=query, limit=10)
+
+        assert [key.id for key, _ in served] == exact, user.name
+        assert [score for _, score in served] == pytest.approx(sorted(similarities, reverse=True)[:10], abs=1e-5)
+
+    # The premise: the HNSW index, filtered by user afterwards, misses the tiny user's rows.
+    from django.db import connection, transaction
+    from pgvector import Vector
+
+    with transaction.atomic(), connection.cursor() as cursor:
+        for setting in ("hnsw.ef_search = 40", "hnsw.iterative_scan = off", "enable_seqscan = off",
+                        "enable_bitmapscan = off", "enable_sort = off"):
+            cursor.execute(f"SET LOCAL {setting}")
+        cursor.execute(
+            "SELECT id FROM memory_message WHERE user_id = %s ORDER BY embedding <=> %s::vector LIMIT 10",
+            [tiny[0].pk, Vector._to_db(query)],
+        )
+        assert len(cursor.fetchall()) < 3

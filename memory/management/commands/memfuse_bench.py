@@ -26,14 +26,23 @@ limit counts per key, and one key doing 100 adds/s would meet the default limit 
 
 Texts are chat turns: the ``conversation`` turns' ``text`` of the LoCoMo development file when
 it exists (nothing else of that file is read), else a small built-in generator.
+
+``query`` (``QueryBench``): 1,000 users x 200 flushed messages bulk-loaded into this process's
+database (``memory.management.bench_dataset``, reused across runs), then queries over HTTP:
+one to each of 10 users and one to every other user (server memory read after each), an
+open-loop phase at a fixed rate and a closed-loop phase, each with p50/p95/p99 and how many
+queries were a user's first (cold). Before the server starts, in this process: recall@10 of
+the served per-user vector search and of a filtered HNSW search against an exact numpy scan.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -53,6 +62,7 @@ import numpy as np
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from memfuse_project.embedded_pg import migrate_if_embedded
 from memory.management.commands.locomo_eval import conversation_sessions
 
 LOCOMO_DEV = settings.BASE_DIR.parent / "shared" / "data" / "locomo" / "locomo-dev.json"
@@ -176,6 +186,11 @@ class ServerProcess:
         self.url = ""
         self._process: subprocess.Popen | None = None
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._process.pid if self._process is not None else None
+
     def start(self, *, timeout: float = SERVER_START_TIMEOUT) -> str:
         """Start the server and wait for its health endpoint; returns its base URL.
 
@@ -260,6 +275,18 @@ class AddOutcome:
     pending_messages: int = 0
 
 
+@dataclass(frozen=True)
+class QueryOutcome:
+    """One query: whether it answered 200, its latency (ms), when it answered, results returned."""
+
+    ok: bool
+    latency_ms: float
+    answered_at: float
+    error: str = ""
+    results: int = 0
+    cold: bool = False
+
+
 class Api:
     """The REST API at ``base_url`` through one aiohttp session (one connection per client)."""
 
@@ -315,6 +342,19 @@ class Api:
             error=error,
             pending_messages=pending,
         )
+
+    async def query(self, user_id: str, text: str, *, top_k: int, scheduled: float) -> QueryOutcome:
+        """POST one memory query for ``user_id``; latency from ``scheduled`` (loop time, s)."""
+        loop = asyncio.get_running_loop()
+        try:
+            status, payload = await self.call("POST", f"/users/{user_id}/query", {"query": text, "top_k": top_k})
+            error = "" if status == 200 else f"HTTP {status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            status, payload, error = 0, None, type(exc).__name__
+        answered = loop.time()
+        results = len(payload["data"]["results"]) if status == 200 and isinstance(payload, dict) else 0
+        latency_ms = (answered - scheduled) * 1000
+        return QueryOutcome(ok=status == 200, latency_ms=latency_ms, answered_at=answered, error=error, results=results)
 
     async def pending_messages(self, user: BenchUser) -> int:
         return (await self.data("GET", f"/users/{user.user_id}/buffer"))["pending_messages"]
@@ -430,6 +470,7 @@ class IngestBench:
         parser.add_argument("--rate", type=float, default=100.0, help="offered adds per second in the steady phase")
         parser.add_argument("--duration", type=float, default=30.0, help="seconds of steady load")
         parser.add_argument("--burst", type=int, default=5000, help="messages of the burst phase (2 per add)")
+        parser.add_argument("--keep", action="store_true", help="keep the bench users (default: delete them)")
 
     @staticmethod
     def validate(options: dict) -> None:
@@ -456,8 +497,21 @@ class IngestBench:
                 return texts, "locomo-dev conversation turns"
         return generated_turn_texts(self.rng), "built-in generator"
 
+    def prepare(self, log) -> dict:
+        return {}
+
+    def key_tenant(self):
+        return None  # a tenant of its own, deleted afterwards
+
+    async def bench_users(self, api: Api, created: list[str]) -> list[BenchUser]:
+        return await create_users(api, count=self.options["clients"], run_id=self.run_id, created=created)
+
+    def finish(self) -> dict:
+        return {}
+
     def config(self) -> dict:
         return {
+            "keep": self.options["keep"],
             "rate": self.options["rate"],
             "duration": self.options["duration"],
             "burst": self.options["burst"],
@@ -466,7 +520,7 @@ class IngestBench:
             "raw_chunk_texts": settings.MEMFUSE["EMBEDDING_MAX_BATCH_TEXTS"],
         }
 
-    async def run(self, api: Api, users: list[BenchUser]) -> dict:
+    async def run(self, api: Api, users: list[BenchUser], server: ServerProcess | None) -> dict:
         offsets = scheduled_offsets(rate=self.options["rate"], duration=self.options["duration"])
         burst_rounds = self.options["burst"] // 2
         rounds = chat_rounds(self.texts, count=len(offsets) + burst_rounds, start=self.rng.randrange(len(self.texts)))
@@ -604,6 +658,347 @@ class IngestBench:
         return lines
 
 
+# --- the query benchmark -----------------------------------------------------------------------
+
+HNSW_SETTINGS = [  # (hnsw.ef_search, hnsw.iterative_scan) tried by the exactness check
+    (40, "off"), (100, "off"), (40, "relaxed_order"), (100, "relaxed_order"), (40, "strict_order"), (200, "strict_order"),
+]
+MEMORY_FIRST_USERS = 10  # the server's memory is read after this many users are cached, then after all
+
+
+def cosine_similarities(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``matrix`` (n, dim) to ``query`` (dim,): shape (n,)."""
+    norms = np.linalg.norm(matrix, axis=1) * np.linalg.norm(query)
+    return (matrix @ query) / np.where(norms == 0, 1.0, norms)
+
+
+def recall_at_k(returned: Sequence, similarities: dict, *, k: int) -> float:
+    """Share of the exact top ``k`` that ``returned`` holds, counting ties as hits.
+
+    ``similarities`` maps every candidate id to its exact similarity. A returned id counts
+    when its similarity is at least the exact k-th best (less 1e-5: float32 rounding), so a
+    search that returns one of two identical texts is not penalised for picking the other.
+    Denominator ``min(k, number of candidates)``; 1.0 when there is no candidate.
+    """
+    ranked = sorted(similarities.values(), reverse=True)
+    want = min(k, len(ranked))
+    if want == 0:
+        return 1.0
+    threshold = ranked[want - 1] - 1e-5
+    hits = sum(1 for doc_id in list(dict.fromkeys(returned))[:want] if similarities.get(doc_id, -np.inf) >= threshold)
+    return hits / want
+
+
+def rss_mb(pid: int | None) -> float | None:
+    """Resident memory of process ``pid`` in MB, None without a pid."""
+    if pid is None:
+        return None
+    import psutil
+
+    return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+
+
+class QueryBench:
+    """Memory queries over a large bulk-loaded database: open loop, then closed loop; exactness; memory."""
+
+    name = "query"
+    help = "query latency at a fixed rate and flat out over many users; vector search exactness; server memory"
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        parser.set_defaults(clients=16)
+        parser.add_argument("--users", type=int, default=1000, help="users in the bench database")
+        parser.add_argument("--messages-per-user", type=int, default=200, help="flushed messages per user")
+        parser.add_argument("--rate", type=float, default=50.0, help="offered queries per second (open loop)")
+        parser.add_argument("--duration", type=float, default=30.0, help="seconds of the open-loop phase")
+        parser.add_argument("--closed-duration", type=float, default=30.0, help="seconds of the closed-loop phase")
+        parser.add_argument("--top-k", type=int, default=10, help="results per query")
+        parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                            help="no pass querying every user once before the load (phases then see cold users)")
+        parser.add_argument("--exactness-users", type=int, default=20, help="users sampled by the exactness check (0: skip)")
+        parser.add_argument("--tag", default="default", help="name of the bench dataset (reused while its shape matches)")
+        parser.add_argument("--rebuild", action="store_true", help="rebuild the dataset even if it exists")
+        parser.add_argument("--drop", action="store_true", help="delete the dataset at the end (default: keep it for reuse)")
+        parser.add_argument("--data", type=Path, default=LOCOMO_DEV, help="LoCoMo file whose conversations users hold")
+
+    @staticmethod
+    def validate(options: dict) -> None:
+        for option in ("users", "messages_per_user", "top_k"):
+            if options[option] <= 0:
+                raise CommandError(f"--{option.replace('_', '-')} must be > 0 (got {options[option]})")
+        for option in ("rate", "duration", "closed_duration"):
+            if options[option] <= 0:
+                raise CommandError(f"--{option.replace('_', '-')} must be > 0 (got {options[option]})")
+        if options["exactness_users"] < 0:
+            raise CommandError(f"--exactness-users must be >= 0 (got {options['exactness_users']})")
+        if not options["data"].exists():
+            raise CommandError(f"--data: no such file {options['data']}")
+
+    def __init__(self, options: dict, *, run_id: str) -> None:
+        from memory.management.bench_dataset import QueryDataset
+
+        self.options = options
+        self.run_id = run_id
+        self.rng = random.Random(options["seed"])
+        try:
+            self.dataset = QueryDataset(
+                tag=options["tag"], users=options["users"], per_user=options["messages_per_user"], path=options["data"]
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CommandError(f"--data/--messages-per-user: {exc}") from None
+        self.users: list = []
+        self.queried: set[int] = set()  # users this run has queried: the server has them cached
+
+    def config(self) -> dict:
+        keys = ("users", "messages_per_user", "rate", "duration", "closed_duration", "top_k", "warmup", "tag")
+        return {
+            **{key: self.options[key] for key in keys},
+            "data": str(self.options["data"]),
+            "user_cache_size": settings.MEMFUSE["USER_CACHE_SIZE"],
+            "retrieval": {key: settings.MEMFUSE[key] for key in ("BM25_WEIGHT", "VECTOR_WEIGHT", "CANDIDATES_PER_RETRIEVER")},
+        }
+
+    def prepare(self, log) -> dict:
+        started = time.perf_counter()
+        built = self.dataset.ensure(rebuild=self.options["rebuild"], log=log)
+        self.users = self.dataset.users()
+        log(f"dataset: {'reused' if built['reused'] else 'built'} in {time.perf_counter() - started:.1f} s")
+        questions = sum(1 for user in self.users if user.questions)
+        report = {
+            "dataset": {
+                **built,
+                "users": len(self.users),
+                "messages": len(self.users) * self.options["messages_per_user"],
+                "users_queried_with_questions": questions,
+                "users_queried_with_turns": len(self.users) - questions,
+            }
+        }
+        if self.options["exactness_users"]:
+            log("exactness check ...")
+            report["exactness"] = self._exactness()
+        return report
+
+    async def bench_users(self, api: Api, created: list[str]) -> list:
+        return self.users
+
+    def key_tenant(self):
+        return self.dataset.tenant()
+
+    def finish(self) -> dict:
+        if not self.options["drop"]:
+            return {}
+        return {"dropped_users": self.dataset.drop()}
+
+    # --- exactness (in this process, before the server starts) ---
+
+    def _exactness(self) -> dict:
+        from django.db import connection, transaction
+        from pgvector import Vector
+
+        from memory import registry
+        from memory.models import Message
+        from memory.retrieval import vector_candidates
+
+        k = self.options["top_k"]
+        sample = self.rng.sample(self.users, min(self.options["exactness_users"], len(self.users)))
+        embedder = registry.get_embedder()
+        served_recall, served_ms = [], []
+        hnsw = {setting: {"recall": [], "ms": []} for setting in HNSW_SETTINGS}
+        plan = ""
+        for user in sample:
+            rows = list(Message.objects.filter(user_id=user.user_id, flushed_at__isnull=False).values_list("id", "embedding"))
+            ids = [row[0] for row in rows]
+            matrix = np.stack([np.asarray(row[1], dtype=np.float32) for row in rows])
+            texts = self.rng.sample(user.queries, min(3, len(user.queries)))
+            for query in embedder.embed(texts):
+                similarities = dict(zip(ids, cosine_similarities(matrix, query).tolist()))
+                started = time.perf_counter()
+                served = vector_candidates(user_id=user.user_id, embedding=query, limit=k)
+                served_ms.append((time.perf_counter() - started) * 1000)
+                served_recall.append(recall_at_k([key.id for key, _ in served], similarities, k=k))
+                sql = (
+                    "SELECT id FROM memory_message WHERE user_id = %s AND flushed_at IS NOT NULL "
+                    "ORDER BY embedding <=> %s::vector LIMIT %s"
+                )
+                params = [user.user_id, Vector._to_db(query), k]
+                for setting in HNSW_SETTINGS:
+                    ef_search, iterative = setting
+                    with transaction.atomic(), connection.cursor() as cursor:
+                        cursor.execute(f"SET LOCAL hnsw.ef_search = {int(ef_search)}")
+                        cursor.execute(f"SET LOCAL hnsw.iterative_scan = {iterative}")
+                        # Without this the planner takes the user_id btree and sorts (exact):
+                        # the point is what the HNSW index returns for a filtered query.
+                        cursor.execute("SET LOCAL enable_seqscan = off")
+                        cursor.execute("SET LOCAL enable_bitmapscan = off")
+                        cursor.execute("SET LOCAL enable_sort = off")
+                        if not plan:
+                            cursor.execute("EXPLAIN " + sql, params)
+                            plan = " / ".join(re.sub(r"'\[[^']*\]'", "'[...]'", line) for (line,) in cursor.fetchall())
+                        started = time.perf_counter()
+                        cursor.execute(sql, params)
+                        returned = [row[0] for row in cursor.fetchall()]
+                        hnsw[setting]["ms"].append((time.perf_counter() - started) * 1000)
+                    hnsw[setting]["recall"].append(recall_at_k(returned, similarities, k=k))
+        return {
+            "users": len(sample),
+            "queries": len(served_recall),
+            "k": k,
+            "served_vector_search": {
+                "what": "memory.retrieval.vector_candidates (exact per-user scan)",
+                "recall_mean": round(float(np.mean(served_recall)), 4),
+                "recall_min": round(float(np.min(served_recall)), 4),
+                "latency_ms": latency_summary(served_ms),
+            },
+            "filtered_hnsw": [
+                {
+                    "ef_search": ef_search,
+                    "iterative_scan": iterative,
+                    "recall_mean": round(float(np.mean(values["recall"])), 4),
+                    "recall_min": round(float(np.min(values["recall"])), 4),
+                    "latency_ms": latency_summary(values["ms"]),
+                }
+                for (ef_search, iterative), values in hnsw.items()
+            ],
+            "filtered_hnsw_plan": plan,
+        }
+
+    # --- load over HTTP ---
+
+    def _pick(self) -> tuple:
+        user = self.users[self.rng.randrange(len(self.users))]
+        return user, self.rng.choice(user.queries)
+
+    async def _query(self, api: Api, user, text: str, *, scheduled: float) -> QueryOutcome:
+        cold = user.index not in self.queried
+        self.queried.add(user.index)
+        outcome = await api.query(str(user.user_id), text, top_k=self.options["top_k"], scheduled=scheduled)
+        return dataclasses.replace(outcome, cold=cold)
+
+    async def _pass(self, api: Api, users: list) -> dict:
+        """One query per user, ``clients`` at a time (closed loop): fills the server's caches."""
+        loop = asyncio.get_running_loop()
+        limit = asyncio.Semaphore(self.options["clients"])
+
+        async def one(user) -> QueryOutcome:
+            async with limit:
+                return await self._query(api, user, self.rng.choice(user.queries), scheduled=loop.time())
+
+        started = loop.time()
+        outcomes = await asyncio.gather(*(one(user) for user in users))
+        return self._phase_report(outcomes, seconds=loop.time() - started)
+
+    async def _open_loop(self, api: Api) -> dict:
+        loop = asyncio.get_running_loop()
+        offsets = scheduled_offsets(rate=self.options["rate"], duration=self.options["duration"])
+        picks = [self._pick() for _ in offsets]
+        t0 = loop.time() + 0.05
+        tasks = []
+        for offset, (user, text) in zip(offsets, picks):
+            scheduled = t0 + offset
+            delay = scheduled - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(self._query(api, user, text, scheduled=scheduled)))
+        outcomes = await asyncio.gather(*tasks)
+        seconds = max(o.answered_at for o in outcomes) - t0
+        return {"offered_rate": self.options["rate"], **self._phase_report(outcomes, seconds=seconds)}
+
+    async def _closed_loop(self, api: Api) -> dict:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options["closed_duration"]
+        outcomes: list[QueryOutcome] = []
+
+        async def client() -> None:
+            while loop.time() < deadline:
+                user, text = self._pick()
+                outcomes.append(await self._query(api, user, text, scheduled=loop.time()))
+
+        started = loop.time()
+        await asyncio.gather(*(client() for _ in range(self.options["clients"])))
+        return self._phase_report(outcomes, seconds=loop.time() - started)
+
+    @staticmethod
+    def _phase_report(outcomes: list[QueryOutcome], *, seconds: float) -> dict:
+        ok = [o for o in outcomes if o.ok]
+        cold = [o for o in ok if o.cold]
+        return {
+            "queries": len(outcomes),
+            "errors": len(outcomes) - len(ok),
+            "error_kinds": dict(Counter(o.error for o in outcomes if not o.ok)),
+            "seconds": round(seconds, 2),
+            "served_rate": round(len(ok) / seconds, 2) if seconds > 0 else None,
+            "latency_ms": latency_summary([o.latency_ms for o in ok]),
+            "cold_users": len(cold),
+            "cold_latency_ms": latency_summary([o.latency_ms for o in cold]),
+            "warm_latency_ms": latency_summary([o.latency_ms for o in ok if not o.cold]),
+            "empty_results": sum(1 for o in ok if o.results == 0),
+        }
+
+    async def run(self, api: Api, users: list, server: ServerProcess | None) -> dict:
+        pid = server.pid if server is not None else None
+        memory: dict = {"rss_mb_before_queries": rss_mb(pid)}
+        first = users[:MEMORY_FIRST_USERS]
+        phases = {"first_users": await self._pass(api, first)}
+        memory["rss_mb_first_users"] = rss_mb(pid)
+        memory["first_users_cached"] = len(self.queried)
+        if self.options["warmup"]:
+            phases["warmup"] = await self._pass(api, users[MEMORY_FIRST_USERS:])
+            memory["rss_mb_all_users"] = rss_mb(pid)
+            memory["users_cached"] = min(len(self.queried), settings.MEMFUSE["USER_CACHE_SIZE"])
+        phases["open_loop"] = await self._open_loop(api)
+        phases["closed_loop"] = await self._closed_loop(api)
+        if not self.options["warmup"]:
+            memory["rss_mb_all_users"] = rss_mb(pid)
+            memory["users_cached"] = min(len(self.queried), settings.MEMFUSE["USER_CACHE_SIZE"])
+        grown = memory["users_cached"] - memory["first_users_cached"]
+        if pid is not None and grown > 0:
+            growth = memory["rss_mb_all_users"] - memory["rss_mb_first_users"]
+            memory["growth_kb_per_cached_user"] = round(growth * 1024 / grown, 1)
+        if server is not None:
+            # The registry logs each model load: one line for the whole run, however many users.
+            log = server.log_path.read_text(errors="replace")
+            memory["model_loads_in_server_log"] = log.count("embedding model loaded")
+        else:
+            memory["skipped"] = "--url: the server's process is not ours to read"
+        return {**phases, "server_memory": memory}
+
+    @staticmethod
+    def summary(report: dict) -> list[str]:
+        lines = []
+        dataset = report["dataset"]
+        how = "reused" if dataset["reused"] else f"built in {dataset['seconds']} s"
+        lines.append(f"dataset: {dataset['users']} users, {dataset['messages']} messages, {how}")
+        for name in ("first_users", "warmup", "open_loop", "closed_loop"):
+            phase = report.get(name)
+            if phase is None:
+                continue
+            latency = phase["latency_ms"]
+            lines.append(
+                f"{name}: {phase['queries']} queries, {phase['errors']} errors, {phase['served_rate']}/s served; "
+                f"ms p50 {latency['p50']} p95 {latency['p95']} p99 {latency['p99']}; cold users {phase['cold_users']}"
+            )
+        if "exactness" in report:
+            served = report["exactness"]["served_vector_search"]
+            lines.append(
+                f"exactness: served vector search recall@{report['exactness']['k']} {served['recall_mean']} "
+                f"(min {served['recall_min']})"
+            )
+            for row in report["exactness"]["filtered_hnsw"]:
+                lines.append(
+                    f"  filtered HNSW ef_search {row['ef_search']} iterative {row['iterative_scan']}: "
+                    f"recall {row['recall_mean']} (min {row['recall_min']}), p50 {row['latency_ms']['p50']} ms"
+                )
+        memory = report["server_memory"]
+        if "growth_kb_per_cached_user" in memory:
+            lines.append(
+                f"server memory: {memory['rss_mb_first_users']} MB with {memory['first_users_cached']} users cached, "
+                f"{memory['rss_mb_all_users']} MB with {memory['users_cached']}: "
+                f"{memory['growth_kb_per_cached_user']} KB per user; "
+                f"model loads {memory.get('model_loads_in_server_log')}"
+            )
+        return lines
+
+
 def raw_model_throughput(texts: list[str]) -> dict:
     """Embed ``texts`` as a flush indexes them, in chunks as the batcher feeds the model.
 
@@ -611,10 +1006,15 @@ def raw_model_throughput(texts: list[str]) -> dict:
     each encoded in batches of ``EMBEDDING_BATCH_SIZE``. One untimed chunk first, as the
     server's model is warm by then. Returns ``{"messages_per_s", "seconds"}``.
     """
+    import torch
+
     from memory import registry
     from memory.services import message_index_text
 
     embedder = registry.get_embedder()
+    # The model at its best: as many threads as batched (flush) inference uses, whatever this
+    # process's own model was loaded with (serving processes give it QUERY_TORCH_THREADS).
+    torch.set_num_threads(settings.MEMFUSE["TORCH_THREADS"])
     chunk = settings.MEMFUSE["EMBEDDING_MAX_BATCH_TEXTS"]
     index_texts = [message_index_text(content=text, metadata={}) for text in texts]
     embedder.embed(index_texts[:chunk])
@@ -640,31 +1040,52 @@ class Benchmark(Protocol):
 
     def __init__(self, options: dict, *, run_id: str) -> None: ...
 
+    def prepare(self, log) -> dict:
+        """Work before the server starts (in this process, may use the database); report section."""
+
+    def key_tenant(self):
+        """The tenant whose key the run uses (its own data), or ``None`` for a new tenant."""
+
+    async def bench_users(self, api: Api, created: list[str]) -> list:
+        """The users the load goes to; paths of what it created over HTTP go to ``created``."""
+
+    def finish(self) -> dict:
+        """Work after the server stopped (cleanup of what ``prepare`` made); report section."""
+
     def config(self) -> dict:
         """The benchmark's own settings, for the report's ``config``."""
 
-    async def run(self, api: Api, users: list[BenchUser]) -> dict:
-        """The report's sections (``{"steady": ..., "burst": ...}`` for ingest)."""
+    async def run(self, api: Api, users: list, server: ServerProcess | None) -> dict:
+        """The report's sections (``{"steady": ..., "burst": ...}`` for ingest).
+
+        ``server``: the server this command started (its pid and log), None with ``--url``."""
 
     @staticmethod
     def summary(report: dict) -> list[str]:
         """A few human-readable lines of the report."""
 
 
-BENCHMARKS: dict[str, type[Benchmark]] = {IngestBench.name: IngestBench}
+BENCHMARKS: dict[str, type[Benchmark]] = {IngestBench.name: IngestBench, QueryBench.name: QueryBench}
 
 
 # --- the command -------------------------------------------------------------------------------
 
 
-def bench_tenant(run_id: str):
-    """A tenant ``bench-<run_id>`` and its tenant key, written to the server's database directly."""
+def bench_key(run_id: str, *, tenant=None) -> tuple:
+    """A tenant key for the run, written to the server's database directly.
+
+    With ``tenant`` (a benchmark's own data, e.g. the query dataset's): a key of that tenant.
+    Otherwise a new tenant ``bench-<run_id>``. Returns ``(tenant created or None, ApiKey, key)``:
+    what to delete afterwards, and the key to send.
+    """
     from memory import services
     from memory.models import KeyScope
 
-    tenant = services.tenant_create(name=f"bench-{run_id}")
-    _, key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="memfuse_bench")
-    return tenant, key
+    created = None
+    if tenant is None:
+        tenant = created = services.tenant_create(name=f"bench-{run_id}")
+    api_key, key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name=f"memfuse_bench {run_id}")
+    return created, (None if created else api_key), key
 
 
 class Command(BaseCommand):
@@ -680,10 +1101,9 @@ class Command(BaseCommand):
                 default=os.environ.get("MEMFUSE_API_KEY"),
                 help="a tenant key of the --url server (default: $MEMFUSE_API_KEY)",
             )
-            sub.add_argument("--clients", type=int, default=64, help="concurrent clients, one user each")
+            sub.add_argument("--clients", type=int, default=64, help="concurrent clients")
             sub.add_argument("--json", dest="json_out", type=Path, help="also write the results to this file")
             sub.add_argument("--seed", type=int, help="seed of text selection (default: random, reported)")
-            sub.add_argument("--keep", action="store_true", help="keep the bench users (default: delete them)")
             bench.add_arguments(sub)
 
     def handle(self, *args, **options):
@@ -705,22 +1125,27 @@ class Command(BaseCommand):
         server = None
         url = options["url"]
         server_info: dict = {}
-        tenant = None
+        tenant = api_key = None
+        migrate_if_embedded()  # the embedded database may be new: prepare() writes to it
+        prepared = bench.prepare(self.stderr.write)
         try:
             if not url:
                 server = ServerProcess(log_path=Path(f"/tmp/memfuse-bench-{run_id}-server.log"))
                 self.stderr.write(f"starting runserver (log: {server.log_path}) ...")
                 url = server.start()
-                # After the start: the server has migrated the (embedded) database by now.
-                tenant, options["api_key"] = bench_tenant(run_id)
-            results = asyncio.run(self._run(bench, url, options, run_id))
+            if not options["api_key"]:
+                tenant, api_key, options["api_key"] = bench_key(run_id, tenant=bench.key_tenant())
+            results = asyncio.run(self._run(bench, url, options, server))
         except BenchError as exc:
             raise CommandError(str(exc)) from None
         finally:
             if server is not None:
                 server_info = server.stop()
-            if tenant is not None and not options["keep"]:
+            if api_key is not None:
+                api_key.delete()
+            if tenant is not None and not options.get("keep"):
                 tenant.delete()
+            finished = bench.finish()
 
         report = {
             "benchmark": bench_class.name,
@@ -728,7 +1153,6 @@ class Command(BaseCommand):
                 "url": options["url"],
                 "clients": options["clients"],
                 "seed": options["seed"],
-                "keep": options["keep"],
                 "run_id": run_id,
                 **bench.config(),
             },
@@ -737,7 +1161,9 @@ class Command(BaseCommand):
                 "loadavg_start": loadavg_start,
                 "loadavg_end": [round(value, 2) for value in os.getloadavg()],
             },
+            **prepared,
             **results,
+            **finished,
             "server": {"url": url, "started_by_bench": server is not None, **server_info},
         }
         for line in bench.summary(report):
@@ -752,7 +1178,7 @@ class Command(BaseCommand):
             options["json_out"].write_text(text + "\n")
         self.stdout.write(text)
 
-    async def _run(self, bench: Benchmark, url: str, options: dict, run_id: str) -> dict:
+    async def _run(self, bench: Benchmark, url: str, options: dict, server: ServerProcess | None) -> dict:
         clients = options["clients"]
         connector = aiohttp.TCPConnector(limit=clients)
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
@@ -760,11 +1186,11 @@ class Command(BaseCommand):
             api = Api(http, url, api_key=options["api_key"])
             created: list[str] = []
             try:
-                users = await create_users(api, count=clients, run_id=run_id, created=created)
-                results = await bench.run(api, users)
+                users = await bench.bench_users(api, created)
+                results = await bench.run(api, users, server)
             finally:
                 cleanup_failures = 0
-                if not options["keep"]:
+                if not options.get("keep"):
                     cleanup_failures = await delete_created(api, created)
         if cleanup_failures:
             self.stderr.write(f"cleanup: {cleanup_failures} deletions failed")

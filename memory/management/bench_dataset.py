@@ -1,0 +1,313 @@
+"""The query benchmark's database: many users holding real LoCoMo conversations, bulk-loaded.
+
+``memfuse_bench query`` needs 1,000 users with 200 flushed messages each. Adding them through
+the API would embed 200,000 texts (an hour on a small machine); instead each distinct turn of
+the LoCoMo file is embedded once with the registry's model and the rows are written straight
+into this process's database with COPY: users, one agent, sessions, and messages that look
+exactly like messages a flush has written (``index_text``, ``embedding``, ``flushed_at``,
+``flush_count = 1``, positions from 0 per session; PostgreSQL generates ``search_vector``).
+
+User ``i`` holds a contiguous slice of one conversation (conversation ``i % C``, starting at a
+user-dependent offset), so it has real questions with answers in its own messages. A dataset
+is keyed by a tag (user names ``bench-query-<tag>-<i>``, agent ``bench-query-<tag>``, whose
+metadata records the shape it was built with) and reused while the shape matches.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from django.db import connection, transaction
+from django.utils import timezone
+
+from memory.management.commands.locomo_eval import DIA_ID_KEY, conversation_sessions
+from memory.models import Agent, Tenant, User
+from memory.services import message_index_text
+
+DATASET_FORMAT = 1  # bump when the rows written change, so old datasets are rebuilt
+SLICE_STRIDE = 7  # turns between the starts of two users holding the same conversation
+EMBED_CHUNK = 256  # texts per model call while building
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One LoCoMo turn as a message: its session number and date, speaker role and text."""
+
+    session: int
+    date: datetime | None
+    dia_id: str
+    role: str
+    content: str
+    metadata: dict
+    index_text: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One LoCoMo sample: its turns in order and its questions ``(question, evidence dia_ids)``."""
+
+    sample_id: str
+    turns: list[Turn]
+    questions: list[tuple[str, frozenset[str]]]
+
+
+def load_conversations(path: Path) -> list[Conversation]:
+    """The conversations of a LoCoMo file, turns as ``locomo_eval`` stores them.
+
+    Questions of category 5 (adversarial: no answer in the conversation) are left out.
+    Raises ``OSError``/``ValueError``/``KeyError`` when the file is unreadable or misshapen.
+    """
+    data = json.loads(path.read_text())
+    conversations = []
+    for index, item in enumerate(data):
+        conversation = item["conversation"]
+        speaker_a = conversation.get("speaker_a")
+        turns = []
+        for number, date, session_turns in conversation_sessions(conversation):
+            for turn in session_turns:
+                text = turn.get("text")
+                if not isinstance(text, str) or not text.strip():
+                    continue
+                metadata = {"speaker": turn.get("speaker", ""), DIA_ID_KEY: turn.get("dia_id")}
+                if turn.get("blip_caption"):
+                    metadata["image_caption"] = turn["blip_caption"]
+                turns.append(
+                    Turn(
+                        session=number,
+                        date=date,
+                        dia_id=str(turn.get("dia_id")),
+                        role="user" if turn.get("speaker") == speaker_a else "assistant",
+                        content=text,
+                        metadata=metadata,
+                        index_text=message_index_text(content=text, metadata=metadata),
+                    )
+                )
+        known = {turn.dia_id for turn in turns}
+        questions = []
+        for qa in item.get("qa", []):
+            if qa.get("category") == 5 or not isinstance(qa.get("question"), str):
+                continue
+            # Evidence naming no turn of the conversation is dropped, as locomo_eval does.
+            evidence = frozenset(e.strip() for entry in qa.get("evidence", []) for e in str(entry).split(";")) & known
+            if evidence:
+                questions.append((qa["question"], evidence))
+        if turns:
+            conversations.append(Conversation(item.get("sample_id", f"conv-{index}"), turns, questions))
+    return conversations
+
+
+def user_slice(user_index: int, *, turn_counts: list[int], per_user: int) -> tuple[int, int]:
+    """``(conversation index, first turn)`` of user ``user_index``'s contiguous slice.
+
+    Users take the conversations in turn; the k-th user of a conversation starts
+    ``k * SLICE_STRIDE`` turns later, wrapping within the turns that leave room for a whole
+    slice. Raises ``ValueError`` when a conversation has fewer than ``per_user`` turns.
+    """
+    conversation = user_index % len(turn_counts)
+    room = turn_counts[conversation] - per_user + 1
+    if room < 1:
+        raise ValueError(f"conversation {conversation} has {turn_counts[conversation]} turns, fewer than {per_user}")
+    return conversation, (user_index // len(turn_counts)) * SLICE_STRIDE % room
+
+
+def answerable_questions(conversation: Conversation, turns: list[Turn]) -> list[str]:
+    """The conversation's questions whose evidence turns are all among ``turns``."""
+    held = {turn.dia_id for turn in turns}
+    return [question for question, evidence in conversation.questions if evidence and evidence <= held]
+
+
+@dataclass(frozen=True)
+class DatasetUser:
+    """A user of the dataset: its index, id, conversation, and query texts (questions, else turns)."""
+
+    index: int
+    user_id: uuid.UUID
+    session_id: uuid.UUID
+    conversation: int
+    queries: list[str]
+    questions: int  # how many of ``queries`` are LoCoMo questions (the rest are turns)
+
+
+class QueryDataset:
+    """Users ``bench-query-<tag>-<i>`` with ``per_user`` messages each, built or reused."""
+
+    def __init__(self, *, tag: str, users: int, per_user: int, path: Path) -> None:
+        self.tag = tag
+        self.count = users
+        self.per_user = per_user
+        self.path = path
+        self.conversations = load_conversations(path)
+        if not self.conversations:
+            raise ValueError(f"{path}: no conversation with turns")
+        self.turn_counts = [len(c.turns) for c in self.conversations]
+        if per_user > min(self.turn_counts):
+            raise ValueError(f"--messages-per-user {per_user} exceeds the shortest conversation ({min(self.turn_counts)} turns)")
+
+    @property
+    def agent_name(self) -> str:
+        return f"bench-query-{self.tag}"
+
+    @property
+    def tenant_name(self) -> str:
+        return f"bench-query-{self.tag}"
+
+    def tenant(self) -> Tenant | None:
+        """The tenant that owns the dataset's users and agent (``None`` before it is built)."""
+        return Tenant.objects.filter(name=self.tenant_name).first()
+
+    def user_name(self, index: int) -> str:
+        return f"bench-query-{self.tag}-{index:05d}"
+
+    def shape(self) -> dict:
+        return {"format": DATASET_FORMAT, "users": self.count, "messages_per_user": self.per_user, "data": str(self.path)}
+
+    def turns_of(self, index: int) -> tuple[Conversation, list[Turn]]:
+        conversation, start = user_slice(index, turn_counts=self.turn_counts, per_user=self.per_user)
+        held = self.conversations[conversation]
+        return held, held.turns[start : start + self.per_user]
+
+    def ensure(self, *, rebuild: bool = False, log=print) -> dict:
+        """Build the dataset unless one of the same shape exists (``rebuild``: always build).
+
+        Returns ``{"reused": bool, "seconds", "distinct_texts", "embed_seconds", "insert_seconds"}``
+        (the last three only when built).
+        """
+        agent = Agent.objects.filter(tenant__name=self.tenant_name, name=self.agent_name).first()
+        if agent is not None and not rebuild and agent.metadata.get("bench_dataset") == self.shape():
+            if User.objects.filter(tenant=agent.tenant_id, name__startswith=self.agent_name + "-").count() == self.count:
+                return {"reused": True}
+        started = time.perf_counter()
+        self.drop()
+        log(f"building {self.count} users x {self.per_user} messages ...")
+        built = self._build()
+        return {"reused": False, "seconds": round(time.perf_counter() - started, 1), **built}
+
+    def drop(self) -> int:
+        """Delete the dataset's tenant (its users, agent, sessions and messages cascade); users deleted."""
+        users = User.objects.filter(tenant__name=self.tenant_name)
+        count = users.count()
+        with transaction.atomic():
+            users.delete()
+            Tenant.objects.filter(name=self.tenant_name).delete()
+        return count
+
+    def users(self) -> list[DatasetUser]:
+        """The dataset's users in index order, with their query texts (the dataset must exist)."""
+        ids = dict(User.objects.filter(tenant__name=self.tenant_name).values_list("name", "id"))
+        first_sessions = {}
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT DISTINCT ON (s.user_id) s.user_id, s.id FROM memory_session s "
+                "JOIN memory_user u ON u.id = s.user_id JOIN memory_tenant t ON t.id = u.tenant_id "
+                "WHERE t.name = %s ORDER BY s.user_id, s.created_at, s.name",
+                [self.tenant_name],
+            )
+            first_sessions = dict(cursor.fetchall())
+        result = []
+        for index in range(self.count):
+            user_id = ids[self.user_name(index)]
+            conversation, turns = self.turns_of(index)
+            questions = answerable_questions(conversation, turns)
+            queries = questions or [turn.content for turn in turns]
+            result.append(
+                DatasetUser(
+                    index=index,
+                    user_id=user_id,
+                    session_id=first_sessions[user_id],
+                    conversation=index % len(self.conversations),
+                    queries=queries,
+                    questions=len(questions),
+                )
+            )
+        return result
+
+    def _build(self) -> dict:
+        from memory import registry
+
+        held = [self.turns_of(index) for index in range(self.count)]
+        texts = sorted({turn.index_text for _, turns in held for turn in turns})
+        started = time.perf_counter()
+        # The model itself, in this thread: the registry's batcher thread runs at a lowered
+        # priority (it yields to requests), which a build that waits for it does not want.
+        embedder = registry.get_embedder()
+        vectors = np.concatenate([embedder.embed(texts[i : i + EMBED_CHUNK]) for i in range(0, len(texts), EMBED_CHUNK)])
+        embed_seconds = time.perf_counter() - started
+        text_key = {text: key for key, text in enumerate(texts)}
+
+        started = time.perf_counter()
+        now = timezone.now()
+        agent_id = uuid.uuid4()
+        users, sessions, messages = [], [], []
+        for index, (conversation, turns) in enumerate(held):
+            user_id = uuid.uuid4()
+            metadata = json.dumps({"bench_dataset": self.tag, "conversation": conversation.sample_id})
+            users.append((user_id, self.user_name(index), metadata))
+            session_ids: dict[int, uuid.UUID] = {}
+            positions: dict[int, int] = {}
+            for turn in turns:
+                if turn.session not in session_ids:
+                    session_ids[turn.session] = uuid.uuid4()
+                    positions[turn.session] = 0
+                position = positions[turn.session]
+                positions[turn.session] += 1
+                base = turn.date or datetime(2000, 1, 1, tzinfo=UTC)
+                messages.append(
+                    (
+                        uuid.uuid4(), session_ids[turn.session], user_id, position, turn.role, turn.content,
+                        json.dumps(turn.metadata), turn.index_text, base + timedelta(seconds=position),
+                        text_key[turn.index_text],
+                    )
+                )
+            # next_position: where an add to the session would continue.
+            sessions.extend((session_ids[n], f"session_{n}", user_id, positions[n]) for n in session_ids)
+        with transaction.atomic(), connection.cursor() as cursor:
+            tenant = Tenant.objects.create(name=self.tenant_name)
+            cursor.execute(
+                "INSERT INTO memory_agent (id, tenant_id, name, description, metadata, created_at, updated_at) "
+                "VALUES (%s, %s, %s, '', %s, %s, %s)",
+                [agent_id, tenant.pk, self.agent_name, json.dumps({"bench_dataset": self.shape()}), now, now],
+            )
+            raw = cursor.cursor  # psycopg's cursor: COPY
+            columns = "id, name, description, metadata, created_at, updated_at"
+            with raw.copy(f"COPY memory_user ({columns}, memory_version, tenant_id) FROM STDIN") as copy:
+                for user_id, name, metadata in users:
+                    copy.write_row((user_id, name, "", metadata, now, now, 1, tenant.pk))
+            with raw.copy(f"COPY memory_session ({columns}, agent_id, user_id, next_position) FROM STDIN") as copy:
+                for session_id, name, user_id, next_position in sessions:
+                    copy.write_row((session_id, name, "", "{}", now, now, agent_id, user_id, next_position))
+            # Embeddings once per distinct text, then joined in: 200,000 vectors as text over
+            # the socket would be most of the build.
+            cursor.execute("CREATE TEMP TABLE bench_embedding (key integer PRIMARY KEY, embedding vector) ON COMMIT DROP")
+            with raw.copy("COPY bench_embedding (key, embedding) FROM STDIN") as copy:
+                for key, vector in enumerate(vectors):
+                    copy.write_row((key, "[" + ",".join(f"{x:.8g}" for x in vector) + "]"))
+            cursor.execute(
+                "CREATE TEMP TABLE bench_message (id uuid, session_id uuid, user_id uuid, position integer, role text, "
+                "content text, metadata jsonb, index_text text, created_at timestamptz, key integer) ON COMMIT DROP"
+            )
+            with raw.copy("COPY bench_message FROM STDIN") as copy:
+                for row in messages:
+                    copy.write_row(row)
+            cursor.execute(
+                """
+                INSERT INTO memory_message (id, session_id, user_id, position, role, content, metadata, index_text,
+                                            embedding, flushed_at, flush_count, created_at, updated_at)
+                SELECT m.id, m.session_id, m.user_id, m.position, m.role, m.content, m.metadata, m.index_text,
+                       e.embedding, %(now)s, 1, m.created_at, %(now)s
+                FROM bench_message m JOIN bench_embedding e USING (key)
+                """,
+                {"now": now},
+            )
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE memory_message")
+        return {
+            "distinct_texts": len(texts),
+            "embed_seconds": round(embed_seconds, 1),
+            "insert_seconds": round(time.perf_counter() - started, 1),
+        }
