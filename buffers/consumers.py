@@ -18,6 +18,7 @@ from memory.api.errors import validation_error
 from memory.api.serializers import validated
 from memory.errors import NotFound, ServiceError
 from memory.models import Session
+from memory.retrieval import RetrievalConfig
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,9 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
       "request_id"?}``: store the messages at the end of the session (validated as the REST
       ``POST sessions/{id}/messages``: the whole batch, or nothing is stored).
     - ``{"type": "memory.query", "query", "top_k"? (1..100, default 5), "agent_id"?,
-      "session_id"? (default: this session, for the ``scope`` tag of results), "request_id"?}``:
-      query the memory of the session's user.
+      "session_id"? (default: this session, for the ``scope`` tag of results), "retrieval"?
+      (per-query overrides, as in the REST query), "request_id"?}``: query the memory of the
+      session's user.
 
     Server to client:
 
@@ -225,7 +227,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         return [str(row.pk) for row in rows], rows.pending
 
     async def memory_query_frame(self, content: dict, request_id: str | int | None) -> None:
-        data = _fields(content, "query", "top_k", "session_id", "agent_id")
+        data = _fields(content, "query", "top_k", "session_id", "agent_id", "retrieval")
         stages = await in_thread(self._memory_query_stages)(data)
         # One step of the generator per thread hop, so the partial frame leaves before the
         # query is embedded for the final stage.
@@ -254,6 +256,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             top_k=data["top_k"],
             session_id=data.get("session_id") or self.session_id,
             agent_id=data.get("agent_id"),
+            config=RetrievalConfig.from_settings(**(data.get("retrieval") or {})),
         )
 
     # --- server frames --------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""System checks for what can be wrong at start: pgvector missing, embedding dimension mismatch."""
+"""System checks for what can be wrong at start: pgvector missing, embedding dimension mismatch,
+a reranker path that holds no cross-encoder."""
 
 from __future__ import annotations
 
@@ -62,3 +63,23 @@ def check_pgvector(app_configs=None, databases=None, **kwargs) -> list[Error]:
             )
         )
     return errors
+
+
+@register()
+def check_reranker(app_configs=None, **kwargs) -> list[Error]:
+    """memory.E004: a configured ``RERANKER_MODEL_PATH`` holds a one-label cross-encoder.
+
+    Reads only the model's ``config.json`` (no weights), so ``manage.py check`` stays cheap.
+    """
+    path = registry.reranker_path()
+    problem = registry.reranker_path_problem(path) if path is not None else None
+    if problem is None:
+        return []
+    return [
+        Error(
+            problem,
+            hint="Point RERANKER_MODEL_PATH at a local cross-encoder directory (a sentence-transformers "
+            "CrossEncoder or a transformers sequence-classification model with num_labels=1), or unset it.",
+            id="memory.E004",
+        )
+    ]

@@ -61,21 +61,34 @@ def tsvector_tokens(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class RetrievalConfig:
-    """Knobs of one query. ``candidates`` is how many documents each retriever contributes."""
+    """Knobs of one query; defaults from ``settings.MEMFUSE``.
+
+    ``bm25_candidates`` / ``vector_candidates``: the most documents each retriever
+    contributes to the fusion (a query asking for more than their sum gets fewer). ``rerank``: whether the fused top ``rerank_top_n`` go through
+    the cross-encoder (only possible with ``RERANKER_MODEL_PATH``). A weight of 0 switches
+    its retriever off.
+    """
 
     rrf_k: int
     bm25_weight: float
     vector_weight: float
-    candidates: int
+    bm25_candidates: int
+    vector_candidates: int
+    rerank: bool
+    rerank_top_n: int
 
     @classmethod
     def from_settings(cls, **overrides) -> RetrievalConfig:
+        """The configured defaults with ``overrides`` (``None`` values ignored) applied."""
         config = settings.MEMFUSE
         values = {
             "rrf_k": config["RRF_K"],
             "bm25_weight": config["BM25_WEIGHT"],
             "vector_weight": config["VECTOR_WEIGHT"],
-            "candidates": config["CANDIDATES_PER_RETRIEVER"],
+            "bm25_candidates": config["BM25_CANDIDATES"],
+            "vector_candidates": config["VECTOR_CANDIDATES"],
+            "rerank": bool(config["RERANK"] and config["RERANKER_MODEL_PATH"]),
+            "rerank_top_n": config["RERANK_TOP_N"],
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
@@ -286,6 +299,43 @@ def rrf_fuse(ranked_lists: dict[str, list[tuple[DocKey, float]]], weights: dict[
     return [(key, score, found[key]) for key, score in ordered]
 
 
+def document_texts(user_id: uuid.UUID, keys: list[DocKey]) -> dict[DocKey, str]:
+    """The indexed text of each of ``keys`` (a message's ``index_text``, a knowledge item's
+    content), read from ``user_id``'s rows only; keys not found are absent."""
+    message_ids = [key.id for key in keys if key.kind == "message"]
+    knowledge_ids = [key.id for key in keys if key.kind == "knowledge"]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT 'message', id, index_text FROM memory_message WHERE user_id = %(user)s AND id = ANY(%(m)s) "
+            "UNION ALL SELECT 'knowledge', id, content FROM memory_knowledge WHERE user_id = %(user)s AND id = ANY(%(k)s)",
+            {"user": user_id, "m": message_ids, "k": knowledge_ids},
+        )
+        return {DocKey(kind, doc_id): text for kind, doc_id, text in cursor.fetchall()}
+
+
+def rerank(
+    *, user_id: uuid.UUID, query: str, hits: list[tuple[DocKey, float, dict]], top_n: int
+) -> list[tuple[DocKey, float, dict]]:
+    """The first ``top_n`` hits reordered by the cross-encoder's relevance to ``query``.
+
+    Each reranked hit keeps its fused score and gains ``retrievers["reranker"] = {"rank",
+    "score"}``; hits after ``top_n`` follow unchanged. Ties keep the fused order. Costs one
+    cross-encoder call over ``top_n`` (query, document) pairs. Raises
+    ``registry.RerankerLoadError`` when no reranker is configured.
+    """
+    head, tail = hits[:top_n], hits[top_n:]
+    if not head:
+        return hits
+    texts = document_texts(user_id, [key for key, _, _ in head])
+    scores = registry.rerank_scores(query, [texts.get(key, "") for key, _, _ in head])
+    order = sorted(range(len(head)), key=lambda i: -scores[i])
+    reranked = []
+    for rank, i in enumerate(order, start=1):
+        key, fused, found = head[i]
+        reranked.append((key, fused, {**found, "reranker": {"rank": rank, "score": round(float(scores[i]), 6)}}))
+    return reranked + tail
+
+
 def hybrid_search_stages(
     *,
     user_id: uuid.UUID,
@@ -300,10 +350,11 @@ def hybrid_search_stages(
     ``hits`` are ``(key, fused_score, retrievers)``, at most ``top_k``. BM25 is fast and
     already covers pending messages, so a UI can show its ranking before the query has been
     embedded. ``agent_id`` restricts messages to that agent's sessions (knowledge is
-    user-level). With a retriever switched off (weight 0) only the final stage comes.
+    user-level). With a retriever switched off (weight 0) only the final stage comes. With
+    ``config.rerank`` the final stage's first ``rerank_top_n`` are reordered by the
+    cross-encoder (``rerank``).
     """
     config = config or RetrievalConfig.from_settings()
-    limit = max(config.candidates, top_k)
     allowed_sessions = None
     if agent_id is not None:
         from memory.models import Session
@@ -313,13 +364,20 @@ def hybrid_search_stages(
     ranked: dict[str, list] = {}
     if config.bm25_weight > 0:
         index = user_memory(user_id).bm25_index(memory_version)
-        ranked["bm25"] = index.search(query_tokens(query), limit=limit, allowed_sessions=allowed_sessions)
+        ranked["bm25"] = index.search(
+            query_tokens(query), limit=config.bm25_candidates, allowed_sessions=allowed_sessions
+        )
         if config.vector_weight > 0:
             yield "partial", rrf_fuse(ranked, weights, config.rrf_k)[:top_k]
     if config.vector_weight > 0:
         embedding = registry.embed([query])[0]
-        ranked["vector"] = vector_candidates(user_id=user_id, embedding=embedding, limit=limit, agent_id=agent_id)
-    yield "final", rrf_fuse(ranked, weights, config.rrf_k)[:top_k]
+        ranked["vector"] = vector_candidates(
+            user_id=user_id, embedding=embedding, limit=config.vector_candidates, agent_id=agent_id
+        )
+    hits = rrf_fuse(ranked, weights, config.rrf_k)
+    if config.rerank:
+        hits = rerank(user_id=user_id, query=query, hits=hits, top_n=config.rerank_top_n)
+    yield "final", hits[:top_k]
 
 
 def hybrid_search(**kwargs) -> list[tuple[DocKey, float, dict]]:

@@ -78,3 +78,110 @@ def test_query_stages_stream_bm25_then_the_fused_ranking(alice_session):
     assert [stage for stage, _ in stages] == ["partial", "final"]
     assert all(set(r["metadata"]["retrievers"]) == {"bm25"} for r in stages[0][1])
     assert any("vector" in r["metadata"]["retrievers"] for r in stages[1][1])
+
+
+# --- the cross-encoder reranking stage -----------------------------------------------------------
+
+GARDEN = [
+    "I planted tomatoes in the garden today.",
+    "The garden needs rain, the basil is dry.",
+    "We had a picnic in the botanical garden.",
+    "My garden gnome collection keeps growing.",
+    "A fox walked through the garden at night.",
+]
+
+
+def _cross_encoder_order(path, query: str, texts: list[str]) -> list[int]:
+    """Indices of ``texts`` by the model's logit, best first: computed with transformers
+    directly, independently of the code under test."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.no_grad():
+        batch = tokenizer([query] * len(texts), texts, padding=True, truncation=True, return_tensors="pt")
+        logits = model(**batch).logits[:, 0].tolist()
+    return sorted(range(len(texts)), key=lambda i: -logits[i])
+
+
+def _garden(alice_session):
+    rows = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=t) for t in GARDEN])
+    alice = alice_session.user
+    alice.refresh_from_db()
+    return alice, {row.pk: row.index_text for row in rows}
+
+
+def _search(alice, query, **overrides):
+    return retrieval.hybrid_search(
+        user_id=alice.pk, memory_version=alice.memory_version, query=query, top_k=5,
+        config=retrieval.RetrievalConfig.from_settings(**overrides),
+    )
+
+
+def test_reranked_order_follows_the_cross_encoders_scores(alice_session, reranker_path):
+    """With rerank on, the fused top N come in the cross-encoder's order, each with its reranker rank."""
+    alice, texts = _garden(alice_session)
+    fused = [key for key, _, _ in _search(alice, "garden", rerank=False)]
+
+    hits = _search(alice, "garden", rerank=True, rerank_top_n=5)
+
+    order = _cross_encoder_order(reranker_path, "garden", [texts[key.id] for key in fused])
+    assert [key for key, _, _ in hits] == [fused[i] for i in order]
+    assert [key for key, _, _ in hits] != fused  # this model does reorder them: the test can fail
+    assert [found["reranker"]["rank"] for _, _, found in hits] == [1, 2, 3, 4, 5]
+
+
+def test_reranker_off_leaves_the_fused_order_and_loads_no_model(alice_session, reranker_path, settings):
+    """RERANK off (model configured): the fused order, no reranker ranks, and the model is never loaded."""
+    alice, _ = _garden(alice_session)
+    settings.MEMFUSE = {**settings.MEMFUSE, "RERANKER_MODEL_PATH": ""}
+    without_model = _search(alice, "garden")
+    settings.MEMFUSE = {**settings.MEMFUSE, "RERANKER_MODEL_PATH": str(reranker_path), "RERANK": False}
+
+    hits = _search(alice, "garden")
+
+    assert [key for key, _, _ in hits] == [key for key, _, _ in without_model]
+    assert all("reranker" not in found for _, _, found in hits)
+    assert retrieval.registry.stats()["reranker"] is None
+
+
+def test_rerank_reorders_only_the_top_n(alice_session, reranker_path):
+    """Hits after rerank_top_n keep their fused order and carry no reranker rank."""
+    alice, _ = _garden(alice_session)
+    fused = _search(alice, "garden", rerank=False)
+
+    hits = retrieval.rerank(user_id=alice.pk, query="garden", hits=fused, top_n=2)
+
+    assert {key for key, _, _ in hits[:2]} == {key for key, _, _ in fused[:2]}
+    assert hits[2:] == fused[2:]
+    assert all("reranker" in found for _, _, found in hits[:2])
+
+
+def test_rerank_defaults_follow_the_configuration(settings, reranker_path):
+    """rerank is on by default only with a model configured and RERANK set; overrides win."""
+    assert retrieval.RetrievalConfig.from_settings().rerank is True
+    assert retrieval.RetrievalConfig.from_settings(rerank=False).rerank is False
+    settings.MEMFUSE = {**settings.MEMFUSE, "RERANKER_MODEL_PATH": ""}
+    assert retrieval.RetrievalConfig.from_settings().rerank is False
+
+
+def test_document_texts_reads_only_the_users_rows(alice_session, bob_messages):
+    """The reranker's texts come from the querying user's rows: another user's ids give nothing."""
+    alice, texts = _garden(alice_session)
+    keys = [DocKey("message", pk) for pk in texts] + [DocKey("message", bob_messages[0].pk)]
+
+    found = retrieval.document_texts(alice.pk, keys)
+
+    assert found == {DocKey("message", pk): text for pk, text in texts.items()}
+
+
+@pytest.mark.parametrize("weights", [{"bm25_candidates": 1}, {"vector_candidates": 1}])
+def test_candidates_cap_each_retrievers_contribution(alice_session, weights):
+    """bm25_candidates / vector_candidates cap how many documents that retriever ranks."""
+    alice, _ = _garden(alice_session)
+
+    hits = _search(alice, "garden", **weights)
+
+    name = "bm25" if "bm25_candidates" in weights else "vector"
+    assert sum(1 for _, _, found in hits if name in found) == 1

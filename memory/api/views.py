@@ -19,6 +19,7 @@ from memory.api.base import ConcurrentAPIView as APIView
 from memory.api.errors import envelope
 from memory.api.serializers import validated
 from memory.errors import NotFound
+from memory.retrieval import RetrievalConfig
 
 API_VERSION = "0.3.0"  # the MemFuse API generation we are compatible with (client 0.3.x)
 
@@ -93,6 +94,7 @@ class UserQueryView(APIView):
             top_k=data["top_k"],
             session_id=data.get("session_id"),
             agent_id=data.get("agent_id"),
+            config=RetrievalConfig.from_settings(**(data.get("retrieval") or {})),
         )
         return envelope({"results": results, "total": len(results)})
 
