@@ -23,6 +23,13 @@ Fusion outperforms Condorcet and individual Rank Learning Methods", SIGIR 2009):
 ``score(d) = sum_r w_r / (k + rank_r(d))``, ranks from 1, ``k = 60`` (the paper's value).
 The weights are configuration (``BM25_WEIGHT``, ``VECTOR_WEIGHT``); the defaults and the
 measurements behind them are in the README's retrieval section.
+
+**Reranking** (optional, ``rerank``): a cross-encoder (``RERANKER_MODEL_PATH``, the registry's
+tier-1 reranker) rescores the fused top ``RERANK_TOP_N`` (query, document) pairs and reorders
+them; off when no model is configured.
+
+Every knob is a field of ``RetrievalConfig`` (defaults from ``settings.MEMFUSE``); the safe
+ones can be overridden per query (``memory.api.serializers.RetrievalOverrides``).
 """
 
 from __future__ import annotations
