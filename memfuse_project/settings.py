@@ -173,6 +173,13 @@ MEMFUSE = {
     # Candidates of each retriever (default: CANDIDATES_PER_RETRIEVER).
     "BM25_CANDIDATES": envint("BM25_CANDIDATES", envint("CANDIDATES_PER_RETRIEVER", 100)),
     "VECTOR_CANDIDATES": envint("VECTOR_CANDIDATES", envint("CANDIDATES_PER_RETRIEVER", 100)),
+    # Pseudo-relevance feedback for the vector retriever (Rocchio): its query embedding moves
+    # toward the embeddings of BM25's top VECTOR_PRF_DOCS documents (0: off), by this weight.
+    "VECTOR_PRF_DOCS": envint("VECTOR_PRF_DOCS", 3),
+    "VECTOR_PRF_WEIGHT": envfloat("VECTOR_PRF_WEIGHT", 0.75),
+    # How the two rankings are fused: "rrf" (weighted reciprocal rank fusion, RRF_K) or
+    # "convex" (weighted sum of min-max normalised scores).
+    "FUSION": envstr("FUSION", "rrf"),
     # Cross-encoder reranker of the fused top RERANK_TOP_N: a local model directory; empty,
     # no reranking. Loaded at start in serving processes, next to the embedding model.
     "RERANKER_MODEL_PATH": envstr("RERANKER_MODEL_PATH"),

@@ -83,3 +83,19 @@ def check_reranker(app_configs=None, **kwargs) -> list[Error]:
             id="memory.E004",
         )
     ]
+
+
+@register()
+def check_retrieval_settings(app_configs=None, **kwargs) -> list[Error]:
+    """memory.E005: retrieval settings a query cannot run with (unknown fusion, negative knobs)."""
+    config = settings.MEMFUSE
+    problems = []
+    if config["FUSION"] not in ("rrf", "convex"):
+        problems.append(f"FUSION is {config['FUSION']!r}; expected 'rrf' or 'convex'.")
+    for name in ("RRF_K", "BM25_CANDIDATES", "VECTOR_CANDIDATES", "RERANK_TOP_N"):
+        if config[name] < 1:
+            problems.append(f"{name} is {config[name]}; it must be at least 1.")
+    for name in ("BM25_WEIGHT", "VECTOR_WEIGHT", "VECTOR_PRF_DOCS", "VECTOR_PRF_WEIGHT"):
+        if config[name] < 0:
+            problems.append(f"{name} is {config[name]}; it must not be negative.")
+    return [Error(problem, id="memory.E005") for problem in problems]

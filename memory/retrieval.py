@@ -73,7 +73,9 @@ class RetrievalConfig:
     ``bm25_candidates`` / ``vector_candidates``: the most documents each retriever
     contributes to the fusion (a query asking for more than their sum gets fewer). ``rerank``: whether the fused top ``rerank_top_n`` go through
     the cross-encoder (only possible with ``RERANKER_MODEL_PATH``). A weight of 0 switches
-    its retriever off.
+    its retriever off. ``prf_docs`` / ``prf_weight``: the vector retriever's query moves
+    toward BM25's top ``prf_docs`` documents (``prf_query_embedding``; 0 docs: off).
+    ``fusion``: ``"rrf"`` (``rrf_fuse``) or ``"convex"`` (``convex_fuse``).
     """
 
     rrf_k: int
@@ -83,6 +85,9 @@ class RetrievalConfig:
     vector_candidates: int
     rerank: bool
     rerank_top_n: int
+    prf_docs: int = 0
+    prf_weight: float = 0.0
+    fusion: str = "rrf"
 
     @classmethod
     def from_settings(cls, **overrides) -> RetrievalConfig:
@@ -96,6 +101,9 @@ class RetrievalConfig:
             "vector_candidates": config["VECTOR_CANDIDATES"],
             "rerank": bool(config["RERANK"] and config["RERANKER_MODEL_PATH"]),
             "rerank_top_n": config["RERANK_TOP_N"],
+            "prf_docs": config["VECTOR_PRF_DOCS"],
+            "prf_weight": config["VECTOR_PRF_WEIGHT"],
+            "fusion": config["FUSION"],
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
@@ -288,6 +296,71 @@ def vector_candidates(
     return results[:limit]
 
 
+def prf_query_embedding(
+    *, user_id: uuid.UUID, embedding: np.ndarray, feedback: list[DocKey], weight: float
+) -> np.ndarray:
+    """The query embedding moved toward the feedback documents' embeddings (Rocchio).
+
+    ``normalise(q + weight * mean(e_d for d in feedback))``, ``(dim,)`` float32, unit norm:
+    Rocchio's relevance feedback (Rocchio, 1971; ``weight`` is his beta, 0.75 by default)
+    with BM25's top documents taken as relevant ("pseudo" relevance feedback). The
+    embedding model alone is weak on conversations (it misses names and rare words); the
+    documents BM25 ranks first carry them into the vector side, which then finds their
+    paraphrases. Feedback documents without an embedding yet (pending) are skipped; with
+    none left, ``embedding`` is returned unchanged. One indexed read of the user's rows.
+    """
+    if not feedback or weight <= 0:
+        return embedding
+    message_ids = [key.id for key in feedback if key.kind == "message"]
+    knowledge_ids = [key.id for key in feedback if key.kind == "knowledge"]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT embedding::text FROM memory_message WHERE user_id = %(user)s AND id = ANY(%(m)s) "
+            "AND embedding IS NOT NULL UNION ALL SELECT embedding::text FROM memory_knowledge "
+            "WHERE user_id = %(user)s AND id = ANY(%(k)s) AND embedding IS NOT NULL",
+            {"user": user_id, "m": message_ids, "k": knowledge_ids},
+        )
+        vectors = [Vector._from_db(text) for (text,) in cursor.fetchall()]
+    if not vectors:
+        return embedding
+    moved = embedding + weight * np.mean(vectors, axis=0)
+    return (moved / np.linalg.norm(moved)).astype(np.float32)
+
+
+def convex_fuse(ranked_lists: dict[str, list[tuple[DocKey, float]]], weights: dict[str, float]) -> list[tuple[DocKey, float, dict]]:
+    """Convex combination of min-max normalised scores: ``sum_r w_r / W * norm_r(d)``.
+
+    An alternative to RRF (Bruch, Gai & Ingber, "An Analysis of Fusion Functions for Hybrid
+    Retrieval", ACM TOIS 2023): it uses how far apart the scores are, not only the ranks.
+    Each list's scores are scaled to [0, 1] by its own min and max (a list of one scores 1);
+    a document missing from a list gets 0 there. Same input and output shapes as
+    ``rrf_fuse``.
+    """
+    total = sum(weights.get(name, 1.0) for name in ranked_lists) or 1.0
+    fused: dict[DocKey, float] = {}
+    found: dict[DocKey, dict] = {}
+    for name, ranked in ranked_lists.items():
+        if not ranked:
+            continue
+        weight = weights.get(name, 1.0) / total
+        scores = [score for _, score in ranked]
+        low, span = min(scores), max(scores) - min(scores)
+        for rank, (key, score) in enumerate(ranked, start=1):
+            normalised = (score - low) / span if span > 0 else 1.0
+            fused[key] = fused.get(key, 0.0) + weight * normalised
+            found.setdefault(key, {})[name] = {"rank": rank, "score": round(score, 6)}
+    ordered = sorted(fused.items(), key=lambda item: -item[1])
+    return [(key, score, found[key]) for key, score in ordered]
+
+
+def fuse(ranked_lists: dict[str, list[tuple[DocKey, float]]], config: RetrievalConfig) -> list[tuple[DocKey, float, dict]]:
+    """The ranked lists fused as ``config.fusion`` says (``rrf_fuse`` or ``convex_fuse``)."""
+    weights = {"bm25": config.bm25_weight, "vector": config.vector_weight}
+    if config.fusion == "convex":
+        return convex_fuse(ranked_lists, weights)
+    return rrf_fuse(ranked_lists, weights, config.rrf_k)
+
+
 def rrf_fuse(ranked_lists: dict[str, list[tuple[DocKey, float]]], weights: dict[str, float], k: int) -> list[tuple[DocKey, float, dict]]:
     """Weighted reciprocal rank fusion of ranked lists (see module docstring).
 
@@ -367,7 +440,6 @@ def hybrid_search_stages(
         from memory.models import Session
 
         allowed_sessions = set(Session.objects.filter(user_id=user_id, agent_id=agent_id).values_list("id", flat=True))
-    weights = {"bm25": config.bm25_weight, "vector": config.vector_weight}
     ranked: dict[str, list] = {}
     if config.bm25_weight > 0:
         index = user_memory(user_id).bm25_index(memory_version)
@@ -375,13 +447,18 @@ def hybrid_search_stages(
             query_tokens(query), limit=config.bm25_candidates, allowed_sessions=allowed_sessions
         )
         if config.vector_weight > 0:
-            yield "partial", rrf_fuse(ranked, weights, config.rrf_k)[:top_k]
+            yield "partial", fuse(ranked, config)[:top_k]
     if config.vector_weight > 0:
         embedding = registry.embed([query])[0]
+        if config.prf_docs > 0 and ranked.get("bm25"):
+            feedback = [key for key, _ in ranked["bm25"][: config.prf_docs]]
+            embedding = prf_query_embedding(
+                user_id=user_id, embedding=embedding, feedback=feedback, weight=config.prf_weight
+            )
         ranked["vector"] = vector_candidates(
             user_id=user_id, embedding=embedding, limit=config.vector_candidates, agent_id=agent_id
         )
-    hits = rrf_fuse(ranked, weights, config.rrf_k)
+    hits = fuse(ranked, config)
     if config.rerank:
         hits = rerank(user_id=user_id, query=query, hits=hits, top_n=config.rerank_top_n)
     yield "final", hits[:top_k]

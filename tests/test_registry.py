@@ -311,3 +311,16 @@ def test_manage_py_check_fails_on_a_bad_reranker_path(tmp_path):
 
     assert result.returncode != 0
     assert "memory.E004" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "name, value", [("FUSION", "borda"), ("RRF_K", 0), ("VECTOR_PRF_WEIGHT", -1.0), ("RERANK_TOP_N", 0)]
+)
+def test_retrieval_settings_check_names_a_bad_value(monkeypatch, name, value):
+    """System check memory.E005 names a retrieval setting no query could run with."""
+    assert checks.check_retrieval_settings() == []
+    monkeypatch.setitem(settings.MEMFUSE, name, value)
+
+    errors = checks.check_retrieval_settings()
+
+    assert [e.id for e in errors] == ["memory.E005"] and name in errors[0].msg

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import numpy as np
 import pytest
 
 from memory import retrieval, selectors, services
@@ -185,3 +186,60 @@ def test_candidates_cap_each_retrievers_contribution(alice_session, weights):
 
     name = "bm25" if "bm25_candidates" in weights else "vector"
     assert sum(1 for _, _, found in hits if name in found) == 1
+
+
+# --- pseudo-relevance feedback for the vector side; convex fusion ------------------------------
+
+
+def test_convex_fusion_weighs_normalised_scores_not_ranks():
+    """Convex fusion uses score gaps: b, a near-tie in BM25 and a clear win in the vector list, goes first."""
+    a, b, c = (DocKey("message", uuid.uuid4()) for _ in range(3))
+    lists = {"bm25": [(a, 10.0), (b, 9.9), (c, 0.0)], "vector": [(b, 0.9), (a, 0.1), (c, 0.05)]}
+
+    fused = retrieval.convex_fuse(lists, {"bm25": 1.0, "vector": 1.0})
+
+    assert [key for key, _, _ in fused] == [b, a, c]
+    assert fused[0][1] == pytest.approx(0.5 * 0.99 + 0.5 * 1.0)
+    assert fused[0][2] == {"bm25": {"rank": 2, "score": 9.9}, "vector": {"rank": 1, "score": 0.9}}
+    # RRF sees a first and a second place for both a and b: a tie, kept in BM25's order.
+    assert [key for key, _, _ in rrf_fuse(lists, {"bm25": 1.0, "vector": 1.0}, k=60)] == [a, b, c]
+
+
+def test_prf_moves_the_query_embedding_toward_the_feedback_documents(alice_session):
+    """Rocchio: the new query is unit-norm and closer to the feedback documents; pending ones are skipped."""
+    from buffers.services import flush_pending
+
+    rows = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=t) for t in GARDEN])
+    flush_pending(user_id=alice_session.user_id)
+    feedback = [DocKey("message", rows[0].pk)]
+    feedback_vector = retrieval.registry.embed([rows[0].index_text])[0]
+    query = retrieval.registry.embed(["weather forecast"])[0]
+
+    moved = retrieval.prf_query_embedding(user_id=alice_session.user_id, embedding=query, feedback=feedback, weight=0.75)
+
+    assert np.linalg.norm(moved) == pytest.approx(1.0, abs=1e-5)
+    assert float(moved @ feedback_vector) > float(query @ feedback_vector) + 0.1
+    pending = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="Not flushed.")])
+    unchanged = retrieval.prf_query_embedding(
+        user_id=alice_session.user_id, embedding=query, feedback=[DocKey("message", pending[0].pk)], weight=0.75
+    )
+    assert unchanged is query
+
+
+def test_prf_brings_bm25s_top_document_up_the_vector_ranking(alice_session):
+    """With PRF on, the vector retriever ranks BM25's top hit higher than without (or first either way)."""
+    from buffers.services import flush_pending
+
+    alice, _ = _garden(alice_session)
+    flush_pending(user_id=alice.pk)
+    alice.refresh_from_db()
+
+    def vector_rank_of_bm25_top(**overrides):
+        hits = _search(alice, "gnome collection", **overrides)
+        bm25_top = next(key for key, _, found in hits if found.get("bm25", {}).get("rank") == 1)
+        return next(found["vector"]["rank"] for key, _, found in hits if key == bm25_top)
+
+    without, with_prf = vector_rank_of_bm25_top(prf_docs=0), vector_rank_of_bm25_top(prf_docs=1, prf_weight=5.0)
+
+    assert with_prf == 1
+    assert with_prf <= without

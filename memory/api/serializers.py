@@ -161,9 +161,9 @@ class StrictBooleanField(serializers.BooleanField):
 class RetrievalOverrides(serializers.Serializer):
     """Per-query overrides of the retrieval settings that are safe to change per query.
 
-    Safe = bounded cost: weights and RRF's ``k`` only change arithmetic; candidates per
-    retriever and ``rerank_top_n`` are capped (``rerank_top_n`` is cross-encoder pairs, the
-    dominant cost). What changes the index (BM25 context window, own-word weight) or the
+    Safe = bounded cost: weights, RRF's ``k``, the fusion function and the PRF weight only
+    change arithmetic; candidates per retriever, PRF documents (one indexed read) and
+    ``rerank_top_n`` are capped (``rerank_top_n`` is cross-encoder pairs, the dominant cost). What changes the index (BM25 context window, own-word weight) or the
     models is not overridable: it would rebuild or bypass per-user caches on every query.
     Unknown fields are rejected, not ignored. Returns the overrides given (a dict).
     """
@@ -175,6 +175,9 @@ class RetrievalOverrides(serializers.Serializer):
     vector_candidates = StrictIntegerField(required=False, min_value=1, max_value=500)
     rerank = StrictBooleanField(required=False)
     rerank_top_n = StrictIntegerField(required=False, min_value=1, max_value=50)
+    prf_docs = StrictIntegerField(required=False, min_value=0, max_value=10)
+    prf_weight = StrictFloatField(required=False, min_value=0.0, max_value=10.0)
+    fusion = serializers.ChoiceField(required=False, choices=["rrf", "convex"])
 
     def to_internal_value(self, data):
         if not isinstance(data, dict):
