@@ -24,6 +24,10 @@ Fusion outperforms Condorcet and individual Rank Learning Methods", SIGIR 2009):
 The weights are configuration (``BM25_WEIGHT``, ``VECTOR_WEIGHT``); the defaults and the
 measurements behind them are in the README's retrieval section.
 
+**Pseudo-relevance feedback** (``prf_query_embedding``, on by default): the vector
+retriever's query embedding moves toward the embeddings of BM25's top documents (Rocchio).
+**Convex fusion** (``convex_fuse``, off by default) is the alternative to RRF.
+
 **Reranking** (optional, ``rerank``): a cross-encoder (``RERANKER_MODEL_PATH``, the registry's
 tier-1 reranker) rescores the fused top ``RERANK_TOP_N`` (query, document) pairs and reorders
 them; off when no model is configured.
@@ -71,9 +75,9 @@ class RetrievalConfig:
     """Knobs of one query; defaults from ``settings.MEMFUSE``.
 
     ``bm25_candidates`` / ``vector_candidates``: the most documents each retriever
-    contributes to the fusion (a query asking for more than their sum gets fewer). ``rerank``: whether the fused top ``rerank_top_n`` go through
-    the cross-encoder (only possible with ``RERANKER_MODEL_PATH``). A weight of 0 switches
-    its retriever off. ``prf_docs`` / ``prf_weight``: the vector retriever's query moves
+    contributes to the fusion (a query asking for more than their sum gets fewer).
+    ``rerank``: whether the fused top ``rerank_top_n`` go through the cross-encoder (only
+    possible with ``RERANKER_MODEL_PATH``). A weight of 0 switches its retriever off. ``prf_docs`` / ``prf_weight``: the vector retriever's query moves
     toward BM25's top ``prf_docs`` documents (``prf_query_embedding``; 0 docs: off).
     ``fusion``: ``"rrf"`` (``rrf_fuse``) or ``"convex"`` (``convex_fuse``).
     """
