@@ -19,8 +19,9 @@ from memory.api.errors import validation_error
 from memory.api.serializers import validated
 from memory.errors import NotFound, ServiceError
 from memory.models import Session
-from memory.tenancy import Principal
 from memory.pool import RETRY_AFTER_SECONDS, is_pool_exhausted, note_pool_exhausted
+from memory.retrieval import RetrievalConfig
+from memory.tenancy import Principal
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,9 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
       "request_id"?}``: store the messages at the end of the session (validated as the REST
       ``POST sessions/{id}/messages``: the whole batch, or nothing is stored).
     - ``{"type": "memory.query", "query", "top_k"? (1..100, default 5), "agent_id"?,
-      "session_id"? (default: this session, for the ``scope`` tag of results), "request_id"?}``:
-      query the memory of the session's user.
+      "session_id"? (default: this session, for the ``scope`` tag of results), "retrieval"?
+      (per-query overrides, as in the REST query), "request_id"?}``: query the memory of the
+      session's user.
 
     Server to client:
 
@@ -254,7 +256,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         return [str(row.pk) for row in rows], rows.pending
 
     async def memory_query_frame(self, content: dict, request_id: str | int | None) -> None:
-        data = _fields(content, "query", "top_k", "session_id", "agent_id")
+        data = _fields(content, "query", "top_k", "session_id", "agent_id", "retrieval")
         stages = await in_thread(self._memory_query_stages)(data)
         # One step of the generator per thread hop, so the partial frame leaves before the
         # query is embedded for the final stage.
@@ -283,6 +285,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             top_k=data["top_k"],
             session_id=data.get("session_id") or self.session_id,
             agent_id=data.get("agent_id"),
+            config=RetrievalConfig.from_settings(**(data.get("retrieval") or {})),
         )
 
     # --- server frames --------------------------------------------------------------------

@@ -191,10 +191,27 @@ MEMFUSE = {
     "USER_CACHE_SIZE": envint("USER_CACHE_SIZE", 1024),
     # Retrieval: weighted reciprocal rank fusion of BM25 and vector candidates
     # (see docs in memory/retrieval.py for why these weights).
+    # Defaults of a query; the safe ones can be overridden per query (docs/retrieval.md).
     "RRF_K": envint("RRF_K", 60),
     "BM25_WEIGHT": envfloat("BM25_WEIGHT", 3.0),
     "VECTOR_WEIGHT": envfloat("VECTOR_WEIGHT", 1.0),
     "CANDIDATES_PER_RETRIEVER": envint("CANDIDATES_PER_RETRIEVER", 100),
+    # Candidates of each retriever (default: CANDIDATES_PER_RETRIEVER).
+    "BM25_CANDIDATES": envint("BM25_CANDIDATES", envint("CANDIDATES_PER_RETRIEVER", 100)),
+    "VECTOR_CANDIDATES": envint("VECTOR_CANDIDATES", envint("CANDIDATES_PER_RETRIEVER", 100)),
+    # Pseudo-relevance feedback for the vector retriever (Rocchio): its query embedding moves
+    # toward the embeddings of BM25's top VECTOR_PRF_DOCS documents (0: off), by this weight.
+    "VECTOR_PRF_DOCS": envint("VECTOR_PRF_DOCS", 3),
+    "VECTOR_PRF_WEIGHT": envfloat("VECTOR_PRF_WEIGHT", 0.75),
+    # How the two rankings are fused: "rrf" (weighted reciprocal rank fusion, RRF_K) or
+    # "convex" (weighted sum of min-max normalised scores).
+    "FUSION": envstr("FUSION", "rrf"),
+    # Cross-encoder reranker of the fused top RERANK_TOP_N: a local model directory; empty,
+    # no reranking. Loaded at start in serving processes, next to the embedding model.
+    "RERANKER_MODEL_PATH": envstr("RERANKER_MODEL_PATH"),
+    "RERANK": envbool("RERANK", True),  # rerank by default when a model is configured
+    "RERANK_TOP_N": envint("RERANK_TOP_N", 20),
+    "RERANK_MAX_TOKENS": envint("RERANK_MAX_TOKENS", 256),  # query + document, truncated
     # BM25 indexes each message with this many neighbouring turns either side (0: alone),
     # its own words counted BM25_OWN_WEIGHT times (docs/retrieval.md has the measurements).
     "BM25_CONTEXT_TURNS": envint("BM25_CONTEXT_TURNS", 2),

@@ -1,4 +1,5 @@
-"""System checks for what can be wrong at start: pgvector missing, embedding dimension mismatch."""
+"""System checks for what can be wrong at start: pgvector missing, embedding dimension mismatch,
+a reranker path that holds no cross-encoder."""
 
 from __future__ import annotations
 
@@ -77,3 +78,39 @@ def check_background_embedding(app_configs, **kwargs):
             id="memory.E003",
         )
     ]
+
+
+@register()
+def check_reranker(app_configs=None, **kwargs) -> list[Error]:
+    """memory.E004: a configured ``RERANKER_MODEL_PATH`` holds a one-label cross-encoder.
+
+    Reads only the model's ``config.json`` (no weights), so ``manage.py check`` stays cheap.
+    """
+    path = registry.reranker_path()
+    problem = registry.reranker_path_problem(path) if path is not None else None
+    if problem is None:
+        return []
+    return [
+        Error(
+            problem,
+            hint="Point RERANKER_MODEL_PATH at a local cross-encoder directory (a sentence-transformers "
+            "CrossEncoder or a transformers sequence-classification model with num_labels=1), or unset it.",
+            id="memory.E004",
+        )
+    ]
+
+
+@register()
+def check_retrieval_settings(app_configs=None, **kwargs) -> list[Error]:
+    """memory.E005: retrieval settings a query cannot run with (unknown fusion, negative knobs)."""
+    config = settings.MEMFUSE
+    problems = []
+    if config["FUSION"] not in ("rrf", "convex"):
+        problems.append(f"FUSION is {config['FUSION']!r}; expected 'rrf' or 'convex'.")
+    for name in ("RRF_K", "BM25_CANDIDATES", "VECTOR_CANDIDATES", "RERANK_TOP_N"):
+        if config[name] < 1:
+            problems.append(f"{name} is {config[name]}; it must be at least 1.")
+    for name in ("BM25_WEIGHT", "VECTOR_WEIGHT", "VECTOR_PRF_DOCS", "VECTOR_PRF_WEIGHT"):
+        if config[name] < 0:
+            problems.append(f"{name} is {config[name]}; it must not be negative.")
+    return [Error(problem, id="memory.E005") for problem in problems]

@@ -1,9 +1,10 @@
 """Tier 1: the process-wide model registry.
 
-One embedding model per process, loaded once under a lock and shared by every user and
-request. Serving processes fill the registry from ``MemoryConfig.ready()`` before the first
-request; commands that do not serve (``migrate``, ``check``, ...) never load it, and anything
-else loads it on first use.
+One embedding model per process, and optionally one cross-encoder reranker
+(``RERANKER_MODEL_PATH``), each loaded once under a lock and shared by every user and request.
+Serving processes fill the registry from ``MemoryConfig.ready()`` before the first request;
+commands that do not serve (``migrate``, ``check``, ...) never load them, and anything else
+loads them on first use.
 
 Inference is serialised by a lock: on a small machine one batched call that uses every core
 beats several concurrent calls fighting over them (``TORCH_THREADS``).
@@ -254,6 +255,76 @@ class ProcessEmbedder:
             self._conn, self._process = None, None
 
 
+class RerankerLoadError(RuntimeError):
+    """The configured ``RERANKER_MODEL_PATH`` does not hold a loadable cross-encoder."""
+
+
+def reranker_path_problem(path: Path) -> str | None:
+    """Why ``path`` cannot hold a cross-encoder (a message), or ``None`` if it looks usable.
+
+    Reads no weights (system checks call it): the directory must exist and hold a
+    transformers ``config.json`` of a sequence-classification model with one label.
+    """
+    if not path.is_dir():
+        return f"RERANKER_MODEL_PATH {path} is not a directory"
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"RERANKER_MODEL_PATH {path} has no readable config.json ({exc})"
+    labels = config.get("num_labels", len(config.get("id2label") or {}) or None)
+    if labels not in (None, 1):
+        return f"RERANKER_MODEL_PATH {path} is a classifier with {labels} labels; a reranker has one"
+    return None
+
+
+class Reranker:
+    """A cross-encoder (sentence-transformers ``CrossEncoder``), thread-safe to call.
+
+    ``score(query, texts)`` returns ``(len(texts),)`` float32 relevance scores, higher is
+    more relevant (the model's single logit through a sigmoid: only the order matters).
+    Raises ``RerankerLoadError`` when ``path`` does not hold a loadable model.
+    """
+
+    def __init__(self, path: Path, *, batch_size: int, threads: int, max_length: int) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        problem = reranker_path_problem(path)
+        if problem:
+            raise RerankerLoadError(problem)
+        started = time.perf_counter()
+        import torch
+        from sentence_transformers import CrossEncoder
+
+        torch.set_num_threads(max(1, threads))
+        self.path = path
+        self.batch_size = batch_size
+        try:
+            self.model = CrossEncoder(str(path), device="cpu", local_files_only=True, max_length=max_length)
+        except Exception as exc:  # any failure to build the model is a configuration error
+            raise RerankerLoadError(f"RERANKER_MODEL_PATH {path} could not be loaded: {exc}") from exc
+        self.stats = ModelStats(load_seconds=time.perf_counter() - started)
+        self._inference_lock = threading.Lock()
+
+    def score(self, query: str, texts: list[str]) -> np.ndarray:
+        """Relevance of each of ``texts`` to ``query``: ``(len(texts),)`` float32."""
+        if not texts:
+            return np.zeros(0, dtype=np.float32)
+        with self._inference_lock:
+            started = time.perf_counter()
+            scores = self.model.predict(
+                [(query, text) for text in texts],
+                batch_size=self.batch_size,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+            elapsed = time.perf_counter() - started
+        with self.stats.lock:
+            self.stats.calls += 1
+            self.stats.texts += len(texts)
+            self.stats.inference_seconds += elapsed
+        return np.asarray(scores, dtype=np.float32).reshape(len(texts))
+
+
 INTERACTIVE, BACKGROUND = 0, 1
 
 
@@ -322,6 +393,7 @@ _lock = threading.Lock()
 _embedder: Embedder | None = None
 _batcher: EmbeddingBatcher | None = None
 _background_batcher: EmbeddingBatcher | None = None
+_reranker: Reranker | None = None
 
 
 def get_embedder() -> Embedder:
@@ -349,6 +421,46 @@ def serving_threads() -> int:
     else ``TORCH_THREADS`` (it embeds the flushes' batches too)."""
     config = settings.MEMFUSE
     return config["QUERY_TORCH_THREADS"] if config["BACKGROUND_EMBEDDING"] == "process" else config["TORCH_THREADS"]
+
+
+def reranker_path() -> Path | None:
+    """The configured ``RERANKER_MODEL_PATH``, or ``None``: reranking is off without one."""
+    configured = settings.MEMFUSE["RERANKER_MODEL_PATH"]
+    return Path(configured) if configured else None
+
+
+def get_reranker() -> Reranker | None:
+    """The process's cross-encoder, loaded on first use; ``None`` when none is configured.
+
+    Raises ``RerankerLoadError`` when the configured path holds no loadable model.
+    """
+    global _reranker
+    path = reranker_path()
+    if path is None:
+        return None
+    if _reranker is None:
+        with _lock:
+            if _reranker is None:
+                config = settings.MEMFUSE
+                _reranker = Reranker(
+                    path,
+                    batch_size=config["EMBEDDING_BATCH_SIZE"],
+                    threads=serving_threads(),  # torch's thread count is per process
+                    max_length=config["RERANK_MAX_TOKENS"],
+                )
+                logger.info("reranker loaded from %s in %.2f s", path, _reranker.stats.load_seconds)
+    return _reranker
+
+
+def rerank_scores(query: str, texts: list[str]) -> np.ndarray:
+    """Cross-encoder relevance of ``texts`` to ``query`` (``(n,)`` float32, higher is better).
+
+    Raises ``RerankerLoadError`` when no reranker is configured or it cannot be loaded.
+    """
+    reranker = get_reranker()
+    if reranker is None:
+        raise RerankerLoadError("no reranker is configured (RERANKER_MODEL_PATH)")
+    return reranker.score(query, texts)
 
 
 def loaded_embedder() -> Embedder | None:
@@ -407,7 +519,7 @@ def start_background_embedder() -> None:
 
 def stats() -> dict:
     """Registry statistics for operators: which models are loaded and their counters."""
-    embedder = _embedder
+    embedder, reranker = _embedder, _reranker
     background = _background_batcher.embedder if _background_batcher is not None else None
     result: dict = {"embedding": None, "background_embedding": None, "reranker": None}
     if embedder is not None:
@@ -416,6 +528,8 @@ def stats() -> dict:
         result["background_embedding"] = {"mode": "process", "pid": background.pid, **background.stats.as_dict()}
     elif background is not None:
         result["background_embedding"] = {"mode": "thread"}
+    if reranker is not None:
+        result["reranker"] = {"path": str(reranker.path), **reranker.stats.as_dict()}
     return result
 
 
@@ -439,6 +553,11 @@ def should_preload(argv: list[str]) -> bool:
 
 
 def preload_if_serving() -> None:
-    """Load the models now if this process serves (called from ``AppConfig.ready``)."""
+    """Load the models now if this process serves (called from ``AppConfig.ready``).
+
+    A configured reranker that cannot be loaded stops the process here (``RerankerLoadError``)
+    rather than at its first query.
+    """
     if should_preload(sys.argv):
         get_embedder()
+        get_reranker()

@@ -23,6 +23,17 @@ Fusion outperforms Condorcet and individual Rank Learning Methods", SIGIR 2009):
 ``score(d) = sum_r w_r / (k + rank_r(d))``, ranks from 1, ``k = 60`` (the paper's value).
 The weights are configuration (``BM25_WEIGHT``, ``VECTOR_WEIGHT``); the defaults and the
 measurements behind them are in the README's retrieval section.
+
+**Pseudo-relevance feedback** (``prf_query_embedding``, on by default): the vector
+retriever's query embedding moves toward the embeddings of BM25's top documents (Rocchio).
+**Convex fusion** (``convex_fuse``, off by default) is the alternative to RRF.
+
+**Reranking** (optional, ``rerank``): a cross-encoder (``RERANKER_MODEL_PATH``, the registry's
+tier-1 reranker) rescores the fused top ``RERANK_TOP_N`` (query, document) pairs and reorders
+them; off when no model is configured.
+
+Every knob is a field of ``RetrievalConfig`` (defaults from ``settings.MEMFUSE``); the safe
+ones can be overridden per query (``memory.api.serializers.RetrievalOverrides``).
 """
 
 from __future__ import annotations
@@ -62,21 +73,42 @@ def tsvector_tokens(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class RetrievalConfig:
-    """Knobs of one query. ``candidates`` is how many documents each retriever contributes."""
+    """Knobs of one query; defaults from ``settings.MEMFUSE``.
+
+    ``bm25_candidates`` / ``vector_candidates``: the most documents each retriever
+    contributes to the fusion (a query asking for more than their sum gets fewer).
+    ``rerank``: whether the fused top ``rerank_top_n`` go through the cross-encoder (only
+    possible with ``RERANKER_MODEL_PATH``). A weight of 0 switches its retriever off. ``prf_docs`` / ``prf_weight``: the vector retriever's query moves
+    toward BM25's top ``prf_docs`` documents (``prf_query_embedding``; 0 docs: off).
+    ``fusion``: ``"rrf"`` (``rrf_fuse``) or ``"convex"`` (``convex_fuse``).
+    """
 
     rrf_k: int
     bm25_weight: float
     vector_weight: float
-    candidates: int
+    bm25_candidates: int
+    vector_candidates: int
+    rerank: bool
+    rerank_top_n: int
+    prf_docs: int = 0
+    prf_weight: float = 0.0
+    fusion: str = "rrf"
 
     @classmethod
     def from_settings(cls, **overrides) -> RetrievalConfig:
+        """The configured defaults with ``overrides`` (``None`` values ignored) applied."""
         config = settings.MEMFUSE
         values = {
             "rrf_k": config["RRF_K"],
             "bm25_weight": config["BM25_WEIGHT"],
             "vector_weight": config["VECTOR_WEIGHT"],
-            "candidates": config["CANDIDATES_PER_RETRIEVER"],
+            "bm25_candidates": config["BM25_CANDIDATES"],
+            "vector_candidates": config["VECTOR_CANDIDATES"],
+            "rerank": bool(config["RERANK"] and config["RERANKER_MODEL_PATH"]),
+            "rerank_top_n": config["RERANK_TOP_N"],
+            "prf_docs": config["VECTOR_PRF_DOCS"],
+            "prf_weight": config["VECTOR_PRF_WEIGHT"],
+            "fusion": config["FUSION"],
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
@@ -334,6 +366,71 @@ def vector_candidates(
     return results[:limit]
 
 
+def prf_query_embedding(
+    *, user_id: uuid.UUID, embedding: np.ndarray, feedback: list[DocKey], weight: float
+) -> np.ndarray:
+    """The query embedding moved toward the feedback documents' embeddings (Rocchio).
+
+    ``normalise(q + weight * mean(e_d for d in feedback))``, ``(dim,)`` float32, unit norm:
+    Rocchio's relevance feedback (Rocchio, 1971; ``weight`` is his beta, 0.75 by default)
+    with BM25's top documents taken as relevant ("pseudo" relevance feedback). The
+    embedding model alone is weak on conversations (it misses names and rare words); the
+    documents BM25 ranks first carry them into the vector side, which then finds their
+    paraphrases. Feedback documents without an embedding yet (pending) are skipped; with
+    none left, ``embedding`` is returned unchanged. One indexed read of the user's rows.
+    """
+    if not feedback or weight <= 0:
+        return embedding
+    message_ids = [key.id for key in feedback if key.kind == "message"]
+    knowledge_ids = [key.id for key in feedback if key.kind == "knowledge"]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT embedding::text FROM memory_message WHERE user_id = %(user)s AND id = ANY(%(m)s) "
+            "AND embedding IS NOT NULL UNION ALL SELECT embedding::text FROM memory_knowledge "
+            "WHERE user_id = %(user)s AND id = ANY(%(k)s) AND embedding IS NOT NULL",
+            {"user": user_id, "m": message_ids, "k": knowledge_ids},
+        )
+        vectors = [Vector._from_db(text) for (text,) in cursor.fetchall()]
+    if not vectors:
+        return embedding
+    moved = embedding + weight * np.mean(vectors, axis=0)
+    return (moved / np.linalg.norm(moved)).astype(np.float32)
+
+
+def convex_fuse(ranked_lists: dict[str, list[tuple[DocKey, float]]], weights: dict[str, float]) -> list[tuple[DocKey, float, dict]]:
+    """Convex combination of min-max normalised scores: ``sum_r w_r / W * norm_r(d)``.
+
+    An alternative to RRF (Bruch, Gai & Ingber, "An Analysis of Fusion Functions for Hybrid
+    Retrieval", ACM TOIS 2023): it uses how far apart the scores are, not only the ranks.
+    Each list's scores are scaled to [0, 1] by its own min and max (a list of one scores 1);
+    a document missing from a list gets 0 there. Same input and output shapes as
+    ``rrf_fuse``.
+    """
+    total = sum(weights.get(name, 1.0) for name in ranked_lists) or 1.0
+    fused: dict[DocKey, float] = {}
+    found: dict[DocKey, dict] = {}
+    for name, ranked in ranked_lists.items():
+        if not ranked:
+            continue
+        weight = weights.get(name, 1.0) / total
+        scores = [score for _, score in ranked]
+        low, span = min(scores), max(scores) - min(scores)
+        for rank, (key, score) in enumerate(ranked, start=1):
+            normalised = (score - low) / span if span > 0 else 1.0
+            fused[key] = fused.get(key, 0.0) + weight * normalised
+            found.setdefault(key, {})[name] = {"rank": rank, "score": round(score, 6)}
+    ordered = sorted(fused.items(), key=lambda item: -item[1])
+    return [(key, score, found[key]) for key, score in ordered]
+
+
+def fuse(ranked_lists: dict[str, list[tuple[DocKey, float]]], config: RetrievalConfig) -> list[tuple[DocKey, float, dict]]:
+    """The ranked lists fused as ``config.fusion`` says (``rrf_fuse`` or ``convex_fuse``)."""
+    weights = {"bm25": config.bm25_weight, "vector": config.vector_weight}
+    if config.fusion == "convex":
+        return convex_fuse(ranked_lists, weights)
+    return rrf_fuse(ranked_lists, weights, config.rrf_k)
+
+
 def rrf_fuse(ranked_lists: dict[str, list[tuple[DocKey, float]]], weights: dict[str, float], k: int) -> list[tuple[DocKey, float, dict]]:
     """Weighted reciprocal rank fusion of ranked lists (see module docstring).
 
@@ -352,6 +449,43 @@ def rrf_fuse(ranked_lists: dict[str, list[tuple[DocKey, float]]], weights: dict[
     return [(key, score, found[key]) for key, score in ordered]
 
 
+def document_texts(user_id: uuid.UUID, keys: list[DocKey]) -> dict[DocKey, str]:
+    """The indexed text of each of ``keys`` (a message's ``index_text``, a knowledge item's
+    content), read from ``user_id``'s rows only; keys not found are absent."""
+    message_ids = [key.id for key in keys if key.kind == "message"]
+    knowledge_ids = [key.id for key in keys if key.kind == "knowledge"]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT 'message', id, index_text FROM memory_message WHERE user_id = %(user)s AND id = ANY(%(m)s) "
+            "UNION ALL SELECT 'knowledge', id, content FROM memory_knowledge WHERE user_id = %(user)s AND id = ANY(%(k)s)",
+            {"user": user_id, "m": message_ids, "k": knowledge_ids},
+        )
+        return {DocKey(kind, doc_id): text for kind, doc_id, text in cursor.fetchall()}
+
+
+def rerank(
+    *, user_id: uuid.UUID, query: str, hits: list[tuple[DocKey, float, dict]], top_n: int
+) -> list[tuple[DocKey, float, dict]]:
+    """The first ``top_n`` hits reordered by the cross-encoder's relevance to ``query``.
+
+    Each reranked hit keeps its fused score and gains ``retrievers["reranker"] = {"rank",
+    "score"}``; hits after ``top_n`` follow unchanged. Ties keep the fused order. Costs one
+    cross-encoder call over ``top_n`` (query, document) pairs. Raises
+    ``registry.RerankerLoadError`` when no reranker is configured.
+    """
+    head, tail = hits[:top_n], hits[top_n:]
+    if not head:
+        return hits
+    texts = document_texts(user_id, [key for key, _, _ in head])
+    scores = registry.rerank_scores(query, [texts.get(key, "") for key, _, _ in head])
+    order = sorted(range(len(head)), key=lambda i: -scores[i])
+    reranked = []
+    for rank, i in enumerate(order, start=1):
+        key, fused, found = head[i]
+        reranked.append((key, fused, {**found, "reranker": {"rank": rank, "score": round(float(scores[i]), 6)}}))
+    return reranked + tail
+
+
 def hybrid_search_stages(
     *,
     user_id: uuid.UUID,
@@ -366,28 +500,41 @@ def hybrid_search_stages(
     ``hits`` are ``(key, fused_score, retrievers)``, at most ``top_k``. BM25 is fast and
     already covers pending messages, so a UI can show its ranking before the query has been
     embedded. ``agent_id`` restricts messages to that agent's sessions (knowledge is
-    user-level). With a retriever switched off (weight 0) only the final stage comes.
+    user-level). With a retriever switched off (weight 0) only the final stage comes. With
+    ``config.rerank`` the final stage's first ``rerank_top_n`` are reordered by the
+    cross-encoder (``rerank``).
     """
     config = config or RetrievalConfig.from_settings()
-    limit = max(config.candidates, top_k)
     allowed_sessions = None
     if agent_id is not None:
         from memory.models import Session
 
         allowed_sessions = set(Session.objects.filter(user_id=user_id, agent_id=agent_id).values_list("id", flat=True))
-    weights = {"bm25": config.bm25_weight, "vector": config.vector_weight}
     ranked: dict[str, list] = {}
     # The query is embedded while BM25 runs (its SQL, and the index build of a user not
     # cached): both are on every query's critical path, and the model waits in its own thread.
     embedding = _query_embedder.submit(registry.embed, [query]) if config.vector_weight > 0 else None
     if config.bm25_weight > 0:
         index = user_memory(user_id).bm25_index(memory_version)
-        ranked["bm25"] = index.search(query_tokens(query), limit=limit, allowed_sessions=allowed_sessions)
+        ranked["bm25"] = index.search(
+            query_tokens(query), limit=config.bm25_candidates, allowed_sessions=allowed_sessions
+        )
         if config.vector_weight > 0:
-            yield "partial", rrf_fuse(ranked, weights, config.rrf_k)[:top_k]
+            yield "partial", fuse(ranked, config)[:top_k]
     if embedding is not None:
-        ranked["vector"] = vector_candidates(user_id=user_id, embedding=embedding.result()[0], limit=limit, agent_id=agent_id)
-    yield "final", rrf_fuse(ranked, weights, config.rrf_k)[:top_k]
+        query_embedding = embedding.result()[0]
+        if config.prf_docs > 0 and ranked.get("bm25"):
+            feedback = [key for key, _ in ranked["bm25"][: config.prf_docs]]
+            query_embedding = prf_query_embedding(
+                user_id=user_id, embedding=query_embedding, feedback=feedback, weight=config.prf_weight
+            )
+        ranked["vector"] = vector_candidates(
+            user_id=user_id, embedding=query_embedding, limit=config.vector_candidates, agent_id=agent_id
+        )
+    hits = fuse(ranked, config)
+    if config.rerank:
+        hits = rerank(user_id=user_id, query=query, hits=hits, top_n=config.rerank_top_n)
+    yield "final", hits[:top_k]
 
 
 def hybrid_search(**kwargs) -> list[tuple[DocKey, float, dict]]:

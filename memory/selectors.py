@@ -207,7 +207,9 @@ def memory_query(
 
     Each result is ``{"id", "type": "message"|"knowledge", "content", "role", "score",
     "created_at", "metadata": {"session_id", "session_name", "scope", "retrievers", ...}}``,
-    best first; ``score`` is the fused RRF score. ``scope`` is ``"in_session"`` or
+    best first; ``score`` is the fused score (RRF, or convex with ``config.fusion``). When
+    the cross-encoder reranks (``config.rerank``), the order follows its scores, reported in
+    ``metadata.retrievers.reranker``, and ``score`` stays the fused one. ``scope`` is ``"in_session"`` or
     ``"cross_session"`` relative to ``session_id`` (``None`` when no session is given, and
     for knowledge). ``agent_id`` restricts messages to that agent's sessions. Only ``user``'s
     own rows are ever read. Messages not flushed yet are found too (read your writes).

@@ -260,3 +260,78 @@ def test_bobs_query_sees_his_own_memories(api, bob, alice_messages, bob_messages
     results = run_query(api, bob.pk, "golden retriever Biscuit beagle", top_k=100)
 
     assert {r["id"] for r in results} == {str(m.pk) for m in bob_messages}
+
+
+# --- per-query retrieval overrides -------------------------------------------------------------
+
+
+def test_retrieval_override_switches_a_retriever_off(api, alice, alice_messages):
+    """retrieval.vector_weight = 0 ranks by BM25 alone for this query only."""
+    bm25_only = run_query(api, alice.pk, "Biscuit puppy", top_k=3, retrieval={"vector_weight": 0})
+    default = run_query(api, alice.pk, "Biscuit puppy", top_k=3)
+
+    assert bm25_only and all(set(r["metadata"]["retrievers"]) == {"bm25"} for r in bm25_only)
+    assert any("vector" in r["metadata"]["retrievers"] for r in default)
+
+
+def test_retrieval_override_of_rrf_k_changes_the_fused_scores(api, alice, alice_messages):
+    """rrf_k is applied: the top score is sum(w / (k + 1)) over the retrievers that found it."""
+    results = run_query(api, alice.pk, "golden retriever Biscuit", top_k=1, retrieval={"rrf_k": 1})
+    ranks = results[0]["metadata"]["retrievers"]
+    weights = {"bm25": 3.0, "vector": 1.0}
+
+    assert results[0]["score"] == pytest.approx(sum(weights[n] / (1 + r["rank"]) for n, r in ranks.items()), abs=1e-6)
+
+
+def test_retrieval_rerank_override_uses_the_configured_reranker(api, alice, alice_messages, reranker_path):
+    """With a reranker configured, rerank is on by default and can be switched off per query."""
+    reranked = run_query(api, alice.pk, "dog", top_k=3)
+    plain = run_query(api, alice.pk, "dog", top_k=3, retrieval={"rerank": False})
+
+    assert all("reranker" in r["metadata"]["retrievers"] for r in reranked)
+    assert all("reranker" not in r["metadata"]["retrievers"] for r in plain)
+
+
+@pytest.mark.parametrize(
+    "retrieval, field",
+    [
+        ({"bm25_weight": -0.5}, "retrieval.bm25_weight"),
+        ({"bm25_weight": 101}, "retrieval.bm25_weight"),
+        ({"vector_weight": "1"}, "retrieval.vector_weight"),
+        ({"rrf_k": 0}, "retrieval.rrf_k"),
+        ({"rrf_k": 2.5}, "retrieval.rrf_k"),
+        ({"bm25_candidates": 501}, "retrieval.bm25_candidates"),
+        ({"vector_candidates": True}, "retrieval.vector_candidates"),
+        ({"rerank_top_n": 51}, "retrieval.rerank_top_n"),
+        ({"rerank": "yes"}, "retrieval.rerank"),
+        ({"rerank": True}, "retrieval.rerank"),  # no reranker configured
+        ({"bm25_weight": 0, "vector_weight": 0}, "retrieval.vector_weight"),
+        ({"bm25_context_turns": 4}, "retrieval.bm25_context_turns"),  # changes the index: not overridable
+        ({"bm25_weigth": 1}, "retrieval.bm25_weigth"),
+        ([1, 2], "retrieval"),
+        ("fast", "retrieval"),
+    ],
+    ids=repr,
+)
+def test_bad_retrieval_override_is_400_naming_the_field(api, alice, alice_messages, retrieval, field):
+    """Unknown, mistyped or out-of-range retrieval overrides are a 400 naming retrieval.<field>."""
+    response = api.post(query_url(alice.pk), {"query": "puppy", "retrieval": retrieval}, format="json")
+
+    assert_error(response, 400, field)
+
+
+def test_retrieval_fusion_and_prf_overrides_are_accepted(api, alice, alice_messages):
+    """fusion and the PRF knobs are per-query overrides; convex scores lie in [0, 1]."""
+    results = run_query(api, alice.pk, "Biscuit", top_k=3, retrieval={"fusion": "convex", "prf_docs": 0, "prf_weight": 1.5})
+
+    assert results and all(0.0 <= r["score"] <= 1.0 for r in results)
+
+
+@pytest.mark.parametrize(
+    "retrieval, field",
+    [({"fusion": "borda"}, "retrieval.fusion"), ({"prf_docs": 11}, "retrieval.prf_docs"), ({"prf_weight": -1}, "retrieval.prf_weight")],
+    ids=repr,
+)
+def test_bad_fusion_or_prf_override_is_400(api, alice, alice_messages, retrieval, field):
+    """An unknown fusion or out-of-range PRF knob is a 400 naming it."""
+    assert_error(api.post(query_url(alice.pk), {"query": "puppy", "retrieval": retrieval}, format="json"), 400, field)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -271,3 +272,107 @@ def test_a_killed_background_process_fails_one_call_and_is_replaced(background_p
     vectors = background_process.embed(["again"], priority=registry.BACKGROUND)
     assert vectors.shape == (1, 384)
     assert background_process.stats()["background_embedding"]["pid"] not in (None, first_pid)
+
+
+# --- the reranker ------------------------------------------------------------------------------
+
+
+def _write_config(path, **config):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_path, problem",
+    [
+        (lambda tmp: tmp / "missing", "is not a directory"),
+        (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "no readable config.json"),
+        (lambda tmp: _write_config(tmp / "three", num_labels=3), "3 labels"),
+        (lambda tmp: _write_config(tmp / "no-weights", num_labels=1), "could not be loaded"),
+    ],
+    ids=["missing", "no-config", "three-labels", "no-weights"],
+)
+def test_bad_reranker_path_is_a_clear_load_error(tmp_path, make_path, problem):
+    """A path without a one-label cross-encoder raises RerankerLoadError naming the path and the problem."""
+    path = make_path(tmp_path)
+
+    with pytest.raises(registry.RerankerLoadError, match=problem) as raised:
+        registry.Reranker(path, batch_size=8, threads=1, max_length=64)
+
+    assert str(path) in str(raised.value)
+
+
+def test_reranker_check_names_a_bad_path(monkeypatch, tmp_path):
+    """System check memory.E004 fires for a configured path without a model, not for none or a good one."""
+    monkeypatch.setitem(settings.MEMFUSE, "RERANKER_MODEL_PATH", "")
+    assert checks.check_reranker() == []
+
+    monkeypatch.setitem(settings.MEMFUSE, "RERANKER_MODEL_PATH", str(tmp_path / "missing"))
+    errors = checks.check_reranker()
+    assert [e.id for e in errors] == ["memory.E004"]
+    assert "missing" in errors[0].msg
+
+
+def test_reranker_check_accepts_a_cross_encoder(reranker_path):
+    """The tiny cross-encoder passes the check, which reads no weights (nothing gets loaded)."""
+    assert checks.check_reranker() == []
+    assert registry.stats()["reranker"] is None
+
+
+def test_serving_process_with_a_bad_reranker_path_fails_at_start(monkeypatch, tmp_path):
+    """A serving process loads the reranker at start: a bad path stops it there, not at its first query."""
+    monkeypatch.setitem(settings.MEMFUSE, "RERANKER_MODEL_PATH", str(tmp_path / "missing"))
+    monkeypatch.setitem(settings.MEMFUSE, "PRELOAD_MODELS", True)
+    monkeypatch.setattr(registry, "_reranker", None)
+    monkeypatch.setattr(sys, "argv", ["/x/bin/daphne", "memfuse_project.asgi:application"])
+
+    with pytest.raises(registry.RerankerLoadError, match="not a directory"):
+        registry.preload_if_serving()
+
+
+def test_reranker_loads_once_scores_and_reports_stats(reranker_path):
+    """The configured cross-encoder is loaded into the registry once; stats count its calls and pairs."""
+    first = registry.get_reranker()
+    scores = registry.rerank_scores("garden", ["I planted basil.", "My dog is a beagle.", "Tomatoes grow."])
+
+    assert registry.get_reranker() is first
+    assert scores.shape == (3,) and scores.dtype == np.float32
+    stats = registry.stats()["reranker"]
+    assert stats["path"] == str(reranker_path)
+    assert (stats["calls"], stats["texts"]) == (1, 3)
+
+
+def test_no_reranker_configured_means_none_and_scoring_is_an_error(monkeypatch):
+    """Without RERANKER_MODEL_PATH there is no reranker; asking it to score says what is missing."""
+    monkeypatch.setitem(settings.MEMFUSE, "RERANKER_MODEL_PATH", "")
+
+    assert registry.get_reranker() is None
+    with pytest.raises(registry.RerankerLoadError, match="RERANKER_MODEL_PATH"):
+        registry.rerank_scores("q", ["text"])
+
+
+@pytest.mark.django_db
+def test_manage_py_check_fails_on_a_bad_reranker_path(tmp_path):
+    """`manage.py check` with RERANKER_MODEL_PATH naming no model exits non-zero with memory.E004 (~3 s)."""
+    env = subprocess_env(RERANKER_MODEL_PATH=str(tmp_path / "missing"))
+
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"], cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=120
+    )
+
+    assert result.returncode != 0
+    assert "memory.E004" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "name, value", [("FUSION", "borda"), ("RRF_K", 0), ("VECTOR_PRF_WEIGHT", -1.0), ("RERANK_TOP_N", 0)]
+)
+def test_retrieval_settings_check_names_a_bad_value(monkeypatch, name, value):
+    """System check memory.E005 names a retrieval setting no query could run with."""
+    assert checks.check_retrieval_settings() == []
+    monkeypatch.setitem(settings.MEMFUSE, name, value)
+
+    errors = checks.check_retrieval_settings()
+
+    assert [e.id for e in errors] == ["memory.E005"] and name in errors[0].msg

@@ -306,6 +306,20 @@ async def test_each_query_sees_the_messages_added_since_the_last_one(connect, al
     assert final["results"][0]["id"] == lisbon_id
 
 
+async def test_memory_query_applies_the_frames_retrieval_overrides(connect, alice_session):
+    """retrieval.vector_weight = 0 in the frame: BM25 alone, so one final frame and no vector ranks."""
+    communicator = await connect(alice_session.pk)
+    await add(communicator, [VALID_MESSAGE])
+
+    await communicator.send_json_to(
+        {"type": "memory.query", "query": "golden retriever", "retrieval": {"vector_weight": 0}, "request_id": "o"}
+    )
+    final = await receive(communicator)
+
+    assert (final["type"], final["stage"], final["request_id"]) == ("memory.results", "final", "o")
+    assert final["results"] and all(set(r["metadata"]["retrievers"]) == {"bm25"} for r in final["results"])
+
+
 async def test_partial_frame_leaves_before_the_query_is_embedded(connect, alice_session, monkeypatch):
     """The partial frame is sent while the final stage still waits for the model, which runs off the event loop."""
     released = threading.Event()
@@ -387,6 +401,9 @@ BAD_FRAMES = [
     ("top-k-zero", {"type": "memory.query", "query": "dog", "top_k": 0}, "top_k", None),
     ("top-k-too-big", {"type": "memory.query", "query": "dog", "top_k": 101}, "top_k", None),
     ("agent-id-not-a-uuid", {"type": "memory.query", "query": "dog", "agent_id": "nope"}, "agent_id", None),
+    ("retrieval-weight-out-of-range", {"type": "memory.query", "query": "dog", "retrieval": {"bm25_weight": -1}}, "retrieval.bm25_weight", None),
+    ("retrieval-unknown-field", {"type": "memory.query", "query": "dog", "retrieval": {"bm25_context_turns": 3}}, "retrieval.bm25_context_turns", None),
+    ("retrieval-not-an-object", {"type": "memory.query", "query": "dog", "retrieval": [1]}, "retrieval", None),
 ]
 
 

@@ -140,12 +140,72 @@ class MessagesListQuery(serializers.Serializer):
     buffer_only = serializers.BooleanField(required=False, allow_null=True, default=None)
 
 
+class StrictFloatField(serializers.FloatField):
+    """A ``FloatField`` that accepts only JSON numbers (not strings or booleans)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int | float):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictBooleanField(serializers.BooleanField):
+    """A ``BooleanField`` that accepts only JSON ``true`` / ``false``."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, bool):
+            self.fail("invalid")
+        return data
+
+
+class RetrievalOverrides(serializers.Serializer):
+    """Per-query overrides of the retrieval settings that are safe to change per query.
+
+    Safe = bounded cost: weights, RRF's ``k``, the fusion function and the PRF weight only
+    change arithmetic; candidates per retriever, PRF documents (one indexed read) and
+    ``rerank_top_n`` are capped (``rerank_top_n`` is cross-encoder pairs, the dominant cost). What changes the index (BM25 context window, own-word weight) or the
+    models is not overridable: it would rebuild or bypass per-user caches on every query.
+    Unknown fields are rejected, not ignored. Returns the overrides given (a dict).
+    """
+
+    bm25_weight = StrictFloatField(required=False, min_value=0.0, max_value=100.0)
+    vector_weight = StrictFloatField(required=False, min_value=0.0, max_value=100.0)
+    rrf_k = StrictIntegerField(required=False, min_value=1, max_value=1000)
+    bm25_candidates = StrictIntegerField(required=False, min_value=1, max_value=500)
+    vector_candidates = StrictIntegerField(required=False, min_value=1, max_value=500)
+    rerank = StrictBooleanField(required=False)
+    rerank_top_n = StrictIntegerField(required=False, min_value=1, max_value=50)
+    prf_docs = StrictIntegerField(required=False, min_value=0, max_value=10)
+    prf_weight = StrictFloatField(required=False, min_value=0.0, max_value=10.0)
+    fusion = serializers.ChoiceField(required=False, choices=["rrf", "convex"])
+
+    def to_internal_value(self, data):
+        if not isinstance(data, dict):
+            raise serializers.ValidationError({"non_field_errors": ["Expected a JSON object."]})
+        unknown = sorted(set(data) - set(self.fields))
+        if unknown:
+            allowed = ", ".join(self.fields)
+            raise serializers.ValidationError({key: [f"Unknown field; expected one of {allowed}."] for key in unknown})
+        return super().to_internal_value(data)
+
+    def validate(self, attrs):
+        weights = {
+            name: attrs.get(name, settings.MEMFUSE[name.upper()]) for name in ("bm25_weight", "vector_weight")
+        }
+        if not any(weights.values()):
+            raise serializers.ValidationError({"vector_weight": ["bm25_weight and vector_weight cannot both be 0."]})
+        if attrs.get("rerank") and not settings.MEMFUSE["RERANKER_MODEL_PATH"]:
+            raise serializers.ValidationError({"rerank": ["No reranker is configured (RERANKER_MODEL_PATH)."]})
+        return attrs
+
+
 class QueryIn(serializers.Serializer):
     query = StrictCharField(max_length=MAX_CHARS)
     top_k = StrictIntegerField(required=False, default=5, min_value=1, max_value=100)
     session_id = serializers.UUIDField(required=False, allow_null=True)
     agent_id = serializers.UUIDField(required=False, allow_null=True)
     metadata = serializers.DictField(required=False, allow_null=True)
+    retrieval = RetrievalOverrides(required=False, allow_null=True)
 
 
 def _knowledge_list() -> serializers.ListField:

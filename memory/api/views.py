@@ -26,6 +26,7 @@ from memory.api.errors import envelope
 from memory.api.serializers import validated
 from memory.errors import Forbidden, NotFound
 from memory.models import KeyScope
+from memory.retrieval import RetrievalConfig
 from memory.tenancy import Principal
 
 API_VERSION = "0.3.0"  # the MemFuse API generation we are compatible with (client 0.3.x)
@@ -115,6 +116,7 @@ class UserQueryView(APIView):
             top_k=data["top_k"],
             session_id=data.get("session_id"),
             agent_id=data.get("agent_id"),
+            config=RetrievalConfig.from_settings(**(data.get("retrieval") or {})),
         )
         return envelope({"results": results, "total": len(results)})
 

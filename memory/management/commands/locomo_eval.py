@@ -16,6 +16,7 @@ per category code and overall (percentages). Only ``conversation`` and each ques
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import time
@@ -24,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
@@ -85,14 +87,26 @@ class Command(BaseCommand):
         parser.add_argument("--bm25-weight", type=float, help="override BM25_WEIGHT for this run")
         parser.add_argument("--vector-weight", type=float, help="override VECTOR_WEIGHT for this run")
         parser.add_argument("--rrf-k", type=int, help="override RRF_K for this run")
+        parser.add_argument(
+            "--rerank",
+            action=argparse.BooleanOptionalAction,
+            help="rerank with the RERANKER_MODEL_PATH cross-encoder (default: RERANK when a model is set)",
+        )
+        parser.add_argument("--rerank-top-n", type=int, help="override RERANK_TOP_N for this run")
 
     def handle(self, *args, **options):
         conversations = self._load(options["path"])
         migrate_if_embedded()
         if options["conversations"] > 0:
             conversations = conversations[: options["conversations"]]
+        if options["rerank"] and not settings.MEMFUSE["RERANKER_MODEL_PATH"]:
+            raise CommandError("--rerank: no reranker is configured (set RERANKER_MODEL_PATH)")
         config = RetrievalConfig.from_settings(
-            bm25_weight=options["bm25_weight"], vector_weight=options["vector_weight"], rrf_k=options["rrf_k"]
+            bm25_weight=options["bm25_weight"],
+            vector_weight=options["vector_weight"],
+            rrf_k=options["rrf_k"],
+            rerank=options["rerank"],
+            rerank_top_n=options["rerank_top_n"],
         )
         run = uuid.uuid4().hex[:8]
         # Its own tenant, so its users and agent never share names with a client's.
