@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
@@ -236,6 +237,11 @@ class QueryDataset:
         # The model itself, in this thread: the registry's batcher thread runs at a lowered
         # priority (it yields to requests), which a build that waits for it does not want.
         embedder = registry.get_embedder()
+        import torch
+
+        # Batched inference at its best (this process's model may have been loaded with the
+        # serving processes' QUERY_TORCH_THREADS).
+        torch.set_num_threads(settings.MEMFUSE["TORCH_THREADS"])
         vectors = np.concatenate([embedder.embed(texts[i : i + EMBED_CHUNK]) for i in range(0, len(texts), EMBED_CHUNK)])
         embed_seconds = time.perf_counter() - started
         text_key = {text: key for key, text in enumerate(texts)}
