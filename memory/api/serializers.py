@@ -242,3 +242,12 @@ class ApiKeyOut(serializers.ModelSerializer):
     class Meta:
         model = ApiKey
         fields = ["id", "name", "prefix", "scope", "user_id", "created_at", "expires_at", "revoked"]
+
+
+class ApiKeyCreatedOut(ApiKeyOut):
+    """A new key with its secret: shown once, in the answer to its creation."""
+
+    key = serializers.CharField(help_text="`<prefix>.<32 chars>`: store it now, it cannot be shown again")
+
+    class Meta(ApiKeyOut.Meta):
+        fields = [*ApiKeyOut.Meta.fields, "key"]
