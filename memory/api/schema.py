@@ -19,11 +19,13 @@ from rest_framework import serializers
 # Every view with a key: bad input, no usable key, a key that may not, unknown id, rate limit,
 # unexpected error. Documented everywhere: the fuzz test holds us to every code we answer.
 ERRORS = (400, 401, 403, 404, 429, 500)
+WITH_CONFLICT = (*ERRORS, 409)  # creating or renaming to a name the tenant (or user) already has
 ERROR_DESCRIPTIONS = {
     400: "Invalid input; `errors` name the fields (`messages[1].role`).",
     401: "Missing, unknown, expired or revoked API key.",
     403: "The key may not do this (an operator key on tenant data, a user key changing agents).",
     404: "Unknown id, or an object of another tenant or user.",
+    409: "The name is taken (names are unique per tenant; session names per user).",
     429: "Rate limit of the API key reached; see `Retry-After`.",
     500: "Unexpected server error (details in the server log).",
 }
@@ -47,6 +49,22 @@ class MemFuseAutoSchema(AutoSchema):
     def get_operation_id(self) -> str:
         view = re.sub(r"View$", "", self.view.__class__.__name__)
         return f"{re.sub(r'(?<!^)(?=[A-Z])', '_', view).lower()}_{self.method.lower()}"
+
+    def get_description(self) -> str:
+        # The method's docstring, else the view's own: never the base view's (ConcurrentAPIView).
+        method = getattr(self.view, self.method.lower(), None)
+        return (method.__doc__ if method and method.__doc__ else self.view.__class__.__dict__.get("__doc__")) or ""
+
+    def _get_request_body(self, direction="request"):
+        # MemFuse's API deletes by ids sent in a JSON body (DELETE .../messages {"message_ids"});
+        # drf-spectacular describes bodies for POST, PUT and PATCH only.
+        if self.method != "DELETE" or self.get_request_serializer() is None:
+            return super()._get_request_body(direction)
+        self.method = "POST"
+        try:
+            return super()._get_request_body(direction)
+        finally:
+            self.method = "DELETE"
 
     def get_tags(self) -> list[str]:
         # /api/v1/<resource>/...

@@ -23,7 +23,7 @@ from memory import selectors, services
 from memory.api import serializers as s
 from memory.api.base import ConcurrentAPIView as APIView
 from memory.api.errors import envelope
-from memory.api.schema import Buffer, FlushJob, QueryResult, api_doc, envelope_of, ids
+from memory.api.schema import WITH_CONFLICT, Buffer, FlushJob, QueryResult, api_doc, envelope_of, ids
 from memory.api.serializers import validated
 from memory.errors import Forbidden, NotFound
 from memory.models import KeyScope
@@ -86,7 +86,7 @@ class UsersView(APIView):
             raise NotFound(f"User with name '{name}' not found", field="name")
         return envelope({"users": s.UserOut(users, many=True).data})
 
-    @api_doc("User", {"user": s.UserOut()}, code=201, request=s.NamedIn)
+    @api_doc("User", {"user": s.UserOut()}, code=201, request=s.NamedIn, errors=WITH_CONFLICT)
     def post(self, request):
         principal = _tenant_key_only(request, "create users")
         data = validated(s.NamedIn, request.data)
@@ -99,7 +99,7 @@ class UserDetailView(APIView):
     def get(self, request, user_id):
         return envelope({"user": s.UserOut(_user(request, user_id)).data})
 
-    @api_doc("User", {"user": s.UserOut()}, request=s.NamedUpdate)
+    @api_doc("User", {"user": s.UserOut()}, request=s.NamedUpdate, errors=WITH_CONFLICT)
     def put(self, request, user_id):
         user = _user(request, user_id)
         user = services.user_update(user=user, **validated(s.NamedUpdate, request.data))
@@ -175,7 +175,7 @@ class AgentsView(APIView):
             raise NotFound(f"Agent with name '{name}' not found", field="name")
         return envelope({"agents": s.AgentOut(agents, many=True).data})
 
-    @api_doc("Agent", {"agent": s.AgentOut()}, code=201, request=s.NamedIn)
+    @api_doc("Agent", {"agent": s.AgentOut()}, code=201, request=s.NamedIn, errors=WITH_CONFLICT)
     def post(self, request):
         principal = _tenant_key_only(request, "create agents")
         agent = services.agent_create(tenant_id=principal.tenant_id, **validated(s.NamedIn, request.data))
@@ -187,7 +187,7 @@ class AgentDetailView(APIView):
     def get(self, request, agent_id):
         return envelope({"agent": s.AgentOut(_agent(request, agent_id)).data})
 
-    @api_doc("Agent", {"agent": s.AgentOut()}, request=s.NamedUpdate)
+    @api_doc("Agent", {"agent": s.AgentOut()}, request=s.NamedUpdate, errors=WITH_CONFLICT)
     def put(self, request, agent_id):
         _tenant_key_only(request, "change agents")
         agent = services.agent_update(agent=_agent(request, agent_id), **validated(s.NamedUpdate, request.data))
@@ -212,7 +212,7 @@ class SessionsView(APIView):
             raise NotFound(f"Session with name '{filters['name']}' not found", field="name")
         return envelope({"sessions": s.SessionOut(sessions, many=True).data})
 
-    @api_doc("Session", {"session": s.SessionOut()}, code=201, request=s.SessionIn)
+    @api_doc("Session", {"session": s.SessionOut()}, code=201, request=s.SessionIn, errors=WITH_CONFLICT)
     def post(self, request):
         data = validated(s.SessionIn, request.data)
         user = selectors.user_get(principal=request.auth, user_id=data["user_id"])
@@ -226,7 +226,7 @@ class SessionDetailView(APIView):
     def get(self, request, session_id):
         return envelope({"session": s.SessionOut(_session(request, session_id)).data})
 
-    @api_doc("Session", {"session": s.SessionOut()}, request=s.SessionUpdate)
+    @api_doc("Session", {"session": s.SessionOut()}, request=s.SessionUpdate, errors=WITH_CONFLICT)
     def put(self, request, session_id):
         session = services.session_update(session=_session(request, session_id), **validated(s.SessionUpdate, request.data))
         return envelope({"session": s.SessionOut(session).data}, message="Session updated successfully")
@@ -296,7 +296,7 @@ class SessionMessagesReadView(APIView):
 
 def _manual_flush(request, *, user_id, session_id=None):
     """Queue a high-priority flush; with ``{"wait": true}`` answer when it has run (200)."""
-    wait = validated(s.FlushIn, request.data if request.data else {}).get("wait", False)
+    wait = validated(s.FlushIn, request.data).get("wait", False)
     with transaction.atomic():
         job_id = buffer_services.request_flush(
             user_id=user_id, session_id=session_id, priority=Priority.HIGH, reason=Reason.MANUAL
@@ -350,7 +350,7 @@ class UserApiKeysView(APIView):
     @api_doc("ApiKeyCreated", {"api_key": s.ApiKeyCreatedOut()}, code=201, request=s.ApiKeyIn)
     def post(self, request, user_id):
         user = _user(request, user_id)
-        data = validated(s.ApiKeyIn, request.data if request.data else {})
+        data = validated(s.ApiKeyIn, request.data)
         api_key, key = services.api_key_create(
             scope=KeyScope.USER, user=user, name=data.get("name") or f"{user.name[:40]} key", expires_at=data.get("expires_at")
         )
