@@ -112,8 +112,10 @@ def api_schema(wsgi_app):
 
 @pytest.fixture
 def world(tenant, tenant_key, settings):
-    """alice, an agent and alice's session of tenant acme; the key; no rate limit in the way."""
+    """Tenant acme and its key; no rate limit in the way, short flush waits."""
     settings.MEMFUSE = {**settings.MEMFUSE, "API_RATE_LIMIT": "1000000/minute"}
+    # No flush worker runs here: a fuzzed {"wait": true} flush would wait the full 60 s.
+    settings.BUFFERS = {**settings.BUFFERS, "TIMEOUT_SECONDS": 0.2}
     return {"tenant": tenant, "key": tenant_key}
 
 
