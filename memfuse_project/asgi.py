@@ -21,6 +21,7 @@ from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  #
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.db import connections  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from buffers import events, workers  # noqa: E402
 from buffers.consumers import FlushConsumer  # noqa: E402
@@ -96,7 +97,11 @@ class ServerLoopRegistration:
 application = ServerLoopRegistration(
     ProtocolTypeRouter(
         {
-            "http": PathPrefixRouter("/api/", APIHandler(), django_asgi_app),
+            # /static/ (the admin's and the API docs' assets) served from the installed apps, with
+            # no collectstatic step. Django's own ASGI static handler rather than WhiteNoise:
+            # WhiteNoise's middleware is sync-only, and one sync middleware makes Django run every
+            # request through one shared thread, serialising the API's concurrent views.
+            "http": PathPrefixRouter("/api/", APIHandler(), ASGIStaticFilesHandler(django_asgi_app)),
             "websocket": AllowedHostsOriginValidator(WebSocketAuthMiddleware(URLRouter(websocket_urlpatterns))),
             "channel": ChannelNameRouter({settings.BUFFERS["CHANNEL"]: FlushConsumer.as_asgi()}),
         }

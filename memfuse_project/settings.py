@@ -55,6 +55,9 @@ INSTALLED_APPS = [
     # API keys: our memory.ApiKey subclasses its AbstractAPIKey (its own APIKey table stays unused).
     "rest_framework_api_key",
     "channels",
+    # OpenAPI schema (/api/schema/) and its docs pages, with the UI's assets served from here.
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "memory",
     "buffers",
 ]
@@ -162,6 +165,35 @@ REST_FRAMEWORK = {
     "DEFAULT_THROTTLE_CLASSES": ["memory.api.auth.ApiKeyRateThrottle"],
     "UNAUTHENTICATED_USER": None,
     "EXCEPTION_HANDLER": "memory.api.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "memory.api.schema.MemFuseAutoSchema",
+}
+
+# OpenAPI 3 schema of the REST API (drf-spectacular): GET /api/schema/, docs at /api/docs/
+# (Swagger UI) and /api/redoc/, their scripts from drf-spectacular-sidecar (no CDN).
+SPECTACULAR_SETTINGS = {
+    "TITLE": "MemFuse for Django",
+    "DESCRIPTION": (
+        "Long-term memory for LLM chat apps, compatible with MemFuse's REST API. Every answer is the "
+        "envelope {status, code, data, message, errors}; every request but GET /api/v1/health needs "
+        "Authorization: Bearer <key>."
+    ),
+    "VERSION": "0.3.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_AUTHENTICATION": [],  # the schema and docs are public: they hold no tenant data
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "RoleEnum": "memory.models.Role",
+        "SuccessStatusEnum": ["success"],
+        "ErrorStatusEnum": ["error"],
+    },
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "memory.api.schema.uuid_path_parameters",
+    ],
 }
 
 # --- Memory service -------------------------------------------------------------------------

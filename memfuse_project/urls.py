@@ -1,5 +1,6 @@
 from django.contrib import admin
 from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from memory.admin_dashboard import AdminStatsView, dashboard
 
@@ -10,6 +11,9 @@ urlpatterns = [
     path("admin/dashboard/stats", AdminStatsView.as_view(), name="memfuse-dashboard-stats"),
     path("admin/", admin.site.urls),
     path("api/v1/", include("memory.api.urls")),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
 ]
 
 handler404 = "memory.api.errors.json_404"

@@ -7,6 +7,7 @@ not text silently made of it.
 from __future__ import annotations
 
 from django.conf import settings
+from django.http import QueryDict
 from rest_framework import serializers
 
 from memory.models import Agent, ApiKey, Knowledge, Message, Role, Session, User
@@ -21,20 +22,63 @@ def validated(serializer_class: type[serializers.Serializer], data) -> dict:
     """
     if data is None or not hasattr(data, "get"):
         raise serializers.ValidationError({"non_field_errors": ["Expected a JSON object."]})
+    if isinstance(data, QueryDict):
+        # A query string as plain values: DRF's form handling takes an empty value (`?name=`)
+        # for an absent one, so that `?name=` listed everything instead of refusing a blank name.
+        data = data.dict()
     serializer = serializer_class(data=data)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data
 
 
-class StrictCharField(serializers.CharField):
-    """A ``CharField`` that accepts only JSON strings."""
+def storable(value: str) -> bool:
+    """Whether PostgreSQL can store ``value`` as text: UTF-8 encodable (no unpaired surrogate,
+    which JSON's ``\\ud800`` escapes can produce) and without NUL (refused in text and jsonb)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
-    default_error_messages = {"invalid": "Must be a string."}
+
+UNSTORABLE = "Must be valid Unicode text without NUL characters or unpaired surrogates."
+
+
+class StrictCharField(serializers.CharField):
+    """A ``CharField`` that accepts only JSON strings that PostgreSQL can store."""
+
+    default_error_messages = {"invalid": "Must be a string.", "unstorable": UNSTORABLE}
 
     def to_internal_value(self, data):
         if not isinstance(data, str):
             self.fail("invalid")
+        if not storable(data):
+            self.fail("unstorable")
         return super().to_internal_value(data)
+
+
+class JSONObjectField(serializers.DictField):
+    """A JSON object (metadata) whose keys and strings, at any depth, PostgreSQL can store in jsonb."""
+
+    default_error_messages = {"unstorable": UNSTORABLE}
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        if not self._storable(value):
+            self.fail("unstorable")
+        return value
+
+    @classmethod
+    def _storable(cls, value) -> bool:
+        if isinstance(value, str):
+            return storable(value)
+        if isinstance(value, dict):
+            return all(storable(key) and cls._storable(item) for key, item in value.items())
+        if isinstance(value, list):
+            return all(cls._storable(item) for item in value)
+        return True
 
 
 class StrictIntegerField(serializers.IntegerField):
@@ -46,24 +90,42 @@ class StrictIntegerField(serializers.IntegerField):
         return super().to_internal_value(data)
 
 
+class StrictBooleanField(serializers.BooleanField):
+    """A ``BooleanField`` that accepts only JSON ``true``/``false`` (not ``0``, ``"yes"``, ...)."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
+
+
+class StrictUUIDField(serializers.UUIDField):
+    """A ``UUIDField`` that accepts only strings: DRF's reads an integer (and ``false``) as ``UUID(int=...)``."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid", value=data)
+        return super().to_internal_value(data)
+
+
 MAX_CHARS = settings.MEMFUSE["MAX_MESSAGE_CHARS"]
 MAX_BATCH = settings.MEMFUSE["MAX_BATCH_MESSAGES"]
 
 
 def _id_list() -> serializers.ListField:
-    return serializers.ListField(child=serializers.UUIDField(), allow_empty=False, max_length=MAX_BATCH)
+    return serializers.ListField(child=StrictUUIDField(), allow_empty=False, min_length=1, max_length=MAX_BATCH)
 
 
 class NamedIn(serializers.Serializer):
     name = StrictCharField(max_length=255)
     description = StrictCharField(required=False, allow_blank=True, allow_null=True, max_length=10_000)
-    metadata = serializers.DictField(required=False)
+    metadata = JSONObjectField(required=False)
 
 
 class NamedUpdate(serializers.Serializer):
     name = StrictCharField(required=False, allow_null=True, max_length=255)
     description = StrictCharField(required=False, allow_blank=True, allow_null=True, max_length=10_000)
-    metadata = serializers.DictField(required=False, allow_null=True)
+    metadata = JSONObjectField(required=False, allow_null=True)
 
 
 class NameFilter(serializers.Serializer):
@@ -71,15 +133,15 @@ class NameFilter(serializers.Serializer):
 
 
 class SessionIn(serializers.Serializer):
-    user_id = serializers.UUIDField()
-    agent_id = serializers.UUIDField()
+    user_id = StrictUUIDField()
+    agent_id = StrictUUIDField()
     name = StrictCharField(required=False, allow_null=True, max_length=255)
-    metadata = serializers.DictField(required=False)
+    metadata = JSONObjectField(required=False)
 
 
 class SessionUpdate(serializers.Serializer):
     name = StrictCharField(required=False, allow_null=True, max_length=255)
-    metadata = serializers.DictField(required=False, allow_null=True)
+    metadata = JSONObjectField(required=False, allow_null=True)
 
 
 class SessionFilter(serializers.Serializer):
@@ -98,7 +160,7 @@ class MessageInSerializer(serializers.Serializer):
     role = serializers.ChoiceField(choices=Role.choices)
     content = StrictCharField(trim_whitespace=False, max_length=MAX_CHARS)
     name = StrictCharField(required=False, max_length=255)
-    metadata = serializers.DictField(required=False)
+    metadata = JSONObjectField(required=False)
     created_at = serializers.DateTimeField(required=False)
 
     def validate(self, attrs):
@@ -114,7 +176,7 @@ class MessageInSerializer(serializers.Serializer):
 
 
 class MessagesAdd(serializers.Serializer):
-    messages = serializers.ListField(child=MessageInSerializer(), allow_empty=False, max_length=MAX_BATCH)
+    messages = serializers.ListField(child=MessageInSerializer(), allow_empty=False, min_length=1, max_length=MAX_BATCH)
 
 
 class MessageIds(serializers.Serializer):
@@ -123,7 +185,7 @@ class MessageIds(serializers.Serializer):
 
 class MessagesUpdate(serializers.Serializer):
     message_ids = _id_list()
-    new_messages = serializers.ListField(child=MessageInSerializer(), allow_empty=False, max_length=MAX_BATCH)
+    new_messages = serializers.ListField(child=MessageInSerializer(), allow_empty=False, min_length=1, max_length=MAX_BATCH)
 
     def validate(self, attrs):
         if len(attrs["message_ids"]) != len(attrs["new_messages"]):
@@ -137,7 +199,7 @@ class MessagesListQuery(serializers.Serializer):
     limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, default=20)
     sort_by = serializers.ChoiceField(choices=["timestamp", "position"], required=False, default="timestamp")
     order = serializers.ChoiceField(choices=["asc", "desc"], required=False, default="desc")
-    buffer_only = serializers.BooleanField(required=False, allow_null=True, default=None)
+    buffer_only = serializers.BooleanField(required=False, default=None)  # absent: all messages
 
 
 class StrictFloatField(serializers.FloatField):
@@ -202,15 +264,15 @@ class RetrievalOverrides(serializers.Serializer):
 class QueryIn(serializers.Serializer):
     query = StrictCharField(max_length=MAX_CHARS)
     top_k = StrictIntegerField(required=False, default=5, min_value=1, max_value=100)
-    session_id = serializers.UUIDField(required=False, allow_null=True)
-    agent_id = serializers.UUIDField(required=False, allow_null=True)
-    metadata = serializers.DictField(required=False, allow_null=True)
+    session_id = StrictUUIDField(required=False, allow_null=True)
+    agent_id = StrictUUIDField(required=False, allow_null=True)
+    metadata = JSONObjectField(required=False, allow_null=True)
     retrieval = RetrievalOverrides(required=False, allow_null=True)
 
 
 def _knowledge_list() -> serializers.ListField:
     return serializers.ListField(
-        child=StrictCharField(trim_whitespace=False, max_length=MAX_CHARS), allow_empty=False, max_length=MAX_BATCH
+        child=StrictCharField(trim_whitespace=False, max_length=MAX_CHARS), allow_empty=False, min_length=1, max_length=MAX_BATCH
     )
 
 
@@ -273,7 +335,7 @@ class KnowledgeOut(serializers.ModelSerializer):
 
 
 class FlushIn(serializers.Serializer):
-    wait = serializers.BooleanField(required=False, default=False)
+    wait = StrictBooleanField(required=False, default=False)
 
 
 class ApiKeyIn(serializers.Serializer):
@@ -282,11 +344,13 @@ class ApiKeyIn(serializers.Serializer):
 
     name = StrictCharField(required=False, max_length=50, allow_null=True)
     expires_at = serializers.DateTimeField(required=False, allow_null=True)
-    permissions = serializers.DictField(required=False, allow_null=True)  # accepted, not used
-    key = serializers.JSONField(required=False)
+    permissions = JSONObjectField(required=False, allow_null=True)  # accepted, not used
 
-    def validate_key(self, value):
-        raise serializers.ValidationError("Keys are generated by the server; do not send one.")
+    def validate(self, attrs):
+        # Not a field, so that the schema does not offer it: any ``key`` is refused.
+        if "key" in self.initial_data:
+            raise serializers.ValidationError({"key": "Keys are generated by the server; do not send one."})
+        return attrs
 
 
 class ApiKeyOut(serializers.ModelSerializer):
@@ -296,9 +360,18 @@ class ApiKeyOut(serializers.ModelSerializer):
     """
 
     id = serializers.CharField(source="prefix")
-    expires_at = serializers.DateTimeField(source="expiry_date")
+    expires_at = serializers.DateTimeField(source="expiry_date", allow_null=True)
     created_at = serializers.DateTimeField(source="created")
 
     class Meta:
         model = ApiKey
         fields = ["id", "name", "prefix", "scope", "user_id", "created_at", "expires_at", "revoked"]
+
+
+class ApiKeyCreatedOut(ApiKeyOut):
+    """A new key with its secret: shown once, in the answer to its creation."""
+
+    key = serializers.CharField(help_text="`<prefix>.<32 chars>`: store it now, it cannot be shown again")
+
+    class Meta(ApiKeyOut.Meta):
+        fields = [*ApiKeyOut.Meta.fields, "key"]

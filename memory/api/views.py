@@ -23,6 +23,7 @@ from memory import selectors, services
 from memory.api import serializers as s
 from memory.api.base import ConcurrentAPIView as APIView
 from memory.api.errors import envelope
+from memory.api.schema import WITH_CONFLICT, Buffer, FlushJob, QueryResult, api_doc, envelope_of, ids
 from memory.api.serializers import validated
 from memory.errors import Forbidden, NotFound
 from memory.models import KeyScope
@@ -66,6 +67,7 @@ class HealthView(APIView):
     permission_classes = []
     throttle_classes = []
 
+    @api_doc("Health", {"status": s.serializers.CharField(), "version": s.serializers.CharField(), "database": s.serializers.CharField()}, errors=(500,))
     def get(self, request):
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
@@ -76,6 +78,7 @@ class HealthView(APIView):
 
 
 class UsersView(APIView):
+    @api_doc("UserList", {"users": s.UserOut(many=True)}, query=s.NameFilter)
     def get(self, request):
         name = validated(s.NameFilter, request.query_params).get("name")
         users = list(selectors.users_list(principal=request.auth, name=name))
@@ -84,6 +87,7 @@ class UsersView(APIView):
             raise NotFound(f"User with name '{name}' not found", field="name")
         return envelope({"users": s.UserOut(users, many=True).data})
 
+    @api_doc("User", {"user": s.UserOut()}, code=201, request=s.NamedIn, errors=WITH_CONFLICT)
     def post(self, request):
         principal = _tenant_key_only(request, "create users")
         data = validated(s.NamedIn, request.data)
@@ -92,14 +96,17 @@ class UsersView(APIView):
 
 
 class UserDetailView(APIView):
+    @api_doc("User", {"user": s.UserOut()})
     def get(self, request, user_id):
         return envelope({"user": s.UserOut(_user(request, user_id)).data})
 
+    @api_doc("User", {"user": s.UserOut()}, request=s.NamedUpdate, errors=WITH_CONFLICT)
     def put(self, request, user_id):
         user = _user(request, user_id)
         user = services.user_update(user=user, **validated(s.NamedUpdate, request.data))
         return envelope({"user": s.UserOut(user).data}, message="User updated successfully")
 
+    @api_doc("UserDeleted", {"user_id": s.serializers.UUIDField()})
     def delete(self, request, user_id):
         user = _user(request, user_id)
         services.user_delete(user=user)
@@ -107,6 +114,7 @@ class UserDetailView(APIView):
 
 
 class UserQueryView(APIView):
+    @api_doc("QueryResults", {"results": QueryResult(many=True), "total": s.serializers.IntegerField()}, request=s.QueryIn)
     def post(self, request, user_id):
         user = _user(request, user_id)
         data = validated(s.QueryIn, request.data)
@@ -122,21 +130,25 @@ class UserQueryView(APIView):
 
 
 class UserKnowledgeView(APIView):
+    @api_doc("KnowledgeList", {"knowledge": s.KnowledgeOut(many=True)})
     def get(self, request, user_id):
         items = selectors.knowledge_list(user=_user(request, user_id))
         return envelope({"knowledge": s.KnowledgeOut(items, many=True).data})
 
+    @api_doc("KnowledgeIds", ids("knowledge_ids"), code=201, request=s.KnowledgeAdd)
     def post(self, request, user_id):
         user = _user(request, user_id)
         rows = services.knowledge_add(user=user, contents=validated(s.KnowledgeAdd, request.data)["knowledge"])
         return envelope({"knowledge_ids": [str(r.pk) for r in rows]}, code=201, message="Knowledge added successfully")
 
+    @api_doc("KnowledgeIds", ids("knowledge_ids"), request=s.KnowledgeUpdate)
     def put(self, request, user_id):
         user = _user(request, user_id)
         data = validated(s.KnowledgeUpdate, request.data)
         rows = services.knowledge_update(user=user, knowledge_ids=data["knowledge_ids"], new_contents=data["new_knowledge"])
         return envelope({"knowledge_ids": [str(r.pk) for r in rows]}, message="Knowledge updated successfully")
 
+    @api_doc("KnowledgeIds", ids("knowledge_ids"), request=s.KnowledgeIds)
     def delete(self, request, user_id):
         user = _user(request, user_id)
         ids = validated(s.KnowledgeIds, request.data)["knowledge_ids"]
@@ -145,6 +157,7 @@ class UserKnowledgeView(APIView):
 
 
 class UserKnowledgeReadView(APIView):
+    @api_doc("KnowledgeList", {"knowledge": s.KnowledgeOut(many=True)}, request=s.KnowledgeIds)
     def post(self, request, user_id):
         user = _user(request, user_id)
         ids = validated(s.KnowledgeIds, request.data)["knowledge_ids"]
@@ -156,6 +169,7 @@ class UserKnowledgeReadView(APIView):
 
 
 class AgentsView(APIView):
+    @api_doc("AgentList", {"agents": s.AgentOut(many=True)}, query=s.NameFilter)
     def get(self, request):
         name = validated(s.NameFilter, request.query_params).get("name")
         agents = list(selectors.agents_list(principal=request.auth, name=name))
@@ -163,6 +177,7 @@ class AgentsView(APIView):
             raise NotFound(f"Agent with name '{name}' not found", field="name")
         return envelope({"agents": s.AgentOut(agents, many=True).data})
 
+    @api_doc("Agent", {"agent": s.AgentOut()}, code=201, request=s.NamedIn, errors=WITH_CONFLICT)
     def post(self, request):
         principal = _tenant_key_only(request, "create agents")
         agent = services.agent_create(tenant_id=principal.tenant_id, **validated(s.NamedIn, request.data))
@@ -170,14 +185,17 @@ class AgentsView(APIView):
 
 
 class AgentDetailView(APIView):
+    @api_doc("Agent", {"agent": s.AgentOut()})
     def get(self, request, agent_id):
         return envelope({"agent": s.AgentOut(_agent(request, agent_id)).data})
 
+    @api_doc("Agent", {"agent": s.AgentOut()}, request=s.NamedUpdate, errors=WITH_CONFLICT)
     def put(self, request, agent_id):
         _tenant_key_only(request, "change agents")
         agent = services.agent_update(agent=_agent(request, agent_id), **validated(s.NamedUpdate, request.data))
         return envelope({"agent": s.AgentOut(agent).data}, message="Agent updated successfully")
 
+    @api_doc("AgentDeleted", {"agent_id": s.serializers.UUIDField()})
     def delete(self, request, agent_id):
         _tenant_key_only(request, "delete agents")
         services.agent_delete(agent=_agent(request, agent_id))
@@ -188,6 +206,7 @@ class AgentDetailView(APIView):
 
 
 class SessionsView(APIView):
+    @api_doc("SessionList", {"sessions": s.SessionOut(many=True)}, query=s.SessionFilter)
     def get(self, request):
         filters = validated(s.SessionFilter, request.query_params)
         sessions = list(selectors.sessions_list(principal=request.auth, **filters))
@@ -195,6 +214,7 @@ class SessionsView(APIView):
             raise NotFound(f"Session with name '{filters['name']}' not found", field="name")
         return envelope({"sessions": s.SessionOut(sessions, many=True).data})
 
+    @api_doc("Session", {"session": s.SessionOut()}, code=201, request=s.SessionIn, errors=WITH_CONFLICT)
     def post(self, request):
         data = validated(s.SessionIn, request.data)
         user = selectors.user_get(principal=request.auth, user_id=data["user_id"])
@@ -204,19 +224,23 @@ class SessionsView(APIView):
 
 
 class SessionDetailView(APIView):
+    @api_doc("Session", {"session": s.SessionOut()})
     def get(self, request, session_id):
         return envelope({"session": s.SessionOut(_session(request, session_id)).data})
 
+    @api_doc("Session", {"session": s.SessionOut()}, request=s.SessionUpdate, errors=WITH_CONFLICT)
     def put(self, request, session_id):
         session = services.session_update(session=_session(request, session_id), **validated(s.SessionUpdate, request.data))
         return envelope({"session": s.SessionOut(session).data}, message="Session updated successfully")
 
+    @api_doc("SessionDeleted", {"session_id": s.serializers.UUIDField()})
     def delete(self, request, session_id):
         services.session_delete(session=_session(request, session_id))
         return envelope({"session_id": session_id}, message="Session deleted successfully")
 
 
 class SessionMessagesView(APIView):
+    @api_doc("MessageList", {"messages": s.MessageOut(many=True)}, query=s.MessagesListQuery)
     def get(self, request, session_id):
         session = _session(request, session_id)
         params = validated(s.MessagesListQuery, request.query_params)
@@ -229,6 +253,12 @@ class SessionMessagesView(APIView):
         )
         return envelope({"messages": s.MessageOut(rows, many=True).data})
 
+    @api_doc(
+        "MessagesAdded",
+        {**ids("message_ids"), "pending_messages": s.serializers.IntegerField(help_text="the user's messages waiting for a flush")},
+        code=201,
+        request=s.MessagesAdd,
+    )
     def post(self, request, session_id):
         session = _session(request, session_id)
         messages = validated(s.MessagesAdd, request.data)["messages"]
@@ -239,12 +269,14 @@ class SessionMessagesView(APIView):
             message="Messages added successfully",
         )
 
+    @api_doc("MessageIds", ids("message_ids"), request=s.MessagesUpdate)
     def put(self, request, session_id):
         session = _session(request, session_id)
         data = validated(s.MessagesUpdate, request.data)
         rows = services.messages_update(session=session, message_ids=data["message_ids"], new_messages=data["new_messages"])
         return envelope({"message_ids": [str(r.pk) for r in rows]}, message="Messages updated successfully")
 
+    @api_doc("MessageIds", ids("message_ids"), request=s.MessageIds)
     def delete(self, request, session_id):
         session = _session(request, session_id)
         ids = validated(s.MessageIds, request.data)["message_ids"]
@@ -253,6 +285,7 @@ class SessionMessagesView(APIView):
 
 
 class SessionMessagesReadView(APIView):
+    @api_doc("MessageList", {"messages": s.MessageOut(many=True)}, request=s.MessageIds)
     def post(self, request, session_id):
         session = _session(request, session_id)
         ids = validated(s.MessageIds, request.data)["message_ids"]
@@ -265,7 +298,7 @@ class SessionMessagesReadView(APIView):
 
 def _manual_flush(request, *, user_id, session_id=None):
     """Queue a high-priority flush; with ``{"wait": true}`` answer when it has run (200)."""
-    wait = validated(s.FlushIn, request.data if request.data else {}).get("wait", False)
+    wait = validated(s.FlushIn, request.data).get("wait", False)
     with transaction.atomic():
         job_id = buffer_services.request_flush(
             user_id=user_id, session_id=session_id, priority=Priority.HIGH, reason=Reason.MANUAL
@@ -276,18 +309,31 @@ def _manual_flush(request, *, user_id, session_id=None):
     return envelope(buffer_services.job_dict(job), message=f"Flush {job.state}")
 
 
+flush_doc = api_doc(
+    "FlushQueued",
+    {"job_id": s.serializers.IntegerField(), "state": s.serializers.ChoiceField(choices=["queued"])},
+    code=202,
+    request=s.FlushIn,
+    responses={200: envelope_of("FlushJob", FlushJob())},
+    description="202 with the queued job; with `{\"wait\": true}`, 200 with the job once it has run.",
+)
+
+
 class UserFlushView(APIView):
+    @flush_doc
     def post(self, request, user_id):
         return _manual_flush(request, user_id=_user(request, user_id).pk)
 
 
 class SessionFlushView(APIView):
+    @flush_doc
     def post(self, request, session_id):
         session = _session(request, session_id)
         return _manual_flush(request, user_id=session.user_id, session_id=session.pk)
 
 
 class UserBufferView(APIView):
+    @api_doc("Buffer", Buffer())
     def get(self, request, user_id):
         return envelope(buffer_services.buffer_status(user_id=_user(request, user_id).pk))
 
@@ -298,13 +344,15 @@ class UserBufferView(APIView):
 class UserApiKeysView(APIView):
     """A user's keys: a tenant key manages any user's, a user key its own user's."""
 
+    @api_doc("ApiKeyList", {"api_keys": s.ApiKeyOut(many=True)})
     def get(self, request, user_id):
         keys = selectors.api_keys_list(user=_user(request, user_id))
         return envelope({"api_keys": s.ApiKeyOut(keys, many=True).data})
 
+    @api_doc("ApiKeyCreated", {"api_key": s.ApiKeyCreatedOut()}, code=201, request=s.ApiKeyIn)
     def post(self, request, user_id):
         user = _user(request, user_id)
-        data = validated(s.ApiKeyIn, request.data if request.data else {})
+        data = validated(s.ApiKeyIn, request.data)
         api_key, key = services.api_key_create(
             scope=KeyScope.USER, user=user, name=data.get("name") or f"{user.name[:40]} key", expires_at=data.get("expires_at")
         )
@@ -315,6 +363,7 @@ class UserApiKeysView(APIView):
 
 
 class UserApiKeyDetailView(APIView):
+    @api_doc("ApiKeyRevoked", {"api_key_id": s.serializers.CharField()})
     def delete(self, request, user_id, api_key_id):
         api_key = selectors.api_key_get(user=_user(request, user_id), api_key_id=api_key_id)
         services.api_key_revoke(api_key=api_key)
