@@ -221,6 +221,10 @@ def _flush_batches(
         if not claimed:
             return flushed
         ids = [row[0] for row in claimed]
+        if not connection.in_atomic_block:
+            # Give the connection back to the pool while the model works (seconds): flush
+            # workers would otherwise hold one each and starve requests of connections.
+            connection.close()
         vectors = registry.embed([row[1] for row in claimed], priority=registry.BACKGROUND)
         written = _write(user_id=user_id, token=token, ids=ids, vectors=vectors)
         flushed += len(written)

@@ -204,6 +204,8 @@ MEMFUSE = {
     "EMBEDDING_BATCH_SIZE": envint("EMBEDDING_BATCH_SIZE", 64),
     # Most texts one model call takes from the requests of many callers (EmbeddingBatcher).
     "EMBEDDING_MAX_BATCH_TEXTS": envint("EMBEDDING_MAX_BATCH_TEXTS", 256),
+    # How long a background (flush) batch waits for more texts before the model call.
+    "EMBEDDING_LINGER_SECONDS": envfloat("EMBEDDING_LINGER_SECONDS", 0.1),
     # Where flushes embed: "process" (a child process with its own model, niced: requests
     # never wait behind flush inference for a core or the GIL) or "thread" (the process's model).
     "BACKGROUND_EMBEDDING": envstr("BACKGROUND_EMBEDDING", "process"),
@@ -263,7 +265,9 @@ MEMFUSE = {
 BUFFERS = {
     # Flush workers per process, and whether this process runs them: "auto" runs them in the
     # ASGI process when the channel layer is in-memory (single process) and in runworker.
-    "WORKERS": envint("FLUSH_WORKERS", 4),
+    # Flush threads wait on the model most of the time (holding no connection then): enough
+    # of them keep a batch of EMBEDDING_MAX_BATCH_TEXTS waiting whenever the model frees.
+    "WORKERS": envint("FLUSH_WORKERS", 8),
     "IN_PROCESS": envstr("FLUSH_IN_PROCESS", "auto"),
     "CHANNEL": envstr("FLUSH_CHANNEL", "memfuse-flush"),
     # Messages one flush claims, embeds and writes at a time.

@@ -339,10 +339,13 @@ class EmbeddingBatcher:
     the ingest path. Interactive requests (queries) go before background ones (flushes).
     """
 
-    def __init__(self, embedder: Embedder | ProcessEmbedder, *, max_texts: int, nice: int = 0) -> None:
+    def __init__(
+        self, embedder: Embedder | ProcessEmbedder, *, max_texts: int, nice: int = 0, linger_seconds: float = 0.0
+    ) -> None:
         self.embedder = embedder
         self.max_texts = max_texts
         self.nice = nice
+        self.linger_seconds = linger_seconds
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         self._thread = threading.Thread(target=self._run, name="embedding-batcher", daemon=True)
@@ -369,9 +372,14 @@ class EmbeddingBatcher:
         while True:
             requests = [self._queue.get()]
             size = len(requests[0][2])
+            # Background batches wait up to linger_seconds for more texts: one call of 256
+            # texts embeds ~1.8x faster per text than calls of 64 (less padding, measured in
+            # the background process), and a flush does not mind 0.1 s.
+            linger_until = time.monotonic() + self.linger_seconds
             while size < self.max_texts:
                 try:
-                    request = self._queue.get_nowait()
+                    remaining = linger_until - time.monotonic()
+                    request = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 requests.append(request)
@@ -508,6 +516,7 @@ def _get_background_batcher() -> EmbeddingBatcher:
                     embedder,
                     max_texts=config["EMBEDDING_MAX_BATCH_TEXTS"],
                     nice=config["EMBEDDING_NICE"] if in_process else 0,
+                    linger_seconds=config["EMBEDDING_LINGER_SECONDS"],
                 )
     return _background_batcher
 
