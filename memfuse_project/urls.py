@@ -2,13 +2,13 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from memory.admin_dashboard import AdminStatsView, dashboard
+from memory.admin_dashboard import DashboardStatsView, dashboard
 
 urlpatterns = [
     path("admin/dashboard/", admin.site.admin_view(dashboard), name="memfuse-dashboard"),
     # The same JSON as /api/v1/admin/stats for a staff session: under ASGI, /api/ is served
     # without the session middleware (memfuse_project.asgi.APIHandler), so keys only there.
-    path("admin/dashboard/stats", AdminStatsView.as_view(), name="memfuse-dashboard-stats"),
+    path("admin/dashboard/stats", DashboardStatsView.as_view(), name="memfuse-dashboard-stats"),
     path("admin/", admin.site.urls),
     path("api/v1/", include("memory.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),

@@ -7,6 +7,8 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
+from drf_spectacular.utils import extend_schema, extend_schema_view
+from rest_framework import serializers
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.settings import api_settings
 from rest_framework.views import APIView
@@ -14,6 +16,7 @@ from rest_framework.views import APIView
 from buffers import services as buffers
 from memory.api.auth import is_authenticated, is_operator
 from memory.api.errors import envelope
+from memory.api.schema import api_doc
 from memory.errors import NotFound, ServiceError
 from memory.operator_stats import operator_stats
 
@@ -62,9 +65,27 @@ class AdminStatsView(APIView):
     authentication_classes = [SessionAuthentication, *api_settings.DEFAULT_AUTHENTICATION_CLASSES]
     permission_classes = []  # get() checks is_operator: 401 without credentials, else 404
 
+    @api_doc(
+        "AdminStats",
+        {
+            "generated_at": serializers.DateTimeField(),
+            "process": serializers.DictField(),
+            "pool": serializers.DictField(),
+            "models": serializers.DictField(),
+            "user_cache": serializers.DictField(),
+            "buffers": serializers.DictField(),
+        },
+        errors=(401, 404, 429, 500, 503),
+        summary="Operator figures (pool, models, user cache, buffers) for monitoring",
+    )
     def get(self, request):
         if not is_operator(request):
             if not is_authenticated(request):
                 raise NotAuthenticated("Authentication required: operators only")
             raise NotFound(f"No endpoint at {request.path}")
         return envelope(operator_stats())
+
+
+@extend_schema_view(get=extend_schema(exclude=True))
+class DashboardStatsView(AdminStatsView):
+    """``AdminStatsView`` for the admin's staff session at ``/admin/dashboard/stats`` (not in the API schema)."""

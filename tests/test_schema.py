@@ -169,6 +169,8 @@ RULES_BEYOND_SCHEMA = {
     ("PUT", "/api/v1/sessions/{session_id}/messages/"),
     ("PUT", "/api/v1/users/{user_id}/knowledge/"),
     ("POST", "/api/v1/users/{user_id}/api-keys/"),
+    # retrieval overrides: not both weights 0, rerank only with a configured model
+    ("POST", "/api/v1/users/{user_id}/query/"),
 }
 
 

@@ -18,7 +18,7 @@ from rest_framework import serializers
 
 # Every view with a key: bad input, no usable key, a key that may not, unknown id, rate limit,
 # unexpected error. Documented everywhere: the fuzz test holds us to every code we answer.
-ERRORS = (400, 401, 403, 404, 429, 500)
+ERRORS = (400, 401, 403, 404, 429, 500, 503)
 WITH_CONFLICT = (*ERRORS, 409)  # creating or renaming to a name the tenant (or user) already has
 ERROR_DESCRIPTIONS = {
     400: "Invalid input; `errors` name the fields (`messages[1].role`).",
@@ -28,6 +28,7 @@ ERROR_DESCRIPTIONS = {
     409: "The name is taken (names are unique per tenant; session names per user).",
     429: "Rate limit of the API key reached; see `Retry-After`.",
     500: "Unexpected server error (details in the server log).",
+    503: "No database connection came free within the pool timeout; retry after `Retry-After` seconds.",
 }
 
 

@@ -67,7 +67,7 @@ class HealthView(APIView):
     permission_classes = []
     throttle_classes = []
 
-    @api_doc("Health", {"status": s.serializers.CharField(), "version": s.serializers.CharField(), "database": s.serializers.CharField()}, errors=(500,))
+    @api_doc("Health", {"status": s.serializers.CharField(), "version": s.serializers.CharField(), "database": s.serializers.CharField()}, errors=(500, 503))
     def get(self, request):
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
