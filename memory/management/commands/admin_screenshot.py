@@ -30,7 +30,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from memory import services
 from memory.management.commands.memfuse_bench import ServerProcess
-from memory.models import Message, User
+from memory.models import KeyScope, Message, User
 from memory.services import MessageIn
 
 STAFF_USERNAME = "dashboard-screenshot"
@@ -78,10 +78,13 @@ class Command(BaseCommand):
         password = secrets.token_urlsafe(16)
         staff = self._staff_user(password)
         samples: list[User] = []
-        agent = None
+        tenant = None
         try:
             if not options["no_sample"]:
-                agent = services.agent_create(name=f"{SAMPLE_PREFIX}agent-{secrets.token_hex(3)}")
+                # The sample lives in a tenant of its own, deleted with everything in it afterwards.
+                tenant = services.tenant_create(name=f"{SAMPLE_PREFIX}{secrets.token_hex(3)}")
+                _, self.key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="admin_screenshot")
+                agent = services.agent_create(tenant_id=tenant.pk, name="assistant")
                 samples = self._add_samples(url, agent)
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path=str(chromium), args=["--no-sandbox"])
@@ -97,10 +100,8 @@ class Command(BaseCommand):
                     browser.close()
         finally:
             if not options["keep"]:
-                for user in samples:
-                    services.user_delete(user=user)
-                if agent is not None:
-                    services.agent_delete(agent=agent)
+                if tenant is not None:
+                    tenant.delete()
                 staff.delete()
             if server is not None:
                 server.stop()
@@ -118,7 +119,7 @@ class Command(BaseCommand):
         """Three users' messages (one flushed by the server, two pending) and a few REST queries."""
         users = []
         for index, count in enumerate([settings.BUFFERS["SIZE_MESSAGES"] + 2, 5, 2]):
-            user = services.user_create(name=f"{SAMPLE_PREFIX}{secrets.token_hex(3)}-{index}")
+            user = services.user_create(tenant_id=agent.tenant_id, name=f"{SAMPLE_PREFIX}{secrets.token_hex(3)}-{index}")
             session = services.session_create(user=user, agent=agent, name="sample")
             texts = [SAMPLE_MESSAGES[i % len(SAMPLE_MESSAGES)] for i in range(count)]
             services.messages_add(session=session, messages=[MessageIn(role="user", content=text) for text in texts])
@@ -140,10 +141,10 @@ class Command(BaseCommand):
         request = urllib.request.Request(
             f"{url}/api/v1/users/{user.pk}/query",
             data=json.dumps({"query": query, "top_k": 3}).encode(),
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.key}"},
             method="POST",
         )
         try:
             urllib.request.urlopen(request, timeout=30).close()
-        except urllib.error.HTTPError as exc:  # e.g. once API keys are required
+        except urllib.error.HTTPError as exc:
             self.stderr.write(f"sample query refused ({exc.code}): the cache figures show no sample lookups")
