@@ -44,6 +44,13 @@ class ModelStats:
     inference_seconds: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def record(self, *, texts: int, seconds: float) -> None:
+        """Count one model call of ``texts`` texts (or pairs) that took ``seconds``."""
+        with self.lock:
+            self.calls += 1
+            self.texts += texts
+            self.inference_seconds += seconds
+
     def as_dict(self) -> dict:
         with self.lock:
             return {
@@ -127,10 +134,7 @@ class Embedder:
                 show_progress_bar=False,
             )
             elapsed = time.perf_counter() - started
-        with self.stats.lock:
-            self.stats.calls += 1
-            self.stats.texts += len(texts)
-            self.stats.inference_seconds += elapsed
+        self.stats.record(texts=len(texts), seconds=elapsed)
         return vectors.astype(np.float32, copy=False)
 
 
@@ -239,10 +243,7 @@ class ProcessEmbedder:
             elapsed = time.perf_counter() - started
         if status != "ok":
             raise BackgroundEmbeddingError(f"background embedding failed: {payload}")
-        with self.stats.lock:
-            self.stats.calls += 1
-            self.stats.texts += len(texts)
-            self.stats.inference_seconds += elapsed
+        self.stats.record(texts=len(texts), seconds=elapsed)
         return payload
 
     def close(self) -> None:
@@ -318,10 +319,7 @@ class Reranker:
                 show_progress_bar=False,
             )
             elapsed = time.perf_counter() - started
-        with self.stats.lock:
-            self.stats.calls += 1
-            self.stats.texts += len(texts)
-            self.stats.inference_seconds += elapsed
+        self.stats.record(texts=len(texts), seconds=elapsed)
         return np.asarray(scores, dtype=np.float32).reshape(len(texts))
 
 
