@@ -396,3 +396,12 @@ def test_unknown_session_is_404_and_stores_nothing(api, alice_messages, session_
     assert_error(getattr(api, method)(f"{messages_url(session_id)}{suffix}", body, format="json"), 404, "session_id")
     assert Message.objects.count() == before
     assert Message.objects.get(pk=alice_messages[0].pk).content == alice_messages[0].content
+
+
+def test_add_with_a_whitespace_only_name_stores_no_speaker(api, alice_session):
+    """A blank name (whitespace only, as a fuzzer sent: U+0085) is no speaker, not a 400."""
+    body = {"messages": [{"role": "user", "content": "hello there", "name": "\u0085 "}]}
+    response = api.post(messages_url(alice_session.pk), body, format="json")
+    [message_id] = assert_success(response, code=201)["message_ids"]
+    message = Message.objects.get(pk=message_id)
+    assert "speaker" not in message.metadata and message.index_text == "hello there"

@@ -159,13 +159,14 @@ class MessageInSerializer(serializers.Serializer):
 
     role = serializers.ChoiceField(choices=Role.choices)
     content = StrictCharField(trim_whitespace=False, max_length=MAX_CHARS)
-    name = StrictCharField(required=False, max_length=255)
+    # Blank (or whitespace only, trimmed) means no speaker, like an absent name.
+    name = StrictCharField(required=False, allow_blank=True, max_length=255)
     metadata = JSONObjectField(required=False)
     created_at = serializers.DateTimeField(required=False)
 
     def validate(self, attrs):
         metadata = dict(attrs.get("metadata") or {})
-        if "name" in attrs:
+        if attrs.get("name"):
             metadata.setdefault("speaker", attrs["name"])
         for key in ("speaker", "image_caption"):
             if key in metadata and not isinstance(metadata[key], str):
