@@ -126,11 +126,20 @@ def apply_size_trigger(*, user_id: uuid.UUID, summary: PendingSummary) -> None:
         request_flush(user_id=user_id, priority=Priority.NORMAL, reason=Reason.SIZE)
 
 
+# A flush's own transactions commit without waiting for their WAL to reach the disk: what
+# they write can be redone. Should PostgreSQL crash before the WAL writer flushes them (a
+# fraction of a second), the messages are pending again and the next flush embeds them
+# (a claim is a lease; an embedding is recomputed). Nothing acknowledged to a client is
+# lost, and the adds' commits no longer queue behind the flush's fsyncs.
+_NO_FSYNC = "SET LOCAL synchronous_commit = off"
+
+
 def _claim(*, user_id: uuid.UUID, session_id: uuid.UUID | None, token: uuid.UUID, limit: int) -> list[tuple]:
     """Claim up to ``limit`` pending messages: ``[(id, index_text)]``, oldest change first."""
     lease = settings.BUFFERS["LEASE_SECONDS"]
     session_filter = "AND session_id = %(session)s" if session_id else ""
     with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(_NO_FSYNC)
         cursor.execute(
             f"""
             UPDATE memory_message SET flush_claim = %(token)s,
@@ -153,12 +162,15 @@ def _claim(*, user_id: uuid.UUID, session_id: uuid.UUID | None, token: uuid.UUID
 def _write(*, user_id: uuid.UUID, token: uuid.UUID, ids: list[uuid.UUID], vectors) -> list[tuple]:
     """Write embeddings where ``token`` still holds the claim; returns ``[(id, session_id)]``.
 
-    Takes ``FOR SHARE`` on the user's row first: the lock order of every writer of a user's
-    messages (see ``memory.services._bump_memory_version``), so this ``UPDATE`` and a cascade
-    delete never deadlock. Flushes of one user still write side by side.
+    Takes ``FOR KEY SHARE`` on the user's row first: the lock order of every writer of a
+    user's messages (see ``memory.services._bump_memory_version``), so this ``UPDATE`` and an
+    edit or a cascade delete never deadlock. Adds (``FOR NO KEY UPDATE``) and other flushes
+    of the user do not conflict with it: an add never waits for this write (index inserts of a
+    whole batch), which was the add's latency tail.
     """
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute("SELECT 1 FROM memory_user WHERE id = %s FOR SHARE", [user_id])
+        cursor.execute(_NO_FSYNC)
+        cursor.execute("SELECT 1 FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
         cursor.execute(
             """
             UPDATE memory_message AS m

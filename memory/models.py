@@ -13,7 +13,7 @@ from django.conf import settings
 from django.contrib.postgres.indexes import GinIndex
 from django.contrib.postgres.search import SearchVector, SearchVectorField
 from django.db import models
-from pgvector.django import HnswIndex, VectorField
+from pgvector.django import VectorField
 from rest_framework_api_key.models import AbstractAPIKey
 
 EMBEDDING_DIM = settings.MEMFUSE["EMBEDDING_DIM"]
@@ -117,10 +117,11 @@ class Message(models.Model):
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="messages")
+    # No index of their own: (session, position) and (user, created_at) lead with them.
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="messages", db_index=False)
     # Denormalised from the session: every query is per user, and a user's query must be
     # able to filter its own rows without a join.
-    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="messages")
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="messages", db_index=False)
     position = models.PositiveIntegerField()
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField()
@@ -152,13 +153,6 @@ class Message(models.Model):
                 name="memory_message_pending",
                 condition=models.Q(flushed_at__isnull=True),
             ),
-            HnswIndex(
-                name="memory_message_embedding_hnsw",
-                fields=["embedding"],
-                m=16,
-                ef_construction=64,
-                opclasses=["vector_cosine_ops"],
-            ),
             GinIndex(fields=["search_vector"], name="memory_message_search_gin"),
         ]
 
@@ -187,13 +181,6 @@ class Knowledge(models.Model):
         verbose_name_plural = "knowledge"
         indexes = [
             models.Index(fields=["user", "created_at"]),
-            HnswIndex(
-                name="memory_knowledge_embedding_hnsw",
-                fields=["embedding"],
-                m=16,
-                ef_construction=64,
-                opclasses=["vector_cosine_ops"],
-            ),
             GinIndex(fields=["search_vector"], name="memory_knowledge_search_gin"),
         ]
 

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -51,12 +52,19 @@ def message_index_text(*, content: str, metadata: dict) -> str:
 def _bump_memory_version(user_id: uuid.UUID) -> None:
     """Mark the user's memory as changed: caches keyed by ``memory_version`` go stale.
 
-    Called FIRST in every transaction that writes a user's messages or knowledge: its row
-    lock on the user orders those writers, and the flush's write (which takes ``FOR SHARE``
-    on the same row) behind or before them, so a cascade delete and a flush never deadlock
-    on message rows locked in different orders.
+    Called FIRST in every transaction that changes or deletes a user's existing messages or
+    knowledge. It takes the user row's ``FOR UPDATE`` lock, which orders those writers and a
+    flush's write (which takes ``FOR KEY SHARE`` on the same row) one behind the other, so a
+    cascade delete or an edit and a flush never deadlock on message rows locked in different
+    orders. An add (``_ADD_SQL``) takes only the weaker lock of a plain ``UPDATE``, which a
+    flush's ``FOR KEY SHARE`` does not block: adds never wait for a flush's write.
     """
-    User.objects.filter(pk=user_id).update(memory_version=F("memory_version") + 1)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE memory_user SET memory_version = memory_version + 1 "
+            "WHERE id = (SELECT id FROM memory_user WHERE id = %s FOR UPDATE)",
+            [user_id],
+        )
 
 
 def _create_unique(model, *, field_name: str = "name", **values):
@@ -227,7 +235,8 @@ class AddedMessages(list):
 _ADD_SQL = """
 WITH bumped AS (
     -- First, as in every writer of a user's messages: the user row lock orders this add
-    -- against a flush's write and a cascade delete (see _bump_memory_version).
+    -- against edits and a cascade delete (see _bump_memory_version). It is the FOR NO KEY
+    -- UPDATE lock of a plain UPDATE: a flush's write (FOR KEY SHARE) does not block it.
     UPDATE memory_user SET memory_version = memory_version + 1 WHERE id = %(user)s RETURNING id
 ), slot AS (
     -- The session row lock serialises adds to one session; the counter gives their positions.
@@ -243,13 +252,27 @@ WITH bumped AS (
                       %(index_texts)s::text[], %(created)s::timestamptz[]) WITH ORDINALITY
                AS m(id, role, content, metadata, index_text, created_at, ord)
     RETURNING position, length(index_text) AS chars
+), pending AS (
+    -- The user's pending messages as before this add (one snapshot) plus the added ones.
+    SELECT count(*) + (SELECT count(*) FROM added) AS messages,
+           coalesce(sum(length(index_text)), 0) + (SELECT coalesce(sum(chars), 0) FROM added) AS chars
+    FROM memory_message WHERE user_id = %(user)s AND flushed_at IS NULL
+), job AS (
+    -- The size trigger (buffers.services.size_trigger_reached), in the same statement so the
+    -- add commits once: a user-wide flush job at normal priority, as request_flush queues it.
+    -- An existing job of the same or a higher priority is left alone (nothing written).
+    INSERT INTO buffers_flushjob
+        (user_id, session_id, priority, reason, state, attempts, max_attempts, last_error,
+         messages_flushed, worker, created_at, next_attempt_at)
+    SELECT %(user)s, NULL, %(priority)s, %(reason)s, 'queued', 0, %(max_attempts)s, '', 0, '', now(), now()
+    FROM pending WHERE EXISTS (SELECT FROM added)
+      AND (pending.messages >= %(size_messages)s OR pending.chars / 4 >= %(size_tokens)s)
+    ON CONFLICT (user_id) WHERE state IN ('queued', 'retrying') AND session_id IS NULL
+    DO UPDATE SET priority = EXCLUDED.priority, reason = EXCLUDED.reason, next_attempt_at = now()
+    WHERE EXCLUDED.priority < buffers_flushjob.priority
+    RETURNING id
 )
--- The user's pending messages as before this add (one snapshot) plus the added ones.
-SELECT (SELECT min(position) FROM added),
-       count(*) + (SELECT count(*) FROM added),
-       coalesce(sum(length(index_text)), 0) + (SELECT coalesce(sum(chars), 0) FROM added),
-       coalesce(extract(epoch FROM now() - min(updated_at)), 0)
-FROM memory_message WHERE user_id = %(user)s AND flushed_at IS NULL
+SELECT (SELECT min(position) FROM added), messages, EXISTS (SELECT FROM job) FROM pending
 """
 
 
@@ -258,14 +281,14 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
 
     Write-behind: the rows are written (and full-text indexed) by ONE statement, which takes
     the user row's lock, then the session row's (its ``next_position`` counter gives the
-    positions), inserts the rows and reads the user's pending summary; they are durable when
-    this returns. Embedding is left to a flush (``buffers``), requested here when the user's
-    pending messages pass the size trigger. One statement is all or nothing, and one round
-    trip: the add is the hottest write of the service (about 2 database round trips in all,
-    against 8 with one ORM call per step). Raises ``NotFound`` (field ``session_id``) when
-    the session was deleted meanwhile; then nothing is stored.
+    positions), inserts the rows, reads the user's pending summary and, past the size
+    trigger, queues a flush job; they are durable when this returns. Embedding is left to
+    that flush (``buffers``). One statement is all or nothing, one round trip and one commit
+    (one WAL flush): the add is the hottest write of the service. Raises ``NotFound`` (field
+    ``session_id``) when the session was deleted meanwhile; then nothing is stored.
     """
-    from buffers.services import PendingSummary, apply_size_trigger
+    from buffers import events
+    from buffers.models import Priority, Reason
 
     if not messages:
         return AddedMessages([], pending=0)
@@ -298,17 +321,22 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
                 "metadata": [json.dumps(row.metadata) for row in rows],
                 "index_texts": [row.index_text for row in rows],
                 "created": [row.created_at for row in rows],
+                "priority": Priority.NORMAL,
+                "reason": Reason.SIZE,
+                "max_attempts": settings.BUFFERS["MAX_ATTEMPTS"],
+                "size_messages": settings.BUFFERS["SIZE_MESSAGES"],
+                "size_tokens": settings.BUFFERS["SIZE_TOKENS"],
             },
         )
-        start, count, chars, age = cursor.fetchone()
+        start, count, job_queued = cursor.fetchone()
     if start is None:
         raise NotFound(f"Session '{session.pk}' not found", field="session_id")
     for offset, row in enumerate(rows):
         row.position = start + offset
         row._state.adding, row._state.db = False, connection.alias
-    summary = PendingSummary(messages=count, tokens=int(chars) // 4, oldest_age_seconds=float(age))
-    apply_size_trigger(user_id=session.user_id, summary=summary)
-    return AddedMessages(rows, pending=summary.messages)
+    if job_queued:
+        transaction.on_commit(lambda: events.notify_flush(user_id=session.user_id, priority=Priority.NORMAL))
+    return AddedMessages(rows, pending=count)
 
 
 def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messages: list[MessageIn]) -> list[Message]:

@@ -146,7 +146,7 @@ def test_memfuse_bench_query_end_to_end(tmp_path, monkeypatch):
     call_command(
         "memfuse_bench", "query", "--users", "3", "--messages-per-user", "4", "--data", str(locomo_file(tmp_path)),
         "--rate", "10", "--duration", "1", "--closed-duration", "1", "--clients", "2", "--exactness-users", "2",
-        "--tag", "e2e", "--drop", "--json", str(out),
+        "--hnsw-index", "--tag", "e2e", "--drop", "--json", str(out),
     )
 
     report = json.loads(out.read_text())
@@ -156,5 +156,6 @@ def test_memfuse_bench_query_end_to_end(tmp_path, monkeypatch):
         assert report[phase]["errors"] == 0 and report[phase]["empty_results"] == 0, phase
     assert report["open_loop"]["queries"] == 10 and report["open_loop"]["cold_users"] == 0
     assert report["exactness"]["served_vector_search"]["recall_min"] == 1.0
+    assert len(report["exactness"]["filtered_hnsw"]) == 6 and "hnsw" in report["exactness"]["filtered_hnsw_plan"]
     assert report["server_memory"]["model_loads_in_server_log"] == 1
     assert report["dropped_users"] == 3 and not User.objects.exists()

@@ -716,6 +716,9 @@ class QueryBench:
         parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                             help="no pass querying every user once before the load (phases then see cold users)")
         parser.add_argument("--exactness-users", type=int, default=20, help="users sampled by the exactness check (0: skip)")
+        parser.add_argument("--hnsw-index", action="store_true",
+                            help="also measure a filtered HNSW search: build an HNSW index for the check, "
+                                 "dropped after it (minutes on 200,000 rows; the service has none)")
         parser.add_argument("--tag", default="default", help="name of the bench dataset (reused while its shape matches)")
         parser.add_argument("--rebuild", action="store_true", help="rebuild the dataset even if it exists")
         parser.add_argument("--drop", action="store_true", help="delete the dataset at the end (default: keep it for reuse)")
@@ -775,7 +778,7 @@ class QueryBench:
         }
         if self.options["exactness_users"]:
             log("exactness check ...")
-            report["exactness"] = self._exactness()
+            report["exactness"] = self._exactness(log)
         return report
 
     async def bench_users(self, api: Api, created: list[str]) -> list:
@@ -791,54 +794,23 @@ class QueryBench:
 
     # --- exactness (in this process, before the server starts) ---
 
-    def _exactness(self) -> dict:
+    def _exactness(self, log) -> dict:
+        """Recall@k of the served vector search against numpy; of a filtered HNSW search too
+        with ``--hnsw-index`` (the service has no HNSW index: migration 0006)."""
         from django.db import connection, transaction
-        from pgvector import Vector
-
-        from memory import registry
-        from memory.models import Message
-        from memory.retrieval import vector_candidates
 
         k = self.options["top_k"]
         sample = self.rng.sample(self.users, min(self.options["exactness_users"], len(self.users)))
-        embedder = registry.get_embedder()
-        served_recall, served_ms = [], []
-        hnsw = {setting: {"recall": [], "ms": []} for setting in HNSW_SETTINGS}
-        plan = ""
-        for user in sample:
-            rows = list(Message.objects.filter(user_id=user.user_id, flushed_at__isnull=False).values_list("id", "embedding"))
-            ids = [row[0] for row in rows]
-            matrix = np.stack([np.asarray(row[1], dtype=np.float32) for row in rows])
-            texts = self.rng.sample(user.queries, min(3, len(user.queries)))
-            for query in embedder.embed(texts):
-                similarities = dict(zip(ids, cosine_similarities(matrix, query).tolist()))
-                started = time.perf_counter()
-                served = vector_candidates(user_id=user.user_id, embedding=query, limit=k)
-                served_ms.append((time.perf_counter() - started) * 1000)
-                served_recall.append(recall_at_k([key.id for key, _ in served], similarities, k=k))
-                sql = (
-                    "SELECT id FROM memory_message WHERE user_id = %s AND flushed_at IS NOT NULL "
-                    "ORDER BY embedding <=> %s::vector LIMIT %s"
-                )
-                params = [user.user_id, Vector._to_db(query), k]
-                for setting in HNSW_SETTINGS:
-                    ef_search, iterative = setting
-                    with transaction.atomic(), connection.cursor() as cursor:
-                        cursor.execute(f"SET LOCAL hnsw.ef_search = {int(ef_search)}")
-                        cursor.execute(f"SET LOCAL hnsw.iterative_scan = {iterative}")
-                        # Without this the planner takes the user_id btree and sorts (exact):
-                        # the point is what the HNSW index returns for a filtered query.
-                        cursor.execute("SET LOCAL enable_seqscan = off")
-                        cursor.execute("SET LOCAL enable_bitmapscan = off")
-                        cursor.execute("SET LOCAL enable_sort = off")
-                        if not plan:
-                            cursor.execute("EXPLAIN " + sql, params)
-                            plan = " / ".join(re.sub(r"'\[[^']*\]'", "'[...]'", line) for (line,) in cursor.fetchall())
-                        started = time.perf_counter()
-                        cursor.execute(sql, params)
-                        returned = [row[0] for row in cursor.fetchall()]
-                        hnsw[setting]["ms"].append((time.perf_counter() - started) * 1000)
-                    hnsw[setting]["recall"].append(recall_at_k(returned, similarities, k=k))
+        served_recall, served_ms, plan_out = [], [], []
+        check_hnsw = self.options["hnsw_index"]
+        hnsw = {setting: {"recall": [], "ms": []} for setting in HNSW_SETTINGS} if check_hnsw else {}
+        with transaction.atomic():  # the check's HNSW index, if any, is rolled back with it
+            if check_hnsw:
+                log("exactness: building an HNSW index for the filtered-HNSW comparison")
+                with connection.cursor() as cursor:
+                    cursor.execute("CREATE INDEX bench_hnsw ON memory_message USING hnsw (embedding vector_cosine_ops)")
+            self._exactness_queries(sample, k, served_recall, served_ms, hnsw, plan_out)
+            transaction.set_rollback(True)
         return {
             "users": len(sample),
             "queries": len(served_recall),
@@ -859,8 +831,53 @@ class QueryBench:
                 }
                 for (ef_search, iterative), values in hnsw.items()
             ],
-            "filtered_hnsw_plan": plan,
+            "filtered_hnsw_plan": plan_out[0] if plan_out else "not measured (no --hnsw-index)",
         }
+
+    def _exactness_queries(self, sample, k, served_recall, served_ms, hnsw, plan_out) -> None:
+        """Served search vs numpy for each sampled user, and each ``hnsw`` setting when given."""
+        from django.db import connection, transaction
+        from pgvector import Vector
+
+        from memory import registry
+        from memory.models import Message
+        from memory.retrieval import vector_candidates
+
+        embedder = registry.get_embedder()
+        for user in sample:
+            rows = list(Message.objects.filter(user_id=user.user_id, flushed_at__isnull=False).values_list("id", "embedding"))
+            ids = [row[0] for row in rows]
+            matrix = np.stack([np.asarray(row[1], dtype=np.float32) for row in rows])
+            texts = self.rng.sample(user.queries, min(3, len(user.queries)))
+            for query in embedder.embed(texts):
+                similarities = dict(zip(ids, cosine_similarities(matrix, query).tolist()))
+                started = time.perf_counter()
+                served = vector_candidates(user_id=user.user_id, embedding=query, limit=k)
+                served_ms.append((time.perf_counter() - started) * 1000)
+                served_recall.append(recall_at_k([key.id for key, _ in served], similarities, k=k))
+                sql = (
+                    "SELECT id FROM memory_message WHERE user_id = %s AND flushed_at IS NOT NULL "
+                    "ORDER BY embedding <=> %s::vector LIMIT %s"
+                )
+                params = [user.user_id, Vector._to_db(query), k]
+                for setting in hnsw:
+                    ef_search, iterative = setting
+                    with transaction.atomic(), connection.cursor() as cursor:
+                        cursor.execute(f"SET LOCAL hnsw.ef_search = {int(ef_search)}")
+                        cursor.execute(f"SET LOCAL hnsw.iterative_scan = {iterative}")
+                        # Without this the planner takes the user_id btree and sorts (exact):
+                        # the point is what the HNSW index returns for a filtered query.
+                        cursor.execute("SET LOCAL enable_seqscan = off")
+                        cursor.execute("SET LOCAL enable_bitmapscan = off")
+                        cursor.execute("SET LOCAL enable_sort = off")
+                        if not plan_out:
+                            cursor.execute("EXPLAIN " + sql, params)
+                            plan_out.append(" / ".join(re.sub(r"'\[[^']*\]'", "'[...]'", line) for (line,) in cursor.fetchall()))
+                        started = time.perf_counter()
+                        cursor.execute(sql, params)
+                        returned = [row[0] for row in cursor.fetchall()]
+                        hnsw[setting]["ms"].append((time.perf_counter() - started) * 1000)
+                    hnsw[setting]["recall"].append(recall_at_k(returned, similarities, k=k))
 
     # --- load over HTTP ---
 
