@@ -237,6 +237,11 @@ MEMFUSE = {
     # toward the embeddings of BM25's top VECTOR_PRF_DOCS documents (0: off), by this weight.
     "VECTOR_PRF_DOCS": envint("VECTOR_PRF_DOCS", 3),
     "VECTOR_PRF_WEIGHT": envfloat("VECTOR_PRF_WEIGHT", 0.75),
+    # The vector retriever scores each message by the mean of its own cosine similarity
+    # (counted VECTOR_OWN_WEIGHT times) and those of the VECTOR_CONTEXT_TURNS turns either
+    # side in its session (0: its own alone); BM25's context window, on the vector side.
+    "VECTOR_CONTEXT_TURNS": envint("VECTOR_CONTEXT_TURNS", 2),
+    "VECTOR_OWN_WEIGHT": envint("VECTOR_OWN_WEIGHT", 2),
     # How the two rankings are fused: "rrf" (weighted reciprocal rank fusion, RRF_K) or
     # "convex" (weighted sum of min-max normalised scores).
     "FUSION": envstr("FUSION", "rrf"),

@@ -107,10 +107,10 @@ def check_retrieval_settings(app_configs=None, **kwargs) -> list[Error]:
     problems = []
     if config["FUSION"] not in ("rrf", "convex"):
         problems.append(f"FUSION is {config['FUSION']!r}; expected 'rrf' or 'convex'.")
-    for name in ("RRF_K", "BM25_CANDIDATES", "VECTOR_CANDIDATES", "RERANK_TOP_N"):
+    for name in ("RRF_K", "BM25_CANDIDATES", "VECTOR_CANDIDATES", "RERANK_TOP_N", "VECTOR_OWN_WEIGHT"):
         if config[name] < 1:
             problems.append(f"{name} is {config[name]}; it must be at least 1.")
-    for name in ("BM25_WEIGHT", "VECTOR_WEIGHT", "VECTOR_PRF_DOCS", "VECTOR_PRF_WEIGHT"):
+    for name in ("BM25_WEIGHT", "VECTOR_WEIGHT", "VECTOR_PRF_DOCS", "VECTOR_PRF_WEIGHT", "VECTOR_CONTEXT_TURNS"):
         if config[name] < 0:
             problems.append(f"{name} is {config[name]}; it must not be negative.")
     return [Error(problem, id="memory.E005") for problem in problems]

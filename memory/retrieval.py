@@ -24,6 +24,10 @@ Fusion outperforms Condorcet and individual Rank Learning Methods", SIGIR 2009):
 The weights are configuration (``BM25_WEIGHT``, ``VECTOR_WEIGHT``); the defaults and the
 measurements behind them are in the README's retrieval section.
 
+**Neighbouring turns on the vector side** (``context_scores``, on by default): each turn's
+cosine similarity is averaged with its neighbours' in the session, the counterpart of BM25's
+context documents.
+
 **Pseudo-relevance feedback** (``prf_query_embedding``, on by default): the vector
 retriever's query embedding moves toward the embeddings of BM25's top documents (Rocchio).
 **Convex fusion** (``convex_fuse``, off by default) is the alternative to RRF.
@@ -81,6 +85,9 @@ class RetrievalConfig:
     possible with ``RERANKER_MODEL_PATH``). A weight of 0 switches its retriever off. ``prf_docs`` / ``prf_weight``: the vector retriever's query moves
     toward BM25's top ``prf_docs`` documents (``prf_query_embedding``; 0 docs: off).
     ``fusion``: ``"rrf"`` (``rrf_fuse``) or ``"convex"`` (``convex_fuse``).
+    ``vector_context_turns`` / ``vector_own_weight``: the vector retriever's similarities are
+    averaged over that many neighbouring turns either side, the turn's own counted
+    ``vector_own_weight`` times (``context_scores``; 0 turns: off).
     """
 
     rrf_k: int
@@ -93,6 +100,8 @@ class RetrievalConfig:
     prf_docs: int = 0
     prf_weight: float = 0.0
     fusion: str = "rrf"
+    vector_context_turns: int = 0
+    vector_own_weight: int = 1
 
     @classmethod
     def from_settings(cls, **overrides) -> RetrievalConfig:
@@ -109,6 +118,8 @@ class RetrievalConfig:
             "prf_docs": config["VECTOR_PRF_DOCS"],
             "prf_weight": config["VECTOR_PRF_WEIGHT"],
             "fusion": config["FUSION"],
+            "vector_context_turns": config["VECTOR_CONTEXT_TURNS"],
+            "vector_own_weight": config["VECTOR_OWN_WEIGHT"],
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
@@ -124,12 +135,21 @@ class DocKey:
 
 @dataclass
 class BM25Index:
-    """The BM25 index of one user's corpus at one ``memory_version``."""
+    """The BM25 index of one user's corpus at one ``memory_version``.
+
+    ``keys`` are the user's messages in (session, position) order, then their knowledge;
+    ``sessions`` is parallel to them (``None`` for knowledge). ``rows`` maps a key to its
+    place in ``keys`` (for ``context_scores``, which needs each turn's neighbours).
+    """
 
     version: int
     keys: list[DocKey]
     sessions: list[uuid.UUID | None]
     bm25: bm25s.BM25 | None
+    rows: dict[DocKey, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.rows = {key: i for i, key in enumerate(self.keys)}
 
     def search(self, query_tokens: list[str], *, limit: int, allowed_sessions: set | None = None) -> list[tuple[DocKey, float]]:
         """Top ``limit`` documents by BM25 score (> 0) as ``(key, score)``, best first.
@@ -167,6 +187,60 @@ def context_documents(tokens: list[list[str]], sessions: list, *, window: int, o
                 document.extend(tokens[j])
         documents.append(document)
     return documents
+
+
+def context_scores(scores: np.ndarray, sessions: list, *, window: int, own_weight: int) -> np.ndarray:
+    """Each turn's score averaged with its neighbours' in the same session.
+
+    ``scores``: ``(n,)`` float, one per turn in conversation order (``sessions`` parallel to
+    it, ``None`` for a document outside any session, which has no neighbours), ``NaN`` where
+    a turn was not scored. Returns ``(n,)``: ``(own_weight * s_i + sum of s_j) / (own_weight
+    + number of j)`` over the scored turns j at most ``window`` positions from i in i's
+    session; ``NaN`` where ``scores`` is ``NaN``. This is score regularisation over a graph
+    of related documents (Diaz, "Regularizing Ad Hoc Retrieval Scores", CIKM 2005), the
+    graph being the conversation's adjacency: the same assumption as ``context_documents``
+    (a fact is spread over a turn and its neighbours), applied to a retriever's scores
+    rather than to its documents' words.
+    """
+    scored = ~np.isnan(scores)
+    values = np.where(scored, scores, 0.0)
+    codes = {}
+    session_codes = np.array([-1 if s is None else codes.setdefault(s, len(codes)) for s in sessions])
+    total = own_weight * values
+    count = own_weight * scored.astype(np.float64)
+    for distance in range(1, min(window, len(scores) - 1) + 1):
+        # pairs (i, i + distance) of scored turns of one session
+        pair = (session_codes[distance:] == session_codes[:-distance]) & (session_codes[distance:] >= 0)
+        pair &= scored[distance:] & scored[:-distance]
+        total[:-distance] += np.where(pair, values[distance:], 0.0)
+        count[:-distance] += pair
+        total[distance:] += np.where(pair, values[:-distance], 0.0)
+        count[distance:] += pair
+    return np.where(scored, total / np.maximum(count, 1e-12), np.nan)
+
+
+def vector_context_candidates(
+    ranked: list[tuple[DocKey, float]], index: BM25Index, *, window: int, own_weight: int, limit: int
+) -> list[tuple[DocKey, float]]:
+    """The vector retriever's ``(key, similarity)`` list rescored by ``context_scores``.
+
+    ``ranked`` should hold every document of the user (``vector_candidates`` with no
+    limit): a neighbour missing from it counts as absent. Positions come from ``index``
+    (the user's turns in conversation order); a key ``index`` does not know (a message added
+    after it was built) keeps its own similarity. Returns the best ``limit``, best first.
+    """
+    scores = np.full(len(index.keys), np.nan)
+    unknown = []
+    for key, similarity in ranked:
+        row = index.rows.get(key)
+        if row is None:
+            unknown.append((key, similarity))
+        else:
+            scores[row] = similarity
+    smoothed = context_scores(scores, index.sessions, window=window, own_weight=own_weight)
+    results = [(index.keys[row], float(smoothed[row])) for row in np.flatnonzero(~np.isnan(smoothed))] + unknown
+    results.sort(key=lambda item: -item[1])
+    return results[:limit]
 
 
 def _load_bm25_index(user_id: uuid.UUID, version: int) -> BM25Index:
@@ -327,9 +401,11 @@ def query_tokens(text: str) -> list[str]:
 
 
 def vector_candidates(
-    *, user_id: uuid.UUID, embedding: np.ndarray, limit: int, agent_id: uuid.UUID | None = None
+    *, user_id: uuid.UUID, embedding: np.ndarray, limit: int | None, agent_id: uuid.UUID | None = None
 ) -> list[tuple[DocKey, float]]:
     """Top ``limit`` documents by cosine similarity to ``embedding`` (``(dim,)`` float32).
+
+    ``limit=None``: all of the user's documents (for ``vector_context_candidates``).
 
     Returns ``(key, similarity)`` best first, similarity = 1 - cosine distance. Flushed rows:
     an exact scan of the user's rows (a MATERIALIZED CTE keeps the planner from the HNSW
@@ -511,11 +587,13 @@ def hybrid_search_stages(
 
         allowed_sessions = set(Session.objects.filter(user_id=user_id, agent_id=agent_id).values_list("id", flat=True))
     ranked: dict[str, list] = {}
+    context_turns = config.vector_context_turns if config.vector_weight > 0 else 0
     # The query is embedded while BM25 runs (its SQL, and the index build of a user not
     # cached): both are on every query's critical path, and the model waits in its own thread.
     embedding = _query_embedder.submit(registry.embed, [query]) if config.vector_weight > 0 else None
-    if config.bm25_weight > 0:
+    if config.bm25_weight > 0 or context_turns:
         index = user_memory(user_id).bm25_index(memory_version)
+    if config.bm25_weight > 0:
         ranked["bm25"] = index.search(
             query_tokens(query), limit=config.bm25_candidates, allowed_sessions=allowed_sessions
         )
@@ -529,8 +607,19 @@ def hybrid_search_stages(
                 user_id=user_id, embedding=query_embedding, feedback=feedback, weight=config.prf_weight
             )
         ranked["vector"] = vector_candidates(
-            user_id=user_id, embedding=query_embedding, limit=config.vector_candidates, agent_id=agent_id
+            user_id=user_id,
+            embedding=query_embedding,
+            limit=None if context_turns else config.vector_candidates,
+            agent_id=agent_id,
         )
+        if context_turns:
+            ranked["vector"] = vector_context_candidates(
+                ranked["vector"],
+                index,
+                window=context_turns,
+                own_weight=config.vector_own_weight,
+                limit=config.vector_candidates,
+            )
     hits = fuse(ranked, config)
     if config.rerank:
         hits = rerank(user_id=user_id, query=query, hits=hits, top_n=config.rerank_top_n)

@@ -366,7 +366,9 @@ def test_manage_py_check_fails_on_a_bad_reranker_path(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name, value", [("FUSION", "borda"), ("RRF_K", 0), ("VECTOR_PRF_WEIGHT", -1.0), ("RERANK_TOP_N", 0)]
+    "name, value",
+    [("FUSION", "borda"), ("RRF_K", 0), ("VECTOR_PRF_WEIGHT", -1.0), ("RERANK_TOP_N", 0), ("VECTOR_CONTEXT_TURNS", -1),
+     ("VECTOR_OWN_WEIGHT", 0)],
 )
 def test_retrieval_settings_check_names_a_bad_value(monkeypatch, name, value):
     """System check memory.E005 names a retrieval setting no query could run with."""

@@ -1,4 +1,4 @@
-"""Retrieval stages: tsvector tokens, neighbouring-turn context for BM25, weighted RRF."""
+"""Retrieval stages: tsvector tokens, neighbouring-turn context for BM25 and the vector side, weighted RRF."""
 
 from __future__ import annotations
 
@@ -352,3 +352,76 @@ def test_prf_brings_bm25s_top_document_up_the_vector_ranking(alice_session):
 
     assert with_prf == 1
     assert with_prf <= without
+
+
+# --- neighbouring turns on the vector side ---------------------------------------------------------
+
+
+def test_context_scores_average_a_turn_with_its_neighbours_in_its_session():
+    """Own score counted own_weight times, neighbours of the same session once; NaN and no-session stay alone."""
+    scores = np.array([0.9, 0.3, 0.0, np.nan, 0.6, 0.5, 0.2])
+    sessions = ["s1", "s1", "s1", "s1", "s2", None, None]
+
+    smoothed = retrieval.context_scores(scores, sessions, window=1, own_weight=2)
+
+    assert smoothed[:3] == pytest.approx([(2 * 0.9 + 0.3) / 3, (2 * 0.3 + 0.9 + 0.0) / 4, (2 * 0.0 + 0.3) / 3])
+    assert np.isnan(smoothed[3])  # not scored: no score, and no neighbour of turn 2
+    assert smoothed[4:] == pytest.approx([0.6, 0.5, 0.2])  # another session; knowledge has no neighbours
+    assert retrieval.context_scores(scores, sessions, window=0, own_weight=2)[:3] == pytest.approx(scores[:3])
+
+
+PATAGONIA = [
+    "Which hiking trail did you pick in Patagonia?",
+    "The one along the glacier, it took three days.",
+    "Hiking in Patagonia sounds wonderful, send pictures.",
+]
+ELSEWHERE = ["My sister adopted a cat.", "I watched a documentary about Patagonia.", "The bakery was closed on Sunday."]
+
+
+def _vector_ranking(alice, query, **overrides):
+    hits = retrieval.hybrid_search(
+        user_id=alice.pk, memory_version=alice.memory_version, query=query, top_k=10,
+        config=retrieval.RetrievalConfig.from_settings(bm25_weight=0.0, **overrides),
+    )
+    return [key for key, _, _ in hits], {key: found["vector"]["score"] for key, _, found in hits}
+
+
+@pytest.mark.parametrize("flushed", [False, True])
+def test_vector_retriever_finds_an_answer_through_its_neighbours(alice, agent, flushed):
+    """With context, an answer turn unlike the query outranks a lone look-alike turn elsewhere; without, it does not."""
+    from buffers.services import flush_pending
+
+    trip, other = (services.session_create(user=alice, agent=agent, name=name) for name in ("trip", "other"))
+    _, answer, _ = services.messages_add(session=trip, messages=[MessageIn(role="user", content=t) for t in PATAGONIA])
+    _, lookalike, _ = services.messages_add(
+        session=other, messages=[MessageIn(role="user", content=t) for t in ELSEWHERE]
+    )
+    if flushed:
+        flush_pending(user_id=alice.pk)
+    alice.refresh_from_db()
+    query = "What trail did they hike in Patagonia?"
+
+    with_context, _ = _vector_ranking(alice, query, vector_context_turns=2, vector_own_weight=2)
+    without, _ = _vector_ranking(alice, query, vector_context_turns=0)
+
+    answer, lookalike = DocKey("message", answer.pk), DocKey("message", lookalike.pk)
+    assert with_context.index(answer) < with_context.index(lookalike)
+    assert without.index(answer) > without.index(lookalike)
+
+
+def test_vector_context_score_is_the_weighted_mean_of_the_sessions_neighbours(alice, agent):
+    """A turn's vector score is (own_weight x its cosine + its session neighbours' cosines) / their count."""
+    trip, other = (services.session_create(user=alice, agent=agent, name=name) for name in ("trip", "other"))
+    rows = services.messages_add(session=trip, messages=[MessageIn(role="user", content=t) for t in PATAGONIA])
+    rows += services.messages_add(session=other, messages=[MessageIn(role="user", content=t) for t in ELSEWHERE])
+    alice.refresh_from_db()
+    query = "glacier hike"
+    cosines = retrieval.registry.embed([row.index_text for row in rows]) @ retrieval.registry.embed([query])[0]
+
+    _, scores = _vector_ranking(alice, query, vector_context_turns=1, vector_own_weight=2)
+
+    # Turn 0 of each session has one neighbour (turn 1), turn 1 two: sessions do not mix.
+    for first in (0, 3):
+        c0, c1, c2 = cosines[first : first + 3]
+        assert scores[DocKey("message", rows[first].pk)] == pytest.approx((2 * c0 + c1) / 3, abs=1e-5)
+        assert scores[DocKey("message", rows[first + 1].pk)] == pytest.approx((2 * c1 + c0 + c2) / 4, abs=1e-5)
