@@ -103,6 +103,13 @@ class Embedder:
 
     ``embed(texts)`` returns an ``(n, dim)`` float32 array of L2-normalised embeddings, so the
     dot product of two rows is their cosine similarity.
+
+    For the usual shape of model (transformer, mean pooling, normalisation: all-MiniLM-L6-v2's)
+    the transformer is called directly, texts sorted by length and cut into ``batch_size``
+    chunks as ``SentenceTransformer.encode`` does, but under ``torch.inference_mode`` and
+    without ``encode``'s per-call bookkeeping (moving and re-flagging every module), which
+    cost a sixth of a one-query call. The embeddings are the same to float precision; other
+    model shapes go through ``encode``.
     """
 
     def __init__(self, path: Path, *, batch_size: int, threads: int) -> None:
@@ -116,26 +123,101 @@ class Embedder:
         self.path = path
         self.batch_size = batch_size
         self.model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+        self.model.eval()
         self.dimension: int = self.model.get_sentence_embedding_dimension()
+        self.transformer = _mean_pooled_transformer(self.model)
         self.stats = ModelStats(load_seconds=time.perf_counter() - started)
         self._inference_lock = threading.Lock()
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Embed ``texts``: returns ``(len(texts), dim)`` float32, L2-normalised rows."""
+        return self._embed(texts, self.transformer, self._inference_lock, self.stats)
+
+    def _embed(self, texts: list[str], transformer, lock: threading.Lock, stats: ModelStats) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        with self._inference_lock:
+        with lock:
             started = time.perf_counter()
-            vectors = self.model.encode(
-                texts,
-                batch_size=self.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
+            if transformer is None:
+                vectors = self.model.encode(
+                    texts,
+                    batch_size=self.batch_size,
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
+            else:
+                vectors = self._mean_pooled(texts, transformer)
             elapsed = time.perf_counter() - started
-        self.stats.record(texts=len(texts), seconds=elapsed)
+        stats.record(texts=len(texts), seconds=elapsed)
         return vectors.astype(np.float32, copy=False)
+
+    def _mean_pooled(self, texts: list[str], transformer) -> np.ndarray:
+        """Mean pooling over the tokens, then L2 normalisation (the model's own modules)."""
+        import torch
+
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # little padding per chunk
+        vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
+        tokenizer, max_length = self.model.tokenizer, self.model.max_seq_length
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                features = tokenizer(
+                    [texts[i] for i in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+                )
+                tokens = transformer(**features).last_hidden_state
+                mask = features["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+                pooled = (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+                vectors[chunk] = torch.nn.functional.normalize(pooled, p=2, dim=1).numpy()
+        return vectors
+
+
+def _mean_pooled_transformer(model):
+    """The Hugging Face transformer of ``model`` when ``model`` is exactly transformer, mean
+    pooling, normalisation; else ``None`` (``Embedder`` then uses ``encode``)."""
+    modules = list(model)
+    if [type(module).__name__ for module in modules] != ["Transformer", "Pooling", "Normalize"]:
+        return None
+    pooling = modules[1].get_config_dict()
+    modes = [key for key, value in pooling.items() if key.startswith("pooling_mode") and value]
+    return modules[0].auto_model if modes == ["pooling_mode_mean_tokens"] else None
+
+
+class QueryEmbedder:
+    """Queries' embeddings from an int8 copy of the process's model (``QUERY_EMBEDDING_INT8``).
+
+    PyTorch's dynamic quantisation (``torch.ao.quantization.quantize_dynamic``, weights of
+    every ``Linear`` layer to int8 per output channel, activations quantised on the fly; the
+    method of Zafrir et al., "Q8BERT", 2019, without retraining): about 2.8x faster for one
+    short text on one thread (2.7 against 7.7 ms), with a cosine of 0.98 on average (0.97 at
+    least, on 200 LoCoMo questions) to the full-precision embedding. Only queries go through
+    it: every stored or pending message is embedded by the full model, so all of a user's
+    documents are scored against the same query vector. ``embed`` has ``Embedder``'s contract.
+    """
+
+    def __init__(self, embedder: Embedder) -> None:
+        import copy
+        import warnings
+
+        import torch
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        started = time.perf_counter()
+        if embedder.transformer is None:
+            raise ValueError("QUERY_EMBEDDING_INT8 needs a mean-pooled transformer model")
+        with warnings.catch_warnings():  # torch.ao's notice that torchao is where it moves next
+            warnings.simplefilter("ignore")
+            self.transformer = quantize_dynamic(
+                copy.deepcopy(embedder.transformer), {torch.nn.Linear: per_channel_dynamic_qconfig}
+            )
+        self.embedder = embedder
+        self.dimension = embedder.dimension
+        self.stats = ModelStats(load_seconds=time.perf_counter() - started)
+        self._inference_lock = threading.Lock()
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Embed queries: ``(len(texts), dim)`` float32, L2-normalised rows."""
+        return self.embedder._embed(texts, self.transformer, self._inference_lock, self.stats)
 
 
 def _serve_embeddings(path: str, batch_size: int, threads: int, nice: int, conn) -> None:
@@ -397,7 +479,9 @@ class EmbeddingBatcher:
 
 _lock = threading.Lock()
 _embedder: Embedder | None = None
+_query_embedder: QueryEmbedder | None = None
 _batcher: EmbeddingBatcher | None = None
+_query_batcher: EmbeddingBatcher | None = None
 _background_batcher: EmbeddingBatcher | None = None
 _reranker: Reranker | None = None
 
@@ -418,6 +502,21 @@ def get_embedder() -> Embedder:
                     _embedder.dimension,
                 )
     return _embedder
+
+
+def get_query_embedder() -> Embedder | QueryEmbedder:
+    """What embeds queries: the int8 ``QueryEmbedder`` (``QUERY_EMBEDDING_INT8``, built once
+    from the process's model), else the model itself."""
+    global _query_embedder
+    embedder = get_embedder()
+    if not settings.MEMFUSE["QUERY_EMBEDDING_INT8"]:
+        return embedder
+    if _query_embedder is None:
+        with _lock:
+            if _query_embedder is None:
+                _query_embedder = QueryEmbedder(embedder)
+                logger.info("int8 query embedder built in %.2f s", _query_embedder.stats.load_seconds)
+    return _query_embedder
 
 
 def serving_threads() -> int:
@@ -495,6 +594,22 @@ def embed(texts: list[str], *, priority: int = INTERACTIVE) -> np.ndarray:
     return _batcher.embed(texts, priority=priority)
 
 
+def embed_query(texts: list[str]) -> np.ndarray:
+    """Embed search queries: ``(n, dim)`` float32, L2-normalised rows.
+
+    Through ``get_query_embedder()`` (int8 by default) and its own ``EmbeddingBatcher``, so
+    concurrent queries share model calls, and a query never waits behind the embedding of
+    pending documents. Documents go through ``embed``.
+    """
+    global _query_batcher
+    if _query_batcher is None:
+        embedder = get_query_embedder()
+        with _lock:
+            if _query_batcher is None:
+                _query_batcher = EmbeddingBatcher(embedder, max_texts=settings.MEMFUSE["EMBEDDING_MAX_BATCH_TEXTS"])
+    return _query_batcher.embed(texts)
+
+
 def _get_background_batcher() -> EmbeddingBatcher:
     global _background_batcher
     if _background_batcher is None:
@@ -528,9 +643,11 @@ def stats() -> dict:
     """Registry statistics for operators: which models are loaded and their counters."""
     embedder, reranker = _embedder, _reranker
     background = _background_batcher.embedder if _background_batcher is not None else None
-    result: dict = {"embedding": None, "background_embedding": None, "reranker": None}
+    result: dict = {"embedding": None, "query_embedding": None, "background_embedding": None, "reranker": None}
     if embedder is not None:
         result["embedding"] = {"path": str(embedder.path), "dimension": embedder.dimension, **embedder.stats.as_dict()}
+    if _query_embedder is not None:
+        result["query_embedding"] = {"int8": True, **_query_embedder.stats.as_dict()}
     if isinstance(background, ProcessEmbedder):
         result["background_embedding"] = {"mode": "process", "pid": background.pid, **background.stats.as_dict()}
     elif background is not None:
@@ -567,4 +684,5 @@ def preload_if_serving() -> None:
     """
     if should_preload(sys.argv):
         get_embedder()
+        get_query_embedder()
         get_reranker()

@@ -590,7 +590,7 @@ def hybrid_search_stages(
     context_turns = config.vector_context_turns if config.vector_weight > 0 else 0
     # The query is embedded while BM25 runs (its SQL, and the index build of a user not
     # cached): both are on every query's critical path, and the model waits in its own thread.
-    embedding = _query_embedder.submit(registry.embed, [query]) if config.vector_weight > 0 else None
+    embedding = _query_embedder.submit(registry.embed_query, [query]) if config.vector_weight > 0 else None
     if config.bm25_weight > 0 or context_turns:
         index = user_memory(user_id).bm25_index(memory_version)
     if config.bm25_weight > 0:

@@ -46,6 +46,8 @@ def fresh_registry(monkeypatch):
     """An empty registry whose model class is ``CountingDeterministicEmbedder``; restored afterwards."""
     monkeypatch.setattr(registry, "_embedder", None)
     monkeypatch.setattr(registry, "_batcher", None)
+    monkeypatch.setattr(registry, "_query_embedder", None)
+    monkeypatch.setattr(registry, "_query_batcher", None)
     monkeypatch.setattr(registry, "_background_batcher", None)
     monkeypatch.setattr(registry, "Embedder", CountingDeterministicEmbedder)
     monkeypatch.setattr(CountingDeterministicEmbedder, "constructed", 0)
@@ -92,7 +94,7 @@ def test_embed_goes_through_the_loaded_model(fresh_registry):
 def test_stats_before_any_load_report_no_model(fresh_registry):
     """Before first use, stats name no model and loaded_embedder() does not load one."""
     assert fresh_registry.loaded_embedder() is None
-    assert fresh_registry.stats() == {"embedding": None, "background_embedding": None, "reranker": None}
+    assert fresh_registry.stats() == {"embedding": None, "query_embedding": None, "background_embedding": None, "reranker": None}
     assert CountingDeterministicEmbedder.constructed == 0
 
 
@@ -152,6 +154,35 @@ def test_real_model_embeds_unit_norm_float32_rows():
     assert vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), [1.0, 1.0], atol=1e-5)
     assert float(dog @ puppy) > float(dog @ tax)
+
+
+def test_direct_transformer_call_gives_sentence_transformers_embeddings():
+    """Embedder calls the transformer itself (no encode); rows equal encode's, in input order."""
+    embedder = registry.get_embedder()
+    texts = ["a", "A much longer sentence about a hike along the glacier with my sister.", "two words", ""]
+
+    assert embedder.transformer is not None  # all-MiniLM-L6-v2 is transformer + mean pooling + normalise
+    expected = embedder.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    np.testing.assert_allclose(embedder.embed(texts), expected, atol=1e-5)
+
+
+def test_queries_are_embedded_by_an_int8_copy_close_to_the_full_model(settings):
+    """embed_query goes through the int8 QueryEmbedder: near the full embedding, not equal to
+    it, and counted apart; with QUERY_EMBEDDING_INT8 off queries use the full model."""
+    texts = ["When did Caroline go to the LGBTQ support group?", "What did Melanie paint recently?"]
+    full = registry.embed(texts)
+    before = registry.stats()["embedding"]["texts"]
+
+    queries = registry.embed_query(texts)
+
+    cosines = (full * queries).sum(axis=1)
+    assert np.all(cosines > 0.95) and np.all(cosines < 0.9999)
+    np.testing.assert_allclose(np.linalg.norm(queries, axis=1), [1.0, 1.0], atol=1e-5)
+    assert registry.stats()["embedding"]["texts"] == before  # not the full model
+    assert registry.stats()["query_embedding"]["int8"] is True
+    assert isinstance(registry.get_query_embedder(), registry.QueryEmbedder)
+    settings.MEMFUSE = {**settings.MEMFUSE, "QUERY_EMBEDDING_INT8": False}
+    assert registry.get_query_embedder() is registry.get_embedder()
 
 
 def test_real_model_embeds_nothing_for_no_texts():

@@ -416,7 +416,7 @@ def test_vector_context_score_is_the_weighted_mean_of_the_sessions_neighbours(al
     rows += services.messages_add(session=other, messages=[MessageIn(role="user", content=t) for t in ELSEWHERE])
     alice.refresh_from_db()
     query = "glacier hike"
-    cosines = retrieval.registry.embed([row.index_text for row in rows]) @ retrieval.registry.embed([query])[0]
+    cosines = retrieval.registry.embed([row.index_text for row in rows]) @ retrieval.registry.embed_query([query])[0]
 
     _, scores = _vector_ranking(alice, query, vector_context_turns=1, vector_own_weight=2)
 
