@@ -5,6 +5,7 @@ request, whatever ASGI server imported us (daphne, uvicorn, runserver), the embe
 is migrated (with a development tenant on first start), and the flush workers start where this process runs them.
 """
 
+import gc
 import os
 
 from django.core.asgi import get_asgi_application
@@ -21,6 +22,7 @@ from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  #
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.db import connections  # noqa: E402
+from django.urls import get_resolver  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from buffers import events, workers  # noqa: E402
@@ -107,3 +109,11 @@ application = ServerLoopRegistration(
         }
     )
 )
+
+# Everything built so far (Django, the apps and URLconf, torch and the models: ~0.5 million
+# objects) lives as long as the process. Move it out of reach of Python's cyclic garbage
+# collector: each of its full passes walked all of it holding the GIL, a pause of ~0.35 s
+# every few seconds under load (measured at 50-100 queries/s). Reference counting still
+# frees these objects; only cycles among them would never be collected.
+get_resolver().url_patterns  # import the views now, so that they are frozen too
+gc.freeze()

@@ -137,19 +137,40 @@ class DocKey:
 class BM25Index:
     """The BM25 index of one user's corpus at one ``memory_version``.
 
-    ``keys`` are the user's messages in (session, position) order, then their knowledge;
-    ``sessions`` is parallel to them (``None`` for knowledge). ``rows`` maps a key to its
-    place in ``keys`` (for ``context_scores``, which needs each turn's neighbours).
+    Documents are the user's messages in (session, position) order, then their knowledge
+    items; row ``i`` of each array is document ``i``. ``ids`` holds their UUIDs' bytes
+    (``(n, 16)`` uint8), the first ``messages`` of them messages; ``session_codes`` is
+    each document's session as a row of ``session_ids`` (the sessions' UUIDs' bytes,
+    ``(sessions, 16)`` uint8), ``-1`` for knowledge.
+
+    Compact on purpose: a few arrays per user, not a Python object per document. With a
+    thousand users cached, one object per document (a key, its UUID, its session's UUID)
+    made a million objects that every full pass of Python's cyclic garbage collector walks
+    while it holds the GIL: pauses of up to 0.75 s stalled every request (measured).
     """
 
     version: int
-    keys: list[DocKey]
-    sessions: list[uuid.UUID | None]
+    ids: np.ndarray
+    messages: int
+    session_codes: np.ndarray
+    session_ids: np.ndarray
     bm25: bm25s.BM25 | None
-    rows: dict[DocKey, int] = field(init=False, repr=False)
+    _rows: dict[bytes, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.rows = {key: i for i, key in enumerate(self.keys)}
+        # b"m" / b"k" + the id's bytes: one dict of bytes (which the collector ignores).
+        self._rows = {(b"m" if i < self.messages else b"k") + doc_id.tobytes(): i for i, doc_id in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def key(self, row: int) -> DocKey:
+        """The document at ``row``."""
+        return DocKey("message" if row < self.messages else "knowledge", uuid.UUID(bytes=self.ids[row].tobytes()))
+
+    def row(self, key: DocKey) -> int | None:
+        """The row of ``key``, ``None`` if the index does not hold it (added after the build)."""
+        return self._rows.get((b"m" if key.kind == "message" else b"k") + key.id.bytes)
 
     def search(self, query_tokens: list[str], *, limit: int, allowed_sessions: set | None = None) -> list[tuple[DocKey, float]]:
         """Top ``limit`` documents by BM25 score (> 0) as ``(key, score)``, best first.
@@ -158,14 +179,18 @@ class BM25Index:
         if self.bm25 is None or not query_tokens:
             return []
         scores = self.bm25.get_scores(query_tokens)
+        allowed = None
+        if allowed_sessions is not None:
+            allowed_bytes = {session.bytes for session in allowed_sessions}
+            allowed = {code for code, session in enumerate(self.session_ids) if session.tobytes() in allowed_bytes}
         order = np.argsort(-scores, kind="stable")
         results = []
         for i in order:
             if scores[i] <= 0 or len(results) >= limit:
                 break
-            if allowed_sessions is not None and self.keys[i].kind == "message" and self.sessions[i] not in allowed_sessions:
+            if allowed is not None and i < self.messages and self.session_codes[i] not in allowed:
                 continue
-            results.append((self.keys[i], float(scores[i])))
+            results.append((self.key(i), float(scores[i])))
         return results
 
 
@@ -193,7 +218,8 @@ def context_scores(scores: np.ndarray, sessions: list, *, window: int, own_weigh
     """Each turn's score averaged with its neighbours' in the same session.
 
     ``scores``: ``(n,)`` float, one per turn in conversation order (``sessions`` parallel to
-    it, ``None`` for a document outside any session, which has no neighbours), ``NaN`` where
+    it, ``None`` for a document outside any session, which has no neighbours; or already
+    integer codes, ``-1`` for none), ``NaN`` where
     a turn was not scored. Returns ``(n,)``: ``(own_weight * s_i + sum of s_j) / (own_weight
     + number of j)`` over the scored turns j at most ``window`` positions from i in i's
     session; ``NaN`` where ``scores`` is ``NaN``. This is score regularisation over a graph
@@ -204,8 +230,11 @@ def context_scores(scores: np.ndarray, sessions: list, *, window: int, own_weigh
     """
     scored = ~np.isnan(scores)
     values = np.where(scored, scores, 0.0)
-    codes = {}
-    session_codes = np.array([-1 if s is None else codes.setdefault(s, len(codes)) for s in sessions])
+    if isinstance(sessions, np.ndarray) and sessions.dtype.kind == "i":
+        session_codes = sessions  # already codes (BM25Index.session_codes): -1 for none
+    else:
+        codes: dict = {}
+        session_codes = np.array([-1 if s is None else codes.setdefault(s, len(codes)) for s in sessions])
     total = own_weight * values
     count = own_weight * scored.astype(np.float64)
     for distance in range(1, min(window, len(scores) - 1) + 1):
@@ -229,16 +258,16 @@ def vector_context_candidates(
     (the user's turns in conversation order); a key ``index`` does not know (a message added
     after it was built) keeps its own similarity. Returns the best ``limit``, best first.
     """
-    scores = np.full(len(index.keys), np.nan)
+    scores = np.full(len(index), np.nan)
     unknown = []
     for key, similarity in ranked:
-        row = index.rows.get(key)
+        row = index.row(key)
         if row is None:
             unknown.append((key, similarity))
         else:
             scores[row] = similarity
-    smoothed = context_scores(scores, index.sessions, window=window, own_weight=own_weight)
-    results = [(index.keys[row], float(smoothed[row])) for row in np.flatnonzero(~np.isnan(smoothed))] + unknown
+    smoothed = context_scores(scores, index.session_codes, window=window, own_weight=own_weight)
+    results = [(index.key(row), float(smoothed[row])) for row in np.flatnonzero(~np.isnan(smoothed))] + unknown
     results.sort(key=lambda item: -item[1])
     return results[:limit]
 
@@ -260,15 +289,19 @@ def _load_bm25_index(user_id: uuid.UUID, version: int) -> BM25Index:
         window=config["BM25_CONTEXT_TURNS"],
         own_weight=config["BM25_OWN_WEIGHT"],
     )
-    rows += knowledge
-    keys = [DocKey(kind, doc_id) for kind, doc_id, _, _ in rows]
-    sessions = [session_id for _, _, session_id, _ in rows]
+    sessions = list(dict.fromkeys(session_id for _, _, session_id, _ in rows))
+    codes = {session_id: code for code, session_id in enumerate(sessions)}
+    session_ids = np.frombuffer(b"".join(session.bytes for session in sessions), dtype=np.uint8).reshape(-1, 16)
+    session_codes = np.array([codes[session_id] for _, _, session_id, _ in rows] + [-1] * len(knowledge), dtype=np.int32)
+    ids = np.frombuffer(b"".join(doc_id.bytes for _, doc_id, _, _ in rows + knowledge), dtype=np.uint8).reshape(-1, 16)
     corpus = messages + [tsvector_tokens(text) for _, _, _, text in knowledge]
     bm25 = None
     if any(corpus):  # an all-empty corpus has no vocabulary to index
         bm25 = bm25s.BM25(method="lucene")
         bm25.index(corpus, show_progress=False)
-    return BM25Index(version=version, keys=keys, sessions=sessions, bm25=bm25)
+    return BM25Index(
+        version=version, ids=ids, messages=len(rows), session_codes=session_codes, session_ids=session_ids, bm25=bm25
+    )
 
 
 @dataclass

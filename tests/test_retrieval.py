@@ -425,3 +425,30 @@ def test_vector_context_score_is_the_weighted_mean_of_the_sessions_neighbours(al
         c0, c1, c2 = cosines[first : first + 3]
         assert scores[DocKey("message", rows[first].pk)] == pytest.approx((2 * c0 + c1) / 3, abs=1e-5)
         assert scores[DocKey("message", rows[first + 1].pk)] == pytest.approx((2 * c1 + c0 + c2) / 4, abs=1e-5)
+
+
+def test_bm25_index_keys_round_trip_through_its_compact_arrays(alice_session):
+    """Every document's key maps to its row and back, whatever its id's bytes (one ends in
+    zero bytes, which a fixed-width bytes array would strip); knowledge rows come last."""
+    from django.utils import timezone
+
+    from memory.models import Knowledge, Message
+
+    now = timezone.now()
+    ids = [uuid.UUID("12345678-1234-4234-8234-000000000000"), uuid.uuid4(), uuid.UUID(int=1 << 120)]
+    Message.objects.bulk_create(
+        Message(id=doc_id, session=alice_session, user_id=alice_session.user_id, position=i, role="user",
+                content=f"kayak trip {i}", index_text=f"kayak trip {i}", created_at=now)
+        for i, doc_id in enumerate(ids)
+    )
+    fact = Knowledge.objects.create(user_id=alice_session.user_id, content="Alice owns a kayak")
+    alice_session.user.refresh_from_db()
+
+    index = retrieval.user_memory(alice_session.user_id).bm25_index(alice_session.user.memory_version + 1)
+
+    keys = [DocKey("message", doc_id) for doc_id in ids] + [DocKey("knowledge", fact.pk)]
+    assert [index.key(row) for row in range(len(index))] == keys
+    assert [index.row(key) for key in keys] == [0, 1, 2, 3]
+    assert index.row(DocKey("knowledge", ids[0])) is None  # the kind is part of the key
+    assert list(index.session_codes) == [0, 0, 0, -1] and index.session_ids.tobytes() == alice_session.pk.bytes
+    assert {key for key, _ in index.search(["kayak"], limit=10)} == set(keys)
