@@ -28,7 +28,7 @@ measurements behind them are in the README's retrieval section.
 cosine similarity is averaged with its neighbours' in the session, the counterpart of BM25's
 context documents.
 
-**Pseudo-relevance feedback** (``prf_query_embedding``, on by default): the vector
+**Pseudo-relevance feedback** (in ``vector_candidates``, on by default): the vector
 retriever's query embedding moves toward the embeddings of BM25's top documents (Rocchio).
 **Convex fusion** (``convex_fuse``, off by default) is the alternative to RRF.
 
@@ -83,7 +83,7 @@ class RetrievalConfig:
     contributes to the fusion (a query asking for more than their sum gets fewer).
     ``rerank``: whether the fused top ``rerank_top_n`` go through the cross-encoder (only
     possible with ``RERANKER_MODEL_PATH``). A weight of 0 switches its retriever off. ``prf_docs`` / ``prf_weight``: the vector retriever's query moves
-    toward BM25's top ``prf_docs`` documents (``prf_query_embedding``; 0 docs: off).
+    toward BM25's top ``prf_docs`` documents (``vector_candidates``; 0 docs: off).
     ``fusion``: ``"rrf"`` (``rrf_fuse``) or ``"convex"`` (``convex_fuse``).
     ``vector_context_turns`` / ``vector_own_weight``: the vector retriever's similarities are
     averaged over that many neighbouring turns either side, the turn's own counted
@@ -267,7 +267,9 @@ def vector_context_candidates(
         else:
             scores[row] = similarity
     smoothed = context_scores(scores, index.session_codes, window=window, own_weight=own_weight)
-    results = [(index.key(row), float(smoothed[row])) for row in np.flatnonzero(~np.isnan(smoothed))] + unknown
+    rows = np.flatnonzero(~np.isnan(smoothed))
+    best = rows[np.argsort(-smoothed[rows], kind="stable")[:limit]]  # keys only for these
+    results = [(index.key(row), float(smoothed[row])) for row in best] + unknown
     results.sort(key=lambda item: -item[1])
     return results[:limit]
 
@@ -434,76 +436,89 @@ def query_tokens(text: str) -> list[str]:
 
 
 def vector_candidates(
-    *, user_id: uuid.UUID, embedding: np.ndarray, limit: int | None, agent_id: uuid.UUID | None = None
+    *,
+    user_id: uuid.UUID,
+    embedding: np.ndarray,
+    limit: int | None,
+    agent_id: uuid.UUID | None = None,
+    feedback: list[DocKey] = (),
+    feedback_weight: float = 0.0,
 ) -> list[tuple[DocKey, float]]:
-    """Top ``limit`` documents by cosine similarity to ``embedding`` (``(dim,)`` float32).
+    """Top ``limit`` documents by cosine similarity to the query (``embedding``, ``(dim,)``
+    float32), moved toward ``feedback`` documents when given (Rocchio, below).
 
     ``limit=None``: all of the user's documents (for ``vector_context_candidates``).
 
     Returns ``(key, similarity)`` best first, similarity = 1 - cosine distance. Flushed rows:
-    an exact scan of the user's rows (a MATERIALIZED CTE keeps the planner from the HNSW
-    index): an HNSW search filtered by user afterwards returns the ``ef_search`` nearest rows
-    of all users and can silently miss a small user's rows, while a user's rows are few
-    enough to scan through the ``user_id`` index. Pending rows (not flushed yet) are embedded
-    on demand (``UserMemory.pending_embeddings``) and scored the same way, so a message is
-    found, with the same score, right after its add.
+    an exact scan of the user's rows (the schema has no HNSW index, see migration 0006): an
+    HNSW search filtered by user afterwards returns the ``ef_search`` nearest rows of all
+    users and can silently miss a small user's rows, while a user's rows are few enough to
+    scan through the ``user_id`` index. Pending rows (not flushed yet) are embedded on demand
+    (``UserMemory.pending_embeddings``) and scored the same way, so a message is found, with
+    the same score, right after its add.
+
+    **Pseudo-relevance feedback**: with ``feedback`` and ``feedback_weight`` > 0, the query is
+    ``q + feedback_weight * mean(e_d for d in feedback)``: Rocchio's relevance feedback
+    (Rocchio, 1971; the weight is his beta, 0.75 by default) with BM25's top documents taken
+    as relevant. The embedding model alone is weak on conversations (it misses names and
+    rare words); the documents BM25 ranks first carry them to the vector side, which then
+    finds their paraphrases. Feedback documents not embedded yet (pending) are skipped;
+    with none left the query is not moved. Computed in the same statement as the scan (as
+    ``q / beta + mean``, the same direction, and cosine ignores length): no extra round trip.
     """
     agent_join = "JOIN memory_session s ON s.id = m.session_id AND s.agent_id = %(agent)s" if agent_id else ""
+    moving = bool(feedback) and feedback_weight > 0
     sql = f"""
-        WITH mine AS MATERIALIZED (
+        WITH feedback AS (
+            SELECT avg(e) AS mean FROM (
+                SELECT embedding AS e FROM memory_message
+                WHERE user_id = %(user)s AND id = ANY(%(fm)s) AND embedding IS NOT NULL
+                UNION ALL
+                SELECT embedding FROM memory_knowledge
+                WHERE user_id = %(user)s AND id = ANY(%(fk)s) AND embedding IS NOT NULL
+            ) f
+        ), query AS MATERIALIZED (
+            SELECT coalesce(%(q_scaled)s::vector + mean, %(q)s::vector) AS q, mean IS NOT NULL AS moved FROM feedback
+        ), mine AS MATERIALIZED (
             SELECT 'message' AS kind, m.id, m.embedding FROM memory_message m {agent_join}
             WHERE m.user_id = %(user)s AND m.flushed_at IS NOT NULL
             UNION ALL
             SELECT 'knowledge', k.id, k.embedding FROM memory_knowledge k
             WHERE k.user_id = %(user)s AND k.embedding IS NOT NULL
+        ), pending AS MATERIALIZED (
+            SELECT m.id, m.updated_at, m.index_text FROM memory_message m {agent_join}
+            WHERE m.user_id = %(user)s AND m.flushed_at IS NULL
         )
-        (SELECT kind, id, 1 - (embedding <=> %(q)s::vector), NULL::timestamptz, NULL FROM mine
-         ORDER BY embedding <=> %(q)s::vector LIMIT %(limit)s)
+        (SELECT kind, id, 1 - (embedding <=> query.q), NULL::timestamptz, NULL FROM mine, query
+         ORDER BY embedding <=> query.q LIMIT %(limit)s)
         UNION ALL
-        SELECT 'pending', m.id, NULL, m.updated_at, m.index_text FROM memory_message m {agent_join}
-        WHERE m.user_id = %(user)s AND m.flushed_at IS NULL
+        SELECT 'pending', id, NULL, updated_at, index_text FROM pending
+        UNION ALL
+        -- the moved query, for scoring pending messages here, only when there are some
+        SELECT 'query', NULL, NULL, NULL, q::text FROM query WHERE moved AND EXISTS (SELECT FROM pending)
     """
+    params = {
+        "user": user_id,
+        "agent": agent_id,
+        "q": Vector._to_db(embedding),
+        "q_scaled": Vector._to_db(embedding / feedback_weight) if moving else None,
+        "fm": [key.id for key in feedback if key.kind == "message"] if moving else [],
+        "fk": [key.id for key in feedback if key.kind == "knowledge"] if moving else [],
+        "limit": limit,
+    }
     with connection.cursor() as cursor:
-        cursor.execute(sql, {"user": user_id, "agent": agent_id, "q": Vector._to_db(embedding), "limit": limit})
+        cursor.execute(sql, params)
         rows = cursor.fetchall()
-    results = [(DocKey(kind, doc_id), float(similarity)) for kind, doc_id, similarity, _, _ in rows if kind != "pending"]
+    results = [(DocKey(kind, doc_id), float(similarity)) for kind, doc_id, similarity, _, _ in rows if kind in ("message", "knowledge")]
     pending = [(doc_id, updated_at, text) for kind, doc_id, _, updated_at, text in rows if kind == "pending"]
     if pending:
-        similarities = user_memory(user_id).pending_embeddings(pending) @ embedding
+        moved = [text for kind, _, _, _, text in rows if kind == "query"]
+        query = Vector._from_db(moved[0]) if moved else embedding
+        query = (query / np.linalg.norm(query)).astype(np.float32)
+        similarities = user_memory(user_id).pending_embeddings(pending) @ query
         results.extend((DocKey("message", doc_id), float(sim)) for (doc_id, _, _), sim in zip(pending, similarities))
         results.sort(key=lambda item: -item[1])
     return results[:limit]
-
-
-def prf_query_embedding(
-    *, user_id: uuid.UUID, embedding: np.ndarray, feedback: list[DocKey], weight: float
-) -> np.ndarray:
-    """The query embedding moved toward the feedback documents' embeddings (Rocchio).
-
-    ``normalise(q + weight * mean(e_d for d in feedback))``, ``(dim,)`` float32, unit norm:
-    Rocchio's relevance feedback (Rocchio, 1971; ``weight`` is his beta, 0.75 by default)
-    with BM25's top documents taken as relevant ("pseudo" relevance feedback). The
-    embedding model alone is weak on conversations (it misses names and rare words); the
-    documents BM25 ranks first carry them into the vector side, which then finds their
-    paraphrases. Feedback documents without an embedding yet (pending) are skipped; with
-    none left, ``embedding`` is returned unchanged. One indexed read of the user's rows.
-    """
-    if not feedback or weight <= 0:
-        return embedding
-    message_ids = [key.id for key in feedback if key.kind == "message"]
-    knowledge_ids = [key.id for key in feedback if key.kind == "knowledge"]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT embedding::text FROM memory_message WHERE user_id = %(user)s AND id = ANY(%(m)s) "
-            "AND embedding IS NOT NULL UNION ALL SELECT embedding::text FROM memory_knowledge "
-            "WHERE user_id = %(user)s AND id = ANY(%(k)s) AND embedding IS NOT NULL",
-            {"user": user_id, "m": message_ids, "k": knowledge_ids},
-        )
-        vectors = [Vector._from_db(text) for (text,) in cursor.fetchall()]
-    if not vectors:
-        return embedding
-    moved = embedding + weight * np.mean(vectors, axis=0)
-    return (moved / np.linalg.norm(moved)).astype(np.float32)
 
 
 def convex_fuse(ranked_lists: dict[str, list[tuple[DocKey, float]]], weights: dict[str, float]) -> list[tuple[DocKey, float, dict]]:
@@ -633,17 +648,13 @@ def hybrid_search_stages(
         if config.vector_weight > 0:
             yield "partial", fuse(ranked, config)[:top_k]
     if embedding is not None:
-        query_embedding = embedding.result()[0]
-        if config.prf_docs > 0 and ranked.get("bm25"):
-            feedback = [key for key, _ in ranked["bm25"][: config.prf_docs]]
-            query_embedding = prf_query_embedding(
-                user_id=user_id, embedding=query_embedding, feedback=feedback, weight=config.prf_weight
-            )
         ranked["vector"] = vector_candidates(
             user_id=user_id,
-            embedding=query_embedding,
+            embedding=embedding.result()[0],
             limit=None if context_turns else config.vector_candidates,
             agent_id=agent_id,
+            feedback=[key for key, _ in ranked.get("bm25", [])[: config.prf_docs]],
+            feedback_weight=config.prf_weight,
         )
         if context_turns:
             ranked["vector"] = vector_context_candidates(

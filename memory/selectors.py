@@ -7,9 +7,11 @@ got it through one of those lookups.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 
+from django.db import connection
 from django.db.models import QuerySet
 
 from memory.errors import NotFound
@@ -229,13 +231,18 @@ def _results(user: User, hits: list, *, session_id: uuid.UUID | None) -> list[di
     """Result dicts of ``(key, score, retrievers)`` hits, in hit order (one query per kind)."""
     message_ids = [key.id for key, _, _ in hits if key.kind == "message"]
     knowledge_ids = [key.id for key, _, _ in hits if key.kind == "knowledge"]
-    # Plain rows, not model instances: this runs on every query (a third of its ORM time).
-    messages = {
-        row[0]: row
-        for row in Message.objects.filter(user=user, pk__in=message_ids).values_list(
-            "id", "session_id", "session__name", "position", "role", "content", "metadata", "created_at", "flushed_at"
-        )
-    } if message_ids else {}
+    messages = {}
+    if message_ids:
+        # One plain SQL statement, no ORM: this runs on every query, and the ORM's query
+        # building and row conversion were a tenth of a query's time in the web process.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT m.id, m.session_id, s.name, m.position, m.role, m.content, m.metadata::text, m.created_at, "
+                "m.flushed_at FROM memory_message m JOIN memory_session s ON s.id = m.session_id "
+                "WHERE m.user_id = %s AND m.id = ANY(%s)",
+                [user.pk, message_ids],
+            )
+            messages = {row[0]: (*row[:6], json.loads(row[6]), *row[7:]) for row in cursor.fetchall()}
     knowledge = {
         k.pk: k for k in Knowledge.objects.filter(user=user, pk__in=knowledge_ids).defer("embedding")
     } if knowledge_ids else {}

@@ -314,25 +314,30 @@ def test_convex_fusion_weighs_normalised_scores_not_ranks():
     assert [key for key, _, _ in rrf_fuse(lists, {"bm25": 1.0, "vector": 1.0}, k=60)] == [a, b, c]
 
 
-def test_prf_moves_the_query_embedding_toward_the_feedback_documents(alice_session):
-    """Rocchio: the new query is unit-norm and closer to the feedback documents; pending ones are skipped."""
+def test_prf_scores_against_the_query_moved_toward_the_feedback_documents(alice_session):
+    """Rocchio: every document (flushed or pending) is scored by its cosine to
+    normalise(q + 0.75 * mean(feedback embeddings)); pending feedback documents are skipped."""
     from buffers.services import flush_pending
 
     rows = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=t) for t in GARDEN])
     flush_pending(user_id=alice_session.user_id)
-    feedback = [DocKey("message", rows[0].pk)]
-    feedback_vector = retrieval.registry.embed([rows[0].index_text])[0]
-    query = retrieval.registry.embed(["weather forecast"])[0]
-
-    moved = retrieval.prf_query_embedding(user_id=alice_session.user_id, embedding=query, feedback=feedback, weight=0.75)
-
-    assert np.linalg.norm(moved) == pytest.approx(1.0, abs=1e-5)
-    assert float(moved @ feedback_vector) > float(query @ feedback_vector) + 0.1
     pending = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="Not flushed.")])
-    unchanged = retrieval.prf_query_embedding(
-        user_id=alice_session.user_id, embedding=query, feedback=[DocKey("message", pending[0].pk)], weight=0.75
-    )
-    assert unchanged is query
+    documents = retrieval.registry.embed([row.index_text for row in rows + pending])
+    query = retrieval.registry.embed(["weather forecast"])[0]
+    moved = query + 0.75 * documents[:2].mean(axis=0)
+    moved /= np.linalg.norm(moved)
+
+    def scores(feedback):
+        found = retrieval.vector_candidates(
+            user_id=alice_session.user_id, embedding=query, limit=None, feedback=feedback, feedback_weight=0.75
+        )
+        return {key.id: score for key, score in found}
+
+    with_feedback = scores([DocKey("message", rows[0].pk), DocKey("message", rows[1].pk)])
+    assert [with_feedback[row.pk] for row in rows + pending] == pytest.approx(list(documents @ moved), abs=1e-5)
+    assert with_feedback[rows[0].pk] > float(documents[0] @ query) + 0.1
+    only_pending = scores([DocKey("message", pending[0].pk)])
+    assert [only_pending[row.pk] for row in rows + pending] == pytest.approx(list(documents @ query), abs=1e-5)
 
 
 def test_prf_brings_bm25s_top_document_up_the_vector_ranking(alice_session):
