@@ -259,17 +259,18 @@ def vector_context_candidates(
     after it was built) keeps its own similarity. Returns the best ``limit``, best first.
     """
     scores = np.full(len(index), np.nan)
+    keys: dict[int, DocKey] = {}
     unknown = []
     for key, similarity in ranked:
         row = index.row(key)
         if row is None:
             unknown.append((key, similarity))
         else:
-            scores[row] = similarity
+            scores[row], keys[row] = similarity, key
     smoothed = context_scores(scores, index.session_codes, window=window, own_weight=own_weight)
     rows = np.flatnonzero(~np.isnan(smoothed))
-    best = rows[np.argsort(-smoothed[rows], kind="stable")[:limit]]  # keys only for these
-    results = [(index.key(row), float(smoothed[row])) for row in best] + unknown
+    best = rows[np.argsort(-smoothed[rows], kind="stable")[:limit]]
+    results = [(keys[row], float(smoothed[row])) for row in best.tolist()] + unknown
     results.sort(key=lambda item: -item[1])
     return results[:limit]
 
