@@ -302,6 +302,10 @@ def _load_bm25_index(user_id: uuid.UUID, version: int) -> BM25Index:
     if any(corpus):  # an all-empty corpus has no vocabulary to index
         bm25 = bm25s.BM25(method="lucene")
         bm25.index(corpus, show_progress=False)
+        # bm25s keeps its vocabulary's ids in a set (for retrieve(); we call get_scores()).
+        # The garbage collector walks every element of a set at each full pass; a dict of the
+        # same ints keeps `in` working and, holding no containers, is not tracked at all.
+        bm25.unique_token_ids_set = dict.fromkeys(bm25.unique_token_ids_set)
     return BM25Index(
         version=version, ids=ids, messages=len(rows), session_codes=session_codes, session_ids=session_ids, bm25=bm25
     )

@@ -457,3 +457,7 @@ def test_bm25_index_keys_round_trip_through_its_compact_arrays(alice_session):
     assert index.row(DocKey("knowledge", ids[0])) is None  # the kind is part of the key
     assert list(index.session_codes) == [0, 0, 0, -1] and index.session_ids.tobytes() == alice_session.pk.bytes
     assert {key for key, _ in index.search(["kayak"], limit=10)} == set(keys)
+    # Nothing per token for the garbage collector to walk (see BM25Index's docstring).
+    import gc
+
+    assert not gc.is_tracked(index.bm25.unique_token_ids_set) and not gc.is_tracked(index.bm25.vocab_dict)
