@@ -24,11 +24,11 @@ from datetime import timedelta
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
-from pgvector import Vector
 
 from buffers import events
 from buffers.models import ACTIVE_STATES, FlushJob, Priority, Reason, State
 from memory import registry
+from memory.vectors import vector_literals
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def _write(*, user_id: uuid.UUID, token: uuid.UUID, ids: list[uuid.UUID], vector
             WHERE m.id = v.id AND m.flush_claim = %(token)s
             RETURNING m.id, m.session_id
             """,
-            {"ids": ids, "vectors": [Vector._to_db(vector) for vector in vectors], "token": token},
+            {"ids": ids, "vectors": vector_literals(vectors), "token": token},
         )
         return cursor.fetchall()
 

@@ -57,6 +57,7 @@ from django.db import connection
 from pgvector import Vector
 
 from memory import registry
+from memory.vectors import vector_literal
 
 # A lexeme of a tsvector's text form: 'word':1,5 ('' escapes a quote inside a lexeme).
 _TSVECTOR_ENTRY = re.compile(r"'((?:[^']|'')*)'(?::([0-9A-D,]+))?")
@@ -505,8 +506,8 @@ def vector_candidates(
     params = {
         "user": user_id,
         "agent": agent_id,
-        "q": Vector._to_db(embedding),
-        "q_scaled": Vector._to_db(embedding / feedback_weight) if moving else None,
+        "q": vector_literal(embedding),
+        "q_scaled": vector_literal(embedding / feedback_weight) if moving else None,
         "fm": [key.id for key in feedback if key.kind == "message"] if moving else [],
         "fk": [key.id for key in feedback if key.kind == "knowledge"] if moving else [],
         "limit": limit,
