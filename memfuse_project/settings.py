@@ -210,6 +210,7 @@ MEMFUSE = {
     # never wait behind flush inference for a core or the GIL) or "thread" (the process's model).
     "BACKGROUND_EMBEDDING": envstr("BACKGROUND_EMBEDDING", "process"),
     # Niceness of background (flush) inference (0: same as requests). Requests preempt it.
+    # Above 0, the background process also runs in Linux's idle scheduling class (SCHED_IDLE).
     "EMBEDDING_NICE": envint("EMBEDDING_NICE", 19),
     # torch intra-op threads. Inference is serialised by a lock, so one call may use every
     # core; more threads than cores made one encode take 480 ms instead of 10 ms.

@@ -289,6 +289,9 @@ def test_background_inference_runs_in_a_child_process_with_the_same_model(backgr
     assert stats["calls"] == 1 and stats["texts"] == 2
     assert vectors.shape == (2, 384) and vectors.dtype == np.float32
     assert np.allclose(vectors, registry.embed(texts), atol=1e-5)
+    # Below requests: niced, and in Linux's idle scheduling class.
+    assert os.getpriority(os.PRIO_PROCESS, stats["pid"]) == settings.MEMFUSE["EMBEDDING_NICE"] == 19
+    assert os.sched_getscheduler(stats["pid"]) == os.SCHED_IDLE
 
 
 @pytest.mark.integration

@@ -443,6 +443,20 @@ async def wait_until_flushed(
         await asyncio.sleep(interval)
 
 
+def latency_windows(outcomes: list, *, t0: float, seconds: float) -> list[list[float]]:
+    """``[[window start s, p50, p99, max], ...]`` of add latency (ms) by when each add was
+    scheduled (its answer time minus its latency), in windows of ``seconds`` from ``t0``."""
+    windows: dict[int, list[float]] = {}
+    for outcome in outcomes:
+        scheduled = outcome.answered_at - outcome.latency_ms / 1000
+        windows.setdefault(int((scheduled - t0) // seconds), []).append(outcome.latency_ms)
+    rows = []
+    for index in sorted(windows):
+        summary = latency_summary(windows[index])
+        rows.append([index * seconds, summary["p50"], summary["p99"], summary["max"]])
+    return rows
+
+
 async def failed_jobs(api: Api, users: list[BenchUser], *, limit: int = 5) -> list[dict]:
     """Up to ``limit`` flush jobs in state ``failed`` of the given users, with their errors."""
     found = []
@@ -556,6 +570,8 @@ class IngestBench:
             "adds": len(outcomes),
             "errors": len(outcomes) - len(done),
             "latency_ms": latency_summary([o.latency_ms for o in done]),
+            # Where the tail sits in time: (start s, p50, p99, max) of each 5 s of the schedule.
+            "latency_ms_by_5s": latency_windows(done, t0=t0, seconds=5.0),
             "error_kinds": dict(Counter(o.error for o in outcomes if not o.ok)),
             "max_pending_messages_seen": max((o.pending_messages for o in done), default=0),
             "flushed": flushed,
