@@ -71,6 +71,30 @@ def session_get(*, principal: Principal, session_id: uuid.UUID, field: str = "se
         raise NotFound(f"Session '{session_id}' not found", field=field) from None
 
 
+def session_ref(*, principal: Principal, session_id: uuid.UUID, field: str = "session_id") -> Session:
+    """The session with ``session_id`` if ``principal`` may see it, with only ``id`` and
+    ``user_id`` loaded: what a message write needs. Raises ``NotFound`` like ``session_get``.
+
+    One SQL statement, no ORM and no joined rows: it runs before every add (the hottest
+    write), where ``session_get``'s query building and three model instances were a fifth
+    of the web process's time.
+    """
+    user_filter = "AND s.user_id = %s" if principal.user_id is not None else ""
+    params = [session_id, principal.tenant_id] + ([principal.user_id] if principal.user_id is not None else [])
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT s.id, s.user_id FROM memory_session s JOIN memory_user u ON u.id = s.user_id "
+            f"WHERE s.id = %s AND u.tenant_id = %s {user_filter}",
+            params,
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise NotFound(f"Session '{session_id}' not found", field=field)
+    session = Session(id=row[0], user_id=row[1])
+    session._state.adding, session._state.db = False, connection.alias  # a row, not a new object
+    return session
+
+
 def users_list(*, principal: Principal, name: str | None = None) -> QuerySet[User]:
     """Users ``principal`` may see, oldest first; only the one called ``name`` when given."""
     queryset = users_visible(principal=principal)

@@ -260,7 +260,9 @@ class SessionMessagesView(APIView):
         request=s.MessagesAdd,
     )
     def post(self, request, session_id):
-        session = _session(request, session_id)
+        session = selectors.session_ref(
+            principal=request.auth, session_id=parse_id(session_id, field="session_id", what="Session")
+        )
         messages = validated(s.MessagesAdd, request.data)["messages"]
         rows = services.messages_add(session=session, messages=messages)
         return envelope(
