@@ -443,11 +443,16 @@ class EmbeddingBatcher:
 
     def embed(self, texts: list[str], *, priority: int = INTERACTIVE) -> np.ndarray:
         """Embed ``texts`` in the next model call: ``(n, dim)`` float32, L2-normalised rows."""
-        if not texts:
-            return np.zeros((0, self.embedder.dimension), dtype=np.float32)
+        return self.submit(texts, priority=priority).result()
+
+    def submit(self, texts: list[str], *, priority: int = INTERACTIVE) -> Future:
+        """``embed`` without waiting: a ``Future`` of the ``(n, dim)`` rows."""
         future: Future = Future()
-        self._queue.put((priority, next(self._order), list(texts), future))
-        return future.result()
+        if not texts:
+            future.set_result(np.zeros((0, self.embedder.dimension), dtype=np.float32))
+        else:
+            self._queue.put((priority, next(self._order), list(texts), future))
+        return future
 
     def _run(self) -> None:
         nice = self.nice
@@ -611,13 +616,18 @@ def embed_query(texts: list[str]) -> np.ndarray:
     concurrent queries share model calls, and a query never waits behind the embedding of
     pending documents. Documents go through ``embed``.
     """
+    return submit_query(texts).result()
+
+
+def submit_query(texts: list[str]) -> Future:
+    """``embed_query`` without waiting: a ``Future`` of the rows (the caller works meanwhile)."""
     global _query_batcher
     if _query_batcher is None:
         embedder = get_query_embedder()
         with _lock:
             if _query_batcher is None:
                 _query_batcher = EmbeddingBatcher(embedder, max_texts=settings.MEMFUSE["EMBEDDING_MAX_BATCH_TEXTS"])
-    return _query_batcher.embed(texts)
+    return _query_batcher.submit(texts)
 
 
 def _get_background_batcher() -> EmbeddingBatcher:

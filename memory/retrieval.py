@@ -46,7 +46,6 @@ import re
 import threading
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import bm25s
@@ -372,8 +371,6 @@ class UserMemoryCache(LRUCache):
         return item
 
 
-# Threads that only wait for the embedding batcher on behalf of queries (no database work).
-_query_embedder = ThreadPoolExecutor(max_workers=32, thread_name_prefix="query-embed")
 
 _cache_lock = threading.Lock()
 _cache: UserMemoryCache | None = None
@@ -644,7 +641,7 @@ def hybrid_search_stages(
     context_turns = config.vector_context_turns if config.vector_weight > 0 else 0
     # The query is embedded while BM25 runs (its SQL, and the index build of a user not
     # cached): both are on every query's critical path, and the model waits in its own thread.
-    embedding = _query_embedder.submit(registry.embed_query, [query]) if config.vector_weight > 0 else None
+    embedding = registry.submit_query([query]) if config.vector_weight > 0 else None
     if config.bm25_weight > 0 or context_turns:
         index = user_memory(user_id).bm25_index(memory_version)
     if config.bm25_weight > 0:

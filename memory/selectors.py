@@ -71,6 +71,25 @@ def session_get(*, principal: Principal, session_id: uuid.UUID, field: str = "se
         raise NotFound(f"Session '{session_id}' not found", field=field) from None
 
 
+def user_ref(*, principal: Principal, user_id: uuid.UUID, field: str = "user_id") -> User:
+    """The user with ``user_id`` if ``principal`` may see it, with only ``id``, ``tenant_id``
+    and ``memory_version`` loaded: what a query needs. Raises ``NotFound`` like ``user_get``.
+
+    One SQL statement, no ORM: it runs before every query (the ORM's ``get`` was 7% of the
+    web process's GIL time at 100 queries/s).
+    """
+    user_filter = "AND id = %s" if principal.user_id is not None else ""
+    params = [user_id, principal.tenant_id] + ([principal.user_id] if principal.user_id is not None else [])
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT id, tenant_id, memory_version FROM memory_user WHERE id = %s AND tenant_id = %s {user_filter}", params)
+        row = cursor.fetchone()
+    if row is None:
+        raise _not_found(User, user_id, field)
+    user = User(id=row[0], tenant_id=row[1], memory_version=row[2])
+    user._state.adding, user._state.db = False, connection.alias  # a row, not a new object
+    return user
+
+
 def session_ref(*, principal: Principal, session_id: uuid.UUID, field: str = "session_id") -> Session:
     """The session with ``session_id`` if ``principal`` may see it, with only ``id`` and
     ``user_id`` loaded: what a message write needs. Raises ``NotFound`` like ``session_get``.

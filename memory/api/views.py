@@ -116,7 +116,7 @@ class UserDetailView(APIView):
 class UserQueryView(APIView):
     @api_doc("QueryResults", {"results": QueryResult(many=True), "total": s.serializers.IntegerField()}, request=s.QueryIn)
     def post(self, request, user_id):
-        user = _user(request, user_id)
+        user = selectors.user_ref(principal=request.auth, user_id=parse_id(user_id, field="user_id", what="User"))
         data = validated(s.QueryIn, request.data)
         results = selectors.memory_query(
             user=user,
