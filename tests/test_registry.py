@@ -181,6 +181,9 @@ def test_queries_are_embedded_by_an_int8_copy_close_to_the_full_model(settings):
     assert registry.stats()["embedding"]["texts"] == before  # not the full model
     assert registry.stats()["query_embedding"]["int8"] is True
     assert isinstance(registry.get_query_embedder(), registry.QueryEmbedder)
+    np.testing.assert_array_equal(registry.embed(texts), full)  # the full model is left as it was
+    token_embeddings = registry.get_query_embedder().transformer.embeddings.word_embeddings
+    assert token_embeddings is registry.get_embedder().transformer.embeddings.word_embeddings  # shared
     settings.MEMFUSE = {**settings.MEMFUSE, "QUERY_EMBEDDING_INT8": False}
     assert registry.get_query_embedder() is registry.get_embedder()
 
