@@ -214,13 +214,13 @@ def context_documents(tokens: list[list[str]], sessions: list, *, window: int, o
     return documents
 
 
-def context_scores(scores: np.ndarray, sessions: list, *, window: int, own_weight: int) -> np.ndarray:
+def context_scores(scores: np.ndarray, session_codes: np.ndarray, *, window: int, own_weight: int) -> np.ndarray:
     """Each turn's score averaged with its neighbours' in the same session.
 
-    ``scores``: ``(n,)`` float, one per turn in conversation order (``sessions`` parallel to
-    it, ``None`` for a document outside any session, which has no neighbours; or already
-    integer codes, ``-1`` for none), ``NaN`` where
-    a turn was not scored. Returns ``(n,)``: ``(own_weight * s_i + sum of s_j) / (own_weight
+    ``scores``: ``(n,)`` float, one per turn in conversation order, ``NaN`` where a turn was
+    not scored; ``session_codes``: ``(n,)`` int, each turn's session as a number
+    (``BM25Index.session_codes``), ``-1`` for a document outside any session, which has no
+    neighbours. Returns ``(n,)``: ``(own_weight * s_i + sum of s_j) / (own_weight
     + number of j)`` over the scored turns j at most ``window`` positions from i in i's
     session; ``NaN`` where ``scores`` is ``NaN``. This is score regularisation over a graph
     of related documents (Diaz, "Regularizing Ad Hoc Retrieval Scores", CIKM 2005), the
@@ -230,11 +230,6 @@ def context_scores(scores: np.ndarray, sessions: list, *, window: int, own_weigh
     """
     scored = ~np.isnan(scores)
     values = np.where(scored, scores, 0.0)
-    if isinstance(sessions, np.ndarray) and sessions.dtype.kind == "i":
-        session_codes = sessions  # already codes (BM25Index.session_codes): -1 for none
-    else:
-        codes: dict = {}
-        session_codes = np.array([-1 if s is None else codes.setdefault(s, len(codes)) for s in sessions])
     total = own_weight * values
     count = own_weight * scored.astype(np.float64)
     for distance in range(1, min(window, len(scores) - 1) + 1):

@@ -365,7 +365,7 @@ def test_prf_brings_bm25s_top_document_up_the_vector_ranking(alice_session):
 def test_context_scores_average_a_turn_with_its_neighbours_in_its_session():
     """Own score counted own_weight times, neighbours of the same session once; NaN and no-session stay alone."""
     scores = np.array([0.9, 0.3, 0.0, np.nan, 0.6, 0.5, 0.2])
-    sessions = ["s1", "s1", "s1", "s1", "s2", None, None]
+    sessions = np.array([0, 0, 0, 0, 1, -1, -1])  # two sessions, then two documents outside any
 
     smoothed = retrieval.context_scores(scores, sessions, window=1, own_weight=2)
 
