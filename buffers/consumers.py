@@ -12,7 +12,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from rest_framework.exceptions import ValidationError
 
 from buffers import events, workers
-from memory import selectors, services
+from memory import selectors, services, tenancy
 from memory.api import serializers as s
 from memory.api.auth import WS_SUBPROTOCOL
 from memory.api.errors import validation_error
@@ -109,7 +109,8 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
     and close code 4401. An unknown session (or an id that is not a UUID, or a session the key
     may not see: another tenant's or another user's) gets a 404 error frame, then close code
     4404; no database connection free in time, a 503 frame and code 4503. The key is checked
-    when the socket opens; revoking it does not close open sockets.
+    when the socket opens and again with each client frame (``tenancy.still_usable``): once
+    it is revoked or expired, the next frame gets a 401 error frame and close code 4401.
     Frames of one connection are answered in order: a query delays the frames after it.
     Model inference and database work run in the event loop's thread pool (``in_thread``), never on
     the event loop.
@@ -180,6 +181,13 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         """
         return True
 
+    def _principal(self) -> Principal:
+        """The connection's principal if its key is still usable (worker thread); else a 401 ``ServiceError``."""
+        principal = self.scope["principal"]
+        if not tenancy.still_usable(principal):
+            raise _Unauthenticated()
+        return principal
+
     # --- client frames --------------------------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs) -> None:
@@ -209,6 +217,9 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         except ValidationError as exc:
             message, errors = validation_error(exc.detail)
             await self.send_error(request_id, 400, message, errors)
+        except _Unauthenticated as exc:
+            await self.send_error(request_id, exc.status, exc.message, exc.errors)
+            await self.close(code=4000 + exc.status)
         except ServiceError as exc:
             await self.send_error(request_id, exc.status, exc.message, exc.errors)
         except Exception as exc:
@@ -249,9 +260,10 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
 
     def _messages_add(self, data: dict) -> tuple[list[str], int]:
         """Validate the whole batch, then store it (worker thread): ``(message_ids, pending)``."""
+        principal = self._principal()
         messages = validated(s.MessagesAdd, data)["messages"]
         # Fresh: it may have been deleted.
-        session = selectors.session_get(principal=self.scope["principal"], session_id=self.session_id)
+        session = selectors.session_get(principal=principal, session_id=self.session_id)
         rows = services.messages_add(session=session, messages=messages)
         return [str(row.pk) for row in rows], rows.pending
 
@@ -275,10 +287,11 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
 
     def _memory_query_stages(self, data: dict) -> Iterator[tuple[str, list[dict]]]:
         """Validate the query and start it (worker thread); the stages run as they are pulled."""
+        principal = self._principal()
         data = validated(s.QueryIn, data)
         # The user is read per query: its memory_version keys the BM25 cache, and a copy
         # kept since connect would miss the messages added since.
-        session = selectors.session_get(principal=self.scope["principal"], session_id=self.session_id)
+        session = selectors.session_get(principal=principal, session_id=self.session_id)
         return selectors.memory_query_stages(
             user=session.user,
             query=data["query"],

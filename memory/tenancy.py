@@ -6,6 +6,10 @@ path usually pays no query at all. Revoking a key through ``memory.services.api_
 drops it from this process's cache at once; another process may still accept it for up to
 ``API_KEY_CACHE_SECONDS`` (the cross-process staleness bound). Expiry is checked on every
 request, cached or not.
+
+A WebSocket authenticates once, when it opens; ``still_usable`` re-checks its key on every
+frame against a second TTL cache keyed by the key's prefix (the key itself is not kept on
+the connection), so a revoked or expired key stops an open socket within the same bound.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class Principal:
 
 _cache: TTLCache = TTLCache(maxsize=settings.MEMFUSE["API_KEY_CACHE_SIZE"], ttl=settings.MEMFUSE["API_KEY_CACHE_SECONDS"])
 _cache_lock = threading.Lock()  # cachetools caches are not thread-safe
+# key_id -> whether the key's row still exists unrevoked (for already authenticated sockets).
+_live: TTLCache = TTLCache(maxsize=settings.MEMFUSE["API_KEY_CACHE_SIZE"], ttl=settings.MEMFUSE["API_KEY_CACHE_SECONDS"])
 
 
 def _cache_key(key: str) -> str:
@@ -87,9 +93,28 @@ def resolve_key(key: str | None) -> Principal | None:
     return None if principal.expired() else principal
 
 
-def forget_key(key_id: str) -> None:
-    """Drop the key whose prefix is ``key_id`` from this process's cache (after a revocation)."""
+def still_usable(principal: Principal) -> bool:
+    """Whether the key ``principal`` was resolved from is still unexpired and unrevoked.
+
+    For a connection that authenticated earlier (a WebSocket): at most one indexed query per
+    key per ``API_KEY_CACHE_SECONDS``, none while the answer is cached. May query: call it
+    from a worker thread.
+    """
+    if principal.expired():
+        return False
     with _cache_lock:
+        live = _live.get(principal.key_id)
+    if live is None:
+        live = ApiKey.objects.filter(prefix=principal.key_id, revoked=False).exists()
+        with _cache_lock:
+            _live[principal.key_id] = live
+    return live
+
+
+def forget_key(key_id: str) -> None:
+    """Drop the key whose prefix is ``key_id`` from this process's caches (after a revocation)."""
+    with _cache_lock:
+        _live.pop(key_id, None)
         for digest, principal in list(_cache.items()):
             if principal.key_id == key_id:
                 _cache.pop(digest, None)
@@ -99,3 +124,4 @@ def clear_cache() -> None:
     """Forget every resolved key of this process (tests)."""
     with _cache_lock:
         _cache.clear()
+        _live.clear()

@@ -188,6 +188,30 @@ async def test_socket_without_a_usable_key_gets_401_then_close_4401(connect, ali
     assert len(get_channel_layer().groups.get(events.session_group(alice_session.pk), {})) == 0
 
 
+@pytest.mark.parametrize("ending", ["revoked", "expired"])
+async def test_key_revoked_or_expired_while_open_ends_the_socket_at_the_next_frame(
+    connect, alice_session, tenant, monkeypatch, ending
+):
+    """The key works, then is revoked (or reaches its expiry): the next frame gets 401 and close 4401, nothing stored."""
+    api_key, key = await database_sync_to_async(services.api_key_create)(
+        scope=KeyScope.TENANT, tenant=tenant, name="short-lived", expires_at=timezone.now() + timedelta(hours=1)
+    )
+    communicator = await connect(alice_session.pk, key=key)
+    await add(communicator, [{"role": "user", "content": "before"}])
+
+    if ending == "revoked":
+        await database_sync_to_async(services.api_key_revoke)(api_key=api_key)
+    else:
+        later = timezone.now() + timedelta(hours=2)
+        monkeypatch.setattr("memory.tenancy.timezone.now", lambda: later)
+    await communicator.send_json_to({"type": "messages.add", "messages": [{"role": "user", "content": "after"}], "request_id": "x"})
+
+    frame = await receive(communicator)
+    assert frame["type"] == "error" and frame["error"]["code"] == 401 and frame["request_id"] == "x"
+    assert await communicator.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4401}
+    assert [m.content for m in await stored(alice_session)] == ["before"]
+
+
 async def test_another_tenants_session_is_an_unknown_session(connect, alice_session, other_tenant_key):
     """Globex's key on acme's session: 404 and close 4404, exactly as for an id that does not exist."""
     communicator = await connect(alice_session.pk, key=other_tenant_key)
