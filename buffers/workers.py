@@ -193,7 +193,7 @@ def start_pool() -> FlushWorkerPool:
             _pool.start()
             # Load the background model now, beside serving, not at the first flush.
             threading.Thread(target=_start_background_embedder, name="background-embedder-start", daemon=True).start()
-            atexit.register(_drain_at_exit)
+            atexit.register(drain_at_shutdown)
             if threading.current_thread() is threading.main_thread():
                 # A plain SIGTERM would end the process without running atexit (runworker);
                 # an exit lets the drain run. ASGI servers install their own graceful handler.
@@ -212,8 +212,16 @@ def _exit_on_sigterm(signum, frame) -> None:
     sys.exit(0)
 
 
-def _drain_at_exit() -> None:
-    pool = _pool
+def drain_at_shutdown() -> None:
+    """Drain this process's pool once (``FlushWorkerPool.drain``), within ``FLUSH_SHUTDOWN_SECONDS``.
+
+    Called by the ASGI lifespan's shutdown (uvicorn: its graceful stop ends with the default
+    SIGTERM action, so atexit would never run) and at exit (daphne, runserver, runworker);
+    whichever comes first drains, the other returns at once. Blocks: call it from a thread.
+    """
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
     if pool is None:
         return
     remaining = pool.drain(deadline_seconds=settings.BUFFERS["SHUTDOWN_SECONDS"])

@@ -17,6 +17,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "memfuse_project.settings")
 django_asgi_app = get_asgi_application()
 
 import asyncio  # noqa: E402
+import threading  # noqa: E402
+import weakref  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
@@ -32,13 +35,28 @@ from memfuse_project.embedded_pg import local_tenant_if_embedded, migrate_if_emb
 from memory import registry  # noqa: E402
 from memory.api.auth import WebSocketAuthMiddleware  # noqa: E402
 
-migrate_if_embedded()
-local_tenant_if_embedded()
-registry.get_embedder()
-workers.start_if_serving()
-# The importing thread serves no request: give back the pool connections it used (runserver's
-# migration check, the embedded database's migrate), or it would hold one for ever.
-connections.close_all()
+
+
+def _start_serving() -> None:
+    migrate_if_embedded()
+    local_tenant_if_embedded()
+    registry.get_embedder()
+    workers.start_if_serving()
+    # The importing thread serves no request: give back the pool connections it used (runserver's
+    # migration check, the embedded database's migrate), or it would hold one for ever.
+    connections.close_all()
+
+
+try:
+    asyncio.get_running_loop()
+except RuntimeError:
+    _start_serving()
+else:
+    # Imported inside a running event loop (uvicorn --workers N imports the app in each
+    # worker's loop): Django refuses database work there, so it runs in a thread of its own.
+    starter = threading.Thread(target=_start_serving, name="memfuse-start")
+    starter.start()
+    starter.join()
 
 
 class APIHandler(ASGIHandler):
@@ -86,14 +104,42 @@ class PathPrefixRouter:
 
 
 class ServerLoopRegistration:
-    """Remembers the server's event loop on the first connection (see ``buffers.events``)."""
+    """On the first connection of each event loop: remembers the loop (see ``buffers.events``) and
+    gives it a default executor of ``MEMFUSE["ASGI_THREADS"]`` threads. Also answers the ASGI
+    lifespan protocol: at shutdown it drains the flush workers (``workers.drain_at_shutdown``).
+
+    The default executor runs the API's views (``memory.api.base.ConcurrentAPIView``) and the
+    WebSocket consumers' blocking calls. Its size is set here, whatever the ASGI server, rather
+    than through daphne's ``ASGI_THREADS`` variable, which uvicorn does not read.
+    """
 
     def __init__(self, app):
         self.app = app
+        self._loops: weakref.WeakSet = weakref.WeakSet()
 
     async def __call__(self, scope, receive, send):
-        events.register_server_loop(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        if loop not in self._loops:
+            self._loops.add(loop)
+            events.register_server_loop(loop)
+            loop.set_default_executor(
+                ThreadPoolExecutor(max_workers=settings.MEMFUSE["ASGI_THREADS"], thread_name_prefix="asgi")
+            )
+        if scope["type"] == "lifespan":
+            return await self.lifespan(receive, send)
         return await self.app(scope, receive, send)
+
+    @staticmethod
+    async def lifespan(receive, send) -> None:
+        """ASGI lifespan (uvicorn; daphne does not speak it and drains at exit instead)."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await asyncio.get_running_loop().run_in_executor(None, workers.drain_at_shutdown)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
 
 application = ServerLoopRegistration(

@@ -259,6 +259,11 @@ MEMFUSE = {
     # its own words counted BM25_OWN_WEIGHT times (docs/retrieval.md has the measurements).
     "BM25_CONTEXT_TURNS": envint("BM25_CONTEXT_TURNS", 2),
     "BM25_OWN_WEIGHT": envint("BM25_OWN_WEIGHT", 2),
+    # Threads that run the API's sync views and the WebSocket consumers' database and model
+    # calls: the serving event loop's default executor (asyncio's own default is
+    # cpu_count + 4, six on two cores, which capped queries well below what the CPU could do).
+    # The same variable daphne reads.
+    "ASGI_THREADS": envint("ASGI_THREADS", 32),
     # API keys: resolved keys are cached per process this long (s): also how long a key revoked
     # in another process may still be accepted here.
     "API_KEY_CACHE_SECONDS": envfloat("API_KEY_CACHE_SECONDS", 10.0),

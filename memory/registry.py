@@ -691,6 +691,8 @@ def should_preload(argv: list[str]) -> bool:
     if not settings.MEMFUSE["PRELOAD_MODELS"] or not argv:
         return False
     program = Path(argv[0]).name
+    if program == "__main__.py":  # python -m uvicorn: argv[0] is the package's __main__.py
+        program = Path(argv[0]).parent.name
     if program in SERVING_PROGRAMS:
         return True
     if program != "manage.py" or len(argv) < 2 or argv[1] not in SERVING_COMMANDS:

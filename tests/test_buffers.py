@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -347,6 +348,33 @@ def test_worker_killed_mid_flush_loses_and_duplicates_nothing(alice_session, tmp
     counts = list(Message.objects.filter(user=alice_session.user).values_list("flush_count", flat=True))
     assert len(counts) == total and set(counts) == {1}
     assert not Message.objects.filter(user=alice_session.user, embedding__isnull=True).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_uvicorn_drains_pending_messages_when_stopped(alice_session, tmp_path):
+    """uvicorn (the README's production command) stopped by SIGTERM flushes what is pending first (ASGI lifespan)."""
+    add(alice_session, 3)  # below every trigger: only the shutdown drain flushes them
+    env = subprocess_env(FLUSH_INTERVAL_SECONDS="600", FLUSH_WORKERS="1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "uvicorn.log"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "memfuse_project.asgi:application", "--port", str(port), "--lifespan", "on"],
+        cwd=settings.BASE_DIR,
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_for(lambda: b"Application startup complete" in log.read_bytes(), 90, "uvicorn to start")
+        assert Message.objects.filter(flushed_at__isnull=True).count() == 3
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+
+    assert not Message.objects.filter(flushed_at__isnull=True).exists(), log.read_text()[-3000:]
+    assert b"every pending message flushed" in log.read_bytes()
 
 
 @pytest.mark.django_db(transaction=True)

@@ -117,6 +117,8 @@ def preload_enabled(monkeypatch):
         ([], False),
         (["/x/bin/daphne", "memfuse_project.asgi:application"], True),
         (["/usr/local/bin/gunicorn", "memfuse_project.wsgi"], True),
+        (["/venv/lib/python3.11/site-packages/uvicorn/__main__.py", "memfuse_project.asgi:application"], True),
+        (["/venv/lib/python3.11/site-packages/pytest/__main__.py", "tests"], False),
         (["manage.py", "runserver", "--noreload"], True),
         (["manage.py", "runserver"], False),  # the autoreloader's parent only watches files
         (["manage.py", "locomo_eval"], True),

@@ -1,6 +1,6 @@
 """Stress: 500 concurrent WebSocket clients over 200 users never use more database connections than the pool's maximum.
 
-A real daphne server (a subprocess, DB_POOL_MAX_SIZE=8) serves 500 sockets at once, each
+A real server (a subprocess, DB_POOL_MAX_SIZE=8; daphne, and uvicorn as in the README's production command) serves 500 sockets at once, each
 sending a ``messages.add`` and a ``memory.query`` frame, while a sampler counts the server's
 connections in ``pg_stat_activity`` (the server connects with its own ``application_name``).
 Prints the figures as JSON (``pytest -s`` shows them).
@@ -130,7 +130,18 @@ def _wait_healthy(url: str, process: subprocess.Popen, log) -> None:
     raise AssertionError("server not healthy: " + log.read_text()[-3000:])
 
 
-def test_500_websocket_clients_stay_within_the_pool(tmp_path):
+SERVER_COMMANDS = {
+    "daphne": lambda port: [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "memfuse_project.asgi:application"],
+    # The README's production command.
+    "uvicorn": lambda port: [
+        sys.executable, "-m", "uvicorn", "memfuse_project.asgi:application", "--host", "127.0.0.1", "--port", str(port),
+        "--loop", "uvloop", "--http", "httptools", "--lifespan", "on", "--no-access-log",
+    ],  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("server_kind", SERVER_COMMANDS)
+def test_500_websocket_clients_stay_within_the_pool(tmp_path, server_kind):
     """500 sockets over 200 users' sessions: the server never holds more than DB_POOL_MAX_SIZE connections, and every client is answered."""
     tenant = services.tenant_create(name="stress")
     key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="stress key")[1]
@@ -145,7 +156,7 @@ def test_500_websocket_clients_stay_within_the_pool(tmp_path):
     port = _free_port()
     log = tmp_path / "server.log"
     server = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "memfuse_project.asgi:application"],
+        SERVER_COMMANDS[server_kind](port),
         cwd=settings.BASE_DIR,
         env=env,
         stdout=open(log, "ab"),
@@ -171,6 +182,7 @@ def test_500_websocket_clients_stay_within_the_pool(tmp_path):
     answered = [o for o in outcomes if isinstance(o, dict)]
     error_codes = sorted({code for o in answered for code in o["errors"]})
     figures = {
+        "server": server_kind,
         "clients": CLIENTS,
         "users": USERS,
         "pool_max": POOL_MAX,

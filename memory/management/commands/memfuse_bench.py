@@ -1,7 +1,8 @@
 """``python manage.py memfuse_bench ingest``: latency and throughput of the ingest path over HTTP.
 
-Everything goes through the REST API of a real server: either ``--url``, or a ``runserver``
-subprocess this command starts on a free loopback port (with this process's environment, so
+Everything goes through the REST API of a real server: either ``--url``, or a server
+subprocess this command starts on a free loopback port (``--server``: uvicorn, the README's
+production command, by default; or runserver) (with this process's environment, so
 the embedded database unless ``DATABASE_URL`` is set) and stops with SIGTERM at the end, so
 its graceful flush drain runs. Each benchmark is a class in ``BENCHMARKS``; ``query`` slots in
 beside ``ingest``.
@@ -173,17 +174,29 @@ def health_ok(url: str, *, timeout: float) -> bool:
 # --- the server --------------------------------------------------------------------------------
 
 
-class ServerProcess:
-    """``manage.py runserver 127.0.0.1:<free port> --noreload`` as a subprocess.
+SERVERS = ("uvicorn", "runserver")
 
-    Same environment (plus ``env``) and interpreter as this process; its stdout and stderr go to ``log_path``.
-    ``stop()`` sends SIGTERM and waits, so the flush workers' graceful drain runs.
+
+class ServerProcess:
+    """The service on ``127.0.0.1:<free port>`` as a subprocess.
+
+    ``kind`` ``"runserver"``: ``manage.py runserver --noreload`` (daphne's, as in the README's
+    quick start; ``args`` are added to its command line). ``"uvicorn"``: ``uvicorn
+    memfuse_project.asgi:application`` with uvloop and httptools, one process, no access log,
+    as the README's production command. Same environment (plus ``env``) and interpreter as
+    this process; its stdout and stderr go to ``log_path``. ``stop()`` sends SIGTERM and
+    waits, so the flush workers' graceful drain runs.
     """
 
-    def __init__(self, *, log_path: Path, env: dict | None = None, args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, *, log_path: Path, env: dict | None = None, args: Sequence[str] = (), kind: str = "runserver"
+    ) -> None:
+        if kind not in SERVERS:
+            raise ValueError(f"kind must be one of {', '.join(SERVERS)}, not {kind!r}")
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
         self.args = list(args)
+        self.kind = kind
         self.url = ""
         self._process: subprocess.Popen | None = None
 
@@ -202,7 +215,7 @@ class ServerProcess:
         with self.log_path.open("wb") as log:
             # A session of its own: a Ctrl-C on the bench reaches the server only through stop().
             self._process = subprocess.Popen(
-                [sys.executable, str(settings.BASE_DIR / "manage.py"), "runserver", f"127.0.0.1:{port}", "--noreload", *self.args],
+                self._command(port),
                 cwd=settings.BASE_DIR,
                 env=self.env,
                 stdout=log,
@@ -218,6 +231,15 @@ class ServerProcess:
             time.sleep(0.5)
         self.stop()
         raise BenchError(f"server not healthy after {timeout:.0f} s; see {self.log_path}")
+
+    def _command(self, port: int) -> list[str]:
+        if self.kind == "uvicorn":
+            return [
+                sys.executable, "-m", "uvicorn", "memfuse_project.asgi:application", "--host", "127.0.0.1",
+                "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--lifespan", "on",
+                "--no-access-log", *self.args,
+            ]  # fmt: skip
+        return [sys.executable, str(settings.BASE_DIR / "manage.py"), "runserver", f"127.0.0.1:{port}", "--noreload", *self.args]
 
     def stop(self) -> dict:
         """SIGTERM, then wait for the drain (``FLUSH_SHUTDOWN_SECONDS`` + margin) before SIGKILL."""
@@ -1129,7 +1151,14 @@ class Command(BaseCommand):
         subparsers = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
         for name, bench in BENCHMARKS.items():
             sub = subparsers.add_parser(name, help=bench.help)
-            sub.add_argument("--url", help="base URL of a running server (default: start runserver on loopback)")
+            sub.add_argument("--url", help="base URL of a running server (default: start one on loopback)")
+            sub.add_argument(
+                "--server",
+                choices=SERVERS,
+                default="uvicorn",
+                help="the server the bench starts without --url: uvicorn (the README's production command; "
+                "default) or runserver (daphne's, the quick start)",
+            )
             sub.add_argument(
                 "--api-key",
                 default=os.environ.get("MEMFUSE_API_KEY"),
@@ -1164,8 +1193,8 @@ class Command(BaseCommand):
         prepared = bench.prepare(self.stderr.write)
         try:
             if not url:
-                server = ServerProcess(log_path=Path(f"/tmp/memfuse-bench-{run_id}-server.log"))
-                self.stderr.write(f"starting runserver (log: {server.log_path}) ...")
+                server = ServerProcess(log_path=Path(f"/tmp/memfuse-bench-{run_id}-server.log"), kind=options["server"])
+                self.stderr.write(f"starting {server.kind} (log: {server.log_path}) ...")
                 url = server.start()
             if not options["api_key"]:
                 tenant, api_key, options["api_key"] = bench_key(run_id, tenant=bench.key_tenant())
@@ -1206,7 +1235,13 @@ class Command(BaseCommand):
             **prepared,
             **results,
             **finished,
-            "server": {"url": url, "started_by_bench": server is not None, **server_info},
+            "server": {
+                "url": url,
+                "started_by_bench": server is not None,
+                "kind": server.kind if server is not None else None,
+                "asgi_threads": settings.MEMFUSE["ASGI_THREADS"] if server is not None else None,
+                **server_info,
+            },
         }
         for line in bench.summary(report):
             self.stderr.write(line)
