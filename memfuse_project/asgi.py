@@ -36,7 +36,6 @@ from memory import registry  # noqa: E402
 from memory.api.auth import WebSocketAuthMiddleware  # noqa: E402
 
 
-
 def _start_serving() -> None:
     migrate_if_embedded()
     local_tenant_if_embedded()

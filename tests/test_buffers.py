@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from buffers import services as buffers
 from buffers.models import FlushJob, Priority, Reason, State
 from buffers.workers import FlushWorkerPool
 from memory import registry, selectors, services
+from memory.management.commands.memfuse_bench import free_loopback_port, uvicorn_command
 from memory.models import Message
 from memory.services import MessageIn
 from tests.envelopes import assert_success
@@ -355,12 +355,9 @@ def test_uvicorn_drains_pending_messages_when_stopped(alice_session, tmp_path):
     """uvicorn (the README's production command) stopped by SIGTERM flushes what is pending first (ASGI lifespan)."""
     add(alice_session, 3)  # below every trigger: only the shutdown drain flushes them
     env = subprocess_env(FLUSH_INTERVAL_SECONDS="600", FLUSH_WORKERS="1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log = tmp_path / "uvicorn.log"
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "memfuse_project.asgi:application", "--port", str(port), "--lifespan", "on"],
+        uvicorn_command(free_loopback_port()),
         cwd=settings.BASE_DIR,
         env=env,
         stdout=open(log, "ab"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from psycopg_pool import PoolTimeout
 from websockets.sync.client import connect as ws_connect
 
 from memory import pool
+from memory.management.commands.memfuse_bench import free_loopback_port
 from memory.models import Message
 from tests.subprocesses import subprocess_env
 
@@ -66,12 +66,6 @@ def test_pool_stats_show_the_connection_in_use(db):
 # --- a real server whose pool is exhausted -------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 TINY_POOL = {"DB_POOL_MIN_SIZE": "1", "DB_POOL_MAX_SIZE": "1", "DB_POOL_TIMEOUT": "0.5"}
 
 
@@ -80,7 +74,7 @@ def _serve(command: list[str], log, **env: str):
 
     Returns ``(process, url, health_status)``: the first status other than a refused connection.
     """
-    port = _free_port()
+    port = free_loopback_port()
     server = subprocess.Popen(
         [arg.format(port=port) for arg in command],
         cwd=settings.BASE_DIR,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from django.conf import settings
 from django.db import connection
 
 from memory import services
+from memory.management.commands.memfuse_bench import free_loopback_port, uvicorn_command
 from memory.models import KeyScope
 from tests.subprocesses import subprocess_env
 
@@ -38,12 +38,6 @@ pytestmark = [
 CLIENTS, USERS, POOL_MAX = 500, 200, 8
 APP_NAME = "memfuse-stress"
 CLIENT_TIMEOUT_S = 240  # per client; a client still unanswered then counts as hung
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ConnectionSampler(threading.Thread):
@@ -132,11 +126,7 @@ def _wait_healthy(url: str, process: subprocess.Popen, log) -> None:
 
 SERVER_COMMANDS = {
     "daphne": lambda port: [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "memfuse_project.asgi:application"],
-    # The README's production command.
-    "uvicorn": lambda port: [
-        sys.executable, "-m", "uvicorn", "memfuse_project.asgi:application", "--host", "127.0.0.1", "--port", str(port),
-        "--loop", "uvloop", "--http", "httptools", "--lifespan", "on", "--no-access-log",
-    ],  # fmt: skip
+    "uvicorn": uvicorn_command,  # the README's production command
 }
 
 
@@ -153,7 +143,7 @@ def test_500_websocket_clients_stay_within_the_pool(tmp_path, server_kind):
 
     env = subprocess_env(DB_POOL_MAX_SIZE=str(POOL_MAX), DB_POOL_MIN_SIZE="1", FLUSH_WORKERS="1")
     env["DATABASE_URL"] += f"?application_name={APP_NAME}"
-    port = _free_port()
+    port = free_loopback_port()
     log = tmp_path / "server.log"
     server = subprocess.Popen(
         SERVER_COMMANDS[server_kind](port),

@@ -2,8 +2,8 @@
 
 Everything goes through the REST API of a real server: either ``--url``, or a server
 subprocess this command starts on a free loopback port (``--server``: uvicorn, the README's
-production command, by default; or runserver) (with this process's environment, so
-the embedded database unless ``DATABASE_URL`` is set) and stops with SIGTERM at the end, so
+production command, by default; or runserver), with this process's environment (so
+the embedded database unless ``DATABASE_URL`` is set), and stops with SIGTERM at the end, so
 its graceful flush drain runs. Each benchmark is a class in ``BENCHMARKS``; ``query`` slots in
 beside ``ingest``.
 
@@ -177,6 +177,16 @@ def health_ok(url: str, *, timeout: float) -> bool:
 SERVERS = ("uvicorn", "runserver")
 
 
+def uvicorn_command(port: int, *args: str) -> list[str]:
+    """The README's production server as an argv: uvicorn on ``127.0.0.1:port`` with uvloop,
+    httptools, the ASGI lifespan (the flush drain at shutdown) and no access log, plus ``args``."""
+    return [
+        sys.executable, "-m", "uvicorn", "memfuse_project.asgi:application", "--host", "127.0.0.1",
+        "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--lifespan", "on",
+        "--no-access-log", *args,
+    ]  # fmt: skip
+
+
 class ServerProcess:
     """The service on ``127.0.0.1:<free port>`` as a subprocess.
 
@@ -234,11 +244,7 @@ class ServerProcess:
 
     def _command(self, port: int) -> list[str]:
         if self.kind == "uvicorn":
-            return [
-                sys.executable, "-m", "uvicorn", "memfuse_project.asgi:application", "--host", "127.0.0.1",
-                "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--lifespan", "on",
-                "--no-access-log", *self.args,
-            ]  # fmt: skip
+            return uvicorn_command(port, *self.args)
         return [sys.executable, str(settings.BASE_DIR / "manage.py"), "runserver", f"127.0.0.1:{port}", "--noreload", *self.args]
 
     def stop(self) -> dict:
