@@ -212,15 +212,6 @@ class StrictFloatField(serializers.FloatField):
         return super().to_internal_value(data)
 
 
-class StrictBooleanField(serializers.BooleanField):
-    """A ``BooleanField`` that accepts only JSON ``true`` / ``false``."""
-
-    def to_internal_value(self, data):
-        if not isinstance(data, bool):
-            self.fail("invalid")
-        return data
-
-
 class RetrievalOverrides(serializers.Serializer):
     """Per-query overrides of the retrieval settings that are safe to change per query.
 
