@@ -616,13 +616,15 @@ def hybrid_search_stages(
     top_k: int,
     agent_id: uuid.UUID | None = None,
     config: RetrievalConfig | None = None,
+    partial: bool = True,
 ) -> Iterator[tuple[str, list[tuple[DocKey, float, dict]]]]:
     """The search in stages: ``("partial", hits)`` from BM25 alone, then ``("final", hits)``.
 
     ``hits`` are ``(key, fused_score, retrievers)``, at most ``top_k``. BM25 is fast and
     already covers pending messages, so a UI can show its ranking before the query has been
     embedded. ``agent_id`` restricts messages to that agent's sessions (knowledge is
-    user-level). With a retriever switched off (weight 0) only the final stage comes. With
+    user-level). With a retriever switched off (weight 0), or ``partial=False``, only the
+    final stage comes. With
     ``config.rerank`` the final stage's first ``rerank_top_n`` are reordered by the
     cross-encoder (``rerank``).
     """
@@ -643,7 +645,7 @@ def hybrid_search_stages(
         ranked["bm25"] = index.search(
             query_tokens(query), limit=config.bm25_candidates, allowed_sessions=allowed_sessions
         )
-        if config.vector_weight > 0:
+        if partial and config.vector_weight > 0:
             yield "partial", fuse(ranked, config)[:top_k]
     if embedding is not None:
         ranked["vector"] = vector_candidates(
@@ -669,6 +671,6 @@ def hybrid_search_stages(
 
 
 def hybrid_search(**kwargs) -> list[tuple[DocKey, float, dict]]:
-    """The final stage of ``hybrid_search_stages`` (same arguments)."""
-    *_, (_, hits) = hybrid_search_stages(**kwargs)
+    """The final stage of ``hybrid_search_stages`` (same arguments; no partial stage is computed)."""
+    *_, (_, hits) = hybrid_search_stages(**kwargs, partial=False)
     return hits
