@@ -15,11 +15,12 @@ from buffers import events, workers
 from memory import selectors, services, tenancy
 from memory.api import serializers as s
 from memory.api.auth import WS_SUBPROTOCOL
-from memory.api.errors import validation_error
+from memory.api.errors import EMBEDDING_UNAVAILABLE_MESSAGE, validation_error
 from memory.api.serializers import validated
 from memory.errors import NotFound, ServiceError
 from memory.models import Session
 from memory.pool import RETRY_AFTER_SECONDS, is_pool_exhausted, note_pool_exhausted
+from memory.registry import EmbeddingProcessError
 from memory.retrieval import RetrievalConfig
 from memory.tenancy import Principal
 
@@ -225,6 +226,10 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         except Exception as exc:
             if is_pool_exhausted(exc):
                 await self.send_error(request_id, 503, pool_busy_message())
+                return
+            if isinstance(exc, EmbeddingProcessError):  # the next query starts a new process
+                logger.error("websocket frame of session %s: %s", self.session_id, exc)
+                await self.send_error(request_id, 503, EMBEDDING_UNAVAILABLE_MESSAGE)
                 return
             logger.exception("websocket frame of session %s failed", self.session_id)
             await self.send_error(request_id, 500, "Internal server error")

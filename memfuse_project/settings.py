@@ -218,6 +218,10 @@ MEMFUSE = {
     # torch threads of a serving process's own model when flushes embed in the background
     # process: it embeds queries, one short text at a time (see registry.serving_threads).
     "QUERY_TORCH_THREADS": envint("QUERY_TORCH_THREADS", 1),
+    # Where queries are embedded: "process" (a child process at normal priority with its own
+    # query model: the model's Python time leaves the web process's GIL) or "thread" (this
+    # process's model). See registry.ProcessEmbedder.
+    "QUERY_EMBEDDING": envstr("QUERY_EMBEDDING", "process"),
     # Queries embedded by an int8 copy of the model (registry.QueryEmbedder; documents always
     # by the full model): ~2.8x faster per query; docs/retrieval.md has its effect on recall.
     "QUERY_EMBEDDING_INT8": envbool("QUERY_EMBEDDING_INT8", True),

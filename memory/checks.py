@@ -67,16 +67,19 @@ def check_pgvector(app_configs=None, databases=None, **kwargs) -> list[Error]:
 
 @register()
 def check_background_embedding(app_configs, **kwargs):
-    """memory.E003: BACKGROUND_EMBEDDING must name a known mode."""
-    mode = settings.MEMFUSE["BACKGROUND_EMBEDDING"]
-    if mode in ("process", "thread"):
-        return []
+    """memory.E003: BACKGROUND_EMBEDDING and QUERY_EMBEDDING must name a known mode."""
+    defaults = {
+        "BACKGROUND_EMBEDDING": "'process': flush inference in a niced child process",
+        "QUERY_EMBEDDING": "'process': query inference in a child process",
+    }
     return [
         Error(
-            f"BACKGROUND_EMBEDDING is {mode!r}; it must be 'process' or 'thread'.",
-            hint="Unset it for the default ('process': flush inference in a niced child process).",
+            f"{name} is {settings.MEMFUSE[name]!r}; it must be 'process' or 'thread'.",
+            hint=f"Unset it for the default ({default}).",
             id="memory.E003",
         )
+        for name, default in defaults.items()
+        if settings.MEMFUSE[name] not in ("process", "thread")
     ]
 
 

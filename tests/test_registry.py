@@ -168,26 +168,135 @@ def test_direct_transformer_call_gives_sentence_transformers_embeddings():
     np.testing.assert_allclose(embedder.embed(texts), expected, atol=1e-5)
 
 
-def test_queries_are_embedded_by_an_int8_copy_close_to_the_full_model(settings):
-    """embed_query goes through the int8 QueryEmbedder: near the full embedding, not equal to
-    it, and counted apart; with QUERY_EMBEDDING_INT8 off queries use the full model."""
+@pytest.fixture
+def query_mode(monkeypatch, settings):
+    """Set QUERY_EMBEDDING (and QUERY_EMBEDDING_INT8) with an empty query slot of the registry;
+    a query process started here is closed and the process's own embedder restored afterwards."""
+    monkeypatch.setattr(registry, "_query_embedder", None)
+    monkeypatch.setattr(registry, "_query_batcher", None)
+
+    def set_mode(mode: str, *, int8: bool = True):
+        settings.MEMFUSE = {**settings.MEMFUSE, "QUERY_EMBEDDING": mode, "QUERY_EMBEDDING_INT8": int8}
+        return registry
+
+    yield set_mode
+    if isinstance(registry._query_embedder, registry.ProcessEmbedder):
+        registry._query_embedder.close()
+
+
+@pytest.fixture(scope="module")
+def int8_query_embedder():
+    """An in-process int8 ``QueryEmbedder`` of the registry's model (the "thread" mode's)."""
+    return registry.QueryEmbedder(registry.get_embedder())
+
+
+@pytest.mark.integration
+def test_queries_are_embedded_in_a_child_process_by_the_traced_int8_model(query_mode):
+    """Default QUERY_EMBEDDING="process": embed_query runs in another process at normal
+    priority, gives the in-process int8 query model's embeddings (near the full model's, not
+    equal), and counts apart from the full model."""
+    registry = query_mode("process")
     texts = ["When did Caroline go to the LGBTQ support group?", "What did Melanie paint recently?"]
     full = registry.embed(texts)
     before = registry.stats()["embedding"]["texts"]
 
     queries = registry.embed_query(texts)
 
+    stats = registry.stats()["query_embedding"]
+    assert stats["mode"] == "process" and stats["pid"] not in (None, os.getpid())
+    assert stats["int8"] is True and stats["torchscript"] is True and stats["texts"] == 2
+    assert os.getpriority(os.PRIO_PROCESS, stats["pid"]) == 0
+    assert os.sched_getscheduler(stats["pid"]) == os.SCHED_OTHER
+    assert registry.stats()["embedding"]["texts"] == before  # not the full model
+    np.testing.assert_allclose(queries, registry.QueryEmbedder(registry.get_embedder()).embed(texts), atol=1e-5)
     cosines = (full * queries).sum(axis=1)
     assert np.all(cosines > 0.95) and np.all(cosines < 0.9999)
     np.testing.assert_allclose(np.linalg.norm(queries, axis=1), [1.0, 1.0], atol=1e-5)
-    assert registry.stats()["embedding"]["texts"] == before  # not the full model
-    assert registry.stats()["query_embedding"]["int8"] is True
+
+
+@pytest.mark.integration
+def test_a_killed_query_process_answers_503_once_and_is_replaced(query_mode, api, alice):
+    """SIGKILL of the query process: the query under way answers 503 with Retry-After, in the
+    error shape; the next query starts a new process and is answered."""
+    registry = query_mode("process")
+    registry.embed_query(["warm"])
+    first_pid = registry.stats()["query_embedding"]["pid"]
+    os.kill(first_pid, signal.SIGKILL)
+    time.sleep(0.2)
+
+    lost = api.post(f"/api/v1/users/{alice.pk}/query", {"query": "anything"}, format="json")
+    again = api.post(f"/api/v1/users/{alice.pk}/query", {"query": "anything"}, format="json")
+
+    assert lost.status_code == 503 and lost["Retry-After"]
+    assert lost.json()["status"] == "error" and "embedding" in lost.json()["message"]
+    assert again.status_code == 200
+    assert registry.stats()["query_embedding"]["pid"] not in (None, first_pid)
+
+
+def test_thread_mode_embeds_queries_with_an_int8_copy_in_this_process(query_mode):
+    """QUERY_EMBEDDING="thread": the int8 QueryEmbedder of this process's model, sharing its
+    token embedding table; with QUERY_EMBEDDING_INT8 off, the model itself."""
+    registry = query_mode("thread")
+    texts = ["When did Caroline go to the LGBTQ support group?"]
+    full = registry.embed(texts)
+
+    queries = registry.embed_query(texts)
+
     assert isinstance(registry.get_query_embedder(), registry.QueryEmbedder)
+    assert registry.stats()["query_embedding"]["mode"] == "thread"
+    assert 0.95 < float(full[0] @ queries[0]) < 0.9999
     np.testing.assert_array_equal(registry.embed(texts), full)  # the full model is left as it was
-    token_embeddings = registry.get_query_embedder().transformer.embeddings.word_embeddings
+    token_embeddings = registry.get_query_embedder().quantized.embeddings.word_embeddings
     assert token_embeddings is registry.get_embedder().transformer.embeddings.word_embeddings  # shared
-    settings.MEMFUSE = {**settings.MEMFUSE, "QUERY_EMBEDDING_INT8": False}
+    query_mode("thread", int8=False)
+    registry._query_embedder = None
     assert registry.get_query_embedder() is registry.get_embedder()
+
+
+def test_query_embedder_runs_a_trace_equal_to_the_int8_model_with_and_without_padding(int8_query_embedder):
+    """The query embedder calls a TorchScript trace of its int8 model; one query, and a batch
+    whose shorter texts are padded, embed as the eager int8 model embeds them."""
+    query_embedder = int8_query_embedder
+    texts = ["hi", "When did Caroline go to the LGBTQ support group after her talk at the school?", "What did Melanie paint?"]
+
+    assert query_embedder.traced and isinstance(query_embedder.transformer, registry.TracedEncoder)
+    padded = query_embedder.embedder._mean_pooled(texts, query_embedder.quantized)
+    traced = query_embedder.embedder._mean_pooled(texts, query_embedder.transformer)
+    np.testing.assert_allclose(traced, padded, atol=1e-5)  # the padding path was traced
+    for text in texts:
+        alone = query_embedder.embedder._mean_pooled([text], query_embedder.quantized)
+        np.testing.assert_allclose(query_embedder.embed([text]), alone, atol=1e-5)
+
+
+def test_a_query_embeds_the_same_whatever_queries_share_its_batch(int8_query_embedder):
+    """int8 activations are scaled per batch; queries are embedded one by one, so a query's
+    embedding (and results) do not depend on the other queries of its model call."""
+    query_embedder = int8_query_embedder
+    texts = ["hi", "When did Caroline go to the LGBTQ support group after her talk at the school?"]
+
+    together = query_embedder.embed(texts)
+
+    np.testing.assert_array_equal(together[0], query_embedder.embed(texts[:1])[0])
+    np.testing.assert_array_equal(together[1], query_embedder.embed(texts[1:])[0])
+    padded = query_embedder.embedder._mean_pooled(texts, query_embedder.quantized)[0]
+    assert float(padded @ together[0]) < 0.9999  # what a shared batch would have given
+
+
+def test_traced_encoder_refuses_a_trace_that_differs_from_its_model():
+    """A model whose output depends on something the trace fixes as a constant (here a Python
+    counter) is refused at build time rather than served wrong."""
+    import torch
+    from transformers.modeling_outputs import BaseModelOutput
+
+    class Drifting(torch.nn.Module):
+        calls = 0
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            self.calls += 1  # a Python number: the trace keeps the value it saw
+            return BaseModelOutput(last_hidden_state=input_ids.unsqueeze(-1).float() * self.calls)
+
+    with pytest.raises(ValueError, match="differs"):
+        registry.TracedEncoder(Drifting(), registry.get_embedder().model.tokenizer)
 
 
 def test_real_model_embeds_nothing_for_no_texts():
@@ -301,12 +410,12 @@ def test_background_inference_runs_in_a_child_process_with_the_same_model(backgr
 
 @pytest.mark.integration
 def test_a_killed_background_process_fails_one_call_and_is_replaced(background_process):
-    """SIGKILL of the child: the call under way raises BackgroundEmbeddingError, the next starts a new child."""
+    """SIGKILL of the child: the call under way raises EmbeddingProcessError, the next starts a new child."""
     background_process.embed(["warm"], priority=registry.BACKGROUND)
     first_pid = background_process.stats()["background_embedding"]["pid"]
     os.kill(first_pid, signal.SIGKILL)
     time.sleep(0.2)
-    with pytest.raises(registry.BackgroundEmbeddingError):
+    with pytest.raises(registry.EmbeddingProcessError):
         background_process.embed(["lost"], priority=registry.BACKGROUND)
     vectors = background_process.embed(["again"], priority=registry.BACKGROUND)
     assert vectors.shape == (1, 384)

@@ -10,6 +10,7 @@ from rest_framework import exceptions
 from rest_framework.response import Response
 
 from memory.errors import ServiceError
+from memory.registry import EmbeddingProcessError
 from memory.pool import RETRY_AFTER_SECONDS, is_pool_exhausted, note_pool_exhausted
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def validation_error(detail) -> tuple[str, list[dict]]:
     return f"Invalid input: {summary}", errors
 
 
+EMBEDDING_UNAVAILABLE_MESSAGE = "The query embedding model is unavailable (restarting): retry later"
 POOL_EXHAUSTED_MESSAGE = "The service is busy (no database connection free): retry later"
 
 
@@ -74,13 +76,22 @@ def pool_exhausted_body() -> tuple[dict, dict]:
 def exception_handler(exc, context) -> Response | None:
     """DRF ``EXCEPTION_HANDLER``: domain errors, validation errors and HTTP errors, one shape.
 
-    An exhausted database pool (``memory.pool.is_pool_exhausted``) is a 503 with ``Retry-After``.
+    An exhausted database pool (``memory.pool.is_pool_exhausted``) is a 503 with ``Retry-After``;
+    so is an inference process that died under a query (``EmbeddingProcessError``: the next
+    query starts a new one).
     """
     if is_pool_exhausted(exc):
         body, headers = pool_exhausted_body()
         request = context.get("request")
         logger.warning("503: database pool exhausted (%s)", request.path if request is not None else "?")
         return Response(body, status=503, headers=headers)
+    if isinstance(exc, EmbeddingProcessError):
+        logger.error("503: %s", exc)
+        return Response(
+            error_body(503, EMBEDDING_UNAVAILABLE_MESSAGE),
+            status=503,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
     if isinstance(exc, ServiceError):
         return Response(error_body(exc.status, exc.message, exc.errors), status=exc.status)
     if isinstance(exc, exceptions.ValidationError):

@@ -743,6 +743,17 @@ def rss_mb(pid: int | None) -> float | None:
     return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
 
 
+def children_rss_mb(pid: int | None) -> tuple[int, float] | None:
+    """``(count, MB)``: the child processes of ``pid`` (its inference processes) and the sum
+    of their resident memory (pages they share with each other count once per process)."""
+    if pid is None:
+        return None
+    import psutil
+
+    children = psutil.Process(pid).children(recursive=True)
+    return len(children), round(sum(child.memory_info().rss for child in children) / 2**20, 1)
+
+
 class QueryBench:
     """Memory queries over a large bulk-loaded database: open loop, then closed loop; exactness; memory."""
 
@@ -1017,9 +1028,12 @@ class QueryBench:
             growth = memory["rss_mb_all_users"] - memory["rss_mb_first_users"]
             memory["growth_kb_per_cached_user"] = round(growth * 1024 / grown, 1)
         if server is not None:
-            # The registry logs each model load: one line for the whole run, however many users.
+            # The registry logs each model load: one line for the whole run, however many users;
+            # each inference process (queries, flushes) logs its own, once.
             log = server.log_path.read_text(errors="replace")
             memory["model_loads_in_server_log"] = log.count("embedding model loaded")
+            memory["inference_process_starts_in_server_log"] = log.count("embedding process")
+            memory["child_processes"], memory["children_rss_mb"] = children_rss_mb(pid)
         else:
             memory["skipped"] = "--url: the server's process is not ours to read"
         return {**phases, "server_memory": memory}
@@ -1056,7 +1070,8 @@ class QueryBench:
                 f"server memory: {memory['rss_mb_first_users']} MB with {memory['first_users_cached']} users cached, "
                 f"{memory['rss_mb_all_users']} MB with {memory['users_cached']}: "
                 f"{memory['growth_kb_per_cached_user']} KB per user; "
-                f"model loads {memory.get('model_loads_in_server_log')}"
+                f"model loads {memory.get('model_loads_in_server_log')}; "
+                f"{memory.get('child_processes')} inference processes, {memory.get('children_rss_mb')} MB"
             )
         return lines
 
