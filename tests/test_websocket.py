@@ -490,3 +490,30 @@ async def test_unexpected_error_gets_500_frame_and_the_connection_stays_open(con
 
     ack = await add(communicator, [VALID_MESSAGE], request_id="after")
     assert ack["request_id"] == "after"
+
+
+async def test_query_embedding_process_failure_gets_503_frame_and_the_connection_stays_open(connect, alice_session, monkeypatch):
+    """A query whose embedding process died is answered with a 503 error frame (the REST API's
+    message); the next query, with the process back, is answered."""
+
+    def dead_process(texts):
+        future = Future()
+        future.set_exception(registry.EmbeddingProcessError("query embedding process died: EOFError()"))
+        return future
+
+    communicator = await connect(alice_session.pk)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(registry, "submit_query", dead_process)
+        await communicator.send_json_to({"type": "memory.query", "query": "hiking", "request_id": "lost"})
+        frames = [await receive(communicator)]
+        while frames[-1]["type"] != "error":
+            frames.append(await receive(communicator))
+
+    assert frames[-1]["request_id"] == "lost" and frames[-1]["error"]["code"] == 503
+    assert "embedding" in frames[-1]["error"]["message"]
+    await communicator.send_json_to({"type": "memory.query", "query": "hiking", "request_id": "again"})
+    final = await receive(communicator)
+    while not final.get("final"):
+        final = await receive(communicator)
+    assert final["request_id"] == "again"
