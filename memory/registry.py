@@ -844,8 +844,9 @@ def preload_if_serving() -> None:
     rather than at its first query.
     """
     if should_preload(sys.argv):
-        query = get_query_embedder()  # a child process loads its model meanwhile
-        get_embedder()
+        # runworker only flushes: no query reaches it, so no query model (nor its process).
+        query = get_query_embedder() if sys.argv[1:2] != ["runworker"] else None
+        get_embedder()  # a query process loads its model meanwhile
         if isinstance(query, ProcessEmbedder):
             query.wait_ready()
         get_reranker()

@@ -137,6 +137,30 @@ def test_runserver_child_preloads(preload_enabled, monkeypatch):
     assert registry.should_preload(["manage.py", "runserver"]) is True
 
 
+def test_servers_preload_a_query_process_and_runworker_none(fresh_registry, preload_enabled, monkeypatch):
+    """A server spawns the query process beside its own model and waits for it; runworker,
+    which only flushes, loads its model and no query model."""
+    spawned, waited = [], []
+
+    class RecordingProcessEmbedder:
+        def __init__(self, path, **options):
+            spawned.append(options["role"])
+
+        def wait_ready(self):
+            waited.append(True)
+
+    monkeypatch.setattr(fresh_registry, "ProcessEmbedder", RecordingProcessEmbedder)
+    monkeypatch.setitem(settings.MEMFUSE, "QUERY_EMBEDDING", "process")
+
+    monkeypatch.setattr(sys, "argv", ["manage.py", "runworker", "memfuse-flush"])
+    fresh_registry.preload_if_serving()
+    assert CountingDeterministicEmbedder.constructed == 1 and spawned == []
+
+    monkeypatch.setattr(sys, "argv", ["/x/bin/uvicorn", "memfuse_project.asgi:application"])
+    fresh_registry.preload_if_serving()
+    assert spawned == ["query"] and waited == [True]
+
+
 def test_preload_can_be_switched_off(monkeypatch):
     """PRELOAD_MODELS=False: not even a server preloads."""
     monkeypatch.setitem(settings.MEMFUSE, "PRELOAD_MODELS", False)
