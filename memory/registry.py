@@ -789,8 +789,11 @@ def _get_background_batcher() -> EmbeddingBatcher:
 
 
 def start_background_embedder() -> None:
-    """Start the background inference now rather than at the first flush (serving processes)."""
-    _get_background_batcher()
+    """Start the background inference now rather than at the first flush (serving processes),
+    and wait for its model: a failure to load it is raised (and logged) here."""
+    embedder = _get_background_batcher().embedder
+    if isinstance(embedder, ProcessEmbedder):
+        embedder.wait_ready()
 
 
 def stats() -> dict:

@@ -433,6 +433,16 @@ def test_background_inference_runs_in_a_child_process_with_the_same_model(backgr
 
 
 @pytest.mark.integration
+def test_starting_the_background_process_waits_for_its_model(background_process):
+    """start_background_embedder (a serving process's start) returns once the child has loaded
+    its model, before any flush: a model that cannot load fails there, not at the first flush."""
+    background_process.start_background_embedder()
+
+    stats = background_process.stats()["background_embedding"]
+    assert stats["pid"] not in (None, os.getpid()) and stats["load_seconds"] > 0 and stats["calls"] == 0
+
+
+@pytest.mark.integration
 def test_a_killed_background_process_fails_one_call_and_is_replaced(background_process):
     """SIGKILL of the child: the call under way raises EmbeddingProcessError, the next starts a new child."""
     background_process.embed(["warm"], priority=registry.BACKGROUND)
