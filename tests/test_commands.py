@@ -50,6 +50,8 @@ def test_locomo_eval_reports_recall_and_cleans_up(tmp_path):
     assert report["n_questions"] == 2  # category 5 skipped; D9:9 names no turn and is dropped
     assert set(report["recall"]["by_category"]) == {"1", "4"}
     assert report["recall"]["overall"]["5"] == 100.0  # 5 turns: every evidence turn is in the top 5
+    assert report["recall"]["by_conversation"] == {"conv-t": report["recall"]["overall"]}
+    assert report["n_by_conversation"] == {"conv-t": 2}
     assert report["ingest"]["messages"] == 5
     assert set(report["query_ms"]) == {"p50", "p95"}
     assert not User.objects.filter(name__startswith="locomo-conv-t").exists()

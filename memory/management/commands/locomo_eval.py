@@ -175,10 +175,11 @@ class Command(BaseCommand):
         return time.perf_counter() - started, n_messages, users
 
     def _ask(self, conversations: list[dict], users: list, config: RetrievalConfig):
-        hits: list[tuple[str, dict[int, float]]] = []
+        hits: list[tuple[str, str, dict[int, float]]] = []
         latencies: list[float] = []
         questions = []
-        for item, user in zip(conversations, users):
+        for index, (item, user) in enumerate(zip(conversations, users)):
+            sample_id = item.get("sample_id", f"conv-{index}")
             known = {
                 turn.get("dia_id") for _, _, turns in conversation_sessions(item["conversation"]) for turn in turns
             }
@@ -188,15 +189,15 @@ class Command(BaseCommand):
                     continue
                 evidence = evidence_ids(qa.get("evidence"), known)
                 if evidence:
-                    questions.append((user, str(category), qa["question"], evidence))
-        for user, category, question, evidence in tqdm(questions, desc="queries", unit="q", disable=None):
+                    questions.append((user, sample_id, str(category), qa["question"], evidence))
+        for user, sample_id, category, question, evidence in tqdm(questions, desc="queries", unit="q", disable=None):
             user.refresh_from_db(fields=["memory_version"])
             started = time.perf_counter()
             results = selectors.memory_query(user=user, query=question, top_k=max(KS), config=config)
             latencies.append((time.perf_counter() - started) * 1000)
             ranked = [r["metadata"].get(DIA_ID_KEY) for r in results]
             hits.append(
-                (category, {k: len(set(ranked[:k]) & set(evidence)) / len(evidence) for k in KS})
+                (category, sample_id, {k: len(set(ranked[:k]) & set(evidence)) / len(evidence) for k in KS})
             )
         return hits, latencies
 
@@ -205,14 +206,19 @@ class Command(BaseCommand):
         def mean_recall(rows):
             return {str(k): round(100 * float(np.mean([r[k] for r in rows])), 1) if rows else 0.0 for k in KS}
 
-        categories = sorted({c for c, _ in hits}, key=lambda c: (len(c), c))
+        categories = sorted({c for c, _, _ in hits}, key=lambda c: (len(c), c))
+        samples = list(dict.fromkeys(sample for _, sample, _ in hits))
         return {
             "recall": {
-                "overall": mean_recall([r for _, r in hits]),
-                "by_category": {c: mean_recall([r for cat, r in hits if cat == c]) for c in categories},
+                "overall": mean_recall([r for _, _, r in hits]),
+                "by_category": {c: mean_recall([r for cat, _, r in hits if cat == c]) for c in categories},
+                # A change that helps in most conversations, not only on average, is likelier
+                # to help on conversations outside this file.
+                "by_conversation": {s: mean_recall([r for _, sample, r in hits if sample == s]) for s in samples},
             },
             "n_questions": len(hits),
-            "n_by_category": {c: sum(1 for cat, _ in hits if cat == c) for c in categories},
+            "n_by_category": {c: sum(1 for cat, _, _ in hits if cat == c) for c in categories},
+            "n_by_conversation": {s: sum(1 for _, sample, _ in hits if sample == s) for s in samples},
             "ingest": {
                 "messages": n_messages,
                 "seconds": round(ingest_seconds, 2),
@@ -232,6 +238,10 @@ class Command(BaseCommand):
             lines.append(f"{label:<16}{report['n_by_category'][code]:>6}" + "".join(f"{recall[str(k)]:>8.1f}" for k in KS))
         overall = report["recall"]["overall"]
         lines.append(f"{'overall':<16}{report['n_questions']:>6}" + "".join(f"{overall[str(k)]:>8.1f}" for k in KS))
+        lines.append(
+            "R@10 by conversation: "
+            + ", ".join(f"{sample} {recall['10']:.1f}" for sample, recall in report["recall"]["by_conversation"].items())
+        )
         ingest, query_ms = report["ingest"], report["query_ms"]
         lines.append(
             f"ingest: {ingest['messages']} messages in {ingest['seconds']} s ({ingest['messages_per_s']}/s); "
