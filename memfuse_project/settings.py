@@ -215,8 +215,8 @@ MEMFUSE = {
     # torch intra-op threads. Inference is serialised by a lock, so one call may use every
     # core; more threads than cores made one encode take 480 ms instead of 10 ms.
     "TORCH_THREADS": envint("TORCH_THREADS", os.cpu_count() or 1),
-    # torch threads of a serving process's own model when flushes embed in the background
-    # process: it embeds queries, one short text at a time (see registry.serving_threads).
+    # torch threads of the query model (one short text at a time), and of a serving process's
+    # own model when flushes embed in the background process (see registry.serving_threads).
     "QUERY_TORCH_THREADS": envint("QUERY_TORCH_THREADS", 1),
     # Where queries are embedded: "process" (a child process at normal priority with its own
     # query model: the model's Python time leaves the web process's GIL) or "thread" (this

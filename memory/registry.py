@@ -670,9 +670,10 @@ def get_query_embedder() -> Embedder | QueryEmbedder | ProcessEmbedder:
 
 def serving_threads() -> int:
     """torch threads of this process's model: ``QUERY_TORCH_THREADS`` when flushes embed in the
-    background process (this model then embeds one query at a time, where a second thread
-    barely helps and, on a busy machine, made one encode take 0.4-1.2 s instead of ~35 ms),
-    else ``TORCH_THREADS`` (it embeds the flushes' batches too)."""
+    background process (this model then embeds a few texts at a time: queries with
+    ``QUERY_EMBEDDING="thread"``, pending messages on demand; a second thread barely helps
+    there and, on a busy machine, made one encode take 0.4-1.2 s instead of ~35 ms), else
+    ``TORCH_THREADS`` (it embeds the flushes' batches too)."""
     config = settings.MEMFUSE
     return config["QUERY_TORCH_THREADS"] if config["BACKGROUND_EMBEDDING"] == "process" else config["TORCH_THREADS"]
 
