@@ -23,6 +23,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from django.conf import settings
@@ -292,8 +293,6 @@ class TracedEncoder:
             raise ValueError(f"the trace differs from the model by {error:.2e}")
 
     def __call__(self, *, input_ids, attention_mask, token_type_ids, **_):
-        from types import SimpleNamespace
-
         outputs = self.module(input_ids, attention_mask, token_type_ids)
         return SimpleNamespace(last_hidden_state=outputs["last_hidden_state"])
 

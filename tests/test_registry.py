@@ -215,7 +215,7 @@ def int8_query_embedder():
 
 
 @pytest.mark.integration
-def test_queries_are_embedded_in_a_child_process_by_the_traced_int8_model(query_mode):
+def test_queries_are_embedded_in_a_child_process_by_the_traced_int8_model(query_mode, int8_query_embedder):
     """Default QUERY_EMBEDDING="process": embed_query runs in another process at normal
     priority, gives the in-process int8 query model's embeddings (near the full model's, not
     equal), and counts apart from the full model."""
@@ -232,7 +232,7 @@ def test_queries_are_embedded_in_a_child_process_by_the_traced_int8_model(query_
     assert os.getpriority(os.PRIO_PROCESS, stats["pid"]) == 0
     assert os.sched_getscheduler(stats["pid"]) == os.SCHED_OTHER
     assert registry.stats()["embedding"]["texts"] == before  # not the full model
-    np.testing.assert_allclose(queries, registry.QueryEmbedder(registry.get_embedder()).embed(texts), atol=1e-5)
+    np.testing.assert_allclose(queries, int8_query_embedder.embed(texts), atol=1e-5)
     cosines = (full * queries).sum(axis=1)
     assert np.all(cosines > 0.95) and np.all(cosines < 0.9999)
     np.testing.assert_allclose(np.linalg.norm(queries, axis=1), [1.0, 1.0], atol=1e-5)
@@ -545,6 +545,17 @@ def test_manage_py_check_fails_on_a_bad_reranker_path(tmp_path):
 
     assert result.returncode != 0
     assert "memory.E004" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", ["BACKGROUND_EMBEDDING", "QUERY_EMBEDDING"])
+def test_embedding_mode_check_names_a_bad_mode(monkeypatch, name):
+    """System check memory.E003 names an inference mode that is neither process nor thread."""
+    assert checks.check_background_embedding(None) == []
+    monkeypatch.setitem(settings.MEMFUSE, name, "gpu")
+
+    errors = checks.check_background_embedding(None)
+
+    assert [e.id for e in errors] == ["memory.E003"] and name in errors[0].msg and "'gpu'" in errors[0].msg
 
 
 @pytest.mark.parametrize(

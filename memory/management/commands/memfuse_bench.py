@@ -1032,7 +1032,7 @@ class QueryBench:
             # each inference process (queries, flushes) logs its own, once.
             log = server.log_path.read_text(errors="replace")
             memory["model_loads_in_server_log"] = log.count("embedding model loaded")
-            memory["inference_process_starts_in_server_log"] = log.count("embedding process")
+            memory["inference_process_starts_in_server_log"] = len(re.findall(r"embedding process \d+ ready", log))
             memory["child_processes"], memory["children_rss_mb"] = children_rss_mb(pid)
         else:
             memory["skipped"] = "--url: the server's process is not ours to read"
