@@ -250,6 +250,9 @@ MEMFUSE = {
     # side in its session (0: its own alone); BM25's context window, on the vector side.
     "VECTOR_CONTEXT_TURNS": envint("VECTOR_CONTEXT_TURNS", 2),
     "VECTOR_OWN_WEIGHT": envint("VECTOR_OWN_WEIGHT", 2),
+    # When a query names one of the user's speakers (metadata["speaker"]), that speaker's
+    # turns in the fused order are a third list of the fusion, of this weight (0: off).
+    "SPEAKER_WEIGHT": envfloat("SPEAKER_WEIGHT", 1.0),
     # How the two rankings are fused: "rrf" (weighted reciprocal rank fusion, RRF_K) or
     # "convex" (weighted sum of min-max normalised scores).
     "FUSION": envstr("FUSION", "rrf"),

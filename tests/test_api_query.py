@@ -321,17 +321,23 @@ def test_bad_retrieval_override_is_400_naming_the_field(api, alice, alice_messag
 
 
 def test_retrieval_fusion_and_prf_overrides_are_accepted(api, alice, alice_messages):
-    """fusion and the PRF knobs are per-query overrides; convex scores lie in [0, 1]."""
-    results = run_query(api, alice.pk, "Biscuit", top_k=3, retrieval={"fusion": "convex", "prf_docs": 0, "prf_weight": 1.5})
+    """fusion, the PRF knobs and the speaker weight are per-query overrides; convex scores lie in [0, 1]."""
+    results = run_query(api, alice.pk, "Biscuit", top_k=3, retrieval={"fusion": "convex", "prf_docs": 0, "prf_weight": 1.5, "speaker_weight": 2.0})
 
     assert results and all(0.0 <= r["score"] <= 1.0 for r in results)
 
 
 @pytest.mark.parametrize(
     "retrieval, field",
-    [({"fusion": "borda"}, "retrieval.fusion"), ({"prf_docs": 11}, "retrieval.prf_docs"), ({"prf_weight": -1}, "retrieval.prf_weight")],
+    [
+        ({"fusion": "borda"}, "retrieval.fusion"),
+        ({"prf_docs": 11}, "retrieval.prf_docs"),
+        ({"prf_weight": -1}, "retrieval.prf_weight"),
+        ({"speaker_weight": -0.5}, "retrieval.speaker_weight"),
+        ({"speaker_weight": "high"}, "retrieval.speaker_weight"),
+    ],
     ids=repr,
 )
 def test_bad_fusion_or_prf_override_is_400(api, alice, alice_messages, retrieval, field):
-    """An unknown fusion or out-of-range PRF knob is a 400 naming it."""
+    """An unknown fusion or an out-of-range PRF or speaker knob is a 400 naming it."""
     assert_error(api.post(query_url(alice.pk), {"query": "puppy", "retrieval": retrieval}, format="json"), 400, field)

@@ -461,3 +461,99 @@ def test_bm25_index_keys_round_trip_through_its_compact_arrays(alice_session):
     import gc
 
     assert not gc.is_tracked(index.bm25.unique_token_ids_set) and not gc.is_tracked(index.bm25.vocab_dict)
+
+
+# --- the named speaker's turns ------------------------------------------------------------------
+
+
+def _pottery_exchange(session):
+    """Melanie's turns match the words of a question about Caroline better than Caroline's
+    own answer, which is out of their context window (positions 0 and 5)."""
+    melanie = ["Pottery class! The pottery class today was a pottery marathon.", "My hands are still covered in clay.",
+               "Next week we glaze the bowls.", "Then they go in the kiln for a day."]
+    turns = [(text, "Melanie") for text in melanie] + [
+        ("Will you bring one to the picnic?", "Will"),
+        ("I loved the class, the teacher was so patient.", "Caroline"),
+    ]
+    return services.messages_add(
+        session=session,
+        messages=[MessageIn(role="user", content=text, metadata={"speaker": speaker}) for text, speaker in turns],
+    )
+
+
+@pytest.mark.parametrize(
+    "query, named",
+    [
+        ("What did Caroline think of the pottery class?", "Caroline"),
+        ("What is Caroline's favourite class?", "Caroline"),  # the possessive has the name's lexeme
+        ("What did Caroline tell Melanie about pottery?", None),  # two speakers named
+        ("What did they think of the pottery class?", None),
+        ("What will happen next week?", None),  # "Will" is a stop word: never named
+    ],
+)
+def test_a_query_names_a_speaker_by_a_lexeme_of_their_name(alice_session, query, named):
+    """``named_speaker`` finds the only speaker whose name's lexemes occur in the query."""
+    _pottery_exchange(alice_session)
+    alice = alice_session.user
+    alice.refresh_from_db()
+    index = retrieval.user_memory(alice.pk).bm25_index(alice.memory_version)
+
+    code = index.named_speaker(retrieval.query_tokens(query))
+
+    speakers = {index.speaker_codes[row]: index.key(row) for row in range(len(index))}
+    assert len(index.speaker_lexemes) == 3 and sorted(speakers) == [0, 1, 2]
+    assert code == (None if named is None else ["Caroline", "Melanie", "Will"].index(named))
+
+
+@pytest.mark.parametrize("speaker_weight", [1.0, 0.0])
+def test_the_named_speakers_turns_are_a_third_list_of_the_fusion(alice_session, speaker_weight):
+    """A question about Caroline ranks her answer above Melanie's better-matching turn, through
+    the 'speaker' list; with its weight at 0, the other retrievers' order stands."""
+    rows = _pottery_exchange(alice_session)
+    melanie, caroline = rows[0], rows[5]
+    alice = alice_session.user
+    alice.refresh_from_db()
+
+    hits = retrieval.hybrid_search(
+        user_id=alice.pk, memory_version=alice.memory_version, query="What did Caroline think of the pottery class?",
+        top_k=3, config=retrieval.RetrievalConfig.from_settings(speaker_weight=speaker_weight),
+    )
+
+    keys = [key for key, _, _ in hits]
+    melanie, caroline = DocKey("message", melanie.pk), DocKey("message", caroline.pk)
+    if speaker_weight:
+        assert keys[0] == caroline and hits[0][2]["speaker"]["rank"] == 1
+        assert all("speaker" not in found for key, _, found in hits if key != caroline)
+    else:
+        assert keys.index(melanie) < keys.index(caroline)
+        assert all("speaker" not in found for _, _, found in hits)
+
+
+def test_no_speaker_list_when_the_query_names_both_speakers(alice_session):
+    """Naming two speakers adds no third list: the fusion is BM25's and the vector side's alone."""
+    _pottery_exchange(alice_session)
+    alice = alice_session.user
+    alice.refresh_from_db()
+
+    hits = retrieval.hybrid_search(
+        user_id=alice.pk, memory_version=alice.memory_version, query="Did Caroline and Melanie like the pottery class?",
+        top_k=3,
+    )
+
+    assert hits and all(set(found) <= {"bm25", "vector"} for _, _, found in hits)
+
+
+def test_convex_fusion_takes_the_speaker_list_too(alice_session):
+    """Under convex fusion the named speaker's turns are a third list as well (fused again)."""
+    rows = _pottery_exchange(alice_session)
+    alice = alice_session.user
+    alice.refresh_from_db()
+
+    hits = retrieval.hybrid_search(
+        user_id=alice.pk, memory_version=alice.memory_version, query="What did Caroline think of the pottery class?",
+        top_k=6, config=retrieval.RetrievalConfig.from_settings(fusion="convex"),
+    )
+
+    with_list = {key for key, _, found in hits if "speaker" in found}
+    assert with_list == {DocKey("message", rows[5].pk)}
+    assert all(0.0 <= score <= 1.0 for _, score, _ in hits)

@@ -156,7 +156,8 @@ class QueryResult(serializers.Serializer):
     created_at = serializers.DateTimeField()
     metadata = serializers.DictField(
         help_text="The item's metadata plus session_id, session_name, position, scope "
-        "(in_session|cross_session|null), flushed, retrievers."
+        "(in_session|cross_session|null), flushed, retrievers ({bm25|vector|speaker|reranker: "
+        "{rank, score}} for each list that ranked the item)."
     )
 
 

@@ -232,6 +232,7 @@ class RetrievalOverrides(serializers.Serializer):
     prf_docs = StrictIntegerField(required=False, min_value=0, max_value=10)
     prf_weight = StrictFloatField(required=False, min_value=0.0, max_value=10.0)
     fusion = serializers.ChoiceField(required=False, choices=["rrf", "convex"])
+    speaker_weight = StrictFloatField(required=False, min_value=0.0, max_value=100.0)
 
     def to_internal_value(self, data):
         if not isinstance(data, dict):

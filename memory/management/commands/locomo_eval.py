@@ -87,6 +87,7 @@ class Command(BaseCommand):
         parser.add_argument("--bm25-weight", type=float, help="override BM25_WEIGHT for this run")
         parser.add_argument("--vector-weight", type=float, help="override VECTOR_WEIGHT for this run")
         parser.add_argument("--rrf-k", type=int, help="override RRF_K for this run")
+        parser.add_argument("--speaker-weight", type=float, help="override SPEAKER_WEIGHT for this run (0: off)")
         parser.add_argument(
             "--rerank",
             action=argparse.BooleanOptionalAction,
@@ -105,6 +106,7 @@ class Command(BaseCommand):
             bm25_weight=options["bm25_weight"],
             vector_weight=options["vector_weight"],
             rrf_k=options["rrf_k"],
+            speaker_weight=options["speaker_weight"],
             rerank=options["rerank"],
             rerank_top_n=options["rerank_top_n"],
         )

@@ -814,7 +814,10 @@ class QueryBench:
             **{key: self.options[key] for key in keys},
             "data": str(self.options["data"]),
             "user_cache_size": settings.MEMFUSE["USER_CACHE_SIZE"],
-            "retrieval": {key: settings.MEMFUSE[key] for key in ("BM25_WEIGHT", "VECTOR_WEIGHT", "CANDIDATES_PER_RETRIEVER")},
+            "retrieval": {
+                key: settings.MEMFUSE[key]
+                for key in ("BM25_WEIGHT", "VECTOR_WEIGHT", "SPEAKER_WEIGHT", "FUSION", "CANDIDATES_PER_RETRIEVER")
+            },
         }
 
     def prepare(self, log) -> dict:
