@@ -178,11 +178,15 @@ class BM25Index:
     bm25: bm25s.BM25 | None
     speaker_codes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     speaker_lexemes: tuple[frozenset[str], ...] = ()
-    _rows: dict[bytes, int] = field(init=False, repr=False)
+    _message_rows: dict[int, int] = field(init=False, repr=False)
+    _knowledge_rows: dict[int, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        # b"m" / b"k" + the id's bytes: one dict of bytes (which the collector ignores).
-        self._rows = {(b"m" if i < self.messages else b"k") + doc_id.tobytes(): i for i, doc_id in enumerate(self.ids)}
+        # Rows by the id's integer (UUID.int), one dict per kind: ints, which the collector
+        # ignores, and a key's lookup costs no bytes conversion.
+        ints = [int.from_bytes(doc_id.tobytes(), "big") for doc_id in self.ids]
+        self._message_rows = {value: i for i, value in enumerate(ints[: self.messages])}
+        self._knowledge_rows = {value: i for i, value in enumerate(ints[self.messages :], start=self.messages)}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -193,7 +197,7 @@ class BM25Index:
 
     def row(self, key: DocKey) -> int | None:
         """The row of ``key``, ``None`` if the index does not hold it (added after the build)."""
-        return self._rows.get((b"m" if key.kind == "message" else b"k") + key.id.bytes)
+        return (self._message_rows if key.kind == "message" else self._knowledge_rows).get(key.id.int)
 
     def named_speaker(self, query_tokens: list[str]) -> int | None:
         """The speaker code of the only speaker the query names, else ``None``.
@@ -756,9 +760,10 @@ def _fuse_with_speaker(ranked: dict[str, list], config: RetrievalConfig, index: 
     if config.fusion == "convex":
         return fuse({**ranked, "speaker": speaker_candidates(hits, index, speaker)}, config)
     rescored, rank = [], 0
+    spoken = (index.speaker_codes == speaker).tobytes()  # one byte per row: 1 if the speaker's
     for key, score, found in hits:
         row = index.row(key)
-        if row is not None and index.speaker_codes[row] == speaker:
+        if row is not None and spoken[row]:
             rank += 1
             found = {**found, "speaker": {"rank": rank, "score": round(score, 6)}}
             score += config.speaker_weight / (config.rrf_k + rank)
