@@ -610,10 +610,9 @@ def speaker_candidates(hits: list[tuple[DocKey, float, dict]], index: BM25Index,
     retrievers agree on them. Hits the index does not know (added after its build) are left
     out.
     """
+    spoken = (index.speaker_codes == speaker).tobytes()  # one byte per row: 1 if the speaker's
     rows = [index.row(key) for key, _, _ in hits]
-    return [
-        (key, score) for (key, score, _), row in zip(hits, rows) if row is not None and index.speaker_codes[row] == speaker
-    ]
+    return [(key, score) for (key, score, _), row in zip(hits, rows) if row is not None and spoken[row]]
 
 
 def fuse(ranked_lists: dict[str, list[tuple[DocKey, float]]], config: RetrievalConfig) -> list[tuple[DocKey, float, dict]]:
@@ -715,7 +714,7 @@ def hybrid_search_stages(
     index, speaker = None, None
     if config.bm25_weight > 0 or context_turns or config.speaker_weight > 0:
         index = user_memory(user_id).bm25_index(memory_version)
-    if config.bm25_weight > 0 or config.speaker_weight > 0:
+    if config.bm25_weight > 0 or (config.speaker_weight > 0 and index.speaker_lexemes):
         tokens = query_tokens(query)
         if config.speaker_weight > 0:
             speaker = index.named_speaker(tokens)
