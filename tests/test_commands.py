@@ -59,6 +59,18 @@ def test_locomo_eval_reports_recall_and_cleans_up(tmp_path):
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("speaker_weight, expected", [(None, 1.0), (0.0, 0.0)])
+def test_locomo_eval_reports_the_retrieval_settings_it_ran_with(tmp_path, speaker_weight, expected):
+    """--speaker-weight overrides SPEAKER_WEIGHT for the run; the JSON says which settings ran."""
+    out = tmp_path / "out.json"
+
+    call_command("locomo_eval", str(locomo_file(tmp_path)), json_out=out, speaker_weight=speaker_weight)
+
+    retrieval = json.loads(out.read_text())["retrieval"]
+    assert retrieval["speaker_weight"] == expected and retrieval["bm25_weight"] == 3.0
+
+
+@pytest.mark.django_db(transaction=True)
 def test_locomo_eval_keep_stores_turns_with_speaker_date_and_caption(tmp_path):
     """With --keep the turns stay: speaker and caption in metadata, timestamps from the session date."""
     call_command("locomo_eval", str(locomo_file(tmp_path)), keep=True)

@@ -17,6 +17,7 @@ per category code and overall (percentages). Only ``conversation`` and each ques
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import time
@@ -124,7 +125,7 @@ class Command(BaseCommand):
             if not options["keep"]:
                 for user in users:
                     services.user_delete(user=user)
-        report = self._report(hits, latencies, n_messages, ingest_seconds)
+        report = {**self._report(hits, latencies, n_messages, ingest_seconds), "retrieval": dataclasses.asdict(config)}
         self._print_table(report)
         if options["json_out"]:
             options["json_out"].write_text(json.dumps(report, indent=2) + "\n")
