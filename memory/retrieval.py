@@ -756,14 +756,14 @@ def _fuse_with_speaker(ranked: dict[str, list], config: RetrievalConfig, index: 
     hits = fuse(ranked, config)
     if speaker is None:
         return hits
+    spoken = speaker_candidates(hits, index, speaker)
     if config.fusion == "convex":
-        return fuse({**ranked, "speaker": speaker_candidates(hits, index, speaker)}, config)
-    rescored, rank = [], 0
-    spoken = (index.speaker_codes == speaker).tobytes()  # one byte per row: 1 if the speaker's
+        return fuse({**ranked, "speaker": spoken}, config)
+    ranks = {key: rank for rank, (key, _) in enumerate(spoken, start=1)}
+    rescored = []
     for key, score, found in hits:
-        row = index.row(key)
-        if row is not None and spoken[row]:
-            rank += 1
+        rank = ranks.get(key)
+        if rank is not None:
             found = {**found, "speaker": {"rank": rank, "score": round(score, 6)}}
             score += config.speaker_weight / (config.rrf_k + rank)
         rescored.append((key, score, found))

@@ -10,8 +10,8 @@ from rest_framework import exceptions
 from rest_framework.response import Response
 
 from memory.errors import ServiceError
-from memory.registry import EmbeddingProcessError
 from memory.pool import RETRY_AFTER_SECONDS, is_pool_exhausted, note_pool_exhausted
+from memory.registry import EmbeddingProcessError
 
 logger = logging.getLogger(__name__)
 
