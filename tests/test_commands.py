@@ -100,6 +100,18 @@ def test_locomo_eval_rejects_bad_files(tmp_path, db, content, message):
 
 @pytest.mark.parametrize(
     "args, option",
+    [(["--speaker-weight", "-1"], "--speaker-weight"), (["--bm25-weight", "101"], "--bm25-weight"),
+     (["--rrf-k", "0"], "--rrf-k"), (["--bm25-weight", "0", "--vector-weight", "0"], "--vector-weight")],
+)
+def test_locomo_eval_rejects_bad_retrieval_options(tmp_path, db, args, option):
+    """Out-of-range retrieval options are command errors naming the option; nothing is stored."""
+    with pytest.raises(CommandError, match=option):
+        call_command("locomo_eval", str(locomo_file(tmp_path)), *args)
+    assert not User.objects.exists() and not Message.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "args, option",
     [(["--rate", "0"], "--rate"), (["--duration", "-1"], "--duration"), (["--burst", "1"], "--burst"), (["--clients", "0"], "--clients"), (["--url", "http://127.0.0.1:9"], "--api-key")],
 )
 def test_memfuse_bench_rejects_bad_options(args, option):

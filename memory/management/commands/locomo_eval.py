@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from buffers.services import flush_pending
 from memfuse_project.embedded_pg import migrate_if_embedded
+from memory.api.serializers import RetrievalOverrides
 from memory import selectors, services
 from memory.models import Agent, Tenant
 from memory.retrieval import RetrievalConfig
@@ -103,14 +104,7 @@ class Command(BaseCommand):
             conversations = conversations[: options["conversations"]]
         if options["rerank"] and not settings.MEMFUSE["RERANKER_MODEL_PATH"]:
             raise CommandError("--rerank: no reranker is configured (set RERANKER_MODEL_PATH)")
-        config = RetrievalConfig.from_settings(
-            bm25_weight=options["bm25_weight"],
-            vector_weight=options["vector_weight"],
-            rrf_k=options["rrf_k"],
-            speaker_weight=options["speaker_weight"],
-            rerank=options["rerank"],
-            rerank_top_n=options["rerank_top_n"],
-        )
+        config = RetrievalConfig.from_settings(**self._overrides(options))
         run = uuid.uuid4().hex[:8]
         # Its own tenant, so its users and agent never share names with a client's.
         tenant = Tenant.objects.filter(name=EVAL_TENANT).first() or services.tenant_create(name=EVAL_TENANT)
@@ -130,6 +124,23 @@ class Command(BaseCommand):
         if options["json_out"]:
             options["json_out"].write_text(json.dumps(report, indent=2) + "\n")
             self.stdout.write(f"wrote {options['json_out']}")
+
+    @staticmethod
+    def _overrides(options: dict) -> dict:
+        """The retrieval options given, checked by the API's own rules for per-query overrides
+        (``RetrievalOverrides``: ranges, not both retrievers off). Raises ``CommandError``
+        naming the option, before anything is stored."""
+        names = ("bm25_weight", "vector_weight", "rrf_k", "speaker_weight", "rerank", "rerank_top_n")
+        given = {name: options[name] for name in names if options.get(name) is not None}
+        overrides = RetrievalOverrides(data=given)
+        if not overrides.is_valid():
+            raise CommandError(
+                "; ".join(
+                    f"--{field.replace('_', '-')}: {' '.join(str(message) for message in messages)}"
+                    for field, messages in overrides.errors.items()
+                )
+            )
+        return overrides.validated_data
 
     def _load(self, path: Path) -> list[dict]:
         try:
