@@ -132,24 +132,46 @@ class RetrievalConfig:
         return cls(**values)
 
 
-@dataclass(frozen=True)
-class DocKey:
-    """A retrievable document: ``kind`` is ``"message"`` or ``"knowledge"``.
+class DocKey(tuple):
+    """A retrievable document: ``kind`` (``"message"`` or ``"knowledge"``) and ``id`` (its UUID).
 
-    Hashed once, at construction: the fusion hashes every candidate key several times per
-    query, and the generated hash (a tuple's, then ``UUID.__hash__`` in Python) was most of
-    its time (cProfile).
+    ``DocKey(kind, id)``. A tuple ``(kind, id.int)`` underneath, so that it is hashed and
+    compared in C: the fusion hashes every candidate key several times per query, and a
+    dataclass's generated hash (a tuple's, then ``UUID.__hash__`` in Python) was most of its
+    time (cProfile). ``BM25Index.key`` makes keys from the index's integers (``from_int``)
+    without a ``UUID``: making a hundred ``UUID`` objects and dataclass keys per retriever was
+    the web process's largest single cost per query (py-spy, ``--gil``); ``id`` builds the
+    ``UUID`` when it is asked for.
     """
 
-    kind: str
-    id: uuid.UUID
-    _hash: int = field(init=False, repr=False, compare=False)
+    __slots__ = ()
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_hash", hash((self.kind, self.id.int)))
+    def __new__(cls, kind: str, id: uuid.UUID) -> DocKey:  # noqa: A002 (the field's name)
+        return tuple.__new__(cls, (kind, id.int))
 
-    def __hash__(self) -> int:
-        return self._hash
+    @classmethod
+    def from_int(cls, kind: str, value: int) -> DocKey:
+        """The key of the document whose UUID's integer (``UUID.int``) is ``value``."""
+        return tuple.__new__(cls, (kind, value))
+
+    @property
+    def kind(self) -> str:
+        return self[0]
+
+    @property
+    def int(self) -> int:
+        """The id as ``UUID.int``."""
+        return self[1]
+
+    @property
+    def id(self) -> uuid.UUID:
+        return uuid.UUID(int=self[1])
+
+    def __repr__(self) -> str:
+        return f"DocKey(kind={self[0]!r}, id={self.id!r})"
+
+    def __reduce__(self):
+        return DocKey, (self[0], self.id)
 
 
 @dataclass
@@ -180,24 +202,41 @@ class BM25Index:
     speaker_lexemes: tuple[frozenset[str], ...] = ()
     _message_rows: dict[int, int] = field(init=False, repr=False)
     _knowledge_rows: dict[int, int] = field(init=False, repr=False)
+    _id_order: np.ndarray = field(init=False, repr=False)
+    _ints: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Rows by the id's integer (UUID.int), one dict per kind: ints, which the collector
         # ignores, and a key's lookup costs no bytes conversion.
         ints = [int.from_bytes(doc_id.tobytes(), "big") for doc_id in self.ids]
+        self._ints = ints  # each row's, for ``key`` (the dicts' own int objects: 8 bytes a row)
         self._message_rows = {value: i for i, value in enumerate(ints[: self.messages])}
         self._knowledge_rows = {value: i for i, value in enumerate(ints[self.messages :], start=self.messages)}
+        # The rows in the ids' byte order, for ``rows`` (4 bytes per document).
+        self._id_order = np.argsort(self.ids.reshape(-1).view("V16"), kind="stable").astype(np.int32)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def key(self, row: int) -> DocKey:
         """The document at ``row``."""
-        return DocKey("message" if row < self.messages else "knowledge", uuid.UUID(bytes=self.ids[row].tobytes()))
+        return DocKey.from_int("message" if row < self.messages else "knowledge", self._ints[row])
 
     def row(self, key: DocKey) -> int | None:
         """The row of ``key``, ``None`` if the index does not hold it (added after the build)."""
-        return (self._message_rows if key.kind == "message" else self._knowledge_rows).get(key.id.int)
+        return (self._message_rows if key[0] == "message" else self._knowledge_rows).get(key[1])
+
+    def rows(self, ids: np.ndarray, *, kind: str) -> np.ndarray:
+        """The rows of ``ids`` (``(m,)`` ``V16``: UUIDs' bytes) of documents of ``kind``, all at
+        once: ``(m,)`` int, ``-1`` where the index holds no such document."""
+        if not len(self.ids) or not len(ids):
+            return np.full(len(ids), -1)
+        held = self.ids.reshape(-1).view("V16")
+        at = np.minimum(np.searchsorted(held, ids, sorter=self._id_order), len(held) - 1)
+        rows = self._id_order[at].astype(np.int64)
+        messages = rows < self.messages
+        found = (held[rows] == ids) & (messages if kind == "message" else ~messages)
+        return np.where(found, rows, -1)
 
     def named_speaker(self, query_tokens: list[str]) -> int | None:
         """The speaker code of the only speaker the query names, else ``None``.
@@ -283,29 +322,22 @@ def context_scores(scores: np.ndarray, session_codes: np.ndarray, *, window: int
 
 
 def vector_context_candidates(
-    ranked: list[tuple[DocKey, float]], index: BM25Index, *, window: int, own_weight: int, limit: int
+    scores: np.ndarray, unknown: list[tuple[DocKey, float]], index: BM25Index, *, window: int, own_weight: int, limit: int
 ) -> list[tuple[DocKey, float]]:
-    """The vector retriever's ``(key, similarity)`` list rescored by ``context_scores``.
+    """The vector retriever's similarities rescored by ``context_scores``, as a ranked list.
 
-    ``ranked`` should hold every document of the user (``vector_candidates`` with no
-    limit): a neighbour missing from it counts as absent. Positions come from ``index``
-    (the user's turns in conversation order); a key ``index`` does not know (a message added
-    after it was built) keeps its own similarity. Returns the best ``limit``, best first.
+    ``scores`` and ``unknown`` are ``vector_row_scores``' output: every document of the user
+    by ``index`` row (``NaN``: not scored, and then it counts as absent for its neighbours),
+    and the documents ``index`` does not know (added after its build), which keep their own
+    similarity. Positions come from ``index`` (the user's turns in conversation order).
+    Returns the best ``limit`` as ``(key, score)``, best first.
     """
-    scores = np.full(len(index), np.nan)
-    keys: dict[int, DocKey] = {}
-    unknown = []
-    for key, similarity in ranked:
-        row = index.row(key)
-        if row is None:
-            unknown.append((key, similarity))
-        else:
-            scores[row], keys[row] = similarity, key
     smoothed = context_scores(scores, index.session_codes, window=window, own_weight=own_weight)
     rows = np.flatnonzero(~np.isnan(smoothed))
     best = rows[np.argsort(-smoothed[rows], kind="stable")[:limit]]
-    results = [(keys[row], float(smoothed[row])) for row in best.tolist()] + unknown
-    results.sort(key=lambda item: -item[1])
+    results = [(index.key(row), float(smoothed[row])) for row in best.tolist()]
+    if unknown:
+        results = sorted(results + unknown, key=lambda item: -item[1])
     return results[:limit]
 
 
@@ -490,15 +522,13 @@ def vector_candidates(
     *,
     user_id: uuid.UUID,
     embedding: np.ndarray,
-    limit: int | None,
+    limit: int,
     agent_id: uuid.UUID | None = None,
     feedback: list[DocKey] = (),
     feedback_weight: float = 0.0,
 ) -> list[tuple[DocKey, float]]:
     """Top ``limit`` documents by cosine similarity to the query (``embedding``, ``(dim,)``
     float32), moved toward ``feedback`` documents when given (Rocchio, below).
-
-    ``limit=None``: all of the user's documents (for ``vector_context_candidates``).
 
     Returns ``(key, similarity)`` best first, similarity = 1 - cosine distance. Flushed rows:
     an exact scan of the user's rows (the schema has no HNSW index, see migration 0006): an
@@ -517,8 +547,84 @@ def vector_candidates(
     with none left the query is not moved. Computed in the same statement as the scan (as
     ``q / beta + mean``, the same direction, and cosine ignores length): no extra round trip.
     """
+    rows, pending = _vector_scan(
+        user_id=user_id, embedding=embedding, limit=limit, agent_id=agent_id, feedback=feedback, feedback_weight=feedback_weight
+    )
+    results = [(DocKey(kind, doc_id), float(similarity)) for kind, doc_id, similarity, _, _ in rows]
+    results.extend(pending)
+    if pending:
+        results.sort(key=lambda item: -item[1])
+    return results[:limit]
+
+
+def vector_row_scores(
+    *,
+    user_id: uuid.UUID,
+    embedding: np.ndarray,
+    index: BM25Index,
+    agent_id: uuid.UUID | None = None,
+    feedback: list[DocKey] = (),
+    feedback_weight: float = 0.0,
+) -> tuple[np.ndarray, list[tuple[DocKey, float]]]:
+    """Every document of the user scored as ``vector_candidates`` scores them, by ``index`` row.
+
+    Returns ``(scores, unknown)``: ``scores`` is ``(len(index),)`` float64, the similarity of
+    row i's document, ``NaN`` where it was not scored (a message of another agent than
+    ``agent_id``); ``unknown`` is ``[(key, similarity)]`` of documents ``index`` does not
+    hold (added after its build). The input of ``vector_context_candidates``.
+
+    The same scan as ``vector_candidates``, but its rows come back as two arrays (the ids'
+    bytes, the similarities) placed by ``BM25Index.rows``: no Python object per document
+    (a key and a UUID per row were ~1 ms of the web process's time per query, measured).
+    """
+    aggregates, pending = _vector_scan(
+        user_id=user_id, embedding=embedding, limit=None, agent_id=agent_id, feedback=feedback, feedback_weight=feedback_weight
+    )
+    scores = np.full(len(index), np.nan)
+    unknown = []
+    for kind, ids, similarities in aggregates:
+        ids = np.frombuffer(ids, dtype="V16")
+        similarities = np.asarray(similarities, dtype=np.float64)
+        rows = index.rows(ids, kind=kind)
+        held = rows >= 0
+        scores[rows[held]] = similarities[held]
+        for i in np.flatnonzero(~held).tolist():
+            unknown.append((DocKey.from_int(kind, int.from_bytes(ids[i].tobytes(), "big")), float(similarities[i])))
+    for key, similarity in pending:
+        row = index.row(key)
+        if row is None:
+            unknown.append((key, similarity))
+        else:
+            scores[row] = similarity
+    return scores, unknown
+
+
+def _vector_scan(
+    *,
+    user_id: uuid.UUID,
+    embedding: np.ndarray,
+    limit: int | None,
+    agent_id: uuid.UUID | None,
+    feedback: list[DocKey],
+    feedback_weight: float,
+) -> tuple[list[tuple], list[tuple[DocKey, float]]]:
+    """The scan of ``vector_candidates`` (see there): ``(flushed, pending)``.
+
+    ``flushed``: with a ``limit``, the best ``limit`` flushed documents as rows ``(kind, id,
+    similarity, None, None)`` best first; with ``limit=None``, all of them, one row per kind
+    present, ``(kind, ids, similarities)``: the ids' 16-byte UUIDs concatenated and the
+    similarities in the same order. ``pending``: ``(key, similarity)`` of the messages not
+    flushed yet, embedded on demand.
+    """
     agent_join = "JOIN memory_session s ON s.id = m.session_id AND s.agent_id = %(agent)s" if agent_id else ""
     moving = bool(feedback) and feedback_weight > 0
+    if limit is None:
+        scanned = """SELECT kind, NULL::uuid, NULL::float8, NULL::timestamptz, NULL::text,
+               string_agg(uuid_send(id), ''::bytea ORDER BY id), array_agg(1 - (embedding <=> query.q) ORDER BY id)
+            FROM mine, query GROUP BY kind"""
+    else:
+        scanned = """(SELECT kind, id, 1 - (embedding <=> query.q), NULL::timestamptz, NULL, NULL::bytea, NULL::float8[]
+            FROM mine, query ORDER BY embedding <=> query.q LIMIT %(limit)s)"""
     sql = f"""
         WITH feedback AS (
             SELECT avg(e) AS mean FROM (
@@ -540,13 +646,12 @@ def vector_candidates(
             SELECT m.id, m.updated_at, m.index_text FROM memory_message m {agent_join}
             WHERE m.user_id = %(user)s AND m.flushed_at IS NULL
         )
-        (SELECT kind, id, 1 - (embedding <=> query.q), NULL::timestamptz, NULL FROM mine, query
-         ORDER BY embedding <=> query.q LIMIT %(limit)s)
+        {scanned}
         UNION ALL
-        SELECT 'pending', id, NULL, updated_at, index_text FROM pending
+        SELECT 'pending', id, NULL, updated_at, index_text, NULL, NULL FROM pending
         UNION ALL
         -- the moved query, for scoring pending messages here, only when there are some
-        SELECT 'query', NULL, NULL, NULL, q::text FROM query WHERE moved AND EXISTS (SELECT FROM pending)
+        SELECT 'query', NULL, NULL, NULL, q::text, NULL, NULL FROM query WHERE moved AND EXISTS (SELECT FROM pending)
     """
     params = {
         "user": user_id,
@@ -560,16 +665,19 @@ def vector_candidates(
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall()
-    results = [(DocKey(kind, doc_id), float(similarity)) for kind, doc_id, similarity, _, _ in rows if kind in ("message", "knowledge")]
-    pending = [(doc_id, updated_at, text) for kind, doc_id, _, updated_at, text in rows if kind == "pending"]
-    if pending:
-        moved = [text for kind, _, _, _, text in rows if kind == "query"]
+    if limit is None:
+        flushed = [(row[0], row[5], row[6]) for row in rows if row[0] in ("message", "knowledge")]
+    else:
+        flushed = [row[:5] for row in rows if row[0] in ("message", "knowledge")]
+    waiting = [(doc_id, updated_at, text) for kind, doc_id, _, updated_at, text, _, _ in rows if kind == "pending"]
+    pending = []
+    if waiting:
+        moved = [row[4] for row in rows if row[0] == "query"]
         query = Vector._from_db(moved[0]) if moved else embedding
         query = (query / np.linalg.norm(query)).astype(np.float32)
-        similarities = user_memory(user_id).pending_embeddings(pending) @ query
-        results.extend((DocKey("message", doc_id), float(sim)) for (doc_id, _, _), sim in zip(pending, similarities))
-        results.sort(key=lambda item: -item[1])
-    return results[:limit]
+        similarities = user_memory(user_id).pending_embeddings(waiting) @ query
+        pending = [(DocKey("message", doc_id), float(sim)) for (doc_id, _, _), sim in zip(waiting, similarities)]
+    return flushed, pending
 
 
 def convex_fuse(ranked_lists: dict[str, list[tuple[DocKey, float]]], weights: dict[str, float]) -> list[tuple[DocKey, float, dict]]:
@@ -723,22 +831,20 @@ def hybrid_search_stages(
         if partial and config.vector_weight > 0:
             yield "partial", _fuse_with_speaker(ranked, config, index, speaker)[:top_k]
     if embedding is not None:
-        ranked["vector"] = vector_candidates(
+        scan = dict(
             user_id=user_id,
             embedding=embedding.result()[0],
-            limit=None if context_turns else config.vector_candidates,
             agent_id=agent_id,
             feedback=[key for key, _ in ranked.get("bm25", [])[: config.prf_docs]],
             feedback_weight=config.prf_weight,
         )
         if context_turns:
+            scores, unknown = vector_row_scores(**scan, index=index)
             ranked["vector"] = vector_context_candidates(
-                ranked["vector"],
-                index,
-                window=context_turns,
-                own_weight=config.vector_own_weight,
-                limit=config.vector_candidates,
+                scores, unknown, index, window=context_turns, own_weight=config.vector_own_weight, limit=config.vector_candidates
             )
+        else:
+            ranked["vector"] = vector_candidates(**scan, limit=config.vector_candidates)
     hits = _fuse_with_speaker(ranked, config, index, speaker)
     if config.rerank:
         hits = rerank(user_id=user_id, query=query, hits=hits, top_n=config.rerank_top_n)

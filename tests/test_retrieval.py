@@ -29,6 +29,19 @@ def test_context_documents_add_neighbours_of_the_same_session_only():
     assert context_documents(tokens, sessions, window=0, own_weight=1) == tokens
 
 
+def test_doc_key_is_a_value_of_kind_and_id():
+    """Keys made from a UUID or from its integer are the same key; the kind tells them apart."""
+    import pickle
+
+    doc_id = uuid.uuid4()
+    key = DocKey("message", doc_id)
+
+    assert key == DocKey.from_int("message", doc_id.int) and hash(key) == hash(DocKey.from_int("message", doc_id.int))
+    assert key != DocKey("knowledge", doc_id) and key != DocKey("message", uuid.uuid4())
+    assert (key.kind, key.id, key.int) == ("message", doc_id, doc_id.int)
+    assert pickle.loads(pickle.dumps(key)) == key and repr(key) == f"DocKey(kind='message', id={doc_id!r})"
+
+
 def test_rrf_weights_order_the_fusion():
     """With a heavier weight, a retriever's first hit wins the fused ranking; ranks are reported."""
     a, b = DocKey("message", uuid.uuid4()), DocKey("message", uuid.uuid4())
@@ -329,7 +342,7 @@ def test_prf_scores_against_the_query_moved_toward_the_feedback_documents(alice_
 
     def scores(feedback):
         found = retrieval.vector_candidates(
-            user_id=alice_session.user_id, embedding=query, limit=None, feedback=feedback, feedback_weight=0.75
+            user_id=alice_session.user_id, embedding=query, limit=100, feedback=feedback, feedback_weight=0.75
         )
         return {key.id: score for key, score in found}
 
@@ -432,6 +445,32 @@ def test_vector_context_score_is_the_weighted_mean_of_the_sessions_neighbours(al
         assert scores[DocKey("message", rows[first + 1].pk)] == pytest.approx((2 * c1 + c0 + c2) / 4, abs=1e-5)
 
 
+@pytest.mark.parametrize("flushed", [False, True])
+def test_vector_row_scores_place_each_cosine_at_its_index_row(alice, agent, flushed):
+    """Every document's cosine lands at its row of the index; a document the index does not
+    hold yet (added after its build) comes back on its own, with its cosine."""
+    from buffers.services import flush_pending
+
+    trip = services.session_create(user=alice, agent=agent, name="trip")
+    rows = list(services.messages_add(session=trip, messages=[MessageIn(role="user", content=t) for t in PATAGONIA]))
+    if flushed:
+        flush_pending(user_id=alice.pk)
+    alice.refresh_from_db()
+    index = retrieval.user_memory(alice.pk).bm25_index(alice.memory_version)
+    (late,) = services.knowledge_add(user=alice, contents=["Alice's boots are size 39."])
+    query = retrieval.registry.embed_query(["glacier hike"])[0]
+    texts = [row.index_text for row in rows] + [late.content]
+    cosines = retrieval.registry.embed(texts) @ query
+
+    scores, unknown = retrieval.vector_row_scores(user_id=alice.pk, embedding=query, index=index)
+
+    assert len(scores) == len(index) == len(rows)
+    for row, cosine in zip(rows, cosines):
+        assert scores[index.row(DocKey("message", row.pk))] == pytest.approx(cosine, abs=1e-5)
+    assert [key for key, _ in unknown] == [DocKey("knowledge", late.pk)]
+    assert unknown[0][1] == pytest.approx(cosines[-1], abs=1e-5)
+
+
 def test_bm25_index_keys_round_trip_through_its_compact_arrays(alice_session):
     """Every document's key maps to its row and back, whatever its id's bytes (one ends in
     zero bytes, which a fixed-width bytes array would strip); knowledge rows come last."""
@@ -455,6 +494,13 @@ def test_bm25_index_keys_round_trip_through_its_compact_arrays(alice_session):
     assert [index.key(row) for row in range(len(index))] == keys
     assert [index.row(key) for key in keys] == [0, 1, 2, 3]
     assert index.row(DocKey("knowledge", ids[0])) is None  # the kind is part of the key
+    # All rows at once (the vector scan's path): by id bytes, -1 for an unknown id or a wrong kind.
+    def id_bytes(*uuids):
+        return np.frombuffer(b"".join(u.bytes for u in uuids), dtype="V16")
+
+    assert index.rows(id_bytes(ids[2], uuid.uuid4(), ids[0], fact.pk), kind="message").tolist() == [2, -1, 0, -1]
+    assert index.rows(id_bytes(fact.pk, ids[1]), kind="knowledge").tolist() == [3, -1]
+    assert index.rows(id_bytes(), kind="message").tolist() == []
     assert list(index.session_codes) == [0, 0, 0, -1] and index.session_ids.tobytes() == alice_session.pk.bytes
     assert {key for key, _ in index.search(["kayak"], limit=10)} == set(keys)
     # Nothing per token for the garbage collector to walk (see BM25Index's docstring).
