@@ -3,6 +3,8 @@ a reranker path that holds no cross-encoder."""
 
 from __future__ import annotations
 
+import re
+
 from django.conf import settings
 from django.core.checks import Error, Tags, register
 from django.db import connection
@@ -117,3 +119,16 @@ def check_retrieval_settings(app_configs=None, **kwargs) -> list[Error]:
         if config[name] < 0:
             problems.append(f"{name} is {config[name]}; it must not be negative.")
     return [Error(problem, id="memory.E005") for problem in problems]
+
+
+RATE_LIMIT = re.compile(r"[1-9][0-9]*/(second|minute|hour|day)")
+
+
+@register()
+def check_rate_limit(app_configs=None, **kwargs) -> list[Error]:
+    """memory.E006: ``API_RATE_LIMIT`` is ``"<n>/<second|minute|hour|day>"`` (else every
+    request would fail to read it)."""
+    rate = settings.MEMFUSE["API_RATE_LIMIT"]
+    if isinstance(rate, str) and RATE_LIMIT.fullmatch(rate):
+        return []
+    return [Error(f"API_RATE_LIMIT is {rate!r}; expected '<n>/<second|minute|hour|day>', e.g. '6000/minute'.", id="memory.E006")]

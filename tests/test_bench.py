@@ -14,6 +14,8 @@ import pytest
 
 from memory.management.bench_dataset import SLICE_STRIDE, answerable_questions, load_conversations, user_slice
 from memory.management.commands.memfuse_bench import (
+    BENCH_RATE_LIMIT,
+    bench_rate_limit,
     chat_rounds,
     cosine_similarities,
     generated_turn_texts,
@@ -21,6 +23,14 @@ from memory.management.commands.memfuse_bench import (
     recall_at_k,
     scheduled_offsets,
 )
+
+
+def test_bench_server_rate_limit_is_raised_unless_the_environment_sets_one(monkeypatch):
+    """One tenant key sends every bench query: the default 100/s would throttle a faster server."""
+    monkeypatch.delenv("API_RATE_LIMIT", raising=False)
+    assert bench_rate_limit() == BENCH_RATE_LIMIT == "1000000/minute"
+    monkeypatch.setenv("API_RATE_LIMIT", "50/second")
+    assert bench_rate_limit() == "50/second"
 
 
 def test_schedule_is_evenly_spaced_at_the_offered_rate():

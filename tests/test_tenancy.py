@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -337,16 +338,50 @@ def test_key_with_expiry_works_until_then(api, alice):
 
 def test_rate_limit_per_key_answers_429_with_retry_after(api, tenant, settings):
     """Past API_RATE_LIMIT requests a key gets 429 with Retry-After; another key is counted apart."""
-    settings.MEMFUSE = {**settings.MEMFUSE, "API_RATE_LIMIT": "3/minute"}
+    # Per hour: the window's edge (where the count restarts) falls within the test ~never.
+    settings.MEMFUSE = {**settings.MEMFUSE, "API_RATE_LIMIT": "3/hour"}
     for _ in range(3):
         assert_success(api.get("/api/v1/users"))
 
     response = api.get("/api/v1/users")
 
     assert_error(response, 429, None)
-    assert 0 < int(response["Retry-After"]) <= 60
+    assert 0 < int(response["Retry-After"]) <= 3600
     other = key_client(services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="other")[1])
     assert_success(other.get("/api/v1/users"))
+
+
+def test_rate_limit_counts_concurrent_requests_of_one_key_exactly(settings):
+    """Requests of one key racing from many threads: exactly API_RATE_LIMIT of them pass
+    (one counter per key, incremented atomically), whatever the interleaving."""
+    import sys
+    import threading
+    from types import SimpleNamespace
+
+    from memory.api.auth import ApiKeyRateThrottle
+    from memory.tenancy import Principal
+
+    settings.MEMFUSE = {**settings.MEMFUSE, "API_RATE_LIMIT": "100/hour"}
+    request = SimpleNamespace(auth=Principal(key_id=f"race{uuid.uuid4().hex[:8]}", scope="tenant", tenant_id=uuid.uuid4()))
+    allowed = []
+    start = threading.Barrier(8)
+
+    def client():
+        start.wait()
+        allowed.extend(ApiKeyRateThrottle().allow_request(request, None) for _ in range(50))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch every few bytecodes: a read-then-write count loses updates
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+
+    assert len(allowed) == 400 and allowed.count(True) == 100
 
 
 # --- commands ------------------------------------------------------------------------------------

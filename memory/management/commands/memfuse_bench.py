@@ -187,6 +187,17 @@ def uvicorn_command(port: int, *args: str) -> list[str]:
     ]  # fmt: skip
 
 
+BENCH_RATE_LIMIT = "1000000/minute"
+
+
+def bench_rate_limit() -> str:
+    """``API_RATE_LIMIT`` of a server the bench starts: the environment's when set, else
+    ``BENCH_RATE_LIMIT``. The query bench sends every query with one tenant key, and the
+    default 6000/minute is 100 per second: a server that answers faster would turn the closed
+    loop into 429s. The limiter still counts every request (its cost is measured)."""
+    return os.environ.get("API_RATE_LIMIT") or BENCH_RATE_LIMIT
+
+
 class ServerProcess:
     """The service on ``127.0.0.1:<free port>`` as a subprocess.
 
@@ -1217,7 +1228,11 @@ class Command(BaseCommand):
         prepared = bench.prepare(self.stderr.write)
         try:
             if not url:
-                server = ServerProcess(log_path=Path(f"/tmp/memfuse-bench-{run_id}-server.log"), kind=options["server"])
+                server = ServerProcess(
+                    log_path=Path(f"/tmp/memfuse-bench-{run_id}-server.log"),
+                    kind=options["server"],
+                    env={"API_RATE_LIMIT": bench_rate_limit()},
+                )
                 self.stderr.write(f"starting {server.kind} (log: {server.log_path}) ...")
                 url = server.start()
             if not options["api_key"]:
@@ -1264,6 +1279,7 @@ class Command(BaseCommand):
                 "started_by_bench": server is not None,
                 "kind": server.kind if server is not None else None,
                 "asgi_threads": settings.MEMFUSE["ASGI_THREADS"] if server is not None else None,
+                "api_rate_limit": server.env["API_RATE_LIMIT"] if server is not None else None,
                 **server_info,
             },
         }
