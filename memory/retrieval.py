@@ -550,7 +550,7 @@ def vector_candidates(
     rows, pending = _vector_scan(
         user_id=user_id, embedding=embedding, limit=limit, agent_id=agent_id, feedback=feedback, feedback_weight=feedback_weight
     )
-    results = [(DocKey(kind, doc_id), float(similarity)) for kind, doc_id, similarity, _, _ in rows]
+    results = [(DocKey(kind, doc_id), float(similarity)) for kind, doc_id, similarity in rows]
     results.extend(pending)
     if pending:
         results.sort(key=lambda item: -item[1])
@@ -611,7 +611,7 @@ def _vector_scan(
     """The scan of ``vector_candidates`` (see there): ``(flushed, pending)``.
 
     ``flushed``: with a ``limit``, the best ``limit`` flushed documents as rows ``(kind, id,
-    similarity, None, None)`` best first; with ``limit=None``, all of them, one row per kind
+    similarity)`` best first; with ``limit=None``, all of them, one row per kind
     present, ``(kind, ids, similarities)``: the ids' 16-byte UUIDs concatenated and the
     similarities in the same order. ``pending``: ``(key, similarity)`` of the messages not
     flushed yet, embedded on demand.
@@ -668,7 +668,7 @@ def _vector_scan(
     if limit is None:
         flushed = [(row[0], row[5], row[6]) for row in rows if row[0] in ("message", "knowledge")]
     else:
-        flushed = [row[:5] for row in rows if row[0] in ("message", "knowledge")]
+        flushed = [row[:3] for row in rows if row[0] in ("message", "knowledge")]
     waiting = [(doc_id, updated_at, text) for kind, doc_id, _, updated_at, text, _, _ in rows if kind == "pending"]
     pending = []
     if waiting:

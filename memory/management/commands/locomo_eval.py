@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from buffers.services import flush_pending
 from memfuse_project.embedded_pg import migrate_if_embedded
-from memory.api.serializers import RetrievalOverrides
 from memory import selectors, services
+from memory.api.serializers import RetrievalOverrides
 from memory.models import Agent, Tenant
 from memory.retrieval import RetrievalConfig
 from memory.services import MessageIn
