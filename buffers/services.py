@@ -28,6 +28,7 @@ from django.utils import timezone
 from buffers import events
 from buffers.models import ACTIVE_STATES, FlushJob, Priority, Reason, State
 from memory import registry
+from memory.retrieval.vector import context_refresh
 from memory.vectors import vector_literals
 
 logger = logging.getLogger(__name__)
@@ -160,17 +161,23 @@ def _claim(*, user_id: uuid.UUID, session_id: uuid.UUID | None, token: uuid.UUID
 
 
 def _write(*, user_id: uuid.UUID, token: uuid.UUID, ids: list[uuid.UUID], vectors) -> list[tuple]:
-    """Write embeddings where ``token`` still holds the claim; returns ``[(id, session_id)]``.
+    """Write embeddings where ``token`` still holds the claim, and the context embeddings
+    around them (``memory.retrieval.vector.context_refresh``); returns ``[(id, session_id)]``.
 
     Takes ``FOR KEY SHARE`` on the user's row first: the lock order of every writer of a
     user's messages (see ``memory.services._bump_memory_version``), so this ``UPDATE`` and an
-    edit or a cascade delete never deadlock. Adds (``FOR NO KEY UPDATE``) and other flushes
-    of the user do not conflict with it: an add never waits for this write (index inserts of a
-    whole batch), which was the add's latency tail.
+    edit or a cascade delete never deadlock. Adds (``FOR NO KEY UPDATE``) do not conflict
+    with it: an add never waits for this write. Two flushes of one user take turns (a
+    transaction-level advisory lock on the user): each rewrites the context embeddings of
+    the other's neighbouring rows.
     """
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(_NO_FSYNC)
-        cursor.execute("SELECT 1 FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
+        cursor.execute("SELECT ann_indexed FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
+        row = cursor.fetchone()
+        if row is None:
+            return []  # the user was deleted meanwhile
+        cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s::text, 0))", [user_id])
         cursor.execute(
             """
             UPDATE memory_message AS m
@@ -178,11 +185,13 @@ def _write(*, user_id: uuid.UUID, token: uuid.UUID, ids: list[uuid.UUID], vector
                 claimed_until = NULL, flush_count = m.flush_count + 1
             FROM unnest(%(ids)s::uuid[], %(vectors)s::text[]) AS v(id, embedding)
             WHERE m.id = v.id AND m.flush_claim = %(token)s
-            RETURNING m.id, m.session_id
+            RETURNING m.id, m.session_id, m.position
             """,
             {"ids": ids, "vectors": vector_literals(vectors), "token": token},
         )
-        return cursor.fetchall()
+        written = cursor.fetchall()
+        context_refresh(cursor, seeds=[(session, position) for _, session, position in written], ann=row[0])
+        return [(message_id, session) for message_id, session, _ in written]
 
 
 def flush_pending(
@@ -202,10 +211,36 @@ def flush_pending(
     batch_size = batch_size or settings.BUFFERS["BATCH_SIZE"]
     token = uuid.uuid4()
     try:
-        return _flush_batches(user_id=user_id, session_id=session_id, deadline=deadline, batch_size=batch_size, token=token)
+        flushed = _flush_batches(user_id=user_id, session_id=session_id, deadline=deadline, batch_size=batch_size, token=token)
     except BaseException:
         _release(token)
         raise
+    if flushed:
+        _maintain_indexes(user_id)
+    return flushed
+
+
+def _maintain_indexes(user_id: uuid.UUID) -> None:
+    """After a flush: move a user whose history passed ``ANN_MIN_MESSAGES`` to the HNSW
+    index (``vector.ann_enable``) and rewrite their lexical index's snapshot when it lags
+    (``retrieval.cache.refresh_snapshot``). Derived data only: a failure is logged, and the
+    next flush tries again."""
+    from memory.retrieval import cache, vector
+
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT CASE WHEN ann_indexed THEN false ELSE "
+                "(SELECT count(*) FROM memory_message WHERE user_id = %(user)s) >= %(min)s END "
+                "FROM memory_user WHERE id = %(user)s",
+                {"user": user_id, "min": settings.MEMFUSE["ANN_MIN_MESSAGES"]},
+            )
+            row = cursor.fetchone()
+        if row and row[0]:
+            vector.ann_enable(user_id=user_id)
+        cache.refresh_snapshot(user_id)
+    except Exception:
+        logger.warning("index maintenance of user %s failed; the next flush retries", user_id, exc_info=True)
 
 
 def _release(token: uuid.UUID) -> None:

@@ -229,8 +229,20 @@ MEMFUSE = {
     "PRELOAD_MODELS": envbool("PRELOAD_MODELS", True),
     "MAX_MESSAGE_CHARS": envint("MAX_MESSAGE_CHARS", 32_000),
     "MAX_BATCH_MESSAGES": envint("MAX_BATCH_MESSAGES", 500),
-    # Per-user services kept in the process's bounded LRU cache.
-    "USER_CACHE_SIZE": envint("USER_CACHE_SIZE", 1024),
+    # Bytes of per-user services (lexical indexes, pending embeddings) the process's LRU cache
+    # keeps, in MB; the least recently used users go first (memory.retrieval.cache).
+    "USER_CACHE_MB": envfloat("USER_CACHE_MB", 256.0),
+    # Most pending (not yet flushed) messages a query embeds on demand, newest first: the
+    # bound on what a query may wait for after a burst (memory.retrieval.vector).
+    "PENDING_EMBED_MAX": envint("PENDING_EMBED_MAX", 16),
+    # A user with this many messages gets their context embeddings into the HNSW index, and
+    # approximate vector search (memory.retrieval.vector); below it the search is exact.
+    "ANN_MIN_MESSAGES": envint("ANN_MIN_MESSAGES", 5000),
+    # hnsw.ef_search of that search (at least the candidates asked for).
+    "ANN_EF_SEARCH": envint("ANN_EF_SEARCH", 200),
+    # A flush rewrites the user's index snapshot once this many changes (or a tenth of their
+    # documents, if more) are not in it (memory.retrieval.store).
+    "SNAPSHOT_MIN_CHANGES": envint("SNAPSHOT_MIN_CHANGES", 64),
     # Retrieval: weighted reciprocal rank fusion of BM25 and vector candidates
     # (see docs in memory/retrieval.py for why these weights).
     # Defaults of a query; the safe ones can be overridden per query (docs/retrieval.md).

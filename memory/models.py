@@ -1,8 +1,15 @@
 """Users, agents, sessions, messages and knowledge items.
 
-Ids are UUIDs, as in MemFuse. A message stores its embedding (``vector(384)``, HNSW index
-with cosine ops) and a generated ``tsvector`` over its indexed text (GIN index). The indexed
-text is what was said: ``"speaker: content"`` plus an image caption when the metadata has one.
+Ids are UUIDs, as in MemFuse. A message stores its embedding (``vector(384)``), its context
+embedding (the mean of its own and its neighbouring turns' embeddings, what the vector
+retriever searches: see ``memory.retrieval.vector``) and a generated ``tsvector`` over its
+indexed text (GIN index). The indexed text is what was said: ``"speaker: content"`` plus an
+image caption when the metadata has one.
+
+Every change of a user's documents takes a number from one sequence (``memory_change_seq``):
+a new or edited message or knowledge item carries it in ``seq``, a deleted one leaves a
+``Tombstone`` with it. A process's cached index of a user (``memory.retrieval``) catches up by
+reading what is numbered after what it has seen.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from django.conf import settings
 from django.contrib.postgres.indexes import GinIndex
 from django.contrib.postgres.search import SearchVector, SearchVectorField
 from django.db import models
-from pgvector.django import VectorField
+from pgvector.django import HnswIndex, VectorField
 from rest_framework_api_key.models import AbstractAPIKey
 
 EMBEDDING_DIM = settings.MEMFUSE["EMBEDDING_DIM"]
@@ -63,6 +70,10 @@ class User(Named):
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="users")
     memory_version = models.BigIntegerField(default=0)
+    # Whether every context embedding of the user's flushed messages is in the approximate
+    # (HNSW) index; set by a flush once the user holds ``ANN_MIN_MESSAGES`` messages, after
+    # it has put the older ones there (``memory.retrieval.vector.ann_enable``).
+    ann_indexed = models.BooleanField(default=False, db_default=False)
 
     class Meta(Named.Meta):
         constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="memory_user_tenant_name_unique")]
@@ -102,6 +113,14 @@ def search_vector_expression() -> SearchVector:
     return SearchVector("index_text", config="english")
 
 
+CHANGE_SEQUENCE = "memory_change_seq"
+
+
+def next_change_number() -> models.Func:
+    """``nextval('memory_change_seq')``: the database default of every ``seq`` column."""
+    return models.Func(models.Value(CHANGE_SEQUENCE), function="nextval", output_field=models.BigIntegerField())
+
+
 class Message(models.Model):
     """One message of a session.
 
@@ -128,6 +147,16 @@ class Message(models.Model):
     metadata = models.JSONField(default=dict, blank=True)
     index_text = models.TextField()
     embedding = VectorField(dimensions=EMBEDDING_DIM, null=True, blank=True)
+    # The mean of the embeddings of this turn (counted VECTOR_OWN_WEIGHT times) and of the
+    # VECTOR_CONTEXT_TURNS turns either side in its session that are embedded: what the vector
+    # retriever searches. Written by the flush (memory.retrieval.vector.context_refresh);
+    # NULL while the message is pending. Stored inline (STORAGE PLAIN, migration 0007): a
+    # search reads it for every candidate row, and a TOAST fetch per row would double that.
+    context_embedding = VectorField(dimensions=EMBEDDING_DIM, null=True, blank=True)
+    # In the partial HNSW index (memory_message_context_hnsw): the user's ann_indexed rows.
+    ann = models.BooleanField(default=False, db_default=False)
+    # The change number of the row's last insert or edit (memory_change_seq).
+    seq = models.BigIntegerField(editable=False, db_default=next_change_number())
     flushed_at = models.DateTimeField(null=True, blank=True)
     flush_claim = models.UUIDField(null=True, blank=True)
     claimed_until = models.DateTimeField(null=True, blank=True)
@@ -147,6 +176,7 @@ class Message(models.Model):
         ]
         indexes = [
             models.Index(fields=["user", "created_at"]),
+            models.Index(fields=["user", "seq"], name="memory_message_user_seq"),
             # The pending messages of a user, oldest change first: what a flush claims.
             models.Index(
                 fields=["user", "updated_at"],
@@ -154,6 +184,17 @@ class Message(models.Model):
                 condition=models.Q(flushed_at__isnull=True),
             ),
             GinIndex(fields=["search_vector"], name="memory_message_search_gin"),
+            # Approximate search of the users with many messages (memory.retrieval.vector):
+            # only their rows, so small users' flushes never pay for HNSW inserts and a
+            # large user's rows are a large share of what the index holds.
+            HnswIndex(
+                name="memory_message_context_hnsw",
+                fields=["context_embedding"],
+                m=16,
+                ef_construction=64,
+                opclasses=["vector_ip_ops"],
+                condition=models.Q(ann=True),
+            ),
         ]
 
     def __str__(self) -> str:
@@ -168,6 +209,7 @@ class Knowledge(models.Model):
     content = models.TextField()
     metadata = models.JSONField(default=dict, blank=True)
     embedding = VectorField(dimensions=EMBEDDING_DIM, null=True, blank=True)
+    seq = models.BigIntegerField(editable=False, db_default=next_change_number())  # as Message.seq
     search_vector = models.GeneratedField(
         expression=SearchVector("content", config="english"),
         output_field=SearchVectorField(),
@@ -181,11 +223,47 @@ class Knowledge(models.Model):
         verbose_name_plural = "knowledge"
         indexes = [
             models.Index(fields=["user", "created_at"]),
+            models.Index(fields=["user", "seq"], name="memory_knowledge_user_seq"),
             GinIndex(fields=["search_vector"], name="memory_knowledge_search_gin"),
         ]
 
     def __str__(self) -> str:
         return self.content[:60]
+
+
+class Tombstone(models.Model):
+    """A deleted message or knowledge item, numbered like a change (``memory_change_seq``).
+
+    Cached indexes of the user drop the document when they catch up. Tombstones up to a
+    user's ``IndexSnapshot.through_seq`` are pruned when the snapshot is written (the snapshot
+    no longer holds the document); ``pruned_seq`` there tells a cache older than that to
+    reload.
+    """
+
+    seq = models.BigIntegerField(primary_key=True, db_default=next_change_number())
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="+", db_index=False)
+    kind = models.CharField(max_length=16)  # "message" or "knowledge"
+    doc_id = models.UUIDField()
+
+    class Meta:
+        indexes = [models.Index(fields=["user", "seq"], name="memory_tombstone_user_seq")]
+
+
+class IndexSnapshot(models.Model):
+    """A user's lexical index as written by ``memory.retrieval.bm25.BM25Index.to_bytes``:
+    what a process that has not cached the user loads instead of rebuilding it from the rows.
+
+    ``through_seq``: every change numbered up to it is in ``data``. ``pruned_seq``: the
+    highest tombstone deleted because this snapshot holds its deletion (a cache that has
+    seen less reloads from here).
+    """
+
+    user = models.OneToOneField(User, on_delete=models.CASCADE, primary_key=True, related_name="+")
+    through_seq = models.BigIntegerField()
+    pruned_seq = models.BigIntegerField(default=0)
+    documents = models.PositiveIntegerField()
+    data = models.BinaryField()
+    updated_at = models.DateTimeField(auto_now=True)
 
 
 class KeyScope(models.TextChoices):

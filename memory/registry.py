@@ -583,6 +583,7 @@ class EmbeddingBatcher:
         while True:
             requests = [self._queue.get()]
             size = len(requests[0][2])
+            priority = requests[0][0]
             # Background batches wait up to linger_seconds for more texts: one call of 256
             # texts embeds ~1.8x faster per text than calls of 64 (less padding, measured in
             # the background process), and a flush does not mind 0.1 s.
@@ -592,6 +593,11 @@ class EmbeddingBatcher:
                     remaining = linger_until - time.monotonic()
                     request = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:
+                    break
+                if request[0] != priority:
+                    # A lower priority waits for the next call: an interactive request is
+                    # never held back by background texts merged into its call.
+                    self._queue.put(request)
                     break
                 requests.append(request)
                 size += len(request[2])
@@ -753,15 +759,19 @@ def embed_query(texts: list[str]) -> np.ndarray:
     return submit_query(texts).result()
 
 
-def submit_query(texts: list[str]) -> Future:
-    """``embed_query`` without waiting: a ``Future`` of the rows (the caller works meanwhile)."""
+def submit_query(texts: list[str], *, priority: int = INTERACTIVE) -> Future:
+    """``embed_query`` without waiting: a ``Future`` of the rows (the caller works meanwhile).
+
+    ``BACKGROUND``: texts that may wait behind every query (pending messages embedded ahead
+    of the queries that will need them: ``memory.retrieval.cache.UserMemory.prefetch``).
+    """
     global _query_batcher
     if _query_batcher is None:
         embedder = get_query_embedder()
         with _lock:
             if _query_batcher is None:
                 _query_batcher = EmbeddingBatcher(embedder, max_texts=settings.MEMFUSE["EMBEDDING_MAX_BATCH_TEXTS"])
-    return _query_batcher.submit(texts)
+    return _query_batcher.submit(texts, priority=priority)
 
 
 def _get_background_batcher() -> EmbeddingBatcher:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 
 from django.db import connection
 from django.db.models import QuerySet
@@ -95,11 +96,12 @@ def _visible_row(model, select: str, *, object_id: uuid.UUID, principal: Princip
 
 
 def user_ref(*, principal: Principal, user_id: uuid.UUID, field: str = "user_id") -> User:
-    """The user with ``user_id`` if ``principal`` may see it, with ``id``, ``tenant_id`` and
-    ``memory_version`` loaded (what a query needs). Raises ``NotFound`` like ``user_get``."""
+    """The user with ``user_id`` if ``principal`` may see it, with ``id``, ``tenant_id``,
+    ``memory_version`` and ``ann_indexed`` loaded (what a query needs). Raises ``NotFound``
+    like ``user_get``."""
     return _visible_row(
         User,
-        "SELECT id, tenant_id, memory_version FROM memory_user WHERE id = %s AND tenant_id = %s",
+        "SELECT id, tenant_id, memory_version, ann_indexed FROM memory_user WHERE id = %s AND tenant_id = %s",
         object_id=user_id,
         principal=principal,
         user_column="id",
@@ -233,6 +235,8 @@ def memory_query_stages(
     session_id: uuid.UUID | None = None,
     agent_id: uuid.UUID | None = None,
     config: RetrievalConfig | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> Iterator[tuple[str, list[dict]]]:
     """``memory_query`` in stages: ``("partial", results)`` (BM25), then ``("final", results)``."""
     for stage, hits in hybrid_search_stages(
@@ -242,6 +246,9 @@ def memory_query_stages(
         top_k=top_k,
         agent_id=agent_id,
         config=config,
+        since=since,
+        until=until,
+        ann=user.ann_indexed,
     ):
         yield stage, _results(user, hits, session_id=session_id)
 
@@ -254,6 +261,8 @@ def memory_query(
     session_id: uuid.UUID | None = None,
     agent_id: uuid.UUID | None = None,
     config: RetrievalConfig | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> list[dict]:
     """The ``top_k`` messages and knowledge items of ``user`` most relevant to ``query``.
 
@@ -265,6 +274,8 @@ def memory_query(
     ``"cross_session"`` relative to ``session_id`` (``None`` when no session is given, and
     for knowledge). ``agent_id`` restricts messages to that agent's sessions. Only ``user``'s
     own rows are ever read. Messages not flushed yet are found too (read your writes).
+    ``since`` / ``until`` (aware datetimes, both inclusive) keep only what was created in that
+    window (a message's ``created_at`` may be set by its add), inside each retriever.
     """
     hits = hybrid_search(
         user_id=user.pk,
@@ -273,6 +284,9 @@ def memory_query(
         top_k=top_k,
         agent_id=agent_id,
         config=config,
+        since=since,
+        until=until,
+        ann=user.ann_indexed,
     )
     return _results(user, hits, session_id=session_id)
 

@@ -48,7 +48,7 @@ def message_index_text(*, content: str, metadata: dict) -> str:
     return text
 
 
-def _bump_memory_version(user_id: uuid.UUID) -> None:
+def _bump_memory_version(user_id: uuid.UUID) -> bool:
     """Mark the user's memory as changed: caches keyed by ``memory_version`` go stale.
 
     Called FIRST in every transaction that changes or deletes a user's existing messages or
@@ -57,13 +57,35 @@ def _bump_memory_version(user_id: uuid.UUID) -> None:
     cascade delete or an edit and a flush never deadlock on message rows locked in different
     orders. An add (``_ADD_SQL``) takes only the weaker lock of a plain ``UPDATE``, which a
     flush's ``FOR KEY SHARE`` does not block: adds never wait for a flush's write.
+
+    Holding that lock is also what makes the user's change numbers (``memory_change_seq``,
+    taken after it) follow the order of commits (``memory.retrieval.store``). Returns the
+    user's ``ann_indexed`` (``False`` for a user that no longer exists).
     """
     with connection.cursor() as cursor:
         cursor.execute(
             "UPDATE memory_user SET memory_version = memory_version + 1 "
-            "WHERE id = (SELECT id FROM memory_user WHERE id = %s FOR UPDATE)",
+            "WHERE id = (SELECT id FROM memory_user WHERE id = %s FOR UPDATE) RETURNING ann_indexed",
             [user_id],
         )
+        row = cursor.fetchone()
+    return bool(row and row[0])
+
+
+def _delete_messages(where: str, params: list) -> list[tuple]:
+    """Delete the messages ``where`` selects, leaving a tombstone for each (cached indexes
+    drop them); returns the ``(session_id, position)`` they held. The caller holds the lock
+    of every user concerned (``_bump_memory_version``)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            WITH gone AS (DELETE FROM memory_message WHERE {where} RETURNING user_id, id, session_id, position),
+            tombstones AS (INSERT INTO memory_tombstone (user_id, kind, doc_id) SELECT user_id, 'message', id FROM gone)
+            SELECT session_id, position FROM gone
+            """,
+            params,
+        )
+        return cursor.fetchall()
 
 
 def _create_unique(model, *, field_name: str = "name", **values):
@@ -165,9 +187,12 @@ def user_update(*, user: User, name: str | None = None, description: str | None 
 
 def user_delete(*, user: User) -> None:
     """Delete a user with its sessions, messages and knowledge, in one transaction."""
+    from memory.retrieval import cache
+
     with transaction.atomic():
         _bump_memory_version(user.pk)
         user.delete()
+    cache.forget(user.pk)
 
 
 def agent_create(*, tenant_id: uuid.UUID, name: str, description: str = "", metadata: dict | None = None) -> Agent:
@@ -185,6 +210,7 @@ def agent_delete(*, agent: Agent) -> None:
     with transaction.atomic():
         for user_id in sorted(set(agent.sessions.values_list("user_id", flat=True))):  # one lock order
             _bump_memory_version(user_id)
+        _delete_messages("session_id IN (SELECT id FROM memory_session WHERE agent_id = %s)", [agent.pk])
         agent.delete()
 
 
@@ -217,6 +243,7 @@ def session_delete(*, session: Session) -> None:
     """Delete a session with its messages, in one transaction."""
     with transaction.atomic():
         _bump_memory_version(session.user_id)
+        _delete_messages("session_id = %s", [session.pk])
         session.delete()
 
 
@@ -335,7 +362,18 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
         row._state.adding, row._state.db = False, connection.alias
     if job_queued:
         transaction.on_commit(lambda: events.notify_flush(user_id=session.user_id, priority=Priority.NORMAL))
+    transaction.on_commit(lambda: _prefetch_embeddings(session.user_id, rows))
     return AddedMessages(rows, pending=count)
+
+
+def _prefetch_embeddings(user_id: uuid.UUID, rows: list[Message]) -> None:
+    """Start embedding the newest of ``rows`` (pending) for the queries that will want them
+    before their flush: the chat pattern is an add, then a query (``UserMemory.prefetch``)."""
+    from memory.retrieval import cache
+
+    newest = rows[-settings.MEMFUSE["PENDING_EMBED_MAX"] :]
+    if newest and settings.MEMFUSE["VECTOR_WEIGHT"] > 0:
+        cache.user_memory(user_id).prefetch([(row.id, row.updated_at, row.index_text) for row in newest])
 
 
 def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messages: list[MessageIn]) -> list[Message]:
@@ -347,30 +385,42 @@ def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messa
     ``session``; then nothing is changed.
     """
     from buffers.services import note_pending
+    from memory.retrieval.vector import context_refresh
 
     with transaction.atomic():
-        _bump_memory_version(session.user_id)
+        ann = _bump_memory_version(session.user_id)
         rows = messages_by_ids(session=session, message_ids=message_ids, for_update=True)
         now = timezone.now()  # bulk_update does not apply auto_now
         for row, new in zip(rows, new_messages):
             row.role, row.content, row.metadata = new.role, new.content, new.metadata
             row.index_text = message_index_text(content=new.content, metadata=new.metadata)
-            row.embedding = row.flushed_at = row.flush_claim = row.claimed_until = None
+            row.embedding = row.context_embedding = row.flushed_at = row.flush_claim = row.claimed_until = None
+            row.ann = False
             row.updated_at = now
         Message.objects.bulk_update(
             rows,
-            ["role", "content", "metadata", "index_text", "embedding", "flushed_at", "flush_claim", "claimed_until", "updated_at"],
+            ["role", "content", "metadata", "index_text", "embedding", "context_embedding", "ann", "flushed_at",
+             "flush_claim", "claimed_until", "updated_at"],
         )
+        with connection.cursor() as cursor:
+            # A new change number: cached indexes replace the old text (memory.retrieval.store).
+            cursor.execute("UPDATE memory_message SET seq = nextval('memory_change_seq') WHERE id = ANY(%s)", [message_ids])
+            # The neighbours' context embeddings lose the old text's embedding.
+            context_refresh(cursor, seeds=[(row.session_id, row.position) for row in rows], ann=ann)
         note_pending(user_id=session.user_id)
     return rows
 
 
 def messages_delete(*, session: Session, message_ids: list[uuid.UUID]) -> None:
     """Delete the given messages. Raises ``NotFound`` when any id is not in ``session``."""
+    from memory.retrieval.vector import context_refresh
+
     with transaction.atomic():
-        _bump_memory_version(session.user_id)
+        ann = _bump_memory_version(session.user_id)
         messages_by_ids(session=session, message_ids=message_ids, for_update=True)
-        Message.objects.filter(session=session, pk__in=message_ids).delete()
+        seeds = _delete_messages("session_id = %s AND id = ANY(%s)", [session.pk, list(message_ids)])
+        with connection.cursor() as cursor:
+            context_refresh(cursor, seeds=seeds, ann=ann)  # the neighbours' windows move on
 
 
 # --- knowledge ---------------------------------------------------------------------------------
@@ -398,6 +448,10 @@ def knowledge_update(*, user: User, knowledge_ids: list[uuid.UUID], new_contents
         for row, content, embedding in zip(rows, new_contents, embeddings):
             row.content, row.embedding, row.updated_at = content, embedding, now
         Knowledge.objects.bulk_update(rows, ["content", "embedding", "updated_at"])
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE memory_knowledge SET seq = nextval('memory_change_seq') WHERE id = ANY(%s)", [knowledge_ids]
+            )
     return rows
 
 
@@ -406,4 +460,11 @@ def knowledge_delete(*, user: User, knowledge_ids: list[uuid.UUID]) -> None:
     with transaction.atomic():
         _bump_memory_version(user.pk)
         knowledge_by_ids(user=user, knowledge_ids=knowledge_ids, for_update=True)
-        Knowledge.objects.filter(user=user, pk__in=knowledge_ids).delete()
+        with connection.cursor() as cursor:
+            cursor.execute(
+                """
+                WITH gone AS (DELETE FROM memory_knowledge WHERE user_id = %s AND id = ANY(%s) RETURNING user_id, id)
+                INSERT INTO memory_tombstone (user_id, kind, doc_id) SELECT user_id, 'knowledge', id FROM gone
+                """,
+                [user.pk, list(knowledge_ids)],
+            )

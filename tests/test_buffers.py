@@ -257,7 +257,11 @@ def test_update_during_flush_is_not_overwritten(alice_session, monkeypatch):
 
 
 def test_query_right_after_add_finds_the_message_with_its_flushed_score(alice_session):
-    """A message is found before its flush, with the same vector similarity it has after the flush."""
+    """A message is found before its flush, with about the vector similarity it has after it.
+
+    Before the flush it is embedded by the query model (int8: cosine ~0.98 to the full
+    model's embedding), after it by the full model: the scores agree to about 0.01.
+    """
     add(alice_session, 4, text="filler")
     [kayak] = services.messages_add(
         session=alice_session, messages=[MessageIn(role="user", content="I bought a red kayak for the lake.")]
@@ -273,7 +277,7 @@ def test_query_right_after_add_finds_the_message_with_its_flushed_score(alice_se
     assert before[0]["id"] == after[0]["id"] == str(kayak.pk)
     assert before[0]["metadata"]["flushed"] is False and after[0]["metadata"]["flushed"] is True
     assert before[0]["metadata"]["retrievers"]["vector"]["score"] == pytest.approx(
-        after[0]["metadata"]["retrievers"]["vector"]["score"], abs=1e-5
+        after[0]["metadata"]["retrievers"]["vector"]["score"], abs=0.02
     )
 
 

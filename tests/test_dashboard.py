@@ -80,7 +80,7 @@ def test_stats_endpoint_shape(staff_client, busy_buffers, alice):
     data = body["data"]
     assert set(data) == {"generated_at", "process", "pool", "models", "user_cache", "buffers"}
     assert {"enabled", "size", "in_use", "idle", "requests_waiting", "requests_errors", "refused_503"} <= set(data["pool"])
-    assert {"size", "max_size", "hits", "misses", "evictions", "hit_rate"} == set(data["user_cache"])
+    assert {"size", "bytes", "max_bytes", "hits", "misses", "evictions", "hit_rate"} == set(data["user_cache"])
     assert data["user_cache"]["size"] >= 1
     assert set(data["models"]) == {"embedding", "query_embedding", "background_embedding", "reranker"}
     assert data["buffers"]["pending_messages"] == 4 and data["buffers"]["failed_total"] == 1

@@ -1,4 +1,8 @@
-"""Retrieval stages: tsvector tokens, neighbouring-turn context for BM25 and the vector side, weighted RRF."""
+"""Retrieval stages: tsvector tokens, neighbouring-turn context for BM25 and the vector side, weighted RRF.
+
+The index's own behaviour (incremental updates, snapshots, the cache's bound) is in
+test_retrieval_index.py; context embeddings and approximate search in test_retrieval_vector.py.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,8 @@ import uuid
 import numpy as np
 import pytest
 
-from memory import retrieval, selectors, services
-from memory.retrieval import DocKey, context_documents, rrf_fuse, tsvector_tokens
+from memory import registry, retrieval, selectors, services
+from memory.retrieval import DocKey, rrf_fuse, tsvector_tokens, vector
 from memory.services import MessageIn
 
 
@@ -16,17 +20,6 @@ def test_tsvector_tokens_repeat_each_lexeme_per_position():
     """A tsvector's text form becomes its lexemes, once per position, quotes unescaped."""
     assert tsvector_tokens("'group':6,9 'it''s':2 'support':5") == ["group", "group", "it's", "support"]
     assert tsvector_tokens("") == []
-
-
-def test_context_documents_add_neighbours_of_the_same_session_only():
-    """A turn's document holds its own words (weighted) and its neighbours' within the session."""
-    tokens = [["a"], ["b"], ["c"], ["d"]]
-    sessions = ["s1", "s1", "s1", "s2"]
-
-    documents = context_documents(tokens, sessions, window=1, own_weight=2)
-
-    assert documents == [["a", "a", "b"], ["b", "b", "a", "c"], ["c", "c", "b"], ["d", "d"]]
-    assert context_documents(tokens, sessions, window=0, own_weight=1) == tokens
 
 
 def test_doc_key_is_a_value_of_kind_and_id():
@@ -99,40 +92,51 @@ def test_query_stages_stream_bm25_then_the_fused_ranking(alice_session):
 
 @pytest.fixture
 def tiny_user_cache():
-    retrieval.reset_user_cache(max_size=1)
+    """A cache of 4 KB: it holds one small user at a time."""
+    retrieval.reset_user_cache(max_bytes=4096)
     yield
     retrieval.reset_user_cache()
 
 
 def test_user_cache_counts_hits_misses_and_evictions(tiny_user_cache):
-    """The LRU keeps USER_CACHE_SIZE services; lookups and evictions are counted."""
+    """Lookups and evictions are counted; an entry that no longer fits evicts the least recent."""
     first, second = uuid.uuid4(), uuid.uuid4()
 
     service = retrieval.user_memory(first)
     assert retrieval.user_memory(first) is service
-    retrieval.user_memory(second)  # evicts first
+    retrieval.user_memory(second)
+    retrieval.user_memory(uuid.uuid4())  # three empty entries (1 KB each) fit; hits and misses count
 
-    assert retrieval.cache_stats() == {"size": 1, "max_size": 1, "hits": 1, "misses": 2, "evictions": 1, "hit_rate": 0.3333}
-    assert retrieval.user_memory(first) is not service  # rebuilt, not kept
+    stats = retrieval.cache_stats()
+    assert (stats["size"], stats["hits"], stats["misses"], stats["evictions"]) == (3, 1, 3, 0)
+    assert stats["max_bytes"] == 4096 and stats["bytes"] == 3 * service.nbytes
 
 
-def test_evicting_a_user_with_pending_messages_loses_nothing(tiny_user_cache, alice_session, bob_session):
+def test_evicting_a_user_with_pending_messages_loses_nothing(alice_session, bob_session):
     """Alice's service is evicted while her messages are pending: they stay pending, are found, then flushed."""
     from buffers import services as buffers
 
     [kayak] = services.messages_add(
         session=alice_session, messages=[services.MessageIn(role="user", content="I bought a red kayak for the lake.")]
     )
+    services.messages_add(
+        session=bob_session,
+        messages=[services.MessageIn(role="user", content=f"My dog Pepper chased ball number {i}.") for i in range(20)],
+    )
     alice, bob = alice_session.user, bob_session.user
     alice.refresh_from_db()
+    bob.refresh_from_db()
+    selectors.memory_query(user=bob, query="dog", top_k=1)
+    selectors.memory_query(user=alice, query="What boat did I buy?", top_k=1)
+    bob_bytes, alice_bytes = retrieval.user_memory(bob.pk).nbytes, retrieval.user_memory(alice.pk).nbytes
+    # Room for bob, not for both: alice is cached first, then bob's entry evicts her.
+    retrieval.reset_user_cache(max_bytes=bob_bytes + alice_bytes // 2)
     assert selectors.memory_query(user=alice, query="What boat did I buy?", top_k=1)[0]["id"] == str(kayak.pk)
     alice_service = retrieval.user_memory(alice.pk)
-    assert alice_service._pending_vectors  # her pending message's embedding is cached here
+    assert alice_service._pending  # her pending message's embedding is cached here
+    selectors.memory_query(user=bob, query="dog", top_k=1)
 
-    bob.refresh_from_db()
-    selectors.memory_query(user=bob, query="dog", top_k=1)  # the cache holds one user: alice is evicted
-
-    assert retrieval.cache_stats()["evictions"] == 1
+    assert retrieval.cache_stats()["evictions"] >= 1 and retrieval.cached_user_memory(alice.pk) is None
     kayak.refresh_from_db()
     assert kayak.flushed_at is None and kayak.embedding is None  # still pending, in the database
     [found] = selectors.memory_query(user=alice, query="What boat did I buy?", top_k=1)
@@ -142,34 +146,64 @@ def test_evicting_a_user_with_pending_messages_loses_nothing(tiny_user_cache, al
     buffers.flush_pending(user_id=alice.pk)
     kayak.refresh_from_db()
     assert kayak.flushed_at is not None and kayak.embedding is not None
+    retrieval.reset_user_cache()
+
+
+def smoothed_cosines(vectors: np.ndarray, query: np.ndarray, *, window: int = 2, own: int = 2) -> np.ndarray:
+    """Each turn's (own x its cosine + its neighbours' within ``window``) / their count, for
+    turns in one session in order: the vector retriever's score, computed independently."""
+    cosines = vectors @ query
+    scores = []
+    for i in range(len(vectors)):
+        around = [cosines[j] for j in range(max(0, i - window), min(len(vectors), i + window + 1)) if j != i]
+        scores.append((own * cosines[i] + sum(around)) / (own + len(around)))
+    return np.array(scores)
+
+
+def flushed_user(agent, name: str, vectors: np.ndarray, texts: list[str] | None = None) -> tuple:
+    """A user with one session of flushed messages holding ``vectors`` (unit rows), context
+    embeddings computed as a flush computes them: ``(user, message ids)``."""
+    from django.db import connection
+    from django.utils import timezone
+
+    from memory.models import Message
+
+    user = services.user_create(tenant_id=agent.tenant_id, name=name)
+    session = services.session_create(user=user, agent=agent, name=f"{name}-chat")
+    now = timezone.now()
+    texts = texts or [f"turn {i}" for i in range(len(vectors))]
+    rows = Message.objects.bulk_create(
+        Message(session=session, user=user, position=i, role="user", content=text, index_text=text,
+                embedding=embedding, flushed_at=now, flush_count=1, created_at=now)
+        for i, (embedding, text) in enumerate(zip(vectors, texts))
+    )
+    with connection.cursor() as cursor:
+        vector.context_refresh_all(cursor, user_id=user.pk)
+        cursor.execute("UPDATE memory_session SET next_position = %s WHERE id = %s", [len(rows), session.pk])
+    return user, [row.pk for row in rows]
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=-1, keepdims=True)).astype(np.float32)
 
 
 @pytest.mark.django_db
 def test_vector_search_is_an_exact_scan_of_the_users_rows_even_for_a_tiny_user(agent):
-    """Per-user vector search returns the exact top k of that user's vectors (numpy scan).
+    """Per-user vector search returns the exact top k of that user's smoothed scores (numpy).
 
     The big user's 1,200 rows all sit next to the query and the tiny user's 3 rows far from
-    it: an HNSW search filtered by user afterwards would see only the big user's rows and
-    return nothing for the tiny one.
+    it: an HNSW search over everyone's rows filtered by user afterwards would see only the big
+    user's rows and return nothing for the tiny one.
     """
-    from django.utils import timezone
-
-    from memory.models import EMBEDDING_DIM, Message
+    from memory.models import EMBEDDING_DIM
 
     rng = np.random.default_rng(5)
-    query = rng.normal(size=EMBEDDING_DIM).astype(np.float32)
-    query /= np.linalg.norm(query)
+    query = unit(rng.normal(size=EMBEDDING_DIM))
 
     def user_with_vectors(name: str, vectors: np.ndarray) -> tuple:
-        user = services.user_create(tenant_id=agent.tenant_id, name=name)
-        session = services.session_create(user=user, agent=agent, name=f"{name}-chat")
-        now = timezone.now()
-        rows = Message.objects.bulk_create(
-            Message(session=session, user=user, position=i, role="user", content=f"turn {i}", index_text=f"turn {i}",
-                    embedding=vector, flushed_at=now, flush_count=1, created_at=now)
-            for i, vector in enumerate(vectors)
-        )
-        return user, [row.pk for row in rows], vectors
+        vectors = unit(vectors)
+        user, ids = flushed_user(agent, name, vectors)
+        return user, ids, vectors
 
     near = query + 0.3 * rng.normal(size=(1200, EMBEDDING_DIM)).astype(np.float32) / np.sqrt(EMBEDDING_DIM)
     big = user_with_vectors("big", near)
@@ -177,10 +211,10 @@ def test_vector_search_is_an_exact_scan_of_the_users_rows_even_for_a_tiny_user(a
     mid = user_with_vectors("mid", rng.normal(size=(60, EMBEDDING_DIM)).astype(np.float32))
 
     for user, ids, vectors in (tiny, mid, big):
-        similarities = vectors @ query / np.linalg.norm(vectors, axis=1)
+        similarities = smoothed_cosines(vectors, query)
         exact = [ids[i] for i in np.argsort(-similarities)[:10]]
 
-        served = retrieval.vector_candidates(user_id=user.pk, embedding=query, limit=10)
+        served, _, _ = vector.candidates(user_id=user.pk, embedding=query, limit=10)
 
         assert [key.id for key, _ in served] == exact, user.name
         assert [score for _, score in served] == pytest.approx(sorted(similarities, reverse=True)[:10], abs=1e-5)
@@ -266,7 +300,7 @@ def test_reranker_off_leaves_the_fused_order_and_loads_no_model(alice_session, r
 
     assert [key for key, _, _ in hits] == [key for key, _, _ in without_model]
     assert all("reranker" not in found for _, _, found in hits)
-    assert retrieval.registry.stats()["reranker"] is None
+    assert registry.stats()["reranker"] is None
 
 
 def test_rerank_reorders_only_the_top_n(alice_session, reranker_path):
@@ -327,30 +361,40 @@ def test_convex_fusion_weighs_normalised_scores_not_ranks():
     assert [key for key, _, _ in rrf_fuse(lists, {"bm25": 1.0, "vector": 1.0}, k=60)] == [a, b, c]
 
 
-def test_prf_scores_against_the_query_moved_toward_the_feedback_documents(alice_session):
+def vector_scores(user_id, query: np.ndarray, **kwargs) -> dict:
+    """The vector retriever's scores as the search computes them, flushed and pending: ``{id: score}``."""
+    flushed, pending, moved = vector.candidates(user_id=user_id, embedding=query, limit=100, **kwargs)
+    if pending:
+        rows = [(doc_id, updated_at, text) for doc_id, updated_at, text, *_ in pending]
+        flushed += vector.pending_scores(pending, retrieval.user_memory(user_id).pending_embeddings(rows), moved)
+    return {key.id: score for key, score in flushed}
+
+
+def test_prf_scores_against_the_query_moved_toward_the_feedback_documents(alice_session, settings):
     """Rocchio: every document (flushed or pending) is scored by its cosine to
-    normalise(q + 0.75 * mean(feedback embeddings)); pending feedback documents are skipped."""
+    normalise(q + 0.75 * mean(feedback embeddings)); pending feedback documents are skipped.
+    (No neighbour smoothing here: each score is the document's own cosine.)"""
     from buffers.services import flush_pending
 
+    settings.MEMFUSE = {**settings.MEMFUSE, "VECTOR_CONTEXT_TURNS": 0}
     rows = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=t) for t in GARDEN])
     flush_pending(user_id=alice_session.user_id)
     pending = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="Not flushed.")])
-    documents = retrieval.registry.embed([row.index_text for row in rows + pending])
-    query = retrieval.registry.embed(["weather forecast"])[0]
+    documents = registry.embed([row.index_text for row in rows + pending])
+    query = registry.embed(["weather forecast"])[0]
     moved = query + 0.75 * documents[:2].mean(axis=0)
     moved /= np.linalg.norm(moved)
 
     def scores(feedback):
-        found = retrieval.vector_candidates(
-            user_id=alice_session.user_id, embedding=query, limit=100, feedback=feedback, feedback_weight=0.75
-        )
-        return {key.id: score for key, score in found}
+        return vector_scores(alice_session.user_id, query, feedback=feedback, feedback_weight=0.75)
 
     with_feedback = scores([DocKey("message", rows[0].pk), DocKey("message", rows[1].pk)])
-    assert [with_feedback[row.pk] for row in rows + pending] == pytest.approx(list(documents @ moved), abs=1e-5)
+    assert [with_feedback[row.pk] for row in rows] == pytest.approx(list(documents[:-1] @ moved), abs=1e-5)
+    # The pending one is embedded by the query model (int8) until its flush: close, not equal.
+    assert with_feedback[pending[0].pk] == pytest.approx(float(documents[-1] @ moved), abs=0.02)
     assert with_feedback[rows[0].pk] > float(documents[0] @ query) + 0.1
     only_pending = scores([DocKey("message", pending[0].pk)])
-    assert [only_pending[row.pk] for row in rows + pending] == pytest.approx(list(documents @ query), abs=1e-5)
+    assert [only_pending[row.pk] for row in rows] == pytest.approx(list(documents[:-1] @ query), abs=1e-5)
 
 
 def test_prf_brings_bm25s_top_document_up_the_vector_ranking(alice_session):
@@ -375,19 +419,6 @@ def test_prf_brings_bm25s_top_document_up_the_vector_ranking(alice_session):
 # --- neighbouring turns on the vector side ---------------------------------------------------------
 
 
-def test_context_scores_average_a_turn_with_its_neighbours_in_its_session():
-    """Own score counted own_weight times, neighbours of the same session once; NaN and no-session stay alone."""
-    scores = np.array([0.9, 0.3, 0.0, np.nan, 0.6, 0.5, 0.2])
-    sessions = np.array([0, 0, 0, 0, 1, -1, -1])  # two sessions, then two documents outside any
-
-    smoothed = retrieval.context_scores(scores, sessions, window=1, own_weight=2)
-
-    assert smoothed[:3] == pytest.approx([(2 * 0.9 + 0.3) / 3, (2 * 0.3 + 0.9 + 0.0) / 4, (2 * 0.0 + 0.3) / 3])
-    assert np.isnan(smoothed[3])  # not scored: no score, and no neighbour of turn 2
-    assert smoothed[4:] == pytest.approx([0.6, 0.5, 0.2])  # another session; knowledge has no neighbours
-    assert retrieval.context_scores(scores, sessions, window=0, own_weight=2)[:3] == pytest.approx(scores[:3])
-
-
 PATAGONIA = [
     "Which hiking trail did you pick in Patagonia?",
     "The one along the glacier, it took three days.",
@@ -405,10 +436,13 @@ def _vector_ranking(alice, query, **overrides):
 
 
 @pytest.mark.parametrize("flushed", [False, True])
-def test_vector_retriever_finds_an_answer_through_its_neighbours(alice, agent, flushed):
-    """With context, an answer turn unlike the query outranks a lone look-alike turn elsewhere; without, it does not."""
+@pytest.mark.parametrize("context_turns", [2, 0])
+def test_vector_retriever_finds_an_answer_through_its_neighbours(alice, agent, settings, flushed, context_turns):
+    """With context, an answer turn unlike the query outranks a lone look-alike turn elsewhere;
+    without, it does not: flushed (context embeddings) and pending (scored on demand) alike."""
     from buffers.services import flush_pending
 
+    settings.MEMFUSE = {**settings.MEMFUSE, "VECTOR_CONTEXT_TURNS": context_turns, "VECTOR_OWN_WEIGHT": 2}
     trip, other = (services.session_create(user=alice, agent=agent, name=name) for name in ("trip", "other"))
     _, answer, _ = services.messages_add(session=trip, messages=[MessageIn(role="user", content=t) for t in PATAGONIA])
     _, lookalike, _ = services.messages_add(
@@ -417,26 +451,27 @@ def test_vector_retriever_finds_an_answer_through_its_neighbours(alice, agent, f
     if flushed:
         flush_pending(user_id=alice.pk)
     alice.refresh_from_db()
-    query = "What trail did they hike in Patagonia?"
 
-    with_context, _ = _vector_ranking(alice, query, vector_context_turns=2, vector_own_weight=2)
-    without, _ = _vector_ranking(alice, query, vector_context_turns=0)
+    ranking, _ = _vector_ranking(alice, "What trail did they hike in Patagonia?")
 
     answer, lookalike = DocKey("message", answer.pk), DocKey("message", lookalike.pk)
-    assert with_context.index(answer) < with_context.index(lookalike)
-    assert without.index(answer) > without.index(lookalike)
+    assert (ranking.index(answer) < ranking.index(lookalike)) is bool(context_turns)
 
 
-def test_vector_context_score_is_the_weighted_mean_of_the_sessions_neighbours(alice, agent):
+def test_vector_context_score_is_the_weighted_mean_of_the_sessions_neighbours(alice, agent, settings):
     """A turn's vector score is (own_weight x its cosine + its session neighbours' cosines) / their count."""
+    from buffers.services import flush_pending
+
+    settings.MEMFUSE = {**settings.MEMFUSE, "VECTOR_CONTEXT_TURNS": 1, "VECTOR_OWN_WEIGHT": 2}
     trip, other = (services.session_create(user=alice, agent=agent, name=name) for name in ("trip", "other"))
     rows = services.messages_add(session=trip, messages=[MessageIn(role="user", content=t) for t in PATAGONIA])
     rows += services.messages_add(session=other, messages=[MessageIn(role="user", content=t) for t in ELSEWHERE])
+    flush_pending(user_id=alice.pk)
     alice.refresh_from_db()
     query = "glacier hike"
-    cosines = retrieval.registry.embed([row.index_text for row in rows]) @ retrieval.registry.embed_query([query])[0]
+    cosines = registry.embed([row.index_text for row in rows]) @ registry.embed_query([query])[0]
 
-    _, scores = _vector_ranking(alice, query, vector_context_turns=1, vector_own_weight=2)
+    _, scores = _vector_ranking(alice, query)
 
     # Turn 0 of each session has one neighbour (turn 1), turn 1 two: sessions do not mix.
     for first in (0, 3):
@@ -445,35 +480,9 @@ def test_vector_context_score_is_the_weighted_mean_of_the_sessions_neighbours(al
         assert scores[DocKey("message", rows[first + 1].pk)] == pytest.approx((2 * c1 + c0 + c2) / 4, abs=1e-5)
 
 
-@pytest.mark.parametrize("flushed", [False, True])
-def test_vector_row_scores_place_each_cosine_at_its_index_row(alice, agent, flushed):
-    """Every document's cosine lands at its row of the index; a document the index does not
-    hold yet (added after its build) comes back on its own, with its cosine."""
-    from buffers.services import flush_pending
-
-    trip = services.session_create(user=alice, agent=agent, name="trip")
-    rows = list(services.messages_add(session=trip, messages=[MessageIn(role="user", content=t) for t in PATAGONIA]))
-    if flushed:
-        flush_pending(user_id=alice.pk)
-    alice.refresh_from_db()
-    index = retrieval.user_memory(alice.pk).bm25_index(alice.memory_version)
-    (late,) = services.knowledge_add(user=alice, contents=["Alice's boots are size 39."])
-    query = retrieval.registry.embed_query(["glacier hike"])[0]
-    texts = [row.index_text for row in rows] + [late.content]
-    cosines = retrieval.registry.embed(texts) @ query
-
-    scores, unknown = retrieval.vector_row_scores(user_id=alice.pk, embedding=query, index=index)
-
-    assert len(scores) == len(index) == len(rows)
-    for row, cosine in zip(rows, cosines):
-        assert scores[index.row(DocKey("message", row.pk))] == pytest.approx(cosine, abs=1e-5)
-    assert [key for key, _ in unknown] == [DocKey("knowledge", late.pk)]
-    assert unknown[0][1] == pytest.approx(cosines[-1], abs=1e-5)
-
-
-def test_bm25_index_keys_round_trip_through_its_compact_arrays(alice_session):
+def test_bm25_index_keys_round_trip_through_its_arrays(alice_session):
     """Every document's key maps to its row and back, whatever its id's bytes (one ends in
-    zero bytes, which a fixed-width bytes array would strip); knowledge rows come last."""
+    zero bytes, which a fixed-width bytes array would strip); the kind is part of the key."""
     from django.utils import timezone
 
     from memory.models import Knowledge, Message
@@ -488,25 +497,17 @@ def test_bm25_index_keys_round_trip_through_its_compact_arrays(alice_session):
     fact = Knowledge.objects.create(user_id=alice_session.user_id, content="Alice owns a kayak")
     alice_session.user.refresh_from_db()
 
-    index = retrieval.user_memory(alice_session.user_id).bm25_index(alice_session.user.memory_version + 1)
-
-    keys = [DocKey("message", doc_id) for doc_id in ids] + [DocKey("knowledge", fact.pk)]
-    assert [index.key(row) for row in range(len(index))] == keys
-    assert [index.row(key) for key in keys] == [0, 1, 2, 3]
-    assert index.row(DocKey("knowledge", ids[0])) is None  # the kind is part of the key
-    # All rows at once (the vector scan's path): by id bytes, -1 for an unknown id or a wrong kind.
-    def id_bytes(*uuids):
-        return np.frombuffer(b"".join(u.bytes for u in uuids), dtype="V16")
-
-    assert index.rows(id_bytes(ids[2], uuid.uuid4(), ids[0], fact.pk), kind="message").tolist() == [2, -1, 0, -1]
-    assert index.rows(id_bytes(fact.pk, ids[1]), kind="knowledge").tolist() == [3, -1]
-    assert index.rows(id_bytes(), kind="message").tolist() == []
-    assert list(index.session_codes) == [0, 0, 0, -1] and index.session_ids.tobytes() == alice_session.pk.bytes
-    assert {key for key, _ in index.search(["kayak"], limit=10)} == set(keys)
-    # Nothing per token for the garbage collector to walk (see BM25Index's docstring).
-    import gc
-
-    assert not gc.is_tracked(index.bm25.unique_token_ids_set) and not gc.is_tracked(index.bm25.vocab_dict)
+    memory = retrieval.user_memory(alice_session.user_id)
+    with memory.lock:
+        index = memory.sync(alice_session.user.memory_version + 1)
+        keys = [DocKey("message", doc_id) for doc_id in ids] + [DocKey("knowledge", fact.pk)]
+        rows = [index.row(key) for key in keys]
+        assert sorted(rows) == [0, 1, 2, 3] and [index.key(row) for row in rows] == keys
+        assert index.row(DocKey("knowledge", ids[0])) is None and index.row(DocKey("message", uuid.uuid4())) is None
+        assert {key for key, _ in index.search(["kayak"], limit=10)} == set(keys)
+        index.compact()  # renumbered and sorted: the same answers
+        assert [index.key(index.row(key)) for key in keys] == keys
+        assert {key for key, _ in index.search(["kayak"], limit=10)} == set(keys)
 
 
 # --- the named speaker's turns ------------------------------------------------------------------
@@ -542,13 +543,15 @@ def test_a_query_names_a_speaker_by_a_lexeme_of_their_name(alice_session, query,
     _pottery_exchange(alice_session)
     alice = alice_session.user
     alice.refresh_from_db()
-    index = retrieval.user_memory(alice.pk).bm25_index(alice.memory_version)
+    memory = retrieval.user_memory(alice.pk)
+    with memory.lock:
+        index = memory.sync(alice.memory_version)
 
     code = index.named_speaker(retrieval.query_tokens(query))
 
-    speakers = {index.speaker_codes[row]: index.key(row) for row in range(len(index))}
-    assert len(index.speaker_lexemes) == 3 and sorted(speakers) == [0, 1, 2]
-    assert code == (None if named is None else ["Caroline", "Melanie", "Will"].index(named))
+    assert index.speakers == ["Melanie", "Will", "Caroline"] and len(index.speaker_lexemes) == 3
+    assert sorted(set(index.speaker[: index.n].tolist())) == [0, 1, 2]
+    assert code == (None if named is None else index.speakers.index(named))
 
 
 @pytest.mark.parametrize("speaker_weight", [1.0, 0.0])

@@ -31,7 +31,7 @@ from memory.management.commands.locomo_eval import DIA_ID_KEY, conversation_sess
 from memory.models import Agent, Tenant, User
 from memory.services import message_index_text
 
-DATASET_FORMAT = 1  # bump when the rows written change, so old datasets are rebuilt
+DATASET_FORMAT = 2  # bump when the rows written change, so old datasets are rebuilt
 SLICE_STRIDE = 7  # turns between the starts of two users holding the same conversation
 EMBED_CHUNK = 256  # texts per model call while building
 
@@ -310,8 +310,14 @@ class QueryDataset:
                 """,
                 {"now": now},
             )
+        from memory.retrieval import store, vector
+
         with connection.cursor() as cursor:
+            # What a flush writes besides the embedding: context embeddings, index snapshots.
+            vector.context_refresh_all(cursor, user_ids=[user_id for user_id, _, _ in users])
             cursor.execute("ANALYZE memory_message")
+        for user_id, _, _ in users:
+            store.snapshot_save(store.load(user_id), user_id)
         return {
             "distinct_texts": len(texts),
             "embed_seconds": round(embed_seconds, 1),

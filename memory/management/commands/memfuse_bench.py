@@ -824,7 +824,7 @@ class QueryBench:
         return {
             **{key: self.options[key] for key in keys},
             "data": str(self.options["data"]),
-            "user_cache_size": settings.MEMFUSE["USER_CACHE_SIZE"],
+            "user_cache_mb": settings.MEMFUSE["USER_CACHE_MB"],
             "retrieval": {
                 key: settings.MEMFUSE[key]
                 for key in ("BM25_WEIGHT", "VECTOR_WEIGHT", "SPEAKER_WEIGHT", "FUSION", "CANDIDATES_PER_RETRIEVER")
@@ -886,7 +886,7 @@ class QueryBench:
             "queries": len(served_recall),
             "k": k,
             "served_vector_search": {
-                "what": "memory.retrieval.vector_candidates (exact per-user scan)",
+                "what": "memory.retrieval.vector.candidates (exact per-user scan of the context embeddings)",
                 "recall_mean": round(float(np.mean(served_recall)), 4),
                 "recall_min": round(float(np.min(served_recall)), 4),
                 "latency_ms": latency_summary(served_ms),
@@ -911,18 +911,22 @@ class QueryBench:
 
         from memory import registry
         from memory.models import Message
-        from memory.retrieval import vector_candidates
+        from memory.retrieval import vector
 
         embedder = registry.get_embedder()
         for user in sample:
-            rows = list(Message.objects.filter(user_id=user.user_id, flushed_at__isnull=False).values_list("id", "embedding"))
+            rows = list(
+                Message.objects.filter(user_id=user.user_id, flushed_at__isnull=False).values_list("id", "context_embedding")
+            )
             ids = [row[0] for row in rows]
             matrix = np.stack([np.asarray(row[1], dtype=np.float32) for row in rows])
             texts = self.rng.sample(user.queries, min(3, len(user.queries)))
             for query in embedder.embed(texts):
-                similarities = dict(zip(ids, cosine_similarities(matrix, query).tolist()))
+                # The served score is the inner product with the context embedding (a mean of
+                # unit vectors, not unit itself): the exact answer ranks by it too.
+                similarities = dict(zip(ids, (matrix @ query).tolist()))
                 started = time.perf_counter()
-                served = vector_candidates(user_id=user.user_id, embedding=query, limit=k)
+                served, _, _ = vector.candidates(user_id=user.user_id, embedding=query, limit=k)
                 served_ms.append((time.perf_counter() - started) * 1000)
                 served_recall.append(recall_at_k([key.id for key, _ in served], similarities, k=k))
                 sql = (
@@ -1031,12 +1035,12 @@ class QueryBench:
         if self.options["warmup"]:
             phases["warmup"] = await self._pass(api, users[MEMORY_FIRST_USERS:])
             memory["rss_mb_all_users"] = rss_mb(pid)
-            memory["users_cached"] = min(len(self.queried), settings.MEMFUSE["USER_CACHE_SIZE"])
+            memory["users_cached"] = len(self.queried)  # the default USER_CACHE_MB holds them all
         phases["open_loop"] = await self._open_loop(api)
         phases["closed_loop"] = await self._closed_loop(api)
         if not self.options["warmup"]:
             memory["rss_mb_all_users"] = rss_mb(pid)
-            memory["users_cached"] = min(len(self.queried), settings.MEMFUSE["USER_CACHE_SIZE"])
+            memory["users_cached"] = len(self.queried)  # the default USER_CACHE_MB holds them all
         grown = memory["users_cached"] - memory["first_users_cached"]
         if pid is not None and grown > 0:
             growth = memory["rss_mb_all_users"] - memory["rss_mb_first_users"]

@@ -1,0 +1,115 @@
+"""What lets retrieval stay fast as histories grow (docs/retrieval.md, "Scale"):
+
+- ``memory_change_seq`` numbers every change of a user's documents: ``seq`` on messages and
+  knowledge (insert and edit), ``Tombstone`` rows for deletions. A cached index catches up by
+  reading what is numbered after what it has seen, instead of being rebuilt.
+- ``IndexSnapshot``: a user's serialised lexical index, which a process that has not cached
+  the user loads instead of rebuilding it.
+- ``Message.context_embedding``: the mean of a turn's embedding (counted VECTOR_OWN_WEIGHT
+  times) and its VECTOR_CONTEXT_TURNS neighbours' on either side, written at flush, so the
+  neighbour-smoothed vector score is one inner product per row that an index can serve.
+  Stored inline (PLAIN): the search reads it for every candidate.
+- ``Message.ann`` / ``User.ann_indexed`` and a partial HNSW index on the context embeddings
+  of the users that have one (large histories).
+
+Existing rows get their change numbers from the sequence, and flushed messages their
+context embeddings, here.
+"""
+
+import django.db.models.deletion
+import pgvector.django.indexes
+import pgvector.django.vector
+from django.conf import settings
+from django.db import migrations, models
+
+import memory.models
+
+
+def context_embeddings(apps, schema_editor):
+    from memory.retrieval.vector import context_refresh_all
+
+    with schema_editor.connection.cursor() as cursor:
+        context_refresh_all(cursor)
+
+
+class Migration(migrations.Migration):
+
+    dependencies = [
+        ('memory', '0006_exact_vector_search_indexes'),
+    ]
+
+    operations = [
+        migrations.RunSQL(
+            "CREATE SEQUENCE IF NOT EXISTS memory_change_seq",
+            reverse_sql="DROP SEQUENCE IF EXISTS memory_change_seq",
+        ),
+        migrations.CreateModel(
+            name='IndexSnapshot',
+            fields=[
+                ('user', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, primary_key=True, related_name='+', serialize=False, to='memory.user')),
+                ('through_seq', models.BigIntegerField()),
+                ('pruned_seq', models.BigIntegerField(default=0)),
+                ('documents', models.PositiveIntegerField()),
+                ('data', models.BinaryField()),
+                ('updated_at', models.DateTimeField(auto_now=True)),
+            ],
+        ),
+        migrations.CreateModel(
+            name='Tombstone',
+            fields=[
+                ('seq', models.BigIntegerField(db_default=memory.models.next_change_number(), primary_key=True, serialize=False)),
+                ('kind', models.CharField(max_length=16)),
+                ('doc_id', models.UUIDField()),
+                ('user', models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.CASCADE, related_name='+', to='memory.user')),
+            ],
+            options={
+                'indexes': [models.Index(fields=['user', 'seq'], name='memory_tombstone_user_seq')],
+            },
+        ),
+        migrations.AddField(
+            model_name='knowledge',
+            name='seq',
+            field=models.BigIntegerField(db_default=memory.models.next_change_number(), editable=False),
+        ),
+        migrations.AddField(
+            model_name='message',
+            name='seq',
+            field=models.BigIntegerField(db_default=memory.models.next_change_number(), editable=False),
+        ),
+        migrations.AddField(
+            model_name='message',
+            name='ann',
+            field=models.BooleanField(db_default=False, default=False),
+        ),
+        migrations.AddField(
+            model_name='message',
+            name='context_embedding',
+            field=pgvector.django.vector.VectorField(blank=True, dimensions=settings.MEMFUSE["EMBEDDING_DIM"], null=True),
+        ),
+        migrations.AddField(
+            model_name='user',
+            name='ann_indexed',
+            field=models.BooleanField(db_default=False, default=False),
+        ),
+        migrations.RunSQL(
+            [
+                "ALTER TABLE memory_message ALTER COLUMN context_embedding SET STORAGE PLAIN",
+                # Snapshots are arrays of numbers that pglz would try, and fail, to compress.
+                "ALTER TABLE memory_indexsnapshot ALTER COLUMN data SET STORAGE EXTERNAL",
+            ],
+            reverse_sql=migrations.RunSQL.noop,
+        ),
+        migrations.AddIndex(
+            model_name='knowledge',
+            index=models.Index(fields=['user', 'seq'], name='memory_knowledge_user_seq'),
+        ),
+        migrations.AddIndex(
+            model_name='message',
+            index=models.Index(fields=['user', 'seq'], name='memory_message_user_seq'),
+        ),
+        migrations.AddIndex(
+            model_name='message',
+            index=pgvector.django.indexes.HnswIndex(condition=models.Q(('ann', True)), ef_construction=64, fields=['context_embedding'], m=16, name='memory_message_context_hnsw', opclasses=['vector_ip_ops']),
+        ),
+        migrations.RunPython(context_embeddings, migrations.RunPython.noop),
+    ]

@@ -1,0 +1,574 @@
+"""BM25 over one user's messages and knowledge, updated in place as the documents change.
+
+**Scoring**: BM25 (Robertson & Zaragoza, "The Probabilistic Relevance Framework: BM25 and
+Beyond", 2009) with Lucene's variant (Kamphuis et al., "Which BM25 Do You Mean?", ECIR
+2020), as the ``bm25s`` library's ``method="lucene"`` computes it:
+``idf = log(1 + (N - n + 0.5) / (n + 0.5))``, ``tfc = tf / (tf + k1 (1 - b + b dl / avgdl))``,
+``score = sum over query tokens of idf * tfc``, k1 = 1.5, b = 0.75 (a query term counts once
+per occurrence). Okapi's original idf is zero or negative for a term in half the documents
+or more, which on a user's small corpus silences common but relevant words.
+
+**Documents** are context documents: a turn's own lexemes counted ``own_weight`` times plus
+those of the ``window`` turns before and after it in its session (a turn often answers or is
+answered by its neighbours: "Which trail?" / "The one by the lake"); the turn alone is
+returned. A knowledge item is its own lexemes, once.
+
+**What is stored** is each document's own lexemes (postings: term -> (row, count)) and the
+order of each session's turns as links (``prev`` / ``next``). Context documents are never
+materialised: a query term's frequency in each context document is spread from its own
+postings over the links when the query runs, and N, the mean length and every document
+frequency are read then too. So an add, an edit or a delete touches only its own rows
+(appends, and a dead flag), whatever the history's length, and the scores are exactly those
+of an index built from scratch over the same documents. Postings live in a compressed-sparse
+base (terms in order) and an unsorted tail of recent ones; ``compact`` merges them and drops
+dead rows when the tail or the dead grow large.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from memory.retrieval.keys import DocKey
+
+K1 = 1.5
+B = 0.75
+
+MESSAGE, KNOWLEDGE = 0, 1
+KINDS = ("message", "knowledge")
+
+# Snapshot format (to_bytes / from_bytes); a snapshot of another format is ignored (rebuilt).
+FORMAT = 1
+_MAGIC = b"MFBM"
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document to index. ``lexemes``: its own lexeme counts (``lexemes.tsvector_counts``).
+    ``session`` / ``position``: a message's session id and place in it (``None`` / 0 for
+    knowledge). ``speaker``: ``metadata["speaker"]``; ``speaker_lexemes`` its name's lexemes.
+    ``created_us``: creation time in microseconds since the Unix epoch (time-bounded queries).
+    """
+
+    kind: int
+    id: uuid.UUID
+    lexemes: dict[str, int]
+    created_us: int
+    session: uuid.UUID | None = None
+    position: int = 0
+    speaker: str | None = None
+    speaker_lexemes: frozenset[str] = frozenset()
+
+
+# Per-row arrays: name -> dtype, fill value of an unused row.
+_ROW_ARRAYS = {
+    "kind": (np.int8, 0),
+    "session": (np.int32, -1),
+    "position": (np.int64, 0),
+    "length": (np.int32, 0),
+    "speaker": (np.int32, -1),
+    "created": (np.int64, 0),
+    "alive": (np.bool_, False),
+    "prev": (np.int32, -1),
+    "next": (np.int32, -1),
+}
+
+
+class BM25Index:
+    """The lexical index of one user's documents (see the module docstring).
+
+    Rows are documents in the order they were added (``compact`` renumbers them); a replaced
+    or deleted document's row stays, dead, until then. ``window`` / ``own_weight``: the
+    context documents' shape (``BM25_CONTEXT_TURNS``, ``BM25_OWN_WEIGHT``). ``seq``: the
+    highest change number (``memory_change_seq``) applied. Not thread-safe: the caller
+    (``memory.retrieval.cache.UserMemory``) holds a lock around every use.
+
+    Memory: about 30 bytes per posting (a turn's distinct lexemes, ~10-15) and 60 per row,
+    plus the vocabulary; ``nbytes`` counts it.
+    """
+
+    def __init__(self, *, window: int, own_weight: int, capacity: int = 16) -> None:
+        self.window = window
+        self.own_weight = own_weight
+        self.seq = 0
+        self.n = 0  # rows used, live and dead
+        self.live = 0
+        self._capacity = 0
+        self.ids = np.zeros((0, 16), dtype=np.uint8)
+        for name, (dtype, _) in _ROW_ARRAYS.items():
+            setattr(self, name, np.zeros(0, dtype=dtype))
+        self._grow(max(capacity, 16))
+        self.session_ids: list[bytes] = []  # session code -> the session's UUID bytes
+        self._session_codes: dict[bytes, int] = {}
+        self._session_last: list[int] = []  # session code -> row of its last turn (-1: none)
+        self.speakers: list[str] = []
+        self.speaker_lexemes: list[frozenset[str]] = []
+        self._speaker_codes: dict[str, int] = {}
+        self.vocab: dict[str, int] = {}
+        self._vocab_bytes = 0
+        # Postings: base (CSR over terms 0..len(base_ptr)-2) and tail (unsorted triples).
+        self._base_ptr = np.zeros(1, dtype=np.int64)
+        self._base_rows = np.zeros(0, dtype=np.int32)
+        self._base_tf = np.zeros(0, dtype=np.uint16)
+        self._tail_n = 0
+        self._tail_term = np.zeros(64, dtype=np.int32)
+        self._tail_row = np.zeros(64, dtype=np.int32)
+        self._tail_tf = np.zeros(64, dtype=np.uint16)
+        # Rows by id: the rows below _sorted_n sorted by id bytes, the later ones in a dict.
+        self._sorted_n = 0
+        self._sorted = np.zeros(0, dtype=np.int32)
+        self._recent: dict[int, int] = {}
+        self._derived: tuple | None = None  # (context lengths, N, mean length), until a change
+        self._session_rank: np.ndarray | None = None
+
+    # --- size ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Live documents."""
+        return self.live
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (arrays, vocabulary, lookups): what the per-user cache counts."""
+        arrays = self.ids.nbytes + sum(getattr(self, name).nbytes for name in _ROW_ARRAYS)
+        postings = self._base_ptr.nbytes + self._base_rows.nbytes + self._base_tf.nbytes
+        postings += self._tail_term.nbytes + self._tail_row.nbytes + self._tail_tf.nbytes
+        lookups = self._sorted.nbytes + 100 * len(self._recent) + 120 * len(self.session_ids)
+        derived = 0 if self._derived is None else self._derived[0].nbytes
+        return arrays + postings + lookups + derived + self._vocab_bytes + 64 * len(self.speakers) + 512
+
+    def _grow(self, capacity: int) -> None:
+        old = self._capacity
+        ids = np.zeros((capacity, 16), dtype=np.uint8)
+        ids[:old] = self.ids[:old]
+        self.ids = ids
+        for name, (dtype, fill) in _ROW_ARRAYS.items():
+            array = np.full(capacity, fill, dtype=dtype)
+            array[:old] = getattr(self, name)[:old]
+            setattr(self, name, array)
+        self._capacity = capacity
+
+    # --- changes ---------------------------------------------------------------------------
+
+    def add(self, document: Document) -> None:
+        """Index ``document``, replacing the live document with its id if there is one."""
+        previous = self._row_of_bytes(document.id.bytes)
+        if previous is not None:
+            self._kill(previous)
+        if self.n == self._capacity:
+            self._grow(int(self._capacity * 1.5) + 16)
+        row = self.n
+        self.n += 1
+        self.live += 1
+        self.ids[row] = np.frombuffer(document.id.bytes, dtype=np.uint8)
+        self.kind[row] = document.kind
+        self.position[row] = document.position
+        self.created[row] = document.created_us
+        self.alive[row] = True
+        self.length[row] = sum(document.lexemes.values())
+        if document.speaker:
+            self.speaker[row] = self._speaker_code(document.speaker, document.speaker_lexemes)
+        self._add_postings(row, document.lexemes)
+        if document.kind == MESSAGE and document.session is not None:
+            self.session[row] = self._session_code(document.session.bytes)
+            self._link(row)
+        self._recent[document.id.int] = row
+        self._changed()
+
+    def remove(self, doc_id: uuid.UUID) -> bool:
+        """Drop the live document with ``doc_id``; ``False`` if the index does not hold it."""
+        row = self._row_of_bytes(doc_id.bytes)
+        if row is None:
+            return False
+        self._kill(row)
+        self._recent.pop(doc_id.int, None)
+        self._changed()
+        return True
+
+    def _changed(self) -> None:
+        self._derived = None
+
+    def _kill(self, row: int) -> None:
+        self.alive[row] = False
+        self.live -= 1
+        before, after = int(self.prev[row]), int(self.next[row])
+        if before >= 0:
+            self.next[before] = after
+        if after >= 0:
+            self.prev[after] = before
+        code = int(self.session[row])
+        if code >= 0 and self._session_last[code] == row:
+            self._session_last[code] = before
+        self.prev[row] = self.next[row] = -1
+
+    def _link(self, row: int) -> None:
+        """Put ``row`` into its session's order by position (usually at the end)."""
+        code = int(self.session[row])
+        position = self.position[row]
+        after = self._session_last[code]  # the turn ``row`` goes after (-1: first)
+        later = -1
+        while after >= 0 and self.position[after] > position:
+            later, after = after, int(self.prev[after])
+        self.prev[row], self.next[row] = after, later
+        if after >= 0:
+            self.next[after] = row
+        if later >= 0:
+            self.prev[later] = row
+        else:
+            self._session_last[code] = row
+
+    def _session_code(self, session: bytes) -> int:
+        code = self._session_codes.get(session)
+        if code is None:
+            code = self._session_codes[session] = len(self.session_ids)
+            self.session_ids.append(session)
+            self._session_last.append(-1)
+            self._session_rank = None
+        return code
+
+    def _speaker_code(self, speaker: str, lexemes: frozenset[str]) -> int:
+        code = self._speaker_codes.get(speaker)
+        if code is None:
+            code = self._speaker_codes[speaker] = len(self.speakers)
+            self.speakers.append(speaker)
+            self.speaker_lexemes.append(frozenset(lexemes))
+        return code
+
+    def _add_postings(self, row: int, lexemes: dict[str, int]) -> None:
+        count = len(lexemes)
+        if not count:
+            return
+        if self._tail_n + count > len(self._tail_term):
+            size = max(2 * len(self._tail_term), self._tail_n + count)
+            for name in ("_tail_term", "_tail_row", "_tail_tf"):
+                array = getattr(self, name)
+                grown = np.zeros(size, dtype=array.dtype)
+                grown[: self._tail_n] = array[: self._tail_n]
+                setattr(self, name, grown)
+        vocab = self.vocab
+        terms = []
+        for lexeme in lexemes:
+            term = vocab.get(lexeme)
+            if term is None:
+                term = vocab[lexeme] = len(vocab)
+                self._vocab_bytes += len(lexeme) + 90  # str object + dict slot
+            terms.append(term)
+        end = self._tail_n + count
+        self._tail_term[self._tail_n : end] = terms
+        self._tail_row[self._tail_n : end] = row
+        self._tail_tf[self._tail_n : end] = np.minimum(list(lexemes.values()), 65535)
+        self._tail_n = end
+
+    def needs_compaction(self) -> bool:
+        """Whether the tail of postings or the dead rows have grown past a quarter of the index."""
+        base = len(self._base_rows)
+        return self._tail_n > max(8192, base // 4) or (self.n - self.live) > max(256, self.n // 4)
+
+    def compact(self) -> None:
+        """Merge the tail of postings into the base and drop dead rows (renumbering rows).
+
+        O(postings log postings); the scores do not change.
+        """
+        keep = np.flatnonzero(self.alive[: self.n])
+        renumber = np.full(self.n + 1, -1, dtype=np.int64)  # old row -> new row (index -1: -1)
+        renumber[keep] = np.arange(len(keep))
+        terms, rows, tfs = self._all_postings()
+        live = self.alive[rows]
+        terms, rows, tfs = terms[live], renumber[rows[live]], tfs[live]
+        order = np.lexsort((rows, terms))
+        counts = np.bincount(terms, minlength=len(self.vocab))
+        self._base_ptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        self._base_rows = rows[order].astype(np.int32)
+        self._base_tf = tfs[order].astype(np.uint16)
+        self._tail_n = 0
+        self._tail_term = np.zeros(64, dtype=np.int32)
+        self._tail_row = np.zeros(64, dtype=np.int32)
+        self._tail_tf = np.zeros(64, dtype=np.uint16)
+        capacity = max(16, int(len(keep) * 1.25) + 16)
+        ids = np.zeros((capacity, 16), dtype=np.uint8)
+        ids[: len(keep)] = self.ids[keep]
+        self.ids = ids
+        for name, (dtype, fill) in _ROW_ARRAYS.items():
+            array = np.full(capacity, fill, dtype=dtype)
+            values = getattr(self, name)[keep]
+            if name in ("prev", "next"):
+                values = renumber[values].astype(np.int32)
+            array[: len(keep)] = values
+            setattr(self, name, array)
+        self._capacity = capacity
+        self._session_last = [int(renumber[row]) for row in self._session_last]
+        self.n = self.live = len(keep)
+        self._index_ids()
+        self._changed()
+
+    def _index_ids(self) -> None:
+        """Sort every row by id for ``_row_of_bytes`` (after a load or a compaction)."""
+        self._sorted = np.argsort(self.ids[: self.n].reshape(-1).view("V16"), kind="stable").astype(np.int32)
+        self._sorted_n = self.n
+        self._recent = {}
+
+    def _all_postings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every posting, base then tail: ``(terms, rows, tfs)`` as int64 arrays."""
+        base_terms = np.repeat(np.arange(len(self._base_ptr) - 1), np.diff(self._base_ptr))
+        terms = np.concatenate((base_terms, self._tail_term[: self._tail_n])).astype(np.int64)
+        rows = np.concatenate((self._base_rows, self._tail_row[: self._tail_n])).astype(np.int64)
+        tfs = np.concatenate((self._base_tf, self._tail_tf[: self._tail_n])).astype(np.int64)
+        return terms, rows, tfs
+
+    # --- lookups ---------------------------------------------------------------------------
+
+    def _row_of_bytes(self, doc_id: bytes) -> int | None:
+        """The live row of the document whose UUID bytes are ``doc_id``, else ``None``."""
+        row = self._recent.get(int.from_bytes(doc_id, "big"))
+        if row is None and self._sorted_n:
+            held = self.ids[: self._sorted_n].reshape(-1).view("V16")
+            target = np.frombuffer(doc_id, dtype="V16")[0]
+            at = int(np.searchsorted(held, target, sorter=self._sorted))
+            if at < self._sorted_n and held[self._sorted[at]] == target:
+                row = int(self._sorted[at])
+        return row if row is not None and self.alive[row] else None
+
+    def row(self, key: DocKey) -> int | None:
+        """The row of ``key``'s live document, ``None`` if the index does not hold it."""
+        row = self._row_of_bytes(key[1].to_bytes(16, "big"))
+        return row if row is not None and KINDS[self.kind[row]] == key[0] else None
+
+    def key(self, row: int) -> DocKey:
+        """The document at ``row``."""
+        return DocKey.from_int(KINDS[self.kind[row]], int.from_bytes(self.ids[row].tobytes(), "big"))
+
+    def session_codes(self, sessions: Iterable[uuid.UUID]) -> set[int]:
+        """The codes of those of ``sessions`` the index knows."""
+        codes = (self._session_codes.get(session.bytes) for session in sessions)
+        return {code for code in codes if code is not None}
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def _lengths(self) -> tuple[np.ndarray, int, float]:
+        """``(context document lengths (n,) float64, N, mean length)``, cached until a change."""
+        if self._derived is None:
+            n = self.n
+            length = self.length[:n].astype(np.float64)
+            total = np.where(self.kind[:n] == MESSAGE, self.own_weight, 1) * length
+            for links in (self.prev[:n], self.next[:n]):
+                rows, hop = np.arange(n), np.arange(n)  # the row credited, where its chain is
+                for _ in range(self.window):
+                    neighbours = links[hop]
+                    keep = neighbours >= 0
+                    rows, hop = rows[keep], neighbours[keep]
+                    total[rows] += length[hop]
+            alive = self.alive[:n]
+            live = int(alive.sum())
+            mean = float(total[alive].mean()) if live else 1.0
+            self._derived = (total, live, mean if mean > 0 else 1.0)
+        return self._derived
+
+    def _postings(self, term: int) -> tuple[np.ndarray, np.ndarray]:
+        """The live rows holding ``term`` and its count in each: ``(rows int64, tf float64)``."""
+        parts_rows, parts_tf = [], []
+        if term < len(self._base_ptr) - 1:
+            start, end = self._base_ptr[term], self._base_ptr[term + 1]
+            parts_rows.append(self._base_rows[start:end])
+            parts_tf.append(self._base_tf[start:end])
+        if self._tail_n:
+            match = self._tail_term[: self._tail_n] == term
+            parts_rows.append(self._tail_row[: self._tail_n][match])
+            parts_tf.append(self._tail_tf[: self._tail_n][match])
+        rows = np.concatenate(parts_rows).astype(np.int64) if parts_rows else np.zeros(0, dtype=np.int64)
+        tf = np.concatenate(parts_tf).astype(np.float64) if parts_tf else np.zeros(0)
+        live = self.alive[rows]
+        return rows[live], tf[live]
+
+    def _context_frequencies(self, rows: np.ndarray, tf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A term's frequency in each context document it occurs in, from its own postings
+        (``rows``, ``tf``): ``(documents, frequencies)``, documents distinct."""
+        weight = np.where(self.kind[rows] == MESSAGE, self.own_weight, 1)
+        documents, counts = [rows], [tf * weight]
+        for links in (self.prev, self.next):
+            hop, hop_tf = rows, tf
+            for _ in range(self.window):
+                neighbours = links[hop]
+                keep = neighbours >= 0
+                hop, hop_tf = neighbours[keep].astype(np.int64), hop_tf[keep]
+                if not len(hop):
+                    break
+                documents.append(hop)
+                counts.append(hop_tf)
+        documents, counts = np.concatenate(documents), np.concatenate(counts)
+        if len(documents) * 16 < self.n:  # few: sort them
+            unique, inverse = np.unique(documents, return_inverse=True)
+            return unique, np.bincount(inverse, weights=counts)
+        dense = np.bincount(documents, weights=counts, minlength=self.n)
+        unique = np.flatnonzero(dense)
+        return unique, dense[unique]
+
+    def scores(self, tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """BM25 score of every document matching ``tokens`` (the query's lexemes, repeated
+        per occurrence): ``(rows (m,) int64, scores (m,) float64)``, scores > 0."""
+        counts: dict[int, int] = {}
+        for token in tokens:
+            term = self.vocab.get(token)
+            if term is not None:
+                counts[term] = counts.get(term, 0) + 1
+        if not counts or not self.live:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        lengths, live, mean = self._lengths()
+        total = np.zeros(self.n)
+        for term, occurrences in counts.items():
+            rows, tf = self._postings(term)
+            if not len(rows):
+                continue
+            documents, frequencies = self._context_frequencies(rows, tf)
+            idf = math.log(1 + (live - len(documents) + 0.5) / (len(documents) + 0.5))
+            norm = K1 * (1 - B + B * lengths[documents] / mean)
+            total[documents] += occurrences * idf * frequencies / (frequencies + norm)
+        matched = np.flatnonzero(total > 0)
+        return matched, total[matched]
+
+    def search(
+        self,
+        tokens: list[str],
+        *,
+        limit: int,
+        sessions: set[int] | None = None,
+        since_us: int | None = None,
+        until_us: int | None = None,
+    ) -> list[tuple[DocKey, float]]:
+        """Top ``limit`` documents by BM25 score (> 0) as ``(key, score)``, best first.
+
+        ``sessions``: session codes (``session_codes``); when given, only messages of those
+        sessions (and knowledge). ``since_us`` / ``until_us``: only documents created in that
+        window (microseconds since the epoch, both inclusive). Filters apply before the cut
+        at ``limit``. Equal scores (to 1e-9) go in the order of (kind, session id, position):
+        the same however the index was built.
+        """
+        rows, scores = self.scores(tokens)
+        if sessions is not None and len(rows):
+            allowed = np.isin(self.session[rows], np.fromiter(sessions, dtype=np.int32, count=len(sessions)))
+            keep = allowed | (self.kind[rows] == KNOWLEDGE)
+            rows, scores = rows[keep], scores[keep]
+        if since_us is not None:
+            keep = self.created[rows] >= since_us
+            rows, scores = rows[keep], scores[keep]
+        if until_us is not None:
+            keep = self.created[rows] <= until_us
+            rows, scores = rows[keep], scores[keep]
+        if not len(rows):
+            return []
+        rounded = np.round(scores, 9)
+        if len(rows) > limit:
+            threshold = np.partition(rounded, len(rows) - limit)[len(rows) - limit]
+            keep = rounded >= threshold
+            rows, scores, rounded = rows[keep], scores[keep], rounded[keep]
+        order = np.lexsort((self._canonical_tiebreak(rows), self.position[rows], self._session_ranks()[self.session[rows] + 1], self.kind[rows], -rounded))
+        return [(self.key(int(rows[i])), float(scores[i])) for i in order[:limit]]
+
+    def _session_ranks(self) -> np.ndarray:
+        """Each session code's rank by session id (offset by one: index 0 is 'no session')."""
+        if self._session_rank is None or len(self._session_rank) != len(self.session_ids) + 1:
+            order = sorted(range(len(self.session_ids)), key=lambda code: self.session_ids[code])
+            ranks = np.zeros(len(self.session_ids) + 1, dtype=np.int64)
+            ranks[np.asarray(order, dtype=np.int64) + 1] = np.arange(1, len(order) + 1)
+            self._session_rank = ranks
+        return self._session_rank
+
+    def _canonical_tiebreak(self, rows: np.ndarray) -> np.ndarray:
+        """Last tie-break: the id's first 8 bytes (knowledge items have no position)."""
+        return self.ids[rows, :8].copy().view(">u8").reshape(-1)
+
+    def named_speaker(self, tokens: list[str]) -> int | None:
+        """The speaker code of the only speaker the query names, else ``None``.
+
+        A speaker is named when a lexeme of their name is among ``tokens``, the query's
+        lexemes (so "Caroline's" names Caroline; a name of stop words only, such as "Will",
+        is never named). None named, or several ("What did Anna tell Ben?", two Smiths):
+        ``None``.
+        """
+        words = set(tokens)
+        named = [code for code, lexemes in enumerate(self.speaker_lexemes) if lexemes & words]
+        return named[0] if len(named) == 1 else None
+
+    def spoken_by(self, keys: list[DocKey], speaker: int) -> list[bool]:
+        """For each of ``keys``, whether the index holds it as a turn of ``speaker``."""
+        rows = [self.row(key) for key in keys]
+        return [row is not None and int(self.speaker[row]) == speaker for row in rows]
+
+    # --- snapshots -------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """The index as bytes for ``from_bytes`` (compacted first: no tail, no dead rows)."""
+        if self._tail_n or self.live != self.n:
+            self.compact()
+        n = self.n
+        header = {
+            "format": FORMAT,
+            "seq": self.seq,
+            "rows": n,
+            "postings": len(self._base_rows),
+            "terms": len(self._base_ptr) - 1,
+            "sessions": len(self.session_ids),
+            "speakers": [[name, sorted(lexemes)] for name, lexemes in zip(self.speakers, self.speaker_lexemes)],
+        }
+        vocabulary = "\x00".join(self.vocab).encode()  # dict order is term order
+        header["vocabulary_bytes"] = len(vocabulary)
+        encoded = json.dumps(header).encode()
+        parts = [_MAGIC, len(encoded).to_bytes(4, "little"), encoded, vocabulary, self.ids[:n].tobytes()]
+        parts += [getattr(self, name)[:n].tobytes() for name in _ROW_ARRAYS]
+        parts += [self._base_ptr.tobytes(), self._base_rows.tobytes(), self._base_tf.tobytes()]
+        parts += [b"".join(self.session_ids), np.asarray(self._session_last, dtype=np.int32).tobytes()]
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, window: int, own_weight: int) -> BM25Index | None:
+        """An index from ``to_bytes``' output; ``None`` if ``data`` is of another format."""
+        view = memoryview(data)
+        if bytes(view[:4]) != _MAGIC:
+            return None
+        size = int.from_bytes(view[4:8], "little")
+        header = json.loads(bytes(view[8 : 8 + size]))
+        if header.get("format") != FORMAT:
+            return None
+        offset = 8 + size
+
+        def take(count: int, dtype) -> np.ndarray:
+            nonlocal offset
+            nbytes = count * np.dtype(dtype).itemsize
+            array = np.frombuffer(view[offset : offset + nbytes], dtype=dtype).copy()
+            offset += nbytes
+            return array
+
+        vocabulary = bytes(view[offset : offset + header["vocabulary_bytes"]]).decode()
+        offset += header["vocabulary_bytes"]
+        n = header["rows"]
+        index = cls(window=window, own_weight=own_weight, capacity=1)
+        index.seq = header["seq"]
+        terms = vocabulary.split("\x00") if vocabulary else []
+        index.vocab = dict(zip(terms, range(len(terms))))
+        index._vocab_bytes = sum(len(term) + 90 for term in terms)
+        capacity = max(16, int(n * 1.25) + 16)
+        ids = np.zeros((capacity, 16), dtype=np.uint8)
+        ids[:n] = take(n * 16, np.uint8).reshape(n, 16)
+        index.ids = ids
+        for name, (dtype, fill) in _ROW_ARRAYS.items():
+            array = np.full(capacity, fill, dtype=dtype)
+            array[:n] = take(n, dtype)
+            setattr(index, name, array)
+        index._capacity = capacity
+        index.n = n
+        index.live = int(index.alive[:n].sum())
+        index._base_ptr = take(header["terms"] + 1, np.int64)
+        index._base_rows = take(header["postings"], np.int32)
+        index._base_tf = take(header["postings"], np.uint16)
+        sessions = take(header["sessions"] * 16, np.uint8).tobytes()
+        index.session_ids = [sessions[i : i + 16] for i in range(0, len(sessions), 16)]
+        index._session_codes = {session: code for code, session in enumerate(index.session_ids)}
+        index._session_last = take(header["sessions"], np.int32).tolist()
+        for name, lexemes in header["speakers"]:
+            index._speaker_code(name, frozenset(lexemes))
+        index._index_ids()
+        return index

@@ -1,0 +1,237 @@
+"""Tier 2: one ``UserMemory`` per user, in a thread-safe LRU cache bounded in bytes.
+
+A ``UserMemory`` holds what is worth keeping between a user's queries: their lexical index
+(``memory.retrieval.bm25``), caught up with the database at each query that finds the user's
+``memory_version`` moved, and the embeddings of their newest pending messages. Everything in
+it can be rebuilt from the database, so evicting it loses nothing; a user who comes back is
+loaded from their snapshot (``memory.retrieval.store``).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from concurrent.futures import Future
+
+import numpy as np
+from cachetools import Cache, LRUCache
+from django.conf import settings
+
+from memory import registry
+from memory.retrieval import store
+from memory.retrieval.bm25 import BM25Index
+
+# A pending message's embedding as cached (the vector and its dict entry), in bytes.
+_PENDING_ENTRY_BYTES = 4 * 384 + 250
+
+
+class UserMemory:
+    """One user's memory service (see the module docstring).
+
+    ``lock`` guards ``index``: hold it for ``sync`` and for every read of the index that
+    follows (``memory.retrieval.search`` does). ``loads`` and ``catch_ups`` count how the
+    index was kept current, for tests and operators.
+    """
+
+    def __init__(self, user_id: uuid.UUID) -> None:
+        self.user_id = user_id
+        self.lock = threading.Lock()
+        self.index: BM25Index | None = None
+        self.version: int | None = None
+        self.loads = 0
+        self.catch_ups = 0
+        self._pending: dict[tuple, Future | np.ndarray] = {}
+        self._pending_lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """What this entry holds, in bytes: its index and pending embeddings (estimated)."""
+        held = self.index.nbytes if self.index is not None else 0
+        return held + len(self._pending) * _PENDING_ENTRY_BYTES + 1024
+
+    def sync(self, version: int) -> BM25Index:
+        """The index as of ``version`` (the user's ``memory_version``, read by the caller):
+        loaded on first use, caught up with the changes since when the version moved, reloaded
+        when it cannot be caught up (``store.catch_up``). Caller holds ``lock``."""
+        if self.index is None:
+            self.index = store.load(self.user_id)
+            self.loads += 1
+        elif version != self.version:
+            if store.catch_up(self.index, self.user_id):
+                self.catch_ups += 1
+            else:
+                self.index = store.load(self.user_id)
+                self.loads += 1
+        self.version = version
+        return self.index
+
+    def prefetch(self, rows: list[tuple[uuid.UUID, object, str]]) -> None:
+        """Start embedding pending messages ``[(id, updated_at, text)]`` that a query will
+        soon need (called after an add), behind every query, one text per model call."""
+        with self._pending_lock:
+            for doc_id, updated_at, text in rows:
+                if (doc_id, updated_at) not in self._pending:
+                    self._pending[(doc_id, updated_at)] = registry.submit_query([text], priority=registry.BACKGROUND)
+
+    def pending_embeddings(self, rows: list[tuple[uuid.UUID, object, str]]) -> np.ndarray:
+        """Embeddings ``(len(rows), dim)`` of pending messages ``[(id, updated_at, text)]``.
+
+        Read your writes: a message not flushed yet is embedded on demand by the query
+        model, once per version of its text (cached by ``(id, updated_at)``, or already on its
+        way from ``prefetch``); entries of messages not asked for any more are dropped. Raises
+        ``registry.EmbeddingProcessError`` when the query process fails.
+        """
+        keys = [(doc_id, updated_at) for doc_id, updated_at, _ in rows]
+        with self._pending_lock:
+            self._pending = {key: self._pending[key] for key in keys if key in self._pending}
+            for key, (_, _, text) in zip(keys, rows):
+                if key not in self._pending:
+                    self._pending[key] = registry.submit_query([text])
+            waiting = [self._pending[key] for key in keys]
+        vectors = []
+        for key, entry in zip(keys, waiting):
+            if isinstance(entry, Future):
+                try:
+                    entry = entry.result()[0]
+                except BaseException:
+                    with self._pending_lock:
+                        self._pending.pop(key, None)  # the next query asks again
+                    raise
+                with self._pending_lock:
+                    if key in self._pending:
+                        self._pending[key] = entry
+            vectors.append(entry)
+        return np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
+
+
+class UserMemoryCache(LRUCache):
+    """cachetools' ``LRUCache`` bounded in bytes (``maxsize``; each entry's ``nbytes``), that
+    counts its hits, misses and evictions (for operators). Not thread-safe by itself, like
+    its base: the functions below hold ``_cache_lock``."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(maxsize=max_bytes, getsizeof=lambda memory: memory.nbytes)
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def peek(self, key):
+        """The entry for ``key`` or ``None``, without making it the most recently used."""
+        return Cache.__getitem__(self, key) if key in self else None
+
+    def popitem(self):
+        # cachetools evicts through popitem() when an insert would pass maxsize.
+        item = super().popitem()
+        self.evictions += 1
+        return item
+
+
+_cache_lock = threading.Lock()
+_cache: UserMemoryCache | None = None
+
+
+def _max_bytes() -> int:
+    return int(settings.MEMFUSE["USER_CACHE_MB"] * 1024 * 1024)
+
+
+def _user_cache() -> UserMemoryCache:
+    """The process's cache, created on first use (caller holds ``_cache_lock``)."""
+    global _cache
+    if _cache is None:
+        _cache = UserMemoryCache(_max_bytes())
+    return _cache
+
+
+def user_memory(user_id: uuid.UUID) -> UserMemory:
+    """The process's ``UserMemory`` for ``user_id``, from the LRU cache (``USER_CACHE_MB``)."""
+    with _cache_lock:
+        cache = _user_cache()
+        memory = cache.get(user_id)
+        if memory is None:
+            cache.misses += 1
+            memory = UserMemory(user_id)
+            _store(cache, memory)
+        else:
+            cache.hits += 1
+        return memory
+
+
+def cached_user_memory(user_id: uuid.UUID) -> UserMemory | None:
+    """The user's ``UserMemory`` if this process has it cached (no lookup is counted)."""
+    with _cache_lock:
+        return _user_cache().peek(user_id) if _cache is not None else None
+
+
+def resized(memory: UserMemory) -> None:
+    """Account for ``memory``'s new size (after its index was loaded or grew); it may evict
+    others, or itself when it alone is over the bound (it then serves this query uncached)."""
+    with _cache_lock:
+        cache = _user_cache()
+        if cache.peek(memory.user_id) is memory:
+            _store(cache, memory)
+
+
+def _store(cache: UserMemoryCache, memory: UserMemory) -> None:
+    try:
+        cache[memory.user_id] = memory
+    except ValueError:  # larger than the whole cache
+        cache.pop(memory.user_id, None)
+
+
+def refresh_snapshot(user_id: uuid.UUID) -> bool:
+    """Rewrite the user's index snapshot if it lags: none yet, or at least
+    ``SNAPSHOT_MIN_CHANGES`` (or a tenth of the user's documents, if more) changes not in it.
+    Uses this process's cached index when it has one (caught up first), else loads one
+    without caching it (a flush worker should not fill the cache). Returns whether it wrote.
+    """
+    through, changes = store.snapshot_lag(user_id)
+    memory = cached_user_memory(user_id)
+    documents = len(memory.index) if memory is not None and memory.index is not None else 0
+    if not changes or (through is not None and changes < max(settings.MEMFUSE["SNAPSHOT_MIN_CHANGES"], documents // 10)):
+        return False
+    if memory is not None and memory.index is not None:
+        with memory.lock:
+            if not store.catch_up(memory.index, user_id):
+                memory.index = store.load(user_id)
+            written = store.snapshot_save(memory.index, user_id)
+        resized(memory)
+        return written
+    return store.snapshot_save(store.load(user_id), user_id)
+
+
+def forget(user_id: uuid.UUID) -> None:
+    """Drop the user's entry (the user was deleted)."""
+    with _cache_lock:
+        if _cache is not None:
+            _cache.pop(user_id, None)
+
+
+def cache_stats() -> dict:
+    """The per-user service cache of this process since start.
+
+    ``{"size", "bytes", "max_bytes", "hits", "misses", "evictions", "hit_rate"}``: entries
+    held, their bytes and the bound (``USER_CACHE_MB``); ``hit_rate`` is hits / lookups in
+    [0, 1], ``None`` before the first lookup.
+    """
+    with _cache_lock:
+        cache = _user_cache()
+        lookups = cache.hits + cache.misses
+        return {
+            "size": len(cache),
+            "bytes": int(cache.currsize),
+            "max_bytes": int(cache.maxsize),
+            "hits": cache.hits,
+            "misses": cache.misses,
+            "evictions": cache.evictions,
+            "hit_rate": round(cache.hits / lookups, 4) if lookups else None,
+        }
+
+
+def reset_user_cache(*, max_bytes: int | None = None) -> None:
+    """Drop every cached ``UserMemory`` and the counters; ``max_bytes`` overrides the setting.
+
+    For tests and for an operator who wants a fresh start; nothing durable is lost.
+    """
+    global _cache
+    with _cache_lock:
+        _cache = UserMemoryCache(max_bytes or _max_bytes())

@@ -1,0 +1,159 @@
+"""Hybrid search over one user's messages and knowledge: BM25 and vector, fused, reranked.
+
+The query is embedded (in the query process) while BM25 runs; BM25's top documents move
+the vector side's query (``memory.retrieval.vector``); the two lists (and the named
+speaker's turns) are fused (``memory.retrieval.fusion``); a configured cross-encoder
+reorders the fused top. Every statement reads one user's rows only.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+
+from django.db import connection
+
+from memory import registry
+from memory.retrieval import fusion, vector
+from memory.retrieval.cache import resized, user_memory
+from memory.retrieval.config import RetrievalConfig
+from memory.retrieval.fusion import Hits
+from memory.retrieval.keys import DocKey
+from memory.retrieval.lexemes import query_tokens
+
+
+def _epoch_us(moment: datetime | None) -> int | None:
+    return None if moment is None else int(moment.timestamp() * 1_000_000)
+
+
+def hybrid_search_stages(
+    *,
+    user_id: uuid.UUID,
+    memory_version: int,
+    query: str,
+    top_k: int,
+    agent_id: uuid.UUID | None = None,
+    config: RetrievalConfig | None = None,
+    partial: bool = True,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    ann: bool = False,
+) -> Iterator[tuple[str, Hits]]:
+    """The search in stages: ``("partial", hits)`` from BM25 alone, then ``("final", hits)``.
+
+    ``hits`` are ``(key, fused_score, retrievers)``, at most ``top_k``. BM25 is fast and
+    covers pending messages, so a UI can show its ranking before the query is embedded.
+    ``memory_version``: the user's, as just read (the index catches up to it). ``agent_id``
+    restricts messages to that agent's sessions (knowledge is user-level). ``since`` /
+    ``until`` (aware datetimes, inclusive) keep only documents created in that window, in
+    each retriever before its cut. ``ann``: the user is ``ann_indexed`` (approximate vector
+    search). With a retriever switched off (weight 0), or ``partial=False``, only the final
+    stage comes. Raises ``registry.EmbeddingProcessError`` when the query model fails.
+    """
+    config = config or RetrievalConfig.from_settings()
+    sessions = None
+    if agent_id is not None:
+        from memory.models import Session
+
+        sessions = list(Session.objects.filter(user_id=user_id, agent_id=agent_id).values_list("id", flat=True))
+    ranked: dict[str, list] = {}
+    # The query is embedded while BM25 runs (its SQL, and a cold user's index load): both are
+    # on the critical path, and the model works in its own process.
+    embedding = registry.submit_query([query]) if config.vector_weight > 0 else None
+    memory = user_memory(user_id)
+    speaker, tokens = None, None
+    if config.bm25_weight > 0 or config.speaker_weight > 0:
+        tokens = query_tokens(query) if config.bm25_weight > 0 else None
+        with memory.lock:
+            index = memory.sync(memory_version)
+            has_speakers = bool(index.speakers)
+        if tokens is None and config.speaker_weight > 0 and has_speakers:
+            tokens = query_tokens(query)
+        if tokens is not None:
+            with memory.lock:
+                index = memory.sync(memory_version)
+                if config.speaker_weight > 0:
+                    speaker = index.named_speaker(tokens)
+                if config.bm25_weight > 0:
+                    ranked["bm25"] = index.search(
+                        tokens,
+                        limit=config.bm25_candidates,
+                        sessions=index.session_codes(sessions) if sessions is not None else None,
+                        since_us=_epoch_us(since),
+                        until_us=_epoch_us(until),
+                    )
+        if partial and config.vector_weight > 0 and "bm25" in ranked:
+            yield "partial", _fused(ranked, config, memory, speaker)[:top_k]
+    if embedding is not None:
+        flushed, pending, moved = vector.candidates(
+            user_id=user_id,
+            embedding=embedding.result()[0],
+            limit=config.vector_candidates,
+            ann=ann,
+            sessions=sessions,
+            since=since,
+            until=until,
+            feedback=[key for key, _ in ranked.get("bm25", [])[: config.prf_docs]],
+            feedback_weight=config.prf_weight,
+        )
+        if pending:
+            embeddings = memory.pending_embeddings([(doc_id, updated_at, text) for doc_id, updated_at, text, *_ in pending])
+            flushed = sorted(flushed + vector.pending_scores(pending, embeddings, moved), key=lambda item: -item[1])
+        ranked["vector"] = flushed[: config.vector_candidates]
+    resized(memory)  # its index and pending embeddings, as they are now
+    hits = _fused(ranked, config, memory, speaker)
+    if config.rerank:
+        hits = rerank(user_id=user_id, query=query, hits=hits, top_n=config.rerank_top_n)
+    yield "final", hits[:top_k]
+
+
+def _fused(ranked: dict[str, list], config: RetrievalConfig, memory, speaker: int | None) -> Hits:
+    """``fusion.fuse`` of ``ranked``, with the named speaker's turns when there is one."""
+    hits = fusion.fuse(ranked, config)
+    if speaker is None:
+        return hits
+    with memory.lock:
+        spoken = fusion.speaker_candidates(hits, memory.index, speaker)
+    return fusion.add_speaker(hits, ranked, config, spoken)
+
+
+def hybrid_search(**kwargs) -> Hits:
+    """The final stage of ``hybrid_search_stages`` (same arguments; no partial stage is computed)."""
+    *_, (_, hits) = hybrid_search_stages(**kwargs, partial=False)
+    return hits
+
+
+def document_texts(user_id: uuid.UUID, keys: list[DocKey]) -> dict[DocKey, str]:
+    """The indexed text of each of ``keys`` (a message's ``index_text``, a knowledge item's
+    content), read from ``user_id``'s rows only; keys not found are absent."""
+    message_ids = [key.id for key in keys if key.kind == "message"]
+    knowledge_ids = [key.id for key in keys if key.kind == "knowledge"]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT 'message', id, index_text FROM memory_message WHERE user_id = %(user)s AND id = ANY(%(m)s) "
+            "UNION ALL SELECT 'knowledge', id, content FROM memory_knowledge WHERE user_id = %(user)s AND id = ANY(%(k)s)",
+            {"user": user_id, "m": message_ids, "k": knowledge_ids},
+        )
+        return {DocKey(kind, doc_id): text for kind, doc_id, text in cursor.fetchall()}
+
+
+def rerank(*, user_id: uuid.UUID, query: str, hits: Hits, top_n: int) -> Hits:
+    """The first ``top_n`` hits reordered by the cross-encoder's relevance to ``query``.
+
+    Each reranked hit keeps its fused score and gains ``retrievers["reranker"] = {"rank",
+    "score"}``; hits after ``top_n`` follow unchanged. Ties keep the fused order. Costs one
+    cross-encoder call over ``top_n`` (query, document) pairs. Raises
+    ``registry.RerankerLoadError`` when no reranker is configured.
+    """
+    head, tail = hits[:top_n], hits[top_n:]
+    if not head:
+        return hits
+    texts = document_texts(user_id, [key for key, _, _ in head])
+    scores = registry.rerank_scores(query, [texts.get(key, "") for key, _, _ in head])
+    order = sorted(range(len(head)), key=lambda i: -scores[i])
+    reranked = []
+    for rank, i in enumerate(order, start=1):
+        key, fused, found = head[i]
+        reranked.append((key, fused, {**found, "reranker": {"rank": rank, "score": round(float(scores[i]), 6)}}))
+    return reranked + tail

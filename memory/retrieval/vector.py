@@ -1,0 +1,331 @@
+"""The vector retriever: neighbour-smoothed cosine similarity, served from PostgreSQL.
+
+**Score**: a turn's cosine similarity to the query averaged with its neighbours' in its
+session, its own counted ``VECTOR_OWN_WEIGHT`` times, over the ``VECTOR_CONTEXT_TURNS``
+turns either side that are embedded: score regularisation over the conversation's
+adjacency (Diaz, "Regularizing Ad Hoc Retrieval Scores", CIKM 2005), the counterpart of
+BM25's context documents (a fact is spread over a turn and its neighbours). Embeddings are
+unit vectors, so for a unit query ``q`` that mean of cosines is ``q . c`` with ``c`` the same
+weighted mean of the embeddings: the message's **context embedding**, computed once when
+the message (or a neighbour) is flushed, edited or deleted (``context_refresh``), and searched
+by inner product. A knowledge item scores its own cosine.
+
+**Search** (``candidates``): the best ``limit`` context embeddings of one user, exactly (an
+ordered scan of the user's rows) for most users, and through a partial HNSW index
+(``memory_message_context_hnsw``, pgvector 0.8's iterative scan) for users whose history
+passed ``ANN_MIN_MESSAGES`` (``User.ann_indexed``). Every query stays a single-user query.
+
+**Pseudo-relevance feedback** (Rocchio, 1971; his beta is ``VECTOR_PRF_WEIGHT``): the query is
+``q + beta * mean(e_d)`` over BM25's top documents, computed in the search's own statement (as
+``q / beta + mean``: same direction).
+
+**Pending messages** (not flushed yet) have no embedding in the database. The newest
+``PENDING_EMBED_MAX`` of them are embedded on demand by the query model
+(``memory.retrieval.cache.UserMemory.pending_embeddings``) and scored like flushed ones, with
+their flushed (or also on-demand embedded) neighbours: a query finds what was just added,
+and the work a query may wait for is bounded however large a burst was. Older pending
+messages are found by BM25 until their flush.
+"""
+
+from __future__ import annotations
+
+import uuid
+from contextlib import nullcontext
+from datetime import datetime
+
+import numpy as np
+from django.conf import settings
+from django.db import connection, transaction
+from pgvector import Vector
+
+from memory.retrieval.keys import DocKey
+from memory.vectors import vector_literal
+
+# --- context embeddings (writes) -------------------------------------------------------------
+
+_CONTEXT_SQL = """
+WITH seeds AS (
+    SELECT DISTINCT session_id, position FROM unnest(%(sessions)s::uuid[], %(positions)s::bigint[]) AS s(session_id, position)
+), affected AS (
+    -- the seeds' rows and the turns whose window reaches them: `window` either side
+    SELECT DISTINCT n.id FROM seeds s CROSS JOIN LATERAL (
+        (SELECT m.id FROM memory_message m WHERE m.session_id = s.session_id AND m.position <= s.position
+         ORDER BY m.position DESC LIMIT %(window)s + 1)
+        UNION ALL
+        (SELECT m.id FROM memory_message m WHERE m.session_id = s.session_id AND m.position > s.position
+         ORDER BY m.position LIMIT %(window)s)
+    ) n
+), locked AS MATERIALIZED (
+    -- row locks in one order, whoever else refreshes neighbouring rows
+    SELECT m.id, m.session_id, m.position, m.embedding FROM memory_message m
+    WHERE m.id IN (SELECT id FROM affected) ORDER BY m.id FOR UPDATE
+), context AS (
+    SELECT l.id, CASE WHEN l.embedding IS NULL THEN NULL ELSE (
+        SELECT avg(e) FROM (
+            SELECT l.embedding AS e FROM generate_series(1, %(own)s)
+            UNION ALL
+            (SELECT b.embedding FROM memory_message b WHERE b.session_id = l.session_id AND b.position < l.position
+             ORDER BY b.position DESC LIMIT %(window)s)
+            UNION ALL
+            (SELECT b.embedding FROM memory_message b WHERE b.session_id = l.session_id AND b.position > l.position
+             ORDER BY b.position LIMIT %(window)s)
+        ) x WHERE e IS NOT NULL) END AS c
+    FROM locked l
+)
+UPDATE memory_message m SET context_embedding = context.c, ann = %(ann)s AND context.c IS NOT NULL
+FROM context
+WHERE m.id = context.id
+  AND (m.context_embedding IS DISTINCT FROM context.c OR m.ann IS DISTINCT FROM (%(ann)s AND context.c IS NOT NULL))
+"""
+
+
+def context_refresh(cursor, *, seeds: list[tuple[uuid.UUID, int]], ann: bool) -> None:
+    """Recompute the context embeddings around ``seeds`` (``(session_id, position)`` of turns
+    just embedded, edited or deleted): every turn at most ``VECTOR_CONTEXT_TURNS`` from a
+    seed in its session. ``ann``: whether the rows belong in the HNSW index (the user's
+    ``ann_indexed``). Runs in the caller's transaction, which must hold the user row's lock
+    (``memory.services`` writers) or be the flush's write (``buffers.services``).
+    """
+    if not seeds:
+        return
+    config = settings.MEMFUSE
+    cursor.execute(
+        _CONTEXT_SQL,
+        {
+            "sessions": [session for session, _ in seeds],
+            "positions": [position for _, position in seeds],
+            "window": config["VECTOR_CONTEXT_TURNS"],
+            "own": config["VECTOR_OWN_WEIGHT"],
+            "ann": ann,
+        },
+    )
+
+
+def context_refresh_all(cursor, *, user_id: uuid.UUID | None = None, user_ids: list[uuid.UUID] | None = None) -> int:
+    """Recompute every context embedding (of one user, of ``user_ids``, or of all): after the
+    window settings change, and for messages written by a bulk load. Returns how many rows
+    were written."""
+    config = settings.MEMFUSE
+    window, own = config["VECTOR_CONTEXT_TURNS"], config["VECTOR_OWN_WEIGHT"]
+    lags = ", ".join(f"lag(embedding, {d}) OVER w AS p{d}, lead(embedding, {d}) OVER w AS n{d}" for d in range(1, window + 1))
+    values = ", ".join(["(embedding)"] * own + [f"(p{d}), (n{d})" for d in range(1, window + 1)])
+    where = "WHERE user_id = %(user)s" if user_id else "WHERE user_id = ANY(%(users)s)" if user_ids is not None else ""
+    cursor.execute(
+        f"""
+        WITH ordered AS (
+            SELECT id, embedding{", " + lags if lags else ""} FROM memory_message {where}
+            WINDOW w AS (PARTITION BY session_id ORDER BY position)
+        ), context AS (
+            SELECT id, CASE WHEN embedding IS NULL THEN NULL ELSE
+                (SELECT avg(x) FROM (VALUES {values}) v(x) WHERE x IS NOT NULL) END AS c
+            FROM ordered
+        )
+        UPDATE memory_message m SET context_embedding = context.c, ann = u.ann_indexed AND context.c IS NOT NULL
+        FROM context, memory_user u
+        WHERE m.id = context.id AND u.id = m.user_id
+        """,
+        {"user": user_id, "users": user_ids},
+    )
+    return cursor.rowcount
+
+
+def ann_enable(*, user_id: uuid.UUID, batch: int = 2000) -> bool:
+    """Put the user's context embeddings into the HNSW index, then mark the user
+    ``ann_indexed`` (queries then search through the index). In batches of ``batch`` rows,
+    each its own transaction (HNSW inserts take about a millisecond each). Returns whether
+    the user is ann_indexed now. Run by a flush once the user holds ``ANN_MIN_MESSAGES``.
+    """
+    while True:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("SELECT ann_indexed FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
+            row = cursor.fetchone()
+            if row is None:
+                return False
+            if row[0]:
+                return True
+            cursor.execute(
+                "UPDATE memory_message SET ann = true WHERE id IN (SELECT id FROM memory_message "
+                "WHERE user_id = %s AND NOT ann AND context_embedding IS NOT NULL LIMIT %s FOR UPDATE SKIP LOCKED)",
+                [user_id, batch],
+            )
+            if cursor.rowcount:
+                continue
+            # Rows a concurrent writer held are caught by its own refresh once the flag is
+            # set (context_refresh writes ann from it): set it under the user row lock.
+            cursor.execute("UPDATE memory_user SET ann_indexed = true WHERE id = %s", [user_id])
+            cursor.execute(
+                "UPDATE memory_message SET ann = true WHERE user_id = %s AND NOT ann AND context_embedding IS NOT NULL",
+                [user_id],
+            )
+            return True
+
+
+# --- search (reads) --------------------------------------------------------------------------
+
+
+def candidates(
+    *,
+    user_id: uuid.UUID,
+    embedding: np.ndarray,
+    limit: int,
+    ann: bool = False,
+    sessions: list[uuid.UUID] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    feedback: list[DocKey] = (),
+    feedback_weight: float = 0.0,
+    pending_limit: int | None = None,
+) -> tuple[list[tuple[DocKey, float]], list[tuple], np.ndarray | None]:
+    """One statement: the user's best ``limit`` flushed documents for the query ``embedding``
+    (``(dim,)`` float32, unit), and their newest pending messages.
+
+    Returns ``(flushed, pending, query)``: ``flushed`` is ``[(key, score)]`` best first, score
+    the neighbour-smoothed cosine (a knowledge item's own); ``pending`` is ``[(id, updated_at,
+    text, neighbour ids, neighbour cosines)]`` of at most ``pending_limit``
+    (``PENDING_EMBED_MAX``) pending messages, newest first, a cosine ``None`` for a neighbour
+    not embedded; ``query`` the unit query the scores are for (moved by the feedback), only
+    when there are pending messages. ``ann``: search through the HNSW index (the user is
+    ``ann_indexed``). ``sessions``: only messages of these sessions (knowledge always).
+    ``since`` / ``until``: only documents created in that window (inclusive). ``feedback``:
+    Rocchio's documents (not embedded ones are skipped; with none the query stays).
+    """
+    sql, params, local_settings = search_statement(
+        user_id=user_id, embedding=embedding, limit=limit, ann=ann, sessions=sessions, since=since, until=until,
+        feedback=feedback, feedback_weight=feedback_weight, pending_limit=pending_limit,
+    )
+    # SET LOCAL lasts for the transaction: the approximate search needs one of its own.
+    with transaction.atomic() if local_settings else nullcontext(), connection.cursor() as cursor:
+        for setting in local_settings:
+            cursor.execute(setting)
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    flushed = [(DocKey(kind, doc_id), float(score)) for kind, doc_id, score, *_ in rows if kind in ("message", "knowledge")]
+    flushed.sort(key=lambda item: -item[1])  # two lists, and the iterative scan's relaxed order
+    pending = [(doc_id, updated_at, text, ids or [], cosines or []) for kind, doc_id, _, updated_at, text, ids, cosines in rows if kind == "pending"]
+    query = None
+    if pending:
+        moved = [row[4] for row in rows if row[0] == "query"]
+        query = Vector._from_db(moved[0]) if moved else embedding
+        query = (query / np.linalg.norm(query)).astype(np.float32)
+    return flushed, pending, query
+
+
+def search_statement(
+    *,
+    user_id: uuid.UUID,
+    embedding: np.ndarray,
+    limit: int,
+    ann: bool = False,
+    sessions: list[uuid.UUID] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    feedback: list[DocKey] = (),
+    feedback_weight: float = 0.0,
+    pending_limit: int | None = None,
+) -> tuple[str, dict, list[str]]:
+    """``candidates``' statement: ``(sql, params, settings)``, settings being the ``SET LOCAL``
+    statements to run before it in its transaction (the approximate search's)."""
+    config = settings.MEMFUSE
+    pending_limit = config["PENDING_EMBED_MAX"] if pending_limit is None else pending_limit
+    moving = bool(feedback) and feedback_weight > 0
+    filters, knowledge_filters = "", ""
+    if sessions is not None:
+        filters += " AND m.session_id = ANY(%(sessions)s)"
+    if since is not None:
+        filters += " AND m.created_at >= %(since)s"
+        knowledge_filters += " AND k.created_at >= %(since)s"
+    if until is not None:
+        filters += " AND m.created_at <= %(until)s"
+        knowledge_filters += " AND k.created_at <= %(until)s"
+    scan = "m.ann" if ann else "m.context_embedding IS NOT NULL"
+    sql = f"""
+        WITH feedback AS (
+            SELECT avg(e) AS mean FROM (
+                SELECT embedding AS e FROM memory_message
+                WHERE user_id = %(user)s AND id = ANY(%(fm)s) AND embedding IS NOT NULL
+                UNION ALL
+                SELECT embedding FROM memory_knowledge
+                WHERE user_id = %(user)s AND id = ANY(%(fk)s) AND embedding IS NOT NULL
+            ) f
+        ), query AS MATERIALIZED (
+            SELECT q, vector_norm(q) AS norm FROM (
+                SELECT coalesce(%(q_scaled)s::vector + mean, %(q)s::vector) AS q FROM feedback) moved
+        ), messages AS MATERIALIZED (
+            SELECT m.id, m.context_embedding <#> (SELECT q FROM query) AS distance FROM memory_message m
+            WHERE m.user_id = %(user)s AND {scan}{filters}
+            ORDER BY m.context_embedding <#> (SELECT q FROM query) LIMIT %(limit)s
+        ), knowledge AS MATERIALIZED (
+            SELECT k.id, k.embedding <#> (SELECT q FROM query) AS distance FROM memory_knowledge k
+            WHERE k.user_id = %(user)s AND k.embedding IS NOT NULL{knowledge_filters}
+            ORDER BY k.embedding <#> (SELECT q FROM query) LIMIT %(limit)s
+        ), pending AS MATERIALIZED (
+            SELECT m.id, m.session_id, m.position, m.updated_at, m.index_text FROM memory_message m
+            WHERE m.user_id = %(user)s AND m.flushed_at IS NULL{filters}
+            ORDER BY m.updated_at DESC, m.seq DESC LIMIT %(pending_limit)s
+        )
+        SELECT 'message', id, -distance / (SELECT norm FROM query), NULL::timestamptz, NULL::text, NULL::uuid[], NULL::float8[]
+        FROM messages
+        UNION ALL
+        SELECT 'knowledge', id, -distance / (SELECT norm FROM query), NULL, NULL, NULL, NULL FROM knowledge
+        UNION ALL
+        SELECT 'pending', p.id, NULL, p.updated_at, p.index_text, around.ids, around.cosines
+        FROM pending p LEFT JOIN LATERAL (
+            SELECT array_agg(n.id) AS ids,
+                   array_agg(-(n.embedding <#> (SELECT q FROM query)) / (SELECT norm FROM query)) AS cosines
+            FROM (
+                (SELECT b.id, b.embedding FROM memory_message b WHERE b.session_id = p.session_id
+                 AND b.position < p.position ORDER BY b.position DESC LIMIT %(window)s)
+                UNION ALL
+                (SELECT b.id, b.embedding FROM memory_message b WHERE b.session_id = p.session_id
+                 AND b.position > p.position ORDER BY b.position LIMIT %(window)s)
+            ) n
+        ) around ON true
+        UNION ALL
+        -- the (moved) query, to score pending messages with, only when there are some
+        SELECT 'query', NULL, NULL, NULL, q::text, NULL, NULL FROM query WHERE EXISTS (SELECT FROM pending)
+    """
+    params = {
+        "user": user_id,
+        "q": vector_literal(embedding),
+        "q_scaled": vector_literal(embedding / feedback_weight) if moving else None,
+        "fm": [key.id for key in feedback if key.kind == "message"] if moving else [],
+        "fk": [key.id for key in feedback if key.kind == "knowledge"] if moving else [],
+        "limit": limit,
+        "sessions": sessions,
+        "since": since,
+        "until": until,
+        "pending_limit": pending_limit,
+        "window": config["VECTOR_CONTEXT_TURNS"],
+    }
+    local_settings = []
+    if ann:
+        local_settings = [
+            # Enough candidates for the list, and pgvector 0.8's iterative scan: the index
+            # holds other users' rows too, which the user filter drops after the scan.
+            f"SET LOCAL hnsw.ef_search = {max(limit, int(config['ANN_EF_SEARCH']))}",
+            "SET LOCAL hnsw.iterative_scan = relaxed_order",
+            # The user's rows through the index, not the user_id btree and a sort of all of
+            # them: that would be exact, but linear in the history, which is what the index
+            # is for (the planner picks it for small tables).
+            "SET LOCAL enable_sort = off",
+        ]
+    return sql, params, local_settings
+
+
+def pending_scores(pending: list[tuple], embeddings: np.ndarray, query: np.ndarray) -> list[tuple[DocKey, float]]:
+    """Scores of pending messages (``candidates``' ``pending``, embedded as ``embeddings``,
+    ``(len(pending), dim)``) for the unit ``query``: the same smoothed cosine as a flushed
+    turn's, over its neighbours that are flushed or among ``pending``."""
+    own = settings.MEMFUSE["VECTOR_OWN_WEIGHT"]
+    cosines = embeddings @ query if len(pending) else np.zeros(0)
+    by_id = {doc_id: float(cosine) for (doc_id, *_), cosine in zip(pending, cosines)}
+    scored = []
+    for (doc_id, _, _, neighbour_ids, neighbour_cosines), cosine in zip(pending, cosines):
+        total, count = own * float(cosine), own
+        for neighbour, neighbour_cosine in zip(neighbour_ids, neighbour_cosines):
+            value = neighbour_cosine if neighbour_cosine is not None else by_id.get(neighbour)
+            if value is not None:
+                total += value
+                count += 1
+        scored.append((DocKey("message", doc_id), total / count))
+    return scored

@@ -1,0 +1,289 @@
+"""The lexical index as histories change: in place, caught up, snapshotted, and bounded in bytes.
+
+What matters here: a write does not make the next query rebuild anything; an index kept up
+to date by adds, edits and deletes ranks exactly as one built from scratch (and as bm25s over
+the same context documents); a process that has not cached a user loads their snapshot; the
+cache evicts by bytes.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+import bm25s
+import pytest
+from django.db import connection
+
+from buffers.services import flush_pending
+from memory import registry, retrieval, selectors, services
+from memory.retrieval import store
+from memory.retrieval.bm25 import KNOWLEDGE, MESSAGE, BM25Index, Document
+from memory.services import MessageIn
+
+
+def context_documents(tokens: list[list[str]], sessions: list, *, window: int, own_weight: int) -> list[list[str]]:
+    """BM25 documents of turns in conversation order, each with its neighbours' words: what
+    the index scores, materialised (the independent oracle of these tests)."""
+    documents = []
+    for i, own in enumerate(tokens):
+        document = list(own) * own_weight
+        for j in range(max(0, i - window), min(len(tokens), i + window + 1)):
+            if j != i and sessions[j] == sessions[i]:
+                document.extend(tokens[j])
+        documents.append(document)
+    return documents
+
+
+def test_context_documents_oracle_adds_neighbours_of_the_same_session_only():
+    """The oracle itself: a turn's document holds its own words (weighted) and its neighbours' within the session."""
+    tokens = [["a"], ["b"], ["c"], ["d"]]
+    documents = context_documents(tokens, ["s1", "s1", "s1", "s2"], window=1, own_weight=2)
+    assert documents == [["a", "a", "b"], ["b", "b", "a", "c"], ["c", "c", "b"], ["d", "d"]]
+
+
+def test_index_changed_in_place_scores_as_bm25s_over_the_context_documents():
+    """Random adds, edits (re-adds), deletes, compactions and snapshot round trips: every
+    document's score equals bm25s's (lucene) over the live documents, built from scratch."""
+    rng = random.Random(7)
+    words = [f"w{i}" for i in range(40)]
+    sessions = [uuid.uuid4() for _ in range(4)]
+    next_position = dict.fromkeys(sessions, 0)
+    index = BM25Index(window=2, own_weight=2)
+    live: dict[uuid.UUID, dict] = {}
+
+    def document(kind, session=None, doc_id=None, position=None):
+        tokens = [rng.choice(words) for _ in range(rng.randint(0, 7))]
+        if kind == MESSAGE and position is None:
+            position = next_position[session]
+            next_position[session] += 1
+        counts = {token: tokens.count(token) for token in tokens}
+        return {"kind": kind, "id": doc_id or uuid.uuid4(), "session": session, "position": position or 0,
+                "tokens": tokens, "counts": counts}
+
+    checked = 0
+    for step in range(240):
+        choice = rng.random()
+        if choice < 0.65 or not live:
+            doc = document(MESSAGE, rng.choice(sessions)) if rng.random() < 0.9 else document(KNOWLEDGE)
+        elif choice < 0.85:
+            victim = rng.choice(list(live))
+            assert index.remove(victim)
+            del live[victim]
+            doc = None
+        else:
+            old = live[rng.choice(list(live))]
+            doc = document(old["kind"], old["session"], old["id"], old["position"])
+        if doc is not None:
+            index.add(Document(kind=doc["kind"], id=doc["id"], lexemes=doc["counts"], created_us=0,
+                               session=doc["session"], position=doc["position"]))
+            live[doc["id"]] = doc
+        if step % 61 == 60:
+            index.compact()
+        if step % 47 == 46:
+            index = BM25Index.from_bytes(index.to_bytes(), window=2, own_weight=2)
+        messages = sorted((d for d in live.values() if d["kind"] == MESSAGE), key=lambda d: (d["session"].bytes, d["position"]))
+        knowledge = [d for d in live.values() if d["kind"] == KNOWLEDGE]
+        corpus = context_documents([d["tokens"] for d in messages], [d["session"] for d in messages], window=2, own_weight=2)
+        corpus += [d["tokens"] for d in knowledge]
+        query = [rng.choice(words) for _ in range(3)]
+        reference = bm25s.BM25(method="lucene")
+        if not any(corpus) or not any(token in set(sum(corpus, [])) for token in query):
+            continue
+        reference.index(corpus, show_progress=False)
+        expected = reference.get_scores([token for token in query if token in reference.vocab_dict])
+        rows, scores = index.scores(query)
+        got = {index.key(int(row)).id: score for row, score in zip(rows, scores)}
+        for doc, score in zip(messages + knowledge, expected):
+            assert got.get(doc["id"], 0.0) == pytest.approx(float(score), rel=1e-4, abs=1e-6)
+        checked += 1
+    assert checked > 150 and len(index) == len(live)
+
+
+def _add(session, texts, **metadata):
+    return services.messages_add(session=session, messages=[MessageIn(role="user", content=t, metadata=metadata) for t in texts])
+
+
+def _bm25(user, query: str, limit: int = 50):
+    """The BM25 list of the user's cached index at their current version: ``[(key, score)]``."""
+    user.refresh_from_db()
+    memory = retrieval.user_memory(user.pk)
+    with memory.lock:
+        found = memory.sync(user.memory_version).search(retrieval.query_tokens(query), limit=limit)
+    retrieval.cache.resized(memory)
+    return found
+
+
+def _fresh_bm25(user, query: str, limit: int = 50):
+    """The same list from an index built from the user's rows alone (no snapshot, no cache)."""
+    index = store.new_index()
+    assert store.catch_up(index, user.pk)
+    return index.search(retrieval.query_tokens(query), limit=limit)
+
+
+def test_a_write_does_not_make_the_next_query_rebuild_the_index(alice_session):
+    """Query, add, query, edit, query: the index is loaded once and caught up after each write."""
+    _add(alice_session, ["My sister lives in Lisbon.", "She works as an architect."])
+    alice = alice_session.user
+    alice.refresh_from_db()
+    selectors.memory_query(user=alice, query="Where does my sister live?")
+    memory = retrieval.user_memory(alice.pk)
+    assert (memory.loads, memory.catch_ups) == (1, 0)
+
+    [boat] = _add(alice_session, ["I bought a red kayak."])
+    alice.refresh_from_db()
+    found = selectors.memory_query(user=alice, query="kayak", top_k=1)
+    services.messages_update(session=alice_session, message_ids=[boat.pk], new_messages=[MessageIn(role="user", content="I bought a canoe.")])
+    alice.refresh_from_db()
+    after_edit = selectors.memory_query(user=alice, query="canoe", top_k=1)
+
+    assert found[0]["id"] == after_edit[0]["id"] == str(boat.pk)
+    assert (memory.loads, memory.catch_ups) == (1, 2)
+
+
+def test_an_index_kept_up_by_writes_ranks_as_one_built_from_scratch(alice, agent):
+    """Adds in several sessions, edits, deletes, knowledge: after each write the cached index's
+    BM25 ranking (keys and scores) equals that of an index built from the rows."""
+    rng = random.Random(3)
+    words = "lisbon kayak garden pottery glacier bakery trail sister architect picnic".split()
+    sessions = [services.session_create(user=alice, agent=agent, name=f"s{i}") for i in range(3)]
+    queries = ["kayak trail", "sister lisbon architect", "garden picnic pottery", "glacier"]
+    added = []
+    for step in range(24):
+        choice = rng.random()
+        if choice < 0.6 or len(added) < 4:
+            texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
+            added += _add(rng.choice(sessions), texts)
+        elif choice < 0.75:
+            victim = added.pop(rng.randrange(len(added)))
+            services.messages_delete(session=victim.session, message_ids=[victim.pk])
+        elif choice < 0.9:
+            target = rng.choice(added)
+            services.messages_update(
+                session=target.session, message_ids=[target.pk],
+                new_messages=[MessageIn(role="user", content=" ".join(rng.sample(words, 3)))],
+            )
+        else:
+            services.knowledge_add(user=alice, contents=[" ".join(rng.sample(words, 2))])
+        if step == 12:
+            flush_pending(user_id=alice.pk)  # a snapshot too, and context embeddings
+        for query in queries:
+            cached = [(key, round(score, 9)) for key, score in _bm25(alice, query)]
+            assert cached == [(key, round(score, 9)) for key, score in _fresh_bm25(alice, query)], (step, query)
+    assert retrieval.user_memory(alice.pk).loads == 1
+
+
+def test_edits_and_deletes_are_reflected_at_once_by_both_retrievers(alice_session):
+    """An edited message is found by its new words only; a deleted one by nothing; flushed or not."""
+    rows = _add(alice_session, ["I adopted a beagle called Pepper.", "The weather was grey.", "We baked rye bread."])
+    flush_pending(user_id=alice_session.user_id)
+    beagle, _, bread = rows
+    alice = alice_session.user
+    services.messages_update(
+        session=alice_session, message_ids=[beagle.pk], new_messages=[MessageIn(role="user", content="I adopted a cat called Miso.")]
+    )
+    services.messages_delete(session=alice_session, message_ids=[bread.pk])
+    alice.refresh_from_db()
+
+    def ids(query, **overrides):
+        config = retrieval.RetrievalConfig.from_settings(**overrides)
+        return [r["id"] for r in selectors.memory_query(user=alice, query=query, top_k=5, config=config)]
+
+    assert str(beagle.pk) not in ids("beagle Pepper", vector_weight=0.0)
+    assert ids("cat Miso", vector_weight=0.0)[0] == str(beagle.pk)
+    assert str(bread.pk) not in ids("rye bread") and str(bread.pk) not in ids("baking bread", bm25_weight=0.0)
+    flush_pending(user_id=alice.pk)
+    alice.refresh_from_db()
+    assert ids("a kitten", bm25_weight=0.0)[0] == str(beagle.pk)
+    assert str(bread.pk) not in ids("baking bread", bm25_weight=0.0)
+
+
+def test_a_process_without_the_user_loads_their_snapshot_and_catches_up(alice_session, monkeypatch):
+    """A flush writes the user's snapshot; an empty cache loads it (one snapshot read, not the
+    rows) and applies what was written after it; rankings equal a build from the rows."""
+    _add(alice_session, [f"trip number {i} to the glacier" for i in range(30)])
+    flush_pending(user_id=alice_session.user_id)
+    through, lag = store.snapshot_lag(alice_session.user_id)
+    assert through is not None and lag == 0
+    [late] = _add(alice_session, ["a late trip to the glacier lake"])
+    loaded = []
+    from_bytes = BM25Index.from_bytes
+    monkeypatch.setattr(BM25Index, "from_bytes", classmethod(lambda cls, data, **kw: loaded.append(len(data)) or from_bytes(data, **kw)))
+    retrieval.reset_user_cache()
+
+    cached = _bm25(alice_session.user, "glacier lake trip")
+
+    assert len(loaded) == 1 and retrieval.user_memory(alice_session.user_id).index.seq > through
+    assert cached == _fresh_bm25(alice_session.user, "glacier lake trip")
+    assert cached[0][0].id == late.pk
+
+
+def test_deletions_a_snapshot_absorbed_make_an_older_cache_reload(alice_session):
+    """A snapshot prunes the tombstones it holds; a cache that had not seen those deletions
+    reloads instead of keeping the deleted messages."""
+    rows = _add(alice_session, [f"pottery class {i}" for i in range(5)])
+    alice = alice_session.user
+    _bm25(alice, "pottery")  # cached at this version
+    memory = retrieval.user_memory(alice.pk)
+    services.messages_delete(session=alice_session, message_ids=[rows[0].pk])
+    index = store.load(alice.pk)
+    store.snapshot_save(index, alice.pk)  # another process's flush, say
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM memory_tombstone WHERE user_id = %s", [alice.pk])
+        assert cursor.fetchone()[0] == 0
+
+    found = {key.id for key, _ in _bm25(alice, "pottery")}
+
+    assert rows[0].pk not in found and found == {row.pk for row in rows[1:]}
+    assert memory.loads == 2
+
+
+def test_the_cache_evicts_by_bytes(alice_session, bob_session):
+    """Entries count their bytes; the least recently used go first; one larger than the
+    whole cache serves its query uncached."""
+    _add(alice_session, [f"alice note {i} about lisbon" for i in range(5)])
+    _add(bob_session, [f"bob note {i} about his beagle pepper and the beach" for i in range(60)])
+    alice, bob = alice_session.user, bob_session.user
+    _bm25(alice, "lisbon")
+    _bm25(bob, "beagle")
+    alice_bytes, bob_bytes = (retrieval.user_memory(u.pk).nbytes for u in (alice, bob))
+    assert bob_bytes > 2 * alice_bytes
+
+    retrieval.reset_user_cache(max_bytes=bob_bytes + alice_bytes // 2)
+    _bm25(alice, "lisbon")
+    _bm25(bob, "beagle")  # bob's bytes push alice out
+    stats = retrieval.cache_stats()
+    assert retrieval.cached_user_memory(alice.pk) is None and stats["evictions"] == 1
+    assert stats["bytes"] <= stats["max_bytes"] and stats["size"] == 1
+
+    retrieval.reset_user_cache(max_bytes=bob_bytes // 2)
+    assert _bm25(bob, "beagle")  # served, though it does not fit
+    assert retrieval.cached_user_memory(bob.pk) is None
+    retrieval.reset_user_cache()
+
+
+def test_a_query_after_a_large_add_embeds_at_most_the_bound_and_finds_the_newest(alice_session, monkeypatch, settings):
+    """After an add of 300 messages, a query embeds at most PENDING_EMBED_MAX of them (the
+    newest), still finds the newest by meaning, and the oldest by its words (BM25)."""
+    settings.MEMFUSE = {**settings.MEMFUSE, "PENDING_EMBED_MAX": 8}
+    monkeypatch.setattr(services, "_prefetch_embeddings", lambda *args: None)  # all on demand, counted
+    submitted = []
+    submit_query = registry.submit_query
+
+    def counting(texts, **kwargs):
+        submitted.extend(texts)
+        return submit_query(texts, **kwargs)
+
+    monkeypatch.setattr(registry, "submit_query", counting)
+    filler = [f"Status line {i}: the build finished without errors." for i in range(298)]
+    rows = _add(alice_session, ["My grandmother's recipe uses saffron."] + filler + ["I just adopted a tortoise named Atlas."])
+    alice = alice_session.user
+    alice.refresh_from_db()
+
+    newest = selectors.memory_query(user=alice, query="Which reptile did I get as a pet?", top_k=3,
+                                    config=retrieval.RetrievalConfig.from_settings(bm25_weight=0.0, prf_docs=0))
+    oldest = selectors.memory_query(user=alice, query="saffron recipe", top_k=1)
+
+    assert newest[0]["id"] == str(rows[-1].pk)
+    assert oldest[0]["id"] == str(rows[0].pk)
+    assert len(submitted) <= 2 + 8  # the two queries, and the bound

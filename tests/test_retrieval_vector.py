@@ -1,0 +1,126 @@
+"""The vector retriever's data: context embeddings written at flush, edit and delete, and the
+approximate (HNSW) search of users with long histories."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from django.db import connection
+
+from buffers.services import flush_pending
+from memory import registry, retrieval, selectors, services
+from memory.models import Message
+from memory.retrieval import vector
+from memory.services import MessageIn
+from tests.test_retrieval import flushed_user, smoothed_cosines, unit
+
+
+def _contexts(session) -> tuple[list, np.ndarray, np.ndarray]:
+    """``(ids, embeddings, context embeddings)`` of the session's messages in order."""
+    rows = list(Message.objects.filter(session=session).order_by("position"))
+    return ([row.pk for row in rows], np.array([np.asarray(row.embedding) for row in rows]),
+            np.array([np.asarray(row.context_embedding) for row in rows]))
+
+
+def _expected_contexts(embeddings: np.ndarray, *, window: int = 2, own: int = 2) -> np.ndarray:
+    expected = []
+    for i in range(len(embeddings)):
+        around = [embeddings[j] for j in range(max(0, i - window), min(len(embeddings), i + window + 1)) if j != i]
+        expected.append((own * embeddings[i] + sum(around, np.zeros_like(embeddings[i]))) / (own + len(around)))
+    return np.array(expected)
+
+
+def test_flush_writes_each_turns_context_embedding(alice_session):
+    """After a flush, each turn's context embedding is the weighted mean of its own and its
+    neighbours' embeddings (VECTOR_CONTEXT_TURNS either side, its own VECTOR_OWN_WEIGHT times)."""
+    services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=f"Turn {i} about hiking.") for i in range(6)])
+    flush_pending(user_id=alice_session.user_id)
+    services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="A late turn about kayaks.")])
+    flush_pending(user_id=alice_session.user_id)  # the earlier turns' windows now reach it
+
+    _, embeddings, contexts = _contexts(alice_session)
+
+    assert contexts == pytest.approx(_expected_contexts(embeddings), abs=1e-6)
+
+
+def test_edits_and_deletes_rewrite_the_neighbours_context_embeddings(alice_session):
+    """An edited turn leaves its neighbours' contexts (until its flush puts its new text in);
+    a deleted one leaves them for good, and their windows move on to the next turns."""
+    rows = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=f"Note {i} on gardens.") for i in range(7)])
+    flush_pending(user_id=alice_session.user_id)
+    services.messages_update(session=alice_session, message_ids=[rows[3].pk], new_messages=[MessageIn(role="user", content="Edited.")])
+    services.messages_delete(session=alice_session, message_ids=[rows[5].pk])
+
+    ids, embeddings, _ = zip(*[(r.pk, r.embedding, r.context_embedding) for r in Message.objects.filter(session=alice_session).order_by("position")])
+    by_id = {r.pk: r for r in Message.objects.filter(session=alice_session)}
+    assert by_id[rows[3].pk].embedding is None and by_id[rows[3].pk].context_embedding is None
+    # Turn 4's window: turns 2, 3 (pending: not counted) before, 6 after (5 is gone).
+    e = {i: np.asarray(by_id[rows[i].pk].embedding) for i in (0, 1, 2, 4, 6)}
+    assert np.asarray(by_id[rows[4].pk].context_embedding) == pytest.approx((2 * e[4] + e[2] + e[6]) / 4, abs=1e-6)
+
+    flush_pending(user_id=alice_session.user_id)
+    _, embeddings, contexts = _contexts(alice_session)
+    assert contexts == pytest.approx(_expected_contexts(embeddings), abs=1e-6)
+
+
+def _plan(user_id, query: np.ndarray, *, ann: bool) -> str:
+    """The plan of the vector search's statement for ``user_id``, run as ``candidates`` runs it."""
+    from django.db import transaction
+
+    sql, params, local_settings = vector.search_statement(user_id=user_id, embedding=query, limit=10, ann=ann)
+    with transaction.atomic(), connection.cursor() as cursor:
+        for setting in local_settings:
+            cursor.execute(setting)
+        cursor.execute("EXPLAIN " + sql, params)
+        return "\n".join(row[0] for row in cursor.fetchall())
+
+
+@pytest.mark.django_db
+def test_a_long_history_moves_to_the_hnsw_index_and_keeps_its_ranking(agent, settings):
+    """Past ANN_MIN_MESSAGES a flush puts the user's context embeddings in the HNSW index and
+    marks them ann_indexed; the search then goes through that index, and its top 10 are the
+    exact top 10 (distinct random vectors, as users' texts are)."""
+    from memory.models import EMBEDDING_DIM, User
+
+    settings.MEMFUSE = {**settings.MEMFUSE, "ANN_MIN_MESSAGES": 300}
+    rng = np.random.default_rng(11)
+    vectors = unit(rng.normal(size=(400, EMBEDDING_DIM)))
+    user, ids = flushed_user(agent, "long", vectors)
+    small, _ = flushed_user(agent, "short", unit(rng.normal(size=(50, EMBEDDING_DIM))))
+    services.messages_add(session=user.sessions.get(), messages=[MessageIn(role="user", content="one more turn")])
+    flush_pending(user_id=user.pk)  # the flush that notices the history's length
+    flush_pending(user_id=small.pk)
+    user.refresh_from_db()
+    assert user.ann_indexed and not User.objects.get(pk=small.pk).ann_indexed
+    assert not Message.objects.filter(user=user, ann=False, context_embedding__isnull=False).exists()
+    assert not Message.objects.filter(user=small, ann=True).exists()
+
+    recalls = []
+    for query in unit(rng.normal(size=(10, EMBEDDING_DIM))):
+        exact = smoothed_cosines(vectors, query)
+        served, _, _ = vector.candidates(user_id=user.pk, embedding=query, limit=10, ann=True)
+        expected = {ids[i] for i in np.argsort(-exact)[:10]}
+        recalls.append(len(expected & {key.id for key, _ in served}) / 10)
+    assert np.mean(recalls) >= 0.98
+    assert "memory_message_context_hnsw" in _plan(user.pk, query, ann=True)
+    assert "memory_message_context_hnsw" not in _plan(small.pk, query, ann=False)
+
+
+def test_a_query_of_an_ann_user_finds_a_pending_message_too(alice_session, settings):
+    """Read your writes holds on the approximate path: a message added after the user moved
+    to the HNSW index is found before its flush, and after it."""
+    settings.MEMFUSE = {**settings.MEMFUSE, "ANN_MIN_MESSAGES": 20}
+    services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=f"Log {i}: tea at noon.") for i in range(25)])
+    flush_pending(user_id=alice_session.user_id)
+    [boat] = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="I bought a red kayak for the lake.")])
+    alice = alice_session.user
+    alice.refresh_from_db()
+    assert alice.ann_indexed
+
+    before = selectors.memory_query(user=alice, query="What boat did I buy?", top_k=1)
+    flush_pending(user_id=alice.pk)
+    alice.refresh_from_db()
+    after = selectors.memory_query(user=alice, query="What boat did I buy?", top_k=1)
+
+    assert before[0]["id"] == after[0]["id"] == str(boat.pk)
+    assert Message.objects.get(pk=boat.pk).ann is True
