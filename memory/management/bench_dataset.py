@@ -229,97 +229,155 @@ class QueryDataset:
         return result
 
     def _build(self) -> dict:
-        from memory import registry
-
         held = [self.turns_of(index) for index in range(self.count)]
-        texts = sorted({turn.index_text for _, turns in held for turn in turns})
-        started = time.perf_counter()
-        # The model itself, in this thread: the registry's batcher thread runs at a lowered
-        # priority (it yields to requests), which a build that waits for it does not want.
-        embedder = registry.get_embedder()
-        import torch
+        users = [
+            (self.user_name(index), {"bench_dataset": self.tag, "conversation": conversation.sample_id}, turns)
+            for index, (conversation, turns) in enumerate(held)
+        ]
+        built = bulk_load(
+            tenant_name=self.tenant_name, agent_name=self.agent_name, agent_metadata={"bench_dataset": self.shape()}, users=users
+        )
+        del built["user_ids"]
+        return built
 
-        # Batched inference at its best (this process's model may have been loaded with the
-        # serving processes' QUERY_TORCH_THREADS).
-        torch.set_num_threads(settings.MEMFUSE["TORCH_THREADS"])
-        vectors = np.concatenate([embedder.embed(texts[i : i + EMBED_CHUNK]) for i in range(0, len(texts), EMBED_CHUNK)])
-        embed_seconds = time.perf_counter() - started
-        text_key = {text: key for key, text in enumerate(texts)}
 
-        started = time.perf_counter()
-        now = timezone.now()
-        agent_id = uuid.uuid4()
-        users, sessions, messages = [], [], []
-        for index, (conversation, turns) in enumerate(held):
-            user_id = uuid.uuid4()
-            metadata = json.dumps({"bench_dataset": self.tag, "conversation": conversation.sample_id})
-            users.append((user_id, self.user_name(index), metadata))
-            session_ids: dict[int, uuid.UUID] = {}
-            positions: dict[int, int] = {}
-            for turn in turns:
-                if turn.session not in session_ids:
-                    session_ids[turn.session] = uuid.uuid4()
-                    positions[turn.session] = 0
-                position = positions[turn.session]
-                positions[turn.session] += 1
-                base = turn.date or datetime(2000, 1, 1, tzinfo=UTC)
-                messages.append(
-                    (
-                        uuid.uuid4(), session_ids[turn.session], user_id, position, turn.role, turn.content,
-                        json.dumps(turn.metadata), turn.index_text, base + timedelta(seconds=position),
-                        text_key[turn.index_text],
-                    )
+def embed_texts(texts: list[str]) -> np.ndarray:
+    """``(len(texts), dim)`` embeddings by the registry's model, batched at its best."""
+    from memory import registry
+
+    # The model itself, in this thread: the registry's batcher thread runs at a lowered
+    # priority (it yields to requests), which a build that waits for it does not want.
+    embedder = registry.get_embedder()
+    import torch
+
+    # Batched inference at its best (this process's model may have been loaded with the
+    # serving processes' QUERY_TORCH_THREADS).
+    torch.set_num_threads(settings.MEMFUSE["TORCH_THREADS"])
+    return np.concatenate([embedder.embed(texts[i : i + EMBED_CHUNK]) for i in range(0, len(texts), EMBED_CHUNK)])
+
+
+def bulk_load(*, tenant_name: str, agent_name: str, agent_metadata: dict, users: list[tuple[str, dict, list[Turn]]], log=None) -> dict:
+    """Write ``users`` (``(name, metadata, turns)``) of tenant ``tenant_name`` (created if
+    missing) with a new agent ``agent_name``, as the service would hold them once flushed: messages with their embeddings (each distinct text
+    embedded once), positions from 0 per session (a turn's ``session`` number), context
+    embeddings, index snapshots, and the HNSW index for users past ``ANN_MIN_MESSAGES``.
+
+    COPY in one transaction, then what flushes derive. The HNSW index is rebuilt in one pass
+    when users join it (CREATE INDEX, much faster than row-by-row inserts). Returns
+    ``{"distinct_texts", "embed_seconds", "insert_seconds", "derive_seconds", "user_ids"}``.
+    """
+    from memory.retrieval import store, vector
+
+    log = log or (lambda message: None)
+    texts = sorted({turn.index_text for _, _, turns in users for turn in turns})
+    started = time.perf_counter()
+    vectors = embed_texts(texts)
+    embed_seconds = time.perf_counter() - started
+    text_key = {text: key for key, text in enumerate(texts)}
+
+    started = time.perf_counter()
+    now = timezone.now()
+    agent_id = uuid.uuid4()
+    user_rows, sessions, messages = [], [], []
+    for name, metadata, turns in users:
+        user_id = uuid.uuid4()
+        user_rows.append((user_id, name, json.dumps(metadata)))
+        session_ids: dict[int, uuid.UUID] = {}
+        positions: dict[int, int] = {}
+        for turn in turns:
+            if turn.session not in session_ids:
+                session_ids[turn.session] = uuid.uuid4()
+                positions[turn.session] = 0
+            position = positions[turn.session]
+            positions[turn.session] += 1
+            base = turn.date or datetime(2000, 1, 1, tzinfo=UTC)
+            messages.append(
+                (
+                    uuid.uuid4(), session_ids[turn.session], user_id, position, turn.role, turn.content,
+                    json.dumps(turn.metadata), turn.index_text, base + timedelta(seconds=position),
+                    text_key[turn.index_text],
                 )
-            # next_position: where an add to the session would continue.
-            sessions.extend((session_ids[n], f"session_{n}", user_id, positions[n]) for n in session_ids)
-        with transaction.atomic(), connection.cursor() as cursor:
-            tenant = Tenant.objects.create(name=self.tenant_name)
-            cursor.execute(
-                "INSERT INTO memory_agent (id, tenant_id, name, description, metadata, created_at, updated_at) "
-                "VALUES (%s, %s, %s, '', %s, %s, %s)",
-                [agent_id, tenant.pk, self.agent_name, json.dumps({"bench_dataset": self.shape()}), now, now],
             )
-            raw = cursor.cursor  # psycopg's cursor: COPY
-            columns = "id, name, description, metadata, created_at, updated_at"
-            with raw.copy(f"COPY memory_user ({columns}, memory_version, tenant_id) FROM STDIN") as copy:
-                for user_id, name, metadata in users:
-                    copy.write_row((user_id, name, "", metadata, now, now, 1, tenant.pk))
-            with raw.copy(f"COPY memory_session ({columns}, agent_id, user_id, next_position) FROM STDIN") as copy:
-                for session_id, name, user_id, next_position in sessions:
-                    copy.write_row((session_id, name, "", "{}", now, now, agent_id, user_id, next_position))
-            # Embeddings once per distinct text, then joined in: 200,000 vectors as text over
-            # the socket would be most of the build.
-            cursor.execute("CREATE TEMP TABLE bench_embedding (key integer PRIMARY KEY, embedding vector) ON COMMIT DROP")
-            with raw.copy("COPY bench_embedding (key, embedding) FROM STDIN") as copy:
-                for key, vector in enumerate(vectors):
-                    copy.write_row((key, "[" + ",".join(f"{x:.8g}" for x in vector) + "]"))
-            cursor.execute(
-                "CREATE TEMP TABLE bench_message (id uuid, session_id uuid, user_id uuid, position integer, role text, "
-                "content text, metadata jsonb, index_text text, created_at timestamptz, key integer) ON COMMIT DROP"
-            )
-            with raw.copy("COPY bench_message FROM STDIN") as copy:
-                for row in messages:
-                    copy.write_row(row)
-            cursor.execute(
-                """
-                INSERT INTO memory_message (id, session_id, user_id, position, role, content, metadata, index_text,
-                                            embedding, flushed_at, flush_count, created_at, updated_at)
-                SELECT m.id, m.session_id, m.user_id, m.position, m.role, m.content, m.metadata, m.index_text,
-                       e.embedding, %(now)s, 1, m.created_at, %(now)s
-                FROM bench_message m JOIN bench_embedding e USING (key)
-                """,
-                {"now": now},
-            )
-        from memory.retrieval import store, vector
+        # next_position: where an add to the session would continue.
+        sessions.extend((session_ids[n], f"session_{n}", user_id, positions[n]) for n in session_ids)
+    log(f"writing {len(user_rows)} users, {len(messages)} messages")
+    with transaction.atomic(), connection.cursor() as cursor:
+        tenant = Tenant.objects.filter(name=tenant_name).first() or Tenant.objects.create(name=tenant_name)
+        cursor.execute(
+            "INSERT INTO memory_agent (id, tenant_id, name, description, metadata, created_at, updated_at) "
+            "VALUES (%s, %s, %s, '', %s, %s, %s)",
+            [agent_id, tenant.pk, agent_name, json.dumps(agent_metadata), now, now],
+        )
+        raw = cursor.cursor  # psycopg's cursor: COPY
+        columns = "id, name, description, metadata, created_at, updated_at"
+        with raw.copy(f"COPY memory_user ({columns}, memory_version, tenant_id) FROM STDIN") as copy:
+            for user_id, name, metadata in user_rows:
+                copy.write_row((user_id, name, "", metadata, now, now, 1, tenant.pk))
+        with raw.copy(f"COPY memory_session ({columns}, agent_id, user_id, next_position) FROM STDIN") as copy:
+            for session_id, name, user_id, next_position in sessions:
+                copy.write_row((session_id, name, "", "{}", now, now, agent_id, user_id, next_position))
+        # Embeddings once per distinct text, then joined in: every vector as text over the
+        # socket would be most of the build.
+        cursor.execute("CREATE TEMP TABLE bench_embedding (key integer PRIMARY KEY, embedding vector) ON COMMIT DROP")
+        with raw.copy("COPY bench_embedding (key, embedding) FROM STDIN") as copy:
+            for key, vector_row in enumerate(vectors):
+                copy.write_row((key, "[" + ",".join(f"{x:.9g}" for x in vector_row) + "]"))
+        cursor.execute(
+            "CREATE TEMP TABLE bench_message (id uuid, session_id uuid, user_id uuid, position integer, role text, "
+            "content text, metadata jsonb, index_text text, created_at timestamptz, key integer) ON COMMIT DROP"
+        )
+        with raw.copy("COPY bench_message FROM STDIN") as copy:
+            for row in messages:
+                copy.write_row(row)
+        # In each user's order (session, position): change numbers as adds would give them.
+        cursor.execute(
+            """
+            INSERT INTO memory_message (id, session_id, user_id, position, role, content, metadata, index_text,
+                                        embedding, flushed_at, flush_count, created_at, updated_at)
+            SELECT m.id, m.session_id, m.user_id, m.position, m.role, m.content, m.metadata, m.index_text,
+                   e.embedding, %(now)s, 1, m.created_at, %(now)s
+            FROM bench_message m JOIN bench_embedding e USING (key)
+            ORDER BY m.user_id, m.created_at, m.position
+            """,
+            {"now": now},
+        )
+    insert_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    user_ids = [user_id for user_id, _, _ in user_rows]
+    log("context embeddings")
+    with connection.cursor() as cursor:
+        vector.context_refresh_all(cursor, user_ids=user_ids)
+        cursor.execute("ANALYZE memory_message")
+    log("index snapshots")
+    for user_id in user_ids:
+        store.snapshot_save(store.load(user_id), user_id)
+    large = [user_id for (user_id, _, _), (_, _, turns) in zip(user_rows, users) if len(turns) >= settings.MEMFUSE["ANN_MIN_MESSAGES"]]
+    if large:
+        log(f"HNSW index with {len(large)} more users")
+        ann_rebuild(large)
+    return {
+        "distinct_texts": len(texts),
+        "embed_seconds": round(embed_seconds, 1),
+        "insert_seconds": round(insert_seconds, 1),
+        "derive_seconds": round(time.perf_counter() - started, 1),
+        "user_ids": user_ids,
+    }
 
-        with connection.cursor() as cursor:
-            # What a flush writes besides the embedding: context embeddings, index snapshots.
-            vector.context_refresh_all(cursor, user_ids=[user_id for user_id, _, _ in users])
-            cursor.execute("ANALYZE memory_message")
-        for user_id, _, _ in users:
-            store.snapshot_save(store.load(user_id), user_id)
-        return {
-            "distinct_texts": len(texts),
-            "embed_seconds": round(embed_seconds, 1),
-            "insert_seconds": round(time.perf_counter() - started, 1),
-        }
+
+def ann_rebuild(user_ids: list[uuid.UUID]) -> None:
+    """Mark ``user_ids`` ann_indexed and rebuild the partial HNSW index in one pass (the
+    definition of migration 0007: m 16, ef_construction 64, inner product)."""
+    from memory.models import Message
+
+    index = next(i for i in Message._meta.indexes if i.name == "memory_message_context_hnsw")
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE memory_user SET ann_indexed = true WHERE id = ANY(%s)", [user_ids])
+        cursor.execute("DROP INDEX IF EXISTS memory_message_context_hnsw")
+        cursor.execute(
+            "UPDATE memory_message SET ann = true WHERE user_id = ANY(%s) AND context_embedding IS NOT NULL", [user_ids]
+        )
+        cursor.execute("SET maintenance_work_mem = '2GB'")
+        with connection.schema_editor() as editor:
+            editor.add_index(Message, index)
+        cursor.execute("RESET maintenance_work_mem")
+        cursor.execute("ANALYZE memory_message")

@@ -1316,3 +1316,9 @@ class Command(BaseCommand):
         if cleanup_failures:
             self.stderr.write(f"cleanup: {cleanup_failures} deletions failed")
         return results
+
+
+# The chat benchmark lives with the tools (benchmarks/) and builds on the pieces above.
+from benchmarks.chat import ChatBench  # noqa: E402
+
+BENCHMARKS[ChatBench.name] = ChatBench

@@ -1,0 +1,477 @@
+"""``manage.py memfuse_bench chat``: memory as chat apps use it, over HTTP.
+
+A chat app does two calls a turn: it queries memory for the new message, then adds the
+round. Histories grow, and more users come and go than any cache holds. Phases, over real
+HTTP against a server the command starts (or ``--url``), with LoCoMo turns and questions as
+the text (``benchmarks.chat_dataset``, bulk-loaded into this process's database):
+
+1. **history** (one client, sequential): for each size of ``--sizes``, ``--rounds`` times: add
+   a round (two messages), query (the query *right after an add*), query again (*no write
+   since the last query*). p50/p95 of both, their ratio, the add's latency; then the curve's
+   slope: the exponent b of ``p95 = a * size^b`` by least squares on logs (b < 1: sub-linear).
+2. **backlog**: ``--backlog-users`` times, add ``--backlog-messages`` messages in one request
+   and query at once for the last of them: latency, and whether it was found (read your writes).
+3. **many users**: the ``many`` users (200 messages each), drawn with Zipf's law (exponent
+   ``--zipf``) over a random order; ``--clients`` clients each do turns (query, then add the
+   round, for one user): open loop at ``--rate`` turns/s for ``--duration`` s (latency from the
+   scheduled time), then closed loop for ``--closed-duration`` s (queries/s flat out). The
+   server's cache (``USER_CACHE_MB``) is read from its stats: the active set is larger.
+4. **cold**: a second server whose cache holds no user (``USER_CACHE_MB`` below one user's
+   index), so every query loads the user as a process that never saw them does (snapshot,
+   catch-up); ``--clients`` clients, open loop at ``--cold-rate`` queries/s, at 200 and at
+   10,000 messages.
+
+Before the server starts, in this process: recall@10 of the approximate (HNSW) vector search
+of every user that has it against an exact scan of their context embeddings (ties count), on
+the cycled users (texts repeat, as the bench's do) and on the distinct user.
+
+The server's and its inference processes' resident memory is read after each phase.
+Whatever a run cannot measure (no server of its own with ``--url``, say) is listed in
+``not_measured`` rather than left out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+from django.conf import settings
+from django.core.management.base import CommandError
+
+from benchmarks.chat_dataset import COLD_SIZE, ChatDataset, ChatUser
+from memory.management.commands.memfuse_bench import (
+    LOCOMO_DEV,
+    Api,
+    BenchError,
+    ServerProcess,
+    bench_rate_limit,
+    chat_rounds,
+    children_rss_mb,
+    latency_summary,
+    locomo_turn_texts,
+    recall_at_k,
+    rss_mb,
+)
+
+DEFAULT_SIZES = "200,2000,10000,30000,100000"
+COLD_CACHE_MB = 0.01  # smaller than any user's index: nothing stays cached
+
+
+def slope(sizes: list[int], values: list[float]) -> float | None:
+    """The exponent b of ``value = a * size^b`` fitted by least squares on logs (None with
+    fewer than two points)."""
+    points = [(math.log(s), math.log(v)) for s, v in zip(sizes, values) if v and v > 0]
+    if len(points) < 2:
+        return None
+    x, y = np.array(points).T
+    return round(float(np.polyfit(x, y, 1)[0]), 3)
+
+
+def zipf_weights(count: int, exponent: float) -> np.ndarray:
+    """Zipf's law over ``count`` ranks: ``p(r) ∝ 1 / r^exponent``, ``(count,)`` summing to 1."""
+    weights = 1.0 / np.arange(1, count + 1) ** exponent
+    return weights / weights.sum()
+
+
+class ChatBench:
+    """The chat pattern over growing histories, backlogs, cold users and many users."""
+
+    name = "chat"
+    help = "the chat pattern (query then add) over histories of 200 to 100,000 messages, backlogs, cold and many users"
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        parser.set_defaults(clients=16)
+        parser.add_argument("--sizes", default=DEFAULT_SIZES, help="history sizes of the curve, comma-separated")
+        parser.add_argument("--rounds", type=int, default=60, help="add, query, query rounds per history size")
+        parser.add_argument("--backlog-users", type=int, default=20, help="users of the backlog phase")
+        parser.add_argument("--backlog-messages", type=int, default=500, help="messages of each backlog add")
+        parser.add_argument("--many-users", type=int, default=10_000, help="users of 200 messages (many-users phase)")
+        parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the many-users phase")
+        parser.add_argument("--rate", type=float, default=50.0, help="turns per second offered (open loop, many users)")
+        parser.add_argument("--duration", type=float, default=30.0, help="seconds of the open-loop phase")
+        parser.add_argument("--closed-duration", type=float, default=30.0, help="seconds of the closed-loop phase")
+        parser.add_argument("--cold-users", type=int, default=16, help=f"users of {COLD_SIZE} messages (cold phase)")
+        parser.add_argument("--cold-rate", type=float, default=40.0, help="cold queries per second offered")
+        parser.add_argument("--cold-duration", type=float, default=15.0, help="seconds of each cold phase")
+        parser.add_argument("--distinct-size", type=int, default=10_000, help="messages of the distinct-text user (0: none)")
+        parser.add_argument("--recall-queries", type=int, default=30, help="queries per user of the recall check (0: skip)")
+        parser.add_argument("--top-k", type=int, default=10, help="results per query")
+        parser.add_argument("--skip", default="", help="phases not to run, comma-separated (history,backlog,many,cold)")
+        parser.add_argument("--tag", default="default", help="name of the bench dataset (reused while its shape matches)")
+        parser.add_argument("--rebuild", action="store_true", help="rebuild the dataset even if it exists")
+        parser.add_argument("--data", type=Path, default=LOCOMO_DEV, help="LoCoMo file of the conversations")
+
+    @staticmethod
+    def validate(options: dict) -> None:
+        try:
+            sizes = [int(size) for size in options["sizes"].split(",") if size.strip()]
+        except ValueError:
+            raise CommandError(f"--sizes: comma-separated integers expected (got {options['sizes']!r})") from None
+        if not sizes or min(sizes) < 10:
+            raise CommandError(f"--sizes: each size must be at least 10 (got {options['sizes']!r})")
+        options["size_list"] = sizes
+        for option in ("rounds", "backlog_messages", "many_users", "top_k"):
+            if options[option] <= 0:
+                raise CommandError(f"--{option.replace('_', '-')} must be > 0 (got {options[option]})")
+        for option in ("backlog_users", "cold_users", "distinct_size", "recall_queries"):
+            if options[option] < 0:
+                raise CommandError(f"--{option.replace('_', '-')} must be >= 0 (got {options[option]})")
+        for option in ("rate", "duration", "closed_duration", "cold_rate", "cold_duration", "zipf"):
+            if options[option] <= 0:
+                raise CommandError(f"--{option.replace('_', '-')} must be > 0 (got {options[option]})")
+        if options["backlog_messages"] > settings.MEMFUSE["MAX_BATCH_MESSAGES"]:
+            raise CommandError(f"--backlog-messages: at most MAX_BATCH_MESSAGES ({settings.MEMFUSE['MAX_BATCH_MESSAGES']})")
+        skip = {phase for phase in options["skip"].split(",") if phase}
+        if skip - {"history", "backlog", "many", "cold"}:
+            raise CommandError(f"--skip: unknown phase(s) {', '.join(sorted(skip - {'history', 'backlog', 'many', 'cold'}))}")
+        options["skip_set"] = skip
+        if not options["data"].exists():
+            raise CommandError(f"--data: no such file {options['data']}")
+
+    def __init__(self, options: dict, *, run_id: str) -> None:
+        self.options = options
+        self.run_id = run_id
+        self.rng = random.Random(options["seed"])
+        try:
+            self.dataset = ChatDataset(
+                tag=options["tag"], sizes=options["size_list"], cold_users=options["cold_users"],
+                many_users=options["many_users"], distinct_size=options["distinct_size"], path=options["data"],
+            )
+            self.texts = locomo_turn_texts(options["data"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CommandError(f"--data: {exc}") from None
+        self.users: dict[str, list[ChatUser]] = {}
+        self.not_measured: list[str] = []
+        self.operator_key = None
+
+    def config(self) -> dict:
+        keys = ("sizes", "rounds", "backlog_users", "backlog_messages", "many_users", "zipf", "rate", "duration",
+                "closed_duration", "cold_users", "cold_rate", "cold_duration", "distinct_size", "top_k", "tag", "skip")
+        return {
+            **{key: self.options[key] for key in keys},
+            "data": str(self.options["data"]),
+            "settings": {key: settings.MEMFUSE[key] for key in (
+                "USER_CACHE_MB", "PENDING_EMBED_MAX", "ANN_MIN_MESSAGES", "ANN_EF_SEARCH", "BM25_WEIGHT", "VECTOR_WEIGHT",
+                "SPEAKER_WEIGHT", "QUERY_EMBEDDING", "BACKGROUND_EMBEDDING")},
+        }
+
+    def key_tenant(self):
+        return self.dataset.tenant()
+
+    def prepare(self, log) -> dict:
+        started = time.perf_counter()
+        built = self.dataset.ensure(rebuild=self.options["rebuild"], log=log)
+        self.users = self.dataset.users()
+        log(f"dataset: {'reused' if built['reused'] else 'built'} in {time.perf_counter() - started:.1f} s")
+        report = {"dataset": {**built, "users": {group: len(members) for group, members in self.users.items()}}}
+        from memory import services
+        from memory.models import KeyScope
+
+        # To read the server's cache figures (GET admin/stats); deleted in finish().
+        self.operator_key, self._operator_secret = services.api_key_create(scope=KeyScope.OPERATOR, name=f"bench {self.run_id}")
+        if self.options["recall_queries"]:
+            log("recall of the approximate search ...")
+            report["ann_recall"] = self._ann_recall()
+        return report
+
+    def _ann_recall(self) -> list[dict]:
+        """Recall@k of each ann_indexed user's approximate search against an exact scan of
+        their context embeddings (tie-aware: ``recall_at_k``), with both latencies."""
+        from django.db import connection
+
+        from memory import registry
+        from memory.models import User
+        from memory.retrieval import vector
+
+        k = self.options["top_k"]
+        report = []
+        candidates = [user for group in ("history", "distinct", "cold") for user in self.users.get(group, [])[: 3 if group == "cold" else None]]
+        for user in candidates:
+            if not User.objects.filter(pk=user.user_id, ann_indexed=True).exists():
+                continue
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT id, context_embedding::text FROM memory_message WHERE user_id = %s AND context_embedding IS NOT NULL",
+                    [user.user_id],
+                )
+                rows = cursor.fetchall()
+            ids = [row[0] for row in rows]
+            matrix = np.array([np.fromstring(text[1:-1], sep=",", dtype=np.float32) for _, text in rows])
+            recalls, ann_ms, exact_ms = [], [], []
+            for text in self.rng.sample(user.queries, min(self.options["recall_queries"], len(user.queries))):
+                query = registry.embed_query([text])[0]
+                exact = dict(zip(ids, (matrix @ query).tolist()))
+                begun = time.perf_counter()
+                served, _, _ = vector.candidates(user_id=user.user_id, embedding=query, limit=100, ann=True)
+                ann_ms.append((time.perf_counter() - begun) * 1000)
+                begun = time.perf_counter()
+                vector.candidates(user_id=user.user_id, embedding=query, limit=100, ann=False)
+                exact_ms.append((time.perf_counter() - begun) * 1000)
+                recalls.append(recall_at_k([key.id for key, _ in served if key.kind == "message"][:k], exact, k=k))
+            report.append({
+                "group": user.group, "messages": len(ids), "queries": len(recalls),
+                "recall_at_k_mean": round(float(np.mean(recalls)), 4), "recall_at_k_min": round(float(np.min(recalls)), 4),
+                "ann_latency_ms": latency_summary(ann_ms), "exact_scan_latency_ms": latency_summary(exact_ms),
+            })
+        return report
+
+    async def bench_users(self, api: Api, created: list[str]) -> list:
+        return []
+
+    def finish(self) -> dict:
+        if self.operator_key is not None:
+            self.operator_key.delete()
+        return {"not_measured": self.not_measured}
+
+    # --- phases ----------------------------------------------------------------------------
+
+    async def run(self, api: Api, users: list, server: ServerProcess | None) -> dict:
+        skip = self.options["skip_set"]
+        results: dict = {"memory": {"start": self._memory(server)}}
+        if server is None:
+            self.not_measured.append("resident memory: the server was not started by the bench (--url)")
+        if "history" not in skip:
+            results["history"] = await self._history(api)
+            results["memory"]["after_history"] = self._memory(server)
+        if "backlog" not in skip:
+            results["backlog"] = await self._backlog(api)
+        if "many" not in skip:
+            results["many_users"] = await self._many(api, server)
+            results["memory"]["after_many_users"] = self._memory(server)
+        if "cold" not in skip:
+            results["cold"] = await self._cold(api, server)
+        return results
+
+    @staticmethod
+    def _memory(server: ServerProcess | None) -> dict | None:
+        if server is None or server.pid is None:
+            return None
+        children = children_rss_mb(server.pid)
+        web = rss_mb(server.pid)
+        return {"web_mb": web, "inference_processes": children[0], "inference_mb": children[1],
+                "total_mb": round(web + children[1], 1)}
+
+    def _rounds(self, count: int) -> list[tuple[str, str]]:
+        return chat_rounds(self.texts, count=count, start=self.rng.randrange(len(self.texts)))
+
+    async def _timed(self, coroutine) -> tuple[float, int, dict | None]:
+        loop = asyncio.get_running_loop()
+        begun = loop.time()
+        status, payload = await coroutine
+        return (loop.time() - begun) * 1000, status, payload
+
+    async def _add(self, api: Api, user: ChatUser, messages: list[dict]):
+        return await self._timed(api.call("POST", f"/sessions/{user.session_id}/messages", {"messages": messages}))
+
+    async def _query(self, api: Api, user: ChatUser, text: str):
+        return await self._timed(api.call("POST", f"/users/{user.user_id}/query", {"query": text, "top_k": self.options["top_k"]}))
+
+    async def _history(self, api: Api) -> dict:
+        rounds = self.options["rounds"]
+        curve, errors = [], 0
+        for user in self.users.get("history", []):
+            after_add, no_write, adds = [], [], []
+            for user_text, assistant_text in self._rounds(rounds):
+                messages = [{"role": "user", "content": user_text}, {"role": "assistant", "content": assistant_text}]
+                ms, status, _ = await self._add(api, user, messages)
+                adds.append(ms)
+                errors += status != 201
+                for latencies in (after_add, no_write):
+                    ms, status, _ = await self._query(api, user, self.rng.choice(user.queries))
+                    latencies.append(ms)
+                    errors += status != 200
+            after, before = latency_summary(after_add), latency_summary(no_write)
+            curve.append({
+                "messages": user.size, "query_after_add_ms": after, "query_no_write_ms": before,
+                "p95_ratio": round(after["p95"] / before["p95"], 3) if before["p95"] else None,
+                "add_ms": latency_summary(adds),
+            })
+        sizes = [point["messages"] for point in curve]
+        return {
+            "rounds": rounds, "errors": errors, "curve": curve,
+            "slope_p95_after_add": slope(sizes, [p["query_after_add_ms"]["p95"] for p in curve]),
+            "slope_p50_after_add": slope(sizes, [p["query_after_add_ms"]["p50"] for p in curve]),
+            "slope_p95_no_write": slope(sizes, [p["query_no_write_ms"]["p95"] for p in curve]),
+        }
+
+    async def _backlog(self, api: Api) -> dict:
+        count = self.options["backlog_messages"]
+        many = self.users.get("many", [])
+        chosen = self.rng.sample(many, min(self.options["backlog_users"], len(many)))
+        queries, adds, found, errors = [], [], 0, 0
+        for user in chosen:
+            texts = [text for pair in self._rounds((count + 1) // 2) for text in pair][:count]
+            newest = f"{texts[-1]} (note {self.rng.randrange(10**9)})"  # its own words: what the query looks for
+            messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts[:-1] + [newest])]
+            ms, status, payload = await self._add(api, user, messages)
+            adds.append(ms)
+            errors += status != 201
+            newest_id = payload["data"]["message_ids"][-1] if status == 201 else None
+            ms, status, payload = await self._query(api, user, newest)
+            queries.append(ms)
+            errors += status != 200
+            if status == 200 and newest_id in [r["id"] for r in payload["data"]["results"]]:
+                found += 1
+        return {
+            "users": len(chosen), "messages_per_add": count, "errors": errors,
+            "add_ms": latency_summary(adds), "query_right_after_ms": latency_summary(queries),
+            "newest_found": found, "pending_embedded_at_most": settings.MEMFUSE["PENDING_EMBED_MAX"],
+        }
+
+    async def _many(self, api: Api, server: ServerProcess | None) -> dict:
+        many = list(self.users.get("many", []))
+        self.rng.shuffle(many)  # Zipf's ranks over a random order of the users
+        weights = zipf_weights(len(many), self.options["zipf"])
+        numpy_rng = np.random.default_rng(self.options["seed"])
+        loop = asyncio.get_running_loop()
+        rounds = self._rounds(10_000)
+        query_ms: list[float] = []
+        add_ms: list[float] = []
+        errors = {"query": 0, "add": 0}
+        limit = asyncio.Semaphore(self.options["clients"])
+        counter = iter(range(10**9))
+
+        async def turn(user: ChatUser, scheduled: float | None) -> None:
+            async with limit:
+                user_text, assistant_text = rounds[next(counter) % len(rounds)]
+                begun = loop.time()
+                status, _ = await api.call("POST", f"/users/{user.user_id}/query", {"query": user_text, "top_k": self.options["top_k"]})
+                query_ms.append((loop.time() - (scheduled if scheduled is not None else begun)) * 1000)
+                errors["query"] += status != 200
+                body = {"messages": [{"role": "user", "content": user_text}, {"role": "assistant", "content": assistant_text}]}
+                begun = loop.time()
+                status, _ = await api.call("POST", f"/sessions/{user.session_id}/messages", body)
+                add_ms.append((loop.time() - begun) * 1000)
+                errors["add"] += status != 201
+
+        # Open loop: turn i at t0 + i / rate, whatever the earlier ones are doing.
+        picks = numpy_rng.choice(len(many), size=int(self.options["rate"] * self.options["duration"]), p=weights)
+        t0 = loop.time() + 0.05
+        tasks = []
+        for i, pick in enumerate(picks):
+            scheduled = t0 + i / self.options["rate"]
+            delay = scheduled - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(turn(many[pick], scheduled)))
+        await asyncio.gather(*tasks)
+        open_loop = {
+            "offered_turns_per_s": self.options["rate"], "turns": len(picks),
+            "served_turns_per_s": round(len(picks) / (loop.time() - t0), 2),
+            "query_ms": latency_summary(query_ms), "add_ms": latency_summary(add_ms), "errors": dict(errors),
+            "distinct_users": int(len(set(picks.tolist()))),
+        }
+        query_ms.clear()
+        add_ms.clear()
+        errors.update(query=0, add=0)
+        # Closed loop: every client does turn after turn until the time is up.
+        deadline = loop.time() + self.options["closed_duration"]
+        started = loop.time()
+
+        async def client() -> None:
+            while loop.time() < deadline:
+                await turn(many[int(numpy_rng.choice(len(many), p=weights))], None)
+
+        await asyncio.gather(*(client() for _ in range(self.options["clients"])))
+        seconds = loop.time() - started
+        closed_loop = {
+            "clients": self.options["clients"], "seconds": round(seconds, 1),
+            "queries_per_s": round(len(query_ms) / seconds, 2), "adds_per_s": round(len(add_ms) / seconds, 2),
+            "query_ms": latency_summary(query_ms), "add_ms": latency_summary(add_ms), "errors": dict(errors),
+        }
+        return {
+            "users": len(many), "zipf": self.options["zipf"], "open_loop": open_loop, "closed_loop": closed_loop,
+            "server_cache": await self._server_cache(api),
+        }
+
+    async def _server_cache(self, api: Api) -> dict | None:
+        """The server's per-user cache figures (``GET admin/stats``, with an operator key made here)."""
+        status, payload = await api.call("GET", "/admin/stats", api_key=self._operator_secret)
+        return payload["data"]["user_cache"] if status == 200 else None
+
+    async def _cold(self, api: Api, server: ServerProcess | None) -> dict:
+        if server is None:
+            self.not_measured.append("cold phase: needs a server the bench starts (with a cache that holds no user)")
+            return {}
+        cold_server = ServerProcess(
+            log_path=Path(f"/tmp/memfuse-bench-{self.run_id}-cold.log"), kind=server.kind,
+            env={"API_RATE_LIMIT": bench_rate_limit(), "USER_CACHE_MB": str(COLD_CACHE_MB)},
+        )
+        url = await asyncio.to_thread(cold_server.start)
+        try:
+            cold_api = Api(api.http, url, api_key=api.api_key)
+            result = {"user_cache_mb": COLD_CACHE_MB}
+            for label, members in (("200", self.users.get("many", [])), (str(COLD_SIZE), self.users.get("cold", []))):
+                if members:
+                    result[label] = await self._cold_phase(cold_api, members)
+            result["server_cache"] = await self._server_cache(cold_api)
+            result["memory"] = self._memory(cold_server)
+        finally:
+            result_stop = await asyncio.to_thread(cold_server.stop)
+        result["server_stop"] = result_stop
+        return result
+
+    async def _cold_phase(self, api: Api, members: list[ChatUser]) -> dict:
+        loop = asyncio.get_running_loop()
+        limit = asyncio.Semaphore(self.options["clients"])
+        latencies, errors = [], 0
+        rate, duration = self.options["cold_rate"], self.options["cold_duration"]
+
+        async def query(user: ChatUser, scheduled: float) -> None:
+            nonlocal errors
+            async with limit:
+                status, _ = await api.call("POST", f"/users/{user.user_id}/query",
+                                           {"query": self.rng.choice(user.queries), "top_k": self.options["top_k"]})
+                latencies.append((loop.time() - scheduled) * 1000)
+                errors += status != 200
+
+        order = list(members)
+        self.rng.shuffle(order)
+        t0 = loop.time() + 0.05
+        tasks = []
+        for i in range(int(rate * duration)):
+            scheduled = t0 + i / rate
+            delay = scheduled - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(query(order[i % len(order)], scheduled)))
+        await asyncio.gather(*tasks)
+        return {"offered_per_s": rate, "queries": len(tasks), "errors": errors, "latency_ms": latency_summary(latencies)}
+
+    @staticmethod
+    def summary(report: dict) -> list[str]:
+        lines = []
+        history = report.get("history")
+        if history:
+            for point in history["curve"]:
+                lines.append(
+                    f"history {point['messages']}: query after add p50/p95 {point['query_after_add_ms']['p50']}/"
+                    f"{point['query_after_add_ms']['p95']} ms, no write {point['query_no_write_ms']['p50']}/"
+                    f"{point['query_no_write_ms']['p95']} ms (ratio {point['p95_ratio']}), add p95 {point['add_ms']['p95']} ms"
+                )
+            lines.append(f"history slope (p95 after add): {history['slope_p95_after_add']}")
+        backlog = report.get("backlog")
+        if backlog:
+            lines.append(
+                f"backlog: query right after an add of {backlog['messages_per_add']}: p95 {backlog['query_right_after_ms']['p95']} ms, "
+                f"newest found {backlog['newest_found']}/{backlog['users']}"
+            )
+        many = report.get("many_users")
+        if many:
+            opened, closed = many["open_loop"], many["closed_loop"]
+            lines.append(
+                f"many users: open loop {opened['served_turns_per_s']} turns/s, query p95 {opened['query_ms']['p95']} ms, "
+                f"add p99 {opened['add_ms']['p99']} ms; closed loop {closed['queries_per_s']} queries/s"
+            )
+        cold = report.get("cold") or {}
+        for label in ("200", str(COLD_SIZE)):
+            if label in cold:
+                lines.append(f"cold {label}: p50/p95 {cold[label]['latency_ms']['p50']}/{cold[label]['latency_ms']['p95']} ms")
+        for entry in report.get("ann_recall", []):
+            lines.append(f"ann recall@k {entry['group']} {entry['messages']}: {entry['recall_at_k_mean']} (min {entry['recall_at_k_min']})")
+        return lines
