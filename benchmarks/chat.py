@@ -46,7 +46,6 @@ from benchmarks.chat_dataset import COLD_SIZE, ChatDataset, ChatUser
 from memory.management.commands.memfuse_bench import (
     LOCOMO_DEV,
     Api,
-    BenchError,
     ServerProcess,
     bench_rate_limit,
     chat_rounds,

@@ -168,14 +168,14 @@ class ChatDataset:
         with connection.cursor() as cursor:
             cursor.execute(
                 "SELECT DISTINCT ON (u.id) u.id, u.name, u.metadata->>'group', (u.metadata->>'size')::int, "
-                "(u.metadata->>'conversation')::int, s.id FROM memory_user u JOIN memory_tenant t ON t.id = u.tenant_id "
+                "s.id FROM memory_user u JOIN memory_tenant t ON t.id = u.tenant_id "
                 "JOIN memory_session s ON s.user_id = u.id WHERE t.name = %s ORDER BY u.id, s.created_at, s.name",
                 [self.tenant_name],
             )
             rows = cursor.fetchall()
         counts = [len(c.turns) for c in self.conversations]
         groups: dict[str, list[tuple[int, ChatUser]]] = {}
-        for user_id, name, group, size, conversation, session_id in rows:
+        for user_id, name, group, size, session_id in rows:
             index = int(name.rsplit("-", 1)[1])
             if group == "many":
                 held_conversation, start = user_slice(index, turn_counts=counts, per_user=200)
