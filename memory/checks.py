@@ -13,9 +13,14 @@ from django.db.utils import DatabaseError
 from memory import registry
 
 
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
 @register(Tags.database)
 def check_pgvector(app_configs=None, databases=None, **kwargs) -> list[Error]:
-    """memory.E001/E002: the ``vector`` extension is available; the stored dimension is the model's.
+    """memory.E001/E002/E010: the ``vector`` extension is available (0.8 or later); the stored
+    dimension is the model's.
 
     Runs with ``manage.py check --database default`` and before ``migrate``/``runserver``.
     """
@@ -34,6 +39,18 @@ def check_pgvector(app_configs=None, databases=None, **kwargs) -> list[Error]:
                         id="memory.E001",
                     )
                 ]
+            cursor.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+            installed = cursor.fetchone()
+            if installed is not None and _version_tuple(installed[0]) < (0, 8):
+                errors.append(
+                    Error(
+                        f"pgvector {installed[0]} is installed; the vector search needs 0.8 or later "
+                        "(hnsw.iterative_scan).",
+                        hint="Install pgvector 0.8 into the server, then run ALTER EXTENSION vector UPDATE "
+                        "(or python manage.py migrate, which tries it).",
+                        id="memory.E010",
+                    )
+                )
             # atttypmod of a vector column is its dimension; -1 would mean 'any'.
             cursor.execute(
                 "SELECT atttypmod FROM pg_attribute "

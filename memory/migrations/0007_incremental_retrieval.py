@@ -39,6 +39,17 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
+        # pgvector 0.8 for the iterative index scans (an embedded database made with pgvector
+        # 0.6 is brought up to the files its server now ships); a role that may not update
+        # the extension gets a notice, and system check memory.E010 says what to run.
+        migrations.RunSQL(
+            """
+            DO $$ BEGIN ALTER EXTENSION vector UPDATE;
+            EXCEPTION WHEN insufficient_privilege THEN RAISE NOTICE 'pgvector not updated: %', SQLERRM;
+            END $$
+            """,
+            reverse_sql=migrations.RunSQL.noop,
+        ),
         migrations.RunSQL(
             "CREATE SEQUENCE IF NOT EXISTS memory_change_seq",
             reverse_sql="DROP SEQUENCE IF EXISTS memory_change_seq",
