@@ -7,12 +7,11 @@ flushes it; edits and deletes made through one are seen by the other too.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
-
-import json
 import urllib.error
 import urllib.request
 
