@@ -123,7 +123,10 @@ class BM25Index:
         self._sorted_n = 0
         self._sorted = np.zeros(0, dtype=np.int32)
         self._recent: dict[int, int] = {}
-        self._derived: tuple | None = None  # (context lengths, N, mean length), until a change
+        # Each row's context document length (0 when dead) and their sum: kept up to date by
+        # every change (``_recompute``), so a query after a write does no O(n) pass.
+        self._context_length = np.zeros(self._capacity)
+        self._context_total = 0.0
         self._session_rank: np.ndarray | None = None
 
     # --- size ------------------------------------------------------------------------------
@@ -139,7 +142,7 @@ class BM25Index:
         postings = self._base_ptr.nbytes + self._base_rows.nbytes + self._base_tf.nbytes
         postings += self._tail_term.nbytes + self._tail_row.nbytes + self._tail_tf.nbytes
         lookups = self._sorted.nbytes + 100 * len(self._recent) + 120 * len(self.session_ids)
-        derived = 0 if self._derived is None else self._derived[0].nbytes
+        derived = self._context_length.nbytes
         return arrays + postings + lookups + derived + self._vocab_bytes + 64 * len(self.speakers) + 512
 
     def _grow(self, capacity: int) -> None:
@@ -151,6 +154,10 @@ class BM25Index:
             array = np.full(capacity, fill, dtype=dtype)
             array[:old] = getattr(self, name)[:old]
             setattr(self, name, array)
+        if hasattr(self, "_context_length"):
+            grown = np.zeros(capacity)
+            grown[:old] = self._context_length[:old]
+            self._context_length = grown
         self._capacity = capacity
 
     # --- changes ---------------------------------------------------------------------------
@@ -177,8 +184,8 @@ class BM25Index:
         if document.kind == MESSAGE and document.session is not None:
             self.session[row] = self._session_code(document.session.bytes)
             self._link(row)
+        self._recompute(self._around(row))
         self._recent[document.id.int] = row
-        self._changed()
 
     def remove(self, doc_id: uuid.UUID) -> bool:
         """Drop the live document with ``doc_id``; ``False`` if the index does not hold it."""
@@ -187,13 +194,36 @@ class BM25Index:
             return False
         self._kill(row)
         self._recent.pop(doc_id.int, None)
-        self._changed()
         return True
 
-    def _changed(self) -> None:
-        self._derived = None
+    def _around(self, row: int) -> list[int]:
+        """``row`` and the rows at most ``window`` turns from it in its session: those whose
+        context document holds it."""
+        rows = [row]
+        for links in (self.prev, self.next):
+            hop = row
+            for _ in range(self.window):
+                hop = int(links[hop])
+                if hop < 0:
+                    break
+                rows.append(hop)
+        return rows
+
+    def _recompute(self, rows: list[int]) -> None:
+        """The context length of each live row of ``rows``, from its window as linked now."""
+        for row in rows:
+            if not self.alive[row]:
+                continue
+            total = (self.own_weight if self.kind[row] == MESSAGE else 1) * int(self.length[row])
+            for hop in self._around(row)[1:]:
+                total += int(self.length[hop])
+            self._context_total += total - self._context_length[row]
+            self._context_length[row] = total
 
     def _kill(self, row: int) -> None:
+        around = self._around(row)[1:]
+        self._context_total -= self._context_length[row]
+        self._context_length[row] = 0.0
         self.alive[row] = False
         self.live -= 1
         before, after = int(self.prev[row]), int(self.next[row])
@@ -205,6 +235,7 @@ class BM25Index:
         if code >= 0 and self._session_last[code] == row:
             self._session_last[code] = before
         self.prev[row] = self.next[row] = -1
+        self._recompute(around)  # their windows reach one turn further now
 
     def _link(self, row: int) -> None:
         """Put ``row`` into its session's order by position (usually at the end)."""
@@ -304,7 +335,7 @@ class BM25Index:
         self._session_last = [int(renumber[row]) for row in self._session_last]
         self.n = self.live = len(keep)
         self._index_ids()
-        self._changed()
+        self._recompute_all()
 
     def _index_ids(self) -> None:
         """Sort every row by id for ``_row_of_bytes`` (after a load or a compaction)."""
@@ -350,23 +381,26 @@ class BM25Index:
     # --- queries ---------------------------------------------------------------------------
 
     def _lengths(self) -> tuple[np.ndarray, int, float]:
-        """``(context document lengths (n,) float64, N, mean length)``, cached until a change."""
-        if self._derived is None:
-            n = self.n
-            length = self.length[:n].astype(np.float64)
-            total = np.where(self.kind[:n] == MESSAGE, self.own_weight, 1) * length
-            for links in (self.prev[:n], self.next[:n]):
-                rows, hop = np.arange(n), np.arange(n)  # the row credited, where its chain is
-                for _ in range(self.window):
-                    neighbours = links[hop]
-                    keep = neighbours >= 0
-                    rows, hop = rows[keep], neighbours[keep]
-                    total[rows] += length[hop]
-            alive = self.alive[:n]
-            live = int(alive.sum())
-            mean = float(total[alive].mean()) if live else 1.0
-            self._derived = (total, live, mean if mean > 0 else 1.0)
-        return self._derived
+        """``(context document lengths (n,) float64, N, mean length)`` as maintained."""
+        mean = self._context_total / self.live if self.live else 1.0
+        return self._context_length[: self.n], self.live, mean if mean > 0 else 1.0
+
+    def _recompute_all(self) -> None:
+        """Every row's context length at once (after a load or a compaction)."""
+        n = self.n
+        length = self.length[:n].astype(np.float64)
+        total = np.where(self.kind[:n] == MESSAGE, self.own_weight, 1) * length
+        for links in (self.prev[:n], self.next[:n]):
+            rows, hop = np.arange(n), np.arange(n)  # the row credited, where its chain is
+            for _ in range(self.window):
+                neighbours = links[hop]
+                keep = neighbours >= 0
+                rows, hop = rows[keep], neighbours[keep]
+                total[rows] += length[hop]
+        total[~self.alive[:n]] = 0.0
+        self._context_length = np.zeros(self._capacity)
+        self._context_length[:n] = total
+        self._context_total = float(total.sum())
 
     def _postings(self, term: int) -> tuple[np.ndarray, np.ndarray]:
         """The live rows holding ``term`` and its count in each: ``(rows int64, tf float64)``."""
@@ -571,4 +605,5 @@ class BM25Index:
         for name, lexemes in header["speakers"]:
             index._speaker_code(name, frozenset(lexemes))
         index._index_ids()
+        index._recompute_all()
         return index
