@@ -373,7 +373,9 @@ def _prefetch_embeddings(user_id: uuid.UUID, rows: list[Message]) -> None:
 
     newest = rows[-settings.MEMFUSE["PENDING_EMBED_MAX"] :]
     if newest and settings.MEMFUSE["VECTOR_WEIGHT"] > 0:
-        cache.user_memory(user_id).prefetch([(row.id, row.updated_at, row.index_text) for row in newest])
+        memory = cache.user_memory(user_id)
+        memory.prefetch([(row.id, row.updated_at, row.index_text) for row in newest])
+        cache.resized(memory)
 
 
 def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messages: list[MessageIn]) -> list[Message]:

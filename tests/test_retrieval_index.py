@@ -287,3 +287,19 @@ def test_a_query_after_a_large_add_embeds_at_most_the_bound_and_finds_the_newest
     assert newest[0]["id"] == str(rows[-1].pk)
     assert oldest[0]["id"] == str(rows[0].pk)
     assert len(submitted) <= 2 + 8  # the two queries, and the bound
+
+
+def test_adds_without_queries_keep_at_most_the_bound_of_pending_embeddings(
+    alice_session, settings, django_capture_on_commit_callbacks
+):
+    """Each add starts embedding its newest messages for the next query (after its commit); a
+    user who only adds keeps no more than PENDING_EMBED_MAX of them, the newest."""
+    settings.MEMFUSE = {**settings.MEMFUSE, "PENDING_EMBED_MAX": 4}
+    added = []
+    for i in range(5):
+        with django_capture_on_commit_callbacks(execute=True):
+            added += _add(alice_session, [f"line {i}-{j}" for j in range(3)])
+
+    pending = retrieval.user_memory(alice_session.user_id)._pending
+
+    assert [doc_id for doc_id, _ in pending] == [row.pk for row in added[-4:]]

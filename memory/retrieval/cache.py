@@ -72,6 +72,10 @@ class UserMemory:
             for doc_id, updated_at, text in rows:
                 if (doc_id, updated_at) not in self._pending:
                     self._pending[(doc_id, updated_at)] = registry.submit_query([text], priority=registry.BACKGROUND)
+            # Only the newest are ever asked for (PENDING_EMBED_MAX): a user who adds and
+            # adds without a query keeps no more than that.
+            for key in list(self._pending)[: max(0, len(self._pending) - settings.MEMFUSE["PENDING_EMBED_MAX"])]:
+                del self._pending[key]
 
     def pending_embeddings(self, rows: list[tuple[uuid.UUID, object, str]]) -> np.ndarray:
         """Embeddings ``(len(rows), dim)`` of pending messages ``[(id, updated_at, text)]``.
