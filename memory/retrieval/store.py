@@ -17,7 +17,6 @@ import uuid
 from datetime import datetime
 
 import psycopg
-
 from django.conf import settings
 from django.db import connection, transaction
 
