@@ -11,15 +11,15 @@ the text (``benchmarks.chat_dataset``, bulk-loaded into this process's database)
    slope: the exponent b of ``p95 = a * size^b`` by least squares on logs (b < 1: sub-linear).
 2. **backlog**: ``--backlog-users`` times, add ``--backlog-messages`` messages in one request
    and query at once for the last of them: latency, and whether it was found (read your writes).
-3. **many users**: the ``many`` users (200 messages each), drawn with Zipf's law (exponent
+3. **many users**: the ``many`` users (``--user-size``, 200 messages each), drawn with Zipf's law (exponent
    ``--zipf``) over a random order; ``--clients`` clients each do turns (query, then add the
    round, for one user): open loop at ``--rate`` turns/s for ``--duration`` s (latency from the
    scheduled time), then closed loop for ``--closed-duration`` s (queries/s flat out). The
    server's cache (``USER_CACHE_MB``) is read from its stats: the active set is larger.
 4. **cold**: a second server whose cache holds no user (``USER_CACHE_MB`` below one user's
    index), so every query loads the user as a process that never saw them does (snapshot,
-   catch-up); ``--clients`` clients, open loop at ``--cold-rate`` queries/s, at 200 and at
-   10,000 messages.
+   catch-up); ``--clients`` clients, open loop at ``--cold-rate`` queries/s, at 200
+   (``--user-size``) and at 10,000 (``--cold-size``) messages.
 
 Before the server starts, in this process: recall@10 of the approximate (HNSW) vector search
 of every user that has it against an exact scan of their context embeddings (ties count), on
@@ -42,7 +42,7 @@ import numpy as np
 from django.conf import settings
 from django.core.management.base import CommandError
 
-from benchmarks.chat_dataset import COLD_SIZE, ChatDataset, ChatUser
+from benchmarks.chat_dataset import ChatDataset, ChatUser
 from memory.management.commands.memfuse_bench import (
     LOCOMO_DEV,
     Api,
@@ -89,12 +89,14 @@ class ChatBench:
         parser.add_argument("--rounds", type=int, default=60, help="add, query, query rounds per history size")
         parser.add_argument("--backlog-users", type=int, default=20, help="users of the backlog phase")
         parser.add_argument("--backlog-messages", type=int, default=500, help="messages of each backlog add")
-        parser.add_argument("--many-users", type=int, default=10_000, help="users of 200 messages (many-users phase)")
+        parser.add_argument("--many-users", type=int, default=10_000, help="users of the many-users phase")
+        parser.add_argument("--user-size", type=int, default=200, help="messages of each of those users")
         parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the many-users phase")
         parser.add_argument("--rate", type=float, default=50.0, help="turns per second offered (open loop, many users)")
         parser.add_argument("--duration", type=float, default=30.0, help="seconds of the open-loop phase")
         parser.add_argument("--closed-duration", type=float, default=30.0, help="seconds of the closed-loop phase")
-        parser.add_argument("--cold-users", type=int, default=16, help=f"users of {COLD_SIZE} messages (cold phase)")
+        parser.add_argument("--cold-users", type=int, default=16, help="users of the cold phase's long histories")
+        parser.add_argument("--cold-size", type=int, default=10_000, help="messages of each of those users")
         parser.add_argument("--cold-rate", type=float, default=40.0, help="cold queries per second offered")
         parser.add_argument("--cold-duration", type=float, default=15.0, help="seconds of each cold phase")
         parser.add_argument("--distinct-size", type=int, default=10_000, help="messages of the distinct-text user (0: none)")
@@ -114,7 +116,7 @@ class ChatBench:
         if not sizes or min(sizes) < 10:
             raise CommandError(f"--sizes: each size must be at least 10 (got {options['sizes']!r})")
         options["size_list"] = sizes
-        for option in ("rounds", "backlog_messages", "many_users", "top_k"):
+        for option in ("rounds", "backlog_messages", "many_users", "user_size", "cold_size", "top_k"):
             if options[option] <= 0:
                 raise CommandError(f"--{option.replace('_', '-')} must be > 0 (got {options[option]})")
         for option in ("backlog_users", "cold_users", "distinct_size", "recall_queries"):
@@ -139,7 +141,8 @@ class ChatBench:
         try:
             self.dataset = ChatDataset(
                 tag=options["tag"], sizes=options["size_list"], cold_users=options["cold_users"],
-                many_users=options["many_users"], distinct_size=options["distinct_size"], path=options["data"],
+                cold_size=options["cold_size"], many_users=options["many_users"], user_size=options["user_size"],
+                distinct_size=options["distinct_size"], path=options["data"],
             )
             self.texts = locomo_turn_texts(options["data"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -149,8 +152,9 @@ class ChatBench:
         self.operator_key = None
 
     def config(self) -> dict:
-        keys = ("sizes", "rounds", "backlog_users", "backlog_messages", "many_users", "zipf", "rate", "duration",
-                "closed_duration", "cold_users", "cold_rate", "cold_duration", "distinct_size", "top_k", "tag", "skip")
+        keys = ("sizes", "rounds", "backlog_users", "backlog_messages", "many_users", "user_size", "zipf", "rate",
+                "duration", "closed_duration", "cold_users", "cold_size", "cold_rate", "cold_duration", "distinct_size",
+                "top_k", "tag", "skip")
         return {
             **{key: self.options[key] for key in keys},
             "data": str(self.options["data"]),
@@ -405,9 +409,9 @@ class ChatBench:
         try:
             cold_api = Api(api.http, url, api_key=api.api_key)
             result = {"user_cache_mb": COLD_CACHE_MB}
-            for label, members in (("200", self.users.get("many", [])), (str(COLD_SIZE), self.users.get("cold", []))):
+            for label, members in (("many", self.users.get("many", [])), ("long", self.users.get("cold", []))):
                 if members:
-                    result[label] = await self._cold_phase(cold_api, members)
+                    result[label] = {"messages": members[0].size, **await self._cold_phase(cold_api, members)}
             result["server_cache"] = await self._server_cache(cold_api)
             result["memory"] = self._memory(cold_server)
         finally:
@@ -468,9 +472,10 @@ class ChatBench:
                 f"add p99 {opened['add_ms']['p99']} ms; closed loop {closed['queries_per_s']} queries/s"
             )
         cold = report.get("cold") or {}
-        for label in ("200", str(COLD_SIZE)):
+        for label in ("many", "long"):
             if label in cold:
-                lines.append(f"cold {label}: p50/p95 {cold[label]['latency_ms']['p50']}/{cold[label]['latency_ms']['p95']} ms")
+                lines.append(f"cold, {cold[label]['messages']} messages: p50/p95 {cold[label]['latency_ms']['p50']}/"
+                             f"{cold[label]['latency_ms']['p95']} ms")
         for entry in report.get("ann_recall", []):
             lines.append(f"ann recall@k {entry['group']} {entry['messages']}: {entry['recall_at_k_mean']} (min {entry['recall_at_k_min']})")
         return lines

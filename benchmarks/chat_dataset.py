@@ -3,10 +3,10 @@
 - ``history``: one user per size of the curve (200 ... 100,000 messages), whose turns are the
   LoCoMo file's conversations in order, again and again (each pass in sessions of its own,
   dated a year later), so context windows are those of real conversations;
-- ``cold``: users of 10,000 messages the same way (the cold-user phase at that size);
+- ``cold``: users of ``cold_size`` (10,000) messages the same way (the cold-user phase at that size);
 - ``distinct``: one user whose every text is distinct (two LoCoMo turns joined, embedded for
   it), for the approximate search's recall on texts that do not repeat;
-- ``many``: ``--many-users`` users of 200 messages, contiguous slices of the conversations
+- ``many``: ``many_users`` users of ``user_size`` (200) messages, contiguous slices of the conversations
   (``memory.management.bench_dataset.user_slice``): the many-users phase and the cold phase
   at 200 messages.
 
@@ -34,7 +34,6 @@ from memory.management.bench_dataset import (
 from memory.models import Agent, Tenant, User
 
 FORMAT = 1  # bump when what is written changes
-COLD_SIZE = 10_000
 
 
 @dataclass(frozen=True)
@@ -86,11 +85,16 @@ def distinct_turns(conversations: list[Conversation], count: int, *, seed: int =
 class ChatDataset:
     """Users ``bench-chat-<tag>-<group>-<i>`` in tenant ``bench-chat-<tag>``, built or reused."""
 
-    def __init__(self, *, tag: str, sizes: list[int], cold_users: int, many_users: int, distinct_size: int, path: Path) -> None:
+    def __init__(
+        self, *, tag: str, sizes: list[int], cold_users: int, cold_size: int, many_users: int, user_size: int,
+        distinct_size: int, path: Path,
+    ) -> None:
         self.tag = tag
         self.sizes = sizes
         self.cold_users = cold_users
+        self.cold_size = cold_size
         self.many_users = many_users
+        self.user_size = user_size
         self.distinct_size = distinct_size
         self.path = path
         self.conversations = load_conversations(path)
@@ -104,8 +108,9 @@ class ChatDataset:
 
     def shape(self) -> dict:
         return {
-            "format": FORMAT, "sizes": self.sizes, "cold_users": self.cold_users, "many_users": self.many_users,
-            "distinct_size": self.distinct_size, "data": str(self.path),
+            "format": FORMAT, "sizes": self.sizes, "cold_users": self.cold_users, "cold_size": self.cold_size,
+            "many_users": self.many_users, "user_size": self.user_size, "distinct_size": self.distinct_size,
+            "data": str(self.path),
         }
 
     def tenant(self) -> Tenant | None:
@@ -120,8 +125,8 @@ class ChatDataset:
         self.drop()
         groups = [
             ("history", [(size, cycled_turns(self.conversations, size)) for size in self.sizes]),
-            ("cold", [(COLD_SIZE, cycled_turns(self.conversations[i % len(self.conversations) :] + self.conversations, COLD_SIZE))
-                      for i in range(self.cold_users)]),
+            ("cold", [(self.cold_size, cycled_turns(self.conversations[i % len(self.conversations) :] + self.conversations,
+                                                    self.cold_size)) for i in range(self.cold_users)]),
             ("distinct", [(self.distinct_size, distinct_turns(self.conversations, self.distinct_size))] if self.distinct_size else []),
         ]
         built = {}
@@ -135,10 +140,10 @@ class ChatDataset:
         counts = [len(c.turns) for c in self.conversations]
         many = []
         for i in range(self.many_users):
-            conversation, start = user_slice(i, turn_counts=counts, per_user=200)
-            turns = self.conversations[conversation].turns[start : start + 200]
-            many.append((f"{self.tenant_name}-many-{i}", {"group": "many", "size": 200, "conversation": conversation}, turns))
-        log(f"building many: {len(many)} users x 200 messages ...")
+            conversation, start = user_slice(i, turn_counts=counts, per_user=self.user_size)
+            turns = self.conversations[conversation].turns[start : start + self.user_size]
+            many.append((f"{self.tenant_name}-many-{i}", {"group": "many", "size": self.user_size}, turns))
+        log(f"building many: {len(many)} users x {self.user_size} messages ...")
         # The agent of the many users is written last and carries the shape: a build stopped
         # half-way is not taken for a whole one.
         result = bulk_load(
@@ -178,9 +183,10 @@ class ChatDataset:
         for user_id, name, group, size, session_id in rows:
             index = int(name.rsplit("-", 1)[1])
             if group == "many":
-                held_conversation, start = user_slice(index, turn_counts=counts, per_user=200)
+                held_conversation, start = user_slice(index, turn_counts=counts, per_user=self.user_size)
                 held = self.conversations[held_conversation]
-                queries = answerable_questions(held, held.turns[start : start + 200]) or [t.content for t in held.turns[start : start + 200]]
+                turns = held.turns[start : start + self.user_size]
+                queries = answerable_questions(held, turns) or [t.content for t in turns]
             else:
                 queries = self.questions
             groups.setdefault(group, []).append((index, ChatUser(group, size, user_id, session_id, queries)))

@@ -185,3 +185,58 @@ def test_memfuse_bench_query_end_to_end(tmp_path, monkeypatch):
     assert len(report["exactness"]["filtered_hnsw"]) == 6 and "hnsw" in report["exactness"]["filtered_hnsw_plan"]
     assert report["server_memory"]["model_loads_in_server_log"] == 1
     assert report["dropped_users"] == 3 and not User.objects.exists()
+
+
+def long_locomo_file(tmp_path, *, turns: int = 80):
+    """A LoCoMo-format conversation of ``turns`` turns in four sessions, with two questions."""
+    topics = ["kayak", "pottery", "violin", "garden", "glacier", "bakery", "lisbon", "chess"]
+    conversation = {"speaker_a": "Ann", "speaker_b": "Ben"}
+    per_session = turns // 4
+    for session in range(1, 5):
+        conversation[f"session_{session}_date_time"] = f"1:56 pm on {session} May, 2023"
+        conversation[f"session_{session}"] = [
+            {"speaker": "Ann" if i % 2 == 0 else "Ben", "dia_id": f"D{session}:{i + 1}",
+             "text": f"Turn {i} of session {session}: we talked about the {topics[(i + session) % len(topics)]} again."}
+            for i in range(per_session)
+        ]
+    qa = [
+        {"question": "What did they say about the kayak?", "answer": "x", "evidence": ["D1:1"], "category": 4},
+        {"question": "When did the violin come up?", "answer": "x", "evidence": ["D2:2"], "category": 2},
+    ]
+    path = tmp_path / "locomo-long.json"
+    path.write_text(json.dumps([{"sample_id": "conv-l", "conversation": conversation, "qa": qa}]))
+    return path
+
+
+@pytest.mark.django_db(transaction=True)
+def test_memfuse_bench_chat_end_to_end(tmp_path, monkeypatch, settings):
+    """A tiny chat run over real servers: every phase answers without errors, the newest
+    message of a backlog is found, the long histories are searched through the HNSW index
+    with their recall reported, the cold server cached nobody, and memory is read."""
+    from tests.subprocesses import subprocess_env
+
+    monkeypatch.setenv("DATABASE_URL", subprocess_env()["DATABASE_URL"])
+    monkeypatch.setenv("ANN_MIN_MESSAGES", "100")  # the bench's servers
+    settings.MEMFUSE = {**settings.MEMFUSE, "ANN_MIN_MESSAGES": 100}  # this process's loader
+    out = tmp_path / "chat.json"
+
+    call_command(
+        "memfuse_bench", "chat", "--data", str(long_locomo_file(tmp_path)), "--sizes", "40,150", "--rounds", "3",
+        "--backlog-users", "2", "--backlog-messages", "30", "--many-users", "6", "--user-size", "20", "--zipf", "1.0",
+        "--rate", "4", "--duration", "1", "--closed-duration", "1", "--cold-users", "2", "--cold-size", "120",
+        "--cold-rate", "4", "--cold-duration", "1", "--distinct-size", "110", "--recall-queries", "2", "--clients", "2",
+        "--tag", "e2e", "--seed", "3", "--json", str(out),
+    )
+
+    report = json.loads(out.read_text())
+    assert [point["messages"] for point in report["history"]["curve"]] == [40, 150]
+    assert report["history"]["errors"] == 0 and report["history"]["slope_p95_after_add"] is not None
+    assert report["backlog"]["errors"] == 0 and report["backlog"]["newest_found"] == 2
+    many = report["many_users"]
+    assert many["open_loop"]["errors"] == {"query": 0, "add": 0} and many["closed_loop"]["queries_per_s"] > 0
+    assert many["server_cache"]["size"] >= 1
+    assert {entry["group"] for entry in report["ann_recall"]} == {"history", "distinct", "cold"}
+    assert all(entry["recall_at_k_mean"] > 0 for entry in report["ann_recall"])
+    cold = report["cold"]
+    assert cold["many"]["errors"] == cold["long"]["errors"] == 0 and cold["server_cache"]["size"] == 0
+    assert report["memory"]["after_many_users"]["total_mb"] > 0 and report["not_measured"] == []
