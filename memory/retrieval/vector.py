@@ -163,36 +163,18 @@ def ann_enable(*, user_id: uuid.UUID, batch: int = 2000) -> bool:
 # --- search (reads) --------------------------------------------------------------------------
 
 
-def candidates(
-    *,
-    user_id: uuid.UUID,
-    embedding: np.ndarray,
-    limit: int,
-    ann: bool = False,
-    sessions: list[uuid.UUID] | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    feedback: list[DocKey] = (),
-    feedback_weight: float = 0.0,
-    pending_limit: int | None = None,
-) -> tuple[list[tuple[DocKey, float]], list[tuple], np.ndarray | None]:
-    """One statement: the user's best ``limit`` flushed documents for the query ``embedding``
-    (``(dim,)`` float32, unit), and their newest pending messages.
+def candidates(**search) -> tuple[list[tuple[DocKey, float]], list[tuple], np.ndarray | None]:
+    """Run ``search_statement(**search)``: the user's best flushed documents for the query,
+    and their newest pending messages.
 
     Returns ``(flushed, pending, query)``: ``flushed`` is ``[(key, score)]`` best first, score
     the neighbour-smoothed cosine (a knowledge item's own); ``pending`` is ``[(id, updated_at,
     text, neighbour ids, neighbour cosines)]`` of at most ``pending_limit``
     (``PENDING_EMBED_MAX``) pending messages, newest first, a cosine ``None`` for a neighbour
     not embedded; ``query`` the unit query the scores are for (moved by the feedback), only
-    when there are pending messages. ``ann``: search through the HNSW index (the user is
-    ``ann_indexed``). ``sessions``: only messages of these sessions (knowledge always).
-    ``since`` / ``until``: only documents created in that window (inclusive). ``feedback``:
-    Rocchio's documents (not embedded ones are skipped; with none the query stays).
+    when there are pending messages.
     """
-    sql, params, local_settings = search_statement(
-        user_id=user_id, embedding=embedding, limit=limit, ann=ann, sessions=sessions, since=since, until=until,
-        feedback=feedback, feedback_weight=feedback_weight, pending_limit=pending_limit,
-    )
+    sql, params, local_settings = search_statement(**search)
     # SET LOCAL lasts for the transaction: the approximate search needs one of its own.
     with transaction.atomic() if local_settings else nullcontext(), connection.cursor() as cursor:
         for setting in local_settings:
@@ -203,9 +185,8 @@ def candidates(
     flushed.sort(key=lambda item: -item[1])  # two lists, and the iterative scan's relaxed order
     pending = [(doc_id, updated_at, text, ids or [], cosines or []) for kind, doc_id, _, updated_at, text, ids, cosines in rows if kind == "pending"]
     query = None
-    if pending:
-        moved = [row[4] for row in rows if row[0] == "query"]
-        query = Vector._from_db(moved[0]) if moved else embedding
+    if pending:  # the statement returns the moved query with them
+        query = Vector._from_db(next(row[4] for row in rows if row[0] == "query"))
         query = (query / np.linalg.norm(query)).astype(np.float32)
     return flushed, pending, query
 
@@ -223,8 +204,16 @@ def search_statement(
     feedback_weight: float = 0.0,
     pending_limit: int | None = None,
 ) -> tuple[str, dict, list[str]]:
-    """``candidates``' statement: ``(sql, params, settings)``, settings being the ``SET LOCAL``
-    statements to run before it in its transaction (the approximate search's)."""
+    """The vector search's one statement, as ``(sql, params, settings)``: ``settings`` are the
+    ``SET LOCAL`` statements to run before it in its transaction (the approximate search's).
+
+    ``embedding``: the query, ``(dim,)`` float32, unit. ``limit``: flushed documents wanted.
+    ``ann``: search through the HNSW index (the user is ``ann_indexed``). ``sessions``: only
+    messages of these sessions (knowledge always). ``since`` / ``until``: only documents
+    created in that window (inclusive). ``feedback``: Rocchio's documents (not embedded ones
+    are skipped; with none the query stays). ``pending_limit``: pending messages to return
+    (default ``PENDING_EMBED_MAX``).
+    """
     config = settings.MEMFUSE
     pending_limit = config["PENDING_EMBED_MAX"] if pending_limit is None else pending_limit
     moving = bool(feedback) and feedback_weight > 0
