@@ -183,7 +183,7 @@ class ChatBench:
         return report
 
     def _ann_recall(self) -> list[dict]:
-        """Recall@k of each ann_indexed user's approximate search against an exact scan of
+        """Recall@k of the approximate search of each user in an HNSW bucket against an exact scan of
         their context embeddings (tie-aware: ``recall_at_k``), with both latencies."""
         from django.db import connection
 
@@ -195,7 +195,8 @@ class ChatBench:
         report = []
         candidates = [user for group in ("history", "distinct", "cold") for user in self.users.get(group, [])[: 3 if group == "cold" else None]]
         for user in candidates:
-            if not User.objects.filter(pk=user.user_id, ann_indexed=True).exists():
+            bucket = User.objects.filter(pk=user.user_id).values_list("ann_bucket", flat=True).first()
+            if bucket is None:
                 continue
             with connection.cursor() as cursor:
                 cursor.execute(
@@ -210,14 +211,17 @@ class ChatBench:
                 query = registry.embed_query([text])[0]
                 exact = dict(zip(ids, (matrix @ query).tolist()))
                 begun = time.perf_counter()
-                served, _, _ = vector.candidates(user_id=user.user_id, embedding=query, limit=100, ann=True)
+                served, _, _ = vector.candidates(user_id=user.user_id, embedding=query, limit=100, ann_bucket=bucket)
                 ann_ms.append((time.perf_counter() - begun) * 1000)
                 begun = time.perf_counter()
-                vector.candidates(user_id=user.user_id, embedding=query, limit=100, ann=False)
+                vector.candidates(user_id=user.user_id, embedding=query, limit=100)
                 exact_ms.append((time.perf_counter() - begun) * 1000)
                 recalls.append(recall_at_k([key.id for key, _ in served if key.kind == "message"][:k], exact, k=k))
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT count(*) FROM memory_message WHERE ann_bucket = %s", [bucket])
+                in_bucket = cursor.fetchone()[0]
             report.append({
-                "group": user.group, "messages": len(ids), "queries": len(recalls),
+                "group": user.group, "messages": len(ids), "bucket_messages": in_bucket, "queries": len(recalls),
                 "recall_at_k_mean": round(float(np.mean(recalls)), 4), "recall_at_k_min": round(float(np.min(recalls)), 4),
                 "ann_latency_ms": latency_summary(ann_ms), "exact_scan_latency_ms": latency_summary(exact_ms),
             })

@@ -173,7 +173,7 @@ def _write(*, user_id: uuid.UUID, token: uuid.UUID, ids: list[uuid.UUID], vector
     """
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(_NO_FSYNC)
-        cursor.execute("SELECT ann_indexed FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
+        cursor.execute("SELECT ann_bucket FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
         row = cursor.fetchone()
         if row is None:
             return []  # the user was deleted meanwhile
@@ -190,7 +190,7 @@ def _write(*, user_id: uuid.UUID, token: uuid.UUID, ids: list[uuid.UUID], vector
             {"ids": ids, "vectors": vector_literals(vectors), "token": token},
         )
         written = cursor.fetchall()
-        context_refresh(cursor, seeds=[(session, position) for _, session, position in written], ann=row[0])
+        context_refresh(cursor, seeds=[(session, position) for _, session, position in written], bucket=row[0])
         return [(message_id, session) for message_id, session, _ in written]
 
 
@@ -230,7 +230,7 @@ def _maintain_indexes(user_id: uuid.UUID) -> None:
     try:
         with connection.cursor() as cursor:
             cursor.execute(
-                "SELECT CASE WHEN ann_indexed THEN false ELSE "
+                "SELECT CASE WHEN ann_bucket IS NOT NULL THEN false ELSE "
                 "(SELECT count(*) FROM memory_message WHERE user_id = %(user)s) >= %(min)s END "
                 "FROM memory_user WHERE id = %(user)s",
                 {"user": user_id, "min": settings.MEMFUSE["ANN_MIN_MESSAGES"]},

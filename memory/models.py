@@ -70,10 +70,10 @@ class User(Named):
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="users")
     memory_version = models.BigIntegerField(default=0)
-    # Whether every context embedding of the user's flushed messages is in the approximate
-    # (HNSW) index; set by a flush once the user holds ``ANN_MIN_MESSAGES`` messages, after
-    # it has put the older ones there (``memory.retrieval.vector.ann_enable``).
-    ann_indexed = models.BooleanField(default=False, db_default=False)
+    # The HNSW index (of ANN_BUCKETS) that holds every context embedding of the user's
+    # flushed messages, or NULL: set by a flush once the user holds ``ANN_MIN_MESSAGES``
+    # messages, after it has put the older ones there (``memory.retrieval.vector.ann_enable``).
+    ann_bucket = models.SmallIntegerField(null=True, blank=True)
 
     class Meta(Named.Meta):
         constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="memory_user_tenant_name_unique")]
@@ -115,6 +115,11 @@ def search_vector_expression() -> SearchVector:
 
 CHANGE_SEQUENCE = "memory_change_seq"
 
+# Partial HNSW indexes of context embeddings, each holding the users of its bucket. More
+# buckets, fewer users per index (a search walks other users' rows of its bucket too); a new
+# count is a migration (the indexes are schema).
+ANN_BUCKETS = 32
+
 
 def next_change_number() -> models.Func:
     """``nextval('memory_change_seq')``: the database default of every ``seq`` column."""
@@ -153,8 +158,9 @@ class Message(models.Model):
     # NULL while the message is pending. Stored inline (STORAGE PLAIN, migration 0007): a
     # search reads it for every candidate row, and a TOAST fetch per row would double that.
     context_embedding = VectorField(dimensions=EMBEDDING_DIM, null=True, blank=True)
-    # In the partial HNSW index (memory_message_context_hnsw): the user's ann_indexed rows.
-    ann = models.BooleanField(default=False, db_default=False)
+    # The partial HNSW index the row is in (memory_message_context_hnsw_<bucket>): the
+    # user's ann_bucket, on rows that have a context embedding.
+    ann_bucket = models.SmallIntegerField(null=True, blank=True)
     # The change number of the row's last insert or edit (memory_change_seq).
     seq = models.BigIntegerField(editable=False, db_default=next_change_number())
     flushed_at = models.DateTimeField(null=True, blank=True)
@@ -184,16 +190,20 @@ class Message(models.Model):
                 condition=models.Q(flushed_at__isnull=True),
             ),
             GinIndex(fields=["search_vector"], name="memory_message_search_gin"),
-            # Approximate search of the users with many messages (memory.retrieval.vector):
-            # only their rows, so small users' flushes never pay for HNSW inserts and a
-            # large user's rows are a large share of what the index holds.
-            HnswIndex(
-                name="memory_message_context_hnsw",
-                fields=["context_embedding"],
-                m=16,
-                ef_construction=64,
-                opclasses=["vector_ip_ops"],
-                condition=models.Q(ann=True),
+            # Approximate search of the users with many messages (memory.retrieval.vector),
+            # one index per bucket: only their rows, so small users' flushes never pay for
+            # HNSW inserts, and a large user shares an index with the few others of its
+            # bucket, so its rows are most of what the search walks.
+            *(
+                HnswIndex(
+                    name=f"memory_message_context_hnsw_{bucket}",
+                    fields=["context_embedding"],
+                    m=16,
+                    ef_construction=64,
+                    opclasses=["vector_ip_ops"],
+                    condition=models.Q(ann_bucket=bucket),
+                )
+                for bucket in range(ANN_BUCKETS)
             ),
         ]
 

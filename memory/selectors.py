@@ -97,11 +97,11 @@ def _visible_row(model, select: str, *, object_id: uuid.UUID, principal: Princip
 
 def user_ref(*, principal: Principal, user_id: uuid.UUID, field: str = "user_id") -> User:
     """The user with ``user_id`` if ``principal`` may see it, with ``id``, ``tenant_id``,
-    ``memory_version`` and ``ann_indexed`` loaded (what a query needs). Raises ``NotFound``
+    ``memory_version`` and ``ann_bucket`` loaded (what a query needs). Raises ``NotFound``
     like ``user_get``."""
     return _visible_row(
         User,
-        "SELECT id, tenant_id, memory_version, ann_indexed FROM memory_user WHERE id = %s AND tenant_id = %s",
+        "SELECT id, tenant_id, memory_version, ann_bucket FROM memory_user WHERE id = %s AND tenant_id = %s",
         object_id=user_id,
         principal=principal,
         user_column="id",
@@ -248,7 +248,7 @@ def memory_query_stages(
         config=config,
         since=since,
         until=until,
-        ann=user.ann_indexed,
+        ann_bucket=user.ann_bucket,
     ):
         yield stage, _results(user, hits, session_id=session_id)
 
@@ -286,7 +286,7 @@ def memory_query(
         config=config,
         since=since,
         until=until,
-        ann=user.ann_indexed,
+        ann_bucket=user.ann_bucket,
     )
     return _results(user, hits, session_id=session_id)
 

@@ -48,7 +48,7 @@ def message_index_text(*, content: str, metadata: dict) -> str:
     return text
 
 
-def _bump_memory_version(user_id: uuid.UUID) -> bool:
+def _bump_memory_version(user_id: uuid.UUID) -> int | None:
     """Mark the user's memory as changed: caches keyed by ``memory_version`` go stale.
 
     Called FIRST in every transaction that changes or deletes a user's existing messages or
@@ -60,16 +60,16 @@ def _bump_memory_version(user_id: uuid.UUID) -> bool:
 
     Holding that lock is also what makes the user's change numbers (``memory_change_seq``,
     taken after it) follow the order of commits (``memory.retrieval.store``). Returns the
-    user's ``ann_indexed`` (``False`` for a user that no longer exists).
+    user's ``ann_bucket`` (``None`` also for a user that no longer exists).
     """
     with connection.cursor() as cursor:
         cursor.execute(
             "UPDATE memory_user SET memory_version = memory_version + 1 "
-            "WHERE id = (SELECT id FROM memory_user WHERE id = %s FOR UPDATE) RETURNING ann_indexed",
+            "WHERE id = (SELECT id FROM memory_user WHERE id = %s FOR UPDATE) RETURNING ann_bucket",
             [user_id],
         )
         row = cursor.fetchone()
-    return bool(row and row[0])
+    return row[0] if row else None
 
 
 def _delete_messages(where: str, params: list) -> list[tuple]:
@@ -390,25 +390,25 @@ def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messa
     from memory.retrieval.vector import context_refresh
 
     with transaction.atomic():
-        ann = _bump_memory_version(session.user_id)
+        bucket = _bump_memory_version(session.user_id)
         rows = messages_by_ids(session=session, message_ids=message_ids, for_update=True)
         now = timezone.now()  # bulk_update does not apply auto_now
         for row, new in zip(rows, new_messages):
             row.role, row.content, row.metadata = new.role, new.content, new.metadata
             row.index_text = message_index_text(content=new.content, metadata=new.metadata)
             row.embedding = row.context_embedding = row.flushed_at = row.flush_claim = row.claimed_until = None
-            row.ann = False
+            row.ann_bucket = None
             row.updated_at = now
         Message.objects.bulk_update(
             rows,
-            ["role", "content", "metadata", "index_text", "embedding", "context_embedding", "ann", "flushed_at",
+            ["role", "content", "metadata", "index_text", "embedding", "context_embedding", "ann_bucket", "flushed_at",
              "flush_claim", "claimed_until", "updated_at"],
         )
         with connection.cursor() as cursor:
             # A new change number: cached indexes replace the old text (memory.retrieval.store).
             cursor.execute("UPDATE memory_message SET seq = nextval('memory_change_seq') WHERE id = ANY(%s)", [message_ids])
             # The neighbours' context embeddings lose the old text's embedding.
-            context_refresh(cursor, seeds=[(row.session_id, row.position) for row in rows], ann=ann)
+            context_refresh(cursor, seeds=[(row.session_id, row.position) for row in rows], bucket=bucket)
         note_pending(user_id=session.user_id)
     return rows
 
@@ -418,11 +418,11 @@ def messages_delete(*, session: Session, message_ids: list[uuid.UUID]) -> None:
     from memory.retrieval.vector import context_refresh
 
     with transaction.atomic():
-        ann = _bump_memory_version(session.user_id)
+        bucket = _bump_memory_version(session.user_id)
         messages_by_ids(session=session, message_ids=message_ids, for_update=True)
         seeds = _delete_messages("session_id = %s AND id = ANY(%s)", [session.pk, list(message_ids)])
         with connection.cursor() as cursor:
-            context_refresh(cursor, seeds=seeds, ann=ann)  # the neighbours' windows move on
+            context_refresh(cursor, seeds=seeds, bucket=bucket)  # the neighbours' windows move on
 
 
 # --- knowledge ---------------------------------------------------------------------------------

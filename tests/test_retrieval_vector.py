@@ -63,11 +63,11 @@ def test_edits_and_deletes_rewrite_the_neighbours_context_embeddings(alice_sessi
     assert contexts == pytest.approx(_expected_contexts(embeddings), abs=1e-6)
 
 
-def _plan(user_id, query: np.ndarray, *, ann: bool) -> str:
+def _plan(user_id, query: np.ndarray, *, ann_bucket: int | None) -> str:
     """The plan of the vector search's statement for ``user_id``, run as ``candidates`` runs it."""
     from django.db import transaction
 
-    sql, params, local_settings = vector.search_statement(user_id=user_id, embedding=query, limit=10, ann=ann)
+    sql, params, local_settings = vector.search_statement(user_id=user_id, embedding=query, limit=10, ann_bucket=ann_bucket)
     with transaction.atomic(), connection.cursor() as cursor:
         for setting in local_settings:
             cursor.execute(setting)
@@ -77,9 +77,9 @@ def _plan(user_id, query: np.ndarray, *, ann: bool) -> str:
 
 @pytest.mark.django_db
 def test_a_long_history_moves_to_the_hnsw_index_and_keeps_its_ranking(agent, settings):
-    """Past ANN_MIN_MESSAGES a flush puts the user's context embeddings in the HNSW index and
-    marks them ann_indexed; the search then goes through that index, and its top 10 are the
-    exact top 10 (distinct random vectors, as users' texts are)."""
+    """Past ANN_MIN_MESSAGES a flush gives the user an HNSW bucket (one no other user has) and
+    puts their context embeddings in its index; the search then goes through that index, and
+    its top 10 are the exact top 10 (distinct random vectors, as users' texts are)."""
     from memory.models import EMBEDDING_DIM, User
 
     settings.MEMFUSE = {**settings.MEMFUSE, "ANN_MIN_MESSAGES": 300}
@@ -91,19 +91,19 @@ def test_a_long_history_moves_to_the_hnsw_index_and_keeps_its_ranking(agent, set
     flush_pending(user_id=user.pk)  # the flush that notices the history's length
     flush_pending(user_id=small.pk)
     user.refresh_from_db()
-    assert user.ann_indexed and not User.objects.get(pk=small.pk).ann_indexed
-    assert not Message.objects.filter(user=user, ann=False, context_embedding__isnull=False).exists()
-    assert not Message.objects.filter(user=small, ann=True).exists()
+    assert user.ann_bucket is not None and User.objects.get(pk=small.pk).ann_bucket is None
+    assert set(Message.objects.filter(user=user).values_list("ann_bucket", flat=True)) == {user.ann_bucket}
+    assert not Message.objects.filter(user=small, ann_bucket__isnull=False).exists()
 
     recalls = []
     for query in unit(rng.normal(size=(10, EMBEDDING_DIM))):
         exact = smoothed_cosines(vectors, query)
-        served, _, _ = vector.candidates(user_id=user.pk, embedding=query, limit=10, ann=True)
+        served, _, _ = vector.candidates(user_id=user.pk, embedding=query, limit=10, ann_bucket=user.ann_bucket)
         expected = {ids[i] for i in np.argsort(-exact)[:10]}
         recalls.append(len(expected & {key.id for key, _ in served}) / 10)
     assert np.mean(recalls) >= 0.98
-    assert "memory_message_context_hnsw" in _plan(user.pk, query, ann=True)
-    assert "memory_message_context_hnsw" not in _plan(small.pk, query, ann=False)
+    assert f"memory_message_context_hnsw_{user.ann_bucket} " in _plan(user.pk, query, ann_bucket=user.ann_bucket)
+    assert "memory_message_context_hnsw" not in _plan(small.pk, query, ann_bucket=None)
 
 
 def test_a_query_of_an_ann_user_finds_a_pending_message_too(alice_session, settings):
@@ -115,7 +115,7 @@ def test_a_query_of_an_ann_user_finds_a_pending_message_too(alice_session, setti
     [boat] = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="I bought a red kayak for the lake.")])
     alice = alice_session.user
     alice.refresh_from_db()
-    assert alice.ann_indexed
+    assert alice.ann_bucket is not None
 
     before = selectors.memory_query(user=alice, query="What boat did I buy?", top_k=1)
     flush_pending(user_id=alice.pk)
@@ -123,4 +123,4 @@ def test_a_query_of_an_ann_user_finds_a_pending_message_too(alice_session, setti
     after = selectors.memory_query(user=alice, query="What boat did I buy?", top_k=1)
 
     assert before[0]["id"] == after[0]["id"] == str(boat.pk)
-    assert Message.objects.get(pk=boat.pk).ann is True
+    assert Message.objects.get(pk=boat.pk).ann_bucket == alice.ann_bucket

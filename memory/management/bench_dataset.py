@@ -260,10 +260,10 @@ def bulk_load(*, tenant_name: str, agent_name: str, agent_metadata: dict, users:
     """Write ``users`` (``(name, metadata, turns)``) of tenant ``tenant_name`` (created if
     missing) with a new agent ``agent_name``, as the service would hold them once flushed: messages with their embeddings (each distinct text
     embedded once), positions from 0 per session (a turn's ``session`` number), context
-    embeddings, index snapshots, and the HNSW index for users past ``ANN_MIN_MESSAGES``.
+    embeddings, index snapshots, and the HNSW indexes for users past ``ANN_MIN_MESSAGES``.
 
-    COPY in one transaction, then what flushes derive. The HNSW index is rebuilt in one pass
-    when users join it (CREATE INDEX, much faster than row-by-row inserts). Returns
+    COPY in one transaction, then what flushes derive. The HNSW indexes users join are rebuilt
+    in one pass each (CREATE INDEX, much faster than row-by-row inserts). Returns
     ``{"distinct_texts", "embed_seconds", "insert_seconds", "derive_seconds", "user_ids"}``.
     """
     from memory.retrieval import store, vector
@@ -365,19 +365,30 @@ def bulk_load(*, tenant_name: str, agent_name: str, agent_metadata: dict, users:
 
 
 def ann_rebuild(user_ids: list[uuid.UUID]) -> None:
-    """Mark ``user_ids`` ann_indexed and rebuild the partial HNSW index in one pass (the
-    definition of migration 0007: m 16, ef_construction 64, inner product)."""
-    from memory.models import Message
+    """Give ``user_ids`` HNSW buckets (the least shared, as ``vector.ann_enable`` does) and
+    rebuild those buckets' indexes in one pass each (CREATE INDEX, the definition of
+    migration 0007), instead of inserting every row one by one."""
+    from memory.models import ANN_BUCKETS, Message
 
-    index = next(i for i in Message._meta.indexes if i.name == "memory_message_context_hnsw")
     with connection.cursor() as cursor:
-        cursor.execute("UPDATE memory_user SET ann_indexed = true WHERE id = ANY(%s)", [user_ids])
-        cursor.execute("DROP INDEX IF EXISTS memory_message_context_hnsw")
         cursor.execute(
-            "UPDATE memory_message SET ann = true WHERE user_id = ANY(%s) AND context_embedding IS NOT NULL", [user_ids]
+            "SELECT b FROM generate_series(0, %s - 1) b ORDER BY (SELECT count(*) FROM memory_user WHERE ann_bucket = b), b",
+            [ANN_BUCKETS],
         )
+        order = [row[0] for row in cursor.fetchall()]
+        buckets = {user_id: order[i % len(order)] for i, user_id in enumerate(user_ids)}
+        for user_id, bucket in buckets.items():
+            cursor.execute("UPDATE memory_user SET ann_bucket = %s WHERE id = %s", [bucket, user_id])
         cursor.execute("SET maintenance_work_mem = '2GB'")
-        with connection.schema_editor() as editor:
-            editor.add_index(Message, index)
+        for bucket in sorted(set(buckets.values())):
+            index = next(i for i in Message._meta.indexes if i.name == f"memory_message_context_hnsw_{bucket}")
+            cursor.execute(f'DROP INDEX IF EXISTS "{index.name}"')
+            cursor.execute(
+                "UPDATE memory_message m SET ann_bucket = u.ann_bucket FROM memory_user u "
+                "WHERE u.id = m.user_id AND u.ann_bucket = %s AND m.context_embedding IS NOT NULL",
+                [bucket],
+            )
+            with connection.schema_editor() as editor:
+                editor.add_index(Message, index)
         cursor.execute("RESET maintenance_work_mem")
         cursor.execute("ANALYZE memory_message")

@@ -9,8 +9,8 @@
   times) and its VECTOR_CONTEXT_TURNS neighbours' on either side, written at flush, so the
   neighbour-smoothed vector score is one inner product per row that an index can serve.
   Stored inline (PLAIN): the search reads it for every candidate.
-- ``Message.ann`` / ``User.ann_indexed`` and a partial HNSW index on the context embeddings
-  of the users that have one (large histories).
+- ``ANN_BUCKETS`` partial HNSW indexes of context embeddings, each holding the rows of the
+  large users assigned to its bucket (``User.ann_bucket``, ``Message.ann_bucket``).
 
 Existing rows get their change numbers from the sequence, and flushed messages their
 context embeddings, here.
@@ -89,8 +89,8 @@ class Migration(migrations.Migration):
         ),
         migrations.AddField(
             model_name='message',
-            name='ann',
-            field=models.BooleanField(db_default=False, default=False),
+            name='ann_bucket',
+            field=models.SmallIntegerField(blank=True, null=True),
         ),
         migrations.AddField(
             model_name='message',
@@ -99,8 +99,8 @@ class Migration(migrations.Migration):
         ),
         migrations.AddField(
             model_name='user',
-            name='ann_indexed',
-            field=models.BooleanField(db_default=False, default=False),
+            name='ann_bucket',
+            field=models.SmallIntegerField(blank=True, null=True),
         ),
         migrations.RunSQL(
             [
@@ -118,9 +118,12 @@ class Migration(migrations.Migration):
             model_name='message',
             index=models.Index(fields=['user', 'seq'], name='memory_message_user_seq'),
         ),
-        migrations.AddIndex(
-            model_name='message',
-            index=pgvector.django.indexes.HnswIndex(condition=models.Q(('ann', True)), ef_construction=64, fields=['context_embedding'], m=16, name='memory_message_context_hnsw', opclasses=['vector_ip_ops']),
+        *(
+            migrations.AddIndex(
+                model_name='message',
+                index=pgvector.django.indexes.HnswIndex(condition=models.Q(('ann_bucket', bucket)), ef_construction=64, fields=['context_embedding'], m=16, name=f'memory_message_context_hnsw_{bucket}', opclasses=['vector_ip_ops']),
+            )
+            for bucket in range(32)
         ),
         migrations.RunPython(context_embeddings, migrations.RunPython.noop),
     ]

@@ -38,7 +38,7 @@ def hybrid_search_stages(
     partial: bool = True,
     since: datetime | None = None,
     until: datetime | None = None,
-    ann: bool = False,
+    ann_bucket: int | None = None,
 ) -> Iterator[tuple[str, Hits]]:
     """The search in stages: ``("partial", hits)`` from BM25 alone, then ``("final", hits)``.
 
@@ -47,8 +47,8 @@ def hybrid_search_stages(
     ``memory_version``: the user's, as just read (the index catches up to it). ``agent_id``
     restricts messages to that agent's sessions (knowledge is user-level). ``since`` /
     ``until`` (aware datetimes, inclusive) keep only documents created in that window, in
-    each retriever before its cut. ``ann``: the user is ``ann_indexed`` (approximate vector
-    search). With a retriever switched off (weight 0), or ``partial=False``, only the final
+    each retriever before its cut. ``ann_bucket``: the user's ``User.ann_bucket`` (approximate
+    vector search through that index; ``None``: exact). With a retriever switched off (weight 0), or ``partial=False``, only the final
     stage comes. Raises ``registry.EmbeddingProcessError`` when the query model fails.
     """
     config = config or RetrievalConfig.from_settings()
@@ -90,7 +90,7 @@ def hybrid_search_stages(
             user_id=user_id,
             embedding=embedding.result()[0],
             limit=config.vector_candidates,
-            ann=ann,
+            ann_bucket=ann_bucket,
             sessions=sessions,
             since=since,
             until=until,

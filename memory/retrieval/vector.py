@@ -12,8 +12,10 @@ by inner product. A knowledge item scores its own cosine.
 
 **Search** (``candidates``): the best ``limit`` context embeddings of one user, exactly (an
 ordered scan of the user's rows) for most users, and through a partial HNSW index
-(``memory_message_context_hnsw``, pgvector 0.8's iterative scan) for users whose history
-passed ``ANN_MIN_MESSAGES`` (``User.ann_indexed``). Every query stays a single-user query.
+(``memory_message_context_hnsw_<bucket>``, pgvector 0.8's iterative scan) for users whose
+history passed ``ANN_MIN_MESSAGES``: each such user is given one of ``ANN_BUCKETS`` indexes
+(``User.ann_bucket``, the least shared), so the search walks few other users' rows. Every
+query stays a single-user query.
 
 **Pseudo-relevance feedback** (Rocchio, 1971; his beta is ``VECTOR_PRF_WEIGHT``): the query is
 ``q + beta * mean(e_d)`` over BM25's top documents, computed in the search's own statement (as
@@ -72,18 +74,20 @@ WITH seeds AS (
         ) x WHERE e IS NOT NULL) END AS c
     FROM locked l
 )
-UPDATE memory_message m SET context_embedding = context.c, ann = %(ann)s AND context.c IS NOT NULL
+UPDATE memory_message m SET context_embedding = context.c,
+       ann_bucket = CASE WHEN context.c IS NOT NULL THEN %(bucket)s::smallint END
 FROM context
 WHERE m.id = context.id
-  AND (m.context_embedding IS DISTINCT FROM context.c OR m.ann IS DISTINCT FROM (%(ann)s AND context.c IS NOT NULL))
+  AND (m.context_embedding IS DISTINCT FROM context.c
+       OR m.ann_bucket IS DISTINCT FROM CASE WHEN context.c IS NOT NULL THEN %(bucket)s::smallint END)
 """
 
 
-def context_refresh(cursor, *, seeds: list[tuple[uuid.UUID, int]], ann: bool) -> None:
+def context_refresh(cursor, *, seeds: list[tuple[uuid.UUID, int]], bucket: int | None) -> None:
     """Recompute the context embeddings around ``seeds`` (``(session_id, position)`` of turns
     just embedded, edited or deleted): every turn at most ``VECTOR_CONTEXT_TURNS`` from a
-    seed in its session. ``ann``: whether the rows belong in the HNSW index (the user's
-    ``ann_indexed``). Runs in the caller's transaction, which must hold the user row's lock
+    seed in its session. ``bucket``: the user's ``ann_bucket`` (their rows go into that HNSW
+    index), or ``None``. Runs in the caller's transaction, which must hold the user row's lock
     (``memory.services`` writers) or be the flush's write (``buffers.services``).
     """
     if not seeds:
@@ -96,7 +100,7 @@ def context_refresh(cursor, *, seeds: list[tuple[uuid.UUID, int]], ann: bool) ->
             "positions": [position for _, position in seeds],
             "window": config["VECTOR_CONTEXT_TURNS"],
             "own": config["VECTOR_OWN_WEIGHT"],
-            "ann": ann,
+            "bucket": bucket,
         },
     )
 
@@ -120,7 +124,8 @@ def context_refresh_all(cursor, *, user_id: uuid.UUID | None = None, user_ids: l
                 (SELECT avg(x) FROM (VALUES {values}) v(x) WHERE x IS NOT NULL) END AS c
             FROM ordered
         )
-        UPDATE memory_message m SET context_embedding = context.c, ann = u.ann_indexed AND context.c IS NOT NULL
+        UPDATE memory_message m SET context_embedding = context.c,
+                                    ann_bucket = CASE WHEN context.c IS NOT NULL THEN u.ann_bucket END
         FROM context, memory_user u
         WHERE m.id = context.id AND u.id = m.user_id
         """,
@@ -129,35 +134,49 @@ def context_refresh_all(cursor, *, user_id: uuid.UUID | None = None, user_ids: l
     return cursor.rowcount
 
 
-def ann_enable(*, user_id: uuid.UUID, batch: int = 2000) -> bool:
-    """Put the user's context embeddings into the HNSW index, then mark the user
-    ``ann_indexed`` (queries then search through the index). In batches of ``batch`` rows,
-    each its own transaction (HNSW inserts take about a millisecond each). Returns whether
-    the user is ann_indexed now. Run by a flush once the user holds ``ANN_MIN_MESSAGES``.
+def ann_enable(*, user_id: uuid.UUID, batch: int = 2000) -> int | None:
+    """Give the user the least shared of the ``ANN_BUCKETS`` HNSW indexes and put their context
+    embeddings in it, then set ``ann_bucket`` on the user (queries then search through it).
+    In batches of ``batch`` rows, each its own transaction (an HNSW insert takes about a
+    millisecond). Returns the user's bucket (``None``: the user is gone). Run by a flush once
+    the user holds ``ANN_MIN_MESSAGES`` messages.
     """
+    from memory.models import ANN_BUCKETS
+
+    with connection.cursor() as cursor:
+        # The bucket with the fewest users in it, a random one among equals.
+        cursor.execute(
+            """
+            SELECT b FROM generate_series(0, %s - 1) b
+            ORDER BY (SELECT count(*) FROM memory_user WHERE ann_bucket = b), random() LIMIT 1
+            """,
+            [ANN_BUCKETS],
+        )
+        bucket = cursor.fetchone()[0]
     while True:
         with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute("SELECT ann_indexed FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
+            cursor.execute("SELECT ann_bucket FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
             row = cursor.fetchone()
             if row is None:
-                return False
-            if row[0]:
-                return True
+                return None
+            if row[0] is not None:
+                return row[0]
             cursor.execute(
-                "UPDATE memory_message SET ann = true WHERE id IN (SELECT id FROM memory_message "
-                "WHERE user_id = %s AND NOT ann AND context_embedding IS NOT NULL LIMIT %s FOR UPDATE SKIP LOCKED)",
-                [user_id, batch],
+                "UPDATE memory_message SET ann_bucket = %s WHERE id IN (SELECT id FROM memory_message "
+                "WHERE user_id = %s AND ann_bucket IS NULL AND context_embedding IS NOT NULL LIMIT %s FOR UPDATE SKIP LOCKED)",
+                [bucket, user_id, batch],
             )
             if cursor.rowcount:
                 continue
-            # Rows a concurrent writer held are caught by its own refresh once the flag is
-            # set (context_refresh writes ann from it): set it under the user row lock.
-            cursor.execute("UPDATE memory_user SET ann_indexed = true WHERE id = %s", [user_id])
+            # Rows a concurrent writer held are caught by its own refresh once the user's
+            # bucket is set (context_refresh writes it): set it under the user row lock.
+            cursor.execute("UPDATE memory_user SET ann_bucket = %s WHERE id = %s", [bucket, user_id])
             cursor.execute(
-                "UPDATE memory_message SET ann = true WHERE user_id = %s AND NOT ann AND context_embedding IS NOT NULL",
-                [user_id],
+                "UPDATE memory_message SET ann_bucket = %s WHERE user_id = %s AND ann_bucket IS NULL "
+                "AND context_embedding IS NOT NULL",
+                [bucket, user_id],
             )
-            return True
+            return bucket
 
 
 # --- search (reads) --------------------------------------------------------------------------
@@ -196,7 +215,7 @@ def search_statement(
     user_id: uuid.UUID,
     embedding: np.ndarray,
     limit: int,
-    ann: bool = False,
+    ann_bucket: int | None = None,
     sessions: list[uuid.UUID] | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
@@ -208,7 +227,8 @@ def search_statement(
     ``SET LOCAL`` statements to run before it in its transaction (the approximate search's).
 
     ``embedding``: the query, ``(dim,)`` float32, unit. ``limit``: flushed documents wanted.
-    ``ann``: search through the HNSW index (the user is ``ann_indexed``). ``sessions``: only
+    ``ann_bucket``: the user's (``User.ann_bucket``): search through that HNSW index; ``None``:
+    an exact scan of the user's rows. ``sessions``: only
     messages of these sessions (knowledge always). ``since`` / ``until``: only documents
     created in that window (inclusive). ``feedback``: Rocchio's documents (not embedded ones
     are skipped; with none the query stays). ``pending_limit``: pending messages to return
@@ -226,7 +246,9 @@ def search_statement(
     if until is not None:
         filters += " AND m.created_at <= %(until)s"
         knowledge_filters += " AND k.created_at <= %(until)s"
-    scan = "m.ann" if ann else "m.context_embedding IS NOT NULL"
+    # The bucket as a literal, not a parameter (psycopg binds on the client anyway): the
+    # planner matches it to its partial index's predicate.
+    scan = f"m.ann_bucket = {int(ann_bucket)}" if ann_bucket is not None else "m.context_embedding IS NOT NULL"
     sql = f"""
         WITH feedback AS (
             SELECT avg(e) AS mean FROM (
@@ -287,7 +309,7 @@ def search_statement(
         "window": config["VECTOR_CONTEXT_TURNS"],
     }
     local_settings = []
-    if ann:
+    if ann_bucket is not None:
         local_settings = [
             # Enough candidates for the list, and pgvector 0.8's iterative scan: the index
             # holds other users' rows too, which the user filter drops after the scan.
