@@ -258,6 +258,9 @@ class Tombstone(models.Model):
     class Meta:
         indexes = [models.Index(fields=["user", "seq"], name="memory_tombstone_user_seq")]
 
+    def __str__(self) -> str:
+        return f"deleted {self.kind} {self.doc_id} (change {self.seq})"
+
 
 class IndexSnapshot(models.Model):
     """A user's lexical index as written by ``memory.retrieval.bm25.BM25Index.to_bytes``:
@@ -274,6 +277,9 @@ class IndexSnapshot(models.Model):
     documents = models.PositiveIntegerField()
     data = models.BinaryField()
     updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"index of user {self.user_id} through change {self.through_seq}"
 
 
 class KeyScope(models.TextChoices):

@@ -8,7 +8,7 @@ import pytest
 from django.db import connection
 
 from buffers.services import flush_pending
-from memory import registry, retrieval, selectors, services
+from memory import selectors, services
 from memory.models import Message
 from memory.retrieval import vector
 from memory.services import MessageIn

@@ -39,8 +39,8 @@ the served per-user vector search and of a filtered HNSW search against an exact
 from __future__ import annotations
 
 import asyncio
-import gc
 import dataclasses
+import gc
 import json
 import os
 import random
