@@ -570,6 +570,14 @@ class EmbeddingBatcher:
             self._queue.put((priority, next(self._order), list(texts), future))
         return future
 
+    def promote(self, future: Future, texts: list[str], *, priority: int = INTERACTIVE) -> None:
+        """Queue ``future``'s request (of ``texts``, as submitted) again at ``priority``: a caller
+        now waits for what was submitted as background work, and must not wait behind every
+        interactive request. Whichever entry the model thread takes first runs it; the other
+        is skipped."""
+        if not (future.running() or future.done()):
+            self._queue.put((priority, next(self._order), list(texts), future))
+
     def _run(self) -> None:
         nice = self.nice
         if nice and hasattr(os, "setpriority"):
@@ -581,7 +589,10 @@ class EmbeddingBatcher:
             except OSError:
                 logger.warning("could not lower the embedding thread's priority", exc_info=True)
         while True:
-            requests = [self._queue.get()]
+            request = self._queue.get()
+            if not _take(request[3]):
+                continue  # promoted, and taken at its other entry already (or cancelled)
+            requests = [request]
             size = len(requests[0][2])
             priority = requests[0][0]
             # Background batches wait up to linger_seconds for more texts: one call of 256
@@ -599,6 +610,8 @@ class EmbeddingBatcher:
                     # never held back by background texts merged into its call.
                     self._queue.put(request)
                     break
+                if not _take(request[3]):
+                    continue
                 requests.append(request)
                 size += len(request[2])
             texts = [text for _, _, batch, _ in requests for text in batch]
@@ -612,6 +625,14 @@ class EmbeddingBatcher:
             for _, _, batch, future in requests:
                 future.set_result(vectors[start : start + len(batch)])
                 start += len(batch)
+
+
+def _take(future: Future) -> bool:
+    """Mark a queued request's future running; ``False`` if another entry of it (``promote``)
+    was taken already, or it was cancelled. Called by the model thread only."""
+    if future.running() or future.done():
+        return False
+    return future.set_running_or_notify_cancel()
 
 
 _lock = threading.Lock()
@@ -772,6 +793,13 @@ def submit_query(texts: list[str], *, priority: int = INTERACTIVE) -> Future:
             if _query_batcher is None:
                 _query_batcher = EmbeddingBatcher(embedder, max_texts=settings.MEMFUSE["EMBEDDING_MAX_BATCH_TEXTS"])
     return _query_batcher.submit(texts, priority=priority)
+
+
+def promote_query(future: Future, texts: list[str]) -> None:
+    """A ``submit_query(texts, priority=BACKGROUND)`` request that a query now waits for:
+    queued again at query priority (``EmbeddingBatcher.promote``)."""
+    if _query_batcher is not None:
+        _query_batcher.promote(future, texts)
 
 
 def _get_background_batcher() -> EmbeddingBatcher:

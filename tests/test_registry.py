@@ -582,3 +582,31 @@ def test_rate_limit_check_names_a_rate_no_request_could_be_counted_with(monkeypa
     errors = checks.check_rate_limit()
 
     assert [e.id for e in errors] == ["memory.E006"] and "API_RATE_LIMIT" in errors[0].msg
+
+
+def test_a_promoted_background_request_runs_before_the_queued_background_work():
+    """A background request a caller now waits for, promoted, is embedded before the
+    background requests queued ahead of it, once; the others still all come back."""
+    from memory.registry import BACKGROUND, EmbeddingBatcher
+
+    order, release = [], threading.Event()
+
+    class Recording:
+        dimension = 2
+
+        def embed(self, texts):
+            release.wait(5)
+            order.extend(texts)
+            return np.zeros((len(texts), 2), dtype=np.float32)
+
+    batcher = EmbeddingBatcher(Recording(), max_texts=1)
+    blocker = batcher.submit(["first"], priority=BACKGROUND)  # holds the model thread
+    time.sleep(0.1)
+    queued = [batcher.submit([f"background {i}"], priority=BACKGROUND) for i in range(3)]
+    wanted = batcher.submit(["wanted"], priority=BACKGROUND)
+    batcher.promote(wanted, ["wanted"])
+    release.set()
+
+    for future in [blocker, *queued, wanted]:
+        future.result(timeout=5)
+    assert order == ["first", "wanted", "background 0", "background 1", "background 2"]

@@ -89,8 +89,12 @@ class UserMemory:
         with self._pending_lock:
             self._pending = {key: self._pending[key] for key in keys if key in self._pending}
             for key, (_, _, text) in zip(keys, rows):
-                if key not in self._pending:
+                entry = self._pending.get(key)
+                if entry is None:
                     self._pending[key] = registry.submit_query([text])
+                elif isinstance(entry, Future):
+                    # Started by an add behind every query: this query waits for it now.
+                    registry.promote_query(entry, [text])
             waiting = [self._pending[key] for key in keys]
         vectors = []
         for key, entry in zip(keys, waiting):
