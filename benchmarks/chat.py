@@ -150,6 +150,7 @@ class ChatBench:
         self.users: dict[str, list[ChatUser]] = {}
         self.not_measured: list[str] = []
         self.operator_key = None
+        self.backlog_users: set = set()
 
     def config(self) -> dict:
         keys = ("sizes", "rounds", "backlog_users", "backlog_messages", "many_users", "user_size", "zipf", "rate",
@@ -239,14 +240,19 @@ class ChatBench:
 
     async def run(self, api: Api, users: list, server: ServerProcess | None) -> dict:
         skip = self.options["skip_set"]
-        results: dict = {"memory": {"start": self._memory(server)}}
+        results: dict = {"memory": {"start": self._memory(server)}, "settled": {}}
         if server is None:
             self.not_measured.append("resident memory: the server was not started by the bench (--url)")
+        # Each phase starts with nothing pending: the flush of one phase's writes (a backlog
+        # of 10,000 messages takes minutes to embed) must not be measured as the next one's.
+        results["settled"]["start"] = await self._settle(api)
         if "history" not in skip:
             results["history"] = await self._history(api)
             results["memory"]["after_history"] = self._memory(server)
+            results["settled"]["after_history"] = await self._settle(api)
         if "backlog" not in skip:
             results["backlog"] = await self._backlog(api)
+            results["settled"]["after_backlog"] = await self._settle(api)
         if "many" not in skip:
             results["many_users"] = await self._many(api, server)
             results["memory"]["after_many_users"] = self._memory(server)
@@ -310,6 +316,7 @@ class ChatBench:
         count = self.options["backlog_messages"]
         many = self.users.get("many", [])
         chosen = self.rng.sample(many, min(self.options["backlog_users"], len(many)))
+        self.backlog_users = {user.user_id for user in chosen}  # the many-users phase leaves them out
         queries, adds, found, errors = [], [], 0, 0
         for user in chosen:
             texts = [text for pair in self._rounds((count + 1) // 2) for text in pair][:count]
@@ -331,7 +338,7 @@ class ChatBench:
         }
 
     async def _many(self, api: Api, server: ServerProcess | None) -> dict:
-        many = list(self.users.get("many", []))
+        many = [user for user in self.users.get("many", []) if user.user_id not in self.backlog_users]
         self.rng.shuffle(many)  # Zipf's ranks over a random order of the users
         weights = zipf_weights(len(many), self.options["zipf"])
         numpy_rng = np.random.default_rng(self.options["seed"])
@@ -395,6 +402,21 @@ class ChatBench:
             "users": len(many), "zipf": self.options["zipf"], "open_loop": open_loop, "closed_loop": closed_loop,
             "server_cache": await self._server_cache(api),
         }
+
+    async def _settle(self, api: Api, *, timeout: float = 1800.0) -> dict:
+        """Wait until the server has no pending message (its stats, every 2 s), at most
+        ``timeout`` s: ``{"seconds", "pending_at_start", "pending_left"}``."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = left = None
+        while True:
+            status, payload = await api.call("GET", "/admin/stats", api_key=self._operator_secret)
+            left = payload["data"]["buffers"]["pending_messages"] if status == 200 else None
+            first = left if first is None else first
+            if not left or loop.time() - started > timeout:
+                break
+            await asyncio.sleep(2.0)
+        return {"seconds": round(loop.time() - started, 1), "pending_at_start": first, "pending_left": left}
 
     async def _server_cache(self, api: Api) -> dict | None:
         """The server's per-user cache figures (``GET admin/stats``, with an operator key made here)."""
