@@ -102,6 +102,8 @@ class ChatBench:
         parser.add_argument("--distinct-size", type=int, default=10_000, help="messages of the distinct-text user (0: none)")
         parser.add_argument("--recall-queries", type=int, default=30, help="queries per user of the recall check (0: skip)")
         parser.add_argument("--top-k", type=int, default=10, help="results per query")
+        parser.add_argument("--settle-timeout", type=float, default=1800.0,
+                            help="most seconds to wait before each phase for the server to flush what is pending (0: no wait)")
         parser.add_argument("--skip", default="", help="phases not to run, comma-separated (history,backlog,many,cold)")
         parser.add_argument("--tag", default="default", help="name of the bench dataset (reused while its shape matches)")
         parser.add_argument("--rebuild", action="store_true", help="rebuild the dataset even if it exists")
@@ -119,7 +121,7 @@ class ChatBench:
         for option in ("rounds", "backlog_messages", "many_users", "user_size", "cold_size", "top_k"):
             if options[option] <= 0:
                 raise CommandError(f"--{option.replace('_', '-')} must be > 0 (got {options[option]})")
-        for option in ("backlog_users", "cold_users", "distinct_size", "recall_queries"):
+        for option in ("backlog_users", "cold_users", "distinct_size", "recall_queries", "settle_timeout"):
             if options[option] < 0:
                 raise CommandError(f"--{option.replace('_', '-')} must be >= 0 (got {options[option]})")
         for option in ("rate", "duration", "closed_duration", "cold_rate", "cold_duration", "zipf"):
@@ -155,7 +157,7 @@ class ChatBench:
     def config(self) -> dict:
         keys = ("sizes", "rounds", "backlog_users", "backlog_messages", "many_users", "user_size", "zipf", "rate",
                 "duration", "closed_duration", "cold_users", "cold_size", "cold_rate", "cold_duration", "distinct_size",
-                "top_k", "tag", "skip")
+                "top_k", "tag", "skip", "settle_timeout")
         return {
             **{key: self.options[key] for key in keys},
             "data": str(self.options["data"]),
@@ -403,9 +405,10 @@ class ChatBench:
             "server_cache": await self._server_cache(api),
         }
 
-    async def _settle(self, api: Api, *, timeout: float = 1800.0) -> dict:
+    async def _settle(self, api: Api) -> dict:
         """Wait until the server has no pending message (its stats, every 2 s), at most
-        ``timeout`` s: ``{"seconds", "pending_at_start", "pending_left"}``."""
+        ``--settle-timeout`` s: ``{"seconds", "pending_at_start", "pending_left"}``."""
+        timeout = self.options["settle_timeout"]
         loop = asyncio.get_running_loop()
         started = loop.time()
         first = left = None
@@ -413,7 +416,7 @@ class ChatBench:
             status, payload = await api.call("GET", "/admin/stats", api_key=self._operator_secret)
             left = payload["data"]["buffers"]["pending_messages"] if status == 200 else None
             first = left if first is None else first
-            if not left or loop.time() - started > timeout:
+            if not left or loop.time() - started >= timeout:
                 break
             await asyncio.sleep(2.0)
         return {"seconds": round(loop.time() - started, 1), "pending_at_start": first, "pending_left": left}
