@@ -641,6 +641,7 @@ _query_embedder: QueryEmbedder | None = None
 _batcher: EmbeddingBatcher | None = None
 _query_batcher: EmbeddingBatcher | None = None
 _background_batcher: EmbeddingBatcher | None = None
+_local_document_embedder: QueryEmbedder | None = None
 _reranker: Reranker | None = None
 
 
@@ -802,20 +803,57 @@ def promote_query(future: Future, texts: list[str]) -> None:
         _query_batcher.promote(future, texts)
 
 
+def documents_int8() -> bool:
+    """Whether stored documents are embedded by the int8 model (``DOCUMENT_EMBEDDING_INT8``),
+    each text alone, as queries are: then a pending message embedded on demand by the query
+    model has exactly the embedding its flush writes."""
+    return settings.MEMFUSE["DOCUMENT_EMBEDDING_INT8"]
+
+
+def local_document_embedder() -> Embedder | QueryEmbedder:
+    """This process's own copy of the document model (tools that bulk-load rows as flushes
+    write them): the int8 ``QueryEmbedder`` built from this process's model, or the model."""
+    global _local_document_embedder
+    if not documents_int8():
+        return get_embedder()
+    embedder = get_embedder()
+    with _lock:
+        if _local_document_embedder is None:
+            _local_document_embedder = QueryEmbedder(embedder)
+    return _local_document_embedder
+
+
+def embed_documents(texts: list[str]) -> np.ndarray:
+    """Embed documents now, at query priority (a knowledge item, whose add waits for it), with
+    the model flushes use: ``(n, dim)`` float32, L2-normalised rows. With
+    ``DOCUMENT_EMBEDDING_INT8`` that is the query model (the same int8 model, text by text),
+    else this process's model. Raises ``EmbeddingProcessError`` when the model's process fails.
+    """
+    if documents_int8() and settings.MEMFUSE["QUERY_EMBEDDING_INT8"]:
+        return submit_query(texts).result()
+    if documents_int8():
+        return _get_background_batcher().embed(texts)
+    return embed(texts)
+
+
 def _get_background_batcher() -> EmbeddingBatcher:
     global _background_batcher
     if _background_batcher is None:
         config = settings.MEMFUSE
+        int8 = documents_int8()
         in_process = config["BACKGROUND_EMBEDDING"] != "process"
-        embedder = get_embedder() if in_process else None
+        embedder = local_document_embedder() if in_process else None
         with _lock:
             if _background_batcher is None:
                 if embedder is None:
+                    # int8 embeds one text per call (QueryEmbedder): a second thread does not
+                    # help it, and leaves the other core to the requests.
                     embedder = ProcessEmbedder(
                         default_model_path(),
                         batch_size=config["EMBEDDING_BATCH_SIZE"],
-                        threads=config["TORCH_THREADS"],
+                        threads=1 if int8 else config["TORCH_THREADS"],
                         nice=config["EMBEDDING_NICE"],
+                        int8=int8,
                     )
                 _background_batcher = EmbeddingBatcher(
                     embedder,
@@ -887,7 +925,17 @@ def preload_if_serving() -> None:
     if should_preload(sys.argv):
         # runworker only flushes: no query reaches it, so no query model (nor its process).
         query = get_query_embedder() if sys.argv[1:2] != ["runworker"] else None
-        get_embedder()  # a query process loads its model meanwhile
+        if needs_own_model():
+            get_embedder()  # a query process loads its model meanwhile
         if isinstance(query, ProcessEmbedder):
             query.wait_ready()
         get_reranker()
+
+
+def needs_own_model() -> bool:
+    """Whether a serving process needs the full model itself: when queries or flushes are
+    embedded in the process (``"thread"`` modes), or documents by the full model (knowledge
+    items are embedded where the add runs). Otherwise its models are in child processes."""
+    config = settings.MEMFUSE
+    in_process = config["QUERY_EMBEDDING"] == "thread" or config["BACKGROUND_EMBEDDING"] == "thread"
+    return in_process or not documents_int8() or not config["QUERY_EMBEDDING_INT8"]

@@ -430,7 +430,7 @@ def messages_delete(*, session: Session, message_ids: list[uuid.UUID]) -> None:
 
 def knowledge_add(*, user: User, contents: list[str]) -> list[Knowledge]:
     """Store user-level facts, embedded in one batch; returns them in input order."""
-    embeddings = registry.embed(contents)
+    embeddings = registry.embed_documents(contents)
     with transaction.atomic():
         _bump_memory_version(user.pk)
         rows = Knowledge.objects.bulk_create(
@@ -442,7 +442,7 @@ def knowledge_add(*, user: User, contents: list[str]) -> list[Knowledge]:
 def knowledge_update(*, user: User, knowledge_ids: list[uuid.UUID], new_contents: list[str]) -> list[Knowledge]:
     """Replace the content of the given items, re-embedding them. ``NotFound`` on unknown ids."""
     knowledge_by_ids(user=user, knowledge_ids=knowledge_ids)
-    embeddings = registry.embed(new_contents)
+    embeddings = registry.embed_documents(new_contents)
     with transaction.atomic():
         _bump_memory_version(user.pk)
         rows = knowledge_by_ids(user=user, knowledge_ids=knowledge_ids, for_update=True)

@@ -49,6 +49,7 @@ def fresh_registry(monkeypatch):
     monkeypatch.setattr(registry, "_query_embedder", None)
     monkeypatch.setattr(registry, "_query_batcher", None)
     monkeypatch.setattr(registry, "_background_batcher", None)
+    monkeypatch.setattr(registry, "_local_document_embedder", None)
     monkeypatch.setattr(registry, "Embedder", CountingDeterministicEmbedder)
     monkeypatch.setattr(CountingDeterministicEmbedder, "constructed", 0)
     return registry
@@ -137,9 +138,11 @@ def test_runserver_child_preloads(preload_enabled, monkeypatch):
     assert registry.should_preload(["manage.py", "runserver"]) is True
 
 
-def test_servers_preload_a_query_process_and_runworker_none(fresh_registry, preload_enabled, monkeypatch):
-    """A server spawns the query process beside its own model and waits for it; runworker,
-    which only flushes, loads its model and no query model."""
+@pytest.mark.parametrize("documents_int8, own_model", [(False, 1), (True, 0)])
+def test_servers_preload_a_query_process_and_runworker_none(fresh_registry, preload_enabled, monkeypatch, documents_int8, own_model):
+    """A server spawns the query process and waits for it; runworker, which only flushes,
+    loads no query model. Either loads the full model itself only when documents are embedded
+    by it (DOCUMENT_EMBEDDING_INT8 off): else every model is in an inference process."""
     spawned, waited = [], []
 
     class RecordingProcessEmbedder:
@@ -151,14 +154,15 @@ def test_servers_preload_a_query_process_and_runworker_none(fresh_registry, prel
 
     monkeypatch.setattr(fresh_registry, "ProcessEmbedder", RecordingProcessEmbedder)
     monkeypatch.setitem(settings.MEMFUSE, "QUERY_EMBEDDING", "process")
+    monkeypatch.setitem(settings.MEMFUSE, "DOCUMENT_EMBEDDING_INT8", documents_int8)
 
     monkeypatch.setattr(sys, "argv", ["manage.py", "runworker", "memfuse-flush"])
     fresh_registry.preload_if_serving()
-    assert CountingDeterministicEmbedder.constructed == 1 and spawned == []
+    assert CountingDeterministicEmbedder.constructed == own_model and spawned == []
 
     monkeypatch.setattr(sys, "argv", ["/x/bin/uvicorn", "memfuse_project.asgi:application"])
     fresh_registry.preload_if_serving()
-    assert spawned == ["query"] and waited == [True]
+    assert spawned == ["query"] and waited == [True] and CountingDeterministicEmbedder.constructed == own_model
 
 
 def test_preload_can_be_switched_off(monkeypatch):
@@ -399,7 +403,7 @@ def test_manage_py_check_does_not_load_the_model():
 
 def test_background_mode_thread_uses_the_process_model(fresh_registry, settings):
     """BACKGROUND_EMBEDDING="thread": flush inference runs on this process's model."""
-    settings.MEMFUSE = {**settings.MEMFUSE, "BACKGROUND_EMBEDDING": "thread"}
+    settings.MEMFUSE = {**settings.MEMFUSE, "BACKGROUND_EMBEDDING": "thread", "DOCUMENT_EMBEDDING_INT8": False}
     vectors = fresh_registry.embed(["a", "b"], priority=fresh_registry.BACKGROUND)
     assert CountingDeterministicEmbedder.constructed == 1
     assert np.allclose(vectors, fresh_registry.get_embedder().embed(["a", "b"]))
@@ -419,14 +423,15 @@ def background_process(monkeypatch, settings):
 
 @pytest.mark.integration
 def test_background_inference_runs_in_a_child_process_with_the_same_model(background_process):
-    """Flush inference happens in another process and gives the serving model's vectors."""
+    """Flush inference happens in another process and gives the query model's vectors (the
+    documents' model, DOCUMENT_EMBEDDING_INT8)."""
     texts = ["I adopted a puppy named Biscuit.", "My sister lives in Lisbon."]
     vectors = background_process.embed(texts, priority=registry.BACKGROUND)
     stats = background_process.stats()["background_embedding"]
     assert stats["mode"] == "process" and stats["pid"] not in (None, os.getpid())
     assert stats["calls"] == 1 and stats["texts"] == 2
     assert vectors.shape == (2, 384) and vectors.dtype == np.float32
-    assert np.allclose(vectors, registry.embed(texts), atol=1e-5)
+    assert np.allclose(vectors, registry.embed_documents(texts), atol=1e-5)
     # Below requests: niced, and in Linux's idle scheduling class.
     assert os.getpriority(os.PRIO_PROCESS, stats["pid"]) == settings.MEMFUSE["EMBEDDING_NICE"] == 19
     assert os.sched_getscheduler(stats["pid"]) == os.SCHED_IDLE

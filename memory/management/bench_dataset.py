@@ -242,17 +242,18 @@ class QueryDataset:
 
 
 def embed_texts(texts: list[str]) -> np.ndarray:
-    """``(len(texts), dim)`` embeddings by the registry's model, batched at its best."""
+    """``(len(texts), dim)`` embeddings as a flush writes them (``registry.local_document_embedder``)."""
     from memory import registry
 
     # The model itself, in this thread: the registry's batcher thread runs at a lowered
     # priority (it yields to requests), which a build that waits for it does not want.
-    embedder = registry.get_embedder()
-    import torch
+    embedder = registry.local_document_embedder()
+    if not registry.documents_int8():
+        import torch
 
-    # Batched inference at its best (this process's model may have been loaded with the
-    # serving processes' QUERY_TORCH_THREADS).
-    torch.set_num_threads(settings.MEMFUSE["TORCH_THREADS"])
+        # Batched inference at its best (this process's model may have been loaded with the
+        # serving processes' QUERY_TORCH_THREADS).
+        torch.set_num_threads(settings.MEMFUSE["TORCH_THREADS"])
     return np.concatenate([embedder.embed(texts[i : i + EMBED_CHUNK]) for i in range(0, len(texts), EMBED_CHUNK)])
 
 

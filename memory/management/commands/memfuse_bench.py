@@ -1046,8 +1046,9 @@ class QueryBench:
             growth = memory["rss_mb_all_users"] - memory["rss_mb_first_users"]
             memory["growth_kb_per_cached_user"] = round(growth * 1024 / grown, 1)
         if server is not None:
-            # The registry logs each model load: one line for the whole run, however many users;
-            # each inference process (queries, flushes) logs its own, once.
+            # The registry logs each load of the serving process's own model (none when every
+            # model is in an inference process); each inference process (queries, flushes)
+            # logs its own start, once.
             log = server.log_path.read_text(errors="replace")
             memory["model_loads_in_server_log"] = log.count("embedding model loaded")
             memory["inference_process_starts_in_server_log"] = len(re.findall(r"embedding process \d+ ready", log))
@@ -1098,7 +1099,8 @@ def raw_model_throughput(texts: list[str]) -> dict:
     """Embed ``texts`` as a flush indexes them, in chunks as the batcher feeds the model.
 
     Chunks of ``EMBEDDING_MAX_BATCH_TEXTS`` texts (the most one batched model call takes),
-    each encoded in batches of ``EMBEDDING_BATCH_SIZE``. One untimed chunk first, as the
+    each encoded text by text (the int8 document model) or in batches of
+    ``EMBEDDING_BATCH_SIZE`` (the full model). One untimed chunk first, as the
     server's model is warm by then. Returns ``{"messages_per_s", "seconds"}``.
     """
     import torch
@@ -1106,10 +1108,10 @@ def raw_model_throughput(texts: list[str]) -> dict:
     from memory import registry
     from memory.services import message_index_text
 
-    embedder = registry.get_embedder()
-    # The model at its best: as many threads as batched (flush) inference uses, whatever this
-    # process's own model was loaded with (serving processes give it QUERY_TORCH_THREADS).
-    torch.set_num_threads(settings.MEMFUSE["TORCH_THREADS"])
+    embedder = registry.local_document_embedder()
+    # The model at its best, with the threads flush inference uses: one for the int8 model
+    # (a text at a time), TORCH_THREADS for batches of the full model.
+    torch.set_num_threads(1 if registry.documents_int8() else settings.MEMFUSE["TORCH_THREADS"])
     chunk = settings.MEMFUSE["EMBEDDING_MAX_BATCH_TEXTS"]
     index_texts = [message_index_text(content=text, metadata={}) for text in texts]
     embedder.embed(index_texts[:chunk])
