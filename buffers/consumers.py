@@ -9,17 +9,25 @@ from collections.abc import Iterator
 from channels.consumer import SyncConsumer
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
 from rest_framework.exceptions import ValidationError
 
 from buffers import events, workers
 from memory import selectors, services, tenancy
+from memory.api import limits
 from memory.api import serializers as s
-from memory.api.auth import WS_SUBPROTOCOL
+from memory.api.auth import WS_SUBPROTOCOL, check_rate
 from memory.api.errors import EMBEDDING_UNAVAILABLE_MESSAGE, validation_error
 from memory.api.serializers import validated
 from memory.errors import NotFound, ServiceError
 from memory.models import Session
-from memory.pool import RETRY_AFTER_SECONDS, is_pool_exhausted, note_pool_exhausted
+from memory.pool import (
+    RETRY_AFTER_SECONDS,
+    is_database_unavailable,
+    is_pool_exhausted,
+    note_database_unavailable,
+    note_pool_exhausted,
+)
 from memory.registry import EmbeddingProcessError
 from memory.retrieval import RetrievalConfig
 from memory.tenancy import Principal
@@ -101,15 +109,20 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
       once, so a client that must know polls ``GET sessions/{id}/messages`` instead).
     - ``{"type": "error", "request_id", "error": {"code", "message", "errors": [{"field",
       "message"}]}}``: code 400 for a bad frame (not JSON, binary, not an object, missing or
-      unknown ``type``, invalid ``request_id``, invalid fields such as ``messages[0].role``),
-      404 for an unknown id, 503 when no database connection is free in time (retry), 500 for a
-      server error (logged). The connection stays open.
+      unknown ``type``, invalid ``request_id``, invalid fields such as ``messages[0].role``,
+      JSON nested past ``MAX_JSON_DEPTH``), 404 for an unknown id, 413 for a frame over
+      ``WS_MAX_FRAME_BYTES`` (not parsed), 429 past the key's ``API_RATE_LIMIT`` (shared with
+      its REST requests; the message says when to retry), 503 when no database connection is
+      free in time, the database cannot be reached or the flush backlog is full (retry), 500
+      for a server error (logged). The connection stays open.
 
     The connection needs an API key (``memory.api.auth``: the ``Authorization`` header, or a
     ``bearer.<key>`` subprotocol next to ``memfuse``): without a usable one, a 401 error frame
     and close code 4401. An unknown session (or an id that is not a UUID, or a session the key
     may not see: another tenant's or another user's) gets a 404 error frame, then close code
-    4404; no database connection free in time, a 503 frame and code 4503. The key is checked
+    4404; no database connection free in time (or no database), a 503 frame and code 4503; a
+    key past its rate limit, a 429 frame and code 4429 (the connect counts as a request, and
+    so does every add or query frame). The key is checked
     when the socket opens and again with each client frame (``tenancy.still_usable``): once
     it is revoked or expired, the next frame gets a 401 error frame and close code 4401.
     Frames of one connection are answered in order: a query delays the frames after it.
@@ -134,9 +147,10 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             await self.refuse(exc.status, exc.message, exc.errors, subprotocol=subprotocol)
             return
         except Exception as exc:
-            if not is_pool_exhausted(exc):
+            message = database_refusal_message(exc)
+            if message is None:
                 raise
-            await self.refuse(503, pool_busy_message(), subprotocol=subprotocol)
+            await self.refuse(503, message, subprotocol=subprotocol)
             return
         self.session_id = session.pk
         self.group_name = events.session_group(session.pk)
@@ -162,9 +176,12 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         Raises a 401 ``ServiceError`` without a usable key, ``NotFound`` (field ``session_id``)
         for a session it may not see, exactly as for an unknown one.
         """
+        if self.scope.get("principal_error") is not None:  # the database could not resolve the key
+            raise self.scope["principal_error"]
         principal = self.scope.get("principal")
         if not isinstance(principal, Principal):
             raise _Unauthenticated()
+        check_rate(principal)
         try:
             session_id = uuid.UUID(raw_id)
         except ValueError:
@@ -183,10 +200,12 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         return True
 
     def _principal(self) -> Principal:
-        """The connection's principal if its key is still usable (worker thread); else a 401 ``ServiceError``."""
+        """The connection's principal if its key is still usable and within its rate limit (worker
+        thread); else a 401 ``ServiceError``, or ``RateLimited`` (429)."""
         principal = self.scope["principal"]
         if not tenancy.still_usable(principal):
             raise _Unauthenticated()
+        check_rate(principal)
         return principal
 
     # --- client frames --------------------------------------------------------------------
@@ -198,12 +217,26 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         if text_data is None:
             await self.send_error(None, 400, "Binary frames are not supported: send JSON text frames")
             return
+        limit = settings.MEMFUSE["WS_MAX_FRAME_BYTES"]
+        # A character is 1 to 4 bytes in UTF-8: encode only when the length alone cannot tell.
+        if len(text_data) > limit or (len(text_data) * 4 > limit and len(text_data.encode("utf-8", "surrogatepass")) > limit):
+            message = limits.too_large_message(limit, "frame", "WS_MAX_FRAME_BYTES")
+            await self.send_error(None, 413, message)
+            return
         try:
             content = await self.decode_json(text_data)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError; nesting deeper than the stack
+        except limits.JSONTooDeep as exc:
+            await self.send_error(None, 400, str(exc), [{"field": exc.path, "message": str(exc)}])
+            return
+        except ValueError as exc:  # JSONDecodeError, a number out of range
             await self.send_error(None, 400, f"Invalid JSON: {exc}")
             return
         await self.receive_json(content)
+
+    @classmethod
+    async def decode_json(cls, text_data: str):
+        """A client frame decoded within the limits of ``memory.api.limits`` (as a REST body)."""
+        return limits.loads(text_data)
 
     async def receive_json(self, content, **kwargs) -> None:
         request_id = None
@@ -224,8 +257,9 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         except ServiceError as exc:
             await self.send_error(request_id, exc.status, exc.message, exc.errors)
         except Exception as exc:
-            if is_pool_exhausted(exc):
-                await self.send_error(request_id, 503, pool_busy_message())
+            message = database_refusal_message(exc)
+            if message is not None:
+                await self.send_error(request_id, 503, message)
                 return
             if isinstance(exc, EmbeddingProcessError):  # the next query starts a new process
                 logger.error("websocket frame of session %s: %s", self.session_id, exc)
@@ -258,19 +292,24 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         return handlers[frame_type]
 
     async def messages_add_frame(self, content: dict, request_id: str | int | None) -> None:
-        message_ids, pending = await in_thread(self._messages_add)(_fields(content, "messages"))
+        rows = await in_thread(self._messages_add)(_fields(content, "messages"))
         await self.send_json(
-            {"type": "messages.added", "request_id": request_id, "message_ids": message_ids, "pending_messages": pending}
+            {
+                "type": "messages.added",
+                "request_id": request_id,
+                "message_ids": [str(row.pk) for row in rows],
+                "pending_messages": rows.pending,
+                "oldest_pending_age_s": rows.oldest_pending_age_s,
+            }
         )
 
-    def _messages_add(self, data: dict) -> tuple[list[str], int]:
-        """Validate the whole batch, then store it (worker thread): ``(message_ids, pending)``."""
+    def _messages_add(self, data: dict) -> services.AddedMessages:
+        """Validate the whole batch, then store it (worker thread)."""
         principal = self._principal()
         messages = validated(s.MessagesAdd, data)["messages"]
         # Fresh: it may have been deleted.
         session = selectors.session_get(principal=principal, session_id=self.session_id)
-        rows = services.messages_add(session=session, messages=messages)
-        return [str(row.pk) for row in rows], rows.pending
+        return services.messages_add(session=session, messages=messages)
 
     async def memory_query_frame(self, content: dict, request_id: str | int | None) -> None:
         data = _fields(content, "query", "top_k", "session_id", "agent_id", "retrieval")
@@ -328,6 +367,16 @@ def pool_busy_message() -> str:
     """The message of a 503 frame (the REST API sends ``Retry-After``; a frame says it)."""
     note_pool_exhausted()
     return f"The service is busy (no database connection free): retry in {RETRY_AFTER_SECONDS} s"
+
+
+def database_refusal_message(exc: BaseException) -> str | None:
+    """The message of a 503 frame when ``exc`` is the database's (pool exhausted, unreachable), else ``None``."""
+    if is_pool_exhausted(exc):
+        return pool_busy_message()
+    if is_database_unavailable(exc):
+        note_database_unavailable()
+        return f"The database is unavailable (restarting or unreachable): retry in {RETRY_AFTER_SECONDS} s"
+    return None
 
 
 def _fields(content: dict, *names: str) -> dict:

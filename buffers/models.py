@@ -56,6 +56,11 @@ class FlushJob(models.Model):
     # worker died (or hung) and the job may be taken again.
     worker = models.CharField(max_length=64, blank=True, default="")
     lease_until = models.DateTimeField(null=True, blank=True)
+    # The worker's process (WorkerProcess.name) and the flush token its messages are claimed
+    # with: when that process stops beating, its claims are released by this token at once,
+    # long before the lease ends. A database default: the add's statement inserts jobs in SQL.
+    process = models.CharField(max_length=64, blank=True, default="", db_default="")
+    claim_token = models.UUIDField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     next_attempt_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -82,3 +87,23 @@ class FlushJob(models.Model):
 
     def __str__(self) -> str:
         return f"flush {self.user_id} ({self.get_reason_display()}, {self.get_state_display()})"
+
+
+class WorkerProcess(models.Model):
+    """A process running flush workers, alive while it beats (``buffers.heartbeats``).
+
+    ``name`` is ``host:pid:<random>``: a restarted container reuses its pid, never the name.
+    Its ticker updates ``heartbeat_at`` every ``FLUSH_TICK_SECONDS``; a process silent for
+    ``FLUSH_HEARTBEAT_TIMEOUT_SECONDS`` (a ``kill -9``, an out-of-memory kill) is dead, and
+    another process's ticker releases its jobs and message claims and deletes its row.
+    """
+
+    name = models.CharField(max_length=64, unique=True)
+    hostname = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    started_at = models.DateTimeField(auto_now_add=True)
+    heartbeat_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return self.name
+

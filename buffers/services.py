@@ -9,8 +9,9 @@ does later is the expensive part: embedding and the vector index. The flush is i
 2. **embed** outside any transaction, through the registry's cross-user batcher;
 3. **write** in one ``UPDATE ... FROM unnest(...)`` per batch, only where the token still
    stands. A second flush never sees rows under a live claim; a flush whose worker died
-   leaves a claim that expires and is taken again; a message changed meanwhile lost its
-   token and is not overwritten. So each message is embedded and written once.
+   leaves a claim that another process releases once the dead one stops beating
+   (``buffers.heartbeats``), or that expires with its lease; a message changed meanwhile
+   lost its token and is not overwritten. So each message is embedded and written once.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from buffers import events
 from buffers.models import ACTIVE_STATES, FlushJob, Priority, Reason, State
 from memory import registry
 from memory.retrieval.vector import context_refresh
+from memory.pool import is_database_unavailable
 from memory.vectors import vector_literals
 
 logger = logging.getLogger(__name__)
@@ -200,16 +202,18 @@ def flush_pending(
     session_id: uuid.UUID | None = None,
     deadline: float | None = None,
     batch_size: int | None = None,
+    token: uuid.UUID | None = None,
 ) -> int:
     """Embed and index the user's (or one session's) pending messages; returns how many.
 
     Batch by batch: claim (``SKIP LOCKED``), embed, write (see the module docstring).
     ``deadline`` is a ``time.monotonic()`` value; past it, ``FlushTimeout`` is raised between
     batches (claimed but unwritten rows are taken again when their lease expires). Publishes
-    ``flush.completed`` to each session's group after each batch is written.
+    ``flush.completed`` to each session's group after each batch is written. ``token`` is the
+    claim token (a job's ``claim_token``, so a dead worker's claims can be found; default new).
     """
     batch_size = batch_size or settings.BUFFERS["BATCH_SIZE"]
-    token = uuid.uuid4()
+    token = token or uuid.uuid4()
     try:
         flushed = _flush_batches(user_id=user_id, session_id=session_id, deadline=deadline, batch_size=batch_size, token=token)
     except BaseException:
@@ -253,7 +257,9 @@ def _release(token: uuid.UUID) -> None:
             cursor.execute(
                 "UPDATE memory_message SET flush_claim = NULL, claimed_until = NULL WHERE flush_claim = %s", [token]
             )
-    except Exception:
+    except Exception as exc:
+        if is_database_unavailable(exc):  # the worker logs the outage once; the job is released later
+            return
         logger.warning("could not release the claims of a failed flush; their leases will expire", exc_info=True)
 
 
@@ -285,17 +291,20 @@ def _flush_batches(
 # --- jobs ---------------------------------------------------------------------------------------
 
 
-def claim_next_job(*, worker: str) -> FlushJob | None:
+def claim_next_job(*, worker: str, process: str = "") -> FlushJob | None:
     """Take the runnable job first by priority, then age (FIFO), or ``None``.
 
-    ``SKIP LOCKED``: workers in any number of processes never take the same job.
+    ``SKIP LOCKED``: workers in any number of processes never take the same job. The job
+    records the worker's ``process`` (``WorkerProcess.name``) and a new ``claim_token`` for
+    its flush, so that the job and its claims are released as soon as that process is dead.
     """
     lease = settings.BUFFERS["TIMEOUT_SECONDS"] + settings.BUFFERS["LEASE_SECONDS"]
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(
             """
             UPDATE buffers_flushjob SET state = 'running', worker = %(worker)s, started_at = now(),
-                                        attempts = attempts + 1,
+                                        attempts = attempts + 1, process = %(process)s,
+                                        claim_token = gen_random_uuid(),
                                         lease_until = now() + make_interval(secs => %(lease)s)
             WHERE id = (
                 SELECT id FROM buffers_flushjob
@@ -306,7 +315,7 @@ def claim_next_job(*, worker: str) -> FlushJob | None:
             )
             RETURNING id
             """,
-            {"worker": worker, "lease": lease},
+            {"worker": worker, "process": process, "lease": lease},
         )
         row = cursor.fetchone()
     return FlushJob.objects.get(pk=row[0]) if row else None
@@ -321,15 +330,22 @@ def backoff_seconds(attempts: int) -> float:
 def run_job(job: FlushJob) -> None:
     """Run a claimed job: flush, then mark it done, or retrying with backoff, or failed.
 
-    Errors of the flush are recorded on the job, never raised.
+    Errors of the flush are recorded on the job, never raised, except an unreachable database
+    (``memory.pool.is_database_unavailable``), which cannot be recorded: it is raised, and the
+    job stays running until its process releases it (``buffers.heartbeats``) once the
+    database is back.
     """
     deadline = time.monotonic() + settings.BUFFERS["TIMEOUT_SECONDS"]
     try:
-        flushed = flush_pending(user_id=job.user_id, session_id=job.session_id, deadline=deadline)
+        flushed = flush_pending(user_id=job.user_id, session_id=job.session_id, deadline=deadline, token=job.claim_token)
     except Exception as exc:  # any failure of the store or the model: retry, then fail
+        if is_database_unavailable(exc):
+            raise
         _job_failed(job, exc)
         return
-    FlushJob.objects.filter(pk=job.pk, worker=job.worker).update(
+    # Only while the job is still this run's: released meanwhile (its process was taken for
+    # dead), it is another run's now.
+    FlushJob.objects.filter(pk=job.pk, worker=job.worker, state=State.RUNNING, claim_token=job.claim_token).update(
         state=State.DONE, messages_flushed=flushed, finished_at=timezone.now(), lease_until=None, last_error=""
     )
 
@@ -362,6 +378,15 @@ def _requeue(job: FlushJob, *, state: str, error: str, delay: float = 0.0) -> No
         FlushJob.objects.filter(pk=job.pk).update(
             state=State.DONE, last_error=f"{error} (superseded by a waiting flush)", finished_at=timezone.now()
         )
+
+
+def job_lost(job: FlushJob, *, error: str) -> None:
+    """A running job whose worker is gone: back to the queue (retrying), or failed when its
+    attempts are used up (a flush that kills its worker every time must not loop for ever)."""
+    if job.attempts >= job.max_attempts:
+        FlushJob.objects.filter(pk=job.pk).update(state=State.FAILED, last_error=error, finished_at=timezone.now(), lease_until=None)
+    else:
+        _requeue(job, state=State.RETRYING, error=error)
 
 
 def job_retry(*, job: FlushJob) -> FlushJob:
@@ -398,12 +423,7 @@ def recover(*, all_pending: bool = False) -> int:
     """
     for job in FlushJob.objects.filter(state=State.RUNNING, lease_until__lt=timezone.now()):
         logger.warning("flush job %s lost its worker %s; requeued", job.pk, job.worker)
-        if job.attempts >= job.max_attempts:
-            FlushJob.objects.filter(pk=job.pk).update(
-                state=State.FAILED, last_error="worker lost (lease expired)", finished_at=timezone.now()
-            )
-        else:
-            _requeue(job, state=State.RETRYING, error="worker lost (lease expired)")
+        job_lost(job, error="worker lost (lease expired)")
     interval = 0.0 if all_pending else settings.BUFFERS["INTERVAL_SECONDS"]
     with connection.cursor() as cursor:
         cursor.execute(

@@ -1,18 +1,20 @@
-"""The flush worker pool of a process: bounded workers, a ticker, and a graceful drain.
+"""The flush worker pool of a process: bounded workers, a ticker, a heartbeat, and a graceful drain.
 
 Workers take jobs from the durable queue (``services.claim_next_job``: priority, then FIFO)
 and run them; between jobs they sleep until woken (a flush request in this process, or a
 ``flush.request`` on the channel layer for ``runworker``) or until the next poll. The ticker
-applies the time trigger and recovers work whose worker died, every ``FLUSH_TICK_SECONDS``;
-at start it requests a flush of everything pending (recovery after a crash).
+applies the time trigger and recovers work whose lease expired, every ``FLUSH_TICK_SECONDS``;
+at start it requests a flush of everything pending (recovery after a crash). The heartbeat
+thread beats for the process and releases the work of dead ones (``buffers.heartbeats``).
+
+When the database cannot be reached (a restart), every thread backs off (up to 2 s between
+tries) and the pool logs one line when it goes and one when it is back, no traceback.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -21,9 +23,10 @@ from dataclasses import dataclass, field
 from django.conf import settings
 from django.db import close_old_connections
 
-from buffers import events, services
+from buffers import events, heartbeats, services
 from buffers.models import FlushJob, State
 from memory import registry
+from memory.pool import is_database_unavailable, is_pool_exhausted
 
 logger = logging.getLogger(__name__)
 
@@ -38,18 +41,72 @@ class PoolStats:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
+# Longest wait between two tries of a thread while the database is unreachable: it is back
+# in service within this of the database's return.
+MAX_BACKOFF_SECONDS = 2.0
+
+
+def backoff_delay(failures: int) -> float:
+    """Seconds to wait after ``failures`` (1, 2, ...) consecutive failures: 0.5, 1, 2, 2, ... s."""
+    return min(0.25 * 2**failures, MAX_BACKOFF_SECONDS)
+
+
+class DatabaseOutage:
+    """A pool's view of the database: one log line when it becomes unreachable, one when it is back.
+
+    Every thread of the pool reports here; only the first failure of an outage and the end of
+    it are logged (``WARNING``), whatever the number of threads. The outage ends with a success
+    ``QUIET_SECONDS`` after the last failure: while a restart terminates the connections one
+    by one, a thread whose connection has not been reached yet still succeeds.
+    """
+
+    QUIET_SECONDS = 1.0
+
+    def __init__(self, pool_name: str) -> None:
+        self.pool_name = pool_name
+        self._lock = threading.Lock()
+        self._since: float | None = None
+        self._last_failure = 0.0
+
+    @property
+    def ongoing(self) -> bool:
+        return self._since is not None
+
+    def failed(self, exc: BaseException) -> None:
+        with self._lock:
+            self._last_failure = time.monotonic()
+            if self._since is not None:
+                return
+            self._since = self._last_failure
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        logger.warning("flush workers of %s: database unavailable or busy (%s); backing off until it is back", self.pool_name, first_line)
+
+    def succeeded(self) -> None:
+        if self._since is None:  # the common case, without the lock
+            return
+        with self._lock:
+            if self._since is None or time.monotonic() - self._last_failure < self.QUIET_SECONDS:
+                return
+            since, self._since = self._since, None
+        logger.warning("flush workers of %s: database reachable again after %.1f s", self.pool_name, time.monotonic() - since)
+
+
 class FlushWorkerPool:
-    """``workers`` threads running flush jobs, plus one ticker thread."""
+    """``workers`` threads running flush jobs, plus a ticker and a heartbeat thread."""
 
     def __init__(self, *, workers: int, poll_seconds: float | None = None) -> None:
         self.size = workers
         self.poll_seconds = poll_seconds or settings.BUFFERS["TICK_SECONDS"]
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.name = heartbeats.process_name()
         self.stats = PoolStats()
+        self.outage = DatabaseOutage(self.name)
         self._wake = threading.Condition()
         self._pending_wakes = 0
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Ids of the jobs this pool's workers run now (under stats.lock): the heartbeat
+        # releases this process's running jobs that are not among them.
+        self._running: set[int] = set()
 
     def status(self) -> dict:
         """``{"workers", "busy", "jobs_done", "jobs_failed"}``: busy workers now, jobs since start."""
@@ -64,7 +121,9 @@ class FlushWorkerPool:
             self._threads.append(thread)
         ticker = threading.Thread(target=self._tick, name="flush-ticker", daemon=True)
         ticker.start()
-        self._threads.append(ticker)
+        heartbeat = threading.Thread(target=self._heartbeat, name="flush-heartbeat", daemon=True)
+        heartbeat.start()
+        self._threads += [ticker, heartbeat]
         events.set_local_pool(self)
         logger.info("flush worker pool started: %d workers", self.size)
 
@@ -81,9 +140,12 @@ class FlushWorkerPool:
             self._pending_wakes = max(0, self._pending_wakes - 1)
 
     def _work(self, worker: str) -> None:
+        failures = 0
         while not self._stopping.is_set():
             try:
-                job = services.claim_next_job(worker=worker)
+                job = services.claim_next_job(worker=worker, process=self.name)
+                self.outage.succeeded()
+                failures = 0
                 if job is None:
                     # Give the connection back before sleeping: idle workers held one pool
                     # connection each (the dashboard showed 6 of 7 in use on an idle server).
@@ -92,11 +154,13 @@ class FlushWorkerPool:
                     continue
                 with self.stats.lock:
                     self.stats.busy += 1
+                    self._running.add(job.pk)
                 try:
                     services.run_job(job)
                 finally:
                     with self.stats.lock:
                         self.stats.busy -= 1
+                        self._running.discard(job.pk)
                 # The job is gone if its user was deleted meanwhile.
                 state = FlushJob.objects.filter(pk=job.pk).values_list("state", flat=True).first()
                 with self.stats.lock:
@@ -104,24 +168,66 @@ class FlushWorkerPool:
                         self.stats.jobs_done += 1
                     elif state == State.FAILED:
                         self.stats.jobs_failed += 1
-            except Exception:
-                logger.exception("flush worker %s: unexpected error", worker)
-                time.sleep(self.poll_seconds)
+            except Exception as exc:
+                failures += 1
+                self._stopping.wait(self._failed(f"flush worker {worker}", exc, failures))
             finally:
-                close_old_connections()
+                _close_connections()
+
+    def _failed(self, where: str, exc: Exception, failures: int) -> float:
+        """Log a thread's failure (the database's once per outage); returns how long to back off (s).
+
+        A pool timeout counts as the database's: while it restarts, the pool cannot connect
+        and its requests time out.
+        """
+        if is_database_unavailable(exc) or is_pool_exhausted(exc):
+            self.outage.failed(exc)
+            return backoff_delay(failures)
+        logger.exception("%s: unexpected error", where)
+        return self.poll_seconds
 
     def _tick(self) -> None:
         first = True
+        failures = 0
         while not self._stopping.is_set():
+            delay = self.poll_seconds
             try:
                 if services.recover(all_pending=first):
                     self.wake()
                 first = False
-            except Exception:
-                logger.exception("flush ticker: unexpected error")
+                failures = 0
+                self.outage.succeeded()
+            except Exception as exc:
+                failures += 1
+                delay = min(delay, self._failed("flush ticker", exc, failures))
             finally:
-                close_old_connections()
-            self._stopping.wait(self.poll_seconds)
+                _close_connections()
+            self._stopping.wait(delay)
+
+    def _heartbeat(self) -> None:
+        """Beat for this process; release the work of dead processes and this one's orphaned jobs."""
+        first = True
+        failures = 0
+        while not self._stopping.is_set():
+            delay = self.poll_seconds
+            try:
+                if heartbeats.beat(name=self.name) and not first:
+                    logger.warning("flush workers of %s were taken for dead (no heartbeat in time): their jobs were requeued", self.name)
+                first = False
+                failures = 0
+                self.outage.succeeded()
+                if heartbeats.release_dead_processes():
+                    self.wake()
+                with self.stats.lock:
+                    running = set(self._running)
+                if heartbeats.release_orphaned_jobs(name=self.name, running=running):
+                    self.wake()
+            except Exception as exc:
+                failures += 1
+                delay = min(delay, self._failed("flush heartbeat", exc, failures))
+            finally:
+                _close_connections()
+            self._stopping.wait(delay)
 
     def drain(self, *, deadline_seconds: float) -> int:
         """Graceful stop: critical flushes for everything pending, run until done or deadline.
@@ -141,6 +247,13 @@ class FlushWorkerPool:
         self.stop()
         for thread in self._threads:  # let running flushes finish before the interpreter exits
             thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+        if not any(thread.is_alive() for thread in self._threads):
+            # Nothing of ours runs any more. With a flush still running, the row stays: once
+            # this process is gone, another one's heartbeat releases that flush's claims.
+            try:
+                heartbeats.forget(name=self.name)
+            except Exception as exc:
+                self._failed("flush shutdown", exc, 1)
         close_old_connections()
         return remaining
 
@@ -150,6 +263,15 @@ class FlushWorkerPool:
         with self._wake:
             self._wake.notify_all()
         events.set_local_pool(None)
+
+
+def _close_connections() -> None:
+    """``close_old_connections`` for a worker thread's loop; a connection the database already
+    closed may fail to close cleanly, which must not end the thread."""
+    try:
+        close_old_connections()
+    except Exception:
+        pass
 
 
 _pool: FlushWorkerPool | None = None

@@ -34,12 +34,13 @@ from buffers.routing import websocket_urlpatterns  # noqa: E402
 from memfuse_project.embedded_pg import local_tenant_if_embedded, migrate_if_embedded  # noqa: E402
 from memory import registry  # noqa: E402
 from memory.api.auth import WebSocketAuthMiddleware  # noqa: E402
+from memory.api.limits import BodySizeLimit  # noqa: E402
 
 
 def _start_serving() -> None:
     migrate_if_embedded()
     local_tenant_if_embedded()
-    registry.get_embedder()
+    registry.preload()
     workers.start_if_serving()
     # The importing thread serves no request: give back the pool connections it used (runserver's
     # migration check, the embedded database's migrate), or it would hold one for ever.
@@ -148,7 +149,8 @@ application = ServerLoopRegistration(
             # no collectstatic step. Django's own ASGI static handler rather than WhiteNoise:
             # WhiteNoise's middleware is sync-only, and one sync middleware makes Django run every
             # request through one shared thread, serialising the API's concurrent views.
-            "http": PathPrefixRouter("/api/", APIHandler(), ASGIStaticFilesHandler(django_asgi_app)),
+            # A body over MAX_REQUEST_BYTES is a 413 before Django reads it into a temporary file.
+            "http": BodySizeLimit(PathPrefixRouter("/api/", APIHandler(), ASGIStaticFilesHandler(django_asgi_app))),
             "websocket": AllowedHostsOriginValidator(WebSocketAuthMiddleware(URLRouter(websocket_urlpatterns))),
             "channel": ChannelNameRouter({settings.BUFFERS["CHANNEL"]: FlushConsumer.as_asgi()}),
         }

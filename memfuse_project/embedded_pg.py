@@ -158,6 +158,37 @@ def migrate_if_embedded() -> None:
         logger.info("embedded PostgreSQL in %s is migrated", settings.EMBEDDED_PG_DIR)
 
 
+SECRET_KEY_FILE = "secret-key"
+
+
+def embedded_secret_key(data_dir: Path) -> str:
+    """The embedded default's ``SECRET_KEY``: read from ``<data_dir>/secret-key``, created at first start.
+
+    64 URL-safe random characters (``secrets.token_urlsafe(48)``), in a file of mode 0600 next
+    to the database files (the key is worth no more than they are). Created with
+    ``O_CREAT | O_EXCL``, so processes starting at once agree on one key: the one that loses
+    the race reads the winner's.
+    """
+    import os
+    import secrets
+
+    path = Path(data_dir).expanduser().resolve() / SECRET_KEY_FILE
+    key = secrets.token_urlsafe(48)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):  # the winner may not have written it yet
+            existing = path.read_text().strip()
+            if existing:
+                return existing
+            time.sleep(0.02)
+        raise RuntimeError(f"{path} is empty: delete it to have a new SECRET_KEY generated") from None
+    with os.fdopen(fd, "w") as file:
+        file.write(key + "\n")
+    logger.info("generated the embedded default's SECRET_KEY in %s", path)
+    return key
+
+
 LOCAL_TENANT = "local"
 LOCAL_KEY_FILE = "local-api-key"
 

@@ -37,9 +37,26 @@ def envfloat(name: str, default: float) -> float:
     return default if value is None or value == "" else float(value)
 
 
-SECRET_KEY = envstr("SECRET_KEY", "dev-only-insecure-key-change-me")
+def envlist(name: str, default: str = "") -> list[str]:
+    """Env var ``name`` as a comma-separated list (empty items dropped)."""
+    return [item.strip() for item in envstr(name, default).split(",") if item.strip()]
+
+
 DEBUG = envbool("DEBUG", False)
-ALLOWED_HOSTS = [h for h in envstr("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver").split(",") if h]
+ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver")
+
+# --- HTTPS behind a proxy (README, "Production"): each off by default, for plain-HTTP laptops.
+# SECURE_PROXY_SSL_HEADER is "<META name>,<value>", e.g. "HTTP_X_FORWARDED_PROTO,https": only
+# behind a proxy that always sets (or strips) that header, else a client could claim HTTPS.
+SECURE_PROXY_SSL_HEADER = tuple(envlist("SECURE_PROXY_SSL_HEADER")) or None
+SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", False)
+SESSION_COOKIE_SECURE = envbool("SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = envbool("CSRF_COOKIE_SECURE", False)
+SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = envbool("SECURE_HSTS_PRELOAD", False)
+CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS")
+
 
 INSTALLED_APPS = [
     # daphne first: its runserver serves the ASGI application (HTTP and WebSocket).
@@ -118,10 +135,30 @@ _default_db.update(
     {
         "ENGINE": "django.db.backends.postgresql",
         "CONN_MAX_AGE": 0,  # required with a pool: the pool owns connection lifetime
+        # With a pool, Django passes psycopg_pool's check_connection (an empty query) as the
+        # pool's check: a connection a database restart closed is dropped when taken, never
+        # handed to a request. ~30 µs per request (docs/benchmarks.md, "Pool check").
+        "CONN_HEALTH_CHECKS": envbool("DB_CONN_HEALTH_CHECKS", True),
         "OPTIONS": {**_default_db.get("OPTIONS", {}), "pool": DB_POOL},
     }
 )
 DATABASES = {"default": _default_db}
+
+# Signs the admin's sessions and CSRF tokens. The embedded default keeps a random one in its
+# data folder (created at first start, like the development tenant's key); any other
+# deployment must set it: a default in the source would be a key anyone can read.
+SECRET_KEY = envstr("SECRET_KEY")
+if not SECRET_KEY:
+    if not USING_EMBEDDED_DB:
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set. With DATABASE_URL the service needs SECRET_KEY (or SECRET_KEY_FILE): "
+            "50 or more random characters, e.g. python -c 'import secrets; print(secrets.token_urlsafe(50))'"
+        )
+    from memfuse_project.embedded_pg import embedded_secret_key
+
+    SECRET_KEY = embedded_secret_key(EMBEDDED_PG_DIR)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -158,7 +195,7 @@ else:
 # --- REST API -------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["memory.api.limits.BoundedJSONParser"],
     # Every endpoint but health needs an API key (Authorization: Bearer <key>).
     "DEFAULT_AUTHENTICATION_CLASSES": ["memory.api.auth.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["memory.api.auth.HasTenantKey"],
@@ -233,6 +270,11 @@ MEMFUSE = {
     "PRELOAD_MODELS": envbool("PRELOAD_MODELS", True),
     "MAX_MESSAGE_CHARS": envint("MAX_MESSAGE_CHARS", 32_000),
     "MAX_BATCH_MESSAGES": envint("MAX_BATCH_MESSAGES", 500),
+    # What a client may send (memory.api.limits): an HTTP body (413 beyond, before it is read),
+    # a WebSocket text frame (a 413 error frame), JSON nesting (400 beyond; the body is level 1).
+    "MAX_REQUEST_BYTES": envint("MAX_REQUEST_BYTES", 4 * 1024 * 1024),
+    "WS_MAX_FRAME_BYTES": envint("WS_MAX_FRAME_BYTES", envint("MAX_REQUEST_BYTES", 4 * 1024 * 1024)),
+    "MAX_JSON_DEPTH": envint("MAX_JSON_DEPTH", 32),
     # Bytes of per-user services (lexical indexes, pending embeddings) the process's LRU cache
     # keeps, in MB; the least recently used users go first (memory.retrieval.cache).
     "USER_CACHE_MB": envfloat("USER_CACHE_MB", 256.0),
@@ -291,7 +333,8 @@ MEMFUSE = {
     # in another process may still be accepted here.
     "API_KEY_CACHE_SECONDS": envfloat("API_KEY_CACHE_SECONDS", 10.0),
     "API_KEY_CACHE_SIZE": envint("API_KEY_CACHE_SIZE", 10_000),
-    # Requests per API key ("<n>/second|minute|hour|day"), counted in the default cache.
+    # Requests per API key ("<n>/second|minute|hour|day"), counted in the default cache; a
+    # WebSocket's connect and each of its add and query frames count against the same budget.
     "API_RATE_LIMIT": envstr("API_RATE_LIMIT", "6000/minute"),
     # The embedded default (no DATABASE_URL) creates a tenant "local" at first start and
     # writes its key to <EMBEDDED_PG_DIR>/local-api-key.
@@ -322,6 +365,15 @@ BUFFERS = {
     "BACKOFF_SECONDS": envfloat("FLUSH_BACKOFF_SECONDS", 1.0),
     "BACKOFF_MAX_SECONDS": envfloat("FLUSH_BACKOFF_MAX_SECONDS", 60.0),
     "SHUTDOWN_SECONDS": envfloat("FLUSH_SHUTDOWN_SECONDS", 10.0),
+    # A process running flush workers beats every TICK_SECONDS; one silent for this long (while
+    # the database was up) is dead, and the others' tickers release its claims and jobs.
+    "HEARTBEAT_TIMEOUT_SECONDS": envfloat("FLUSH_HEARTBEAT_TIMEOUT_SECONDS", 5.0),
+    # Backpressure (buffers.backlog): past MAX_BACKLOG_MESSAGES pending messages (all users),
+    # adds get 503 with Retry-After: BACKLOG_RETRY_AFTER_SECONDS (0: no limit). Health says
+    # "degraded" once the oldest pending message is older than BACKLOG_DEGRADED_SECONDS.
+    "MAX_BACKLOG_MESSAGES": envint("MAX_BACKLOG_MESSAGES", 20_000),
+    "BACKLOG_RETRY_AFTER_SECONDS": envint("BACKLOG_RETRY_AFTER_SECONDS", 5),
+    "BACKLOG_DEGRADED_SECONDS": envfloat("BACKLOG_DEGRADED_SECONDS", 60.0),
 }
 
 LANGUAGE_CODE = "en-us"
@@ -342,5 +394,7 @@ LOGGING = {
         "memfuse_project": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
         "buffers": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
         "django.request": {"handlers": ["console"], "level": "ERROR"},
+        # psycopg_pool's one-line warnings (a failed reconnection, a closed connection dropped).
+        "psycopg": {"handlers": ["console"], "level": "WARNING"},
     },
 }

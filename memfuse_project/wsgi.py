@@ -12,4 +12,4 @@ from memfuse_project.embedded_pg import migrate_if_embedded  # noqa: E402
 from memory import registry  # noqa: E402
 
 migrate_if_embedded()
-registry.get_embedder()
+registry.preload()

@@ -12,6 +12,8 @@ class ServiceError(Exception):
 
     status = 400
     default_message = "Bad request"
+    # Seconds after which a retry may succeed: sent as Retry-After (REST) when set.
+    retry_after: int | None = None
 
     def __init__(self, message: str | None = None, *, field: str | None = None, errors: list[dict] | None = None):
         self.message = message or self.default_message
@@ -34,10 +36,30 @@ class Conflict(ServiceError):
     default_message = "Conflict"
 
 
-
-
 class Forbidden(ServiceError):
     """The caller's key may not do this at all (an operation, never an object: those are 404)."""
 
     status = 403
     default_message = "Forbidden"
+
+
+class Unavailable(ServiceError):
+    """The service cannot take this now (the flush backlog is full): retry after ``retry_after`` s."""
+
+    status = 503
+    default_message = "Service unavailable"
+
+    def __init__(self, message: str | None = None, *, retry_after: int, **kwargs):
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class RateLimited(ServiceError):
+    """The API key's rate limit is reached (``API_RATE_LIMIT``): retry after ``retry_after`` s."""
+
+    status = 429
+    default_message = "Request was throttled"
+
+    def __init__(self, message: str | None = None, *, retry_after: int, **kwargs):
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after

@@ -5,14 +5,18 @@ database alias (``DATABASES[...]["OPTIONS"]["pool"]``, settings ``DB_POOL_*``). 
 waits longer than ``DB_POOL_TIMEOUT`` for a connection gets ``psycopg_pool.PoolTimeout``, which
 Django's error wrapper re-raises as ``django.db.OperationalError`` with the ``PoolTimeout`` as
 ``__cause__`` (``tests/test_pool.py`` pins this down). The API answers it with 503 and
-``Retry-After`` (``memory.api.errors``), WebSocket frames with a 503 error frame.
+``Retry-After`` (``memory.api.errors``), WebSocket frames with a 503 error frame; so is a
+database that cannot be reached (``is_database_unavailable``: restarting, down, a connection
+it closed). With ``CONN_HEALTH_CHECKS`` (settings) the pool checks a connection before lending
+it, so the connections a restart closed are dropped rather than handed to requests.
 """
 
 from __future__ import annotations
 
 import threading
 
-from django.db import connections
+import psycopg
+from django.db import InterfaceError, connections
 from psycopg_pool import PoolTimeout, TooManyRequests
 
 # Seconds a client should wait before retrying when the pool is exhausted: a pool timeout
@@ -21,6 +25,11 @@ RETRY_AFTER_SECONDS = 1
 
 _exhausted_lock = threading.Lock()
 _exhausted = 0
+_unavailable = 0
+
+# SQLSTATEs of a server going away or not back yet: class 57's admin shutdown (a restart or a
+# stop), crash shutdown, "the database system is starting up"; and all of class 08 (connection).
+_UNAVAILABLE_SQLSTATES = {"57P01", "57P02", "57P03"}
 
 
 def is_pool_exhausted(exc: BaseException | None) -> bool:
@@ -37,6 +46,38 @@ def is_pool_exhausted(exc: BaseException | None) -> bool:
     return False
 
 
+def is_database_unavailable(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an exception it wraps) says the database cannot be reached now.
+
+    A connection the server closed (a restart's "terminating connection due to administrator
+    command", a crash), a server starting up, a connection that failed or was lost: psycopg's
+    ``OperationalError`` without a SQLSTATE or with one of class 08 or 57P01-57P03, psycopg's
+    ``InterfaceError`` (the connection is closed) and Django's own "connection already closed".
+    Retrying later can succeed; the API answers it with 503 and ``Retry-After``. Errors of a
+    statement (deadlock, timeout, bad data) are not this.
+    """
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, PoolTimeout | TooManyRequests):  # the pool's own refusal (OperationalErrors too)
+            return False
+        if isinstance(exc, psycopg.InterfaceError):
+            return True
+        if isinstance(exc, psycopg.OperationalError):
+            state = exc.sqlstate
+            return state is None or state.startswith("08") or state in _UNAVAILABLE_SQLSTATES
+        if isinstance(exc, InterfaceError) and exc.__cause__ is None:
+            return True
+        exc, seen = exc.__cause__, seen + 1
+    return False
+
+
+def note_database_unavailable() -> None:
+    """Count one request refused because the database was unreachable (shown in ``pool_stats``)."""
+    global _unavailable
+    with _exhausted_lock:
+        _unavailable += 1
+
+
 def note_pool_exhausted() -> None:
     """Count one request refused because the pool was exhausted (shown in ``pool_stats``)."""
     global _exhausted
@@ -49,15 +90,16 @@ def pool_stats(alias: str = "default") -> dict:
 
     ``{"enabled", "min_size", "max_size", "timeout_s", "size", "in_use", "idle",
     "requests_waiting", "requests_total", "requests_wait_ms", "requests_errors",
-    "connection_errors", "connections_lost", "refused_503"}``: ``size`` connections are open,
+    "connection_errors", "connections_lost", "refused_503", "unavailable_503"}``: ``size`` connections are open,
     ``in_use`` of them lent out, ``idle`` ready; ``requests_waiting`` requests wait for one now.
     Totals are since the pool opened: ``requests_errors`` counts pool timeouts and queue-full
-    refusals, ``refused_503`` the requests this process answered with 503 for that reason.
+    refusals, ``refused_503`` the requests this process answered with 503 for that reason,
+    ``unavailable_503`` those it answered with 503 because the database could not be reached.
     ``{"enabled": False}`` when the alias has no pool.
     """
     pool = connections[alias].pool
     if pool is None:
-        return {"enabled": False, "refused_503": _exhausted}
+        return {"enabled": False, "refused_503": _exhausted, "unavailable_503": _unavailable}
     stats = pool.get_stats()
     size, idle = stats.get("pool_size", 0), stats.get("pool_available", 0)
     return {
@@ -75,4 +117,5 @@ def pool_stats(alias: str = "default") -> dict:
         "connection_errors": stats.get("connections_errors", 0),
         "connections_lost": stats.get("connections_lost", 0),
         "refused_503": _exhausted,
+        "unavailable_503": _unavailable,
     }

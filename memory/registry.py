@@ -924,12 +924,21 @@ def preload_if_serving() -> None:
     """
     if should_preload(sys.argv):
         # runworker only flushes: no query reaches it, so no query model (nor its process).
-        query = get_query_embedder() if sys.argv[1:2] != ["runworker"] else None
-        if needs_own_model():
-            get_embedder()  # a query process loads its model meanwhile
-        if isinstance(query, ProcessEmbedder):
-            query.wait_ready()
-        get_reranker()
+        preload(queries=sys.argv[1:2] != ["runworker"])
+
+
+def preload(queries: bool = True) -> None:
+    """Load what this serving process needs now, not at its first request: the query model
+    (``queries``), its own full model only when ``needs_own_model()``, and the reranker.
+    Idempotent; ``asgi.py`` and ``wsgi.py`` call it for servers ``should_preload`` does not
+    know. Raises ``EmbeddingProcessError`` or ``RerankerLoadError`` when a model fails to load.
+    """
+    query = get_query_embedder() if queries else None
+    if needs_own_model():
+        get_embedder()  # a query process loads its model meanwhile
+    if isinstance(query, ProcessEmbedder):
+        query.wait_ready()
+    get_reranker()
 
 
 def needs_own_model() -> bool:

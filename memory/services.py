@@ -251,11 +251,13 @@ def session_delete(*, session: Session) -> None:
 
 
 class AddedMessages(list):
-    """The stored messages, in input order, with ``pending``: the user's messages awaiting a flush."""
+    """The stored messages, in input order, with ``pending``: the user's messages awaiting a flush,
+    and ``oldest_pending_age_s``: how long (s) the oldest of them has waited (0 when none did)."""
 
-    def __init__(self, rows: list[Message], *, pending: int) -> None:
+    def __init__(self, rows: list[Message], *, pending: int, oldest_pending_age_s: float = 0.0) -> None:
         super().__init__(rows)
         self.pending = pending
+        self.oldest_pending_age_s = oldest_pending_age_s
 
 
 _ADD_SQL = """
@@ -281,7 +283,9 @@ WITH bumped AS (
 ), pending AS (
     -- The user's pending messages as before this add (one snapshot) plus the added ones.
     SELECT count(*) + (SELECT count(*) FROM added) AS messages,
-           coalesce(sum(length(index_text)), 0) + (SELECT coalesce(sum(chars), 0) FROM added) AS chars
+           coalesce(sum(length(index_text)), 0) + (SELECT coalesce(sum(chars), 0) FROM added) AS chars,
+           -- Backpressure for the client: how long the user's oldest pending message has waited.
+           greatest(extract(epoch FROM now() - min(updated_at)), 0) AS oldest_age
     FROM memory_message WHERE user_id = %(user)s AND flushed_at IS NULL
 ), job AS (
     -- The size trigger (buffers.services.size_trigger_reached), in the same statement so the
@@ -298,7 +302,7 @@ WITH bumped AS (
     WHERE EXCLUDED.priority < buffers_flushjob.priority
     RETURNING id
 )
-SELECT (SELECT min(position) FROM added), messages, EXISTS (SELECT FROM job) FROM pending
+SELECT (SELECT min(position) FROM added), messages, EXISTS (SELECT FROM job), oldest_age FROM pending
 """
 
 
@@ -311,13 +315,16 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
     trigger, queues a flush job; they are durable when this returns. Embedding is left to
     that flush (``buffers``). One statement is all or nothing, one round trip and one commit
     (one WAL flush): the add is the hottest write of the service. Raises ``NotFound`` (field
-    ``session_id``) when the session was deleted meanwhile; then nothing is stored.
+    ``session_id``) when the session was deleted meanwhile, ``Unavailable`` (503) when the
+    flush backlog of all users is at ``MAX_BACKLOG_MESSAGES`` (``buffers.backlog``); then
+    nothing is stored.
     """
-    from buffers import events
+    from buffers import backlog, events
     from buffers.models import Priority, Reason
 
     if not messages:
         return AddedMessages([], pending=0)
+    backlog.check_accepting()
     now = timezone.now()
     rows = [
         Message(
@@ -354,7 +361,7 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
                 "size_tokens": settings.BUFFERS["SIZE_TOKENS"],
             },
         )
-        start, count, job_queued = cursor.fetchone()
+        start, count, job_queued, oldest_age = cursor.fetchone()
     if start is None:
         raise NotFound(f"Session '{session.pk}' not found", field="session_id")
     for offset, row in enumerate(rows):
@@ -363,7 +370,7 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
     if job_queued:
         transaction.on_commit(lambda: events.notify_flush(user_id=session.user_id, priority=Priority.NORMAL))
     transaction.on_commit(lambda: _prefetch_embeddings(session.user_id, rows))
-    return AddedMessages(rows, pending=count)
+    return AddedMessages(rows, pending=count, oldest_pending_age_s=round(float(oldest_age), 3))
 
 
 def _prefetch_embeddings(user_id: uuid.UUID, rows: list[Message]) -> None:

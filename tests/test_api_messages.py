@@ -39,8 +39,9 @@ def test_add_returns_ids_in_input_order(api, alice_session):
 
     data = assert_success(api.post(messages_url(alice_session.pk), {"messages": batch}, format="json"), 201)
 
-    assert set(data) == {"message_ids", "pending_messages"}
+    assert set(data) == {"message_ids", "pending_messages", "oldest_pending_age_s"}
     assert data["pending_messages"] == 3
+    assert data["oldest_pending_age_s"] == 0.0  # none of alice's messages was pending before
     rows = [Message.objects.get(pk=message_id) for message_id in data["message_ids"]]
     assert [(r.role, r.content, r.position) for r in rows] == [
         ("user", "first", 0),

@@ -604,3 +604,26 @@ def test_convex_fusion_takes_the_speaker_list_too(alice_session):
     with_list = {key for key, _, found in hits if "speaker" in found}
     assert with_list == {DocKey("message", rows[5].pk)}
     assert all(0.0 <= score <= 1.0 for _, score, _ in hits)
+
+
+def test_pending_embeddings_survive_a_concurrent_query_that_saw_other_pending_messages(monkeypatch):
+    """A query of the user, run while this one embeds, that trims the cache to its own pending set loses this one nothing."""
+    from concurrent.futures import Future
+
+    memory = retrieval.UserMemory(uuid.uuid4())
+    cached, new, other = (uuid.uuid4(), 1, "cached"), (uuid.uuid4(), 1, "new"), (uuid.uuid4(), 1, "other")
+    memory._pending = {cached[:2]: np.ones(3, dtype=np.float32)}
+    value = {"new": 2.0, "other": 3.0}
+
+    def submit_query(texts, **kwargs):
+        future = Future()
+        if texts == ["new"]:  # meanwhile, a query that sees only `other` pending (cached was flushed)
+            memory.pending_embeddings([other])
+        future.set_result(np.array([[value[text]] * 3 for text in texts], dtype=np.float32))
+        return future
+
+    monkeypatch.setattr(registry, "submit_query", submit_query)
+
+    vectors = memory.pending_embeddings([cached, new])
+
+    assert vectors.tolist() == [[1, 1, 1], [2, 2, 2]]

@@ -278,6 +278,7 @@ async def test_messages_add_acknowledges_with_request_id_and_stores_rows(connect
         "request_id": request_id,
         "message_ids": [str(r.pk) for r in rows],
         "pending_messages": 2,
+        "oldest_pending_age_s": 0.0,  # none of the user's messages was pending before
     }
     assert [(r.role, r.content, r.position) for r in rows] == [
         ("user", VALID_MESSAGE["content"], 0),

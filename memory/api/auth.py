@@ -19,6 +19,8 @@ from django.conf import settings
 from django_ratelimit.core import get_usage
 from rest_framework import authentication, exceptions, permissions, throttling
 
+from memory.errors import RateLimited
+from memory.pool import is_database_unavailable, is_pool_exhausted
 from memory.tenancy import Principal, resolve_key
 
 WS_SUBPROTOCOL = "memfuse"
@@ -107,6 +109,31 @@ class IsOperator(permissions.BasePermission):
         return is_operator(request)
 
 
+def rate_usage(principal: Principal) -> dict | None:
+    """Count one request of ``principal``'s key against ``API_RATE_LIMIT``; django-ratelimit's usage
+    (``should_limit``, ``time_left``...), ``None`` when rate limits are off.
+
+    REST requests (``ApiKeyRateThrottle``) and WebSocket connects and frames
+    (``check_rate``) share the key's counter: a key has one budget however it is used.
+    """
+    return get_usage(
+        None,
+        group="api_key",
+        key=lambda group, request: principal.key_id,
+        rate=settings.MEMFUSE["API_RATE_LIMIT"],  # read per request, so tests can change it
+        increment=True,
+    )
+
+
+def check_rate(principal: Principal) -> None:
+    """Count one WebSocket connect or frame; ``RateLimited`` (429) past ``API_RATE_LIMIT``. May
+    block on the cache (Redis): call it from a worker thread."""
+    usage = rate_usage(principal)
+    if usage is not None and usage["should_limit"]:
+        wait = max(int(usage["time_left"]), 1)
+        raise RateLimited(f"Rate limit of the API key reached (API_RATE_LIMIT): retry in {wait} s", retry_after=wait)
+
+
 class ApiKeyRateThrottle(throttling.BaseThrottle):
     """At most ``API_RATE_LIMIT`` requests per API key (``"<n>/<second|minute|hour|day>"``,
     default ``6000/minute``), in fixed windows of that period; past it, 429 with Retry-After
@@ -129,13 +156,7 @@ class ApiKeyRateThrottle(throttling.BaseThrottle):
     def allow_request(self, request, view) -> bool:
         if not isinstance(request.auth, Principal):
             return True  # no key, no limit here (the request is refused anyway)
-        usage = get_usage(
-            request,
-            group="api_key",
-            key=lambda group, request: request.auth.key_id,
-            rate=settings.MEMFUSE["API_RATE_LIMIT"],  # read per request, so tests can change it
-            increment=True,
-        )
+        usage = rate_usage(request.auth)
         self.time_left = usage["time_left"] if usage else 0
         return usage is None or not usage["should_limit"]
 
@@ -147,13 +168,21 @@ class WebSocketAuthMiddleware(BaseMiddleware):
     """Puts ``scope["principal"]`` (a ``Principal`` or ``None``) on WebSocket connections.
 
     The key comes from the ``Authorization`` header, else from a ``bearer.<key>`` subprotocol.
-    Resolving may query the database, so it runs in a worker thread.
+    Resolving may query the database, so it runs in a worker thread. When the database cannot
+    answer (pool exhausted, unreachable), ``scope["principal_error"]`` holds the exception: the
+    consumer refuses the socket with a 503 frame rather than crashing the handshake.
     """
 
     async def __call__(self, scope, receive, send):
         token = bearer_token(scope.get("headers", [])) or subprotocol_token(scope.get("subprotocols", []))
-        principal = await database_sync_to_async(authenticate_bearer, thread_sensitive=False)(token)
-        scope = dict(scope, principal=principal)
+        try:
+            principal = await database_sync_to_async(authenticate_bearer, thread_sensitive=False)(token)
+        except Exception as exc:
+            if not (is_pool_exhausted(exc) or is_database_unavailable(exc)):
+                raise
+            scope = dict(scope, principal=None, principal_error=exc)
+        else:
+            scope = dict(scope, principal=principal)
         return await super().__call__(scope, receive, send)
 
 

@@ -10,7 +10,13 @@ from rest_framework import exceptions
 from rest_framework.response import Response
 
 from memory.errors import ServiceError
-from memory.pool import RETRY_AFTER_SECONDS, is_pool_exhausted, note_pool_exhausted
+from memory.pool import (
+    RETRY_AFTER_SECONDS,
+    is_database_unavailable,
+    is_pool_exhausted,
+    note_database_unavailable,
+    note_pool_exhausted,
+)
 from memory.registry import EmbeddingProcessError
 
 logger = logging.getLogger(__name__)
@@ -65,6 +71,7 @@ def validation_error(detail) -> tuple[str, list[dict]]:
 
 EMBEDDING_UNAVAILABLE_MESSAGE = "The query embedding model is unavailable (restarting): retry later"
 POOL_EXHAUSTED_MESSAGE = "The service is busy (no database connection free): retry later"
+DATABASE_UNAVAILABLE_MESSAGE = "The database is unavailable (restarting or unreachable): retry later"
 
 
 def pool_exhausted_body() -> tuple[dict, dict]:
@@ -73,18 +80,32 @@ def pool_exhausted_body() -> tuple[dict, dict]:
     return error_body(503, POOL_EXHAUSTED_MESSAGE), {"Retry-After": str(RETRY_AFTER_SECONDS)}
 
 
+def database_refusal(exc: BaseException | None) -> tuple[dict, dict] | None:
+    """The 503 answer ``(body, headers)`` when ``exc`` is the database's (pool exhausted, or the
+    database unreachable: ``memory.pool``), counted for the dashboard; ``None`` otherwise."""
+    if is_pool_exhausted(exc):
+        return pool_exhausted_body()
+    if is_database_unavailable(exc):
+        note_database_unavailable()
+        return error_body(503, DATABASE_UNAVAILABLE_MESSAGE), {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    return None
+
+
 def exception_handler(exc, context) -> Response | None:
     """DRF ``EXCEPTION_HANDLER``: domain errors, validation errors and HTTP errors, one shape.
 
-    An exhausted database pool (``memory.pool.is_pool_exhausted``) is a 503 with ``Retry-After``;
-    so is an inference process that died under a query (``EmbeddingProcessError``: the next
-    query starts a new one).
+    An exhausted database pool or an unreachable database (``database_refusal``) is a 503 with
+    ``Retry-After``; so is an inference process that died under a query
+    (``EmbeddingProcessError``: the next query starts a new one), and a ``ServiceError`` with a
+    ``retry_after`` (the flush backlog's limit).
     """
-    if is_pool_exhausted(exc):
-        body, headers = pool_exhausted_body()
+    refusal = database_refusal(exc)
+    if refusal is not None:
+        body, headers = refusal
         request = context.get("request")
-        logger.warning("503: database pool exhausted (%s)", request.path if request is not None else "?")
-        return Response(body, status=503, headers=headers)
+        # One line, no traceback: a database restart makes many of these at once.
+        logger.warning("503: %s (%s)", body["message"], request.path if request is not None else "?")
+        return _logged(Response(body, status=503, headers=headers))
     if isinstance(exc, EmbeddingProcessError):
         logger.error("503: %s", exc)
         return Response(
@@ -93,7 +114,9 @@ def exception_handler(exc, context) -> Response | None:
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
     if isinstance(exc, ServiceError):
-        return Response(error_body(exc.status, exc.message, exc.errors), status=exc.status)
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+        response = Response(error_body(exc.status, exc.message, exc.errors), status=exc.status, headers=headers)
+        return _logged(response) if exc.status >= 500 else response
     if isinstance(exc, exceptions.ValidationError):
         message, errors = validation_error(exc.detail)
         return Response(error_body(400, message, errors), status=400)
@@ -107,6 +130,13 @@ def exception_handler(exc, context) -> Response | None:
     return None  # an unexpected error: Django's handler500 answers, in the same shape
 
 
+def _logged(response: Response) -> Response:
+    """A 5xx we answer by design (retry later): Django's request logger would also log it as an
+    ERROR line; the attribute is what Django itself sets on a response it has logged."""
+    response._has_been_logged = True
+    return response
+
+
 def json_404(request, exception=None) -> JsonResponse:
     """``handler404``: unknown URLs answer in the envelope too."""
     return JsonResponse(error_body(404, f"No endpoint at {request.path}"), status=404)
@@ -116,9 +146,11 @@ def json_500(request) -> JsonResponse:
     """``handler500``: an unexpected error, in the envelope (details are in the server log).
 
     Django calls it while handling the exception, so ``sys.exc_info()`` is that exception: an
-    exhausted database pool outside DRF (the admin, the dashboard) is a 503 with ``Retry-After``.
+    exhausted pool or an unreachable database outside DRF (the admin, the dashboard) is a 503
+    with ``Retry-After``.
     """
-    if is_pool_exhausted(sys.exc_info()[1]):
-        body, headers = pool_exhausted_body()
+    refusal = database_refusal(sys.exc_info()[1])
+    if refusal is not None:
+        body, headers = refusal
         return JsonResponse(body, status=503, headers=headers)
     return JsonResponse(error_body(500, "Internal server error"), status=500)

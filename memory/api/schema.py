@@ -18,7 +18,7 @@ from rest_framework import serializers
 
 # Every view with a key: bad input, no usable key, a key that may not, unknown id, rate limit,
 # unexpected error. Documented everywhere: the fuzz test holds us to every code we answer.
-ERRORS = (400, 401, 403, 404, 429, 500, 503)
+ERRORS = (400, 401, 403, 404, 413, 429, 500, 503)
 WITH_CONFLICT = (*ERRORS, 409)  # creating or renaming to a name the tenant (or user) already has
 ERROR_DESCRIPTIONS = {
     400: "Invalid input; `errors` name the fields (`messages[1].role`).",
@@ -26,9 +26,11 @@ ERROR_DESCRIPTIONS = {
     403: "The key may not do this (an operator key on tenant data, a user key changing agents).",
     404: "Unknown id, or an object of another tenant or user.",
     409: "The name is taken (names are unique per tenant; session names per user).",
+    413: "The request body is larger than `MAX_REQUEST_BYTES`.",
     429: "Rate limit of the API key reached; see `Retry-After`.",
     500: "Unexpected server error (details in the server log).",
-    503: "No database connection came free within the pool timeout; retry after `Retry-After` seconds.",
+    503: "The database cannot be reached or no connection came free within the pool timeout (or, for an add, "
+    "the flush backlog is full); retry after `Retry-After` seconds.",
 }
 
 
@@ -174,6 +176,13 @@ class FlushJob(serializers.Serializer):
     last_error = serializers.CharField(allow_blank=True, allow_null=True)
     created_at = serializers.DateTimeField()
     finished_at = serializers.DateTimeField(allow_null=True)
+
+
+class HealthBacklog(serializers.Serializer):
+    pending_messages = serializers.IntegerField(help_text="pending messages of all users (read at most FLUSH_TICK_SECONDS ago)")
+    oldest_pending_age_s = serializers.FloatField(help_text="seconds the oldest of them has waited")
+    max_pending_messages = serializers.IntegerField(help_text="MAX_BACKLOG_MESSAGES: adds get 503 at this backlog (0: no limit)")
+    degraded_after_s = serializers.FloatField(help_text="BACKLOG_DEGRADED_SECONDS")
 
 
 class Buffer(serializers.Serializer):

@@ -17,13 +17,14 @@ import uuid
 from django.conf import settings
 from django.db import connection, transaction
 
+from buffers import backlog as buffer_backlog
 from buffers import services as buffer_services
 from buffers.models import Priority, Reason
 from memory import selectors, services
 from memory.api import serializers as s
 from memory.api.base import ConcurrentAPIView as APIView
 from memory.api.errors import envelope
-from memory.api.schema import WITH_CONFLICT, Buffer, FlushJob, QueryResult, api_doc, envelope_of, ids
+from memory.api.schema import WITH_CONFLICT, Buffer, FlushJob, HealthBacklog, QueryResult, api_doc, envelope_of, ids
 from memory.api.serializers import validated
 from memory.errors import Forbidden, NotFound
 from memory.models import KeyScope
@@ -67,11 +68,26 @@ class HealthView(APIView):
     permission_classes = []
     throttle_classes = []
 
-    @api_doc("Health", {"status": s.serializers.CharField(), "version": s.serializers.CharField(), "database": s.serializers.CharField()}, errors=(500, 503))
+    @api_doc(
+        "Health",
+        {
+            "status": s.serializers.ChoiceField(choices=["ok", "degraded"]),
+            "version": s.serializers.CharField(),
+            "database": s.serializers.CharField(),
+            "backlog": HealthBacklog(),
+        },
+        errors=(500, 503),
+        description="`degraded` (still 200) when the flush is behind: its oldest pending message is older "
+        "than `BACKLOG_DEGRADED_SECONDS`, or adds are refused (`MAX_BACKLOG_MESSAGES`). 503 when the "
+        "database cannot be reached.",
+    )
     def get(self, request):
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
-        return envelope({"status": "ok", "version": API_VERSION, "database": "ok"}, message="Service is healthy")
+        backlog = buffer_backlog.health()
+        status = backlog.pop("status")
+        message = "Service is healthy" if status == "ok" else "Service is degraded: the flush is behind"
+        return envelope({"status": status, "version": API_VERSION, "database": "ok", "backlog": backlog}, message=message)
 
 
 # --- users -------------------------------------------------------------------------------------
@@ -255,9 +271,15 @@ class SessionMessagesView(APIView):
 
     @api_doc(
         "MessagesAdded",
-        {**ids("message_ids"), "pending_messages": s.serializers.IntegerField(help_text="the user's messages waiting for a flush")},
+        {
+            **ids("message_ids"),
+            "pending_messages": s.serializers.IntegerField(help_text="the user's messages waiting for a flush"),
+            "oldest_pending_age_s": s.serializers.FloatField(help_text="seconds the oldest of them has waited (0: none)"),
+        },
         code=201,
         request=s.MessagesAdd,
+        description="503 with `Retry-After` when the flush backlog of all users is at `MAX_BACKLOG_MESSAGES` "
+        "(nothing is stored).",
     )
     def post(self, request, session_id):
         session = selectors.session_ref(
@@ -266,7 +288,7 @@ class SessionMessagesView(APIView):
         messages = validated(s.MessagesAdd, request.data)["messages"]
         rows = services.messages_add(session=session, messages=messages)
         return envelope(
-            {"message_ids": [str(r.pk) for r in rows], "pending_messages": rows.pending},
+            {"message_ids": [str(r.pk) for r in rows], "pending_messages": rows.pending, "oldest_pending_age_s": rows.oldest_pending_age_s},
             code=201,
             message="Messages added successfully",
         )

@@ -1,0 +1,200 @@
+"""Limits on what a client may send: body and frame size, JSON nesting, non-finite numbers.
+
+Every limit is a setting (``MEMFUSE``; README, "Configuration"):
+
+- ``MAX_REQUEST_BYTES``: an HTTP body over it is a 413 before it is read (``BodySizeLimit``,
+  under ASGI) or parsed (``BoundedJSONParser``, under WSGI and the test client too);
+- ``WS_MAX_FRAME_BYTES``: a WebSocket text frame over it gets a 413 error frame, unparsed;
+- ``MAX_JSON_DEPTH``: JSON nested deeper (objects and arrays, the document itself being
+  level 1) is a 400 naming the limit: Python's decoder recurses per level (5,000 levels were
+  a ``RecursionError``, a 500), and so do our validators and PostgreSQL's ``jsonb`` input.
+
+Numbers: ``NaN`` and ``Infinity`` are refused (DRF's strict JSON), and so are numbers too
+large for a float (``1e400``, which Python reads as infinity and ``jsonb`` cannot store).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from django.conf import settings
+from rest_framework import exceptions
+from rest_framework.parsers import JSONParser
+from rest_framework.utils.json import strict_constant
+
+
+class RequestTooLarge(exceptions.APIException):
+    """A request body over ``MAX_REQUEST_BYTES``: HTTP 413."""
+
+    status_code = 413
+    default_code = "request_too_large"
+
+
+class JSONTooDeep(ValueError):
+    """JSON nested deeper than ``MAX_JSON_DEPTH``; ``path`` names where (``messages[0].metadata.a``), if known."""
+
+    def __init__(self, path: str | None = None):
+        self.path = path
+        super().__init__(too_deep_message())
+
+
+def too_deep_message() -> str:
+    return f"JSON nested deeper than {settings.MEMFUSE['MAX_JSON_DEPTH']} levels (MAX_JSON_DEPTH)"
+
+
+def too_large_message(limit: int, what: str = "request body", setting: str = "MAX_REQUEST_BYTES") -> str:
+    return f"The {what} is larger than {limit} bytes ({setting})"
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"Number out of range: {text[:40]}")
+    return value
+
+
+def loads(text: str | bytes):
+    """``text`` decoded as JSON within the limits (non-finite numbers, ``MAX_JSON_DEPTH``).
+
+    Raises ``ValueError`` for invalid JSON (``json.JSONDecodeError``, an out-of-range number)
+    and ``JSONTooDeep`` (a ``ValueError`` too) past ``MAX_JSON_DEPTH``.
+    """
+    try:
+        value = json.loads(text, parse_constant=strict_constant, parse_float=_finite_float)
+    except RecursionError:  # deeper than the interpreter's stack: far past any sane limit
+        raise JSONTooDeep() from None
+    check_depth(value)
+    return value
+
+
+def check_depth(value, limit: int | None = None) -> None:
+    """Raise ``JSONTooDeep`` (with the path of the first too-deep value) if ``value`` nests past ``limit``.
+
+    Iterative (a decoded document may be nested up to the interpreter's recursion limit):
+    one pass over the containers; the path is worked out only for a refusal.
+    """
+    limit = settings.MEMFUSE["MAX_JSON_DEPTH"] if limit is None else limit
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            raise JSONTooDeep(_path_to_depth(value, limit + 1))
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+
+
+def _path_to_depth(value, depth: int) -> str | None:
+    """The field name (``messages[0].metadata.a``) of the first container at ``depth`` in ``value``."""
+    stack = [(value, 1, "")]
+    while stack:
+        item, level, path = stack.pop()
+        if level == depth:
+            return path or None
+        if isinstance(item, dict):
+            stack.extend((child, level + 1, f"{path}.{key}" if path else str(key)) for key, child in item.items() if isinstance(child, dict | list))
+        elif isinstance(item, list):
+            stack.extend((child, level + 1, f"{path}[{index}]") for index, child in enumerate(item) if isinstance(child, dict | list))
+    return None
+
+
+class BoundedJSONParser(JSONParser):
+    """DRF's JSON parser within the limits: a body over ``MAX_REQUEST_BYTES`` is a 413 before it is
+    parsed (by its ``Content-Length``, else by reading one byte past the limit); JSON nested past
+    ``MAX_JSON_DEPTH`` a 400 naming the limit (and the field, when the body could be decoded)."""
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        parser_context = parser_context or {}
+        limit = settings.MEMFUSE["MAX_REQUEST_BYTES"]
+        request = parser_context.get("request")
+        meta = request.META if request is not None else {}
+        try:
+            length = int(meta.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        if length > limit:
+            raise RequestTooLarge(too_large_message(limit))
+        raw = stream.read(limit + 1)
+        if len(raw) > limit:
+            raise RequestTooLarge(too_large_message(limit))
+        try:
+            text = raw.decode(parser_context.get("encoding", settings.DEFAULT_CHARSET))
+        except UnicodeDecodeError as exc:
+            raise exceptions.ParseError(f"JSON parse error - the body is not valid UTF-8: {exc}") from None
+        try:
+            return loads(text)
+        except JSONTooDeep as exc:
+            raise exceptions.ValidationError({exc.path or "non_field_errors": [str(exc)]}) from None
+        except ValueError as exc:
+            raise exceptions.ParseError(f"JSON parse error - {exc}") from None
+
+
+# --- ASGI: refuse an oversized body before reading it ----------------------------------------------
+
+
+class BodySizeLimit:
+    """ASGI middleware: an HTTP request whose body is over ``MAX_REQUEST_BYTES`` gets a 413 (the
+    error envelope) without the body being read into a temporary file.
+
+    By ``Content-Length`` at once; a body without one (chunked) is counted as it arrives, and
+    past the limit the application is told the client left (Django then sends nothing) and the
+    413 is sent here.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = settings.MEMFUSE["MAX_REQUEST_BYTES"]
+        length = _content_length(scope)
+        if length is not None and length > limit:
+            return await _send_413(send, limit)
+        if length is not None:
+            return await self.app(scope, receive, send)
+        received = 0
+        over = False
+
+        async def counting_receive():
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    over = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        await self.app(scope, counting_receive, send)
+        if over:
+            await _send_413(send, limit)
+
+
+def _content_length(scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _send_413(send, limit: int) -> None:
+    from memory.api.errors import error_body
+
+    body = json.dumps(error_body(413, too_large_message(limit))).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,127 @@
+"""Safe by default: the SECRET_KEY in both modes, and ``manage.py check --deploy`` for the README's production settings.
+
+Settings are read once per process, so each case runs in a subprocess with the environment
+under test (the product's settings module, not the suite's).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from django.conf import settings
+
+from memfuse_project.embedded_pg import embedded_secret_key, stop_server
+from tests.subprocesses import subprocess_env
+
+# The README's production configuration ("Production"), besides DATABASE_URL and SECRET_KEY.
+PRODUCTION = {
+    "DEBUG": "off",
+    "ALLOWED_HOSTS": "memory.example.com",
+    "SECURE_PROXY_SSL_HEADER": "HTTP_X_FORWARDED_PROTO,https",
+    "SECURE_SSL_REDIRECT": "on",
+    "SESSION_COOKIE_SECURE": "on",
+    "CSRF_COOKIE_SECURE": "on",
+    "SECURE_HSTS_SECONDS": "31536000",
+    "SECURE_HSTS_INCLUDE_SUBDOMAINS": "on",
+    "SECURE_HSTS_PRELOAD": "on",
+    "CSRF_TRUSTED_ORIGINS": "https://memory.example.com",
+}
+STRONG_KEY = "k3Y-" + "aZ09_-xQ" * 8  # 68 characters, many distinct
+
+
+def product_env(**extra: str) -> dict:
+    """The test database's environment with the product's settings module and no SECRET_KEY, plus ``extra``."""
+    env = subprocess_env(DJANGO_SETTINGS_MODULE="memfuse_project.settings", **extra)
+    for name in ("SECRET_KEY", "SECRET_KEY_FILE", *PRODUCTION):
+        if name not in extra:
+            env.pop(name, None)
+    return env
+
+
+def run(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=120)
+
+
+PRINT_KEY = "import django; django.setup(); from django.conf import settings; print(settings.SECRET_KEY)"
+
+
+def test_without_secret_key_a_database_url_deployment_refuses_to_start(db):
+    """DATABASE_URL and no SECRET_KEY: settings raise ImproperlyConfigured naming SECRET_KEY; nothing starts."""
+    result = run(PRINT_KEY, product_env())
+
+    assert result.returncode != 0
+    assert "ImproperlyConfigured: SECRET_KEY is not set" in result.stderr
+    assert result.stdout == ""
+
+
+def test_secret_key_comes_from_the_environment_or_a_file(db, tmp_path):
+    """SECRET_KEY, or SECRET_KEY_FILE naming a file that holds it (a Docker secret)."""
+    key_file = tmp_path / "key"
+    key_file.write_text(STRONG_KEY + "\n")
+
+    assert run(PRINT_KEY, product_env(SECRET_KEY="from-the-env-" + "x" * 40)).stdout.strip() == "from-the-env-" + "x" * 40
+    assert run(PRINT_KEY, product_env(SECRET_KEY_FILE=str(key_file))).stdout.strip() == STRONG_KEY
+
+
+def test_embedded_secret_key_is_made_once_private_and_kept(tmp_path):
+    """embedded_secret_key writes 64 random characters to <dir>/secret-key (0600) and returns them again after."""
+    first = embedded_secret_key(tmp_path)
+
+    assert len(first) == 64 and len(set(first)) > 20
+    assert (tmp_path / "secret-key").stat().st_mode & 0o777 == 0o600
+    assert embedded_secret_key(tmp_path) == first
+    other = tmp_path / "other"
+    other.mkdir()
+    assert embedded_secret_key(other) != first
+
+
+def test_the_embedded_default_generates_its_secret_key_in_its_data_folder():
+    """No DATABASE_URL, no SECRET_KEY: two processes on one data folder share one generated key, kept there."""
+    folder = Path(tempfile.mkdtemp(prefix="memfuse-key-"))  # see test_database_restart.own_postgres
+    data_dir = folder / "pg"
+    env = {key: value for key, value in os.environ.items() if key not in {"DATABASE_URL", "SECRET_KEY", "SECRET_KEY_FILE"}}
+    env.update(DJANGO_SETTINGS_MODULE="memfuse_project.settings", EMBEDDED_PG_DIR=str(data_dir))
+    try:
+        first, second = (run(PRINT_KEY, env) for _ in range(2))
+    finally:
+        stop_server(data_dir)
+        key_file = data_dir / "secret-key"
+        stored = key_file.read_text().strip() if key_file.exists() else None
+        shutil.rmtree(folder, ignore_errors=True)
+
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.strip() == second.stdout.strip() == stored
+    assert len(stored) == 64 and "dev" not in stored
+
+
+def check_deploy(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_check_deploy_passes_for_the_documented_production_settings(db):
+    """manage.py check --deploy --fail-level WARNING: no issue with the README's production environment."""
+    result = check_deploy(product_env(SECRET_KEY=STRONG_KEY, **PRODUCTION))
+
+    assert result.returncode == 0, result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_check_deploy_fails_without_the_production_settings(db):
+    """The defaults (plain HTTP on a laptop) are not a deployment: check --deploy names what is missing."""
+    result = check_deploy(product_env(SECRET_KEY=STRONG_KEY, ALLOWED_HOSTS="memory.example.com"))
+
+    assert result.returncode != 0
+    for warning in ("security.W004", "security.W008", "security.W012", "security.W016"):  # HSTS, redirect, cookies
+        assert warning in result.stderr

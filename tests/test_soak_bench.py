@@ -1,0 +1,37 @@
+"""``manage.py soak_bench``: its options, its memory slope, and the pool-check figures (the soak itself drives the
+restart test's load, ``tests/test_database_restart.py``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from memory.management.commands.soak_bench import slope_mb_per_hour
+
+
+def test_memory_slope_is_least_squares_in_mb_per_hour():
+    """Samples (s, MB) rising 1 MB per minute give 60 MB/hour; fewer than 3 samples give None."""
+    assert slope_mb_per_hour([(0, 100.0), (60, 101.0), (120, 102.0), (180, 103.0)]) == 60.0
+    assert slope_mb_per_hour([(0, 100.0), (60, 200.0)]) is None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--duration", "0"], "--duration"), (["--url", "http://127.0.0.1:1"], "--api-key"), (["--server-env", "NOEQUALS"], "NAME=VALUE")],
+)
+def test_soak_rejects_bad_options(args, message):
+    """Bad options are a command error naming the option, before any server starts."""
+    with pytest.raises(CommandError, match=message):
+        call_command("soak_bench", "soak", *args)
+
+
+def test_pool_check_reports_the_cost_of_the_connection_check(db, tmp_path):
+    """pool-check times getconn+putconn with and without check_connection on this database."""
+    out = tmp_path / "pool.json"
+    call_command("soak_bench", "pool-check", "--iterations", "200", "--json", str(out))
+
+    figures = json.loads(out.read_text())
+    assert figures["check_connection"]["median_us"] > figures["no_check"]["median_us"] > 0
+    assert figures["check_cost_us"] == round(figures["check_connection"]["median_us"] - figures["no_check"]["median_us"], 1)
