@@ -17,6 +17,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "memfuse_project.settings")
 django_asgi_app = get_asgi_application()
 
 import asyncio  # noqa: E402
+import sys  # noqa: E402
 import threading  # noqa: E402
 import weakref  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
@@ -24,9 +25,9 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.db import connections  # noqa: E402
 from django.urls import get_resolver  # noqa: E402
-from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from buffers import events, workers  # noqa: E402
 from buffers.consumers import FlushConsumer  # noqa: E402
@@ -40,7 +41,7 @@ from memory.api.limits import BodySizeLimit  # noqa: E402
 def _start_serving() -> None:
     migrate_if_embedded()
     local_tenant_if_embedded()
-    registry.preload()
+    registry.preload(documents=workers.should_run_in_process(sys.argv))
     workers.start_if_serving()
     # The importing thread serves no request: give back the pool connections it used (runserver's
     # migration check, the embedded database's migrate), or it would hold one for ever.

@@ -110,16 +110,27 @@ def ensure_server(data_dir: Path) -> dict:
 
 def stop_server(data_dir: Path) -> None:
     """Stop the embedded server in ``data_dir`` (fast shutdown); no-op when it is not running."""
-    import os
-
-    pgserver = _pgserver()
     data_dir = Path(data_dir).expanduser().resolve()
     if _running_server(data_dir) is None:
         return
+    _pg_ctl(data_dir, "stop")
+
+
+def restart_server(data_dir: Path) -> None:
+    """Restart the embedded server in ``data_dir`` (fast: every session is terminated); returns
+    once it accepts connections again."""
+    _pg_ctl(Path(data_dir).expanduser().resolve(), "restart", "-l", str(Path(data_dir) / "log"))
+
+
+def _pg_ctl(data_dir: Path, action: str, *options: str) -> None:
+    import os
+
+    pgserver = _pgserver()
     # As root, pgserver runs PostgreSQL as its own 'pgserver' user; pg_ctl must run as that user.
     user = "pgserver" if os.geteuid() == 0 else None
     binaries = pgserver.utils.POSTGRES_VERSIONS[_version(data_dir)]
-    pgserver.pgexec.pgexec("pg_ctl", ["-w", "-m", "fast", "-D", str(data_dir), "stop"], bin_path=binaries, user=user)
+    arguments = ["-w", "-m", "fast", "-D", str(data_dir), *options, action]
+    pgserver.pgexec.pgexec("pg_ctl", arguments, bin_path=binaries, user=user)
 
 
 def embedded_database_settings(data_dir: Path) -> dict:

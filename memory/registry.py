@@ -924,20 +924,26 @@ def preload_if_serving() -> None:
     """
     if should_preload(sys.argv):
         # runworker only flushes: no query reaches it, so no query model (nor its process).
-        preload(queries=sys.argv[1:2] != ["runworker"])
+        from buffers.workers import should_run_in_process
+
+        preload(queries=sys.argv[1:2] != ["runworker"], documents=should_run_in_process(sys.argv))
 
 
-def preload(queries: bool = True) -> None:
+def preload(queries: bool = True, documents: bool = False) -> None:
     """Load what this serving process needs now, not at its first request: the query model
-    (``queries``), its own full model only when ``needs_own_model()``, and the reranker.
-    Idempotent; ``asgi.py`` and ``wsgi.py`` call it for servers ``should_preload`` does not
-    know. Raises ``EmbeddingProcessError`` or ``RerankerLoadError`` when a model fails to load.
+    (``queries``), the flushes' model (``documents``: this process flushes), its own full
+    model only when ``needs_own_model()``, and the reranker. Child processes load theirs side
+    by side. Idempotent; ``asgi.py`` and ``wsgi.py`` call it for servers ``should_preload``
+    does not know. Raises ``EmbeddingProcessError`` or ``RerankerLoadError`` when a model fails
+    to load.
     """
     query = get_query_embedder() if queries else None
+    background = _get_background_batcher().embedder if documents else None
     if needs_own_model():
-        get_embedder()  # a query process loads its model meanwhile
-    if isinstance(query, ProcessEmbedder):
-        query.wait_ready()
+        get_embedder()  # the child processes load their models meanwhile
+    for embedder in (query, background):
+        if isinstance(embedder, ProcessEmbedder):
+            embedder.wait_ready()
     get_reranker()
 
 

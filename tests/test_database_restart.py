@@ -26,7 +26,7 @@ import pytest
 import requests
 from django.conf import settings
 
-from memfuse_project.embedded_pg import DATABASE_NAME, ensure_server, stop_server
+from memfuse_project.embedded_pg import DATABASE_NAME, ensure_server, restart_server, stop_server
 from memory.management.commands.memfuse_bench import free_loopback_port, uvicorn_command
 from memory.management.commands.soak_bench import MixedLoad, Target
 
@@ -56,10 +56,7 @@ def own_postgres():
 
 def restart(data_dir: Path) -> None:
     """``pg_ctl restart -m fast``: terminates every session, waits until the server accepts connections."""
-    import pgserver
-
-    user = "pgserver" if os.geteuid() == 0 else None  # as in embedded_pg.stop_server
-    pgserver.pg_ctl(["-w", "-m", "fast", "-l", str(data_dir / "log"), "restart"], pgdata=str(data_dir), user=user, timeout=60)
+    restart_server(data_dir)
 
 
 def serve(data_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:

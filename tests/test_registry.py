@@ -140,14 +140,15 @@ def test_runserver_child_preloads(preload_enabled, monkeypatch):
 
 @pytest.mark.parametrize("documents_int8, own_model", [(False, 1), (True, 0)])
 def test_servers_preload_a_query_process_and_runworker_none(fresh_registry, preload_enabled, monkeypatch, documents_int8, own_model):
-    """A server spawns the query process and waits for it; runworker, which only flushes,
-    loads no query model. Either loads the full model itself only when documents are embedded
-    by it (DOCUMENT_EMBEDDING_INT8 off): else every model is in an inference process."""
+    """A server spawns the query process and, as it flushes, the background one, and waits
+    for both; runworker, which only flushes, loads no query model. Either loads the full
+    model itself only when documents are embedded by it (DOCUMENT_EMBEDDING_INT8 off): else
+    every model is in an inference process."""
     spawned, waited = [], []
 
     class RecordingProcessEmbedder:
         def __init__(self, path, **options):
-            spawned.append(options["role"])
+            spawned.append(options.get("role", "background"))
 
         def wait_ready(self):
             waited.append(True)
@@ -158,11 +159,12 @@ def test_servers_preload_a_query_process_and_runworker_none(fresh_registry, prel
 
     monkeypatch.setattr(sys, "argv", ["manage.py", "runworker", "memfuse-flush"])
     fresh_registry.preload_if_serving()
-    assert CountingDeterministicEmbedder.constructed == own_model and spawned == []
+    assert CountingDeterministicEmbedder.constructed == own_model and spawned == ["background"] and len(waited) == 1
 
     monkeypatch.setattr(sys, "argv", ["/x/bin/uvicorn", "memfuse_project.asgi:application"])
-    fresh_registry.preload_if_serving()
-    assert spawned == ["query"] and waited == [True] and CountingDeterministicEmbedder.constructed == own_model
+    fresh_registry.preload_if_serving()  # the background process is the one runworker started
+    assert spawned == ["background", "query"] and len(waited) == 3
+    assert CountingDeterministicEmbedder.constructed == own_model
 
 
 def test_preload_can_be_switched_off(monkeypatch):

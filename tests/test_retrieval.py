@@ -615,10 +615,15 @@ def test_pending_embeddings_survive_a_concurrent_query_that_saw_other_pending_me
     memory._pending = {cached[:2]: np.ones(3, dtype=np.float32)}
     value = {"new": 2.0, "other": 3.0}
 
+    class Embedding(Future):
+        def result(self, timeout=None):
+            if self.texts == ["new"]:  # while it is awaited, a query that sees only `other` pending
+                memory.pending_embeddings([other])
+            return super().result(timeout)
+
     def submit_query(texts, **kwargs):
-        future = Future()
-        if texts == ["new"]:  # meanwhile, a query that sees only `other` pending (cached was flushed)
-            memory.pending_embeddings([other])
+        future = Embedding()
+        future.texts = texts
         future.set_result(np.array([[value[text]] * 3 for text in texts], dtype=np.float32))
         return future
 
