@@ -29,8 +29,8 @@ from django.utils import timezone
 from buffers import events
 from buffers.models import ACTIVE_STATES, FlushJob, Priority, Reason, State
 from memory import registry
-from memory.retrieval.vector import context_refresh
 from memory.pool import is_database_unavailable
+from memory.retrieval.vector import context_refresh
 from memory.vectors import vector_literals
 
 logger = logging.getLogger(__name__)

@@ -163,5 +163,5 @@ application = ServerLoopRegistration(
 # collector: each of its full passes walked all of it holding the GIL, a pause of ~0.35 s
 # every few seconds under load (measured at 50-100 queries/s). Reference counting still
 # frees these objects; only cycles among them would never be collected.
-get_resolver().url_patterns  # import the views now, so that they are frozen too
+_ = get_resolver().url_patterns  # import the views now, so that they are frozen too
 gc.freeze()
