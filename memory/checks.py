@@ -19,8 +19,8 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 @register(Tags.database)
 def check_pgvector(app_configs=None, databases=None, **kwargs) -> list[Error]:
-    """memory.E001/E002/E010: the ``vector`` extension is available (0.8 or later); the stored
-    dimension is the model's.
+    """memory.E001/E002/E010/E011: the ``vector`` extension is available (0.8 or later); the stored
+    dimension is the model's (E011: the database could not be inspected).
 
     Runs with ``manage.py check --database default`` and before ``migrate``/``runserver``.
     """
@@ -58,7 +58,7 @@ def check_pgvector(app_configs=None, databases=None, **kwargs) -> list[Error]:
             )
             row = cursor.fetchone()
     except DatabaseError as exc:
-        return [Error(f"Could not inspect the database for pgvector: {exc}", id="memory.E003")]
+        return [Error(f"Could not inspect the database for pgvector: {exc}", id="memory.E011")]
 
     loaded = registry.loaded_embedder()
     model_dim = loaded.dimension if loaded else registry.model_dimension_from_config(registry.default_model_path())
