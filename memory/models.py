@@ -65,7 +65,7 @@ class User(Named):
     """An end user of a chat application: the owner of memories.
 
     ``memory_version`` is bumped in the same transaction as every write to the user's messages
-    or knowledge, so per-user caches (BM25 index, query results) know when they are stale.
+    or knowledge, so a process's cached index of the user (``memory.retrieval``) knows it must catch up.
     """
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="users")
