@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
@@ -30,6 +31,7 @@ from buffers import events
 from buffers.models import ACTIVE_STATES, FlushJob, Priority, Reason, State
 from memory import registry
 from memory.pool import is_database_unavailable
+from memory.retrieval import cache
 from memory.retrieval.vector import context_refresh
 from memory.vectors import vector_literals
 
@@ -138,7 +140,7 @@ _NO_FSYNC = "SET LOCAL synchronous_commit = off"
 
 
 def _claim(*, user_id: uuid.UUID, session_id: uuid.UUID | None, token: uuid.UUID, limit: int) -> list[tuple]:
-    """Claim up to ``limit`` pending messages: ``[(id, index_text)]``, oldest change first."""
+    """Claim up to ``limit`` pending messages: ``[(id, index_text, updated_at)]``, oldest change first."""
     lease = settings.BUFFERS["LEASE_SECONDS"]
     session_filter = "AND session_id = %(session)s" if session_id else ""
     with transaction.atomic(), connection.cursor() as cursor:
@@ -155,7 +157,7 @@ def _claim(*, user_id: uuid.UUID, session_id: uuid.UUID | None, token: uuid.UUID
                 LIMIT %(limit)s
                 FOR UPDATE SKIP LOCKED
             )
-            RETURNING id, index_text
+            RETURNING id, index_text, updated_at
             """,
             {"token": token, "lease": lease, "user": user_id, "session": session_id, "limit": limit},
         )
@@ -229,7 +231,7 @@ def _maintain_indexes(user_id: uuid.UUID) -> None:
     index (``vector.ann_enable``) and rewrite their lexical index's snapshot when it lags
     (``retrieval.cache.refresh_snapshot``). Derived data only: a failure is logged, and the
     next flush tries again."""
-    from memory.retrieval import cache, vector
+    from memory.retrieval import vector
 
     try:
         with connection.cursor() as cursor:
@@ -263,6 +265,22 @@ def _release(token: uuid.UUID) -> None:
         logger.warning("could not release the claims of a failed flush; their leases will expire", exc_info=True)
 
 
+def _embed_claimed(user_id: uuid.UUID, claimed: list[tuple]) -> np.ndarray:
+    """Embeddings ``(len(claimed), dim)`` of claimed rows ``[(id, index_text, updated_at)]``.
+
+    In the chat pattern a query embeds the round just added before its flush does (read
+    your writes): when that embedding is exactly the flush's (``registry.
+    queries_embed_documents``) and still in this process's cache of the user, it is written
+    as it is; the rest are embedded in the background. Raises ``EmbeddingProcessError``.
+    """
+    reused = {}
+    if registry.queries_embed_documents():
+        reused = cache.embedded_pending(user_id, [(row[0], row[2]) for row in claimed])
+    missing = [row[1] for row in claimed if (row[0], row[2]) not in reused]
+    embedded = iter(registry.embed(missing, priority=registry.BACKGROUND) if missing else ())
+    return np.stack([reused[(row[0], row[2])] if (row[0], row[2]) in reused else next(embedded) for row in claimed])
+
+
 def _flush_batches(
     *, user_id: uuid.UUID, session_id: uuid.UUID | None, deadline: float | None, batch_size: int, token: uuid.UUID
 ) -> int:
@@ -278,7 +296,7 @@ def _flush_batches(
             # Give the connection back to the pool while the model works (seconds): flush
             # workers would otherwise hold one each and starve requests of connections.
             connection.close()
-        vectors = registry.embed([row[1] for row in claimed], priority=registry.BACKGROUND)
+        vectors = _embed_claimed(user_id, claimed)
         written = _write(user_id=user_id, token=token, ids=ids, vectors=vectors)
         flushed += len(written)
         by_session: dict[uuid.UUID, list[str]] = {}

@@ -823,13 +823,21 @@ def local_document_embedder() -> Embedder | QueryEmbedder:
     return _local_document_embedder
 
 
+def queries_embed_documents() -> bool:
+    """Whether the query model gives exactly the embedding a flush writes (the same int8
+    model, one text per call: ``DOCUMENT_EMBEDDING_INT8`` and ``QUERY_EMBEDDING_INT8``). Then
+    a pending message a query embedded for read-your-writes need not be embedded again by
+    its flush."""
+    return documents_int8() and settings.MEMFUSE["QUERY_EMBEDDING_INT8"]
+
+
 def embed_documents(texts: list[str]) -> np.ndarray:
     """Embed documents now, at query priority (a knowledge item, whose add waits for it), with
     the model flushes use: ``(n, dim)`` float32, L2-normalised rows. With
     ``DOCUMENT_EMBEDDING_INT8`` that is the query model (the same int8 model, text by text),
     else this process's model. Raises ``EmbeddingProcessError`` when the model's process fails.
     """
-    if documents_int8() and settings.MEMFUSE["QUERY_EMBEDDING_INT8"]:
+    if queries_embed_documents():
         return submit_query(texts).result()
     if documents_int8():
         return _get_background_batcher().embed(texts)

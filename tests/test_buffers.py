@@ -224,7 +224,9 @@ def test_two_concurrent_flushes_embed_each_message_once(alice_session, monkeypat
         thread.join()
 
     assert sum(flushed) == 40 and min(flushed) > 0  # both took part
-    assert sorted(counting.texts) == sorted(m.index_text for m in rows)  # no text embedded twice
+    # No text embedded twice (the newest few may come from the add's prefetch, not embedded here).
+    assert len(counting.texts) == len(set(counting.texts)) and set(counting.texts) <= {m.index_text for m in rows}
+    assert len(counting.texts) >= 40 - settings.MEMFUSE["PENDING_EMBED_MAX"]
     assert set(Message.objects.filter(user=alice_session.user).values_list("flush_count", flat=True)) == {1}
 
 

@@ -124,3 +124,29 @@ def test_a_query_of_an_ann_user_finds_a_pending_message_too(alice_session, setti
 
     assert before[0]["id"] == after[0]["id"] == str(boat.pk)
     assert Message.objects.get(pk=boat.pk).ann_bucket == alice.ann_bucket
+
+
+def test_a_flush_writes_the_embedding_a_query_made_for_a_pending_turn(alice_session, monkeypatch):
+    """Read your writes embedded the pending turn with the query model, which gives what the
+    flush's model gives (``registry.queries_embed_documents``): the flush writes that
+    embedding as it is, and embeds only the turn that no query asked for."""
+    from memory import registry, retrieval
+
+    assert registry.queries_embed_documents()
+    [asked] = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="I adopted a grey kitten named Ash.")])
+    user = alice_session.user
+    user.refresh_from_db()
+    retrieval.hybrid_search(user_id=user.pk, memory_version=user.memory_version, query="Which pet did I adopt?", top_k=3)
+    [later] = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="Ash sleeps on the piano.")])
+    embedded: list[str] = []
+    real_embed = registry.embed
+    monkeypatch.setattr(registry, "embed", lambda texts, **options: embedded.extend(texts) or real_embed(texts, **options))
+
+    assert flush_pending(user_id=user.pk) == 2
+
+    asked.refresh_from_db()
+    later.refresh_from_db()
+    assert embedded == [later.index_text]
+    query_model = registry.submit_query([asked.index_text]).result()[0]
+    assert np.asarray(asked.embedding) == pytest.approx(query_model, abs=1e-6)
+    assert np.asarray(later.embedding) == pytest.approx(registry.submit_query([later.index_text]).result()[0], abs=1e-6)

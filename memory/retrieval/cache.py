@@ -112,6 +112,22 @@ class UserMemory:
         return np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
 
 
+    def embedded(self, keys: list[tuple[uuid.UUID, object]]) -> dict:
+        """The embeddings already computed for pending messages ``[(id, updated_at)]``:
+        ``{key: (dim,) float32}``, leaving out those not asked for or still on their way."""
+        found = {}
+        with self._pending_lock:
+            for key in keys:
+                entry = self._pending.get(key)
+                if isinstance(entry, Future):
+                    if not entry.done() or entry.cancelled() or entry.exception() is not None:
+                        continue
+                    entry = entry.result()[0]
+                if entry is not None:
+                    found[key] = entry
+        return found
+
+
 class UserMemoryCache(LRUCache):
     """cachetools' ``LRUCache`` bounded in bytes (``maxsize``; each entry's ``nbytes``), that
     counts its hits, misses and evictions (for operators). Not thread-safe by itself, like
@@ -168,6 +184,13 @@ def cached_user_memory(user_id: uuid.UUID) -> UserMemory | None:
     """The user's ``UserMemory`` if this process has it cached (no lookup is counted)."""
     with _cache_lock:
         return _user_cache().peek(user_id) if _cache is not None else None
+
+
+def embedded_pending(user_id: uuid.UUID, keys: list[tuple[uuid.UUID, object]]) -> dict:
+    """``UserMemory.embedded`` of the user if this process has them cached, else ``{}``: what
+    a flush may take instead of embedding again (``registry.queries_embed_documents``)."""
+    memory = cached_user_memory(user_id)
+    return memory.embedded(keys) if memory is not None else {}
 
 
 def resized(memory: UserMemory) -> None:
