@@ -271,6 +271,13 @@ def test_the_server_process_loaded_its_models_once(server, tenant_key):
     assert len(re.findall(r"background embedding process \d+ ready", log)) <= 1
 
 
+def test_runserver_serves_mcp_too(runserver, tenant_key):
+    """runserver (daphne, no ASGI lifespan) serves /mcp from the same application: add, then query."""
+    added = ok(call(runserver.url, tenant_key, "memory_add", {"user": "alice", "messages": [PUPPY]}))
+    found = ok(call(runserver.url, tenant_key, "memory_query", {"user": "alice", "query": "puppy"}))
+    assert [r["id"] for r in found["results"]] == added["message_ids"]
+
+
 # --- stdio -------------------------------------------------------------------------------------
 
 
