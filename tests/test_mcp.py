@@ -327,3 +327,20 @@ def test_stdio_refuses_to_start_without_a_usable_key(tmp_path):
     assert done.returncode != 0
     assert "Invalid, expired or revoked API key" in done.stderr
     assert done.stdout == ""
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+
+def test_interfaces_bench_reports_every_mode(runserver, capsys):
+    """interfaces_bench against a running server: a figure for each mode, both differences, its data deleted."""
+    from django.core.management import call_command
+
+    call_command("interfaces_bench", "--url", runserver.url, "--messages", "20", "--calls", "2", "--warmup", "0")
+
+    report = json.loads(capsys.readouterr().out)
+    for mode in ("rest_query", "mcp_query", "rest_query_bounded", "rest_add", "mcp_add"):
+        assert report[mode]["p50_ms"] > 0 and report[mode]["server_cpu_ms_per_call"] is None  # --url: not our process
+    assert set(report["mcp_over_rest"]) == {"query", "add"} and "p50_ms" in report["bounded_over_unbounded"]
+    assert report["setup"]["messages"] == 20
+    assert not User.objects.exists()
