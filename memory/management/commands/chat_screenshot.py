@@ -23,7 +23,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from memory import services
 from memory.management.commands.memfuse_bench import ServerProcess
-from memory.models import KeyScope
+from memory.models import KeyScope, User
 
 TURNS = [
     "I adopted a golden retriever puppy called Biscuit in March.",
@@ -77,6 +77,9 @@ class Command(BaseCommand):
                     browser.close()
         finally:
             if not options["keep"]:
+                # Users first, through user_delete: it locks as a running flush does (a cascade does not).
+                for user in User.objects.filter(tenant=tenant):
+                    services.user_delete(user=user)
                 tenant.delete()
             if server is not None:
                 server.stop()

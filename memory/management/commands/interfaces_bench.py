@@ -40,7 +40,7 @@ from django.utils import timezone
 
 from memory import services
 from memory.management.commands.memfuse_bench import SERVERS, ServerProcess, bench_rate_limit, latency_summary
-from memory.models import KeyScope
+from memory.models import KeyScope, User
 from memory.services import MessageIn
 
 TOPICS = [
@@ -101,6 +101,10 @@ class Command(BaseCommand):
                 "window": {"since": window[0], "until": window[1]},
             }
         finally:
+            # Each user through user_delete first: it takes the user's lock before the rows', the
+            # order a running flush of the server takes them in (a cascade from the tenant does not).
+            for user in User.objects.filter(tenant=tenant):
+                services.user_delete(user=user)
             tenant.delete()
             if server is not None:
                 server.stop()
