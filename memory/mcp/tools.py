@@ -21,12 +21,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import (
-    Annotated,
-    Any,
-    Literal,
-    NotRequired,  # pydantic needs its TypedDict before Python 3.12
-)
+from typing import Annotated, Any, Literal, NotRequired
 
 from channels.db import database_sync_to_async
 from django.db import close_old_connections, connections, transaction
@@ -36,7 +31,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 from rest_framework.exceptions import ValidationError
-from typing_extensions import TypedDict
+from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from memory import selectors, services, tenancy
 from memory.api import serializers as s
