@@ -14,6 +14,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -248,11 +249,20 @@ def _messages(exc: BaseException) -> str:
     return " | ".join(parts)
 
 
-def test_knowledge_add_and_delete(server, tenant_key):
-    """knowledge_add stores facts found by memory_query; memory_delete forgets a user with all their memory."""
+def test_knowledge_add_and_the_three_deletes(server, tenant_key):
+    """knowledge_add stores facts found by memory_query; memory_delete forgets messages, then a
+    session, then a user with all their memory."""
     stored = ok(call(server.url, tenant_key, "knowledge_add", {"user": "dora", "knowledge": ["Dora is allergic to peanuts."]}))
     found = ok(call(server.url, tenant_key, "memory_query", {"user": "dora", "query": "allergies"}))
     assert [(r["id"], r["type"]) for r in found["results"]] == [(stored["knowledge_ids"][0], "knowledge")]
+
+    added = ok(call(server.url, tenant_key, "memory_add", {"user": "dora", "messages": [PUPPY, PUPPY]}))
+    session_id, (first, second) = added["session_id"], added["message_ids"]
+    gone = ok(call(server.url, tenant_key, "memory_delete", {"what": "messages", "session_id": session_id, "message_ids": [first]}))
+    assert gone == {"deleted": "messages", "ids": [first]}
+    assert list(Message.objects.filter(session_id=session_id).values_list("id", flat=True)) == [uuid.UUID(second)]
+    ok(call(server.url, tenant_key, "memory_delete", {"what": "session", "session_id": session_id}))
+    assert not Session.objects.filter(pk=session_id).exists()
 
     deleted = ok(call(server.url, tenant_key, "memory_delete", {"what": "user", "user": "dora"}))
     assert deleted == {"deleted": "user", "ids": [stored["user_id"]]}

@@ -400,9 +400,9 @@ async def memory_delete(
         if what == "session":
             services.session_delete(session=target)
             return {"deleted": "session", "ids": [str(target.pk)]}
-        ids = validated(s.MessageIds, {"message_ids": message_ids})["message_ids"] if message_ids is not None else None
-        if ids is None:
+        if message_ids is None:
             raise InvalidInput("message_ids is required to delete messages", field="message_ids")
+        ids = validated(s.MessageIds, {"message_ids": message_ids})["message_ids"]
         services.messages_delete(session=target, message_ids=ids)
         return {"deleted": "messages", "ids": [str(i) for i in ids]}
 
