@@ -76,13 +76,13 @@ class Command(BaseCommand):
                 finally:
                     browser.close()
         finally:
+            if server is not None:
+                server.stop()  # first: a failed clean-up must not leave it running
             if not options["keep"]:
                 # Users first, through user_delete: it locks as a running flush does (a cascade does not).
                 for user in User.objects.filter(tenant=tenant):
                     services.user_delete(user=user)
                 tenant.delete()
-            if server is not None:
-                server.stop()
         self.stdout.write(json.dumps({"out": str(out), "url": f"{url}/chat/", "turns": len(TURNS)}))
 
     @staticmethod

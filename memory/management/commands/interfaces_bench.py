@@ -101,13 +101,13 @@ class Command(BaseCommand):
                 "window": {"since": window[0], "until": window[1]},
             }
         finally:
+            if server is not None:
+                server.stop()  # first: a failed clean-up must not leave it running
             # Each user through user_delete first: it takes the user's lock before the rows', the
-            # order a running flush of the server takes them in (a cascade from the tenant does not).
+            # order a running flush of a server takes them in (a cascade from the tenant does not).
             for user in User.objects.filter(tenant=tenant):
                 services.user_delete(user=user)
             tenant.delete()
-            if server is not None:
-                server.stop()
         text = json.dumps(report, indent=2)
         if options["json"]:
             Path(options["json"]).write_text(text + "\n")
