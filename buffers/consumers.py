@@ -92,7 +92,8 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
       ``POST sessions/{id}/messages``: the whole batch, or nothing is stored).
     - ``{"type": "memory.query", "query", "top_k"? (1..100, default 5), "agent_id"?,
       "session_id"? (default: this session, for the ``scope`` tag of results), "retrieval"?
-      (per-query overrides, as in the REST query), "request_id"?}``: query the memory of the
+      (per-query overrides, as in the REST query), "since"?, "until"? (ISO 8601 with a UTC
+      offset, inclusive, as in the REST query), "request_id"?}``: query the memory of the
       session's user.
 
     Server to client:
@@ -312,7 +313,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         return services.messages_add(session=session, messages=messages)
 
     async def memory_query_frame(self, content: dict, request_id: str | int | None) -> None:
-        data = _fields(content, "query", "top_k", "session_id", "agent_id", "retrieval")
+        data = _fields(content, "query", "top_k", "session_id", "agent_id", "retrieval", "since", "until")
         stages = await in_thread(self._memory_query_stages)(data)
         # One step of the generator per thread hop, so the partial frame leaves before the
         # query is embedded for the final stage.
@@ -343,6 +344,8 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             session_id=data.get("session_id") or self.session_id,
             agent_id=data.get("agent_id"),
             config=RetrievalConfig.from_settings(**(data.get("retrieval") or {})),
+            since=data.get("since"),
+            until=data.get("until"),
         )
 
     # --- server frames --------------------------------------------------------------------

@@ -36,6 +36,7 @@ from memfuse_project.embedded_pg import local_tenant_if_embedded, migrate_if_emb
 from memory import registry  # noqa: E402
 from memory.api.auth import WebSocketAuthMiddleware  # noqa: E402
 from memory.api.limits import BodySizeLimit  # noqa: E402
+from memory.mcp.http import application as mcp_application  # noqa: E402
 
 
 def _start_serving() -> None:
@@ -151,7 +152,14 @@ application = ServerLoopRegistration(
             # WhiteNoise's middleware is sync-only, and one sync middleware makes Django run every
             # request through one shared thread, serialising the API's concurrent views.
             # A body over MAX_REQUEST_BYTES is a 413 before Django reads it into a temporary file.
-            "http": BodySizeLimit(PathPrefixRouter("/api/", APIHandler(), ASGIStaticFilesHandler(django_asgi_app))),
+            # /mcp: the MCP tools over Streamable HTTP (memory.mcp.http), same process and pool.
+            "http": BodySizeLimit(
+                PathPrefixRouter(
+                    "/api/",
+                    APIHandler(),
+                    PathPrefixRouter("/mcp", mcp_application, ASGIStaticFilesHandler(django_asgi_app)),
+                )
+            ),
             "websocket": AllowedHostsOriginValidator(WebSocketAuthMiddleware(URLRouter(websocket_urlpatterns))),
             "channel": ChannelNameRouter({settings.BUFFERS["CHANNEL"]: FlushConsumer.as_asgi()}),
         }

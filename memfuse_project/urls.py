@@ -1,5 +1,6 @@
 from django.contrib import admin
 from django.urls import include, path
+from django.views.generic import TemplateView
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from memory.admin_dashboard import DashboardStatsView, dashboard
@@ -14,6 +15,8 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
+    # A person's view of the WebSocket: the key is typed into the page (memory/static/chat/chat.js).
+    path("chat/", TemplateView.as_view(template_name="chat.html"), name="chat"),
 ]
 
 handler404 = "memory.api.errors.json_404"

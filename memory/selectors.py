@@ -167,9 +167,16 @@ def api_key_get(*, user: User, api_key_id: str, field: str = "api_key_id") -> Ap
 
 
 def messages_list(
-    *, session: Session, limit: int, order: str = "desc", sort_by: str = "timestamp", buffered: bool | None = None
+    *,
+    session: Session,
+    limit: int,
+    order: str = "desc",
+    sort_by: str = "timestamp",
+    buffered: bool | None = None,
+    offset: int = 0,
 ) -> list[Message]:
-    """Up to ``limit`` messages of ``session``, newest first (``order="desc"``) or oldest first.
+    """Up to ``limit`` messages of ``session`` after the first ``offset``, newest first
+    (``order="desc"``) or oldest first.
 
     ``sort_by`` is ``"timestamp"`` (created_at, then position) or ``"position"``.
     ``buffered``: ``True`` only messages waiting for a flush, ``False`` only flushed ones.
@@ -180,7 +187,7 @@ def messages_list(
     queryset = Message.objects.filter(session=session).defer("embedding")
     if buffered is not None:
         queryset = queryset.filter(flushed_at__isnull=buffered)
-    return list(queryset.order_by(*keys)[:limit])
+    return list(queryset.order_by(*keys)[offset : offset + limit])
 
 
 def _rows_by_ids(queryset: QuerySet, ids: list[uuid.UUID], *, for_update: bool, field: str, missing_message: str) -> list:

@@ -170,3 +170,17 @@ def reranker_path(tiny_cross_encoder, settings, monkeypatch) -> Path:
     settings.MEMFUSE = {**settings.MEMFUSE, "RERANKER_MODEL_PATH": str(tiny_cross_encoder), "RERANK": True}
     monkeypatch.setattr(registry, "_reranker", None)
     return tiny_cross_encoder
+
+
+@pytest.fixture(scope="session")
+def runserver(django_db_setup, tmp_path_factory):
+    """``manage.py runserver`` (daphne's, as in the README's quick start) on the test database,
+    shared by the test modules that talk to it over the network (the chat page, MCP)."""
+    from memory.management.commands.memfuse_bench import ServerProcess
+    from tests.subprocesses import subprocess_env
+
+    env = subprocess_env(API_RATE_LIMIT="100000/minute")
+    process = ServerProcess(log_path=tmp_path_factory.mktemp("runserver") / "server.log", env=env, kind="runserver")
+    process.start()
+    yield process
+    process.stop()

@@ -169,7 +169,7 @@ RULES_BEYOND_SCHEMA = {
     ("PUT", "/api/v1/sessions/{session_id}/messages/"),
     ("PUT", "/api/v1/users/{user_id}/knowledge/"),
     ("POST", "/api/v1/users/{user_id}/api-keys/"),
-    # retrieval overrides: not both weights 0, rerank only with a configured model
+    # retrieval overrides: not both weights 0, rerank only with a configured model; until not before since
     ("POST", "/api/v1/users/{user_id}/query/"),
 }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.http import QueryDict
+from django.utils.dateparse import parse_datetime
 from rest_framework import serializers
 
 from memory.models import Agent, ApiKey, Knowledge, Message, Role, Session, User
@@ -254,6 +255,27 @@ class RetrievalOverrides(serializers.Serializer):
         return attrs
 
 
+class AwareDateTimeField(serializers.DateTimeField):
+    """An ISO 8601 date-time with a UTC offset (``2026-03-01T09:00:00+01:00``, or ``Z``).
+
+    A naive one is refused rather than read in the server's time zone: the same text would
+    name another instant on a server configured otherwise. Returned as an aware ``datetime``
+    in the offset given (comparisons are by instant).
+    """
+
+    default_error_messages = {"naive": "Must include a UTC offset (+01:00 or Z): a naive date-time is ambiguous."}
+
+    def to_internal_value(self, value):
+        if not isinstance(value, str):
+            self.fail("invalid", format="ISO 8601 with a UTC offset")
+        parsed = parse_datetime(value.strip())
+        if parsed is None:
+            self.fail("invalid", format="ISO 8601 with a UTC offset")
+        if parsed.utcoffset() is None:
+            self.fail("naive")
+        return parsed
+
+
 class QueryIn(serializers.Serializer):
     query = StrictCharField(max_length=MAX_CHARS)
     top_k = StrictIntegerField(required=False, default=5, min_value=1, max_value=100)
@@ -261,6 +283,18 @@ class QueryIn(serializers.Serializer):
     agent_id = StrictUUIDField(required=False, allow_null=True)
     metadata = JSONObjectField(required=False, allow_null=True)
     retrieval = RetrievalOverrides(required=False, allow_null=True)
+    since = AwareDateTimeField(
+        required=False, allow_null=True, help_text="Only what was created at or after this instant (inclusive)."
+    )
+    until = AwareDateTimeField(
+        required=False, allow_null=True, help_text="Only what was created at or before this instant (inclusive)."
+    )
+
+    def validate(self, attrs):
+        since, until = attrs.get("since"), attrs.get("until")
+        if since is not None and until is not None and since > until:
+            raise serializers.ValidationError({"until": ["Must not be before since."]})
+        return attrs
 
 
 def _knowledge_list() -> serializers.ListField:

@@ -130,7 +130,15 @@ class UserDetailView(APIView):
 
 
 class UserQueryView(APIView):
-    @api_doc("QueryResults", {"results": QueryResult(many=True), "total": s.serializers.IntegerField()}, request=s.QueryIn)
+    @api_doc(
+        "QueryResults",
+        {"results": QueryResult(many=True), "total": s.serializers.IntegerField()},
+        request=s.QueryIn,
+        description="`since` / `until` (ISO 8601 with a UTC offset; both inclusive) keep only messages whose "
+        "`created_at` (which an add may set) and knowledge items whose creation time fall in the window; they "
+        "apply inside each retriever, before `top_k` is cut. A naive date-time is a 400 naming the field; an "
+        "empty window is an empty result.",
+    )
     def post(self, request, user_id):
         user = selectors.user_ref(principal=request.auth, user_id=parse_id(user_id, field="user_id", what="User"))
         data = validated(s.QueryIn, request.data)
@@ -141,6 +149,8 @@ class UserQueryView(APIView):
             session_id=data.get("session_id"),
             agent_id=data.get("agent_id"),
             config=RetrievalConfig.from_settings(**(data.get("retrieval") or {})),
+            since=data.get("since"),
+            until=data.get("until"),
         )
         return envelope({"results": results, "total": len(results)})
 
