@@ -28,9 +28,9 @@ from django.utils import timezone
 
 from buffers import events
 from buffers.models import ACTIVE_STATES, FlushJob, Priority, Reason, State
-from memory import registry
-from memory.retrieval.vector import context_refresh
+from memory import metrics, registry
 from memory.pool import is_database_unavailable
+from memory.retrieval.vector import context_refresh
 from memory.vectors import vector_literals
 
 logger = logging.getLogger(__name__)
@@ -214,11 +214,16 @@ def flush_pending(
     """
     batch_size = batch_size or settings.BUFFERS["BATCH_SIZE"]
     token = token or uuid.uuid4()
+    start = time.perf_counter()
     try:
         flushed = _flush_batches(user_id=user_id, session_id=session_id, deadline=deadline, batch_size=batch_size, token=token)
     except BaseException:
+        metrics.FLUSHES.labels("error").inc()
         _release(token)
         raise
+    metrics.FLUSH_SECONDS.observe(time.perf_counter() - start)
+    metrics.FLUSHES.labels("ok").inc()
+    metrics.MESSAGES_FLUSHED.inc(flushed)
     if flushed:
         _maintain_indexes(user_id)
     return flushed

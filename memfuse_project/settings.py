@@ -339,6 +339,9 @@ MEMFUSE = {
     # The embedded default (no DATABASE_URL) creates a tenant "local" at first start and
     # writes its key to <EMBEDDED_PG_DIR>/local-api-key.
     "LOCAL_TENANT": envbool("LOCAL_TENANT", True),
+    # A bearer token that may read GET /metrics (a Prometheus scrape job's), besides operator
+    # keys and staff sessions; empty: none.
+    "METRICS_TOKEN": envstr("METRICS_TOKEN"),
 }
 
 # --- Write-behind buffers (the buffers app) ---------------------------------------------------
