@@ -225,11 +225,11 @@ def flush_pending(
     metrics.FLUSHES.labels("ok").inc()
     metrics.MESSAGES_FLUSHED.inc(flushed)
     if flushed:
-        _maintain_indexes(user_id)
+        maintain_indexes(user_id)
     return flushed
 
 
-def _maintain_indexes(user_id: uuid.UUID) -> None:
+def maintain_indexes(user_id: uuid.UUID) -> None:
     """After a flush: move a user whose history passed ``ANN_MIN_MESSAGES`` to the HNSW
     index (``vector.ann_enable``) and rewrite their lexical index's snapshot when it lags
     (``retrieval.cache.refresh_snapshot``). Derived data only: a failure is logged, and the

@@ -275,6 +275,8 @@ MEMFUSE = {
     "MAX_REQUEST_BYTES": envint("MAX_REQUEST_BYTES", 4 * 1024 * 1024),
     "WS_MAX_FRAME_BYTES": envint("WS_MAX_FRAME_BYTES", envint("MAX_REQUEST_BYTES", 4 * 1024 * 1024)),
     "MAX_JSON_DEPTH": envint("MAX_JSON_DEPTH", 32),
+    # The body of POST /api/v1/users/{id}/import (a memory file, spooled to disk).
+    "MAX_IMPORT_BYTES": envint("MAX_IMPORT_BYTES", 1024 * 1024 * 1024),
     # Bytes of per-user services (lexical indexes, pending embeddings) the process's LRU cache
     # keeps, in MB; the least recently used users go first (memory.retrieval.cache).
     "USER_CACHE_MB": envfloat("USER_CACHE_MB", 256.0),
