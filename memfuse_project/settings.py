@@ -344,6 +344,8 @@ MEMFUSE = {
     # A bearer token that may read GET /metrics (a Prometheus scrape job's), besides operator
     # keys and staff sessions; empty: none.
     "METRICS_TOKEN": envstr("METRICS_TOKEN"),
+    # How often a serving process samples its figures for the dashboard's charts (s).
+    "DASHBOARD_SAMPLE_SECONDS": envfloat("DASHBOARD_SAMPLE_SECONDS", 10.0),
 }
 
 # --- Write-behind buffers (the buffers app) ---------------------------------------------------

@@ -51,6 +51,12 @@ QUERY_STAGE_SECONDS = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, *LATENCY_BUCKETS),
     registry=EVENTS,
 )
+QUERY_SECONDS = Histogram(
+    "memfuse_query_duration_seconds",
+    "Time of a whole memory query (s), REST or WebSocket, from its start to its final results.",
+    buckets=LATENCY_BUCKETS,
+    registry=EVENTS,
+)
 QUERIES = Counter("memfuse_queries", "Memory queries answered (REST and WebSocket).", registry=EVENTS)
 MESSAGES_ADDED = Counter("memfuse_messages_added", "Messages stored by adds (committed).", registry=EVENTS)
 FLUSHES = Counter(

@@ -15,13 +15,14 @@ from asgiref.sync import sync_to_async
 from django.core.handlers.asgi import ASGIRequest
 from django.db import connections
 from django.http import StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers
 
 from memory import selectors
 from memory.api.base import ConcurrentAPIView as APIView
 from memory.api.errors import envelope
-from memory.api.schema import WITH_CONFLICT, api_doc
+from memory.api.schema import ERROR_DESCRIPTIONS, ERRORS, WITH_CONFLICT, ErrorEnvelope, api_doc
 from memory.api.serializers import validated
 from memory.api.views import parse_id
 from memory.errors import NotFound
@@ -56,7 +57,10 @@ class UserExportView(APIView):
 
     @extend_schema(
         parameters=[ExportQuery],
-        responses={200: OpenApiResponse(description="JSON Lines (memory.portability's format), streamed")},
+        responses={
+            (200, CONTENT_TYPE): OpenApiResponse(OpenApiTypes.STR, description="JSON Lines (memory.portability's format)"),
+            **{status: OpenApiResponse(ErrorEnvelope, description=ERROR_DESCRIPTIONS[status]) for status in ERRORS},
+        },
         summary="Export a user's memory (JSON Lines, streamed)",
     )
     def get(self, request, user_id):
@@ -83,6 +87,7 @@ class UserImportView(APIView):
             "embeddings_used": serializers.BooleanField(),
             "pending_messages": serializers.IntegerField(),
         },
+        request={CONTENT_TYPE: OpenApiTypes.STR},
         errors=WITH_CONFLICT,
         summary="Import a user's memory (JSON Lines, the export's format); idempotent by record id",
     )

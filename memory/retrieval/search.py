@@ -52,6 +52,7 @@ def hybrid_search_stages(
     vector search through that index; ``None``: exact). With a retriever switched off (weight 0), or ``partial=False``, only the final
     stage comes. Raises ``registry.EmbeddingProcessError`` when the query model fails.
     """
+    started = time.perf_counter()
     config = config or RetrievalConfig.from_settings()
     sessions = None
     if agent_id is not None:
@@ -114,6 +115,7 @@ def hybrid_search_stages(
         with metrics.query_stage("rerank"):
             hits = rerank(user_id=user_id, query=query, hits=hits, top_n=config.rerank_top_n)
     metrics.QUERIES.inc()
+    metrics.QUERY_SECONDS.observe(time.perf_counter() - started)
     yield "final", hits[:top_k]
 
 
