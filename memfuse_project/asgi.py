@@ -17,6 +17,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "memfuse_project.settings")
 django_asgi_app = get_asgi_application()
 
 import asyncio  # noqa: E402
+import sys  # noqa: E402
 import threading  # noqa: E402
 import weakref  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
@@ -42,7 +43,7 @@ def _start_serving() -> None:
     local_tenant_if_embedded()
     registry.preload()
     workers.start_if_serving()
-    metrics_history.start()  # the dashboard's charts of the last hour
+    metrics_history.start_if_serving(sys.argv)  # the dashboard's charts of the last hour
     # The importing thread serves no request: give back the pool connections it used (runserver's
     # migration check, the embedded database's migrate), or it would hold one for ever.
     connections.close_all()
