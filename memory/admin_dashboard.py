@@ -48,6 +48,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "is_nav_sidebar_enabled": False,  # the figures need the width
         "stats": operator_stats(),
         "charts": metrics_history.charts(),
+        "chart_minutes": round(metrics_history.span_seconds() / 60),
         "chart_width": metrics_history.CHART_WIDTH,
         "chart_height": metrics_history.CHART_HEIGHT,
         "refresh_seconds": REFRESH_SECONDS,

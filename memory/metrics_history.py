@@ -130,17 +130,26 @@ TITLES = {
 }
 
 
+def span_seconds() -> float:
+    """The time the charts cover: since the oldest sample, at least a minute, at most the hour
+    (a process that just started fills the width instead of a sliver at its right edge)."""
+    with _lock:
+        oldest = _samples[0].at if _samples else time.time()
+    return min(max(time.time() - oldest, 60.0), WINDOW_SECONDS)
+
+
 def charts() -> list[dict]:
     """One chart a series: ``{"key", "title", "unit", "latest", "peak", "points"}``; ``points``
-    is an SVG polyline (``"x,y x,y ..."``) over the last hour scaled to the series' peak."""
-    now = time.time()
+    is an SVG polyline (``"x,y x,y ..."``) over ``span_seconds()`` up to now, scaled to the
+    series' peak."""
+    now, span = time.time(), span_seconds()
     result = []
     for key, points in series().items():
         values = [value for _, value in points if value is not None]
         peak = max(values, default=0.0)
         scale = peak if peak > 0 else 1.0
         polyline = " ".join(
-            f"{CHART_WIDTH * (1 - (now - at) / WINDOW_SECONDS):.1f},{CHART_HEIGHT * (1 - value / scale):.1f}"
+            f"{CHART_WIDTH * (1 - (now - at) / span):.1f},{CHART_HEIGHT * (1 - value / scale):.1f}"
             for at, value in points
             if value is not None
         )
