@@ -29,7 +29,7 @@ from django.utils import timezone
 
 from buffers import events
 from buffers.models import ACTIVE_STATES, FlushJob, Priority, Reason, State
-from memory import registry
+from memory import metrics, registry
 from memory.pool import is_database_unavailable
 from memory.retrieval import cache
 from memory.retrieval.vector import context_refresh
@@ -216,17 +216,22 @@ def flush_pending(
     """
     batch_size = batch_size or settings.BUFFERS["BATCH_SIZE"]
     token = token or uuid.uuid4()
+    start = time.perf_counter()
     try:
         flushed = _flush_batches(user_id=user_id, session_id=session_id, deadline=deadline, batch_size=batch_size, token=token)
     except BaseException:
+        metrics.FLUSHES.labels("error").inc()
         _release(token)
         raise
+    metrics.FLUSH_SECONDS.observe(time.perf_counter() - start)
+    metrics.FLUSHES.labels("ok").inc()
+    metrics.MESSAGES_FLUSHED.inc(flushed)
     if flushed:
-        _maintain_indexes(user_id)
+        maintain_indexes(user_id)
     return flushed
 
 
-def _maintain_indexes(user_id: uuid.UUID) -> None:
+def maintain_indexes(user_id: uuid.UUID) -> None:
     """After a flush: move a user whose history passed ``ANN_MIN_MESSAGES`` to the HNSW
     index (``vector.ann_enable``) and rewrite their lexical index's snapshot when it lags
     (``retrieval.cache.refresh_snapshot``). Derived data only: a failure is logged, and the

@@ -33,7 +33,7 @@ from buffers import events, workers  # noqa: E402
 from buffers.consumers import FlushConsumer  # noqa: E402
 from buffers.routing import websocket_urlpatterns  # noqa: E402
 from memfuse_project.embedded_pg import local_tenant_if_embedded, migrate_if_embedded  # noqa: E402
-from memory import registry  # noqa: E402
+from memory import metrics_history, registry  # noqa: E402
 from memory.api.auth import WebSocketAuthMiddleware  # noqa: E402
 from memory.api.limits import BodySizeLimit  # noqa: E402
 from memory.mcp.http import application as mcp_application  # noqa: E402
@@ -44,6 +44,7 @@ def _start_serving() -> None:
     local_tenant_if_embedded()
     registry.preload(documents=workers.should_run_in_process(sys.argv))
     workers.start_if_serving()
+    metrics_history.start_if_serving(sys.argv)  # the dashboard's charts of the last hour
     # The importing thread serves no request: give back the pool connections it used (runserver's
     # migration check, the embedded database's migrate), or it would hold one for ever.
     connections.close_all()

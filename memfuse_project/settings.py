@@ -275,6 +275,8 @@ MEMFUSE = {
     "MAX_REQUEST_BYTES": envint("MAX_REQUEST_BYTES", 4 * 1024 * 1024),
     "WS_MAX_FRAME_BYTES": envint("WS_MAX_FRAME_BYTES", envint("MAX_REQUEST_BYTES", 4 * 1024 * 1024)),
     "MAX_JSON_DEPTH": envint("MAX_JSON_DEPTH", 32),
+    # The body of POST /api/v1/users/{id}/import (a memory file, spooled to disk).
+    "MAX_IMPORT_BYTES": envint("MAX_IMPORT_BYTES", 1024 * 1024 * 1024),
     # Bytes of per-user services (lexical indexes, pending embeddings) the process's LRU cache
     # keeps, in MB; the least recently used users go first (memory.retrieval.cache).
     "USER_CACHE_MB": envfloat("USER_CACHE_MB", 256.0),
@@ -339,6 +341,11 @@ MEMFUSE = {
     # The embedded default (no DATABASE_URL) creates a tenant "local" at first start and
     # writes its key to <EMBEDDED_PG_DIR>/local-api-key.
     "LOCAL_TENANT": envbool("LOCAL_TENANT", True),
+    # A bearer token that may read GET /metrics (a Prometheus scrape job's), besides operator
+    # keys and staff sessions; empty: none.
+    "METRICS_TOKEN": envstr("METRICS_TOKEN"),
+    # How often a serving process samples its figures for the dashboard's charts (s).
+    "DASHBOARD_SAMPLE_SECONDS": envfloat("DASHBOARD_SAMPLE_SECONDS", 10.0),
 }
 
 # --- Write-behind buffers (the buffers app) ---------------------------------------------------

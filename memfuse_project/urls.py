@@ -4,6 +4,7 @@ from django.views.generic import TemplateView
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from memory.admin_dashboard import DashboardStatsView, dashboard
+from memory.metrics_view import metrics_view
 
 urlpatterns = [
     path("admin/dashboard/", admin.site.admin_view(dashboard), name="memfuse-dashboard"),
@@ -11,6 +12,7 @@ urlpatterns = [
     # without the session middleware (memfuse_project.asgi.APIHandler), so keys only there.
     path("admin/dashboard/stats", DashboardStatsView.as_view(), name="memfuse-dashboard-stats"),
     path("admin/", admin.site.urls),
+    path("metrics", metrics_view, name="metrics"),
     path("api/v1/", include("memory.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),

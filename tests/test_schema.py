@@ -163,6 +163,12 @@ def _is_uuid(value) -> bool:
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 
+@schemathesis.serializer("application/x-ndjson")
+def ndjson_body(ctx, value) -> bytes:
+    """An import's body (JSON Lines): the generated text as it is, as for ``text/plain``."""
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
 # Rules JSON Schema cannot state (as many new items as ids, distinct ids, an expiry in the
 # future): a schema-valid body may be refused with a 400 naming the field.
 RULES_BEYOND_SCHEMA = {
@@ -171,6 +177,8 @@ RULES_BEYOND_SCHEMA = {
     ("POST", "/api/v1/users/{user_id}/api-keys/"),
     # retrieval overrides: not both weights 0, rerank only with a configured model; until not before since
     ("POST", "/api/v1/users/{user_id}/query/"),
+    # a JSON Lines file: the rules of its lines are memory.portability's
+    ("POST", "/api/v1/users/{user_id}/import/"),
 }
 
 

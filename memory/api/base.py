@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 from asgiref.sync import markcoroutinefunction, sync_to_async
 from django.core.handlers.asgi import ASGIRequest
 from django.db import close_old_connections, connections
 from rest_framework.views import APIView
+
+from memory import metrics
 
 
 def _run_view_concurrently(view, request, *args, **kwargs):
@@ -40,10 +44,17 @@ class ConcurrentAPIView(APIView):
         view = super().as_view(**initkwargs)
 
         async def concurrent_view(request, *args, **kwargs):
+            start = time.perf_counter()
             if isinstance(request, ASGIRequest):
-                return await sync_to_async(_run_view_concurrently, thread_sensitive=False)(view, request, *args, **kwargs)
-            # WSGI and the test client: Django's own thread and connection handling.
-            return await sync_to_async(view, thread_sensitive=True)(request, *args, **kwargs)
+                response = await sync_to_async(_run_view_concurrently, thread_sensitive=False)(view, request, *args, **kwargs)
+            else:
+                # WSGI and the test client: Django's own thread and connection handling.
+                response = await sync_to_async(view, thread_sensitive=True)(request, *args, **kwargs)
+            match = request.resolver_match
+            metrics.REQUEST_SECONDS.labels(
+                match.url_name if match is not None else cls.__name__, request.method, metrics.status_class(response.status_code)
+            ).observe(time.perf_counter() - start)
+            return response
 
         markcoroutinefunction(concurrent_view)
         concurrent_view.csrf_exempt = True

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 from django.conf import settings
 from rest_framework import exceptions
 from rest_framework.parsers import JSONParser
 from rest_framework.utils.json import strict_constant
+
+IMPORT_PATH = re.compile(r"^/api/v1/users/[^/]+/import/?$")
 
 
 class RequestTooLarge(exceptions.APIException):
@@ -152,7 +155,8 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = settings.MEMFUSE["MAX_REQUEST_BYTES"]
+        # An import's body is a whole memory file, streamed to disk (memory.api.portability).
+        limit = settings.MEMFUSE["MAX_IMPORT_BYTES" if IMPORT_PATH.match(scope["path"]) else "MAX_REQUEST_BYTES"]
         length = _content_length(scope)
         if length is not None and length > limit:
             return await _send_413(send, limit)

@@ -7,7 +7,7 @@ redirect a POST to add a slash, so both forms are routed directly.
 from django.urls import re_path
 
 from memory.admin_dashboard import AdminStatsView
-from memory.api import views
+from memory.api import portability, views
 
 ID = r"(?P<{}>[^/]+)"
 
@@ -25,6 +25,8 @@ urlpatterns = [
     route(f"users/{ID.format('user_id')}/knowledge", views.UserKnowledgeView, "user-knowledge"),
     route(f"users/{ID.format('user_id')}/knowledge/read", views.UserKnowledgeReadView, "user-knowledge-read"),
     route(f"users/{ID.format('user_id')}/flush", views.UserFlushView, "user-flush"),
+    route(f"users/{ID.format('user_id')}/export", portability.UserExportView, "user-export"),
+    route(f"users/{ID.format('user_id')}/import", portability.UserImportView, "user-import"),
     route(f"users/{ID.format('user_id')}/buffer", views.UserBufferView, "user-buffer"),
     route(f"users/{ID.format('user_id')}/api-keys", views.UserApiKeysView, "user-api-keys"),
     route(

@@ -8,13 +8,14 @@ reorders the fused top. Every statement reads one user's rows only.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
 
 from django.db import connection
 
-from memory import registry
+from memory import metrics, registry
 from memory.retrieval import fusion, vector
 from memory.retrieval.cache import resized, user_memory
 from memory.retrieval.config import RetrievalConfig
@@ -51,6 +52,7 @@ def hybrid_search_stages(
     vector search through that index; ``None``: exact). With a retriever switched off (weight 0), or ``partial=False``, only the final
     stage comes. Raises ``registry.EmbeddingProcessError`` when the query model fails.
     """
+    started = time.perf_counter()
     config = config or RetrievalConfig.from_settings()
     sessions = None
     if agent_id is not None:
@@ -76,19 +78,23 @@ def hybrid_search_stages(
                 if config.speaker_weight > 0:
                     speaker = index.named_speaker(tokens)
                 if config.bm25_weight > 0:
-                    ranked["bm25"] = index.search(
-                        tokens,
-                        limit=config.bm25_candidates,
-                        sessions=index.session_codes(sessions) if sessions is not None else None,
-                        since_us=_epoch_us(since),
-                        until_us=_epoch_us(until),
-                    )
+                    with metrics.query_stage("bm25"):
+                        ranked["bm25"] = index.search(
+                            tokens,
+                            limit=config.bm25_candidates,
+                            sessions=index.session_codes(sessions) if sessions is not None else None,
+                            since_us=_epoch_us(since),
+                            until_us=_epoch_us(until),
+                        )
         if partial and config.vector_weight > 0 and "bm25" in ranked:
             yield "partial", _fused(ranked, config, memory, speaker)[:top_k]
     if embedding is not None:
+        with metrics.query_stage("embed"):
+            query_embedding = embedding.result()[0]
+        vector_start = time.perf_counter()
         flushed, pending, moved = vector.candidates(
             user_id=user_id,
-            embedding=embedding.result()[0],
+            embedding=query_embedding,
             limit=config.vector_candidates,
             ann_bucket=ann_bucket,
             sessions=sessions,
@@ -101,10 +107,15 @@ def hybrid_search_stages(
             embeddings = memory.pending_embeddings([(doc_id, updated_at, text) for doc_id, updated_at, text, *_ in pending])
             flushed = sorted(flushed + vector.pending_scores(pending, embeddings, moved), key=lambda item: -item[1])
         ranked["vector"] = flushed[: config.vector_candidates]
+        metrics.QUERY_STAGE_SECONDS.labels("vector").observe(time.perf_counter() - vector_start)
     resized(memory)  # its index and pending embeddings, as they are now
-    hits = _fused(ranked, config, memory, speaker)
+    with metrics.query_stage("fusion"):
+        hits = _fused(ranked, config, memory, speaker)
     if config.rerank:
-        hits = rerank(user_id=user_id, query=query, hits=hits, top_n=config.rerank_top_n)
+        with metrics.query_stage("rerank"):
+            hits = rerank(user_id=user_id, query=query, hits=hits, top_n=config.rerank_top_n)
+    metrics.QUERIES.inc()
+    metrics.QUERY_SECONDS.observe(time.perf_counter() - started)
     yield "final", hits[:top_k]
 
 

@@ -2,7 +2,8 @@
 
 LoCoMo: Maharana et al., "Evaluating Very Long-Term Conversational Memory of LLM Agents",
 ACL 2024. One user per conversation, one session per LoCoMo session, every turn stored
-through ``services.messages_add`` (the REST API's function, write-behind), each user then
+through the import (``memory.portability``: ``import_memory --format locomo``'s records,
+stored pending as an add stores them, write-behind), each user then
 flushed through ``buffers.services.flush_pending`` (what the flush workers run), and every
 question outside category 5 asked through ``selectors.memory_query`` (the REST API's query
 function). Flushing before querying measures the index as it stands in production; the
@@ -22,7 +23,6 @@ import json
 import re
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -34,37 +34,16 @@ from buffers.services import flush_pending
 from memfuse_project.embedded_pg import migrate_if_embedded
 from memory import selectors, services
 from memory.api.serializers import RetrievalOverrides
-from memory.models import Agent, Tenant
+from memory.models import Agent, Tenant, User
+from memory.portability import importer
+from memory.portability.locomo import DIA_ID_KEY, conversation_sessions, locomo_records
 from memory.retrieval import RetrievalConfig
-from memory.services import MessageIn
+
+__all__ = ["DIA_ID_KEY", "conversation_sessions"]  # bench_dataset reads LoCoMo through these
 
 KS = (5, 10, 20)
 EVIDENCE_ID = re.compile(r"D(\d+):(\d+)")
-SESSION_KEY = re.compile(r"^session_(\d+)$")
-DIA_ID_KEY = "locomo_dia_id"
 EVAL_TENANT = "locomo-eval"  # the tenant of the users and agent this command creates
-
-
-def parse_session_date(text: str) -> datetime:
-    """``"1:56 pm on 8 May, 2023"`` -> an aware UTC datetime. ``ValueError`` if unparseable."""
-    return datetime.strptime(text.strip(), "%I:%M %p on %d %B, %Y").replace(tzinfo=UTC)
-
-
-def conversation_sessions(conversation: dict) -> list[tuple[int, datetime | None, list[dict]]]:
-    """``[(session number, date or None, turns)]`` for the sessions that have turn lists."""
-    sessions = []
-    for key, turns in conversation.items():
-        match = SESSION_KEY.match(key)
-        if not match or not isinstance(turns, list):
-            continue
-        number = int(match.group(1))
-        date_text = conversation.get(f"session_{number}_date_time")
-        try:
-            date = parse_session_date(date_text) if date_text else None
-        except ValueError:
-            date = None
-        sessions.append((number, date, turns))
-    return sorted(sessions, key=lambda item: item[0])
 
 
 def evidence_ids(evidence: list, known: set[str]) -> list[str]:
@@ -159,31 +138,18 @@ class Command(BaseCommand):
         started = time.perf_counter()
         with tqdm(total=total, desc="ingest", unit="msg", disable=None) as progress:
             for index, item in enumerate(conversations):
-                conversation = item["conversation"]
-                sample_id = item.get("sample_id", f"conv-{index}")
-                user = services.user_create(tenant_id=agent.tenant_id, name=f"locomo-{sample_id}-{run}")
-                users.append(user)
-                speaker_a = conversation.get("speaker_a")
-                for number, date, turns in conversation_sessions(conversation):
-                    session = services.session_create(user=user, agent=agent, name=f"session_{number}")
-                    base = date or datetime(2000, 1, 1, tzinfo=UTC)
-                    messages = []
-                    for position, turn in enumerate(turns):
-                        metadata = {"speaker": turn.get("speaker", ""), DIA_ID_KEY: turn.get("dia_id")}
-                        if turn.get("blip_caption"):
-                            metadata["image_caption"] = turn["blip_caption"]
-                        messages.append(
-                            MessageIn(
-                                role="user" if turn.get("speaker") == speaker_a else "assistant",
-                                content=turn.get("text", ""),
-                                metadata=metadata,
-                                # Turns keep their order within the session's date.
-                                created_at=base + timedelta(seconds=position),
-                            )
-                        )
-                    services.messages_add(session=session, messages=messages)
-                    n_messages += len(messages)
-                    progress.update(len(messages))
+                records = list(
+                    locomo_records(
+                        item, index=index, user_name=lambda sample_id: f"locomo-{sample_id}-{run}", agent_name=agent.name, seed=run
+                    )
+                )
+                messages = sum(1 for record in records if record["type"] == "message")
+                report = importer.memory_import(
+                    tenant_id=agent.tenant_id, source=importer.records_of(records), queue_flush=False
+                )
+                users.append(User.objects.get(pk=report.user_id))
+                n_messages += messages
+                progress.update(messages)
         for user in tqdm(users, desc="flush", unit="user", disable=None):
             flush_pending(user_id=user.pk)
         return time.perf_counter() - started, n_messages, users

