@@ -323,6 +323,19 @@ def start_pool() -> FlushWorkerPool:
     return _pool
 
 
+def stop_pool(*, timeout_seconds: float = 5.0) -> None:
+    """Stop this process's pool, if it runs, without draining: its running flushes finish
+    (each joined within ``timeout_seconds``), pending work stays for whoever flushes next.
+    For tests, whose consumers start the pool in the test process (``FlushConsumer``)."""
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.stop()
+        for thread in pool._threads:
+            thread.join(timeout=timeout_seconds)
+
+
 def _start_background_embedder() -> None:
     try:
         registry.start_background_embedder()

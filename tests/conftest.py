@@ -22,6 +22,16 @@ from memory.services import MessageIn
 
 
 @pytest.fixture(autouse=True)
+def stop_the_flush_pool_a_test_started():
+    """A consumer of a test may start this process's flush pool (``FlushConsumer``); left
+    running, it would flush, and release as dead, the rows of later tests."""
+    yield
+    from buffers import workers
+
+    workers.stop_pool()
+
+
+@pytest.fixture(autouse=True)
 def forget_resolved_keys():
     """Each test starts with an empty key cache (the database is rolled back between tests)."""
     tenancy.clear_cache()
