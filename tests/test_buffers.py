@@ -356,7 +356,6 @@ def test_worker_killed_mid_flush_loses_and_duplicates_nothing(alice_session, tmp
 @pytest.mark.django_db(transaction=True)
 def test_uvicorn_drains_pending_messages_when_stopped(alice_session, tmp_path):
     """uvicorn (the README's production command) stopped by SIGTERM flushes what is pending first (ASGI lifespan)."""
-    add(alice_session, 3)  # below every trigger: only the shutdown drain flushes them
     env = subprocess_env(FLUSH_INTERVAL_SECONDS="600", FLUSH_WORKERS="1")
     log = tmp_path / "uvicorn.log"
     server = subprocess.Popen(
@@ -368,6 +367,9 @@ def test_uvicorn_drains_pending_messages_when_stopped(alice_session, tmp_path):
     )
     try:
         _wait_for(lambda: b"Application startup complete" in log.read_bytes(), 90, "uvicorn to start")
+        time.sleep(1.0)  # its first tick flushes whatever is pending at start (recovery)
+        add(alice_session, 3)  # below every trigger: only the shutdown drain flushes them
+        time.sleep(0.5)
         assert Message.objects.filter(flushed_at__isnull=True).count() == 3
     finally:
         server.send_signal(signal.SIGTERM)

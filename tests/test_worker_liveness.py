@@ -143,13 +143,10 @@ def test_claims_of_a_worker_killed_mid_flush_are_released_within_10_s(alice_sess
         time.sleep(0.2)
     released_after = time.monotonic() - killed_at
 
-    # Claims are freed first, the job requeued in the next statement, perhaps by another
-    # process's ticker that found the dead process first: give that statement a moment.
+    # Back in the queue, or folded into the user's flush that already waits (the adds queued
+    # one): either way its error names the death.
     job.refresh_from_db()
-    while job.state == State.RUNNING and time.monotonic() - killed_at < 15:
-        time.sleep(0.1)
-        job.refresh_from_db()
-    assert job.state == State.RETRYING and "died" in job.last_error
+    assert job.state in (State.RETRYING, State.DONE) and "died" in job.last_error, (job.state, job.last_error)
     assert 4 < released_after < 10  # the heartbeat timeout (5 s), not the 120 s lease
     buffers.flush_pending(user_id=alice_session.user_id)
     counts = list(Message.objects.filter(session=alice_session).values_list("flush_count", flat=True))
