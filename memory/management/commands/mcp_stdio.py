@@ -1,4 +1,4 @@
-"""``manage.py mcp_stdio``: the MCP tools over stdio, for a desktop MCP client on this machine."""
+"""``manage.py mcp_stdio``: the MCP tools over stdio, for a desktop MCP client on the same host."""
 
 from __future__ import annotations
 
