@@ -44,7 +44,7 @@ def clear_cache() -> None:
 def _read() -> Backlog:
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT count(*), coalesce(extract(epoch FROM now() - min(updated_at)), 0) "
+            "SELECT count(*), greatest(extract(epoch FROM now() - min(updated_at)), 0) "
             "FROM memory_message WHERE flushed_at IS NULL"
         )
         count, age = cursor.fetchone()

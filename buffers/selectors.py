@@ -19,15 +19,17 @@ def buffers_overview(*, top_users: int = 10, failed_jobs: int = 10) -> dict:
     Ages are seconds since the message was last written.
     """
     with connection.cursor() as cursor:
-        # The partial index on pending messages keeps these scans to the pending rows.
+        # The partial index on pending messages keeps these scans to the pending rows. An add
+        # stamps updated_at with its own clock, which may run a moment ahead of now(): ages are
+        # at least 0.
         cursor.execute(
-            "SELECT count(*), count(DISTINCT user_id), coalesce(extract(epoch FROM now() - min(updated_at)), 0) "
+            "SELECT count(*), count(DISTINCT user_id), greatest(extract(epoch FROM now() - min(updated_at)), 0) "
             "FROM memory_message WHERE flushed_at IS NULL"
         )
         total, users, oldest = cursor.fetchone()
         cursor.execute(
             """
-            SELECT m.user_id, u.name, count(*), extract(epoch FROM now() - min(m.updated_at))
+            SELECT m.user_id, u.name, count(*), greatest(extract(epoch FROM now() - min(m.updated_at)), 0)
             FROM memory_message m JOIN memory_user u ON u.id = m.user_id
             WHERE m.flushed_at IS NULL
             GROUP BY m.user_id, u.name ORDER BY count(*) DESC, u.name LIMIT %s

@@ -56,7 +56,7 @@ def pending_summary(*, user_id: uuid.UUID) -> PendingSummary:
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT count(*), coalesce(sum(length(index_text)), 0), "
-            "coalesce(extract(epoch FROM now() - min(updated_at)), 0) "
+            "greatest(extract(epoch FROM now() - min(updated_at)), 0) "
             "FROM memory_message WHERE user_id = %s AND flushed_at IS NULL",
             [user_id],
         )

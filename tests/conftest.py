@@ -182,10 +182,11 @@ def reranker_path(tiny_cross_encoder, settings, monkeypatch) -> Path:
     return tiny_cross_encoder
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def runserver(django_db_setup, tmp_path_factory):
     """``manage.py runserver`` (daphne's, as in the README's quick start) on the test database,
-    shared by the test modules that talk to it over the network (the chat page, MCP)."""
+    for a module that talks to it over the network (the chat page, MCP). Per module: its
+    flush workers would otherwise flush, and release as dead, the rows of later modules."""
     from memory.management.commands.memfuse_bench import ServerProcess
     from tests.subprocesses import subprocess_env
 
