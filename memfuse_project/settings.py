@@ -396,11 +396,13 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"one_line_refusals": {"()": "memory.pool.OneLineRefusals"}},
     "loggers": {
         "memory": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
         "memfuse_project": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
         "buffers": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
-        "django.request": {"handlers": ["console"], "level": "ERROR"},
+        # A request refused while the database is down: one line, not a traceback per request.
+        "django.request": {"handlers": ["console"], "level": "ERROR", "filters": ["one_line_refusals"]},
         # psycopg_pool's one-line warnings (a failed reconnection, a closed connection dropped).
         "psycopg": {"handlers": ["console"], "level": "WARNING"},
     },

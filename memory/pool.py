@@ -13,6 +13,7 @@ it, so the connections a restart closed are dropped rather than handed to reques
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import psycopg
@@ -69,6 +70,26 @@ def is_database_unavailable(exc: BaseException | None) -> bool:
             return True
         exc, seen = exc.__cause__, seen + 1
     return False
+
+
+class OneLineRefusals(logging.Filter):
+    """A ``logging`` filter for ``django.request``: a request refused because the database is
+    unreachable or the pool exhausted is logged as one line naming the cause, without a traceback.
+
+    Outside DRF (the admin, the dashboard) such a request goes through Django's uncaught-exception
+    path: ``handler500`` answers it with 503 and ``Retry-After``, and Django logs the response with
+    the exception's traceback. During a database restart that is a traceback per request for a
+    condition the operator already sees once in the flush workers' log. Other errors keep theirs.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and (is_database_unavailable(exc) or is_pool_exhausted(exc)):
+            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            record.msg = f"{record.msg} (%s)"
+            record.args = (*(record.args or ()), cause)
+            record.exc_info = record.exc_text = None
+        return True
 
 
 def note_database_unavailable() -> None:

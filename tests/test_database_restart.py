@@ -166,11 +166,25 @@ def test_database_restart_under_load_answers_only_success_or_503(own_postgres, t
         restart(data_dir)
         statuses = [requests.get(f"{url}/api/v1/users", headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code for _ in range(8)]
         assert statuses == [200] * 8
+
+        # The database down: the admin (Django's own error path, not DRF's) and the API answer
+        # 503 with Retry-After, each logged as one line, no traceback (asserted below).
+        stop_server(data_dir)
+        try:
+            session = {"sessionid": "a" * 32}  # makes the admin look the session up in the database
+            admin = requests.get(f"{url}/admin/", cookies=session, timeout=10, allow_redirects=False)
+            api = requests.get(f"{url}/api/v1/users", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        finally:
+            restart(data_dir)
+        assert (admin.status_code, api.status_code) == (503, 503), (admin.text, api.text)
+        assert admin.headers.get("Retry-After") and api.headers.get("Retry-After")
+        assert requests.get(f"{url}/admin/", cookies=session, timeout=10, allow_redirects=False).status_code == 302
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
 
     text = log.read_text()
     assert "Traceback" not in text, text[-4000:]
-    assert text.count("database unavailable") <= 1 and text.count("database reachable again") == text.count("database unavailable")
+    assert "Service Unavailable: /admin/" in text
+    assert text.count("database unavailable") <= 2 and text.count("database reachable again") == text.count("database unavailable")
     assert (data_dir / "secret-key").stat().st_mode & 0o777 == 0o600  # the embedded default made its SECRET_KEY

@@ -200,3 +200,29 @@ def test_exhausted_pool_answers_503_with_retry_after(tiny_pool_server, alice_ses
     assert not holder.is_alive()
     assert requests.get(f"{url}/api/v1/health", timeout=10).status_code == 200
     assert not Message.objects.filter(session=alice_session).exists()  # the refused add stored nothing
+
+
+def _logged(exc: BaseException) -> str:
+    """The line ``django.request``'s configured filters let through for a 503 logged with ``exc``."""
+    import logging
+
+    record = logging.LogRecord("django.request", logging.ERROR, __file__, 1, "%s: %s", ("Service Unavailable", "/admin/"), (type(exc), exc, exc.__traceback__))
+    assert logging.getLogger("django.request").filter(record)
+    return logging.Formatter("%(message)s").format(record)
+
+
+def test_a_refusal_for_an_unreachable_database_is_logged_as_one_line():
+    """An unreachable database's error reaches django.request's log as one line naming the cause; other errors keep their traceback."""
+    try:
+        try:
+            psycopg.connect("host=127.0.0.1 port=1 connect_timeout=2")
+        except psycopg.OperationalError as exc:
+            raise OperationalError(str(exc)) from exc
+    except OperationalError as exc:
+        line = _logged(exc)
+    assert "Traceback" not in line and "\n" not in line
+    assert line.startswith("Service Unavailable: /admin/ (") and "127.0.0.1" in line
+    try:
+        raise ValueError("a bug")
+    except ValueError as exc:
+        assert "Traceback" in _logged(exc)
