@@ -14,8 +14,10 @@ the text (``benchmarks.chat_dataset``, bulk-loaded into this process's database)
 3. **many users**: the ``many`` users (``--user-size``, 200 messages each), drawn with Zipf's law (exponent
    ``--zipf``) over a random order; ``--clients`` clients each do turns (query, then add the
    round, for one user): open loop at ``--rate`` turns/s for ``--duration`` s (latency from the
-   scheduled time), then closed loop for ``--closed-duration`` s (queries/s flat out). The
-   server's cache (``USER_CACHE_MB``) is read from its stats: the active set is larger.
+   scheduled time), then closed loop for ``--closed-duration`` s (queries/s flat out). Against
+   a second server whose cache is ``--many-cache-mb`` (``USER_CACHE_MB``), smaller than the
+   active set's indexes, so users are evicted and come back; its cache figures (bytes, count,
+   hits, evictions) are read from its stats.
 4. **cold**: a second server whose cache holds no user (``USER_CACHE_MB`` below one user's
    index), so every query loads the user as a process that never saw them does (snapshot,
    catch-up); ``--clients`` clients, open loop at ``--cold-rate`` queries/s, at 200
@@ -95,6 +97,8 @@ class ChatBench:
         parser.add_argument("--rate", type=float, default=50.0, help="turns per second offered (open loop, many users)")
         parser.add_argument("--duration", type=float, default=30.0, help="seconds of the open-loop phase")
         parser.add_argument("--closed-duration", type=float, default=30.0, help="seconds of the closed-loop phase")
+        parser.add_argument("--many-cache-mb", type=float, default=32.0,
+                            help="USER_CACHE_MB of the many-users phase's server (0: the main server's cache)")
         parser.add_argument("--cold-users", type=int, default=16, help="users of the cold phase's long histories")
         parser.add_argument("--cold-size", type=int, default=10_000, help="messages of each of those users")
         parser.add_argument("--cold-rate", type=float, default=40.0, help="cold queries per second offered")
@@ -121,7 +125,7 @@ class ChatBench:
         for option in ("rounds", "backlog_messages", "many_users", "user_size", "cold_size", "top_k"):
             if options[option] <= 0:
                 raise CommandError(f"--{option.replace('_', '-')} must be > 0 (got {options[option]})")
-        for option in ("backlog_users", "cold_users", "distinct_size", "recall_queries", "settle_timeout"):
+        for option in ("backlog_users", "cold_users", "many_cache_mb", "distinct_size", "recall_queries", "settle_timeout"):
             if options[option] < 0:
                 raise CommandError(f"--{option.replace('_', '-')} must be >= 0 (got {options[option]})")
         for option in ("rate", "duration", "closed_duration", "cold_rate", "cold_duration", "zipf"):
@@ -156,7 +160,7 @@ class ChatBench:
 
     def config(self) -> dict:
         keys = ("sizes", "rounds", "backlog_users", "backlog_messages", "many_users", "user_size", "zipf", "rate",
-                "duration", "closed_duration", "cold_users", "cold_size", "cold_rate", "cold_duration", "distinct_size",
+                "many_cache_mb", "duration", "closed_duration", "cold_users", "cold_size", "cold_rate", "cold_duration", "distinct_size",
                 "top_k", "tag", "skip", "settle_timeout")
         return {
             **{key: self.options[key] for key in keys},
@@ -340,6 +344,31 @@ class ChatBench:
         }
 
     async def _many(self, api: Api, server: ServerProcess | None) -> dict:
+        cache_mb = self.options["many_cache_mb"]
+        if not cache_mb or server is None:
+            if server is None:
+                self.not_measured.append("many users beyond the cache: needs a server the bench starts (--many-cache-mb)")
+            return {**await self._many_phase(api), "server_cache": await self._server_cache(api)}
+        return await self._on_own_server(api, server, label="many", cache_mb=cache_mb, phase=self._many_phase)
+
+    async def _on_own_server(self, api: Api, server: ServerProcess, *, label: str, cache_mb: float, phase) -> dict:
+        """``await phase(api)`` against a second server the bench starts with ``USER_CACHE_MB=cache_mb``,
+        plus that server's cache figures and resident memory; the server is stopped after it."""
+        own = ServerProcess(
+            log_path=Path(f"/tmp/memfuse-bench-{self.run_id}-{label}.log"), kind=server.kind,
+            env={"API_RATE_LIMIT": bench_rate_limit(), "USER_CACHE_MB": str(cache_mb)},
+        )
+        url = await asyncio.to_thread(own.start)
+        try:
+            own_api = Api(api.http, url, api_key=api.api_key)
+            result = {"user_cache_mb": cache_mb, **await phase(own_api)}
+            result["server_cache"] = await self._server_cache(own_api)
+            result["memory"] = self._memory(own)
+        finally:
+            result["server_stop"] = await asyncio.to_thread(own.stop)
+        return result
+
+    async def _many_phase(self, api: Api) -> dict:
         many = [user for user in self.users.get("many", []) if user.user_id not in self.backlog_users]
         self.rng.shuffle(many)  # Zipf's ranks over a random order of the users
         weights = zipf_weights(len(many), self.options["zipf"])
@@ -402,7 +431,6 @@ class ChatBench:
         }
         return {
             "users": len(many), "zipf": self.options["zipf"], "open_loop": open_loop, "closed_loop": closed_loop,
-            "server_cache": await self._server_cache(api),
         }
 
     async def _settle(self, api: Api) -> dict:
@@ -430,23 +458,15 @@ class ChatBench:
         if server is None:
             self.not_measured.append("cold phase: needs a server the bench starts (with a cache that holds no user)")
             return {}
-        cold_server = ServerProcess(
-            log_path=Path(f"/tmp/memfuse-bench-{self.run_id}-cold.log"), kind=server.kind,
-            env={"API_RATE_LIMIT": bench_rate_limit(), "USER_CACHE_MB": str(COLD_CACHE_MB)},
-        )
-        url = await asyncio.to_thread(cold_server.start)
-        try:
-            cold_api = Api(api.http, url, api_key=api.api_key)
-            result = {"user_cache_mb": COLD_CACHE_MB}
+
+        async def phases(cold_api: Api) -> dict:
+            result = {}
             for label, members in (("many", self.users.get("many", [])), ("long", self.users.get("cold", []))):
                 if members:
                     result[label] = {"messages": members[0].size, **await self._cold_phase(cold_api, members)}
-            result["server_cache"] = await self._server_cache(cold_api)
-            result["memory"] = self._memory(cold_server)
-        finally:
-            result_stop = await asyncio.to_thread(cold_server.stop)
-        result["server_stop"] = result_stop
-        return result
+            return result
+
+        return await self._on_own_server(api, server, label="cold", cache_mb=COLD_CACHE_MB, phase=phases)
 
     async def _cold_phase(self, api: Api, members: list[ChatUser]) -> dict:
         loop = asyncio.get_running_loop()
@@ -500,6 +520,9 @@ class ChatBench:
                 f"many users: open loop {opened['served_turns_per_s']} turns/s, query p95 {opened['query_ms']['p95']} ms, "
                 f"add p99 {opened['add_ms']['p99']} ms; closed loop {closed['queries_per_s']} queries/s"
             )
+            cache = many.get("server_cache") or {}
+            lines.append(f"many users' cache: {cache.get('bytes')} bytes, {cache.get('size')} users, "
+                         f"{cache.get('evictions')} evictions (USER_CACHE_MB {many.get('user_cache_mb', 'of the main server')})")
         cold = report.get("cold") or {}
         for label in ("many", "long"):
             if label in cold:

@@ -214,7 +214,7 @@ def long_locomo_file(tmp_path, *, turns: int = 80):
 @pytest.mark.django_db(transaction=True)
 def test_memfuse_bench_chat_end_to_end(tmp_path, monkeypatch, settings):
     """A tiny chat run over real servers: every phase answers without errors, the newest
-    message of a backlog is found, the long histories are searched through the HNSW index
+    message of a backlog is found, the many users' server evicts, the long histories are searched through the HNSW index
     with their recall reported, the cold server cached nobody, and memory is read."""
     from tests.subprocesses import subprocess_env
 
@@ -226,7 +226,7 @@ def test_memfuse_bench_chat_end_to_end(tmp_path, monkeypatch, settings):
     call_command(
         "memfuse_bench", "chat", "--data", str(long_locomo_file(tmp_path)), "--sizes", "40,150", "--rounds", "3",
         "--backlog-users", "2", "--backlog-messages", "30", "--many-users", "6", "--user-size", "20", "--zipf", "1.0",
-        "--rate", "4", "--duration", "1", "--closed-duration", "1", "--cold-users", "2", "--cold-size", "120",
+        "--rate", "4", "--duration", "1", "--closed-duration", "1", "--many-cache-mb", "0.05", "--cold-users", "2", "--cold-size", "120",
         "--cold-rate", "4", "--cold-duration", "1", "--distinct-size", "110", "--recall-queries", "2", "--clients", "2",
         "--tag", "e2e", "--seed", "3", "--json", str(out),
     )
@@ -237,7 +237,8 @@ def test_memfuse_bench_chat_end_to_end(tmp_path, monkeypatch, settings):
     assert report["backlog"]["errors"] == 0 and report["backlog"]["newest_found"] == 2
     many = report["many_users"]
     assert many["open_loop"]["errors"] == {"query": 0, "add": 0} and many["closed_loop"]["queries_per_s"] > 0
-    assert many["server_cache"]["size"] >= 1
+    # Its own server's cache holds about two of the six users: the others are evicted and reloaded.
+    assert many["user_cache_mb"] == 0.05 and many["server_cache"]["evictions"] > 0 and many["memory"]["total_mb"] > 0
     assert {entry["group"] for entry in report["ann_recall"]} == {"history", "distinct", "cold"}
     assert all(entry["recall_at_k_mean"] > 0 for entry in report["ann_recall"])
     cold = report["cold"]
