@@ -36,7 +36,7 @@ from typing_extensions import TypedDict  # pydantic needs this one before Python
 from memory import selectors, services, tenancy
 from memory.api import serializers as s
 from memory.api.serializers import validated
-from memory.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated, error_for
+from memory.errors import Conflict, ErrorAnswer, Forbidden, InvalidInput, NotFound, Unauthenticated, error_for
 from memory.models import Agent, Session, User
 from memory.retrieval import RetrievalConfig
 from memory.tenancy import Principal
@@ -102,7 +102,7 @@ def _run(principal: Principal | None, work: Callable[[Principal], Any]):
         connections.close_all()
 
 
-def _error_text(answer, exc: Exception) -> str:
+def _error_text(answer: ErrorAnswer, exc: Exception) -> str:
     """A tool error's text: the message, and the arguments it names (a validation error's
     message names them already)."""
     if isinstance(exc, ValidationError) or not answer.fields:
