@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.db import connection
 
-from memory.errors import Unavailable
-
 
 @dataclass(frozen=True)
 class Backlog:
@@ -74,8 +72,17 @@ def current() -> Backlog:
     return Backlog(messages=figure.messages, oldest_age_seconds=figure.oldest_age_seconds + time.monotonic() - read_at)
 
 
+class BacklogFull(Exception):
+    """Adds are refused: the backlog is at ``MAX_BACKLOG_MESSAGES``; retry after ``retry_after`` s."""
+
+    def __init__(self, message: str, *, retry_after: int):
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
 def check_accepting() -> None:
-    """Raise ``Unavailable`` (503, ``Retry-After``) when the backlog is at ``MAX_BACKLOG_MESSAGES``.
+    """Raise ``BacklogFull`` when the backlog is at ``MAX_BACKLOG_MESSAGES`` (the add answers 503).
 
     ``MAX_BACKLOG_MESSAGES`` 0: no limit (and no read).
     """
@@ -85,7 +92,7 @@ def check_accepting() -> None:
     figure = current()
     if figure.messages >= limit:
         retry_after = settings.BUFFERS["BACKLOG_RETRY_AFTER_SECONDS"]
-        raise Unavailable(
+        raise BacklogFull(
             f"The flush is {figure.messages} messages behind (MAX_BACKLOG_MESSAGES {limit}): "
             f"nothing was stored, retry in {retry_after} s",
             retry_after=retry_after,

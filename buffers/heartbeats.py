@@ -108,10 +108,10 @@ def release_orphaned_jobs(*, name: str, running: Iterable[int]) -> int:
         cursor.execute(
             """
             SELECT id FROM buffers_flushjob
-            WHERE state = 'running' AND process = %(name)s
-              AND started_at < now() - make_interval(secs => %(timeout)s) AND NOT (id = ANY(%(running)s))
+            WHERE state = %(running)s AND process = %(name)s
+              AND started_at < now() - make_interval(secs => %(timeout)s) AND NOT (id = ANY(%(ids)s))
             """,
-            {"name": name, "timeout": timeout, "running": list(running)},
+            {"name": name, "timeout": timeout, "ids": list(running), "running": State.RUNNING.value},
         )
         ids = [row[0] for row in cursor.fetchall()]
     if not ids:

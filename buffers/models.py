@@ -37,7 +37,9 @@ class State(models.TextChoices):
     FAILED = "failed"
 
 
-ACTIVE_STATES = (State.QUEUED, State.RUNNING, State.RETRYING)
+# A waiting job is runnable (from its next_attempt_at on); an active one is not finished.
+WAITING_STATES = (State.QUEUED, State.RETRYING)
+ACTIVE_STATES = (*WAITING_STATES, State.RUNNING)
 
 
 class FlushJob(models.Model):
@@ -72,7 +74,7 @@ class FlushJob(models.Model):
             models.Index(
                 fields=["priority", "created_at", "id"],
                 name="buffers_job_runnable",
-                condition=Q(state__in=["queued", "retrying"]),
+                condition=Q(state__in=WAITING_STATES),
             ),
             models.Index(fields=["state", "finished_at"], name="buffers_job_state"),
         ]
@@ -80,7 +82,7 @@ class FlushJob(models.Model):
             # At most one automatic (user-wide) job waits per user: triggers upgrade it instead.
             models.UniqueConstraint(
                 fields=["user"],
-                condition=Q(state__in=["queued", "retrying"], session__isnull=True),
+                condition=Q(state__in=WAITING_STATES, session__isnull=True),
                 name="buffers_one_waiting_job_per_user",
             )
         ]

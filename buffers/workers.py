@@ -25,8 +25,7 @@ from django.db import close_old_connections
 
 from buffers import events, heartbeats, services
 from buffers.models import FlushJob, State
-from memory import registry
-from memory.pool import is_database_unavailable, is_pool_exhausted
+from memfuse_project.pool import is_database_unavailable, is_pool_exhausted
 
 logger = logging.getLogger(__name__)
 
@@ -290,14 +289,12 @@ def should_run_in_process(argv: list[str]) -> bool:
     ``runworker`` always; an ASGI server when ``FLUSH_IN_PROCESS`` is ``on``, or ``auto`` with
     the in-memory channel layer (the single-process default). Never migrate, check, tests.
     """
-    from memory.registry import should_preload
-
     mode = settings.BUFFERS["IN_PROCESS"].lower()
     if mode == "off":
         return False
     if len(argv) > 1 and argv[1] == "runworker":
         return True
-    if not should_preload(argv) or (len(argv) > 1 and argv[1] in {"locomo_eval", "memfuse_bench"}):
+    if not services.hooks().serving(argv) or (len(argv) > 1 and argv[1] in {"locomo_eval", "memfuse_bench"}):
         return False
     if mode == "on":
         return True
@@ -338,7 +335,7 @@ def stop_pool(*, timeout_seconds: float = 5.0) -> None:
 
 def _start_background_embedder() -> None:
     try:
-        registry.start_background_embedder()
+        services.hooks().warm_up()
     except Exception:  # the first flush tries again, and its failure is retried with backoff
         logger.exception("could not start the background embedding model")
 

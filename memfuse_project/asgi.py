@@ -31,11 +31,11 @@ from django.urls import get_resolver  # noqa: E402
 
 from buffers import events, workers  # noqa: E402
 from buffers.consumers import FlushConsumer  # noqa: E402
-from buffers.routing import websocket_urlpatterns  # noqa: E402
 from memfuse_project.embedded_pg import local_tenant_if_embedded, migrate_if_embedded  # noqa: E402
 from memory import metrics_history, registry  # noqa: E402
 from memory.api.auth import WebSocketAuthMiddleware  # noqa: E402
 from memory.api.limits import BodySizeLimit  # noqa: E402
+from memory.api.routing import websocket_urlpatterns  # noqa: E402
 from memory.mcp.http import application as mcp_application  # noqa: E402
 
 

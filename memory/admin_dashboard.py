@@ -18,15 +18,10 @@ from memory import metrics_history
 from memory.api.auth import is_authenticated, is_operator
 from memory.api.errors import envelope
 from memory.api.schema import api_doc
-from memory.errors import NotFound, ServiceError
+from memory.errors import NotFound, Unauthenticated
 from memory.operator_stats import operator_stats
 
 REFRESH_SECONDS = 5
-
-
-class NotAuthenticated(ServiceError):
-    status = 401
-    default_message = "Authentication required"
 
 
 def dashboard(request: HttpRequest) -> HttpResponse:
@@ -86,7 +81,7 @@ class AdminStatsView(APIView):
     def get(self, request):
         if not is_operator(request):
             if not is_authenticated(request):
-                raise NotAuthenticated("Authentication required: operators only")
+                raise Unauthenticated("Authentication required: operators only")
             raise NotFound(f"No endpoint at {request.path}")
         return envelope(operator_stats())
 

@@ -9,14 +9,14 @@ from django.utils import timezone
 
 from buffers import workers
 from buffers.selectors import buffers_overview
+from memfuse_project.pool import pool_stats
 from memory import registry, retrieval
-from memory.pool import pool_stats
 
 
 def operator_stats(*, top_users: int = 10) -> dict:
     """Live figures of this process and of the shared database.
 
-    ``{"generated_at" (ISO 8601), "process": {"host", "pid"}, "pool": memory.pool.pool_stats(),
+    ``{"generated_at" (ISO 8601), "process": {"host", "pid"}, "pool": memfuse_project.pool.pool_stats(),
     "models": memory.registry.stats(), "user_cache": memory.retrieval.cache_stats(),
     "buffers": buffers.selectors.buffers_overview() plus "workers": {"workers", "busy",
     "jobs_done", "jobs_failed"} or None when this process runs no flush workers}``.

@@ -17,8 +17,11 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from buffers import backlog, events
+from buffers import jobs as buffers_jobs
+from buffers.models import Priority
 from memory import metrics, registry, tenancy
-from memory.errors import Conflict, InvalidInput, NotFound
+from memory.errors import Conflict, InvalidInput, NotFound, Unavailable
 from memory.models import Agent, ApiKey, KeyScope, Knowledge, Message, Session, Tenant, User
 from memory.selectors import knowledge_by_ids, messages_by_ids
 
@@ -260,7 +263,7 @@ class AddedMessages(list):
         self.oldest_pending_age_s = oldest_pending_age_s
 
 
-_ADD_SQL = """
+_ADD_SQL = f"""
 WITH bumped AS (
     -- First, as in every writer of a user's messages: the user row lock orders this add
     -- against edits and a cascade delete (see _bump_memory_version). It is the FOR NO KEY
@@ -281,26 +284,13 @@ WITH bumped AS (
                AS m(id, role, content, metadata, index_text, created_at, ord)
     RETURNING position, length(index_text) AS chars
 ), pending AS (
-    -- The user's pending messages as before this add (one snapshot) plus the added ones.
-    SELECT count(*) + (SELECT count(*) FROM added) AS messages,
-           coalesce(sum(length(index_text)), 0) + (SELECT coalesce(sum(chars), 0) FROM added) AS chars,
-           -- Backpressure for the client: how long the user's oldest pending message has waited.
-           greatest(extract(epoch FROM now() - min(updated_at)), 0) AS oldest_age
-    FROM memory_message WHERE user_id = %(user)s AND flushed_at IS NULL
+    -- The user's pending messages as before this add (one snapshot) plus the added ones;
+    -- oldest_age is the backpressure figure for the client.
+    {buffers_jobs.pending_sql(plus="added")}
 ), job AS (
-    -- The size trigger (buffers.services.size_trigger_reached), in the same statement so the
-    -- add commits once: a user-wide flush job at normal priority, as request_flush queues it.
-    -- An existing job of the same or a higher priority is left alone (nothing written).
-    INSERT INTO buffers_flushjob
-        (user_id, session_id, priority, reason, state, attempts, max_attempts, last_error,
-         messages_flushed, worker, created_at, next_attempt_at)
-    SELECT %(user)s, NULL, %(priority)s, %(reason)s, 'queued', 0, %(max_attempts)s, '', 0, '', now(), now()
-    FROM pending WHERE EXISTS (SELECT FROM added)
-      AND (pending.messages >= %(size_messages)s OR pending.chars / 4 >= %(size_tokens)s)
-    ON CONFLICT (user_id) WHERE state IN ('queued', 'retrying') AND session_id IS NULL
-    DO UPDATE SET priority = EXCLUDED.priority, reason = EXCLUDED.reason, next_attempt_at = now()
-    WHERE EXCLUDED.priority < buffers_flushjob.priority
-    RETURNING id
+    -- The size trigger, in the same statement so the add commits once. An existing job of
+    -- the same or a higher priority is left alone (nothing written).
+    {buffers_jobs.size_trigger_sql(condition="EXISTS (SELECT FROM added)")}
 )
 SELECT (SELECT min(position) FROM added), messages, EXISTS (SELECT FROM job), oldest_age FROM pending
 """
@@ -312,19 +302,20 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
     Write-behind: the rows are written (and full-text indexed) by ONE statement, which takes
     the user row's lock, then the session row's (its ``next_position`` counter gives the
     positions), inserts the rows, reads the user's pending summary and, past the size
-    trigger, queues a flush job; they are durable when this returns. Embedding is left to
-    that flush (``buffers``). One statement is all or nothing, one round trip and one commit
-    (one WAL flush): the add is the hottest write of the service. Raises ``NotFound`` (field
+    trigger, queues a flush job (``buffers.jobs``' fragments); they are durable when this
+    returns. Embedding is left to that flush (``memory.flush``, run by ``buffers``' workers).
+    One statement is all or nothing, one exchange with the database and one commit (one WAL
+    flush): the add is the hottest write of the service. Raises ``NotFound`` (field
     ``session_id``) when the session was deleted meanwhile, ``Unavailable`` (503) when the
     flush backlog of all users is at ``MAX_BACKLOG_MESSAGES`` (``buffers.backlog``); then
     nothing is stored.
     """
-    from buffers import backlog, events
-    from buffers.models import Priority, Reason
-
     if not messages:
         return AddedMessages([], pending=0)
-    backlog.check_accepting()
+    try:
+        backlog.check_accepting()
+    except backlog.BacklogFull as exc:
+        raise Unavailable(exc.message, retry_after=exc.retry_after) from None
     now = timezone.now()
     rows = [
         Message(
@@ -354,11 +345,7 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
                 "metadata": [json.dumps(row.metadata) for row in rows],
                 "index_texts": [row.index_text for row in rows],
                 "created": [row.created_at for row in rows],
-                "priority": Priority.NORMAL,
-                "reason": Reason.SIZE,
-                "max_attempts": settings.BUFFERS["MAX_ATTEMPTS"],
-                "size_messages": settings.BUFFERS["SIZE_MESSAGES"],
-                "size_tokens": settings.BUFFERS["SIZE_TOKENS"],
+                **buffers_jobs.size_trigger_params(),
             },
         )
         start, count, job_queued, oldest_age = cursor.fetchone()
@@ -394,7 +381,6 @@ def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messa
     embedding. Raises ``NotFound`` (field ``message_ids``) when any id is not a message of
     ``session``; then nothing is changed.
     """
-    from buffers.services import note_pending
     from memory.retrieval.vector import context_refresh
 
     with transaction.atomic():
@@ -417,7 +403,7 @@ def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messa
             cursor.execute("UPDATE memory_message SET seq = nextval('memory_change_seq') WHERE id = ANY(%s)", [message_ids])
             # The neighbours' context embeddings lose the old text's embedding.
             context_refresh(cursor, seeds=[(row.session_id, row.position) for row in rows], bucket=bucket)
-        note_pending(user_id=session.user_id)
+        buffers_jobs.note_pending(user_id=session.user_id)
     return rows
 
 

@@ -18,7 +18,7 @@ from django.utils import timezone
 from buffers import services as buffers
 from buffers.models import FlushJob, Priority, Reason, State
 from buffers.workers import FlushWorkerPool
-from memory import registry, selectors, services
+from memory import flush, registry, selectors, services
 from memory.management.commands.memfuse_bench import free_loopback_port, uvicorn_command
 from memory.models import Message
 from memory.services import MessageIn
@@ -147,7 +147,7 @@ def test_failing_store_is_retried_then_failed_then_retried_by_hand(alice_session
     def broken_write(**kwargs):
         raise ConnectionError("store unavailable")
 
-    monkeypatch.setattr(buffers, "_write", broken_write)
+    monkeypatch.setattr(flush, "_write", broken_write)
     delays = []
     for attempt in range(1, settings.BUFFERS["MAX_ATTEMPTS"] + 1):
         FlushJob.objects.filter(pk=job_id).update(next_attempt_at=timezone.now())  # skip the wait
@@ -178,7 +178,7 @@ def test_flush_times_out_between_batches(alice_session):
     """A flush past its deadline raises FlushTimeout and leaves the rest pending."""
     add(alice_session, 6)
 
-    with pytest.raises(buffers.FlushTimeout):
+    with pytest.raises(flush.FlushTimeout):
         buffers.flush_pending(user_id=alice_session.user_id, deadline=time.monotonic() - 1, batch_size=2)
     assert Message.objects.filter(user=alice_session.user, flushed_at__isnull=True).count() == 6
 

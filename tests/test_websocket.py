@@ -23,9 +23,10 @@ from channels_redis.core import RedisChannelLayer
 from django.db import close_old_connections
 from django.utils import timezone
 
-from buffers import consumers, events
+from buffers import events
 from buffers.services import flush_pending
 from memory import registry, services
+from memory.api import consumers
 from memory.models import ApiKey, KeyScope, Message
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -474,7 +475,7 @@ async def test_unexpected_error_gets_500_frame_and_the_connection_stays_open(con
 
     communicator = await connect(alice_session.pk)
 
-    with monkeypatch.context() as patch, caplog.at_level(logging.ERROR, logger="buffers.consumers"):
+    with monkeypatch.context() as patch, caplog.at_level(logging.ERROR, logger="memory.api.consumers"):
         patch.setattr(services, "messages_add", broken_messages_add)
         await communicator.send_json_to({"type": "messages.add", "messages": [VALID_MESSAGE], "request_id": "boom"})
         error = await receive(communicator)

@@ -16,7 +16,7 @@ from buffers import heartbeats
 from buffers import services as buffers
 from buffers.models import FlushJob, Priority, Reason, State, WorkerProcess
 from buffers.workers import FlushWorkerPool
-from memory import services
+from memory import flush, services
 from memory.models import Message
 from memory.services import MessageIn
 from tests.subprocesses import subprocess_env
@@ -28,7 +28,7 @@ def claim_for(process: str, session, n: int) -> FlushJob:
     services.messages_add(session=session, messages=[MessageIn(role="user", content=f"claimed {i}") for i in range(n)])
     FlushJob.objects.create(user_id=session.user_id, priority=Priority.NORMAL, reason=Reason.MANUAL, max_attempts=4)
     job = buffers.claim_next_job(worker=f"{process}/0", process=process)
-    buffers._claim(user_id=session.user_id, session_id=None, token=job.claim_token, limit=n)
+    flush._claim(user_id=session.user_id, session_id=None, token=job.claim_token, limit=n)
     return job
 
 

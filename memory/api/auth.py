@@ -19,8 +19,8 @@ from django.conf import settings
 from django_ratelimit.core import get_usage
 from rest_framework import authentication, exceptions, permissions, throttling
 
+from memfuse_project.pool import is_database_unavailable, is_pool_exhausted
 from memory.errors import RateLimited
-from memory.pool import is_database_unavailable, is_pool_exhausted
 from memory.tenancy import Principal, resolve_key
 
 WS_SUBPROTOCOL = "memfuse"

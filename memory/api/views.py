@@ -19,7 +19,7 @@ from django.db import connection, transaction
 
 from buffers import backlog as buffer_backlog
 from buffers import services as buffer_services
-from buffers.models import Priority, Reason
+from buffers.models import Priority, Reason, State
 from memory import selectors, services
 from memory.api import serializers as s
 from memory.api.base import ConcurrentAPIView as APIView
@@ -338,14 +338,14 @@ def _manual_flush(request, *, user_id, session_id=None):
             user_id=user_id, session_id=session_id, priority=Priority.HIGH, reason=Reason.MANUAL
         )
     if not wait:
-        return envelope({"job_id": job_id, "state": "queued"}, code=202, message="Flush queued")
+        return envelope({"job_id": job_id, "state": State.QUEUED.value}, code=202, message="Flush queued")
     job = buffer_services.wait_for_job(job_id=job_id, timeout=settings.BUFFERS["TIMEOUT_SECONDS"])
     return envelope(buffer_services.job_dict(job), message=f"Flush {job.state}")
 
 
 flush_doc = api_doc(
     "FlushQueued",
-    {"job_id": s.serializers.IntegerField(), "state": s.serializers.ChoiceField(choices=["queued"])},
+    {"job_id": s.serializers.IntegerField(), "state": s.serializers.ChoiceField(choices=[State.QUEUED.value])},
     code=202,
     request=s.FlushIn,
     responses={200: envelope_of("FlushJob", FlushJob())},

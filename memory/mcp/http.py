@@ -29,8 +29,8 @@ from channels.db import database_sync_to_async
 from mcp.server.transport_security import TransportSecuritySettings
 
 from memory.api.auth import authenticate_bearer, bearer_token, check_rate
-from memory.api.errors import database_refusal, error_body
-from memory.errors import RateLimited
+from memory.api.errors import answer_body, error_body
+from memory.errors import Unauthenticated, error_for
 from memory.mcp import tools
 from memory.tenancy import Principal
 
@@ -45,8 +45,8 @@ def _authorize(token: str | None) -> Principal | None:
     return principal
 
 
-async def _answer(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps(error_body(status, message)).encode()
+async def _answer(send, status: int, message: str, headers: dict[str, str] | None = None, body: dict | None = None) -> None:
+    body = json.dumps(body or error_body(status, message)).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw_headers += [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
@@ -65,18 +65,14 @@ class MCPApplication:
             return
         try:
             principal = await database_sync_to_async(_authorize, thread_sensitive=False)(bearer_token(scope["headers"]))
-        except RateLimited as exc:
-            await _answer(send, 429, exc.message, {"Retry-After": str(exc.retry_after)})
-            return
-        except Exception as exc:
-            refusal = database_refusal(exc)
-            if refusal is None:
+        except Exception as exc:  # past the rate limit, or the database's refusal
+            answer = error_for(exc)
+            if answer is None:
                 raise
-            body, headers = refusal
-            await _answer(send, 503, body["message"], headers)
+            await _answer(send, answer.status, answer.message, answer.headers, answer_body(answer))
             return
         if principal is None:
-            await _answer(send, 401, "Invalid, expired or revoked API key", {"WWW-Authenticate": 'Bearer realm="mcp"'})
+            await _answer(send, 401, Unauthenticated.default_message, {"WWW-Authenticate": 'Bearer realm="mcp"'})
             return
         if principal.tenant_id is None:
             await _answer(send, 403, "Operator keys cannot access tenant data")

@@ -35,12 +35,9 @@ from typing_extensions import TypedDict  # pydantic needs this one before Python
 
 from memory import selectors, services, tenancy
 from memory.api import serializers as s
-from memory.api.errors import EMBEDDING_UNAVAILABLE_MESSAGE, validation_error
 from memory.api.serializers import validated
-from memory.errors import Conflict, Forbidden, InvalidInput, NotFound, ServiceError
+from memory.errors import Conflict, ErrorAnswer, Forbidden, InvalidInput, NotFound, Unauthenticated, error_for
 from memory.models import Agent, Session, User
-from memory.pool import RETRY_AFTER_SECONDS, is_database_unavailable, is_pool_exhausted
-from memory.registry import EmbeddingProcessError
 from memory.retrieval import RetrievalConfig
 from memory.tenancy import Principal
 
@@ -86,48 +83,38 @@ with _root_logging_kept():
 # --- calling ---------------------------------------------------------------------------------
 
 
-def _database_refusal(exc: BaseException) -> str | None:
-    if is_pool_exhausted(exc):
-        return f"The service is busy (no database connection free): retry in {RETRY_AFTER_SECONDS} s"
-    if is_database_unavailable(exc):
-        return f"The database is unavailable (restarting or unreachable): retry in {RETRY_AFTER_SECONDS} s"
-    return None
-
-
-def _error_text(exc: ServiceError) -> str:
-    fields = [e["field"] for e in exc.errors if e.get("field")]
-    return f"{exc.message} (argument: {', '.join(fields)})" if fields else exc.message
-
-
 def _run(principal: Principal | None, work: Callable[[Principal], Any]):
-    """``work(principal)`` in a worker thread, its refusals as ``ToolError``; returns its connections to the pool."""
+    """``work(principal)`` in a worker thread, its refusals (``memory.errors.error_for``) as
+    ``ToolError``; returns its connections to the pool."""
     close_old_connections()
     try:
         if principal is None:  # stdio: the command's key, unless revoked or expired since
             principal = _stdio_principal
             if principal is None or not tenancy.still_usable(principal):
-                raise ToolError("Invalid, expired or revoked API key")
+                raise Unauthenticated()
         return work(principal)
-    except ValidationError as exc:
-        raise ToolError(validation_error(exc.detail)[0]) from None
-    except ServiceError as exc:
-        raise ToolError(_error_text(exc)) from None
-    except EmbeddingProcessError:
-        raise ToolError(EMBEDDING_UNAVAILABLE_MESSAGE) from None
     except Exception as exc:
-        message = _database_refusal(exc)
-        if message is None:
+        answer = error_for(exc)
+        if answer is None:
             raise
-        raise ToolError(message) from None
+        raise ToolError(_error_text(answer, exc)) from None
     finally:
         connections.close_all()
+
+
+def _error_text(answer: ErrorAnswer, exc: Exception) -> str:
+    """A tool error's text: the message, and the arguments it names (a validation error's
+    message names them already)."""
+    if isinstance(exc, ValidationError) or not answer.fields:
+        return answer.message
+    return f"{answer.message} (argument: {', '.join(answer.fields)})"
 
 
 async def _call(ctx: Context, work: Callable[[Principal], Any]):
     request = ctx.request_context.request
     principal = request.scope.get(PRINCIPAL_SCOPE_KEY) if request is not None else None
     if request is not None and principal is None:  # served outside memory.mcp.http: refuse
-        raise ToolError("Invalid, expired or revoked API key")
+        raise ToolError(Unauthenticated.default_message)
     return await database_sync_to_async(_run, thread_sensitive=False)(principal, work)
 
 

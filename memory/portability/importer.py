@@ -199,17 +199,17 @@ def memory_import(
     report.created["knowledge"], report.existing["knowledge"] = written, plan.knowledge - written
 
     from buffers import services as buffers
+    from buffers.jobs import pending_summary
     from buffers.models import Priority, Reason
+    from memory import flush
     from memory.retrieval import cache
 
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM memory_message WHERE user_id = %s AND flushed_at IS NULL", [target_id])
-        report.pending_messages = cursor.fetchone()[0]
+    report.pending_messages = pending_summary(user_id=target_id).messages
     if report.pending_messages and queue_flush:
         with transaction.atomic():
             buffers.request_flush(user_id=target_id, priority=Priority.NORMAL, reason=Reason.SIZE)
     if use_embeddings and report.created["messages"]:
-        buffers.maintain_indexes(target_id)  # the HNSW index past ANN_MIN_MESSAGES, the index snapshot
+        flush.maintain_indexes(target_id)  # the HNSW index past ANN_MIN_MESSAGES, the index snapshot
     cache.forget(target_id)
     return report
 

@@ -4,9 +4,8 @@ Every database connection of a process comes from one ``psycopg_pool.ConnectionP
 database alias (``DATABASES[...]["OPTIONS"]["pool"]``, settings ``DB_POOL_*``). A request that
 waits longer than ``DB_POOL_TIMEOUT`` for a connection gets ``psycopg_pool.PoolTimeout``, which
 Django's error wrapper re-raises as ``django.db.OperationalError`` with the ``PoolTimeout`` as
-``__cause__`` (``tests/test_pool.py`` pins this down). The API answers it with 503 and
-``Retry-After`` (``memory.api.errors``), WebSocket frames with a 503 error frame; so is a
-database that cannot be reached (``is_database_unavailable``: restarting, down, a connection
+``__cause__`` (``tests/test_pool.py`` pins this down). Every interface answers it with a 503
+(``memory.errors.error_for``: ``Retry-After`` over HTTP); so is a database that cannot be reached (``is_database_unavailable``: restarting, down, a connection
 it closed). With ``CONN_HEALTH_CHECKS`` (settings) the pool checks a connection before lending
 it, so the connections a restart closed are dropped rather than handed to requests.
 """

@@ -1,0 +1,144 @@
+"""The rules of flush jobs written once: the pending summary, the size trigger, the job upsert.
+
+They are SQL fragments because the hottest write of the service, ``memory.services.
+messages_add``, applies them inside its own single statement (one exchange with the database, one commit);
+``buffers.services`` composes the same fragments for its own statements. A composing
+statement binds ``%(user)s`` to the user's id and adds the parameters of ``job_params`` (and,
+for the size trigger, ``size_trigger_params``).
+
+The job states are ``buffers.models.State``; a fragment writes them as literals taken from
+it, since an ``ON CONFLICT`` clause must repeat the unique index's predicate as it is.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import connection, transaction
+
+from buffers import events
+from buffers.models import WAITING_STATES, Priority, Reason, State
+
+
+def sql_states(states) -> str:
+    """``states`` as a SQL list of literals: ``'queued', 'retrying'``."""
+    return ", ".join(f"'{State(state).value}'" for state in states)
+
+
+@dataclass(frozen=True)
+class PendingSummary:
+    """A user's pending messages: how many, estimated tokens (chars / 4), oldest change age (s)."""
+
+    messages: int
+    tokens: int
+    oldest_age_seconds: float
+
+
+def pending_sql(*, plus: str | None = None) -> str:
+    """A ``SELECT`` of one row ``(messages, chars, oldest_age)``: the pending (not yet flushed)
+    messages of user ``%(user)s``, from the partial index on them; ``oldest_age`` is seconds
+    since the oldest one changed, at least 0 (an add stamps ``updated_at`` with its own
+    clock, which may run a moment ahead of ``now()``).
+
+    ``plus`` names a relation of rows with a ``chars`` column that the statement's snapshot
+    cannot see yet (the rows an ``INSERT`` of the same statement adds): they are counted too.
+    """
+    added_messages = f" + (SELECT count(*) FROM {plus})" if plus else ""
+    added_chars = f" + (SELECT coalesce(sum(chars), 0) FROM {plus})" if plus else ""
+    return f"""SELECT count(*){added_messages} AS messages,
+           coalesce(sum(length(index_text)), 0){added_chars} AS chars,
+           greatest(extract(epoch FROM now() - min(updated_at)), 0) AS oldest_age
+    FROM memory_message WHERE user_id = %(user)s AND flushed_at IS NULL"""
+
+
+def pending_summary(*, user_id: uuid.UUID) -> PendingSummary:
+    """The user's pending (not yet flushed) messages (``pending_sql``)."""
+    with connection.cursor() as cursor:
+        cursor.execute(pending_sql(), {"user": user_id})
+        count, chars, age = cursor.fetchone()
+    return PendingSummary(messages=count, tokens=int(chars) // 4, oldest_age_seconds=float(age))
+
+
+def job_upsert_sql(*, source: str = "") -> str:
+    """An ``INSERT ... RETURNING id`` of a waiting user-wide flush job for ``%(user)s``.
+
+    At most one user-wide job waits per user (the unique index ``buffers_one_waiting_job_per_user``):
+    on conflict, a request of a higher priority (a lower number) raises the waiting job's
+    priority, takes its reason and makes it runnable now; any other leaves it as it is and,
+    unless ``%(job_touch)s``, writes nothing and returns no row. With ``job_touch`` the
+    waiting job is locked and its id returned in every case.
+
+    ``source`` is a ``FROM ... WHERE ...`` clause: the job is queued only when it selects a
+    row (at most one). Parameters: ``job_params``.
+    """
+    return f"""INSERT INTO buffers_flushjob
+        (user_id, session_id, priority, reason, state, attempts, max_attempts, last_error,
+         messages_flushed, worker, created_at, next_attempt_at)
+    SELECT %(user)s, NULL, %(job_priority)s, %(job_reason)s, '{State.QUEUED.value}', 0, %(job_max_attempts)s, '', 0, '',
+           now(), now()
+    {source}
+    ON CONFLICT (user_id) WHERE state IN ({sql_states(WAITING_STATES)}) AND session_id IS NULL
+    DO UPDATE SET priority = LEAST(buffers_flushjob.priority, EXCLUDED.priority),
+                  reason = CASE WHEN EXCLUDED.priority < buffers_flushjob.priority
+                                THEN EXCLUDED.reason ELSE buffers_flushjob.reason END,
+                  next_attempt_at = CASE WHEN EXCLUDED.priority < buffers_flushjob.priority
+                                         THEN now() ELSE buffers_flushjob.next_attempt_at END
+    WHERE EXCLUDED.priority < buffers_flushjob.priority OR %(job_touch)s
+    RETURNING id"""
+
+
+def job_params(*, priority: int, reason: str, touch: bool = False) -> dict:
+    """The parameters of ``job_upsert_sql`` (``touch``: return the id of a job left as it was)."""
+    return {
+        "job_priority": priority,
+        "job_reason": reason,
+        "job_max_attempts": settings.BUFFERS["MAX_ATTEMPTS"],
+        "job_touch": touch,
+    }
+
+
+def size_trigger_sql(*, pending: str = "pending", condition: str = "TRUE") -> str:
+    """The size trigger: ``job_upsert_sql`` of a normal-priority flush, queued when the
+    relation ``pending`` (``pending_sql``'s columns) is at ``SIZE_MESSAGES`` messages or
+    ``SIZE_TOKENS`` tokens (chars / 4), and ``condition`` holds. Parameters:
+    ``size_trigger_params``."""
+    return job_upsert_sql(
+        source=f"FROM {pending} WHERE ({condition}) "
+        f"AND ({pending}.messages >= %(size_messages)s OR {pending}.chars / 4 >= %(size_tokens)s)"
+    )
+
+
+def size_trigger_params() -> dict:
+    """The parameters of ``size_trigger_sql`` (the ``BUFFERS`` thresholds, the job's)."""
+    return {
+        "size_messages": settings.BUFFERS["SIZE_MESSAGES"],
+        "size_tokens": settings.BUFFERS["SIZE_TOKENS"],
+        **job_params(priority=Priority.NORMAL, reason=Reason.SIZE),
+    }
+
+
+_NOTE_PENDING_SQL = f"""
+WITH pending AS (
+    {pending_sql()}
+), job AS (
+    {size_trigger_sql()}
+)
+SELECT messages, chars, oldest_age, EXISTS (SELECT FROM job) FROM pending
+"""
+
+
+def note_pending(*, user_id: uuid.UUID) -> PendingSummary:
+    """After a write of the user's messages (in its transaction): apply the size trigger.
+
+    Returns the user's pending summary. Workers are notified when the transaction commits,
+    if a job was queued or raised; should the process die before, the periodic time trigger
+    still flushes the messages (they are rows).
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(_NOTE_PENDING_SQL, {"user": user_id, **size_trigger_params()})
+        count, chars, age, queued = cursor.fetchone()
+    if queued:
+        transaction.on_commit(lambda: events.notify_flush(user_id=user_id, priority=Priority.NORMAL))
+    return PendingSummary(messages=count, tokens=int(chars) // 4, oldest_age_seconds=float(age))

@@ -1,0 +1,221 @@
+"""The flush: embedding and indexing a user's pending messages, run by ``buffers``' workers.
+
+A message is durable (a row, full-text indexed) before its add is acknowledged; what a flush
+does later is the expensive part: embedding and the vector index. The flush is idempotent:
+
+1. **claim** (short transaction): pending rows not under a live claim are locked with
+   ``FOR UPDATE SKIP LOCKED`` (a concurrent flush skips them rather than waiting) and given
+   this flush's token and a lease;
+2. **embed** outside any transaction, through the registry's cross-user batcher;
+3. **write** in one ``UPDATE ... FROM unnest(...)`` per batch, only where the token still
+   stands. A second flush never sees rows under a live claim; a flush whose worker died
+   leaves a claim that another process releases once the dead one stops beating
+   (``buffers.heartbeats``), or that expires with its lease; a message changed meanwhile
+   lost its token and is not overwritten. So each message is embedded and written once.
+
+The jobs that ask for a flush, their queue and the workers that run them are ``buffers``';
+``memory.apps`` registers ``flush_pending`` with it (``buffers.services.FlushHooks``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import numpy as np
+from django.conf import settings
+from django.db import connection, transaction
+
+from buffers import events
+from memfuse_project.pool import is_database_unavailable
+from memory import metrics, registry
+from memory.retrieval import cache
+from memory.retrieval.vector import context_refresh
+from memory.vectors import vector_literals
+
+logger = logging.getLogger(__name__)
+
+
+class FlushTimeout(Exception):
+    """A flush ran past its deadline (``FLUSH_TIMEOUT_SECONDS``); it is retried."""
+
+
+# A flush's own transactions commit without waiting for their WAL to reach the disk: what
+# they write can be redone. Should PostgreSQL crash before the WAL writer flushes them (a
+# fraction of a second), the messages are pending again and the next flush embeds them
+# (a claim is a lease; an embedding is recomputed). Nothing acknowledged to a client is
+# lost, and the adds' commits do not queue behind the flush's fsyncs.
+_NO_FSYNC = "SET LOCAL synchronous_commit = off"
+
+
+def _claim(*, user_id: uuid.UUID, session_id: uuid.UUID | None, token: uuid.UUID, limit: int) -> list[tuple]:
+    """Claim up to ``limit`` pending messages: ``[(id, index_text, updated_at)]``, oldest change first."""
+    lease = settings.BUFFERS["LEASE_SECONDS"]
+    session_filter = "AND session_id = %(session)s" if session_id else ""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(_NO_FSYNC)
+        cursor.execute(
+            f"""
+            UPDATE memory_message SET flush_claim = %(token)s,
+                                      claimed_until = now() + make_interval(secs => %(lease)s)
+            WHERE id IN (
+                SELECT id FROM memory_message
+                WHERE user_id = %(user)s {session_filter} AND flushed_at IS NULL
+                  AND (claimed_until IS NULL OR claimed_until < now())
+                ORDER BY updated_at, id
+                LIMIT %(limit)s
+                FOR UPDATE SKIP LOCKED
+            )
+            RETURNING id, index_text, updated_at
+            """,
+            {"token": token, "lease": lease, "user": user_id, "session": session_id, "limit": limit},
+        )
+        return cursor.fetchall()
+
+
+def _write(*, user_id: uuid.UUID, token: uuid.UUID, ids: list[uuid.UUID], vectors) -> list[tuple]:
+    """Write embeddings where ``token`` still holds the claim, and the context embeddings
+    around them (``memory.retrieval.vector.context_refresh``); returns ``[(id, session_id)]``.
+
+    Takes ``FOR KEY SHARE`` on the user's row first: the lock order of every writer of a
+    user's messages (see ``memory.services._bump_memory_version``), so this ``UPDATE`` and an
+    edit or a cascade delete never deadlock. Adds (``FOR NO KEY UPDATE``) do not conflict
+    with it: an add never waits for this write. Two flushes of one user take turns (a
+    transaction-level advisory lock on the user): each rewrites the context embeddings of
+    the other's neighbouring rows.
+    """
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(_NO_FSYNC)
+        cursor.execute("SELECT ann_bucket FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
+        row = cursor.fetchone()
+        if row is None:
+            return []  # the user was deleted meanwhile
+        cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s::text, 0))", [user_id])
+        cursor.execute(
+            """
+            UPDATE memory_message AS m
+            SET embedding = v.embedding::vector, flushed_at = now(), flush_claim = NULL,
+                claimed_until = NULL, flush_count = m.flush_count + 1
+            FROM unnest(%(ids)s::uuid[], %(vectors)s::text[]) AS v(id, embedding)
+            WHERE m.id = v.id AND m.flush_claim = %(token)s
+            RETURNING m.id, m.session_id, m.position
+            """,
+            {"ids": ids, "vectors": vector_literals(vectors), "token": token},
+        )
+        written = cursor.fetchall()
+        context_refresh(cursor, seeds=[(session, position) for _, session, position in written], bucket=row[0])
+        return [(message_id, session) for message_id, session, _ in written]
+
+
+def flush_pending(
+    *,
+    user_id: uuid.UUID,
+    session_id: uuid.UUID | None = None,
+    deadline: float | None = None,
+    batch_size: int | None = None,
+    token: uuid.UUID | None = None,
+) -> int:
+    """Embed and index the user's (or one session's) pending messages; returns how many.
+
+    Batch by batch: claim (``SKIP LOCKED``), embed, write (see the module docstring).
+    ``deadline`` is a ``time.monotonic()`` value; past it, ``FlushTimeout`` is raised between
+    batches (claimed but unwritten rows are taken again when their lease expires). Publishes
+    ``flush.completed`` to each session's group after each batch is written. ``token`` is the
+    claim token (a job's ``claim_token``, so a dead worker's claims can be found; default new).
+    """
+    batch_size = batch_size or settings.BUFFERS["BATCH_SIZE"]
+    token = token or uuid.uuid4()
+    start = time.perf_counter()
+    try:
+        flushed = _flush_batches(user_id=user_id, session_id=session_id, deadline=deadline, batch_size=batch_size, token=token)
+    except BaseException:
+        metrics.FLUSHES.labels("error").inc()
+        _release(token)
+        raise
+    metrics.FLUSH_SECONDS.observe(time.perf_counter() - start)
+    metrics.FLUSHES.labels("ok").inc()
+    metrics.MESSAGES_FLUSHED.inc(flushed)
+    if flushed:
+        maintain_indexes(user_id)
+    return flushed
+
+
+def maintain_indexes(user_id: uuid.UUID) -> None:
+    """After a flush: move a user whose history passed ``ANN_MIN_MESSAGES`` to the HNSW
+    index (``vector.ann_enable``) and rewrite their lexical index's snapshot when it lags
+    (``retrieval.cache.refresh_snapshot``). Derived data only: a failure is logged, and the
+    next flush tries again."""
+    from memory.retrieval import vector
+
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT CASE WHEN ann_bucket IS NOT NULL THEN false ELSE "
+                "(SELECT count(*) FROM memory_message WHERE user_id = %(user)s) >= %(min)s END "
+                "FROM memory_user WHERE id = %(user)s",
+                {"user": user_id, "min": settings.MEMFUSE["ANN_MIN_MESSAGES"]},
+            )
+            row = cursor.fetchone()
+        if row and row[0]:
+            vector.ann_enable(user_id=user_id)
+        cache.refresh_snapshot(user_id)
+    except Exception:
+        logger.warning("index maintenance of user %s failed; the next flush retries", user_id, exc_info=True)
+
+
+def _release(token: uuid.UUID) -> None:
+    """Give up the claims of a failed flush so its retry can take the rows at once.
+
+    Best effort: when the store itself is failing, the claims' leases expire instead.
+    """
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE memory_message SET flush_claim = NULL, claimed_until = NULL WHERE flush_claim = %s", [token]
+            )
+    except Exception as exc:
+        if is_database_unavailable(exc):  # the worker logs the outage once; the job is released later
+            return
+        logger.warning("could not release the claims of a failed flush; their leases will expire", exc_info=True)
+
+
+def _embed_claimed(user_id: uuid.UUID, claimed: list[tuple]) -> np.ndarray:
+    """Embeddings ``(len(claimed), dim)`` of claimed rows ``[(id, index_text, updated_at)]``.
+
+    In the chat pattern a query embeds the turn just added before its flush does (read
+    your writes): when that embedding is exactly the flush's (``registry.
+    queries_embed_documents``) and still in this process's cache of the user, it is written
+    as it is; the rest are embedded in the background. Raises ``EmbeddingProcessError``.
+    """
+    reused = {}
+    if registry.queries_embed_documents():
+        reused = cache.embedded_pending(user_id, [(row[0], row[2]) for row in claimed])
+    missing = [row[1] for row in claimed if (row[0], row[2]) not in reused]
+    embedded = iter(registry.embed(missing, priority=registry.BACKGROUND) if missing else ())
+    return np.stack([reused[(row[0], row[2])] if (row[0], row[2]) in reused else next(embedded) for row in claimed])
+
+
+def _flush_batches(
+    *, user_id: uuid.UUID, session_id: uuid.UUID | None, deadline: float | None, batch_size: int, token: uuid.UUID
+) -> int:
+    flushed = 0
+    while True:
+        if deadline is not None and time.monotonic() > deadline:
+            raise FlushTimeout(f"flush of user {user_id} passed its deadline after {flushed} messages")
+        claimed = _claim(user_id=user_id, session_id=session_id, token=token, limit=batch_size)
+        if not claimed:
+            return flushed
+        ids = [row[0] for row in claimed]
+        if not connection.in_atomic_block:
+            # Give the connection back to the pool while the model works (seconds): flush
+            # workers would otherwise hold one each and starve requests of connections.
+            connection.close()
+        vectors = _embed_claimed(user_id, claimed)
+        written = _write(user_id=user_id, token=token, ids=ids, vectors=vectors)
+        flushed += len(written)
+        by_session: dict[uuid.UUID, list[str]] = {}
+        for message_id, message_session in written:
+            by_session.setdefault(message_session, []).append(str(message_id))
+        for message_session, message_ids in by_session.items():
+            events.flush_completed(session_id=message_session, message_ids=message_ids)
