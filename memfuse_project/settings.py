@@ -396,7 +396,7 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "filters": {"one_line_refusals": {"()": "memory.pool.OneLineRefusals"}},
+    "filters": {"one_line_refusals": {"()": "memfuse_project.pool.OneLineRefusals"}},
     "loggers": {
         "memory": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
         "memfuse_project": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
