@@ -45,18 +45,10 @@ from django.conf import settings
 from django.core.management.base import CommandError
 
 from benchmarks.chat_dataset import ChatDataset, ChatUser
-from memory.management.commands.memfuse_bench import (
-    LOCOMO_DEV,
-    Api,
-    ServerProcess,
-    bench_rate_limit,
-    chat_rounds,
-    children_rss_mb,
-    latency_summary,
-    locomo_turn_texts,
-    recall_at_k,
-    rss_mb,
-)
+from benchmarks.client import Api
+from benchmarks.server import ServerProcess, bench_rate_limit, children_rss_mb, rss_mb
+from benchmarks.stats import latency_summary, recall_at_k
+from benchmarks.texts import LOCOMO_DEV, chat_rounds, locomo_turn_texts
 
 DEFAULT_SIZES = "200,2000,10000,30000,100000"
 COLD_CACHE_MB = 0.01  # smaller than any user's index: nothing stays cached

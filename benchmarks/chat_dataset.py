@@ -7,10 +7,10 @@
 - ``distinct``: one user whose every text is distinct (two LoCoMo turns joined, embedded for
   it), for the approximate search's recall on texts that do not repeat;
 - ``many``: ``many_users`` users of ``user_size`` (200) messages, contiguous slices of the conversations
-  (``memory.management.bench_dataset.user_slice``): the many-users phase and the cold phase
+  (``benchmarks.dataset.user_slice``): the many-users phase and the cold phase
   at 200 messages.
 
-Everything is written as the service holds flushed messages (``bench_dataset.bulk_load``).
+Everything is written as the service holds flushed messages (``benchmarks.dataset.bulk_load``).
 The tenant's agent metadata records the shape; a dataset of the same shape is reused.
 """
 
@@ -23,15 +23,16 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from memory.management.bench_dataset import (
+from benchmarks.dataset import (
     Conversation,
     Turn,
     answerable_questions,
     bulk_load,
     load_conversations,
+    tenant_drop,
     user_slice,
 )
-from memory.models import Agent, Tenant, User
+from memory.models import Agent, Tenant
 
 FORMAT = 1  # bump when what is written changes
 
@@ -154,16 +155,8 @@ class ChatDataset:
         return {"reused": False, "seconds": round(time.perf_counter() - started, 1), "groups": built}
 
     def drop(self) -> int:
-        """Delete the dataset's tenant with everything it holds; users deleted."""
-        from django.db import transaction
-
-        users = User.objects.filter(tenant__name=self.tenant_name)
-        count = users.count()
-        with transaction.atomic():
-            users.delete()
-            Agent.objects.filter(tenant__name=self.tenant_name).delete()
-            Tenant.objects.filter(name=self.tenant_name).delete()
-        return count
+        """Delete the dataset's tenant with everything it holds; how many users were deleted."""
+        return tenant_drop(self.tenant_name)
 
     def users(self) -> dict[str, list[ChatUser]]:
         """The dataset's users by group, in build order, with query texts: the questions of

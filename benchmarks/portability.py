@@ -55,38 +55,24 @@ def bench_metrics(scrapes: int) -> dict:
 
 
 def bench_export_import(messages: int, profile: bool = False) -> dict:
+    """Export then import a bulk-loaded user of ``messages`` notes: messages/s and, in a second
+    traced run, the peak of Python allocations (MB) of each; ``profile`` prints a cProfile of
+    the untraced import. The user is deleted afterwards."""
     import tempfile
-    import tracemalloc
     from pathlib import Path
 
     from django.conf import settings
 
+    from benchmarks.dataset import notes_user
     from memory import services
-    from memory.management.bench_dataset import Turn, bulk_load
-    from memory.models import User
-    from memory.portability import export, importer
 
-    texts = [f"note {i}: the weather in city {i % 37} was {['sunny', 'rainy', 'windy'][i % 3]}" for i in range(200)]
-    turns = [
-        Turn(
-            session=i // 500,
-            date=None,
-            dia_id=f"D{i}",
-            role="user",
-            content=texts[i % 200],
-            metadata={},
-            index_text=texts[i % 200],
-        )
-        for i in range(messages)
-    ]
-    loaded = bulk_load(
+    user = notes_user(
         tenant_name="bench-portability",
         agent_name=f"bench-portability-{os.getpid()}",
-        agent_metadata={},
-        users=[(f"bench-portability-{os.getpid()}", {}, turns)],
+        user_name=f"bench-portability-{os.getpid()}",
+        messages=messages,
+        distinct=200,
     )
-    user = User.objects.get(pk=loaded["user_ids"][0])
-    tenant_id = user.tenant_id
     report: dict = {
         "benchmark": "export-import",
         "messages": messages,
@@ -94,52 +80,68 @@ def bench_export_import(messages: int, profile: bool = False) -> dict:
     }
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "user.jsonl"
-
-        def run_export() -> float:
-            started = time.perf_counter()
-            with path.open("wb") as handle:
-                for chunk in export.user_export(user=user, embeddings=True):
-                    handle.write(chunk)
-            return time.perf_counter() - started
-
-        def run_import() -> float:
-            started = time.perf_counter()
-            importer.memory_import(tenant_id=tenant_id, source=importer.jsonl_source(path))
-            return time.perf_counter() - started
-
-        seconds = run_export()
-        report["export"] = {
-            "seconds": round(seconds, 2),
-            "messages_per_s": round(messages / seconds),
-            "bytes": path.stat().st_size,
-        }
-        tracemalloc.start()
-        run_export()
-        report["export"]["peak_traced_mb"] = round(tracemalloc.get_traced_memory()[1] / 1e6, 1)
-        tracemalloc.stop()
-        for traced in (False, True):
-            user_id = user.pk
-            services.user_delete(user=user)
-            if traced:
-                tracemalloc.start()
-            if profile and not traced:
-                import cProfile
-                import pstats
-
-                profiler = cProfile.Profile()
-                profiler.enable()
-            seconds = run_import()
-            if profile and not traced:
-                profiler.disable()
-                pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
-            if traced:
-                report["import"]["peak_traced_mb"] = round(tracemalloc.get_traced_memory()[1] / 1e6, 1)
-                tracemalloc.stop()
-            else:
-                report["import"] = {"seconds": round(seconds, 2), "messages_per_s": round(messages / seconds)}
-            user = User.objects.get(pk=user_id)
+        report["export"] = _measure_export(user, path, messages)
+        user, report["import"] = _measure_import(user, path, messages, profile)
     services.user_delete(user=user)
     return report
+
+
+def _export(user, path) -> float:
+    from memory.portability import export
+
+    started = time.perf_counter()
+    with path.open("wb") as handle:
+        for chunk in export.user_export(user=user, embeddings=True):
+            handle.write(chunk)
+    return time.perf_counter() - started
+
+
+def _measure_export(user, path, messages: int) -> dict:
+    import tracemalloc
+
+    seconds = _export(user, path)
+    report = {"seconds": round(seconds, 2), "messages_per_s": round(messages / seconds), "bytes": path.stat().st_size}
+    tracemalloc.start()
+    _export(user, path)
+    report["peak_traced_mb"] = round(tracemalloc.get_traced_memory()[1] / 1e6, 1)
+    tracemalloc.stop()
+    return report
+
+
+def _measure_import(user, path, messages: int, profile: bool) -> tuple:
+    """Delete the user and import it back, twice (untraced, then traced): ``(user, report)``."""
+    import tracemalloc
+
+    from memory import services
+    from memory.models import User
+    from memory.portability import importer
+
+    tenant_id = user.tenant_id
+    report: dict = {}
+    for traced in (False, True):
+        user_id = user.pk
+        services.user_delete(user=user)
+        if traced:
+            tracemalloc.start()
+        if profile and not traced:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+        started = time.perf_counter()
+        importer.memory_import(tenant_id=tenant_id, source=importer.jsonl_source(path))
+        seconds = time.perf_counter() - started
+        if profile and not traced:
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+        if traced:
+            report["peak_traced_mb"] = round(tracemalloc.get_traced_memory()[1] / 1e6, 1)
+            tracemalloc.stop()
+        else:
+            report = {"seconds": round(seconds, 2), "messages_per_s": round(messages / seconds)}
+        user = User.objects.get(pk=user_id)
+    return user, report
 
 
 def main() -> None:

@@ -187,7 +187,7 @@ def runserver(django_db_setup, tmp_path_factory):
     """``manage.py runserver`` (daphne's, as in the README's quick start) on the test database,
     for a module that talks to it over the network (the chat page, MCP). Per module: its
     flush workers would otherwise flush, and release as dead, the rows of later modules."""
-    from memory.management.commands.memfuse_bench import ServerProcess
+    from benchmarks.server import ServerProcess
     from tests.subprocesses import subprocess_env
 
     env = subprocess_env(API_RATE_LIMIT="100000/minute")

@@ -1,4 +1,4 @@
-"""Pure helpers of ``memfuse_bench``: the open-loop schedule, latency percentiles, chat rounds,
+"""Pure helpers of the benchmarks (``benchmarks/``): the open-loop schedule, latency percentiles, chat rounds,
 recall against an exact scan, the query dataset's slices of LoCoMo conversations.
 
 No timing here: the benchmark itself is run by hand (``manage.py memfuse_bench ingest``).
@@ -12,17 +12,10 @@ import random
 import numpy as np
 import pytest
 
-from memory.management.bench_dataset import SLICE_STRIDE, answerable_questions, load_conversations, user_slice
-from memory.management.commands.memfuse_bench import (
-    BENCH_RATE_LIMIT,
-    bench_rate_limit,
-    chat_rounds,
-    cosine_similarities,
-    generated_turn_texts,
-    latency_summary,
-    recall_at_k,
-    scheduled_offsets,
-)
+from benchmarks.dataset import SLICE_STRIDE, answerable_questions, load_conversations, user_slice
+from benchmarks.server import BENCH_RATE_LIMIT, bench_rate_limit
+from benchmarks.stats import cosine_similarities, latency_summary, recall_at_k, scheduled_offsets
+from benchmarks.texts import chat_rounds, generated_turn_texts
 
 
 def test_bench_server_rate_limit_is_raised_unless_the_environment_sets_one(monkeypatch):

@@ -15,11 +15,11 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from benchmarks.server import free_loopback_port, uvicorn_command
 from buffers import services as buffers
 from buffers.models import FlushJob, Priority, Reason, State
 from buffers.workers import FlushWorkerPool
 from memory import flush, registry, selectors, services
-from memory.management.commands.memfuse_bench import free_loopback_port, uvicorn_command
 from memory.models import Message
 from memory.services import MessageIn
 from tests.envelopes import assert_success

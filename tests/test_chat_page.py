@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.screenshots import chat_connect, chat_new_session, chat_send, chromium_browser
+
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -33,10 +35,8 @@ def database_calls_beside_playwrights_loop():
 
 @pytest.fixture(scope="module")
 def browser():
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+    with chromium_browser(CHROMIUM) as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture
@@ -50,28 +50,13 @@ def page(browser):
     assert errors == [], errors  # no uncaught script error
 
 
-def open_chat(page, url: str, key: str) -> None:
-    page.goto(f"{url}/chat/")
-    page.fill("#api-key", key)
-    page.click("#connect")
-
-
 def test_two_turns_recall_the_first_and_show_a_flush(runserver, page, tenant_key):
     """Turn two's panel shows turn one recalled, in a partial then a final frame with scores and
     retrievers; Flush now brings a flush.completed event; the key is in sessionStorage, not the URL."""
-    open_chat(page, runserver.url, tenant_key)
-    page.wait_for_selector("#pickers:not([hidden])", timeout=TIMEOUT_MS)
-    page.fill("#new-user", "alice")
-    page.click("#user-form button")
-    page.wait_for_selector("#user-select option:has-text('alice')", state="attached", timeout=TIMEOUT_MS)
-    page.fill("#new-session", "first chat")
-    page.click("#session-form button")
-    page.wait_for_selector("#chat:not([hidden])", timeout=TIMEOUT_MS)
+    chat_connect(page, runserver.url, tenant_key)
+    chat_new_session(page, user="alice", session="first chat", timeout_ms=TIMEOUT_MS)
 
-    page.fill("#turn-text", "I adopted a golden retriever puppy named Biscuit.")
-    page.click("#send")
-    page.wait_for_selector("#panel-1 .stage[data-stage=final]", timeout=TIMEOUT_MS)
-    page.wait_for_selector("#turn-1 .meta:has-text('stored')", timeout=TIMEOUT_MS)
+    chat_send(page, 1, "I adopted a golden retriever puppy named Biscuit.", timeout_ms=TIMEOUT_MS)
     page.fill("#turn-text", "What is my puppy called?")
     page.click("#send")
     page.wait_for_selector("#panel-2 .stage[data-stage=final]", timeout=TIMEOUT_MS)
@@ -95,7 +80,7 @@ def test_two_turns_recall_the_first_and_show_a_flush(runserver, page, tenant_key
 
 def test_a_wrong_key_shows_the_error_without_a_stack_trace(runserver, page):
     """A key that does not resolve: the page says so in words, and offers no user or session."""
-    open_chat(page, runserver.url, "abcdefgh.notakey")
+    chat_connect(page, runserver.url, "abcdefgh.notakey")
 
     error = page.wait_for_selector("#error:not([hidden])", timeout=TIMEOUT_MS)
 

@@ -140,7 +140,7 @@ def test_memfuse_bench_query_rejects_bad_options(args, option):
 @pytest.mark.django_db(transaction=True)
 def test_query_dataset_rows_look_flushed_and_are_reused(tmp_path):
     """The bulk-loaded messages look like flushed ones; the same shape is reused, another is rebuilt."""
-    from memory.management.bench_dataset import QueryDataset
+    from benchmarks.dataset import QueryDataset
 
     dataset = QueryDataset(tag="t", users=3, per_user=4, path=locomo_file(tmp_path))
 

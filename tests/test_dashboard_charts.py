@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from django.contrib.auth import get_user_model
 
+from benchmarks.server import ServerProcess
 from memory import services
-from memory.management.commands.memfuse_bench import ServerProcess
 from memory.models import KeyScope
 from tests.subprocesses import subprocess_env
 

@@ -4,7 +4,7 @@ lost or duplicated, full service within 5 s of the database's return, and quiet 
 The test starts a PostgreSQL of its own (pgserver's, with pgvector, in a temporary folder) so
 that no other test is disturbed, and the production server (uvicorn) on it as the embedded
 default: the server migrates it and writes the development tenant's key there. Mixed load
-(``soak_bench.MixedLoad``: REST adds and queries, WebSocket adds and queries) runs while the
+(``benchmarks.soak.MixedLoad``: REST adds and queries, WebSocket adds and queries) runs while the
 database restarts with ``pg_ctl restart -m fast``, which terminates every connection
 ("terminating connection due to administrator command").
 """
@@ -26,9 +26,9 @@ import pytest
 import requests
 from django.conf import settings
 
+from benchmarks.server import free_loopback_port, uvicorn_command
+from benchmarks.soak import MixedLoad, Target
 from memfuse_project.embedded_pg import DATABASE_NAME, ensure_server, restart_server, stop_server
-from memory.management.commands.memfuse_bench import free_loopback_port, uvicorn_command
-from memory.management.commands.soak_bench import MixedLoad, Target
 
 LOAD_BEFORE = 2.5  # s of load before the restart
 LOAD_AFTER = 8.0  # s of load after the database is back

@@ -24,8 +24,8 @@ from django.conf import settings
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
+from benchmarks.server import ServerProcess
 from memory import services
-from memory.management.commands.memfuse_bench import ServerProcess
 from memory.models import KeyScope, Message, Session, User
 from memory.services import MessageIn
 from tests.subprocesses import subprocess_env

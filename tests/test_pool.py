@@ -18,8 +18,8 @@ from psycopg_pool import PoolTimeout
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
+from benchmarks.server import free_loopback_port
 from memfuse_project import pool
-from memory.management.commands.memfuse_bench import free_loopback_port
 from memory.models import Message
 from tests.subprocesses import subprocess_env
 

@@ -310,29 +310,14 @@ BIG_MESSAGES = 10_000
 
 @pytest.fixture
 def big_user(db, settings):
-    """A user of 10,000 flushed messages in 20 sessions, written in bulk (bench_dataset.bulk_load).
+    """A user of 10,000 flushed messages in 20 sessions, written in bulk (``benchmarks.dataset.notes_user``).
 
     Exact vector search (no HNSW index: its build cannot run inside the test's transaction).
     """
-    from memory.management.bench_dataset import Turn, bulk_load
+    from benchmarks.dataset import notes_user
 
     settings.MEMFUSE = {**settings.MEMFUSE, "ANN_MIN_MESSAGES": 2 * BIG_MESSAGES}
-
-    texts = [f"note {i}: the weather in city {i % 37} was {['sunny', 'rainy', 'windy'][i % 3]}" for i in range(50)]
-    turns = [
-        Turn(
-            session=i // 500,
-            date=None,
-            dia_id=f"D{i}",
-            role="user",
-            content=texts[i % 50],
-            metadata={},
-            index_text=texts[i % 50],
-        )
-        for i in range(BIG_MESSAGES)
-    ]
-    loaded = bulk_load(tenant_name="acme", agent_name="bulk", agent_metadata={}, users=[("big", {}, turns)])
-    return User.objects.get(pk=loaded["user_ids"][0])
+    return notes_user(tenant_name="acme", agent_name="bulk", user_name="big", messages=BIG_MESSAGES, distinct=50)
 
 
 def test_a_10000_message_export_streams_within_a_fixed_memory_bound(big_user):

@@ -18,8 +18,8 @@ import urllib.request
 import pytest
 from django.conf import settings
 
+from benchmarks.server import ServerProcess
 from memory import services
-from memory.management.commands.memfuse_bench import ServerProcess
 from memory.models import KeyScope, Message
 from tests.subprocesses import subprocess_env
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from django.core.management import CommandError, call_command
 
-from memory.management.commands.soak_bench import slope_mb_per_hour
+from benchmarks.stats import slope_mb_per_hour
 
 
 def test_memory_slope_is_least_squares_in_mb_per_hour():

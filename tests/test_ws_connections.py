@@ -22,8 +22,8 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
+from benchmarks.server import free_loopback_port, uvicorn_command
 from memory import services
-from memory.management.commands.memfuse_bench import free_loopback_port, uvicorn_command
 from memory.models import KeyScope
 from tests.subprocesses import subprocess_env
 

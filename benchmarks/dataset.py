@@ -1,11 +1,13 @@
-"""The query benchmark's database: many users holding real LoCoMo conversations, bulk-loaded.
+"""Bulk-loaded datasets of flushed messages: the query benchmark's LoCoMo users, and ``bulk_load``.
 
 ``memfuse_bench query`` needs 1,000 users with 200 flushed messages each. Adding them through
-the API would embed 200,000 texts (an hour on a small machine); instead each distinct turn of
+the API would embed 200,000 texts, most of them repeats; instead each distinct turn of
 the LoCoMo file is embedded once with the registry's model and the rows are written straight
 into this process's database with COPY: users, one agent, sessions, and messages that look
 exactly like messages a flush has written (``index_text``, ``embedding``, ``flushed_at``,
 ``flush_count = 1``, positions from 0 per session; PostgreSQL generates ``search_vector``).
+The chat benchmark's dataset (``benchmarks.chat_dataset``), the portability benchmark and the
+export tests' large user (``notes_user``) are written by the same ``bulk_load``.
 
 User ``i`` holds a contiguous slice of one conversation (conversation ``i % C``, starting at a
 user-dependent offset), so it has real questions with answers in its own messages. A dataset
@@ -27,8 +29,8 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from memory.management.commands.locomo_eval import DIA_ID_KEY, conversation_sessions
 from memory.models import Agent, Tenant, User
+from memory.portability.locomo import DIA_ID_KEY, conversation_sessions
 from memory.services import message_index_text
 
 DATASET_FORMAT = 2  # bump when the rows written change, so old datasets are rebuilt
@@ -190,13 +192,8 @@ class QueryDataset:
         return {"reused": False, "seconds": round(time.perf_counter() - started, 1), **built}
 
     def drop(self) -> int:
-        """Delete the dataset's tenant (its users, agent, sessions and messages cascade); users deleted."""
-        users = User.objects.filter(tenant__name=self.tenant_name)
-        count = users.count()
-        with transaction.atomic():
-            users.delete()
-            Tenant.objects.filter(name=self.tenant_name).delete()
-        return count
+        """Delete the dataset's tenant with everything it holds; how many users were deleted."""
+        return tenant_drop(self.tenant_name)
 
     def users(self) -> list[DatasetUser]:
         """The dataset's users in index order, with their query texts (the dataset must exist)."""
@@ -259,26 +256,47 @@ def embed_texts(texts: list[str]) -> np.ndarray:
 
 def bulk_load(*, tenant_name: str, agent_name: str, agent_metadata: dict, users: list[tuple[str, dict, list[Turn]]], log=None) -> dict:
     """Write ``users`` (``(name, metadata, turns)``) of tenant ``tenant_name`` (created if
-    missing) with a new agent ``agent_name``, as the service would hold them once flushed: messages with their embeddings (each distinct text
-    embedded once), positions from 0 per session (a turn's ``session`` number), context
-    embeddings, index snapshots, and the HNSW indexes for users past ``ANN_MIN_MESSAGES``.
+    missing) with a new agent ``agent_name``, as the service would hold them once flushed:
+    messages with their embeddings (each distinct text embedded once), positions from 0 per
+    session (a turn's ``session`` number), context embeddings, index snapshots, and the HNSW
+    indexes for users past ``ANN_MIN_MESSAGES``.
 
     COPY in one transaction, then what flushes derive. The HNSW indexes users join are rebuilt
     in one pass each (CREATE INDEX, much faster than row-by-row inserts). Returns
     ``{"distinct_texts", "embed_seconds", "insert_seconds", "derive_seconds", "user_ids"}``.
     """
-    from memory.retrieval import store, vector
-
     log = log or (lambda message: None)
     texts = sorted({turn.index_text for _, _, turns in users for turn in turns})
     started = time.perf_counter()
     vectors = embed_texts(texts)
     embed_seconds = time.perf_counter() - started
-    text_key = {text: key for key, text in enumerate(texts)}
 
     started = time.perf_counter()
     now = timezone.now()
-    agent_id = uuid.uuid4()
+    user_rows, sessions, messages = _rows(users, {text: key for key, text in enumerate(texts)})
+    log(f"writing {len(user_rows)} users, {len(messages)} messages")
+    _copy(
+        tenant_name=tenant_name, agent_name=agent_name, agent_metadata=agent_metadata, now=now,
+        user_rows=user_rows, sessions=sessions, messages=messages, vectors=vectors,
+    )  # fmt: skip
+    insert_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    user_ids = [user_id for user_id, _, _ in user_rows]
+    large = [user_id for user_id, (_, _, turns) in zip(user_ids, users) if len(turns) >= settings.MEMFUSE["ANN_MIN_MESSAGES"]]
+    _derive(user_ids, large, log=log)
+    return {
+        "distinct_texts": len(texts),
+        "embed_seconds": round(embed_seconds, 1),
+        "insert_seconds": round(insert_seconds, 1),
+        "derive_seconds": round(time.perf_counter() - started, 1),
+        "user_ids": user_ids,
+    }
+
+
+def _rows(users: list[tuple[str, dict, list[Turn]]], text_key: dict[str, int]) -> tuple[list, list, list]:
+    """``(user rows, session rows, message rows)`` with new ids; a message row carries its
+    text's key into the embeddings (``text_key``) and its time (the turn's date, else
+    2000-01-01, plus its position in seconds)."""
     user_rows, sessions, messages = [], [], []
     for name, metadata, turns in users:
         user_id = uuid.uuid4()
@@ -301,7 +319,12 @@ def bulk_load(*, tenant_name: str, agent_name: str, agent_metadata: dict, users:
             )
         # next_position: where an add to the session would continue.
         sessions.extend((session_ids[n], f"session_{n}", user_id, positions[n]) for n in session_ids)
-    log(f"writing {len(user_rows)} users, {len(messages)} messages")
+    return user_rows, sessions, messages
+
+
+def _copy(*, tenant_name, agent_name, agent_metadata, now, user_rows, sessions, messages, vectors) -> None:
+    """The agent, users, sessions and messages (with their embeddings) in one transaction, by COPY."""
+    agent_id = uuid.uuid4()
     with transaction.atomic(), connection.cursor() as cursor:
         tenant = Tenant.objects.filter(name=tenant_name).first() or Tenant.objects.create(name=tenant_name)
         cursor.execute(
@@ -342,9 +365,12 @@ def bulk_load(*, tenant_name: str, agent_name: str, agent_metadata: dict, users:
             """,
             {"now": now},
         )
-    insert_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    user_ids = [user_id for user_id, _, _ in user_rows]
+
+
+def _derive(user_ids: list[uuid.UUID], large: list[uuid.UUID], *, log) -> None:
+    """What flushes derive: context embeddings, index snapshots, and HNSW buckets for ``large``."""
+    from memory.retrieval import store, vector
+
     log("context embeddings")
     with connection.cursor() as cursor:
         vector.context_refresh_all(cursor, user_ids=user_ids)
@@ -352,17 +378,9 @@ def bulk_load(*, tenant_name: str, agent_name: str, agent_metadata: dict, users:
     log("index snapshots")
     for user_id in user_ids:
         store.snapshot_save(store.load(user_id), user_id)
-    large = [user_id for (user_id, _, _), (_, _, turns) in zip(user_rows, users) if len(turns) >= settings.MEMFUSE["ANN_MIN_MESSAGES"]]
     if large:
         log(f"HNSW index with {len(large)} more users")
         ann_rebuild(large)
-    return {
-        "distinct_texts": len(texts),
-        "embed_seconds": round(embed_seconds, 1),
-        "insert_seconds": round(insert_seconds, 1),
-        "derive_seconds": round(time.perf_counter() - started, 1),
-        "user_ids": user_ids,
-    }
 
 
 def ann_rebuild(user_ids: list[uuid.UUID]) -> None:
@@ -393,3 +411,59 @@ def ann_rebuild(user_ids: list[uuid.UUID]) -> None:
                 editor.add_index(Message, index)
         cursor.execute("RESET maintenance_work_mem")
         cursor.execute("ANALYZE memory_message")
+
+
+def tenant_drop(name: str) -> int:
+    """Delete tenant ``name`` with its users, agents, sessions and messages, in one
+    transaction; returns how many users were deleted (0 when there is no such tenant).
+
+    Users and agents go before the tenant so that the cascades run in that order.
+    """
+    users = User.objects.filter(tenant__name=name)
+    count = users.count()
+    with transaction.atomic():
+        users.delete()
+        Agent.objects.filter(tenant__name=name).delete()
+        Tenant.objects.filter(name=name).delete()
+    return count
+
+
+def note_turns(count: int, *, distinct: int, per_session: int = 500) -> list[Turn]:
+    """``count`` short user notes (``distinct`` different texts, cycled), ``per_session`` to a
+    session: a large user's history whose content does not matter, only its size."""
+    texts = [f"note {i}: the weather in city {i % 37} was {['sunny', 'rainy', 'windy'][i % 3]}" for i in range(distinct)]
+    return [
+        Turn(
+            session=i // per_session,
+            date=None,
+            dia_id=f"D{i}",
+            role="user",
+            content=texts[i % distinct],
+            metadata={},
+            index_text=texts[i % distinct],
+        )
+        for i in range(count)
+    ]
+
+
+def notes_user(*, tenant_name: str, agent_name: str, user_name: str, messages: int, distinct: int) -> User:
+    """A user ``user_name`` of ``messages`` flushed notes (``note_turns``), bulk-loaded into
+    tenant ``tenant_name`` (created if missing) with a new agent ``agent_name``."""
+    loaded = bulk_load(
+        tenant_name=tenant_name,
+        agent_name=agent_name,
+        agent_metadata={},
+        users=[(user_name, {}, note_turns(messages, distinct=distinct))],
+    )
+    return User.objects.get(pk=loaded["user_ids"][0])
+
+
+def tenant_delete(tenant: Tenant) -> None:
+    """Delete ``tenant`` and everything in it while a server may be flushing its users: each
+    user first through ``services.user_delete``, which takes the user's lock before the rows',
+    the order a running flush takes them in (a cascade from the tenant does not)."""
+    from memory import services
+
+    for user in User.objects.filter(tenant=tenant):
+        services.user_delete(user=user)
+    tenant.delete()

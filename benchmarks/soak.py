@@ -1,0 +1,446 @@
+"""``manage.py soak_bench soak``: mixed load for minutes; memory, errors, backlog. ``pool-check``: what the
+pool's connection check costs.
+
+``soak`` drives a real server over HTTP and WebSocket (``--url`` with ``--api-key``, or a
+uvicorn subprocess started here on this process's database (``benchmarks.server``), with
+``--server-env NAME=VALUE`` added to its environment; with ``--url``, ``--server-pid`` names the
+process whose memory to read) with:
+
+- ``--users`` add clients, each adding one round (a user and an assistant message) to its own
+  session at ``--add-rate / users`` per second (paced: a late add goes at once, none piles up);
+- ``--query-clients`` clients querying a random user at ``--query-rate`` in all;
+- ``--ws-clients`` WebSocket clients, each connecting to a session, sending ``--ws-frames``
+  frames (an add, then a query, alternately), leaving, and connecting again.
+
+Every ``--sample-seconds`` it reads the resident memory of the server (``web_rss_mb``) and of
+its child processes (``inference_rss_mb``: the query and flush embedding processes) and the
+backlog from the health endpoint. After ``--duration`` s the load stops and it waits (up to
+``--drain-timeout`` s) for the backlog to empty. The JSON has the answers by kind and status,
+the first errors, latency percentiles, the samples, the memory slope in MB/hour of each
+process group (least squares over the samples after the first ``--warmup`` s), its maximum,
+the largest backlog and the time to drain it.
+
+``pool-check`` times ``getconn`` + ``putconn`` on a psycopg pool of this process's database
+with and without psycopg_pool's ``check_connection`` (Django's ``CONN_HEALTH_CHECKS``): the
+cost the check adds to each request that takes a connection.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import requests
+from django.core.management.base import CommandError
+from websockets.exceptions import WebSocketException
+from websockets.sync.client import connect as ws_connect
+
+from benchmarks.errors import BenchError
+from benchmarks.server import ServerProcess, bench_rate_limit, children_rss_mb, rss_mb
+from benchmarks.stats import latency_summary, slope_mb_per_hour
+
+REQUEST_TIMEOUT = 30.0  # s
+TOPICS = ["hiking", "pottery", "a puppy", "a marathon", "tomatoes", "chess", "Lisbon", "a museum", "a recipe", "jazz"]
+CONFIG_OPTIONS = ("duration", "warmup", "users", "add_rate", "query_rate", "query_clients", "ws_clients", "ws_frames", "sample_seconds")
+
+
+@dataclass
+class Outcome:
+    """One answer: kind (``add``, ``query``, ``ws_add``, ``ws_query``, ``ws_connect``), status
+    (HTTP status, error frame code, 0 for a network error), send and answer times (monotonic s)."""
+
+    kind: str
+    status: int
+    sent: float
+    answered: float
+    retry_after: str | None = None
+    message_ids: list[str] = field(default_factory=list)
+    detail: str = ""
+
+
+class Recorder:
+    """Thread-safe list of outcomes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.outcomes: list[Outcome] = []
+
+    def add(self, outcome: Outcome) -> None:
+        with self._lock:
+            self.outcomes.append(outcome)
+
+    def snapshot(self) -> list[Outcome]:
+        with self._lock:
+            return list(self.outcomes)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A session to load: its user, the session, and the key to use."""
+
+    user_id: str
+    session_id: str
+
+
+def _round(client: int, n: int) -> list[dict]:
+    topic = TOPICS[(client + n) % len(TOPICS)]
+    tag = f"soak c{client} n{n} {uuid.uuid4().hex[:8]}"
+    return [
+        {"role": "user", "content": f"[{tag}] I spent the weekend on {topic} with my sister."},
+        {"role": "assistant", "content": f"[{tag}] That sounds lovely: how did {topic} go?"},
+    ]
+
+
+class MixedLoad:
+    """Adds, queries and WebSocket clients against ``url`` until ``stop()``; outcomes in ``recorder``.
+
+    ``targets``: one session per add client; WebSocket clients cycle over them too.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        targets: list[Target],
+        *,
+        add_rate: float,
+        query_rate: float = 0.0,
+        query_clients: int = 1,
+        ws_clients: int = 0,
+        ws_frames: int = 6,
+        ws_pause: float = 0.2,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"}
+        self.api_key = api_key
+        self.targets = targets
+        self.add_rate, self.query_rate, self.query_clients = add_rate, query_rate, query_clients
+        self.ws_clients, self.ws_frames, self.ws_pause = ws_clients, ws_frames, ws_pause
+        self.recorder = Recorder()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        if self.add_rate > 0:
+            for index, target in enumerate(self.targets):
+                self._spawn(self._adds, index, target, len(self.targets) / self.add_rate)
+        if self.query_rate > 0:
+            for index in range(self.query_clients):
+                self._spawn(self._queries, index, self.query_clients / self.query_rate)
+        for index in range(self.ws_clients):
+            self._spawn(self._websocket, index)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=REQUEST_TIMEOUT + 5)
+
+    def _spawn(self, target, *args) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _paced(self, interval: float):
+        """Yields 0, 1, 2, ... at ``interval`` s apart (later when the previous call was slow)."""
+        n, next_at = 0, time.monotonic()
+        while not self._stop.is_set():
+            delay = next_at - time.monotonic()
+            if delay > 0 and self._stop.wait(delay):
+                return
+            next_at = max(next_at + interval, time.monotonic() - interval)
+            yield n
+            n += 1
+
+    def _post(self, http: requests.Session, kind: str, path: str, body: dict) -> Outcome:
+        sent = time.monotonic()
+        try:
+            response = http.post(self.url + path, json=body, headers=self.headers, timeout=REQUEST_TIMEOUT)
+        except requests.RequestException as exc:
+            return Outcome(kind, 0, sent, time.monotonic(), detail=type(exc).__name__)
+        answered = time.monotonic()
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = {}
+        data = payload.get("data") if isinstance(payload, dict) else None
+        ids = list(data.get("message_ids", [])) if response.status_code == 201 and isinstance(data, dict) else []
+        detail = "" if response.status_code < 400 else str(payload.get("message", ""))[:200]
+        return Outcome(kind, response.status_code, sent, answered, response.headers.get("Retry-After"), ids, detail)
+
+    def _adds(self, client: int, target: Target, interval: float) -> None:
+        with requests.Session() as http:
+            for n in self._paced(interval):
+                self.recorder.add(self._post(http, "add", f"/api/v1/sessions/{target.session_id}/messages", {"messages": _round(client, n)}))
+
+    def _queries(self, client: int, interval: float) -> None:
+        with requests.Session() as http:
+            for n in self._paced(interval):
+                target = self.targets[(client + n) % len(self.targets)]
+                body = {"query": f"what did I do with {TOPICS[n % len(TOPICS)]}?", "top_k": 5}
+                self.recorder.add(self._post(http, "query", f"/api/v1/users/{target.user_id}/query", body))
+
+    def _websocket(self, client: int) -> None:
+        ws_url = self.url.replace("http", "ws", 1)
+        n = 0
+        while not self._stop.is_set():
+            target = self.targets[(client + n) % len(self.targets)]
+            sent = time.monotonic()
+            try:
+                with ws_connect(
+                    f"{ws_url}/ws/v1/sessions/{target.session_id}/",
+                    origin="http://127.0.0.1",
+                    additional_headers=self.headers,
+                    open_timeout=REQUEST_TIMEOUT,
+                ) as ws:
+                    self.recorder.add(Outcome("ws_connect", 101, sent, time.monotonic()))
+                    for frame in range(self.ws_frames):
+                        if self._stop.is_set():
+                            break
+                        self._ws_frame(ws, client, n, frame)
+                        n += 1
+                        self._stop.wait(self.ws_pause)
+            except (OSError, WebSocketException, TimeoutError) as exc:
+                close = getattr(getattr(exc, "rcvd", None), "code", None)
+                self.recorder.add(Outcome("ws_connect", close or 0, sent, time.monotonic(), detail=type(exc).__name__))
+                self._stop.wait(0.5)
+
+    def _ws_frame(self, ws, client: int, n: int, frame: int) -> None:
+        sent = time.monotonic()
+        if frame % 2 == 0:
+            ws.send(json.dumps({"type": "messages.add", "request_id": n, "messages": _round(1000 + client, n)}))
+            answer = json.loads(ws.recv(timeout=REQUEST_TIMEOUT))
+            while answer["type"] == "flush.completed":  # pushed between our frames
+                answer = json.loads(ws.recv(timeout=REQUEST_TIMEOUT))
+            if answer["type"] == "messages.added":
+                self.recorder.add(Outcome("ws_add", 201, sent, time.monotonic(), message_ids=answer["message_ids"]))
+            else:
+                self._ws_error("ws_add", answer, sent)
+            return
+        ws.send(json.dumps({"type": "memory.query", "request_id": n, "query": f"what about {TOPICS[n % len(TOPICS)]}?"}))
+        while True:
+            answer = json.loads(ws.recv(timeout=REQUEST_TIMEOUT))
+            if answer["type"] == "flush.completed":
+                continue
+            if answer["type"] == "error":
+                self._ws_error("ws_query", answer, sent)
+                return
+            if answer.get("final"):
+                self.recorder.add(Outcome("ws_query", 200, sent, time.monotonic()))
+                return
+
+    def _ws_error(self, kind: str, answer: dict, sent: float) -> None:
+        error = answer.get("error", {})
+        self.recorder.add(Outcome(kind, error.get("code", 0), sent, time.monotonic(), detail=str(error.get("message", ""))[:200]))
+
+
+def summarise(outcomes: list[Outcome], *, started: float) -> dict:
+    """Counts by kind and status, the first errors, latency (ms) of successes by kind."""
+    counts: dict[str, Counter] = {}
+    latencies: dict[str, list[float]] = {}
+    errors = []
+    for outcome in outcomes:
+        counts.setdefault(outcome.kind, Counter())[str(outcome.status)] += 1
+        if outcome.status in (101, 200, 201):
+            latencies.setdefault(outcome.kind, []).append((outcome.answered - outcome.sent) * 1000)
+        elif len(errors) < 20:
+            errors.append({"kind": outcome.kind, "status": outcome.status, "at_s": round(outcome.sent - started, 2), "detail": outcome.detail})
+    return {
+        "answers": {kind: dict(sorted(c.items())) for kind, c in sorted(counts.items())},
+        "first_errors": errors,
+        "latency_ms": {kind: latency_summary(values) for kind, values in sorted(latencies.items())},
+    }
+
+
+def health(url: str) -> dict | None:
+    """The health endpoint's ``data``, None when it does not answer."""
+    try:
+        return requests.get(url.rstrip("/") + "/api/v1/health", timeout=5).json()["data"]
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return None
+
+
+def soak_bench(options: dict, *, write) -> dict:
+    """``options["mode"]`` (``soak`` or ``pool-check``) with the command's options; the report,
+    also written as JSON through ``write(str)`` and to ``options["json_out"]`` when set.
+
+    Raises ``CommandError`` naming a bad option, or when the run cannot go on.
+    """
+    for name in ("duration", "add_rate", "sample_seconds"):
+        if options[name] <= 0:
+            raise CommandError(f"--{name.replace('_', '-')} must be positive")
+    if options["url"] and not options["api_key"]:
+        raise CommandError("--url needs --api-key (a tenant key)")
+    try:
+        env = dict(item.split("=", 1) for item in options["server_env"])
+    except ValueError:
+        raise CommandError("--server-env takes NAME=VALUE") from None
+    result = pool_check(options["iterations"]) if options["mode"] == "pool-check" else soak(options, env)
+    text = json.dumps(result, indent=2)
+    if options["json_out"]:
+        options["json_out"].write_text(text + "\n")
+    write(text)
+    return result
+
+
+def pool_check(iterations: int) -> dict:
+    """µs per ``getconn`` + ``putconn`` on a one-connection psycopg pool of this process's
+    database, without and with ``ConnectionPool.check_connection``: three timed passes of
+    ``iterations`` pairs each, their median, and the difference (the check's cost)."""
+    from django.db import connection
+    from psycopg_pool import ConnectionPool
+
+    params = connection.get_connection_params()
+    params.pop("pool", None)
+    params.pop("cursor_factory", None)
+    params.pop("context", None)
+    results = {}
+    for name, check in (("no_check", None), ("check_connection", ConnectionPool.check_connection)):
+        pool = ConnectionPool(kwargs={**params, "autocommit": True}, min_size=1, max_size=1, check=check, open=True)
+        try:
+            pool.wait()
+            passes = []
+            for _ in range(3):
+                started = time.perf_counter()
+                for _ in range(iterations):
+                    pool.putconn(pool.getconn())
+                passes.append((time.perf_counter() - started) / iterations * 1e6)
+        finally:
+            pool.close()
+        results[name] = {"us_per_getconn": [round(r, 1) for r in passes], "median_us": round(float(np.median(passes)), 1)}
+    results["check_cost_us"] = round(results["check_connection"]["median_us"] - results["no_check"]["median_us"], 1)
+    results["database"] = {"host": params.get("host"), "port": params.get("port")}
+    return results
+
+
+def soak(options: dict, env: dict) -> dict:
+    """The mixed load against ``--url`` or a uvicorn started here with ``env`` added; the report."""
+    from memory import services
+    from memory.models import KeyScope, Tenant
+
+    run = uuid.uuid4().hex[:8]
+    server = None
+    tenant = None
+    url, key = options["url"], options["api_key"]
+    try:
+        if not url:
+            tenant = services.tenant_create(name=f"soak-{run}")
+            key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="soak")[1]
+            log = Path(f"/tmp/memfuse-soak-{run}-server.log")
+            server = ServerProcess(log_path=log, env={"API_RATE_LIMIT": bench_rate_limit(), **env}, kind="uvicorn")
+            url = server.start()
+        targets = soak_targets(url, key, options["users"], run)
+        result = _soak_run(url, key, targets, server.pid if server is not None else options["server_pid"], options)
+    except BenchError as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        stopped = server.stop() if server is not None else {}
+        if tenant is not None:
+            Tenant.objects.filter(pk=tenant.pk).delete()
+    result["server"] = {"url": url, "env": env, **stopped}
+    return result
+
+
+def soak_targets(url: str, key: str, users: int, run: str) -> list[Target]:
+    """``users`` users ``soak-<run>-<i>`` of one agent, a session each, made over HTTP."""
+    headers = {"Authorization": f"Bearer {key}"}
+    base = url.rstrip("/") + "/api/v1"
+
+    def post(path: str, body: dict) -> dict:
+        response = requests.post(base + path, json=body, headers=headers, timeout=REQUEST_TIMEOUT)
+        if response.status_code != 201:
+            raise BenchError(f"POST {path}: HTTP {response.status_code}: {response.text[:200]}")
+        return response.json()["data"]
+
+    agent = post("/agents", {"name": f"soak-{run}"})["agent"]
+    targets = []
+    for index in range(users):
+        user = post("/users", {"name": f"soak-{run}-{index}"})["user"]
+        session = post("/sessions", {"user_id": user["id"], "agent_id": agent["id"], "name": f"soak-{run}-{index}"})["session"]
+        targets.append(Target(user_id=user["id"], session_id=session["id"]))
+    return targets
+
+
+def _soak_run(url: str, key: str, targets: list[Target], pid: int | None, options) -> dict:
+    load = MixedLoad(
+        url,
+        key,
+        targets,
+        add_rate=options["add_rate"],
+        query_rate=options["query_rate"],
+        query_clients=options["query_clients"],
+        ws_clients=options["ws_clients"],
+        ws_frames=options["ws_frames"],
+    )
+    samples = []
+    started = time.monotonic()
+    load.start()
+    try:
+        while time.monotonic() - started < options["duration"]:
+            time.sleep(min(options["sample_seconds"], max(0.0, options["duration"] - (time.monotonic() - started))))
+            samples.append(_sample(url, pid, started))
+    finally:
+        load.stop()
+    load_seconds = time.monotonic() - started
+    drained = _drain(url, pid, started, samples, options)
+    outcomes = load.recorder.snapshot()
+    backlog = [s["pending_messages"] for s in samples if s["pending_messages"] is not None]
+    adds = [o for o in outcomes if o.kind in ("add", "ws_add")]
+    return {
+        "config": {k: options[k] for k in CONFIG_OPTIONS},
+        "load_seconds": round(load_seconds, 1),
+        "served_adds_per_s": round(sum(1 for o in adds if o.status == 201) / load_seconds, 2),
+        **summarise(outcomes, started=started),
+        "memory": _memory(samples, warmup=options["warmup"]),
+        "backlog": {"max_pending_messages": max(backlog) if backlog else None, "drain_seconds": drained},
+        "samples": samples,
+    }
+
+
+def _drain(url: str, pid: int | None, started: float, samples: list[dict], options) -> float | None:
+    """Sample until the backlog is empty (appended to ``samples``): seconds it took, None if it did not."""
+    drain_started = time.monotonic()
+    while time.monotonic() - drain_started < options["drain_timeout"]:
+        sample = _sample(url, pid, started)
+        samples.append({**sample, "draining": True})
+        if sample["pending_messages"] == 0:
+            return round(time.monotonic() - drain_started, 1)
+        if sample["pending_messages"] is None:  # a server whose health reports no backlog
+            return None
+        time.sleep(options["sample_seconds"])
+    return None
+
+
+def _memory(samples: list[dict], *, warmup: float) -> dict:
+    """Per process group: the slope (MB/hour) of the samples after ``warmup`` s, first, max, last."""
+    steady = [s for s in samples if not s.get("draining") and s["t_s"] >= warmup]
+    memory = {}
+    for name in ("web_rss_mb", "inference_rss_mb"):
+        values = [(s["t_s"], s[name]) for s in steady if s[name] is not None]
+        all_values = [s[name] for s in samples if s[name] is not None]
+        memory[name] = {
+            "slope_mb_per_hour": slope_mb_per_hour(values),
+            "first": all_values[0] if all_values else None,
+            "max": max(all_values) if all_values else None,
+            "last": all_values[-1] if all_values else None,
+        }
+    return memory
+
+
+def _sample(url: str, pid: int | None, started: float) -> dict:
+    figures = health(url) or {}
+    backlog = figures.get("backlog") or {}
+    children = children_rss_mb(pid)
+    return {
+        "t_s": round(time.monotonic() - started, 1),
+        "web_rss_mb": rss_mb(pid),
+        "inference_rss_mb": children[1] if children is not None else None,
+        "pending_messages": backlog.get("pending_messages"),
+        "oldest_pending_age_s": backlog.get("oldest_pending_age_s"),
+        "health": figures.get("status"),
+    }
