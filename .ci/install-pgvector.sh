@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs pgvector 0.8 into this machine's PostgreSQL server from Debian trixie's source
+# Installs pgvector 0.8 into the host's PostgreSQL server from Debian trixie's source
 # package (Debian 12 ships no pgvector). Idempotent: does nothing when the extension is there.
 set -euo pipefail
 PGVER=$(ls /etc/postgresql | sort -n | tail -n 1)
@@ -10,7 +10,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 LIST=/etc/apt/sources.list.d/trixie-src.list
 if [ ! -f "$LIST" ]; then
-  # Reuse the mirror this machine's apt already uses for Debian's main archive.
+  # Reuse the mirror the host's apt already uses for Debian's main archive.
   MIRROR=$(grep -h -m1 -E '^URIs: .*/debian$' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}')
   [ -n "$MIRROR" ] || MIRROR=$(grep -h -m1 -oE '^deb [^ ]+/debian ' /etc/apt/sources.list 2>/dev/null | awk '{print $2}')
   echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR trixie main" > "$LIST"

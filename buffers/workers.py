@@ -146,8 +146,8 @@ class FlushWorkerPool:
                 self.outage.succeeded()
                 failures = 0
                 if job is None:
-                    # Give the connection back before sleeping: idle workers held one pool
-                    # connection each (the dashboard showed 6 of 7 in use on an idle server).
+                    # Give the connection back before sleeping: otherwise each idle worker
+                    # keeps a pool connection that requests could use.
                     close_old_connections()
                     self._sleep()
                     continue

@@ -34,7 +34,7 @@ def check_pgvector(app_configs=None, databases=None, **kwargs) -> list[Error]:
                 return [
                     Error(
                         "The PostgreSQL server has no pgvector extension.",
-                        hint="Install pgvector into the server (see README), or unset DATABASE_URL "
+                        hint="Install pgvector 0.8 into the server (.ci/install-pgvector.sh does it on Debian), or unset DATABASE_URL "
                         "to use the embedded PostgreSQL, which ships it.",
                         id="memory.E001",
                     )

@@ -18,8 +18,8 @@ def vector_literals(vectors: np.ndarray) -> list[str]:
     Nine significant digits give back every float32 exactly (IEEE 754: 9 decimal digits
     round-trip a binary32), so the stored vector equals the computed one. One ``%``
     formatting per vector instead of ``pgvector.Vector._to_db``'s conversion per element:
-    3x faster, and it runs holding the web process's GIL (a flush's 256 embeddings took
-    42 ms with ``_to_db``, 14 ms with this).
+    it runs holding the GIL of the process that flushes, usually the web process, so its
+    time is taken from requests.
     """
     vectors = np.asarray(vectors, dtype=np.float32)
     template = _literal_format(vectors.shape[1])

@@ -1,4 +1,4 @@
-"""Safe by default: the SECRET_KEY in both modes, and ``manage.py check --deploy`` for the README's production settings.
+"""Safe by default: the SECRET_KEY in both modes, and ``manage.py check --deploy`` for the documented production settings.
 
 Settings are read once per process, so each case runs in a subprocess with the environment
 under test (the product's settings module, not the suite's).
@@ -18,7 +18,7 @@ from django.conf import settings
 from memfuse_project.embedded_pg import embedded_secret_key, stop_server
 from tests.subprocesses import subprocess_env
 
-# The README's production configuration ("Production"), besides DATABASE_URL and SECRET_KEY.
+# The production configuration of docs/operations.md ("Deploy"), besides DATABASE_URL and SECRET_KEY.
 PRODUCTION = {
     "DEBUG": "off",
     "ALLOWED_HOSTS": "memory.example.com",
@@ -111,7 +111,7 @@ def check_deploy(env: dict) -> subprocess.CompletedProcess:
 
 
 def test_check_deploy_passes_for_the_documented_production_settings(db):
-    """manage.py check --deploy --fail-level WARNING: no issue with the README's production environment."""
+    """manage.py check --deploy --fail-level WARNING: no issue with the documented production environment."""
     result = check_deploy(product_env(SECRET_KEY=STRONG_KEY, **PRODUCTION))
 
     assert result.returncode == 0, result.stderr

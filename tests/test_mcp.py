@@ -1,7 +1,7 @@
 """The MCP server, through the official ``mcp`` client: over HTTP against a real uvicorn process
 (``/mcp`` in the project's ASGI application), and over stdio (``manage.py mcp_stdio``).
 
-One server for the module, started as the README says; test data is committed
+One server for the module, started as the README and docs/api.md say; test data is committed
 (``transaction=True``) so that the server's process sees it.
 """
 
@@ -33,7 +33,8 @@ from tests.subprocesses import subprocess_env
 pytestmark = pytest.mark.django_db(transaction=True)
 
 TOOLS = {"memory_add", "memory_query", "memory_list", "memory_delete", "knowledge_add"}
-README = (Path(settings.BASE_DIR) / "README.md").read_text()
+# The README and docs/api.md give the client configurations these tests start the server with.
+DOCS = "\n".join((Path(settings.BASE_DIR) / name).read_text() for name in ("README.md", "docs/api.md"))
 PUPPY = {"role": "user", "content": "I adopted a golden retriever puppy named Biscuit."}
 
 
@@ -49,7 +50,7 @@ def server(django_db_setup, tmp_path_factory):
 
 def readme_http_url(base_url: str) -> tuple[str, dict]:
     """The README's ``claude mcp add --transport http`` line, pointed at ``base_url``: (url, headers)."""
-    match = re.search(r'claude mcp add --transport http memfuse (\S+) --header "([^:]+): ([^"]+)"', README)
+    match = re.search(r'claude mcp add --transport http memfuse (\S+) --header "([^:]+): ([^"]+)"', DOCS)
     assert match, "the README's Claude Code line"
     url, header, value = match.groups()
     assert url == "http://127.0.0.1:8000/mcp"
@@ -292,24 +293,24 @@ def test_runserver_serves_mcp_too(runserver, tenant_key):
 
 
 def readme_stdio_server(key: str) -> StdioServerParameters:
-    """The README's Claude Desktop entry, with this checkout's interpreter and paths."""
-    match = re.search(r"```json\n(\{\n  \"mcpServers\".*?)\n```", README, re.S)
-    assert match, "the README's claude_desktop_config.json"
+    """The documented Claude Desktop entry (docs/api.md), with this checkout's interpreter and paths."""
+    match = re.search(r"```json\n(\{\n  \"mcpServers\".*?)\n```", DOCS, re.S)
+    assert match, "the claude_desktop_config.json of docs/api.md"
     entry = json.loads(match.group(1))["mcpServers"]["memfuse"]
     assert entry["command"] == "/path/to/memfuse/.venv/bin/python"
     checkout = str(settings.BASE_DIR)
     args = [arg.replace("/path/to/memfuse", checkout) for arg in entry["args"]]
     env = {name: value.replace("<your key>", key) for name, value in entry["env"].items()}
     database = subprocess_env()
-    # As the README says for a server that does not use the embedded database.
+    # As docs/api.md says for a server that does not use the embedded database.
     env.update(DATABASE_URL=database["DATABASE_URL"], SECRET_KEY=database["SECRET_KEY"])
-    inspector = re.search(r"npx @modelcontextprotocol/inspector -e MEMFUSE_API_KEY=<your key> (\S+) (.+?)`", README)
+    inspector = re.search(r"npx @modelcontextprotocol/inspector -e MEMFUSE_API_KEY=<your key> (\S+) (.+?)`", DOCS)
     assert inspector and [inspector.group(1), *inspector.group(2).split()] == [entry["command"], *entry["args"]]
     return StdioServerParameters(command=sys.executable, args=args, env=env, cwd="/")
 
 
 def test_stdio_serves_the_same_tools_with_the_commands_key(user_key, alice, agent):
-    """mcp_stdio started as the README's Claude Desktop entry: the five tools, add then query,
+    """mcp_stdio started as the documented Claude Desktop entry: the five tools, add then query,
     scoped to the key (a user key's own user, another user refused)."""
 
     async def run():

@@ -27,8 +27,8 @@ from memory import services
 from memory.models import KeyScope
 from tests.subprocesses import subprocess_env
 
-# 22-40 s on this 2-core machine when quiet (over 90 s under load: the 500 queries embed on the
-# server's cores). It runs in the suite, so CI checks the bound; MEMFUSE_STRESS=0 skips it.
+# Tens of seconds on two cores, longer under load (the 500 queries embed on the server's
+# cores). It runs in the suite, so CI checks the bound; MEMFUSE_STRESS=0 skips it.
 pytestmark = [
     pytest.mark.stress,
     pytest.mark.django_db(transaction=True),

@@ -33,8 +33,8 @@ class ConcurrentAPIView(APIView):
     """An ``APIView`` whose requests run in parallel under ASGI.
 
     Django runs a sync view under ASGI with ``sync_to_async(thread_sensitive=True)``: every
-    sync view of the process shares one thread, so requests queue behind each other (77 adds/s
-    at most in the ingest benchmark). This view is async to Django and runs the DRF view in
+    sync view of the process shares one thread, so requests queue behind each other and the
+    process serves one request at a time. This view is async to Django and runs the DRF view in
     asgiref's thread pool (``ASGI_THREADS`` threads) instead; the database pool bounds
     connections as before. Under WSGI (and the test client) it runs as a plain sync view.
     """

@@ -1,6 +1,6 @@
 """Limits on what a client may send: body and frame size, JSON nesting, non-finite numbers.
 
-Every limit is a setting (``MEMFUSE``; README, "Configuration"):
+Every limit is a setting (``MEMFUSE``; docs/configuration.md, "Limits"):
 
 - ``MAX_REQUEST_BYTES``: an HTTP body over it is a 413 before it is read (``BodySizeLimit``,
   under ASGI) or parsed (``BoundedJSONParser``, under WSGI and the test client too);

@@ -1,5 +1,5 @@
 // The chat page (/chat/): a person's view of the memory over the REST API and the session
-// WebSocket (README, "WebSocket"). Plain script, no build step, no dependency.
+// WebSocket (docs/api.md, "WebSocket"). Plain script, no build step, no dependency.
 //
 // The API key lives in this tab's sessionStorage only: REST calls send it as a Bearer header,
 // the WebSocket offers it as the `bearer.<key>` subprotocol (a browser cannot set headers on a
