@@ -102,3 +102,33 @@ def guard_write(cursor, *, generation: int | None) -> None:
     if (row[0] if row else None) != generation:
         forget_active_model()
         raise ModelChanged(f"the stored vectors are now those of embedding model {row[0] if row else None}")
+
+
+def embedding_models_overview() -> dict:
+    """For the operator dashboard: ``{"active": row or None, "reembed": row or None}``, each
+    ``{"name", "path", "dimension", "phase", "done", "total", "texts_per_second",
+    "raw_texts_per_second", "updated_at" (ISO 8601)}``: the model of the stored vectors (no
+    row: the configured one) and an unfinished ``reembed`` run's progress."""
+    from memory.models import EmbeddingModel
+
+    rows = {
+        row.state: row
+        for row in EmbeddingModel.objects.filter(state__in=[EmbeddingModel.State.ACTIVE, EmbeddingModel.State.BUILDING])
+    }
+
+    def as_dict(row):
+        if row is None:
+            return None
+        return {
+            "name": row.name,
+            "path": row.path,
+            "dimension": row.dimension,
+            "phase": row.phase,
+            "done": row.done,
+            "total": row.total,
+            "texts_per_second": row.texts_per_second,
+            "raw_texts_per_second": row.raw_texts_per_second,
+            "updated_at": row.updated_at.isoformat(),
+        }
+
+    return {"active": as_dict(rows.get("active")), "reembed": as_dict(rows.get("building"))}

@@ -23,6 +23,7 @@ from django.db import connection, transaction
 from buffers.services import flush_pending
 from memory import checks, embedding_model, registry, selectors, services
 from memory.models import ANN_BUCKETS, EmbeddingModel, Message
+from memory.operator_stats import operator_stats
 from memory.reembed import HNSW_INDEX, DocumentEmbedder, reembed_abort, reembed_run
 from memory.services import MessageIn
 from tests.subprocesses import subprocess_env
@@ -159,6 +160,8 @@ def test_reembed_answers_queries_throughout_and_switches_with_nothing_lost(
     assert stats.embedded["messages"] == 8 and not stats.switched
     run = EmbeddingModel.objects.get(state="building")
     assert (run.phase, run.done, run.dimension) == ("messages", 8, TINY_DIM)
+    shown = operator_stats()["models"]["reembed"]  # what the dashboard shows
+    assert (shown["name"], shown["phase"], shown["done"], shown["total"]) == ("tiny-32", "messages", 8, 24)
 
     # During the run: the old model answers; writes go on.
     assert _vector_hits(alice, "beach dogs")
