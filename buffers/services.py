@@ -176,9 +176,14 @@ def _write(
     with it: an add never waits for this write. Two flushes of one user take turns (a
     transaction-level advisory lock on the user): each rewrites the context embeddings of
     the other's neighbouring rows.
+
+    ``generation``: the active embedding model the vectors come from (what
+    ``embedding_model.follow_active_model`` returned before embedding); raises
+    ``embedding_model.ModelChanged``, writing nothing, when a ``reembed`` switched since.
     """
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(_NO_FSYNC)
+        embedding_model.guard_write(cursor, generation=generation)
         cursor.execute("SELECT ann_bucket FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
         row = cursor.fetchone()
         if row is None:
