@@ -4,6 +4,7 @@ a reranker path that holds no cross-encoder."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from django.conf import settings
 from django.core.checks import Error, Tags, register
@@ -20,7 +21,9 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 @register(Tags.database)
 def check_pgvector(app_configs=None, databases=None, **kwargs) -> list[Error]:
     """memory.E001/E002/E010/E011: the ``vector`` extension is available (0.8 or later); the stored
-    dimension is the model's (E011: the database could not be inspected).
+    embeddings are the configured model's (E002 names what to set, or the ``reembed`` command
+    to run; the active ``EmbeddingModel`` row says which model they come from, else the
+    column's dimension is compared); E011: the database could not be inspected.
 
     Runs with ``manage.py check --database default`` and before ``migrate``/``runserver``.
     """
@@ -57,27 +60,45 @@ def check_pgvector(app_configs=None, databases=None, **kwargs) -> list[Error]:
                 "WHERE attrelid = to_regclass('memory_message') AND attname = 'embedding'"
             )
             row = cursor.fetchone()
+            active = None
+            cursor.execute("SELECT to_regclass('memory_embeddingmodel') IS NOT NULL")
+            if cursor.fetchone()[0]:
+                cursor.execute("SELECT name, path, dimension FROM memory_embeddingmodel WHERE state = 'active'")
+                active = cursor.fetchone()
     except DatabaseError as exc:
         return [Error(f"Could not inspect the database for pgvector: {exc}", id="memory.E011")]
 
-    loaded = registry.loaded_embedder()
-    model_dim = loaded.dimension if loaded else registry.model_dimension_from_config(registry.default_model_path())
+    configured_path = registry.default_model_path()
+    model_dim = registry.model_dimension_from_config(configured_path)
     configured = settings.MEMFUSE["EMBEDDING_DIM"]
+    reembed = f"python manage.py reembed --model {configured_path}"
     if model_dim is not None and model_dim != configured:
         errors.append(
             Error(
                 f"The embedding model produces {model_dim}-dimensional vectors but EMBEDDING_DIM "
                 f"is {configured}.",
-                hint="Set EMBEDDING_DIM to the model's dimension and migrate a new database.",
+                hint=f"Set EMBEDDING_DIM={model_dim}.",
                 id="memory.E002",
             )
         )
-    if row is not None and model_dim is not None and row[0] not in (-1, model_dim):
+    if active is not None and Path(active[1]).resolve() != configured_path.resolve():
+        name, path, dimension = active
         errors.append(
             Error(
-                f"Stored embeddings have dimension {row[0]} but the embedding model produces "
-                f"{model_dim}.",
-                hint="Use the model the database was built with, or re-embed into a new database.",
+                f"The stored embeddings come from the model {name} ({path}, {dimension} dimensions) but "
+                f"EMBEDDING_MODEL_PATH gives {configured_path} ({model_dim} dimensions).",
+                hint=f"Set EMBEDDING_MODEL_PATH={path} and EMBEDDING_DIM={dimension} to serve the stored "
+                f"embeddings, or re-embed them with the configured model: {reembed}",
+                id="memory.E002",
+            )
+        )
+    elif active is None and row is not None and model_dim is not None and row[0] not in (-1, model_dim):
+        errors.append(
+            Error(
+                f"Stored embeddings have dimension {row[0]} but the embedding model ({configured_path}) "
+                f"produces {model_dim}.",
+                hint=f"Re-embed them with the configured model: {reembed} (or set EMBEDDING_MODEL_PATH back "
+                "to the model they come from).",
                 id="memory.E002",
             )
         )

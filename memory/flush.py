@@ -29,7 +29,7 @@ from django.db import connection, transaction
 
 from buffers import events
 from memfuse_project.pool import is_database_unavailable
-from memory import metrics, registry
+from memory import embedding_model, metrics, registry
 from memory.retrieval import cache
 from memory.retrieval.vector import context_refresh
 from memory.vectors import vector_literals
@@ -74,7 +74,9 @@ def _claim(*, user_id: uuid.UUID, session_id: uuid.UUID | None, token: uuid.UUID
         return cursor.fetchall()
 
 
-def _write(*, user_id: uuid.UUID, token: uuid.UUID, ids: list[uuid.UUID], vectors) -> list[tuple]:
+def _write(
+    *, user_id: uuid.UUID, token: uuid.UUID, ids: list[uuid.UUID], vectors, generation: int | None = None
+) -> list[tuple]:
     """Write embeddings where ``token`` still holds the claim, and the context embeddings
     around them (``memory.retrieval.vector.context_refresh``); returns ``[(id, session_id)]``.
 
@@ -84,9 +86,14 @@ def _write(*, user_id: uuid.UUID, token: uuid.UUID, ids: list[uuid.UUID], vector
     with it: an add never waits for this write. Two flushes of one user take turns (a
     transaction-level advisory lock on the user): each rewrites the context embeddings of
     the other's neighbouring rows.
+
+    ``generation``: the active embedding model the vectors come from (what
+    ``embedding_model.follow_active_model`` returned before embedding); raises
+    ``embedding_model.ModelChanged``, writing nothing, when a ``reembed`` switched since.
     """
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(_NO_FSYNC)
+        embedding_model.guard_write(cursor, generation=generation)
         cursor.execute("SELECT ann_bucket FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
         row = cursor.fetchone()
         if row is None:
@@ -207,12 +214,20 @@ def _flush_batches(
         if not claimed:
             return flushed
         ids = [row[0] for row in claimed]
-        if not connection.in_atomic_block:
-            # Give the connection back to the pool while the model works (seconds): flush
-            # workers would otherwise hold one each and starve requests of connections.
-            connection.close()
-        vectors = _embed_claimed(user_id, claimed)
-        written = _write(user_id=user_id, token=token, ids=ids, vectors=vectors)
+        while True:
+            generation = embedding_model.follow_active_model()
+            if not connection.in_atomic_block:
+                # Give the connection back to the pool while the model works (seconds): flush
+                # workers would otherwise hold one each and starve requests of connections.
+                connection.close()
+            vectors = _embed_claimed(user_id, claimed)
+            try:
+                written = _write(user_id=user_id, token=token, ids=ids, vectors=vectors, generation=generation)
+                break
+            except embedding_model.ModelChanged:
+                # A reembed switched the columns while this batch was embedded: the rows are
+                # still ours (claimed); embed them again with the new model.
+                embedding_model.follow_active_model(force=True)
         flushed += len(written)
         by_session: dict[uuid.UUID, list[str]] = {}
         for message_id, message_session in written:

@@ -316,3 +316,49 @@ class ApiKey(AbstractAPIKey):
                 ),
             )
         ]
+
+
+class EmbeddingModel(models.Model):
+    """An embedding model the stored vectors come from (``state="active"``, at most one row),
+    or one a ``reembed`` run is filling shadow columns with (``"building"``), or one replaced
+    by a later run (``"retired"``).
+
+    No active row: the vectors are the configured model's (``EMBEDDING_MODEL_PATH`` or the
+    bundled all-MiniLM-L6-v2). Serving processes compare the active row with what they loaded
+    and reload (``memory.embedding_model.follow_active_model``). A building row is also the
+    run's progress, which the operator dashboard shows. ``name`` is the model directory's name
+    (``registry.model_name``), ``path`` the directory, ``dimension`` its output dimension.
+    """
+
+    class State(models.TextChoices):
+        BUILDING = "building"
+        ACTIVE = "active"
+        RETIRED = "retired"
+
+    name = models.CharField(max_length=255)
+    path = models.TextField()
+    dimension = models.PositiveIntegerField()
+    state = models.CharField(max_length=16, choices=State.choices, default=State.BUILDING)
+    # The run's phase (memory.reembed.PHASES) and counts of rows done out of total in it.
+    phase = models.CharField(max_length=32, blank=True, default="")
+    done = models.BigIntegerField(default=0)
+    total = models.BigIntegerField(default=0)
+    # Texts/s of the run's fill, and of the model's own encode on a sample of the same texts.
+    texts_per_second = models.FloatField(null=True, blank=True)
+    raw_texts_per_second = models.FloatField(null=True, blank=True)
+    # memory_change_seq when the run started: tombstones after it mark users whose context
+    # embeddings the switch recomputes.
+    start_seq = models.BigIntegerField(default=0)
+    started_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    activated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["state"], condition=models.Q(state="active"), name="memory_embeddingmodel_one_active"),
+            models.UniqueConstraint(fields=["state"], condition=models.Q(state="building"), name="memory_embeddingmodel_one_building"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.dimension} dims, {self.state})"

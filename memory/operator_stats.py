@@ -11,13 +11,15 @@ from buffers import workers
 from buffers.selectors import buffers_overview
 from memfuse_project.pool import pool_stats
 from memory import registry, retrieval
+from memory.embedding_model import embedding_models_overview
 
 
 def operator_stats(*, top_users: int = 10) -> dict:
     """Live figures of this process and of the shared database.
 
     ``{"generated_at" (ISO 8601), "process": {"host", "pid"}, "pool": memfuse_project.pool.pool_stats(),
-    "models": memory.registry.stats(), "user_cache": memory.retrieval.cache_stats(),
+    "models": memory.registry.stats() with memory.embedding_model.embedding_models_overview()
+    ("active": the stored vectors' model, "reembed": a run's progress), "user_cache": memory.retrieval.cache_stats(),
     "buffers": buffers.selectors.buffers_overview() plus "workers": {"workers", "busy",
     "jobs_done", "jobs_failed"} or None when this process runs no flush workers}``.
     Pool, models, cache and workers are per process; the buffers part is read from the
@@ -29,7 +31,7 @@ def operator_stats(*, top_users: int = 10) -> dict:
         "generated_at": timezone.now().isoformat(),
         "process": {"host": socket.gethostname(), "pid": os.getpid()},
         "pool": pool_stats(),
-        "models": registry.stats(),
+        "models": {**registry.stats(), **embedding_models_overview()},
         "user_cache": retrieval.cache_stats(),
         "buffers": buffers,
     }

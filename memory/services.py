@@ -20,7 +20,7 @@ from django.utils import timezone
 from buffers import backlog, events
 from buffers import jobs as buffers_jobs
 from buffers.models import Priority
-from memory import metrics, registry, tenancy
+from memory import embedding_model, metrics, registry, tenancy
 from memory.errors import Conflict, InvalidInput, NotFound, Unavailable
 from memory.models import Agent, ApiKey, KeyScope, Knowledge, Message, Session, Tenant, User
 from memory.selectors import knowledge_by_ids, messages_by_ids
@@ -424,20 +424,37 @@ def messages_delete(*, session: Session, message_ids: list[uuid.UUID]) -> None:
 
 def knowledge_add(*, user: User, contents: list[str]) -> list[Knowledge]:
     """Store user-level facts, embedded in one batch; returns them in input order."""
-    embeddings = registry.embed_documents(contents)
-    with transaction.atomic():
-        _bump_memory_version(user.pk)
-        rows = Knowledge.objects.bulk_create(
-            [Knowledge(user=user, content=c, embedding=e) for c, e in zip(contents, embeddings)]
-        )
-    return rows
+    while True:  # again when a reembed switched the model meanwhile (embedding_model.guard_write)
+        generation = embedding_model.follow_active_model()
+        embeddings = registry.embed_documents(contents)
+        try:
+            with transaction.atomic():
+                with connection.cursor() as cursor:
+                    embedding_model.guard_write(cursor, generation=generation)
+                _bump_memory_version(user.pk)
+                return Knowledge.objects.bulk_create(
+                    [Knowledge(user=user, content=c, embedding=e) for c, e in zip(contents, embeddings)]
+                )
+        except embedding_model.ModelChanged:
+            continue
 
 
 def knowledge_update(*, user: User, knowledge_ids: list[uuid.UUID], new_contents: list[str]) -> list[Knowledge]:
     """Replace the content of the given items, re-embedding them. ``NotFound`` on unknown ids."""
     knowledge_by_ids(user=user, knowledge_ids=knowledge_ids)
-    embeddings = registry.embed_documents(new_contents)
+    while True:  # again when a reembed switched the model meanwhile (embedding_model.guard_write)
+        generation = embedding_model.follow_active_model()
+        embeddings = registry.embed_documents(new_contents)
+        try:
+            return _knowledge_write(user=user, knowledge_ids=knowledge_ids, new_contents=new_contents, embeddings=embeddings, generation=generation)
+        except embedding_model.ModelChanged:
+            continue
+
+
+def _knowledge_write(*, user: User, knowledge_ids, new_contents, embeddings, generation: int | None) -> list[Knowledge]:
     with transaction.atomic():
+        with connection.cursor() as cursor:
+            embedding_model.guard_write(cursor, generation=generation)
         _bump_memory_version(user.pk)
         rows = knowledge_by_ids(user=user, knowledge_ids=knowledge_ids, for_update=True)
         now = timezone.now()  # bulk_update does not apply auto_now

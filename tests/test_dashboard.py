@@ -82,7 +82,8 @@ def test_stats_endpoint_shape(staff_client, busy_buffers, alice):
     assert {"enabled", "size", "in_use", "idle", "requests_waiting", "requests_errors", "refused_503"} <= set(data["pool"])
     assert {"size", "bytes", "max_bytes", "hits", "misses", "evictions", "hit_rate"} == set(data["user_cache"])
     assert data["user_cache"]["size"] >= 1
-    assert set(data["models"]) == {"embedding", "query_embedding", "background_embedding", "reranker"}
+    assert set(data["models"]) == {"embedding", "query_embedding", "background_embedding", "reranker", "active", "reembed"}
+    assert (data["models"]["active"], data["models"]["reembed"]) == (None, None)  # no reembed ran
     assert data["buffers"]["pending_messages"] == 4 and data["buffers"]["failed_total"] == 1
     assert {"top_users", "jobs", "queue_depth", "failed_jobs", "oldest_pending_age_s", "workers"} <= set(data["buffers"])
 

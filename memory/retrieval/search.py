@@ -13,9 +13,9 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime
 
-from django.db import connection
+from django.db import DataError, connection
 
-from memory import metrics, registry
+from memory import embedding_model, metrics, registry
 from memory.retrieval import fusion, vector
 from memory.retrieval.cache import resized, user_memory
 from memory.retrieval.config import RetrievalConfig
@@ -62,6 +62,8 @@ def hybrid_search_stages(
     ranked: dict[str, list] = {}
     # The query is embedded while BM25 runs (its SQL, and a cold user's index load): both are
     # on the critical path, and the model works in its own process.
+    if config.vector_weight > 0:
+        embedding_model.follow_active_model()
     embedding = registry.submit_query([query]) if config.vector_weight > 0 else None
     memory = user_memory(user_id)
     speaker, tokens = None, None
@@ -92,9 +94,8 @@ def hybrid_search_stages(
         with metrics.query_stage("embed"):
             query_embedding = embedding.result()[0]
         vector_start = time.perf_counter()
-        flushed, pending, moved = vector.candidates(
+        search = dict(
             user_id=user_id,
-            embedding=query_embedding,
             limit=config.vector_candidates,
             ann_bucket=ann_bucket,
             sessions=sessions,
@@ -103,6 +104,17 @@ def hybrid_search_stages(
             feedback=[key for key, _ in ranked.get("bm25", [])[: config.prf_docs]],
             feedback_weight=config.prf_weight,
         )
+        try:
+            flushed, pending, moved = vector.candidates(embedding=query_embedding, **search)
+        except DataError as exc:
+            if "different vector dimensions" not in str(exc):
+                raise
+            # A reembed switched the vectors to a model of another dimension since this
+            # process last looked (embedding_model.ACTIVE_MODEL_TTL_SECONDS): follow it now.
+            embedding_model.follow_active_model(force=True)
+            query_embedding = registry.submit_query([query]).result()[0]
+            memory = user_memory(user_id)
+            flushed, pending, moved = vector.candidates(embedding=query_embedding, **search)
         if pending:
             embeddings = memory.pending_embeddings([(doc_id, updated_at, text) for doc_id, updated_at, text, *_ in pending])
             flushed = sorted(flushed + vector.pending_scores(pending, embeddings, moved), key=lambda item: -item[1])

@@ -105,27 +105,36 @@ def context_refresh(cursor, *, seeds: list[tuple[uuid.UUID, int]], bucket: int |
     )
 
 
-def context_refresh_all(cursor, *, user_id: uuid.UUID | None = None, user_ids: list[uuid.UUID] | None = None) -> int:
+def context_refresh_all(
+    cursor,
+    *,
+    user_id: uuid.UUID | None = None,
+    user_ids: list[uuid.UUID] | None = None,
+    columns: tuple[str, str] = ("embedding", "context_embedding"),
+) -> int:
     """Recompute every context embedding (of one user, of ``user_ids``, or of all): after the
     window settings change, and for messages written by a bulk load. Returns how many rows
-    were written."""
+    were written. ``columns``: the ``(embedding, context embedding)`` columns to read and
+    write; other than the served pair (a ``reembed``'s shadow columns), ``ann_bucket`` is
+    left as it is."""
     config = settings.MEMFUSE
     window, own = config["VECTOR_CONTEXT_TURNS"], config["VECTOR_OWN_WEIGHT"]
-    lags = ", ".join(f"lag(embedding, {d}) OVER w AS p{d}, lead(embedding, {d}) OVER w AS n{d}" for d in range(1, window + 1))
-    values = ", ".join(["(embedding)"] * own + [f"(p{d}), (n{d})" for d in range(1, window + 1)])
+    source, target = columns
+    lags = ", ".join(f"lag({source}, {d}) OVER w AS p{d}, lead({source}, {d}) OVER w AS n{d}" for d in range(1, window + 1))
+    values = ", ".join(["(e)"] * own + [f"(p{d}), (n{d})" for d in range(1, window + 1)])
     where = "WHERE user_id = %(user)s" if user_id else "WHERE user_id = ANY(%(users)s)" if user_ids is not None else ""
+    bucket = ", ann_bucket = CASE WHEN context.c IS NOT NULL THEN u.ann_bucket END" if columns == ("embedding", "context_embedding") else ""
     cursor.execute(
         f"""
         WITH ordered AS (
-            SELECT id, embedding{", " + lags if lags else ""} FROM memory_message {where}
+            SELECT id, {source} AS e{", " + lags if lags else ""} FROM memory_message {where}
             WINDOW w AS (PARTITION BY session_id ORDER BY position)
         ), context AS (
-            SELECT id, CASE WHEN embedding IS NULL THEN NULL ELSE
+            SELECT id, CASE WHEN e IS NULL THEN NULL ELSE
                 (SELECT avg(x) FROM (VALUES {values}) v(x) WHERE x IS NOT NULL) END AS c
             FROM ordered
         )
-        UPDATE memory_message m SET context_embedding = context.c,
-                                    ann_bucket = CASE WHEN context.c IS NOT NULL THEN u.ann_bucket END
+        UPDATE memory_message m SET {target} = context.c{bucket}
         FROM context, memory_user u
         WHERE m.id = context.id AND u.id = m.user_id
         """,
