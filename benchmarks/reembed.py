@@ -29,10 +29,10 @@ def _setup() -> None:
 
 def bench_reembed(messages: int, model: Path | None, batch_size: int) -> dict:
     from django.conf import settings
+    from memory.management.bench_dataset import Turn, bulk_load
     from sentence_transformers import SentenceTransformer
 
     from memory import registry, services
-    from memory.management.bench_dataset import Turn, bulk_load
     from memory.models import Message, User
     from memory.reembed import reembed_run
 

@@ -299,17 +299,17 @@ def test_reembed_command_refuses_a_path_without_a_model(tmp_path):
 def test_a_flush_write_embedded_by_a_replaced_model_is_refused(alice_session):
     """A flush's write of vectors from another model than the active one raises ModelChanged
     and writes nothing (the flush then embeds its rows again with the active model)."""
-    from buffers import services as buffers
+    from memory import flush
 
     services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="hello there")])
     token = uuid.uuid4()
-    claimed = buffers._claim(user_id=alice_session.user_id, session_id=None, token=token, limit=10)
+    claimed = flush._claim(user_id=alice_session.user_id, session_id=None, token=token, limit=10)
     ids = [row[0] for row in claimed]
 
     with pytest.raises(embedding_model.ModelChanged):
-        buffers._write(
+        flush._write(
             user_id=alice_session.user_id, token=token, ids=ids, vectors=np.zeros((1, 384)), generation=12345
         )
 
     assert Message.objects.get(pk=ids[0]).flushed_at is None
-    assert buffers._write(user_id=alice_session.user_id, token=token, ids=ids, vectors=np.ones((1, 384)) / np.sqrt(384))
+    assert flush._write(user_id=alice_session.user_id, token=token, ids=ids, vectors=np.ones((1, 384)) / np.sqrt(384))
