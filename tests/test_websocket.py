@@ -514,3 +514,30 @@ async def test_query_embedding_process_failure_gets_503_frame_and_the_connection
     while not final.get("final"):
         final = await receive(communicator)
     assert final["request_id"] == "again"
+
+
+async def test_a_client_that_left_before_its_answer_is_not_an_error(application, tenant_key, alice_session, caplog):
+    """A send on a closed connection (uvicorn raises ClientDisconnected, an OSError) ends the frame quietly: no error logged, no exception out of the app."""
+    import asyncio
+
+    inputs: asyncio.Queue = asyncio.Queue()
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        if message["type"] == "websocket.send":
+            raise OSError("client disconnected")  # what uvicorn's send does once the client is gone
+        sent.append(message)
+
+    headers = ORIGIN + [(b"authorization", f"Bearer {tenant_key}".encode())]
+    scope = {"type": "websocket", "path": f"/ws/v1/sessions/{alice_session.id}/", "headers": headers,
+             "query_string": b"", "subprotocols": [], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    for message in ({"type": "websocket.connect"},
+                    {"type": "websocket.receive", "text": json.dumps({"type": "memory.query", "query": "puppy"})},
+                    {"type": "websocket.receive", "text": json.dumps({"type": "nonsense"})},
+                    {"type": "websocket.disconnect", "code": 1001}):
+        inputs.put_nowait(message)
+    with caplog.at_level(logging.DEBUG, logger="memory.api.consumers"):
+        await asyncio.wait_for(application(scope, inputs.get, send), TIMEOUT)
+    assert sent[0]["type"] == "websocket.accept"
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
+    assert caplog.text.count("left before its answer") == 2

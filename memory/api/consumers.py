@@ -44,6 +44,10 @@ def in_thread(func):
     return database_sync_to_async(func, thread_sensitive=False)
 
 
+class ClientLeft(Exception):
+    """The WebSocket client left before its answer could be sent."""
+
+
 class SessionConsumer(AsyncJsonWebsocketConsumer):
     """The WebSocket of one session: ``ws/v1/sessions/<session_id>/``.
 
@@ -202,6 +206,26 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         """A client frame decoded within the limits of ``memory.api.limits`` (as a REST body)."""
         return limits.loads(text_data)
 
+    async def __call__(self, scope, receive, send):
+        # Every frame this consumer sends goes through ``send``; uvicorn raises its
+        # ``ClientDisconnected`` (an ``OSError``) from a send on a closed connection.
+        async def send_to_client(message: dict) -> None:
+            try:
+                await send(message)
+            except OSError as exc:
+                raise ClientLeft from exc
+
+        return await super().__call__(scope, receive, send_to_client)
+
+    async def dispatch(self, message: dict) -> None:
+        # A client that left before its answer (a frame's, or a flush event's) is not an error:
+        # nobody to answer, nothing to log. A write its frame made is committed or not, as on
+        # any disconnect.
+        try:
+            await super().dispatch(message)
+        except ClientLeft:
+            logger.debug("websocket client of session %s left before its answer", self.session_id)
+
     async def receive_json(self, content, **kwargs) -> None:
         """Answer one decoded client frame; an error is answered as ``memory.errors.error_for``
         maps it, in an error frame (a 401 also closes the connection: code 4401)."""
@@ -212,6 +236,8 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             request_id = self._request_id(content)
             handler = self._handler(content)
             await handler(content, request_id)
+        except ClientLeft:
+            raise
         except Exception as exc:
             answer = error_for(exc)
             if answer is None:
