@@ -20,6 +20,7 @@ from memory.api.auth import WS_SUBPROTOCOL, check_rate
 from memory.api.errors import EMBEDDING_UNAVAILABLE_MESSAGE, validation_error
 from memory.api.serializers import validated
 from memory.errors import NotFound, ServiceError
+from memory.inference import EmbeddingProcessError
 from memory.models import Session
 from memory.pool import (
     RETRY_AFTER_SECONDS,
@@ -28,7 +29,6 @@ from memory.pool import (
     note_database_unavailable,
     note_pool_exhausted,
 )
-from memory.registry import EmbeddingProcessError
 from memory.retrieval import RetrievalConfig
 from memory.tenancy import Principal
 

@@ -29,7 +29,8 @@ from django.utils import timezone
 
 from buffers import events
 from buffers.models import ACTIVE_STATES, FlushJob, Priority, Reason, State
-from memory import metrics, registry
+from memory import metrics
+from memory.inference import registry
 from memory.pool import is_database_unavailable
 from memory.retrieval import cache
 from memory.retrieval.vector import context_refresh

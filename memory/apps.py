@@ -6,6 +6,9 @@ class MemoryConfig(AppConfig):
     verbose_name = "Memory"
 
     def ready(self) -> None:
-        from memory import checks, registry  # noqa: F401  (checks registers system checks)
+        from memfuse_project import serving
+        from memory import checks  # noqa: F401  (registers the system checks)
 
-        registry.preload_if_serving()
+        # The models of a serving process (its entry point declared its role before Django
+        # started), loaded before its first request.
+        serving.preload_models()

@@ -9,7 +9,8 @@ from django.utils import timezone
 
 from buffers import workers
 from buffers.selectors import buffers_overview
-from memory import registry, retrieval
+from memory import retrieval
+from memory.inference import registry
 from memory.pool import pool_stats
 
 
@@ -17,7 +18,7 @@ def operator_stats(*, top_users: int = 10) -> dict:
     """Live figures of this process and of the shared database.
 
     ``{"generated_at" (ISO 8601), "process": {"host", "pid"}, "pool": memory.pool.pool_stats(),
-    "models": memory.registry.stats(), "user_cache": memory.retrieval.cache_stats(),
+    "models": memory.inference.registry.stats(), "user_cache": memory.retrieval.cache_stats(),
     "buffers": buffers.selectors.buffers_overview() plus "workers": {"workers", "busy",
     "jobs_done", "jobs_failed"} or None when this process runs no flush workers}``.
     Pool, models, cache and workers are per process; the buffers part is read from the

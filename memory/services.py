@@ -17,8 +17,9 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from memory import metrics, registry, tenancy
+from memory import metrics, tenancy
 from memory.errors import Conflict, InvalidInput, NotFound
+from memory.inference import registry
 from memory.models import Agent, ApiKey, KeyScope, Knowledge, Message, Session, Tenant, User
 from memory.selectors import knowledge_by_ids, messages_by_ids
 

@@ -18,7 +18,8 @@ from django.utils import timezone
 from buffers import services as buffers
 from buffers.models import FlushJob, Priority, Reason, State
 from buffers.workers import FlushWorkerPool
-from memory import registry, selectors, services
+from memory import selectors, services
+from memory.inference import registry
 from memory.management.commands.memfuse_bench import free_loopback_port, uvicorn_command
 from memory.models import Message
 from memory.services import MessageIn

@@ -10,6 +10,7 @@ from rest_framework import exceptions
 from rest_framework.response import Response
 
 from memory.errors import ServiceError
+from memory.inference import EmbeddingProcessError
 from memory.pool import (
     RETRY_AFTER_SECONDS,
     is_database_unavailable,
@@ -17,7 +18,6 @@ from memory.pool import (
     note_database_unavailable,
     note_pool_exhausted,
 )
-from memory.registry import EmbeddingProcessError
 
 logger = logging.getLogger(__name__)
 

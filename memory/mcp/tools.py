@@ -38,9 +38,9 @@ from memory.api import serializers as s
 from memory.api.errors import EMBEDDING_UNAVAILABLE_MESSAGE, validation_error
 from memory.api.serializers import validated
 from memory.errors import Conflict, Forbidden, InvalidInput, NotFound, ServiceError
+from memory.inference import EmbeddingProcessError
 from memory.models import Agent, Session, User
 from memory.pool import RETRY_AFTER_SECONDS, is_database_unavailable, is_pool_exhausted
-from memory.registry import EmbeddingProcessError
 from memory.retrieval import RetrievalConfig
 from memory.tenancy import Principal
 

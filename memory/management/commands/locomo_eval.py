@@ -31,6 +31,7 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from buffers.services import flush_pending
+from memfuse_project import serving
 from memfuse_project.embedded_pg import migrate_if_embedded
 from memory import selectors, services
 from memory.api.serializers import RetrievalOverrides
@@ -77,6 +78,7 @@ class Command(BaseCommand):
         parser.add_argument("--rerank-top-n", type=int, help="override RERANK_TOP_N for this run")
 
     def handle(self, *args, **options):
+        serving.declare(serving.TOOL)  # loads the models of a process running retrieval
         conversations = self._load(options["path"])
         migrate_if_embedded()
         if options["conversations"] > 0:

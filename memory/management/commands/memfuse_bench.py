@@ -64,6 +64,7 @@ import numpy as np
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from memfuse_project import serving
 from memfuse_project.embedded_pg import migrate_if_embedded
 from memory.management.commands.locomo_eval import conversation_sessions
 
@@ -909,7 +910,7 @@ class QueryBench:
         from django.db import connection, transaction
         from pgvector import Vector
 
-        from memory import registry
+        from memory.inference import registry
         from memory.models import Message
         from memory.retrieval import vector
 
@@ -1105,7 +1106,7 @@ def raw_model_throughput(texts: list[str]) -> dict:
     """
     import torch
 
-    from memory import registry
+    from memory.inference import registry
     from memory.services import message_index_text
 
     embedder = registry.local_document_embedder()
@@ -1211,6 +1212,7 @@ class Command(BaseCommand):
             bench.add_arguments(sub)
 
     def handle(self, *args, **options):
+        serving.declare(serving.TOOL)  # loads the models of a process running retrieval
         bench_class = BENCHMARKS[options["benchmark"]]
         if options["clients"] <= 0:
             raise CommandError(f"--clients must be > 0 (got {options['clients']})")
