@@ -35,6 +35,7 @@ from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  #
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+from django.db import connections  # noqa: E402
 from django.urls import get_resolver  # noqa: E402
 
 from buffers import events, workers  # noqa: E402
@@ -43,6 +44,12 @@ from buffers.routing import websocket_urlpatterns  # noqa: E402
 from memory.api.auth import WebSocketAuthMiddleware  # noqa: E402
 from memory.api.limits import BodySizeLimit  # noqa: E402
 from memory.mcp.http import application as mcp_application  # noqa: E402
+
+if apps.ready and serving.role() is not None:
+    # Imported by runserver once its checks ran, on their thread: that thread serves no
+    # request, so it gives back the pool connection the migration check took, or it would
+    # hold one for ever.
+    connections.close_all()
 
 _frozen = False
 
