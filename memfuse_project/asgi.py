@@ -75,9 +75,9 @@ class APIHandler(ASGIHandler):
     """Django's ASGI handler with the API's middleware (``settings.API_MIDDLEWARE``) only.
 
     Django runs every sync middleware of an ASGI request through ``sync_to_async``: two thread
-    hand-offs per middleware, on a thread created for each request. With the seven
-    middlewares the admin needs, a health check cost ~5 ms of CPU, and under load each
-    hand-off waits for the GIL behind the embedding thread. The REST API needs none of them
+    hand-offs per middleware, on a thread created for each request. With the middlewares
+    the admin needs, that is most of a health check's CPU time, and under load each hand-off
+    waits for the GIL behind the embedding thread. The REST API needs none of them
     (no sessions, cookies, CSRF or messages: it authenticates every request itself), so
     ``/api/`` gets a handler built with its own, shorter list.
 
