@@ -1,13 +1,47 @@
 #!/usr/bin/env python
-"""Django's command-line utility for administrative tasks."""
+"""Django's command-line utility for administrative tasks.
+
+The entry point of ``runserver`` and ``runworker``: it declares what they serve before Django
+starts (``memfuse_project.serving``), so that ``MemoryConfig.ready()`` loads their models,
+and runs their start-up step before the command. Every command gets the embedded database
+started when no ``DATABASE_URL`` is set.
+"""
+
 import os
 import sys
+
+# The commands that serve, and what they serve as (memfuse_project.serving).
+SERVING_COMMANDS = {"runserver": "web", "runworker": "worker"}
+
+
+def serving_role(argv: list[str]) -> str | None:
+    """The role of the command in ``argv``, or ``None`` for a command that does not serve.
+
+    ``runserver``'s autoreloader parent only watches files and restarts its child
+    (``RUN_MAIN=true``), which serves.
+    """
+    command = argv[1] if len(argv) > 1 else None
+    role = SERVING_COMMANDS.get(command)
+    if command == "runserver" and "--noreload" not in argv and os.environ.get("RUN_MAIN") != "true":
+        return None
+    return role
 
 
 def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "memfuse_project.settings")
+    import django
     from django.core.management import execute_from_command_line
 
+    from memfuse_project import embedded_pg, serving
+
+    role = serving_role(sys.argv)
+    if role is not None:
+        serving.declare(role)
+    embedded_pg.start_if_embedded()
+    if role is not None:
+        django.setup()
+        # Before the command: runserver's check for unapplied migrations then finds none.
+        serving.start()
     execute_from_command_line(sys.argv)
 
 

@@ -186,7 +186,7 @@ class ChatBench:
         their context embeddings (tie-aware: ``recall_at_k``), with both latencies."""
         from django.db import connection
 
-        from memory import registry
+        from memory.inference import registry
         from memory.models import User
         from memory.retrieval import vector
 

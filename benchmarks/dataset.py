@@ -240,7 +240,7 @@ class QueryDataset:
 
 def embed_texts(texts: list[str]) -> np.ndarray:
     """``(len(texts), dim)`` embeddings as a flush writes them (``registry.local_document_embedder``)."""
-    from memory import registry
+    from memory.inference import registry
 
     # The model itself, in this thread: the registry's batcher thread runs at a lowered
     # priority (it yields to requests), which a build that waits for it does not want.

@@ -248,7 +248,7 @@ def raw_model_throughput(texts: list[str]) -> dict:
     """
     import torch
 
-    from memory import registry
+    from memory.inference import registry
     from memory.services import message_index_text
 
     embedder = registry.local_document_embedder()

@@ -178,7 +178,7 @@ class QueryBench:
         from django.db import connection, transaction
         from pgvector import Vector
 
-        from memory import registry
+        from memory.inference import registry
         from memory.models import Message
         from memory.retrieval import vector
 

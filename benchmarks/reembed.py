@@ -32,11 +32,12 @@ def bench_reembed(messages: int, model: Path | None, batch_size: int) -> dict:
     from memory.management.bench_dataset import Turn, bulk_load
     from sentence_transformers import SentenceTransformer
 
-    from memory import registry, services
+    from memory import services
+    from memory.inference import default_model_path, registry
     from memory.models import Message, User
     from memory.reembed import reembed_run
 
-    model = model or registry.default_model_path()
+    model = model or default_model_path()
     topics = ["the weather", "a trip", "dinner plans", "a book", "the garden", "work", "a concert"]
     texts = [f"note {i}: talking about {topics[i % 7]} with friend {i % 53} on day {i % 365}" for i in range(messages)]
     turns = [

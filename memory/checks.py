@@ -11,7 +11,10 @@ from django.core.checks import Error, Tags, register
 from django.db import connection
 from django.db.utils import DatabaseError
 
-from memory import registry
+from memory.inference import registry
+from memory.inference.model_registry import reranker_path
+from memory.inference.models import default_model_path, model_dimension_from_config
+from memory.inference.reranker import reranker_path_problem
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -68,8 +71,10 @@ def check_pgvector(app_configs=None, databases=None, **kwargs) -> list[Error]:
     except DatabaseError as exc:
         return [Error(f"Could not inspect the database for pgvector: {exc}", id="memory.E011")]
 
-    configured_path = registry.default_model_path()
-    model_dim = registry.model_dimension_from_config(configured_path)
+    configured_path = default_model_path()
+    model_dim = model_dimension_from_config(configured_path)
+    if model_dim is None and (loaded := registry.loaded_embedder()) is not None:
+        model_dim = loaded.dimension  # a model whose config files do not say it
     configured = settings.MEMFUSE["EMBEDDING_DIM"]
     reembed = f"python manage.py reembed --model {configured_path}"
     if model_dim is not None and model_dim != configured:
@@ -129,8 +134,8 @@ def check_reranker(app_configs=None, **kwargs) -> list[Error]:
 
     Reads only the model's ``config.json`` (no weights), so ``manage.py check`` stays cheap.
     """
-    path = registry.reranker_path()
-    problem = registry.reranker_path_problem(path) if path is not None else None
+    path = reranker_path()
+    problem = reranker_path_problem(path) if path is not None else None
     if problem is None:
         return []
     return [

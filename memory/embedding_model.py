@@ -23,7 +23,8 @@ from pathlib import Path
 
 from django.db import connection
 
-from memory import registry
+from memory import inference
+from memory.inference import registry
 
 # pg_advisory_xact_lock key of the switch (exclusive) and of embedding writes (shared).
 SWITCH_LOCK_KEY = 0x6D656D66_7573_0001 & 0x7FFF_FFFF_FFFF_FFFF
@@ -63,7 +64,7 @@ def active_model(*, max_age: float = ACTIVE_MODEL_TTL_SECONDS) -> ActiveModel:
     with connection.cursor() as cursor:
         cursor.execute("SELECT id, path, dimension FROM memory_embeddingmodel WHERE state = 'active'")
         row = cursor.fetchone()
-    model = ActiveModel(row[0], Path(row[1]), row[2]) if row else ActiveModel(None, registry.default_model_path(), None)
+    model = ActiveModel(row[0], Path(row[1]), row[2]) if row else ActiveModel(None, inference.default_model_path(), None)
     with _lock:
         _cached = (now, model)
     return model
@@ -86,7 +87,7 @@ def follow_active_model(*, force: bool = False) -> int | None:
     model = active_model(max_age=0.0 if force else ACTIVE_MODEL_TTL_SECONDS)
     if model.id is None and registry.serving_model_path() == model.path:
         return None
-    dimension = model.dimension or registry.model_dimension_from_config(model.path) or 0
+    dimension = model.dimension or inference.model_dimension_from_config(model.path) or 0
     if registry.use_embedding_model(model.path, dimension):
         cache.reset_user_cache()
     return model.id

@@ -180,7 +180,7 @@ def error_for(exc: BaseException | None) -> ErrorAnswer | None:
         note_database_unavailable,
         note_pool_exhausted,
     )
-    from memory.registry import EmbeddingProcessError
+    from memory.inference import EmbeddingProcessError
 
     if isinstance(exc, ServiceError):
         return ErrorAnswer(exc.status, exc.message, exc.errors, exc.retry_after)

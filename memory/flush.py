@@ -29,7 +29,8 @@ from django.db import connection, transaction
 
 from buffers import events
 from memfuse_project.pool import is_database_unavailable
-from memory import embedding_model, metrics, registry
+from memory import embedding_model, metrics
+from memory.inference import registry
 from memory.retrieval import cache
 from memory.retrieval.vector import context_refresh
 from memory.vectors import vector_literals

@@ -1,6 +1,6 @@
 """The last hour of this process's figures, for the dashboard's charts.
 
-A daemon thread (``start_if_serving``, in serving processes) samples every ``DASHBOARD_SAMPLE_SECONDS``
+A daemon thread (``start``, in web processes: ``memfuse_project.serving``) samples every ``DASHBOARD_SAMPLE_SECONDS``
 the counters of ``memory.metrics`` (adds, queries and their latency histogram, flushes,
 errors) and the pending backlog (one count on the partial index of pending rows); ``charts``
 turns consecutive samples into rates per second, the query p95 of each interval (from the
@@ -16,7 +16,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 
 from django.conf import settings
 from django.db import connection
@@ -168,18 +167,6 @@ def _run(interval: float) -> None:
         finally:
             connection.close()  # this thread's connection back to the pool between samples
         time.sleep(interval)
-
-
-def start_if_serving(argv: list[str]) -> None:
-    """Start sampling in this process (once), every ``DASHBOARD_SAMPLE_SECONDS``, when it serves
-    HTTP: an ASGI/WSGI server program, or ``runserver``. Never in tests, ``migrate``, workers."""
-    from memory.registry import SERVING_PROGRAMS
-
-    program = Path(argv[0]).name if argv else ""
-    if program == "__main__.py":  # python -m uvicorn
-        program = Path(argv[0]).parent.name
-    if program in SERVING_PROGRAMS or (program == "manage.py" and len(argv) > 1 and argv[1] == "runserver"):
-        start()
 
 
 def start() -> None:

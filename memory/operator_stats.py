@@ -10,15 +10,16 @@ from django.utils import timezone
 from buffers import workers
 from buffers.selectors import buffers_overview
 from memfuse_project.pool import pool_stats
-from memory import registry, retrieval
+from memory import retrieval
 from memory.embedding_model import embedding_models_overview
+from memory.inference import registry
 
 
 def operator_stats(*, top_users: int = 10) -> dict:
     """Live figures of this process and of the shared database.
 
     ``{"generated_at" (ISO 8601), "process": {"host", "pid"}, "pool": memfuse_project.pool.pool_stats(),
-    "models": memory.registry.stats() with memory.embedding_model.embedding_models_overview()
+    "models": memory.inference.registry.stats() with memory.embedding_model.embedding_models_overview()
     ("active": the stored vectors' model, "reembed": a run's progress), "user_cache": memory.retrieval.cache_stats(),
     "buffers": buffers.selectors.buffers_overview() plus "workers": {"workers", "busy",
     "jobs_done", "jobs_failed"} or None when this process runs no flush workers}``.

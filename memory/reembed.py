@@ -49,8 +49,9 @@ from django.conf import settings
 from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
-from memory import registry
+from memory import inference
 from memory.embedding_model import SWITCH_LOCK_KEY, forget_active_model
+from memory.inference import registry
 from memory.models import ANN_BUCKETS, EmbeddingModel
 from memory.retrieval.vector import context_refresh_all
 from memory.vectors import vector_literals
@@ -106,9 +107,9 @@ class DocumentEmbedder:
 
     def __init__(self, path: Path) -> None:
         config = settings.MEMFUSE
-        self.full = registry.Embedder(path, batch_size=config["EMBEDDING_BATCH_SIZE"], threads=config["TORCH_THREADS"])
+        self.full = inference.Embedder(path, batch_size=config["EMBEDDING_BATCH_SIZE"], threads=config["TORCH_THREADS"])
         self.model = (
-            registry.QueryEmbedder(self.full, keep_full_model=False) if registry.documents_int8() else self.full
+            inference.QueryEmbedder(self.full, keep_full_model=False) if registry.documents_int8() else self.full
         )
         self.dimension = self.full.dimension
         self.seconds = 0.0
@@ -141,7 +142,7 @@ def reembed_run(
     the path holds no sentence-transformers model.
     """
     model_path = model_path.resolve()
-    dimension = registry.model_dimension_from_config(model_path)
+    dimension = inference.model_dimension_from_config(model_path)
     if dimension is None:
         raise ReembedError(
             f"{model_path} holds no sentence-transformers model (modules.json and its modules' config.json)"
@@ -200,7 +201,7 @@ def _prepare(*, model_path: Path, dimension: int) -> EmbeddingModel:
             cursor.execute("SELECT last_value FROM memory_change_seq")
             start_seq = cursor.fetchone()[0]
         run = EmbeddingModel.objects.create(
-            name=registry.model_name(model_path),
+            name=inference.model_name(model_path),
             path=str(model_path),
             dimension=dimension,
             phase="prepare",

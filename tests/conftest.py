@@ -32,6 +32,15 @@ def stop_the_flush_pool_a_test_started():
 
 
 @pytest.fixture(autouse=True)
+def undeclared_process(monkeypatch):
+    """The test process serves nothing (``memfuse_project.serving``): a tool command a test
+    runs in-process (``locomo_eval``) declares itself a ``TOOL`` for that test only."""
+    from memfuse_project import serving
+
+    monkeypatch.setattr(serving, "_role", None)
+
+
+@pytest.fixture(autouse=True)
 def forget_resolved_keys():
     """Each test starts with an empty key cache (the database is rolled back between tests)."""
     tenancy.clear_cache()
@@ -158,10 +167,10 @@ def tiny_cross_encoder(tmp_path_factory) -> Path:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from memory import registry
+    from memory.inference import default_model_path
 
     path = tmp_path_factory.mktemp("cross-encoder")
-    tokenizer_source = registry.default_model_path()
+    tokenizer_source = default_model_path()
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(tokenizer_source / name, path / name)
     torch.manual_seed(0)
@@ -175,7 +184,7 @@ def tiny_cross_encoder(tmp_path_factory) -> Path:
 @pytest.fixture
 def reranker_path(tiny_cross_encoder, settings, monkeypatch) -> Path:
     """RERANKER_MODEL_PATH set to the tiny cross-encoder, loaded afresh for this test."""
-    from memory import registry
+    from memory.inference import registry
 
     settings.MEMFUSE = {**settings.MEMFUSE, "RERANKER_MODEL_PATH": str(tiny_cross_encoder), "RERANK": True}
     monkeypatch.setattr(registry, "_reranker", None)

@@ -12,7 +12,7 @@ from channels.testing import HttpCommunicator
 
 @pytest.fixture
 def application(django_db_setup, django_db_blocker):
-    """The project's ASGI application, imported once the test database exists (it loads the model)."""
+    """The project's ASGI application, imported once the test database exists."""
     with django_db_blocker.unblock():
         from memfuse_project.asgi import application
     return application

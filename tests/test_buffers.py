@@ -19,7 +19,8 @@ from benchmarks.server import free_loopback_port, uvicorn_command
 from buffers import services as buffers
 from buffers.models import FlushJob, Priority, Reason, State
 from buffers.workers import FlushWorkerPool
-from memory import flush, registry, selectors, services
+from memory import flush, selectors, services
+from memory.inference import registry
 from memory.models import Message
 from memory.services import MessageIn
 from tests.envelopes import assert_success

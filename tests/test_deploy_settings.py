@@ -80,14 +80,33 @@ def test_embedded_secret_key_is_made_once_private_and_kept(tmp_path):
     assert embedded_secret_key(other) != first
 
 
+START_AND_PRINT_KEY = (
+    "import django; django.setup(); from memfuse_project.embedded_pg import start_if_embedded; "
+    "start_if_embedded(); from django.conf import settings; print(settings.SECRET_KEY)"
+)
+
+
+def test_importing_the_settings_starts_nothing(tmp_path):
+    """No DATABASE_URL: importing the settings and starting Django only read the environment (no data folder appears)."""
+    data_dir = tmp_path / "pg"
+    env = {key: value for key, value in os.environ.items() if key not in {"DATABASE_URL", "SECRET_KEY", "SECRET_KEY_FILE"}}
+    env.update(DJANGO_SETTINGS_MODULE="memfuse_project.settings", EMBEDDED_PG_DIR=str(data_dir))
+    script = "import django; django.setup(); from django.conf import settings; print(settings.DATABASES['default']['HOST'])"
+
+    result = run(script, env)
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(data_dir) and not data_dir.exists()
+
+
 def test_the_embedded_default_generates_its_secret_key_in_its_data_folder():
-    """No DATABASE_URL, no SECRET_KEY: two processes on one data folder share one generated key, kept there."""
+    """No DATABASE_URL, no SECRET_KEY: two processes starting one data folder share one generated key, kept there."""
     folder = Path(tempfile.mkdtemp(prefix="memfuse-key-"))  # see test_database_restart.own_postgres
     data_dir = folder / "pg"
     env = {key: value for key, value in os.environ.items() if key not in {"DATABASE_URL", "SECRET_KEY", "SECRET_KEY_FILE"}}
     env.update(DJANGO_SETTINGS_MODULE="memfuse_project.settings", EMBEDDED_PG_DIR=str(data_dir))
     try:
-        first, second = (run(PRINT_KEY, env) for _ in range(2))
+        first, second = (run(START_AND_PRINT_KEY, env) for _ in range(2))
     finally:
         stop_server(data_dir)
         key_file = data_dir / "secret-key"

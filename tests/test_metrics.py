@@ -11,7 +11,8 @@ from django.contrib.auth import get_user_model
 from prometheus_client.parser import text_string_to_metric_families
 
 from buffers import services as buffers
-from memory import registry, services
+from memory import services
+from memory.inference import registry
 from memory.models import KeyScope
 from tests.conftest import key_client
 from tests.subprocesses import subprocess_env

@@ -22,7 +22,8 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from buffers.services import flush_pending
-from memory import checks, embedding_model, registry, selectors, services
+from memory import checks, embedding_model, selectors, services
+from memory.inference import default_model_path, registry
 from memory.models import ANN_BUCKETS, EmbeddingModel, Message
 from memory.operator_stats import operator_stats
 from memory.reembed import HNSW_INDEX, DocumentEmbedder, reembed_abort, reembed_run
@@ -44,7 +45,7 @@ def tiny_embedder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny-embedder")
     bert = root / "bert"
     bert.mkdir()
-    source = registry.default_model_path()
+    source = default_model_path()
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(source / name, bert / name)
     torch.manual_seed(0)
@@ -106,7 +107,7 @@ def restored_schema():
             )
     EmbeddingModel.objects.all().delete()
     embedding_model.forget_active_model()
-    registry.use_embedding_model(registry.default_model_path(), settings.MEMFUSE["EMBEDDING_DIM"])
+    registry.use_embedding_model(default_model_path(), settings.MEMFUSE["EMBEDDING_DIM"])
     registry._active_model = None
 
 
@@ -266,7 +267,7 @@ def test_a_killed_reembed_resumes_without_redoing_finished_batches(tenant, agent
 def test_e002_names_the_reembed_command_when_the_stored_model_is_not_the_configured_one(tiny_embedder, monkeypatch):
     """With vectors recorded as the tiny model's and MiniLM configured, E002 says what to set
     and which reembed to run; configured the tiny model over MiniLM's columns, it names that."""
-    minilm = registry.default_model_path()
+    minilm = default_model_path()
     EmbeddingModel.objects.create(name="tiny-32", path=str(tiny_embedder), dimension=TINY_DIM, state="active")
 
     errors = [e for e in checks.check_pgvector(databases=["default"]) if e.id == "memory.E002"]

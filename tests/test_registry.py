@@ -1,4 +1,4 @@
-"""The process-wide model registry: one load under concurrency, when to preload, the real model, checks."""
+"""The process-wide model registry: one load under concurrency, when a process preloads, the real model, checks."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 from django.conf import settings
 
-from memory import checks, registry
+import manage
+from memfuse_project import serving
+from memory import checks, inference
+from memory.inference import model_registry, registry
 from tests.subprocesses import subprocess_env
 
 
@@ -31,7 +34,7 @@ class CountingDeterministicEmbedder:
             CountingDeterministicEmbedder.constructed += 1
         self.path = path
         self.dimension = 8
-        self.stats = registry.ModelStats(load_seconds=0.2)
+        self.stats = inference.ModelStats(load_seconds=0.2)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         rows = [
@@ -50,7 +53,7 @@ def fresh_registry(monkeypatch):
     monkeypatch.setattr(registry, "_query_batcher", None)
     monkeypatch.setattr(registry, "_background_batcher", None)
     monkeypatch.setattr(registry, "_local_document_embedder", None)
-    monkeypatch.setattr(registry, "Embedder", CountingDeterministicEmbedder)
+    monkeypatch.setattr(model_registry, "Embedder", CountingDeterministicEmbedder)
     monkeypatch.setattr(CountingDeterministicEmbedder, "constructed", 0)
     return registry
 
@@ -99,7 +102,7 @@ def test_stats_before_any_load_report_no_model(fresh_registry):
     assert CountingDeterministicEmbedder.constructed == 0
 
 
-# --- should_preload ----------------------------------------------------------------------------
+# --- which processes preload -------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -111,31 +114,62 @@ def preload_enabled(monkeypatch):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["manage.py", "migrate"], False),
-        (["manage.py", "check"], False),
-        (["manage.py", "shell"], False),
-        (["manage.py"], False),
-        ([], False),
-        (["/x/bin/daphne", "memfuse_project.asgi:application"], True),
-        (["/usr/local/bin/gunicorn", "memfuse_project.wsgi"], True),
-        (["/venv/lib/python3.11/site-packages/uvicorn/__main__.py", "memfuse_project.asgi:application"], True),
-        (["/venv/lib/python3.11/site-packages/pytest/__main__.py", "tests"], False),
-        (["manage.py", "runserver", "--noreload"], True),
-        (["manage.py", "runserver"], False),  # the autoreloader's parent only watches files
-        (["manage.py", "locomo_eval"], True),
-        (["/venv/bin/pytest", "tests"], False),
+        (["manage.py", "migrate"], None),
+        (["manage.py", "check"], None),
+        (["manage.py", "shell"], None),
+        (["manage.py"], None),
+        (["manage.py", "runserver", "--noreload"], serving.WEB),
+        (["manage.py", "runserver"], None),  # the autoreloader's parent only watches files
+        (["manage.py", "runworker", "memfuse-flush"], serving.WORKER),
+        (["manage.py", "locomo_eval"], None),  # a tool declares itself (serving.TOOL)
     ],
 )
-def test_should_preload_only_in_serving_processes(preload_enabled, argv, expected):
-    """Only servers and serving commands preload the model; migrate, check, shell and tests do not."""
-    assert registry.should_preload(argv) is expected
+def test_manage_py_declares_only_its_serving_commands(preload_enabled, argv, expected):
+    """manage.py declares a role for runserver and runworker only; migrate, check, shell do not."""
+    assert manage.serving_role(argv) == expected
 
 
-def test_runserver_child_preloads(preload_enabled, monkeypatch):
-    """runserver with the autoreloader preloads only in its serving child (RUN_MAIN=true)."""
+def test_runserver_child_serves(preload_enabled, monkeypatch):
+    """runserver with the autoreloader serves only in its child (RUN_MAIN=true)."""
     monkeypatch.setenv("RUN_MAIN", "true")
 
-    assert registry.should_preload(["manage.py", "runserver"]) is True
+    assert manage.serving_role(["manage.py", "runserver"]) == serving.WEB
+
+
+def test_an_undeclared_process_preloads_nothing(fresh_registry, preload_enabled):
+    """A process whose entry point declared no role (tests, migrate) loads no model at start."""
+    serving.preload_models()
+
+    assert CountingDeterministicEmbedder.constructed == 0
+    assert fresh_registry.stats() == {"embedding": None, "query_embedding": None, "background_embedding": None, "reranker": None}
+
+
+def test_an_unknown_role_is_refused():
+    """declare() names the roles it knows rather than serving something undefined."""
+    with pytest.raises(ValueError, match="web, worker, tool"):
+        serving.declare("everything")
+    assert serving.role() is None
+
+
+@pytest.mark.parametrize(
+    "role, mode, layer, expected",
+    [
+        (None, "auto", "channels.layers.InMemoryChannelLayer", False),
+        (serving.WEB, "auto", "channels.layers.InMemoryChannelLayer", True),
+        (serving.WEB, "auto", "channels_redis.core.RedisChannelLayer", False),
+        (serving.WEB, "on", "channels_redis.core.RedisChannelLayer", True),
+        (serving.WORKER, "auto", "channels_redis.core.RedisChannelLayer", True),
+        (serving.WORKER, "off", "channels_redis.core.RedisChannelLayer", False),
+        (serving.TOOL, "on", "channels.layers.InMemoryChannelLayer", False),
+    ],
+)
+def test_flush_workers_run_where_the_role_and_flush_in_process_say(monkeypatch, role, mode, layer, expected):
+    """runworker flushes; a web server with the in-memory layer (or FLUSH_IN_PROCESS=on); tools never."""
+    monkeypatch.setattr(serving, "_role", role)
+    monkeypatch.setitem(settings.BUFFERS, "IN_PROCESS", mode)
+    monkeypatch.setitem(settings.CHANNEL_LAYERS["default"], "BACKEND", layer)
+
+    assert serving.runs_flush_workers() is expected
 
 
 @pytest.mark.parametrize("documents_int8, own_model", [(False, 1), (True, 0)])
@@ -153,25 +187,50 @@ def test_servers_preload_a_query_process_and_runworker_none(fresh_registry, prel
         def wait_ready(self):
             waited.append(True)
 
-    monkeypatch.setattr(fresh_registry, "ProcessEmbedder", RecordingProcessEmbedder)
+    monkeypatch.setattr(model_registry, "ProcessEmbedder", RecordingProcessEmbedder)
     monkeypatch.setitem(settings.MEMFUSE, "QUERY_EMBEDDING", "process")
     monkeypatch.setitem(settings.MEMFUSE, "DOCUMENT_EMBEDDING_INT8", documents_int8)
 
-    monkeypatch.setattr(sys, "argv", ["manage.py", "runworker", "memfuse-flush"])
-    fresh_registry.preload_if_serving()
+    serving.declare(serving.WORKER)  # Django runs already: declaring loads the models now
     assert CountingDeterministicEmbedder.constructed == own_model and spawned == ["background"] and len(waited) == 1
 
-    monkeypatch.setattr(sys, "argv", ["/x/bin/uvicorn", "memfuse_project.asgi:application"])
-    fresh_registry.preload_if_serving()  # the background process is the one runworker started
+    serving.declare(serving.WEB)  # the background process is the one the worker started
     assert spawned == ["background", "query"] and len(waited) == 3
     assert CountingDeterministicEmbedder.constructed == own_model
 
 
-def test_preload_can_be_switched_off(monkeypatch):
+def test_preload_can_be_switched_off(fresh_registry, monkeypatch):
     """PRELOAD_MODELS=False: not even a server preloads."""
     monkeypatch.setitem(settings.MEMFUSE, "PRELOAD_MODELS", False)
 
-    assert registry.should_preload(["/x/bin/daphne", "memfuse_project.asgi:application"]) is False
+    serving.declare(serving.WEB)
+
+    assert CountingDeterministicEmbedder.constructed == 0 and fresh_registry.stats()["query_embedding"] is None
+
+
+def test_reset_forgets_every_model_and_stops_its_processes(fresh_registry, monkeypatch):
+    """reset() empties every slot and closes the child processes it held; the next use builds anew."""
+    closed = []
+
+    class ClosingProcessEmbedder:
+        dimension = 8
+
+        def __init__(self, path, **options):
+            pass
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(model_registry, "ProcessEmbedder", ClosingProcessEmbedder)
+    monkeypatch.setitem(settings.MEMFUSE, "QUERY_EMBEDDING", "process")
+    first = fresh_registry.get_embedder()
+    query = fresh_registry.get_query_embedder()
+
+    fresh_registry.reset()
+
+    assert closed == [True] and fresh_registry.loaded_embedder() is None
+    assert all(getattr(fresh_registry, slot) is None for slot in model_registry.SLOTS)
+    assert fresh_registry.get_embedder() is not first and fresh_registry.get_query_embedder() is not query
 
 
 # --- the real model ----------------------------------------------------------------------------
@@ -210,14 +269,14 @@ def query_mode(monkeypatch, settings):
         return registry
 
     yield set_mode
-    if isinstance(registry._query_embedder, registry.ProcessEmbedder):
+    if isinstance(registry._query_embedder, inference.ProcessEmbedder):
         registry._query_embedder.close()
 
 
 @pytest.fixture(scope="module")
 def int8_query_embedder():
     """An in-process int8 ``QueryEmbedder`` of the registry's model (the "thread" mode's)."""
-    return registry.QueryEmbedder(registry.get_embedder())
+    return inference.QueryEmbedder(registry.get_embedder())
 
 
 @pytest.mark.integration
@@ -272,7 +331,7 @@ def test_thread_mode_embeds_queries_with_an_int8_copy_in_this_process(query_mode
 
     queries = registry.embed_query(texts)
 
-    assert isinstance(registry.get_query_embedder(), registry.QueryEmbedder)
+    assert isinstance(registry.get_query_embedder(), inference.QueryEmbedder)
     assert registry.stats()["query_embedding"]["mode"] == "thread"
     assert 0.95 < float(full[0] @ queries[0]) < 0.9999
     np.testing.assert_array_equal(registry.embed(texts), full)  # the full model is left as it was
@@ -289,7 +348,7 @@ def test_query_embedder_runs_a_trace_equal_to_the_int8_model_with_and_without_pa
     query_embedder = int8_query_embedder
     texts = ["hi", "When did Caroline go to the LGBTQ support group after her talk at the school?", "What did Melanie paint?"]
 
-    assert query_embedder.traced and isinstance(query_embedder.transformer, registry.TracedEncoder)
+    assert query_embedder.traced and isinstance(query_embedder.transformer, inference.TracedEncoder)
     padded = query_embedder.embedder._mean_pooled(texts, query_embedder.quantized)
     traced = query_embedder.embedder._mean_pooled(texts, query_embedder.transformer)
     np.testing.assert_allclose(traced, padded, atol=1e-5)  # the padding path was traced
@@ -326,7 +385,7 @@ def test_traced_encoder_refuses_a_trace_that_differs_from_its_model():
             return BaseModelOutput(last_hidden_state=input_ids.unsqueeze(-1).float() * self.calls)
 
     with pytest.raises(ValueError, match="differs"):
-        registry.TracedEncoder(Drifting(), registry.get_embedder().model.tokenizer)
+        inference.TracedEncoder(Drifting(), registry.get_embedder().model.tokenizer)
 
 
 def test_real_model_embeds_nothing_for_no_texts():
@@ -352,7 +411,7 @@ def test_stats_count_calls_and_texts():
     assert after["calls"] - before["calls"] == 2
     assert after["texts"] - before["texts"] == 4
     assert after["dimension"] == 384
-    assert after["path"] == str(registry.default_model_path())
+    assert after["path"] == str(inference.default_model_path())
     assert after["inference_seconds"] >= before["inference_seconds"]
     assert registry.stats()["reranker"] is None
 
@@ -456,7 +515,7 @@ def test_a_killed_background_process_fails_one_call_and_is_replaced(background_p
     first_pid = background_process.stats()["background_embedding"]["pid"]
     os.kill(first_pid, signal.SIGKILL)
     time.sleep(0.2)
-    with pytest.raises(registry.EmbeddingProcessError):
+    with pytest.raises(inference.EmbeddingProcessError):
         background_process.embed(["lost"], priority=registry.BACKGROUND)
     vectors = background_process.embed(["again"], priority=registry.BACKGROUND)
     assert vectors.shape == (1, 384)
@@ -486,8 +545,8 @@ def test_bad_reranker_path_is_a_clear_load_error(tmp_path, make_path, problem):
     """A path without a one-label cross-encoder raises RerankerLoadError naming the path and the problem."""
     path = make_path(tmp_path)
 
-    with pytest.raises(registry.RerankerLoadError, match=problem) as raised:
-        registry.Reranker(path, batch_size=8, threads=1, max_length=64)
+    with pytest.raises(inference.RerankerLoadError, match=problem) as raised:
+        inference.Reranker(path, batch_size=8, threads=1, max_length=64)
 
     assert str(path) in str(raised.value)
 
@@ -514,10 +573,9 @@ def test_serving_process_with_a_bad_reranker_path_fails_at_start(monkeypatch, tm
     monkeypatch.setitem(settings.MEMFUSE, "RERANKER_MODEL_PATH", str(tmp_path / "missing"))
     monkeypatch.setitem(settings.MEMFUSE, "PRELOAD_MODELS", True)
     monkeypatch.setattr(registry, "_reranker", None)
-    monkeypatch.setattr(sys, "argv", ["/x/bin/daphne", "memfuse_project.asgi:application"])
 
-    with pytest.raises(registry.RerankerLoadError, match="not a directory"):
-        registry.preload_if_serving()
+    with pytest.raises(inference.RerankerLoadError, match="not a directory"):
+        serving.declare(serving.WEB)
 
 
 def test_reranker_loads_once_scores_and_reports_stats(reranker_path):
@@ -537,7 +595,7 @@ def test_no_reranker_configured_means_none_and_scoring_is_an_error(monkeypatch):
     monkeypatch.setitem(settings.MEMFUSE, "RERANKER_MODEL_PATH", "")
 
     assert registry.get_reranker() is None
-    with pytest.raises(registry.RerankerLoadError, match="RERANKER_MODEL_PATH"):
+    with pytest.raises(inference.RerankerLoadError, match="RERANKER_MODEL_PATH"):
         registry.rerank_scores("q", ["text"])
 
 
@@ -594,7 +652,7 @@ def test_rate_limit_check_names_a_rate_no_request_could_be_counted_with(monkeypa
 def test_a_promoted_background_request_runs_before_the_queued_background_work():
     """A background request a caller now waits for, promoted, is embedded before the
     background requests queued ahead of it, once; the others still all come back."""
-    from memory.registry import BACKGROUND, EmbeddingBatcher
+    from memory.inference import BACKGROUND, EmbeddingBatcher
 
     order, release = [], threading.Event()
 

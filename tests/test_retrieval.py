@@ -11,7 +11,8 @@ import uuid
 import numpy as np
 import pytest
 
-from memory import registry, retrieval, selectors, services
+from memory import retrieval, selectors, services
+from memory.inference import registry
 from memory.retrieval import DocKey, rrf_fuse, tsvector_tokens, vector
 from memory.services import MessageIn
 

@@ -16,7 +16,8 @@ import pytest
 from django.db import connection
 
 from buffers.services import flush_pending
-from memory import registry, retrieval, selectors, services
+from memory import retrieval, selectors, services
+from memory.inference import registry
 from memory.retrieval import store
 from memory.retrieval.bm25 import KNOWLEDGE, MESSAGE, BM25Index, Document
 from memory.services import MessageIn

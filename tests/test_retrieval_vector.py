@@ -130,7 +130,8 @@ def test_a_flush_writes_the_embedding_a_query_made_for_a_pending_turn(alice_sess
     """Read your writes embedded the pending turn with the query model, which gives what the
     flush's model gives (``registry.queries_embed_documents``): the flush writes that
     embedding as it is, and embeds only the turn that no query asked for."""
-    from memory import registry, retrieval
+    from memory import retrieval
+    from memory.inference import registry
 
     assert registry.queries_embed_documents()
     [asked] = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="I adopted a grey kitten named Ash.")])

@@ -25,8 +25,9 @@ from django.utils import timezone
 
 from buffers import events
 from buffers.services import flush_pending
-from memory import registry, services
+from memory import services
 from memory.api import consumers
+from memory.inference import EmbeddingProcessError, registry
 from memory.models import ApiKey, KeyScope, Message
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -495,7 +496,7 @@ async def test_query_embedding_process_failure_gets_503_frame_and_the_connection
 
     def dead_process(texts):
         future = Future()
-        future.set_exception(registry.EmbeddingProcessError("query embedding process died: EOFError()"))
+        future.set_exception(EmbeddingProcessError("query embedding process died: EOFError()"))
         return future
 
     communicator = await connect(alice_session.pk)

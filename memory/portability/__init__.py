@@ -4,7 +4,7 @@ The format (``FORMAT``, version ``VERSION``), one JSON object a line, each with 
 
 1. ``{"type": "header", "format": "memfuse.memory", "version": 1, "exported_at",
    "embedding": {"model", "dimension"} | null}``: ``embedding`` names the model of the
-   embeddings the file carries (``memory.registry.document_model``), ``null`` without them;
+   embeddings the file carries (``memory.inference.registry.document_model``), ``null`` without them;
 2. ``{"type": "user", "id", "name", "description", "metadata", "created_at"}``, once;
 3. ``{"type": "agent", "id", "name", "description", "metadata", "created_at"}``: the agents
    of the user's sessions;

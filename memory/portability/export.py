@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from django.db import connection
 from django.utils import timezone
 
-from memory import registry
+from memory.inference import registry
 from memory.models import User
 from memory.portability import FORMAT, VERSION
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from memory import registry
 from memory.errors import Conflict, InvalidInput, NotFound
+from memory.inference import registry
 from memory.models import User
 from memory.portability import records
 from memory.portability.records import invalid

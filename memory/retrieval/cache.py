@@ -17,7 +17,7 @@ import numpy as np
 from cachetools import Cache, LRUCache
 from django.conf import settings
 
-from memory import registry
+from memory.inference import registry
 from memory.retrieval import store
 from memory.retrieval.bm25 import BM25Index
 
@@ -83,7 +83,7 @@ class UserMemory:
         Read your writes: a message not flushed yet is embedded on demand by the query
         model, once per version of its text (cached by ``(id, updated_at)``, or already on its
         way from ``prefetch``); entries of messages not asked for any more are dropped. Raises
-        ``registry.EmbeddingProcessError`` when the query process fails.
+        ``memory.inference.EmbeddingProcessError`` when the query process fails.
         """
         keys = [(doc_id, updated_at) for doc_id, updated_at, _ in rows]
         with self._pending_lock:

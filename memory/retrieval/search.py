@@ -15,7 +15,8 @@ from datetime import datetime
 
 from django.db import DataError, connection
 
-from memory import embedding_model, metrics, registry
+from memory import embedding_model, metrics
+from memory.inference import registry
 from memory.retrieval import fusion, vector
 from memory.retrieval.cache import resized, user_memory
 from memory.retrieval.config import RetrievalConfig
@@ -50,7 +51,7 @@ def hybrid_search_stages(
     ``until`` (aware datetimes, inclusive) keep only documents created in that window, in
     each retriever before its cut. ``ann_bucket``: the user's ``User.ann_bucket`` (approximate
     vector search through that index; ``None``: exact). With a retriever switched off (weight 0), or ``partial=False``, only the final
-    stage comes. Raises ``registry.EmbeddingProcessError`` when the query model fails.
+    stage comes. Raises ``memory.inference.EmbeddingProcessError`` when the query model fails.
     """
     started = time.perf_counter()
     config = config or RetrievalConfig.from_settings()
@@ -167,7 +168,7 @@ def rerank(*, user_id: uuid.UUID, query: str, hits: Hits, top_n: int) -> Hits:
     Each reranked hit keeps its fused score and gains ``retrievers["reranker"] = {"rank",
     "score"}``; hits after ``top_n`` follow unchanged. Ties keep the fused order. Costs one
     cross-encoder call over ``top_n`` (query, document) pairs. Raises
-    ``registry.RerankerLoadError`` when no reranker is configured.
+    ``memory.inference.RerankerLoadError`` when no reranker is configured.
     """
     head, tail = hits[:top_n], hits[top_n:]
     if not head:

@@ -8,6 +8,8 @@ from pathlib import Path
 from django.core.management.base import BaseCommand
 
 from benchmarks.locomo import locomo_eval
+from memfuse_project import serving
+from memfuse_project.embedded_pg import migrate_if_embedded
 
 
 class Command(BaseCommand):
@@ -30,4 +32,6 @@ class Command(BaseCommand):
         parser.add_argument("--rerank-top-n", type=int, help="override RERANK_TOP_N for this run")
 
     def handle(self, *args, **options):
+        serving.declare(serving.TOOL)  # a process running retrieval: loads its models
+        migrate_if_embedded()  # the embedded database may be new
         locomo_eval(options, write=self.stdout.write)

@@ -1,0 +1,124 @@
+"""One model call for the embedding requests of many callers (``EmbeddingBatcher``)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from memory.inference.models import Embedder, QueryEmbedder
+    from memory.inference.process import ProcessEmbedder
+
+logger = logging.getLogger(__name__)
+
+INTERACTIVE, BACKGROUND = 0, 1
+
+
+class EmbeddingBatcher:
+    """Feeds one model call with the embedding requests of many callers.
+
+    Callers (queries, flushes of many users) submit texts and wait on a future; one model
+    thread takes every request waiting when the model is free, up to ``max_texts`` texts,
+    embeds them in one batched call and hands each caller its rows. While the model is busy,
+    new requests pile up and go together into the next call: the model's batched throughput
+    (about three times its one-at-a-time rate, docs/benchmarks.md) is the ceiling of the
+    ingest path. Interactive requests (queries) go before background ones (flushes).
+    """
+
+    def __init__(
+        self, embedder: Embedder | QueryEmbedder | ProcessEmbedder, *, max_texts: int, nice: int = 0, linger_seconds: float = 0.0
+    ) -> None:
+        self.embedder = embedder
+        self.max_texts = max_texts
+        self.nice = nice
+        self.linger_seconds = linger_seconds
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="embedding-batcher", daemon=True)
+        self._thread.start()
+
+    def embed(self, texts: list[str], *, priority: int = INTERACTIVE) -> np.ndarray:
+        """Embed ``texts`` in the next model call: ``(n, dim)`` float32, L2-normalised rows."""
+        return self.submit(texts, priority=priority).result()
+
+    def submit(self, texts: list[str], *, priority: int = INTERACTIVE) -> Future:
+        """``embed`` without waiting: a ``Future`` of the ``(n, dim)`` rows."""
+        future: Future = Future()
+        if not texts:
+            future.set_result(np.zeros((0, self.embedder.dimension), dtype=np.float32))
+        else:
+            self._queue.put((priority, next(self._order), list(texts), future))
+        return future
+
+    def promote(self, future: Future, texts: list[str], *, priority: int = INTERACTIVE) -> None:
+        """Queue ``future``'s request (of ``texts``, as submitted) again at ``priority``: a caller
+        now waits for what was submitted as background work, and must not wait behind every
+        interactive request. Whichever entry the model thread takes first runs it; the other
+        is skipped."""
+        if not (future.running() or future.done()):
+            self._queue.put((priority, next(self._order), list(texts), future))
+
+    def _run(self) -> None:
+        nice = self.nice
+        if nice and hasattr(os, "setpriority"):
+            # Background inference in this process runs below request handling. Linux niceness
+            # is per thread, and torch's intra-op threads, created by this thread's first
+            # inference, inherit it.
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            except OSError:
+                logger.warning("could not lower the embedding thread's priority", exc_info=True)
+        while True:
+            request = self._queue.get()
+            if not _take(request[3]):
+                continue  # promoted, and taken at its other entry already (or cancelled)
+            requests = [request]
+            size = len(requests[0][2])
+            priority = requests[0][0]
+            # Background batches wait up to linger_seconds for more texts: one large call embeds
+            # faster per text than several small ones (less padding, fewer calls), and a
+            # flush does not mind 0.1 s.
+            linger_until = time.monotonic() + self.linger_seconds
+            while size < self.max_texts:
+                try:
+                    remaining = linger_until - time.monotonic()
+                    request = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if request[0] != priority:
+                    # A lower priority waits for the next call: an interactive request is
+                    # never held back by background texts merged into its call.
+                    self._queue.put(request)
+                    break
+                if not _take(request[3]):
+                    continue
+                requests.append(request)
+                size += len(request[2])
+            texts = [text for _, _, batch, _ in requests for text in batch]
+            try:
+                vectors = self.embedder.embed(texts)
+            except BaseException as exc:  # hand the failure to every caller of this batch
+                for *_, future in requests:
+                    future.set_exception(exc)
+                continue
+            start = 0
+            for _, _, batch, future in requests:
+                future.set_result(vectors[start : start + len(batch)])
+                start += len(batch)
+
+
+def _take(future: Future) -> bool:
+    """Mark a queued request's future running; ``False`` if another entry of it (``promote``)
+    was taken already, or it was cancelled. Called by the model thread only."""
+    if future.running() or future.done():
+        return False
+    return future.set_running_or_notify_cancel()
+
