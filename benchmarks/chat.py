@@ -428,6 +428,7 @@ class ChatBench:
     async def _settle(self, api: Api) -> dict:
         """Wait until the server has no pending message (its stats, every 2 s), at most
         ``--settle-timeout`` s: ``{"seconds", "pending_at_start", "pending_left"}``."""
+    # Its open and closed loops share one turn() and its counters.
         timeout = self.options["settle_timeout"]
         loop = asyncio.get_running_loop()
         started = loop.time()

@@ -30,6 +30,7 @@ def check_pgvector(app_configs=None, databases=None, **kwargs) -> list[Error]:
 
     Runs with ``manage.py check --database default`` and before ``migrate``/``runserver``.
     """
+    # One database inspection feeds every check here; kept together so it runs once.
     if not databases or "default" not in databases:
         return []
     errors: list[Error] = []

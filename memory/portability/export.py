@@ -38,6 +38,7 @@ def user_export(*, user: User, embeddings: bool = False, page_rows: int = PAGE_R
     memory, and no cursor stays open between chunks (each chunk may run on another thread,
     with its own database connection: the ASGI view does so).
     """
+    # One generator of pages; most of its length is the pages' SQL text.
     header = {
         "type": "header",
         "format": FORMAT,

@@ -132,6 +132,7 @@ def memory_import(
     Raises ``InvalidInput`` / ``Conflict`` naming ``lines[<n>].<field>`` (nothing written),
     ``NotFound`` for a user id of another tenant.
     """
+    # Long for its two passes over one file (validate everything, then write) sharing their state.
     plan = _validate(source)
     if plan.user is None:
         raise InvalidInput("Invalid import file: no user record", field="lines")

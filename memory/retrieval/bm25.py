@@ -1,5 +1,8 @@
 """BM25 over one user's messages and knowledge, updated in place as the documents change.
 
+One module, over 500 lines, for one data structure: the index's parallel arrays and their
+invariants (rows, postings, context lengths, snapshots) are read and changed together.
+
 **Scoring**: BM25 (Robertson & Zaragoza, "The Probabilistic Relevance Framework: BM25 and
 Beyond", 2009) with Lucene's variant (Kamphuis et al., "Which BM25 Do You Mean?", ECIR
 2020), as the ``bm25s`` library's ``method="lucene"`` computes it:

@@ -53,6 +53,8 @@ def hybrid_search_stages(
     vector search through that index; ``None``: exact). With a retriever switched off (weight 0), or ``partial=False``, only the final
     stage comes. Raises ``memory.inference.EmbeddingProcessError`` when the query model fails.
     """
+    # One generator: the stages share the query's state (index, embedding future, cut), and a
+    # split would pass all of it between functions.
     started = time.perf_counter()
     config = config or RetrievalConfig.from_settings()
     sessions = None

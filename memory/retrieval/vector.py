@@ -243,6 +243,7 @@ def search_statement(
     are skipped; with none the query stays). ``pending_limit``: pending messages to return
     (default ``PENDING_EMBED_MAX``).
     """
+    # Long because most of it is the statement's SQL text, kept whole so it reads as one query.
     config = settings.MEMFUSE
     pending_limit = config["PENDING_EMBED_MAX"] if pending_limit is None else pending_limit
     moving = bool(feedback) and feedback_weight > 0
