@@ -19,7 +19,15 @@ from memory.inference.model_registry import (
     registry,
     reranker_path,
 )
-from memory.inference.models import Embedder, ModelStats, QueryEmbedder, TracedEncoder, default_model_path
+from memory.inference.models import (
+    Embedder,
+    ModelStats,
+    QueryEmbedder,
+    TracedEncoder,
+    default_model_path,
+    model_dimension_from_config,
+    model_name,
+)
 from memory.inference.process import EmbeddingProcessError, ProcessEmbedder
 from memory.inference.reranker import Reranker, RerankerLoadError
 
@@ -37,6 +45,8 @@ __all__ = [
     "RerankerLoadError",
     "TracedEncoder",
     "default_model_path",
+    "model_dimension_from_config",
+    "model_name",
     "document_model",
     "documents_int8",
     "queries_embed_documents",
