@@ -178,7 +178,11 @@ def test_database_restart_under_load_answers_only_success_or_503(own_postgres, t
             restart(data_dir)
         assert (admin.status_code, api.status_code) == (503, 503), (admin.text, api.text)
         assert admin.headers.get("Retry-After") and api.headers.get("Retry-After")
-        assert requests.get(f"{url}/admin/", cookies=session, timeout=10, allow_redirects=False).status_code == 302
+        # Back within RECOVERY s of the database's return (the pool reconnects with a backoff).
+        deadline = time.monotonic() + RECOVERY
+        while (status := requests.get(f"{url}/admin/", cookies=session, timeout=10, allow_redirects=False).status_code) != 302:
+            assert status == 503 and time.monotonic() < deadline, status
+            time.sleep(0.2)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
