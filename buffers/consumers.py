@@ -15,4 +15,6 @@ class FlushConsumer(SyncConsumer):
     """
 
     def flush_request(self, message: dict) -> None:
-        workers.start_pool().wake()
+        pool = workers.start_pool()
+        if pool is not None:  # None: the process is stopping
+            pool.wake()

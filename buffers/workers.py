@@ -14,8 +14,9 @@ tries) and the pool logs one line when it goes and one when it is back, no trace
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -275,6 +276,7 @@ def _close_connections() -> None:
 
 _pool: FlushWorkerPool | None = None
 _pool_lock = threading.Lock()
+_terminating = threading.Event()  # set by SIGTERM (_exit_on_sigterm)
 
 
 def local_pool_status() -> dict | None:
@@ -283,11 +285,12 @@ def local_pool_status() -> dict | None:
     return pool.status() if pool is not None else None
 
 
-def start_pool() -> FlushWorkerPool:
-    """Start this process's pool (once) and drain it at exit within ``FLUSH_SHUTDOWN_SECONDS``."""
+def start_pool() -> FlushWorkerPool | None:
+    """Start this process's pool (once) and drain it at exit within ``FLUSH_SHUTDOWN_SECONDS``;
+    ``None`` once a SIGTERM began the process's stop (no pool starts again after the drain)."""
     global _pool
     with _pool_lock:
-        if _pool is None:
+        if _pool is None and not _terminating.is_set():
             import atexit
 
             _pool = FlushWorkerPool(workers=settings.BUFFERS["WORKERS"])
@@ -323,7 +326,32 @@ def _start_background_embedder() -> None:
 
 
 def _exit_on_sigterm(signum, frame) -> None:
-    sys.exit(0)
+    """SIGTERM where the entry point has no graceful stop of its own (runworker, runserver):
+    drain in a thread (``drain_at_shutdown``), stop the inference processes, exit 0; a second
+    SIGTERM exits at once. Not ``sys.exit`` here: an exception raised at whatever point the
+    main thread is at can be swallowed there (a finalizer, a library's ``except
+    BaseException``), and the process would go on serving after it was told to stop."""
+    if _terminating.is_set():
+        os._exit(128 + signum)
+    _terminating.set()
+    threading.Thread(target=_drain_and_exit, name="sigterm-drain").start()
+
+
+def _drain_and_exit() -> None:
+    code = 0
+    try:
+        drain_at_shutdown()
+        # What multiprocessing's exit handler does, which os._exit skips: stop the daemonic
+        # children (the inference processes).
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.terminate()
+    except BaseException:
+        logger.exception("shutdown failed")
+        code = 1
+    finally:
+        logging.shutdown()
+        os._exit(code)
 
 
 def drain_at_shutdown() -> None:

@@ -354,6 +354,34 @@ def test_worker_killed_mid_flush_loses_and_duplicates_nothing(alice_session, tmp
     assert not Message.objects.filter(user=alice_session.user, embedding__isnull=True).exists()
 
 
+
+@pytest.mark.django_db(transaction=True)
+def test_runworker_stopped_by_sigterm_drains_and_stops_its_inference_process(alice_session, tmp_path):
+    """SIGTERM to a runworker: it flushes what is pending, exits 0, and leaves no inference
+    process behind; a second SIGTERM during the drain is not needed for it to end."""
+    import psutil
+
+    env = subprocess_env(FLUSH_INTERVAL_SECONDS="600", FLUSH_TICK_SECONDS="60", FLUSH_WORKERS="1")
+    log = tmp_path / "worker.log"
+    worker = _start_worker(env, log)
+    try:
+        _wait_for(lambda: b"background embedding process" in log.read_bytes(), 90, "the worker's model")
+        children = psutil.Process(worker.pid).children(recursive=True)
+        assert any("spawn_main" in " ".join(child.cmdline()) for child in children), children
+        time.sleep(1.0)  # its first tick flushes whatever is pending at start (recovery)
+        add(alice_session, 3)  # below every trigger: only the shutdown drain flushes them
+        assert Message.objects.filter(flushed_at__isnull=True).count() == 3
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=settings.BUFFERS["SHUTDOWN_SECONDS"] + 20) == 0, log.read_text()[-3000:]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+
+    assert not Message.objects.filter(flushed_at__isnull=True).exists(), log.read_text()[-3000:]
+    assert b"every pending message flushed" in log.read_bytes()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [child.cmdline() for child in alive]
+
 @pytest.mark.django_db(transaction=True)
 def test_uvicorn_drains_pending_messages_when_stopped(alice_session, tmp_path):
     """uvicorn (the README's production command) stopped by SIGTERM flushes what is pending first (ASGI lifespan)."""

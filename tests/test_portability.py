@@ -232,6 +232,28 @@ def test_embeddings_of_another_model_are_ignored_and_the_messages_queued(api, al
     assert buffers.flush_pending(user_id=alice_memory.pk) == 4
 
 
+
+def test_a_model_switch_during_an_import_writes_the_rest_pending(api, alice_memory, monkeypatch):
+    """When a reembed switches the model after the import read it, its writes of the file's
+    vectors are refused in their transaction (``guard_write``): the messages are written
+    pending instead, the knowledge items embedded again by the active model."""
+    from memory import embedding_model
+
+    lines = export_lines(api, alice_memory.pk, embeddings=True)
+    delete_user(alice_memory)
+    follow = embedding_model.follow_active_model
+    answers = iter([12345])  # the import's first read: a generation the database no longer has
+    monkeypatch.setattr(embedding_model, "follow_active_model", lambda **kw: next(answers, None) or follow(**kw))
+
+    response = post_import(api, alice_memory.pk, lines)
+
+    assert response.status_code == 200, response.content
+    assert response.json()["data"]["embeddings_used"] is False
+    assert Message.objects.filter(user_id=alice_memory.pk).count() == 4
+    assert not Message.objects.filter(user_id=alice_memory.pk, flushed_at__isnull=False).exists()
+    assert Knowledge.objects.filter(user_id=alice_memory.pk, embedding__isnull=False).count() == 1
+    assert buffers.flush_pending(user_id=alice_memory.pk) == 4
+
 def test_a_user_key_exports_its_own_user_only(alice_memory, bob):
     """A user key exports its own memory (the person's copy) but not another user's, nor imports into one."""
     _, key = services.api_key_create(scope=KeyScope.USER, user=alice_memory, name="alice's key")

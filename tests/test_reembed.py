@@ -314,3 +314,29 @@ def test_a_flush_write_embedded_by_a_replaced_model_is_refused(alice_session):
 
     assert Message.objects.get(pk=ids[0]).flushed_at is None
     assert flush._write(user_id=alice_session.user_id, token=token, ids=ids, vectors=np.ones((1, 384)) / np.sqrt(384))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_import_after_a_switch_ignores_the_old_models_embeddings(tenant, agent, tiny_embedder, restored_schema):
+    """A file exported with the previous model's embeddings, imported by a process that has
+    not followed the switch yet: its messages are queued and flushed by the new model."""
+    import io
+
+    from memory.portability import export, importer
+
+    alice, _ = _world(tenant, agent, sessions=1, turns=4)
+    exported = io.BytesIO(b"".join(export.user_export(user=alice, embeddings=True)))
+    services.user_delete(user=alice)
+    assert reembed_run(model_path=tiny_embedder, batch_size=8).switched
+    # A process that last looked before the switch (this process's reembed_run followed it).
+    registry.use_embedding_model(default_model_path(), settings.MEMFUSE["EMBEDDING_DIM"])
+    registry._active_model = None
+    embedding_model.forget_active_model()
+
+    report = importer.memory_import(source=importer.jsonl_source(exported), tenant_id=tenant.pk)
+
+    assert not report.embeddings_used and report.pending_messages == 4
+    assert flush_pending(user_id=report.user_id) == 4
+    assert _dimensions("memory_message", "embedding") == {TINY_DIM}
+    assert _dimensions("memory_knowledge", "embedding") == {TINY_DIM}
+

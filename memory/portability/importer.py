@@ -14,10 +14,14 @@ Two passes over the source:
    adds what is missing (resumable).
 
 ``created_at`` and positions are kept. Embeddings of the file are written only when the
-header's model and dimension are the server's (``registry.document_model``): those messages
-are stored as flushed (context embeddings derived as a flush does). Otherwise messages are
-pending, and a flush is queued as an add past the size trigger does; knowledge items are
-embedded during the import (their add embeds them too).
+header's model and dimension are those of the stored vectors (the active model, read from
+the database when the import starts: ``memory.embedding_model``): those messages are stored
+as flushed (context embeddings derived as a flush does). Otherwise messages are pending, and
+a flush is queued as an add past the size trigger does; knowledge items are embedded during
+the import (their add embeds them too). Each write of vectors checks the model in its
+transaction (``embedding_model.guard_write``): when a ``reembed`` switches the model in the
+middle of an import, the rest of the file's messages are written pending and its knowledge
+items embedded again, by the new model.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from memory import embedding_model
 from memory.errors import Conflict, InvalidInput, NotFound
 from memory.inference import registry
 from memory.models import User
@@ -137,6 +142,7 @@ def memory_import(
     if plan.user is None:
         raise InvalidInput("Invalid import file: no user record", field="lines")
     target = _target_user(tenant_id=tenant_id, plan=plan, user=user, user_id=user_id, user_name=user_name)
+    generation = embedding_model.follow_active_model(force=True)
     use_embeddings = plan.embedding is not None and plan.embedding == registry.document_model()
     existing_user = target is not None
     target_id = target.pk if target is not None else (user_id or plan.user["id"])
@@ -194,9 +200,13 @@ def memory_import(
     if progress:
         progress(2 + len(plan.agents) + len(plan.sessions))  # with the header
 
-    written = _write_messages(source, target_id=target_id, use_embeddings=use_embeddings, progress=progress)
+    written, use_embeddings = _write_messages(
+        source, target_id=target_id, use_embeddings=use_embeddings, generation=generation, progress=progress
+    )
     report.created["messages"], report.existing["messages"] = written, plan.messages - written
-    written = _write_knowledge(source, target_id=target_id, use_embeddings=use_embeddings, progress=progress)
+    written = _write_knowledge(
+        source, target_id=target_id, use_embeddings=use_embeddings, generation=generation, progress=progress
+    )
     report.created["knowledge"], report.existing["knowledge"] = written, plan.knowledge - written
 
     from buffers import services as buffers
@@ -209,6 +219,7 @@ def memory_import(
     if report.pending_messages and queue_flush:
         with transaction.atomic():
             buffers.request_flush(user_id=target_id, priority=Priority.NORMAL, reason=Reason.SIZE)
+    report.embeddings_used = use_embeddings
     if use_embeddings and report.created["messages"]:
         flush.maintain_indexes(target_id)  # the HNSW index past ANN_MIN_MESSAGES, the index snapshot
     cache.forget(target_id)
@@ -391,30 +402,44 @@ def _records(source: Source, kinds: tuple[str, ...], plan: _Plan | None = None) 
         yield kind, values
 
 
-def _write_messages(source: Source, *, target_id, use_embeddings: bool, progress) -> int:
-    """The messages, a transaction per run of one session's lines; returns how many were new."""
+def _write_messages(
+    source: Source, *, target_id, use_embeddings: bool, generation: int | None, progress
+) -> tuple[int, bool]:
+    """The messages, a transaction per run of one session's lines. Returns how many were new
+    and whether the file's embeddings were still used at the end (not after a model switch)."""
     written = 0
     run: list[dict] = []
+
+    def write() -> None:
+        nonlocal written, use_embeddings
+        try:
+            written += _insert_messages(run, target_id=target_id, use_embeddings=use_embeddings, generation=generation)
+        except embedding_model.ModelChanged:  # the run was rolled back: pending, like the rest
+            use_embeddings = False
+            written += _insert_messages(run, target_id=target_id, use_embeddings=False, generation=generation)
+        if progress:
+            progress(len(run))
+
     for _, values in _records(source, ("message",)):
         if run and (values["session_id"] != run[0]["session_id"] or len(run) >= WRITE_BATCH * 10):
-            written += _insert_messages(run, target_id=target_id, use_embeddings=use_embeddings)
-            if progress:
-                progress(len(run))
+            write()
             run = []
         run.append(values)
     if run:
-        written += _insert_messages(run, target_id=target_id, use_embeddings=use_embeddings)
-        if progress:
-            progress(len(run))
-    return written
+        write()
+    return written, use_embeddings
 
 
-def _insert_messages(run: list[dict], *, target_id, use_embeddings: bool) -> int:
+def _insert_messages(run: list[dict], *, target_id, use_embeddings: bool, generation: int | None) -> int:
+    """One transaction; raises ``embedding_model.ModelChanged`` (nothing written) when it
+    would write vectors and the active model is no longer ``generation``."""
     from memory.retrieval.vector import context_refresh
 
     now = timezone.now()
     written = 0
     with transaction.atomic(), connection.cursor() as cursor:
+        if use_embeddings:
+            embedding_model.guard_write(cursor, generation=generation)
         bucket = _bump_memory_version(target_id)
         for start in range(0, len(run), WRITE_BATCH):
             rows = run[start : start + WRITE_BATCH]
@@ -468,7 +493,7 @@ def _array(rows: list[dict]):
     return np.asarray([v["embedding"] for v in rows], dtype=np.float32)
 
 
-def _write_knowledge(source: Source, *, target_id, use_embeddings: bool, progress) -> int:
+def _write_knowledge(source: Source, *, target_id, use_embeddings: bool, generation: int | None, progress) -> int:
     items = [values for _, values in _records(source, ("knowledge",))]  # a user's facts: few
     if not items:
         return 0
@@ -476,12 +501,26 @@ def _write_knowledge(source: Source, *, target_id, use_embeddings: bool, progres
         cursor.execute("SELECT id FROM memory_knowledge WHERE id = ANY(%s)", [[v["id"] for v in items]])
         present = {row[0] for row in cursor.fetchall()}
     items = [v for v in items if v["id"] not in present]
+    while True:  # again, all embedded by the new model, when a reembed switched it meanwhile
+        try:
+            written = _insert_knowledge(items, target_id=target_id, use_embeddings=use_embeddings, generation=generation)
+            break
+        except embedding_model.ModelChanged:
+            use_embeddings = False
+            generation = embedding_model.follow_active_model(force=True)
+    if progress:
+        progress(len(items))
+    return written
+
+
+def _insert_knowledge(items: list[dict], *, target_id, use_embeddings: bool, generation: int | None) -> int:
     missing = [v for v in items if not (use_embeddings and v["embedding"] is not None)]
     if missing:  # embedded before the transaction, as knowledge_add does
         for values, vector in zip(missing, registry.embed_documents([v["content"] for v in missing])):
             values["embedding"] = vector
     written = 0
     with transaction.atomic(), connection.cursor() as cursor:
+        embedding_model.guard_write(cursor, generation=generation)
         _bump_memory_version(target_id)
         for values in items:
             cursor.execute(
@@ -497,8 +536,6 @@ def _write_knowledge(source: Source, *, target_id, use_embeddings: bool, progres
                 ],
             )
             written += cursor.rowcount
-    if progress:
-        progress(len(items))
     return written
 
 

@@ -35,21 +35,22 @@ class Command(BaseCommand):
     def handle(
         self, *args, model: Path | None, batch_size: int, drop_old: bool, abort: bool, stop_after_batches, **options
     ):
+        # The arguments first: a mistyped command is refused without touching the database.
+        if model is None and not (abort or drop_old):
+            raise CommandError("--model: give the directory of the new model (or --drop-old, or --abort)")
+        if model is not None and not model.is_dir():
+            raise CommandError(f"--model: not a directory: {model}")
+        if batch_size < 1:
+            raise CommandError("--batch-size: must be at least 1")
         migrate_if_embedded()
         if abort:
             found = reembed.reembed_abort()
             self.stdout.write("unfinished run dropped" if found else "no unfinished run")
             return
         if model is None:
-            if drop_old:
-                found = reembed.reembed_drop_old()
-                self.stdout.write("old embeddings dropped" if found else "no old embeddings to drop")
-                return
-            raise CommandError("--model: give the directory of the new model (or --drop-old, or --abort)")
-        if not model.is_dir():
-            raise CommandError(f"--model: not a directory: {model}")
-        if batch_size < 1:
-            raise CommandError("--batch-size: must be at least 1")
+            found = reembed.reembed_drop_old()
+            self.stdout.write("old embeddings dropped" if found else "no old embeddings to drop")
+            return
         bars: dict[str, tqdm] = {}
 
         def progress(phase: str, done: int, total: int) -> None:
