@@ -183,6 +183,11 @@ def test_database_restart_under_load_answers_only_success_or_503(own_postgres, t
         while (status := requests.get(f"{url}/admin/", cookies=session, timeout=10, allow_redirects=False).status_code) != 302:
             assert status == 503 and time.monotonic() < deadline, status
             time.sleep(0.2)
+        # The flush workers say so once they have worked again for a while (QUIET_SECONDS).
+        deadline = time.monotonic() + RECOVERY
+        while (text := log.read_text()).count("database reachable again") < text.count("database unavailable"):
+            assert time.monotonic() < deadline, text[-3000:]
+            time.sleep(0.2)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)

@@ -14,7 +14,6 @@ from django.core.management.base import BaseCommand
 from benchmarks.runner import BENCHMARKS, memfuse_bench
 from benchmarks.server import SERVERS
 from memfuse_project import serving
-from memfuse_project.embedded_pg import migrate_if_embedded
 
 
 class Command(BaseCommand):
@@ -44,5 +43,5 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         serving.declare(serving.TOOL)  # a process running retrieval: loads its models
-        migrate_if_embedded()  # the embedded database may be new
+        # memfuse_bench checks the options, then migrates the embedded database (it may be new).
         memfuse_bench(options, stdout=self.stdout, stderr=self.stderr)
