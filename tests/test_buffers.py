@@ -354,7 +354,6 @@ def test_worker_killed_mid_flush_loses_and_duplicates_nothing(alice_session, tmp
     assert not Message.objects.filter(user=alice_session.user, embedding__isnull=True).exists()
 
 
-
 @pytest.mark.django_db(transaction=True)
 def test_runworker_stopped_by_sigterm_drains_and_stops_its_inference_process(alice_session, tmp_path):
     """SIGTERM to a runworker: it flushes what is pending, exits 0, and leaves no inference
@@ -381,6 +380,7 @@ def test_runworker_stopped_by_sigterm_drains_and_stops_its_inference_process(ali
     assert b"every pending message flushed" in log.read_bytes()
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, [child.cmdline() for child in alive]
+
 
 @pytest.mark.django_db(transaction=True)
 def test_uvicorn_drains_pending_messages_when_stopped(alice_session, tmp_path):

@@ -232,7 +232,6 @@ def test_embeddings_of_another_model_are_ignored_and_the_messages_queued(api, al
     assert buffers.flush_pending(user_id=alice_memory.pk) == 4
 
 
-
 def test_a_model_switch_during_an_import_writes_the_rest_pending(api, alice_memory, monkeypatch):
     """When a reembed switches the model after the import read it, its writes of the file's
     vectors are refused in their transaction (``guard_write``): the messages are written
@@ -253,6 +252,7 @@ def test_a_model_switch_during_an_import_writes_the_rest_pending(api, alice_memo
     assert not Message.objects.filter(user_id=alice_memory.pk, flushed_at__isnull=False).exists()
     assert Knowledge.objects.filter(user_id=alice_memory.pk, embedding__isnull=False).count() == 1
     assert buffers.flush_pending(user_id=alice_memory.pk) == 4
+
 
 def test_a_user_key_exports_its_own_user_only(alice_memory, bob):
     """A user key exports its own memory (the person's copy) but not another user's, nor imports into one."""

@@ -149,7 +149,7 @@ def memory_import(
     agent_ids = _resolve_agents(tenant_id, plan)
     _check_against_database(source, plan, target_id=target_id, existing_user=existing_user)
 
-    report = ImportReport(user_id=target_id, embeddings_used=use_embeddings)
+    report = ImportReport(user_id=target_id)
     with transaction.atomic(), connection.cursor() as cursor:
         if not existing_user:
             values = {**plan.user, "id": target_id, "name": user_name or plan.user["name"]}
