@@ -265,8 +265,9 @@ class Tombstone(models.Model):
 class IndexSnapshot(models.Model):
     """A user's lexical index as written by ``memory.retrieval.bm25.BM25Index.to_bytes``:
     what a process that has not cached the user loads instead of rebuilding it from the rows.
+    The bytes are in ``IndexSnapshotPart`` rows, in order.
 
-    ``through_seq``: every change numbered up to it is in ``data``. ``pruned_seq``: the
+    ``through_seq``: every change numbered up to it is in the parts. ``pruned_seq``: the
     highest tombstone deleted because this snapshot holds its deletion (a cache that has
     seen less reloads from here).
     """
@@ -275,11 +276,29 @@ class IndexSnapshot(models.Model):
     through_seq = models.BigIntegerField()
     pruned_seq = models.BigIntegerField(default=0)
     documents = models.PositiveIntegerField()
-    data = models.BinaryField()
     updated_at = models.DateTimeField(auto_now=True)
 
     def __str__(self) -> str:
         return f"index of user {self.user_id} through change {self.through_seq}"
+
+
+class IndexSnapshotPart(models.Model):
+    """Bytes ``[part × SNAPSHOT_PART_BYTES, …)`` of a user's snapshot.
+
+    In parts because libpq never shrinks a connection's buffers: one row or statement of a
+    whole snapshot would leave every pooled connection holding buffers as large as the
+    largest user's index, for the connection's life.
+    """
+
+    snapshot = models.ForeignKey(IndexSnapshot, on_delete=models.CASCADE, related_name="parts", db_column="user_id", db_index=False)
+    part = models.PositiveIntegerField()
+    data = models.BinaryField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["snapshot", "part"], name="memory_indexsnapshotpart_unique")]
+
+    def __str__(self) -> str:
+        return f"part {self.part} of the index of user {self.snapshot_id}"
 
 
 class KeyScope(models.TextChoices):

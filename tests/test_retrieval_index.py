@@ -219,6 +219,31 @@ def test_a_process_without_the_user_loads_their_snapshot_and_catches_up(alice_se
     assert cached[0][0].id == late.pk
 
 
+def test_a_snapshot_is_stored_in_bounded_parts_and_read_back_whole(alice_session, monkeypatch):
+    """A snapshot larger than a part is split into parts no larger than SNAPSHOT_PART_BYTES
+    (so no row or bound parameter is larger); it loads back byte for byte and ranks as a
+    build from the rows; a later, smaller snapshot leaves none of the earlier parts."""
+    monkeypatch.setattr(store, "SNAPSHOT_PART_BYTES", 1000)
+    rows = _add(alice_session, [f"hike number {i} up the ridge with {i % 7} friends" for i in range(40)])
+    user_id = alice_session.user_id
+    index = store.load(user_id)
+    data = index.to_bytes()
+
+    assert store.snapshot_save(index, user_id)
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*), max(octet_length(data)) FROM memory_indexsnapshotpart WHERE user_id = %s", [user_id])
+        parts, largest = cursor.fetchone()
+    assert parts == -(-len(data) // 1000) and parts > 2 and largest <= 1000
+    assert store._snapshot_data(user_id) == data
+    assert store.load(user_id).search(retrieval.query_tokens("ridge hike"), limit=50) == _fresh_bm25(alice_session.user, "ridge hike")
+
+    services.messages_delete(session=alice_session, message_ids=[row.pk for row in rows[5:]])
+    smaller = store.load(user_id)
+    assert store.snapshot_save(smaller, user_id)
+    assert store._snapshot_data(user_id) == smaller.to_bytes() and len(smaller.to_bytes()) < len(data)
+
+
 def test_deletions_a_snapshot_absorbed_make_an_older_cache_reload(alice_session):
     """A snapshot prunes the tombstones it holds; a cache that had not seen those deletions
     reloads instead of keeping the deleted messages."""

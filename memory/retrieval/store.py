@@ -25,6 +25,10 @@ from memory.retrieval.lexemes import tsvector_counts
 
 logger = logging.getLogger(__name__)
 
+# The size of a snapshot's parts (IndexSnapshotPart), in bytes: what one row or bound
+# parameter moves, and so what a pooled connection's libpq buffers grow to for snapshots.
+SNAPSHOT_PART_BYTES = 256 * 1024
+
 _CHANGES_SQL = """
 SELECT 0, m.id, m.session_id, m.position, m.search_vector::text, m.metadata->>'speaker',
        CASE WHEN m.metadata->>'speaker' <> '' THEN to_tsvector('english', m.metadata->>'speaker')::text END,
@@ -96,56 +100,73 @@ def load(user_id: uuid.UUID) -> BM25Index:
     """The user's index as of now: their snapshot (if any, and of this format) caught up,
     else built from their rows (``catch_up`` from nothing)."""
     index = None
-    row = _snapshot_data(user_id)
-    if row is not None:
+    data = _snapshot_data(user_id)
+    if data is not None:
         config = settings.MEMFUSE
-        index = BM25Index.from_bytes(
-            bytes(row[0]), window=config["BM25_CONTEXT_TURNS"], own_weight=config["BM25_OWN_WEIGHT"]
-        )
+        index = BM25Index.from_bytes(data, window=config["BM25_CONTEXT_TURNS"], own_weight=config["BM25_OWN_WEIGHT"])
     if index is None or not catch_up(index, user_id):
         index = new_index()
         catch_up(index, user_id)  # from nothing: no pruned deletion can be missed
     return index
 
 
-def _snapshot_data(user_id: uuid.UUID) -> tuple[bytes] | None:
-    """The user's snapshot bytes, read in binary: Django's cursors bind on the client, which
-    gets results as text, and a megabyte of bytea as hex text took three times as long."""
+def _snapshot_data(user_id: uuid.UUID) -> bytes | None:
+    """The user's snapshot bytes (its parts joined), ``None`` when there is none. Read in
+    binary on a server-side-binding cursor: Django's cursors bind on the client, which gets
+    results as text, and a megabyte of bytea as hex text took three times as long."""
     connection.ensure_connection()
     with psycopg.Cursor(connection.connection) as cursor:
-        cursor.execute("SELECT data FROM memory_indexsnapshot WHERE user_id = %s", [user_id], binary=True)
-        return cursor.fetchone()
+        cursor.execute(
+            "SELECT data FROM memory_indexsnapshotpart WHERE user_id = %s ORDER BY part", [user_id], binary=True
+        )
+        parts = [row[0] for row in cursor]
+    return b"".join(parts) if parts else None
 
 
 def snapshot_save(index: BM25Index, user_id: uuid.UUID) -> bool:
     """Write ``index`` as the user's snapshot (unless a newer one is there) and delete the
-    tombstones it has absorbed. Returns whether it was written. Compacts ``index``."""
-    data = index.to_bytes()
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(
-            """
-            INSERT INTO memory_indexsnapshot (user_id, through_seq, pruned_seq, documents, data, updated_at)
-            SELECT %(user)s, %(seq)s, 0, %(documents)s, %(data)s, now()
-            WHERE EXISTS (SELECT FROM memory_user WHERE id = %(user)s)
-            ON CONFLICT (user_id) DO UPDATE SET
-                through_seq = EXCLUDED.through_seq, documents = EXCLUDED.documents, data = EXCLUDED.data,
-                updated_at = now()
-            WHERE memory_indexsnapshot.through_seq < EXCLUDED.through_seq
-            """,
-            {"user": user_id, "seq": index.seq, "documents": len(index), "data": data},
-        )
-        if cursor.rowcount != 1:
-            return False
-        # The deletions the snapshot holds need no tombstone any more; a cache that has not
-        # seen them reloads (catch_up), told by pruned_seq.
-        cursor.execute(
-            """
-            WITH pruned AS (DELETE FROM memory_tombstone WHERE user_id = %(user)s AND seq <= %(seq)s RETURNING seq)
-            UPDATE memory_indexsnapshot SET pruned_seq = greatest(pruned_seq, (SELECT max(seq) FROM pruned))
-            WHERE user_id = %(user)s AND EXISTS (SELECT FROM pruned)
-            """,
-            {"user": user_id, "seq": index.seq},
-        )
+    tombstones it has absorbed. Returns whether it was written. Compacts ``index``.
+
+    The bytes go in parts of ``SNAPSHOT_PART_BYTES``, each its own bound parameter (in binary,
+    not as hex in the statement's text): see ``IndexSnapshotPart``.
+    """
+    data = memoryview(index.to_bytes())
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                """
+                INSERT INTO memory_indexsnapshot (user_id, through_seq, pruned_seq, documents, updated_at)
+                SELECT %(user)s, %(seq)s, 0, %(documents)s, now()
+                WHERE EXISTS (SELECT FROM memory_user WHERE id = %(user)s)
+                ON CONFLICT (user_id) DO UPDATE SET
+                    through_seq = EXCLUDED.through_seq, documents = EXCLUDED.documents, updated_at = now()
+                WHERE memory_indexsnapshot.through_seq < EXCLUDED.through_seq
+                """,
+                {"user": user_id, "seq": index.seq, "documents": len(index)},
+            )
+            if cursor.rowcount != 1:
+                return False
+            cursor.execute("DELETE FROM memory_indexsnapshotpart WHERE user_id = %s", [user_id])
+        with psycopg.Cursor(connection.connection) as cursor:
+            # executemany pipelines the inserts; libpq sends its buffer on as it fills.
+            cursor.executemany(
+                "INSERT INTO memory_indexsnapshotpart (user_id, part, data) VALUES (%s, %s, %b)",
+                [
+                    (user_id, part, data[start : start + SNAPSHOT_PART_BYTES])
+                    for part, start in enumerate(range(0, max(len(data), 1), SNAPSHOT_PART_BYTES))
+                ],
+            )
+        with connection.cursor() as cursor:
+            # The deletions the snapshot holds need no tombstone any more; a cache that has not
+            # seen them reloads (catch_up), told by pruned_seq.
+            cursor.execute(
+                """
+                WITH pruned AS (DELETE FROM memory_tombstone WHERE user_id = %(user)s AND seq <= %(seq)s RETURNING seq)
+                UPDATE memory_indexsnapshot SET pruned_seq = greatest(pruned_seq, (SELECT max(seq) FROM pruned))
+                WHERE user_id = %(user)s AND EXISTS (SELECT FROM pruned)
+                """,
+                {"user": user_id, "seq": index.seq},
+            )
         return True
 
 
