@@ -254,6 +254,10 @@ MEMFUSE = {
     # torch threads of the query model (one short text at a time), and of a serving process's
     # own model when flushes embed in the background process (inference.model_registry.serving_threads).
     "QUERY_TORCH_THREADS": envint("QUERY_TORCH_THREADS", 1),
+    # One-text calls the query process runs at once (int8; memory.inference.ProcessEmbedder):
+    # a query's embedding does not wait for the pending messages embedded for another, and
+    # a burst's newest messages are embedded on every core. One model in memory whatever it is.
+    "QUERY_EMBEDDING_CONCURRENCY": envint("QUERY_EMBEDDING_CONCURRENCY", min(2, os.cpu_count() or 1)),
     # Where queries are embedded: "process" (a child process at normal priority with its own
     # query model: the model's Python time leaves the web process's GIL) or "thread" (this
     # process's model). See memory.inference.ProcessEmbedder.
@@ -282,6 +286,10 @@ MEMFUSE = {
     # Most pending (not yet flushed) messages a query embeds on demand, newest first: the
     # bound on what a query may wait for after a burst (memory.retrieval.vector).
     "PENDING_EMBED_MAX": envint("PENDING_EMBED_MAX", 16),
+    # One-text calls of the query model remembered by text (memory.inference.RecentEmbeddings):
+    # a text embedded again soon after (the chat turn's query, then the same words added as
+    # its message) costs no second model call. About 1.7 KB each; 0: none.
+    "RECENT_EMBEDDINGS": envint("RECENT_EMBEDDINGS", 2048),
     # A user with this many messages gets their context embeddings into the HNSW index, and
     # approximate vector search (memory.retrieval.vector); below it the search is exact.
     "ANN_MIN_MESSAGES": envint("ANN_MIN_MESSAGES", 5000),

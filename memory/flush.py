@@ -158,9 +158,13 @@ def maintain_indexes(user_id: uuid.UUID) -> None:
 
     try:
         with connection.cursor() as cursor:
+            # The positions the user's sessions have handed out bound their messages from
+            # above (deleted ones included) and cost a read of a few session rows: only a user
+            # past that bound has their messages counted, which reads every one of their rows.
             cursor.execute(
-                "SELECT CASE WHEN ann_bucket IS NOT NULL THEN false ELSE "
-                "(SELECT count(*) FROM memory_message WHERE user_id = %(user)s) >= %(min)s END "
+                "SELECT CASE WHEN ann_bucket IS NOT NULL THEN false "
+                "WHEN (SELECT coalesce(sum(next_position), 0) FROM memory_session WHERE user_id = %(user)s) < %(min)s "
+                "THEN false ELSE (SELECT count(*) FROM memory_message WHERE user_id = %(user)s) >= %(min)s END "
                 "FROM memory_user WHERE id = %(user)s",
                 {"user": user_id, "min": settings.MEMFUSE["ANN_MIN_MESSAGES"]},
             )
@@ -192,13 +196,17 @@ def _embed_claimed(user_id: uuid.UUID, claimed: list[tuple]) -> np.ndarray:
     """Embeddings ``(len(claimed), dim)`` of claimed rows ``[(id, index_text, updated_at)]``.
 
     In the chat pattern a query embeds the turn just added before its flush does (read
-    your writes): when that embedding is exactly the flush's (``registry.
-    queries_embed_documents``) and still in this process's cache of the user, it is written
-    as it is; the rest are embedded in the background. Raises ``EmbeddingProcessError``.
+    your writes), and the user's message of a turn has the words of that turn's query: when
+    the query model's embedding is exactly the flush's (``registry.queries_embed_documents``)
+    and still in this process's cache of the user, or among the query model's recent calls
+    (``registry.recent_query_embeddings``), it is written as it is; the rest are embedded in
+    the background. Raises ``EmbeddingProcessError``.
     """
     reused = {}
     if registry.queries_embed_documents():
         reused = cache.embedded_pending(user_id, [(row[0], row[2]) for row in claimed])
+        recent = registry.recent_query_embeddings([row[1] for row in claimed if (row[0], row[2]) not in reused])
+        reused.update({(row[0], row[2]): recent[row[1]] for row in claimed if row[1] in recent})
     missing = [row[1] for row in claimed if (row[0], row[2]) not in reused]
     embedded = iter(registry.embed(missing, priority=registry.BACKGROUND) if missing else ())
     return np.stack([reused[(row[0], row[2])] if (row[0], row[2]) in reused else next(embedded) for row in claimed])

@@ -51,6 +51,7 @@ def fresh_registry(monkeypatch):
     monkeypatch.setattr(registry, "_batcher", None)
     monkeypatch.setattr(registry, "_query_embedder", None)
     monkeypatch.setattr(registry, "_query_batcher", None)
+    monkeypatch.setattr(registry, "_recent", model_registry.RecentEmbeddings(0))  # the stand-in's vectors stay here
     monkeypatch.setattr(registry, "_background_batcher", None)
     monkeypatch.setattr(registry, "_local_document_embedder", None)
     monkeypatch.setattr(model_registry, "Embedder", CountingDeterministicEmbedder)
@@ -263,6 +264,7 @@ def query_mode(monkeypatch, settings):
     a query process started here is closed and the process's own embedder restored afterwards."""
     monkeypatch.setattr(registry, "_query_embedder", None)
     monkeypatch.setattr(registry, "_query_batcher", None)
+    monkeypatch.setattr(registry, "_recent", model_registry.RecentEmbeddings(0))
 
     def set_mode(mode: str, *, int8: bool = True):
         settings.MEMFUSE = {**settings.MEMFUSE, "QUERY_EMBEDDING": mode, "QUERY_EMBEDDING_INT8": int8}
@@ -320,6 +322,78 @@ def test_a_killed_query_process_answers_503_once_and_is_replaced(query_mode, api
     assert lost.json()["status"] == "error" and "embedding" in lost.json()["message"]
     assert again.status_code == 200
     assert registry.stats()["query_embedding"]["pid"] not in (None, first_pid)
+
+
+def test_a_text_embedded_a_moment_ago_is_not_embedded_again(fresh_registry, query_mode, settings, monkeypatch):
+    """The query model's one-text calls are remembered by text (RECENT_EMBEDDINGS): the same
+    text again gets the same rows without a model call, the flush's lookup finds it, a failed
+    call is asked again, and with RECENT_EMBEDDINGS 0 every call reaches the model."""
+    registry = query_mode("thread", int8=False)
+    model = registry.get_embedder()
+    calls: list[list[str]] = []
+    real_embed = model.embed
+    failing = {"broken"}
+
+    def counted(texts):
+        calls.append(list(texts))
+        if failing & set(texts):
+            raise RuntimeError("model failed")
+        return real_embed(texts)
+
+    monkeypatch.setattr(model, "embed", counted)
+
+    first = registry.submit_query(["I adopted a grey kitten named Ash."]).result()
+    again = registry.submit_query(["I adopted a grey kitten named Ash."], priority=registry.BACKGROUND).result()
+    with pytest.raises(RuntimeError):
+        registry.submit_query(["broken"]).result()
+    failing.clear()
+    recovered = registry.submit_query(["broken"]).result()
+
+    assert calls == [["I adopted a grey kitten named Ash."], ["broken"], ["broken"]]
+    np.testing.assert_array_equal(first, again)
+    assert set(registry.recent_query_embeddings(["I adopted a grey kitten named Ash.", "never asked"])) == {
+        "I adopted a grey kitten named Ash."
+    }
+    np.testing.assert_array_equal(recovered, real_embed(["broken"]))
+
+    settings.MEMFUSE = {**settings.MEMFUSE, "RECENT_EMBEDDINGS": 0}
+    registry._query_batcher = None  # rebuilt with the setting
+    registry.submit_query(["twice"]).result()
+    registry.submit_query(["twice"]).result()
+    assert calls[-2:] == [["twice"], ["twice"]]
+    assert registry.recent_query_embeddings(["twice"]) == {}
+
+
+@pytest.mark.integration
+def test_the_query_process_embeds_concurrent_calls_on_one_model(query_mode, settings, int8_query_embedder):
+    """QUERY_EMBEDDING_CONCURRENCY 2: one child process, two calls at once (each on its own
+    pipe and thread), each text's embedding exactly the one-at-a-time int8 model's; a killed
+    child fails the call under way, and the next call starts a new one."""
+    settings.MEMFUSE = {**settings.MEMFUSE, "QUERY_EMBEDDING_CONCURRENCY": 2}
+    registry = query_mode("process")
+    texts = [f"Turn {i}: we talked about the trail by the lake and the weather on Sunday." for i in range(24)]
+    embedder = registry.get_query_embedder()
+    embedder.wait_ready()
+    results: dict[int, np.ndarray] = {}
+
+    def embed_every_other(start: int) -> None:
+        for i in range(start, len(texts), 2):
+            results[i] = embedder.embed([texts[i]])[0]
+
+    threads = [threading.Thread(target=embed_every_other, args=(start,)) for start in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert embedder.concurrency == 2 and registry.stats()["query_embedding"]["concurrency"] == 2
+    np.testing.assert_allclose(np.array([results[i] for i in range(len(texts))]), int8_query_embedder.embed(texts), atol=1e-6)
+    first_pid = embedder.pid
+    os.kill(first_pid, signal.SIGKILL)
+    time.sleep(0.2)
+    with pytest.raises(inference.EmbeddingProcessError):
+        embedder.embed(["anything"])
+    assert embedder.embed(["anything"]).shape == (1, 384) and embedder.pid not in (None, first_pid)
 
 
 def test_thread_mode_embeds_queries_with_an_int8_copy_in_this_process(query_mode):

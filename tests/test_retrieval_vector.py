@@ -151,3 +151,30 @@ def test_a_flush_writes_the_embedding_a_query_made_for_a_pending_turn(alice_sess
     query_model = registry.submit_query([asked.index_text]).result()[0]
     assert np.asarray(asked.embedding) == pytest.approx(query_model, abs=1e-6)
     assert np.asarray(later.embedding) == pytest.approx(registry.submit_query([later.index_text]).result()[0], abs=1e-6)
+
+
+def test_a_flush_writes_the_turns_query_embedding_for_the_message_with_its_words(alice_session, monkeypatch):
+    """The chat pattern: a turn's query is the user's new message, and the round added next
+    holds those words. The flush writes the query model's embedding of them (a recent call,
+    ``registry.recent_query_embeddings``) and embeds only the assistant's message."""
+    from memory import retrieval
+    from memory.inference import registry
+
+    said = "We finally booked the cabin in the mountains for July."
+    user = alice_session.user
+    user.refresh_from_db()
+    retrieval.reset_user_cache()  # nothing of alice's cached: the reuse is the query model's alone
+    retrieval.hybrid_search(user_id=user.pk, memory_version=user.memory_version, query=said, top_k=3)
+    added = services.messages_add(
+        session=alice_session,
+        messages=[MessageIn(role="user", content=said), MessageIn(role="assistant", content="That sounds lovely, enjoy July!")],
+    )
+    embedded: list[str] = []
+    real_embed = registry.embed
+    monkeypatch.setattr(registry, "embed", lambda texts, **options: embedded.extend(texts) or real_embed(texts, **options))
+
+    assert flush_pending(user_id=user.pk) == 2
+
+    assert embedded == ["That sounds lovely, enjoy July!"]
+    user_message = Message.objects.get(pk=added[0].pk)
+    assert np.asarray(user_message.embedding) == pytest.approx(registry.submit_query([said]).result()[0], abs=1e-6)

@@ -31,10 +31,18 @@ class EmbeddingBatcher:
     new requests pile up and go together into the next call: the model's batched throughput
     (about three times its one-at-a-time rate, docs/benchmarks.md) is the ceiling of the
     ingest path. Interactive requests (queries) go before background ones (flushes).
+    ``workers`` model threads take requests at once, for a model that runs that many calls
+    in parallel (a ``ProcessEmbedder`` of that ``concurrency``).
     """
 
     def __init__(
-        self, embedder: Embedder | QueryEmbedder | ProcessEmbedder, *, max_texts: int, nice: int = 0, linger_seconds: float = 0.0
+        self,
+        embedder: Embedder | QueryEmbedder | ProcessEmbedder,
+        *,
+        max_texts: int,
+        nice: int = 0,
+        linger_seconds: float = 0.0,
+        workers: int = 1,
     ) -> None:
         self.embedder = embedder
         self.max_texts = max_texts
@@ -42,8 +50,11 @@ class EmbeddingBatcher:
         self.linger_seconds = linger_seconds
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
-        self._thread = threading.Thread(target=self._run, name="embedding-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"embedding-batcher-{i}", daemon=True) for i in range(max(1, workers))
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def embed(self, texts: list[str], *, priority: int = INTERACTIVE) -> np.ndarray:
         """Embed ``texts`` in the next model call: ``(n, dim)`` float32, L2-normalised rows."""

@@ -10,6 +10,7 @@ its first use.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+from cachetools import LRUCache
 from django.conf import settings
 
 from memory.inference.batcher import BACKGROUND, INTERACTIVE, EmbeddingBatcher
@@ -109,6 +111,7 @@ class ModelRegistry:
         # The model of the active ``EmbeddingModel`` row, once ``use_embedding_model`` followed
         # it: ``(path, dimension)``; ``None``: the configured model (``default_model_path``).
         self._active_model: tuple[Path, int] | None = None
+        self._recent = RecentEmbeddings(settings.MEMFUSE["RECENT_EMBEDDINGS"])
 
     def reset(self) -> None:
         """Forget every model (for tests): the next use builds them again from the settings of
@@ -119,6 +122,7 @@ class ModelRegistry:
             for slot in SLOTS:
                 setattr(self, slot, None)
             self._active_model = None
+            self._recent = RecentEmbeddings(settings.MEMFUSE["RECENT_EMBEDDINGS"])
         self._close(held)
 
     @staticmethod
@@ -153,6 +157,7 @@ class ModelRegistry:
             for slot in SLOTS:
                 if slot != "_reranker":
                     setattr(self, slot, None)
+            self._recent = RecentEmbeddings(self._recent.maxsize)  # the old model's vectors
         self._close(held)
         logger.info("embedding model switched to %s (dimension %d)", path, dimension)
         return True
@@ -226,6 +231,7 @@ class ModelRegistry:
             nice=0,
             role="query",
             int8=config["QUERY_EMBEDDING_INT8"],
+            concurrency=config["QUERY_EMBEDDING_CONCURRENCY"],
         )
 
     def _build_query_embedder(self) -> QueryEmbedder:
@@ -297,12 +303,37 @@ class ModelRegistry:
 
         ``BACKGROUND``: texts that may wait behind every query (pending messages embedded ahead
         of the queries that will need them: ``memory.retrieval.cache.UserMemory.prefetch``).
+        One text that the query model embedded a moment ago, or is embedding now, is not
+        embedded again (``RecentEmbeddings``): the future of that call is returned. In the
+        chat pattern the turn's query is the user's message that the next add stores, and
+        with ``queries_embed_documents()`` that message's embedding is the query's.
         """
-        batcher = self._slot(
-            "_query_batcher",
-            lambda: EmbeddingBatcher(self.get_query_embedder(), max_texts=settings.MEMFUSE["EMBEDDING_MAX_BATCH_TEXTS"]),
+        batcher = self._slot("_query_batcher", self._build_query_batcher)
+        recent = self._recent
+        if len(texts) == 1:
+            future = recent.get(texts[0])
+            if future is not None:
+                if priority == INTERACTIVE:
+                    batcher.promote(future, texts)  # a query must not wait behind prefetches
+                return future
+        future = batcher.submit(texts, priority=priority)
+        if len(texts) == 1:
+            recent.put(texts[0], future)
+        return future
+
+    def _build_query_batcher(self) -> EmbeddingBatcher:
+        embedder = self.get_query_embedder()
+        self._recent = RecentEmbeddings(settings.MEMFUSE["RECENT_EMBEDDINGS"])  # a new model's calls
+        return EmbeddingBatcher(
+            embedder,
+            max_texts=settings.MEMFUSE["EMBEDDING_MAX_BATCH_TEXTS"],
+            workers=embedder.concurrency if isinstance(embedder, ProcessEmbedder) else 1,
         )
-        return batcher.submit(texts, priority=priority)
+
+    def recent_query_embeddings(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """The query model's embeddings of those of ``texts`` it computed a moment ago
+        (``RecentEmbeddings``): ``{text: (dim,) float32}``, without waiting for any."""
+        return self._recent.done(texts)
 
     def promote_query(self, future: Future, texts: list[str]) -> None:
         """A ``submit_query(texts, priority=BACKGROUND)`` request that a query now waits for:
@@ -398,7 +429,8 @@ class ModelRegistry:
             result["embedding"] = {"path": str(embedder.path), "dimension": embedder.dimension, **embedder.stats.as_dict()}
         if isinstance(query, ProcessEmbedder):
             result["query_embedding"] = {
-                "mode": "process", "pid": query.pid, "int8": query.int8, "torchscript": query.traced, **query.stats.as_dict()
+                "mode": "process", "pid": query.pid, "int8": query.int8, "torchscript": query.traced,
+                "concurrency": query.concurrency, **query.stats.as_dict()
             }  # fmt: skip
         elif query is not None:
             result["query_embedding"] = {"mode": "thread", "int8": True, "torchscript": query.traced, **query.stats.as_dict()}
@@ -409,6 +441,59 @@ class ModelRegistry:
         if reranker is not None:
             result["reranker"] = {"path": str(reranker.path), **reranker.stats.as_dict()}
         return result
+
+
+class RecentEmbeddings:
+    """The query model's last ``maxsize`` one-text calls, by text: a thread-safe LRU of their
+    futures (cachetools' ``LRUCache``), keyed by a 16-byte BLAKE2b digest of the text so that a
+    long message costs no more than a short one. A failed call is forgotten, so the next
+    caller asks the model again. ``maxsize`` 0 keeps nothing. Memory: about 1.7 KB an entry
+    at 384 dimensions.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._lock = threading.Lock()
+        self._futures: LRUCache | None = LRUCache(maxsize=maxsize) if maxsize > 0 else None
+
+    @staticmethod
+    def _key(text: str) -> bytes:
+        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+    def get(self, text: str) -> Future | None:
+        """The future of ``text``'s call, if it is recent and has not failed."""
+        if self._futures is None:
+            return None
+        with self._lock:
+            future = self._futures.get(self._key(text))
+        if future is not None and future.done() and (future.cancelled() or future.exception() is not None):
+            return None
+        return future
+
+    def put(self, text: str, future: Future) -> None:
+        """Remember ``future`` as ``text``'s call; it is forgotten again if it fails."""
+        if self._futures is None:
+            return
+        key = self._key(text)
+        with self._lock:
+            self._futures[key] = future
+
+        def forget_failure(done: Future) -> None:
+            if done.cancelled() or done.exception() is not None:
+                with self._lock:
+                    if self._futures.get(key) is done:
+                        del self._futures[key]
+
+        future.add_done_callback(forget_failure)
+
+    def done(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """``{text: (dim,) float32}`` of those of ``texts`` whose call has succeeded."""
+        found = {}
+        for text in texts:
+            future = self.get(text)
+            if future is not None and future.done():
+                found[text] = future.result()[0]
+        return found
 
 
 registry = ModelRegistry()

@@ -123,12 +123,15 @@ class Embedder:
         self.transformer = _mean_pooled_transformer(self.model)
         self.stats = ModelStats(load_seconds=time.perf_counter() - started)
         self._inference_lock = threading.Lock()
+        # Hugging Face's fast tokenizers set their padding and truncation on the shared Rust
+        # object at each call: concurrent calls (QueryEmbedder's) fail with "Already borrowed".
+        self._tokenizer_lock = threading.Lock()
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Embed ``texts``: returns ``(len(texts), dim)`` float32, L2-normalised rows."""
         return self._embed(texts, self.transformer, self._inference_lock, self.stats)
 
-    def _embed(self, texts: list[str], transformer, lock: threading.Lock, stats: ModelStats) -> np.ndarray:
+    def _embed(self, texts: list[str], transformer, lock, stats: ModelStats) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         with lock:
@@ -157,9 +160,10 @@ class Embedder:
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
-                features = tokenizer(
-                    [texts[i] for i in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-                )
+                with self._tokenizer_lock:
+                    features = tokenizer(
+                        [texts[i] for i in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+                    )
                 tokens = transformer(**features).last_hidden_state
                 mask = features["attention_mask"].unsqueeze(-1).to(tokens.dtype)
                 pooled = (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
@@ -190,9 +194,12 @@ class QueryEmbedder:
     documents are scored against the same query vector. ``embed`` has ``Embedder``'s contract.
     """
 
-    def __init__(self, embedder: Embedder, *, keep_full_model: bool = True) -> None:
+    def __init__(self, embedder: Embedder, *, keep_full_model: bool = True, concurrency: int = 1) -> None:
         """``keep_full_model=False`` quantises ``embedder``'s own transformer in place, which
-        then embeds nothing else (the query process, whose model serves only queries)."""
+        then embeds nothing else (the query process, whose model serves only queries).
+        ``concurrency``: calls of ``embed`` that may run at once, from as many threads (the
+        query process's: ``QUERY_EMBEDDING_CONCURRENCY``); the model's weights are shared and
+        only read, and each call runs on its own core with ``QUERY_TORCH_THREADS`` 1."""
         import copy
         import warnings
 
@@ -225,7 +232,7 @@ class QueryEmbedder:
         except Exception as exc:  # any failure: the eager int8 model, slower, same embeddings
             logger.warning("query embedder: TorchScript trace not used (%s)", exc)
         self.stats = ModelStats(load_seconds=time.perf_counter() - started)
-        self._inference_lock = threading.Lock()
+        self._inference_lock = threading.BoundedSemaphore(max(1, concurrency))
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Embed queries: ``(len(texts), dim)`` float32, L2-normalised rows, each text alone.

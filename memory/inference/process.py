@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from pathlib import Path
@@ -15,13 +16,14 @@ from memory.inference.models import Embedder, ModelStats, QueryEmbedder
 logger = logging.getLogger(__name__)
 
 
-def _serve_embeddings(path: str, batch_size: int, threads: int, nice: int, conn, int8: bool = False) -> None:
+def _serve_embeddings(path: str, batch_size: int, threads: int, nice: int, conns, int8: bool = False) -> None:
     """Main of an inference process (see ``ProcessEmbedder``).
 
-    Loads the model (with ``int8``, the ``QueryEmbedder`` built from it), answers
-    ``("ready", dimension, load_seconds, traced)``, then for each list of texts received
-    answers ``("ok", (n, dim) float32 array)`` or ``("error", message)``. Exits when the
-    parent's end of the pipe closes (the parent exited, even by SIGKILL).
+    Loads the model (with ``int8``, the ``QueryEmbedder`` built from it, taking as many calls
+    at once as there are ``conns``), answers ``("ready", dimension, load_seconds, traced)`` on
+    the first connection, then serves each connection in a thread of its own: for each list
+    of texts received it answers ``("ok", (n, dim) float32 array)`` or ``("error", message)``.
+    Exits when the parent's end of the first pipe closes (the parent exited, even by SIGKILL).
     """
     import signal
 
@@ -43,11 +45,18 @@ def _serve_embeddings(path: str, batch_size: int, threads: int, nice: int, conn,
     try:
         embedder = Embedder(Path(path), batch_size=batch_size, threads=threads)
         if int8:
-            embedder = QueryEmbedder(embedder, keep_full_model=False)
+            embedder = QueryEmbedder(embedder, keep_full_model=False, concurrency=len(conns))
     except Exception as exc:  # reported to the parent, which raises it
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        conns[0].send(("error", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", embedder.dimension, time.perf_counter() - started, getattr(embedder, "traced", False)))
+    conns[0].send(("ready", embedder.dimension, time.perf_counter() - started, getattr(embedder, "traced", False)))
+    for conn in conns[1:]:
+        threading.Thread(target=_serve_connection, args=(embedder, conn), daemon=True).start()
+    _serve_connection(embedder, conns[0])
+
+
+def _serve_connection(embedder, conn) -> None:
+    """Answer one connection's requests until its pipe closes (see ``_serve_embeddings``)."""
     while True:
         try:
             texts = conn.recv()
@@ -79,21 +88,36 @@ class ProcessEmbedder:
     web process, whose one GIL bounds its throughput, also pays the model's Python time. In a
     child (at normal priority, ``int8``: the ``QueryEmbedder``) it runs on the other core.
 
+    ``concurrency`` (int8 only): calls the child runs at once, each over a pipe of its own and
+    on a thread of its own, sharing the one model: a query need not wait for the pending
+    messages another caller is having embedded, and a burst's pending messages are embedded
+    on every core.
+
     The child is spawned at construction (``wait_ready`` or the first ``embed`` waits for its
     model) and again after it dies: texts go over a pipe, vectors come back (``(n, dim)``
     float32, 1.5 KB per text). One model per process, as everywhere.
     """
 
     def __init__(
-        self, path: Path, *, batch_size: int, threads: int, nice: int, role: str = "background", int8: bool = False
+        self,
+        path: Path,
+        *,
+        batch_size: int,
+        threads: int,
+        nice: int,
+        role: str = "background",
+        int8: bool = False,
+        concurrency: int = 1,
     ) -> None:
         self.path = path
         self.role = role
         self.int8 = int8
+        self.concurrency = max(1, concurrency) if int8 else 1
         self.traced = False
         self._args = (str(path), batch_size, threads, nice)
         self._lock = threading.Lock()
-        self._conn = None
+        self._idle: queue.SimpleQueue | None = None  # the parent's ends of the pipes, when free
+        self._conns: list = []
         self._process = None
         self._starting = None
         self.dimension = 0
@@ -106,30 +130,37 @@ class ProcessEmbedder:
 
         # spawn, not fork: a forked child would inherit the parent's threads' locks and torch state.
         context = multiprocessing.get_context("spawn")
-        parent, child = context.Pipe()
+        pipes = [context.Pipe() for _ in range(self.concurrency)]
         process = context.Process(
             target=_serve_embeddings,
-            args=(*self._args, child, self.int8),
+            args=(*self._args, [child for _, child in pipes], self.int8),
             name=f"memfuse-{self.role}-embedder",
             daemon=True,
         )
         process.start()
-        child.close()
-        self._starting = (parent, process)
+        for _, child in pipes:
+            child.close()
+        self._starting = ([parent for parent, _ in pipes], process)
 
     def _start(self) -> None:
-        """Wait for the spawned child's model (spawning one first if none is on its way)."""
+        """Wait for the spawned child's model (spawning one first if none is on its way).
+        Caller holds ``_lock``."""
         if self._starting is None:
             self._spawn()
-        (parent, process), self._starting = self._starting, None
+        (conns, process), self._starting = self._starting, None
         try:
-            reply = parent.recv()
+            reply = conns[0].recv()
         except EOFError:
             reply = ("error", f"exited with code {process.exitcode} before loading the model")
         if reply[0] != "ready":
             process.join(timeout=5)
+            for conn in conns:
+                conn.close()
             raise EmbeddingProcessError(f"{self.role} embedding process: {reply[1]}")
-        self._conn, self._process = parent, process
+        self._conns, self._process = conns, process
+        self._idle = queue.SimpleQueue()
+        for conn in conns:
+            self._idle.put(conn)
         self.dimension = reply[1]
         self.stats.load_seconds = reply[2]
         self.traced = reply[3]
@@ -138,7 +169,7 @@ class ProcessEmbedder:
     def wait_ready(self) -> None:
         """Block until the child has loaded its model. Raises ``EmbeddingProcessError``."""
         with self._lock:
-            if self._conn is None:
+            if self._idle is None:
                 self._start()
 
     @property
@@ -148,36 +179,55 @@ class ProcessEmbedder:
     def embed(self, texts: list[str]) -> np.ndarray:
         """Embed ``texts`` in the child: ``(len(texts), dim)`` float32, L2-normalised rows.
 
-        Raises ``EmbeddingProcessError`` when the child fails or dies (a new one is started
-        for the next call).
+        Up to ``concurrency`` callers are served at once; more wait for a free pipe. Raises
+        ``EmbeddingProcessError`` when the child fails or dies (a new one is started for the
+        next call).
         """
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         with self._lock:
-            if self._conn is None:
+            if self._idle is None:
                 self._start()
-            started = time.perf_counter()
-            try:
-                self._conn.send(list(texts))
-                status, payload = self._conn.recv()
-            except (EOFError, OSError) as exc:
-                self._conn, self._process = None, None
-                raise EmbeddingProcessError(f"{self.role} embedding process died: {exc!r}") from exc
-            elapsed = time.perf_counter() - started
+            idle = self._idle
+        conn = idle.get()
+        started = time.perf_counter()
+        try:
+            conn.send(list(texts))
+            status, payload = conn.recv()
+        except (EOFError, OSError) as exc:
+            self._lost(idle)
+            raise EmbeddingProcessError(f"{self.role} embedding process died: {exc!r}") from exc
+        idle.put(conn)
+        elapsed = time.perf_counter() - started
         if status != "ok":
             raise EmbeddingProcessError(f"{self.role} embedding failed: {payload}")
         self.stats.record(texts=len(texts), seconds=elapsed)
         return payload
 
+    def _lost(self, idle: queue.SimpleQueue) -> None:
+        """The child of ``idle``'s pipes died: forget it (once), and release its other callers."""
+        with self._lock:
+            if self._idle is not idle:
+                return  # another caller saw it first
+            conns, process = self._conns, self._process
+            self._idle, self._conns, self._process = None, [], None
+        # A caller blocked in recv() on another pipe gets EOF from the dead child; one waiting
+        # for a free pipe gets one of these, and fails on it the same way.
+        for conn in conns:
+            idle.put(conn)
+        if process is not None:
+            process.join(timeout=0)
+
     def close(self) -> None:
         with self._lock:
             if self._starting is not None:
-                self._conn, self._process = self._starting
+                self._conns, self._process = self._starting
                 self._starting = None
-            if self._conn is not None:
-                self._conn.close()
-                self._process.join(timeout=5)
-                if self._process.is_alive():
-                    self._process.kill()
-            self._conn, self._process = None, None
-
+            conns, process = self._conns, self._process
+            self._idle, self._conns, self._process = None, [], None
+        for conn in conns:
+            conn.close()
+        if process is not None:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
