@@ -141,7 +141,15 @@ _default_db.update(
         # pool's check: a connection a database restart closed is dropped when taken, never
         # handed to a request. ~30 µs per request (docs/benchmarks.md, "Pool check").
         "CONN_HEALTH_CHECKS": envbool("DB_CONN_HEALTH_CHECKS", True),
-        "OPTIONS": {**_default_db.get("OPTIONS", {}), "pool": DB_POOL},
+        "OPTIONS": {
+            **_default_db.get("OPTIONS", {}),
+            "pool": DB_POOL,
+            "server_side_binding": envbool("DB_SERVER_SIDE_BINDING", True),
+            # Statements run this often on a connection are prepared (psycopg; Django's default
+            # is never): the flush's and the query's statements are long, and planning them at
+            # every run cost PostgreSQL more than running them. 0: never (transaction poolers).
+            "prepare_threshold": envint("DB_PREPARE_THRESHOLD", 5) or None,
+        },
     }
 )
 DATABASES = {"default": _default_db}
