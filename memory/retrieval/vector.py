@@ -61,7 +61,8 @@ WITH seeds AS (
     -- row locks in one order, whoever else refreshes neighbouring rows
     SELECT m.id, m.session_id, m.position, m.embedding FROM memory_message m
     WHERE m.id IN (SELECT id FROM affected) ORDER BY m.id FOR UPDATE
-), context AS (
+), context AS MATERIALIZED (
+    -- computed once per row: inlined, each reference below would average the window again
     SELECT l.id, CASE WHEN l.embedding IS NULL THEN NULL ELSE (
         SELECT avg(e) FROM (
             SELECT l.embedding AS e FROM generate_series(1, %(own)s)
