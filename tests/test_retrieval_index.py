@@ -19,7 +19,8 @@ from buffers.services import flush_pending
 from memory import retrieval, selectors, services
 from memory.inference import registry
 from memory.retrieval import store
-from memory.retrieval.bm25 import KNOWLEDGE, MESSAGE, BM25Index, Document
+from memory.retrieval.bm25 import KINDS, KNOWLEDGE, MESSAGE, BM25Index, Document
+from memory.retrieval.keys import DocKey
 from memory.services import MessageIn
 
 
@@ -45,13 +46,15 @@ def test_context_documents_oracle_adds_neighbours_of_the_same_session_only():
 
 def test_index_changed_in_place_scores_as_bm25s_over_the_context_documents():
     """Random adds, edits (re-adds), deletes, compactions and snapshot round trips: every
-    document's score equals bm25s's (lucene) over the live documents, built from scratch."""
+    document's score equals bm25s's (lucene) over the live documents, built from scratch, and
+    the batch lookup of rows (``rows``) agrees with the one-key lookup (``row``)."""
     rng = random.Random(7)
     words = [f"w{i}" for i in range(40)]
     sessions = [uuid.uuid4() for _ in range(4)]
     next_position = dict.fromkeys(sessions, 0)
     index = BM25Index(window=2, own_weight=2)
     live: dict[uuid.UUID, dict] = {}
+    removed: list[uuid.UUID] = []
 
     def document(kind, session=None, doc_id=None, position=None):
         tokens = [rng.choice(words) for _ in range(rng.randint(0, 7))]
@@ -71,6 +74,7 @@ def test_index_changed_in_place_scores_as_bm25s_over_the_context_documents():
             victim = rng.choice(list(live))
             assert index.remove(victim)
             del live[victim]
+            removed.append(victim)
             doc = None
         else:
             old = live[rng.choice(list(live))]
@@ -97,6 +101,11 @@ def test_index_changed_in_place_scores_as_bm25s_over_the_context_documents():
         got = {index.key(int(row)).id: score for row, score in zip(rows, scores)}
         for doc, score in zip(messages + knowledge, expected):
             assert got.get(doc["id"], 0.0) == pytest.approx(float(score), rel=1e-4, abs=1e-6)
+        probes = [DocKey(KINDS[d["kind"]], d["id"]) for d in live.values()]
+        probes += [DocKey(KINDS[1 - d["kind"]], d["id"]) for d in list(live.values())[:3]]  # the other kind
+        probes += [DocKey("message", doc_id) for doc_id in removed if doc_id not in live] + [DocKey("message", uuid.uuid4())]
+        rng.shuffle(probes)
+        assert index.rows(probes).tolist() == [-1 if index.row(key) is None else index.row(key) for key in probes]
         checked += 1
     assert checked > 150 and len(index) == len(live)
 
@@ -292,7 +301,8 @@ def test_a_query_after_a_large_add_embeds_at_most_the_bound_and_finds_the_newest
     """After an add of 300 messages, a query embeds at most PENDING_EMBED_MAX of them (the
     newest), still finds the newest by meaning, and the oldest by its words (BM25)."""
     settings.MEMFUSE = {**settings.MEMFUSE, "PENDING_EMBED_MAX": 8}
-    monkeypatch.setattr(services, "_prefetch_embeddings", lambda *args: None)  # all on demand, counted
+    monkeypatch.setattr(services, "_start_embeddings", lambda *args: None)  # all on demand, counted
+    monkeypatch.setattr(services, "_prefetch_embeddings", lambda *args: None)
     submitted = []
     submit_query = registry.submit_query
 

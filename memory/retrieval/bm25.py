@@ -372,6 +372,31 @@ class BM25Index:
         row = self._row_of_bytes(key[1].to_bytes(16, "big"))
         return row if row is not None and KINDS[self.kind[row]] == key[0] else None
 
+    def rows(self, keys: list[DocKey]) -> np.ndarray:
+        """``row`` of each of ``keys`` at once: ``(len(keys),)`` int64, -1 where the index does
+        not hold that live document. One binary search of the sorted ids for all of them."""
+        rows = np.full(len(keys), -1, dtype=np.int64)
+        searched = []
+        for i, key in enumerate(keys):
+            row = self._recent.get(key[1])
+            if row is None:
+                searched.append(i)
+            else:
+                rows[i] = row
+        if searched and self._sorted_n:
+            held = self.ids[: self._sorted_n].reshape(-1).view("V16")
+            targets = np.frombuffer(b"".join(keys[i][1].to_bytes(16, "big") for i in searched), dtype="V16")
+            at = np.searchsorted(held, targets, sorter=self._sorted)
+            candidates = self._sorted[np.minimum(at, self._sorted_n - 1)]
+            found = (at < self._sorted_n) & (held[candidates] == targets)
+            rows[np.asarray(searched)[found]] = candidates[found]
+        kinds = np.fromiter((KINDS.index(key[0]) for key in keys), dtype=np.int8, count=len(keys))
+        held_rows = rows >= 0
+        live = np.zeros(len(keys), dtype=bool)
+        live[held_rows] = self.alive[rows[held_rows]] & (self.kind[rows[held_rows]] == kinds[held_rows])
+        rows[~live] = -1
+        return rows
+
     def key(self, row: int) -> DocKey:
         """The document at ``row``."""
         return DocKey.from_int(KINDS[self.kind[row]], int.from_bytes(self.ids[row].tobytes(), "big"))
@@ -532,8 +557,11 @@ class BM25Index:
 
     def spoken_by(self, keys: list[DocKey], speaker: int) -> list[bool]:
         """For each of ``keys``, whether the index holds it as a turn of ``speaker``."""
-        rows = [self.row(key) for key in keys]
-        return [row is not None and int(self.speaker[row]) == speaker for row in rows]
+        rows = self.rows(keys)
+        held = rows >= 0
+        said = np.zeros(len(keys), dtype=bool)
+        said[held] = self.speaker[rows[held]] == speaker
+        return said.tolist()
 
     # --- snapshots -------------------------------------------------------------------------
 
