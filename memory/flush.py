@@ -192,6 +192,12 @@ def _release(token: uuid.UUID) -> None:
         logger.warning("could not release the claims of a failed flush; their leases will expire", exc_info=True)
 
 
+# How long a flush waits for the query model's calls already under way on its messages (an
+# add starts them) rather than embedding the same texts again. They queue behind queries, so
+# under a flood of queries the flush gives up on them and embeds in the background.
+_REUSE_WAIT_SECONDS = 2.0
+
+
 def _embed_claimed(user_id: uuid.UUID, claimed: list[tuple]) -> np.ndarray:
     """Embeddings ``(len(claimed), dim)`` of claimed rows ``[(id, index_text, updated_at)]``.
 
@@ -199,13 +205,15 @@ def _embed_claimed(user_id: uuid.UUID, claimed: list[tuple]) -> np.ndarray:
     your writes), and the user's message of a turn has the words of that turn's query: when
     the query model's embedding is exactly the flush's (``registry.queries_embed_documents``)
     and still in this process's cache of the user, or among the query model's recent calls
-    (``registry.recent_query_embeddings``), it is written as it is; the rest are embedded in
-    the background. Raises ``EmbeddingProcessError``.
+    (``registry.recent_query_embeddings``: an add starts them on its newest messages), it is
+    written as it is; the rest are embedded in the background. Raises ``EmbeddingProcessError``.
     """
     reused = {}
     if registry.queries_embed_documents():
         reused = cache.embedded_pending(user_id, [(row[0], row[2]) for row in claimed])
-        recent = registry.recent_query_embeddings([row[1] for row in claimed if (row[0], row[2]) not in reused])
+        recent = registry.recent_query_embeddings(
+            [row[1] for row in claimed if (row[0], row[2]) not in reused], scope=user_id, wait_seconds=_REUSE_WAIT_SECONDS
+        )
         reused.update({(row[0], row[2]): recent[row[1]] for row in claimed if row[1] in recent})
     missing = [row[1] for row in claimed if (row[0], row[2]) not in reused]
     embedded = iter(registry.embed(missing, priority=registry.BACKGROUND) if missing else ())

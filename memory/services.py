@@ -332,6 +332,7 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
         )
         for m in messages
     ]
+    _start_embeddings(rows)
     with connection.cursor() as cursor:
         cursor.execute(
             _ADD_SQL,
@@ -362,13 +363,32 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
     return AddedMessages(rows, pending=count, oldest_pending_age_s=round(float(oldest_age), 3))
 
 
+def _newest_to_embed(rows: list[Message]) -> list[Message]:
+    """The rows of an add that a query right after it embeds on demand (read your writes):
+    the newest ``PENDING_EMBED_MAX``, when the vector retriever is on."""
+    bound = settings.MEMFUSE["PENDING_EMBED_MAX"]
+    if bound <= 0 or settings.MEMFUSE["VECTOR_WEIGHT"] <= 0:
+        return []
+    return rows[-bound:]
+
+
+def _start_embeddings(rows: list[Message]) -> None:
+    """Start the query model on the newest of ``rows`` while they are written: the query that
+    follows an add finds them embedded, or nearly (the model's recent calls of the user are
+    shared by text: ``registry.submit_query``). Behind every query; wasted only if the add
+    fails."""
+    for row in _newest_to_embed(rows):
+        registry.submit_query([row.index_text], priority=registry.BACKGROUND, scope=row.user_id)
+
+
 def _prefetch_embeddings(user_id: uuid.UUID, rows: list[Message]) -> None:
-    """Start embedding the newest of ``rows`` (pending) for the queries that will want them
-    before their flush: the chat pattern is an add, then a query (``UserMemory.prefetch``)."""
+    """Keep the newest of ``rows`` (pending) embedding for the queries that will want them
+    before their flush: the chat pattern is an add, then a query (``UserMemory.prefetch``).
+    Their model calls started with the add (``_start_embeddings``)."""
     from memory.retrieval import cache
 
-    newest = rows[-settings.MEMFUSE["PENDING_EMBED_MAX"] :]
-    if newest and settings.MEMFUSE["VECTOR_WEIGHT"] > 0:
+    newest = _newest_to_embed(rows)
+    if newest:
         memory = cache.user_memory(user_id)
         memory.prefetch([(row.id, row.updated_at, row.index_text) for row in newest])
         cache.resized(memory)

@@ -235,6 +235,7 @@ def test_update_during_flush_is_not_overwritten(alice_session, monkeypatch):
     """A message edited after a flush claimed it is re-claimed: only the edited text's embedding is written."""
     import numpy as np
 
+    monkeypatch.setattr(services, "_start_embeddings", lambda rows: None)  # the flush embeds, and is overtaken
     [message] = add(alice_session, 1, text="original")
     real_embed = registry.embed
     edits = []

@@ -324,10 +324,11 @@ def test_a_killed_query_process_answers_503_once_and_is_replaced(query_mode, api
     assert registry.stats()["query_embedding"]["pid"] not in (None, first_pid)
 
 
-def test_a_text_embedded_a_moment_ago_is_not_embedded_again(fresh_registry, query_mode, settings, monkeypatch):
-    """The query model's one-text calls are remembered by text (RECENT_EMBEDDINGS): the same
-    text again gets the same rows without a model call, the flush's lookup finds it, a failed
-    call is asked again, and with RECENT_EMBEDDINGS 0 every call reaches the model."""
+def test_a_text_embedded_a_moment_ago_for_the_same_user_is_not_embedded_again(fresh_registry, query_mode, settings, monkeypatch):
+    """The query model's one-text calls are remembered by user and text (RECENT_EMBEDDINGS):
+    the same text again for the same user gets the same rows without a model call, and the
+    flush's lookup finds it; another user's call, an unscoped one, and a call after a failure
+    reach the model; with RECENT_EMBEDDINGS 0 every call does."""
     registry = query_mode("thread", int8=False)
     model = registry.get_embedder()
     calls: list[list[str]] = []
@@ -341,27 +342,29 @@ def test_a_text_embedded_a_moment_ago_is_not_embedded_again(fresh_registry, quer
         return real_embed(texts)
 
     monkeypatch.setattr(model, "embed", counted)
+    said = "I adopted a grey kitten named Ash."
 
-    first = registry.submit_query(["I adopted a grey kitten named Ash."]).result()
-    again = registry.submit_query(["I adopted a grey kitten named Ash."], priority=registry.BACKGROUND).result()
+    first = registry.submit_query([said], scope="alice").result()
+    again = registry.submit_query([said], priority=registry.BACKGROUND, scope="alice").result()
+    registry.submit_query([said], scope="bob").result()
+    registry.submit_query([said]).result()
     with pytest.raises(RuntimeError):
-        registry.submit_query(["broken"]).result()
+        registry.submit_query(["broken"], scope="alice").result()
     failing.clear()
-    recovered = registry.submit_query(["broken"]).result()
+    recovered = registry.submit_query(["broken"], scope="alice").result()
 
-    assert calls == [["I adopted a grey kitten named Ash."], ["broken"], ["broken"]]
+    assert calls == [[said], [said], [said], ["broken"], ["broken"]]
     np.testing.assert_array_equal(first, again)
-    assert set(registry.recent_query_embeddings(["I adopted a grey kitten named Ash.", "never asked"])) == {
-        "I adopted a grey kitten named Ash."
-    }
+    assert set(registry.recent_query_embeddings([said, "never asked"], scope="alice")) == {said}
+    assert set(registry.recent_query_embeddings([said], scope="carol")) == set()
     np.testing.assert_array_equal(recovered, real_embed(["broken"]))
 
     settings.MEMFUSE = {**settings.MEMFUSE, "RECENT_EMBEDDINGS": 0}
     registry._query_batcher = None  # rebuilt with the setting
-    registry.submit_query(["twice"]).result()
-    registry.submit_query(["twice"]).result()
+    registry.submit_query(["twice"], scope="alice").result()
+    registry.submit_query(["twice"], scope="alice").result()
     assert calls[-2:] == [["twice"], ["twice"]]
-    assert registry.recent_query_embeddings(["twice"]) == {}
+    assert registry.recent_query_embeddings(["twice"], scope="alice") == {}
 
 
 @pytest.mark.integration

@@ -134,6 +134,7 @@ def test_a_flush_writes_the_embedding_a_query_made_for_a_pending_turn(alice_sess
     from memory.inference import registry
 
     assert registry.queries_embed_documents()
+    monkeypatch.setattr(services, "_start_embeddings", lambda rows: None)  # only what a query embedded
     [asked] = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="I adopted a grey kitten named Ash.")])
     user = alice_session.user
     user.refresh_from_db()
@@ -161,6 +162,7 @@ def test_a_flush_writes_the_turns_query_embedding_for_the_message_with_its_words
     from memory.inference import registry
 
     said = "We finally booked the cabin in the mountains for July."
+    monkeypatch.setattr(services, "_start_embeddings", lambda rows: None)  # the query's embedding alone
     user = alice_session.user
     user.refresh_from_db()
     retrieval.reset_user_cache()  # nothing of alice's cached: the reuse is the query model's alone
@@ -178,3 +180,23 @@ def test_a_flush_writes_the_turns_query_embedding_for_the_message_with_its_words
     assert embedded == ["That sounds lovely, enjoy July!"]
     user_message = Message.objects.get(pk=added[0].pk)
     assert np.asarray(user_message.embedding) == pytest.approx(registry.submit_query([said]).result()[0], abs=1e-6)
+
+
+def test_an_add_starts_embedding_its_newest_messages_and_the_flush_writes_those(alice_session, monkeypatch, settings):
+    """An add starts the query model on its newest PENDING_EMBED_MAX messages while it writes
+    them (read your writes for the query that follows); their flush writes those embeddings
+    and embeds only the older ones."""
+    from memory.inference import registry
+
+    settings.MEMFUSE = {**settings.MEMFUSE, "PENDING_EMBED_MAX": 2}
+    texts = ["The ferry leaves at seven.", "We packed sandwiches.", "Dad forgot the tickets.", "We took the next boat."]
+    rows = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=text) for text in texts])
+    embedded: list[str] = []
+    real_embed = registry.embed
+    monkeypatch.setattr(registry, "embed", lambda batch, **options: embedded.extend(batch) or real_embed(batch, **options))
+
+    assert flush_pending(user_id=alice_session.user_id) == 4
+
+    assert sorted(embedded) == sorted(texts[:2])
+    newest = Message.objects.get(pk=rows[-1].pk)
+    assert np.asarray(newest.embedding) == pytest.approx(registry.submit_query([texts[-1]]).result()[0], abs=1e-6)

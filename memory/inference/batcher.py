@@ -32,7 +32,8 @@ class EmbeddingBatcher:
     (about three times its one-at-a-time rate, docs/benchmarks.md) is the ceiling of the
     ingest path. Interactive requests (queries) go before background ones (flushes).
     ``workers`` model threads take requests at once, for a model that runs that many calls
-    in parallel (a ``ProcessEmbedder`` of that ``concurrency``).
+    in parallel (a ``ProcessEmbedder`` of that ``concurrency``); with more than one, the first
+    takes interactive requests only, so a query never waits for background texts to finish.
     """
 
     def __init__(
@@ -50,8 +51,11 @@ class EmbeddingBatcher:
         self.linger_seconds = linger_seconds
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
+        self._interactive_queued = threading.Event()  # wakes the interactive-only worker
+        workers = max(1, workers)
         self._threads = [
-            threading.Thread(target=self._run, name=f"embedding-batcher-{i}", daemon=True) for i in range(max(1, workers))
+            threading.Thread(target=self._run, args=(i == 0 and workers > 1,), name=f"embedding-batcher-{i}", daemon=True)
+            for i in range(workers)
         ]
         for thread in self._threads:
             thread.start()
@@ -67,6 +71,8 @@ class EmbeddingBatcher:
             future.set_result(np.zeros((0, self.embedder.dimension), dtype=np.float32))
         else:
             self._queue.put((priority, next(self._order), list(texts), future))
+            if priority == INTERACTIVE:
+                self._interactive_queued.set()
         return future
 
     def promote(self, future: Future, texts: list[str], *, priority: int = INTERACTIVE) -> None:
@@ -76,8 +82,10 @@ class EmbeddingBatcher:
         is skipped."""
         if not (future.running() or future.done()):
             self._queue.put((priority, next(self._order), list(texts), future))
+            if priority == INTERACTIVE:
+                self._interactive_queued.set()
 
-    def _run(self) -> None:
+    def _run(self, interactive_only: bool = False) -> None:
         nice = self.nice
         if nice and hasattr(os, "setpriority"):
             # Background inference in this process runs below request handling. Linux niceness
@@ -88,7 +96,15 @@ class EmbeddingBatcher:
             except OSError:
                 logger.warning("could not lower the embedding thread's priority", exc_info=True)
         while True:
+            if interactive_only:
+                self._interactive_queued.clear()
             request = self._queue.get()
+            if interactive_only and request[0] != INTERACTIVE:
+                # The queue's best is background work: leave it to the other workers and wait
+                # for the next interactive request (no busy loop: cleared before the get).
+                self._queue.put(request)
+                self._interactive_queued.wait()
+                continue
             if not _take(request[3]):
                 continue  # promoted, and taken at its other entry already (or cancelled)
             requests = [request]

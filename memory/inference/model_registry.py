@@ -14,7 +14,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import TypeVar
 
@@ -298,27 +298,29 @@ class ModelRegistry:
         """
         return self.submit_query(texts).result()
 
-    def submit_query(self, texts: list[str], *, priority: int = INTERACTIVE) -> Future:
+    def submit_query(self, texts: list[str], *, priority: int = INTERACTIVE, scope: object = None) -> Future:
         """``embed_query`` without waiting: a ``Future`` of the rows (the caller works meanwhile).
 
         ``BACKGROUND``: texts that may wait behind every query (pending messages embedded ahead
         of the queries that will need them: ``memory.retrieval.cache.UserMemory.prefetch``).
-        One text that the query model embedded a moment ago, or is embedding now, is not
-        embedded again (``RecentEmbeddings``): the future of that call is returned. In the
-        chat pattern the turn's query is the user's message that the next add stores, and
-        with ``queries_embed_documents()`` that message's embedding is the query's.
+        With a ``scope`` (the user's id), one text that the query model embedded a moment ago
+        for that scope, or is embedding now, is not embedded again (``RecentEmbeddings``): the
+        future of that call is returned. In the chat pattern the turn's query is the user's
+        message that the next add stores, and with ``queries_embed_documents()`` that message's
+        embedding is the query's. Scoped by user, so that one tenant's texts never make
+        another's queries faster (a timing channel between tenants).
         """
         batcher = self._slot("_query_batcher", self._build_query_batcher)
-        recent = self._recent
-        if len(texts) == 1:
-            future = recent.get(texts[0])
+        recent = self._recent if scope is not None and len(texts) == 1 else None
+        if recent is not None:
+            future = recent.get(scope, texts[0])
             if future is not None:
                 if priority == INTERACTIVE:
                     batcher.promote(future, texts)  # a query must not wait behind prefetches
                 return future
         future = batcher.submit(texts, priority=priority)
-        if len(texts) == 1:
-            recent.put(texts[0], future)
+        if recent is not None:
+            recent.put(scope, texts[0], future)
         return future
 
     def _build_query_batcher(self) -> EmbeddingBatcher:
@@ -330,10 +332,12 @@ class ModelRegistry:
             workers=embedder.concurrency if isinstance(embedder, ProcessEmbedder) else 1,
         )
 
-    def recent_query_embeddings(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """The query model's embeddings of those of ``texts`` it computed a moment ago
-        (``RecentEmbeddings``): ``{text: (dim,) float32}``, without waiting for any."""
-        return self._recent.done(texts)
+    def recent_query_embeddings(self, texts: list[str], *, scope: object, wait_seconds: float = 0.0) -> dict[str, np.ndarray]:
+        """The query model's embeddings of those of ``texts`` it computed a moment ago for
+        ``scope``, or is computing (``RecentEmbeddings``): ``{text: (dim,) float32}``. Calls
+        still under way are waited for up to ``wait_seconds`` in all; those that fail or are
+        not done by then are left out."""
+        return self._recent.embeddings(scope, texts, wait_seconds=wait_seconds)
 
     def promote_query(self, future: Future, texts: list[str]) -> None:
         """A ``submit_query(texts, priority=BACKGROUND)`` request that a query now waits for:
@@ -444,11 +448,11 @@ class ModelRegistry:
 
 
 class RecentEmbeddings:
-    """The query model's last ``maxsize`` one-text calls, by text: a thread-safe LRU of their
-    futures (cachetools' ``LRUCache``), keyed by a 16-byte BLAKE2b digest of the text so that a
-    long message costs no more than a short one. A failed call is forgotten, so the next
-    caller asks the model again. ``maxsize`` 0 keeps nothing. Memory: about 1.7 KB an entry
-    at 384 dimensions.
+    """The query model's last ``maxsize`` one-text calls, by scope (a user) and text: a
+    thread-safe LRU of their futures (cachetools' ``LRUCache``), keyed by a 16-byte BLAKE2b
+    digest of both, so that a long message costs no more than a short one. A failed call is
+    forgotten, so the next caller asks the model again. ``maxsize`` 0 keeps nothing. Memory:
+    about 1.7 KB an entry at 384 dimensions.
     """
 
     def __init__(self, maxsize: int) -> None:
@@ -457,24 +461,27 @@ class RecentEmbeddings:
         self._futures: LRUCache | None = LRUCache(maxsize=maxsize) if maxsize > 0 else None
 
     @staticmethod
-    def _key(text: str) -> bytes:
-        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    def _key(scope: object, text: str) -> bytes:
+        digest = hashlib.blake2b(str(scope).encode(), digest_size=16)
+        digest.update(b"\0")
+        digest.update(text.encode("utf-8", "surrogatepass"))
+        return digest.digest()
 
-    def get(self, text: str) -> Future | None:
-        """The future of ``text``'s call, if it is recent and has not failed."""
+    def get(self, scope: object, text: str) -> Future | None:
+        """The future of ``text``'s call for ``scope``, if it is recent and has not failed."""
         if self._futures is None:
             return None
         with self._lock:
-            future = self._futures.get(self._key(text))
+            future = self._futures.get(self._key(scope, text))
         if future is not None and future.done() and (future.cancelled() or future.exception() is not None):
             return None
         return future
 
-    def put(self, text: str, future: Future) -> None:
-        """Remember ``future`` as ``text``'s call; it is forgotten again if it fails."""
+    def put(self, scope: object, text: str, future: Future) -> None:
+        """Remember ``future`` as ``text``'s call for ``scope``; forgotten again if it fails."""
         if self._futures is None:
             return
-        key = self._key(text)
+        key = self._key(scope, text)
         with self._lock:
             self._futures[key] = future
 
@@ -486,14 +493,17 @@ class RecentEmbeddings:
 
         future.add_done_callback(forget_failure)
 
-    def done(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """``{text: (dim,) float32}`` of those of ``texts`` whose call has succeeded."""
-        found = {}
-        for text in texts:
-            future = self.get(text)
-            if future is not None and future.done():
-                found[text] = future.result()[0]
-        return found
+    def embeddings(self, scope: object, texts: list[str], *, wait_seconds: float = 0.0) -> dict[str, np.ndarray]:
+        """``{text: (dim,) float32}`` of those of ``texts`` whose call for ``scope`` has
+        succeeded, waiting up to ``wait_seconds`` in all for the calls still under way."""
+        futures = {text: future for text in texts if (future := self.get(scope, text)) is not None}
+        if wait_seconds > 0:
+            wait(list(futures.values()), timeout=wait_seconds)
+        return {
+            text: future.result()[0]
+            for text, future in futures.items()
+            if future.done() and not future.cancelled() and future.exception() is None
+        }
 
 
 registry = ModelRegistry()

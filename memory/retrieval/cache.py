@@ -71,7 +71,9 @@ class UserMemory:
         with self._pending_lock:
             for doc_id, updated_at, text in rows:
                 if (doc_id, updated_at) not in self._pending:
-                    self._pending[(doc_id, updated_at)] = registry.submit_query([text], priority=registry.BACKGROUND)
+                    self._pending[(doc_id, updated_at)] = registry.submit_query(
+                        [text], priority=registry.BACKGROUND, scope=self.user_id
+                    )
             # Only the newest are ever asked for (PENDING_EMBED_MAX): a user who adds and
             # adds without a query keeps no more than that.
             for key in list(self._pending)[: max(0, len(self._pending) - settings.MEMFUSE["PENDING_EMBED_MAX"])]:
@@ -91,7 +93,7 @@ class UserMemory:
             for key, (_, _, text) in zip(keys, rows):
                 entry = self._pending.get(key)
                 if entry is None:
-                    self._pending[key] = registry.submit_query([text])
+                    self._pending[key] = registry.submit_query([text], scope=self.user_id)
                 elif isinstance(entry, Future):
                     # Started by an add behind every query: this query waits for it now.
                     registry.promote_query(entry, [text])

@@ -67,7 +67,7 @@ def hybrid_search_stages(
     # on the critical path, and the model works in its own process.
     if config.vector_weight > 0:
         embedding_model.follow_active_model()
-    embedding = registry.submit_query([query]) if config.vector_weight > 0 else None
+    embedding = registry.submit_query([query], scope=user_id) if config.vector_weight > 0 else None
     memory = user_memory(user_id)
     speaker, tokens = None, None
     if config.bm25_weight > 0 or config.speaker_weight > 0:
@@ -115,7 +115,7 @@ def hybrid_search_stages(
             # A reembed switched the vectors to a model of another dimension since this
             # process last looked (embedding_model.ACTIVE_MODEL_TTL_SECONDS): follow it now.
             embedding_model.follow_active_model(force=True)
-            query_embedding = registry.submit_query([query]).result()[0]
+            query_embedding = registry.submit_query([query], scope=user_id).result()[0]
             memory = user_memory(user_id)
             flushed, pending, moved = vector.candidates(embedding=query_embedding, **search)
         if pending:
