@@ -27,6 +27,8 @@ Before the server starts, in this process: recall@10 of the approximate (HNSW) v
 of every user that has it against an exact scan of their context embeddings (ties count), on
 the cycled users (texts repeat, as the bench's do) and on the distinct user.
 
+The phases on servers of their own (many users, cold) run after the main server is stopped:
+flush jobs are rows that any process may claim, and its flush workers would take theirs.
 The server's and its inference processes' resident memory is read after each phase.
 Whatever a run cannot measure (no server of its own with ``--url``, say) is listed in
 ``not_measured`` rather than left out.
@@ -35,6 +37,7 @@ Whatever a run cannot measure (no server of its own with ``--url``, say) is list
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 import time
@@ -136,6 +139,7 @@ class ChatBench:
         self.options = options
         self.run_id = run_id
         self.rng = random.Random(options["seed"])
+        self._asked = itertools.count(1)
         try:
             self.dataset = ChatDataset(
                 tag=options["tag"], sizes=options["size_list"], cold_users=options["cold_users"],
@@ -252,11 +256,22 @@ class ChatBench:
             results["backlog"] = await self._backlog(api)
             results["settled"]["after_backlog"] = await self._settle(api)
         if "many" not in skip:
+            if self.options["many_cache_mb"]:
+                await self._stop_main_server(server, results)
             results["many_users"] = await self._many(api, server)
             results["memory"]["after_many_users"] = self._memory(server)
         if "cold" not in skip:
+            await self._stop_main_server(server, results)
             results["cold"] = await self._cold(api, server)
         return results
+
+    @staticmethod
+    async def _stop_main_server(server: ServerProcess | None, results: dict) -> None:
+        """Stop the main server before a phase runs on a server of its own: its flush workers
+        would take that server's flush jobs (they are rows any process may claim), on CPU the
+        phase is measuring. ``results["main_server_stop"]``: what the stop said."""
+        if server is not None and server.pid is not None:
+            results["main_server_stop"] = await asyncio.to_thread(server.stop)
 
     @staticmethod
     def _memory(server: ServerProcess | None) -> dict | None:
@@ -266,6 +281,13 @@ class ChatBench:
         web = rss_mb(server.pid)
         return {"web_mb": web, "inference_processes": children[0], "inference_mb": children[1],
                 "total_mb": round(web + children[1], 1)}
+
+    def _unique(self, text: str) -> str:
+        """``text`` with a number of its own: LoCoMo has a few thousand texts, which the phases
+        would send again and again, while a real user's new message is new. The service
+        remembers a user's recent texts (``RECENT_EMBEDDINGS``), which would otherwise spare
+        the bench's repeats their embedding."""
+        return f"{text} #{next(self._asked)}"
 
     def _rounds(self, count: int) -> list[tuple[str, str]]:
         return chat_rounds(self.texts, count=count, start=self.rng.randrange(len(self.texts)))
@@ -293,7 +315,7 @@ class ChatBench:
                 adds.append(ms)
                 errors += status != 201
                 for latencies in (after_add, no_write):
-                    ms, status, _ = await self._query(api, user, self.rng.choice(user.queries))
+                    ms, status, _ = await self._query(api, user, self._unique(self.rng.choice(user.queries)))
                     latencies.append(ms)
                     errors += status != 200
             after, before = latency_summary(after_add), latency_summary(no_write)
@@ -376,6 +398,7 @@ class ChatBench:
         async def turn(user: ChatUser, scheduled: float | None) -> None:
             async with limit:
                 user_text, assistant_text = rounds[next(counter) % len(rounds)]
+                user_text = self._unique(user_text)  # the turn's query, then its user message
                 begun = loop.time()
                 status, _ = await api.call("POST", f"/users/{user.user_id}/query", {"query": user_text, "top_k": self.options["top_k"]})
                 query_ms.append((loop.time() - (scheduled if scheduled is not None else begun)) * 1000)
@@ -471,7 +494,7 @@ class ChatBench:
             nonlocal errors
             async with limit:
                 status, _ = await api.call("POST", f"/users/{user.user_id}/query",
-                                           {"query": self.rng.choice(user.queries), "top_k": self.options["top_k"]})
+                                           {"query": self._unique(self.rng.choice(user.queries)), "top_k": self.options["top_k"]})
                 latencies.append((loop.time() - scheduled) * 1000)
                 errors += status != 200
 

@@ -11,7 +11,8 @@
   at 200 messages.
 
 Everything is written as the service holds flushed messages (``benchmarks.dataset.bulk_load``).
-The tenant's agent metadata records the shape; a dataset of the same shape is reused.
+The tenant's agent metadata records the shape; a dataset of the same shape is reused, after
+what earlier runs added to it is deleted (``trim``), so that each user holds its size again.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ class ChatDataset:
         """Build the dataset unless one of this shape exists; ``{"reused", "seconds", ...}``."""
         agent = Agent.objects.filter(tenant__name=self.tenant_name, name=f"{self.tenant_name}-many").first()
         if agent is not None and not rebuild and agent.metadata.get("bench_dataset") == self.shape():
-            return {"reused": True}
+            return {"reused": True, "trimmed_messages": self.trim(log=log)}
         started = time.perf_counter()
         self.drop()
         groups = [
@@ -153,6 +154,41 @@ class ChatDataset:
         )
         built["many"] = {key: value for key, value in result.items() if key != "user_ids"}
         return {"reused": False, "seconds": round(time.perf_counter() - started, 1), "groups": built}
+
+    def trim(self, *, log=print) -> int:
+        """Delete what the benchmark's own adds left in the users (each user's newest messages
+        beyond its ``size``, by change number: a bulk load numbers its rows before any add),
+        through ``services.messages_delete`` as a client's delete would. Returns how many."""
+        from django.db import connection
+
+        from memory import services
+        from memory.models import Session
+
+        with connection.cursor() as cursor:
+            cursor.execute(
+                """
+                WITH extra AS (
+                    SELECT u.id AS user_id, (u.metadata->>'size')::int AS size
+                    FROM memory_user u JOIN memory_tenant t ON t.id = u.tenant_id
+                    WHERE t.name = %s
+                      AND (SELECT coalesce(sum(s.next_position), 0) FROM memory_session s WHERE s.user_id = u.id)
+                          > (u.metadata->>'size')::int
+                )
+                SELECT m.session_id, array_agg(m.id) FROM extra e CROSS JOIN LATERAL (
+                    SELECT id, session_id FROM memory_message WHERE user_id = e.user_id ORDER BY seq DESC
+                    LIMIT greatest((SELECT count(*) FROM memory_message WHERE user_id = e.user_id) - e.size, 0)
+                ) m GROUP BY m.session_id
+                """,
+                [self.tenant_name],
+            )
+            doomed = cursor.fetchall()
+        deleted = 0
+        for session_id, message_ids in doomed:
+            services.messages_delete(session=Session.objects.get(pk=session_id), message_ids=message_ids)
+            deleted += len(message_ids)
+        if deleted:
+            log(f"dataset: deleted {deleted} messages that earlier runs added")
+        return deleted
 
     def drop(self) -> int:
         """Delete the dataset's tenant with everything it holds; how many users were deleted."""
