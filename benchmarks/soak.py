@@ -325,23 +325,29 @@ def soak(options: dict, env: dict) -> dict:
 
     run = uuid.uuid4().hex[:8]
     server = None
-    tenant = None
+    tenant = operator = None
     url, key = options["url"], options["api_key"]
+    operator_secret = options.get("operator_key")
     try:
         if not url:
             tenant = services.tenant_create(name=f"soak-{run}")
             key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="soak")[1]
+            # To read the server's per-user cache (its bytes are part of the web process's).
+            operator, operator_secret = services.api_key_create(scope=KeyScope.OPERATOR, name=f"soak {run}")
             log = Path(f"/tmp/memfuse-soak-{run}-server.log")
             server = ServerProcess(log_path=log, env={"API_RATE_LIMIT": bench_rate_limit(), **env}, kind="uvicorn")
             url = server.start()
         targets = soak_targets(url, key, options["users"], run)
-        result = _soak_run(url, key, targets, server.pid if server is not None else options["server_pid"], options)
+        pid = server.pid if server is not None else options["server_pid"]
+        result = _soak_run(url, key, targets, pid, options, operator_secret=operator_secret)
     except BenchError as exc:
         raise CommandError(str(exc)) from None
     finally:
         stopped = server.stop() if server is not None else {}
         if tenant is not None:
             Tenant.objects.filter(pk=tenant.pk).delete()
+        if operator is not None:
+            operator.delete()
     result["server"] = {"url": url, "env": env, **stopped}
     return result
 
@@ -366,7 +372,7 @@ def soak_targets(url: str, key: str, users: int, run: str) -> list[Target]:
     return targets
 
 
-def _soak_run(url: str, key: str, targets: list[Target], pid: int | None, options) -> dict:
+def _soak_run(url: str, key: str, targets: list[Target], pid: int | None, options, *, operator_secret: str | None) -> dict:
     load = MixedLoad(
         url,
         key,
@@ -383,11 +389,11 @@ def _soak_run(url: str, key: str, targets: list[Target], pid: int | None, option
     try:
         while time.monotonic() - started < options["duration"]:
             time.sleep(min(options["sample_seconds"], max(0.0, options["duration"] - (time.monotonic() - started))))
-            samples.append(_sample(url, pid, started))
+            samples.append(_sample(url, pid, started, operator_secret))
     finally:
         load.stop()
     load_seconds = time.monotonic() - started
-    drained = _drain(url, pid, started, samples, options)
+    drained = _drain(url, pid, started, samples, options, operator_secret)
     outcomes = load.recorder.snapshot()
     backlog = [s["pending_messages"] for s in samples if s["pending_messages"] is not None]
     adds = [o for o in outcomes if o.kind in ("add", "ws_add")]
@@ -402,11 +408,11 @@ def _soak_run(url: str, key: str, targets: list[Target], pid: int | None, option
     }
 
 
-def _drain(url: str, pid: int | None, started: float, samples: list[dict], options) -> float | None:
+def _drain(url: str, pid: int | None, started: float, samples: list[dict], options, operator_secret: str | None) -> float | None:
     """Sample until the backlog is empty (appended to ``samples``): seconds it took, None if it did not."""
     drain_started = time.monotonic()
     while time.monotonic() - drain_started < options["drain_timeout"]:
-        sample = _sample(url, pid, started)
+        sample = _sample(url, pid, started, operator_secret)
         samples.append({**sample, "draining": True})
         if sample["pending_messages"] == 0:
             return round(time.monotonic() - drain_started, 1)
@@ -417,12 +423,18 @@ def _drain(url: str, pid: int | None, started: float, samples: list[dict], optio
 
 
 def _memory(samples: list[dict], *, warmup: float) -> dict:
-    """Per process group: the slope (MB/hour) of the samples after ``warmup`` s, first, max, last."""
+    """Per process group: the slope (MB/hour) of the samples after ``warmup`` s, first, max,
+    last; also of the per-user cache's bytes (``user_cache_mb``, bounded by ``USER_CACHE_MB``)
+    and of the web process without them (``web_rss_without_cache_mb``): what the cache
+    filling up to its bound explains, and what it does not."""
+    for sample in samples:
+        web, cache = sample["web_rss_mb"], sample.get("user_cache_mb")
+        sample["web_rss_without_cache_mb"] = round(web - cache, 1) if web is not None and cache is not None else None
     steady = [s for s in samples if not s.get("draining") and s["t_s"] >= warmup]
     memory = {}
-    for name in ("web_rss_mb", "inference_rss_mb"):
-        values = [(s["t_s"], s[name]) for s in steady if s[name] is not None]
-        all_values = [s[name] for s in samples if s[name] is not None]
+    for name in ("web_rss_mb", "inference_rss_mb", "user_cache_mb", "web_rss_without_cache_mb"):
+        values = [(s["t_s"], s[name]) for s in steady if s.get(name) is not None]
+        all_values = [s[name] for s in samples if s.get(name) is not None]
         memory[name] = {
             "slope_mb_per_hour": slope_mb_per_hour(values),
             "first": all_values[0] if all_values else None,
@@ -432,7 +444,20 @@ def _memory(samples: list[dict], *, warmup: float) -> dict:
     return memory
 
 
-def _sample(url: str, pid: int | None, started: float) -> dict:
+def _user_cache_mb(url: str, operator_secret: str | None) -> float | None:
+    """The server's per-user cache, in MB (``GET admin/stats`` with an operator key), or None."""
+    if not operator_secret:
+        return None
+    try:
+        response = requests.get(
+            url.rstrip("/") + "/api/v1/admin/stats", headers={"Authorization": f"Bearer {operator_secret}"}, timeout=5
+        )
+        return round(response.json()["data"]["user_cache"]["bytes"] / 2**20, 1)
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return None
+
+
+def _sample(url: str, pid: int | None, started: float, operator_secret: str | None = None) -> dict:
     figures = health(url) or {}
     backlog = figures.get("backlog") or {}
     children = children_rss_mb(pid)
@@ -440,6 +465,7 @@ def _sample(url: str, pid: int | None, started: float) -> dict:
         "t_s": round(time.monotonic() - started, 1),
         "web_rss_mb": rss_mb(pid),
         "inference_rss_mb": children[1] if children is not None else None,
+        "user_cache_mb": _user_cache_mb(url, operator_secret),
         "pending_messages": backlog.get("pending_messages"),
         "oldest_pending_age_s": backlog.get("oldest_pending_age_s"),
         "health": figures.get("status"),

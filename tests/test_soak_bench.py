@@ -8,6 +8,7 @@ import json
 import pytest
 from django.core.management import CommandError, call_command
 
+from benchmarks.soak import _memory
 from benchmarks.stats import slope_mb_per_hour
 
 
@@ -15,6 +16,26 @@ def test_memory_slope_is_least_squares_in_mb_per_hour():
     """Samples (s, MB) rising 1 MB per minute give 60 MB/hour; fewer than 3 samples give None."""
     assert slope_mb_per_hour([(0, 100.0), (60, 101.0), (120, 102.0), (180, 103.0)]) == 60.0
     assert slope_mb_per_hour([(0, 100.0), (60, 200.0)]) is None
+
+
+def test_the_web_process_slope_is_also_given_without_its_per_user_cache():
+    """A web process that grows only as its per-user cache fills (1 MB a minute each) has a
+    slope of 60 MB/hour, a cache slope of 60 and none without the cache; samples without the
+    cache's figure (no operator key) give no such slope. The warm-up is left out."""
+    samples = [
+        {"t_s": t, "web_rss_mb": 200.0 + t / 60, "inference_rss_mb": 900.0, "user_cache_mb": 10.0 + t / 60}
+        for t in (0, 60, 120, 180, 240)
+    ]
+    samples[0]["web_rss_mb"] = 150.0  # the warm-up
+
+    memory = _memory(samples, warmup=30)
+
+    assert memory["web_rss_mb"]["slope_mb_per_hour"] == 60.0
+    assert memory["user_cache_mb"]["slope_mb_per_hour"] == 60.0
+    assert memory["web_rss_without_cache_mb"]["slope_mb_per_hour"] == 0.0
+    assert memory["inference_rss_mb"]["slope_mb_per_hour"] == 0.0
+    without = _memory([{**sample, "user_cache_mb": None} for sample in samples], warmup=30)
+    assert without["web_rss_without_cache_mb"]["slope_mb_per_hour"] is None
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ class Command(BaseCommand):
         parser.add_argument("--url", help="base URL of a running server (default: start uvicorn on loopback)")
         parser.add_argument("--api-key", help="a tenant key (with --url)")
         parser.add_argument("--server-pid", type=int, help="with --url: the server's process id, for its memory figures")
+        parser.add_argument("--operator-key", help="with --url: an operator key, to sample the server's per-user cache")
         parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE", help="environment of the started server")
         parser.add_argument("--duration", type=float, default=600.0, help="seconds of load")
         parser.add_argument("--warmup", type=float, default=60.0, help="seconds of samples left out of the memory slope")
