@@ -84,6 +84,37 @@ def preload_models() -> None:
     registry.preload(queries=_role != WORKER, documents=runs_flush_workers())
 
 
+# glibc's mallopt() parameter for the most arenas (malloc.h).
+_M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas() -> bool:
+    """Cap glibc's malloc at ``MALLOC_ARENAS`` arenas in this process (``mallopt(M_ARENA_MAX)``),
+    unless ``MALLOC_ARENA_MAX`` is in the environment (glibc read it at start) or the C
+    library is not glibc. Returns whether it set the cap.
+
+    glibc gives threads that allocate at the same time arenas of their own, up to eight per
+    core, and keeps what is freed in each; a server's request threads and flush workers then
+    hold memory that no thread uses any more, and the process grows for hours under a steady
+    load (docs/benchmarks.md, the soak). Python's own objects come from its allocator's pools,
+    whatever the arenas; what the cap slows is C code's allocations (psycopg, numpy), which
+    wait for a lock a little more often.
+    """
+    import ctypes
+    import ctypes.util
+    import os
+
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
+
+
 def start() -> None:
     """The start-up of a serving process, once (later calls return at once, concurrent ones
     wait for the first); nothing in a process that declared no role (tests).
@@ -104,6 +135,8 @@ def start() -> None:
         from memfuse_project import embedded_pg
         from memory import metrics_history
 
+        if _role in (WEB, WORKER):
+            limit_malloc_arenas()
         embedded_pg.start_if_embedded()
         embedded_pg.migrate_if_embedded()
         embedded_pg.local_tenant_if_embedded()

@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 from django.conf import settings
 
 from memfuse_project.embedded_pg import embedded_secret_key, stop_server
@@ -144,3 +145,18 @@ def test_check_deploy_fails_without_the_production_settings(db):
     assert result.returncode != 0
     for warning in ("security.W004", "security.W008", "security.W012", "security.W016"):  # HSTS, redirect, cookies
         assert warning in result.stderr
+
+
+def test_serving_processes_cap_glibc_malloc_arenas(monkeypatch):
+    """A serving process caps glibc's malloc arenas (mallopt M_ARENA_MAX) unless the operator
+    set MALLOC_ARENA_MAX, which glibc reads itself."""
+    import platform
+
+    from memfuse_project import serving
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert serving.limit_malloc_arenas() is True
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert serving.limit_malloc_arenas() is False
