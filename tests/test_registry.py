@@ -51,7 +51,7 @@ def fresh_registry(monkeypatch):
     monkeypatch.setattr(registry, "_batcher", None)
     monkeypatch.setattr(registry, "_query_embedder", None)
     monkeypatch.setattr(registry, "_query_batcher", None)
-    monkeypatch.setattr(registry, "_recent", model_registry.RecentEmbeddings(0))  # the stand-in's vectors stay here
+    monkeypatch.setattr(registry, "_recent", None)  # the stand-in's vectors stay in this test
     monkeypatch.setattr(registry, "_background_batcher", None)
     monkeypatch.setattr(registry, "_local_document_embedder", None)
     monkeypatch.setattr(model_registry, "Embedder", CountingDeterministicEmbedder)
@@ -264,7 +264,7 @@ def query_mode(monkeypatch, settings):
     a query process started here is closed and the process's own embedder restored afterwards."""
     monkeypatch.setattr(registry, "_query_embedder", None)
     monkeypatch.setattr(registry, "_query_batcher", None)
-    monkeypatch.setattr(registry, "_recent", model_registry.RecentEmbeddings(0))
+    monkeypatch.setattr(registry, "_recent", None)
 
     def set_mode(mode: str, *, int8: bool = True):
         settings.MEMFUSE = {**settings.MEMFUSE, "QUERY_EMBEDDING": mode, "QUERY_EMBEDDING_INT8": int8}
@@ -360,7 +360,7 @@ def test_a_text_embedded_a_moment_ago_for_the_same_user_is_not_embedded_again(fr
     np.testing.assert_array_equal(recovered, real_embed(["broken"]))
 
     settings.MEMFUSE = {**settings.MEMFUSE, "RECENT_EMBEDDINGS": 0}
-    registry._query_batcher = None  # rebuilt with the setting
+    registry._recent = None  # made again with the setting
     registry.submit_query(["twice"], scope="alice").result()
     registry.submit_query(["twice"], scope="alice").result()
     assert calls[-2:] == [["twice"], ["twice"]]

@@ -39,6 +39,7 @@ SLOTS = (
     "_query_batcher",
     "_background_batcher",
     "_local_document_embedder",
+    "_recent",
     "_reranker",
 )
 
@@ -111,7 +112,6 @@ class ModelRegistry:
         # The model of the active ``EmbeddingModel`` row, once ``use_embedding_model`` followed
         # it: ``(path, dimension)``; ``None``: the configured model (``default_model_path``).
         self._active_model: tuple[Path, int] | None = None
-        self._recent = RecentEmbeddings(settings.MEMFUSE["RECENT_EMBEDDINGS"])
 
     def reset(self) -> None:
         """Forget every model (for tests): the next use builds them again from the settings of
@@ -122,7 +122,6 @@ class ModelRegistry:
             for slot in SLOTS:
                 setattr(self, slot, None)
             self._active_model = None
-            self._recent = RecentEmbeddings(settings.MEMFUSE["RECENT_EMBEDDINGS"])
         self._close(held)
 
     @staticmethod
@@ -157,7 +156,6 @@ class ModelRegistry:
             for slot in SLOTS:
                 if slot != "_reranker":
                     setattr(self, slot, None)
-            self._recent = RecentEmbeddings(self._recent.maxsize)  # the old model's vectors
         self._close(held)
         logger.info("embedding model switched to %s (dimension %d)", path, dimension)
         return True
@@ -311,7 +309,7 @@ class ModelRegistry:
         another's queries faster (a timing channel between tenants).
         """
         batcher = self._slot("_query_batcher", self._build_query_batcher)
-        recent = self._recent if scope is not None and len(texts) == 1 else None
+        recent = self._recent_embeddings() if scope is not None and len(texts) == 1 else None
         if recent is not None:
             future = recent.get(scope, texts[0])
             if future is not None:
@@ -325,7 +323,6 @@ class ModelRegistry:
 
     def _build_query_batcher(self) -> EmbeddingBatcher:
         embedder = self.get_query_embedder()
-        self._recent = RecentEmbeddings(settings.MEMFUSE["RECENT_EMBEDDINGS"])  # a new model's calls
         return EmbeddingBatcher(
             embedder,
             max_texts=settings.MEMFUSE["EMBEDDING_MAX_BATCH_TEXTS"],
@@ -337,7 +334,11 @@ class ModelRegistry:
         ``scope``, or is computing (``RecentEmbeddings``): ``{text: (dim,) float32}``. Calls
         still under way are waited for up to ``wait_seconds`` in all; those that fail or are
         not done by then are left out."""
-        return self._recent.embeddings(scope, texts, wait_seconds=wait_seconds)
+        return self._recent_embeddings().embeddings(scope, texts, wait_seconds=wait_seconds)
+
+    def _recent_embeddings(self) -> RecentEmbeddings:
+        # A slot: forgotten with the query model (reset, use_embedding_model), whose vectors it holds.
+        return self._slot("_recent", lambda: RecentEmbeddings(settings.MEMFUSE["RECENT_EMBEDDINGS"]))
 
     def promote_query(self, future: Future, texts: list[str]) -> None:
         """A ``submit_query(texts, priority=BACKGROUND)`` request that a query now waits for:
