@@ -27,6 +27,8 @@ Before the server starts, in this process: recall@10 of the approximate (HNSW) v
 of every user that has it against an exact scan of their context embeddings (ties count), on
 the cycled users (texts repeat, as the bench's do) and on the distinct user.
 
+The many-users phase also reports the CPU of a turn by process group (the server, its
+inference processes, and the host's PostgreSQL processes when the database runs there).
 The phases on servers of their own (many users, cold) run after the main server is stopped:
 flush jobs are rows that any process may claim, and its flush workers would take theirs.
 The server's and its inference processes' resident memory is read after each phase.
@@ -49,7 +51,7 @@ from django.core.management.base import CommandError
 
 from benchmarks.chat_dataset import ChatDataset, ChatUser
 from benchmarks.client import Api
-from benchmarks.server import ServerProcess, bench_rate_limit, children_rss_mb, rss_mb
+from benchmarks.server import ServerProcess, bench_rate_limit, children_rss_mb, cpu_seconds, rss_mb
 from benchmarks.stats import latency_summary, recall_at_k
 from benchmarks.texts import LOCOMO_DEV, chat_rounds, locomo_turn_texts
 
@@ -259,7 +261,8 @@ class ChatBench:
             if self.options["many_cache_mb"]:
                 await self._stop_main_server(server, results)
             results["many_users"] = await self._many(api, server)
-            results["memory"]["after_many_users"] = self._memory(server)
+            # The server the phase ran on: the main one, or its own (then in its section).
+            results["memory"]["after_many_users"] = self._memory(server) or results["many_users"].get("memory")
         if "cold" not in skip:
             await self._stop_main_server(server, results)
             results["cold"] = await self._cold(api, server)
@@ -363,7 +366,11 @@ class ChatBench:
             if server is None:
                 self.not_measured.append("many users beyond the cache: needs a server the bench starts (--many-cache-mb)")
             return {**await self._many_phase(api), "server_cache": await self._server_cache(api)}
-        return await self._on_own_server(api, server, label="many", cache_mb=cache_mb, phase=self._many_phase)
+        result = await self._on_own_server(api, server, label="many", cache_mb=cache_mb, phase=self._many_phase)
+        # CPU of a turn (a query and an add, and their flush) by process group, over both loops.
+        turns = result["open_loop"]["turns"] + result["closed_loop"]["turns"]
+        result["cpu_ms_per_turn"] = {group: round(1000 * used / turns, 2) for group, used in result["cpu_seconds"].items()}
+        return result
 
     async def _on_own_server(self, api: Api, server: ServerProcess, *, label: str, cache_mb: float, phase) -> dict:
         """``await phase(api)`` against a second server the bench starts with ``USER_CACHE_MB=cache_mb``,
@@ -375,7 +382,10 @@ class ChatBench:
         url = await asyncio.to_thread(own.start)
         try:
             own_api = Api(api.http, url, api_key=api.api_key)
+            before = cpu_seconds(own.pid)
             result = {"user_cache_mb": cache_mb, **await phase(own_api)}
+            after = cpu_seconds(own.pid)
+            result["cpu_seconds"] = {group: round(after[group] - before[group], 2) for group in after}
             result["server_cache"] = await self._server_cache(own_api)
             result["memory"] = self._memory(own)
         finally:
@@ -440,7 +450,7 @@ class ChatBench:
         await asyncio.gather(*(client() for _ in range(self.options["clients"])))
         seconds = loop.time() - started
         closed_loop = {
-            "clients": self.options["clients"], "seconds": round(seconds, 1),
+            "clients": self.options["clients"], "seconds": round(seconds, 1), "turns": len(query_ms),
             "queries_per_s": round(len(query_ms) / seconds, 2), "adds_per_s": round(len(add_ms) / seconds, 2),
             "query_ms": latency_summary(query_ms), "add_ms": latency_summary(add_ms), "errors": dict(errors),
         }
@@ -536,6 +546,8 @@ class ChatBench:
                 f"many users: open loop {opened['served_turns_per_s']} turns/s, query p95 {opened['query_ms']['p95']} ms, "
                 f"add p99 {opened['add_ms']['p99']} ms; closed loop {closed['queries_per_s']} queries/s"
             )
+            if many.get("cpu_ms_per_turn"):
+                lines.append("many users' CPU per turn (ms): " + ", ".join(f"{k} {v}" for k, v in many["cpu_ms_per_turn"].items()))
             cache = many.get("server_cache") or {}
             lines.append(f"many users' cache: {cache.get('bytes')} bytes, {cache.get('size')} users, "
                          f"{cache.get('evictions')} evictions (USER_CACHE_MB {many.get('user_cache_mb', 'of the main server')})")

@@ -198,3 +198,32 @@ def children_rss_mb(pid: int | None) -> tuple[int, float] | None:
 
     children = psutil.Process(pid).children(recursive=True)
     return len(children), round(sum(child.memory_info().rss for child in children) / 2**20, 1)
+
+
+def cpu_seconds(pid: int | None) -> dict | None:
+    """CPU time (user + system, s) used so far by process ``pid`` (``web``), by its child
+    processes (``inference``: the query and flush models), and by every process of this host
+    named ``postgres`` (``postgres_local``: the database's, when it runs here; 0 when it does
+    not). None without a pid. Differences of two readings give a phase's CPU by process group.
+    """
+    if pid is None:
+        return None
+    import psutil
+
+    def used(process) -> float:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # gone meanwhile
+            return 0.0
+        return times.user + times.system
+
+    server = psutil.Process(pid)
+    local_postgres = 0.0
+    for process in psutil.process_iter(["name"]):
+        if (process.info["name"] or "").startswith("postgres"):
+            local_postgres += used(process)
+    return {
+        "web": used(server),
+        "inference": sum(used(child) for child in server.children(recursive=True)),
+        "postgres_local": local_postgres,
+    }
