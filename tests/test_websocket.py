@@ -494,7 +494,7 @@ async def test_query_embedding_process_failure_gets_503_frame_and_the_connection
     """A query whose embedding process died is answered with a 503 error frame (the REST API's
     message); the next query, with the process back, is answered."""
 
-    def dead_process(texts):
+    def dead_process(texts, **kwargs):
         future = Future()
         future.set_exception(EmbeddingProcessError("query embedding process died: EOFError()"))
         return future
