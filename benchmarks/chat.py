@@ -392,6 +392,7 @@ class ChatBench:
             result["server_stop"] = await asyncio.to_thread(own.stop)
         return result
 
+    # Its open and closed loops share one turn() and its counters.
     async def _many_phase(self, api: Api) -> dict:
         many = [user for user in self.users.get("many", []) if user.user_id not in self.backlog_users]
         self.rng.shuffle(many)  # Zipf's ranks over a random order of the users
@@ -461,7 +462,6 @@ class ChatBench:
     async def _settle(self, api: Api) -> dict:
         """Wait until the server has no pending message (its stats, every 2 s), at most
         ``--settle-timeout`` s: ``{"seconds", "pending_at_start", "pending_left"}``."""
-    # Its open and closed loops share one turn() and its counters.
         timeout = self.options["settle_timeout"]
         loop = asyncio.get_running_loop()
         started = loop.time()
