@@ -49,6 +49,17 @@ class ChatUser:
     queries: list[str]
 
 
+def vacuum() -> None:
+    """``VACUUM (ANALYZE)`` the tables a build wrote: the context embeddings' pass rewrites
+    every message row, and the phases would otherwise run beside autovacuum's pass over
+    millions of dead rows (or, before it, on a heap without its visibility map: no
+    index-only scan)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM (ANALYZE) memory_message, memory_session, memory_user, memory_indexsnapshot, memory_indexsnapshotpart")
+
+
 def cycled_turns(conversations: list[Conversation], count: int) -> list[Turn]:
     """``count`` turns: every conversation's turns in order, repeated; each pass and each
     conversation in sessions of their own (session numbers stay distinct), later passes dated
@@ -153,6 +164,8 @@ class ChatDataset:
             users=many, log=log,
         )
         built["many"] = {key: value for key, value in result.items() if key != "user_ids"}
+        log("vacuum")
+        vacuum()
         return {"reused": False, "seconds": round(time.perf_counter() - started, 1), "groups": built}
 
     def trim(self, *, log=print) -> int:
