@@ -26,6 +26,7 @@ import uuid
 import numpy as np
 from django.conf import settings
 from django.db import connection, transaction
+from pgvector import Vector
 
 from buffers import events
 from memfuse_project.pool import is_database_unavailable
@@ -33,7 +34,7 @@ from memory import embedding_model, metrics
 from memory.inference import registry
 from memory.retrieval import cache
 from memory.retrieval.vector import context_refresh
-from memory.vectors import vector_literals
+from memory.vectors import use_binary_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -100,16 +101,17 @@ def _write(
         if row is None:
             return []  # the user was deleted meanwhile
         cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s::text, 0))", [user_id])
+        use_binary_vectors(cursor)
         cursor.execute(
             """
             UPDATE memory_message AS m
-            SET embedding = v.embedding::vector, flushed_at = now(), flush_claim = NULL,
+            SET embedding = v.embedding, flushed_at = now(), flush_claim = NULL,
                 claimed_until = NULL, flush_count = m.flush_count + 1
-            FROM unnest(%(ids)s::uuid[], %(vectors)s::text[]) AS v(id, embedding)
+            FROM unnest(%(ids)s::uuid[], %(vectors)s::vector[]) AS v(id, embedding)
             WHERE m.id = v.id AND m.flush_claim = %(token)s
             RETURNING m.id, m.session_id, m.position
             """,
-            {"ids": ids, "vectors": vector_literals(vectors), "token": token},
+            {"ids": ids, "vectors": [Vector(vector) for vector in vectors], "token": token},
         )
         written = cursor.fetchall()
         context_refresh(cursor, seeds=[(session, position) for _, session, position in written], bucket=row[0])

@@ -48,13 +48,14 @@ from pathlib import Path
 from django.conf import settings
 from django.db import OperationalError, connection, transaction
 from django.utils import timezone
+from pgvector import Vector
 
 from memory import inference
 from memory.embedding_model import SWITCH_LOCK_KEY, forget_active_model
 from memory.inference import registry
 from memory.models import ANN_BUCKETS, EmbeddingModel
 from memory.retrieval.vector import context_refresh_all
-from memory.vectors import vector_literals
+from memory.vectors import use_binary_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -287,13 +288,14 @@ def _write_batch(table: str, rows: list[tuple], embedder: DocumentEmbedder) -> i
     still the one embedded (same ``seq``); returns the rows written."""
     vectors = embedder.embed([row[1] for row in rows])
     with connection.cursor() as cursor:
+        use_binary_vectors(cursor)
         cursor.execute(
             f"""
-            UPDATE {table} AS t SET embedding_next = v.embedding::vector, embedding_next_seq = v.seq
-            FROM unnest(%(ids)s::uuid[], %(vectors)s::text[], %(seqs)s::bigint[]) AS v(id, embedding, seq)
+            UPDATE {table} AS t SET embedding_next = v.embedding, embedding_next_seq = v.seq
+            FROM unnest(%(ids)s::uuid[], %(vectors)s::vector[], %(seqs)s::bigint[]) AS v(id, embedding, seq)
             WHERE t.id = v.id AND t.seq = v.seq
             """,
-            {"ids": [row[0] for row in rows], "vectors": vector_literals(vectors), "seqs": [row[2] for row in rows]},
+            {"ids": [row[0] for row in rows], "vectors": [Vector(vector) for vector in vectors], "seqs": [row[2] for row in rows]},
         )
         return cursor.rowcount
 

@@ -12,6 +12,7 @@ from memory import selectors, services
 from memory.models import Message
 from memory.retrieval import vector
 from memory.services import MessageIn
+from memory.vectors import use_binary_vectors
 from tests.test_retrieval import flushed_user, smoothed_cosines, unit
 
 
@@ -71,6 +72,7 @@ def _plan(user_id, query: np.ndarray, *, ann_bucket: int | None) -> str:
     with transaction.atomic(), connection.cursor() as cursor:
         for setting in local_settings:
             cursor.execute(setting)
+        use_binary_vectors(cursor)
         cursor.execute("EXPLAIN " + sql, params)
         return "\n".join(row[0] for row in cursor.fetchall())
 

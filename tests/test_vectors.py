@@ -1,32 +1,66 @@
-"""pgvector literals: exact for float32, and what PostgreSQL stores is the computed vector."""
+"""Embeddings as query parameters: PostgreSQL stores exactly the float32 values computed."""
 
 import numpy as np
+import psycopg
 import pytest
+from django.db import connection
+from pgvector import Vector
 
-from memory.vectors import vector_literal, vector_literals
+from memory.vectors import use_binary_vectors
 
 
-def test_literals_give_back_every_float32_exactly():
-    """Extremes, subnormals, negatives and random values all parse back to the same float32."""
-    rng = np.random.default_rng(7)
-    vectors = rng.normal(size=(50, 384)).astype(np.float32)
+def _awkward_vectors(count: int) -> np.ndarray:
+    """Random float32 rows, the first with the extremes: largest, smallest normal, a negative
+    subnormal, zero."""
+    vectors = np.random.default_rng(7).normal(size=(count, 384)).astype(np.float32)
     vectors[0, :4] = [np.finfo(np.float32).max, np.finfo(np.float32).tiny, -1e-45, 0.0]
+    return vectors
 
-    parsed = np.array([[float(x) for x in text[1:-1].split(",")] for text in vector_literals(vectors)], dtype=np.float32)
 
-    assert parsed.tobytes() == vectors.tobytes()
-    assert vector_literal(vectors[3]) == vector_literals(vectors)[3]
+def _stored(text: str) -> bytes:
+    return np.asarray(Vector.from_text(text).to_numpy(), dtype=np.float32).tobytes()
 
 
 @pytest.mark.django_db
-def test_postgresql_stores_the_literal_as_the_same_vector():
-    """pgvector parses the literal into exactly the float32 values it came from."""
-    from django.db import connection
-    from pgvector import Vector
-
-    vector = np.random.default_rng(8).normal(size=384).astype(np.float32)
+def test_a_vector_and_a_vector_array_are_stored_bit_for_bit():
+    """One vector (``%s::vector``) and a list with a NULL (``%s::vector[]``), sent in binary,
+    come back as the same float32 values."""
+    vectors = _awkward_vectors(3)
     with connection.cursor() as cursor:
-        cursor.execute("SELECT %s::vector::text", [vector_literal(vector)])
-        stored = Vector._from_db(cursor.fetchone()[0])
+        use_binary_vectors(cursor)
+        use_binary_vectors(cursor)  # once per connection; a second call changes nothing
+        cursor.execute("SELECT %s::vector::text", [Vector(vectors[0])])
+        single = cursor.fetchone()[0]
+        cursor.execute(
+            "SELECT v::text FROM unnest(%s::vector[]) WITH ORDINALITY AS x(v, n) ORDER BY n",
+            [[Vector(vectors[1]), None, Vector(vectors[2])]],
+        )
+        listed = [row[0] for row in cursor.fetchall()]
 
-    assert np.asarray(stored, dtype=np.float32).tobytes() == vector.tobytes()
+    assert _stored(single) == vectors[0].tobytes()
+    assert listed[1] is None
+    assert [_stored(listed[0]), _stored(listed[2])] == [vectors[1].tobytes(), vectors[2].tobytes()]
+
+
+@pytest.mark.django_db
+def test_client_side_binding_sends_the_same_vector_as_text():
+    """With client-side binding (``DB_SERVER_SIDE_BINDING=0``: values quoted into the SQL)
+    the text dumper is used, and the stored vector is still exact."""
+    vector = _awkward_vectors(1)[0]
+    connection.ensure_connection()
+    with psycopg.ClientCursor(connection.connection) as cursor:
+        use_binary_vectors(cursor)
+        cursor.execute("SELECT %s::vector::text", [Vector(vector)])
+        stored = cursor.fetchone()[0]
+
+    assert _stored(stored) == vector.tobytes()
+
+
+@pytest.mark.django_db
+def test_a_vector_without_the_dumpers_is_refused_by_psycopg():
+    """A connection that was not prepared cannot send a ``Vector``: a clear error, not a
+    silently wrong value (what ``use_binary_vectors`` is for)."""
+    connection.ensure_connection()
+    with psycopg.connect(**connection.get_connection_params()) as raw, raw.cursor() as cursor:
+        with pytest.raises(psycopg.ProgrammingError, match="cannot adapt type 'Vector'"):
+            cursor.execute("SELECT %s::vector::text", [Vector(np.ones(3, dtype=np.float32))])

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
+from pgvector import Vector
 
 from memory import embedding_model
 from memory.errors import Conflict, InvalidInput, NotFound
@@ -43,7 +44,7 @@ from memory.portability.records import invalid
 
 # _bump_memory_version: the user row lock every writer of a user's messages takes first.
 from memory.services import _bump_memory_version, message_index_text
-from memory.vectors import vector_literals
+from memory.vectors import use_binary_vectors
 
 WRITE_BATCH = 1000  # rows per INSERT statement
 
@@ -441,21 +442,19 @@ def _insert_messages(run: list[dict], *, target_id, use_embeddings: bool, genera
         if use_embeddings:
             embedding_model.guard_write(cursor, generation=generation)
         bucket = _bump_memory_version(target_id)
+        use_binary_vectors(cursor)
         for start in range(0, len(run), WRITE_BATCH):
             rows = run[start : start + WRITE_BATCH]
-            embedded = use_embeddings and all(v["embedding"] is not None for v in rows)
-            vectors = vector_literals(_array(rows)) if embedded else [None] * len(rows)
-            if use_embeddings and not embedded:
-                vectors = [vector_literals(_array([v]))[0] if v["embedding"] is not None else None for v in rows]
+            vectors = [_vector(v) if use_embeddings else None for v in rows]
             cursor.execute(
                 """
                 INSERT INTO memory_message (id, session_id, user_id, position, role, content, metadata, index_text,
                                             embedding, flushed_at, flush_count, created_at, updated_at)
                 SELECT m.id, m.session_id, %(user)s, m.position, m.role, m.content, m.metadata, m.index_text,
-                       m.embedding::vector, CASE WHEN m.embedding IS NULL THEN NULL ELSE %(now)s::timestamptz END,
+                       m.embedding, CASE WHEN m.embedding IS NULL THEN NULL ELSE %(now)s::timestamptz END,
                        CASE WHEN m.embedding IS NULL THEN 0 ELSE 1 END, m.created_at, %(now)s
                 FROM unnest(%(ids)s::uuid[], %(sessions)s::uuid[], %(positions)s::int[], %(roles)s::text[],
-                            %(contents)s::text[], %(metadata)s::jsonb[], %(index_texts)s::text[], %(vectors)s::text[],
+                            %(contents)s::text[], %(metadata)s::jsonb[], %(index_texts)s::text[], %(vectors)s::vector[],
                             %(created)s::timestamptz[])
                      AS m(id, session_id, position, role, content, metadata, index_text, embedding, created_at)
                 ORDER BY m.position
@@ -487,10 +486,9 @@ def _insert_messages(run: list[dict], *, target_id, use_embeddings: bool, genera
     return written
 
 
-def _array(rows: list[dict]):
-    import numpy as np
-
-    return np.asarray([v["embedding"] for v in rows], dtype=np.float32)
+def _vector(values: dict) -> Vector | None:
+    """A record's embedding as a query parameter (``None``: the record has none)."""
+    return None if values["embedding"] is None else Vector(values["embedding"])
 
 
 def _write_knowledge(source: Source, *, target_id, use_embeddings: bool, generation: int | None, progress) -> int:
@@ -522,6 +520,7 @@ def _insert_knowledge(items: list[dict], *, target_id, use_embeddings: bool, gen
     with transaction.atomic(), connection.cursor() as cursor:
         embedding_model.guard_write(cursor, generation=generation)
         _bump_memory_version(target_id)
+        use_binary_vectors(cursor)
         for values in items:
             cursor.execute(
                 "INSERT INTO memory_knowledge (id, user_id, content, metadata, embedding, created_at, updated_at) "
@@ -531,7 +530,7 @@ def _insert_knowledge(items: list[dict], *, target_id, use_embeddings: bool, gen
                     target_id,
                     values["content"],
                     json.dumps(values["metadata"]),
-                    vector_literals(_array([values]))[0],
+                    _vector(values),
                     values["created_at"],
                 ],
             )

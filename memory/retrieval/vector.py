@@ -41,7 +41,7 @@ from django.db import connection, transaction
 from pgvector import Vector
 
 from memory.retrieval.keys import DocKey
-from memory.vectors import vector_literal
+from memory.vectors import use_binary_vectors
 
 # --- context embeddings (writes) -------------------------------------------------------------
 
@@ -208,6 +208,7 @@ def candidates(**search) -> tuple[list[tuple[DocKey, float]], list[tuple], np.nd
     with transaction.atomic() if local_settings else nullcontext(), connection.cursor() as cursor:
         for setting in local_settings:
             cursor.execute(setting)
+        use_binary_vectors(cursor)
         cursor.execute(sql, params)
         rows = cursor.fetchall()
     flushed = [(DocKey(kind, doc_id), float(score)) for kind, doc_id, score, *_ in rows if kind in ("message", "knowledge")]
@@ -308,8 +309,8 @@ def search_statement(
     """
     params = {
         "user": user_id,
-        "q": vector_literal(embedding),
-        "q_scaled": vector_literal(embedding / feedback_weight) if moving else None,
+        "q": Vector(embedding),
+        "q_scaled": Vector(embedding / feedback_weight) if moving else None,
         "fm": [key.id for key in feedback if key.kind == "message"] if moving else [],
         "fk": [key.id for key in feedback if key.kind == "knowledge"] if moving else [],
         "limit": limit,
