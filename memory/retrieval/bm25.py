@@ -369,8 +369,8 @@ class BM25Index:
 
     def row(self, key: DocKey) -> int | None:
         """The row of ``key``'s live document, ``None`` if the index does not hold it."""
-        row = self._row_of_bytes(key[1].to_bytes(16, "big"))
-        return row if row is not None and KINDS[self.kind[row]] == key[0] else None
+        row = int(self.rows([key])[0])
+        return None if row < 0 else row
 
     def rows(self, keys: list[DocKey]) -> np.ndarray:
         """``row`` of each of ``keys`` at once: ``(len(keys),)`` int64, -1 where the index does
