@@ -33,7 +33,7 @@ from memfuse_project.pool import is_database_unavailable
 from memory import embedding_model, metrics
 from memory.inference import registry
 from memory.retrieval import cache
-from memory.retrieval.vector import context_refresh
+from memory.retrieval.vector import context_refresh, lock_context_writes
 from memory.vectors import use_binary_vectors
 
 logger = logging.getLogger(__name__)
@@ -85,9 +85,9 @@ def _write(
     Takes ``FOR KEY SHARE`` on the user's row first: the lock order of every writer of a
     user's messages (see ``memory.services._bump_memory_version``), so this ``UPDATE`` and an
     edit or a cascade delete never deadlock. Adds (``FOR NO KEY UPDATE``) do not conflict
-    with it: an add never waits for this write. Two flushes of one user take turns (a
-    transaction-level advisory lock on the user): each rewrites the context embeddings of
-    the other's neighbouring rows.
+    with it: an add never waits for this write. Two flushes of one user, and a flush and the
+    user's move to the HNSW index (``vector.ann_enable``), take turns (``lock_context_writes``):
+    each rewrites rows the other locks.
 
     ``generation``: the active embedding model the vectors come from (what
     ``embedding_model.follow_active_model`` returned before embedding); raises
@@ -100,7 +100,7 @@ def _write(
         row = cursor.fetchone()
         if row is None:
             return []  # the user was deleted meanwhile
-        cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s::text, 0))", [user_id])
+        lock_context_writes(cursor, user_id=user_id)
         use_binary_vectors(cursor)
         cursor.execute(
             """

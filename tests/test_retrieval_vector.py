@@ -108,6 +108,52 @@ def test_a_long_history_moves_to_the_hnsw_index_and_keeps_its_ranking(agent, set
     assert "memory_message_context_hnsw" not in _plan(small.pk, query, ann_bucket=None)
 
 
+@pytest.mark.django_db(transaction=True)
+def test_the_move_to_the_hnsw_index_takes_turns_with_a_flush_of_the_user(agent):
+    """While a flush's write of the user holds their context-write lock, the move to the HNSW
+    index puts none of their rows in it (the two lock the user's rows in different orders, and
+    would deadlock); once the flush commits, the move puts every row in the index."""
+    import threading
+
+    from django.db import transaction
+
+    from memory.models import EMBEDDING_DIM
+
+    vectors = unit(np.random.default_rng(5).normal(size=(30, EMBEDDING_DIM)))
+    user, ids = flushed_user(agent, "mover", vectors)
+    flush_holds, flush_may_end = threading.Event(), threading.Event()
+    moved = []
+
+    def flush_write():
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                vector.lock_context_writes(cursor, user_id=user.pk)
+                flush_holds.set()
+                flush_may_end.wait(10)
+        finally:
+            connection.close()
+
+    def move():
+        try:
+            moved.append(vector.ann_enable(user_id=user.pk, batch=10))
+        finally:
+            connection.close()
+
+    flusher, mover = threading.Thread(target=flush_write), threading.Thread(target=move)
+    flusher.start()
+    assert flush_holds.wait(10)
+    mover.start()
+    mover.join(0.5)
+    in_index_meanwhile = Message.objects.filter(user=user, ann_bucket__isnull=False).count()
+    flush_may_end.set()
+    flusher.join(10)
+    mover.join(10)
+
+    assert in_index_meanwhile == 0
+    assert moved and moved[0] is not None
+    assert set(Message.objects.filter(pk__in=ids).values_list("ann_bucket", flat=True)) == {moved[0]}
+
+
 def test_a_query_of_an_ann_user_finds_a_pending_message_too(alice_session, settings):
     """Read your writes holds on the approximate path: a message added after the user moved
     to the HNSW index is found before its flush, and after it."""

@@ -144,12 +144,20 @@ def context_refresh_all(
     return cursor.rowcount
 
 
-def ann_enable(*, user_id: uuid.UUID, batch: int = 2000) -> int | None:
+def lock_context_writes(cursor, *, user_id: uuid.UUID) -> None:
+    """Take the user's context-write lock until the caller's transaction ends (a
+    transaction-level advisory lock on the user). A flush's write and ``ann_enable`` take it:
+    each rewrites rows of the user that the other locks, in another order."""
+    cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s::text, 0))", [user_id])
+
+
+def ann_enable(*, user_id: uuid.UUID, batch: int = 500) -> int | None:
     """Give the user the least shared of the ``ANN_BUCKETS`` HNSW indexes and put their context
     embeddings in it, then set ``ann_bucket`` on the user (queries then search through it).
-    In batches of ``batch`` rows, each its own transaction (an HNSW insert takes about a
-    millisecond). Returns the user's bucket (``None``: the user is gone). Run by a flush once
-    the user holds ``ANN_MIN_MESSAGES`` messages.
+    In batches of ``batch`` rows, each its own transaction holding the user's context-write
+    lock (``lock_context_writes``; an HNSW insert takes about a millisecond, so a flush of the
+    user waits for one batch at most). Returns the user's bucket (``None``: the user is gone).
+    Run by a flush once the user holds ``ANN_MIN_MESSAGES`` messages.
     """
     from memory.models import ANN_BUCKETS
 
@@ -171,6 +179,9 @@ def ann_enable(*, user_id: uuid.UUID, batch: int = 2000) -> int | None:
                 return None
             if row[0] is not None:
                 return row[0]
+            # A flush's write locks the context rows around its turns in id order, these updates
+            # in scan order: taking turns, they cannot deadlock.
+            lock_context_writes(cursor, user_id=user_id)
             cursor.execute(
                 "UPDATE memory_message SET ann_bucket = %s WHERE id IN (SELECT id FROM memory_message "
                 "WHERE user_id = %s AND ann_bucket IS NULL AND context_embedding IS NOT NULL LIMIT %s FOR UPDATE SKIP LOCKED)",
