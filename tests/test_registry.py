@@ -367,6 +367,32 @@ def test_a_text_embedded_a_moment_ago_for_the_same_user_is_not_embedded_again(fr
     assert registry.recent_query_embeddings(["twice"], scope="alice") == {}
 
 
+def test_a_finished_recent_call_is_held_as_its_own_rows():
+    """A recent call under way is the caller's future; once done, the memo holds a copy of its
+    rows only (not the future, nor the batch array the rows are a view of), and hands out a
+    done future of them; a failed call is forgotten."""
+    from concurrent.futures import Future
+
+    from memory.inference.model_registry import RecentEmbeddings
+
+    recent = RecentEmbeddings(maxsize=8)
+    batch = np.arange(3 * 4, dtype=np.float32).reshape(3, 4)
+    under_way, failing = Future(), Future()
+    recent.put("alice", "hello", under_way)
+    recent.put("alice", "broken", failing)
+    assert recent.get("alice", "hello") is under_way
+
+    under_way.set_result(batch[1:2])
+    failing.set_exception(RuntimeError("model failed"))
+    held = recent._entries[recent._key("alice", "hello")]
+    later = recent.get("alice", "hello")
+
+    assert isinstance(held, np.ndarray) and held.base is None
+    assert later is not under_way and later.done()
+    np.testing.assert_array_equal(later.result(), batch[1:2])
+    assert recent.get("alice", "broken") is None and recent.get("bob", "hello") is None
+
+
 @pytest.mark.integration
 def test_the_query_process_embeds_concurrent_calls_on_one_model(query_mode, settings, int8_query_embedder):
     """QUERY_EMBEDDING_CONCURRENCY 2: one child process, two calls at once (each on its own

@@ -450,16 +450,17 @@ class ModelRegistry:
 
 class RecentEmbeddings:
     """The query model's last ``maxsize`` one-text calls, by scope (a user) and text: a
-    thread-safe LRU of their futures (cachetools' ``LRUCache``), keyed by a 16-byte BLAKE2b
-    digest of both, so that a long message costs no more than a short one. A failed call is
-    forgotten, so the next caller asks the model again. ``maxsize`` 0 keeps nothing. Memory:
-    about 1.7 KB an entry at 384 dimensions.
+    thread-safe LRU (cachetools' ``LRUCache``), keyed by a 16-byte BLAKE2b digest of both, so
+    that a long message costs no more than a short one. A call under way is held as its
+    future, a finished one as its rows alone (a future and its condition variable would
+    double the entry); a failed call is forgotten, so the next caller asks the model again.
+    ``maxsize`` 0 keeps nothing. Memory: about 2.1 KB a finished entry at 384 dimensions.
     """
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
         self._lock = threading.Lock()
-        self._futures: LRUCache | None = LRUCache(maxsize=maxsize) if maxsize > 0 else None
+        self._entries: LRUCache | None = LRUCache(maxsize=maxsize) if maxsize > 0 else None
 
     @staticmethod
     def _key(scope: object, text: str) -> bytes:
@@ -469,30 +470,41 @@ class RecentEmbeddings:
         return digest.digest()
 
     def get(self, scope: object, text: str) -> Future | None:
-        """The future of ``text``'s call for ``scope``, if it is recent and has not failed."""
-        if self._futures is None:
+        """The future of ``text``'s call for ``scope`` (a finished one: a new, done future of its
+        rows), if it is recent and has not failed."""
+        if self._entries is None:
             return None
         with self._lock:
-            future = self._futures.get(self._key(scope, text))
-        if future is not None and future.done() and (future.cancelled() or future.exception() is not None):
+            entry = self._entries.get(self._key(scope, text))
+        if isinstance(entry, np.ndarray):
+            future: Future = Future()
+            future.set_result(entry)
+            return future
+        if entry is not None and entry.done() and (entry.cancelled() or entry.exception() is not None):
             return None
-        return future
+        return entry
 
     def put(self, scope: object, text: str, future: Future) -> None:
-        """Remember ``future`` as ``text``'s call for ``scope``; forgotten again if it fails."""
-        if self._futures is None:
+        """Remember ``future`` as ``text``'s call for ``scope``: its rows once it succeeds, nothing
+        if it fails."""
+        if self._entries is None:
             return
         key = self._key(scope, text)
         with self._lock:
-            self._futures[key] = future
+            self._entries[key] = future
 
-        def forget_failure(done: Future) -> None:
-            if done.cancelled() or done.exception() is not None:
-                with self._lock:
-                    if self._futures.get(key) is done:
-                        del self._futures[key]
+        def settle(done: Future) -> None:
+            failed = done.cancelled() or done.exception() is not None
+            # A copy: the rows may be a view of a whole batch's array, which it would keep alive.
+            rows = None if failed else np.array(done.result(), dtype=np.float32)
+            with self._lock:
+                if self._entries.get(key) is done:
+                    if failed:
+                        del self._entries[key]
+                    else:
+                        self._entries[key] = rows
 
-        future.add_done_callback(forget_failure)
+        future.add_done_callback(settle)
 
     def embeddings(self, scope: object, texts: list[str], *, wait_seconds: float = 0.0) -> dict[str, np.ndarray]:
         """``{text: (dim,) float32}`` of those of ``texts`` whose call for ``scope`` has
