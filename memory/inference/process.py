@@ -27,6 +27,10 @@ def _serve_embeddings(path: str, batch_size: int, threads: int, nice: int, conns
     """
     import signal
 
+    from memfuse_project.serving import limit_malloc_arenas
+
+    # Each connection's thread would otherwise keep a malloc arena of its own (see there).
+    limit_malloc_arenas()
     # Ctrl-C reaches the whole process group: the parent's graceful drain still needs this
     # process, which ends with the parent (pipe closed) or by multiprocessing's exit handler.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
