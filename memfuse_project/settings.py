@@ -296,7 +296,7 @@ MEMFUSE = {
     "PENDING_EMBED_MAX": envint("PENDING_EMBED_MAX", 16),
     # One-text calls of the query model remembered by text (memory.inference.RecentEmbeddings):
     # a text embedded again soon after (the chat turn's query, then the same words added as
-    # its message) costs no second model call. About 1.7 KB each; 0: none.
+    # its message) costs no second model call. About 2.1 KB each once done; 0: none.
     "RECENT_EMBEDDINGS": envint("RECENT_EMBEDDINGS", 2048),
     # A user with this many messages gets their context embeddings into the HNSW index, and
     # approximate vector search (memory.retrieval.vector); below it the search is exact.
