@@ -95,11 +95,11 @@ def limit_malloc_arenas() -> bool:
     library is not glibc. Returns whether it set the cap.
 
     glibc gives threads that allocate at the same time arenas of their own, up to eight per
-    core, and keeps what is freed in each; a server's request threads and flush workers (and
-    an inference process's connection threads) then hold memory that no thread uses any more,
-    and the process grows for hours under a steady load (docs/benchmarks.md, the soak). Python's own objects come from its allocator's pools,
-    whatever the arenas; what the cap slows is C code's allocations (psycopg, numpy), which
-    wait for a lock a little more often.
+    core, and keeps what is freed in each; a server's request threads and flush workers (and an
+    inference process's connection threads) then hold memory that no thread uses any more, and
+    the process grows for hours under a steady load (docs/benchmarks.md, the soak). Python's
+    own objects come from its allocator's pools, whatever the arenas; what the cap slows is C
+    code's allocations (psycopg, numpy), which wait for a lock a little more often.
     """
     import ctypes
     import ctypes.util
