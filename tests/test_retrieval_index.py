@@ -9,6 +9,7 @@ cache evicts by bytes.
 from __future__ import annotations
 
 import random
+import tracemalloc
 import uuid
 
 import bm25s
@@ -125,6 +126,11 @@ def _bm25(user, query: str, limit: int = 50):
     return found
 
 
+def _snapshot_bytes(user_id) -> bytes:
+    with store.snapshot_parts(user_id) as parts:
+        return b"".join(parts)
+
+
 def _fresh_bm25(user, query: str, limit: int = 50):
     """The same list from an index built from the user's rows alone (no snapshot, no cache)."""
     index = store.new_index()
@@ -218,13 +224,19 @@ def test_a_process_without_the_user_loads_their_snapshot_and_catches_up(alice_se
     assert through is not None and lag == 0
     [late] = _add(alice_session, ["a late trip to the glacier lake"])
     loaded = []
-    from_bytes = BM25Index.from_bytes
-    monkeypatch.setattr(BM25Index, "from_bytes", classmethod(lambda cls, data, **kw: loaded.append(len(data)) or from_bytes(data, **kw)))
+    from_parts = BM25Index.from_parts
+
+    def counted(cls, parts, **kw):
+        index = from_parts(parts, **kw)
+        loaded.append(index is not None)
+        return index
+
+    monkeypatch.setattr(BM25Index, "from_parts", classmethod(counted))
     retrieval.reset_user_cache()
 
     cached = _bm25(alice_session.user, "glacier lake trip")
 
-    assert len(loaded) == 1 and retrieval.user_memory(alice_session.user_id).index.seq > through
+    assert loaded == [True] and retrieval.user_memory(alice_session.user_id).index.seq > through
     assert cached == _fresh_bm25(alice_session.user, "glacier lake trip")
     assert cached[0][0].id == late.pk
 
@@ -245,13 +257,63 @@ def test_a_snapshot_is_stored_in_bounded_parts_and_read_back_whole(alice_session
         cursor.execute("SELECT count(*), max(octet_length(data)) FROM memory_indexsnapshotpart WHERE user_id = %s", [user_id])
         parts, largest = cursor.fetchone()
     assert parts == -(-len(data) // 1000) and parts > 2 and largest <= 1000
-    assert store._snapshot_data(user_id) == data
+    assert _snapshot_bytes(user_id) == data
     assert store.load(user_id).search(retrieval.query_tokens("ridge hike"), limit=50) == _fresh_bm25(alice_session.user, "ridge hike")
 
     services.messages_delete(session=alice_session, message_ids=[row.pk for row in rows[5:]])
     smaller = store.load(user_id)
     assert store.snapshot_save(smaller, user_id)
-    assert store._snapshot_data(user_id) == smaller.to_bytes() and len(smaller.to_bytes()) < len(data)
+    assert _snapshot_bytes(user_id) == smaller.to_bytes() and len(smaller.to_bytes()) < len(data)
+
+
+def test_a_snapshot_read_in_parts_of_any_size_is_the_same_index():
+    """``to_parts`` cuts ``to_bytes``' output into parts of the size asked (the last one
+    shorter); ``from_parts`` reads it back from any cuts and scores as the index it came from.
+    A stream cut short is an error; an empty one, or one of another kind, is no snapshot."""
+    rng = random.Random(3)
+    sessions = [uuid.uuid4() for _ in range(3)]
+    index = BM25Index(window=2, own_weight=2)
+    for number in range(300):
+        lexemes = {f"w{rng.randrange(60)}": rng.randint(1, 3) for _ in range(5)}
+        index.add(Document(kind=MESSAGE, id=uuid.uuid4(), lexemes=lexemes, created_us=number,
+                           session=sessions[number % 3], position=number // 3))  # fmt: skip
+    data = index.to_bytes()
+    for size in (1, 7, 4096, len(data) + 1):
+        parts = list(index.to_parts(size))
+        assert b"".join(parts) == data
+        assert {len(part) for part in parts[:-1]} <= {size} and 0 < len(parts[-1]) <= size
+    cuts = sorted(rng.sample(range(1, len(data)), 40))
+    pieces = [data[start:end] for start, end in zip([0, *cuts], [*cuts, len(data)])]
+
+    loaded = BM25Index.from_parts(iter(pieces), window=2, own_weight=2)
+
+    assert loaded.to_bytes() == data
+    query = ["w1", "w2", "w3"]
+    assert loaded.search(query, limit=300) == index.search(query, limit=300) != []
+    with pytest.raises(ValueError, match="ended"):
+        BM25Index.from_parts(pieces[:-1], window=2, own_weight=2)
+    assert BM25Index.from_parts([], window=2, own_weight=2) is None
+    assert BM25Index.from_parts([b"\x89PNG\r\n", data], window=2, own_weight=2) is None
+
+
+def test_a_load_holds_little_beyond_the_index_it_builds(alice_session, monkeypatch):
+    """A snapshot is streamed from the database a part at a time into the index's arrays: at
+    its peak, a load holds less than the snapshot's size beyond the index it returns (the
+    arithmetic of the rows' context lengths, not the snapshot again as parts and as their join). Measured by ``tracemalloc``, which sees Python's and numpy's
+    allocations (libpq's, which single-row mode holds to one row, it does not)."""
+    monkeypatch.setattr(store, "SNAPSHOT_PART_BYTES", 2000)
+    _add(alice_session, [f"day {i}: a walk to the {('harbour', 'market', 'old mill')[i % 3]} with Rosa" for i in range(1200)])
+    user_id = alice_session.user_id
+    assert store.snapshot_save(store.load(user_id), user_id)
+    size = len(store.load(user_id).to_bytes())  # also warms what a first load allocates once
+    tracemalloc.start()
+    try:
+        index = store.load(user_id)
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(index) == 1200 and size > 10 * 2000
+    assert peak - held < size, (peak - held, size)
 
 
 def test_deletions_a_snapshot_absorbed_make_an_older_cache_reload(alice_session):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +48,53 @@ KINDS = ("message", "knowledge")
 # Snapshot format (to_bytes / from_bytes); a snapshot of another format is ignored (rebuilt).
 FORMAT = 1
 _MAGIC = b"MFBM"
+
+
+class _PartReader:
+    """A byte stream given as consecutive parts (bytes-like, of any sizes), read by copying
+    each read straight into its destination: the stream is never held whole."""
+
+    def __init__(self, parts: Iterable[bytes]) -> None:
+        self._parts = iter(parts)
+        self._part = memoryview(b"")
+
+    def read_into(self, out: np.ndarray) -> None:
+        """Fill the contiguous array ``out`` with the stream's next ``out.nbytes`` bytes.
+        Raises ``ValueError`` when the stream ends first."""
+        target = memoryview(out).cast("B")
+        filled = 0
+        while filled < len(target):
+            if not self._part:
+                part = next(self._parts, None)
+                if part is None:
+                    raise ValueError(f"the stream ended {len(target) - filled} bytes early")
+                self._part = memoryview(part).cast("B")
+            count = min(len(self._part), len(target) - filled)
+            target[filled : filled + count] = self._part[:count]
+            self._part = self._part[count:]
+            filled += count
+
+    def read(self, count: int) -> bytes:
+        """The stream's next ``count`` bytes. Raises ``ValueError`` when it ends first."""
+        out = np.empty(count, dtype=np.uint8)
+        self.read_into(out)
+        return out.tobytes()
+
+
+def _in_parts(buffers: list, size: int) -> Iterator[bytes]:
+    """The concatenation of ``buffers`` (bytes-like) as consecutive parts of ``size`` bytes."""
+    part = bytearray()
+    for buffer in buffers:
+        view = memoryview(buffer).cast("B")
+        while view:
+            count = size - len(part)
+            part += view[:count]
+            view = view[count:]
+            if len(part) == size:
+                yield bytes(part)
+                part.clear()
+    if part:
+        yield bytes(part)
 
 
 @dataclass(frozen=True)
@@ -567,6 +614,16 @@ class BM25Index:
 
     def to_bytes(self) -> bytes:
         """The index as bytes for ``from_bytes`` (compacted first: no tail, no dead rows)."""
+        return b"".join(self._snapshot_buffers())
+
+    def to_parts(self, size: int) -> Iterator[bytes]:
+        """``to_bytes``' output as consecutive parts of ``size`` bytes (the last one shorter),
+        each made as it is taken: the snapshot is never held whole. Compacts the index at once;
+        the index must not change until the last part is taken."""
+        return _in_parts(self._snapshot_buffers(), size)
+
+    def _snapshot_buffers(self) -> list:
+        """The snapshot's pieces in order: bytes, and views of the index's arrays."""
         if self._tail_n or self.live != self.n:
             self.compact()
         n = self.n
@@ -582,33 +639,42 @@ class BM25Index:
         vocabulary = "\x00".join(self.vocab).encode()  # dict order is term order
         header["vocabulary_bytes"] = len(vocabulary)
         encoded = json.dumps(header).encode()
-        parts = [_MAGIC, len(encoded).to_bytes(4, "little"), encoded, vocabulary, self.ids[:n].tobytes()]
-        parts += [getattr(self, name)[:n].tobytes() for name in _ROW_ARRAYS]
-        parts += [self._base_ptr.tobytes(), self._base_rows.tobytes(), self._base_tf.tobytes()]
-        parts += [b"".join(self.session_ids), np.asarray(self._session_last, dtype=np.int32).tobytes()]
-        return b"".join(parts)
+        # The arrays go in as views (their leading rows are contiguous), not copies.
+        parts = [_MAGIC, len(encoded).to_bytes(4, "little"), encoded, vocabulary, self.ids[:n].data]
+        parts += [getattr(self, name)[:n].data for name in _ROW_ARRAYS]
+        parts += [self._base_ptr.data, self._base_rows.data, self._base_tf.data]
+        parts += [b"".join(self.session_ids), np.asarray(self._session_last, dtype=np.int32).data]
+        return parts
 
     @classmethod
     def from_bytes(cls, data: bytes, *, window: int, own_weight: int) -> BM25Index | None:
         """An index from ``to_bytes``' output; ``None`` if ``data`` is of another format."""
-        view = memoryview(data)
-        if bytes(view[:4]) != _MAGIC:
+        return cls.from_parts([data], window=window, own_weight=own_weight)
+
+    @classmethod
+    def from_parts(cls, parts: Iterable[bytes], *, window: int, own_weight: int) -> BM25Index | None:
+        """An index from ``to_bytes``' output given as consecutive parts (bytes-like, of any
+        sizes); ``None`` if it is of another format. Each array is read straight into its
+        place, so a load holds one part beyond the index it builds, never the whole snapshot.
+
+        Raises ``ValueError`` when the parts end before the snapshot does.
+        """
+        reader = _PartReader(parts)
+        try:
+            if reader.read(4) != _MAGIC:
+                return None
+        except ValueError:  # shorter than the magic number: not a snapshot
             return None
-        size = int.from_bytes(view[4:8], "little")
-        header = json.loads(bytes(view[8 : 8 + size]))
+        header = json.loads(reader.read(int.from_bytes(reader.read(4), "little")))
         if header.get("format") != FORMAT:
             return None
-        offset = 8 + size
 
         def take(count: int, dtype) -> np.ndarray:
-            nonlocal offset
-            nbytes = count * np.dtype(dtype).itemsize
-            array = np.frombuffer(view[offset : offset + nbytes], dtype=dtype).copy()
-            offset += nbytes
+            array = np.empty(count, dtype=dtype)
+            reader.read_into(array)
             return array
 
-        vocabulary = bytes(view[offset : offset + header["vocabulary_bytes"]]).decode()
-        offset += header["vocabulary_bytes"]
+        vocabulary = reader.read(header["vocabulary_bytes"]).decode()
         n = header["rows"]
         index = cls(window=window, own_weight=own_weight, capacity=1)
         index.seq = header["seq"]
@@ -616,12 +682,12 @@ class BM25Index:
         index.vocab = dict(zip(terms, range(len(terms))))
         index._vocab_bytes = sum(len(term) + 90 for term in terms)
         capacity = max(16, int(n * 1.25) + 16)
-        ids = np.zeros((capacity, 16), dtype=np.uint8)
-        ids[:n] = take(n * 16, np.uint8).reshape(n, 16)
-        index.ids = ids
+        index.ids = np.zeros((capacity, 16), dtype=np.uint8)
+        reader.read_into(index.ids[:n])
         for name, (dtype, fill) in _ROW_ARRAYS.items():
-            array = np.full(capacity, fill, dtype=dtype)
-            array[:n] = take(n, dtype)
+            array = np.empty(capacity, dtype=dtype)
+            reader.read_into(array[:n])
+            array[n:] = fill
             setattr(index, name, array)
         index._capacity = capacity
         index.n = n
@@ -629,7 +695,7 @@ class BM25Index:
         index._base_ptr = take(header["terms"] + 1, np.int64)
         index._base_rows = take(header["postings"], np.int32)
         index._base_tf = take(header["postings"], np.uint16)
-        sessions = take(header["sessions"] * 16, np.uint8).tobytes()
+        sessions = reader.read(header["sessions"] * 16)
         index.session_ids = [sessions[i : i + 16] for i in range(0, len(sessions), 16)]
         index._session_codes = {session: code for code, session in enumerate(index.session_ids)}
         index._session_last = take(header["sessions"], np.int32).tolist()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 
 import psycopg
@@ -99,28 +101,38 @@ def catch_up(index: BM25Index, user_id: uuid.UUID) -> bool:
 def load(user_id: uuid.UUID) -> BM25Index:
     """The user's index as of now: their snapshot (if any, and of this format) caught up,
     else built from their rows (``catch_up`` from nothing)."""
-    index = None
-    data = _snapshot_data(user_id)
-    if data is not None:
-        config = settings.MEMFUSE
-        index = BM25Index.from_bytes(data, window=config["BM25_CONTEXT_TURNS"], own_weight=config["BM25_OWN_WEIGHT"])
+    config = settings.MEMFUSE
+    with snapshot_parts(user_id) as parts:
+        index = BM25Index.from_parts(parts, window=config["BM25_CONTEXT_TURNS"], own_weight=config["BM25_OWN_WEIGHT"])
     if index is None or not catch_up(index, user_id):
         index = new_index()
         catch_up(index, user_id)  # from nothing: no pruned deletion can be missed
     return index
 
 
-def _snapshot_data(user_id: uuid.UUID) -> bytes | None:
-    """The user's snapshot bytes (its parts joined), ``None`` when there is none. Read in
-    binary on a server-side-binding cursor: Django's cursors bind on the client, which gets
-    results as text, and a megabyte of bytea as hex text took three times as long."""
+@contextmanager
+def snapshot_parts(user_id: uuid.UUID) -> Iterator[Iterator[bytes]]:
+    """The user's snapshot as its parts in order (``bytes``; none when there is no snapshot).
+
+    Read in binary on a server-side-binding cursor: Django's cursors bind on the client,
+    which gets results as text, and a megabyte of bytea as hex text took three times as long.
+    Streamed a part at a time (libpq's single-row mode) for ``BM25Index.from_parts``: a load
+    holds one part beyond the index it builds, not the snapshot again as libpq's result, as
+    its parts and as their join. A load's peak sets the process's resident memory (the
+    allocator keeps what it once held), and it grows with the user's history. The parts a
+    reader leaves are read on exit: an unfinished stream would cancel the statement.
+    """
     connection.ensure_connection()
     with psycopg.Cursor(connection.connection) as cursor:
-        cursor.execute(
+        rows = cursor.stream(
             "SELECT data FROM memory_indexsnapshotpart WHERE user_id = %s ORDER BY part", [user_id], binary=True
         )
-        parts = [row[0] for row in cursor]
-    return b"".join(parts) if parts else None
+        parts = (part for (part,) in rows)
+        try:
+            yield parts
+        finally:
+            for _ in parts:
+                pass
 
 
 def snapshot_save(index: BM25Index, user_id: uuid.UUID) -> bool:
@@ -128,9 +140,10 @@ def snapshot_save(index: BM25Index, user_id: uuid.UUID) -> bool:
     tombstones it has absorbed. Returns whether it was written. Compacts ``index``.
 
     The bytes go in parts of ``SNAPSHOT_PART_BYTES``, each its own bound parameter (in binary,
-    not as hex in the statement's text): see ``IndexSnapshotPart``.
+    not as hex in the statement's text; see ``IndexSnapshotPart``), made as they are sent
+    (``BM25Index.to_parts``): the snapshot is never held whole.
     """
-    data = memoryview(index.to_bytes())
+    parts = index.to_parts(SNAPSHOT_PART_BYTES)  # compacts the index before anything is read from it
     with transaction.atomic():
         with connection.cursor() as cursor:
             cursor.execute(
@@ -151,10 +164,7 @@ def snapshot_save(index: BM25Index, user_id: uuid.UUID) -> bool:
             # executemany pipelines the inserts; libpq sends its buffer on as it fills.
             cursor.executemany(
                 "INSERT INTO memory_indexsnapshotpart (user_id, part, data) VALUES (%s, %s, %b)",
-                [
-                    (user_id, part, data[start : start + SNAPSHOT_PART_BYTES])
-                    for part, start in enumerate(range(0, max(len(data), 1), SNAPSHOT_PART_BYTES))
-                ],
+                ((user_id, number, part) for number, part in enumerate(parts)),
             )
         with connection.cursor() as cursor:
             # The deletions the snapshot holds need no tombstone any more; a cache that has not
