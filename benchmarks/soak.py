@@ -42,6 +42,7 @@ from websockets.exceptions import WebSocketException
 from websockets.sync.client import connect as ws_connect
 
 from benchmarks.errors import BenchError
+from benchmarks.index_load import index_load
 from benchmarks.server import ServerProcess, bench_rate_limit, children_rss_mb, rss_mb
 from benchmarks.stats import latency_summary, slope_mb_per_hour
 
@@ -266,7 +267,7 @@ def health(url: str) -> dict | None:
 
 
 def soak_bench(options: dict, *, write) -> dict:
-    """``options["mode"]`` (``soak`` or ``pool-check``) with the command's options; the report,
+    """``options["mode"]`` (``soak``, ``pool-check`` or ``index-load``) with the command's options; the report,
     also written as JSON through ``write(str)`` and to ``options["json_out"]`` when set.
 
     Raises ``CommandError`` naming a bad option, or when the run cannot go on.
@@ -280,7 +281,16 @@ def soak_bench(options: dict, *, write) -> dict:
         env = dict(item.split("=", 1) for item in options["server_env"])
     except ValueError:
         raise CommandError("--server-env takes NAME=VALUE") from None
-    result = pool_check(options["iterations"]) if options["mode"] == "pool-check" else soak(options, env)
+    if options["mode"] == "pool-check":
+        result = pool_check(options["iterations"])
+    elif options["mode"] == "index-load":
+        try:
+            sizes = [int(size) for size in options["sizes"].split(",")]
+        except ValueError:
+            raise CommandError("--sizes takes comma-separated message counts") from None
+        result = index_load(sizes, options["repeats"], log=lambda line: write(line))
+    else:
+        result = soak(options, env)
     text = json.dumps(result, indent=2)
     if options["json_out"]:
         options["json_out"].write_text(text + "\n")

@@ -3,6 +3,7 @@ restart test's load, ``tests/test_database_restart.py``)."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from django.core.management import CommandError, call_command
 
 from benchmarks.soak import _memory
 from benchmarks.stats import slope_mb_per_hour
+from tests.subprocesses import subprocess_env
 
 
 def test_memory_slope_is_least_squares_in_mb_per_hour():
@@ -46,6 +48,39 @@ def test_soak_rejects_bad_options(args, message):
     """Bad options are a command error naming the option, before any server starts."""
     with pytest.raises(CommandError, match=message):
         call_command("soak_bench", "soak", *args)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--sizes", "ten"], "--sizes"), (["--sizes", "100,0"], "--sizes"), (["--repeats", "0"], "--repeats")],
+)
+def test_index_load_rejects_bad_options(args, message):
+    """Bad sizes or repeats are a command error naming the option, before any user is built."""
+    with pytest.raises(CommandError, match=message):
+        call_command("soak_bench", "index-load", *args)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_index_load_loads_each_user_in_fresh_processes(tmp_path, monkeypatch):
+    """index-load builds users of the sizes asked (once: a second run reuses them) and loads
+    each one's whole index from its snapshot in fresh processes, a time and a peak per process."""
+    monkeypatch.setenv("DATABASE_URL", subprocess_env()["DATABASE_URL"])
+    out = tmp_path / "load.json"
+    first = io.StringIO()
+    call_command("soak_bench", "index-load", "--sizes", "40,90", "--repeats", "2", "--json", str(out), stdout=first)
+
+    report = json.loads(out.read_text())
+    users = report["users"]
+    assert [(user["messages"], user["documents"], len(user["load_ms"]), len(user["peak_rise_mb"])) for user in users] == [
+        (40, 40, 2, 2),
+        (90, 90, 2, 2),
+    ]
+    assert 0 < users[0]["snapshot_bytes"] < users[1]["snapshot_bytes"] and 0 < users[0]["index_bytes"] < users[1]["index_bytes"]
+    assert all(user["load_ms_median"] > 0 and user["peak_rise_mb_median"] >= 0 for user in users)
+    assert "building" in first.getvalue()
+    again = io.StringIO()
+    call_command("soak_bench", "index-load", "--sizes", "40,90", "--repeats", "1", stdout=again)
+    assert "building" not in again.getvalue()
 
 
 def test_pool_check_reports_the_cost_of_the_connection_check(db, tmp_path):

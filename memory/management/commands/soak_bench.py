@@ -1,4 +1,5 @@
-"""``python manage.py soak_bench {soak,pool-check}``: a mixed load for minutes, or the pool check's cost (``benchmarks.soak``)."""
+"""``python manage.py soak_bench {soak,pool-check,index-load}``: a mixed load for minutes, the pool check's cost
+(``benchmarks.soak``), or what loading a user's index costs a process (``benchmarks.index_load``)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from benchmarks.soak import soak_bench
 
 
 class Command(BaseCommand):
-    help = "soak: mixed load for minutes (memory slope, errors, backlog); pool-check: cost of the pool's connection check."
+    help = (
+        "soak: mixed load for minutes (memory slope, errors, backlog); pool-check: cost of the pool's connection check; "
+        "index-load: peak memory and time of loading a user's index in a fresh process."
+    )
 
     def add_arguments(self, parser):
-        parser.add_argument("mode", choices=["soak", "pool-check"])
+        parser.add_argument("mode", choices=["soak", "pool-check", "index-load"])
         parser.add_argument("--url", help="base URL of a running server (default: start uvicorn on loopback)")
         parser.add_argument("--api-key", help="a tenant key (with --url)")
         parser.add_argument("--server-pid", type=int, help="with --url: the server's process id, for its memory figures")
@@ -30,6 +34,10 @@ class Command(BaseCommand):
         parser.add_argument("--sample-seconds", type=float, default=5.0)
         parser.add_argument("--drain-timeout", type=float, default=600.0, help="seconds to wait for the backlog to empty")
         parser.add_argument("--iterations", type=int, default=20000, help="pool-check: getconn/putconn pairs per timed pass")
+        parser.add_argument(
+            "--sizes", default="10000,30000,100000", help="index-load: the users' message counts, comma-separated"
+        )
+        parser.add_argument("--repeats", type=int, default=5, help="index-load: fresh processes per user")
         parser.add_argument("--json", dest="json_out", type=Path, help="also write the results to this file")
 
     def handle(self, *args, **options):
