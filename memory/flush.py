@@ -34,7 +34,7 @@ from memory import embedding_model, metrics
 from memory.inference import registry
 from memory.retrieval import cache
 from memory.retrieval.vector import context_refresh, lock_context_writes
-from memory.vectors import use_binary_vectors
+from memory.vectors import VectorArray, use_binary_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def _write(
             WHERE m.id = v.id AND m.flush_claim = %(token)s
             RETURNING m.id, m.session_id, m.position
             """,
-            {"ids": ids, "vectors": [Vector(vector) for vector in vectors], "token": token},
+            {"ids": ids, "vectors": VectorArray(Vector(vector) for vector in vectors), "token": token},
         )
         written = cursor.fetchall()
         context_refresh(cursor, seeds=[(session, position) for _, session, position in written], bucket=row[0])

@@ -55,7 +55,7 @@ from memory.embedding_model import SWITCH_LOCK_KEY, forget_active_model
 from memory.inference import registry
 from memory.models import ANN_BUCKETS, EmbeddingModel
 from memory.retrieval.vector import context_refresh_all
-from memory.vectors import use_binary_vectors
+from memory.vectors import VectorArray, use_binary_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def _write_batch(table: str, rows: list[tuple], embedder: DocumentEmbedder) -> i
             FROM unnest(%(ids)s::uuid[], %(vectors)s::vector[], %(seqs)s::bigint[]) AS v(id, embedding, seq)
             WHERE t.id = v.id AND t.seq = v.seq
             """,
-            {"ids": [row[0] for row in rows], "vectors": [Vector(vector) for vector in vectors], "seqs": [row[2] for row in rows]},
+            {"ids": [row[0] for row in rows], "vectors": VectorArray(Vector(vector) for vector in vectors), "seqs": [row[2] for row in rows]},
         )
         return cursor.rowcount
 

@@ -1,7 +1,7 @@
 """Embeddings as query parameters, sent to PostgreSQL in pgvector's binary format.
 
-Callers pass ``pgvector.Vector`` values (``Vector(ndarray)``; a list of them, ``None`` for
-NULL, for a ``vector[]``) after ``use_binary_vectors(cursor)``. The binary format carries
+Callers pass ``pgvector.Vector`` values (``Vector(ndarray)``), or a ``VectorArray`` of them
+(``None`` for NULL) for a ``vector[]``, after ``use_binary_vectors(cursor)``. The binary format carries
 the float32 values themselves, so the stored vector is the computed one bit for bit, and
 encoding one takes a microsecond: a text literal of 384 floats takes about 80 µs, on the GIL
 of the process that flushes and queries (the web process), twice per chat turn and once or
@@ -15,6 +15,15 @@ from pgvector import Vector
 from pgvector.psycopg.vector import VectorBinaryDumper, VectorDumper
 from psycopg.adapt import PyFormat
 from psycopg.types import TypeInfo
+from psycopg.types.array import ListBinaryDumper, ListDumper
+
+
+class VectorArray(list):
+    """A list of ``Vector`` (or ``None``) sent as one ``vector[]`` parameter, in binary.
+
+    A plain list would go as a text array, with each vector as a text literal: psycopg picks
+    its text list dumper for a ``%s`` placeholder, whatever its items' binary dumpers.
+    """
 
 
 def _has_dumpers(context) -> bool:
@@ -55,6 +64,8 @@ def use_binary_vectors(cursor) -> None:
 
 def _register(context, info: TypeInfo, text_dumper: type, binary_dumper: type) -> None:
     info.register(context)  # the vector[] oid, for lists of vectors
-    # The binary dumper last: it is the one psycopg picks for a plain %s placeholder.
+    # The binary dumpers last: they are the ones psycopg picks for a plain %s placeholder.
     context.adapters.register_dumper(Vector, text_dumper)
     context.adapters.register_dumper(Vector, binary_dumper)
+    context.adapters.register_dumper(VectorArray, ListDumper)
+    context.adapters.register_dumper(VectorArray, ListBinaryDumper)

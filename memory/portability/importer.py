@@ -44,7 +44,7 @@ from memory.portability.records import invalid
 
 # _bump_memory_version: the user row lock every writer of a user's messages takes first.
 from memory.services import _bump_memory_version, message_index_text
-from memory.vectors import use_binary_vectors
+from memory.vectors import VectorArray, use_binary_vectors
 
 WRITE_BATCH = 1000  # rows per INSERT statement
 
@@ -445,7 +445,7 @@ def _insert_messages(run: list[dict], *, target_id, use_embeddings: bool, genera
         use_binary_vectors(cursor)
         for start in range(0, len(run), WRITE_BATCH):
             rows = run[start : start + WRITE_BATCH]
-            vectors = [_vector(v) if use_embeddings else None for v in rows]
+            vectors = VectorArray(_vector(v) if use_embeddings else None for v in rows)
             cursor.execute(
                 """
                 INSERT INTO memory_message (id, session_id, user_id, position, role, content, metadata, index_text,
