@@ -10,8 +10,8 @@ many cycled LoCoMo turns (``benchmarks.chat_dataset.cycled_turns``), written as 
 messages with their snapshot (``benchmarks.dataset.bulk_load``) in tenant
 ``bench-index-load``, built once and reused while the sizes match. Each load runs
 ``--repeats`` times, each time in a fresh Python process that has connected to the database
-first; it reports the rise of the process's peak resident memory (``ru_maxrss`` over the
-resident size before the load), the time of the load, the snapshot's bytes and the index's own
+first; it reports the rise of the process's peak resident memory (``VmHWM``: not
+``ru_maxrss``, which a process started by another inherits from it), the time of the load, the snapshot's bytes and the index's own
 (``BM25Index.nbytes``), with the medians.
 """
 
@@ -31,25 +31,25 @@ TENANT = "bench-index-load"
 # Run in a fresh process: django.setup(), a first query (the connection and its buffers), then
 # one load. Prints one JSON line.
 _CHILD = """
-import json, resource, sys, time, uuid
+import json, sys, time, uuid
 import django
 django.setup()
 from django.db import connection
 from memory.retrieval import store
 
-def resident_kb():
+def status_kb(field):
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 with connection.cursor() as cursor:
     cursor.execute("SELECT 1")
-before = max(resident_kb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+before = status_kb("VmHWM")
 started = time.perf_counter()
 index = store.load(uuid.UUID(sys.argv[1]))
 seconds = time.perf_counter() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rise_kb = status_kb("VmHWM") - before  # before to_bytes below, which holds the snapshot whole
 print(json.dumps({"documents": len(index), "index_bytes": index.nbytes, "snapshot_bytes": len(index.to_bytes()),
-                  "peak_rise_mb": round((peak - before) / 1024, 1), "load_ms": round(seconds * 1000, 1)}))
+                  "peak_rise_mb": round(rise_kb / 1024, 1), "load_ms": round(seconds * 1000, 1)}))
 """
 
 
