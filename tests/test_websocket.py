@@ -168,10 +168,12 @@ def _unusable_keys(tenant) -> dict[str, str | None]:
     ApiKey.objects.filter(pk=expired.pk).update(expiry_date=timezone.now() - timedelta(seconds=1))
     revoked, revoked_key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="revoked")
     services.api_key_revoke(api_key=revoked)
+    prefix, secret = live_key.split(".")
     return {
         "none": None,
         "unknown": "nope1234.abcdefghijklmnopqrstuvwxyz012345",
-        "wrong-secret": live_key.split(".")[0] + ".x" + live_key.split(".")[1][1:],
+        # Another first character (a fixed "x" would be the live key itself when its secret starts with one).
+        "wrong-secret": f"{prefix}.{'y' if secret[0] == 'x' else 'x'}{secret[1:]}",
         "expired": expired_key,
         "revoked": revoked_key,
     }
