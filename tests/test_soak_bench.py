@@ -41,23 +41,20 @@ def test_the_web_process_slope_is_also_given_without_its_per_user_cache():
 
 
 @pytest.mark.parametrize(
-    "args, message",
-    [(["--duration", "0"], "--duration"), (["--url", "http://127.0.0.1:1"], "--api-key"), (["--server-env", "NOEQUALS"], "NAME=VALUE")],
+    "mode, args, message",
+    [
+        ("soak", ["--duration", "0"], "--duration"),
+        ("soak", ["--url", "http://127.0.0.1:1"], "--api-key"),
+        ("soak", ["--server-env", "NOEQUALS"], "NAME=VALUE"),
+        ("index-load", ["--sizes", "ten"], "--sizes"),
+        ("index-load", ["--sizes", "100,0"], "--sizes"),
+        ("index-load", ["--repeats", "0"], "--repeats"),
+    ],
 )
-def test_soak_rejects_bad_options(args, message):
-    """Bad options are a command error naming the option, before any server starts."""
+def test_soak_bench_rejects_bad_options(mode, args, message):
+    """Bad options are a command error naming the option, before any server starts or user is built."""
     with pytest.raises(CommandError, match=message):
-        call_command("soak_bench", "soak", *args)
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [(["--sizes", "ten"], "--sizes"), (["--sizes", "100,0"], "--sizes"), (["--repeats", "0"], "--repeats")],
-)
-def test_index_load_rejects_bad_options(args, message):
-    """Bad sizes or repeats are a command error naming the option, before any user is built."""
-    with pytest.raises(CommandError, match=message):
-        call_command("soak_bench", "index-load", *args)
+        call_command("soak_bench", mode, *args)
 
 
 @pytest.mark.django_db(transaction=True)
