@@ -11,8 +11,8 @@ messages with their snapshot (``benchmarks.dataset.bulk_load``) in tenant
 ``bench-index-load``, built once and reused while the sizes match. Each load runs
 ``--repeats`` times, each time in a fresh Python process that has connected to the database
 first; it reports the rise of the process's peak resident memory (``VmHWM``: not
-``ru_maxrss``, which a process started by another inherits from it), the time of the load, the snapshot's bytes and the index's own
-(``BM25Index.nbytes``), with the medians.
+``ru_maxrss``, which a process started by another inherits from it), the time of the load,
+the snapshot's bytes and the index's own (``BM25Index.nbytes``), with the medians.
 """
 
 from __future__ import annotations
@@ -73,15 +73,16 @@ def index_load(sizes: list[int], repeats: int, *, log) -> dict:
                 raise CommandError(f"the load of the {size}-message user failed: {child.stderr.strip()[-2000:]}")
             runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
         log(f"{size} messages: {runs}")
+        rises, times = [run["peak_rise_mb"] for run in runs], [run["load_ms"] for run in runs]
         report["users"].append({
             "messages": size,
             "documents": runs[0]["documents"],
             "snapshot_bytes": runs[0]["snapshot_bytes"],
             "index_bytes": runs[0]["index_bytes"],
-            "peak_rise_mb": [run["peak_rise_mb"] for run in runs],
-            "peak_rise_mb_median": float(np.median([run["peak_rise_mb"] for run in runs])),
-            "load_ms": [run["load_ms"] for run in runs],
-            "load_ms_median": round(float(np.median([run["load_ms"] for run in runs])), 1),
+            "peak_rise_mb": rises,
+            "peak_rise_mb_median": float(np.median(rises)),
+            "load_ms": times,
+            "load_ms_median": round(float(np.median(times)), 1),
         })  # fmt: skip
     return report
 

@@ -288,7 +288,7 @@ def soak_bench(options: dict, *, write) -> dict:
             sizes = [int(size) for size in options["sizes"].split(",")]
         except ValueError:
             raise CommandError("--sizes takes comma-separated message counts") from None
-        result = index_load(sizes, options["repeats"], log=lambda line: write(line))
+        result = index_load(sizes, options["repeats"], log=write)
     else:
         result = soak(options, env)
     text = json.dumps(result, indent=2)

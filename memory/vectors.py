@@ -1,11 +1,11 @@
 """Embeddings as query parameters, sent to PostgreSQL in pgvector's binary format.
 
 Callers pass ``pgvector.Vector`` values (``Vector(ndarray)``), or a ``VectorArray`` of them
-(``None`` for NULL) for a ``vector[]``, after ``use_binary_vectors(cursor)``. The binary format carries
-the float32 values themselves, so the stored vector is the computed one bit for bit, and
-encoding one takes a microsecond: a text literal of 384 floats takes about 80 µs, on the GIL
-of the process that flushes and queries (the web process), twice per chat turn and once or
-twice per query.
+(``None`` for NULL) for a ``vector[]``, after ``use_binary_vectors(cursor)``. The binary
+format carries the float32 values themselves, so the stored vector is the computed one bit
+for bit, and encoding one takes a microsecond: a text literal of 384 floats takes about 80
+µs, on the GIL of the process that flushes and queries (the web process), twice per chat
+turn and once or twice per query.
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ def _has_dumpers(context) -> bool:
 
 def use_binary_vectors(cursor) -> None:
     """Let ``cursor`` (a Django cursor over psycopg 3, or a psycopg cursor) send ``Vector``
-    parameters.
+    and ``VectorArray`` parameters.
 
     The first time on a database connection, reads the ``vector`` type's oid (it differs
-    between databases) and registers pgvector's own dumpers for ``Vector`` on that
-    connection, the binary one by default and the text one for client-side binding
-    (``DB_SERVER_SIDE_BINDING=0``); later cursors of the connection have them. Nothing else
+    between databases) and registers pgvector's own dumpers for ``Vector`` (and psycopg's
+    list dumpers for ``VectorArray``) on that connection, the binary ones by default and the
+    text ones for client-side binding (``DB_SERVER_SIDE_BINDING=0``); later cursors of the
+    connection have them. Nothing else
     changes: ``vector`` columns are still read as text, and ``numpy`` arrays are not
     adapted. Raises ``psycopg.ProgrammingError`` when the database has no ``vector`` type
     (migrations not run).
