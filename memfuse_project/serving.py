@@ -39,12 +39,17 @@ def declare(role: str) -> None:
 
     Call it before ``django.setup()``, so that ``MemoryConfig.ready()`` loads the models. A
     command declaring itself once Django runs (a tool's ``handle``) has the models loaded
-    here instead. Raises ``ValueError`` for an unknown role.
+    here instead. A ``WEB`` or ``WORKER`` process caps glibc's malloc arenas here
+    (``limit_malloc_arenas``). Raises ``ValueError`` for an unknown role.
     """
     global _role
     if role not in ROLES:
         raise ValueError(f"unknown serving role {role!r}; one of {', '.join(ROLES)}")
     _role = role
+    if role in (WEB, WORKER):
+        # Before the model loading and the pool start threads: each thread's first allocation
+        # gets it an arena of its own while there is no cap, and glibc never removes one.
+        limit_malloc_arenas()
     from django.apps import apps
 
     if apps.ready:
@@ -135,8 +140,6 @@ def start() -> None:
         from memfuse_project import embedded_pg
         from memory import metrics_history
 
-        if _role in (WEB, WORKER):
-            limit_malloc_arenas()
         embedded_pg.start_if_embedded()
         embedded_pg.migrate_if_embedded()
         embedded_pg.local_tenant_if_embedded()

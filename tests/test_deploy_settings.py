@@ -147,6 +147,50 @@ def test_check_deploy_fails_without_the_production_settings(db):
         assert warning in result.stderr
 
 
+# Six threads alive at once, each allocating, then glibc's count of arenas (malloc_info).
+_ARENA_PROBE = """
+import ctypes, os, tempfile, threading
+from memfuse_project import serving
+if os.environ["PROBE_ROLE"] != "none":
+    serving.declare(os.environ["PROBE_ROLE"])
+barrier = threading.Barrier(6)
+def allocate():
+    blocks = [bytearray(4096) for _ in range(64)]
+    barrier.wait()
+threads = [threading.Thread(target=allocate) for _ in range(6)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+with tempfile.NamedTemporaryFile("r") as out:
+    stream = ctypes.c_void_p(libc.fopen(out.name.encode(), b"w"))
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    print(out.read().count("<heap nr="))
+"""
+
+
+@pytest.mark.parametrize(("role", "most"), [("web", 2), ("worker", 2), ("tool", None), ("none", None)])
+def test_declaring_a_serving_role_caps_the_arenas_before_any_thread_allocates(role, most):
+    """A web or worker process has at most two malloc arenas however many threads allocate
+    after it declared its role; a tool, or a process that declared nothing, gets one per thread
+    (which shows the probe counts them)."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    env = {key: value for key, value in os.environ.items() if key != "MALLOC_ARENA_MAX"}
+    probe = run(_ARENA_PROBE, {**env, "PROBE_ROLE": role})
+    assert probe.returncode == 0, probe.stderr
+    arenas = int(probe.stdout)
+    if most is not None:
+        assert arenas <= most
+    else:
+        assert arenas > 2
+
+
 def test_serving_processes_cap_glibc_malloc_arenas(monkeypatch):
     """A serving process caps glibc's malloc arenas (mallopt M_ARENA_MAX) unless the operator
     set MALLOC_ARENA_MAX, which glibc reads itself."""
