@@ -388,6 +388,7 @@ def ann_rebuild(user_ids: list[uuid.UUID]) -> None:
     rebuild those buckets' indexes in one pass each (CREATE INDEX, the definition of
     migration 0007), instead of inserting every row one by one."""
     from memory.models import ANN_BUCKETS, Message
+    from memory.retrieval import vector
 
     with connection.cursor() as cursor:
         cursor.execute(
@@ -402,11 +403,8 @@ def ann_rebuild(user_ids: list[uuid.UUID]) -> None:
         for bucket in sorted(set(buckets.values())):
             index = next(i for i in Message._meta.indexes if i.name == f"memory_message_context_hnsw_{bucket}")
             cursor.execute(f'DROP INDEX IF EXISTS "{index.name}"')
-            cursor.execute(
-                "UPDATE memory_message m SET ann_bucket = u.ann_bucket FROM memory_user u "
-                "WHERE u.id = m.user_id AND u.ann_bucket = %s AND m.context_embedding IS NOT NULL",
-                [bucket],
-            )
+            for user_id in [user_id for user_id, b in buckets.items() if b == bucket]:
+                vector.ann_place(cursor, user_id=user_id, bucket=bucket)
             with connection.schema_editor() as editor:
                 editor.add_index(Message, index)
         cursor.execute("RESET maintenance_work_mem")

@@ -161,6 +161,15 @@ class Message(models.Model):
     # The partial HNSW index the row is in (memory_message_context_hnsw_<bucket>): the
     # user's ann_bucket, on rows that have a context embedding.
     ann_bucket = models.SmallIntegerField(null=True, blank=True)
+    # On rows with an ann_bucket: which of the user's rows share a context embedding (the
+    # digest of its half-precision rounding, memory_vector_digest), and whether this row is
+    # a copy left out of the HNSW index because another row with that digest is in it. An
+    # HNSW graph loses its links among many exact copies of a vector (pgvector keeps ten
+    # rows in one node, and its neighbour selection prunes every other neighbour in favour
+    # of a copy at distance zero), so a search through it misses even distinct vectors; the
+    # search finds copies through the one row in the index (memory.retrieval.vector).
+    context_digest = models.BigIntegerField(null=True, blank=True)
+    ann_duplicate = models.BooleanField(default=False, db_default=False)
     # The change number of the row's last insert or edit (memory_change_seq).
     seq = models.BigIntegerField(editable=False, db_default=next_change_number())
     flushed_at = models.DateTimeField(null=True, blank=True)
@@ -201,9 +210,16 @@ class Message(models.Model):
                     m=16,
                     ef_construction=64,
                     opclasses=["vector_ip_ops"],
-                    condition=models.Q(ann_bucket=bucket),
+                    condition=models.Q(ann_bucket=bucket, ann_duplicate=False),
                 )
                 for bucket in range(ANN_BUCKETS)
+            ),
+            # A user's rows by context digest: the copies of a row the search found, and
+            # whether a vector already has its row in the index.
+            models.Index(
+                fields=["user", "context_digest"],
+                name="memory_message_context_copies",
+                condition=models.Q(ann_bucket__isnull=False),
             ),
         ]
 

@@ -338,7 +338,7 @@ def _indexes(run: EmbeddingModel, *, progress: Progress) -> None:
                 cursor.execute(
                     f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON memory_message "
                     f"USING hnsw (context_embedding_next vector_ip_ops) WITH (m = 16, ef_construction = 64) "
-                    f"WHERE ann_bucket = {bucket}"
+                    f"WHERE ann_bucket = {bucket} AND NOT ann_duplicate"
                 )
         _set_phase(run, "indexes", bucket + 1, ANN_BUCKETS)
         progress("indexes", bucket + 1, ANN_BUCKETS)

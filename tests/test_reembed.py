@@ -103,7 +103,7 @@ def restored_schema():
                 cursor.execute(f"ALTER INDEX {name}_old RENAME TO {name}")
             cursor.execute(
                 f"CREATE INDEX IF NOT EXISTS {name} ON memory_message USING hnsw (context_embedding vector_ip_ops) "
-                f"WITH (m = 16, ef_construction = 64) WHERE ann_bucket = {bucket}"
+                f"WITH (m = 16, ef_construction = 64) WHERE ann_bucket = {bucket} AND NOT ann_duplicate"
             )
     EmbeddingModel.objects.all().delete()
     embedding_model.forget_active_model()

@@ -108,6 +108,111 @@ def test_a_long_history_moves_to_the_hnsw_index_and_keeps_its_ranking(agent, set
     assert "memory_message_context_hnsw" not in _plan(small.pk, query, ann_bucket=None)
 
 
+def _echo_user(agent, settings, *, distinct: int = 12, times: int = 40) -> tuple:
+    """A user in an HNSW bucket whose one session repeats ``distinct`` random turns ``times``
+    times, so each context embedding has about ``times`` exact copies, plus a second session
+    of the same turns (``times // 4`` passes) written as a flush writes them: ``(user, first
+    session, second session)``."""
+    from django.utils import timezone
+
+    from memory.models import EMBEDDING_DIM
+
+    settings.MEMFUSE = {**settings.MEMFUSE, "ANN_MIN_MESSAGES": distinct * times - 10}
+    turns = unit(np.random.default_rng(3).normal(size=(distinct, EMBEDDING_DIM)))
+    user, _ = flushed_user(agent, "echo", np.tile(turns, (times, 1)))
+    first = user.sessions.get()
+    services.messages_add(session=first, messages=[MessageIn(role="user", content="one more turn")])
+    flush_pending(user_id=user.pk)  # the flush that moves the user to the index
+    user.refresh_from_db()
+    second = services.session_create(user=user, agent=agent, name="echo-again")
+    now = timezone.now()
+    rows = Message.objects.bulk_create(
+        Message(session=second, user=user, position=i, role="user", content=f"again {i}", index_text=f"again {i}",
+                embedding=embedding, flushed_at=now, flush_count=1, created_at=now)
+        for i, embedding in enumerate(np.tile(turns, (times // 4, 1)))
+    )
+    with connection.cursor() as cursor:
+        vector.context_refresh(cursor, seeds=[(second.pk, row.position) for row in rows], bucket=user.ann_bucket)
+    return user, first, second
+
+
+def _rows_in_the_index(user) -> dict:
+    """``{context digest: [ann_duplicate of each row]}`` of the user's rows in their bucket."""
+    groups: dict = {}
+    for digest, duplicate in Message.objects.filter(user=user, ann_bucket__isnull=False).values_list("context_digest", "ann_duplicate"):
+        groups.setdefault(digest, []).append(duplicate)
+    return groups
+
+
+def _top_k_are_the_exact_top_k(user, queries: np.ndarray, k: int = 10, sessions: list | None = None) -> bool:
+    """Whether the approximate search's top ``k`` (of ``sessions``, when given) all score at
+    least the exact ``k``-th best (ties count: copies score alike) for every query."""
+    rows = Message.objects.filter(user=user, context_embedding__isnull=False)
+    if sessions is not None:
+        rows = rows.filter(session__in=sessions)
+    rows = rows.values_list("id", "context_embedding")
+    ids = [row_id for row_id, _ in rows]
+    contexts = np.array([np.asarray(context) for _, context in rows])
+    for query in queries:
+        exact = dict(zip(ids, (contexts @ query).tolist()))
+        threshold = sorted(exact.values(), reverse=True)[k - 1] - 1e-5
+        served, _, _ = vector.candidates(user_id=user.pk, embedding=query, limit=2 * k, ann_bucket=user.ann_bucket, sessions=sessions)
+        top = [key.id for key, _ in served if key.kind == "message"][:k]
+        if len(top) < k or any(exact[row_id] < threshold for row_id in top):
+            return False
+    return True
+
+
+@pytest.mark.django_db
+def test_copies_of_a_context_embedding_are_one_row_in_the_hnsw_index(agent, settings):
+    """A history that repeats itself puts each context embedding into the HNSW index once,
+    whether the user moved there (``ann_place``) or a flush wrote the copies
+    (``context_refresh``); the search still returns the copies, through that one row, also
+    those inside a query's filter whose row in the index is outside it."""
+    from memory.models import EMBEDDING_DIM
+
+    user, _, second = _echo_user(agent, settings)
+
+    groups = _rows_in_the_index(user)
+    assert sum(len(flags) for flags in groups.values()) == Message.objects.filter(user=user).count()
+    assert all(flags.count(False) == 1 for flags in groups.values())
+    # 12 turns' windows inside a session, and the session ends' partial windows, at most
+    assert len(groups) <= 12 + 2 * 4 + 4
+    assert Message.objects.filter(session=second, ann_duplicate=True).count() >= 100 - 4
+    queries = unit(np.random.default_rng(4).normal(size=(5, EMBEDDING_DIM)))
+    assert _top_k_are_the_exact_top_k(user, queries)
+    assert _top_k_are_the_exact_top_k(user, queries, sessions=[second.pk])
+
+
+@pytest.mark.django_db
+def test_when_the_row_in_the_index_leaves_a_copy_takes_its_place(agent, settings):
+    """The row of a context embedding in the HNSW index, deleted, edited or gone with its
+    session, hands its place to a copy (a trigger, whichever path removed it), so the copies
+    are still found."""
+    from memory.models import EMBEDDING_DIM
+
+    user, first, second = _echo_user(agent, settings)
+    queries = unit(np.random.default_rng(6).normal(size=(5, EMBEDDING_DIM)))
+    in_index = Message.objects.filter(session=first, ann_duplicate=False, ann_bucket__isnull=False)
+    deleted, edited = in_index.order_by("position").values_list("pk", flat=True)[4:6]
+    digests = dict(Message.objects.filter(pk__in=[deleted, edited]).values_list("pk", "context_digest"))
+
+    services.messages_delete(session=first, message_ids=[deleted])
+    services.messages_update(session=first, message_ids=[edited], new_messages=[MessageIn(role="user", content="changed")])
+
+    groups = _rows_in_the_index(user)
+    assert groups[digests[deleted]].count(False) == 1 and groups[digests[edited]].count(False) == 1
+    assert not Message.objects.filter(pk=edited, ann_bucket__isnull=False).exists()
+    assert _top_k_are_the_exact_top_k(user, queries)
+
+    services.session_delete(session=first)
+
+    groups = _rows_in_the_index(user)
+    assert groups and set(Message.objects.filter(user=user).values_list("session", flat=True)) == {second.pk}
+    assert all(flags.count(False) == 1 for flags in groups.values())
+    assert _top_k_are_the_exact_top_k(user, queries)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_the_move_to_the_hnsw_index_takes_turns_with_a_flush_of_the_user(agent):
     """While a flush's write of the user holds their context-write lock, the move to the HNSW

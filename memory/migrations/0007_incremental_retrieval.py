@@ -26,10 +26,28 @@ import memory.models
 
 
 def context_embeddings(apps, schema_editor):
-    from memory.retrieval.vector import context_refresh_all
-
+    # The statement of memory.retrieval.vector.context_refresh_all as it was with this
+    # migration: later versions of it use columns and functions of later migrations.
+    window, own = settings.MEMFUSE["VECTOR_CONTEXT_TURNS"], settings.MEMFUSE["VECTOR_OWN_WEIGHT"]
+    lags = ", ".join(f"lag(embedding, {d}) OVER w AS p{d}, lead(embedding, {d}) OVER w AS n{d}" for d in range(1, window + 1))
+    values = ", ".join(["(e)"] * own + [f"(p{d}), (n{d})" for d in range(1, window + 1)])
     with schema_editor.connection.cursor() as cursor:
-        context_refresh_all(cursor)
+        cursor.execute(
+            f"""
+            WITH ordered AS (
+                SELECT id, embedding AS e{", " + lags if lags else ""} FROM memory_message
+                WINDOW w AS (PARTITION BY session_id ORDER BY position)
+            ), context AS (
+                SELECT id, CASE WHEN e IS NULL THEN NULL ELSE
+                    (SELECT avg(x) FROM (VALUES {values}) v(x) WHERE x IS NOT NULL) END AS c
+                FROM ordered
+            )
+            UPDATE memory_message m SET context_embedding = context.c,
+                   ann_bucket = CASE WHEN context.c IS NOT NULL THEN u.ann_bucket END
+            FROM context, memory_user u
+            WHERE m.id = context.id AND u.id = m.user_id
+            """
+        )
 
 
 class Migration(migrations.Migration):

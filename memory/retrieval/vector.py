@@ -17,6 +17,17 @@ history passed ``ANN_MIN_MESSAGES``: each such user is given one of ``ANN_BUCKET
 (``User.ann_bucket``, the least shared), so the search walks few other users' rows. Every
 query stays a single-user query.
 
+**Copies** of one context embedding (a history that repeats an exchange) are one row in the
+index: pgvector's HNSW graph loses its links among many exact copies (a node holds ten rows,
+and neighbour selection drops every other neighbour in favour of a copy at distance zero),
+and then misses distinct vectors too. Rows of a user in a bucket carry the digest of their
+context embedding rounded to half precision (``Message.context_digest``,
+``memory_vector_digest``); of the rows sharing one, the first placed is in the index and the
+others are marked ``ann_duplicate``. The search reads the copies of the rows it found by
+digest (their own scores, exactly), including those inside a query's filters whose row in
+the index is outside them; when the row in the index leaves it, a trigger puts a copy in its
+place (migration 0010).
+
 **Pseudo-relevance feedback** (Rocchio, 1971; his beta is ``VECTOR_PRF_WEIGHT``): the query is
 ``q + beta * mean(e_d)`` over BM25's top documents, computed in the search's own statement (as
 ``q / beta + mean``: same direction).
@@ -59,11 +70,13 @@ WITH seeds AS (
     ) n
 ), locked AS MATERIALIZED (
     -- row locks in one order, whoever else refreshes neighbouring rows
-    SELECT m.id, m.session_id, m.position, m.embedding FROM memory_message m
+    SELECT m.id, m.user_id, m.session_id, m.position, m.embedding,
+           m.ann_bucket IS NOT NULL AND NOT m.ann_duplicate AND m.context_digest IS NOT NULL AS in_index, m.context_digest
+    FROM memory_message m
     WHERE m.id IN (SELECT id FROM affected) ORDER BY m.id FOR UPDATE
 ), context AS MATERIALIZED (
     -- computed once per row: inlined, each reference below would average the window again
-    SELECT l.id, CASE WHEN l.embedding IS NULL THEN NULL ELSE (
+    SELECT l.id, l.user_id, l.in_index, l.context_digest AS old_digest, CASE WHEN l.embedding IS NULL THEN NULL ELSE (
         SELECT avg(e) FROM (
             SELECT l.embedding AS e FROM generate_series(1, %(own)s)
             UNION ALL
@@ -74,13 +87,25 @@ WITH seeds AS (
              ORDER BY b.position LIMIT %(window)s)
         ) x WHERE e IS NOT NULL) END AS c
     FROM locked l
+), digested AS MATERIALIZED (
+    -- in an HNSW index, copies of one context embedding are one row (Message.context_digest)
+    SELECT x.*, CASE WHEN x.c IS NOT NULL AND %(bucket)s::smallint IS NOT NULL THEN memory_vector_digest(x.c) END AS digest
+    FROM context x
+), placed AS MATERIALIZED (
+    SELECT d.id, d.c, d.digest, CASE WHEN d.c IS NOT NULL THEN %(bucket)s::smallint END AS bucket,
+           d.digest IS NOT NULL AND (
+               -- among these rows, the one already in the index keeps its place
+               row_number() OVER (PARTITION BY d.user_id, d.digest ORDER BY d.in_index AND d.old_digest = d.digest DESC, d.id) > 1
+               OR EXISTS (SELECT FROM memory_message o WHERE o.user_id = d.user_id AND o.context_digest = d.digest
+                          AND o.ann_bucket IS NOT NULL AND NOT o.ann_duplicate AND o.id NOT IN (SELECT id FROM locked))
+           ) AS duplicate
+    FROM digested d
 )
-UPDATE memory_message m SET context_embedding = context.c,
-       ann_bucket = CASE WHEN context.c IS NOT NULL THEN %(bucket)s::smallint END
-FROM context
-WHERE m.id = context.id
-  AND (m.context_embedding IS DISTINCT FROM context.c
-       OR m.ann_bucket IS DISTINCT FROM CASE WHEN context.c IS NOT NULL THEN %(bucket)s::smallint END)
+UPDATE memory_message m SET context_embedding = p.c, context_digest = p.digest, ann_bucket = p.bucket, ann_duplicate = p.duplicate
+FROM placed p
+WHERE m.id = p.id
+  AND (m.context_embedding IS DISTINCT FROM p.c OR m.ann_bucket IS DISTINCT FROM p.bucket
+       OR m.context_digest IS DISTINCT FROM p.digest OR m.ann_duplicate IS DISTINCT FROM p.duplicate)
 """
 
 
@@ -124,20 +149,31 @@ def context_refresh_all(
     lags = ", ".join(f"lag({source}, {d}) OVER w AS p{d}, lead({source}, {d}) OVER w AS n{d}" for d in range(1, window + 1))
     values = ", ".join(["(e)"] * own + [f"(p{d}), (n{d})" for d in range(1, window + 1)])
     where = "WHERE user_id = %(user)s" if user_id else "WHERE user_id = ANY(%(users)s)" if user_ids is not None else ""
-    bucket = ", ann_bucket = CASE WHEN context.c IS NOT NULL THEN u.ann_bucket END" if columns == ("embedding", "context_embedding") else ""
+    served = columns == ("embedding", "context_embedding")
+    # The served column also places each row in its user's HNSW index, copies as one row
+    # (Message.context_digest): every row of these users is here, so the first of each
+    # digest is the one.
+    placed = ", ann_bucket = p.bucket, context_digest = p.digest, ann_duplicate = p.digest IS NOT NULL AND p.copy > 1"
     cursor.execute(
         f"""
         WITH ordered AS (
-            SELECT id, {source} AS e{", " + lags if lags else ""} FROM memory_message {where}
+            SELECT id, user_id, {source} AS e{", " + lags if lags else ""} FROM memory_message {where}
             WINDOW w AS (PARTITION BY session_id ORDER BY position)
         ), context AS (
-            SELECT id, CASE WHEN e IS NULL THEN NULL ELSE
+            SELECT o.id, o.user_id, CASE WHEN e IS NULL THEN NULL ELSE
                 (SELECT avg(x) FROM (VALUES {values}) v(x) WHERE x IS NOT NULL) END AS c
-            FROM ordered
+            FROM ordered o
+        ), digested AS (
+            SELECT x.id, x.user_id, x.c, CASE WHEN x.c IS NOT NULL THEN u.ann_bucket END AS bucket,
+                   CASE WHEN {"x.c IS NOT NULL AND u.ann_bucket IS NOT NULL" if served else "false"}
+                        THEN memory_vector_digest(x.c) END AS digest
+            FROM context x JOIN memory_user u ON u.id = x.user_id
+        ), p AS (
+            SELECT d.*, row_number() OVER (PARTITION BY d.user_id, d.digest ORDER BY d.id) AS copy FROM digested d
         )
-        UPDATE memory_message m SET {target} = context.c{bucket}
-        FROM context, memory_user u
-        WHERE m.id = context.id AND u.id = m.user_id
+        UPDATE memory_message m SET {target} = p.c{placed if served else ""}
+        FROM p
+        WHERE m.id = p.id
         """,
         {"user": user_id, "users": user_ids},
     )
@@ -182,22 +218,39 @@ def ann_enable(*, user_id: uuid.UUID, batch: int = 500) -> int | None:
             # A flush's write locks the context rows around its turns in id order, these updates
             # in scan order: taking turns, they cannot deadlock.
             lock_context_writes(cursor, user_id=user_id)
-            cursor.execute(
-                "UPDATE memory_message SET ann_bucket = %s WHERE id IN (SELECT id FROM memory_message "
-                "WHERE user_id = %s AND ann_bucket IS NULL AND context_embedding IS NOT NULL LIMIT %s FOR UPDATE SKIP LOCKED)",
-                [bucket, user_id, batch],
-            )
-            if cursor.rowcount:
+            if ann_place(cursor, user_id=user_id, bucket=bucket, limit=batch):
                 continue
             # Rows a concurrent writer held are caught by its own refresh once the user's
             # bucket is set (context_refresh writes it): set it under the user row lock.
             cursor.execute("UPDATE memory_user SET ann_bucket = %s WHERE id = %s", [bucket, user_id])
-            cursor.execute(
-                "UPDATE memory_message SET ann_bucket = %s WHERE user_id = %s AND ann_bucket IS NULL "
-                "AND context_embedding IS NOT NULL",
-                [bucket, user_id],
-            )
+            ann_place(cursor, user_id=user_id, bucket=bucket)
             return bucket
+
+
+def ann_place(cursor, *, user_id: uuid.UUID, bucket: int, limit: int | None = None) -> int:
+    """Put the user's rows that have a context embedding and no bucket into HNSW index
+    ``bucket`` (at most ``limit`` of them, skipping rows another transaction holds), each
+    copy of a context embedding already there, or earlier in this batch, as a copy
+    (``Message.ann_duplicate``). Returns how many rows were placed."""
+    batch = "LIMIT %(limit)s FOR UPDATE SKIP LOCKED" if limit is not None else "FOR UPDATE"
+    cursor.execute(
+        f"""
+        WITH batch AS MATERIALIZED (
+            SELECT id, memory_vector_digest(context_embedding) AS digest FROM memory_message
+            WHERE user_id = %(user)s AND ann_bucket IS NULL AND context_embedding IS NOT NULL {batch}
+        ), placed AS (
+            SELECT b.id, b.digest,
+                   row_number() OVER (PARTITION BY b.digest ORDER BY b.id) > 1
+                   OR EXISTS (SELECT FROM memory_message o WHERE o.user_id = %(user)s AND o.context_digest = b.digest
+                              AND o.ann_bucket IS NOT NULL AND NOT o.ann_duplicate) AS duplicate
+            FROM batch b
+        )
+        UPDATE memory_message m SET ann_bucket = %(bucket)s, context_digest = p.digest, ann_duplicate = p.duplicate
+        FROM placed p WHERE m.id = p.id
+        """,
+        {"user": user_id, "bucket": bucket, "limit": limit},
+    )
+    return cursor.rowcount
 
 
 # --- search (reads) --------------------------------------------------------------------------
@@ -260,18 +313,37 @@ def search_statement(
     config = settings.MEMFUSE
     pending_limit = config["PENDING_EMBED_MAX"] if pending_limit is None else pending_limit
     moving = bool(feedback) and feedback_weight > 0
-    filters, knowledge_filters = "", ""
-    if sessions is not None:
-        filters += " AND m.session_id = ANY(%(sessions)s)"
-    if since is not None:
-        filters += " AND m.created_at >= %(since)s"
-        knowledge_filters += " AND k.created_at >= %(since)s"
-    if until is not None:
-        filters += " AND m.created_at <= %(until)s"
-        knowledge_filters += " AND k.created_at <= %(until)s"
+    # The filters' conditions on a row of alias {a}: a window of time for every document,
+    # sessions for messages.
+    window = ([] if since is None else ["{a}.created_at >= %(since)s"]) + ([] if until is None else ["{a}.created_at <= %(until)s"])
+    conditions = ([] if sessions is None else ["{a}.session_id = ANY(%(sessions)s)"]) + window
+
+    def where(conditions: list[str], alias: str) -> str:
+        return "".join(" AND " + condition.format(a=alias) for condition in conditions)
+
+    filters, knowledge_filters = where(conditions, "m"), where(window, "k")
     # The bucket as a literal, not a parameter (psycopg binds on the client anyway): the
     # planner matches it to its partial index's predicate.
-    scan = f"m.ann_bucket = {int(ann_bucket)}" if ann_bucket is not None else "m.context_embedding IS NOT NULL"
+    scan = f"m.ann_bucket = {int(ann_bucket)} AND NOT m.ann_duplicate" if ann_bucket is not None else "m.context_embedding IS NOT NULL"
+    scan_filters, passes, copies, copies_scored = filters, "", "", ""
+    if ann_bucket is not None:
+        if conditions:
+            # A row of the index outside the filters still carries its copies inside them.
+            scan_filters = (
+                f" AND (TRUE{filters} OR EXISTS (SELECT FROM memory_message c WHERE c.user_id = m.user_id"
+                f" AND c.context_digest = m.context_digest AND c.ann_bucket IS NOT NULL AND c.ann_duplicate{where(conditions, 'c')}))"
+            )
+            passes = f" WHERE TRUE{where(conditions, 'messages')}"
+        # The rows left out of the index as copies of the rows it gave (Message.context_digest).
+        copies = f""", copies AS MATERIALIZED (
+            SELECT m.id, m.context_embedding <#> (SELECT q FROM query) AS distance FROM memory_message m
+            WHERE m.user_id = %(user)s AND m.ann_bucket IS NOT NULL AND m.ann_duplicate
+              AND m.context_digest IN (SELECT context_digest FROM messages){filters}
+            ORDER BY 2 LIMIT %(limit)s
+        )"""
+        copies_scored = """
+        UNION ALL
+        SELECT 'message', id, -distance / (SELECT norm FROM query), NULL, NULL, NULL, NULL FROM copies"""
     sql = f"""
         WITH feedback AS (
             SELECT avg(e) AS mean FROM (
@@ -285,10 +357,11 @@ def search_statement(
             SELECT q, vector_norm(q) AS norm FROM (
                 SELECT coalesce(%(q_scaled)s::vector + mean, %(q)s::vector) AS q FROM feedback) moved
         ), messages AS MATERIALIZED (
-            SELECT m.id, m.context_embedding <#> (SELECT q FROM query) AS distance FROM memory_message m
-            WHERE m.user_id = %(user)s AND {scan}{filters}
+            SELECT m.id, m.session_id, m.created_at, m.context_digest, m.context_embedding <#> (SELECT q FROM query) AS distance
+            FROM memory_message m
+            WHERE m.user_id = %(user)s AND {scan}{scan_filters}
             ORDER BY m.context_embedding <#> (SELECT q FROM query) LIMIT %(limit)s
-        ), knowledge AS MATERIALIZED (
+        ){copies}, knowledge AS MATERIALIZED (
             SELECT k.id, k.embedding <#> (SELECT q FROM query) AS distance FROM memory_knowledge k
             WHERE k.user_id = %(user)s AND k.embedding IS NOT NULL{knowledge_filters}
             ORDER BY k.embedding <#> (SELECT q FROM query) LIMIT %(limit)s
@@ -298,7 +371,7 @@ def search_statement(
             ORDER BY m.updated_at DESC, m.seq DESC LIMIT %(pending_limit)s
         )
         SELECT 'message', id, -distance / (SELECT norm FROM query), NULL::timestamptz, NULL::text, NULL::uuid[], NULL::float8[]
-        FROM messages
+        FROM messages{passes}{copies_scored}
         UNION ALL
         SELECT 'knowledge', id, -distance / (SELECT norm FROM query), NULL, NULL, NULL, NULL FROM knowledge
         UNION ALL
