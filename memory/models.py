@@ -214,12 +214,18 @@ class Message(models.Model):
                 )
                 for bucket in range(ANN_BUCKETS)
             ),
-            # A user's rows by context digest: the copies of a row the search found, and
-            # whether a vector already has its row in the index.
+            # A user's rows of one context digest: the copies of a row the search found (their
+            # ids from the index alone), and the row in the HNSW index, if any.
             models.Index(
                 fields=["user", "context_digest"],
+                include=["id"],
                 name="memory_message_context_copies",
-                condition=models.Q(ann_bucket__isnull=False),
+                condition=models.Q(ann_bucket__isnull=False, ann_duplicate=True),
+            ),
+            models.Index(
+                fields=["user", "context_digest"],
+                name="memory_message_context_indexed",
+                condition=models.Q(ann_bucket__isnull=False, ann_duplicate=False),
             ),
         ]
 

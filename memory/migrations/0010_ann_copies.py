@@ -99,7 +99,11 @@ class Migration(migrations.Migration):
         ),
         migrations.AddIndex(
             model_name='message',
-            index=models.Index(condition=models.Q(('ann_bucket__isnull', False)), fields=['user', 'context_digest'], name='memory_message_context_copies'),
+            index=models.Index(condition=models.Q(('ann_bucket__isnull', False), ('ann_duplicate', True)), fields=['user', 'context_digest'], include=('id',), name='memory_message_context_copies'),
+        ),
+        migrations.AddIndex(
+            model_name='message',
+            index=models.Index(condition=models.Q(('ann_bucket__isnull', False), ('ann_duplicate', False)), fields=['user', 'context_digest'], name='memory_message_context_indexed'),
         ),
         migrations.RunSQL(PROMOTE_TRIGGERS, DROP_PROMOTE_TRIGGERS),
     ]

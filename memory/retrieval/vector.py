@@ -334,12 +334,19 @@ def search_statement(
                 f" AND c.context_digest = m.context_digest AND c.ann_bucket IS NOT NULL AND c.ann_duplicate{where(conditions, 'c')}))"
             )
             passes = f" WHERE TRUE{where(conditions, 'messages')}"
-        # The rows left out of the index as copies of the rows it gave (Message.context_digest).
+        # The rows left out of the index as copies of the rows it gave (Message.context_digest),
+        # those of the best rows first: ids from the copies' index, rows only for the list.
         copies = f""", copies AS MATERIALIZED (
-            SELECT m.id, m.context_embedding <#> (SELECT q FROM query) AS distance FROM memory_message m
-            WHERE m.user_id = %(user)s AND m.ann_bucket IS NOT NULL AND m.ann_duplicate
-              AND m.context_digest IN (SELECT context_digest FROM messages){filters}
-            ORDER BY 2 LIMIT %(limit)s
+            SELECT m.id, m.context_embedding <#> (SELECT q FROM query) AS distance FROM (
+                SELECT c.id FROM (SELECT context_digest, distance FROM messages ORDER BY distance) p
+                CROSS JOIN LATERAL (
+                    SELECT c.id FROM memory_message c
+                    WHERE c.user_id = %(user)s AND c.context_digest = p.context_digest
+                      AND c.ann_bucket IS NOT NULL AND c.ann_duplicate{where(conditions, 'c')}
+                    LIMIT %(limit)s
+                ) c
+                ORDER BY p.distance LIMIT %(limit)s
+            ) ids JOIN memory_message m ON m.id = ids.id
         )"""
         copies_scored = """
         UNION ALL
