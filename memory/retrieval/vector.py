@@ -23,10 +23,11 @@ and neighbour selection drops every other neighbour in favour of a copy at dista
 and then misses distinct vectors too. Rows of a user in a bucket carry the digest of their
 context embedding rounded to half precision (``Message.context_digest``,
 ``memory_vector_digest``); of the rows sharing one, the first placed is in the index and the
-others are marked ``ann_duplicate``. The search reads the copies of the rows it found by
-digest (their own scores, exactly), including those inside a query's filters whose row in
-the index is outside them; when the row in the index leaves it, a trigger puts a copy in its
-place (migration 0010).
+others are marked ``ann_duplicate``. The search adds the copies of the rows it found, by
+digest, with the found row's score (equal for exact copies; within 2.5e-4 for vectors equal
+at half precision), including those inside a query's filters whose row in the index is
+outside them; when the row in the index leaves it, a trigger puts a copy in its place
+(migration 0010).
 
 **Pseudo-relevance feedback** (Rocchio, 1971; his beta is ``VECTOR_PRF_WEIGHT``): the query is
 ``q + beta * mean(e_d)`` over BM25's top documents, computed in the search's own statement (as
@@ -335,18 +336,18 @@ def search_statement(
             )
             passes = f" WHERE TRUE{where(conditions, 'messages')}"
         # The rows left out of the index as copies of the rows it gave (Message.context_digest),
-        # those of the best rows first: ids from the copies' index, rows only for the list.
+        # those of the best rows first, with the score of the row found: they share its
+        # half-precision rounding, so their own scores differ from it by 2.5e-4 at most, and
+        # their ids come from the copies' index without a read of their rows.
         copies = f""", copies AS MATERIALIZED (
-            SELECT m.id, m.context_embedding <#> (SELECT q FROM query) AS distance FROM (
-                SELECT c.id FROM (SELECT context_digest, distance FROM messages ORDER BY distance) p
-                CROSS JOIN LATERAL (
-                    SELECT c.id FROM memory_message c
-                    WHERE c.user_id = %(user)s AND c.context_digest = p.context_digest
-                      AND c.ann_bucket IS NOT NULL AND c.ann_duplicate{where(conditions, 'c')}
-                    LIMIT %(limit)s
-                ) c
-                ORDER BY p.distance LIMIT %(limit)s
-            ) ids JOIN memory_message m ON m.id = ids.id
+            SELECT c.id, p.distance FROM (SELECT context_digest, distance FROM messages ORDER BY distance) p
+            CROSS JOIN LATERAL (
+                SELECT c.id FROM memory_message c
+                WHERE c.user_id = %(user)s AND c.context_digest = p.context_digest
+                  AND c.ann_bucket IS NOT NULL AND c.ann_duplicate{where(conditions, 'c')}
+                LIMIT %(limit)s
+            ) c
+            ORDER BY p.distance LIMIT %(limit)s
         )"""
         copies_scored = """
         UNION ALL
