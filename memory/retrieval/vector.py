@@ -24,10 +24,10 @@ and then misses distinct vectors too. Rows of a user in a bucket carry the diges
 context embedding rounded to half precision (``Message.context_digest``,
 ``memory_vector_digest``); of the rows sharing one, the first placed is in the index and the
 others are marked ``ann_duplicate``. The search adds the copies of the rows it found, by
-digest, with the found row's score (equal for exact copies; within 2.5e-4 for vectors equal
-at half precision), including those inside a query's filters whose row in the index is
-outside them; when the row in the index leaves it, a trigger puts a copy in its place
-(migration 0010).
+digest, with the found row's score (equal for exact copies; within 1e-3 for vectors equal at
+half precision, whose components differ by one half-precision step at most), including those
+inside a query's filters whose row in the index is outside them; when the row in the index
+leaves it, a trigger puts a copy in its place (migration 0010).
 
 **Pseudo-relevance feedback** (Rocchio, 1971; his beta is ``VECTOR_PRF_WEIGHT``): the query is
 ``q + beta * mean(e_d)`` over BM25's top documents, computed in the search's own statement (as
@@ -337,7 +337,7 @@ def search_statement(
             passes = f" WHERE TRUE{where(conditions, 'messages')}"
         # The rows left out of the index as copies of the rows it gave (Message.context_digest),
         # those of the best rows first, with the score of the row found: they share its
-        # half-precision rounding, so their own scores differ from it by 2.5e-4 at most, and
+        # half-precision rounding, so their own scores differ from it by 1e-3 at most, and
         # their ids come from the copies' index without a read of their rows.
         copies = f""", copies AS MATERIALIZED (
             SELECT c.id, p.distance FROM (SELECT context_digest, distance FROM messages ORDER BY distance) p
