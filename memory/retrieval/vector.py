@@ -230,9 +230,10 @@ def ann_enable(*, user_id: uuid.UUID, batch: int = 500) -> int | None:
 
 def ann_place(cursor, *, user_id: uuid.UUID, bucket: int, limit: int | None = None) -> int:
     """Put the user's rows that have a context embedding and no bucket into HNSW index
-    ``bucket`` (at most ``limit`` of them, skipping rows another transaction holds), each
-    copy of a context embedding already there, or earlier in this batch, as a copy
-    (``Message.ann_duplicate``). Returns how many rows were placed."""
+    ``bucket``; a row whose context embedding is already there, or earlier in this batch, goes
+    in as a copy (``Message.ann_duplicate``). With ``limit``: at most that many rows, skipping
+    rows another transaction holds; without: all of them, waiting for such rows. Returns how
+    many rows were placed."""
     batch = "LIMIT %(limit)s FOR UPDATE SKIP LOCKED" if limit is not None else "FOR UPDATE"
     cursor.execute(
         f"""
