@@ -185,6 +185,23 @@ def test_copies_of_a_context_embedding_are_one_row_in_the_hnsw_index(agent, sett
 
 
 @pytest.mark.django_db
+def test_a_move_to_the_hnsw_index_in_batches_puts_each_context_embedding_in_once(agent):
+    """The move takes the user's rows in batches; a copy of a row an earlier batch put in the
+    index goes in as a copy."""
+    from memory.models import EMBEDDING_DIM
+
+    turns = unit(np.random.default_rng(8).normal(size=(6, EMBEDDING_DIM)))
+    user, _ = flushed_user(agent, "batches", np.tile(turns, (20, 1)))
+
+    assert vector.ann_enable(user_id=user.pk, batch=7) is not None
+
+    groups = _rows_in_the_index(user)
+    assert sum(len(flags) for flags in groups.values()) == 120
+    assert all(flags.count(False) == 1 for flags in groups.values())
+    assert len(groups) <= 6 + 2 * 4
+
+
+@pytest.mark.django_db
 def test_when_the_row_in_the_index_leaves_a_copy_takes_its_place(agent, settings):
     """The row of a context embedding in the HNSW index, deleted, edited or gone with its
     session, hands its place to a copy (a trigger, whichever path removed it), so the copies
