@@ -384,9 +384,10 @@ def _derive(user_ids: list[uuid.UUID], large: list[uuid.UUID], *, log) -> None:
 
 
 def ann_rebuild(user_ids: list[uuid.UUID]) -> None:
-    """Give ``user_ids`` HNSW buckets (the least shared, as ``vector.ann_enable`` does) and
-    rebuild those buckets' indexes in one pass each (CREATE INDEX, the definition of
-    migration 0007), instead of inserting every row one by one."""
+    """Give ``user_ids`` HNSW buckets (the least shared, as ``vector.ann_enable`` does), place
+    their rows as ``vector.ann_place`` does (copies of a context embedding as copies), and
+    rebuild those buckets' indexes in one pass each (CREATE INDEX, the model's definition),
+    instead of inserting every row one by one."""
     from memory.models import ANN_BUCKETS, Message
     from memory.retrieval import vector
 
