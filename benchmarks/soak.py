@@ -14,7 +14,9 @@ process whose memory to read) with:
 
 Every ``--sample-seconds`` it reads the resident memory of the server (``web_rss_mb``) and of
 its child processes (``inference_rss_mb``: the query and flush embedding processes) and the
-backlog from the health endpoint. After ``--duration`` s the load stops and it waits (up to
+backlog from the health endpoint; with an operator key (the one it creates, or
+``--operator-key``), the per-user cache's bytes and the web process's C heap (bytes in use and
+free, ``GET /api/v1/admin/stats``). After ``--duration`` s the load stops and it waits (up to
 ``--drain-timeout`` s) for the backlog to empty. The JSON has the answers by kind and status,
 the first errors, latency percentiles, the samples, the memory slope in MB/hour of each
 process group (least squares over the samples after the first ``--warmup`` s), its maximum,
@@ -434,15 +436,17 @@ def _drain(url: str, pid: int | None, started: float, samples: list[dict], optio
 
 def _memory(samples: list[dict], *, warmup: float) -> dict:
     """Per process group: the slope (MB/hour) of the samples after ``warmup`` s, first, max,
-    last; also of the per-user cache's bytes (``user_cache_mb``, bounded by ``USER_CACHE_MB``)
-    and of the web process without them (``web_rss_without_cache_mb``): what the cache
-    filling up to its bound explains, and what it does not."""
+    last; also of the per-user cache's bytes (``user_cache_mb``, bounded by ``USER_CACHE_MB``),
+    of the web process without them (``web_rss_without_cache_mb``): what the cache filling up
+    to its bound explains, and what it does not; and of the web process's C heap, its bytes in
+    use and the free bytes its arenas hold (``heap_in_use_mb``, ``heap_free_mb``)."""
     for sample in samples:
         web, cache = sample["web_rss_mb"], sample.get("user_cache_mb")
         sample["web_rss_without_cache_mb"] = round(web - cache, 1) if web is not None and cache is not None else None
     steady = [s for s in samples if not s.get("draining") and s["t_s"] >= warmup]
     memory = {}
-    for name in ("web_rss_mb", "inference_rss_mb", "user_cache_mb", "web_rss_without_cache_mb"):
+    names = ("web_rss_mb", "inference_rss_mb", "user_cache_mb", "web_rss_without_cache_mb", "heap_in_use_mb", "heap_free_mb")
+    for name in names:
         values = [(s["t_s"], s[name]) for s in steady if s.get(name) is not None]
         all_values = [s[name] for s in samples if s.get(name) is not None]
         memory[name] = {
@@ -454,17 +458,24 @@ def _memory(samples: list[dict], *, warmup: float) -> dict:
     return memory
 
 
-def _user_cache_mb(url: str, operator_secret: str | None) -> float | None:
-    """The server's per-user cache, in MB (``GET admin/stats`` with an operator key), or None."""
+def _operator_figures(url: str, operator_secret: str | None) -> dict:
+    """From the server's ``GET admin/stats`` (with an operator key): its per-user cache and its
+    C heap's bytes in use and free, in MB (``{}`` without a key or an answer)."""
     if not operator_secret:
-        return None
+        return {}
     try:
         response = requests.get(
             url.rstrip("/") + "/api/v1/admin/stats", headers={"Authorization": f"Bearer {operator_secret}"}, timeout=5
         )
-        return round(response.json()["data"]["user_cache"]["bytes"] / 2**20, 1)
-    except (requests.RequestException, ValueError, KeyError, TypeError):
-        return None
+        data = response.json()["data"]
+        memory = data["process"].get("memory") or {}
+        return {
+            "user_cache_mb": round(data["user_cache"]["bytes"] / 2**20, 1),
+            "heap_in_use_mb": memory.get("heap_in_use_mb"),
+            "heap_free_mb": memory.get("heap_free_mb"),
+        }
+    except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def _sample(url: str, pid: int | None, started: float, operator_secret: str | None = None) -> dict:
@@ -475,7 +486,10 @@ def _sample(url: str, pid: int | None, started: float, operator_secret: str | No
         "t_s": round(time.monotonic() - started, 1),
         "web_rss_mb": rss_mb(pid),
         "inference_rss_mb": children[1] if children is not None else None,
-        "user_cache_mb": _user_cache_mb(url, operator_secret),
+        "user_cache_mb": None,
+        "heap_in_use_mb": None,
+        "heap_free_mb": None,
+        **_operator_figures(url, operator_secret),
         "pending_messages": backlog.get("pending_messages"),
         "oldest_pending_age_s": backlog.get("oldest_pending_age_s"),
         "health": figures.get("status"),

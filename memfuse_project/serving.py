@@ -106,18 +106,14 @@ def limit_malloc_arenas() -> bool:
     own objects come from its allocator's pools, whatever the arenas; what the cap slows is C
     code's allocations (psycopg, numpy), which wait for a lock a little more often.
     """
-    import ctypes
-    import ctypes.util
     import os
 
-    if "MALLOC_ARENA_MAX" in os.environ:
+    from memfuse_project.heap import glibc
+
+    libc = glibc()
+    if "MALLOC_ARENA_MAX" in os.environ or libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
+    return bool(libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
 
 
 def start() -> None:
