@@ -170,7 +170,9 @@ def test_reembed_answers_queries_throughout_and_switches_with_nothing_lost(
     session = services.session_create(user=alice, agent=agent, name="during")
     services.messages_add(session=session, messages=[MessageIn(role="user", content="written during the reembed")])
     flush_pending(user_id=alice.pk)
-    edited = Message.objects.filter(user=alice).order_by("id").first()  # filled already: its shadow vector goes stale
+    # The run fills in id order (random UUIDs), so the lowest id of the rows it saw is filled
+    # already and its shadow vector goes stale; the row written during the run may sort first.
+    edited = Message.objects.filter(user=alice).exclude(session=session).order_by("id").first()
     services.messages_update(
         session=edited.session,
         message_ids=[edited.pk],
