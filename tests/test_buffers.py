@@ -321,6 +321,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.servers
 @pytest.mark.django_db(transaction=True)
 def test_worker_killed_mid_flush_loses_and_duplicates_nothing(alice_session, tmp_path):
     """SIGKILL of a worker in the middle of a flush, then a restart: every message embedded exactly once."""
@@ -355,6 +356,7 @@ def test_worker_killed_mid_flush_loses_and_duplicates_nothing(alice_session, tmp
     assert not Message.objects.filter(user=alice_session.user, embedding__isnull=True).exists()
 
 
+@pytest.mark.servers
 @pytest.mark.django_db(transaction=True)
 def test_runworker_stopped_by_sigterm_drains_and_stops_its_inference_process(alice_session, tmp_path):
     """SIGTERM to a runworker: it flushes what is pending, exits 0, and leaves no inference
@@ -383,6 +385,7 @@ def test_runworker_stopped_by_sigterm_drains_and_stops_its_inference_process(ali
     assert not alive, [child.cmdline() for child in alive]
 
 
+@pytest.mark.servers
 @pytest.mark.django_db(transaction=True)
 def test_uvicorn_drains_pending_messages_when_stopped(alice_session, tmp_path):
     """uvicorn (the README's production command) stopped by SIGTERM flushes what is pending first (ASGI lifespan)."""
@@ -409,6 +412,7 @@ def test_uvicorn_drains_pending_messages_when_stopped(alice_session, tmp_path):
     assert b"every pending message flushed" in log.read_bytes()
 
 
+@pytest.mark.servers
 @pytest.mark.django_db(transaction=True)
 def test_flush_request_reaches_a_runworker_over_redis(alice_session, tmp_path, settings):
     """With the Redis channel layer, a manual flush request wakes a runworker process at once."""
