@@ -132,8 +132,12 @@ class ProcessEmbedder:
     def _spawn(self) -> None:
         import multiprocessing
 
-        # spawn, not fork: a forked child would inherit the parent's threads' locks and torch state.
-        context = multiprocessing.get_context("spawn")
+        # Not fork: a child forked from this process would inherit its threads' locks and torch
+        # state. The forkserver is a clean process that imported torch and sentence-transformers
+        # once (memory.inference.preload): its children start in a second, where a spawned one
+        # would import them again (5 s) before its model loads.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["memory.inference.preload"])
         pipes = [context.Pipe() for _ in range(self.concurrency)]
         process = context.Process(
             target=_serve_embeddings,
