@@ -31,7 +31,9 @@ The many-users phase also reports the CPU of a turn by process group (the server
 inference processes, and the host's PostgreSQL processes when the database runs there).
 The phases on servers of their own (many users, cold) run after the main server is stopped:
 flush jobs are rows that any process may claim, and its flush workers would take theirs.
-The server's and its inference processes' resident memory is read after each phase.
+The server's and its inference processes' resident memory is read after each phase: each
+process's RSS summed (`total_mb`) and their proportional set sizes summed (`total_pss_mb`, the
+pages the inference processes share with the forkserver counted once).
 Whatever a run cannot measure (no server of its own with ``--url``, say) is listed in
 ``not_measured`` rather than left out.
 """
@@ -51,7 +53,7 @@ from django.core.management.base import CommandError
 
 from benchmarks.chat_dataset import ChatDataset, ChatUser
 from benchmarks.client import Api
-from benchmarks.server import ServerProcess, bench_rate_limit, children_rss_mb, cpu_seconds, rss_mb
+from benchmarks.server import ServerProcess, bench_rate_limit, children_rss_mb, cpu_seconds, rss_mb, tree_pss_mb
 from benchmarks.stats import latency_summary, recall_at_k
 from benchmarks.texts import LOCOMO_DEV, chat_rounds, locomo_turn_texts
 
@@ -283,7 +285,7 @@ class ChatBench:
         children = children_rss_mb(server.pid)
         web = rss_mb(server.pid)
         return {"web_mb": web, "inference_processes": children[0], "inference_mb": children[1],
-                "total_mb": round(web + children[1], 1)}
+                "total_mb": round(web + children[1], 1), "total_pss_mb": tree_pss_mb(server.pid)}
 
     def _unique(self, text: str) -> str:
         """``text`` with a number of its own: LoCoMo has a few thousand texts, which the phases

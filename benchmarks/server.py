@@ -200,6 +200,32 @@ def children_rss_mb(pid: int | None) -> tuple[int, float] | None:
     return len(children), round(sum(child.memory_info().rss for child in children) / 2**20, 1)
 
 
+def memory_mb(process) -> dict | None:
+    """``{"rss", "pss", "uss"}`` of a ``psutil.Process`` in MB, None when it is gone: resident,
+    proportional (a page that n processes map counts 1/n in each) and unique (its pages alone).
+    Summed over a server's processes, RSS counts the pages they share once per process (the
+    forkserver's imports, in every inference process) and PSS counts them once."""
+    import psutil
+
+    try:
+        figures = process.memory_full_info()
+    except psutil.Error:
+        return None
+    return {kind: round(getattr(figures, kind) / 2**20, 1) for kind in ("rss", "pss", "uss")}
+
+
+def tree_pss_mb(pid: int | None) -> float | None:
+    """The proportional set size of process ``pid`` and all its descendants, summed, in MB:
+    what the server holds in all (see ``memory_mb``); None without a pid."""
+    if pid is None:
+        return None
+    import psutil
+
+    server = psutil.Process(pid)
+    figures = [memory_mb(process) for process in (server, *server.children(recursive=True))]
+    return round(sum(f["pss"] for f in figures if f is not None), 1)
+
+
 def cpu_seconds(pid: int | None) -> dict | None:
     """CPU time (user + system, s) used so far by process ``pid`` (``web``), by its child
     processes (``inference``: the query and flush models), and by every process of this host

@@ -7,13 +7,15 @@ uvicorn subprocess started here on this process's database (``benchmarks.server`
 process whose memory to read) with:
 
 - ``--users`` add clients, each adding one round (a user and an assistant message) to its own
-  session at ``--add-rate / users`` per second (paced: a late add goes at once, none piles up);
+  session at ``--add-rate / users`` per second (paced: a late add goes at once, none piles up;
+  the clients' first adds spread over the interval, so the adds arrive evenly, not in bursts);
 - ``--query-clients`` clients querying a random user at ``--query-rate`` in all;
 - ``--ws-clients`` WebSocket clients, each connecting to a session, sending ``--ws-frames``
   frames (an add, then a query, alternately), leaving, and connecting again.
 
 Every ``--sample-seconds`` it reads the resident memory of the server (``web_rss_mb``) and of
-its child processes (``inference_rss_mb``: the query and flush embedding processes) and the
+its child processes (``inference_rss_mb``: the query and flush embedding processes, and
+multiprocessing's forkserver and resource tracker, RSS summed) and the
 backlog from the health endpoint; with an operator key (the one it creates, or
 ``--operator-key``), the per-user cache's bytes and the web process's C heap (bytes in use and
 free, ``GET /api/v1/admin/stats``). After ``--duration`` s the load stops and it waits (up to
@@ -21,6 +23,9 @@ free, ``GET /api/v1/admin/stats``). After ``--duration`` s the load stops and it
 the first errors, latency percentiles, the samples, the memory slope in MB/hour of each
 process group (least squares over the samples after the first ``--warmup`` s), its maximum,
 the largest backlog and the time to drain it.
+
+``respawn`` (``benchmarks.respawn``) starts servers and reports their start, the memory of
+each of their processes and the return of a killed query process.
 
 ``pool-check`` times ``getconn`` + ``putconn`` on a psycopg pool of this process's database
 with and without psycopg_pool's ``check_connection`` (Django's ``CONN_HEALTH_CHECKS``): the
@@ -45,6 +50,7 @@ from websockets.sync.client import connect as ws_connect
 
 from benchmarks.errors import BenchError
 from benchmarks.index_load import index_load
+from benchmarks.respawn import respawn
 from benchmarks.server import ServerProcess, bench_rate_limit, children_rss_mb, rss_mb
 from benchmarks.stats import latency_summary, slope_mb_per_hour
 
@@ -149,9 +155,10 @@ class MixedLoad:
         thread.start()
         self._threads.append(thread)
 
-    def _paced(self, interval: float):
-        """Yields 0, 1, 2, ... at ``interval`` s apart (later when the previous call was slow)."""
-        n, next_at = 0, time.monotonic()
+    def _paced(self, interval: float, offset: float = 0.0):
+        """Yields 0, 1, 2, ... at ``interval`` s apart (later when the previous call was slow),
+        the first after ``offset`` s."""
+        n, next_at = 0, time.monotonic() + offset
         while not self._stop.is_set():
             delay = next_at - time.monotonic()
             if delay > 0 and self._stop.wait(delay):
@@ -177,13 +184,15 @@ class MixedLoad:
         return Outcome(kind, response.status_code, sent, answered, response.headers.get("Retry-After"), ids, detail)
 
     def _adds(self, client: int, target: Target, interval: float) -> None:
+        # Clients spread over the interval: started in phase, they would all send at the same
+        # instant, every interval, and time a burst of as many adds as there are clients.
         with requests.Session() as http:
-            for n in self._paced(interval):
+            for n in self._paced(interval, offset=interval * client / len(self.targets)):
                 self.recorder.add(self._post(http, "add", f"/api/v1/sessions/{target.session_id}/messages", {"messages": _round(client, n)}))
 
     def _queries(self, client: int, interval: float) -> None:
         with requests.Session() as http:
-            for n in self._paced(interval):
+            for n in self._paced(interval, offset=interval * client / self.query_clients):
                 target = self.targets[(client + n) % len(self.targets)]
                 body = {"query": f"what did I do with {TOPICS[n % len(TOPICS)]}?", "top_k": 5}
                 self.recorder.add(self._post(http, "query", f"/api/v1/users/{target.user_id}/query", body))
@@ -269,7 +278,7 @@ def health(url: str) -> dict | None:
 
 
 def soak_bench(options: dict, *, write) -> dict:
-    """``options["mode"]`` (``soak``, ``pool-check`` or ``index-load``) with the command's options; the report,
+    """``options["mode"]`` (``soak``, ``pool-check``, ``index-load`` or ``respawn``) with the command's options; the report,
     also written as JSON through ``write(str)`` and to ``options["json_out"]`` when set.
 
     Raises ``CommandError`` naming a bad option, or when the run cannot go on.
@@ -291,6 +300,8 @@ def soak_bench(options: dict, *, write) -> dict:
         except ValueError:
             raise CommandError("--sizes takes comma-separated message counts") from None
         result = index_load(sizes, options["repeats"], log=write)
+    elif options["mode"] == "respawn":
+        result = respawn(options["repeats"], options["users"], log=write)
     else:
         result = soak(options, env)
     text = json.dumps(result, indent=2)

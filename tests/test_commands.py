@@ -239,6 +239,8 @@ def test_memfuse_bench_chat_end_to_end(tmp_path, monkeypatch, settings):
     assert many["open_loop"]["errors"] == {"query": 0, "add": 0} and many["closed_loop"]["queries_per_s"] > 0
     # Its own server's cache holds about two of the six users: the others are evicted and reloaded.
     assert many["user_cache_mb"] == 0.05 and many["server_cache"]["evictions"] > 0 and many["memory"]["total_mb"] > 0
+    # The inference processes share the forkserver's pages: counted once, the total is smaller.
+    assert 0 < many["memory"]["total_pss_mb"] < many["memory"]["total_mb"]
     assert {entry["group"] for entry in report["ann_recall"]} == {"history", "distinct", "cold"}
     assert all(entry["recall_at_k_mean"] > 0 for entry in report["ann_recall"])
     cold = report["cold"]

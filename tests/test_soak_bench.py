@@ -49,6 +49,8 @@ def test_the_web_process_slope_is_also_given_without_its_per_user_cache():
         ("index-load", ["--sizes", "ten"], "--sizes"),
         ("index-load", ["--sizes", "100,0"], "--sizes"),
         ("index-load", ["--repeats", "0"], "--repeats"),
+        ("respawn", ["--repeats", "0"], "--repeats"),
+        ("respawn", ["--users", "0"], "--users"),
     ],
 )
 def test_soak_bench_rejects_bad_options(mode, args, message):
@@ -78,6 +80,32 @@ def test_index_load_loads_each_user_in_fresh_processes(tmp_path, monkeypatch):
     again = io.StringIO()
     call_command("soak_bench", "index-load", "--sizes", "40,90", "--repeats", "1", stdout=again)
     assert "building" not in again.getvalue()
+
+
+@pytest.mark.servers
+@pytest.mark.django_db(transaction=True)
+def test_respawn_reports_start_memory_by_process_and_a_killed_query_process_back(tmp_path, monkeypatch):
+    """respawn starts a server, reads each of its processes' memory, and kills its query
+    process: queries answer 200 again after at most one 503, from a new process that only
+    loaded its model (the forkserver had imported torch), which shares pages with the others."""
+    monkeypatch.setenv("DATABASE_URL", subprocess_env()["DATABASE_URL"])
+    out = tmp_path / "respawn.json"
+    call_command("soak_bench", "respawn", "--repeats", "1", "--users", "2", "--json", str(out), stdout=io.StringIO())
+
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]
+    assert run["start_s"] > 0 and report["start_s_median"] == run["start_s"]
+    processes = {process["role"]: process for process in run["memory"]["processes"]}
+    assert {"web", "query", "background", "forkserver"} <= processes.keys(), processes
+    # Pages of the forkserver's imports are mapped by it and both inference processes: each
+    # one's proportional share is well under its resident size.
+    for role in ("query", "background", "forkserver"):
+        assert processes[role]["uss"] < processes[role]["pss"] < processes[role]["rss"], processes[role]
+    total = run["memory"]["total_mb"]
+    assert total["pss"] < total["rss"] and total == report["total_mb_median"]
+    respawned = run["respawn"]
+    assert respawned["seconds"] > 0 and set(respawned["answers_before"]) <= {"503"}, respawned
+    assert sum(respawned["answers_before"].values()) <= 1, respawned
 
 
 def test_pool_check_reports_the_cost_of_the_connection_check(db, tmp_path):
