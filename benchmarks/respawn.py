@@ -7,15 +7,16 @@ Each of ``--repeats`` runs starts a uvicorn subprocess on this process's databas
 - ``start_s``: from the server's start to the first 200 of its health endpoint (its models
   loaded: ``MemoryConfig.ready()`` waits for them);
 - ``memory``: after ``--users`` users have each added a round and queried, and the health
-  endpoint reports no pending message (at most ``FLUSH_TIMEOUT_S`` s), each process of the server's tree (``web``, the ``query`` and
-  ``background`` inference processes, multiprocessing's ``forkserver`` and
-  ``resource_tracker``) in MB: resident (RSS), proportional (PSS: a page that n processes map
-  counts 1/n in each) and unique (USS: the pages of that process alone), and their sums. RSS
-  summed counts shared pages once per process; PSS summed is what the service holds;
-- ``respawn``: the query process is killed with SIGKILL, and the same query is sent every
-  ``POLL_S`` s until it answers 200: the seconds that took and the answers before it, by
-  status (a query that meets a dead query process answers 503, the next one waits for the
-  new process).
+  endpoint reports no pending message (at most ``FLUSH_TIMEOUT_S`` s), each process of the
+  server's tree (``web``, the ``query`` and ``background`` inference processes,
+  multiprocessing's ``forkserver`` and ``resource_tracker``) in MB: resident (RSS),
+  proportional (PSS: a page that n processes map counts 1/n in each) and unique (USS: the
+  pages of that process alone), and their sums. RSS summed counts shared pages once per
+  process; PSS summed is what the service holds;
+- ``respawn``: the query process is killed with SIGKILL, and a query (of a new text each
+  time) is sent every ``POLL_S`` s until one answers 200: the seconds that took and the
+  answers before it, by status (a query that meets a dead query process answers 503, the next
+  one waits for the new process).
 
 The query process is found by its pid in the server's ``GET /api/v1/admin/stats``.
 """
