@@ -35,7 +35,7 @@ import requests
 from django.core.management.base import CommandError
 
 from benchmarks.errors import BenchError
-from benchmarks.server import ServerProcess, bench_rate_limit, memory_mb
+from benchmarks.server import ServerProcess, bench_rate_limit, health, memory_mb
 
 FLUSH_TIMEOUT_S = 60.0
 POLL_S = 0.05
@@ -91,7 +91,7 @@ def _run(tag: str, key: str, operator_secret: str, users: int) -> dict:
     try:
         api = _Api(url, key)
         targets = _warm_up(api, tag, users)
-        _wait_flushed(api)
+        _wait_flushed(url)
         pids = _inference_pids(url, operator_secret)
         memory = _memory(server.pid, pids)
         respawned = _respawn(api, targets[0], pids["query"])
@@ -132,10 +132,10 @@ def _warm_up(api: _Api, tag: str, users: int) -> list[tuple[str, str]]:
     return targets
 
 
-def _wait_flushed(api: _Api) -> None:
+def _wait_flushed(url: str) -> None:
     deadline, backlog = time.monotonic() + FLUSH_TIMEOUT_S, {}
     while time.monotonic() < deadline:
-        backlog = api.http.get(api.base + "/health", timeout=REQUEST_TIMEOUT).json()["data"].get("backlog") or {}
+        backlog = (health(url) or {}).get("backlog") or {}
         if backlog.get("pending_messages") == 0:
             return
         time.sleep(0.2)

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import requests
 from django.conf import settings
 
 from benchmarks.errors import BenchError
@@ -43,6 +44,14 @@ def health_ok(url: str, *, timeout: float) -> bool:
             return response.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def health(url: str) -> dict | None:
+    """The ``data`` of ``GET {url}/api/v1/health`` (status, backlog), None when it does not answer."""
+    try:
+        return requests.get(url.rstrip("/") + HEALTH_PATH, timeout=5).json()["data"]
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return None
 
 
 def uvicorn_command(port: int, *args: str) -> list[str]:

@@ -51,7 +51,7 @@ from websockets.sync.client import connect as ws_connect
 from benchmarks.errors import BenchError
 from benchmarks.index_load import index_load
 from benchmarks.respawn import respawn
-from benchmarks.server import ServerProcess, bench_rate_limit, children_rss_mb, rss_mb
+from benchmarks.server import ServerProcess, bench_rate_limit, children_rss_mb, health, rss_mb
 from benchmarks.stats import latency_summary, slope_mb_per_hour
 
 REQUEST_TIMEOUT = 30.0  # s
@@ -267,14 +267,6 @@ def summarise(outcomes: list[Outcome], *, started: float) -> dict:
         "first_errors": errors,
         "latency_ms": {kind: latency_summary(values) for kind, values in sorted(latencies.items())},
     }
-
-
-def health(url: str) -> dict | None:
-    """The health endpoint's ``data``, None when it does not answer."""
-    try:
-        return requests.get(url.rstrip("/") + "/api/v1/health", timeout=5).json()["data"]
-    except (requests.RequestException, ValueError, KeyError, TypeError):
-        return None
 
 
 def soak_bench(options: dict, *, write) -> dict:
