@@ -25,7 +25,8 @@ process group (least squares over the samples after the first ``--warmup`` s), i
 the largest backlog and the time to drain it.
 
 ``respawn`` (``benchmarks.respawn``) starts servers and reports their start, the memory of
-each of their processes and the return of a killed query process.
+each of their processes and the return of a killed query process. ``ws-connections``
+(``benchmarks.ws_connections``): the web process's memory per open WebSocket connection.
 
 ``pool-check`` times ``getconn`` + ``putconn`` on a psycopg pool of this process's database
 with and without psycopg_pool's ``check_connection`` (Django's ``CONN_HEALTH_CHECKS``): the
@@ -53,6 +54,7 @@ from benchmarks.index_load import index_load
 from benchmarks.respawn import respawn
 from benchmarks.server import ServerProcess, bench_rate_limit, children_rss_mb, health, rss_mb
 from benchmarks.stats import latency_summary, slope_mb_per_hour
+from benchmarks.ws_connections import ws_connections
 
 REQUEST_TIMEOUT = 30.0  # s
 TOPICS = ["hiking", "pottery", "a puppy", "a marathon", "tomatoes", "chess", "Lisbon", "a museum", "a recipe", "jazz"]
@@ -270,7 +272,7 @@ def summarise(outcomes: list[Outcome], *, started: float) -> dict:
 
 
 def soak_bench(options: dict, *, write) -> dict:
-    """``options["mode"]`` (``soak``, ``pool-check``, ``index-load`` or ``respawn``) with the command's options; the report,
+    """``options["mode"]`` (``soak``, ``pool-check``, ``index-load``, ``respawn`` or ``ws-connections``) with the command's options; the report,
     also written as JSON through ``write(str)`` and to ``options["json_out"]`` when set.
 
     Raises ``CommandError`` naming a bad option, or when the run cannot go on.
@@ -294,6 +296,8 @@ def soak_bench(options: dict, *, write) -> dict:
         result = index_load(sizes, options["repeats"], log=write)
     elif options["mode"] == "respawn":
         result = respawn(options["repeats"], options["users"], log=write)
+    elif options["mode"] == "ws-connections":
+        result = ws_connections(options["connections"], options["users"], env)
     else:
         result = soak(options, env)
     text = json.dumps(result, indent=2)

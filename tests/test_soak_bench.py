@@ -51,6 +51,8 @@ def test_the_web_process_slope_is_also_given_without_its_per_user_cache():
         ("index-load", ["--repeats", "0"], "--repeats"),
         ("respawn", ["--repeats", "0"], "--repeats"),
         ("respawn", ["--users", "0"], "--users"),
+        ("ws-connections", ["--connections", "0"], "--connections"),
+        ("ws-connections", ["--users", "-1"], "--users"),
     ],
 )
 def test_soak_bench_rejects_bad_options(mode, args, message):
@@ -116,3 +118,23 @@ def test_pool_check_reports_the_cost_of_the_connection_check(db, tmp_path):
     figures = json.loads(out.read_text())
     assert figures["check_connection"]["median_us"] > figures["no_check"]["median_us"] > 0
     assert figures["check_cost_us"] == round(figures["check_connection"]["median_us"] - figures["no_check"]["median_us"], 1)
+
+
+@pytest.mark.servers
+@pytest.mark.django_db(transaction=True)
+def test_ws_connections_holds_connections_open_on_the_server_it_starts(tmp_path, monkeypatch):
+    """ws-connections opens every connection, each with a query answered, on a server started
+    with --server-env: uvicorn's permessage-deflate turned off there is no extension accepted."""
+    monkeypatch.setenv("DATABASE_URL", subprocess_env()["DATABASE_URL"])
+    out = tmp_path / "ws.json"
+    call_command(
+        "soak_bench", "ws-connections", "--connections", "40", "--users", "3",
+        "--server-env", "UVICORN_WS_PER_MESSAGE_DEFLATE=false", "--json", str(out), stdout=io.StringIO(),
+    )  # fmt: skip
+
+    report = json.loads(out.read_text())
+    assert (report["connections"], report["users"], report["extension"]) == (40, 3, None)
+    assert report["server"]["env"] == {"UVICORN_WS_PER_MESSAGE_DEFLATE": "false"} and report["server"]["log_error_lines"] == 0
+    # Readings of a live Python process with Django and the models' clients imported.
+    assert all(reading > 100 for reading in report["web_rss_mb"].values()), report["web_rss_mb"]
+    assert report["open_seconds"] > 0

@@ -1,7 +1,8 @@
-"""``python manage.py soak_bench {soak,pool-check,index-load,respawn}``: a mixed load for minutes, the pool
-check's cost (``benchmarks.soak``), what loading a user's index costs a process
-(``benchmarks.index_load``), or the service's start, memory by process and the return of a
-killed query process (``benchmarks.respawn``)."""
+"""``python manage.py soak_bench {soak,pool-check,index-load,respawn,ws-connections}``: a mixed load for
+minutes, the pool check's cost (``benchmarks.soak``), what loading a user's index costs a
+process (``benchmarks.index_load``), the service's start, memory by process and the return of
+a killed query process (``benchmarks.respawn``), or what an open WebSocket connection holds
+(``benchmarks.ws_connections``)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ class Command(BaseCommand):
     help = (
         "soak: mixed load for minutes (memory slope, errors, backlog); pool-check: cost of the pool's connection check; "
         "index-load: peak memory and time of loading a user's index in a fresh process; "
-        "respawn: seconds to start, memory by process (RSS, PSS, USS), seconds until a killed query process answers again."
+        "respawn: seconds to start, memory by process (RSS, PSS, USS), seconds until a killed query process answers again; "
+        "ws-connections: the web process's memory per open WebSocket connection."
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("mode", choices=["soak", "pool-check", "index-load", "respawn"])
+        parser.add_argument("mode", choices=["soak", "pool-check", "index-load", "respawn", "ws-connections"])
         parser.add_argument("--url", help="base URL of a running server (default: start uvicorn on loopback)")
         parser.add_argument("--api-key", help="a tenant key (with --url)")
         parser.add_argument("--server-pid", type=int, help="with --url: the server's process id, for its memory figures")
@@ -28,7 +30,7 @@ class Command(BaseCommand):
         parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE", help="environment of the started server")
         parser.add_argument("--duration", type=float, default=600.0, help="seconds of load")
         parser.add_argument("--warmup", type=float, default=60.0, help="seconds of samples left out of the memory slope")
-        parser.add_argument("--users", type=int, default=4, help="add clients, one user and session each (respawn: users warmed up)")
+        parser.add_argument("--users", type=int, default=4, help="add clients, one user and session each (respawn: users warmed up; ws-connections: sessions)")
         parser.add_argument("--add-rate", type=float, default=20.0, help="adds (rounds of 2 messages) per second, in all")
         parser.add_argument("--query-rate", type=float, default=5.0, help="REST queries per second, in all")
         parser.add_argument("--query-clients", type=int, default=2)
@@ -41,6 +43,7 @@ class Command(BaseCommand):
             "--sizes", default="10000,30000,100000", help="index-load: the users' message counts, comma-separated"
         )
         parser.add_argument("--repeats", type=int, default=5, help="index-load: fresh processes per user; respawn: servers started")
+        parser.add_argument("--connections", type=int, default=300, help="ws-connections: connections held open at once")
         parser.add_argument("--json", dest="json_out", type=Path, help="also write the results to this file")
 
     def handle(self, *args, **options):
