@@ -21,8 +21,8 @@ backlog from the health endpoint; with an operator key (the one it creates, or
 free, ``GET /api/v1/admin/stats``). After ``--duration`` s the load stops and it waits (up to
 ``--drain-timeout`` s) for the backlog to empty. The JSON has the answers by kind and status,
 the first errors, latency percentiles, the samples, the memory slope in MB/hour of each
-process group (least squares over the samples after the first ``--warmup`` s), its maximum,
-the largest backlog and the time to drain it.
+process group (least squares over the samples after the first ``--warmup`` s, and over each
+30 minutes after it), its maximum, the largest backlog and the time to drain it.
 
 ``respawn`` (``benchmarks.respawn``) starts servers and reports their start, the memory of
 each of their processes and the return of a killed query process. ``ws-connections``
@@ -58,6 +58,7 @@ from benchmarks.ws_connections import ws_connections
 
 REQUEST_TIMEOUT = 30.0  # s
 TOPICS = ["hiking", "pottery", "a puppy", "a marathon", "tomatoes", "chess", "Lisbon", "a museum", "a recipe", "jazz"]
+SLOPE_WINDOW_S = 1800.0  # s: the soak's memory slopes are also fitted over windows of this length
 CONFIG_OPTIONS = ("duration", "warmup", "users", "add_rate", "query_rate", "query_clients", "ws_clients", "ws_frames", "sample_seconds")
 
 
@@ -441,12 +442,15 @@ def _drain(url: str, pid: int | None, started: float, samples: list[dict], optio
     return None
 
 
-def _memory(samples: list[dict], *, warmup: float) -> dict:
-    """Per process group: the slope (MB/hour) of the samples after ``warmup`` s, first, max,
-    last; also of the per-user cache's bytes (``user_cache_mb``, bounded by ``USER_CACHE_MB``),
-    of the web process without them (``web_rss_without_cache_mb``): what the cache filling up
-    to its bound explains, and what it does not; and of the web process's C heap, its bytes in
-    use and the free bytes its arenas hold (``heap_in_use_mb``, ``heap_free_mb``)."""
+def _memory(samples: list[dict], *, warmup: float, window: float = SLOPE_WINDOW_S) -> dict:
+    """Per process group: the slope (MB/hour) of the samples after ``warmup`` s, and of each
+    ``window`` s after it (``slopes_by_window``: ``[start s, end s, slope]``, a last window
+    shorter than half of ``window`` joined to the one before: whether the growth slows), first,
+    max, last; also of the per-user cache's bytes (``user_cache_mb``, bounded by
+    ``USER_CACHE_MB``), of the web process without them (``web_rss_without_cache_mb``): what the
+    cache filling up to its bound explains, and what it does not; and of the web process's C
+    heap, its bytes in use and the free bytes its arenas hold (``heap_in_use_mb``,
+    ``heap_free_mb``)."""
     for sample in samples:
         web, cache = sample["web_rss_mb"], sample.get("user_cache_mb")
         sample["web_rss_without_cache_mb"] = round(web - cache, 1) if web is not None and cache is not None else None
@@ -458,11 +462,26 @@ def _memory(samples: list[dict], *, warmup: float) -> dict:
         all_values = [s[name] for s in samples if s.get(name) is not None]
         memory[name] = {
             "slope_mb_per_hour": slope_mb_per_hour(values),
+            "slopes_by_window": _window_slopes(values, start=warmup, window=window),
             "first": all_values[0] if all_values else None,
             "max": max(all_values) if all_values else None,
             "last": all_values[-1] if all_values else None,
         }
     return memory
+
+
+def _window_slopes(values: list[tuple[float, float]], *, start: float, window: float) -> list[list[float | None]]:
+    if not values:
+        return []
+    end = values[-1][0]
+    bounds = [start + i * window for i in range(int((end - start) // window) + 1)] + [end]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < window / 2:
+        del bounds[-2]
+    return [
+        [lo, hi, slope_mb_per_hour([(t, mb) for t, mb in values if lo <= t <= hi])]
+        for lo, hi in zip(bounds, bounds[1:])
+        if hi > lo
+    ]
 
 
 def _operator_figures(url: str, operator_secret: str | None) -> dict:

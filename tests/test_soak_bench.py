@@ -40,6 +40,21 @@ def test_the_web_process_slope_is_also_given_without_its_per_user_cache():
     assert without["web_rss_without_cache_mb"]["slope_mb_per_hour"] is None
 
 
+def test_the_slopes_are_also_fitted_over_windows_after_the_warm_up():
+    """A process that rises 2 MB a minute for 10 minutes after its warm-up, then 1 MB, then
+    stays level: one slope per 10-minute window (the last, 5 minutes, on its own; a 2-minute
+    tail joins the window before it)."""
+    def rss(t):
+        return 100 + 2 * min(t, 600) / 60 + max(0, min(t, 1200) - 600) / 60
+
+    samples = [{"t_s": t, "web_rss_mb": rss(t), "inference_rss_mb": 900.0} for t in range(0, 1500 + 1, 30)]
+    windows = _memory(samples, warmup=0, window=600)["web_rss_mb"]["slopes_by_window"]
+    assert windows == [[0, 600, 120.0], [600, 1200, 60.0], [1200, 1500, 0.0]]
+
+    tail = _memory([s for s in samples if s["t_s"] <= 1320], warmup=0, window=600)["web_rss_mb"]["slopes_by_window"]
+    assert [window[:2] for window in tail] == [[0, 600], [600, 1320]]
+
+
 @pytest.mark.parametrize(
     "mode, args, message",
     [
