@@ -35,7 +35,7 @@ import requests
 from django.core.management.base import CommandError
 
 from benchmarks.errors import BenchError
-from benchmarks.server import ServerProcess, bench_rate_limit, health, memory_mb
+from benchmarks.server import ServerProcess, bench_rate_limit, bench_tenant, health, memory_mb
 
 FLUSH_TIMEOUT_S = 60.0
 POLL_S = 0.05
@@ -48,25 +48,17 @@ def respawn(repeats: int, users: int, *, log) -> dict:
 
     Raises ``CommandError`` when ``repeats`` or ``users`` is not positive, or a run fails.
     """
-    from memory import services
-    from memory.models import KeyScope, Tenant
-
     if repeats <= 0 or users <= 0:
         raise CommandError("--repeats and --users must be positive")
     run = uuid.uuid4().hex[:8]
-    tenant = services.tenant_create(name=f"respawn-{run}")
-    key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="respawn")[1]
-    operator, operator_secret = services.api_key_create(scope=KeyScope.OPERATOR, name=f"respawn {run}")
     runs = []
-    try:
-        for index in range(repeats):
-            runs.append(_run(f"{run}-{index}", key, operator_secret, users))
-            log(f"run {index + 1}: {runs[-1]['start_s']} s to start, {runs[-1]['respawn']['seconds']} s to respawn")
-    except BenchError as exc:
-        raise CommandError(str(exc)) from None
-    finally:
-        Tenant.objects.filter(pk=tenant.pk).delete()
-        operator.delete()
+    with bench_tenant(f"respawn-{run}", operator=True) as (key, operator_secret):
+        try:
+            for index in range(repeats):
+                runs.append(_run(f"{run}-{index}", key, operator_secret, users))
+                log(f"run {index + 1}: {runs[-1]['start_s']} s to start, {runs[-1]['respawn']['seconds']} s to respawn")
+        except BenchError as exc:
+            raise CommandError(str(exc)) from None
 
     def median(values) -> float:
         return round(float(np.median(values)), 2)

@@ -188,6 +188,26 @@ def serving(url: str | None, *, log_path: Path, log, **server: object) -> Iterat
         process.stop()
 
 
+@contextmanager
+def bench_tenant(name: str, *, operator: bool = False) -> Iterator[tuple[str, str | None]]:
+    """``(tenant API key, operator API key or None)``: a tenant ``name`` made in this process's
+    database with a key of its own, and an operator key when ``operator`` (to read a server's
+    ``GET /api/v1/admin/stats``). On leaving, the tenant is deleted with all it holds, and the
+    operator key with it."""
+    from memory import services
+    from memory.models import KeyScope, Tenant
+
+    tenant = services.tenant_create(name=name)
+    key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name=name)[1]
+    operator_key, operator_secret = services.api_key_create(scope=KeyScope.OPERATOR, name=name) if operator else (None, None)
+    try:
+        yield key, operator_secret
+    finally:
+        Tenant.objects.filter(pk=tenant.pk).delete()
+        if operator_key is not None:
+            operator_key.delete()
+
+
 def rss_mb(pid: int | None) -> float | None:
     """Resident memory of process ``pid`` in MB, None without a pid."""
     if pid is None:

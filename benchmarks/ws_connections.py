@@ -24,7 +24,7 @@ from django.core.management.base import CommandError
 from websockets.asyncio.client import connect
 
 from benchmarks.errors import BenchError
-from benchmarks.server import ServerProcess, bench_rate_limit, rss_mb
+from benchmarks.server import ServerProcess, bench_rate_limit, bench_tenant, rss_mb
 
 SETTLE_S = 2.0  # s between the last answer and a reading: the server's last writes are done
 REQUEST_TIMEOUT = 30.0
@@ -36,28 +36,24 @@ def ws_connections(connections: int, users: int, env: dict) -> dict:
     Raises ``CommandError`` when ``connections`` or ``users`` is not positive, or the run fails.
     """
     from benchmarks.soak import soak_targets
-    from memory import services
-    from memory.models import KeyScope, Tenant
 
     if connections <= 0 or users <= 0:
         raise CommandError("--connections and --users must be positive")
     run = uuid.uuid4().hex[:8]
-    tenant = services.tenant_create(name=f"ws-connections-{run}")
-    key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="ws-connections")[1]
     server = ServerProcess(
         log_path=Path(f"/tmp/memfuse-ws-connections-{run}-server.log"),
         env={"API_RATE_LIMIT": bench_rate_limit(), **env},
         kind="uvicorn",
     )
-    try:
-        url = server.start()
-        sessions = [target.session_id for target in soak_targets(url, key, users, run)]
-        report = asyncio.run(_measure(url, key, sessions, connections, server.pid))
-    except BenchError as exc:
-        raise CommandError(str(exc)) from None
-    finally:
-        stopped = server.stop()
-        Tenant.objects.filter(pk=tenant.pk).delete()
+    with bench_tenant(f"ws-connections-{run}") as (key, _):
+        try:
+            url = server.start()
+            sessions = [target.session_id for target in soak_targets(url, key, users, run)]
+            report = asyncio.run(_measure(url, key, sessions, connections, server.pid))
+        except BenchError as exc:
+            raise CommandError(str(exc)) from None
+        finally:
+            stopped = server.stop()
     return {"connections": connections, "users": users, **report, "server": {"env": env, **stopped}}
 
 
