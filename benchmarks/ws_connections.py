@@ -22,6 +22,7 @@ from pathlib import Path
 
 from django.core.management.base import CommandError
 from websockets.asyncio.client import connect
+from websockets.exceptions import WebSocketException
 
 from benchmarks.errors import BenchError
 from benchmarks.server import ServerProcess, bench_rate_limit, bench_tenant, rss_mb
@@ -33,7 +34,8 @@ REQUEST_TIMEOUT = 30.0
 def ws_connections(connections: int, users: int, env: dict) -> dict:
     """The report (see the module) of one server with ``env`` added to its environment.
 
-    Raises ``CommandError`` when ``connections`` or ``users`` is not positive, or the run fails.
+    Raises ``CommandError`` when ``connections`` or ``users`` is not positive, or the run fails
+    (the server does not start, a connection is refused, dropped or not answered in 30 s).
     """
     from benchmarks.soak import soak_targets
 
@@ -50,8 +52,9 @@ def ws_connections(connections: int, users: int, env: dict) -> dict:
             url = server.start()
             sessions = [target.session_id for target in soak_targets(url, key, users, run)]
             report = asyncio.run(_measure(url, key, sessions, connections, server.pid))
-        except BenchError as exc:
-            raise CommandError(str(exc)) from None
+        except (BenchError, OSError, TimeoutError, WebSocketException) as exc:
+            # A refused, dropped or timed-out connection ends the run with what happened.
+            raise CommandError(f"{type(exc).__name__}: {exc}") from None
         finally:
             stopped = server.stop()
     return {"connections": connections, "users": users, **report, "server": {"env": env, **stopped}}
