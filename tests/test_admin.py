@@ -4,7 +4,6 @@ and edits go through the services (tombstones, memory_version, index text, the l
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from buffers import services as buffers
 from buffers.models import FlushJob, Priority, Reason, State
 from memory import retrieval, selectors, services
 from memory.models import Knowledge, Message, Tenant, Tombstone, User
+from tests.locks import a_backend_waits_for_a_lock
 
 
 @pytest.fixture
@@ -231,7 +231,7 @@ def test_deleting_a_tenant_while_its_flush_writes_neither_deadlocks_nor_fails(st
     delete = lambda: staff_client.post(f"/admin/memory/tenant/{tenant.pk}/delete/", {"post": "yes"}).status_code  # noqa: E731
     deleter = threading.Thread(target=run, args=("delete", delete))
     deleter.start()
-    waited = _a_backend_waits_for_a_lock()
+    waited = a_backend_waits_for_a_lock()
     may_go.set()
     flusher.join(30)
     deleter.join(30)
@@ -241,15 +241,3 @@ def test_deleting_a_tenant_while_its_flush_writes_neither_deadlocks_nor_fails(st
     assert not Tenant.objects.filter(pk=tenant.pk).exists()
     assert not Message.objects.exists() and not User.objects.exists()
 
-
-def _a_backend_waits_for_a_lock(timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            )
-            if cursor.fetchone()[0]:
-                return True
-        time.sleep(0.05)
-    return False
