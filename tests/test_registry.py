@@ -874,3 +874,17 @@ def test_a_flood_of_adds_keeps_at_most_the_read_ahead_bound_queued(
     rows = [(row.id, row.updated_at, row.index_text) for row in [older, *newest]]
     vectors = cache.user_memory(alice.pk).pending_embeddings(rows)
     assert vectors.shape == (4, 4) and embedded[len(kept) + 2 :] == ["alice says line 18.2"]
+
+
+def test_the_session_an_add_looks_up_carries_its_tenant_for_the_read_ahead(alice_session, django_assert_num_queries):
+    """The REST add's one session lookup (selectors.session_ref) also gives the user's tenant,
+    under which the add's read-ahead is bounded: no second read on the add path."""
+    from memory import selectors
+    from memory.tenancy import Principal
+
+    tenant_id = alice_session.user.tenant_id
+    principal = Principal(key_id="acme", scope="tenant", tenant_id=tenant_id)
+
+    with django_assert_num_queries(1):
+        session = selectors.session_ref(principal=principal, session_id=alice_session.pk)
+        assert (session.user_id, session.user.tenant_id) == (alice_session.user_id, tenant_id)
