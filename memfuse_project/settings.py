@@ -298,6 +298,11 @@ MEMFUSE = {
     # a text embedded again soon after (the chat turn's query, then the same words added as
     # its message) costs no second model call. About 2.1 KB each once done; 0: none.
     "RECENT_EMBEDDINGS": envint("RECENT_EMBEDDINGS", 2048),
+    # Read-ahead: an add starts the query model on its newest messages, behind every query
+    # (memory.inference.ModelRegistry.read_ahead). At most PENDING_EMBED_MAX of a user and this
+    # many of a tenant stay queued; past it the oldest is cancelled (a query embeds it on
+    # demand). Per tenant: a tenant can make many users, only operators make tenants. 0: none.
+    "READ_AHEAD_MAX": envint("READ_AHEAD_MAX", 64),
     # A user with this many messages gets their context embeddings into the HNSW index, and
     # approximate vector search (memory.retrieval.vector); below it the search is exact.
     "ANN_MIN_MESSAGES": envint("ANN_MIN_MESSAGES", 5000),

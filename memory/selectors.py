@@ -111,8 +111,9 @@ def user_ref(*, principal: Principal, user_id: uuid.UUID, field: str = "user_id"
 
 def session_ref(*, principal: Principal, session_id: uuid.UUID, field: str = "session_id") -> Session:
     """The session with ``session_id`` if ``principal`` may see it, with ``id`` and
-    ``user_id`` loaded (what a message write needs). Raises ``NotFound`` like ``session_get``."""
-    return _visible_row(
+    ``user_id`` loaded, and its ``user`` holding ``id`` and ``tenant_id`` (what a message write
+    needs: the read-ahead is bounded per tenant). Raises ``NotFound`` like ``session_get``."""
+    session = _visible_row(
         Session,
         "SELECT s.id, s.user_id FROM memory_session s JOIN memory_user u ON u.id = s.user_id "
         "WHERE s.id = %s AND u.tenant_id = %s",
@@ -121,6 +122,9 @@ def session_ref(*, principal: Principal, session_id: uuid.UUID, field: str = "se
         user_column="s.user_id",
         field=field,
     )
+    # The statement checked the user's tenant: it is the principal's.
+    session.user = User.from_db(connection.alias, ["id", "tenant_id"], [session.user_id, principal.tenant_id])
+    return session
 
 
 def users_list(*, principal: Principal, name: str | None = None) -> QuerySet[User]:

@@ -132,6 +132,36 @@ def tenant_create(*, name: str) -> Tenant:
     return _create_unique(Tenant, name=name)
 
 
+def tenant_delete(*, tenant: Tenant) -> None:
+    """Delete a tenant with its users, agents and API keys and, through them, every session,
+    message, knowledge item and flush job, in one transaction.
+
+    Lock order (docs/architecture.md): every user of the tenant ``FOR UPDATE``, in ascending id
+    order (``_bump_memory_version``), before any of their rows. A flush writing one of them
+    holds its user row ``FOR KEY SHARE``: the delete waits for that write to commit instead of
+    locking message rows the flush is about to write (a deadlock). No tombstones: they belong
+    to their user and go with it, and every read finds the user first. The users' cached
+    memory and the tenant's keys are forgotten by this process on commit (other processes
+    within ``API_KEY_CACHE_SECONDS``).
+    """
+    from memory.retrieval import cache
+
+    with transaction.atomic():
+        user_ids = sorted(tenant.users.values_list("pk", flat=True))
+        for user_id in user_ids:
+            _bump_memory_version(user_id)
+        prefixes = list(ApiKey.objects.filter(tenant=tenant).values_list("prefix", flat=True))
+        tenant.delete()
+
+    def forget() -> None:
+        for user_id in user_ids:
+            cache.forget(user_id)
+        for prefix in prefixes:
+            tenancy.forget_key(prefix)
+
+    transaction.on_commit(forget)
+
+
 def api_key_create(
     *,
     scope: str,
@@ -365,9 +395,10 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
 
 def _newest_to_embed(rows: list[Message]) -> list[Message]:
     """The rows of an add that a query right after it embeds on demand (read your writes):
-    the newest ``PENDING_EMBED_MAX``, when the vector retriever is on."""
+    the newest ``PENDING_EMBED_MAX``, when the vector retriever and the read-ahead
+    (``READ_AHEAD_MAX``) are on."""
     bound = settings.MEMFUSE["PENDING_EMBED_MAX"]
-    if bound <= 0 or settings.MEMFUSE["VECTOR_WEIGHT"] <= 0:
+    if bound <= 0 or settings.MEMFUSE["VECTOR_WEIGHT"] <= 0 or settings.MEMFUSE["READ_AHEAD_MAX"] <= 0:
         return []
     return rows[-bound:]
 
@@ -375,10 +406,13 @@ def _newest_to_embed(rows: list[Message]) -> list[Message]:
 def _start_embeddings(rows: list[Message]) -> None:
     """Start the query model on the newest of ``rows`` while they are written: the query that
     follows an add finds them embedded, or nearly (the model's recent calls of the user are
-    shared by text: ``registry.submit_query``). Behind every query; wasted only if the add
-    fails."""
-    for row in _newest_to_embed(rows):
-        registry.submit_query([row.index_text], priority=registry.BACKGROUND, scope=row.user_id)
+    shared by text). Behind every query, bounded per user and tenant (``registry.read_ahead``:
+    past the bound the oldest are cancelled); wasted only if the add fails."""
+    newest = _newest_to_embed(rows)
+    if newest:
+        tenant_id = newest[0].session.user.tenant_id  # the session's user is loaded with it (selectors)
+        for row in newest:
+            registry.read_ahead(row.index_text, user_id=row.user_id, tenant_id=tenant_id)
 
 
 def _prefetch_embeddings(user_id: uuid.UUID, rows: list[Message]) -> None:
@@ -390,7 +424,9 @@ def _prefetch_embeddings(user_id: uuid.UUID, rows: list[Message]) -> None:
     newest = _newest_to_embed(rows)
     if newest:
         memory = cache.user_memory(user_id)
-        memory.prefetch([(row.id, row.updated_at, row.index_text) for row in newest])
+        memory.prefetch(
+            [(row.id, row.updated_at, row.index_text) for row in newest], tenant_id=newest[0].session.user.tenant_id
+        )
         cache.resized(memory)
 
 

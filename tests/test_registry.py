@@ -778,3 +778,113 @@ def test_a_promoted_background_request_runs_before_the_queued_background_work():
     for future in [blocker, *queued, wanted]:
         future.result(timeout=5)
     assert order == ["first", "wanted", "background 0", "background 1", "background 2"]
+
+
+def test_a_promoted_read_ahead_is_never_cancelled_and_a_cancelled_one_is_asked_again():
+    """Past a bound the oldest bounded request is cancelled; promoting it then says so (the
+    caller asks again), while a promoted request leaves its bounds and is never cancelled."""
+    from memory.inference import BACKGROUND, EmbeddingBatcher
+
+    release = threading.Event()
+
+    class Gated:
+        dimension = 2
+
+        def embed(self, texts):
+            release.wait(5)
+            return np.zeros((len(texts), 2), dtype=np.float32)
+
+    batcher = EmbeddingBatcher(Gated(), max_texts=1)
+    blocker = batcher.submit(["first"])  # holds the model thread
+    bound = [("alice", 1)]
+    oldest = batcher.submit(["oldest"], priority=BACKGROUND, bounds=bound)
+    wanted = batcher.submit(["wanted"], priority=BACKGROUND, bounds=bound)
+    promoted = batcher.promote(wanted, ["wanted"])
+    newest = batcher.submit(["newest"], priority=BACKGROUND, bounds=bound)
+    release.set()
+
+    assert oldest.cancelled() and not batcher.promote(oldest, ["oldest"])
+    assert promoted and wanted.result(timeout=5) is not None
+    assert newest.result(timeout=5) is not None and blocker.result(timeout=5) is not None
+    assert batcher.queued("alice") == 0
+
+
+def test_a_flood_of_adds_keeps_at_most_the_read_ahead_bound_queued(
+    alice_session, bob_session, globex_session, settings, monkeypatch, django_capture_on_commit_callbacks
+):
+    """While the query model is busy, a flood of adds leaves at most PENDING_EMBED_MAX
+    read-ahead requests of a user and READ_AHEAD_MAX of a tenant queued; the others, and what
+    a user's prefetch trims, are cancelled and never embedded; a query that wants a cancelled
+    one embeds it on demand."""
+    from memory import services
+    from memory.inference import EmbeddingBatcher
+    from memory.models import Message
+    from memory.retrieval import cache
+    from memory.services import MessageIn
+
+    settings.MEMFUSE = {**settings.MEMFUSE, "PENDING_EMBED_MAX": 4, "READ_AHEAD_MAX": 6}
+    embedded, release = [], threading.Event()
+
+    class Gated:
+        dimension = 4
+
+        def embed(self, texts):
+            release.wait(10)
+            embedded.extend(texts)
+            return np.full((len(texts), 4), 0.5, dtype=np.float32)
+
+    batcher = EmbeddingBatcher(Gated(), max_texts=1)
+    monkeypatch.setattr(registry, "_query_batcher", batcher)
+    monkeypatch.setattr(registry, "_recent", None)
+    cache.reset_user_cache()
+    blocker = batcher.submit(["blocker"])
+    while not blocker.running():
+        time.sleep(0.01)
+
+    speakers = {alice_session.pk: "alice", bob_session.pk: "bob", globex_session.pk: "globex"}
+    last_add = {}
+    for i in range(20):
+        for session in (alice_session, bob_session, globex_session):
+            turns = [MessageIn(role="user", content=f"{speakers[session.pk]} says line {i}.{j}") for j in range(3)]
+            with django_capture_on_commit_callbacks(execute=True):
+                last_add[session.pk] = services.messages_add(session=session, messages=turns)
+    alice = alice_session.user
+    with batcher._queue.mutex:
+        entries = list(batcher._queue.queue)
+    live = [entry[3] for entry in entries if not entry[3].cancelled()]
+    queued = (
+        registry.read_ahead_queued(user_id=alice.pk),
+        registry.read_ahead_queued(tenant_id=alice.tenant_id),
+        registry.read_ahead_queued(tenant_id=globex_session.user.tenant_id),
+    )
+    release.set()
+    for future in live:
+        future.result(timeout=10)
+
+    assert queued == (3, 6, 4) and len(live) == 6 + 4
+    assert len(entries) <= 6 + 4 + 64  # cancelled entries are purged as they pile up
+    kept = [f"{speaker} says line 19.{j}" for speaker in ("alice", "bob", "globex") for j in range(3)]
+    assert sorted(embedded) == sorted(["blocker", *kept, "globex says line 18.2"])
+    assert registry.read_ahead_queued(tenant_id=alice.tenant_id) == 0
+
+    # Alice's newest four: the oldest of them fell off her tenant's bound, and is embedded
+    # on demand when a query wants it; the others are not embedded again.
+    newest = list(last_add[alice_session.pk])
+    older = Message.objects.get(session=alice_session, position=newest[0].position - 1)
+    rows = [(row.id, row.updated_at, row.index_text) for row in [older, *newest]]
+    vectors = cache.user_memory(alice.pk).pending_embeddings(rows)
+    assert vectors.shape == (4, 4) and embedded[len(kept) + 2 :] == ["alice says line 18.2"]
+
+
+def test_the_session_an_add_looks_up_carries_its_tenant_for_the_read_ahead(alice_session, django_assert_num_queries):
+    """The REST add's one session lookup (selectors.session_ref) also gives the user's tenant,
+    under which the add's read-ahead is bounded: no second read on the add path."""
+    from memory import selectors
+    from memory.tenancy import Principal
+
+    tenant_id = alice_session.user.tenant_id
+    principal = Principal(key_id="acme", scope="tenant", tenant_id=tenant_id)
+
+    with django_assert_num_queries(1):
+        session = selectors.session_ref(principal=principal, session_id=alice_session.pk)
+        assert (session.user_id, session.user.tenant_id) == (alice_session.user_id, tenant_id)

@@ -266,6 +266,55 @@ def test_a_snapshot_is_stored_in_bounded_parts_and_read_back_whole(alice_session
     assert _snapshot_bytes(user_id) == smaller.to_bytes() and len(smaller.to_bytes()) < len(data)
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_snapshot_write_waits_for_a_delete_of_its_user_and_then_writes_nothing(alice_session, monkeypatch):
+    """A snapshot write takes the user row first (the lock order): while a delete of the user
+    holds it, the write waits instead of locking the snapshot the delete is about to remove,
+    and once the delete commits it writes nothing."""
+    import threading
+
+    from tests.locks import a_backend_waits_for_a_lock
+
+    user = alice_session.user
+    _add(alice_session, ["We hiked the ridge at dawn."])
+    assert store.snapshot_save(store.load(user.pk), user.pk)
+    _add(alice_session, ["Then we swam in the lake."])
+    newer = store.load(user.pk)
+    holds, may_go, results = threading.Event(), threading.Event(), {}
+    real_bump = services._bump_memory_version
+
+    def pausing(user_id):
+        bucket = real_bump(user_id)
+        holds.set()  # the delete holds the user row FOR UPDATE
+        may_go.wait(20)
+        return bucket
+
+    monkeypatch.setattr(services, "_bump_memory_version", pausing)
+
+    def run(name, work):
+        try:
+            results[name] = work()
+        except BaseException as exc:
+            results[name] = exc
+        finally:
+            connection.close()
+
+    deleter = threading.Thread(target=run, args=("delete", lambda: services.user_delete(user=user)))
+    deleter.start()
+    assert holds.wait(10)
+    writer = threading.Thread(target=run, args=("snapshot", lambda: store.snapshot_save(newer, user.pk)))
+    writer.start()
+    waited = a_backend_waits_for_a_lock()
+    may_go.set()
+    deleter.join(30)
+    writer.join(30)
+
+    assert waited and results == {"delete": None, "snapshot": False}
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM memory_indexsnapshot WHERE user_id = %s", [user.pk])
+        assert cursor.fetchone()[0] == 0
+
+
 def test_a_snapshot_read_in_parts_of_any_size_is_the_same_index():
     """``to_parts`` cuts ``to_bytes``' output into parts of the size asked (the last one
     shorter); ``from_parts`` reads it back from any cuts and scores as the index it came from.

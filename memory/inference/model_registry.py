@@ -308,18 +308,49 @@ class ModelRegistry:
         embedding is the query's. Scoped by user, so that one tenant's texts never make
         another's queries faster (a timing channel between tenants).
         """
+        return self._submit_query(texts, priority=priority, scope=scope)
+
+    def _submit_query(self, texts: list[str], *, priority: int, scope: object, bounds: tuple = ()) -> Future:
         batcher = self._slot("_query_batcher", self._build_query_batcher)
         recent = self._recent_embeddings() if scope is not None and len(texts) == 1 else None
         if recent is not None:
             future = recent.get(scope, texts[0])
-            if future is not None:
-                if priority == INTERACTIVE:
-                    batcher.promote(future, texts)  # a query must not wait behind prefetches
+            # A query must not wait behind read-ahead; one cancelled meanwhile (past its bound)
+            # is asked for again.
+            if future is not None and (priority != INTERACTIVE or batcher.promote(future, texts)):
                 return future
-        future = batcher.submit(texts, priority=priority)
+        future = batcher.submit(texts, priority=priority, bounds=bounds)
         if recent is not None:
             recent.put(scope, texts[0], future)
         return future
+
+    def read_ahead(self, text: str, *, user_id: object, tenant_id: object) -> Future:
+        """Start the query model on ``text``, a pending message of ``user_id`` that a query will
+        soon want (read your writes: ``memory.services._start_embeddings``,
+        ``UserMemory.prefetch``): ``submit_query([text], priority=BACKGROUND, scope=user_id)``,
+        bounded. At most ``PENDING_EMBED_MAX`` read-ahead requests of a user stay queued (a
+        query only ever asks for the user's newest that many) and ``READ_AHEAD_MAX`` of a
+        tenant (a tenant's many users share it; tenants are few, made by operators). Past a
+        bound the oldest is cancelled and never embedded: a query that then needs it embeds
+        it on demand. A request a query promoted is never cancelled. The future may come out
+        cancelled: treat it as absent.
+        """
+        config = settings.MEMFUSE
+        bounds = ((("user", user_id), config["PENDING_EMBED_MAX"]), (("tenant", tenant_id), config["READ_AHEAD_MAX"]))
+        return self._submit_query([text], priority=BACKGROUND, scope=user_id, bounds=bounds)
+
+    def cancel_read_ahead(self, future: Future) -> bool:
+        """Cancel a ``read_ahead`` request no query waits for, if it is still queued (a user's
+        pending embedding that is not wanted any more); returns whether it was."""
+        batcher = self._query_batcher
+        return batcher.cancel(future) if batcher is not None else False
+
+    def read_ahead_queued(self, *, user_id: object = None, tenant_id: object = None) -> int:
+        """``read_ahead`` requests of ``user_id`` (else of ``tenant_id``) still queued."""
+        batcher = self._query_batcher
+        if batcher is None:
+            return 0
+        return batcher.queued(("user", user_id) if user_id is not None else ("tenant", tenant_id))
 
     def _build_query_batcher(self) -> EmbeddingBatcher:
         embedder = self.get_query_embedder()
@@ -340,12 +371,14 @@ class ModelRegistry:
         # A slot: forgotten with the query model (reset, use_embedding_model), whose vectors it holds.
         return self._slot("_recent", lambda: RecentEmbeddings(settings.MEMFUSE["RECENT_EMBEDDINGS"]))
 
-    def promote_query(self, future: Future, texts: list[str]) -> None:
-        """A ``submit_query(texts, priority=BACKGROUND)`` request that a query now waits for:
-        queued again at query priority (``EmbeddingBatcher.promote``)."""
+    def promote_query(self, future: Future, texts: list[str]) -> bool:
+        """A ``submit_query(texts, priority=BACKGROUND)`` (or ``read_ahead``) request that a
+        query now waits for: queued again at query priority (``EmbeddingBatcher.promote``), and
+        never cancelled from now on. ``False`` when it was cancelled already: ask again."""
         batcher = self._query_batcher
         if batcher is not None:
-            batcher.promote(future, texts)
+            return batcher.promote(future, texts)
+        return not future.cancelled()
 
     def embed_documents(self, texts: list[str]) -> np.ndarray:
         """Embed documents now, at query priority (a knowledge item, whose add waits for it),

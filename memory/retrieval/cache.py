@@ -65,19 +65,25 @@ class UserMemory:
         self.version = version
         return self.index
 
-    def prefetch(self, rows: list[tuple[uuid.UUID, object, str]]) -> None:
-        """Start embedding pending messages ``[(id, updated_at, text)]`` that a query will
-        soon need (called after an add), behind every query, one text per model call."""
+    def prefetch(self, rows: list[tuple[uuid.UUID, object, str]], *, tenant_id: uuid.UUID) -> None:
+        """Start embedding pending messages ``[(id, updated_at, text)]`` of this user, of
+        ``tenant_id``, that a query will soon need (called after an add), behind every query,
+        one text per model call (``registry.read_ahead``)."""
         with self._pending_lock:
             for doc_id, updated_at, text in rows:
                 if (doc_id, updated_at) not in self._pending:
-                    self._pending[(doc_id, updated_at)] = registry.submit_query(
-                        [text], priority=registry.BACKGROUND, scope=self.user_id
+                    self._pending[(doc_id, updated_at)] = registry.read_ahead(
+                        text, user_id=self.user_id, tenant_id=tenant_id
                     )
             # Only the newest are ever asked for (PENDING_EMBED_MAX): a user who adds and
-            # adds without a query keeps no more than that.
-            for key in list(self._pending)[: max(0, len(self._pending) - settings.MEMFUSE["PENDING_EMBED_MAX"])]:
-                del self._pending[key]
+            # adds without a query keeps no more than that, and the model never embeds the
+            # others for nothing (a call a query waits for is not cancelled: promote_query).
+            trimmed = list(self._pending)[: max(0, len(self._pending) - settings.MEMFUSE["PENDING_EMBED_MAX"])]
+            dropped = [self._pending.pop(key) for key in trimmed]
+            kept = {id(entry) for entry in self._pending.values()}  # two messages of one text share a call
+            for entry in dropped:
+                if isinstance(entry, Future) and id(entry) not in kept:
+                    registry.cancel_read_ahead(entry)
 
     def pending_embeddings(self, rows: list[tuple[uuid.UUID, object, str]]) -> np.ndarray:
         """Embeddings ``(len(rows), dim)`` of pending messages ``[(id, updated_at, text)]``.
@@ -92,11 +98,12 @@ class UserMemory:
             self._pending = {key: self._pending[key] for key in keys if key in self._pending}
             for key, (_, _, text) in zip(keys, rows):
                 entry = self._pending.get(key)
+                # Started by an add behind every query: this query waits for it now, unless it
+                # was cancelled past the read-ahead's bound (then asked for again).
+                if isinstance(entry, Future) and not registry.promote_query(entry, [text]):
+                    entry = None
                 if entry is None:
                     self._pending[key] = registry.submit_query([text], scope=self.user_id)
-                elif isinstance(entry, Future):
-                    # Started by an add behind every query: this query waits for it now.
-                    registry.promote_query(entry, [text])
             waiting = [self._pending[key] for key in keys]
         vectors = []
         for key, entry in zip(keys, waiting):

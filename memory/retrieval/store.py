@@ -146,6 +146,13 @@ def snapshot_save(index: BM25Index, user_id: uuid.UUID) -> bool:
     parts = index.to_parts(SNAPSHOT_PART_BYTES)  # compacts the index before anything is read from it
     with transaction.atomic():
         with connection.cursor() as cursor:
+            # The user row first, as every writer of a user's rows (docs/architecture.md, "Lock
+            # order"): a delete of the user under way is waited for, and then nothing is written.
+            # Locked later, the snapshot row could be this write's while the delete holds the
+            # parts it deleted first, each waiting for the other.
+            cursor.execute("SELECT FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
+            if cursor.rowcount != 1:
+                return False
             cursor.execute(
                 """
                 INSERT INTO memory_indexsnapshot (user_id, through_seq, pruned_seq, documents, updated_at)
