@@ -41,7 +41,7 @@ class Answer:
     HTTP status (0: a network error or no answer in time), its send time (monotonic s) and
     seconds to the answer; the message ids a 2xx acknowledged and its wall-clock time
     (``time.time()``); the bytes a keyless body had sent when the answer came; the seconds its
-    ``Retry-After`` asked for."""
+    ``Retry-After`` asked for; an error's message (or the network error's type)."""
 
     kind: str
     tenant: int | None
@@ -52,6 +52,7 @@ class Answer:
     acked_at: float = 0.0
     bytes_sent: int = 0
     retry_after: float | None = None
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -114,26 +115,29 @@ class Load:
         sent = time.monotonic()
         try:
             response = http.post(self.url + path, timeout=timeout, **kwargs)
-        except requests.RequestException:
-            return self.record(Answer(kind, tenant, 0, sent, time.monotonic() - sent))
+        except requests.RequestException as exc:
+            return self.record(Answer(kind, tenant, 0, sent, time.monotonic() - sent, detail=type(exc).__name__))
         answer = Answer(kind, tenant, response.status_code, sent, time.monotonic() - sent)
         try:
             answer.retry_after = float(response.headers["Retry-After"])
         except (KeyError, ValueError):
             pass
+        envelope = _envelope(response)
         if response.ok:
             answer.acked_at = time.time()
-            data = _data(response)
-            answer.message_ids = list(data.get("message_ids", []))
+            data = envelope.get("data")
+            answer.message_ids = list(data.get("message_ids", [])) if isinstance(data, dict) else []
+        else:
+            answer.detail = str(envelope.get("message", ""))[:200]
         return self.record(answer)
 
 
-def _data(response: requests.Response) -> dict:
+def _envelope(response: requests.Response) -> dict:
     try:
-        data = response.json().get("data")
-    except (ValueError, AttributeError):
+        envelope = response.json()
+    except ValueError:
         return {}
-    return data if isinstance(data, dict) else {}
+    return envelope if isinstance(envelope, dict) else {}
 
 
 def http_session(key: str) -> requests.Session:

@@ -27,6 +27,7 @@ process group (least squares over the samples after the first ``--warmup`` s, an
 ``respawn`` (``benchmarks.respawn``) starts servers and reports their start, the memory of
 each of their processes and the return of a killed query process. ``ws-connections``
 (``benchmarks.ws_connections``): the web process's memory per open WebSocket connection.
+``tenants`` (``benchmarks.tenants``): three well-behaved tenants alone, then beside an abusive one.
 
 ``pool-check`` times ``getconn`` + ``putconn`` on a psycopg pool of this process's database
 with and without psycopg_pool's ``check_connection`` (Django's ``CONN_HEALTH_CHECKS``): the

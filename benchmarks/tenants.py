@@ -84,6 +84,7 @@ FLUSH_LAG_P95_MAX_S = 10.0
 CALIBRATION_MESSAGES = 2000
 CALIBRATION_TIMEOUT = 300.0  # s
 TOP_K = 5
+FIRST_ERRORS = 10  # the well-behaved tenants' first refusals reported, with their messages
 
 
 class Chat(Load):
@@ -365,7 +366,7 @@ def _latency(answers: list[Answer], kind: str) -> dict:
 
 def _well_behaved(answers: list[Answer], *, started: float, warmup: float, lags: list[float], unflushed: int) -> dict:
     """Answers by kind and status; latency (ms) of the 2xx answers to requests sent after the
-    warm-up, of all three tenants and per tenant; flush lag (s)."""
+    warm-up, of all three tenants and per tenant; the first refusals; flush lag (s)."""
     steady = [answer for answer in answers if answer.sent - started >= warmup]
     by_tenant = {}
     for tenant in range(WELL_BEHAVED_TENANTS):
@@ -379,18 +380,32 @@ def _well_behaved(answers: list[Answer], *, started: float, warmup: float, lags:
         "only_2xx": all(200 <= answer.status < 300 for answer in answers),
         "latency_ms": {kind: _latency(steady, kind) for kind in ("add", "query")},
         "by_tenant": by_tenant,
+        "first_errors": [
+            {
+                "kind": a.kind,
+                "tenant": a.tenant,
+                "status": a.status,
+                "at_s": round(a.sent - started, 1),
+                "detail": a.detail,
+            }
+            for a in sorted(answers, key=lambda answer: answer.sent)
+            if not 200 <= a.status < 300
+        ][:FIRST_ERRORS],
         "flush_lag_s": {**latency_summary(lags), "messages": len(lags), "unflushed": unflushed},
     }
 
 
 def _abuse(answers: list[Answer]) -> dict:
-    """Per kind of abuse: answers by status, seconds to the answer (p50, p95, max), messages
-    acknowledged, and for keyless bodies the bytes sent before the answer (median, max)."""
+    """Per kind of abuse: answers by status, a message of each refusal's status, seconds to the
+    answer (p50, p95, max), messages acknowledged, and for keyless bodies the bytes sent before
+    the answer (median, max)."""
     report = {}
     for kind, statuses in _counts(answers).items():
         own = [answer for answer in answers if answer.kind == kind]
         seconds = latency_summary([answer.seconds for answer in own])
         entry = {"answers": statuses, "seconds": {name: seconds[name] for name in ("p50", "p95", "max")}}
+        # One message per refusal's status: a 503 of the backlog limit and one of the pool differ.
+        entry["errors"] = {str(a.status): a.detail for a in reversed(own) if not 200 <= a.status < 300 and a.detail}
         if kind.startswith("keyless"):
             sent = [answer.bytes_sent for answer in own]
             entry["bytes_sent_before_answer"] = {"median": int(np.median(sent)), "max": max(sent)}
