@@ -10,6 +10,7 @@ product, run through thin management commands (``memfuse_bench``, ``locomo_eval`
 - ``texts``: chat turns (LoCoMo's, or generated);
 - ``runner``: what every ``memfuse_bench`` benchmark shares; ``ingest``, ``query``, ``chat``: the benchmarks;
 - ``dataset``, ``chat_dataset``: bulk-loaded users of flushed messages;
-- ``locomo``: recall@k on a LoCoMo file; ``soak``: a mixed load for minutes; ``interfaces``:
-  MCP against REST; ``portability``: export and import; ``screenshots``: the PNGs of the docs.
+- ``locomo``: recall@k on a LoCoMo file; ``soak``: a mixed load for minutes; ``tenants``:
+  three tenants beside an abusive one (its clients in ``abuse``); ``interfaces``: MCP against
+  REST; ``portability``: export and import; ``screenshots``: the PNGs of the docs.
 """

@@ -27,6 +27,7 @@ process group (least squares over the samples after the first ``--warmup`` s, an
 ``respawn`` (``benchmarks.respawn``) starts servers and reports their start, the memory of
 each of their processes and the return of a killed query process. ``ws-connections``
 (``benchmarks.ws_connections``): the web process's memory per open WebSocket connection.
+``tenants`` (``benchmarks.tenants``): three well-behaved tenants alone, then beside an abusive one.
 
 ``pool-check`` times ``getconn`` + ``putconn`` on a psycopg pool of this process's database
 with and without psycopg_pool's ``check_connection`` (Django's ``CONN_HEALTH_CHECKS``): the
@@ -54,11 +55,14 @@ from benchmarks.index_load import index_load
 from benchmarks.respawn import respawn
 from benchmarks.server import ServerProcess, bench_rate_limit, children_rss_mb, health, rss_mb
 from benchmarks.stats import latency_summary, slope_mb_per_hour
+from benchmarks.tenants import TENANTS_DEFAULTS, tenants_bench
 from benchmarks.ws_connections import ws_connections
 
 REQUEST_TIMEOUT = 30.0  # s
 TOPICS = ["hiking", "pottery", "a puppy", "a marathon", "tomatoes", "chess", "Lisbon", "a museum", "a recipe", "jazz"]
 SLOPE_WINDOW_S = 1800.0  # s: the soak's memory slopes are also fitted over windows of this length
+# The defaults of the options whose default depends on the mode (``tenants`` has its own).
+SOAK_DEFAULTS = {"duration": 600.0, "warmup": 60.0, "add_rate": 20.0, "drain_timeout": 600.0}
 CONFIG_OPTIONS = ("duration", "warmup", "users", "add_rate", "query_rate", "query_clients", "ws_clients", "ws_frames", "sample_seconds")
 
 
@@ -273,11 +277,13 @@ def summarise(outcomes: list[Outcome], *, started: float) -> dict:
 
 
 def soak_bench(options: dict, *, write) -> dict:
-    """``options["mode"]`` (``soak``, ``pool-check``, ``index-load``, ``respawn`` or ``ws-connections``) with the command's options; the report,
+    """``options["mode"]`` (``soak``, ``pool-check``, ``index-load``, ``respawn``, ``ws-connections`` or ``tenants``) with the command's options; the report,
     also written as JSON through ``write(str)`` and to ``options["json_out"]`` when set.
 
     Raises ``CommandError`` naming a bad option, or when the run cannot go on.
     """
+    defaults = TENANTS_DEFAULTS if options["mode"] == "tenants" else SOAK_DEFAULTS
+    options = {**options, **{name: value for name, value in defaults.items() if options.get(name) is None}}
     for name in ("duration", "add_rate", "sample_seconds"):
         if options[name] <= 0:
             raise CommandError(f"--{name.replace('_', '-')} must be positive")
@@ -299,6 +305,8 @@ def soak_bench(options: dict, *, write) -> dict:
         result = respawn(options["repeats"], options["users"], log=write)
     elif options["mode"] == "ws-connections":
         result = ws_connections(options["connections"], options["users"], env)
+    elif options["mode"] == "tenants":
+        result = tenants_bench(options, env)
     else:
         result = soak(options, env)
     text = json.dumps(result, indent=2)

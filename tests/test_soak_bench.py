@@ -68,6 +68,10 @@ def test_the_slopes_are_also_fitted_over_windows_after_the_warm_up():
         ("respawn", ["--users", "0"], "--users"),
         ("ws-connections", ["--connections", "0"], "--connections"),
         ("ws-connections", ["--users", "-1"], "--users"),
+        ("tenants", ["--abuse", "adds,spam"], "--abuse"),
+        ("tenants", ["--abuse-users", "0"], "--abuse-users"),
+        ("tenants", ["--keyless-mb", "-1"], "--keyless-mb"),
+        ("tenants", ["--url", "http://127.0.0.1:1", "--api-key", "k"], "--url"),
     ],
 )
 def test_soak_bench_rejects_bad_options(mode, args, message):
@@ -153,3 +157,43 @@ def test_ws_connections_holds_connections_open_on_the_server_it_starts(tmp_path,
     # Readings of a live Python process with Django and the models' clients imported.
     assert all(reading > 100 for reading in report["web_rss_mb"].values()), report["web_rss_mb"]
     assert report["open_seconds"] > 0
+
+
+@pytest.mark.servers
+@pytest.mark.django_db(transaction=True)
+def test_tenants_runs_the_well_behaved_tenants_alone_then_beside_the_abuser(tmp_path, monkeypatch):
+    """tenants runs three tenants' chat alone, then beside an abuser doing every kind of abuse,
+    on a server started with --server-env: each run counts the well-behaved answers, their
+    latency and flush lag; the abuser's answers are counted per kind (a body with no key is
+    never taken, its backlog past the limit is a 503), and every acknowledged message is stored."""
+    monkeypatch.setenv("DATABASE_URL", subprocess_env()["DATABASE_URL"])
+    out = tmp_path / "tenants.json"
+    env = ["FLUSH_INTERVAL_SECONDS=1", "FLUSH_SHUTDOWN_SECONDS=1", "MAX_BACKLOG_MESSAGES=1500"]
+    call_command(
+        "soak_bench", "tenants", "--duration", "3", "--warmup", "0", "--users", "1", "--add-rate", "3",
+        "--abuse", "adds,flush-waits,imports,keyless,backlog", "--abuse-users", "2", "--abuse-add-rate", "200",
+        "--flush-waits", "2", "--import-mb", "0.05", "--keyless-mb", "1", "--drain-timeout", "20",
+        *[arg for item in env for arg in ("--server-env", item)], "--json", str(out), stdout=io.StringIO(),
+    )  # fmt: skip
+
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"alone", "with_abuser"} and "abuser" not in report["runs"]["alone"]
+    for run in report["runs"].values():
+        well_behaved = run["well_behaved"]
+        assert set(well_behaved["answers"]) == {"add", "query"}, well_behaved["answers"]
+        adds = sum(well_behaved["answers"]["add"].values())
+        assert adds >= 3 and sum(well_behaved["answers"]["query"].values()) >= 3, well_behaved["answers"]
+        assert set(well_behaved["by_tenant"]) == {"0", "1", "2"} and isinstance(well_behaved["first_errors"], list)
+        assert set(well_behaved["latency_ms"]["query"]) == {"p50", "p95", "p99", "max"}
+        assert well_behaved["flush_lag_s"]["messages"] == 2 * well_behaved["answers"]["add"].get("201", 0)
+        assert run["server_memory_mb"]["web_rss"]["max"] > 100, run["server_memory_mb"]
+    abuser = report["runs"]["with_abuser"]["abuser"]
+    assert {"adds", "backlog", "flush-waits", "imports", "keyless_import", "keyless_import_chunked", "keyless_add"} <= set(abuser)
+    for kind in ("keyless_import", "keyless_import_chunked", "keyless_add"):
+        assert set(abuser[kind]["answers"]) <= {"401", "413"}, abuser[kind]
+    assert "503" in abuser["backlog"]["answers"] and abuser["backlog"]["errors"]["503"], abuser["backlog"]
+    acknowledged = report["acknowledged"]
+    assert acknowledged["messages"] > 0 and acknowledged["lost"] == 0, acknowledged
+    assert set(report["goals"]) == {"well_behaved_only_2xx", "query_p95_ratio", "flush_lag_p95_s", "nothing_lost"}
+    assert report["goals"]["nothing_lost"]["met"] is True
+    assert report["server"]["env"] == dict(item.split("=") for item in env)
