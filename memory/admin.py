@@ -5,7 +5,7 @@ from django.db.models import Count, Q
 from rest_framework_api_key.admin import APIKeyModelAdmin
 from rest_framework_api_key.models import APIKey
 
-from memory import services, tenancy
+from memory import services
 from memory.models import Agent, ApiKey, Knowledge, Message, Session, Tenant, User
 
 # The library's own key model is unused (ours adds scope and owner): keep it out of the admin.
@@ -48,7 +48,7 @@ class ApiKeyAdmin(APIKeyModelAdmin):
     def save_model(self, request, obj, form=None, change=False):
         super().save_model(request, obj, form, change)
         if obj.revoked:
-            tenancy.forget_key(obj.prefix)
+            services.api_key_revoke(api_key=obj)  # its descendants too, and forgotten at once
 
     @admin.action(description="Revoke the selected API keys")
     def revoke(self, request, queryset):
