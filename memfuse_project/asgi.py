@@ -40,7 +40,7 @@ from django.urls import get_resolver  # noqa: E402
 
 from buffers import events, workers  # noqa: E402
 from buffers.consumers import FlushConsumer  # noqa: E402
-from memory.api.auth import WebSocketAuthMiddleware  # noqa: E402
+from memory.api.auth import HTTPAuthMiddleware, WebSocketAuthMiddleware  # noqa: E402
 from memory.api.limits import BodySizeLimit  # noqa: E402
 from memory.api.routing import websocket_urlpatterns  # noqa: E402
 from memory.mcp.http import application as mcp_application  # noqa: E402
@@ -169,13 +169,16 @@ application = ServerLoopRegistration(
             # no collectstatic step. Django's own ASGI static handler rather than WhiteNoise:
             # WhiteNoise's middleware is sync-only, and one sync middleware makes Django run every
             # request through one shared thread, serialising the API's concurrent views.
-            # A body over MAX_REQUEST_BYTES is a 413 before Django reads it into a temporary file.
+            # A request to /api/ or /mcp without a usable key is a 401 before any of its body is
+            # read; then a body over its limit is a 413 before Django reads it into a temporary file.
             # /mcp: the MCP tools over Streamable HTTP (memory.mcp.http), same process and pool.
-            "http": BodySizeLimit(
-                PathPrefixRouter(
-                    "/api/",
-                    APIHandler(),
-                    PathPrefixRouter("/mcp", mcp_application, ASGIStaticFilesHandler(django_asgi_app)),
+            "http": HTTPAuthMiddleware(
+                BodySizeLimit(
+                    PathPrefixRouter(
+                        "/api/",
+                        APIHandler(),
+                        PathPrefixRouter("/mcp", mcp_application, ASGIStaticFilesHandler(django_asgi_app)),
+                    )
                 )
             ),
             "websocket": AllowedHostsOriginValidator(WebSocketAuthMiddleware(URLRouter(websocket_urlpatterns))),

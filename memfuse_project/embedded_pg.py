@@ -3,17 +3,32 @@
 pgvector 0.6, without the iterative index scans the approximate search uses).
 
 Used when ``DATABASE_URL`` is not set. Importing the settings starts nothing: they name the
-server's socket in the data folder (``.pgdata/`` in the working directory, ``EMBEDDED_PG_DIR``),
-and each entry point calls ``start_if_embedded()`` before Django opens a connection
-(``manage.py``, the serving start-up ``memfuse_project.serving.start``, the test settings).
-The first process starts the server and later ones reuse it: ``manage.py migrate`` and the
-ASGI server share one running server, which outlives them (``cleanup_mode=None``). It listens
-on a Unix socket in the data folder only, so it never clashes with another server.
+server's socket (``socket_host``) in the data folder (``.pgdata/`` in the working directory,
+``EMBEDDED_PG_DIR``), and each entry point calls ``start_if_embedded()`` before Django opens a
+connection (``manage.py``, the serving start-up ``memfuse_project.serving.start``, the test
+settings). The first process starts the server and later ones reuse it: ``manage.py migrate``
+and the ASGI server share one running server, which outlives them.
+
+The server trusts every local connection as its superuser (``initdb --auth=trust``), so who
+can reach its socket is who owns the database. It listens on no TCP address (``-h ""``) and
+on one Unix socket, in ``<data folder>/socket``: a directory of mode 0700 in the data folder,
+itself 0700, both the server's user's. A socket path is limited to 107 bytes; when that one
+is longer, the server is given a short alias instead, ``<tmp>/memfuse-pg-<uid>-<digest>/s``:
+a symlink to ``<data folder>/socket`` in a directory of mode 0700 of the server's user
+(refused when something else holds that name). The socket file itself is still created in
+the data folder, through the link. pgserver, left to itself, would put a long path's socket
+in a runtime directory anyone may enter (mode 0777 when run as root), so the server is
+started here with ``pg_ctl`` and pgserver only initialises the data folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shlex
+import stat
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -95,8 +110,10 @@ def ensure_server(data_dir: Path) -> dict:
     """Start (or reuse) the embedded server in ``data_dir``; returns ``{"host", "port"}``.
 
     Cheap when the server is already running (a few ms: one test connection). Creating a new
-    data folder takes about a second. Safe to call from several processes at once: pgserver
-    serialises start-up with a file lock.
+    data folder takes about a second. Safe to call from several processes at once: start-up
+    is serialised by pgserver's file lock. Raises ``RuntimeError`` when the socket's directory
+    cannot be made private (``socket_host``), and ``subprocess.CalledProcessError`` when
+    PostgreSQL does not start (its log is ``<data_dir>/log``).
     """
     data_dir = Path(data_dir).expanduser().resolve()
     server = _running_server(data_dir)
@@ -106,9 +123,96 @@ def ensure_server(data_dir: Path) -> dict:
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     with pgserver.PostgresServer._lock:
         _drop_stale_pidfile(data_dir)
-    info = pgserver.get_server(data_dir, cleanup_mode=None, postgres_version=_version(data_dir)).get_postmaster_info()
+        _start(data_dir)
+    deadline = time.monotonic() + 60
+    while (server := _running_server(data_dir)) is None or not _accepts_connections(server):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the embedded PostgreSQL in {data_dir} did not become ready: see {data_dir / 'log'}")
+        time.sleep(0.2)
     logger.info("embedded PostgreSQL running in %s", data_dir)
-    return {"host": str(info.socket_dir), "port": str(info.port)}
+    return server
+
+
+def _start(data_dir: Path) -> None:
+    """Initialise ``data_dir`` when new (pgserver's ``initdb``), then start PostgreSQL on the
+    private socket of ``socket_host`` and no TCP address, unless a server runs there already
+    (another process started it). Under pgserver's lock."""
+    pgserver = _pgserver()
+    handle = pgserver.get_server(data_dir, cleanup_mode=None, start=False, postgres_version=_version(data_dir))
+    handle.ensure_pgdata_inited()
+    running = pgserver.utils.PostmasterInfo.read_from_pgdata(data_dir)
+    if running is not None and running.is_running():
+        return
+    uid = _server_uid(handle.system_user)
+    data_dir.chmod(0o700)
+    host = socket_host(data_dir, create_for=uid)
+    arguments = ["-w", "-t", "60", "-o", f'-h "" -k {shlex.quote(str(host))}', "-l", str(data_dir / "log"), "-D", str(data_dir), "start"]
+    pgserver.pgexec.pgexec("pg_ctl", arguments, bin_path=handle.bin_path, user=handle.system_user, timeout=90)
+
+
+def _server_uid(system_user: str | None) -> int:
+    """The uid PostgreSQL runs as: pgserver's own user when this process is root, else ours."""
+    import pwd
+
+    return pwd.getpwnam(system_user).pw_uid if system_user else os.geteuid()
+
+
+SOCKET_FOLDER = "socket"
+SOCKET_NAME = ".s.PGSQL.5432"  # PostgreSQL's socket file on its default port, the one used here
+UNIX_SOCKET_PATH_MAX = 107  # bytes of a Unix socket's path: sun_path's 108 less its final NUL
+
+
+def socket_host(data_dir: Path, *, create_for: int | None = None) -> Path:
+    """The directory the embedded server's socket is reached through: ``<data_dir>/socket``,
+    or, when ``<data_dir>/socket/.s.PGSQL.5432`` is longer than a Unix socket's path may be,
+    its alias ``<tmp>/memfuse-pg-<uid>-<digest of data_dir>/s`` (a symlink to it; ``/tmp``
+    when the temporary folder's own path is too long). The same path whenever it is asked.
+
+    ``create_for``: a uid, to make the directories (mode 0700, that uid's) and the link;
+    ``None`` only names them (the settings, which start nothing). Raises ``RuntimeError``
+    when the alias's directory exists and is not a private directory of that uid (or ours),
+    or when no short path exists.
+    """
+    target = Path(data_dir).expanduser().resolve() / SOCKET_FOLDER
+    if create_for is not None:
+        _private_directory(target, create_for)
+    if _fits(target):
+        return target
+    digest = hashlib.sha256(str(target).encode()).hexdigest()[:16]
+    for folder in dict.fromkeys([tempfile.gettempdir(), "/tmp"]):
+        alias = Path(folder) / f"memfuse-pg-{os.geteuid()}-{digest}" / "s"
+        if _fits(alias):
+            break
+    else:
+        raise RuntimeError(f"no path short enough for the embedded PostgreSQL's socket: set TMPDIR to a short folder ({target})")
+    if create_for is not None:
+        _private_directory(alias.parent, create_for)
+        if not (alias.is_symlink() and os.readlink(alias) == str(target)):
+            alias.unlink(missing_ok=True)
+            alias.symlink_to(target)
+    return alias
+
+
+def _fits(folder: Path) -> bool:
+    return len(str(folder / SOCKET_NAME).encode()) <= UNIX_SOCKET_PATH_MAX
+
+
+def _private_directory(path: Path, uid: int) -> None:
+    """Make ``path`` a directory of ``uid`` that only it may enter (0700), creating it.
+
+    Raises ``RuntimeError`` when ``path`` is something else: a file, a symlink, or a directory
+    of another user (who could then reach, or replace, the server's socket).
+    """
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid not in (uid, os.geteuid()):
+        raise RuntimeError(f"{path} must be a directory of this user for the embedded PostgreSQL's socket: remove it")
+    if info.st_uid != uid:  # root made it, for the server's own user
+        os.chown(path, uid, -1)
+    path.chmod(0o700)
 
 
 def stop_server(data_dir: Path) -> None:
@@ -126,8 +230,6 @@ def restart_server(data_dir: Path) -> None:
 
 
 def _pg_ctl(data_dir: Path, action: str, *options: str) -> None:
-    import os
-
     pgserver = _pgserver()
     # As root, pgserver runs PostgreSQL as its own 'pgserver' user; pg_ctl must run as that user.
     user = "pgserver" if os.geteuid() == 0 else None
@@ -137,17 +239,15 @@ def _pg_ctl(data_dir: Path, action: str, *options: str) -> None:
 
 
 def database_settings(data_dir: Path) -> dict:
-    """The Django ``DATABASES`` entry of the embedded server in ``data_dir``, without starting it.
-
-    Its socket is in the data folder on PostgreSQL's default port, where pgserver puts it
-    unless that path is too long for a Unix socket; ``start_if_embedded`` replaces ``HOST``
-    and ``PORT`` by the running server's own.
+    """The Django ``DATABASES`` entry of the embedded server in ``data_dir``, without starting it
+    (or creating anything): its socket's directory (``socket_host``) on PostgreSQL's default
+    port; ``start_if_embedded`` replaces ``HOST`` and ``PORT`` by the running server's own.
     """
     return {
         "NAME": DATABASE_NAME,
         "USER": "postgres",
         "PASSWORD": "",
-        "HOST": str(Path(data_dir).expanduser().resolve()),
+        "HOST": str(socket_host(data_dir)),
         "PORT": "5432",
     }
 
@@ -218,7 +318,6 @@ def embedded_secret_key(data_dir: Path) -> str:
     ``O_CREAT | O_EXCL``, so processes starting at once agree on one key: the one that loses
     the race reads the winner's.
     """
-    import os
     import secrets
 
     path = Path(data_dir).expanduser().resolve() / SECRET_KEY_FILE

@@ -39,6 +39,13 @@ def envfloat(name: str, default: float) -> float:
     return default if value is None or value == "" else float(value)
 
 
+def scaled_rate(rate: str, factor: int) -> str:
+    """A ``"<n>/<period>"`` rate with ``n`` times ``factor``; a malformed rate unchanged (the
+    system check memory.E006 reports it)."""
+    count, _, period = rate.partition("/")
+    return f"{int(count) * factor}/{period}" if count.isdigit() and period else rate
+
+
 def envlist(name: str, default: str = "") -> list[str]:
     """Env var ``name`` as a comma-separated list (empty items dropped)."""
     return [item.strip() for item in envstr(name, default).split(",") if item.strip()]
@@ -358,6 +365,11 @@ MEMFUSE = {
     # Requests per API key ("<n>/second|minute|hour|day"), counted in the default cache; a
     # WebSocket's connect and each of its add and query frames count against the same budget.
     "API_RATE_LIMIT": envstr("API_RATE_LIMIT", "6000/minute"),
+    # Requests of all the keys of one tenant together (operator keys count against none), so
+    # that more keys do not make a larger budget. Default: five keys' worth of API_RATE_LIMIT.
+    "API_TENANT_RATE_LIMIT": envstr("API_TENANT_RATE_LIMIT", scaled_rate(envstr("API_RATE_LIMIT", "6000/minute"), 5)),
+    # Live (unrevoked, unexpired) user keys one user may hold; creating one more is a 409.
+    "MAX_API_KEYS_PER_USER": envint("MAX_API_KEYS_PER_USER", 20),
     # The embedded default (no DATABASE_URL) creates a tenant "local" at first start and
     # writes its key to <EMBEDDED_PG_DIR>/local-api-key.
     "LOCAL_TENANT": envbool("LOCAL_TENANT", True),

@@ -20,7 +20,7 @@ from django.utils.text import capfirst
 from rest_framework_api_key.admin import APIKeyModelAdmin
 from rest_framework_api_key.models import APIKey
 
-from memory import services, tenancy
+from memory import services
 from memory.api.serializers import MessageInSerializer
 from memory.models import Agent, ApiKey, Knowledge, Message, Session, Tenant, User
 
@@ -129,7 +129,7 @@ class ApiKeyAdmin(APIKeyModelAdmin):
     def save_model(self, request, obj, form=None, change=False):
         super().save_model(request, obj, form, change)
         if obj.revoked:
-            tenancy.forget_key(obj.prefix)
+            services.api_key_revoke(api_key=obj)  # its descendants too, and forgotten at once
 
     @admin.action(description="Revoke the selected API keys")
     def revoke(self, request, queryset):

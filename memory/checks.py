@@ -170,9 +170,11 @@ RATE_LIMIT = re.compile(r"[1-9][0-9]*/(second|minute|hour|day)")
 
 @register()
 def check_rate_limit(app_configs=None, **kwargs) -> list[Error]:
-    """memory.E006: ``API_RATE_LIMIT`` is ``"<n>/<second|minute|hour|day>"`` (else every
-    request would fail to read it)."""
-    rate = settings.MEMFUSE["API_RATE_LIMIT"]
-    if isinstance(rate, str) and RATE_LIMIT.fullmatch(rate):
-        return []
-    return [Error(f"API_RATE_LIMIT is {rate!r}; expected '<n>/<second|minute|hour|day>', e.g. '6000/minute'.", id="memory.E006")]
+    """memory.E006: ``API_RATE_LIMIT`` and ``API_TENANT_RATE_LIMIT`` are
+    ``"<n>/<second|minute|hour|day>"`` (else every request would fail to read them)."""
+    errors = []
+    for name, example in (("API_RATE_LIMIT", "6000/minute"), ("API_TENANT_RATE_LIMIT", "30000/minute")):
+        rate = settings.MEMFUSE[name]
+        if not (isinstance(rate, str) and RATE_LIMIT.fullmatch(rate)):
+            errors.append(Error(f"{name} is {rate!r}; expected '<n>/<second|minute|hour|day>', e.g. '{example}'.", id="memory.E006"))
+    return errors

@@ -76,7 +76,7 @@ class Unavailable(ServiceError):
 
 
 class RateLimited(ServiceError):
-    """The API key's rate limit is reached (``API_RATE_LIMIT``): retry after ``retry_after`` s."""
+    """A rate limit is reached (the key's ``API_RATE_LIMIT`` or its tenant's ``API_TENANT_RATE_LIMIT``): retry after ``retry_after`` s."""
 
     status = 429
     default_message = "Request was throttled"

@@ -338,11 +338,16 @@ class ApiKey(AbstractAPIKey):
     unique-index lookup on ``prefix``. ``expiry_date`` (optional) and ``revoked`` (one-way) end a
     key. ``scope``: a tenant key acts for its tenant, a user key for one user of it, an
     operator key only on operator endpoints (no tenant).
+
+    ``parent``: the user key that created this one over REST (``memory.services.api_key_create``),
+    else NULL. A child key is its parent's user's, expires no later than its parent, and is
+    revoked with it (``api_key_revoke`` revokes a key's descendants in the same statement).
     """
 
     scope = models.CharField(max_length=16, choices=KeyScope.choices, default=KeyScope.TENANT)
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys", null=True, blank=True)
     user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="api_keys", null=True, blank=True)
+    parent = models.ForeignKey("self", on_delete=models.CASCADE, related_name="children", null=True, blank=True)
 
     class Meta(AbstractAPIKey.Meta):
         verbose_name = "API key"

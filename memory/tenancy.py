@@ -3,7 +3,7 @@
 A key resolves with at most one indexed lookup (``ApiKey.prefix`` is unique), and resolved
 keys are kept in a per-process TTL cache (``API_KEY_CACHE_SECONDS``, default 10 s) so the add
 path usually pays no query at all. Revoking a key through ``memory.services.api_key_revoke``
-drops it from this process's cache at once; another process may still accept it for up to
+drops it (and the keys it created, revoked with it) from this process's cache at once; another process may still accept it for up to
 ``API_KEY_CACHE_SECONDS`` (the cross-process staleness bound). Expiry is checked on every
 request, cached or not.
 
@@ -74,6 +74,21 @@ def _cache_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+# Where the ASGI application puts the principal it resolved for an HTTP request
+# (``memory.api.auth.HTTPAuthMiddleware``), so that the view does not resolve the key again.
+PRINCIPAL_SCOPE_KEY = "memfuse.principal"
+
+
+def resolve_cached(key: str | None) -> Principal | None:
+    """``resolve_key`` without a query: the principal of ``key`` when this process has it cached
+    and unexpired, else ``None`` (then ``resolve_key`` decides). Safe on an event loop."""
+    if not key:
+        return None
+    with _cache_lock:
+        principal = _cache.get(_cache_key(key))
+    return None if principal is None or principal.expired() else principal
+
+
 def resolve_key(key: str | None) -> Principal | None:
     """The principal of the API key ``key``; ``None`` when it is missing, unknown, wrong, revoked or expired."""
     if not key:
@@ -113,10 +128,20 @@ def still_usable(principal: Principal) -> bool:
 
 def forget_key(key_id: str) -> None:
     """Drop the key whose prefix is ``key_id`` from this process's caches (after a revocation)."""
+    forget_keys([key_id])
+
+
+def forget_keys(key_ids) -> None:
+    """Drop the keys whose prefixes are ``key_ids`` from this process's caches: one pass over
+    the cache, however many keys (a key revoked with its descendants)."""
+    key_ids = set(key_ids)
+    if not key_ids:
+        return
     with _cache_lock:
-        _live.pop(key_id, None)
+        for key_id in key_ids:
+            _live.pop(key_id, None)
         for digest, principal in list(_cache.items()):
-            if principal.key_id == key_id:
+            if principal.key_id in key_ids:
                 _cache.pop(digest, None)
 
 

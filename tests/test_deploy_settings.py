@@ -9,15 +9,18 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 import pytest
 from django.conf import settings
 
-from memfuse_project.embedded_pg import embedded_secret_key, stop_server
+from memfuse_project.embedded_pg import embedded_secret_key, ensure_server, socket_host, stop_server
 from tests.subprocesses import subprocess_env
 
 # The production configuration of docs/operations.md ("Deploy"), besides DATABASE_URL and SECRET_KEY.
@@ -98,7 +101,7 @@ def test_importing_the_settings_starts_nothing(tmp_path):
     result = run(script, env)
 
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == str(data_dir) and not data_dir.exists()
+    assert result.stdout.strip() == str(data_dir / "socket") and not data_dir.exists()
 
 
 def test_the_embedded_default_generates_its_secret_key_in_its_data_folder():
@@ -118,6 +121,81 @@ def test_the_embedded_default_generates_its_secret_key_in_its_data_folder():
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout.strip() == second.stdout.strip() == stored
     assert len(stored) == 64 and "dev" not in stored
+
+
+# --- the embedded server's socket ------------------------------------------------------------------
+
+
+@contextmanager
+def embedded_server(folder_name_length: int):
+    """An embedded server whose data folder's path is at least ``folder_name_length`` characters
+    long: ``(data_dir, {"host", "port"})``; stopped and deleted after, with its socket's alias.
+
+    Under ``tempfile.mkdtemp`` (see test_database_restart.own_postgres)."""
+    folder = Path(tempfile.mkdtemp(prefix="memfuse-socket-"))
+    data_dir = folder / ("d" * max(folder_name_length - len(str(folder)) - 4, 1)) / "pg"
+    data_dir.parent.mkdir()
+    try:
+        server = ensure_server(data_dir)
+        yield data_dir, server
+    finally:
+        stop_server(data_dir)
+        alias = socket_host(data_dir)
+        if alias.is_symlink():
+            shutil.rmtree(alias.parent, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def assert_private(path: Path, owner: int) -> None:
+    info = path.lstat()
+    assert stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == owner, (path, oct(info.st_mode), info.st_uid)
+
+
+def listen_addresses(server: dict) -> str:
+    with psycopg.connect(host=server["host"], port=server["port"], user="postgres", dbname="postgres") as connection:
+        return connection.execute("SHOW listen_addresses").fetchone()[0]
+
+
+def test_the_embedded_server_listens_only_on_a_socket_in_a_private_folder_of_its_data_folder():
+    """The socket is in <data>/socket, 0700 like the data folder, and the server listens on no TCP address."""
+    with embedded_server(40) as (data_dir, server):
+        owner = data_dir.stat().st_uid
+        pidfile = (data_dir / "postmaster.pid").read_text().splitlines()
+        assert Path(server["host"]) == Path(pidfile[4]) == data_dir / "socket"
+        assert_private(data_dir, owner)
+        assert_private(data_dir / "socket", owner)
+        assert (data_dir / "socket" / ".s.PGSQL.5432").is_socket()
+        assert pidfile[5] == "" and listen_addresses(server) == ""
+
+
+def test_a_data_folder_too_long_for_a_socket_path_gets_a_private_short_alias():
+    """A data folder too long for a socket path: the server is reached through a symlink in a 0700 folder of its user; the socket stays in <data>/socket."""
+    with embedded_server(120) as (data_dir, server):
+        owner = data_dir.stat().st_uid
+        alias = Path(server["host"])
+        assert len(str(data_dir / "socket" / ".s.PGSQL.5432")) > 107 and len(str(alias / ".s.PGSQL.5432")) <= 107
+        assert alias.is_symlink() and alias.resolve() == data_dir / "socket"
+        assert_private(alias.parent, owner)
+        assert_private(data_dir, owner)
+        assert_private(data_dir / "socket", owner)
+        assert (data_dir / "socket" / ".s.PGSQL.5432").is_socket()
+        assert listen_addresses(server) == ""
+
+
+def test_the_socket_alias_is_refused_when_its_name_is_taken(tmp_path):
+    """Something else at the alias's path (a link to a folder anyone may enter): RuntimeError, and no link is made."""
+    data_dir = tmp_path / ("d" * 120) / "pg"
+    data_dir.mkdir(parents=True)
+    alias = socket_host(data_dir)
+    open_to_all = tmp_path / "open"
+    open_to_all.mkdir(mode=0o777)
+    alias.parent.symlink_to(open_to_all)
+    try:
+        with pytest.raises(RuntimeError, match="must be a directory of this user"):
+            socket_host(data_dir, create_for=os.geteuid())
+        assert list(open_to_all.iterdir()) == []
+    finally:
+        alias.parent.unlink()
 
 
 def check_deploy(env: dict) -> subprocess.CompletedProcess:

@@ -52,6 +52,11 @@ def messages_url(session) -> str:
     return f"/api/v1/sessions/{session.pk}/messages"
 
 
+def bearer(key: str) -> tuple[bytes, bytes]:
+    """The ASGI header ``Authorization: Bearer <key>``."""
+    return (b"authorization", f"Bearer {key}".encode())
+
+
 # --- nesting --------------------------------------------------------------------------------------
 
 
@@ -104,11 +109,16 @@ def test_body_over_the_limit_is_a_413_before_it_is_parsed(db, api, alice_session
     assert Message.objects.filter(session=alice_session).count() == 1
 
 
-async def test_asgi_refuses_an_oversized_body_by_its_content_length_without_reading_it(application, settings):
+@pytest.mark.django_db(transaction=True)
+async def test_asgi_refuses_an_oversized_body_by_its_content_length_without_reading_it(application, settings, tenant_key):
     """Under ASGI, a Content-Length over MAX_REQUEST_BYTES is answered 413 at once: the body is never read."""
     settings.MEMFUSE = {**settings.MEMFUSE, "MAX_REQUEST_BYTES": 1000}
     communicator = HttpCommunicator(
-        application, "POST", "/api/v1/users", body=b"", headers=[(b"content-length", b"5000000"), (b"content-type", b"application/json")]
+        application,
+        "POST",
+        "/api/v1/users",
+        body=b"",
+        headers=[(b"content-length", b"5000000"), (b"content-type", b"application/json"), bearer(tenant_key)],
     )
 
     response = await communicator.get_response(timeout=10)
@@ -118,10 +128,13 @@ async def test_asgi_refuses_an_oversized_body_by_its_content_length_without_read
     assert body["code"] == 413 and body["status"] == "error" and "MAX_REQUEST_BYTES" in body["message"]
 
 
-async def test_asgi_refuses_a_chunked_body_once_it_passes_the_limit(application, settings):
+@pytest.mark.django_db(transaction=True)
+async def test_asgi_refuses_a_chunked_body_once_it_passes_the_limit(application, settings, tenant_key):
     """A body without Content-Length (chunked) is counted as it arrives: past MAX_REQUEST_BYTES, a 413."""
     settings.MEMFUSE = {**settings.MEMFUSE, "MAX_REQUEST_BYTES": 1000}
-    communicator = HttpCommunicator(application, "POST", "/api/v1/users", headers=[(b"content-type", b"application/json")])
+    communicator = HttpCommunicator(
+        application, "POST", "/api/v1/users", headers=[(b"content-type", b"application/json"), bearer(tenant_key)]
+    )
     await communicator.send_input({"type": "http.request", "body": b"{" * 600, "more_body": True})
     await communicator.send_input({"type": "http.request", "body": b"{" * 600, "more_body": True})
 
@@ -130,6 +143,230 @@ async def test_asgi_refuses_a_chunked_body_once_it_passes_the_limit(application,
 
     assert start["status"] == 413
     assert json.loads(body["body"])["code"] == 413
+
+
+# --- no key, no body ----------------------------------------------------------------------------
+
+HUGE = str(256 * 1024 * 1024).encode()  # a Content-Length no test ever sends
+
+
+def refused_key(which: str, tenant) -> str | None:
+    """A key the edge must refuse: none, an unknown one, an expired or a revoked one."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from memory import services
+    from memory.models import ApiKey, KeyScope
+
+    if which == "none":
+        return None
+    if which == "unknown":
+        return "nope1234.abcdefghijklmnopqrstuvwxyz012345"
+    api_key, key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name=which)
+    if which == "expired":
+        ApiKey.objects.filter(pk=api_key.pk).update(expiry_date=timezone.now() - timedelta(seconds=1))
+    if which == "revoked":
+        services.api_key_revoke(api_key=api_key)
+    return key
+
+
+async def answer_without_a_body(application, method: str, path: str, headers: list) -> tuple[dict, dict]:
+    """``(response start, body)`` of a request whose body is never sent: an application that
+    reads any of it waits for ever, and this times out."""
+    from channels.testing import ApplicationCommunicator
+
+    scope = {"type": "http", "http_version": "1.1", "method": method, "path": path, "query_string": b"", "headers": headers}
+    communicator = ApplicationCommunicator(application, scope)
+    start = await communicator.receive_output(timeout=10)
+    body = await communicator.receive_output(timeout=10)
+    await communicator.wait(timeout=10)
+    return start, body
+
+
+NO_KEY_PATHS = [
+    ("POST", "/api/v1/users/00000000-0000-4000-8000-000000000000/import", "api"),
+    ("POST", "/api/v1/sessions/00000000-0000-4000-8000-000000000000/messages", "api"),
+    ("PUT", "/api/v1/no-such-endpoint", "api"),
+    ("POST", "/mcp", "mcp"),
+]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("which", ["none", "unknown", "expired", "revoked"])
+@pytest.mark.parametrize("method, path, realm", NO_KEY_PATHS, ids=[path for _, path, _ in NO_KEY_PATHS])
+async def test_asgi_answers_a_request_without_a_usable_key_401_before_reading_its_body(
+    application, tenant, which, framing, method, path, realm
+):
+    """/api/ and /mcp without a usable key: 401 in the envelope (and close) while none of the body was sent, whatever its size or framing."""
+    from asgiref.sync import sync_to_async
+
+    key = await sync_to_async(refused_key)(which, tenant)
+    headers = [(b"content-length", HUGE)] if framing == "content-length" else [(b"transfer-encoding", b"chunked")]
+    headers += [(b"content-type", b"application/json")] + ([bearer(key)] if key else [])
+
+    start, body = await answer_without_a_body(application, method, path, headers)
+
+    assert start["status"] == 401
+    response_headers = dict(start["headers"])
+    assert response_headers[b"connection"] == b"close"
+    assert response_headers[b"www-authenticate"] == f'Bearer realm="{realm}"'.encode()
+    answer = json.loads(body["body"])
+    assert answer["status"] == "error" and answer["code"] == 401 and answer["errors"][0]["field"] is None
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_asgi_serves_health_and_the_schema_pages_without_a_key(application):
+    """GET /api/v1/health and the schema and docs pages need no key at the edge (a stale one is ignored)."""
+    for path in ("/api/v1/health", "/api/schema/", "/api/docs/", "/api/redoc/"):
+        headers = [(b"host", b"127.0.0.1"), bearer("stale123.key")]
+        response = await HttpCommunicator(application, "GET", path, headers=headers).get_response(timeout=30)
+        assert response["status"] == 200, (path, response["body"][:300])
+
+
+@pytest.fixture(scope="module")
+def uvicorn_server(django_db_setup, tmp_path_factory):
+    """The README's production server (uvicorn, httptools) on the test database, models not preloaded."""
+    from benchmarks.server import ServerProcess
+    from tests.subprocesses import subprocess_env
+
+    env = subprocess_env(PRELOAD_MODELS="false", BACKGROUND_EMBEDDING="thread", QUERY_EMBEDDING="thread", FLUSH_IN_PROCESS="off")
+    process = ServerProcess(log_path=tmp_path_factory.mktemp("edge") / "server.log", env=env, kind="uvicorn")
+    process.start()
+    yield process
+    process.stop()
+
+
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # the server's default
+PUSH_AT_MOST = 64 * 1024 * 1024  # bytes: far past MAX_REQUEST_BYTES, far short of the Content-Length
+
+
+def send_until_answered(url: str, head: bytes, *, push: bool, chunked: bool = False) -> tuple[int | None, int]:
+    """Send ``head`` (request line and headers) to the server at ``url``, then, with ``push``, as
+    much of a body as the connection takes, 64 KiB at a time (each a chunk of the chunked
+    encoding when ``chunked``), until the answer comes.
+
+    Returns ``(status, body bytes the connection took)``, the status ``None`` when no answer
+    came within 20 s. The client's send buffer is small, so what the connection takes is what
+    the server read, plus what the kernel buffers on both sides hold (a few hundred KiB).
+    """
+    import select
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    address = urlsplit(url)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock.connect((address.hostname, address.port))
+    sock.sendall(head)
+    sock.setblocking(False)
+    chunk = b"x" * 65536
+    if chunked:
+        chunk = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    pending, taken, pushing = memoryview(b""), 0, push
+    deadline = time.monotonic() + 20
+    try:
+        while time.monotonic() < deadline:
+            readable, writable, _ = select.select([sock], [sock] if pushing else [], [], 0.2)
+            if readable:
+                sock.setblocking(True)
+                sock.settimeout(5)
+                answer = sock.recv(4096)
+                return (int(answer.split(b" ", 2)[1]) if answer else None), taken
+            if writable:
+                pending = pending or memoryview(chunk)
+                try:
+                    sent = sock.send(pending)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:  # the server closed the connection: its answer is already here
+                    sent, pushing = 0, False
+                pending, taken = pending[sent:], taken + sent
+                pushing = pushing and taken < PUSH_AT_MOST
+        return None, taken
+    finally:
+        sock.close()
+
+
+@pytest.mark.servers
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("push", [False, True], ids=["no-body-sent", "body-pushed"])
+@pytest.mark.parametrize(
+    "request_line, framing, key",
+    [
+        ("POST /api/v1/users/00000000-0000-4000-8000-000000000000/import", "content-length", None),
+        ("POST /api/v1/users/00000000-0000-4000-8000-000000000000/import", "content-length", "nope1234.abcdefghijklmnopqrstuvwxyz012345"),
+        ("POST /api/v1/sessions/00000000-0000-4000-8000-000000000000/messages", "chunked", None),
+        ("POST /mcp", "content-length", None),
+    ],
+    ids=["import-no-key", "import-unknown-key", "add-chunked-no-key", "mcp-no-key"],
+)
+def test_uvicorn_answers_401_to_a_request_without_a_valid_key_before_taking_its_body(
+    uvicorn_server, request_line, framing, key, push
+):
+    """Over a real socket: 256 MiB announced (or chunked) without a valid key is a 401 with no body sent, or with at most the kernel's buffers of one taken."""
+    framing_header = f"Content-Length: {HUGE.decode()}" if framing == "content-length" else "Transfer-Encoding: chunked"
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    head = f"{request_line} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{auth}{framing_header}\r\n\r\n"
+
+    status, taken = send_until_answered(uvicorn_server.url, head.encode(), push=push, chunked=framing == "chunked")
+
+    assert status == 401
+    assert taken == 0 if not push else taken < MAX_REQUEST_BYTES // 4
+
+
+IMPORT_LIMITS = {"MAX_REQUEST_BYTES": 1000, "MAX_IMPORT_BYTES": 10_000}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "key, into, limit",
+    [
+        ("tenant", "alice", "MAX_IMPORT_BYTES"),
+        ("tenant", "unknown", "MAX_IMPORT_BYTES"),
+        ("alice", "alice", "MAX_IMPORT_BYTES"),
+        ("bob", "alice", "MAX_REQUEST_BYTES"),
+        ("alice", "not-a-uuid", "MAX_REQUEST_BYTES"),
+        ("operator", "alice", "MAX_REQUEST_BYTES"),
+        ("globex", "alice", "MAX_IMPORT_BYTES"),
+    ],
+)
+async def test_the_import_limit_is_only_for_a_key_that_may_import_into_that_user(
+    application, settings, tenant_key, other_tenant_key, alice, bob, key, into, limit
+):
+    """POST users/{id}/import may send MAX_IMPORT_BYTES with a tenant key (any user id) or the user's own key; any other key MAX_REQUEST_BYTES."""
+    from asgiref.sync import sync_to_async
+
+    from memory import services
+    from memory.models import KeyScope
+
+    settings.MEMFUSE = {**settings.MEMFUSE, **IMPORT_LIMITS}
+
+    def make_key() -> str:
+        if key in ("alice", "bob"):
+            return services.api_key_create(scope=KeyScope.USER, user=alice if key == "alice" else bob, name=key)[1]
+        if key == "operator":
+            return services.api_key_create(scope=KeyScope.OPERATOR, name="ops")[1]
+        return tenant_key if key == "tenant" else other_tenant_key
+
+    secret = await sync_to_async(make_key)()
+    user_id = {"alice": str(alice.pk), "unknown": "00000000-0000-4000-8000-000000000000"}.get(into, into)
+    path = f"/api/v1/users/{user_id}/import"
+
+    def post(length: int) -> HttpCommunicator:
+        headers = [(b"content-length", str(length).encode()), (b"content-type", b"application/x-ndjson"), bearer(secret)]
+        return HttpCommunicator(application, "POST", path, body=b"", headers=headers)
+
+    over_its_limit = await post(IMPORT_LIMITS[limit] + 1).get_response(timeout=10)
+    assert over_its_limit["status"] == 413
+    assert limit in json.loads(over_its_limit["body"])["message"]
+    if limit == "MAX_IMPORT_BYTES":  # between the two limits: not refused for its size
+        body = b"x" * (IMPORT_LIMITS["MAX_REQUEST_BYTES"] + 1)
+        headers = [(b"content-type", b"application/x-ndjson"), bearer(secret)]
+        within = await HttpCommunicator(application, "POST", path, body=body, headers=headers).get_response(timeout=30)
+        assert within["status"] not in (401, 413), within["body"][:300]
 
 
 def test_two_megabyte_content_and_5000_message_batch_are_400s(db, api, alice_session):
@@ -338,6 +575,34 @@ async def test_ws_connect_past_the_rate_limit_is_refused_with_4429(application, 
             await socket.disconnect()
 
     assert frame["error"]["code"] == 429 and "API_RATE_LIMIT" in frame["error"]["message"]
+    assert closed == {"type": "websocket.close", "code": 4429}
+
+
+@pytest_ws
+async def test_ws_connect_counts_against_the_tenants_rate_limit_with_its_other_keys(application, alice_session, tenant, settings):
+    """A connect with a fresh key of a tenant whose other keys used up API_TENANT_RATE_LIMIT: a 429 frame naming it, then 4429."""
+    from asgiref.sync import sync_to_async
+    from channels.testing import WebsocketCommunicator
+    from django.core.cache import cache
+
+    from memory import services
+    from memory.models import KeyScope
+
+    settings.MEMFUSE = {**settings.MEMFUSE, "API_RATE_LIMIT": "100/hour", "API_TENANT_RATE_LIMIT": "2/hour"}
+    await cache.aclear()
+    first, second = [await sync_to_async(services.api_key_create)(scope=KeyScope.TENANT, tenant=tenant, name=n) for n in "ab"]
+    for _ in range(2):
+        assert (await HttpCommunicator(application, "GET", "/api/v1/users", headers=[bearer(first[1])]).get_response(timeout=30))["status"] == 200
+    headers = [(b"origin", b"http://127.0.0.1"), bearer(second[1])]
+    socket = WebsocketCommunicator(application, f"/ws/v1/sessions/{alice_session.pk}/", headers=headers)
+    try:
+        assert (await socket.connect(timeout=10))[0]
+        frame = await receive(socket)
+        closed = await socket.receive_output(timeout=10)
+    finally:
+        await socket.disconnect()
+
+    assert frame["error"]["code"] == 429 and "API_TENANT_RATE_LIMIT" in frame["error"]["message"]
     assert closed == {"type": "websocket.close", "code": 4429}
 
 

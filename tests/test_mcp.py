@@ -340,6 +340,46 @@ def test_stdio_refuses_to_start_without_a_usable_key(tmp_path):
     assert done.stdout == ""
 
 
+def test_stdio_reads_its_key_from_a_key_file(user_key, alice, agent, tmp_path):
+    """mcp_stdio --key-file PATH (no MEMFUSE_API_KEY, nothing in its command line but the path) acts with the file's key."""
+    key_file = tmp_path / "key"
+    key_file.write_text(user_key + "\n")
+    key_file.chmod(0o600)
+    documented = readme_stdio_server(user_key)
+    env = {name: value for name, value in documented.env.items() if name != "MEMFUSE_API_KEY"}
+    parameters = StdioServerParameters(command=documented.command, args=[*documented.args, "--key-file", str(key_file)], env=env, cwd="/")
+
+    async def run():
+        async with Client(parameters) as client:
+            return await client.call_tool("memory_add", {"agent": agent.name, "messages": [PUPPY]})
+
+    assert user_key not in " ".join(parameters.args)
+    assert ok(asyncio.run(run()))["user_id"] == str(alice.pk)
+
+
+@pytest.mark.parametrize(
+    "args, file_text, message",
+    [
+        ([], None, "An API key is required: MEMFUSE_API_KEY, --key-file PATH or --key"),
+        (["--key-file", "{missing}"], None, "--key-file: cannot read"),
+        (["--key-file", "{file}"], "\n", "is empty"),
+        (["--key-file", "{file}", "--key", "abcdefgh.x"], "abcdefgh.x", "not allowed with argument"),
+    ],
+    ids=["no-key", "missing-file", "empty-file", "two-sources"],
+)
+def test_stdio_names_what_is_wrong_with_its_key_source(monkeypatch, tmp_path, args, file_text, message):
+    """No key anywhere, an unreadable or empty key file, or two sources at once: a command error naming it, before serving."""
+    from django.core.management import CommandError, call_command
+
+    monkeypatch.delenv("MEMFUSE_API_KEY", raising=False)
+    key_file = tmp_path / "key"
+    if file_text is not None:
+        key_file.write_text(file_text)
+    paths = {"missing": tmp_path / "nowhere", "file": key_file}
+    with pytest.raises(CommandError, match=message):
+        call_command("mcp_stdio", *[arg.format(**paths) for arg in args])
+
+
 # --- the benchmark ---------------------------------------------------------------------------
 
 

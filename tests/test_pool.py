@@ -20,7 +20,8 @@ from websockets.sync.client import connect as ws_connect
 
 from benchmarks.server import free_loopback_port
 from memfuse_project import pool
-from memory.models import Message
+from memory import services
+from memory.models import KeyScope, Message
 from tests.subprocesses import subprocess_env
 
 
@@ -159,8 +160,9 @@ def _conninfo() -> dict:
 
 @pytest.mark.django_db(transaction=True)
 def test_exhausted_pool_answers_503_with_retry_after(tiny_pool_server, alice_session, tenant_key):
-    """With its only connection held, the server answers REST, admin and WebSocket with 503s, then recovers."""
+    """With its only connection held, the server answers REST (a key to resolve too), admin and WebSocket with 503s, then recovers."""
     url = tiny_pool_server
+    unresolved_key = services.api_key_create(scope=KeyScope.TENANT, tenant=alice_session.user.tenant, name="never used")[1]
     # The key resolved at the first connect stays in the server's key cache for the second.
     origin = {"origin": "http://127.0.0.1", "additional_headers": {"Authorization": f"Bearer {tenant_key}"}}
     socket_url = url.replace("http", "ws") + f"/ws/v1/sessions/{alice_session.pk}/"
@@ -173,6 +175,8 @@ def test_exhausted_pool_answers_503_with_retry_after(tiny_pool_server, alice_ses
         rest = requests.get(f"{url}/api/v1/health", timeout=10)
         waited = time.monotonic() - started
         admin = _admin_login(url, timeout=10)
+        # Resolved before its body is read (memory.api.auth.HTTPAuthMiddleware): a query too.
+        unresolved = requests.post(f"{url}/api/v1/users", json={"name": "x"}, headers={"Authorization": f"Bearer {unresolved_key}"}, timeout=10)
         ws.send(json.dumps({"type": "messages.add", "request_id": 7, "messages": [{"role": "user", "content": "hi"}]}))
         frame = json.loads(ws.recv(timeout=10))
         with ws_connect(socket_url, **origin) as refused:
@@ -195,6 +199,7 @@ def test_exhausted_pool_answers_503_with_retry_after(tiny_pool_server, alice_ses
     }
     assert "busy" in rest.json()["message"]
     assert admin.status_code == 503 and admin.headers["Retry-After"] == "1" and admin.json()["code"] == 503
+    assert unresolved.status_code == 503 and unresolved.headers["Retry-After"] == "1" and unresolved.json()["code"] == 503
     assert (frame["type"], frame["request_id"], frame["error"]["code"]) == ("error", 7, 503)
     assert refused_frame["error"]["code"] == 503 and close_code == 4503
     assert not holder.is_alive()

@@ -741,15 +741,16 @@ def test_retrieval_settings_check_names_a_bad_value(monkeypatch, name, value):
     assert [e.id for e in errors] == ["memory.E005"] and name in errors[0].msg
 
 
+@pytest.mark.parametrize("name", ["API_RATE_LIMIT", "API_TENANT_RATE_LIMIT"])
 @pytest.mark.parametrize("value", ["100", "100/minutes", "0/second", "ten/minute", "100/Minute"])
-def test_rate_limit_check_names_a_rate_no_request_could_be_counted_with(monkeypatch, value):
-    """System check memory.E006: API_RATE_LIMIT must read as <n>/<second|minute|hour|day>."""
+def test_rate_limit_check_names_a_rate_no_request_could_be_counted_with(monkeypatch, name, value):
+    """System check memory.E006: API_RATE_LIMIT and API_TENANT_RATE_LIMIT must read as <n>/<second|minute|hour|day>."""
     assert checks.check_rate_limit() == []
-    monkeypatch.setitem(settings.MEMFUSE, "API_RATE_LIMIT", value)
+    monkeypatch.setitem(settings.MEMFUSE, name, value)
 
     errors = checks.check_rate_limit()
 
-    assert [e.id for e in errors] == ["memory.E006"] and "API_RATE_LIMIT" in errors[0].msg
+    assert [e.id for e in errors] == ["memory.E006"] and errors[0].msg.startswith(f"{name} is ")
 
 
 def test_a_promoted_background_request_runs_before_the_queued_background_work():

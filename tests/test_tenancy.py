@@ -333,6 +333,109 @@ def test_key_with_expiry_works_until_then(api, alice):
     assert_success(key_client(created["api_key"]["key"]).get(f"/api/v1/users/{alice.pk}"))
 
 
+# --- keys made by user keys ----------------------------------------------------------------------
+
+
+def create_key(client, user, **body) -> dict:
+    """``POST users/{id}/api-keys`` with ``client``: the created key (with its secret)."""
+    return assert_success(client.post(f"/api/v1/users/{user.pk}/api-keys", body, format="json"), 201)["api_key"]
+
+
+def test_a_key_made_by_a_user_key_is_revoked_with_it_and_its_descendants_at_once(api, alice):
+    """A user key's child and grandchild record their parents; revoking the first revokes all three in this process at once, not the keys the tenant made."""
+    _, parent_key = services.api_key_create(scope=KeyScope.USER, user=alice, name="phone")
+    child = create_key(key_client(parent_key), alice, name="child")
+    grandchild = create_key(key_client(child["key"]), alice, name="grandchild")
+    sibling = create_key(api, alice, name="made by the tenant")
+    clients = {name: key_client(key) for name, key in [("parent", parent_key), ("child", child["key"]), ("grandchild", grandchild["key"]), ("sibling", sibling["key"])]}
+    for client in clients.values():
+        assert_success(client.get(f"/api/v1/users/{alice.pk}"))  # cached by this process now
+    rows = {row.prefix: row for row in ApiKey.objects.filter(user=alice)}
+    assert rows[grandchild["id"]].parent_id == rows[child["id"]].pk and rows[child["id"]].parent.prefix == parent_key.split(".")[0]
+    assert rows[sibling["id"]].parent_id is None
+
+    assert_success(api.delete(f"/api/v1/users/{alice.pk}/api-keys/{parent_key.split('.')[0]}"))
+
+    for name in ("parent", "child", "grandchild"):
+        assert_error(clients[name].get(f"/api/v1/users/{alice.pk}"), 401, None)
+    assert_success(clients["sibling"].get(f"/api/v1/users/{alice.pk}"))
+    assert set(ApiKey.objects.filter(user=alice, revoked=True).values_list("prefix", flat=True)) == {
+        parent_key.split(".")[0],
+        child["id"],
+        grandchild["id"],
+    }
+
+
+def test_a_key_made_by_a_user_key_expires_no_later_than_it(alice):
+    """No expires_at: the child takes its parent's expiry; a later one is a 400 naming expires_at; an earlier one is kept."""
+    parent_expiry = timezone.now() + timedelta(days=1)
+    _, parent_key = services.api_key_create(scope=KeyScope.USER, user=alice, name="phone", expires_at=parent_expiry)
+    as_parent = key_client(parent_key)
+
+    inherited = create_key(as_parent, alice)
+    later = as_parent.post(f"/api/v1/users/{alice.pk}/api-keys", {"expires_at": (parent_expiry + timedelta(hours=1)).isoformat()}, format="json")
+    earlier = create_key(as_parent, alice, expires_at=(parent_expiry - timedelta(hours=12)).isoformat())
+
+    assert ApiKey.objects.get(prefix=inherited["id"]).expiry_date == parent_expiry
+    assert "expires_at must not be later" in assert_error(later, 400, "expires_at")["message"]
+    assert ApiKey.objects.get(prefix=earlier["id"]).expiry_date == parent_expiry - timedelta(hours=12)
+    assert ApiKey.objects.filter(user=alice).count() == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_key_created_while_its_parent_is_being_revoked_is_refused(alice):
+    """A child key asked for while its parent's revocation is uncommitted waits for it, then is refused (401): no key outlives its parent."""
+    import threading
+
+    from django.db import connections, transaction
+
+    from memory.errors import Unauthenticated
+
+    parent, parent_key = services.api_key_create(scope=KeyScope.USER, user=alice, name="phone")
+    creator = tenancy.resolve_key(parent_key)
+    outcome = []
+
+    def create_child():
+        try:
+            outcome.append(services.api_key_create(scope=KeyScope.USER, user=alice, name="child", created_by=creator))
+        except Unauthenticated as exc:
+            outcome.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=create_child)
+    with transaction.atomic():
+        services.api_key_revoke(api_key=parent)
+        thread.start()
+        thread.join(timeout=1)
+        waited = thread.is_alive()
+    thread.join(timeout=30)
+
+    assert waited
+    assert len(outcome) == 1 and isinstance(outcome[0], Unauthenticated)
+    assert list(ApiKey.objects.filter(user=alice, revoked=False)) == []
+
+
+def test_a_user_has_at_most_max_api_keys_per_user_live_keys(api, alice, bob, settings):
+    """Past MAX_API_KEYS_PER_USER live keys a new one is a 409 naming the limit (REST and create_api_key); revoked and expired keys do not count."""
+    settings.MEMFUSE = {**settings.MEMFUSE, "MAX_API_KEYS_PER_USER": 3}
+    first = create_key(api, alice)
+    create_key(api, alice)
+    expiring = create_key(api, alice, expires_at=(timezone.now() + timedelta(days=1)).isoformat())
+
+    refused = api.post(f"/api/v1/users/{alice.pk}/api-keys", {}, format="json")
+
+    assert "MAX_API_KEYS_PER_USER=3" in assert_error(refused, 409, None)["message"]
+    with pytest.raises(CommandError, match="MAX_API_KEYS_PER_USER"):
+        run("create_api_key", "--tenant", "acme", "--user", "alice")
+    create_key(api, bob)  # another user's keys are counted apart
+    assert_success(api.delete(f"/api/v1/users/{alice.pk}/api-keys/{first['id']}"))
+    create_key(api, alice)  # a revoked key frees its place
+    ApiKey.objects.filter(prefix=expiring["id"]).update(expiry_date=timezone.now() - timedelta(seconds=1))
+    create_key(api, alice)  # and so does an expired one
+    assert ApiKey.objects.filter(user=alice, revoked=False).count() == 4
+
+
 # --- rate limits ---------------------------------------------------------------------------------
 
 
@@ -351,6 +454,41 @@ def test_rate_limit_per_key_answers_429_with_retry_after(api, tenant, settings):
     assert_success(other.get("/api/v1/users"))
 
 
+def test_the_tenant_rate_limit_counts_every_key_of_the_tenant(api, tenant, alice, settings, globex_api):
+    """Past API_TENANT_RATE_LIMIT the tenant's keys, new ones too, get 429 naming it; another tenant and operator keys are not counted."""
+    settings.MEMFUSE = {**settings.MEMFUSE, "API_RATE_LIMIT": "4/hour", "API_TENANT_RATE_LIMIT": "6/hour"}
+    user_key = key_client(services.api_key_create(scope=KeyScope.USER, user=alice, name="alice")[1])
+    for _ in range(4):
+        assert_success(api.get("/api/v1/users"))
+    assert_success(user_key.get("/api/v1/users"))
+    assert_success(user_key.get("/api/v1/users"))
+
+    refused = user_key.get("/api/v1/users")
+    new_key = key_client(services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="new")[1])
+
+    body = assert_error(refused, 429, None)
+    assert "API_TENANT_RATE_LIMIT" in body["message"] and 0 < int(refused["Retry-After"]) <= 3600
+    assert "API_TENANT_RATE_LIMIT" in assert_error(new_key.get("/api/v1/users"), 429, None)["message"]
+    assert_success(globex_api.get("/api/v1/users"))
+    _, operator_key = services.api_key_create(scope=KeyScope.OPERATOR, name="ops")
+    for _ in range(4):
+        assert_success(key_client(operator_key).get("/api/v1/admin/stats"))
+
+
+def test_a_key_past_its_own_limit_does_not_use_up_its_tenants_budget(api, tenant, settings):
+    """Requests a key's API_RATE_LIMIT refuses (429 naming it) are not counted against API_TENANT_RATE_LIMIT."""
+    settings.MEMFUSE = {**settings.MEMFUSE, "API_RATE_LIMIT": "2/hour", "API_TENANT_RATE_LIMIT": "4/hour"}
+    for _ in range(2):
+        assert_success(api.get("/api/v1/users"))
+    for _ in range(5):
+        assert "(API_RATE_LIMIT)" in assert_error(api.get("/api/v1/users"), 429, None)["message"]
+
+    other = key_client(services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="other")[1])
+
+    assert_success(other.get("/api/v1/users"))
+    assert_success(other.get("/api/v1/users"))
+
+
 def test_rate_limit_counts_concurrent_requests_of_one_key_exactly(settings):
     """Requests of one key racing from many threads: exactly API_RATE_LIMIT of them pass
     (one counter per key, incremented atomically), whatever the interleaving."""
@@ -359,6 +497,7 @@ def test_rate_limit_counts_concurrent_requests_of_one_key_exactly(settings):
     from types import SimpleNamespace
 
     from memory.api.auth import ApiKeyRateThrottle
+    from memory.errors import RateLimited
     from memory.tenancy import Principal
 
     settings.MEMFUSE = {**settings.MEMFUSE, "API_RATE_LIMIT": "100/hour"}
@@ -366,9 +505,15 @@ def test_rate_limit_counts_concurrent_requests_of_one_key_exactly(settings):
     allowed = []
     start = threading.Barrier(8)
 
+    def allow() -> bool:
+        try:
+            return ApiKeyRateThrottle().allow_request(request, None)
+        except RateLimited:
+            return False
+
     def client():
         start.wait()
-        allowed.extend(ApiKeyRateThrottle().allow_request(request, None) for _ in range(50))
+        allowed.extend(allow() for _ in range(50))
 
     threads = [threading.Thread(target=client) for _ in range(8)]
     interval = sys.getswitchinterval()

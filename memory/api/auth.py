@@ -5,6 +5,14 @@ header the ``memfuse`` client sends). ``memory.tenancy.resolve_key`` turns a key
 ``Principal``; ``ApiKeyAuthentication`` (DRF) and ``WebSocketAuthMiddleware`` (Channels) both
 call it. A missing, unknown, revoked or expired key is a 401.
 
+Under ASGI, ``HTTPAuthMiddleware`` resolves the key of every HTTP request to ``/api/`` (but the
+health check and the schema pages) and ``/mcp`` before the application reads any of its body:
+without a usable key the request costs one header parse (and at most one indexed query), never
+its body. The principal rides on the ASGI scope to ``ApiKeyAuthentication``.
+
+Rate limits: every request of a key counts against its ``API_RATE_LIMIT`` and against its
+tenant's ``API_TENANT_RATE_LIMIT`` (``rate_usage``), REST, WebSocket and MCP alike.
+
 Browsers cannot set headers on a WebSocket, so a socket may also offer the key as a
 subprotocol: ``new WebSocket(url, ["memfuse", "bearer.<key>"])``; the server then accepts
 with the ``memfuse`` subprotocol (never echoing the key). A subprotocol rather than
@@ -13,6 +21,8 @@ with the ``memfuse`` subprotocol (never echoing the key). A subprotocol rather t
 
 from __future__ import annotations
 
+import re
+
 from channels.db import database_sync_to_async
 from channels.middleware import BaseMiddleware
 from django.conf import settings
@@ -20,11 +30,13 @@ from django_ratelimit.core import get_usage
 from rest_framework import authentication, exceptions, permissions, throttling
 
 from memfuse_project.pool import is_database_unavailable, is_pool_exhausted
-from memory.errors import RateLimited
-from memory.tenancy import Principal, resolve_key
+from memory.api.errors import answer_body, error_body, send_json
+from memory.errors import RateLimited, Unauthenticated, error_for
+from memory.tenancy import PRINCIPAL_SCOPE_KEY, Principal, resolve_cached, resolve_key
 
 WS_SUBPROTOCOL = "memfuse"
 WS_KEY_SUBPROTOCOL_PREFIX = "bearer."
+NO_KEY_MESSAGE = "An API key is required: Authorization: Bearer <key>"
 
 
 def bearer_token(headers: list[tuple[bytes, bytes]] | dict) -> str | None:
@@ -60,6 +72,10 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
     """
 
     def authenticate(self, request):
+        # Resolved by HTTPAuthMiddleware from this request's own header (ASGI requests only).
+        principal = getattr(request._request, "scope", {}).get(PRINCIPAL_SCOPE_KEY)
+        if isinstance(principal, Principal):
+            return None, principal
         header = request.META.get("HTTP_AUTHORIZATION")
         if not header:
             return None
@@ -77,7 +93,7 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 class HasTenantKey(permissions.BasePermission):
     """A tenant or user key. Operator keys are refused (403): they see no tenant's data."""
 
-    message = "An API key is required: Authorization: Bearer <key>"
+    message = NO_KEY_MESSAGE
 
     def has_permission(self, request, view) -> bool:
         principal = request.auth
@@ -100,42 +116,61 @@ def is_operator(request) -> bool:
     return bool(user is not None and user.is_authenticated and user.is_active and user.is_staff)
 
 
-def rate_usage(principal: Principal) -> dict | None:
-    """Count one request of ``principal``'s key against ``API_RATE_LIMIT``; django-ratelimit's usage
-    (``should_limit``, ``time_left``...), ``None`` when rate limits are off.
+def _count(group: str, value: str, rate: str) -> dict | None:
+    return get_usage(None, group=group, key=lambda group, request: value, rate=rate, increment=True)
 
-    REST requests (``ApiKeyRateThrottle``) and WebSocket connects and frames
-    (``check_rate``) share the key's counter: a key has one budget however it is used.
+
+def rate_usage(principal: Principal) -> dict | None:
+    """Count one request of ``principal`` against its key's ``API_RATE_LIMIT`` and, for a
+    tenant's key (tenant or user scope), against its tenant's ``API_TENANT_RATE_LIMIT``.
+
+    Returns django-ratelimit's usage (``should_limit``, ``time_left``, ...) with ``setting``,
+    the name of the budget it is: the tenant's when that one refuses the request, else the
+    key's; ``None`` when rate limits are off. A request its key's budget refuses is not
+    counted against the tenant's, so a key that keeps knocking after its 429s does not use up
+    its tenant's other keys' budget.
+
+    REST requests (``ApiKeyRateThrottle``), WebSocket connects and frames and MCP requests
+    (``check_rate``) share the counters: a key has one budget however it is used, and all the
+    keys of a tenant one more, so that creating keys does not multiply a budget.
     """
-    return get_usage(
-        None,
-        group="api_key",
-        key=lambda group, request: principal.key_id,
-        rate=settings.MEMFUSE["API_RATE_LIMIT"],  # read per request, so tests can change it
-        increment=True,
-    )
+    # Rates read per request, so tests can change them.
+    usage = _count("api_key", principal.key_id, settings.MEMFUSE["API_RATE_LIMIT"])
+    if usage is None:
+        return None
+    usage = {**usage, "setting": "API_RATE_LIMIT"}
+    if usage["should_limit"] or principal.tenant_id is None:
+        return usage
+    tenant_usage = _count("api_tenant", str(principal.tenant_id), settings.MEMFUSE["API_TENANT_RATE_LIMIT"])
+    if tenant_usage is not None and tenant_usage["should_limit"]:
+        return {**tenant_usage, "setting": "API_TENANT_RATE_LIMIT"}
+    return usage
 
 
 def check_rate(principal: Principal) -> None:
-    """Count one WebSocket connect or frame; ``RateLimited`` (429) past ``API_RATE_LIMIT``. May
-    block on the cache (Redis): call it from a worker thread."""
+    """Count one request, WebSocket connect or frame of ``principal``; ``RateLimited`` (429, with
+    the seconds left in the window as ``retry_after``) past its key's ``API_RATE_LIMIT`` or its
+    tenant's ``API_TENANT_RATE_LIMIT``. May block on the cache (Redis): call it from a worker
+    thread."""
     usage = rate_usage(principal)
     if usage is not None and usage["should_limit"]:
         wait = max(int(usage["time_left"]), 1)
-        raise RateLimited(f"Rate limit of the API key reached (API_RATE_LIMIT): retry in {wait} s", retry_after=wait)
+        whose = "the API key" if usage["setting"] == "API_RATE_LIMIT" else "the tenant (all its keys)"
+        raise RateLimited(f"Rate limit of {whose} reached ({usage['setting']}): retry in {wait} s", retry_after=wait)
 
 
 class ApiKeyRateThrottle(throttling.BaseThrottle):
-    """At most ``API_RATE_LIMIT`` requests per API key (``"<n>/<second|minute|hour|day>"``,
-    default ``6000/minute``), in fixed windows of that period; past it, 429 with Retry-After
-    (the seconds left in the window, at least 1).
+    """At most ``API_RATE_LIMIT`` requests per API key and ``API_TENANT_RATE_LIMIT`` per tenant
+    (``"<n>/<second|minute|hour|day>"``, defaults ``6000/minute`` and five times that), in
+    fixed windows of that period; past either, 429 with Retry-After (the seconds left in the
+    window, at least 1) and a message naming the setting (``check_rate``'s ``RateLimited``).
 
-    Counted by django-ratelimit (``get_usage``): one counter per key and window in Django's
-    default cache, ``cache.add`` then ``cache.incr``: an atomic ``INCR`` in Redis (when
-    ``REDIS_URL`` is set, shared by every process), under the cache's lock in the per-process
-    ``LocMemCache``. Each key's windows start at their own offset (the library's jitter), so
-    the keys' counters do not all reset at once. A fixed window lets a key send up to twice
-    its limit across a window's edge.
+    Counted by django-ratelimit (``get_usage``): one counter per key (and per tenant) and
+    window in Django's default cache, ``cache.add`` then ``cache.incr``: an atomic ``INCR`` in
+    Redis (when ``REDIS_URL`` is set, shared by every process), under the cache's lock in the
+    per-process ``LocMemCache``. Each counter's windows start at their own offset (the
+    library's jitter), so the keys' counters do not all reset at once. A fixed window lets a
+    key send up to twice its limit across a window's edge.
 
     Not DRF's ``SimpleRateThrottle``: it keeps every request's timestamp of the last period
     in one cache value, read, unpickled, pickled and written back on every request (a list of
@@ -144,14 +179,73 @@ class ApiKeyRateThrottle(throttling.BaseThrottle):
     """
 
     def allow_request(self, request, view) -> bool:
-        if not isinstance(request.auth, Principal):
-            return True  # no key, no limit here (the request is refused anyway)
-        usage = rate_usage(request.auth)
-        self.time_left = usage["time_left"] if usage else 0
-        return usage is None or not usage["should_limit"]
+        if isinstance(request.auth, Principal):
+            check_rate(request.auth)  # raises RateLimited: the one 429 of every interface
+        return True  # no key, no limit here (the request is refused anyway)
 
-    def wait(self) -> float:
-        return max(self.time_left, 1)
+
+# --- HTTP: no key, no body read --------------------------------------------------------------
+
+# /api/ paths that answer without a key: the health check (GET), the OpenAPI schema, its docs pages.
+_HEALTH_PATH = re.compile(r"^/api/v1/health/?$")
+_OPEN_API_PATHS = ("/api/schema/", "/api/docs/", "/api/redoc/")
+MCP_PATH = "/mcp"
+
+
+def needs_key(scope) -> bool:
+    """Whether the HTTP request of ``scope`` must carry a usable key: ``/api/`` but the health
+    check and the schema pages, and ``/mcp``."""
+    path = scope["path"]
+    if path.startswith(MCP_PATH):
+        return True
+    if not path.startswith("/api/") or path.startswith(_OPEN_API_PATHS):
+        return False
+    return not (_HEALTH_PATH.match(path) and scope["method"] in ("GET", "HEAD"))
+
+
+def _may_have_body(scope) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+            return True
+    return False
+
+
+class HTTPAuthMiddleware:
+    """ASGI middleware: an HTTP request to ``/api/`` (but ``GET /api/v1/health`` and the schema
+    pages) or ``/mcp`` without a usable key is answered 401, in the error envelope, before any
+    of its body is read, whatever its ``Content-Length`` or chunked body; the connection is then
+    closed, so that the server does not read the body to keep it alive either.
+
+    A key this process has cached is checked on the event loop; any other is resolved in a
+    worker thread (``resolve_key`` may query). When the database cannot answer (pool exhausted,
+    unreachable), the request gets the 503 with ``Retry-After`` that ``error_for`` gives. A
+    request with a usable key goes on with its ``Principal`` in ``scope[PRINCIPAL_SCOPE_KEY]``,
+    where ``ApiKeyAuthentication`` and ``memory.api.limits.BodySizeLimit`` find it. Operator
+    keys pass: the views refuse them where they see no tenant data.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not needs_key(scope):
+            return await self.app(scope, receive, send)
+        token = bearer_token(scope.get("headers", []))
+        try:
+            principal = resolve_cached(token)
+            if principal is None and token:
+                principal = await database_sync_to_async(authenticate_bearer, thread_sensitive=False)(token)
+        except Exception as exc:
+            if not (is_pool_exhausted(exc) or is_database_unavailable(exc)):
+                raise
+            answer = error_for(exc)
+            return await send_json(send, answer.status, answer_body(answer), answer.headers, close=_may_have_body(scope))
+        if principal is None:
+            realm = "mcp" if scope["path"].startswith(MCP_PATH) else "api"
+            message = NO_KEY_MESSAGE if token is None and realm == "api" else Unauthenticated.default_message
+            headers = {"WWW-Authenticate": f'Bearer realm="{realm}"'}
+            return await send_json(send, 401, error_body(401, message), headers, close=_may_have_body(scope))
+        return await self.app({**scope, PRINCIPAL_SCOPE_KEY: principal}, receive, send)
 
 
 class WebSocketAuthMiddleware(BaseMiddleware):

@@ -6,6 +6,7 @@ this module only puts it in the envelope.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
@@ -31,6 +32,20 @@ def error_body(code: int, message: str, errors: list[dict] | None = None) -> dic
         "message": message,
         "errors": errors if errors is not None else [{"field": None, "message": message}],
     }
+
+
+async def send_json(send, status: int, body: dict, headers: dict[str, str] | None = None, *, close: bool = False) -> None:
+    """Answer an ASGI HTTP request with ``body`` as JSON, from an ASGI middleware that refuses it
+    before the application runs (``memory.api.auth``, ``memory.api.limits``). ``close`` adds
+    ``Connection: close``: the request's body is left unread, and a server keeping the
+    connection alive would read (and drop) all of it first."""
+    raw = json.dumps(body).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    raw_headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (headers or {}).items()]
+    if close:
+        raw_headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": raw})
 
 
 def answer_body(answer: ErrorAnswer) -> dict:

@@ -4,6 +4,8 @@ Every limit is a setting (``MEMFUSE``; docs/configuration.md, "Limits"):
 
 - ``MAX_REQUEST_BYTES``: an HTTP body over it is a 413 before it is read (``BodySizeLimit``,
   under ASGI) or parsed (``BoundedJSONParser``, under WSGI and the test client too);
+- ``MAX_IMPORT_BYTES``: instead, the body of ``POST users/{id}/import`` sent with a key that may
+  import into that user (``may_import``);
 - ``WS_MAX_FRAME_BYTES``: a WebSocket text frame over it gets a 413 error frame, unparsed;
 - ``MAX_JSON_DEPTH``: JSON nested deeper (objects and arrays, the document itself being
   level 1) is a 400 naming the limit: Python's decoder recurses per level (5,000 levels were
@@ -18,13 +20,16 @@ from __future__ import annotations
 import json
 import math
 import re
+import uuid
 
 from django.conf import settings
 from rest_framework import exceptions
 from rest_framework.parsers import JSONParser
 from rest_framework.utils.json import strict_constant
 
-IMPORT_PATH = re.compile(r"^/api/v1/users/[^/]+/import/?$")
+from memory.tenancy import PRINCIPAL_SCOPE_KEY, Principal
+
+IMPORT_PATH = re.compile(r"^/api/v1/users/(?P<user_id>[^/]+)/import/?$")
 
 
 class RequestTooLarge(exceptions.APIException):
@@ -141,10 +146,13 @@ class BoundedJSONParser(JSONParser):
 
 
 class BodySizeLimit:
-    """ASGI middleware: an HTTP request whose body is over ``MAX_REQUEST_BYTES`` gets a 413 (the
-    error envelope) without the body being read into a temporary file.
+    """ASGI middleware: an HTTP request whose body is over its limit gets a 413 (the error
+    envelope) without the body being read into a temporary file.
 
-    By ``Content-Length`` at once; a body without one (chunked) is counted as it arrives, and
+    The limit is ``MAX_REQUEST_BYTES``, or ``MAX_IMPORT_BYTES`` for ``POST users/{id}/import``
+    with a key that may import into that user (``may_import``: the key's principal is on the
+    scope, put there by ``memory.api.auth.HTTPAuthMiddleware``, which runs first). By
+    ``Content-Length`` at once; a body without one (chunked) is counted as it arrives, and
     past the limit the application is told the client left (Django then sends nothing) and the
     413 is sent here.
     """
@@ -155,11 +163,11 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        # An import's body is a whole memory file, streamed to disk (memory.api.portability).
-        limit = settings.MEMFUSE["MAX_IMPORT_BYTES" if IMPORT_PATH.match(scope["path"]) else "MAX_REQUEST_BYTES"]
+        setting = "MAX_IMPORT_BYTES" if may_import(scope) else "MAX_REQUEST_BYTES"
+        limit = settings.MEMFUSE[setting]
         length = _content_length(scope)
         if length is not None and length > limit:
-            return await _send_413(send, limit)
+            return await _send_413(send, limit, setting)
         if length is not None:
             return await self.app(scope, receive, send)
         received = 0
@@ -177,7 +185,24 @@ class BodySizeLimit:
 
         await self.app(scope, counting_receive, send)
         if over:
-            await _send_413(send, limit)
+            await _send_413(send, limit, setting)
+
+
+def may_import(scope) -> bool:
+    """Whether the request of ``scope`` is an import its key may make, so may send a body up to
+    ``MAX_IMPORT_BYTES``: a tenant key into any user id of its path (an unknown one creates
+    the user; another tenant's is refused by the view), a user key into its own user only.
+    Any other request, or key, has ``MAX_REQUEST_BYTES``."""
+    match = IMPORT_PATH.match(scope["path"])
+    principal = scope.get(PRINCIPAL_SCOPE_KEY)
+    if match is None or scope["method"] != "POST" or not isinstance(principal, Principal) or principal.tenant_id is None:
+        return False
+    if not principal.is_user_key:
+        return True
+    try:
+        return uuid.UUID(match["user_id"]) == principal.user_id
+    except ValueError:
+        return False
 
 
 def _content_length(scope) -> int | None:
@@ -190,15 +215,7 @@ def _content_length(scope) -> int | None:
     return None
 
 
-async def _send_413(send, limit: int) -> None:
-    from memory.api.errors import error_body
+async def _send_413(send, limit: int, setting: str) -> None:
+    from memory.api.errors import error_body, send_json
 
-    body = json.dumps(error_body(413, too_large_message(limit))).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send_json(send, 413, error_body(413, too_large_message(limit, setting=setting)), close=True)

@@ -25,9 +25,10 @@ ERROR_DESCRIPTIONS = {
     401: "Missing, unknown, expired or revoked API key.",
     403: "The key may not do this (an operator key on tenant data, a user key changing agents).",
     404: "Unknown id, or an object of another tenant or user.",
-    409: "The name is taken (names are unique per tenant; session names per user).",
-    413: "The request body is larger than `MAX_REQUEST_BYTES`.",
-    429: "Rate limit of the API key reached; see `Retry-After`.",
+    409: "The name is taken (names are unique per tenant; session names per user), or, for a new API key, "
+    "the user holds `MAX_API_KEYS_PER_USER` live keys.",
+    413: "The request body is larger than `MAX_REQUEST_BYTES` (an import's, than `MAX_IMPORT_BYTES`).",
+    429: "Rate limit of the API key (`API_RATE_LIMIT`) or of its tenant (`API_TENANT_RATE_LIMIT`) reached; see `Retry-After`.",
     500: "Unexpected server error (details in the server log).",
     503: "The database cannot be reached or no connection came free within the pool timeout (or, for an add, "
     "the flush backlog is full); retry after `Retry-After` seconds.",

@@ -376,19 +376,25 @@ class UserBufferView(APIView):
 
 
 class UserApiKeysView(APIView):
-    """A user's keys: a tenant key manages any user's, a user key its own user's."""
+    """A user's keys: a tenant key manages any user's, a user key its own user's. A key made
+    with a user key is its child: it expires no later than it and is revoked with it
+    (``services.api_key_create``); a user has at most ``MAX_API_KEYS_PER_USER`` live keys (409)."""
 
     @api_doc("ApiKeyList", {"api_keys": s.ApiKeyOut(many=True)})
     def get(self, request, user_id):
         keys = selectors.api_keys_list(user=_user(request, user_id))
         return envelope({"api_keys": s.ApiKeyOut(keys, many=True).data})
 
-    @api_doc("ApiKeyCreated", {"api_key": s.ApiKeyCreatedOut()}, code=201, request=s.ApiKeyIn)
+    @api_doc("ApiKeyCreated", {"api_key": s.ApiKeyCreatedOut()}, code=201, request=s.ApiKeyIn, errors=WITH_CONFLICT)
     def post(self, request, user_id):
         user = _user(request, user_id)
         data = validated(s.ApiKeyIn, request.data)
         api_key, key = services.api_key_create(
-            scope=KeyScope.USER, user=user, name=data.get("name") or f"{user.name[:40]} key", expires_at=data.get("expires_at")
+            scope=KeyScope.USER,
+            user=user,
+            name=data.get("name") or f"{user.name[:40]} key",
+            expires_at=data.get("expires_at"),
+            created_by=request.auth,
         )
         # The only time the key is shown: it is stored hashed.
         return envelope(
