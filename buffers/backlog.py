@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -81,10 +82,12 @@ class BacklogFull(Exception):
         self.retry_after = retry_after
 
 
-def check_accepting() -> None:
+def check_accepting(*, tenant_id: uuid.UUID | None = None, adding: int = 0) -> None:
     """Raise ``BacklogFull`` when the backlog is at ``MAX_BACKLOG_MESSAGES`` (the add answers 503).
 
-    ``MAX_BACKLOG_MESSAGES`` 0: no limit (and no read).
+    ``MAX_BACKLOG_MESSAGES`` 0: no limit (and no read). ``tenant_id`` and ``adding`` (the
+    pending messages the caller is about to add) are accepted for the per-tenant backlog's
+    callers and not used yet: the limit counts every tenant's pending messages.
     """
     limit = settings.BUFFERS["MAX_BACKLOG_MESSAGES"]
     if limit <= 0:

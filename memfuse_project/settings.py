@@ -295,6 +295,11 @@ MEMFUSE = {
     "MAX_JSON_DEPTH": envint("MAX_JSON_DEPTH", 32),
     # The body of POST /api/v1/users/{id}/import (a memory file, spooled to disk).
     "MAX_IMPORT_BYTES": envint("MAX_IMPORT_BYTES", 1024 * 1024 * 1024),
+    # A line of an import's file (read with a bounded readline, so a longer one is never held
+    # whole) and its records (memory.portability): 413 beyond, naming the line. The line's
+    # default holds a message an add could store (MAX_REQUEST_BYTES) with its embedding.
+    "IMPORT_MAX_LINE_BYTES": envint("IMPORT_MAX_LINE_BYTES", 8 * 1024 * 1024),
+    "IMPORT_MAX_RECORDS": envint("IMPORT_MAX_RECORDS", 2_000_000),
     # Bytes of per-user services (lexical indexes, pending embeddings) the process's LRU cache
     # keeps, in MB; the least recently used users go first (memory.retrieval.cache).
     "USER_CACHE_MB": envfloat("USER_CACHE_MB", 256.0),

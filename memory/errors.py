@@ -57,6 +57,13 @@ class Conflict(ServiceError):
     default_message = "Conflict"
 
 
+class TooLarge(ServiceError):
+    """Something sent is over a size limit other than the body's (a line of an import, its records)."""
+
+    status = 413
+    default_message = "Too large"
+
+
 class Forbidden(ServiceError):
     """The caller's key may not do this at all (an operation, never an object: those are 404)."""
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tracemalloc
+import uuid
 from io import StringIO
 
 import pytest
 from django.core.management import call_command
 from django.db import connection
 
+from buffers import backlog
 from buffers import services as buffers
 from buffers.models import FlushJob
 from memory import services
-from memory.models import KeyScope, Knowledge, Message, Session, User
+from memory.errors import InvalidInput, TooLarge
+from memory.models import Agent, KeyScope, Knowledge, Message, Session, User
 from memory.portability import export, importer
 from memory.services import MessageIn
 from tests.conftest import key_client
@@ -142,11 +146,11 @@ def test_an_interrupted_import_resumes_without_redoing_work(api, alice_memory, m
     real_insert = importer._insert_messages
     calls = []
 
-    def interrupted(run, **kwargs):
-        calls.append(len(run))
+    def interrupted(cursor, rows, **kwargs):
+        calls.append(len(rows))
         if len(calls) == 2:
             raise KeyboardInterrupt  # the process is stopped between two sessions
-        return real_insert(run, **kwargs)
+        return real_insert(cursor, rows, **kwargs)
 
     monkeypatch.setattr(importer, "_insert_messages", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -175,6 +179,8 @@ def test_an_interrupted_import_resumes_without_redoing_work(api, alice_memory, m
         (7, {"session_id": "00000000-0000-0000-0000-000000000001"}, "lines[7].session_id"),
         (8, {"embedding": [0.1, 0.2]}, "lines[8].embedding"),
         (9, {"content": 5}, "lines[9].content"),
+        (4, {"name": "\ud800 unpaired"}, "lines[4].name"),
+        (6, {"metadata": {"a": "nul \x00"}}, "lines[6].metadata"),
     ],
 )
 def test_a_malformed_line_is_a_400_naming_it_and_nothing_is_imported(api, alice_memory, line, change, field):
@@ -391,3 +397,302 @@ def test_a_10000_message_file_imports_back(big_user, tmp_path):
             "SELECT count(*), count(context_embedding) FROM memory_message WHERE user_id = %s", [report.user_id]
         )
         assert cursor.fetchone() == (BIG_MESSAGES, BIG_MESSAGES)
+
+
+# --- the relations between records, checked in the database (memory.portability.staging) ----------
+
+
+@pytest.mark.parametrize(
+    "changes, field, text",
+    [
+        ({5: {"id": "<4.id>"}}, "lines[5].id", "Duplicate id"),
+        ({5: {"name": "alice-chat"}}, "lines[5].name", "Duplicate session name 'alice-chat'"),
+        ({7: {"position": 0}}, "lines[7].position", "Duplicate position 0"),
+        ({4: {"agent_id": "<2.id>"}}, "lines[4].agent_id", "No agent"),  # the user's id: no agent of that id
+        ({9: {"position": 0, "session_id": "<4.id>"}, 8: {"id": "<6.id>"}}, "lines[8].id", "Duplicate id"),  # the first
+    ],
+)
+def test_duplicates_and_dangling_references_name_the_first_line_at_fault(api, alice_memory, changes, field, text):
+    """Duplicate ids, session names and positions, and a reference to no record above, each name the first such line."""
+    lines = export_lines(api, alice_memory.pk)
+    delete_user(alice_memory)
+    for line, change in changes.items():
+        for key, value in change.items():
+            if isinstance(value, str) and value.startswith("<"):
+                number, name = value.strip("<>").split(".")
+                value = lines[int(number) - 1][name]
+            lines[line - 1][key] = value
+
+    response = post_import(api, alice_memory.pk, lines)
+
+    assert response.status_code == 400, response.content
+    assert response.json()["errors"][0]["field"] == field and text in response.json()["message"]
+    assert not User.objects.filter(pk=alice_memory.pk).exists()
+
+
+# --- bounded imports --------------------------------------------------------------------------------
+
+
+def write_file(path, *, sessions: int, messages: int, tail: dict | None = None) -> None:
+    """A file of ``sessions`` sessions of ``messages`` messages each, then ``tail`` as its last line."""
+    stamp = "2024-01-01T00:00:00+00:00"
+    agent = str(uuid.uuid4())
+    with path.open("w") as handle:
+        handle.write(json.dumps({"type": "header", "format": "memfuse.memory", "version": 1, "embedding": None}) + "\n")
+        handle.write(json.dumps({"type": "user", "id": str(uuid.uuid4()), "name": "bulk", "created_at": stamp}) + "\n")
+        handle.write(json.dumps({"type": "agent", "id": agent, "name": "bulk", "created_at": stamp}) + "\n")
+        ids = [str(uuid.uuid4()) for _ in range(sessions)]
+        for number, session_id in enumerate(ids):
+            record = {"type": "session", "id": session_id, "name": f"s{number}", "agent_id": agent, "created_at": stamp}
+            handle.write(json.dumps(record) + "\n")
+        for session_id in ids:
+            for position in range(messages):
+                record = {
+                    "type": "message", "id": str(uuid.uuid4()), "session_id": session_id, "position": position,
+                    "role": "user", "content": f"note {position}", "created_at": stamp,
+                }  # fmt: skip
+                handle.write(json.dumps(record) + "\n")
+        if tail is not None:
+            handle.write(json.dumps(tail) + "\n")
+
+
+def validation_peak(path, tenant) -> tuple[int, InvalidInput]:
+    """The peak of Python allocations (bytes) of importing ``path``, refused at its last line, and the error."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidInput) as refused:
+            importer.memory_import(tenant_id=tenant.pk, source=importer.jsonl_source(path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak, refused.value
+
+
+def test_validation_memory_does_not_grow_with_the_records(tenant, tmp_path):
+    """Validating 10,000 sessions and 20,000 messages takes no more memory than 1,000 and 2,000:
+    the relations are checked in the database, not in sets of the file's ids."""
+    dangling = {
+        "type": "message", "id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()), "position": 0,
+        "role": "user", "content": "the last line", "created_at": "2024-01-01T00:00:00+00:00",
+    }  # fmt: skip
+    small, large = tmp_path / "small.jsonl", tmp_path / "large.jsonl"
+    write_file(small, sessions=1_000, messages=2, tail=dangling)
+    write_file(large, sessions=10_000, messages=2, tail=dangling)
+
+    small_peak, _ = validation_peak(small, tenant)
+    large_peak, error = validation_peak(large, tenant)
+
+    assert error.errors[0]["field"] == "lines[30004].session_id"  # the whole file was read
+    assert large_peak < small_peak + 500_000, (small_peak, large_peak)
+    assert not User.objects.filter(name="bulk").exists()
+
+
+def test_a_line_over_import_max_line_bytes_is_a_413_naming_it(api, alice_memory, settings):
+    """A line longer than IMPORT_MAX_LINE_BYTES refuses the file with a 413 naming the line; nothing is written."""
+    settings.MEMFUSE = {**settings.MEMFUSE, "IMPORT_MAX_LINE_BYTES": 2000}
+    lines = export_lines(api, alice_memory.pk)
+    delete_user(alice_memory)
+    lines[6]["metadata"] = {"padding": "x" * 2000}
+
+    response = post_import(api, alice_memory.pk, lines)
+
+    assert response.status_code == 413, response.content
+    body = response.json()
+    assert body["errors"][0]["field"] == "lines[7]" and "IMPORT_MAX_LINE_BYTES" in body["message"]
+    assert not User.objects.filter(pk=alice_memory.pk).exists()
+
+
+def test_a_long_line_is_never_read_whole(tmp_path, settings):
+    """Reading a 20 MB line under a 4 KB IMPORT_MAX_LINE_BYTES holds about 4 KB of it, not 20 MB."""
+    settings.MEMFUSE = {**settings.MEMFUSE, "IMPORT_MAX_LINE_BYTES": 4096}
+    path = tmp_path / "long.jsonl"
+    path.write_bytes(b'{"type": "header"}\n' + b"x" * 20_000_000 + b"\n")
+    read = importer.jsonl_source(path)
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(TooLarge) as refused:
+            list(read())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert refused.value.errors[0]["field"] == "lines[2]"
+    assert peak < 1_000_000
+
+
+def test_more_records_than_import_max_records_is_a_413_naming_the_line(api, alice_memory, settings):
+    """Past IMPORT_MAX_RECORDS records (the header counts), a 413 names the first line over the cap; nothing is written."""
+    settings.MEMFUSE = {**settings.MEMFUSE, "IMPORT_MAX_RECORDS": 5}
+    lines = export_lines(api, alice_memory.pk)
+    delete_user(alice_memory)
+
+    response = post_import(api, alice_memory.pk, lines)
+
+    assert response.status_code == 413, response.content
+    assert response.json()["errors"][0]["field"] == "lines[6]" and "IMPORT_MAX_RECORDS" in response.json()["message"]
+    assert not User.objects.filter(pk=alice_memory.pk).exists()
+
+
+def test_knowledge_is_embedded_in_batches_at_background_priority(api, alice_memory, settings, monkeypatch):
+    """Five knowledge items without embeddings are embedded FLUSH_BATCH_SIZE at a time at the
+    flushes' background priority, never at query priority."""
+    from memory.inference import registry
+
+    settings.BUFFERS = {**settings.BUFFERS, "BATCH_SIZE": 2}
+    lines = export_lines(api, alice_memory.pk)
+    delete_user(alice_memory)
+    fact = lines[-1]
+    lines[-1:] = [{**fact, "id": str(uuid.uuid4()), "content": f"Fact number {n}."} for n in range(5)]
+    calls = []
+    embed = registry.embed
+    monkeypatch.setattr(registry, "embed", lambda texts, **kw: calls.append((len(texts), kw.get("priority"))) or embed(texts, **kw))
+    monkeypatch.setattr(registry, "embed_documents", lambda texts: pytest.fail("embedded at query priority"))
+
+    response = post_import(api, alice_memory.pk, lines)
+
+    assert response.status_code == 200, response.content
+    assert calls == [(2, registry.BACKGROUND), (2, registry.BACKGROUND), (1, registry.BACKGROUND)]
+    assert Knowledge.objects.filter(user_id=alice_memory.pk, embedding__isnull=False).count() == 5
+
+
+def test_a_user_key_import_maps_the_files_agents_to_the_tenants_only(alice_memory, agent, other_tenant, api):
+    """A user key's file naming an agent the tenant lacks is a 403 naming the line, worded alike
+    for an unknown id and another tenant's, nothing written; by an existing name it imports."""
+    globex_agent = services.agent_create(tenant_id=other_tenant.pk, name="globex-bot")
+    lines = export_lines(api, alice_memory.pk)
+    _, key = services.api_key_create(scope=KeyScope.USER, user=alice_memory, name="alice's key")
+    client = key_client(key)
+    for session in Session.objects.filter(user=alice_memory):
+        services.session_delete(session=session)
+    agents = Agent.objects.count()
+    answers = []
+    for agent_id in (str(uuid.uuid4()), str(globex_agent.pk)):
+        lines[2] = {**lines[2], "id": agent_id, "name": "made-up"}
+        for line in lines:
+            if line["type"] == "session":
+                line["agent_id"] = agent_id
+        response = post_import(client, alice_memory.pk, lines)
+        assert response.status_code == 403, response.content
+        answers.append(response.json())
+
+    assert answers[0] == answers[1] and answers[0]["errors"][0]["field"] == "lines[3].name"
+    assert Agent.objects.count() == agents and not Session.objects.filter(user=alice_memory).exists()
+    lines[2]["name"] = agent.name
+    response = post_import(client, alice_memory.pk, lines)
+    assert response.status_code == 200, response.content
+    assert response.json()["data"]["existing"]["agents"] == 1 and Agent.objects.count() == agents
+    assert set(Session.objects.filter(user=alice_memory).values_list("agent_id", flat=True)) == {agent.pk}
+
+
+def test_ids_another_user_holds_are_conflicts_worded_as_existing_ids(api, alice_memory, bob_messages):
+    """A session or knowledge id of another user is a 409 saying the id exists, as for any taken id, never whose."""
+    bob_session = bob_messages[0].session_id
+    bob_fact = services.knowledge_add(user=Session.objects.get(pk=bob_session).user, contents=["Bob likes jazz."])[0]
+    lines = export_lines(api, alice_memory.pk)
+    delete_user(alice_memory)
+    for change, field, text in (
+        ((3, "id", str(bob_session)), "lines[4].id", f"Session with id '{bob_session}' already exists"),
+        ((9, "id", str(bob_fact.pk)), "lines[10].id", f"Knowledge item with id '{bob_fact.pk}' already exists"),
+    ):
+        changed = [dict(line) for line in lines]
+        index, key, value = change
+        changed[index][key] = value
+        if index == 3:
+            for line in changed:
+                if line.get("session_id") == lines[3]["id"]:
+                    line["session_id"] = value
+
+        response = post_import(api, alice_memory.pk, changed)
+
+        assert response.status_code == 409, response.content
+        body = response.json()
+        assert body["errors"][0]["field"] == field and text in body["message"] and "user" not in body["message"]
+        assert not User.objects.filter(pk=alice_memory.pk).exists()
+
+
+def test_a_message_id_taken_after_validation_is_a_conflict_in_its_writing_transaction(
+    api, alice_memory, bob_messages, monkeypatch
+):
+    """An id another user's message takes between the validation and the write is refused where
+    the message is inserted (409 naming its line); that session's transaction writes nothing."""
+    lines = export_lines(api, alice_memory.pk)
+    delete_user(alice_memory)
+    taken = lines[5]["id"]
+    real_write = importer._write_messages
+
+    def taken_meanwhile(*args, **kwargs):
+        with connection.cursor() as cursor:
+            cursor.execute("UPDATE memory_message SET id = %s WHERE id = %s", [taken, bob_messages[0].id])
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(importer, "_write_messages", taken_meanwhile)
+
+    response = post_import(api, alice_memory.pk, lines)
+
+    assert response.status_code == 409, response.content
+    assert response.json()["errors"][0]["field"] == "lines[6].id"
+    assert Message.objects.get(pk=taken).user_id == bob_messages[0].session.user_id
+    assert not Message.objects.filter(user_id=alice_memory.pk).exists()
+
+
+def test_an_import_past_the_backlog_limit_is_a_503_and_writes_nothing(api, alice_memory, bob_messages, settings):
+    """With the flush backlog at MAX_BACKLOG_MESSAGES, an import of pending messages is a 503 with Retry-After."""
+    lines = export_lines(api, alice_memory.pk)
+    delete_user(alice_memory)
+    settings.BUFFERS = {**settings.BUFFERS, "MAX_BACKLOG_MESSAGES": 2}
+    backlog.clear_cache()
+
+    response = post_import(api, alice_memory.pk, lines)
+
+    backlog.clear_cache()
+    assert response.status_code == 503, response.content
+    assert int(response["Retry-After"]) >= 1 and "MAX_BACKLOG_MESSAGES" in response.json()["message"]
+    assert not User.objects.filter(pk=alice_memory.pk).exists()
+
+
+@pytest.fixture
+def application(django_db_setup, django_db_blocker):
+    """The project's ASGI application, imported once the test database exists."""
+    with django_db_blocker.unblock():
+        from memfuse_project.asgi import application
+    return application
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_under_asgi_the_import_reads_the_received_body_without_copying_it(
+    application, tenant_key, agent, monkeypatch
+):
+    """Under ASGI the import reads the file Django received the body into (3 MB: on disk), never a copy of it."""
+    from channels.testing import HttpCommunicator
+
+    copies = []
+    copy = shutil.copyfileobj
+    monkeypatch.setattr(shutil, "copyfileobj", lambda *args, **kw: copies.append(args) or copy(*args, **kw))
+    user_id, session_id, stamp = uuid.uuid4(), str(uuid.uuid4()), "2024-01-01T00:00:00+00:00"
+    records = [
+        {"type": "header", "format": "memfuse.memory", "version": 1, "embedding": None},
+        {"type": "user", "id": str(user_id), "name": "carol", "created_at": stamp},
+        {"type": "agent", "id": str(agent.pk), "name": agent.name, "created_at": stamp},
+        {"type": "session", "id": session_id, "name": "chat", "agent_id": str(agent.pk), "created_at": stamp},
+        {"type": "message", "id": str(uuid.uuid4()), "session_id": session_id, "position": 0, "role": "user",
+         "content": "I moved to Porto.", "created_at": stamp},
+    ]  # fmt: skip
+    body = "".join(json.dumps(record) + "\n" + " " * 1000 + "\n" for record in records).encode() + (b" " * 999 + b"\n") * 3000
+    communicator = HttpCommunicator(
+        application,
+        "POST",
+        f"/api/v1/users/{user_id}/import",
+        body=body,
+        headers=[
+            (b"authorization", f"Bearer {tenant_key}".encode()),
+            (b"content-type", b"application/x-ndjson"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    )
+
+    response = await communicator.get_response(timeout=60)
+
+    assert response["status"] == 200, response["body"][:500]
+    assert json.loads(response["body"])["data"]["created"]["messages"] == 1
+    assert copies == []

@@ -1,8 +1,9 @@
 """``GET /api/v1/users/{id}/export`` and ``POST /api/v1/users/{id}/import``: a user's memory as a file.
 
 The format and the import's guarantees are ``memory.portability``'s. Thin views: the export
-streams ``portability.export.user_export``; the import spools the body to a temporary file
-(the import reads it twice: validate, then write) and calls ``importer.memory_import``.
+streams ``portability.export.user_export``; the import reads the body from the file it was
+received into (``_body_file``: the import reads it more than once) and calls
+``importer.memory_import``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
 
 from asgiref.sync import sync_to_async
 from django.core.handlers.asgi import ASGIRequest
@@ -73,6 +76,26 @@ class UserExportView(APIView):
         return response
 
 
+@contextmanager
+def _body_file(request) -> Iterator[BinaryIO]:
+    """The body of Django request ``request`` as a seekable binary file, read from the client once.
+
+    Under ASGI, Django's handler has received the body into a ``SpooledTemporaryFile``
+    (``ASGIHandler.read_body``) before the view runs: that file is the request's stream,
+    read here as it is. A stream that cannot seek (WSGI's input, the test client's) is
+    spooled once into a temporary file.
+    """
+    # Django keeps the body's file as the request's private stream; no public accessor gives
+    # it. A seekable one holds the whole body (the import seeks to its start).
+    stream = getattr(request, "_stream", None)
+    if stream is not None and stream.seekable():
+        yield stream
+        return
+    with tempfile.TemporaryFile() as spool:
+        shutil.copyfileobj(request, spool, 1 << 20)
+        yield spool
+
+
 class UserImportView(APIView):
     """Import a file of the export format into this user (created when the id is unknown)."""
 
@@ -97,12 +120,12 @@ class UserImportView(APIView):
         user = selectors.users_visible(principal=principal).filter(pk=wanted).first()
         if user is None and principal.is_user_key:
             raise NotFound(f"User '{user_id}' not found", field="user_id")
-        with tempfile.TemporaryFile() as spool:
-            shutil.copyfileobj(request._request, spool, 1 << 20)
+        with _body_file(request._request) as body:
             report = importer.memory_import(
                 tenant_id=principal.tenant_id,
-                source=importer.jsonl_source(spool),
+                source=importer.jsonl_source(body),
                 user=user,
                 user_id=None if user is not None else wanted,
+                scope=principal.scope,
             )
         return envelope(report.as_dict(), message="Import done")

@@ -1,17 +1,28 @@
 """Import of a user's memory from records of the export format (``memory.portability``).
 
-Two passes over the source:
+Passes over the source, each holding one line (or one batch of rows) in memory at a time:
 
-1. **Validate** every line (``records.check_record``), its references (a session's agent, a
-   message's session, above it), duplicates (ids, a session's positions), and what the
-   database already holds (a session or message id of another user, a session name or a
-   position taken by another record). Any error is ``InvalidInput`` or ``Conflict`` naming
-   the line and the field, and **nothing is written**.
-2. **Write**, in this order and these transactions: the user, agents and sessions (one);
-   the messages of each session (one per session: an interrupted import leaves whole
-   sessions); the knowledge items (one). Every insert is ``ON CONFLICT (id) DO NOTHING``:
-   importing a file twice changes nothing, and importing it again after an interruption
-   adds what is missing (resumable).
+1. **Validate, then write the user, agents and sessions**, in one transaction. Every line is
+   checked (``records.check_record``) as it is copied into a temporary table, where SQL
+   checks the rest (``staging``): duplicates (ids, names, a session's positions), references
+   (a session's agent, a message's session, above it), then what the database already holds.
+   Past ``MAX_BACKLOG_MESSAGES`` the import is refused (503). Only then are the user, the
+   agents and the sessions written, each checked in that transaction to be the tenant's and
+   the user's. Any error is ``InvalidInput``, ``Conflict``, ``Forbidden`` or ``TooLarge``
+   naming the line and the field, and **nothing is written**.
+2. **The messages**, one transaction per run of one session's lines (at most ``RUN_ROWS``),
+   inserted ``WRITE_BATCH`` rows at a time: an interrupted import leaves whole sessions.
+3. **The knowledge items**, one transaction per batch of ``FLUSH_BATCH_SIZE``, embedded
+   before it at background priority, as a flush embeds.
+
+Every insert is ``ON CONFLICT DO NOTHING`` and then checked in its transaction: a record
+already there (the same id, as the file has it) counts as existing; one that clashes (its id
+another user's, or another message at its position) is a ``Conflict`` and its transaction is
+rolled back. Importing a file twice changes nothing, and importing it again after an
+interruption adds what is missing (resumable).
+
+A user key's import (``scope``) creates no agent: each agent of the file must be one of the
+tenant's (by id, or by name), as the REST API and MCP refuse agent creation to user keys.
 
 ``created_at`` and positions are kept. Embeddings of the file are written only when the
 header's model and dimension are those of the stored vectors (the active model, read from
@@ -31,22 +42,32 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from django.db import IntegrityError, connection, transaction
+from django.conf import settings
+from django.db import connection, transaction
 from django.utils import timezone
 from pgvector import Vector
 
-from memory import embedding_model
-from memory.errors import Conflict, InvalidInput, NotFound
+from buffers import backlog
+from buffers import services as buffers
+from buffers.jobs import pending_summary
+from buffers.models import Priority, Reason
+from memory import embedding_model, flush
+from memory.errors import Conflict, Forbidden, NotFound, TooLarge, Unavailable
 from memory.inference import registry
-from memory.models import User
-from memory.portability import records
+from memory.models import KeyScope, User
+from memory.portability import records, staging
 from memory.portability.records import invalid
+from memory.portability.staging import TABLE
+from memory.retrieval import cache
+from memory.retrieval.vector import context_refresh
 
 # _bump_memory_version: the user row lock every writer of a user's messages takes first.
 from memory.services import _bump_memory_version, message_index_text
 from memory.vectors import VectorArray, use_binary_vectors
 
-WRITE_BATCH = 1000  # rows per INSERT statement
+WRITE_BATCH = 1000  # rows per INSERT statement, at most
+WRITE_BATCH_BYTES = 8 * 1024 * 1024  # and about this many bytes of their lines' JSON
+RUN_ROWS = 10 * WRITE_BATCH  # messages of one session per transaction, at most
 
 Source = Callable[[], Iterator[tuple[int, object]]]
 """A re-readable source of records: each call iterates ``(line number, decoded JSON)`` from the start."""
@@ -79,7 +100,9 @@ def _reject_constant(name: str):
 
 def jsonl_source(path_or_file) -> Source:
     """A ``Source`` over a JSON Lines file (a path, or a seekable binary file). Blank lines are
-    skipped; a line that is not JSON (or holds ``NaN``/``Infinity``) is ``InvalidInput`` naming it.
+    skipped; a line that is not JSON (or holds ``NaN``/``Infinity``) is ``InvalidInput`` naming
+    it, a line over ``IMPORT_MAX_LINE_BYTES`` (its newline aside) ``TooLarge`` (413) naming it:
+    a line is read with a bounded ``readline``, so a longer one is never held whole.
 
     Decoded by the C decoder without the API's per-number hook (``memory.api.limits.loads``):
     a line with an embedding holds hundreds of numbers, and ``records.check_record`` checks
@@ -87,10 +110,18 @@ def jsonl_source(path_or_file) -> Source:
     """
 
     def read() -> Iterator[tuple[int, object]]:
+        limit = settings.MEMFUSE["IMPORT_MAX_LINE_BYTES"]
         handle = open(path_or_file, "rb") if not hasattr(path_or_file, "read") else path_or_file  # noqa: SIM115
         try:
             handle.seek(0)
-            for number, raw in enumerate(handle, start=1):
+            number = 0
+            while raw := handle.readline(limit + 1):
+                number += 1
+                if len(raw) > limit and not raw.endswith(b"\n"):
+                    raise TooLarge(
+                        f"Invalid import file: line {number}: longer than {limit} bytes (IMPORT_MAX_LINE_BYTES)",
+                        field=f"lines[{number}]",
+                    )
                 if not raw.strip():
                     continue
                 try:
@@ -106,18 +137,6 @@ def jsonl_source(path_or_file) -> Source:
     return read
 
 
-@dataclass
-class _Plan:
-    """What pass 1 learned: the header's model, the user, and what the database already holds."""
-
-    embedding: dict | None = None
-    user: dict | None = None
-    agents: dict = field(default_factory=dict)  # file agent id -> values
-    sessions: dict = field(default_factory=dict)  # file session id -> values
-    messages: int = 0
-    knowledge: int = 0
-
-
 def memory_import(
     *,
     tenant_id: uuid.UUID,
@@ -125,6 +144,7 @@ def memory_import(
     user: User | None = None,
     user_id: uuid.UUID | None = None,
     user_name: str | None = None,
+    scope: str = KeyScope.TENANT,
     queue_flush: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> ImportReport:
@@ -133,88 +153,38 @@ def memory_import(
     The target user: ``user`` (an existing user: the file's user record only names what it
     was), else the user ``user_id`` (created with it, and the file's name, when it does not
     exist), else the user named ``user_name`` (created when missing), else the file's user
-    id (created when missing). ``queue_flush``: queue a flush of the pending messages (off for
-    callers that flush at once). ``progress(n)``: called as records are written, with how many.
-    Raises ``InvalidInput`` / ``Conflict`` naming ``lines[<n>].<field>`` (nothing written),
-    ``NotFound`` for a user id of another tenant.
+    id (created when missing). ``scope``: that of the key the import acts for (a command acts
+    as the tenant); with ``KeyScope.USER`` every agent of the file must be one of the tenant's.
+    ``queue_flush``: queue a flush of the pending messages (off for callers that flush at
+    once). ``progress(n)``: called as records are written, with how many.
+
+    Raises, with nothing written: ``InvalidInput`` / ``Conflict`` naming
+    ``lines[<n>].<field>``; ``TooLarge`` for a line over ``IMPORT_MAX_LINE_BYTES`` or the
+    records past ``IMPORT_MAX_RECORDS``; ``Forbidden`` for an agent a user key would create;
+    ``NotFound`` for a user id of another tenant; ``Unavailable`` (503) when the flush backlog
+    is at ``MAX_BACKLOG_MESSAGES``. A ``Conflict`` of a record written concurrently by another
+    import may come after some sessions' messages were written (run it again to finish).
     """
-    # Long for its two passes over one file (validate everything, then write) sharing their state.
-    plan = _validate(source)
-    if plan.user is None:
-        raise InvalidInput("Invalid import file: no user record", field="lines")
-    target = _target_user(tenant_id=tenant_id, plan=plan, user=user, user_id=user_id, user_name=user_name)
+    # Long for its passes over one file sharing their state; each pass is a function below.
     generation = embedding_model.follow_active_model(force=True)
-    use_embeddings = plan.embedding is not None and plan.embedding == registry.document_model()
-    existing_user = target is not None
-    target_id = target.pk if target is not None else (user_id or plan.user["id"])
-    agent_ids = _resolve_agents(tenant_id, plan)
-    _check_against_database(source, plan, target_id=target_id, existing_user=existing_user)
-
-    report = ImportReport(user_id=target_id)
-    with transaction.atomic(), connection.cursor() as cursor:
-        if not existing_user:
-            values = {**plan.user, "id": target_id, "name": user_name or plan.user["name"]}
-            try:
-                with transaction.atomic():
-                    cursor.execute(
-                        "INSERT INTO memory_user (id, tenant_id, name, description, metadata, created_at, updated_at, "
-                        "memory_version) VALUES (%(id)s, %(tenant)s, %(name)s, %(description)s, %(metadata)s, "
-                        "%(created_at)s, now(), 0)",
-                        {**values, "tenant": tenant_id, "metadata": json.dumps(values["metadata"])},
-                    )
-            except IntegrityError:
-                raise Conflict(f"User with name '{values['name']}' already exists", field="name") from None
-        report.created["user"], report.existing["user"] = int(not existing_user), int(existing_user)
-        created = 0
-        for file_id, values in plan.agents.items():
-            if not values["_exists"]:
-                cursor.execute(
-                    "INSERT INTO memory_agent (id, tenant_id, name, description, metadata, created_at, updated_at) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, now()) ON CONFLICT (id) DO NOTHING",
-                    [
-                        agent_ids[file_id],
-                        tenant_id,
-                        values["name"],
-                        values["description"],
-                        json.dumps(values["metadata"]),
-                        values["created_at"],
-                    ],
-                )
-                created += cursor.rowcount
-        report.created["agents"], report.existing["agents"] = created, len(plan.agents) - created
-        created = 0
-        for session_id, values in plan.sessions.items():
-            cursor.execute(
-                "INSERT INTO memory_session (id, user_id, agent_id, name, description, metadata, next_position, "
-                "created_at, updated_at) VALUES (%s, %s, %s, %s, '', %s, 0, %s, now()) ON CONFLICT (id) DO NOTHING",
-                [
-                    session_id,
-                    target_id,
-                    agent_ids[values["agent_id"]],
-                    values["name"],
-                    json.dumps(values["metadata"]),
-                    values["created_at"],
-                ],
-            )
-            created += cursor.rowcount
-        report.created["sessions"], report.existing["sessions"] = created, len(plan.sessions) - created
+    report, plan, use_embeddings = _validate_and_write_sessions(
+        tenant_id=tenant_id, source=source, user=user, user_id=user_id, user_name=user_name, scope=scope
+    )
+    target_id = report.user_id
     if progress:
-        progress(2 + len(plan.agents) + len(plan.sessions))  # with the header
-
-    written, use_embeddings = _write_messages(
-        source, target_id=target_id, use_embeddings=use_embeddings, generation=generation, progress=progress
-    )
+        progress(2 + plan.agents + plan.sessions)  # with the header
+    written = 0
+    if plan.messages:
+        written, use_embeddings = _write_messages(
+            source, target_id=target_id, use_embeddings=use_embeddings, generation=generation, progress=progress
+        )
     report.created["messages"], report.existing["messages"] = written, plan.messages - written
-    written = _write_knowledge(
-        source, target_id=target_id, use_embeddings=use_embeddings, generation=generation, progress=progress
-    )
+    written = 0
+    if plan.knowledge:
+        written = _write_knowledge(
+            source, target_id=target_id, use_embeddings=use_embeddings, generation=generation, progress=progress
+        )
     report.created["knowledge"], report.existing["knowledge"] = written, plan.knowledge - written
-
-    from buffers import services as buffers
-    from buffers.jobs import pending_summary
-    from buffers.models import Priority, Reason
-    from memory import flush
-    from memory.retrieval import cache
 
     report.pending_messages = pending_summary(user_id=target_id).messages
     if report.pending_messages and queue_flush:
@@ -227,59 +197,38 @@ def memory_import(
     return report
 
 
-def _validate(source: Source) -> _Plan:
-    """Pass 1 over the file alone (no database): every line, references, duplicates."""
-    plan = _Plan()
-    seen_ids: set[uuid.UUID] = set()
-    positions: set[tuple[uuid.UUID, int]] = set()
-    first = True
-    for line, record in source():
-        if first:
-            if not isinstance(record, dict):
-                raise invalid(line, None, "Must be a JSON object.")
-            plan.embedding = records.check_header(line, record)
-            first = False
-            continue
-        kind, values = records.check_record(line, record, dimension=plan.embedding and plan.embedding["dimension"])
-        values["_line"] = line
-        if values["id"] in seen_ids:
-            raise invalid(line, "id", f"Duplicate id {values['id']} in the file.")
-        if kind != "message":  # messages are many: their ids are checked with their positions
-            seen_ids.add(values["id"])
-        if kind == "user":
-            if plan.user is not None:
-                raise invalid(line, "type", "A file holds one user.")
-            plan.user = values
-            continue
-        if plan.user is None:
-            raise invalid(line, "type", "The user record must come before the others.")
-        if kind == "agent":
-            plan.agents[values["id"]] = values
-        elif kind == "session":
-            if values["agent_id"] not in plan.agents:
-                raise invalid(line, "agent_id", f"No agent {values['agent_id']} above this line.")
-            if any(s["name"] == values["name"] for s in plan.sessions.values()):
-                raise invalid(line, "name", f"Duplicate session name {values['name']!r} in the file.")
-            plan.sessions[values["id"]] = values
-        elif kind == "message":
-            if values["session_id"] not in plan.sessions:
-                raise invalid(line, "session_id", f"No session {values['session_id']} above this line.")
-            key = (values["session_id"], values["position"])
-            if key in positions:
-                raise invalid(
-                    line, "position", f"Duplicate position {values['position']} in session {values['session_id']}."
-                )
-            positions.add(key)
-            seen_ids.add(values["id"])
-            plan.messages += 1
+def _validate_and_write_sessions(
+    *, tenant_id, source: Source, user: User | None, user_id, user_name: str | None, scope: str
+) -> tuple[ImportReport, staging.Staged, bool]:
+    """Pass 1 (``staging``), then the user, agents and sessions, in one transaction:
+    ``(report so far, what the file holds, whether its embeddings are used)``."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        plan = staging.stage(cursor, source)
+        staging.check_file(cursor)
+        target = _target_user(tenant_id=tenant_id, plan=plan, user=user, user_id=user_id, user_name=user_name)
+        use_embeddings = plan.embedding is not None and plan.embedding == registry.document_model()
+        adding = plan.messages - (plan.embedded_messages if use_embeddings else 0)
+        if adding:  # an import that leaves nothing pending adds nothing to the backlog
+            try:
+                backlog.check_accepting(tenant_id=tenant_id, adding=adding)
+            except backlog.BacklogFull as exc:
+                raise Unavailable(exc.message, retry_after=exc.retry_after) from None
+        if target is None:
+            target_id = _create_user(cursor, tenant_id=tenant_id, values=plan.user, user_id=user_id, name=user_name)
         else:
-            plan.knowledge += 1
-    if first:
-        raise InvalidInput("Invalid import file: it is empty (no header line)", field="lines")
-    return plan
+            target_id = target.pk
+        report = ImportReport(user_id=target_id)
+        report.created["user"], report.existing["user"] = int(target is None), int(target is not None)
+        created = _write_agents(cursor, tenant_id=tenant_id, scope=scope)
+        report.created["agents"], report.existing["agents"] = created, plan.agents - created
+        created = _write_sessions(cursor, target_id=target_id)
+        report.created["sessions"], report.existing["sessions"] = created, plan.sessions - created
+        staging.check_stored(cursor, target_id=target_id)
+        staging.drop(cursor)
+    return report, plan, use_embeddings
 
 
-def _target_user(*, tenant_id, plan: _Plan, user: User | None, user_id, user_name: str | None) -> User | None:
+def _target_user(*, tenant_id, plan: staging.Staged, user: User | None, user_id, user_name: str | None) -> User | None:
     """The existing user to import into, or ``None`` when one is to be created."""
     if user is not None:
         return user
@@ -292,102 +241,122 @@ def _target_user(*, tenant_id, plan: _Plan, user: User | None, user_id, user_nam
     return User.objects.filter(tenant_id=tenant_id, name=user_name).first()
 
 
-def _resolve_agents(tenant_id, plan: _Plan) -> dict:
-    """File agent id -> the tenant's agent id: the same id if it is the tenant's, else the
-    tenant's agent of the same name, else a new agent (the file's id, or a fresh one when that
-    id is another tenant's). Marks ``values["_exists"]`` on agents already there."""
-    from memory.models import Agent
+def _create_user(cursor, *, tenant_id, values: dict, user_id, name: str | None) -> uuid.UUID:
+    """Insert the user (``user_id``, else the file's id; ``name``, else the file's); returns its id.
 
-    by_id = dict(Agent.objects.filter(pk__in=list(plan.agents)).values_list("pk", "tenant_id"))
-    names = [values["name"] for values in plan.agents.values()]
-    by_name = dict(Agent.objects.filter(tenant_id=tenant_id, name__in=names).values_list("name", "pk"))
-    resolved = {}
-    for file_id, values in plan.agents.items():
-        values["_exists"] = True
-        if by_id.get(file_id) == tenant_id:
-            resolved[file_id] = file_id
-        elif values["name"] in by_name:
-            resolved[file_id] = by_name[values["name"]]
-        else:
-            resolved[file_id] = file_id if file_id not in by_id else uuid.uuid4()
-            values["_exists"] = False
-    return resolved
-
-
-def _check_against_database(source: Source, plan: _Plan, *, target_id, existing_user: bool) -> None:
-    """Pass 1, second half: what the database holds must agree with the file (else ``Conflict``)."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT id, user_id FROM memory_session WHERE id = ANY(%s)", [list(plan.sessions)])
-        for session_id, owner in cursor.fetchall():
-            values = plan.sessions[session_id]
-            if owner != target_id:
-                raise Conflict(f"Session {session_id} belongs to another user", field=f"lines[{values['_line']}].id")
-        if existing_user:
-            cursor.execute("SELECT name, id FROM memory_session WHERE user_id = %s", [target_id])
-            names = dict(cursor.fetchall())
-            for session_id, values in plan.sessions.items():
-                if names.get(values["name"], session_id) != session_id:
-                    raise Conflict(
-                        f"The user already has a session named {values['name']!r}",
-                        field=f"lines[{values['_line']}].name",
-                    )
-    batch: list[dict] = []
-    for kind, values in _records(source, ("message", "knowledge"), plan):
-        batch.append((kind, values))
-        if len(batch) >= WRITE_BATCH:
-            _check_batch(batch, target_id)
-            batch = []
-    _check_batch(batch, target_id)
+    Checked in the transaction: an id another tenant took meanwhile is ``NotFound``, as
+    ``_target_user`` answers; a name the tenant has is ``Conflict``."""
+    values = {**values, "id": user_id or values["id"], "name": name or values["name"]}
+    cursor.execute(
+        "INSERT INTO memory_user (id, tenant_id, name, description, metadata, created_at, updated_at, memory_version) "
+        "VALUES (%(id)s, %(tenant)s, %(name)s, %(description)s, %(metadata)s, %(created_at)s, now(), 0) "
+        "ON CONFLICT DO NOTHING",
+        {**values, "tenant": tenant_id, "metadata": json.dumps(values["metadata"])},
+    )
+    if cursor.rowcount == 0:
+        cursor.execute("SELECT tenant_id FROM memory_user WHERE id = %s", [values["id"]])
+        row = cursor.fetchone()
+        if row is None:
+            raise Conflict(f"User with name '{values['name']}' already exists", field="name")
+        if row[0] != tenant_id:
+            raise NotFound(f"User '{values['id']}' not found", field="user_id")
+    return values["id"]
 
 
-def _check_batch(batch: list, target_id) -> None:
-    messages = [v for kind, v in batch if kind == "message"]
-    knowledge = [v for kind, v in batch if kind == "knowledge"]
-    with connection.cursor() as cursor:
-        if messages:
-            # Two joins, each on its own unique index (an OR join would scan).
-            cursor.execute(
-                "WITH f AS (SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::int[], %s::int[]) AS f(id, session_id, position, line)) "
-                "SELECT m.id, m.user_id, m.session_id, m.position, f.line FROM f JOIN memory_message m ON m.id = f.id "
-                "UNION SELECT m.id, m.user_id, m.session_id, m.position, f.line FROM f JOIN memory_message m "
-                "ON m.session_id = f.session_id AND m.position = f.position",
-                [
-                    [v["id"] for v in messages],
-                    [v["session_id"] for v in messages],
-                    [v["position"] for v in messages],
-                    [v["_line"] for v in messages],
-                ],
+def _write_agents(cursor, *, tenant_id, scope: str) -> int:
+    """Map the file's agents (``staging.TABLE``) to the tenant's and create those missing;
+    returns how many were created.
+
+    A file's agent is the tenant's agent of the same id, else the tenant's agent of the same
+    name, else a new agent (the file's id, or a fresh one when that id is another tenant's).
+    A user key creates none: ``Forbidden`` naming the first such line, worded alike whether
+    the id is unknown or another tenant's."""
+    cursor.execute(
+        f"""
+        UPDATE {TABLE} f SET target = coalesce(
+            (SELECT g.id FROM memory_agent g WHERE g.id = f.id AND g.tenant_id = %(tenant)s),
+            (SELECT g.id FROM memory_agent g WHERE g.tenant_id = %(tenant)s AND g.name = f.name))
+        WHERE f.kind = 'a'
+        """,
+        {"tenant": tenant_id},
+    )
+    if scope == KeyScope.USER:
+        cursor.execute(f"SELECT line, name FROM {TABLE} WHERE kind = 'a' AND target IS NULL ORDER BY line LIMIT 1")
+        row = cursor.fetchone()
+        if row is not None:
+            raise Forbidden(
+                f"Invalid import file: line {row[0]}: agent '{row[1]}' does not exist and a user key cannot create "
+                "agents: use a tenant key",
+                field=f"lines[{row[0]}].name",
             )
-            by_line = {v["_line"]: v for v in messages}
-            for message_id, owner, session_id, position, line in cursor.fetchall():
-                values = by_line[line]
-                if message_id == values["id"] and (owner, session_id, position) != (
-                    target_id,
-                    values["session_id"],
-                    values["position"],
-                ):
-                    raise Conflict(
-                        f"Message {message_id} exists elsewhere (another user, session or position)",
-                        field=f"lines[{line}].id",
-                    )
-                if message_id != values["id"]:
-                    raise Conflict(
-                        f"Position {position} of session {session_id} holds another message ({message_id})",
-                        field=f"lines[{line}].position",
-                    )
-        if knowledge:
-            cursor.execute(
-                "SELECT id, user_id FROM memory_knowledge WHERE id = ANY(%s) AND user_id <> %s",
-                [[v["id"] for v in knowledge], target_id],
-            )
-            row = cursor.fetchone()
-            if row is not None:
-                line = next(v["_line"] for v in knowledge if v["id"] == row[0])
-                raise Conflict(f"Knowledge item {row[0]} belongs to another user", field=f"lines[{line}].id")
+        return 0
+    cursor.execute(
+        f"""
+        UPDATE {TABLE} f SET new = true, target = CASE
+            WHEN EXISTS (SELECT FROM memory_agent g WHERE g.id = f.id) THEN gen_random_uuid() ELSE f.id END
+        WHERE f.kind = 'a' AND f.target IS NULL
+        """
+    )
+    cursor.execute(
+        f"""
+        INSERT INTO memory_agent (id, tenant_id, name, description, metadata, created_at, updated_at)
+        SELECT target, %(tenant)s, name, description, metadata::jsonb, created_at, now() FROM {TABLE}
+        WHERE kind = 'a' AND new ORDER BY line
+        ON CONFLICT DO NOTHING
+        """,
+        {"tenant": tenant_id},
+    )
+    created = cursor.rowcount
+    # What another writer took meanwhile (a name, an id) and the insert skipped.
+    cursor.execute(
+        f"""
+        SELECT f.line, f.name FROM {TABLE} f LEFT JOIN memory_agent g ON g.id = f.target AND g.tenant_id = %(tenant)s
+        WHERE f.kind = 'a' AND g.id IS NULL ORDER BY f.line LIMIT 1
+        """,
+        {"tenant": tenant_id},
+    )
+    row = cursor.fetchone()
+    if row is not None:
+        raise staging.conflict(row[0], "name", "agent", row[1])
+    return created
 
 
-def _records(source: Source, kinds: tuple[str, ...], plan: _Plan | None = None) -> Iterator[tuple[str, dict]]:
-    """Pass 2: the records of ``kinds``, checked again (they were in pass 1: the same file)."""
+def _write_sessions(cursor, *, target_id) -> int:
+    """Insert the file's sessions (``staging.TABLE``) for user ``target_id``; returns how many
+    were new. Each must then be that user's: an id held by anyone else, or a name the user
+    gives another session, is a ``Conflict`` naming the first such line."""
+    cursor.execute(
+        f"""
+        INSERT INTO memory_session (id, user_id, agent_id, name, description, metadata, next_position,
+                                    created_at, updated_at)
+        SELECT s.id, %(user)s, a.target, s.name, '', s.metadata::jsonb, 0, s.created_at, now()
+        FROM {TABLE} s JOIN {TABLE} a ON a.kind = 'a' AND a.id = s.ref
+        WHERE s.kind = 's' ORDER BY s.line
+        ON CONFLICT DO NOTHING
+        """,
+        {"user": target_id},
+    )
+    created = cursor.rowcount
+    cursor.execute(
+        f"""
+        SELECT s.line, s.id, s.name, m.id IS NULL FROM {TABLE} s LEFT JOIN memory_session m ON m.id = s.id
+        WHERE s.kind = 's' AND (m.id IS NULL OR m.user_id <> %(user)s) ORDER BY s.line LIMIT 1
+        """,
+        {"user": target_id},
+    )
+    row = cursor.fetchone()
+    if row is not None:
+        line, session_id, name, name_taken = row
+        if name_taken:
+            raise staging.conflict(line, "name", "session", name)
+        raise staging.conflict(line, "id", "session", session_id)
+    return created
+
+
+def _records(source: Source, kinds: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
+    """The messages or knowledge items (``kinds``), checked again (they were in pass 1: the
+    same file); each with ``_line`` (its line number), ``metadata_json`` and ``_size`` (about
+    the bytes it holds: content, metadata, embedding)."""
     dimension = None
     first = True
     for line, record in source():
@@ -400,6 +369,9 @@ def _records(source: Source, kinds: tuple[str, ...], plan: _Plan | None = None) 
             continue
         kind, values = records.check_record(line, record, dimension=dimension)
         values["_line"] = line
+        values["metadata_json"] = json.dumps(values["metadata"])
+        embedded = values["embedding"] is not None
+        values["_size"] = len(values["content"]) + len(values["metadata_json"]) + (4 * dimension if embedded else 0)
         yield kind, values
 
 
@@ -408,82 +380,132 @@ def _write_messages(
 ) -> tuple[int, bool]:
     """The messages, a transaction per run of one session's lines. Returns how many were new
     and whether the file's embeddings were still used at the end (not after a model switch)."""
+    messages = (values for _, values in _records(source, ("message",)))
     written = 0
-    run: list[dict] = []
-
-    def write() -> None:
-        nonlocal written, use_embeddings
-        try:
-            written += _insert_messages(run, target_id=target_id, use_embeddings=use_embeddings, generation=generation)
-        except embedding_model.ModelChanged:  # the run was rolled back: pending, like the rest
-            use_embeddings = False
-            written += _insert_messages(run, target_id=target_id, use_embeddings=False, generation=generation)
-        if progress:
-            progress(len(run))
-
-    for _, values in _records(source, ("message",)):
-        if run and (values["session_id"] != run[0]["session_id"] or len(run) >= WRITE_BATCH * 10):
-            write()
-            run = []
-        run.append(values)
-    if run:
-        write()
+    first = next(messages, None)
+    while first is not None:
+        count, first, use_embeddings = _write_run(
+            first, messages, target_id=target_id, use_embeddings=use_embeddings, generation=generation, progress=progress
+        )
+        written += count
     return written, use_embeddings
 
 
-def _insert_messages(run: list[dict], *, target_id, use_embeddings: bool, generation: int | None) -> int:
-    """One transaction; raises ``embedding_model.ModelChanged`` (nothing written) when it
-    would write vectors and the active model is no longer ``generation``."""
-    from memory.retrieval.vector import context_refresh
+def _write_run(
+    first: dict, messages: Iterator[dict], *, target_id, use_embeddings: bool, generation: int | None, progress
+) -> tuple[int, dict | None, bool]:
+    """One transaction: ``first`` and the messages after it of the same session (``RUN_ROWS``
+    at most), inserted a batch at a time. Returns ``(how many were new, the first message of
+    the next run or None, whether the file's embeddings are still used)``.
 
+    The session is checked to be the user's in the transaction, under the user row's lock
+    (a delete of the session takes it first). When the model switched since the import
+    read it, ``guard_write`` refuses before anything is read past ``first``: the run is
+    written again, pending."""
+    session_id = first["session_id"]
+    while True:
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                if use_embeddings:
+                    embedding_model.guard_write(cursor, generation=generation)
+                bucket = _bump_memory_version(target_id)
+                cursor.execute("SELECT 1 FROM memory_session WHERE id = %s AND user_id = %s", [session_id, target_id])
+                if cursor.fetchone() is None:
+                    raise NotFound(f"Session '{session_id}' not found", field=f"lines[{first['_line']}].session_id")
+                use_binary_vectors(cursor)
+                written, rows, top = 0, 0, -1
+                batch, size, following = [first], first["_size"], None
+                for values in messages:
+                    if values["session_id"] != session_id or rows + len(batch) >= RUN_ROWS:
+                        following = values
+                        break
+                    if len(batch) >= WRITE_BATCH or size >= WRITE_BATCH_BYTES:
+                        written += _insert_messages(cursor, batch, target_id=target_id, use_embeddings=use_embeddings, bucket=bucket)
+                        rows, top = rows + len(batch), max(top, *(v["position"] for v in batch))
+                        if progress:
+                            progress(len(batch))
+                        batch, size = [], 0
+                    batch.append(values)
+                    size += values["_size"]
+                written += _insert_messages(cursor, batch, target_id=target_id, use_embeddings=use_embeddings, bucket=bucket)
+                top = max(top, *(v["position"] for v in batch))
+                # An add continues after the highest position (memory.services.messages_add).
+                cursor.execute(
+                    "UPDATE memory_session SET next_position = GREATEST(next_position, %s) WHERE id = %s",
+                    [top + 1, session_id],
+                )
+            if progress:
+                progress(len(batch))
+            return written, following, use_embeddings
+        except embedding_model.ModelChanged:  # nothing was written nor read: pending, like the rest
+            use_embeddings = False
+
+
+def _insert_messages(cursor, rows: list[dict], *, target_id, use_embeddings: bool, bucket) -> int:
+    """One ``INSERT`` of ``rows`` (one session's) in the caller's transaction; returns how many
+    were new. A row not inserted must be there as the file has it (the same user, session and
+    position), else ``Conflict`` naming its line, and the caller's transaction rolls back."""
     now = timezone.now()
-    written = 0
-    with transaction.atomic(), connection.cursor() as cursor:
-        if use_embeddings:
-            embedding_model.guard_write(cursor, generation=generation)
-        bucket = _bump_memory_version(target_id)
-        use_binary_vectors(cursor)
-        for start in range(0, len(run), WRITE_BATCH):
-            rows = run[start : start + WRITE_BATCH]
-            vectors = VectorArray(_vector(v) if use_embeddings else None for v in rows)
-            cursor.execute(
-                """
-                INSERT INTO memory_message (id, session_id, user_id, position, role, content, metadata, index_text,
-                                            embedding, flushed_at, flush_count, created_at, updated_at)
-                SELECT m.id, m.session_id, %(user)s, m.position, m.role, m.content, m.metadata, m.index_text,
-                       m.embedding, CASE WHEN m.embedding IS NULL THEN NULL ELSE %(now)s::timestamptz END,
-                       CASE WHEN m.embedding IS NULL THEN 0 ELSE 1 END, m.created_at, %(now)s
-                FROM unnest(%(ids)s::uuid[], %(sessions)s::uuid[], %(positions)s::int[], %(roles)s::text[],
-                            %(contents)s::text[], %(metadata)s::jsonb[], %(index_texts)s::text[], %(vectors)s::vector[],
-                            %(created)s::timestamptz[])
-                     AS m(id, session_id, position, role, content, metadata, index_text, embedding, created_at)
-                ORDER BY m.position
-                ON CONFLICT (id) DO NOTHING
-                RETURNING session_id, position, embedding IS NOT NULL
-                """,
-                {
-                    "user": target_id,
-                    "now": now,
-                    "ids": [v["id"] for v in rows],
-                    "sessions": [v["session_id"] for v in rows],
-                    "positions": [v["position"] for v in rows],
-                    "roles": [v["role"] for v in rows],
-                    "contents": [v["content"] for v in rows],
-                    "metadata": [json.dumps(v["metadata"]) for v in rows],
-                    "index_texts": [message_index_text(content=v["content"], metadata=v["metadata"]) for v in rows],
-                    "vectors": vectors,
-                    "created": [v["created_at"] for v in rows],
-                },
-            )
-            inserted = cursor.fetchall()
-            written += len(inserted)
-            context_refresh(cursor, seeds=[(s, p) for s, p, has in inserted if has], bucket=bucket)
-        # An add continues after the highest position (memory.services.messages_add).
+    vectors = VectorArray(_vector(v) if use_embeddings else None for v in rows)
+    cursor.execute(
+        """
+        INSERT INTO memory_message (id, session_id, user_id, position, role, content, metadata, index_text,
+                                    embedding, flushed_at, flush_count, created_at, updated_at)
+        SELECT m.id, m.session_id, %(user)s, m.position, m.role, m.content, m.metadata, m.index_text,
+               m.embedding, CASE WHEN m.embedding IS NULL THEN NULL ELSE %(now)s::timestamptz END,
+               CASE WHEN m.embedding IS NULL THEN 0 ELSE 1 END, m.created_at, %(now)s
+        FROM unnest(%(ids)s::uuid[], %(sessions)s::uuid[], %(positions)s::int[], %(roles)s::text[],
+                    %(contents)s::text[], %(metadata)s::jsonb[], %(index_texts)s::text[], %(vectors)s::vector[],
+                    %(created)s::timestamptz[])
+             AS m(id, session_id, position, role, content, metadata, index_text, embedding, created_at)
+        ORDER BY m.position
+        ON CONFLICT DO NOTHING
+        RETURNING id, session_id, position, embedding IS NOT NULL
+        """,
+        {
+            "user": target_id,
+            "now": now,
+            "ids": [v["id"] for v in rows],
+            "sessions": [v["session_id"] for v in rows],
+            "positions": [v["position"] for v in rows],
+            "roles": [v["role"] for v in rows],
+            "contents": [v["content"] for v in rows],
+            "metadata": [v["metadata_json"] for v in rows],
+            "index_texts": [message_index_text(content=v["content"], metadata=v["metadata"]) for v in rows],
+            "vectors": vectors,
+            "created": [v["created_at"] for v in rows],
+        },
+    )
+    inserted = cursor.fetchall()
+    if len(inserted) < len(rows):
+        new = {row[0] for row in inserted}
+        others = [v for v in rows if v["id"] not in new]
+        # Each join on its own unique index, as in staging.check_stored.
         cursor.execute(
-            "UPDATE memory_session SET next_position = GREATEST(next_position, %s) WHERE id = %s",
-            [max(v["position"] for v in run) + 1, run[0]["session_id"]],
+            """
+            WITH f AS (SELECT * FROM unnest(%s::uuid[], %s::int[], %s::int[]) AS f(id, position, line))
+            SELECT f.line, 'id', f.id, NULL::integer FROM f JOIN memory_message m ON m.id = f.id
+            WHERE (m.user_id, m.session_id, m.position) IS DISTINCT FROM (%s, %s, f.position)
+            UNION ALL
+            SELECT f.line, 'position', %s, f.position FROM f LEFT JOIN memory_message m ON m.id = f.id
+            WHERE m.id IS NULL
+            ORDER BY 1 LIMIT 1
+            """,
+            [
+                [v["id"] for v in others],
+                [v["position"] for v in others],
+                [v["_line"] for v in others],
+                target_id,
+                rows[0]["session_id"],
+                rows[0]["session_id"],
+            ],
         )
-    return written
+        clash = cursor.fetchone()
+        if clash is not None:
+            line, field_name, value, position = clash
+            raise staging.conflict(line, field_name, "message", value, position)
+    context_refresh(cursor, seeds=[(s, p) for _, s, p, has in inserted if has], bucket=bucket)
+    return len(inserted)
 
 
 def _vector(values: dict) -> Vector | None:
@@ -492,50 +514,96 @@ def _vector(values: dict) -> Vector | None:
 
 
 def _write_knowledge(source: Source, *, target_id, use_embeddings: bool, generation: int | None, progress) -> int:
-    items = [values for _, values in _records(source, ("knowledge",))]  # a user's facts: few
-    if not items:
-        return 0
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT id FROM memory_knowledge WHERE id = ANY(%s)", [[v["id"] for v in items]])
-        present = {row[0] for row in cursor.fetchall()}
-    items = [v for v in items if v["id"] not in present]
-    while True:  # again, all embedded by the new model, when a reembed switched it meanwhile
-        try:
-            written = _insert_knowledge(items, target_id=target_id, use_embeddings=use_embeddings, generation=generation)
-            break
-        except embedding_model.ModelChanged:
-            use_embeddings = False
-            generation = embedding_model.follow_active_model(force=True)
-    if progress:
-        progress(len(items))
+    """The knowledge items, a transaction per batch of ``FLUSH_BATCH_SIZE``; returns how many were new."""
+    size = max(1, settings.BUFFERS["BATCH_SIZE"])
+    written = 0
+    batch: list[dict] = []
+    for _, values in _records(source, ("knowledge",)):
+        batch.append(values)
+        if len(batch) >= size:
+            count, use_embeddings, generation = _write_knowledge_batch(
+                batch, target_id=target_id, use_embeddings=use_embeddings, generation=generation
+            )
+            written += count
+            if progress:
+                progress(len(batch))
+            batch = []
+    if batch:
+        count, use_embeddings, generation = _write_knowledge_batch(
+            batch, target_id=target_id, use_embeddings=use_embeddings, generation=generation
+        )
+        written += count
+        if progress:
+            progress(len(batch))
     return written
 
 
-def _insert_knowledge(items: list[dict], *, target_id, use_embeddings: bool, generation: int | None) -> int:
-    missing = [v for v in items if not (use_embeddings and v["embedding"] is not None)]
-    if missing:  # embedded before the transaction, as knowledge_add does
-        for values, vector in zip(missing, registry.embed_documents([v["content"] for v in missing])):
-            values["embedding"] = vector
-    written = 0
+def _write_knowledge_batch(
+    items: list[dict], *, target_id, use_embeddings: bool, generation: int | None
+) -> tuple[int, bool, int | None]:
+    """One batch of knowledge items: those not stored yet are embedded (outside the
+    transaction, at background priority: an import waits for it, no query does), then
+    inserted in one transaction. Returns ``(how many were new, use_embeddings, generation)``,
+    the last two changed when a reembed switched the model (the batch is embedded again)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT id FROM memory_knowledge WHERE id = ANY(%s)", [[v["id"] for v in items]])
+        present = {row[0] for row in cursor.fetchall()}
+    new = [v for v in items if v["id"] not in present]
+    while True:
+        vectors = {v["id"]: v["embedding"] for v in new if use_embeddings and v["embedding"] is not None}
+        missing = [v for v in new if v["id"] not in vectors]
+        if missing:
+            embedded = registry.embed([v["content"] for v in missing], priority=registry.BACKGROUND)
+            vectors.update(zip((v["id"] for v in missing), embedded))
+        try:
+            written = _insert_knowledge(new, vectors, checked=items, target_id=target_id, generation=generation)
+            return written, use_embeddings, generation
+        except embedding_model.ModelChanged:
+            use_embeddings = False
+            generation = embedding_model.follow_active_model(force=True)
+
+
+def _insert_knowledge(new: list[dict], vectors: dict, *, checked: list[dict], target_id, generation: int | None) -> int:
+    """One transaction: ``new`` inserted with their ``vectors`` (by id); then every item of
+    ``checked`` not inserted must be the user's, else ``Conflict`` (rolled back)."""
     with transaction.atomic(), connection.cursor() as cursor:
         embedding_model.guard_write(cursor, generation=generation)
         _bump_memory_version(target_id)
         use_binary_vectors(cursor)
-        for values in items:
+        cursor.execute(
+            """
+            INSERT INTO memory_knowledge (id, user_id, content, metadata, embedding, created_at, updated_at)
+            SELECT k.id, %(user)s, k.content, k.metadata, k.embedding, k.created_at, now()
+            FROM unnest(%(ids)s::uuid[], %(contents)s::text[], %(metadata)s::jsonb[], %(vectors)s::vector[],
+                        %(created)s::timestamptz[]) AS k(id, content, metadata, embedding, created_at)
+            ON CONFLICT DO NOTHING
+            RETURNING id
+            """,
+            {
+                "user": target_id,
+                "ids": [v["id"] for v in new],
+                "contents": [v["content"] for v in new],
+                "metadata": [v["metadata_json"] for v in new],
+                "vectors": VectorArray(_as_vector(vectors.get(v["id"])) for v in new),
+                "created": [v["created_at"] for v in new],
+            },
+        )
+        inserted = {row[0] for row in cursor.fetchall()}
+        others = [v for v in checked if v["id"] not in inserted]
+        if others:
             cursor.execute(
-                "INSERT INTO memory_knowledge (id, user_id, content, metadata, embedding, created_at, updated_at) "
-                "VALUES (%s, %s, %s, %s, %s::vector, %s, now()) ON CONFLICT (id) DO NOTHING",
-                [
-                    values["id"],
-                    target_id,
-                    values["content"],
-                    json.dumps(values["metadata"]),
-                    _vector(values),
-                    values["created_at"],
-                ],
+                "SELECT f.line, f.id FROM unnest(%s::uuid[], %s::int[]) AS f(id, line) "
+                "LEFT JOIN memory_knowledge k ON k.id = f.id WHERE k.user_id IS DISTINCT FROM %s ORDER BY f.line LIMIT 1",
+                [[v["id"] for v in others], [v["_line"] for v in others], target_id],
             )
-            written += cursor.rowcount
-    return written
+            clash = cursor.fetchone()
+            if clash is not None:
+                raise staging.conflict(clash[0], "id", "knowledge", clash[1])
+    return len(inserted)
+
+
+def _as_vector(value) -> Vector | None:
+    return None if value is None else Vector(value)
 
 
 def records_of(lines: Iterable[dict]) -> Source:

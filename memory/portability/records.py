@@ -14,6 +14,7 @@ import numpy as np
 from django.conf import settings
 
 from memory.api.limits import JSONTooDeep, check_depth, too_deep_message
+from memory.api.serializers import UNSTORABLE, storable
 from memory.errors import InvalidInput
 from memory.models import Role
 from memory.portability import FORMAT, VERSION
@@ -58,8 +59,8 @@ class Checker:
             raise self.fail(field, "May not be blank.")
         if max_length is not None and len(value) > max_length:
             raise self.fail(field, f"Longer than {max_length} characters.")
-        if "\x00" in value:
-            raise self.fail(field, "May not contain NUL characters.")
+        if not storable(value):
+            raise self.fail(field, UNSTORABLE)
         return value
 
     def mapping(self, field: str) -> dict:
@@ -75,6 +76,8 @@ class Checker:
                 raise self.fail(field, too_deep_message()) from None
             except ValueError:
                 raise self.fail(field, "Numbers must be finite.") from None
+            if not _storable(value):
+                raise self.fail(field, UNSTORABLE)
         return value
 
     def moment(self, field: str) -> datetime:
@@ -116,6 +119,18 @@ class Checker:
 
 def _raise():
     raise ValueError
+
+
+def _storable(value) -> bool:
+    """Whether jsonb can hold ``value``'s keys and strings (``api.serializers.storable``, at
+    every depth); the depth is bounded by ``MAX_JSON_DEPTH`` beforehand."""
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, dict):
+        return all(storable(key) and _storable(item) for key, item in value.items())
+    if isinstance(value, list):
+        return all(_storable(item) for item in value)
+    return True
 
 
 def check_header(line: int, record: dict) -> dict | None:

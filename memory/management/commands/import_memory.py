@@ -3,7 +3,8 @@
 Imports a user's memory (``memory.portability``): a JSON Lines export (the default format),
 or a LoCoMo file (``--format locomo``: one user per conversation, named
 ``<NAME or "locomo">-<sample_id>``). Validates the whole file first; nothing is written when a
-line is wrong. Idempotent by record id: run it again after an interruption to finish.
+line is wrong. Idempotent by record id: run it again after an interruption to finish. The
+command acts as the tenant: it may create the agents the file names.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from memfuse_project.embedded_pg import migrate_if_embedded
 from memory.errors import ServiceError
-from memory.models import Tenant
+from memory.models import KeyScope, Tenant
 from memory.portability import importer
 from memory.portability.locomo import locomo_records
 
@@ -42,16 +43,18 @@ class Command(BaseCommand):
             jobs = self._locomo_sources(file, prefix=user or "locomo")
             user = None  # each conversation names its user
         else:
-            with file.open("rb") as handle:
-                total = sum(1 for line in handle if line.strip())
-            jobs = [(importer.jsonl_source(file), total)]
+            jobs = [(importer.jsonl_source(file), _count_lines(file))]
         started = time.perf_counter()
         reports = []
         for source, total in jobs:
             with tqdm(total=total, desc=f"import {file.name}", unit="record", disable=None) as progress:
                 try:
                     report = importer.memory_import(
-                        tenant_id=found.pk, source=source, user_name=user, progress=progress.update
+                        tenant_id=found.pk,
+                        source=source,
+                        user_name=user,
+                        scope=KeyScope.TENANT,
+                        progress=progress.update,
                     )
                 except ServiceError as exc:
                     raise CommandError(f"{exc.errors[0]['field'] or 'file'}: {exc.message}") from None
@@ -84,3 +87,15 @@ class Command(BaseCommand):
             records = list(locomo_records(item, index=index, user_name=lambda sample_id: f"{prefix}-{sample_id}"))
             jobs.append((importer.records_of(records), len(records)))
         return jobs
+
+
+def _count_lines(file: Path) -> int:
+    """The lines of ``file`` (the progress bar's total), read a MiB at a time: a line may be
+    longer than the import will read of it (``IMPORT_MAX_LINE_BYTES``)."""
+    lines = 0
+    last = b"\n"
+    with file.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return lines + (last != b"\n")
