@@ -390,10 +390,13 @@ BUFFERS = {
     # A process running flush workers beats every TICK_SECONDS; one silent for this long (while
     # the database was up) is dead, and the others' tickers release its claims and jobs.
     "HEARTBEAT_TIMEOUT_SECONDS": envfloat("FLUSH_HEARTBEAT_TIMEOUT_SECONDS", 5.0),
-    # Backpressure (buffers.backlog): past MAX_BACKLOG_MESSAGES pending messages (all users),
-    # adds get 503 with Retry-After: BACKLOG_RETRY_AFTER_SECONDS (0: no limit). Health says
-    # "degraded" once the oldest pending message is older than BACKLOG_DEGRADED_SECONDS.
+    # Backpressure (buffers.backlog): past MAX_BACKLOG_MESSAGES pending messages of its own, a
+    # tenant's adds get 503 with Retry-After: BACKLOG_RETRY_AFTER_SECONDS; past
+    # MAX_BACKLOG_MESSAGES_TOTAL of all tenants, those of the tenants holding at least an equal
+    # share of it (0: no limit). Health says "degraded" once the oldest pending message is
+    # older than BACKLOG_DEGRADED_SECONDS.
     "MAX_BACKLOG_MESSAGES": envint("MAX_BACKLOG_MESSAGES", 20_000),
+    "MAX_BACKLOG_MESSAGES_TOTAL": envint("MAX_BACKLOG_MESSAGES_TOTAL", 100_000),
     "BACKLOG_RETRY_AFTER_SECONDS": envint("BACKLOG_RETRY_AFTER_SECONDS", 5),
     "BACKLOG_DEGRADED_SECONDS": envfloat("BACKLOG_DEGRADED_SECONDS", 60.0),
 }

@@ -308,13 +308,14 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
     One statement is all or nothing, one exchange with the database and one commit (one WAL
     flush): the add is the hottest write of the service. Raises ``NotFound`` (field
     ``session_id``) when the session was deleted meanwhile, ``Unavailable`` (503) when the
-    flush backlog of all users is at ``MAX_BACKLOG_MESSAGES`` (``buffers.backlog``); then
-    nothing is stored.
+    flush backlog of the session's tenant would pass ``MAX_BACKLOG_MESSAGES`` (or the
+    tenant holds its share of a backlog past ``MAX_BACKLOG_MESSAGES_TOTAL``: ``buffers.backlog``);
+    then nothing is stored.
     """
     if not messages:
         return AddedMessages([], pending=0)
     try:
-        backlog.check_accepting()
+        backlog.check_accepting(tenant_id=_tenant_of(session), adding=len(messages))
     except backlog.BacklogFull as exc:
         raise Unavailable(exc.message, retry_after=exc.retry_after) from None
     now = timezone.now()
@@ -361,6 +362,14 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
     transaction.on_commit(lambda: metrics.MESSAGES_ADDED.inc(len(rows)))
     transaction.on_commit(lambda: _prefetch_embeddings(session.user_id, rows))
     return AddedMessages(rows, pending=count, oldest_pending_age_s=round(float(oldest_age), 3))
+
+
+def _tenant_of(session: Session) -> uuid.UUID:
+    """The tenant of ``session``'s user, from what its lookup loaded: the ``tenant_id`` that
+    ``selectors.session_ref`` selects, or the user that ``session_get`` joins (or that
+    ``session_create`` was given); one query otherwise."""
+    tenant_id = getattr(session, "tenant_id", None)
+    return tenant_id if tenant_id is not None else session.user.tenant_id
 
 
 def _newest_to_embed(rows: list[Message]) -> list[Message]:

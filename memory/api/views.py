@@ -24,7 +24,7 @@ from memory import selectors, services
 from memory.api import serializers as s
 from memory.api.base import ConcurrentAPIView as APIView
 from memory.api.errors import envelope
-from memory.api.schema import WITH_CONFLICT, Buffer, FlushJob, HealthBacklog, QueryResult, api_doc, envelope_of, ids
+from memory.api.schema import WITH_CONFLICT, Buffer, FlushJob, QueryResult, api_doc, envelope_of, ids
 from memory.api.serializers import validated
 from memory.errors import Forbidden, NotFound
 from memory.models import KeyScope
@@ -74,20 +74,19 @@ class HealthView(APIView):
             "status": s.serializers.ChoiceField(choices=["ok", "degraded"]),
             "version": s.serializers.CharField(),
             "database": s.serializers.CharField(),
-            "backlog": HealthBacklog(),
         },
         errors=(500, 503),
         description="`degraded` (still 200) when the flush is behind: its oldest pending message is older "
-        "than `BACKLOG_DEGRADED_SECONDS`, or adds are refused (`MAX_BACKLOG_MESSAGES`). 503 when the "
-        "database cannot be reached.",
+        "than `BACKLOG_DEGRADED_SECONDS`, or the backlog of all tenants is at `MAX_BACKLOG_MESSAGES_TOTAL`. "
+        "No figures: it needs no key, and the backlog's are the operators' (`admin/stats`, `/metrics`). "
+        "503 when the database cannot be reached.",
     )
     def get(self, request):
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
-        backlog = buffer_backlog.health()
-        status = backlog.pop("status")
+        status = buffer_backlog.status()
         message = "Service is healthy" if status == "ok" else "Service is degraded: the flush is behind"
-        return envelope({"status": status, "version": API_VERSION, "database": "ok", "backlog": backlog}, message=message)
+        return envelope({"status": status, "version": API_VERSION, "database": "ok"}, message=message)
 
 
 # --- users -------------------------------------------------------------------------------------
@@ -288,8 +287,9 @@ class SessionMessagesView(APIView):
         },
         code=201,
         request=s.MessagesAdd,
-        description="503 with `Retry-After` when the flush backlog of all users is at `MAX_BACKLOG_MESSAGES` "
-        "(nothing is stored).",
+        description="503 with `Retry-After` when the flush backlog of the key's tenant would pass "
+        "`MAX_BACKLOG_MESSAGES`, or it holds its share of a backlog of all tenants past "
+        "`MAX_BACKLOG_MESSAGES_TOTAL` (nothing is stored).",
     )
     def post(self, request, session_id):
         session = selectors.session_ref(
