@@ -331,15 +331,21 @@ class SessionMessagesReadView(APIView):
 
 
 def _manual_flush(request, *, user_id, session_id=None):
-    """Queue a high-priority flush; with ``{"wait": true}`` answer when it has run (200)."""
+    """Queue a high-priority flush; with ``{"wait": true}`` answer when it has run (200), or
+    202 as without it when the tenant's waits in this process are at ``FLUSH_WAIT_MAX_PER_TENANT``."""
     wait = validated(s.FlushIn, request.data).get("wait", False)
     with transaction.atomic():
         job_id = buffer_services.request_flush(
             user_id=user_id, session_id=session_id, priority=Priority.HIGH, reason=Reason.MANUAL
         )
-    if not wait:
-        return envelope({"job_id": job_id, "state": State.QUEUED.value}, code=202, message="Flush queued")
-    job = buffer_services.wait_for_job(job_id=job_id, timeout=settings.BUFFERS["TIMEOUT_SECONDS"])
+    job = None
+    if wait:
+        job = buffer_services.wait_for_job(
+            job_id=job_id, timeout=settings.BUFFERS["TIMEOUT_SECONDS"], tenant_id=request.auth.tenant_id
+        )
+    if job is None:
+        message = "Flush queued" if not wait else "Flush queued, not waited for: FLUSH_WAIT_MAX_PER_TENANT waits in progress"
+        return envelope({"job_id": job_id, "state": State.QUEUED.value}, code=202, message=message)
     return envelope(buffer_services.job_dict(job), message=f"Flush {job.state}")
 
 
@@ -349,7 +355,9 @@ flush_doc = api_doc(
     code=202,
     request=s.FlushIn,
     responses={200: envelope_of("FlushJob", FlushJob())},
-    description="202 with the queued job; with `{\"wait\": true}`, 200 with the job once it has run.",
+    description="202 with the queued job; with `{\"wait\": true}`, 200 with the job once it has run, or 202 "
+    "as without it (not waited for) when `FLUSH_WAIT_MAX_PER_TENANT` flushes of the tenant are waited for "
+    "already. A session's repeated requests merge into its one waiting job.",
 )
 
 
