@@ -83,8 +83,7 @@ def job_upsert_sql(*, source: str = "", session: bool = False) -> str:
     At most one job waits per user and scope (the unique indexes ``buffers_one_waiting_job_per_user``
     and ``buffers_one_waiting_job_per_session``): on conflict, a request of a higher priority
     (a lower number) raises the waiting job's priority, takes its reason and makes it runnable
-    now; any other leaves it as it is and, unless ``%(job_touch)s``, writes nothing and returns
-    no row. With ``job_touch`` the waiting job is locked and its id returned in every case.
+    now; any other leaves it as it is and returns no row.
 
     ``source`` is a ``FROM ... WHERE ...`` clause: the job is queued only when it selects a
     row (at most one). Parameters: ``job_params``.
@@ -103,18 +102,20 @@ def job_upsert_sql(*, source: str = "", session: bool = False) -> str:
                                 THEN EXCLUDED.reason ELSE buffers_flushjob.reason END,
                   next_attempt_at = CASE WHEN EXCLUDED.priority < buffers_flushjob.priority
                                          THEN now() ELSE buffers_flushjob.next_attempt_at END
-    WHERE EXCLUDED.priority < buffers_flushjob.priority OR %(job_touch)s
+    WHERE EXCLUDED.priority < buffers_flushjob.priority
     RETURNING id"""
 
 
-def job_params(*, priority: int, reason: str, touch: bool = False) -> dict:
-    """The parameters of ``job_upsert_sql`` (``touch``: return the id of a job left as it was)."""
-    return {
-        "job_priority": priority,
-        "job_reason": reason,
-        "job_max_attempts": settings.BUFFERS["MAX_ATTEMPTS"],
-        "job_touch": touch,
-    }
+def waiting_job_sql(*, session: bool = False) -> str:
+    """A ``SELECT id, priority`` of the waiting job of ``%(user)s`` (user-wide, or of the
+    session ``%(session)s`` with ``session``), if any."""
+    scope = "session_id = %(session)s" if session else "user_id = %(user)s AND session_id IS NULL"
+    return f"SELECT id, priority FROM buffers_flushjob WHERE {scope} AND state IN ({sql_states(WAITING_STATES)})"
+
+
+def job_params(*, priority: int, reason: str) -> dict:
+    """The parameters of ``job_upsert_sql``."""
+    return {"job_priority": priority, "job_reason": reason, "job_max_attempts": settings.BUFFERS["MAX_ATTEMPTS"]}
 
 
 def size_trigger_sql(*, pending: str = "pending", condition: str = "TRUE") -> str:

@@ -32,8 +32,9 @@ from memfuse_project.pool import is_database_unavailable
 logger = logging.getLogger(__name__)
 
 
-_REQUEST_FLUSH_SQL = jobs.job_upsert_sql()
-_REQUEST_SESSION_FLUSH_SQL = jobs.job_upsert_sql(session=True)
+# (the waiting job, queue or raise one): user-wide, and of one session
+_REQUEST_FLUSH_SQL = (jobs.waiting_job_sql(), jobs.job_upsert_sql())
+_REQUEST_SESSION_FLUSH_SQL = (jobs.waiting_job_sql(session=True), jobs.job_upsert_sql(session=True))
 
 
 def request_flush(
@@ -43,19 +44,25 @@ def request_flush(
 
     Durable: the job is a row, written in the caller's transaction. At most one job waits per
     user and scope (user-wide, or one session): a new request raises that job's priority
-    instead of adding another, and gets its id (``jobs.job_upsert_sql``). Workers are notified
-    when the transaction commits (``events.notify_flush``); a lost notification only delays
-    the flush until the next poll.
+    instead of adding another (``jobs.job_upsert_sql``). A request that asks no more than the
+    waiting job gets its id and writes nothing (no lock, no commit to flush): repeated requests
+    cost a read. Workers are notified when the transaction commits, if a job was queued or
+    raised (``events.notify_flush``); a lost notification only delays the flush until the
+    next poll.
     """
-    sql = _REQUEST_FLUSH_SQL if session_id is None else _REQUEST_SESSION_FLUSH_SQL
+    waiting, upsert = _REQUEST_FLUSH_SQL if session_id is None else _REQUEST_SESSION_FLUSH_SQL
+    params = {"user": user_id, "session": session_id, **jobs.job_params(priority=priority, reason=reason)}
     with connection.cursor() as cursor:
-        cursor.execute(
-            sql,
-            {"user": user_id, "session": session_id, **jobs.job_params(priority=priority, reason=reason, touch=True)},
-        )
-        job_id = cursor.fetchone()[0]
-    transaction.on_commit(lambda: events.notify_flush(user_id=user_id, priority=priority))
-    return job_id
+        while True:  # a concurrent request may insert or raise the job first: read it again then
+            cursor.execute(waiting, params)
+            row = cursor.fetchone()
+            if row is not None and row[1] <= priority:
+                return row[0]
+            cursor.execute(upsert, params)
+            row = cursor.fetchone()
+            if row is not None:
+                transaction.on_commit(lambda: events.notify_flush(user_id=user_id, priority=priority))
+                return row[0]
 
 
 # --- the flush ----------------------------------------------------------------------------------

@@ -192,9 +192,17 @@ def test_a_process_runs_at_most_its_bound_of_one_tenants_jobs(alice, agent, glob
     assert after_one_ended.pk == acme[3]
 
 
+def job_row_version(job_id: int) -> tuple[str, str, str]:
+    """``(ctid, xmin, xmax)`` of the job's row: a new version, or a row lock, changes them."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT ctid::text, xmin::text, xmax::text FROM buffers_flushjob WHERE id = %s", [job_id])
+        return cursor.fetchone()
+
+
 def test_repeated_session_flush_requests_merge_into_one_waiting_job(api, alice_session):
     """POST sessions/{id}/flush twice: one waiting job, whose id both answers carry; a request of
-    a higher priority raises it. Another session's request is a job of its own."""
+    a higher priority raises it, one asking no more leaves its row as it was (no new version, no
+    lock). Another session's request is a job of its own."""
     other = services.session_create(user=alice_session.user, agent=alice_session.agent)
     with transaction.atomic():
         queued = buffers.request_flush(
@@ -202,10 +210,12 @@ def test_repeated_session_flush_requests_merge_into_one_waiting_job(api, alice_s
         )
 
     first = assert_success(api.post(f"/api/v1/sessions/{alice_session.pk}/flush"), 202)
+    raised = job_row_version(queued)
     second = assert_success(api.post(f"/api/v1/sessions/{alice_session.pk}/flush"), 202)
     elsewhere = assert_success(api.post(f"/api/v1/sessions/{other.pk}/flush"), 202)
 
     assert first["job_id"] == second["job_id"] == queued != elsewhere["job_id"]
+    assert job_row_version(queued) == raised
     job = FlushJob.objects.get(pk=queued)
     assert (job.priority, job.reason, job.state) == (Priority.HIGH, Reason.MANUAL, State.QUEUED)
     assert FlushJob.objects.filter(session=alice_session).count() == 1
