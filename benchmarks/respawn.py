@@ -6,8 +6,8 @@ Each of ``--repeats`` runs starts a uvicorn subprocess on this process's databas
 
 - ``start_s``: from the server's start to the first 200 of its health endpoint (its models
   loaded: ``MemoryConfig.ready()`` waits for them);
-- ``memory``: after ``--users`` users have each added a round and queried, and the health
-  endpoint reports no pending message (at most ``FLUSH_TIMEOUT_S`` s), each process of the
+- ``memory``: after ``--users`` users have each added a round and queried, and the operator
+  figures report no pending message (at most ``FLUSH_TIMEOUT_S`` s), each process of the
   server's tree (``web``, the ``query`` and ``background`` inference processes,
   multiprocessing's ``forkserver`` and ``resource_tracker``) in MB: resident (RSS),
   proportional (PSS: a page that n processes map counts 1/n in each) and unique (USS: the
@@ -35,7 +35,7 @@ import requests
 from django.core.management.base import CommandError
 
 from benchmarks.errors import BenchError
-from benchmarks.server import ServerProcess, bench_rate_limit, bench_tenant, health, memory_mb
+from benchmarks.server import ServerProcess, bench_rate_limit, bench_tenant, memory_mb
 
 FLUSH_TIMEOUT_S = 60.0
 POLL_S = 0.05
@@ -83,7 +83,7 @@ def _run(tag: str, key: str, operator_secret: str, users: int) -> dict:
     try:
         api = _Api(url, key)
         targets = _warm_up(api, tag, users)
-        _wait_flushed(url)
+        _wait_flushed(url, operator_secret)
         pids = _inference_pids(url, operator_secret)
         memory = _memory(server.pid, pids)
         respawned = _respawn(api, targets[0], pids["query"])
@@ -124,14 +124,21 @@ def _warm_up(api: _Api, tag: str, users: int) -> list[tuple[str, str]]:
     return targets
 
 
-def _wait_flushed(url: str) -> None:
+def _wait_flushed(url: str, operator_secret: str) -> None:
+    """Until the server's backlog (``GET admin/stats``, an operator's figure) is empty."""
     deadline, backlog = time.monotonic() + FLUSH_TIMEOUT_S, {}
     while time.monotonic() < deadline:
-        backlog = (health(url) or {}).get("backlog") or {}
+        try:
+            backlog = requests.get(
+                url.rstrip("/") + "/api/v1/admin/stats", headers={"Authorization": f"Bearer {operator_secret}"}, timeout=REQUEST_TIMEOUT
+            ).json()["data"]["buffers"]
+        except (requests.RequestException, ValueError, KeyError, TypeError):
+            backlog = {}
         if backlog.get("pending_messages") == 0:
             return
         time.sleep(0.2)
-    raise BenchError(f"messages still pending {FLUSH_TIMEOUT_S:.0f} s after the warm-up: {backlog}")
+    pending = {name: backlog.get(name) for name in ("pending_messages", "oldest_pending_age_s")}
+    raise BenchError(f"messages still pending {FLUSH_TIMEOUT_S:.0f} s after the warm-up: {pending}")
 
 
 def _query(api: _Api, user_id: str) -> int:

@@ -47,7 +47,7 @@ def health_ok(url: str, *, timeout: float) -> bool:
 
 
 def health(url: str) -> dict | None:
-    """The ``data`` of ``GET {url}/api/v1/health`` (status, backlog), None when it does not answer."""
+    """The ``data`` of ``GET {url}/api/v1/health`` (status, version, database), None when it does not answer."""
     try:
         return requests.get(url.rstrip("/") + HEALTH_PATH, timeout=5).json()["data"]
     except (requests.RequestException, ValueError, KeyError, TypeError):

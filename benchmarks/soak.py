@@ -15,10 +15,10 @@ process whose memory to read) with:
 
 Every ``--sample-seconds`` it reads the resident memory of the server (``web_rss_mb``) and of
 its child processes (``inference_rss_mb``: the query and flush embedding processes, and
-multiprocessing's forkserver and resource tracker, RSS summed) and the
-backlog from the health endpoint; with an operator key (the one it creates, or
-``--operator-key``), the per-user cache's bytes and the web process's C heap (bytes in use and
-free, ``GET /api/v1/admin/stats``). After ``--duration`` s the load stops and it waits (up to
+multiprocessing's forkserver and resource tracker, RSS summed) and the health endpoint's
+status; with an operator key (the one it creates, or ``--operator-key``), the backlog, the
+per-user cache's bytes and the web process's C heap (bytes in use and free, ``GET
+/api/v1/admin/stats``). After ``--duration`` s the load stops and it waits (up to
 ``--drain-timeout`` s) for the backlog to empty. The JSON has the answers by kind and status,
 the first errors, latency percentiles, the samples, the memory slope in MB/hour of each
 process group (least squares over the samples after the first ``--warmup`` s, and over each
@@ -444,7 +444,7 @@ def _drain(url: str, pid: int | None, started: float, samples: list[dict], optio
         samples.append({**sample, "draining": True})
         if sample["pending_messages"] == 0:
             return round(time.monotonic() - drain_started, 1)
-        if sample["pending_messages"] is None:  # a server whose health reports no backlog
+        if sample["pending_messages"] is None:  # no operator key, or no answer: no backlog figure
             return None
         time.sleep(options["sample_seconds"])
     return None
@@ -493,8 +493,9 @@ def _window_slopes(values: list[tuple[float, float]], *, start: float, window: f
 
 
 def _operator_figures(url: str, operator_secret: str | None) -> dict:
-    """From the server's ``GET admin/stats`` (with an operator key): its per-user cache and its
-    C heap's bytes in use and free, in MB (``{}`` without a key or an answer)."""
+    """From the server's ``GET admin/stats`` (with an operator key): the backlog (pending
+    messages, the oldest one's age in s), its per-user cache and its C heap's bytes in use and
+    free, in MB (``{}`` without a key or an answer)."""
     if not operator_secret:
         return {}
     try:
@@ -504,6 +505,8 @@ def _operator_figures(url: str, operator_secret: str | None) -> dict:
         data = response.json()["data"]
         memory = data["process"].get("memory") or {}
         return {
+            "pending_messages": data["buffers"]["pending_messages"],
+            "oldest_pending_age_s": data["buffers"]["oldest_pending_age_s"],
             "user_cache_mb": round(data["user_cache"]["bytes"] / 2**20, 1),
             "heap_in_use_mb": memory.get("heap_in_use_mb"),
             "heap_free_mb": memory.get("heap_free_mb"),
@@ -514,7 +517,6 @@ def _operator_figures(url: str, operator_secret: str | None) -> dict:
 
 def _sample(url: str, pid: int | None, started: float, operator_secret: str | None = None) -> dict:
     figures = health(url) or {}
-    backlog = figures.get("backlog") or {}
     children = children_rss_mb(pid)
     return {
         "t_s": round(time.monotonic() - started, 1),
@@ -523,8 +525,8 @@ def _sample(url: str, pid: int | None, started: float, operator_secret: str | No
         "user_cache_mb": None,
         "heap_in_use_mb": None,
         "heap_free_mb": None,
+        "pending_messages": None,
+        "oldest_pending_age_s": None,
         **_operator_figures(url, operator_secret),
-        "pending_messages": backlog.get("pending_messages"),
-        "oldest_pending_age_s": backlog.get("oldest_pending_age_s"),
         "health": figures.get("status"),
     }

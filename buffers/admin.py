@@ -17,7 +17,7 @@ class FlushJobAdmin(admin.ModelAdmin):
     list_filter = ["state", "priority", "reason"]
     search_fields = ["user__name", "user__id", "last_error"]
     raw_id_fields = ["user", "session"]
-    readonly_fields = ["worker", "process", "claim_token", "lease_until", "started_at", "finished_at", "created_at"]
+    readonly_fields = ["tenant", "worker", "process", "claim_token", "lease_until", "started_at", "finished_at", "created_at", "superseded_by"]
     actions = ["retry_failed"]
 
     def has_add_permission(self, request) -> bool:

@@ -1,14 +1,19 @@
-"""Backpressure: how far behind the flush is, over all users, and the limit past which adds wait.
+"""Backpressure: how far behind the flush is, per tenant and over all, and the limits past which adds wait.
 
-The backlog is the pending messages (``flushed_at IS NULL``) of every user. When adds come
-faster than the model embeds, it grows; past ``MAX_BACKLOG_MESSAGES`` new adds get 503 with
-``Retry-After`` (nothing already stored is dropped: the rows are durable, the flush goes on),
-so the service stops taking more than it can ever embed. Health reports ``degraded`` once the
-oldest pending message is older than ``BACKLOG_DEGRADED_SECONDS`` (or the limit is reached).
+The backlog is the pending messages (``flushed_at IS NULL``). When a tenant adds (or imports)
+faster than the model embeds, its backlog grows; past ``MAX_BACKLOG_MESSAGES`` of its own,
+that tenant's adds get 503 with ``Retry-After`` (nothing already stored is dropped: the rows
+are durable, the flush goes on), so the service stops taking more than it can ever embed from
+it, and other tenants are not refused for it. ``MAX_BACKLOG_MESSAGES_TOTAL`` bounds the
+backlog of all tenants together: past it, only the tenants holding at least an equal share
+of it (the total limit over the tenants with pending messages) are refused. Health reports
+``degraded`` once the oldest pending message is older than ``BACKLOG_DEGRADED_SECONDS`` (or
+the total limit is reached).
 
-The figure is read at most once per ``FLUSH_TICK_SECONDS`` per process (one count over the
-partial index of pending messages) and shared by every request of the process meanwhile, so
-an add pays no query for it; the limit may be overshot by the adds of that interval.
+The figures are read at most once per ``FLUSH_TICK_SECONDS`` per process (one grouped count
+over the partial index of pending messages, by user, then by tenant through ``memory_user``)
+and shared by every request of the process meanwhile, so an add pays no query for them; a
+limit may be overshot by the adds of that interval.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import connection
@@ -30,31 +35,50 @@ class Backlog:
     oldest_age_seconds: float
 
 
+@dataclass(frozen=True)
+class _Reading:
+    """One read of the backlog: the total, and each tenant's pending messages (tenants
+    without any are absent)."""
+
+    total: Backlog
+    tenants: dict[uuid.UUID, int] = field(default_factory=dict)
+
+
 _lock = threading.Lock()
-_cached: tuple[float, Backlog] | None = None  # (time.monotonic() of the read, figure)
+_cached: tuple[float, _Reading] | None = None  # (time.monotonic() of the read, figures)
+
+# Per user first (the partial index of pending messages is by user), then by tenant: the join
+# reads one memory_user row per user with pending messages, not one per message.
+_READ_SQL = """
+SELECT u.tenant_id, sum(p.messages)::bigint, max(p.oldest_age)
+FROM (SELECT user_id, count(*) AS messages,
+             greatest(extract(epoch FROM now() - min(updated_at)), 0) AS oldest_age
+      FROM memory_message WHERE flushed_at IS NULL GROUP BY user_id) p
+JOIN memory_user u ON u.id = p.user_id
+GROUP BY u.tenant_id
+"""
 
 
 def clear_cache() -> None:
-    """Forget the figure: the next ``current()`` reads the database."""
+    """Forget the figures: the next read goes to the database."""
     global _cached
     _cached = None
 
 
-def _read() -> Backlog:
+def _read() -> _Reading:
     with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*), greatest(extract(epoch FROM now() - min(updated_at)), 0) "
-            "FROM memory_message WHERE flushed_at IS NULL"
-        )
-        count, age = cursor.fetchone()
-    return Backlog(messages=count, oldest_age_seconds=float(age))
+        cursor.execute(_READ_SQL)
+        rows = cursor.fetchall()
+    tenants = {tenant_id: messages for tenant_id, messages, _ in rows}
+    oldest = max((float(age) for _, _, age in rows), default=0.0)
+    return _Reading(total=Backlog(messages=sum(tenants.values()), oldest_age_seconds=oldest), tenants=tenants)
 
 
-def current() -> Backlog:
-    """The backlog, read at most ``FLUSH_TICK_SECONDS`` ago (the age advanced to now).
+def _reading() -> tuple[float, _Reading]:
+    """``(time.monotonic() of the read, figures)``, read at most ``FLUSH_TICK_SECONDS`` ago.
 
-    One thread reads while the others use the previous figure: requests never queue behind
-    the count. Raises what the database raises when there is no figure yet.
+    One thread reads while the others use the previous figures: requests never queue behind
+    the count. Raises what the database raises when there are no figures yet.
     """
     global _cached
     cached = _cached
@@ -67,14 +91,20 @@ def current() -> Backlog:
             finally:
                 _lock.release()
         cached = _cached or cached
-    read_at, figure = cached
+    return cached
+
+
+def current() -> Backlog:
+    """The backlog of all tenants, read at most ``FLUSH_TICK_SECONDS`` ago (the age advanced to now)."""
+    read_at, reading = _reading()
+    figure = reading.total
     if figure.messages == 0:
         return figure
     return Backlog(messages=figure.messages, oldest_age_seconds=figure.oldest_age_seconds + time.monotonic() - read_at)
 
 
 class BacklogFull(Exception):
-    """Adds are refused: the backlog is at ``MAX_BACKLOG_MESSAGES``; retry after ``retry_after`` s."""
+    """Adds are refused: a backlog limit is reached; retry after ``retry_after`` s."""
 
     def __init__(self, message: str, *, retry_after: int):
         super().__init__(message)
@@ -82,38 +112,45 @@ class BacklogFull(Exception):
         self.retry_after = retry_after
 
 
-def check_accepting(*, tenant_id: uuid.UUID | None = None, adding: int = 0) -> None:
-    """Raise ``BacklogFull`` when the backlog is at ``MAX_BACKLOG_MESSAGES`` (the add answers 503).
+def check_accepting(*, tenant_id: uuid.UUID, adding: int = 0) -> None:
+    """Raise ``BacklogFull`` (the add answers 503) when ``adding`` more messages would take the
+    tenant's pending messages past ``MAX_BACKLOG_MESSAGES``, or when the backlog of all tenants
+    is past ``MAX_BACKLOG_MESSAGES_TOTAL`` and this tenant holds at least its share of it.
 
-    ``MAX_BACKLOG_MESSAGES`` 0: no limit (and no read). ``tenant_id`` and ``adding`` (the
-    pending messages the caller is about to add) are accepted for the per-tenant backlog's
-    callers and not used yet: the limit counts every tenant's pending messages.
+    A tenant at its limit is refused even with ``adding`` 0. A limit of 0 is no limit; with
+    both 0, nothing is read.
     """
     limit = settings.BUFFERS["MAX_BACKLOG_MESSAGES"]
-    if limit <= 0:
+    total_limit = settings.BUFFERS["MAX_BACKLOG_MESSAGES_TOTAL"]
+    if limit <= 0 and total_limit <= 0:
         return
-    figure = current()
-    if figure.messages >= limit:
-        retry_after = settings.BUFFERS["BACKLOG_RETRY_AFTER_SECONDS"]
+    reading = _reading()[1]
+    pending = reading.tenants.get(tenant_id, 0)
+    after = pending + max(adding, 1)
+    retry_after = settings.BUFFERS["BACKLOG_RETRY_AFTER_SECONDS"]
+    if limit > 0 and after > limit:
         raise BacklogFull(
-            f"The flush is {figure.messages} messages behind (MAX_BACKLOG_MESSAGES {limit}): "
+            f"The flush of this tenant is {pending} messages behind (MAX_BACKLOG_MESSAGES {limit}): "
             f"nothing was stored, retry in {retry_after} s",
             retry_after=retry_after,
         )
+    if total_limit > 0 and reading.total.messages + max(adding, 1) > total_limit:
+        share = total_limit / (len(reading.tenants) + (tenant_id not in reading.tenants))
+        if after > share:
+            # The other tenants' figures stay out of the message.
+            raise BacklogFull(
+                f"The flush of all tenants is at MAX_BACKLOG_MESSAGES_TOTAL and this tenant's {pending} pending "
+                f"messages are at least its share: nothing was stored, retry in {retry_after} s",
+                retry_after=retry_after,
+            )
 
 
-def health() -> dict:
-    """``{"status": "ok"|"degraded", "pending_messages", "oldest_pending_age_s", "max_pending_messages",
-    "degraded_after_s"}``: degraded when the oldest pending message is older than
-    ``BACKLOG_DEGRADED_SECONDS``, or adds are refused (``MAX_BACKLOG_MESSAGES``)."""
+def status() -> str:
+    """``"ok"``, or ``"degraded"`` when the oldest pending message is older than
+    ``BACKLOG_DEGRADED_SECONDS`` or the backlog of all tenants is at ``MAX_BACKLOG_MESSAGES_TOTAL``."""
     figure = current()
-    limit = settings.BUFFERS["MAX_BACKLOG_MESSAGES"]
-    threshold = settings.BUFFERS["BACKLOG_DEGRADED_SECONDS"]
-    degraded = figure.oldest_age_seconds > threshold or (limit > 0 and figure.messages >= limit)
-    return {
-        "status": "degraded" if degraded else "ok",
-        "pending_messages": figure.messages,
-        "oldest_pending_age_s": round(figure.oldest_age_seconds, 3),
-        "max_pending_messages": limit,
-        "degraded_after_s": threshold,
-    }
+    total_limit = settings.BUFFERS["MAX_BACKLOG_MESSAGES_TOTAL"]
+    degraded = figure.oldest_age_seconds > settings.BUFFERS["BACKLOG_DEGRADED_SECONDS"] or (
+        total_limit > 0 and figure.messages >= total_limit
+    )
+    return "degraded" if degraded else "ok"

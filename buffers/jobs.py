@@ -61,42 +61,61 @@ def pending_summary(*, user_id: uuid.UUID) -> PendingSummary:
     return PendingSummary(messages=count, tokens=int(chars) // 4, oldest_age_seconds=float(age))
 
 
-def job_upsert_sql(*, source: str = "") -> str:
-    """An ``INSERT ... RETURNING id`` of a waiting user-wide flush job for ``%(user)s``.
+def unclaimed_pending(*, user_id: uuid.UUID, session_id: uuid.UUID | None = None) -> bool:
+    """Whether the user (or one session) has pending messages that no live flush claims: what
+    a flush that stopped at the end of its time slice left to do."""
+    session_filter = "AND session_id = %(session)s" if session_id is not None else ""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""SELECT EXISTS (SELECT FROM memory_message
+                               WHERE user_id = %(user)s {session_filter} AND flushed_at IS NULL
+                                 AND (claimed_until IS NULL OR claimed_until < now()))""",
+            {"user": user_id, "session": session_id},
+        )
+        return cursor.fetchone()[0]
 
-    At most one user-wide job waits per user (the unique index ``buffers_one_waiting_job_per_user``):
-    on conflict, a request of a higher priority (a lower number) raises the waiting job's
-    priority, takes its reason and makes it runnable now; any other leaves it as it is and,
-    unless ``%(job_touch)s``, writes nothing and returns no row. With ``job_touch`` the
-    waiting job is locked and its id returned in every case.
+
+def job_upsert_sql(*, source: str = "", session: bool = False) -> str:
+    """An ``INSERT ... RETURNING id`` of a waiting flush job for ``%(user)s``: user-wide, or of
+    the session ``%(session)s`` with ``session``. The job carries the user's tenant (claims
+    take turns over tenants: ``buffers.services.claim_next_job``).
+
+    At most one job waits per user and scope (the unique indexes ``buffers_one_waiting_job_per_user``
+    and ``buffers_one_waiting_job_per_session``): on conflict, a request of a higher priority
+    (a lower number) raises the waiting job's priority, takes its reason and makes it runnable
+    now; any other leaves it as it is and returns no row.
 
     ``source`` is a ``FROM ... WHERE ...`` clause: the job is queued only when it selects a
     row (at most one). Parameters: ``job_params``.
     """
+    scope, conflict = ("%(session)s", "session_id IS NOT NULL") if session else ("NULL", "session_id IS NULL")
+    target = "session_id" if session else "user_id"
     return f"""INSERT INTO buffers_flushjob
-        (user_id, session_id, priority, reason, state, attempts, max_attempts, last_error,
+        (user_id, tenant_id, session_id, priority, reason, state, attempts, max_attempts, last_error,
          messages_flushed, worker, created_at, next_attempt_at)
-    SELECT %(user)s, NULL, %(job_priority)s, %(job_reason)s, '{State.QUEUED.value}', 0, %(job_max_attempts)s, '', 0, '',
-           now(), now()
+    SELECT %(user)s, (SELECT tenant_id FROM memory_user WHERE id = %(user)s), {scope}, %(job_priority)s,
+           %(job_reason)s, '{State.QUEUED.value}', 0, %(job_max_attempts)s, '', 0, '', now(), now()
     {source}
-    ON CONFLICT (user_id) WHERE state IN ({sql_states(WAITING_STATES)}) AND session_id IS NULL
+    ON CONFLICT ({target}) WHERE state IN ({sql_states(WAITING_STATES)}) AND {conflict}
     DO UPDATE SET priority = LEAST(buffers_flushjob.priority, EXCLUDED.priority),
                   reason = CASE WHEN EXCLUDED.priority < buffers_flushjob.priority
                                 THEN EXCLUDED.reason ELSE buffers_flushjob.reason END,
                   next_attempt_at = CASE WHEN EXCLUDED.priority < buffers_flushjob.priority
                                          THEN now() ELSE buffers_flushjob.next_attempt_at END
-    WHERE EXCLUDED.priority < buffers_flushjob.priority OR %(job_touch)s
+    WHERE EXCLUDED.priority < buffers_flushjob.priority
     RETURNING id"""
 
 
-def job_params(*, priority: int, reason: str, touch: bool = False) -> dict:
-    """The parameters of ``job_upsert_sql`` (``touch``: return the id of a job left as it was)."""
-    return {
-        "job_priority": priority,
-        "job_reason": reason,
-        "job_max_attempts": settings.BUFFERS["MAX_ATTEMPTS"],
-        "job_touch": touch,
-    }
+def waiting_job_sql(*, session: bool = False) -> str:
+    """A ``SELECT id, priority`` of the waiting job of ``%(user)s`` (user-wide, or of the
+    session ``%(session)s`` with ``session``), if any."""
+    scope = "session_id = %(session)s" if session else "user_id = %(user)s AND session_id IS NULL"
+    return f"SELECT id, priority FROM buffers_flushjob WHERE {scope} AND state IN ({sql_states(WAITING_STATES)})"
+
+
+def job_params(*, priority: int, reason: str) -> dict:
+    """The parameters of ``job_upsert_sql``."""
+    return {"job_priority": priority, "job_reason": reason, "job_max_attempts": settings.BUFFERS["MAX_ATTEMPTS"]}
 
 
 def size_trigger_sql(*, pending: str = "pending", condition: str = "TRUE") -> str:

@@ -2,8 +2,9 @@
 
 The pending work itself is the messages (``Message.flushed_at IS NULL``); a job only says
 "flush this user (or session) soon, at this priority". Workers take the next job with
-``SELECT ... FOR UPDATE SKIP LOCKED`` ordered by priority, then age (FIFO within a priority).
-A job that fails is retried with exponential backoff, then left ``failed`` for an operator.
+``SELECT ... FOR UPDATE SKIP LOCKED``, taking turns over tenants (``FlushTurn``; the order is
+``buffers.services.claim_next_job``'s). A job that fails is retried with exponential backoff,
+then left ``failed`` for an operator; finished jobs are purged after a while.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ class FlushJob(models.Model):
     """One flush request. ``session`` narrows it to one session's pending messages."""
 
     user = models.ForeignKey("memory.User", on_delete=models.CASCADE, related_name="flush_jobs")
+    # The user's tenant, written with the job (in SQL, from memory_user): claims take turns
+    # over tenants. No database constraint: the job goes with its user, and a constraint would
+    # lock the tenant's row at every job insert of any of its users.
+    tenant = models.ForeignKey(
+        "memory.Tenant", on_delete=models.DO_NOTHING, db_constraint=False, null=True, blank=True, related_name="+"
+    )
     session = models.ForeignKey("memory.Session", on_delete=models.CASCADE, null=True, blank=True, related_name="+")
     priority = models.PositiveSmallIntegerField(choices=Priority.choices, default=Priority.NORMAL)
     reason = models.CharField(max_length=16, choices=Reason.choices)
@@ -67,6 +74,10 @@ class FlushJob(models.Model):
     next_attempt_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # The waiting job of the same scope this one was folded into (it is ``done`` then): a
+    # retry, or the rest of a flush whose time slice ended, met a job already waiting. A
+    # waiter follows it (``buffers.services.wait_for_job``). An id, not a key: purged apart.
+    superseded_by = models.BigIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["priority", "created_at", "id"]
@@ -84,11 +95,32 @@ class FlushJob(models.Model):
                 fields=["user"],
                 condition=Q(state__in=WAITING_STATES, session__isnull=True),
                 name="buffers_one_waiting_job_per_user",
-            )
+            ),
+            # And one per session: repeated requests to flush a session merge into it.
+            models.UniqueConstraint(
+                fields=["session"],
+                condition=Q(state__in=WAITING_STATES, session__isnull=False),
+                name="buffers_one_waiting_job_per_session",
+            ),
         ]
 
     def __str__(self) -> str:
         return f"flush {self.user_id} ({self.get_reason_display()}, {self.get_state_display()})"
+
+
+class FlushTurn(models.Model):
+    """When a job of ``tenant`` was last claimed: the next claim goes to the tenant with
+    runnable jobs served least recently (round-robin over tenants), so one tenant's many jobs
+    never queue another's behind them. Rows not claimed for ``FLUSH_DONE_RETENTION_SECONDS``
+    are purged with the jobs (a tenant without a row is served first, as one never served)."""
+
+    tenant = models.OneToOneField(
+        "memory.Tenant", primary_key=True, on_delete=models.DO_NOTHING, db_constraint=False, related_name="+"
+    )
+    claimed_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"flush turn of {self.tenant_id} ({self.claimed_at})"
 
 
 class WorkerProcess(models.Model):

@@ -1,10 +1,11 @@
 """The flush worker pool of a process: bounded workers, a ticker, a heartbeat, and a graceful drain.
 
-Workers take jobs from the durable queue (``services.claim_next_job``: priority, then FIFO)
-and run them; between jobs they sleep until woken (a flush request in this process, or a
-``flush.request`` on the channel layer for ``runworker``) or until the next poll. The ticker
-applies the time trigger and recovers work whose lease expired, every ``FLUSH_TICK_SECONDS``;
-at start it requests a flush of everything pending (recovery after a crash). The heartbeat
+Workers take jobs from the durable queue (``services.claim_next_job``: turns over tenants,
+then priority, then FIFO) and run them, each for at most a time slice; between jobs they sleep
+until woken (a flush request in this process, or a ``flush.request`` on the channel layer for
+``runworker``) or until the next poll. The ticker applies the time trigger, recovers work whose
+lease expired and purges old finished jobs, every ``FLUSH_TICK_SECONDS``; at start it requests
+a flush of everything pending (recovery after a crash). The heartbeat
 thread beats for the process and releases the work of dead ones (``buffers.heartbeats``).
 
 When the database cannot be reached (a restart), every thread backs off (up to 2 s between
@@ -194,6 +195,7 @@ class FlushWorkerPool:
             try:
                 if services.recover(all_pending=first):
                     self.wake()
+                services.purge_finished_jobs()
                 first = False
                 failures = 0
                 self.outage.succeeded()

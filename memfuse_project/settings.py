@@ -392,6 +392,19 @@ BUFFERS = {
     # Flush threads wait on the model most of the time (holding no connection then): enough
     # of them keep a batch of EMBEDDING_MAX_BATCH_TEXTS waiting whenever the model frees.
     "WORKERS": envint("FLUSH_WORKERS", 8),
+    # Fair flushing (buffers.services.claim_next_job): claims take turns over tenants; a
+    # process runs at most MAX_RUNNING_PER_TENANT jobs of one tenant at once (0: no bound;
+    # default half its workers, so another tenant's job always finds one free), and a job
+    # yields its worker after SLICE_SECONDS, queued again for the rest (0: never).
+    "MAX_RUNNING_PER_TENANT": envint("FLUSH_MAX_RUNNING_PER_TENANT", (envint("FLUSH_WORKERS", 8) + 1) // 2),
+    "SLICE_SECONDS": envfloat("FLUSH_SLICE_SECONDS", 5.0),
+    # POST users|sessions/{id}/flush {"wait": true}: waits of one tenant in progress at once in
+    # a process (each holds a request thread; none holds a connection); past it, 202 (0: no bound).
+    "WAIT_MAX_PER_TENANT": envint("FLUSH_WAIT_MAX_PER_TENANT", 4),
+    # Finished jobs are purged by the ticker this long after they finished (s; 0: kept):
+    # failed ones, which an operator may retry, longer.
+    "DONE_RETENTION_SECONDS": envfloat("FLUSH_DONE_RETENTION_SECONDS", 3600.0),
+    "FAILED_RETENTION_SECONDS": envfloat("FLUSH_FAILED_RETENTION_SECONDS", 7 * 24 * 3600.0),
     "IN_PROCESS": envstr("FLUSH_IN_PROCESS", "auto"),
     "CHANNEL": envstr("FLUSH_CHANNEL", "memfuse-flush"),
     # Messages one flush claims, embeds and writes at a time.
@@ -412,10 +425,13 @@ BUFFERS = {
     # A process running flush workers beats every TICK_SECONDS; one silent for this long (while
     # the database was up) is dead, and the others' tickers release its claims and jobs.
     "HEARTBEAT_TIMEOUT_SECONDS": envfloat("FLUSH_HEARTBEAT_TIMEOUT_SECONDS", 5.0),
-    # Backpressure (buffers.backlog): past MAX_BACKLOG_MESSAGES pending messages (all users),
-    # adds get 503 with Retry-After: BACKLOG_RETRY_AFTER_SECONDS (0: no limit). Health says
-    # "degraded" once the oldest pending message is older than BACKLOG_DEGRADED_SECONDS.
+    # Backpressure (buffers.backlog): past MAX_BACKLOG_MESSAGES pending messages of its own, a
+    # tenant's adds get 503 with Retry-After: BACKLOG_RETRY_AFTER_SECONDS; past
+    # MAX_BACKLOG_MESSAGES_TOTAL of all tenants, those of the tenants holding at least an equal
+    # share of it (0: no limit). Health says "degraded" once the oldest pending message is
+    # older than BACKLOG_DEGRADED_SECONDS.
     "MAX_BACKLOG_MESSAGES": envint("MAX_BACKLOG_MESSAGES", 20_000),
+    "MAX_BACKLOG_MESSAGES_TOTAL": envint("MAX_BACKLOG_MESSAGES_TOTAL", 100_000),
     "BACKLOG_RETRY_AFTER_SECONDS": envint("BACKLOG_RETRY_AFTER_SECONDS", 5),
     "BACKLOG_DEGRADED_SECONDS": envfloat("BACKLOG_DEGRADED_SECONDS", 60.0),
 }

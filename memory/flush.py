@@ -123,6 +123,7 @@ def flush_pending(
     user_id: uuid.UUID,
     session_id: uuid.UUID | None = None,
     deadline: float | None = None,
+    slice_end: float | None = None,
     batch_size: int | None = None,
     token: uuid.UUID | None = None,
 ) -> int:
@@ -130,7 +131,9 @@ def flush_pending(
 
     Batch by batch: claim (``SKIP LOCKED``), embed, write (see the module docstring).
     ``deadline`` is a ``time.monotonic()`` value; past it, ``FlushTimeout`` is raised between
-    batches (claimed but unwritten rows are taken again when their lease expires). Publishes
+    batches (claimed but unwritten rows are taken again when their lease expires).
+    ``slice_end``, another: past it, the flush returns between batches, once it has written
+    one (the rest stays pending: its job is queued again, ``buffers.services.run_job``). Publishes
     ``flush.completed`` to each session's group after each batch is written. ``token`` is the
     claim token (a job's ``claim_token``, so a dead worker's claims can be found; default new).
     """
@@ -138,7 +141,9 @@ def flush_pending(
     token = token or uuid.uuid4()
     start = time.perf_counter()
     try:
-        flushed = _flush_batches(user_id=user_id, session_id=session_id, deadline=deadline, batch_size=batch_size, token=token)
+        flushed = _flush_batches(
+            user_id=user_id, session_id=session_id, deadline=deadline, slice_end=slice_end, batch_size=batch_size, token=token
+        )
     except BaseException:
         metrics.FLUSHES.labels("error").inc()
         _release(token)
@@ -223,15 +228,26 @@ def _embed_claimed(user_id: uuid.UUID, claimed: list[tuple]) -> np.ndarray:
 
 
 def _flush_batches(
-    *, user_id: uuid.UUID, session_id: uuid.UUID | None, deadline: float | None, batch_size: int, token: uuid.UUID
+    *,
+    user_id: uuid.UUID,
+    session_id: uuid.UUID | None,
+    deadline: float | None,
+    slice_end: float | None,
+    batch_size: int,
+    token: uuid.UUID,
 ) -> int:
     flushed = 0
+    batches = 0
     while True:
+        # The slice first: a flush that has written batches stops gracefully, even late.
+        if slice_end is not None and batches and time.monotonic() >= slice_end:
+            return flushed
         if deadline is not None and time.monotonic() > deadline:
             raise FlushTimeout(f"flush of user {user_id} passed its deadline after {flushed} messages")
         claimed = _claim(user_id=user_id, session_id=session_id, token=token, limit=batch_size)
         if not claimed:
             return flushed
+        batches += 1
         ids = [row[0] for row in claimed]
         while True:
             generation = embedding_model.follow_active_model()

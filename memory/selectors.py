@@ -75,8 +75,9 @@ def session_get(*, principal: Principal, session_id: uuid.UUID, field: str = "se
 def _visible_row(model, select: str, *, object_id: uuid.UUID, principal: Principal, user_column: str, field: str):
     """The row of ``select`` (``... WHERE <id> = %s AND <tenant> = %s``) for ``object_id`` in
     ``principal``'s tenant (and its user, for a user key), as a ``model`` instance holding
-    only the selected columns (``Model.from_db``: the others load on access). Raises
-    ``NotFound`` naming ``field`` when there is none, as the ORM lookups do.
+    only the selected columns (``Model.from_db``: the others load on access); a selected
+    column that is not one of the model's (a joined table's) is set as a plain attribute.
+    Raises ``NotFound`` naming ``field`` when there is none, as the ORM lookups do.
 
     One SQL statement, no ORM query building: for the lookups that run before every add and
     every query (the ORM's were a fifth of the web process's time on the add path).
@@ -92,7 +93,10 @@ def _visible_row(model, select: str, *, object_id: uuid.UUID, principal: Princip
     if row is None:
         raise _not_found(model, object_id, field)
     names = [f.attname for f in model._meta.concrete_fields if f.attname in selected]  # from_db's order
-    return model.from_db(connection.alias, names, [selected[name] for name in names])
+    instance = model.from_db(connection.alias, names, [selected[name] for name in names])
+    for name in selected.keys() - set(names):
+        setattr(instance, name, selected[name])
+    return instance
 
 
 def user_ref(*, principal: Principal, user_id: uuid.UUID, field: str = "user_id") -> User:

@@ -401,13 +401,14 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
     One statement is all or nothing, one exchange with the database and one commit (one WAL
     flush): the add is the hottest write of the service. Raises ``NotFound`` (field
     ``session_id``) when the session was deleted meanwhile, ``Unavailable`` (503) when the
-    flush backlog of all users is at ``MAX_BACKLOG_MESSAGES`` (``buffers.backlog``); then
-    nothing is stored.
+    flush backlog of the session's tenant would pass ``MAX_BACKLOG_MESSAGES`` (or the
+    tenant holds its share of a backlog past ``MAX_BACKLOG_MESSAGES_TOTAL``: ``buffers.backlog``);
+    then nothing is stored.
     """
     if not messages:
         return AddedMessages([], pending=0)
     try:
-        backlog.check_accepting()
+        backlog.check_accepting(tenant_id=_tenant_of(session), adding=len(messages))
     except backlog.BacklogFull as exc:
         raise Unavailable(exc.message, retry_after=exc.retry_after) from None
     now = timezone.now()
@@ -456,6 +457,13 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
     return AddedMessages(rows, pending=count, oldest_pending_age_s=round(float(oldest_age), 3))
 
 
+def _tenant_of(session: Session) -> uuid.UUID:
+    """The tenant of ``session``'s user, from what its lookup loaded (``selectors.session_ref``
+    and ``session_get`` load the user with it, ``session_create`` was given it); one query
+    otherwise."""
+    return session.user.tenant_id
+
+
 def _newest_to_embed(rows: list[Message]) -> list[Message]:
     """The rows of an add that a query right after it embeds on demand (read your writes):
     the newest ``PENDING_EMBED_MAX``, when the vector retriever and the read-ahead
@@ -473,7 +481,7 @@ def _start_embeddings(rows: list[Message]) -> None:
     past the bound the oldest are cancelled); wasted only if the add fails."""
     newest = _newest_to_embed(rows)
     if newest:
-        tenant_id = newest[0].session.user.tenant_id  # the session's user is loaded with it (selectors)
+        tenant_id = _tenant_of(newest[0].session)
         for row in newest:
             registry.read_ahead(row.index_text, user_id=row.user_id, tenant_id=tenant_id)
 
@@ -488,7 +496,7 @@ def _prefetch_embeddings(user_id: uuid.UUID, rows: list[Message]) -> None:
     if newest:
         memory = cache.user_memory(user_id)
         memory.prefetch(
-            [(row.id, row.updated_at, row.index_text) for row in newest], tenant_id=newest[0].session.user.tenant_id
+            [(row.id, row.updated_at, row.index_text) for row in newest], tenant_id=_tenant_of(newest[0].session)
         )
         cache.resized(memory)
 

@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from benchmarks.server import free_loopback_port, uvicorn_command
 from buffers import services as buffers
-from buffers.models import FlushJob, Priority, Reason, State
+from buffers.models import FlushJob, FlushTurn, Priority, Reason, State
 from buffers.workers import FlushWorkerPool
 from memory import flush, selectors, services
 from memory.inference import registry
@@ -120,13 +120,13 @@ def test_buffer_endpoint_reports_pending_messages(api, alice_session):
 # --- the queue -----------------------------------------------------------------------------------
 
 
-def test_jobs_run_by_priority_then_fifo(alice, bob, agent):
-    """claim_next_job takes critical > high > normal > low, and the oldest first within a priority."""
-    sessions = [services.session_create(user=user, agent=agent) for user in (alice, bob)]
-    order = [(Priority.LOW, sessions[0]), (Priority.NORMAL, sessions[1]), (Priority.HIGH, sessions[0]),
-             (Priority.LOW, sessions[1]), (Priority.CRITICAL, sessions[1]), (Priority.HIGH, sessions[1])]
+def test_jobs_of_one_tenant_run_by_priority_then_fifo(alice, bob, agent, settings):
+    """Within a tenant, claim_next_job takes critical > high > normal > low, and the oldest first within a priority."""
+    settings.BUFFERS = {**settings.BUFFERS, "MAX_RUNNING_PER_TENANT": 0}  # every job claimed, none run
+    sessions = [services.session_create(user=user, agent=agent) for user in (alice, bob, alice, bob, bob, bob)]
+    priorities = [Priority.LOW, Priority.NORMAL, Priority.HIGH, Priority.LOW, Priority.CRITICAL, Priority.HIGH]
     created = []
-    for priority, session in order:
+    for priority, session in zip(priorities, sessions):
         with transaction.atomic():
             created.append(
                 (priority, buffers.request_flush(user_id=session.user_id, session_id=session.pk, priority=priority, reason=Reason.MANUAL))
@@ -137,6 +137,89 @@ def test_jobs_run_by_priority_then_fifo(alice, bob, agent):
         taken.append(job.pk)
     expected = [job_id for _, job_id in sorted(created, key=lambda item: item[0])]  # stable: FIFO within a priority
     assert taken == expected
+
+
+def queue_session_flushes(user, agent, priorities: list[int]) -> list[int]:
+    """A manual flush job per priority, each of a new session of ``user``; their ids, in order."""
+    ids = []
+    for priority in priorities:
+        session = services.session_create(user=user, agent=agent)
+        with transaction.atomic():
+            ids.append(buffers.request_flush(user_id=user.pk, session_id=session.pk, priority=priority, reason=Reason.MANUAL))
+    return ids
+
+
+def test_claims_take_turns_over_tenants(alice, bob, agent, globex_alice, globex_agent, settings):
+    """Acme's four queued high jobs do not all run before globex's later low ones: claims alternate
+    between the tenants (the one served least recently first), then acme's rest."""
+    settings.BUFFERS = {**settings.BUFFERS, "MAX_RUNNING_PER_TENANT": 0}
+    acme = queue_session_flushes(alice, agent, [Priority.HIGH] * 2) + queue_session_flushes(bob, agent, [Priority.HIGH] * 2)
+    globex = queue_session_flushes(globex_alice, globex_agent, [Priority.LOW] * 2)
+
+    taken = []
+    while job := buffers.claim_next_job(worker="test"):
+        taken.append(job.pk)
+
+    assert taken == [acme[0], globex[0], acme[1], globex[1], acme[2], acme[3]]
+    assert set(FlushTurn.objects.values_list("tenant_id", flat=True)) == {alice.tenant_id, globex_alice.tenant_id}
+
+
+def test_critical_jobs_go_before_every_tenants_turn(alice, agent, globex_alice, globex_agent, settings):
+    """A critical job (the shutdown drain) is claimed first even when its tenant was served last."""
+    settings.BUFFERS = {**settings.BUFFERS, "MAX_RUNNING_PER_TENANT": 0}
+    [globex_low] = queue_session_flushes(globex_alice, globex_agent, [Priority.LOW])
+    [acme_high, acme_critical] = queue_session_flushes(alice, agent, [Priority.HIGH, Priority.CRITICAL])
+
+    taken = [buffers.claim_next_job(worker="test").pk for _ in range(3)]
+
+    assert taken == [acme_critical, globex_low, acme_high]
+
+
+def test_a_process_runs_at_most_its_bound_of_one_tenants_jobs(alice, agent, globex_alice, globex_agent, settings):
+    """FLUSH_MAX_RUNNING_PER_TENANT: past it, a process's claims skip that tenant (another
+    tenant's jobs still go; another process may take the tenant's), until one of its jobs ends."""
+    settings.BUFFERS = {**settings.BUFFERS, "MAX_RUNNING_PER_TENANT": 2}
+    acme = queue_session_flushes(alice, agent, [Priority.HIGH] * 4)
+    [globex] = queue_session_flushes(globex_alice, globex_agent, [Priority.LOW])
+
+    taken = [job.pk for _ in range(4) if (job := buffers.claim_next_job(worker="p/0", process="p"))]
+    elsewhere = buffers.claim_next_job(worker="q/0", process="q")
+    FlushJob.objects.filter(pk=acme[0]).update(state=State.DONE)
+    after_one_ended = buffers.claim_next_job(worker="p/0", process="p")
+
+    assert taken == [acme[0], globex, acme[1]]
+    assert elsewhere.pk == acme[2]
+    assert after_one_ended.pk == acme[3]
+
+
+def job_row_version(job_id: int) -> tuple[str, str, str]:
+    """``(ctid, xmin, xmax)`` of the job's row: a new version, or a row lock, changes them."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT ctid::text, xmin::text, xmax::text FROM buffers_flushjob WHERE id = %s", [job_id])
+        return cursor.fetchone()
+
+
+def test_repeated_session_flush_requests_merge_into_one_waiting_job(api, alice_session):
+    """POST sessions/{id}/flush twice: one waiting job, whose id both answers carry; a request of
+    a higher priority raises it, one asking no more leaves its row as it was (no new version, no
+    lock). Another session's request is a job of its own."""
+    other = services.session_create(user=alice_session.user, agent=alice_session.agent)
+    with transaction.atomic():
+        queued = buffers.request_flush(
+            user_id=alice_session.user_id, session_id=alice_session.pk, priority=Priority.LOW, reason=Reason.TIME
+        )
+
+    first = assert_success(api.post(f"/api/v1/sessions/{alice_session.pk}/flush"), 202)
+    raised = job_row_version(queued)
+    second = assert_success(api.post(f"/api/v1/sessions/{alice_session.pk}/flush"), 202)
+    elsewhere = assert_success(api.post(f"/api/v1/sessions/{other.pk}/flush"), 202)
+
+    assert first["job_id"] == second["job_id"] == queued != elsewhere["job_id"]
+    assert job_row_version(queued) == raised
+    job = FlushJob.objects.get(pk=queued)
+    assert (job.priority, job.reason, job.state) == (Priority.HIGH, Reason.MANUAL, State.QUEUED)
+    assert FlushJob.objects.filter(session=alice_session).count() == 1
+    assert job.tenant_id == alice_session.user.tenant_id
 
 
 def test_failing_store_is_retried_then_failed_then_retried_by_hand(alice_session, monkeypatch):
@@ -182,6 +265,170 @@ def test_flush_times_out_between_batches(alice_session):
     with pytest.raises(flush.FlushTimeout):
         buffers.flush_pending(user_id=alice_session.user_id, deadline=time.monotonic() - 1, batch_size=2)
     assert Message.objects.filter(user=alice_session.user, flushed_at__isnull=True).count() == 6
+
+
+def test_a_job_gives_up_its_worker_after_its_time_slice_and_waits_again(alice_session, settings):
+    """Past FLUSH_SLICE_SECONDS a flush stops after its batch: the job waits again, its attempt
+    given back and its count kept, until a run finds nothing left."""
+    settings.BUFFERS = {**settings.BUFFERS, "SLICE_SECONDS": 1e-6, "BATCH_SIZE": 2}
+    add(alice_session, 5)
+    with transaction.atomic():
+        buffers.request_flush(user_id=alice_session.user_id, priority=Priority.HIGH, reason=Reason.MANUAL)
+
+    runs = []
+    while job := buffers.claim_next_job(worker="test"):
+        buffers.run_job(job)
+        job.refresh_from_db()
+        runs.append((job.state, job.attempts, job.messages_flushed))
+
+    assert runs == [(State.QUEUED, 0, 2), (State.QUEUED, 0, 4), (State.DONE, 1, 5)]
+    assert not Message.objects.filter(user=alice_session.user, flushed_at__isnull=True).exists()
+
+
+def test_a_sliced_job_folds_into_the_waiting_one_and_a_wait_follows_it(alice_session, settings):
+    """When a job of the same scope was queued while it ran, a job at the end of its slice is done,
+    superseded by that one (raised to its priority), and wait_for_job answers with the job that
+    finished the flush."""
+    settings.BUFFERS = {**settings.BUFFERS, "SLICE_SECONDS": 1e-6, "BATCH_SIZE": 2}
+    add(alice_session, 5)
+    with transaction.atomic():
+        first = buffers.request_flush(user_id=alice_session.user_id, priority=Priority.HIGH, reason=Reason.MANUAL)
+    running = buffers.claim_next_job(worker="test")
+    with transaction.atomic():
+        later = buffers.request_flush(user_id=alice_session.user_id, priority=Priority.LOW, reason=Reason.TIME)
+
+    buffers.run_job(running)
+    folded, waiting = FlushJob.objects.get(pk=first), FlushJob.objects.get(pk=later)
+    while job := buffers.claim_next_job(worker="test"):
+        buffers.run_job(job)
+    answer = buffers.wait_for_job(job_id=first, timeout=5, tenant_id=alice_session.user.tenant_id)
+
+    assert (folded.state, folded.superseded_by, folded.messages_flushed) == (State.DONE, later, 2)
+    assert (waiting.state, waiting.priority) == (State.QUEUED, Priority.HIGH)
+    assert (answer.pk, answer.state, answer.messages_flushed) == (later, State.DONE, 3)
+
+
+def test_a_late_failure_leaves_the_job_to_the_run_that_holds_it_now(alice_session, monkeypatch):
+    """A flush that fails after its job was released (its process taken for dead) and claimed by
+    another worker changes nothing of that job; nor does a late release of the first claim."""
+    add(alice_session, 3)
+    with transaction.atomic():
+        job_id = buffers.request_flush(user_id=alice_session.user_id, priority=Priority.HIGH, reason=Reason.MANUAL)
+    first = buffers.claim_next_job(worker="dead/0", process="dead")
+    taken_over = []
+
+    def write_after_a_takeover(**kwargs):
+        # What another process's heartbeat does to a silent process's job, then its worker.
+        buffers.job_lost(FlushJob.objects.get(pk=job_id), error="worker process dead died")
+        taken_over.append(buffers.claim_next_job(worker="alive/0", process="alive"))
+        raise ConnectionError("late failure")
+
+    monkeypatch.setattr(flush, "_write", write_after_a_takeover)
+    buffers.run_job(first)
+    monkeypatch.undo()
+    buffers.job_lost(first, error="released again, late")
+
+    job = FlushJob.objects.get(pk=job_id)
+    assert (job.state, job.worker, job.claim_token, job.attempts) == (State.RUNNING, "alive/0", taken_over[0].claim_token, 2)
+    assert job.last_error == "worker process dead died"
+
+
+def test_finished_jobs_are_purged_after_their_retention(alice_session, settings):
+    """purge_finished_jobs deletes done jobs past FLUSH_DONE_RETENTION_SECONDS and failed ones past
+    FLUSH_FAILED_RETENTION_SECONDS, a batch at a time; newer and unfinished ones stay, and the
+    turns of tenants not served for the first."""
+    settings.BUFFERS = {**settings.BUFFERS, "DONE_RETENTION_SECONDS": 60, "FAILED_RETENTION_SECONDS": 3600}
+    now = timezone.now()
+
+    def job(state: str, age_seconds: float | None) -> int:
+        finished = now - timedelta(seconds=age_seconds) if age_seconds is not None else None
+        return FlushJob.objects.create(user_id=alice_session.user_id, reason=Reason.MANUAL, state=state, finished_at=finished).pk
+
+    for _ in range(3):
+        job(State.DONE, 120)
+    kept = {job(State.DONE, 30), job(State.FAILED, 120), job(State.RUNNING, None)}
+    job(State.FAILED, 7200)
+    FlushTurn.objects.create(tenant_id=alice_session.user.tenant_id, claimed_at=now - timedelta(seconds=120))
+
+    purged = [buffers.purge_finished_jobs(batch=2), buffers.purge_finished_jobs(), buffers.purge_finished_jobs()]
+
+    assert purged == [2, 2, 0]
+    assert set(FlushJob.objects.values_list("pk", flat=True)) == kept
+    assert not FlushTurn.objects.exists()
+
+
+# --- waiting for a flush ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_waiting_flush_holds_no_database_connection(alice_session, monkeypatch):
+    """Each time wait_for_job sleeps between polls, its thread has given its connection back to the pool."""
+    from memfuse_project.pool import pool_stats
+
+    assert pool_stats()["enabled"]
+    with transaction.atomic():
+        job_id = buffers.request_flush(user_id=alice_session.user_id, priority=Priority.HIGH, reason=Reason.MANUAL)
+    connection.close()  # this thread's connection back to the pool: only the waiter's may be in use
+    real_sleep, in_use = time.sleep, []
+
+    def sleep(seconds):
+        if threading.current_thread() is waiter:
+            in_use.append(pool_stats()["in_use"])
+        real_sleep(seconds)
+
+    def wait():
+        try:
+            buffers.wait_for_job(job_id=job_id, timeout=30, tenant_id=alice_session.user.tenant_id)
+        finally:
+            connection.close()
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    try:
+        _wait_for(lambda: len(in_use) >= 3, 10, "three polls")
+    finally:
+        FlushJob.objects.filter(pk=job_id).update(state=State.DONE, finished_at=timezone.now())
+        waiter.join(timeout=10)
+        connection.close()
+
+    assert in_use[:3] == [0, 0, 0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_waits_past_the_tenants_bound_answer_202_and_other_tenants_still_wait(
+    api, globex_api, alice_session, globex_session, settings
+):
+    """With FLUSH_WAIT_MAX_PER_TENANT waits of acme in progress, acme's next {"wait": true} is a 202
+    at once, its job queued; globex's request still waits (here until the flush timeout)."""
+    settings.BUFFERS = {**settings.BUFFERS, "WAIT_MAX_PER_TENANT": 1, "TIMEOUT_SECONDS": 0.3}
+    tenant_id = alice_session.user.tenant_id
+    with transaction.atomic():
+        job_id = buffers.request_flush(user_id=alice_session.user_id, priority=Priority.HIGH, reason=Reason.MANUAL)
+
+    def wait():
+        try:
+            buffers.wait_for_job(job_id=job_id, timeout=30, tenant_id=tenant_id)
+        finally:
+            connection.close()
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    try:
+        _wait_for(lambda: buffers._waits[tenant_id] == 1, 10, "the first wait")
+        started = time.monotonic()
+        refused = api.post(f"/api/v1/sessions/{alice_session.pk}/flush", {"wait": True}, format="json")
+        refused_after = time.monotonic() - started
+        waited = globex_api.post(f"/api/v1/sessions/{globex_session.pk}/flush", {"wait": True}, format="json")
+    finally:
+        FlushJob.objects.filter(pk=job_id).update(state=State.DONE, finished_at=timezone.now())
+        waiter.join(timeout=10)
+
+    body = assert_success(refused, 202)
+    assert body["state"] == State.QUEUED and "FLUSH_WAIT_MAX_PER_TENANT" in refused.json()["message"]
+    assert refused_after < 0.3
+    assert FlushJob.objects.get(pk=body["job_id"]).session_id == alice_session.pk
+    assert assert_success(waited, 200)["state"] == State.QUEUED  # waited for, and nothing ran it
 
 
 # --- idempotence -------------------------------------------------------------------------------
@@ -302,6 +549,36 @@ def test_pool_flushes_in_background_and_drains_at_shutdown(alice_session, bob_se
         pool.stop()
     assert not Message.objects.filter(flushed_at__isnull=True).exists()
     assert FlushJob.objects.filter(reason=Reason.SHUTDOWN, priority=Priority.CRITICAL, state=State.DONE).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_tenants_flood_of_flushes_does_not_hold_back_anothers(tenant, agent, globex_session, monkeypatch, settings):
+    """Acme's twelve users' flushes queued first, and a slow model: globex's messages, added
+    after them, are flushed by a running pool while most of acme's still wait."""
+    settings.BUFFERS = {**settings.BUFFERS, "MAX_RUNNING_PER_TENANT": 1}
+    monkeypatch.setattr(services, "_start_embeddings", lambda rows: None)  # every text goes through the flush's model
+    real_embed = registry.embed
+
+    def slow_embed(texts, **kwargs):
+        time.sleep(0.3)
+        return real_embed(texts, **kwargs)
+
+    monkeypatch.setattr(registry, "embed", slow_embed)
+    acme = [services.user_create(tenant_id=tenant.pk, name=f"user {i}") for i in range(12)]
+    for user in acme:
+        add(services.session_create(user=user, agent=agent), settings.BUFFERS["SIZE_MESSAGES"])
+    pool = FlushWorkerPool(workers=2, poll_seconds=0.1)
+    pool.start()
+    try:
+        add(globex_session, settings.BUFFERS["SIZE_MESSAGES"])
+        _wait_for(lambda: not Message.objects.filter(session=globex_session, flushed_at__isnull=True).exists(), 60, "globex's flush")
+        acme_waiting = Message.objects.filter(user__in=acme, flushed_at__isnull=True).values("user").distinct().count()
+    finally:
+        pool.stop()
+        for thread in pool._threads:
+            thread.join(timeout=30)
+
+    assert acme_waiting >= 6
 
 
 def _start_worker(env: dict, log_path) -> subprocess.Popen:

@@ -31,7 +31,7 @@ ERROR_DESCRIPTIONS = {
     429: "Rate limit of the API key (`API_RATE_LIMIT`) or of its tenant (`API_TENANT_RATE_LIMIT`) reached; see `Retry-After`.",
     500: "Unexpected server error (details in the server log).",
     503: "The database cannot be reached or no connection came free within the pool timeout (or, for an add, "
-    "the flush backlog is full); retry after `Retry-After` seconds.",
+    "the flush backlog of the key's tenant is full); retry after `Retry-After` seconds.",
 }
 
 
@@ -177,13 +177,6 @@ class FlushJob(serializers.Serializer):
     last_error = serializers.CharField(allow_blank=True, allow_null=True)
     created_at = serializers.DateTimeField()
     finished_at = serializers.DateTimeField(allow_null=True)
-
-
-class HealthBacklog(serializers.Serializer):
-    pending_messages = serializers.IntegerField(help_text="pending messages of all users (read at most FLUSH_TICK_SECONDS ago)")
-    oldest_pending_age_s = serializers.FloatField(help_text="seconds the oldest of them has waited")
-    max_pending_messages = serializers.IntegerField(help_text="MAX_BACKLOG_MESSAGES: adds get 503 at this backlog (0: no limit)")
-    degraded_after_s = serializers.FloatField(help_text="BACKLOG_DEGRADED_SECONDS")
 
 
 class Buffer(serializers.Serializer):

@@ -24,7 +24,7 @@ from memory import selectors, services
 from memory.api import serializers as s
 from memory.api.base import ConcurrentAPIView as APIView
 from memory.api.errors import envelope
-from memory.api.schema import WITH_CONFLICT, Buffer, FlushJob, HealthBacklog, QueryResult, api_doc, envelope_of, ids
+from memory.api.schema import WITH_CONFLICT, Buffer, FlushJob, QueryResult, api_doc, envelope_of, ids
 from memory.api.serializers import validated
 from memory.errors import Forbidden, NotFound
 from memory.models import KeyScope
@@ -74,20 +74,19 @@ class HealthView(APIView):
             "status": s.serializers.ChoiceField(choices=["ok", "degraded"]),
             "version": s.serializers.CharField(),
             "database": s.serializers.CharField(),
-            "backlog": HealthBacklog(),
         },
         errors=(500, 503),
         description="`degraded` (still 200) when the flush is behind: its oldest pending message is older "
-        "than `BACKLOG_DEGRADED_SECONDS`, or adds are refused (`MAX_BACKLOG_MESSAGES`). 503 when the "
-        "database cannot be reached.",
+        "than `BACKLOG_DEGRADED_SECONDS`, or the backlog of all tenants is at `MAX_BACKLOG_MESSAGES_TOTAL`. "
+        "No figures: it needs no key, and the backlog's are the operators' (`admin/stats`, `/metrics`). "
+        "503 when the database cannot be reached.",
     )
     def get(self, request):
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
-        backlog = buffer_backlog.health()
-        status = backlog.pop("status")
+        status = buffer_backlog.status()
         message = "Service is healthy" if status == "ok" else "Service is degraded: the flush is behind"
-        return envelope({"status": status, "version": API_VERSION, "database": "ok", "backlog": backlog}, message=message)
+        return envelope({"status": status, "version": API_VERSION, "database": "ok"}, message=message)
 
 
 # --- users -------------------------------------------------------------------------------------
@@ -288,8 +287,9 @@ class SessionMessagesView(APIView):
         },
         code=201,
         request=s.MessagesAdd,
-        description="503 with `Retry-After` when the flush backlog of all users is at `MAX_BACKLOG_MESSAGES` "
-        "(nothing is stored).",
+        description="503 with `Retry-After` when the flush backlog of the key's tenant would pass "
+        "`MAX_BACKLOG_MESSAGES`, or it holds its share of a backlog of all tenants past "
+        "`MAX_BACKLOG_MESSAGES_TOTAL` (nothing is stored).",
     )
     def post(self, request, session_id):
         session = selectors.session_ref(
@@ -331,15 +331,21 @@ class SessionMessagesReadView(APIView):
 
 
 def _manual_flush(request, *, user_id, session_id=None):
-    """Queue a high-priority flush; with ``{"wait": true}`` answer when it has run (200)."""
+    """Queue a high-priority flush; with ``{"wait": true}`` answer when it has run (200), or
+    202 as without it when the tenant's waits in this process are at ``FLUSH_WAIT_MAX_PER_TENANT``."""
     wait = validated(s.FlushIn, request.data).get("wait", False)
     with transaction.atomic():
         job_id = buffer_services.request_flush(
             user_id=user_id, session_id=session_id, priority=Priority.HIGH, reason=Reason.MANUAL
         )
-    if not wait:
-        return envelope({"job_id": job_id, "state": State.QUEUED.value}, code=202, message="Flush queued")
-    job = buffer_services.wait_for_job(job_id=job_id, timeout=settings.BUFFERS["TIMEOUT_SECONDS"])
+    job = None
+    if wait:
+        job = buffer_services.wait_for_job(
+            job_id=job_id, timeout=settings.BUFFERS["TIMEOUT_SECONDS"], tenant_id=request.auth.tenant_id
+        )
+    if job is None:
+        message = "Flush queued" if not wait else "Flush queued, not waited for: FLUSH_WAIT_MAX_PER_TENANT waits in progress"
+        return envelope({"job_id": job_id, "state": State.QUEUED.value}, code=202, message=message)
     return envelope(buffer_services.job_dict(job), message=f"Flush {job.state}")
 
 
@@ -349,7 +355,9 @@ flush_doc = api_doc(
     code=202,
     request=s.FlushIn,
     responses={200: envelope_of("FlushJob", FlushJob())},
-    description="202 with the queued job; with `{\"wait\": true}`, 200 with the job once it has run.",
+    description="202 with the queued job; with `{\"wait\": true}`, 200 with the job once it has run, or 202 "
+    "as without it (not waited for) when `FLUSH_WAIT_MAX_PER_TENANT` flushes of the tenant are waited for "
+    "already. A session's repeated requests merge into its one waiting job.",
 )
 
 
