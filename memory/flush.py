@@ -96,11 +96,14 @@ def _write(
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(_NO_FSYNC)
         embedding_model.guard_write(cursor, generation=generation)
-        cursor.execute("SELECT ann_bucket FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
-        row = cursor.fetchone()
-        if row is None:
+        cursor.execute("SELECT FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
+        if cursor.rowcount != 1:
             return []  # the user was deleted meanwhile
         lock_context_writes(cursor, user_id=user_id)
+        # Read holding the lock: a move to the HNSW index that set the bucket while this
+        # waited for it is seen, and the rows written here go into that index too.
+        cursor.execute("SELECT ann_bucket FROM memory_user WHERE id = %s", [user_id])
+        row = cursor.fetchone()
         use_binary_vectors(cursor)
         cursor.execute(
             """
