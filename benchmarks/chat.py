@@ -22,6 +22,10 @@ the text (``benchmarks.chat_dataset``, bulk-loaded into this process's database)
    index), so every query loads the user as a process that never saw them does (snapshot,
    catch-up); ``--clients`` clients, open loop at ``--cold-rate`` queries/s, at 200
    (``--user-size``) and at 10,000 (``--cold-size``) messages.
+5. **fresh**: histories as they arrive, on a database the phase creates and migrates, with a
+   server of its own: users loaded over the REST API (adds of ``MAX_BATCH_MESSAGES``, and an
+   import), measured from the first query after their flush; the chat pattern and the
+   backlog on such users (``benchmarks.chat_fresh``).
 
 Before the server starts, in this process: recall@10 of the approximate (HNSW) vector search
 of every user that has it against an exact scan of their context embeddings (ties count), on
@@ -29,7 +33,7 @@ the cycled users (texts repeat, as the bench's do) and on the distinct user.
 
 The many-users phase also reports the CPU of a turn by process group (the server, its
 inference processes, and the host's PostgreSQL processes when the database runs there).
-The phases on servers of their own (many users, cold) run after the main server is stopped:
+The phases on servers of their own (many users, cold, fresh) run after the main server is stopped:
 flush jobs are rows that any process may claim, and its flush workers would take theirs.
 The server's and its inference processes' resident memory is read after each phase: each
 process's RSS summed (`total_mb`) and their proportional set sizes summed (`total_pss_mb`, the
@@ -52,12 +56,15 @@ from django.conf import settings
 from django.core.management.base import CommandError
 
 from benchmarks.chat_dataset import ChatDataset, ChatUser
+from benchmarks.chat_fresh import fresh_phase
 from benchmarks.client import Api
 from benchmarks.server import ServerProcess, bench_rate_limit, children_rss_mb, cpu_seconds, rss_mb, tree_pss_mb
 from benchmarks.stats import latency_summary, recall_at_k
 from benchmarks.texts import LOCOMO_DEV, chat_rounds, locomo_turn_texts
 
 DEFAULT_SIZES = "200,2000,10000,30000,100000"
+PHASES = ("history", "backlog", "many", "cold", "fresh")
+DATASET_PHASES = {"history", "backlog", "many", "cold"}  # the phases on the bulk-loaded dataset
 COLD_CACHE_MB = 0.01  # smaller than any user's index: nothing stays cached
 
 
@@ -107,7 +114,13 @@ class ChatBench:
         parser.add_argument("--top-k", type=int, default=10, help="results per query")
         parser.add_argument("--settle-timeout", type=float, default=1800.0,
                             help="most seconds to wait before each phase for the server to flush what is pending (0: no wait)")
-        parser.add_argument("--skip", default="", help="phases not to run, comma-separated (history,backlog,many,cold)")
+        parser.add_argument("--fresh-sizes", default="10000,100000",
+                            help="fresh phase: sizes of the users loaded over REST and by import, measured from their first query")
+        parser.add_argument("--fresh-chat-sizes", default="200,2000,10000", help="fresh phase: sizes of the chat pattern's users")
+        parser.add_argument("--fresh-queries", type=int, default=30, help="fresh phase: queries from the first after a user's load")
+        parser.add_argument("--fresh-rounds", type=int, default=20, help="fresh phase: add, query, query rounds per chat size")
+        parser.add_argument("--keep", action="store_true", help="keep the fresh phase's database (default: drop it)")
+        parser.add_argument("--skip", default="", help=f"phases not to run, comma-separated ({','.join(PHASES)})")
         parser.add_argument("--tag", default="default", help="name of the bench dataset (reused while its shape matches)")
         parser.add_argument("--rebuild", action="store_true", help="rebuild the dataset even if it exists")
         parser.add_argument("--data", type=Path, default=LOCOMO_DEV, help="LoCoMo file of the conversations")
@@ -121,7 +134,14 @@ class ChatBench:
         if not sizes or min(sizes) < 10:
             raise CommandError(f"--sizes: each size must be at least 10 (got {options['sizes']!r})")
         options["size_list"] = sizes
-        for option in ("rounds", "backlog_messages", "many_users", "user_size", "cold_size", "top_k"):
+        for option in ("fresh_sizes", "fresh_chat_sizes"):
+            try:
+                options[f"{option[:-1]}_list"] = [int(size) for size in options[option].split(",") if size.strip()]
+            except ValueError:
+                raise CommandError(f"--{option.replace('_', '-')}: comma-separated integers expected (got {options[option]!r})") from None
+            if any(size <= 0 for size in options[f"{option[:-1]}_list"]):
+                raise CommandError(f"--{option.replace('_', '-')}: each size must be > 0 (got {options[option]!r})")
+        for option in ("rounds", "backlog_messages", "many_users", "user_size", "cold_size", "top_k", "fresh_queries", "fresh_rounds"):
             if options[option] <= 0:
                 raise CommandError(f"--{option.replace('_', '-')} must be > 0 (got {options[option]})")
         for option in ("backlog_users", "cold_users", "many_cache_mb", "distinct_size", "recall_queries", "settle_timeout"):
@@ -133,8 +153,8 @@ class ChatBench:
         if options["backlog_messages"] > settings.MEMFUSE["MAX_BATCH_MESSAGES"]:
             raise CommandError(f"--backlog-messages: at most MAX_BATCH_MESSAGES ({settings.MEMFUSE['MAX_BATCH_MESSAGES']})")
         skip = {phase for phase in options["skip"].split(",") if phase}
-        if skip - {"history", "backlog", "many", "cold"}:
-            raise CommandError(f"--skip: unknown phase(s) {', '.join(sorted(skip - {'history', 'backlog', 'many', 'cold'}))}")
+        if skip - set(PHASES):
+            raise CommandError(f"--skip: unknown phase(s) {', '.join(sorted(skip - set(PHASES)))}")
         options["skip_set"] = skip
         if not options["data"].exists():
             raise CommandError(f"--data: no such file {options['data']}")
@@ -157,11 +177,12 @@ class ChatBench:
         self.not_measured: list[str] = []
         self.operator_key = None
         self.backlog_users: set = set()
+        self._log = print
 
     def config(self) -> dict:
         keys = ("sizes", "rounds", "backlog_users", "backlog_messages", "many_users", "user_size", "zipf", "rate",
                 "many_cache_mb", "duration", "closed_duration", "cold_users", "cold_size", "cold_rate", "cold_duration", "distinct_size",
-                "top_k", "tag", "skip", "settle_timeout")
+                "top_k", "tag", "skip", "settle_timeout", "fresh_sizes", "fresh_chat_sizes", "fresh_queries", "fresh_rounds")
         return {
             **{key: self.options[key] for key in keys},
             "data": str(self.options["data"]),
@@ -174,11 +195,14 @@ class ChatBench:
         return self.dataset.tenant()
 
     def prepare(self, log) -> dict:
-        started = time.perf_counter()
-        built = self.dataset.ensure(rebuild=self.options["rebuild"], log=log)
-        self.users = self.dataset.users()
-        log(f"dataset: {'reused' if built['reused'] else 'built'} in {time.perf_counter() - started:.1f} s")
-        report = {"dataset": {**built, "users": {group: len(members) for group, members in self.users.items()}}}
+        self._log = log  # for the phases' progress lines
+        report: dict = {"dataset": None}
+        if DATASET_PHASES - self.options["skip_set"]:  # the fresh phase alone loads its own users
+            started = time.perf_counter()
+            built = self.dataset.ensure(rebuild=self.options["rebuild"], log=log)
+            self.users = self.dataset.users()
+            log(f"dataset: {'reused' if built['reused'] else 'built'} in {time.perf_counter() - started:.1f} s")
+            report["dataset"] = {**built, "users": {group: len(members) for group, members in self.users.items()}}
         from memory import services
         from memory.models import KeyScope
 
@@ -268,6 +292,12 @@ class ChatBench:
         if "cold" not in skip:
             await self._stop_main_server(server, results)
             results["cold"] = await self._cold(api, server)
+        if "fresh" not in skip:
+            await self._stop_main_server(server, results)
+            if server is None:
+                self.not_measured.append("fresh phase: needs a server the bench starts (on a database it creates)")
+            else:
+                results["fresh"] = await fresh_phase(self, http=api.http, kind=server.kind, log=self._log)
         return results
 
     @staticmethod
@@ -558,6 +588,17 @@ class ChatBench:
             if label in cold:
                 lines.append(f"cold, {cold[label]['messages']} messages: p50/p95 {cold[label]['latency_ms']['p50']}/"
                              f"{cold[label]['latency_ms']['p95']} ms")
+        fresh = report.get("fresh") or {}
+        for point in fresh.get("first_queries", []):
+            lines.append(f"fresh, {point['messages']} messages by {point['via']}: first query {point['first_ms']} ms, "
+                         f"p50/p95 {point['query_ms']['p50']}/{point['query_ms']['p95']} ms (flush waited {point['flush_wait_seconds']} s)")
+        for point in fresh.get("chat", []):
+            lines.append(f"fresh chat, {point['messages']} messages: query after add p95 {point['query_after_add_ms']['p95']} ms, "
+                         f"no write {point['query_no_write_ms']['p95']} ms (ratio {point['p95_ratio']})")
+        if fresh.get("backlog"):
+            backlog = fresh["backlog"]
+            lines.append(f"fresh backlog: query right after an add of {backlog['messages_per_add']}: p95 "
+                         f"{backlog['query_right_after_ms']['p95']} ms, newest found {backlog['newest_found']}/{backlog['users']}")
         for entry in report.get("ann_recall", []):
             lines.append(f"ann recall@k {entry['group']} {entry['messages']}: {entry['recall_at_k_mean']} (min {entry['recall_at_k_min']})")
         return lines

@@ -65,7 +65,7 @@ def _claim(*, user_id: uuid.UUID, session_id: uuid.UUID | None, token: uuid.UUID
                 SELECT id FROM memory_message
                 WHERE user_id = %(user)s {session_filter} AND flushed_at IS NULL
                   AND (claimed_until IS NULL OR claimed_until < now())
-                ORDER BY updated_at, id
+                ORDER BY updated_at, seq
                 LIMIT %(limit)s
                 FOR UPDATE SKIP LOCKED
             )
@@ -96,11 +96,14 @@ def _write(
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(_NO_FSYNC)
         embedding_model.guard_write(cursor, generation=generation)
-        cursor.execute("SELECT ann_bucket FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
-        row = cursor.fetchone()
-        if row is None:
+        cursor.execute("SELECT FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
+        if cursor.rowcount != 1:
             return []  # the user was deleted meanwhile
         lock_context_writes(cursor, user_id=user_id)
+        # Read holding the lock: a move to the HNSW index that set the bucket while this
+        # waited for it is seen, and the rows written here go into that index too.
+        cursor.execute("SELECT ann_bucket FROM memory_user WHERE id = %s", [user_id])
+        row = cursor.fetchone()
         use_binary_vectors(cursor)
         cursor.execute(
             """
@@ -152,15 +155,18 @@ def flush_pending(
     metrics.FLUSHES.labels("ok").inc()
     metrics.MESSAGES_FLUSHED.inc(flushed)
     if flushed:
-        maintain_indexes(user_id)
+        maintain_indexes(user_id, current=flushed > batch_size)
     return flushed
 
 
-def maintain_indexes(user_id: uuid.UUID) -> None:
-    """After a flush: move a user whose history passed ``ANN_MIN_MESSAGES`` to the HNSW
-    index (``vector.ann_enable``) and rewrite their lexical index's snapshot when it lags
-    (``retrieval.cache.refresh_snapshot``). Derived data only: a failure is logged, and the
-    next flush tries again."""
+def maintain_indexes(user_id: uuid.UUID, *, growing: bool = False, current: bool = False) -> None:
+    """After a flush, and between the batches of a backlog's: move a user whose history
+    passed ``ANN_MIN_MESSAGES`` to the HNSW index (``vector.ann_enable``) and rewrite their
+    lexical index's snapshot when it lags (``retrieval.cache.refresh_snapshot``, with
+    ``growing`` between a backlog's batches). ``current``: at the end of a backlog or an
+    import, the snapshot within ``SNAPSHOT_MIN_CHANGES`` of the rows and the planner's
+    statistics of the messages current (``refresh_statistics``). Derived data only: a
+    failure is logged, and the next flush tries again."""
     from memory.retrieval import vector
 
     try:
@@ -178,9 +184,44 @@ def maintain_indexes(user_id: uuid.UUID) -> None:
             row = cursor.fetchone()
         if row and row[0]:
             vector.ann_enable(user_id=user_id)
-        cache.refresh_snapshot(user_id)
+        cache.refresh_snapshot(user_id, growing=growing, current=current)
+        if current:
+            refresh_statistics()
     except Exception:
         logger.warning("index maintenance of user %s failed; the next flush retries", user_id, exc_info=True)
+
+
+# Autovacuum's own rule for when a table's statistics are stale (never analyzed, or more rows
+# changed since its last ANALYZE than autovacuum_analyze_threshold + scale factor x rows).
+_STATISTICS_STALE_SQL = """
+SELECT c.reltuples < 0 OR pg_stat_get_mod_since_analyze(c.oid)
+       > current_setting('autovacuum_analyze_threshold')::float8
+         + current_setting('autovacuum_analyze_scale_factor')::float8 * c.reltuples
+FROM pg_class c WHERE c.oid = 'memory_message'::regclass
+"""
+
+
+def refresh_statistics() -> bool:
+    """``ANALYZE memory_message`` when its planner statistics are stale by autovacuum's rule,
+    at once rather than within ``autovacuum_naptime`` (a minute by default): run by the flush
+    of a backlog and by an import (``maintain_indexes`` with ``current``), whose user queries
+    next. A table the planner has never analyzed, or has seen a tenth of, gets plans that
+    read every row of a user where a few were wanted. Returns whether it ran ANALYZE.
+
+    Bounded like autovacuum's own ANALYZE: only past that rule (so at most once per tenth of
+    the table changed), one process at a time (a tried transaction-level advisory lock: the
+    other workers skip), never waiting for autovacuum's lock on the table (``SKIP_LOCKED``),
+    and ANALYZE reads a fixed sample of rows, whatever the table's size.
+    """
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(_STATISTICS_STALE_SQL)
+        if not cursor.fetchone()[0]:
+            return False
+        cursor.execute("SELECT pg_try_advisory_xact_lock(hashtextextended('memory_message statistics', 0))")
+        if not cursor.fetchone()[0]:
+            return False
+        cursor.execute("ANALYZE (SKIP_LOCKED) memory_message")
+    return True
 
 
 def _release(token: uuid.UUID) -> None:
@@ -248,6 +289,10 @@ def _flush_batches(
         if not claimed:
             return flushed
         batches += 1
+        if flushed and len(claimed) < batch_size:
+            # The last batch of a backlog: the user's first query once nothing is pending
+            # loads the snapshot, so it is brought up to date before that batch is written.
+            maintain_indexes(user_id, current=True)
         ids = [row[0] for row in claimed]
         while True:
             generation = embedding_model.follow_active_model()
@@ -269,3 +314,8 @@ def _flush_batches(
             by_session.setdefault(message_session, []).append(str(message_id))
         for message_session, message_ids in by_session.items():
             events.flush_completed(session_id=message_session, message_ids=message_ids)
+        if len(claimed) == batch_size:
+            # More may be pending: the move to the HNSW index and the snapshot follow the
+            # backlog as it is flushed, not only once it is all written (queries meanwhile
+            # would scan the user's rows, or build their index from the rows).
+            maintain_indexes(user_id, growing=True)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -21,7 +22,8 @@ from buffers.models import FlushJob, FlushTurn, Priority, Reason, State
 from buffers.workers import FlushWorkerPool
 from memory import flush, selectors, services
 from memory.inference import registry
-from memory.models import Message
+from memory.models import Message, User
+from memory.retrieval import store
 from memory.services import MessageIn
 from tests.envelopes import assert_success
 from tests.subprocesses import subprocess_env
@@ -527,6 +529,90 @@ def test_query_right_after_add_finds_the_message_with_its_flushed_score(alice_se
     assert before[0]["metadata"]["retrievers"]["vector"]["score"] == pytest.approx(
         after[0]["metadata"]["retrievers"]["vector"]["score"], abs=1e-5
     )
+
+
+# --- the flush of a backlog ---------------------------------------------------------------------
+
+
+def _recording_writes(monkeypatch, record) -> list:
+    """Patch the flush's write so that ``record()`` is called, and kept, before each batch is written."""
+    seen = []
+    real_write = flush._write
+
+    def write(**kwargs):
+        seen.append(record())
+        return real_write(**kwargs)
+
+    monkeypatch.setattr(flush, "_write", write)
+    return seen
+
+
+def test_a_flush_claims_the_messages_of_an_add_in_their_order(alice_session):
+    """The messages of one add share their time of change: a flush claims them in their order,
+    so a batch holds consecutive turns and a turn's context embedding is written about once,
+    not again each time one of its neighbours is flushed in another batch."""
+    add(alice_session, 100)
+
+    claimed = flush._claim(user_id=alice_session.user_id, session_id=None, token=uuid.uuid4(), limit=10)
+
+    positions = Message.objects.filter(pk__in=[row[0] for row in claimed]).values_list("position", flat=True)
+    assert sorted(positions) == list(range(10))
+
+
+def test_a_backlog_past_ann_min_messages_moves_to_the_hnsw_index_while_it_is_flushed(alice_session, monkeypatch):
+    """A user whose backlog takes them past ``ANN_MIN_MESSAGES`` moves to the HNSW index after the
+    flush's first batch, not once every batch is written: the queries of the user meanwhile go
+    through the index rather than scan their rows, and the rest of the backlog goes in as it is flushed."""
+    monkeypatch.setitem(settings.MEMFUSE, "ANN_MIN_MESSAGES", 50)
+    add(alice_session, 120)
+    buckets = _recording_writes(monkeypatch, lambda: User.objects.values_list("ann_bucket", flat=True).get(pk=alice_session.user_id))
+
+    buffers.flush_pending(user_id=alice_session.user_id, batch_size=32)
+
+    assert buckets[0] is None and buckets[-1] is not None
+    assert set(Message.objects.filter(user=alice_session.user).values_list("ann_bucket", flat=True)) == {buckets[-1]}
+
+
+def test_the_flush_of_a_backlog_brings_the_snapshot_up_to_date_before_its_last_batch(alice_session, monkeypatch):
+    """Before writing the last batch of a backlog (with it the user's pending messages reach 0),
+    a flush writes the user's index snapshot when it lags by ``SNAPSHOT_MIN_CHANGES``, even
+    where a tenth of the user's documents is more: the user's first query then loads a snapshot
+    that holds every message, in any process."""
+    monkeypatch.setitem(settings.MEMFUSE, "SNAPSHOT_MIN_CHANGES", 8)
+    add(alice_session, 200)
+    buffers.flush_pending(user_id=alice_session.user_id)
+    add(alice_session, 15)  # fewer than a tenth of the 200 documents, more than SNAPSHOT_MIN_CHANGES
+    lags = _recording_writes(monkeypatch, lambda: store.snapshot_lag(alice_session.user_id))
+
+    buffers.flush_pending(user_id=alice_session.user_id, batch_size=4)
+
+    assert [changes for _, _, changes in lags] == [15, 15, 15, 0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_flush_of_a_backlog_leaves_the_planner_statistics_of_messages_current(alice_session):
+    """Once ``memory_message``'s statistics are stale by autovacuum's rule (a table analyzed
+    nearly empty, then a backlog), the backlog's flush ANALYZEs it: the planner knows the
+    table's rows at once, not after autovacuum's next round."""
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE memory_message SET (autovacuum_enabled = off)")  # no ANALYZE but the flush's
+        try:
+            cursor.execute("ANALYZE memory_message")
+            cursor.execute("SELECT last_analyze FROM pg_stat_user_tables WHERE relname = 'memory_message'")
+            (analyzed,) = cursor.fetchone()
+            add(alice_session, 120)
+            cursor.execute("SELECT pg_stat_force_next_flush()")  # this connection's counts, shared at once
+
+            buffers.flush_pending(user_id=alice_session.user_id, batch_size=32)
+
+            cursor.execute(
+                "SELECT c.reltuples, s.last_analyze FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid "
+                "WHERE c.relname = 'memory_message'"
+            )
+            reltuples, last_analyze = cursor.fetchone()
+        finally:
+            cursor.execute("ALTER TABLE memory_message RESET (autovacuum_enabled)")
+    assert reltuples == 120 and last_analyze > analyzed
 
 
 # --- workers -----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection
 
 from memory.models import Message, User
 
@@ -120,6 +121,18 @@ def test_memfuse_bench_rejects_bad_options(args, option):
         call_command("memfuse_bench", "ingest", *args)
 
 
+@pytest.mark.parametrize(
+    "args, option",
+    [(["--fresh-sizes", "ten"], "--fresh-sizes"), (["--fresh-chat-sizes", "0"], "--fresh-chat-sizes"),
+     (["--fresh-queries", "0"], "--fresh-queries"), (["--skip", "fresh,stale"], "--skip")],
+)
+def test_memfuse_bench_chat_rejects_bad_fresh_options(args, option):
+    """Bad options of the chat benchmark's fresh phase are command errors naming the option,
+    before any dataset is built or database created."""
+    with pytest.raises(CommandError, match=option):
+        call_command("memfuse_bench", "chat", *args)
+
+
 def test_admin_screenshot_names_a_missing_browser(tmp_path):
     """admin_screenshot refuses a Chromium path that does not exist, before starting anything."""
     with pytest.raises(CommandError, match="--chromium"):
@@ -215,7 +228,8 @@ def long_locomo_file(tmp_path, *, turns: int = 80):
 def test_memfuse_bench_chat_end_to_end(tmp_path, monkeypatch, settings):
     """A tiny chat run over real servers: every phase answers without errors, the newest
     message of a backlog is found, the many users' server evicts, the long histories are searched through the HNSW index
-    with their recall reported, the cold server cached nobody, and memory is read."""
+    with their recall reported, the cold server cached nobody, memory is read, and the fresh
+    phase loads its users over REST and by import into a database of its own, then drops it."""
     from tests.subprocesses import subprocess_env
 
     monkeypatch.setenv("DATABASE_URL", subprocess_env()["DATABASE_URL"])
@@ -228,6 +242,7 @@ def test_memfuse_bench_chat_end_to_end(tmp_path, monkeypatch, settings):
         "--backlog-users", "2", "--backlog-messages", "30", "--many-users", "6", "--user-size", "20", "--zipf", "1.0",
         "--rate", "4", "--duration", "1", "--closed-duration", "1", "--many-cache-mb", "0.05", "--cold-users", "2", "--cold-size", "120",
         "--cold-rate", "4", "--cold-duration", "1", "--distinct-size", "110", "--recall-queries", "2", "--clients", "2",
+        "--fresh-sizes", "120", "--fresh-chat-sizes", "40", "--fresh-queries", "3", "--fresh-rounds", "2",
         "--tag", "e2e", "--seed", "3", "--json", str(out),
     )
 
@@ -246,3 +261,14 @@ def test_memfuse_bench_chat_end_to_end(tmp_path, monkeypatch, settings):
     cold = report["cold"]
     assert cold["many"]["errors"] == cold["long"]["errors"] == 0 and cold["server_cache"]["size"] == 0
     assert report["memory"]["after_many_users"]["total_mb"] > 0 and report["not_measured"] == []
+    fresh = report["fresh"]
+    assert [(point["via"], point["messages"], point["errors"]) for point in fresh["first_queries"]] == [
+        ("rest", 120, 0), ("import", 120, 0)
+    ]
+    # The flush of the first user's backlog analyzed the new database's messages before its queries.
+    assert fresh["first_queries"][1]["tables"]["memory_message"]["analyzed"] is not None
+    assert [(point["messages"], point["errors"]) for point in fresh["chat"]] == [(40, 0)]
+    assert fresh["backlog"]["errors"] == 0 and fresh["backlog"]["newest_found"] == 2
+    with connection.cursor() as cursor:  # the phase's database is gone
+        cursor.execute("SELECT count(*) FROM pg_database WHERE datname = %s", [fresh["database"]])
+        assert cursor.fetchone()[0] == 0

@@ -19,7 +19,7 @@ from django.db import connection
 from buffers.services import flush_pending
 from memory import retrieval, selectors, services
 from memory.inference import registry
-from memory.retrieval import store
+from memory.retrieval import cache, store
 from memory.retrieval.bm25 import KINDS, KNOWLEDGE, MESSAGE, BM25Index, Document
 from memory.retrieval.keys import DocKey
 from memory.services import MessageIn
@@ -220,7 +220,7 @@ def test_a_process_without_the_user_loads_their_snapshot_and_catches_up(alice_se
     rows) and applies what was written after it; rankings equal a build from the rows."""
     _add(alice_session, [f"trip number {i} to the glacier" for i in range(30)])
     flush_pending(user_id=alice_session.user_id)
-    through, lag = store.snapshot_lag(alice_session.user_id)
+    through, _, lag = store.snapshot_lag(alice_session.user_id)
     assert through is not None and lag == 0
     [late] = _add(alice_session, ["a late trip to the glacier lake"])
     loaded = []
@@ -313,6 +313,57 @@ def test_a_snapshot_write_waits_for_a_delete_of_its_user_and_then_writes_nothing
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM memory_indexsnapshot WHERE user_id = %s", [user.pk])
         assert cursor.fetchone()[0] == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_process_at_a_time_rewrites_a_users_snapshot(alice_session):
+    """While another transaction is the writer of the user's snapshot (its advisory lock), a
+    flush that finds the snapshot lagging leaves it to that writer, loading and writing
+    nothing; once the writer is done, it rewrites it."""
+    import threading
+
+    from django.db import transaction
+
+    user_id = alice_session.user_id
+    _add(alice_session, [f"We walked to the harbour, day {i}." for i in range(10)])
+    holds, may_end = threading.Event(), threading.Event()
+
+    def writer():
+        try:
+            with transaction.atomic():
+                assert store.snapshot_writer_lock(user_id)
+                holds.set()
+                may_end.wait(10)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert holds.wait(10)
+    try:
+        meanwhile = cache.refresh_snapshot(user_id)
+    finally:
+        may_end.set()
+        thread.join(10)
+
+    assert meanwhile is False and store.snapshot_lag(user_id)[0] is None
+    assert cache.refresh_snapshot(user_id) is True
+
+
+def test_between_a_backlogs_batches_a_snapshot_follows_a_tenth_of_the_users_documents(alice_session, settings):
+    """A process that has not cached the user rewrites their snapshot after an ordinary flush
+    once ``SNAPSHOT_MIN_CHANGES`` changes are not in it; between the batches of a backlog's
+    flush (``growing``), only once a tenth of their documents (the snapshot's count) are, so
+    that a growing history is not written again at every batch."""
+    settings.MEMFUSE = {**settings.MEMFUSE, "SNAPSHOT_MIN_CHANGES": 8}
+    user_id = alice_session.user_id
+    _add(alice_session, [f"Note {i} about the garden." for i in range(200)])
+    assert cache.refresh_snapshot(user_id)
+    _add(alice_session, [f"Later note {i} about the roses." for i in range(15)])
+    retrieval.reset_user_cache()
+
+    assert cache.refresh_snapshot(user_id, growing=True) is False
+    assert cache.refresh_snapshot(user_id) is True
 
 
 def test_a_snapshot_read_in_parts_of_any_size_is_the_same_index():

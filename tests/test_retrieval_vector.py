@@ -3,6 +3,8 @@ approximate (HNSW) search of users with long histories."""
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 import pytest
 from django.db import connection
@@ -274,6 +276,114 @@ def test_the_move_to_the_hnsw_index_takes_turns_with_a_flush_of_the_user(agent):
     assert in_index_meanwhile == 0
     assert moved and moved[0] is not None
     assert set(Message.objects.filter(pk__in=ids).values_list("ann_bucket", flat=True)) == {moved[0]}
+
+
+@pytest.mark.django_db
+def test_a_move_to_the_hnsw_index_puts_the_rest_where_an_earlier_move_put_rows(agent):
+    """Rows a concurrent or interrupted move already put in a bucket decide the bucket of the
+    next move of the user, even when another bucket is less shared: all the user's rows end in
+    the bucket the user searches, never split over two indexes."""
+    from memory.models import EMBEDDING_DIM, User
+
+    vectors = unit(np.random.default_rng(9).normal(size=(30, EMBEDDING_DIM)))
+    user, ids = flushed_user(agent, "half-moved", vectors)
+    neighbour, _ = flushed_user(agent, "neighbour", vectors[:3])
+    User.objects.filter(pk=neighbour.pk).update(ann_bucket=7)  # bucket 7 is the most shared
+    with connection.cursor() as cursor:
+        assert vector.ann_place(cursor, user_id=user.pk, bucket=7, limit=10) == 10
+
+    assert vector.ann_enable(user_id=user.pk, batch=5) == 7
+
+    assert set(Message.objects.filter(pk__in=ids).values_list("ann_bucket", flat=True)) == {7}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_flush_that_waited_for_the_move_to_the_hnsw_index_writes_into_its_bucket(agent):
+    """A flush's write that waited for the move of the user to the HNSW index (their
+    context-write lock) reads the bucket the move set: the turns it writes, and their
+    neighbours' new context embeddings, go into that index, none is left out of it."""
+    import threading
+
+    from django.db import transaction
+
+    from memory import flush
+    from memory.models import EMBEDDING_DIM
+    from tests.locks import a_backend_waits_for_a_lock
+
+    vectors = unit(np.random.default_rng(10).normal(size=(20, EMBEDDING_DIM)))
+    user, _ = flushed_user(agent, "moving", vectors)
+    session = user.sessions.get()
+    services.messages_add(session=session, messages=[MessageIn(role="user", content=f"new {i}") for i in range(3)])
+    token = uuid.uuid4()
+    claimed = flush._claim(user_id=user.pk, session_id=None, token=token, limit=10)
+    move_holds, move_may_commit = threading.Event(), threading.Event()
+
+    def move():  # ann_enable's last transaction, held open until the flush waits for it
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute("SELECT FROM memory_user WHERE id = %s FOR KEY SHARE", [user.pk])
+                vector.lock_context_writes(cursor, user_id=user.pk)
+                cursor.execute("UPDATE memory_user SET ann_bucket = 5 WHERE id = %s", [user.pk])
+                vector.ann_place(cursor, user_id=user.pk, bucket=5)
+                move_holds.set()
+                move_may_commit.wait(10)
+        finally:
+            connection.close()
+
+    def write():
+        try:
+            flush._write(user_id=user.pk, token=token, ids=[row[0] for row in claimed], vectors=vectors[:3])
+        finally:
+            connection.close()
+
+    mover, writer = threading.Thread(target=move), threading.Thread(target=write)
+    mover.start()
+    assert move_holds.wait(10)
+    writer.start()
+    assert a_backend_waits_for_a_lock()
+    move_may_commit.set()
+    mover.join(10)
+    writer.join(10)
+
+    rows = Message.objects.filter(user=user)
+    assert rows.filter(flushed_at__isnull=True).count() == 0
+    assert set(rows.values_list("ann_bucket", flat=True)) == {5}
+
+
+@pytest.mark.django_db
+def test_the_repair_migration_puts_a_users_stray_rows_back_into_their_bucket(agent):
+    """Migration 0012 repairs what racing moves left: rows of a moved user in another bucket or
+    in none go into the user's (copies marked again, one row in the index per context), and
+    the search finds the exact top k again; a user not moved yet whose rows are in two buckets
+    has them taken out of every index, and the next move puts them all in one."""
+    import importlib
+
+    from memory.models import EMBEDDING_DIM, User
+
+    repair = importlib.import_module("memory.migrations.0012_ann_bucket_repair")
+    turns = unit(np.random.default_rng(11).normal(size=(8, EMBEDDING_DIM)))
+    moved, moved_ids = flushed_user(agent, "split-moved", np.tile(turns, (5, 1)))
+    bucket = vector.ann_enable(user_id=moved.pk)
+    Message.objects.filter(pk__in=moved_ids[:12]).update(ann_bucket=(bucket + 1) % 32)
+    Message.objects.filter(pk__in=moved_ids[12:15]).update(ann_bucket=None, context_digest=None, ann_duplicate=False)
+    unmoved, unmoved_ids = flushed_user(agent, "split-unmoved", turns)
+    with connection.cursor() as cursor:
+        vector.ann_place(cursor, user_id=unmoved.pk, bucket=3, limit=4)
+        vector.ann_place(cursor, user_id=unmoved.pk, bucket=4)
+    moved.refresh_from_db()
+    assert not _top_k_are_the_exact_top_k(moved, turns[:3])
+
+    with connection.cursor() as cursor:
+        cursor.execute(repair.REPAIR_MOVED_USERS)
+        cursor.execute(repair.RESET_SPLIT_MOVES)
+
+    assert set(Message.objects.filter(pk__in=moved_ids).values_list("ann_bucket", flat=True)) == {bucket}
+    assert all(flags.count(False) == 1 for flags in _rows_in_the_index(moved).values())
+    assert _top_k_are_the_exact_top_k(moved, turns[:3])
+    assert set(Message.objects.filter(pk__in=unmoved_ids).values_list("ann_bucket", flat=True)) == {None}
+    placed = vector.ann_enable(user_id=unmoved.pk)
+    assert User.objects.get(pk=unmoved.pk).ann_bucket == placed
+    assert set(Message.objects.filter(pk__in=unmoved_ids).values_list("ann_bucket", flat=True)) == {placed}
 
 
 def test_a_query_of_an_ann_user_finds_a_pending_message_too(alice_session, settings):

@@ -192,7 +192,9 @@ def memory_import(
             buffers.request_flush(user_id=target_id, priority=Priority.NORMAL, reason=Reason.SIZE)
     report.embeddings_used = use_embeddings
     if use_embeddings and report.created["messages"]:
-        flush.maintain_indexes(target_id)  # the HNSW index past ANN_MIN_MESSAGES, the index snapshot
+        # The HNSW index past ANN_MIN_MESSAGES, the index snapshot and the planner statistics,
+        # brought up to date before the answer: the user queries next.
+        flush.maintain_indexes(target_id, current=True)
     cache.forget(target_id)
     return report
 

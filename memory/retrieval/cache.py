@@ -16,6 +16,7 @@ from concurrent.futures import Future
 import numpy as np
 from cachetools import Cache, LRUCache
 from django.conf import settings
+from django.db import transaction
 
 from memory.inference import registry
 from memory.retrieval import store
@@ -218,25 +219,47 @@ def _store(cache: UserMemoryCache, memory: UserMemory) -> None:
         cache.pop(memory.user_id, None)
 
 
-def refresh_snapshot(user_id: uuid.UUID) -> bool:
-    """Rewrite the user's index snapshot if it lags: none yet, or at least
-    ``SNAPSHOT_MIN_CHANGES`` (or a tenth of the user's documents, if more) changes not in it.
+# The share of a user's documents their snapshot may lag by: after a flush, a tenth (a long
+# history is not written again every few turns); at the end of a backlog or an import, a
+# hundredth (the user's next query, in a process that has not cached them, catches up with
+# few rows, while a backlog that keeps coming back does not rewrite a long history each time).
+LAG_SHARE = 10
+CURRENT_LAG_SHARE = 100
+
+
+def refresh_snapshot(user_id: uuid.UUID, *, growing: bool = False, current: bool = False) -> bool:
+    """Rewrite the user's index snapshot if it lags: none yet, or as many changes not in it
+    as ``SNAPSHOT_MIN_CHANGES`` and as a tenth (``LAG_SHARE``) of the documents of this
+    process's cached index of the user, whichever is more. ``growing``: a tenth of the user's
+    documents, cached or not (the snapshot's count), between the batches of a backlog's
+    flush, which would otherwise rewrite it at every batch. ``current``: a hundredth
+    (``CURRENT_LAG_SHARE``) of them, at the end of a backlog or an import.
     Uses this process's cached index when it has one (caught up first), else loads one
     without caching it (a flush worker should not fill the cache). Returns whether it wrote.
+
+    One writer of a user's snapshot at a time (``store.snapshot_writer_lock``): the flushes
+    of one user that end together, in any process, leave it to the first.
     """
-    through, changes = store.snapshot_lag(user_id)
+    through, documents, changes = store.snapshot_lag(user_id)
     memory = cached_user_memory(user_id)
-    documents = len(memory.index) if memory is not None and memory.index is not None else 0
-    if not changes or (through is not None and changes < max(settings.MEMFUSE["SNAPSHOT_MIN_CHANGES"], documents // 10)):
-        return False
     if memory is not None and memory.index is not None:
-        with memory.lock:
-            if not store.catch_up(memory.index, user_id):
-                memory.index = store.load(user_id)
-            written = store.snapshot_save(memory.index, user_id)
-        resized(memory)
-        return written
-    return store.snapshot_save(store.load(user_id), user_id)
+        documents = len(memory.index)
+    elif not (growing or current):
+        documents = 0
+    share = CURRENT_LAG_SHARE if current else LAG_SHARE
+    if not changes or (through is not None and changes < max(settings.MEMFUSE["SNAPSHOT_MIN_CHANGES"], documents // share)):
+        return False
+    with transaction.atomic():
+        if not store.snapshot_writer_lock(user_id):
+            return False
+        if memory is not None and memory.index is not None:
+            with memory.lock:
+                if not store.catch_up(memory.index, user_id):
+                    memory.index = store.load(user_id)
+                written = store.snapshot_save(memory.index, user_id)
+            resized(memory)
+            return written
+        return store.snapshot_save(store.load(user_id), user_id)
 
 
 def forget(user_id: uuid.UUID) -> None:

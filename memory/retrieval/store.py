@@ -187,18 +187,27 @@ def snapshot_save(index: BM25Index, user_id: uuid.UUID) -> bool:
         return True
 
 
-def snapshot_lag(user_id: uuid.UUID) -> tuple[int | None, int]:
-    """``(through_seq of the user's snapshot or None, changes numbered after it)``."""
+def snapshot_lag(user_id: uuid.UUID) -> tuple[int | None, int, int]:
+    """``(through_seq of the user's snapshot or None, documents in it, changes numbered after it)``."""
     with connection.cursor() as cursor:
         cursor.execute(
             """
             WITH s AS (SELECT coalesce((SELECT through_seq FROM memory_indexsnapshot WHERE user_id = %(user)s), -1) AS seq)
             SELECT nullif((SELECT seq FROM s), -1),
+                   coalesce((SELECT documents FROM memory_indexsnapshot WHERE user_id = %(user)s), 0),
                    (SELECT count(*) FROM memory_message WHERE user_id = %(user)s AND seq > (SELECT seq FROM s))
                    + (SELECT count(*) FROM memory_knowledge WHERE user_id = %(user)s AND seq > (SELECT seq FROM s))
                    + (SELECT count(*) FROM memory_tombstone WHERE user_id = %(user)s AND seq > (SELECT seq FROM s))
             """,
             {"user": user_id},
         )
-        through, changes = cursor.fetchone()
-    return through, changes
+        through, documents, changes = cursor.fetchone()
+    return through, documents, changes
+
+
+def snapshot_writer_lock(user_id: uuid.UUID) -> bool:
+    """Try to become the one writer of the user's snapshot until the caller's transaction
+    ends (a transaction-level advisory lock, tried, not waited for); whether it was taken."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_xact_lock(hashtextextended(%s::text, 1))", [user_id])
+        return cursor.fetchone()[0]

@@ -195,30 +195,24 @@ def ann_enable(*, user_id: uuid.UUID, batch: int = 500) -> int | None:
     lock (``lock_context_writes``; an HNSW insert takes about a millisecond, so a flush of the
     user waits for one batch at most). Returns the user's bucket (``None``: the user is gone).
     Run by a flush once the user holds ``ANN_MIN_MESSAGES`` messages.
-    """
-    from memory.models import ANN_BUCKETS
 
-    with connection.cursor() as cursor:
-        # The bucket with the fewest users in it, a random one among equals.
-        cursor.execute(
-            """
-            SELECT b FROM generate_series(0, %s - 1) b
-            ORDER BY (SELECT count(*) FROM memory_user WHERE ann_bucket = b), random() LIMIT 1
-            """,
-            [ANN_BUCKETS],
-        )
-        bucket = cursor.fetchone()[0]
+    Several flushes of one user may end at once and each run it: each batch reads what decides
+    its bucket (the user's, else that of the rows already placed) holding the lock, so they
+    all place the rows into one bucket, also after a move that stopped half-way.
+    """
     while True:
         with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute("SELECT ann_bucket FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
-            row = cursor.fetchone()
-            if row is None:
+            cursor.execute("SELECT FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
+            if cursor.rowcount != 1:
                 return None
-            if row[0] is not None:
-                return row[0]
             # A flush's write locks the context rows around its turns in id order, these updates
             # in scan order: taking turns, they cannot deadlock.
             lock_context_writes(cursor, user_id=user_id)
+            cursor.execute("SELECT ann_bucket FROM memory_user WHERE id = %s", [user_id])
+            (placed,) = cursor.fetchone()
+            if placed is not None:
+                return placed
+            bucket = _ann_bucket_choice(cursor, user_id=user_id)
             if ann_place(cursor, user_id=user_id, bucket=bucket, limit=batch):
                 continue
             # Rows a concurrent writer held are caught by its own refresh once the user's
@@ -226,6 +220,26 @@ def ann_enable(*, user_id: uuid.UUID, batch: int = 500) -> int | None:
             cursor.execute("UPDATE memory_user SET ann_bucket = %s WHERE id = %s", [bucket, user_id])
             ann_place(cursor, user_id=user_id, bucket=bucket)
             return bucket
+
+
+def _ann_bucket_choice(cursor, *, user_id: uuid.UUID) -> int:
+    """The bucket of the user's rows already in an HNSW index (a move under way, or one that
+    stopped half-way), else the bucket with the fewest users, a random one among equals.
+    Caller holds the user's context-write lock."""
+    from memory.models import ANN_BUCKETS
+
+    cursor.execute(
+        """
+        SELECT coalesce(
+            (SELECT ann_bucket FROM memory_message
+             WHERE user_id = %(user)s AND ann_bucket IS NOT NULL AND NOT ann_duplicate LIMIT 1),
+            (SELECT b FROM generate_series(0, %(buckets)s - 1) b
+             ORDER BY (SELECT count(*) FROM memory_user WHERE ann_bucket = b), random() LIMIT 1)
+        )
+        """,
+        {"user": user_id, "buckets": ANN_BUCKETS},
+    )
+    return cursor.fetchone()[0]
 
 
 def ann_place(cursor, *, user_id: uuid.UUID, bucket: int, limit: int | None = None) -> int:
