@@ -220,8 +220,8 @@ def test_a_process_without_the_user_loads_their_snapshot_and_catches_up(alice_se
     rows) and applies what was written after it; rankings equal a build from the rows."""
     _add(alice_session, [f"trip number {i} to the glacier" for i in range(30)])
     flush_pending(user_id=alice_session.user_id)
-    through, lag = store.snapshot_lag(alice_session.user_id)
-    assert through is not None and lag == 0
+    through, lag, documents = store.snapshot_lag(alice_session.user_id)
+    assert through is not None and lag == 0 and documents == 30
     [late] = _add(alice_session, ["a late trip to the glacier lake"])
     loaded = []
     from_parts = BM25Index.from_parts
@@ -239,6 +239,29 @@ def test_a_process_without_the_user_loads_their_snapshot_and_catches_up(alice_se
     assert loaded == [True] and retrieval.user_memory(alice_session.user_id).index.seq > through
     assert cached == _fresh_bm25(alice_session.user, "glacier lake trip")
     assert cached[0][0].id == late.pk
+
+
+def test_a_flush_without_the_user_cached_rewrites_the_snapshot_after_a_tenth_of_its_documents(
+    alice_session, settings
+):
+    """In a process that has not cached the user (a flush worker's usual case), a flush rewrites
+    the snapshot only once a tenth of the snapshot's documents changed, not every
+    SNAPSHOT_MIN_CHANGES: each rewrite loads and saves the whole index."""
+    settings.MEMFUSE = {**settings.MEMFUSE, "SNAPSHOT_MIN_CHANGES": 5}
+    user_id = alice_session.user_id
+    _add(alice_session, [f"walk number {i} along the canal" for i in range(100)])
+    flush_pending(user_id=user_id)
+    through, _, documents = store.snapshot_lag(user_id)
+    retrieval.reset_user_cache()
+
+    _add(alice_session, [f"swim number {i} in the lake" for i in range(8)])
+    flush_pending(user_id=user_id)
+    kept, lag, _ = store.snapshot_lag(user_id)
+    _add(alice_session, [f"ride number {i} by the river" for i in range(4)])
+    flush_pending(user_id=user_id)
+
+    assert documents == 100 and (kept, lag) == (through, 8)
+    assert store.snapshot_lag(user_id)[1] == 0  # past a tenth: written again
 
 
 def test_a_snapshot_is_stored_in_bounded_parts_and_read_back_whole(alice_session, monkeypatch):

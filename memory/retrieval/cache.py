@@ -220,13 +220,19 @@ def _store(cache: UserMemoryCache, memory: UserMemory) -> None:
 
 def refresh_snapshot(user_id: uuid.UUID) -> bool:
     """Rewrite the user's index snapshot if it lags: none yet, or at least
-    ``SNAPSHOT_MIN_CHANGES`` (or a tenth of the user's documents, if more) changes not in it.
+    ``SNAPSHOT_MIN_CHANGES`` (or a tenth of the user's documents, in the snapshot or in this
+    process's cached index, if more) changes not in it.
     Uses this process's cached index when it has one (caught up first), else loads one
     without caching it (a flush worker should not fill the cache). Returns whether it wrote.
     """
-    through, changes = store.snapshot_lag(user_id)
+    through, changes, documents = store.snapshot_lag(user_id)
     memory = cached_user_memory(user_id)
-    documents = len(memory.index) if memory is not None and memory.index is not None else 0
+    if memory is not None and memory.index is not None:
+        documents = max(documents, len(memory.index))
+    # A tenth of the documents of the snapshot too, not only of a cached index: a flush worker
+    # seldom has its users cached (never in runworker), and a rewrite at every
+    # SNAPSHOT_MIN_CHANGES would load and save the whole index that often, quadratic in the
+    # user's size.
     if not changes or (through is not None and changes < max(settings.MEMFUSE["SNAPSHOT_MIN_CHANGES"], documents // 10)):
         return False
     if memory is not None and memory.index is not None:

@@ -187,8 +187,9 @@ def snapshot_save(index: BM25Index, user_id: uuid.UUID) -> bool:
         return True
 
 
-def snapshot_lag(user_id: uuid.UUID) -> tuple[int | None, int]:
-    """``(through_seq of the user's snapshot or None, changes numbered after it)``."""
+def snapshot_lag(user_id: uuid.UUID) -> tuple[int | None, int, int]:
+    """``(through_seq of the user's snapshot or None, changes numbered after it, documents in
+    it (0 without one))``."""
     with connection.cursor() as cursor:
         cursor.execute(
             """
@@ -196,9 +197,10 @@ def snapshot_lag(user_id: uuid.UUID) -> tuple[int | None, int]:
             SELECT nullif((SELECT seq FROM s), -1),
                    (SELECT count(*) FROM memory_message WHERE user_id = %(user)s AND seq > (SELECT seq FROM s))
                    + (SELECT count(*) FROM memory_knowledge WHERE user_id = %(user)s AND seq > (SELECT seq FROM s))
-                   + (SELECT count(*) FROM memory_tombstone WHERE user_id = %(user)s AND seq > (SELECT seq FROM s))
+                   + (SELECT count(*) FROM memory_tombstone WHERE user_id = %(user)s AND seq > (SELECT seq FROM s)),
+                   coalesce((SELECT documents FROM memory_indexsnapshot WHERE user_id = %(user)s), 0)
             """,
             {"user": user_id},
         )
-        through, changes = cursor.fetchone()
-    return through, changes
+        through, changes, documents = cursor.fetchone()
+    return through, changes, documents
