@@ -373,6 +373,10 @@ MEMFUSE = {
     # Requests of all the keys of one tenant together (operator keys count against none), so
     # that more keys do not make a larger budget. Default: five keys' worth of API_RATE_LIMIT.
     "API_TENANT_RATE_LIMIT": envstr("API_TENANT_RATE_LIMIT", scaled_rate(envstr("API_RATE_LIMIT", "6000/minute"), 5)),
+    # Requests of one tenant (all its keys) a process serves at once (memory.api.admission);
+    # past it, 429 before the body is read (0: no bound). Default half the pool, rounded up:
+    # a request holds a pooled connection while it runs, so another tenant's finds one free.
+    "API_TENANT_CONCURRENCY": envint("API_TENANT_CONCURRENCY", (envint("DB_POOL_MAX_SIZE", 10) + 1) // 2),
     # Live (unrevoked, unexpired) user keys one user may hold; creating one more is a 409.
     "MAX_API_KEYS_PER_USER": envint("MAX_API_KEYS_PER_USER", 20),
     # The embedded default (no DATABASE_URL) creates a tenant "local" at first start and

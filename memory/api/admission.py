@@ -1,0 +1,117 @@
+"""Admission of HTTP requests that carry a usable key: what one tenant may hold of a process.
+
+Every request of a tenant's key (tenant or user scope) to ``/api/`` or ``/mcp`` takes one of
+its tenant's ``API_TENANT_CONCURRENCY`` places in this process for as long as the application
+serves it. Past that, it is answered 429 with ``Retry-After`` by ``TenantAdmission``, an ASGI
+middleware, before Django runs and before its body is read: one tenant's requests can hold
+no more than that many of the process's request threads and pooled connections
+(``ASGI_THREADS``, ``DB_POOL_MAX_SIZE``), so another tenant's request finds both free. A
+request that sleeps (a waiting flush, bounded apart by ``FLUSH_WAIT_MAX_PER_TENANT``) gives
+its place back first (``release``).
+
+The same middleware answers a key that a rate limit has refused, until that limit's window
+ends (``memory.api.auth.known_refusal``): in a fixed window, a key past its budget stays past
+it until the window resets, so the answer is known without running the view; the view's
+throttle only counts.
+
+Operator keys, WebSocket connections (bounded per frame by the rate limits) and requests
+without a key (``memory.api.auth.HTTPAuthMiddleware`` answers them) are not counted.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+
+from django.conf import settings
+
+from memory.api.auth import known_refusal, may_have_body
+from memory.api.errors import answer_body, error_body, send_json
+from memory.errors import error_for
+from memory.tenancy import PRINCIPAL_SCOPE_KEY, Principal
+
+PLACE_SCOPE_KEY = "memfuse.admission"
+RETRY_AFTER_SECONDS = 1  # a place frees when one of the tenant's requests ends: soon
+
+_lock = threading.Lock()
+_in_flight: Counter[uuid.UUID] = Counter()
+
+
+class Place:
+    """One of a tenant's places in this process, held while its request is served."""
+
+    __slots__ = ("tenant_id", "_held")
+
+    def __init__(self, tenant_id: uuid.UUID) -> None:
+        self.tenant_id = tenant_id
+        self._held = True
+
+    def release(self) -> None:
+        """Give the place back (once; later calls do nothing)."""
+        with _lock:
+            if not self._held:
+                return
+            self._held = False
+            _in_flight[self.tenant_id] -= 1
+            if _in_flight[self.tenant_id] <= 0:
+                del _in_flight[self.tenant_id]
+
+
+def take_place(tenant_id: uuid.UUID) -> Place | None:
+    """A place of ``tenant_id``, or ``None`` when ``API_TENANT_CONCURRENCY`` of its requests are
+    served already in this process (0: no bound)."""
+    bound = settings.MEMFUSE["API_TENANT_CONCURRENCY"]
+    with _lock:
+        if 0 < bound <= _in_flight[tenant_id]:
+            return None
+        _in_flight[tenant_id] += 1
+    return Place(tenant_id)
+
+
+def in_flight(tenant_id: uuid.UUID) -> int:
+    """Requests of ``tenant_id`` holding a place in this process now."""
+    with _lock:
+        return _in_flight.get(tenant_id, 0)
+
+
+def release(request) -> None:
+    """Give back the place of ``request`` (a Django or DRF request) before it sleeps; a request
+    served without the middleware (WSGI, the test client) has none."""
+    scope = getattr(getattr(request, "_request", request), "scope", None) or {}
+    place = scope.get(PLACE_SCOPE_KEY)
+    if isinstance(place, Place):
+        place.release()
+
+
+class TenantAdmission:
+    """ASGI middleware, after ``HTTPAuthMiddleware`` (which puts the principal on the scope):
+    a request of a tenant's key that a rate limit has refused for the rest of its window, or
+    that finds its tenant's ``API_TENANT_CONCURRENCY`` places taken, is answered 429 with
+    ``Retry-After`` in the error envelope, without its body being read (the connection is then
+    closed). Any other request holds a place while the application serves it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        principal = scope.get(PRINCIPAL_SCOPE_KEY)
+        if scope["type"] != "http" or not isinstance(principal, Principal) or principal.tenant_id is None:
+            return await self.app(scope, receive, send)
+        refused = known_refusal(principal)
+        if refused is not None:
+            answer = error_for(refused)
+            return await send_json(send, answer.status, answer_body(answer), answer.headers, close=may_have_body(scope))
+        place = take_place(principal.tenant_id)
+        if place is None:
+            bound = settings.MEMFUSE["API_TENANT_CONCURRENCY"]
+            message = (
+                f"{bound} requests of this tenant are in progress in this process (API_TENANT_CONCURRENCY): "
+                f"retry in {RETRY_AFTER_SECONDS} s"
+            )
+            headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+            return await send_json(send, 429, error_body(429, message), headers, close=may_have_body(scope))
+        try:
+            return await self.app({**scope, PLACE_SCOPE_KEY: place}, receive, send)
+        finally:
+            place.release()
