@@ -135,3 +135,35 @@ async def test_a_key_refused_by_its_rate_limit_is_answered_at_the_edge_until_its
     assert int(dict(edge["headers"])[b"retry-after"]) >= 1
     assert "(API_RATE_LIMIT)" in json.loads(edge["body"])["message"]
     assert other["status"] == 200
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_add_of_a_tenant_at_its_backlog_limit_is_a_503_before_its_body(
+    application, settings, tenant_key, alice_session, bob_messages, globex_session, other_tenant_key
+):
+    """With acme at MAX_BACKLOG_MESSAGES by the figures the process holds, acme's add is the
+    add's 503 (Retry-After, close) while none of its body was sent; globex's add is stored."""
+    from buffers import backlog
+
+    settings.BUFFERS = {**settings.BUFFERS, "MAX_BACKLOG_MESSAGES": len(bob_messages), "TICK_SECONDS": 60.0}
+    backlog.clear_cache()
+    await sync_to_async(backlog.current)()  # the figures, as the process's last add read them
+    headers = [(b"content-length", HUGE), (b"content-type", b"application/json"), bearer(tenant_key)]
+
+    start, body = await answer_without_a_body(application, "POST", f"/api/v1/sessions/{alice_session.pk}/messages", headers)
+    payload = json.dumps({"messages": [{"role": "user", "content": "hello"}]}).encode()
+    other = await HttpCommunicator(
+        application,
+        "POST",
+        f"/api/v1/sessions/{globex_session.pk}/messages",
+        body=payload,
+        headers=[(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+                 (b"content-length", str(len(payload)).encode()), bearer(other_tenant_key)],
+    ).get_response(timeout=30)  # fmt: skip
+    backlog.clear_cache()
+
+    assert start["status"] == 503
+    response_headers = dict(start["headers"])
+    assert int(response_headers[b"retry-after"]) >= 1 and response_headers[b"connection"] == b"close"
+    assert "MAX_BACKLOG_MESSAGES" in json.loads(body["body"])["message"]
+    assert other["status"] == 201

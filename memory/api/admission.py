@@ -12,7 +12,10 @@ its place back first (``release``).
 The same middleware answers a key that a rate limit has refused, until that limit's window
 ends (``memory.api.auth.known_refusal``): in a fixed window, a key past its budget stays past
 it until the window resets, so the answer is known without running the view; the view's
-throttle only counts.
+throttle only counts. And an add (``POST sessions/{id}/messages``) of a tenant at its flush
+backlog limit, by the figures the process holds (``buffers.backlog.known_refusal``), is the
+503 the add would get, before its body (up to ``MAX_BATCH_MESSAGES`` messages) is read and
+validated.
 
 Operator keys, WebSocket connections (bounded per frame by the rate limits) and requests
 without a key (``memory.api.auth.HTTPAuthMiddleware`` answers them) are not counted.
@@ -20,18 +23,21 @@ without a key (``memory.api.auth.HTTPAuthMiddleware`` answers them) are not coun
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 from collections import Counter
 
 from django.conf import settings
 
+from buffers import backlog
 from memory.api.auth import known_refusal, may_have_body
 from memory.api.errors import answer_body, error_body, send_json
-from memory.errors import error_for
+from memory.errors import Unavailable, error_for
 from memory.tenancy import PRINCIPAL_SCOPE_KEY, Principal
 
 PLACE_SCOPE_KEY = "memfuse.admission"
+ADD_PATH = re.compile(r"^/api/v1/sessions/[^/]+/messages/?$")
 RETRY_AFTER_SECONDS = 1  # a place frees when one of the tenant's requests ends: soon
 
 _lock = threading.Lock()
@@ -88,8 +94,9 @@ class TenantAdmission:
     """ASGI middleware, after ``HTTPAuthMiddleware`` (which puts the principal on the scope):
     a request of a tenant's key that a rate limit has refused for the rest of its window, or
     that finds its tenant's ``API_TENANT_CONCURRENCY`` places taken, is answered 429 with
-    ``Retry-After`` in the error envelope, without its body being read (the connection is then
-    closed). Any other request holds a place while the application serves it."""
+    ``Retry-After`` in the error envelope, and an add of a tenant at its backlog limit 503
+    with ``Retry-After``, without the body being read (the connection is then closed). Any
+    other request holds a place while the application serves it."""
 
     def __init__(self, app):
         self.app = app
@@ -99,6 +106,9 @@ class TenantAdmission:
         if scope["type"] != "http" or not isinstance(principal, Principal) or principal.tenant_id is None:
             return await self.app(scope, receive, send)
         refused = known_refusal(principal)
+        if refused is None and scope["method"] == "POST" and ADD_PATH.match(scope["path"]):
+            full = backlog.known_refusal(tenant_id=principal.tenant_id)
+            refused = Unavailable(full.message, retry_after=full.retry_after) if full is not None else None
         if refused is not None:
             answer = error_for(refused)
             return await send_json(send, answer.status, answer_body(answer), answer.headers, close=may_have_body(scope))
