@@ -167,3 +167,42 @@ async def test_an_add_of_a_tenant_at_its_backlog_limit_is_a_503_before_its_body(
     assert int(response_headers[b"retry-after"]) >= 1 and response_headers[b"connection"] == b"close"
     assert "MAX_BACKLOG_MESSAGES" in json.loads(body["body"])["message"]
     assert other["status"] == 201
+
+
+async def test_a_place_is_given_back_with_the_answers_last_byte(settings):
+    """A request's place frees once its answer is sent, before the application returns (Django's
+    clean-up after the answer may lag): the client's next request is admitted meanwhile."""
+    import uuid
+
+    from memory.tenancy import PRINCIPAL_SCOPE_KEY, Principal
+
+    settings.MEMFUSE = {**settings.MEMFUSE, "API_TENANT_CONCURRENCY": 1}
+    tenant_id = uuid.uuid4()
+    cleaning_up, done = asyncio.Event(), asyncio.Event()
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+        if scope["path"] == "/api/v1/first":
+            cleaning_up.set()
+            await done.wait()
+
+    principal = Principal(key_id="k", scope=KeyScope.TENANT, tenant_id=tenant_id)
+    sent: dict[str, list] = {"/api/v1/first": [], "/api/v1/second": []}
+
+    def call(path: str):
+        scope = {"type": "http", "method": "GET", "path": path, "headers": [], PRINCIPAL_SCOPE_KEY: principal}
+
+        async def send(message):
+            sent[path].append(message)
+
+        return admission.TenantAdmission(app)(scope, None, send)
+
+    first = asyncio.create_task(call("/api/v1/first"))
+    await asyncio.wait_for(cleaning_up.wait(), 5)
+    await call("/api/v1/second")
+    done.set()
+    await first
+
+    assert [m["status"] for m in sent["/api/v1/second"] if m["type"] == "http.response.start"] == [200]
+    assert admission.in_flight(tenant_id) == 0

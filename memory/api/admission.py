@@ -96,7 +96,8 @@ class TenantAdmission:
     that finds its tenant's ``API_TENANT_CONCURRENCY`` places taken, is answered 429 with
     ``Retry-After`` in the error envelope, and an add of a tenant at its backlog limit 503
     with ``Retry-After``, without the body being read (the connection is then closed). Any
-    other request holds a place while the application serves it."""
+    other request holds a place until its answer's last byte is sent (or the application
+    returns without one)."""
 
     def __init__(self, app):
         self.app = app
@@ -121,7 +122,15 @@ class TenantAdmission:
             )
             headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
             return await send_json(send, 429, error_body(429, message), headers, close=may_have_body(scope))
+        async def send_releasing(message):
+            await send(message)
+            # Given back with the answer's last byte, not when the application returns: its
+            # clean-up after that (Django's request_finished) may lag behind, and the
+            # client's next request would find its own last one still counted.
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                place.release()
+
         try:
-            return await self.app({**scope, PLACE_SCOPE_KEY: place}, receive, send)
+            return await self.app({**scope, PLACE_SCOPE_KEY: place}, receive, send_releasing)
         finally:
             place.release()
