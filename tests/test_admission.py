@@ -93,7 +93,12 @@ async def test_a_waiting_flush_gives_its_place_back(application, settings, tenan
         "POST",
         f"/api/v1/sessions/{alice_session.pk}/flush",
         body=b'{"wait": true}',
-        headers=[(b"host", b"127.0.0.1"), (b"content-type", b"application/json"), (b"content-length", b"14"), bearer(tenant_key)],
+        headers=[
+            (b"host", b"127.0.0.1"),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"14"),
+            bearer(tenant_key),
+        ],
     )
     waiting = asyncio.create_task(communicator.get_response(timeout=30))
     await wait_until(lambda: admission.in_flight(tenant.pk) == 0 and _waits(tenant.pk) == 1, "the wait")
@@ -123,7 +128,9 @@ async def test_a_key_refused_by_its_rate_limit_is_answered_at_the_edge_until_its
     monkeypatch.setattr(auth, "rate_usage", lambda principal: counted.append(principal.key_id) or real_usage(principal))
     other_key = (await sync_to_async(services.api_key_create)(scope=KeyScope.TENANT, tenant=tenant, name="second"))[1]
 
-    statuses = [(await get(application, "/api/v1/users", tenant_key).get_response(timeout=30))["status"] for _ in range(3)]
+    statuses = [
+        (await get(application, "/api/v1/users", tenant_key).get_response(timeout=30))["status"] for _ in range(3)
+    ]
     views_before = len(counted)
     edge = await get(application, "/api/v1/users", tenant_key).get_response(timeout=30)
     views_after = len(counted)
@@ -150,7 +157,9 @@ async def test_an_add_of_a_tenant_at_its_backlog_limit_is_a_503_before_its_body(
     await sync_to_async(backlog.current)()  # the figures, as the process's last add read them
     headers = [(b"content-length", HUGE), (b"content-type", b"application/json"), bearer(tenant_key)]
 
-    start, body = await answer_without_a_body(application, "POST", f"/api/v1/sessions/{alice_session.pk}/messages", headers)
+    start, body = await answer_without_a_body(
+        application, "POST", f"/api/v1/sessions/{alice_session.pk}/messages", headers
+    )
     payload = json.dumps({"messages": [{"role": "user", "content": "hello"}]}).encode()
     other = await HttpCommunicator(
         application,

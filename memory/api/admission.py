@@ -1,8 +1,8 @@
 """Admission of HTTP requests that carry a usable key: what one tenant may hold of a process.
 
 Every request of a tenant's key (tenant or user scope) to ``/api/`` or ``/mcp`` takes one of
-its tenant's ``API_TENANT_CONCURRENCY`` places in this process for as long as the application
-serves it. Past that, it is answered 429 with ``Retry-After`` by ``TenantAdmission``, an ASGI
+its tenant's ``API_TENANT_CONCURRENCY`` places in this process until its answer is sent. Past
+that, it is answered 429 with ``Retry-After`` by ``TenantAdmission``, an ASGI
 middleware, before Django runs and before its body is read: one tenant's requests can hold
 no more than that many of the process's request threads and pooled connections
 (``ASGI_THREADS``, ``DB_POOL_MAX_SIZE``), so another tenant's request finds both free. A
@@ -122,6 +122,7 @@ class TenantAdmission:
             )
             headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
             return await send_json(send, 429, error_body(429, message), headers, close=may_have_body(scope))
+
         async def send_releasing(message):
             await send(message)
             # Given back with the answer's last byte, not when the application returns: its
