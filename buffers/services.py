@@ -439,7 +439,7 @@ def purge_finished_jobs(*, batch: int = PURGE_BATCH) -> int:
 
 # Waits for a flush in progress in this process, by tenant (FLUSH_WAIT_MAX_PER_TENANT).
 _waits: Counter[uuid.UUID | None] = Counter()
-_waits_lock = threading.Lock()
+_waits_lock = threading.RLock()  # wait_place holds it around waits_full
 
 # Polls of a waiting flush: the first soon (a small flush takes a fraction of a second), then
 # further apart: each poll borrows a pooled connection.
@@ -451,15 +451,24 @@ class WaitsFull(Exception):
     """``FLUSH_WAIT_MAX_PER_TENANT`` waits of the tenant are in progress in this process."""
 
 
+def waits_full(*, tenant_id: uuid.UUID | None) -> WaitsFull | None:
+    """The ``WaitsFull`` that ``wait_place`` would raise for ``tenant_id`` now, or ``None``."""
+    bound = settings.BUFFERS["WAIT_MAX_PER_TENANT"]
+    with _waits_lock:
+        if bound > 0 and _waits[tenant_id] >= bound:
+            return WaitsFull(f"{bound} flushes of this tenant are waited for already (FLUSH_WAIT_MAX_PER_TENANT)")
+    return None
+
+
 @contextmanager
 def wait_place(*, tenant_id: uuid.UUID | None) -> Iterator[None]:
     """Hold one of the ``FLUSH_WAIT_MAX_PER_TENANT`` places of ``tenant_id``'s waits in this
     process (0: no bound) for the block: take it before queueing the flush to wait for.
     Raises ``WaitsFull`` when every place is taken (nothing is held then)."""
-    bound = settings.BUFFERS["WAIT_MAX_PER_TENANT"]
     with _waits_lock:
-        if bound > 0 and _waits[tenant_id] >= bound:
-            raise WaitsFull(f"{bound} flushes of this tenant are waited for already (FLUSH_WAIT_MAX_PER_TENANT)")
+        full = waits_full(tenant_id=tenant_id)
+        if full is not None:
+            raise full
         _waits[tenant_id] += 1
     try:
         yield

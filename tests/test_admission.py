@@ -215,3 +215,34 @@ async def test_a_place_is_given_back_with_the_answers_last_byte(settings):
 
     assert [m["status"] for m in sent["/api/v1/second"] if m["type"] == "http.response.start"] == [200]
     assert admission.in_flight(tenant_id) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_flush_wait_with_no_place_is_answered_at_the_edge_and_other_flushes_go_on(
+    application, settings, tenant, tenant_key, alice_session, monkeypatch
+):
+    """With the tenant's FLUSH_WAIT_MAX_PER_TENANT waits in progress, {"wait": true} is the 429
+    naming it without a view; a flush without wait still reaches the view (202), its body intact."""
+    from buffers import services as buffers
+    from memory.api import views
+
+    settings.BUFFERS = {**settings.BUFFERS, "WAIT_MAX_PER_TENANT": 1}
+    viewed = []
+    real = views._manual_flush
+    monkeypatch.setattr(views, "_manual_flush", lambda request, target: viewed.append(1) or real(request, target))
+
+    def flush(body: bytes) -> HttpCommunicator:
+        headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"), bearer(tenant_key)]
+        headers.append((b"content-length", str(len(body)).encode()))
+        return HttpCommunicator(
+            application, "POST", f"/api/v1/sessions/{alice_session.pk}/flush", body=body, headers=headers
+        )
+
+    with buffers.wait_place(tenant_id=tenant.pk):
+        refused = await flush(b'{"wait": true}').get_response(timeout=30)
+        queued = await flush(b"{}").get_response(timeout=30)
+
+    assert refused["status"] == 429 and viewed == [1]
+    assert int(dict(refused["headers"])[b"retry-after"]) >= 1
+    assert "FLUSH_WAIT_MAX_PER_TENANT" in json.loads(refused["body"])["message"]
+    assert queued["status"] == 202

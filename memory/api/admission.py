@@ -12,10 +12,13 @@ its place back first (``release``).
 The same middleware answers a key that a rate limit has refused, until that limit's window
 ends (``memory.api.auth.known_refusal``): in a fixed window, a key past its budget stays past
 it until the window resets, so the answer is known without running the view; the view's
-throttle only counts. And an add (``POST sessions/{id}/messages``) of a tenant at its flush
+throttle only counts. An add (``POST sessions/{id}/messages``) of a tenant at its flush
 backlog limit, by the figures the process holds (``buffers.backlog.known_refusal``), is the
 503 the add would get, before its body (up to ``MAX_BATCH_MESSAGES`` messages) is read and
-validated.
+validated. And a flush with ``{"wait": true}`` of a tenant whose ``FLUSH_WAIT_MAX_PER_TENANT``
+waits are all in progress is the view's 429, from a body of at most ``PEEK_MAX_BYTES`` read
+here: a client that asked to wait sends it again as soon as it is answered, and through
+Django each refusal costs about as much as a health check.
 
 Operator keys, WebSocket connections (bounded per frame by the rate limits) and requests
 without a key (``memory.api.auth.HTTPAuthMiddleware`` answers them) are not counted.
@@ -23,6 +26,7 @@ without a key (``memory.api.auth.HTTPAuthMiddleware`` answers them) are not coun
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import uuid
@@ -31,14 +35,20 @@ from collections import Counter
 from django.conf import settings
 
 from buffers import backlog
+from buffers import services as buffer_services
 from memory.api.auth import known_refusal, may_have_body
 from memory.api.errors import answer_body, error_body, send_json
-from memory.errors import Unavailable, error_for
+from memory.api.limits import content_length
+from memory.errors import RateLimited, Unavailable, error_for
 from memory.tenancy import PRINCIPAL_SCOPE_KEY, Principal
 
 PLACE_SCOPE_KEY = "memfuse.admission"
 ADD_PATH = re.compile(r"^/api/v1/sessions/[^/]+/messages/?$")
+FLUSH_PATH = re.compile(r"^/api/v1/(?:users|sessions)/[^/]+/flush/?$")
 RETRY_AFTER_SECONDS = 1  # a place frees when one of the tenant's requests ends: soon
+# A wait lasts about a flush: a place among the tenant's waits frees within seconds.
+WAIT_RETRY_AFTER_SECONDS = 1
+PEEK_MAX_BYTES = 1024  # the largest flush body read here: {"wait": true} is 14 bytes
 
 _lock = threading.Lock()
 _in_flight: Counter[uuid.UUID] = Counter()
@@ -90,12 +100,49 @@ def release(request) -> None:
         place.release()
 
 
+def wait_refused(full: buffer_services.WaitsFull) -> RateLimited:
+    """The 429 of a flush wait its tenant has no place for (``buffers.services.WaitsFull``)."""
+    return RateLimited(f"{full}: retry in {WAIT_RETRY_AFTER_SECONDS} s", retry_after=WAIT_RETRY_AFTER_SECONDS)
+
+
+async def _flush_wait_refused(scope, receive, tenant_id: uuid.UUID):
+    """``(the 429 of a flush wait of ``tenant_id`` with no place, or None; the receive to pass
+    on)``. The body is read only when it announces at most ``PEEK_MAX_BYTES``; what was read is
+    handed to the application again. Anything but a JSON object with ``"wait": true`` goes on
+    to the view, which answers it (a malformed body's 400 too)."""
+    length = content_length(scope)
+    if length is None or length > PEEK_MAX_BYTES:
+        return None, receive
+    messages, body = [], b""
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            break
+        body += message.get("body", b"")
+        if not message.get("more_body", False) or len(body) > PEEK_MAX_BYTES:
+            break
+    try:
+        wait = json.loads(body).get("wait") is True
+    except (ValueError, AttributeError):
+        wait = False
+    full = buffer_services.waits_full(tenant_id=tenant_id) if wait else None
+    if full is not None:
+        return wait_refused(full), receive
+
+    async def replaying():
+        return messages.pop(0) if messages else await receive()
+
+    return None, replaying
+
+
 class TenantAdmission:
     """ASGI middleware, after ``HTTPAuthMiddleware`` (which puts the principal on the scope):
     a request of a tenant's key that a rate limit has refused for the rest of its window, or
     that finds its tenant's ``API_TENANT_CONCURRENCY`` places taken, is answered 429 with
     ``Retry-After`` in the error envelope, and an add of a tenant at its backlog limit 503
-    with ``Retry-After``, without the body being read (the connection is then closed). Any
+    with ``Retry-After``, without the body being read (the connection is then closed); so is
+    a flush wait its tenant has no place for, from its small body. Any
     other request holds a place until its answer's last byte is sent (or the application
     returns without one)."""
 
@@ -110,6 +157,13 @@ class TenantAdmission:
         if refused is None and scope["method"] == "POST" and ADD_PATH.match(scope["path"]):
             full = backlog.known_refusal(tenant_id=principal.tenant_id)
             refused = Unavailable(full.message, retry_after=full.retry_after) if full is not None else None
+        if (
+            refused is None
+            and scope["method"] == "POST"
+            and FLUSH_PATH.match(scope["path"])
+            and buffer_services.waits_full(tenant_id=principal.tenant_id) is not None
+        ):
+            refused, receive = await _flush_wait_refused(scope, receive, principal.tenant_id)
         if refused is not None:
             answer = error_for(refused)
             return await send_json(send, answer.status, answer_body(answer), answer.headers, close=may_have_body(scope))

@@ -28,7 +28,7 @@ from memory.api.base import ConcurrentAPIView as APIView
 from memory.api.errors import envelope
 from memory.api.schema import WITH_CONFLICT, Buffer, FlushJob, QueryResult, api_doc, envelope_of, ids
 from memory.api.serializers import validated
-from memory.errors import Forbidden, NotFound, RateLimited
+from memory.errors import Forbidden, NotFound
 from memory.models import KeyScope
 from memory.retrieval import RetrievalConfig
 from memory.tenancy import Principal
@@ -332,10 +332,6 @@ class SessionMessagesReadView(APIView):
 # --- buffers -----------------------------------------------------------------------------------
 
 
-# A wait lasts about a flush: a place among the tenant's waits frees within seconds.
-WAIT_RETRY_AFTER_SECONDS = 1
-
-
 def _queue_manual_flush(target: Callable[[], tuple[uuid.UUID, uuid.UUID | None]]) -> int:
     user_id, session_id = target()
     with transaction.atomic():
@@ -349,8 +345,9 @@ def _manual_flush(request, target: Callable[[], tuple[uuid.UUID, uuid.UUID | Non
     A wait holds a request thread (no connection): past ``FLUSH_WAIT_MAX_PER_TENANT`` waits of
     the tenant in this process, a 429 with ``Retry-After``, before any lookup, nothing queued.
     A 429 rather than a 202 without waiting: a client that asked to wait would send the request
-    again at once, each answer a view's worth of work. The wait gives its place among the
-    tenant's requests back (``admission.release``): it sleeps, holding no connection.
+    again at once. Under ASGI the edge answers most of these 429s (``memory.api.admission``).
+    The wait gives its place among the tenant's requests back (``admission.release``): it
+    sleeps, holding no connection.
     """
     if not validated(s.FlushIn, request.data).get("wait", False):
         job_id = _queue_manual_flush(target)
@@ -361,7 +358,7 @@ def _manual_flush(request, target: Callable[[], tuple[uuid.UUID, uuid.UUID | Non
             admission.release(request)
             job = buffer_services.wait_for_job(job_id=job_id, timeout=settings.BUFFERS["TIMEOUT_SECONDS"])
     except buffer_services.WaitsFull as exc:
-        raise RateLimited(f"{exc}: retry in {WAIT_RETRY_AFTER_SECONDS} s", retry_after=WAIT_RETRY_AFTER_SECONDS) from None
+        raise admission.wait_refused(exc) from None
     return envelope(buffer_services.job_dict(job), message=f"Flush {job.state}")
 
 
