@@ -397,10 +397,12 @@ BUFFERS = {
     # of them keep a batch of EMBEDDING_MAX_BATCH_TEXTS waiting whenever the model frees.
     "WORKERS": envint("FLUSH_WORKERS", 8),
     # Fair flushing (buffers.services.claim_next_job): claims take turns over tenants; a
-    # process runs at most MAX_RUNNING_PER_TENANT jobs of one tenant at once (0: no bound;
-    # default half its workers, so another tenant's job always finds one free), and a job
-    # yields its worker after SLICE_SECONDS, queued again for the rest (0: never).
-    "MAX_RUNNING_PER_TENANT": envint("FLUSH_MAX_RUNNING_PER_TENANT", (envint("FLUSH_WORKERS", 8) + 1) // 2),
+    # process runs at most MAX_RUNNING_PER_TENANT jobs of one tenant at once (0: no bound), and
+    # a job yields its worker after SLICE_SECONDS, queued again for the rest (0: never).
+    # Default two: they keep the process's one background model busy (one embeds while the
+    # other writes); more of one tenant only add writes competing with the requests for the
+    # web process and the database, and another tenant's job finds a free worker.
+    "MAX_RUNNING_PER_TENANT": envint("FLUSH_MAX_RUNNING_PER_TENANT", min(2, envint("FLUSH_WORKERS", 8))),
     "SLICE_SECONDS": envfloat("FLUSH_SLICE_SECONDS", 5.0),
     # POST users|sessions/{id}/flush {"wait": true}: waits of one tenant in progress at once in
     # a process (each holds a request thread; none holds a connection); past it, 202 (0: no bound).

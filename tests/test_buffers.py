@@ -192,6 +192,20 @@ def test_a_process_runs_at_most_its_bound_of_one_tenants_jobs(alice, agent, glob
     assert after_one_ended.pk == acme[3]
 
 
+@pytest.mark.parametrize("workers, bound", [(None, 2), ("1", 1)], ids=["default", "one-worker"])
+def test_by_default_a_process_runs_two_flush_jobs_of_one_tenant_at_most(workers, bound):
+    """FLUSH_MAX_RUNNING_PER_TENANT defaults to two (no more than FLUSH_WORKERS): enough to keep
+    the background model busy, no more concurrent writes of one tenant than that."""
+    extra = {"FLUSH_WORKERS": workers} if workers else {}
+    env = subprocess_env(DJANGO_SETTINGS_MODULE="memfuse_project.settings", SECRET_KEY="s3cret-" * 8, **extra)
+    for name in ("FLUSH_MAX_RUNNING_PER_TENANT", *(() if workers else ("FLUSH_WORKERS",))):
+        env.pop(name, None)
+    code = "import django; django.setup(); from django.conf import settings; print(settings.BUFFERS['MAX_RUNNING_PER_TENANT'])"
+    done = subprocess.run([sys.executable, "-c", code], cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=120)
+
+    assert done.stdout.split()[-1:] == [str(bound)], done.stderr[-2000:]
+
+
 def job_row_version(job_id: int) -> tuple[str, str, str]:
     """``(ctid, xmin, xmax)`` of the job's row: a new version, or a row lock, changes them."""
     with connection.cursor() as cursor:
