@@ -246,3 +246,64 @@ async def test_a_flush_wait_with_no_place_is_answered_at_the_edge_and_other_flus
     assert int(dict(refused["headers"])[b"retry-after"]) >= 1
     assert "FLUSH_WAIT_MAX_PER_TENANT" in json.loads(refused["body"])["message"]
     assert queued["status"] == 202
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_import_of_a_tenant_at_its_backlog_limit_is_refused_after_its_header_line(
+    application, settings, tenant_key, bob_messages
+):
+    """With acme at MAX_BACKLOG_MESSAGES, an import whose header announces no embeddings of this
+    model is the 503 once its first line came, the rest never sent; one whose header brings
+    this model's embeddings goes on to the view."""
+    import uuid
+
+    from channels.testing import ApplicationCommunicator
+
+    from buffers import backlog
+    from memory.inference import registry
+
+    settings.BUFFERS = {**settings.BUFFERS, "MAX_BACKLOG_MESSAGES": len(bob_messages), "TICK_SECONDS": 60.0}
+    backlog.clear_cache()
+    await sync_to_async(backlog.current)()
+    path = f"/api/v1/users/{uuid.uuid4()}/import"
+
+    def header(embedding) -> bytes:
+        return json.dumps({"type": "header", "format": "memfuse.memory", "version": 1, "embedding": embedding}).encode()
+
+    headers = [(b"content-length", HUGE), (b"content-type", b"application/x-ndjson"), bearer(tenant_key)]
+    scope = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "path": path,
+        "query_string": b"",
+        "headers": headers,
+    }
+    communicator = ApplicationCommunicator(application, scope)
+    await communicator.send_input(
+        {"type": "http.request", "body": header(None) + b'\n{"type": "user", ', "more_body": True}
+    )
+    start = await communicator.receive_output(timeout=10)
+    body = await communicator.receive_output(timeout=10)
+    await communicator.wait(timeout=10)
+
+    user = json.dumps(
+        {"type": "user", "id": str(uuid.uuid4()), "name": "carol", "created_at": "2024-01-01T00:00:00+00:00"}
+    ).encode()
+    embedded = header(await sync_to_async(registry.document_model)()) + b"\n" + user + b"\n"
+    passed = await HttpCommunicator(
+        application,
+        "POST",
+        path,
+        body=embedded,
+        headers=[
+            (b"content-type", b"application/x-ndjson"),
+            (b"content-length", str(len(embedded)).encode()),
+            bearer(tenant_key),
+        ],
+    ).get_response(timeout=30)
+    backlog.clear_cache()
+
+    assert start["status"] == 503 and dict(start["headers"])[b"connection"] == b"close"
+    assert "MAX_BACKLOG_MESSAGES" in json.loads(body["body"])["message"]
+    assert passed["status"] == 200, passed["body"][:300]

@@ -15,10 +15,12 @@ it until the window resets, so the answer is known without running the view; the
 throttle only counts. An add (``POST sessions/{id}/messages``) of a tenant at its flush
 backlog limit, by the figures the process holds (``buffers.backlog.known_refusal``), is the
 503 the add would get, before its body (up to ``MAX_BATCH_MESSAGES`` messages) is read and
-validated. And a flush with ``{"wait": true}`` of a tenant whose ``FLUSH_WAIT_MAX_PER_TENANT``
-waits are all in progress is the view's 429, from a body of at most ``PEEK_MAX_BYTES`` read
-here: a client that asked to wait sends it again as soon as it is answered, and through
-Django each refusal costs about as much as a health check.
+validated; so is an import (``POST users/{id}/import``) of that tenant whose header, its
+first line, announces no embeddings of this service's model (its messages would all be
+pending), its body read no further. And a flush with ``{"wait": true}`` of a tenant whose
+``FLUSH_WAIT_MAX_PER_TENANT`` waits are all in progress is the view's 429, from a body of at
+most ``PEEK_MAX_BYTES`` read here: a client that asked to wait sends it again as soon as it
+is answered, and through Django each refusal costs about as much as a health check.
 
 Operator keys, WebSocket connections (bounded per frame by the rate limits) and requests
 without a key (``memory.api.auth.HTTPAuthMiddleware`` answers them) are not counted.
@@ -38,8 +40,9 @@ from buffers import backlog
 from buffers import services as buffer_services
 from memory.api.auth import known_refusal, may_have_body
 from memory.api.errors import answer_body, error_body, send_json
-from memory.api.limits import content_length
+from memory.api.limits import IMPORT_PATH, content_length
 from memory.errors import RateLimited, Unavailable, error_for
+from memory.inference import registry
 from memory.tenancy import PRINCIPAL_SCOPE_KEY, Principal
 
 PLACE_SCOPE_KEY = "memfuse.admission"
@@ -49,6 +52,7 @@ RETRY_AFTER_SECONDS = 1  # a place frees when one of the tenant's requests ends:
 # A wait lasts about a flush: a place among the tenant's waits frees within seconds.
 WAIT_RETRY_AFTER_SECONDS = 1
 PEEK_MAX_BYTES = 1024  # the largest flush body read here: {"wait": true} is 14 bytes
+HEADER_PEEK_BYTES = 64 * 1024  # an import's body read here in search of its header line
 
 _lock = threading.Lock()
 _in_flight: Counter[uuid.UUID] = Counter()
@@ -113,15 +117,7 @@ async def _flush_wait_refused(scope, receive, tenant_id: uuid.UUID):
     length = content_length(scope)
     if length is None or length > PEEK_MAX_BYTES:
         return None, receive
-    messages, body = [], b""
-    while True:
-        message = await receive()
-        messages.append(message)
-        if message["type"] != "http.request":
-            break
-        body += message.get("body", b"")
-        if not message.get("more_body", False) or len(body) > PEEK_MAX_BYTES:
-            break
+    messages, body = await _read_some(receive, PEEK_MAX_BYTES)
     try:
         wait = json.loads(body).get("wait") is True
     except (ValueError, AttributeError):
@@ -129,11 +125,54 @@ async def _flush_wait_refused(scope, receive, tenant_id: uuid.UUID):
     full = buffer_services.waits_full(tenant_id=tenant_id) if wait else None
     if full is not None:
         return wait_refused(full), receive
+    return None, _replaying(messages, receive)
+
+
+async def _read_some(receive, limit: int, enough=lambda body: False) -> tuple[list[dict], bytes]:
+    """``(the ASGI messages received, their body bytes)``: until the body ends, a message that
+    is not body, more than ``limit`` bytes are in, or ``enough(body)``."""
+    messages, body = [], b""
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            break
+        body += message.get("body", b"")
+        if not message.get("more_body", False) or len(body) > limit or enough(body):
+            break
+    return messages, body
+
+
+def _has_a_line(body: bytes) -> bool:
+    """Whether ``body`` holds a complete line that is not blank."""
+    return any(line.strip() for line in body.split(b"\n")[:-1])
+
+
+def _replaying(messages: list[dict], receive):
+    """A receive that hands out ``messages`` (already received) first, then ``receive``'s."""
 
     async def replaying():
         return messages.pop(0) if messages else await receive()
 
-    return None, replaying
+    return replaying
+
+
+async def _import_refused(receive, full: backlog.BacklogFull):
+    """``(the add's 503 for an import whose header leaves its messages pending, or None; the
+    receive to pass on)``, from the body's first line, read if it comes within
+    ``HEADER_PEEK_BYTES``; anything else goes on to the view (which answers a malformed file)."""
+    messages, body = await _read_some(receive, HEADER_PEEK_BYTES, _has_a_line)
+    header = None
+    for line in body.split(b"\n")[:-1]:  # complete lines only
+        if line.strip():
+            try:
+                header = json.loads(line)
+            except ValueError:
+                pass
+            break
+    if isinstance(header, dict) and header.get("type") == "header" and header.get("embedding") != registry.document_model():
+        return Unavailable(full.message, retry_after=full.retry_after), receive
+    return None, _replaying(messages, receive)
 
 
 class TenantAdmission:
@@ -141,8 +180,9 @@ class TenantAdmission:
     a request of a tenant's key that a rate limit has refused for the rest of its window, or
     that finds its tenant's ``API_TENANT_CONCURRENCY`` places taken, is answered 429 with
     ``Retry-After`` in the error envelope, and an add of a tenant at its backlog limit 503
-    with ``Retry-After``, without the body being read (the connection is then closed); so is
-    a flush wait its tenant has no place for, from its small body. Any
+    with ``Retry-After``, without the body being read (the connection is then closed); so
+    are an import of that tenant, from its first line, and a flush wait its tenant has no
+    place for, from its small body. Any
     other request holds a place until its answer's last byte is sent (or the application
     returns without one)."""
 
@@ -157,6 +197,10 @@ class TenantAdmission:
         if refused is None and scope["method"] == "POST" and ADD_PATH.match(scope["path"]):
             full = backlog.known_refusal(tenant_id=principal.tenant_id)
             refused = Unavailable(full.message, retry_after=full.retry_after) if full is not None else None
+        if refused is None and scope["method"] == "POST" and IMPORT_PATH.match(scope["path"]):
+            full = backlog.known_refusal(tenant_id=principal.tenant_id)
+            if full is not None:
+                refused, receive = await _import_refused(receive, full)
         if (
             refused is None
             and scope["method"] == "POST"
