@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -124,7 +125,40 @@ def check_accepting(*, tenant_id: uuid.UUID, adding: int = 0) -> None:
     total_limit = settings.BUFFERS["MAX_BACKLOG_MESSAGES_TOTAL"]
     if limit <= 0 and total_limit <= 0:
         return
+    _check(_reading()[1], tenant_id=tenant_id, adding=adding)
+
+
+def known_refusal(*, tenant_id: uuid.UUID) -> BacklogFull | None:
+    """The ``BacklogFull`` that ``check_accepting`` would raise for an add of ``tenant_id``, from
+    figures this process read less than ``FLUSH_TICK_SECONDS`` ago; ``None`` when it would
+    accept, or the figures are older (or none). Never queries: for the ASGI edge, which answers
+    a tenant at its limit before reading the add's body."""
+    cached = _cached
+    if cached is None or time.monotonic() - cached[0] >= settings.BUFFERS["TICK_SECONDS"]:
+        return None
+    if settings.BUFFERS["MAX_BACKLOG_MESSAGES"] <= 0 and settings.BUFFERS["MAX_BACKLOG_MESSAGES_TOTAL"] <= 0:
+        return None
+    try:
+        _check(cached[1], tenant_id=tenant_id, adding=1)
+    except BacklogFull as exc:
+        return exc
+    return None
+
+
+def accepting(*, tenant_id: uuid.UUID) -> Callable[[int], None]:
+    """``check_accepting`` for ``tenant_id`` on the figures of now, as a function of ``adding``
+    that never queries: for a caller whose connection is busy meanwhile (an import's ``COPY``).
+    Reads the figures here when they are older than ``FLUSH_TICK_SECONDS`` (and both limits
+    are not 0)."""
+    if settings.BUFFERS["MAX_BACKLOG_MESSAGES"] <= 0 and settings.BUFFERS["MAX_BACKLOG_MESSAGES_TOTAL"] <= 0:
+        return lambda adding: None
     reading = _reading()[1]
+    return lambda adding: _check(reading, tenant_id=tenant_id, adding=adding)
+
+
+def _check(reading: _Reading, *, tenant_id: uuid.UUID, adding: int) -> None:
+    limit = settings.BUFFERS["MAX_BACKLOG_MESSAGES"]
+    total_limit = settings.BUFFERS["MAX_BACKLOG_MESSAGES_TOTAL"]
     pending = reading.tenants.get(tenant_id, 0)
     after = pending + max(adding, 1)
     retry_after = settings.BUFFERS["BACKLOG_RETRY_AFTER_SECONDS"]

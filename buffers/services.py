@@ -14,7 +14,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -438,7 +439,7 @@ def purge_finished_jobs(*, batch: int = PURGE_BATCH) -> int:
 
 # Waits for a flush in progress in this process, by tenant (FLUSH_WAIT_MAX_PER_TENANT).
 _waits: Counter[uuid.UUID | None] = Counter()
-_waits_lock = threading.Lock()
+_waits_lock = threading.RLock()  # wait_place holds it around waits_full
 
 # Polls of a waiting flush: the first soon (a small flush takes a fraction of a second), then
 # further apart: each poll borrows a pooled connection.
@@ -446,10 +447,41 @@ _WAIT_FIRST_POLL_SECONDS = 0.05
 _WAIT_MAX_POLL_SECONDS = 0.5
 
 
-def wait_for_job(*, job_id: int, timeout: float, tenant_id: uuid.UUID | None) -> FlushJob | None:
-    """Poll the job until it is no longer active or ``timeout`` (s) passes; returns it, or
-    ``None`` at once (no wait) when ``FLUSH_WAIT_MAX_PER_TENANT`` waits of ``tenant_id`` are
-    already in progress in this process (0: no bound).
+class WaitsFull(Exception):
+    """``FLUSH_WAIT_MAX_PER_TENANT`` waits of the tenant are in progress in this process."""
+
+
+def waits_full(*, tenant_id: uuid.UUID | None) -> WaitsFull | None:
+    """The ``WaitsFull`` that ``wait_place`` would raise for ``tenant_id`` now, or ``None``."""
+    bound = settings.BUFFERS["WAIT_MAX_PER_TENANT"]
+    with _waits_lock:
+        if bound > 0 and _waits[tenant_id] >= bound:
+            return WaitsFull(f"{bound} flushes of this tenant are waited for already (FLUSH_WAIT_MAX_PER_TENANT)")
+    return None
+
+
+@contextmanager
+def wait_place(*, tenant_id: uuid.UUID | None) -> Iterator[None]:
+    """Hold one of the ``FLUSH_WAIT_MAX_PER_TENANT`` places of ``tenant_id``'s waits in this
+    process (0: no bound) for the block: take it before queueing the flush to wait for.
+    Raises ``WaitsFull`` when every place is taken (nothing is held then)."""
+    with _waits_lock:
+        full = waits_full(tenant_id=tenant_id)
+        if full is not None:
+            raise full
+        _waits[tenant_id] += 1
+    try:
+        yield
+    finally:
+        with _waits_lock:
+            _waits[tenant_id] -= 1
+            if _waits[tenant_id] <= 0:
+                del _waits[tenant_id]
+
+
+def wait_for_job(*, job_id: int, timeout: float) -> FlushJob:
+    """Poll the job until it is no longer active or ``timeout`` (s) passes; returns it. Call it
+    holding a ``wait_place``.
 
     A job folded into another (``superseded_by``: a retry, or the rest of a flush whose time
     slice ended) is followed to that one: the answer is the job that finished the flush.
@@ -457,11 +489,6 @@ def wait_for_job(*, job_id: int, timeout: float, tenant_id: uuid.UUID | None) ->
     and gives it back (outside a transaction; inside one, the connection is the
     transaction's). A job deleted meanwhile (its user was) ends the wait with the job as last read.
     """
-    bound = settings.BUFFERS["WAIT_MAX_PER_TENANT"]
-    with _waits_lock:
-        if bound > 0 and _waits[tenant_id] >= bound:
-            return None
-        _waits[tenant_id] += 1
     try:
         job = FlushJob.objects.get(pk=job_id)
         deadline = time.monotonic() + timeout
@@ -485,10 +512,6 @@ def wait_for_job(*, job_id: int, timeout: float, tenant_id: uuid.UUID | None) ->
             job = fresh
     finally:
         _release_connection()
-        with _waits_lock:
-            _waits[tenant_id] -= 1
-            if _waits[tenant_id] <= 0:
-                del _waits[tenant_id]
 
 
 def _release_connection() -> None:

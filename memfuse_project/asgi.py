@@ -40,6 +40,7 @@ from django.urls import get_resolver  # noqa: E402
 
 from buffers import events, workers  # noqa: E402
 from buffers.consumers import FlushConsumer  # noqa: E402
+from memory.api.admission import TenantAdmission  # noqa: E402
 from memory.api.auth import HTTPAuthMiddleware, WebSocketAuthMiddleware  # noqa: E402
 from memory.api.limits import BodySizeLimit  # noqa: E402
 from memory.api.routing import websocket_urlpatterns  # noqa: E402
@@ -170,14 +171,18 @@ application = ServerLoopRegistration(
             # WhiteNoise's middleware is sync-only, and one sync middleware makes Django run every
             # request through one shared thread, serialising the API's concurrent views.
             # A request to /api/ or /mcp without a usable key is a 401 before any of its body is
-            # read; then a body over its limit is a 413 before Django reads it into a temporary file.
+            # read; one of a tenant past its places in the process, or refused by a rate limit
+            # for the rest of its window, a 429; then a body over its limit is a 413 before
+            # Django reads it into a temporary file.
             # /mcp: the MCP tools over Streamable HTTP (memory.mcp.http), same process and pool.
             "http": HTTPAuthMiddleware(
-                BodySizeLimit(
-                    PathPrefixRouter(
-                        "/api/",
-                        APIHandler(),
-                        PathPrefixRouter("/mcp", mcp_application, ASGIStaticFilesHandler(django_asgi_app)),
+                TenantAdmission(
+                    BodySizeLimit(
+                        PathPrefixRouter(
+                            "/api/",
+                            APIHandler(),
+                            PathPrefixRouter("/mcp", mcp_application, ASGIStaticFilesHandler(django_asgi_app)),
+                        )
                     )
                 )
             ),

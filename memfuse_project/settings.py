@@ -373,6 +373,10 @@ MEMFUSE = {
     # Requests of all the keys of one tenant together (operator keys count against none), so
     # that more keys do not make a larger budget. Default: five keys' worth of API_RATE_LIMIT.
     "API_TENANT_RATE_LIMIT": envstr("API_TENANT_RATE_LIMIT", scaled_rate(envstr("API_RATE_LIMIT", "6000/minute"), 5)),
+    # Requests of one tenant (all its keys) a process serves at once (memory.api.admission);
+    # past it, 429 before the body is read (0: no bound). Default half the pool, rounded up:
+    # a request holds a pooled connection while it runs, so another tenant's finds one free.
+    "API_TENANT_CONCURRENCY": envint("API_TENANT_CONCURRENCY", (envint("DB_POOL_MAX_SIZE", 10) + 1) // 2),
     # Live (unrevoked, unexpired) user keys one user may hold; creating one more is a 409.
     "MAX_API_KEYS_PER_USER": envint("MAX_API_KEYS_PER_USER", 20),
     # The embedded default (no DATABASE_URL) creates a tenant "local" at first start and
@@ -393,10 +397,12 @@ BUFFERS = {
     # of them keep a batch of EMBEDDING_MAX_BATCH_TEXTS waiting whenever the model frees.
     "WORKERS": envint("FLUSH_WORKERS", 8),
     # Fair flushing (buffers.services.claim_next_job): claims take turns over tenants; a
-    # process runs at most MAX_RUNNING_PER_TENANT jobs of one tenant at once (0: no bound;
-    # default half its workers, so another tenant's job always finds one free), and a job
-    # yields its worker after SLICE_SECONDS, queued again for the rest (0: never).
-    "MAX_RUNNING_PER_TENANT": envint("FLUSH_MAX_RUNNING_PER_TENANT", (envint("FLUSH_WORKERS", 8) + 1) // 2),
+    # process runs at most MAX_RUNNING_PER_TENANT jobs of one tenant at once (0: no bound), and
+    # a job yields its worker after SLICE_SECONDS, queued again for the rest (0: never).
+    # Default two: they keep the process's one background model busy (one embeds while the
+    # other writes); more of one tenant only add writes competing with the requests for the
+    # web process and the database, and another tenant's job finds a free worker.
+    "MAX_RUNNING_PER_TENANT": envint("FLUSH_MAX_RUNNING_PER_TENANT", min(2, envint("FLUSH_WORKERS", 8))),
     "SLICE_SECONDS": envfloat("FLUSH_SLICE_SECONDS", 5.0),
     # POST users|sessions/{id}/flush {"wait": true}: waits of one tenant in progress at once in
     # a process (each holds a request thread; none holds a connection); past it, 202 (0: no bound).

@@ -159,11 +159,10 @@ def flush_pending(
     return flushed
 
 
-def maintain_indexes(user_id: uuid.UUID, *, growing: bool = False, current: bool = False) -> None:
+def maintain_indexes(user_id: uuid.UUID, *, current: bool = False) -> None:
     """After a flush, and between the batches of a backlog's: move a user whose history
     passed ``ANN_MIN_MESSAGES`` to the HNSW index (``vector.ann_enable``) and rewrite their
-    lexical index's snapshot when it lags (``retrieval.cache.refresh_snapshot``, with
-    ``growing`` between a backlog's batches). ``current``: at the end of a backlog or an
+    lexical index's snapshot when it lags (``retrieval.cache.refresh_snapshot``). ``current``: at the end of a backlog or an
     import, the snapshot within ``SNAPSHOT_MIN_CHANGES`` of the rows and the planner's
     statistics of the messages current (``refresh_statistics``). Derived data only: a
     failure is logged, and the next flush tries again."""
@@ -184,7 +183,7 @@ def maintain_indexes(user_id: uuid.UUID, *, growing: bool = False, current: bool
             row = cursor.fetchone()
         if row and row[0]:
             vector.ann_enable(user_id=user_id)
-        cache.refresh_snapshot(user_id, growing=growing, current=current)
+        cache.refresh_snapshot(user_id, current=current)
         if current:
             refresh_statistics()
     except Exception:
@@ -318,4 +317,4 @@ def _flush_batches(
             # More may be pending: the move to the HNSW index and the snapshot follow the
             # backlog as it is flushed, not only once it is all written (queries meanwhile
             # would scan the user's rows, or build their index from the rows).
-            maintain_indexes(user_id, growing=True)
+            maintain_indexes(user_id)

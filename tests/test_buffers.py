@@ -25,7 +25,7 @@ from memory.inference import registry
 from memory.models import Message, User
 from memory.retrieval import store
 from memory.services import MessageIn
-from tests.envelopes import assert_success
+from tests.envelopes import assert_error, assert_success
 from tests.subprocesses import subprocess_env
 
 
@@ -194,6 +194,20 @@ def test_a_process_runs_at_most_its_bound_of_one_tenants_jobs(alice, agent, glob
     assert after_one_ended.pk == acme[3]
 
 
+@pytest.mark.parametrize("workers, bound", [(None, 2), ("1", 1)], ids=["default", "one-worker"])
+def test_by_default_a_process_runs_two_flush_jobs_of_one_tenant_at_most(workers, bound):
+    """FLUSH_MAX_RUNNING_PER_TENANT defaults to two (no more than FLUSH_WORKERS): enough to keep
+    the background model busy, no more concurrent writes of one tenant than that."""
+    extra = {"FLUSH_WORKERS": workers} if workers else {}
+    env = subprocess_env(DJANGO_SETTINGS_MODULE="memfuse_project.settings", SECRET_KEY="s3cret-" * 8, **extra)
+    for name in ("FLUSH_MAX_RUNNING_PER_TENANT", *(() if workers else ("FLUSH_WORKERS",))):
+        env.pop(name, None)
+    code = "import django; django.setup(); from django.conf import settings; print(settings.BUFFERS['MAX_RUNNING_PER_TENANT'])"
+    done = subprocess.run([sys.executable, "-c", code], cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=120)
+
+    assert done.stdout.split()[-1:] == [str(bound)], done.stderr[-2000:]
+
+
 def job_row_version(job_id: int) -> tuple[str, str, str]:
     """``(ctid, xmin, xmax)`` of the job's row: a new version, or a row lock, changes them."""
     with connection.cursor() as cursor:
@@ -303,7 +317,7 @@ def test_a_sliced_job_folds_into_the_waiting_one_and_a_wait_follows_it(alice_ses
     folded, waiting = FlushJob.objects.get(pk=first), FlushJob.objects.get(pk=later)
     while job := buffers.claim_next_job(worker="test"):
         buffers.run_job(job)
-    answer = buffers.wait_for_job(job_id=first, timeout=5, tenant_id=alice_session.user.tenant_id)
+    answer = buffers.wait_for_job(job_id=first, timeout=5)
 
     assert (folded.state, folded.superseded_by, folded.messages_flushed) == (State.DONE, later, 2)
     assert (waiting.state, waiting.priority) == (State.QUEUED, Priority.HIGH)
@@ -380,7 +394,7 @@ def test_a_waiting_flush_holds_no_database_connection(alice_session, monkeypatch
 
     def wait():
         try:
-            buffers.wait_for_job(job_id=job_id, timeout=30, tenant_id=alice_session.user.tenant_id)
+            buffers.wait_for_job(job_id=job_id, timeout=30)
         finally:
             connection.close()
 
@@ -398,11 +412,11 @@ def test_a_waiting_flush_holds_no_database_connection(alice_session, monkeypatch
 
 
 @pytest.mark.django_db(transaction=True)
-def test_waits_past_the_tenants_bound_answer_202_and_other_tenants_still_wait(
+def test_waits_past_the_tenants_bound_answer_429_and_other_tenants_still_wait(
     api, globex_api, alice_session, globex_session, settings
 ):
-    """With FLUSH_WAIT_MAX_PER_TENANT waits of acme in progress, acme's next {"wait": true} is a 202
-    at once, its job queued; globex's request still waits (here until the flush timeout)."""
+    """With FLUSH_WAIT_MAX_PER_TENANT waits of acme in progress, acme's next {"wait": true} is a 429
+    with Retry-After at once, nothing queued; globex's request still waits (here until the flush timeout)."""
     settings.BUFFERS = {**settings.BUFFERS, "WAIT_MAX_PER_TENANT": 1, "TIMEOUT_SECONDS": 0.3}
     tenant_id = alice_session.user.tenant_id
     with transaction.atomic():
@@ -410,7 +424,8 @@ def test_waits_past_the_tenants_bound_answer_202_and_other_tenants_still_wait(
 
     def wait():
         try:
-            buffers.wait_for_job(job_id=job_id, timeout=30, tenant_id=tenant_id)
+            with buffers.wait_place(tenant_id=tenant_id):
+                buffers.wait_for_job(job_id=job_id, timeout=30)
         finally:
             connection.close()
 
@@ -426,10 +441,10 @@ def test_waits_past_the_tenants_bound_answer_202_and_other_tenants_still_wait(
         FlushJob.objects.filter(pk=job_id).update(state=State.DONE, finished_at=timezone.now())
         waiter.join(timeout=10)
 
-    body = assert_success(refused, 202)
-    assert body["state"] == State.QUEUED and "FLUSH_WAIT_MAX_PER_TENANT" in refused.json()["message"]
+    assert "FLUSH_WAIT_MAX_PER_TENANT" in assert_error(refused, 429, None)["message"]
+    assert int(refused["Retry-After"]) >= 1
     assert refused_after < 0.3
-    assert FlushJob.objects.get(pk=body["job_id"]).session_id == alice_session.pk
+    assert not FlushJob.objects.filter(session_id=alice_session.pk).exists()
     assert assert_success(waited, 200)["state"] == State.QUEUED  # waited for, and nothing ran it
 
 

@@ -16,7 +16,7 @@ from buffers import backlog
 from buffers import services as buffers
 from buffers.models import FlushJob
 from memory import services
-from memory.errors import InvalidInput, TooLarge
+from memory.errors import InvalidInput, TooLarge, Unavailable
 from memory.models import Agent, KeyScope, Knowledge, Message, Session, User
 from memory.portability import export, importer
 from memory.services import MessageIn
@@ -649,6 +649,48 @@ def test_an_import_past_the_backlog_limit_is_a_503_and_writes_nothing(api, alice
     assert response.status_code == 503, response.content
     assert int(response["Retry-After"]) >= 1 and "MAX_BACKLOG_MESSAGES" in response.json()["message"]
     assert not User.objects.filter(pk=alice_memory.pk).exists()
+
+
+def generated_file(agent, *, messages: int):
+    """A re-readable source of a valid file of one session of ``messages`` messages; the lines
+    it has yielded so far are in its ``read``."""
+    stamp, session_id = "2024-01-01T00:00:00+00:00", str(uuid.uuid4())
+    head = [
+        {"type": "header", "format": "memfuse.memory", "version": 1, "embedding": None},
+        {"type": "user", "id": str(uuid.uuid4()), "name": "carol", "created_at": stamp},
+        {"type": "agent", "id": str(agent.pk), "name": agent.name, "created_at": stamp},
+        {"type": "session", "id": session_id, "name": "chat", "agent_id": str(agent.pk), "created_at": stamp},
+    ]
+
+    def source():
+        for number in range(1, len(head) + messages + 1):
+            source.read.append(number)
+            yield number, head[number - 1] if number <= len(head) else {
+                "type": "message", "id": str(uuid.uuid4()), "session_id": session_id, "position": number,
+                "role": "user", "content": f"line {number}", "created_at": stamp,
+            }  # fmt: skip
+
+    source.read = []
+    return source
+
+
+@pytest.mark.parametrize("headroom, read_at_most", [(0, 5), (300, 300 + 2 * 256)], ids=["at-the-limit", "near-it"])
+def test_an_import_past_the_backlog_limit_is_refused_as_soon_as_its_messages_pass_it(
+    alice, agent, bob_messages, settings, headroom, read_at_most
+):
+    """An import that would take its tenant past MAX_BACKLOG_MESSAGES is a 503 once the messages
+    read so far pass the limit (at the first one for a tenant at its limit), the rest of the
+    file unread and nothing written."""
+    settings.BUFFERS = {**settings.BUFFERS, "MAX_BACKLOG_MESSAGES": len(bob_messages) + headroom}
+    backlog.clear_cache()
+    source = generated_file(agent, messages=2000)
+
+    with pytest.raises(Unavailable, match="MAX_BACKLOG_MESSAGES"):
+        importer.memory_import(tenant_id=alice.tenant_id, source=source, user=alice)
+    backlog.clear_cache()
+
+    assert len(source.read) <= read_at_most
+    assert not Session.objects.filter(user=alice).exists()
 
 
 @pytest.fixture

@@ -241,6 +241,29 @@ def test_a_process_without_the_user_loads_their_snapshot_and_catches_up(alice_se
     assert cached[0][0].id == late.pk
 
 
+def test_a_flush_without_the_user_cached_rewrites_the_snapshot_after_a_tenth_of_its_documents(
+    alice_session, settings
+):
+    """In a process that has not cached the user (a flush worker's usual case), a flush rewrites
+    the snapshot only once a tenth of the snapshot's documents changed, not every
+    SNAPSHOT_MIN_CHANGES: each rewrite loads and saves the whole index."""
+    settings.MEMFUSE = {**settings.MEMFUSE, "SNAPSHOT_MIN_CHANGES": 5}
+    user_id = alice_session.user_id
+    _add(alice_session, [f"walk number {i} along the canal" for i in range(100)])
+    flush_pending(user_id=user_id)
+    through, documents, _ = store.snapshot_lag(user_id)
+    retrieval.reset_user_cache()
+
+    _add(alice_session, [f"swim number {i} in the lake" for i in range(8)])
+    flush_pending(user_id=user_id)
+    kept, _, lag = store.snapshot_lag(user_id)
+    _add(alice_session, [f"ride number {i} by the river" for i in range(4)])
+    flush_pending(user_id=user_id)
+
+    assert documents == 100 and (kept, lag) == (through, 8)
+    assert store.snapshot_lag(user_id)[2] == 0  # past a tenth: written again
+
+
 def test_a_snapshot_is_stored_in_bounded_parts_and_read_back_whole(alice_session, monkeypatch):
     """A snapshot larger than a part is split into parts no larger than SNAPSHOT_PART_BYTES
     (so no row or bound parameter is larger); it loads back byte for byte and ranks as a
@@ -350,11 +373,11 @@ def test_one_process_at_a_time_rewrites_a_users_snapshot(alice_session):
     assert cache.refresh_snapshot(user_id) is True
 
 
-def test_between_a_backlogs_batches_a_snapshot_follows_a_tenth_of_the_users_documents(alice_session, settings):
-    """A process that has not cached the user rewrites their snapshot after an ordinary flush
-    once ``SNAPSHOT_MIN_CHANGES`` changes are not in it; between the batches of a backlog's
-    flush (``growing``), only once a tenth of their documents (the snapshot's count) are, so
-    that a growing history is not written again at every batch."""
+def test_a_snapshot_follows_a_tenth_of_the_users_documents_and_a_hundredth_when_current(alice_session, settings):
+    """A process that has not cached the user rewrites their snapshot only once a tenth of
+    their documents (the snapshot's count) are not in it, so that a growing history is not
+    written again every ``SNAPSHOT_MIN_CHANGES``; at the end of a backlog or an import
+    (``current``), once a hundredth are (or ``SNAPSHOT_MIN_CHANGES``, if more)."""
     settings.MEMFUSE = {**settings.MEMFUSE, "SNAPSHOT_MIN_CHANGES": 8}
     user_id = alice_session.user_id
     _add(alice_session, [f"Note {i} about the garden." for i in range(200)])
@@ -362,8 +385,8 @@ def test_between_a_backlogs_batches_a_snapshot_follows_a_tenth_of_the_users_docu
     _add(alice_session, [f"Later note {i} about the roses." for i in range(15)])
     retrieval.reset_user_cache()
 
-    assert cache.refresh_snapshot(user_id, growing=True) is False
-    assert cache.refresh_snapshot(user_id) is True
+    assert cache.refresh_snapshot(user_id) is False
+    assert cache.refresh_snapshot(user_id, current=True) is True
 
 
 def test_a_snapshot_read_in_parts_of_any_size_is_the_same_index():

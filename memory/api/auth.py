@@ -21,7 +21,10 @@ with the ``memfuse`` subprotocol (never echoing the key). A subprotocol rather t
 
 from __future__ import annotations
 
+import math
 import re
+import threading
+import time
 
 from channels.db import database_sync_to_async
 from channels.middleware import BaseMiddleware
@@ -151,12 +154,62 @@ def check_rate(principal: Principal) -> None:
     """Count one request, WebSocket connect or frame of ``principal``; ``RateLimited`` (429, with
     the seconds left in the window as ``retry_after``) past its key's ``API_RATE_LIMIT`` or its
     tenant's ``API_TENANT_RATE_LIMIT``. May block on the cache (Redis): call it from a worker
-    thread."""
+    thread. A refusal is remembered until its window ends (``known_refusal``)."""
     usage = rate_usage(principal)
     if usage is not None and usage["should_limit"]:
-        wait = max(int(usage["time_left"]), 1)
-        whose = "the API key" if usage["setting"] == "API_RATE_LIMIT" else "the tenant (all its keys)"
-        raise RateLimited(f"Rate limit of {whose} reached ({usage['setting']}): retry in {wait} s", retry_after=wait)
+        _remember_refusal(principal, usage["setting"], usage["time_left"])
+        raise _rate_limited(usage["setting"], usage["time_left"])
+
+
+def _rate_limited(setting: str, seconds_left: float) -> RateLimited:
+    wait = max(math.ceil(seconds_left), 1)
+    whose = "the API key" if setting == "API_RATE_LIMIT" else "the tenant (all its keys)"
+    return RateLimited(f"Rate limit of {whose} reached ({setting}): retry in {wait} s", retry_after=wait)
+
+
+# Budgets a rate limit has refused, until their window ends: {("key"|"tenant", id): (monotonic
+# end, setting)}. In a fixed window a count only grows, so a budget once past its limit
+# stays past it until the window resets: requests of it meanwhile need not run a view to learn
+# it. Pruned of ended windows as it grows; at most one entry per key and tenant seen refused.
+_refusals: dict[tuple[str, str], tuple[float, str]] = {}
+_refusals_lock = threading.Lock()
+_REFUSALS_PRUNE_AT = 1024
+
+
+def _budgets(principal: Principal) -> list[tuple[str, str]]:
+    """The budgets ``principal`` counts against: its key's, and its tenant's (if any)."""
+    budgets = [("key", principal.key_id)]
+    if principal.tenant_id is not None:
+        budgets.append(("tenant", str(principal.tenant_id)))
+    return budgets
+
+
+def _remember_refusal(principal: Principal, setting: str, time_left: float) -> None:
+    budget = _budgets(principal)[0 if setting == "API_RATE_LIMIT" else 1]
+    now = time.monotonic()
+    with _refusals_lock:
+        if len(_refusals) >= _REFUSALS_PRUNE_AT:
+            for ended in [name for name, (until, _) in _refusals.items() if until <= now]:
+                del _refusals[ended]
+        _refusals[budget] = (now + time_left, setting)
+
+
+def known_refusal(principal: Principal) -> RateLimited | None:
+    """The ``RateLimited`` that ``check_rate`` would raise for ``principal`` without counting
+    anything, when this process saw its key's (or its tenant's) budget refused in a window that
+    has not ended; else ``None``. No I/O: the ASGI middleware asks it on the event loop."""
+    now = time.monotonic()
+    for budget in _budgets(principal):
+        refusal = _refusals.get(budget)
+        if refusal is not None and refusal[0] > now:
+            return _rate_limited(refusal[1], refusal[0] - now)
+    return None
+
+
+def forget_refusals() -> None:
+    """Forget every remembered refusal (a rate limit was changed; tests)."""
+    with _refusals_lock:
+        _refusals.clear()
 
 
 class ApiKeyRateThrottle(throttling.BaseThrottle):
@@ -203,7 +256,8 @@ def needs_key(scope) -> bool:
     return not (_HEALTH_PATH.match(path) and scope["method"] in ("GET", "HEAD"))
 
 
-def _may_have_body(scope) -> bool:
+def may_have_body(scope) -> bool:
+    """Whether the HTTP request of ``scope`` announces a body (a non-zero ``Content-Length``, or chunked)."""
     for name, value in scope.get("headers", []):
         if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
             return True
@@ -239,12 +293,12 @@ class HTTPAuthMiddleware:
             if not (is_pool_exhausted(exc) or is_database_unavailable(exc)):
                 raise
             answer = error_for(exc)
-            return await send_json(send, answer.status, answer_body(answer), answer.headers, close=_may_have_body(scope))
+            return await send_json(send, answer.status, answer_body(answer), answer.headers, close=may_have_body(scope))
         if principal is None:
             realm = "mcp" if scope["path"].startswith(MCP_PATH) else "api"
             message = NO_KEY_MESSAGE if token is None and realm == "api" else Unauthenticated.default_message
             headers = {"WWW-Authenticate": f'Bearer realm="{realm}"'}
-            return await send_json(send, 401, error_body(401, message), headers, close=_may_have_body(scope))
+            return await send_json(send, 401, error_body(401, message), headers, close=may_have_body(scope))
         return await self.app({**scope, PRINCIPAL_SCOPE_KEY: principal}, receive, send)
 
 

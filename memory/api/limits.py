@@ -165,7 +165,7 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         setting = "MAX_IMPORT_BYTES" if may_import(scope) else "MAX_REQUEST_BYTES"
         limit = settings.MEMFUSE[setting]
-        length = _content_length(scope)
+        length = content_length(scope)
         if length is not None and length > limit:
             return await _send_413(send, limit, setting)
         if length is not None:
@@ -205,7 +205,8 @@ def may_import(scope) -> bool:
         return False
 
 
-def _content_length(scope) -> int | None:
+def content_length(scope) -> int | None:
+    """The ``Content-Length`` the HTTP request of ``scope`` announces; ``None`` without one (or a malformed one)."""
     for name, value in scope.get("headers", []):
         if name == b"content-length":
             try:

@@ -13,6 +13,7 @@ deleting one deletes every session with it.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -21,6 +22,7 @@ from buffers import backlog as buffer_backlog
 from buffers import services as buffer_services
 from buffers.models import Priority, Reason, State
 from memory import selectors, services
+from memory.api import admission
 from memory.api import serializers as s
 from memory.api.base import ConcurrentAPIView as APIView
 from memory.api.errors import envelope
@@ -330,22 +332,33 @@ class SessionMessagesReadView(APIView):
 # --- buffers -----------------------------------------------------------------------------------
 
 
-def _manual_flush(request, *, user_id, session_id=None):
-    """Queue a high-priority flush; with ``{"wait": true}`` answer when it has run (200), or
-    202 as without it when the tenant's waits in this process are at ``FLUSH_WAIT_MAX_PER_TENANT``."""
-    wait = validated(s.FlushIn, request.data).get("wait", False)
+def _queue_manual_flush(target: Callable[[], tuple[uuid.UUID, uuid.UUID | None]]) -> int:
+    user_id, session_id = target()
     with transaction.atomic():
-        job_id = buffer_services.request_flush(
-            user_id=user_id, session_id=session_id, priority=Priority.HIGH, reason=Reason.MANUAL
-        )
-    job = None
-    if wait:
-        job = buffer_services.wait_for_job(
-            job_id=job_id, timeout=settings.BUFFERS["TIMEOUT_SECONDS"], tenant_id=request.auth.tenant_id
-        )
-    if job is None:
-        message = "Flush queued" if not wait else "Flush queued, not waited for: FLUSH_WAIT_MAX_PER_TENANT waits in progress"
-        return envelope({"job_id": job_id, "state": State.QUEUED.value}, code=202, message=message)
+        return buffer_services.request_flush(user_id=user_id, session_id=session_id, priority=Priority.HIGH, reason=Reason.MANUAL)
+
+
+def _manual_flush(request, target: Callable[[], tuple[uuid.UUID, uuid.UUID | None]]):
+    """Queue a high-priority flush of ``target()`` (``(user id, session id or None)``, looked up
+    for the caller: 404 for an unknown id): 202; with ``{"wait": true}`` answer when it has run (200).
+
+    A wait holds a request thread (no connection): past ``FLUSH_WAIT_MAX_PER_TENANT`` waits of
+    the tenant in this process, a 429 with ``Retry-After``, before any lookup, nothing queued.
+    A 429 rather than a 202 without waiting: a client that asked to wait would send the request
+    again at once. Under ASGI the edge answers most of these 429s (``memory.api.admission``).
+    The wait gives its place among the tenant's requests back (``admission.release``): it
+    sleeps, holding no connection.
+    """
+    if not validated(s.FlushIn, request.data).get("wait", False):
+        job_id = _queue_manual_flush(target)
+        return envelope({"job_id": job_id, "state": State.QUEUED.value}, code=202, message="Flush queued")
+    try:
+        with buffer_services.wait_place(tenant_id=request.auth.tenant_id):
+            job_id = _queue_manual_flush(target)
+            admission.release(request)
+            job = buffer_services.wait_for_job(job_id=job_id, timeout=settings.BUFFERS["TIMEOUT_SECONDS"])
+    except buffer_services.WaitsFull as exc:
+        raise admission.wait_refused(exc) from None
     return envelope(buffer_services.job_dict(job), message=f"Flush {job.state}")
 
 
@@ -355,8 +368,8 @@ flush_doc = api_doc(
     code=202,
     request=s.FlushIn,
     responses={200: envelope_of("FlushJob", FlushJob())},
-    description="202 with the queued job; with `{\"wait\": true}`, 200 with the job once it has run, or 202 "
-    "as without it (not waited for) when `FLUSH_WAIT_MAX_PER_TENANT` flushes of the tenant are waited for "
+    description="202 with the queued job; with `{\"wait\": true}`, 200 with the job once it has run, or 429 "
+    "with `Retry-After` (nothing queued) when `FLUSH_WAIT_MAX_PER_TENANT` flushes of the tenant are waited for "
     "already. A session's repeated requests merge into its one waiting job.",
 )
 
@@ -364,14 +377,17 @@ flush_doc = api_doc(
 class UserFlushView(APIView):
     @flush_doc
     def post(self, request, user_id):
-        return _manual_flush(request, user_id=_user(request, user_id).pk)
+        return _manual_flush(request, lambda: (_user(request, user_id).pk, None))
 
 
 class SessionFlushView(APIView):
     @flush_doc
     def post(self, request, session_id):
-        session = _session(request, session_id)
-        return _manual_flush(request, user_id=session.user_id, session_id=session.pk)
+        def target():
+            session = _session(request, session_id)
+            return session.user_id, session.pk
+
+        return _manual_flush(request, target)
 
 
 class UserBufferView(APIView):

@@ -199,13 +199,35 @@ def memory_import(
     return report
 
 
+def _backlog_check(tenant_id) -> Callable[[staging.Staged], None]:
+    """What pass 1 calls as it reads (``staging.stage``'s ``progress``): ``Unavailable`` (503)
+    as soon as the messages read so far that the import would leave pending (those without
+    an embedding of this service's document model) would take the tenant past its backlog
+    limit (``backlog.check_accepting``). Validating a large file costs the web process and the
+    database seconds: a tenant at (or near) its limit is refused after a few lines, not after
+    the whole file. On the figures read before pass 1 (its connection is busy with the
+    ``COPY`` meanwhile); the exact check, with the file's count, follows it."""
+    model = registry.document_model()
+    accepting = backlog.accepting(tenant_id=tenant_id)
+
+    def check(staged: staging.Staged) -> None:
+        adding = staged.messages - (staged.embedded_messages if staged.embedding == model else 0)
+        if adding:
+            try:
+                accepting(adding)
+            except backlog.BacklogFull as exc:
+                raise Unavailable(exc.message, retry_after=exc.retry_after) from None
+
+    return check
+
+
 def _validate_and_write_sessions(
     *, tenant_id, source: Source, user: User | None, user_id, user_name: str | None, scope: str
 ) -> tuple[ImportReport, staging.Staged, bool]:
     """Pass 1 (``staging``), then the user, agents and sessions, in one transaction:
     ``(report so far, what the file holds, whether its embeddings are used)``."""
     with transaction.atomic(), connection.cursor() as cursor:
-        plan = staging.stage(cursor, source)
+        plan = staging.stage(cursor, source, progress=_backlog_check(tenant_id))
         staging.check_file(cursor)
         target = _target_user(tenant_id=tenant_id, plan=plan, user=user, user_id=user_id, user_name=user_name)
         use_embeddings = plan.embedding is not None and plan.embedding == registry.document_model()

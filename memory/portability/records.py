@@ -20,6 +20,7 @@ from memory.models import Role
 from memory.portability import FORMAT, VERSION
 
 RECORD_TYPES = ("header", "user", "agent", "session", "message", "knowledge")
+ROLES = frozenset(Role.values)  # once: Role.values builds its list on every read
 
 
 def invalid(line: int, field: str | None, message: str) -> InvalidInput:
@@ -181,7 +182,7 @@ def check_record(line: int, record, *, dimension: int | None) -> tuple[str, dict
         values["session_id"] = check.uuid("session_id")
         values["position"] = check.integer("position")
         role = check.text("role")
-        if role not in Role.values:
+        if role not in ROLES:
             raise check.fail("role", f"Must be one of {', '.join(Role.values)}.")
         values["role"] = role
         values["content"] = check.text("content", max_length=settings.MEMFUSE["MAX_MESSAGE_CHARS"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -26,6 +27,7 @@ from memory.portability import records
 from memory.portability.records import invalid
 
 TABLE = "pg_temp.memfuse_import"
+PROGRESS_RECORDS = 256  # records between two calls of stage()'s progress
 
 # One row per record: ``kind`` u(ser), a(gent), s(ession), m(essage), k(nowledge); ``ref`` a
 # session's agent or a message's session; ``name`` .. ``created_at`` only for agents and
@@ -56,11 +58,13 @@ class Staged:
     knowledge: int = 0
 
 
-def stage(cursor, source) -> Staged:
+def stage(cursor, source, *, progress: Callable[[Staged], None] | None = None) -> Staged:
     """Read every record of ``source`` (``importer.Source``) into ``TABLE``, created here in the
     caller's transaction, checking each line alone and the order the format asks (header
     first, then one user before the rest). Raises ``InvalidInput`` naming the line and field,
-    ``TooLarge`` (413) at the line past ``IMPORT_MAX_RECORDS``."""
+    ``TooLarge`` (413) at the line past ``IMPORT_MAX_RECORDS``. ``progress(staged)``, with the
+    counts so far, is called at the file's first message and every ``PROGRESS_RECORDS``
+    records after it; what it raises stops the reading."""
     cursor.execute(_CREATE)
     staged = Staged()
     cap = settings.MEMFUSE["IMPORT_MAX_RECORDS"]
@@ -95,8 +99,12 @@ def stage(cursor, source) -> Staged:
             elif kind == "message":
                 staged.messages += 1
                 staged.embedded_messages += values["embedding"] is not None
+                if progress is not None and staged.messages == 1:
+                    progress(staged)
             elif kind == "knowledge":
                 staged.knowledge += 1
+            if progress is not None and staged.messages and count % PROGRESS_RECORDS == 0:
+                progress(staged)
     if count == 0:
         raise InvalidInput("Invalid import file: it is empty (no header line)", field="lines")
     if staged.user is None:

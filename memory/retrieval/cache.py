@@ -227,13 +227,13 @@ LAG_SHARE = 10
 CURRENT_LAG_SHARE = 100
 
 
-def refresh_snapshot(user_id: uuid.UUID, *, growing: bool = False, current: bool = False) -> bool:
+def refresh_snapshot(user_id: uuid.UUID, *, current: bool = False) -> bool:
     """Rewrite the user's index snapshot if it lags: none yet, or as many changes not in it
-    as ``SNAPSHOT_MIN_CHANGES`` and as a tenth (``LAG_SHARE``) of the documents of this
-    process's cached index of the user, whichever is more. ``growing``: a tenth of the user's
-    documents, cached or not (the snapshot's count), between the batches of a backlog's
-    flush, which would otherwise rewrite it at every batch. ``current``: a hundredth
-    (``CURRENT_LAG_SHARE``) of them, at the end of a backlog or an import.
+    as ``SNAPSHOT_MIN_CHANGES`` and as a tenth (``LAG_SHARE``) of the user's documents (in
+    the snapshot, or in this process's cached index if more), whichever is more: a flush
+    worker seldom has its users cached, and a rewrite at every ``SNAPSHOT_MIN_CHANGES`` would
+    load and save a long history that often. ``current``: a hundredth (``CURRENT_LAG_SHARE``)
+    of them, at the end of a backlog or an import.
     Uses this process's cached index when it has one (caught up first), else loads one
     without caching it (a flush worker should not fill the cache). Returns whether it wrote.
 
@@ -243,9 +243,7 @@ def refresh_snapshot(user_id: uuid.UUID, *, growing: bool = False, current: bool
     through, documents, changes = store.snapshot_lag(user_id)
     memory = cached_user_memory(user_id)
     if memory is not None and memory.index is not None:
-        documents = len(memory.index)
-    elif not (growing or current):
-        documents = 0
+        documents = max(documents, len(memory.index))
     share = CURRENT_LAG_SHARE if current else LAG_SHARE
     if not changes or (through is not None and changes < max(settings.MEMFUSE["SNAPSHOT_MIN_CHANGES"], documents // share)):
         return False
