@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import psycopg
 from django.db import InterfaceError, connections
@@ -103,6 +104,31 @@ def note_pool_exhausted() -> None:
     global _exhausted
     with _exhausted_lock:
         _exhausted += 1
+
+
+# A pool that lost connections or failed to open them this recently is still refilling.
+SHORT_FOR_SECONDS = 5.0
+_losses_seen = 0
+_losses_changed_at = float("-inf")
+
+
+def is_short(alias: str = "default") -> bool:
+    """Whether this process lacks connections now, whatever any one tenant does: a request waits
+    for one of ``alias``'s pool, or within ``SHORT_FOR_SECONDS`` the pool lost connections (a
+    database restart), failed to open one, or a request found the database unreachable."""
+    global _losses_seen, _losses_changed_at
+    pool = connections[alias].pool
+    if pool is None:
+        return False
+    stats = pool.get_stats()
+    if stats.get("requests_waiting", 0):
+        return True
+    losses = stats.get("connections_lost", 0) + stats.get("connections_errors", 0) + _unavailable
+    now = time.monotonic()
+    with _exhausted_lock:
+        if losses != _losses_seen:
+            _losses_seen, _losses_changed_at = losses, now
+        return now - _losses_changed_at < SHORT_FOR_SECONDS
 
 
 def pool_stats(alias: str = "default") -> dict:

@@ -82,6 +82,52 @@ async def test_past_its_concurrency_a_tenants_request_is_a_429_before_its_body_a
     await wait_until(lambda: admission.in_flight(tenant.pk) == 0, "every place given back")
 
 
+@pytest.fixture
+def a_request_waiting_for_a_connection():
+    """Every connection of the process's pool lent out and one more asked for: a request waits
+    for a connection, as while the database restarts. Everything is given back at the end."""
+    from django.db import connections
+
+    pool = connections["default"].pool
+    lent = [
+        pool.getconn()
+        for _ in range(pool.max_size - pool.get_stats().get("pool_size", 0) + pool.get_stats().get("pool_available", 0))
+    ]
+    waiter = threading.Thread(target=lambda: pool.putconn(pool.getconn(timeout=30)))
+    waiter.start()
+    try:
+        for _ in range(500):
+            if pool.get_stats().get("requests_waiting", 0):
+                break
+            threading.Event().wait(0.01)
+        yield
+    finally:
+        for conn in lent:
+            pool.putconn(conn)
+        waiter.join(30)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_past_its_concurrency_while_the_process_waits_for_connections_a_tenants_request_is_a_503(
+    application, settings, tenant, tenant_key, held_users_list, a_request_waiting_for_a_connection
+):
+    """A tenant's requests in progress that wait for connections the process lacks (a database
+    restarting, an exhausted pool) are the service's shortage: the next one is the pool's 503 with
+    Retry-After, not the tenant's 429."""
+    settings.MEMFUSE = {**settings.MEMFUSE, "API_TENANT_CONCURRENCY": 1}
+    entered, release = held_users_list
+    first = asyncio.create_task(get(application, "/api/v1/users", tenant_key).get_response(timeout=30))
+    await asyncio.sleep(0.2)  # in progress: in its view, or waiting for a connection
+
+    refused = await get(application, "/api/v1/users", tenant_key).get_response(timeout=30)
+    release.set()
+
+    assert refused["status"] == 503
+    assert dict(refused["headers"])[b"retry-after"] == b"1"
+    assert "no database connection free" in json.loads(refused["body"])["message"]
+    first.cancel()
+
+
 @pytest.mark.django_db(transaction=True)
 async def test_a_waiting_flush_gives_its_place_back(application, settings, tenant, tenant_key, alice_session):
     """A {"wait": true} flush holds none of its tenant's API_TENANT_CONCURRENCY places while it waits:

@@ -34,6 +34,7 @@ import threading
 import uuid
 from collections import Counter
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from buffers import backlog
@@ -41,7 +42,8 @@ from buffers import services as buffer_services
 from memory.api.auth import known_refusal, may_have_body
 from memory.api.errors import answer_body, error_body, send_json
 from memory.api.limits import IMPORT_PATH, content_length
-from memory.errors import RateLimited, Unavailable, error_for
+from memfuse_project import pool
+from memory.errors import RateLimited, Unavailable, error_for, pool_exhausted_message
 from memory.inference import registry
 from memory.tenancy import PRINCIPAL_SCOPE_KEY, Principal
 
@@ -170,9 +172,18 @@ async def _import_refused(receive, full: backlog.BacklogFull):
             except ValueError:
                 pass
             break
-    if isinstance(header, dict) and header.get("type") == "header" and header.get("embedding") != registry.document_model():
+    if (
+        isinstance(header, dict)
+        and header.get("type") == "header"
+        and header.get("embedding") != registry.document_model()
+    ):
         return Unavailable(full.message, retry_after=full.retry_after), receive
     return None, _replaying(messages, receive)
+
+
+async def _pool_is_short() -> bool:
+    """``memfuse_project.pool.is_short``, off the event loop (the pool's lock)."""
+    return await sync_to_async(pool.is_short, thread_sensitive=False)()
 
 
 class TenantAdmission:
@@ -212,6 +223,13 @@ class TenantAdmission:
             answer = error_for(refused)
             return await send_json(send, answer.status, answer_body(answer), answer.headers, close=may_have_body(scope))
         place = take_place(principal.tenant_id)
+        if place is None and await _pool_is_short():
+            # The tenant's requests in progress wait for connections the whole process lacks (a
+            # database restarting, a pool every tenant exhausts): the service is short, not the
+            # tenant over its share, and the answer is the 503 those requests get if they time out.
+            message = pool_exhausted_message(RETRY_AFTER_SECONDS)
+            headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+            return await send_json(send, 503, error_body(503, message), headers, close=may_have_body(scope))
         if place is None:
             bound = settings.MEMFUSE["API_TENANT_CONCURRENCY"]
             message = (
