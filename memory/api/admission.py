@@ -39,10 +39,10 @@ from django.conf import settings
 
 from buffers import backlog
 from buffers import services as buffer_services
+from memfuse_project import pool
 from memory.api.auth import known_refusal, may_have_body
 from memory.api.errors import answer_body, error_body, send_json
 from memory.api.limits import IMPORT_PATH, content_length
-from memfuse_project import pool
 from memory.errors import RateLimited, Unavailable, error_for, pool_exhausted_message
 from memory.inference import registry
 from memory.tenancy import PRINCIPAL_SCOPE_KEY, Principal
