@@ -1,8 +1,9 @@
 """The documentation against the code: docs/configuration.md lists exactly the environment
-variables the settings read, the system checks it names are the ones registered, and the
-README's and docs' relative links lead to files that exist.
+variables the settings read, the system checks it names are the ones registered, the README's
+and docs' relative links lead to files and headings that exist, and docs/benchmarks.md gives a
+command for every benchmark the management commands offer.
 
-No database: these tests read source files only.
+No database: these tests read source files and the commands' argument parsers only.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
+from django.core.management import get_commands, load_command_class
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGURATION = ROOT / "docs" / "configuration.md"
@@ -111,9 +113,7 @@ def test_every_documented_variable_is_read():
     read = settings_variables()
     stale = sorted(set().union(*sections.values()) - read)
     assert not stale, f"docs/configuration.md documents {stale}, which the settings do not read"
-    product = "\n".join(
-        path.read_text() for directory in PRODUCT_DIRS for path in (ROOT / directory).rglob("*.py")
-    )
+    product = "\n".join(path.read_text() for directory in PRODUCT_DIRS for path in (ROOT / directory).rglob("*.py"))
     for name in sorted(outside):
         assert name not in read, f"{name} is read by the settings: move its row to their tables"
         assert re.search(rf"[\"']{name}[\"']", product), f"no product code reads {name}"
@@ -137,3 +137,72 @@ def test_relative_links_lead_to_files(path):
         if "://" in target or target.startswith("mailto:"):
             continue
         assert (path.parent / target).exists(), f"{path.name} links to {target}, which does not exist"
+
+
+def heading_anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation but ``-`` and ``_`` dropped,
+    spaces as ``-`` (``"Pool check (`soak_bench pool-check`)"`` -> ``pool-check-soak_bench-pool-check``)."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    """The anchors of ``path``'s headings (a repeated heading's get ``-1``, ``-2``, ... as on GitHub)."""
+    found: set[str] = set()
+    counts: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        match = re.match(r"#+ (.+)", line)
+        if match:
+            anchor = heading_anchor(match.group(1))
+            found.add(anchor if anchor not in counts else f"{anchor}-{counts[anchor]}")
+            counts[anchor] = counts.get(anchor, 0) + 1
+    return found
+
+
+def test_heading_anchor_follows_github():
+    """Backquotes, parentheses, commas and apostrophes go; underscores and hyphens stay: it can fail."""
+    assert heading_anchor("Loading a user's index (`soak_bench index-load`)") == (
+        "loading-a-users-index-soak_bench-index-load"
+    )
+    assert heading_anchor("Queries over 1,000 users") == "queries-over-1000-users"
+
+
+@pytest.mark.parametrize("path", _markdown_files(), ids=lambda path: path.name)
+def test_link_anchors_lead_to_headings(path):
+    """Every ``#anchor`` of a relative link (or of a link within the page) names a heading of its target."""
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", path.read_text()):
+        if "://" in target:
+            continue
+        page = (path.parent / target) if target else path
+        assert anchor in anchors(page), (
+            f"{path.name} links to {target or path.name}#{anchor}, which has no such heading"
+        )
+
+
+# The benchmark commands whose every benchmark (subcommand or mode) docs/benchmarks.md must show.
+BENCHMARK_COMMANDS = ("memfuse_bench", "soak_bench", "interfaces_bench", "locomo_eval")
+
+
+def benchmark_invocations(name: str) -> list[str]:
+    """``"<command> <benchmark>"`` for each benchmark of management command ``name`` (its
+    subcommands, or the choices of its first positional argument), or ``[name]`` when it has none."""
+    command = load_command_class(get_commands()[name], name)
+    parser = command.create_parser("manage.py", name)
+    for action in parser._actions:  # argparse keeps no public list of them
+        if action.choices and not action.option_strings:
+            return [f"{name} {choice}" for choice in action.choices]
+    return [name]
+
+
+def test_benchmark_invocations_reads_the_parsers():
+    """soak_bench's modes come from its parser, and a command without modes is itself: it can fail."""
+    assert "soak_bench soak" in benchmark_invocations("soak_bench")
+    assert benchmark_invocations("interfaces_bench") == ["interfaces_bench"]
+
+
+@pytest.mark.parametrize("name", BENCHMARK_COMMANDS)
+def test_every_benchmark_has_its_command_in_benchmarks_md(name):
+    """Each benchmark of the command has a ``manage.py <command> <benchmark>`` line in a code block of docs/benchmarks.md."""
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    blocks = "\n".join(re.findall(r"```sh\n(.*?)```", text, flags=re.S))
+    missing = [run for run in benchmark_invocations(name) if not re.search(rf"manage\.py {re.escape(run)}\b", blocks)]
+    assert not missing, f"docs/benchmarks.md shows no command of {missing}"
