@@ -206,3 +206,55 @@ def test_every_benchmark_has_its_command_in_benchmarks_md(name):
     blocks = "\n".join(re.findall(r"```sh\n(.*?)```", text, flags=re.S))
     missing = [run for run in benchmark_invocations(name) if not re.search(rf"manage\.py {re.escape(run)}\b", blocks)]
     assert not missing, f"docs/benchmarks.md shows no command of {missing}"
+
+
+# Backquoted references to the repository in the README and docs: a path under one of these
+# folders, or a dotted name of one of these packages (``memory.flush.refresh_statistics``).
+REPOSITORY_PATH = re.compile(
+    r"(?<![\w/.])((?:memfuse_project|memory|buffers|benchmarks|tests|templates|docs)/[\w./-]*\w)"
+)
+DOTTED_NAME = re.compile(r"(?<![\w./=])((?:memfuse_project|memory|buffers|benchmarks)(?:\.\w+)+)")
+
+
+def _dotted_name_exists(dotted: str) -> bool:
+    """Whether ``dotted`` is a module of the repository, or a name its longest module prefix's
+    source mentions (read as text: nothing is imported)."""
+    parts = dotted.split(".")
+    for end in range(len(parts), 0, -1):
+        base = ROOT.joinpath(*parts[:end])
+        for module in (base.with_suffix(".py"), base / "__init__.py"):
+            if module.is_file():
+                rest = parts[end:]
+                return not rest or re.search(rf"\b{re.escape(rest[0])}\b", module.read_text()) is not None
+    return False
+
+
+def test_dotted_name_check_can_fail():
+    """A module, a module's function and an unknown name are told apart."""
+    assert _dotted_name_exists("memory.checks")
+    assert _dotted_name_exists("memfuse_project.settings.envbool")
+    assert not _dotted_name_exists("memory.no_such_module_here")
+
+
+# CHANGELOG.md names things as they were when they were added.
+@pytest.mark.parametrize(
+    "path", [path for path in _markdown_files() if path.name != "CHANGELOG.md"], ids=lambda path: path.name
+)
+def test_repository_references_exist(path):
+    """Every backquoted path of the repository, and every dotted module or name of the product
+    and its tools, that the README and docs mention exists in the tree (WebSocket frame types
+    such as ``memory.query`` and system check ids aside)."""
+    frame_types = set(re.findall(r'"type": "([\w.]+)"', (ROOT / "docs" / "api.md").read_text()))
+    fences = re.compile(r"```.*?```", flags=re.S)
+    text = path.read_text()
+    stale = []
+    for code in [*fences.findall(text), *re.findall(r"`([^`]+)`", fences.sub("", text))]:
+        for reference in REPOSITORY_PATH.findall(code):
+            if not (ROOT / reference).exists():
+                stale.append(reference)
+        for dotted in DOTTED_NAME.findall(code):
+            if dotted in frame_types or re.fullmatch(r"memory\.[EW]\d{3}", dotted):
+                continue
+            if not _dotted_name_exists(dotted):
+                stale.append(dotted)
+    assert not stale, f"{path.name} names {stale}, which the tree does not hold"
