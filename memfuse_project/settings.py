@@ -54,7 +54,7 @@ def envlist(name: str, default: str = "") -> list[str]:
 DEBUG = envbool("DEBUG", False)
 ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver")
 
-# --- HTTPS behind a proxy (README, "Production"): each off by default, for plain-HTTP laptops.
+# --- HTTPS behind a proxy (docs/operations.md, "Deploy"): each off by default, for plain-HTTP laptops.
 # SECURE_PROXY_SSL_HEADER is "<META name>,<value>", e.g. "HTTP_X_FORWARDED_PROTO,https": only
 # behind a proxy that always sets (or strips) that header, else a client could claim HTTPS.
 SECURE_PROXY_SSL_HEADER = tuple(envlist("SECURE_PROXY_SSL_HEADER")) or None
@@ -146,7 +146,7 @@ _default_db.update(
         "CONN_MAX_AGE": 0,  # required with a pool: the pool owns connection lifetime
         # With a pool, Django passes psycopg_pool's check_connection (an empty query) as the
         # pool's check: a connection a database restart closed is dropped when taken, never
-        # handed to a request. ~30 µs per request (docs/benchmarks.md, "Pool check").
+        # handed to a request. Its cost per request: docs/benchmarks.md, "Pool check".
         "CONN_HEALTH_CHECKS": envbool("DB_CONN_HEALTH_CHECKS", True),
         "OPTIONS": {
             **_default_db.get("OPTIONS", {}),
@@ -281,8 +281,8 @@ MEMFUSE = {
     # times faster per query; docs/retrieval.md has its effect on recall.
     "QUERY_EMBEDDING_INT8": envbool("QUERY_EMBEDDING_INT8", True),
     # Stored documents (a flush's messages, knowledge items) embedded by the same int8 model,
-    # one text per call (memory.inference.documents_int8): 2-3x the flush's throughput on one core
-    # instead of two, and a pending message's on-demand embedding equals its flushed one.
+    # one text per call (memory.inference.documents_int8): faster than the full model on the
+    # flush process's one thread, and a pending message's on-demand embedding equals its flushed one.
     "DOCUMENT_EMBEDDING_INT8": envbool("DOCUMENT_EMBEDDING_INT8", True),
     # Load the models at start in serving processes (memfuse_project.serving.preload_models).
     "PRELOAD_MODELS": envbool("PRELOAD_MODELS", True),
@@ -306,7 +306,7 @@ MEMFUSE = {
     # Most pending (not yet flushed) messages a query embeds on demand, newest first: the
     # bound on what a query may wait for after a burst (memory.retrieval.vector).
     "PENDING_EMBED_MAX": envint("PENDING_EMBED_MAX", 16),
-    # One-text calls of the query model remembered by text (memory.inference.RecentEmbeddings):
+    # One-text calls of the query model remembered by text (memory.inference.model_registry.RecentEmbeddings):
     # a text embedded again soon after (the chat turn's query, then the same words added as
     # its message) costs no second model call. About 2.1 KB each once done; 0: none.
     "RECENT_EMBEDDINGS": envint("RECENT_EMBEDDINGS", 2048),
@@ -324,7 +324,7 @@ MEMFUSE = {
     # documents, if more) are not in it (memory.retrieval.store).
     "SNAPSHOT_MIN_CHANGES": envint("SNAPSHOT_MIN_CHANGES", 64),
     # Retrieval: weighted reciprocal rank fusion of BM25 and vector candidates
-    # (see docs in memory/retrieval.py for why these weights).
+    # (docs/retrieval.md has why these weights).
     # Defaults of a query; the safe ones can be overridden per query (docs/retrieval.md).
     "RRF_K": envint("RRF_K", 60),
     "BM25_WEIGHT": envfloat("BM25_WEIGHT", 3.0),
@@ -405,7 +405,7 @@ BUFFERS = {
     "MAX_RUNNING_PER_TENANT": envint("FLUSH_MAX_RUNNING_PER_TENANT", min(2, envint("FLUSH_WORKERS", 8))),
     "SLICE_SECONDS": envfloat("FLUSH_SLICE_SECONDS", 5.0),
     # POST users|sessions/{id}/flush {"wait": true}: waits of one tenant in progress at once in
-    # a process (each holds a request thread; none holds a connection); past it, 202 (0: no bound).
+    # a process (each holds a request thread; none holds a connection); past it, 429 (0: no bound).
     "WAIT_MAX_PER_TENANT": envint("FLUSH_WAIT_MAX_PER_TENANT", 4),
     # Finished jobs are purged by the ticker this long after they finished (s; 0: kept):
     # failed ones, which an operator may retry, longer.

@@ -33,8 +33,8 @@ from prometheus_client.registry import Collector
 # scrape reads them from there (``scrape``); this registry is then only where they are declared.
 EVENTS = CollectorRegistry(auto_describe=True)
 
-# Request latency: the API answers in ~1-50 ms, a query with a reranker or a cold user in
-# ~0.1-1 s; the buckets cover 1 ms to 10 s.
+# Request latency: the buckets cover 1 ms to 10 s, from an add or a cached user's query to a
+# query with a reranker or a cold user (docs/benchmarks.md has the service's latencies).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 REQUEST_SECONDS = Histogram(

@@ -313,7 +313,7 @@ def _results(user: User, hits: list, *, session_id: uuid.UUID | None) -> list[di
     messages = {}
     if message_ids:
         # One plain SQL statement, no ORM: this runs on every query, and the ORM's query
-        # building and row conversion were a tenth of a query's time in the web process.
+        # building and row conversion are a visible part of a query's time in the web process.
         with connection.cursor() as cursor:
             cursor.execute(
                 "SELECT m.id, m.session_id, s.name, m.position, m.role, m.content, m.metadata::text, m.created_at, "

@@ -31,9 +31,9 @@ class EmbeddingBatcher:
     Callers (queries, flushes of many users) submit texts and wait on a future; one model
     thread takes every request waiting when the model is free, up to ``max_texts`` texts,
     embeds them in one batched call and hands each caller its rows. While the model is busy,
-    new requests pile up and go together into the next call: the model's batched throughput
-    (about three times its one-at-a-time rate, docs/benchmarks.md) is the ceiling of the
-    ingest path. Interactive requests (queries) go before background ones (flushes).
+    new requests pile up and go together into the next call: the model's batched throughput,
+    well above its one-at-a-time rate, is the ceiling of the ingest path. Interactive
+    requests (queries) go before background ones (flushes).
     ``workers`` model threads take requests at once, for a model that runs that many calls
     in parallel (a ``ProcessEmbedder`` of that ``concurrency``); with more than one, the first
     takes interactive requests only, so a query never waits for background texts to finish.

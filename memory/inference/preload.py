@@ -1,11 +1,11 @@
 """What the inference processes' forkserver imports once, before it forks any of them.
 
-A new interpreter takes about 6 s to a loaded embedding model, 5 s of it importing torch and
+A new interpreter spends most of its time to a loaded embedding model importing torch and
 sentence-transformers (``python -X importtime``: sentence-transformers pulls in transformers
-and scikit-learn). ``ProcessEmbedder`` forks its children from multiprocessing's forkserver
-(a clean, single-threaded process of its own), which imports this module first: a child then
-only loads its model, the first ones and each replacement of one that died. Imported by that
-forkserver, never by a serving process.
+and scikit-learn; docs/benchmarks.md, ``soak_bench respawn``). ``ProcessEmbedder`` forks its
+children from multiprocessing's forkserver (a clean, single-threaded process of its own),
+which imports this module first: a child then only loads its model, the first ones and each
+replacement of one that died. Imported by that forkserver, never by a serving process.
 """
 
 import gc

@@ -134,8 +134,8 @@ class ProcessEmbedder:
 
         # Not fork: a child forked from this process would inherit its threads' locks and torch
         # state. The forkserver is a clean process that imported torch and sentence-transformers
-        # once (memory.inference.preload): its children start in a second, where a spawned one
-        # would import them again (5 s) before its model loads.
+        # once (memory.inference.preload): its children only load their model, where a spawned
+        # one would import them again first (docs/benchmarks.md, "soak_bench respawn").
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["memory.inference.preload"])
         pipes = [context.Pipe() for _ in range(self.concurrency)]
