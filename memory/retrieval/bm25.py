@@ -448,6 +448,15 @@ class BM25Index:
         """The document at ``row``."""
         return DocKey.from_int(KINDS[self.kind[row]], int.from_bytes(self.ids[row].tobytes(), "big"))
 
+    def keys(self, rows: np.ndarray) -> list[DocKey]:
+        """The documents at ``rows`` (``(m,)`` int), in that order: ``key`` of each, with one
+        copy of their ids and kinds rather than one per row."""
+        raw = self.ids[rows].tobytes()
+        return [
+            DocKey.from_int(KINDS[kind], int.from_bytes(raw[16 * i : 16 * i + 16], "big"))
+            for i, kind in enumerate(self.kind[rows].tolist())
+        ]
+
     def session_codes(self, sessions: Iterable[uuid.UUID]) -> set[int]:
         """The codes of those of ``sessions`` the index knows."""
         codes = (self._session_codes.get(session.bytes) for session in sessions)
@@ -574,8 +583,8 @@ class BM25Index:
             threshold = np.partition(rounded, len(rows) - limit)[len(rows) - limit]
             keep = rounded >= threshold
             rows, scores, rounded = rows[keep], scores[keep], rounded[keep]
-        order = np.lexsort((self._canonical_tiebreak(rows), self.position[rows], self._session_ranks()[self.session[rows] + 1], self.kind[rows], -rounded))
-        return [(self.key(int(rows[i])), float(scores[i])) for i in order[:limit]]
+        order = np.lexsort((self._canonical_tiebreak(rows), self.position[rows], self._session_ranks()[self.session[rows] + 1], self.kind[rows], -rounded))[:limit]
+        return list(zip(self.keys(rows[order]), scores[order].tolist()))
 
     def _session_ranks(self) -> np.ndarray:
         """Each session code's rank by session id (offset by one: index 0 is 'no session')."""
