@@ -32,7 +32,10 @@ of every user that has it against an exact scan of their context embeddings (tie
 the cycled users (texts repeat, as the bench's do) and on the distinct user.
 
 The many-users phase also reports the CPU of a turn by process group (the server, its
-inference processes, and the host's PostgreSQL processes when the database runs there).
+inference processes, and the host's PostgreSQL processes when the database runs there), and
+next to it the turn's floor, measured in this process after the phase (``floor_ms_per_turn``:
+the model's CPU for the turn's one-text embeddings and PostgreSQL's for its statements, each
+alone: ``benchmarks.chat_floor``) and the ratio of the two (``ratio_to_floor``).
 The phases on servers of their own (many users, cold, fresh) run after the main server is stopped:
 flush jobs are rows that any process may claim, and its flush workers would take theirs.
 The server's and its inference processes' resident memory is read after each phase: each
@@ -56,6 +59,7 @@ from django.conf import settings
 from django.core.management.base import CommandError
 
 from benchmarks.chat_dataset import ChatDataset, ChatUser
+from benchmarks.chat_floor import turn_floor
 from benchmarks.chat_fresh import fresh_phase
 from benchmarks.client import Api
 from benchmarks.server import ServerProcess, bench_rate_limit, children_rss_mb, cpu_seconds, rss_mb, tree_pss_mb
@@ -402,6 +406,14 @@ class ChatBench:
         # CPU of a turn (a query and an add, and their flush) by process group, over both loops.
         turns = result["open_loop"]["turns"] + result["closed_loop"]["turns"]
         result["cpu_ms_per_turn"] = {group: round(1000 * used / turns, 2) for group, used in result["cpu_seconds"].items()}
+        result["cpu_ms_per_turn"]["total"] = round(sum(result["cpu_ms_per_turn"].values()), 2)
+        many = [user for user in self.users.get("many", []) if user.user_id not in self.backlog_users]
+        floor = await asyncio.to_thread(turn_floor, self, many)
+        result["floor_ms_per_turn"] = floor
+        if floor["postgres_local"] is None:
+            self.not_measured.append("PostgreSQL's floor: the database does not run on this host")
+        else:
+            result["ratio_to_floor"] = round(result["cpu_ms_per_turn"]["total"] / floor["total_ms"], 2)
         return result
 
     async def _on_own_server(self, api: Api, server: ServerProcess, *, label: str, cache_mb: float, phase) -> dict:
@@ -409,7 +421,10 @@ class ChatBench:
         plus that server's cache figures and resident memory; the server is stopped after it."""
         own = ServerProcess(
             log_path=Path(f"/tmp/memfuse-bench-{self.run_id}-{label}.log"), kind=server.kind,
-            env={"API_RATE_LIMIT": bench_rate_limit(), "USER_CACHE_MB": str(cache_mb)},
+            # Every client of the bench is one tenant's: its concurrency bound would answer the
+            # clients past it 429 (a turn that costs nothing) instead of serving them.
+            env={"API_RATE_LIMIT": bench_rate_limit(), "USER_CACHE_MB": str(cache_mb),
+                 "API_TENANT_CONCURRENCY": str(max(self.options["clients"], settings.MEMFUSE["API_TENANT_CONCURRENCY"]))},
         )
         url = await asyncio.to_thread(own.start)
         try:
@@ -580,6 +595,10 @@ class ChatBench:
             )
             if many.get("cpu_ms_per_turn"):
                 lines.append("many users' CPU per turn (ms): " + ", ".join(f"{k} {v}" for k, v in many["cpu_ms_per_turn"].items()))
+            floor = many.get("floor_ms_per_turn")
+            if floor:
+                lines.append(f"the turn's floor (ms): model {floor['inference']}, PostgreSQL {floor['postgres_local']}, "
+                             f"total {floor['total_ms']}; measured / floor {many.get('ratio_to_floor')}")
             cache = many.get("server_cache") or {}
             lines.append(f"many users' cache: {cache.get('bytes')} bytes, {cache.get('size')} users, "
                          f"{cache.get('evictions')} evictions (USER_CACHE_MB {many.get('user_cache_mb', 'of the main server')})")

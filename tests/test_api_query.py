@@ -341,3 +341,37 @@ def test_retrieval_fusion_and_prf_overrides_are_accepted(api, alice, alice_messa
 def test_bad_fusion_or_prf_override_is_400(api, alice, alice_messages, retrieval, field):
     """An unknown fusion or an out-of-range PRF or speaker knob is a 400 naming it."""
     assert_error(api.post(query_url(alice.pk), {"query": "puppy", "retrieval": retrieval}, format="json"), 400, field)
+
+
+def test_reused_validation_gives_fresh_instances_data_and_errors():
+    """``validated`` with a reusable serializer (one shared instance) returns what a new instance
+    validates, and refuses with the same 400 detail, from several threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rest_framework.exceptions import ValidationError
+
+    from memory.api import serializers as s
+
+    assert s.QueryIn.reusable and s.MessagesAdd.reusable
+    bodies = [
+        (s.QueryIn, {"query": f"where did I hike {i}?", "top_k": 1 + i % 20, "retrieval": {"bm25_weight": 0.5}})
+        for i in range(50)
+    ] + [(s.MessagesAdd, {"messages": [{"role": "user", "content": f"note {i}", "name": "Ann"}]}) for i in range(50)]
+    bad = [(s.QueryIn, {"query": 3}), (s.QueryIn, {"query": "x", "top_k": 0}), (s.MessagesAdd, {"messages": [{"role": "x"}]})]
+
+    def fresh(cls, body):
+        serializer = cls(data=body)
+        if serializer.is_valid():
+            return serializer.validated_data
+        return serializer.errors
+
+    def reused(cls, body):
+        try:
+            return s.validated(cls, body)
+        except ValidationError as exc:
+            return exc.detail
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda item: reused(*item), bodies + bad))
+    assert answers == [fresh(cls, body) for cls, body in bodies + bad]
+    assert answers[50]["messages"][0].metadata == {"speaker": "Ann"}

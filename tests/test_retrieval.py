@@ -48,6 +48,22 @@ def test_rrf_weights_order_the_fusion():
     assert [key for key, _, _ in rrf_fuse(lists, {"bm25": 1.0, "vector": 3.0}, k=60)] == [b, a]
 
 
+def test_rrf_limit_is_the_prefix_of_the_full_fusion():
+    """A limited fusion returns the first hits of the full one, scores, ties and retrievers alike."""
+    keys = [DocKey("message", uuid.uuid4()) for _ in range(40)]
+    bm25 = [(key, float(40 - i)) for i, key in enumerate(keys[:30])]
+    vector_list = [(key, 1.0 - i / 100) for i, key in enumerate(reversed(keys[10:]))]  # ties with bm25's ranks
+    lists = {"bm25": bm25, "vector": vector_list}
+    weights = {"bm25": 1.0, "vector": 1.0}
+
+    full = rrf_fuse(lists, weights, k=60)
+
+    assert len(full) == 40
+    assert all(full[i][1] >= full[i + 1][1] for i in range(39))
+    for limit in (1, 10, 40, 100):
+        assert rrf_fuse(lists, weights, k=60, limit=limit) == full[:limit]
+
+
 def _trail_conversation(alice_session):
     return services.messages_add(
         session=alice_session,

@@ -3,6 +3,8 @@
 One module per concern:
 
 - ``bm25``: the lexical index, updated in place as documents change (``BM25Index``);
+- ``bm25_scoring``: BM25's scores and the index's queries (a base class of ``BM25Index``);
+- ``bm25_snapshot``: the index's snapshot format, written and read in parts;
 - ``store``: that index and the database (built, loaded from a snapshot, caught up);
 - ``vector``: the vector retriever (context embeddings in PostgreSQL, exact or HNSW search);
 - ``fusion``: RRF, convex fusion, the named speaker's list;

@@ -1,15 +1,7 @@
 """BM25 over one user's messages and knowledge, updated in place as the documents change.
 
-One module, over 500 lines, for one data structure: the index's parallel arrays and their
-invariants (rows, postings, context lengths, snapshots) are read and changed together.
-
-**Scoring**: BM25 (Robertson & Zaragoza, "The Probabilistic Relevance Framework: BM25 and
-Beyond", 2009) with Lucene's variant (Kamphuis et al., "Which BM25 Do You Mean?", ECIR
-2020), as the ``bm25s`` library's ``method="lucene"`` computes it:
-``idf = log(1 + (N - n + 0.5) / (n + 0.5))``, ``tfc = tf / (tf + k1 (1 - b + b dl / avgdl))``,
-``score = sum over query tokens of idf * tfc``, k1 = 1.5, b = 0.75 (a query term counts once
-per occurrence). Okapi's original idf is zero or negative for a term in half the documents
-or more, which on a user's small corpus silences common but relevant words.
+**Scoring** and the queries: ``memory.retrieval.bm25_scoring`` (a base class of the index);
+the snapshot format: ``memory.retrieval.bm25_snapshot``.
 
 **Documents** are context documents: a turn's own lexemes counted ``own_weight`` times plus
 those of the ``window`` turns before and after it in its session (a turn often answers or is
@@ -29,72 +21,17 @@ dead rows when the tail or the dead grow large.
 
 from __future__ import annotations
 
-import json
-import math
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from memory.retrieval.keys import DocKey
+from memory.retrieval.bm25_scoring import BM25Scoring
+from memory.retrieval.bm25_snapshot import in_parts, index_from_parts, snapshot_buffers
+from memory.retrieval.keys import KINDS, KNOWLEDGE, MESSAGE, DocKey
 
-K1 = 1.5
-B = 0.75
-
-MESSAGE, KNOWLEDGE = 0, 1
-KINDS = ("message", "knowledge")
-
-# Snapshot format (to_bytes / from_bytes); a snapshot of another format is ignored (rebuilt).
-FORMAT = 1
-_MAGIC = b"MFBM"
-
-
-class _PartReader:
-    """A byte stream given as consecutive parts (bytes-like, of any sizes), read by copying
-    each read straight into its destination: the stream is never held whole."""
-
-    def __init__(self, parts: Iterable[bytes]) -> None:
-        self._parts = iter(parts)
-        self._part = memoryview(b"")
-
-    def read_into(self, out: np.ndarray) -> None:
-        """Fill the contiguous array ``out`` with the stream's next ``out.nbytes`` bytes.
-        Raises ``ValueError`` when the stream ends first."""
-        target = memoryview(out).cast("B")
-        filled = 0
-        while filled < len(target):
-            if not self._part:
-                part = next(self._parts, None)
-                if part is None:
-                    raise ValueError(f"the stream ended {len(target) - filled} bytes early")
-                self._part = memoryview(part).cast("B")
-            count = min(len(self._part), len(target) - filled)
-            target[filled : filled + count] = self._part[:count]
-            self._part = self._part[count:]
-            filled += count
-
-    def read(self, count: int) -> bytes:
-        """The stream's next ``count`` bytes. Raises ``ValueError`` when it ends first."""
-        out = np.empty(count, dtype=np.uint8)
-        self.read_into(out)
-        return out.tobytes()
-
-
-def _in_parts(buffers: list, size: int) -> Iterator[bytes]:
-    """The concatenation of ``buffers`` (bytes-like) as consecutive parts of ``size`` bytes."""
-    part = bytearray()
-    for buffer in buffers:
-        view = memoryview(buffer).cast("B")
-        while view:
-            count = size - len(part)
-            part += view[:count]
-            view = view[count:]
-            if len(part) == size:
-                yield bytes(part)
-                part.clear()
-    if part:
-        yield bytes(part)
+__all__ = ["KINDS", "KNOWLEDGE", "MESSAGE", "BM25Index", "Document"]
 
 
 @dataclass(frozen=True)
@@ -129,7 +66,7 @@ _ROW_ARRAYS = {
 }
 
 
-class BM25Index:
+class BM25Index(BM25Scoring):
     """The lexical index of one user's documents (see the module docstring).
 
     Rows are documents in the order they were added (``compact`` renumbers them); a replaced
@@ -141,6 +78,8 @@ class BM25Index:
     Memory: about 30 bytes per posting (a turn's distinct lexemes, ~10-15) and 60 per row,
     plus the vocabulary; ``nbytes`` counts it.
     """
+
+    ROW_ARRAYS = _ROW_ARRAYS  # the layout the snapshot writes (memory.retrieval.bm25_snapshot)
 
     def __init__(self, *, window: int, own_weight: int, capacity: int = 16) -> None:
         self.window = window
@@ -448,203 +387,31 @@ class BM25Index:
         """The document at ``row``."""
         return DocKey.from_int(KINDS[self.kind[row]], int.from_bytes(self.ids[row].tobytes(), "big"))
 
+    def keys(self, rows: np.ndarray) -> list[DocKey]:
+        """The documents at ``rows`` (``(m,)`` int), in that order: ``key`` of each, with one
+        copy of their ids and kinds rather than one per row."""
+        raw = self.ids[rows].tobytes()
+        return [
+            DocKey.from_int(KINDS[kind], int.from_bytes(raw[16 * i : 16 * i + 16], "big"))
+            for i, kind in enumerate(self.kind[rows].tolist())
+        ]
+
     def session_codes(self, sessions: Iterable[uuid.UUID]) -> set[int]:
         """The codes of those of ``sessions`` the index knows."""
         codes = (self._session_codes.get(session.bytes) for session in sessions)
         return {code for code in codes if code is not None}
 
-    # --- queries ---------------------------------------------------------------------------
-
-    def _lengths(self) -> tuple[np.ndarray, int, float]:
-        """``(context document lengths (n,) float64, N, mean length)`` as maintained."""
-        mean = self._context_total / self.live if self.live else 1.0
-        return self._context_length[: self.n], self.live, mean if mean > 0 else 1.0
-
-    def _recompute_all(self) -> None:
-        """Every row's context length at once (after a load or a compaction)."""
-        n = self.n
-        length = self.length[:n].astype(np.float64)
-        total = np.where(self.kind[:n] == MESSAGE, self.own_weight, 1) * length
-        for links in (self.prev[:n], self.next[:n]):
-            rows, hop = np.arange(n), np.arange(n)  # the row credited, where its chain is
-            for _ in range(self.window):
-                neighbours = links[hop]
-                keep = neighbours >= 0
-                rows, hop = rows[keep], neighbours[keep]
-                total[rows] += length[hop]
-        total[~self.alive[:n]] = 0.0
-        self._context_length = np.zeros(self._capacity)
-        self._context_length[:n] = total
-        self._context_total = float(total.sum())
-
-    def _postings(self, term: int) -> tuple[np.ndarray, np.ndarray]:
-        """The live rows holding ``term`` and its count in each: ``(rows int64, tf float64)``."""
-        parts_rows, parts_tf = [], []
-        if term < len(self._base_ptr) - 1:
-            start, end = self._base_ptr[term], self._base_ptr[term + 1]
-            parts_rows.append(self._base_rows[start:end])
-            parts_tf.append(self._base_tf[start:end])
-        if self._tail_n:
-            match = self._tail_term[: self._tail_n] == term
-            parts_rows.append(self._tail_row[: self._tail_n][match])
-            parts_tf.append(self._tail_tf[: self._tail_n][match])
-        rows = np.concatenate(parts_rows).astype(np.int64) if parts_rows else np.zeros(0, dtype=np.int64)
-        tf = np.concatenate(parts_tf).astype(np.float64) if parts_tf else np.zeros(0)
-        live = self.alive[rows]
-        return rows[live], tf[live]
-
-    def _context_frequencies(self, rows: np.ndarray, tf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A term's frequency in each context document it occurs in, from its own postings
-        (``rows``, ``tf``): ``(documents, frequencies)``, documents distinct."""
-        weight = np.where(self.kind[rows] == MESSAGE, self.own_weight, 1)
-        documents, counts = [rows], [tf * weight]
-        for links in (self.prev, self.next):
-            hop, hop_tf = rows, tf
-            for _ in range(self.window):
-                neighbours = links[hop]
-                keep = neighbours >= 0
-                hop, hop_tf = neighbours[keep].astype(np.int64), hop_tf[keep]
-                if not len(hop):
-                    break
-                documents.append(hop)
-                counts.append(hop_tf)
-        documents, counts = np.concatenate(documents), np.concatenate(counts)
-        if len(documents) * 16 < self.n:  # few: sort them
-            unique, inverse = np.unique(documents, return_inverse=True)
-            return unique, np.bincount(inverse, weights=counts)
-        dense = np.bincount(documents, weights=counts, minlength=self.n)
-        unique = np.flatnonzero(dense)
-        return unique, dense[unique]
-
-    def scores(self, tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """BM25 score of every document matching ``tokens`` (the query's lexemes, repeated
-        per occurrence): ``(rows (m,) int64, scores (m,) float64)``, scores > 0."""
-        counts: dict[int, int] = {}
-        for token in tokens:
-            term = self.vocab.get(token)
-            if term is not None:
-                counts[term] = counts.get(term, 0) + 1
-        if not counts or not self.live:
-            return np.zeros(0, dtype=np.int64), np.zeros(0)
-        lengths, live, mean = self._lengths()
-        total = np.zeros(self.n)
-        for term, occurrences in counts.items():
-            rows, tf = self._postings(term)
-            if not len(rows):
-                continue
-            documents, frequencies = self._context_frequencies(rows, tf)
-            idf = math.log(1 + (live - len(documents) + 0.5) / (len(documents) + 0.5))
-            norm = K1 * (1 - B + B * lengths[documents] / mean)
-            total[documents] += occurrences * idf * frequencies / (frequencies + norm)
-        matched = np.flatnonzero(total > 0)
-        return matched, total[matched]
-
-    def search(
-        self,
-        tokens: list[str],
-        *,
-        limit: int,
-        sessions: set[int] | None = None,
-        since_us: int | None = None,
-        until_us: int | None = None,
-    ) -> list[tuple[DocKey, float]]:
-        """Top ``limit`` documents by BM25 score (> 0) as ``(key, score)``, best first.
-
-        ``sessions``: session codes (``session_codes``); when given, only messages of those
-        sessions (and knowledge). ``since_us`` / ``until_us``: only documents created in that
-        window (microseconds since the epoch, both inclusive). Filters apply before the cut
-        at ``limit``. Equal scores (to 1e-9) go in the order of (kind, session id, position):
-        the same however the index was built.
-        """
-        rows, scores = self.scores(tokens)
-        if sessions is not None and len(rows):
-            allowed = np.isin(self.session[rows], np.fromiter(sessions, dtype=np.int32, count=len(sessions)))
-            keep = allowed | (self.kind[rows] == KNOWLEDGE)
-            rows, scores = rows[keep], scores[keep]
-        if since_us is not None:
-            keep = self.created[rows] >= since_us
-            rows, scores = rows[keep], scores[keep]
-        if until_us is not None:
-            keep = self.created[rows] <= until_us
-            rows, scores = rows[keep], scores[keep]
-        if not len(rows):
-            return []
-        rounded = np.round(scores, 9)
-        if len(rows) > limit:
-            threshold = np.partition(rounded, len(rows) - limit)[len(rows) - limit]
-            keep = rounded >= threshold
-            rows, scores, rounded = rows[keep], scores[keep], rounded[keep]
-        order = np.lexsort((self._canonical_tiebreak(rows), self.position[rows], self._session_ranks()[self.session[rows] + 1], self.kind[rows], -rounded))
-        return [(self.key(int(rows[i])), float(scores[i])) for i in order[:limit]]
-
-    def _session_ranks(self) -> np.ndarray:
-        """Each session code's rank by session id (offset by one: index 0 is 'no session')."""
-        if self._session_rank is None or len(self._session_rank) != len(self.session_ids) + 1:
-            order = sorted(range(len(self.session_ids)), key=lambda code: self.session_ids[code])
-            ranks = np.zeros(len(self.session_ids) + 1, dtype=np.int64)
-            ranks[np.asarray(order, dtype=np.int64) + 1] = np.arange(1, len(order) + 1)
-            self._session_rank = ranks
-        return self._session_rank
-
-    def _canonical_tiebreak(self, rows: np.ndarray) -> np.ndarray:
-        """Last tie-break: the id's first 8 bytes (knowledge items have no position)."""
-        return self.ids[rows, :8].copy().view(">u8").reshape(-1)
-
-    def named_speaker(self, tokens: list[str]) -> int | None:
-        """The speaker code of the only speaker the query names, else ``None``.
-
-        A speaker is named when a lexeme of their name is among ``tokens``, the query's
-        lexemes (so "Caroline's" names Caroline; a name of stop words only, such as "Will",
-        is never named). None named, or several ("What did Anna tell Ben?", two Smiths):
-        ``None``.
-        """
-        words = set(tokens)
-        named = [code for code, lexemes in enumerate(self.speaker_lexemes) if lexemes & words]
-        return named[0] if len(named) == 1 else None
-
-    def spoken_by(self, keys: list[DocKey], speaker: int) -> list[bool]:
-        """For each of ``keys``, whether the index holds it as a turn of ``speaker``."""
-        rows = self.rows(keys)
-        held = rows >= 0
-        said = np.zeros(len(keys), dtype=bool)
-        said[held] = self.speaker[rows[held]] == speaker
-        return said.tolist()
-
-    # --- snapshots -------------------------------------------------------------------------
+    # --- snapshots (memory.retrieval.bm25_snapshot) ----------------------------------------
 
     def to_bytes(self) -> bytes:
         """The index as bytes for ``from_bytes`` (compacted first: no tail, no dead rows)."""
-        return b"".join(self._snapshot_buffers())
+        return b"".join(snapshot_buffers(self))
 
     def to_parts(self, size: int) -> Iterator[bytes]:
         """``to_bytes``' output as consecutive parts of ``size`` bytes (the last one shorter),
         each made as it is taken: the snapshot is never held whole. Compacts the index at once;
         the index must not change until the last part is taken."""
-        return _in_parts(self._snapshot_buffers(), size)
-
-    def _snapshot_buffers(self) -> list:
-        """The snapshot's pieces in order: bytes, and views of the index's arrays."""
-        if self._tail_n or self.live != self.n:
-            self.compact()
-        n = self.n
-        header = {
-            "format": FORMAT,
-            "seq": self.seq,
-            "rows": n,
-            "postings": len(self._base_rows),
-            "terms": len(self._base_ptr) - 1,
-            "sessions": len(self.session_ids),
-            "speakers": [[name, sorted(lexemes)] for name, lexemes in zip(self.speakers, self.speaker_lexemes)],
-        }
-        vocabulary = "\x00".join(self.vocab).encode()  # dict order is term order
-        header["vocabulary_bytes"] = len(vocabulary)
-        encoded = json.dumps(header).encode()
-        # The arrays go in as views (their leading rows are contiguous), not copies.
-        parts = [_MAGIC, len(encoded).to_bytes(4, "little"), encoded, vocabulary, self.ids[:n].data]
-        parts += [getattr(self, name)[:n].data for name in _ROW_ARRAYS]
-        parts += [self._base_ptr.data, self._base_rows.data, self._base_tf.data]
-        parts += [b"".join(self.session_ids), np.asarray(self._session_last, dtype=np.int32).data]
-        return parts
+        return in_parts(snapshot_buffers(self), size)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, window: int, own_weight: int) -> BM25Index | None:
@@ -659,48 +426,4 @@ class BM25Index:
 
         Raises ``ValueError`` when the parts end before the snapshot does.
         """
-        reader = _PartReader(parts)
-        try:
-            if reader.read(4) != _MAGIC:
-                return None
-        except ValueError:  # shorter than the magic number: not a snapshot
-            return None
-        header = json.loads(reader.read(int.from_bytes(reader.read(4), "little")))
-        if header.get("format") != FORMAT:
-            return None
-
-        def take(count: int, dtype) -> np.ndarray:
-            array = np.empty(count, dtype=dtype)
-            reader.read_into(array)
-            return array
-
-        vocabulary = reader.read(header["vocabulary_bytes"]).decode()
-        n = header["rows"]
-        index = cls(window=window, own_weight=own_weight, capacity=1)
-        index.seq = header["seq"]
-        terms = vocabulary.split("\x00") if vocabulary else []
-        index.vocab = dict(zip(terms, range(len(terms))))
-        index._vocab_bytes = sum(len(term) + 90 for term in terms)
-        capacity = max(16, int(n * 1.25) + 16)
-        index.ids = np.zeros((capacity, 16), dtype=np.uint8)
-        reader.read_into(index.ids[:n])
-        for name, (dtype, fill) in _ROW_ARRAYS.items():
-            array = np.empty(capacity, dtype=dtype)
-            reader.read_into(array[:n])
-            array[n:] = fill
-            setattr(index, name, array)
-        index._capacity = capacity
-        index.n = n
-        index.live = int(index.alive[:n].sum())
-        index._base_ptr = take(header["terms"] + 1, np.int64)
-        index._base_rows = take(header["postings"], np.int32)
-        index._base_tf = take(header["postings"], np.uint16)
-        sessions = reader.read(header["sessions"] * 16)
-        index.session_ids = [sessions[i : i + 16] for i in range(0, len(sessions), 16)]
-        index._session_codes = {session: code for code, session in enumerate(index.session_ids)}
-        index._session_last = take(header["sessions"], np.int32).tolist()
-        for name, lexemes in header["speakers"]:
-            index._speaker_code(name, frozenset(lexemes))
-        index._index_ids()
-        index._recompute_all()
-        return index
+        return index_from_parts(cls, parts, window=window, own_weight=own_weight)

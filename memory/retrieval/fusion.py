@@ -11,6 +11,8 @@ conversation's speakers, that speaker's turns, in the fused order, are a third l
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 from memory.retrieval.bm25 import BM25Index
 from memory.retrieval.config import RetrievalConfig
 from memory.retrieval.keys import DocKey
@@ -19,22 +21,33 @@ Ranked = list[tuple[DocKey, float]]
 Hits = list[tuple[DocKey, float, dict]]
 
 
-def rrf_fuse(ranked_lists: dict[str, Ranked], weights: dict[str, float], k: int) -> Hits:
+def rrf_fuse(ranked_lists: dict[str, Ranked], weights: dict[str, float], k: int, *, limit: int | None = None) -> Hits:
     """Weighted reciprocal rank fusion of ranked lists (see the module docstring).
 
     ``ranked_lists[name]`` is ``[(key, retriever_score), ...]`` best first. Returns
     ``[(key, fused_score, {name: {"rank": r, "score": s}})]`` sorted by fused score, ties
-    broken by the first list's order.
+    broken by the first list's order; only the first ``limit`` of them with a ``limit``.
     """
+    # Scores first, the retrievers' dicts only for the hits returned: this runs on every
+    # query, over a few hundred candidates of which a caller keeps ``top_k``.
     fused: dict[DocKey, float] = {}
-    found: dict[DocKey, dict] = {}
     for name, ranked in ranked_lists.items():
         weight = weights.get(name, 1.0)
-        for rank, (key, score) in enumerate(ranked, start=1):
+        for rank, (key, _) in enumerate(ranked, start=1):
             fused[key] = fused.get(key, 0.0) + weight / (k + rank)
-            found.setdefault(key, {})[name] = {"rank": rank, "score": round(score, 6)}
-    ordered = sorted(fused.items(), key=lambda item: -item[1])
-    return [(key, score, found[key]) for key, score in ordered]
+    ordered = sorted(fused.items(), key=itemgetter(1), reverse=True)  # stable: ties keep insertion order
+    if limit is not None:
+        ordered = ordered[:limit]
+    positions = {name: {key: (rank, score) for rank, (key, score) in enumerate(ranked, start=1)} for name, ranked in ranked_lists.items()}
+    hits = []
+    for key, score in ordered:
+        found = {}
+        for name, where in positions.items():
+            position = where.get(key)
+            if position is not None:
+                found[name] = {"rank": position[0], "score": round(position[1], 6)}
+        hits.append((key, score, found))
+    return hits
 
 
 def convex_fuse(ranked_lists: dict[str, Ranked], weights: dict[str, float]) -> Hits:
@@ -63,12 +76,13 @@ def convex_fuse(ranked_lists: dict[str, Ranked], weights: dict[str, float]) -> H
     return [(key, score, found[key]) for key, score in ordered]
 
 
-def fuse(ranked_lists: dict[str, Ranked], config: RetrievalConfig) -> Hits:
-    """The ranked lists fused as ``config.fusion`` says (``rrf_fuse`` or ``convex_fuse``)."""
+def fuse(ranked_lists: dict[str, Ranked], config: RetrievalConfig, *, limit: int | None = None) -> Hits:
+    """The ranked lists fused as ``config.fusion`` says (``rrf_fuse`` or ``convex_fuse``);
+    only the first ``limit`` hits with a ``limit``."""
     weights = {"bm25": config.bm25_weight, "vector": config.vector_weight, "speaker": config.speaker_weight}
     if config.fusion == "convex":
-        return convex_fuse(ranked_lists, weights)
-    return rrf_fuse(ranked_lists, weights, config.rrf_k)
+        return convex_fuse(ranked_lists, weights)[:limit]
+    return rrf_fuse(ranked_lists, weights, config.rrf_k, limit=limit)
 
 
 def speaker_candidates(hits: Hits, index: BM25Index, speaker: int) -> Ranked:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import uuid
 
+# A document's kind as the BM25 index's arrays hold it (a code), and as a key names it.
+MESSAGE, KNOWLEDGE = 0, 1
+KINDS = ("message", "knowledge")
+
 
 class DocKey(tuple):
     """A retrievable document: ``kind`` (``"message"`` or ``"knowledge"``) and ``id`` (its UUID).

@@ -92,7 +92,7 @@ def hybrid_search_stages(
                             until_us=_epoch_us(until),
                         )
         if partial and config.vector_weight > 0 and "bm25" in ranked:
-            yield "partial", _fused(ranked, config, memory, speaker)[:top_k]
+            yield "partial", _fused(ranked, config, memory, speaker, limit=top_k)[:top_k]
     if embedding is not None:
         with metrics.query_stage("embed"):
             query_embedding = embedding.result()[0]
@@ -125,7 +125,7 @@ def hybrid_search_stages(
         metrics.QUERY_STAGE_SECONDS.labels("vector").observe(time.perf_counter() - vector_start)
     resized(memory)  # its index and pending embeddings, as they are now
     with metrics.query_stage("fusion"):
-        hits = _fused(ranked, config, memory, speaker)
+        hits = _fused(ranked, config, memory, speaker, limit=max(top_k, config.rerank_top_n) if config.rerank else top_k)
     if config.rerank:
         with metrics.query_stage("rerank"):
             hits = rerank(user_id=user_id, query=query, hits=hits, top_n=config.rerank_top_n)
@@ -134,11 +134,12 @@ def hybrid_search_stages(
     yield "final", hits[:top_k]
 
 
-def _fused(ranked: dict[str, list], config: RetrievalConfig, memory, speaker: int | None) -> Hits:
-    """``fusion.fuse`` of ``ranked``, with the named speaker's turns when there is one."""
-    hits = fusion.fuse(ranked, config)
+def _fused(ranked: dict[str, list], config: RetrievalConfig, memory, speaker: int | None, *, limit: int) -> Hits:
+    """``fusion.fuse`` of ``ranked``, with the named speaker's turns when there is one: at
+    least the first ``limit`` hits (all of them with a speaker, whose list may lift any)."""
     if speaker is None:
-        return hits
+        return fusion.fuse(ranked, config, limit=limit)
+    hits = fusion.fuse(ranked, config)
     with memory.lock:
         spoken = fusion.speaker_candidates(hits, memory.index, speaker)
     return fusion.add_speaker(hits, ranked, config, spoken)

@@ -296,7 +296,10 @@ def candidates(**search) -> tuple[list[tuple[DocKey, float]], list[tuple], np.nd
     pending = [(doc_id, updated_at, text, ids or [], cosines or []) for kind, doc_id, _, updated_at, text, ids, cosines in rows if kind == "pending"]
     query = None
     if pending:  # the statement returns the moved query with them
-        query = Vector._from_db(next(row[4] for row in rows if row[0] == "query"))
+        # pgvector's binary format in hex (dimension and a spare int16, then big-endian float32s):
+        # the float32 values as computed, read in C; a text literal of them costs a parse.
+        raw = bytes.fromhex(next(row[4] for row in rows if row[0] == "query"))
+        query = np.frombuffer(raw, dtype=">f4", offset=4).astype(np.float32)
         query = (query / np.linalg.norm(query)).astype(np.float32)
     return flushed, pending, query
 
@@ -412,7 +415,7 @@ def search_statement(
         ) around ON true
         UNION ALL
         -- the (moved) query, to score pending messages with, only when there are some
-        SELECT 'query', NULL, NULL, NULL, q::text, NULL, NULL FROM query WHERE EXISTS (SELECT FROM pending)
+        SELECT 'query', NULL, NULL, NULL, encode(vector_send(q), 'hex'), NULL, NULL FROM query WHERE EXISTS (SELECT FROM pending)
     """
     params = {
         "user": user_id,
