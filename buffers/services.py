@@ -3,7 +3,7 @@
 A message is durable (a row) before its add is acknowledged; a flush job only says "flush
 this user (or session) soon, at this priority" (``buffers.models``). Workers
 (``buffers.workers``) claim jobs with ``SKIP LOCKED`` and run the flush that the ``memory``
-app registers (``FlushHooks``; ``memory.flush`` describes the flush itself); a failed flush
+app registers (``FlushHooks``; ``memory.indexing.flush`` describes the flush itself); a failed flush
 is retried with exponential backoff, then left ``failed`` for an operator.
 """
 
@@ -75,7 +75,7 @@ class FlushHooks:
     which registers them in its ``AppConfig.ready``): ``buffers`` never imports that app.
 
     - ``flush(*, user_id, session_id, deadline, slice_end, batch_size, token) -> int``: embed
-      and index the pending messages (``memory.flush.flush_pending``);
+      and index the pending messages (``memory.indexing.flush.flush_pending``);
     - ``warm_up()``: load what a flush needs (the background embedding model) before the first.
     """
 
@@ -110,7 +110,7 @@ def flush_pending(
 ) -> int:
     """Flush the user's (or one session's) pending messages now, in this thread; returns how many.
 
-    The registered flush (``FlushHooks.flush``: ``memory.flush.flush_pending`` says what it
+    The registered flush (``FlushHooks.flush``: ``memory.indexing.flush.flush_pending`` says what it
     does and raises). ``deadline`` and ``slice_end`` are ``time.monotonic()`` values: past the
     deadline the flush fails, past the end of its slice it stops between batches and returns
     (the rest stays pending); ``token`` the claim token of the messages (a job's

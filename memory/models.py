@@ -72,7 +72,7 @@ class User(Named):
     memory_version = models.BigIntegerField(default=0)
     # The HNSW index (of ANN_BUCKETS) that holds every context embedding of the user's
     # flushed messages, or NULL: set by a flush once the user holds ``ANN_MIN_MESSAGES``
-    # messages, after it has put the older ones there (``memory.retrieval.vector.ann_enable``).
+    # messages, after it has put the older ones there (``memory.indexing.ann.ann_enable``).
     ann_bucket = models.SmallIntegerField(null=True, blank=True)
 
     class Meta(Named.Meta):
@@ -154,7 +154,7 @@ class Message(models.Model):
     embedding = VectorField(dimensions=EMBEDDING_DIM, null=True, blank=True)
     # The mean of the embeddings of this turn (counted VECTOR_OWN_WEIGHT times) and of the
     # VECTOR_CONTEXT_TURNS turns either side in its session that are embedded: what the vector
-    # retriever searches. Written by the flush (memory.retrieval.vector.context_refresh);
+    # retriever searches. Written by the flush (memory.indexing.context.context_refresh);
     # NULL while the message is pending. Stored inline (STORAGE PLAIN, migration 0007): a
     # search reads it for every candidate row, and a TOAST fetch per row would double that.
     context_embedding = VectorField(dimensions=EMBEDDING_DIM, null=True, blank=True)
@@ -385,7 +385,7 @@ class EmbeddingModel(models.Model):
     path = models.TextField()
     dimension = models.PositiveIntegerField()
     state = models.CharField(max_length=16, choices=State.choices, default=State.BUILDING)
-    # The run's phase (memory.reembed.PHASES) and counts of rows done out of total in it.
+    # The run's phase (memory.indexing.reembed.PHASES) and counts of rows done out of total in it.
     phase = models.CharField(max_length=32, blank=True, default="")
     done = models.BigIntegerField(default=0)
     total = models.BigIntegerField(default=0)

@@ -201,7 +201,7 @@ def test_deleting_a_tenant_while_its_flush_writes_neither_deadlocks_nor_fails(st
     """A tenant deleted from the admin while a flush of one of its users is writing waits for
     that write (every user row first: the lock order), then deletes all; the flush ends
     without an error. Django's cascade would delete the messages first and deadlock with it."""
-    from memory import flush as memory_flush
+    from memory.indexing import flush as memory_flush
     from memory.models import EMBEDDING_DIM
 
     alice = alice_messages[0].user

@@ -20,7 +20,8 @@ from benchmarks.server import free_loopback_port, uvicorn_command
 from buffers import services as buffers
 from buffers.models import FlushJob, FlushTurn, Priority, Reason, State
 from buffers.workers import FlushWorkerPool
-from memory import flush, selectors
+from memory import selectors
+from memory.indexing import flush
 from memory.inference import registry
 from memory.models import Message, User
 from memory.retrieval import store

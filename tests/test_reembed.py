@@ -23,10 +23,12 @@ from django.db import connection, transaction
 
 from buffers.services import flush_pending
 from memory import checks, embedding_model, selectors
+from memory.indexing import active_model
+from memory.indexing.reembed import DocumentEmbedder, reembed_run
+from memory.indexing.reembed_columns import HNSW_INDEX, reembed_abort
 from memory.inference import default_model_path, registry
 from memory.models import ANN_BUCKETS, EmbeddingModel, Message
 from memory.operator_stats import operator_stats
-from memory.reembed import HNSW_INDEX, DocumentEmbedder, reembed_abort, reembed_run
 from memory.services.knowledge import knowledge_add
 from memory.services.messages import MessageIn, messages_add, messages_update
 from memory.services.sessions import session_create
@@ -305,14 +307,14 @@ def test_reembed_command_refuses_a_path_without_a_model(tmp_path):
 def test_a_flush_write_embedded_by_a_replaced_model_is_refused(alice_session):
     """A flush's write of vectors from another model than the active one raises ModelChanged
     and writes nothing (the flush then embeds its rows again with the active model)."""
-    from memory import flush
+    from memory.indexing import flush
 
     messages_add(session=alice_session, messages=[MessageIn(role="user", content="hello there")])
     token = uuid.uuid4()
     claimed = flush._claim(user_id=alice_session.user_id, session_id=None, token=token, limit=10)
     ids = [row[0] for row in claimed]
 
-    with pytest.raises(embedding_model.ModelChanged):
+    with pytest.raises(active_model.ModelChanged):
         flush._write(
             user_id=alice_session.user_id, token=token, ids=ids, vectors=np.zeros((1, 384)), generation=12345
         )

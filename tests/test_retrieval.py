@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from memory import retrieval, selectors
+from memory.indexing import context
 from memory.inference import registry
 from memory.retrieval import DocKey, rrf_fuse, tsvector_tokens, vector
 from memory.services.messages import MessageIn, messages_add
@@ -181,7 +182,7 @@ def flushed_user(agent, name: str, vectors: np.ndarray, texts: list[str] | None 
         for i, (embedding, text) in enumerate(zip(vectors, texts))
     )
     with connection.cursor() as cursor:
-        vector.context_refresh_all(cursor, user_id=user.pk)
+        context.context_refresh_all(cursor, user_id=user.pk)
         cursor.execute("UPDATE memory_session SET next_position = %s WHERE id = %s", [len(rows), session.pk])
     return user, [row.pk for row in rows]
 

@@ -18,8 +18,9 @@ from django.db import connection
 
 from buffers.services import flush_pending
 from memory import retrieval, selectors
+from memory.indexing import snapshots
 from memory.inference import registry
-from memory.retrieval import cache, store
+from memory.retrieval import store
 from memory.retrieval.bm25 import KINDS, KNOWLEDGE, MESSAGE, BM25Index, Document
 from memory.retrieval.keys import DocKey
 from memory.services.common import _bump_memory_version
@@ -272,13 +273,13 @@ def test_a_snapshot_is_stored_in_bounded_parts_and_read_back_whole(alice_session
     """A snapshot larger than a part is split into parts no larger than SNAPSHOT_PART_BYTES
     (so no row or bound parameter is larger); it loads back byte for byte and ranks as a
     build from the rows; a later, smaller snapshot leaves none of the earlier parts."""
-    monkeypatch.setattr(store, "SNAPSHOT_PART_BYTES", 1000)
+    monkeypatch.setattr(snapshots, "SNAPSHOT_PART_BYTES", 1000)
     rows = _add(alice_session, [f"hike number {i} up the ridge with {i % 7} friends" for i in range(40)])
     user_id = alice_session.user_id
     index = store.load(user_id)
     data = index.to_bytes()
 
-    assert store.snapshot_save(index, user_id)
+    assert snapshots.snapshot_save(index, user_id)
 
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*), max(octet_length(data)) FROM memory_indexsnapshotpart WHERE user_id = %s", [user_id])
@@ -289,7 +290,7 @@ def test_a_snapshot_is_stored_in_bounded_parts_and_read_back_whole(alice_session
 
     messages_delete(session=alice_session, message_ids=[row.pk for row in rows[5:]])
     smaller = store.load(user_id)
-    assert store.snapshot_save(smaller, user_id)
+    assert snapshots.snapshot_save(smaller, user_id)
     assert _snapshot_bytes(user_id) == smaller.to_bytes() and len(smaller.to_bytes()) < len(data)
 
 
@@ -304,7 +305,7 @@ def test_a_snapshot_write_waits_for_a_delete_of_its_user_and_then_writes_nothing
 
     user = alice_session.user
     _add(alice_session, ["We hiked the ridge at dawn."])
-    assert store.snapshot_save(store.load(user.pk), user.pk)
+    assert snapshots.snapshot_save(store.load(user.pk), user.pk)
     _add(alice_session, ["Then we swam in the lake."])
     newer = store.load(user.pk)
     holds, may_go, results = threading.Event(), threading.Event(), {}
@@ -329,7 +330,7 @@ def test_a_snapshot_write_waits_for_a_delete_of_its_user_and_then_writes_nothing
     deleter = threading.Thread(target=run, args=("delete", lambda: user_delete(user=user)))
     deleter.start()
     assert holds.wait(10)
-    writer = threading.Thread(target=run, args=("snapshot", lambda: store.snapshot_save(newer, user.pk)))
+    writer = threading.Thread(target=run, args=("snapshot", lambda: snapshots.snapshot_save(newer, user.pk)))
     writer.start()
     waited = a_backend_waits_for_a_lock()
     may_go.set()
@@ -358,7 +359,7 @@ def test_one_process_at_a_time_rewrites_a_users_snapshot(alice_session):
     def writer():
         try:
             with transaction.atomic():
-                assert store.snapshot_writer_lock(user_id)
+                assert snapshots.snapshot_writer_lock(user_id)
                 holds.set()
                 may_end.wait(10)
         finally:
@@ -368,13 +369,13 @@ def test_one_process_at_a_time_rewrites_a_users_snapshot(alice_session):
     thread.start()
     assert holds.wait(10)
     try:
-        meanwhile = cache.refresh_snapshot(user_id)
+        meanwhile = snapshots.refresh_snapshot(user_id)
     finally:
         may_end.set()
         thread.join(10)
 
     assert meanwhile is False and store.snapshot_lag(user_id)[0] is None
-    assert cache.refresh_snapshot(user_id) is True
+    assert snapshots.refresh_snapshot(user_id) is True
 
 
 def test_a_snapshot_follows_a_tenth_of_the_users_documents_and_a_hundredth_when_current(alice_session, settings):
@@ -385,12 +386,12 @@ def test_a_snapshot_follows_a_tenth_of_the_users_documents_and_a_hundredth_when_
     settings.MEMFUSE = {**settings.MEMFUSE, "SNAPSHOT_MIN_CHANGES": 8}
     user_id = alice_session.user_id
     _add(alice_session, [f"Note {i} about the garden." for i in range(200)])
-    assert cache.refresh_snapshot(user_id)
+    assert snapshots.refresh_snapshot(user_id)
     _add(alice_session, [f"Later note {i} about the roses." for i in range(15)])
     retrieval.reset_user_cache()
 
-    assert cache.refresh_snapshot(user_id) is False
-    assert cache.refresh_snapshot(user_id, current=True) is True
+    assert snapshots.refresh_snapshot(user_id) is False
+    assert snapshots.refresh_snapshot(user_id, current=True) is True
 
 
 def test_a_snapshot_read_in_parts_of_any_size_is_the_same_index():
@@ -428,10 +429,10 @@ def test_a_load_holds_little_beyond_the_index_it_builds(alice_session, monkeypat
     its peak, a load holds less than the snapshot's size beyond the index it returns (the
     arithmetic of the rows' context lengths, not the snapshot again as parts and as their join). Measured by ``tracemalloc``, which sees Python's and numpy's
     allocations (libpq's, which single-row mode holds to one row, it does not)."""
-    monkeypatch.setattr(store, "SNAPSHOT_PART_BYTES", 2000)
+    monkeypatch.setattr(snapshots, "SNAPSHOT_PART_BYTES", 2000)
     _add(alice_session, [f"day {i}: a walk to the {('harbour', 'market', 'old mill')[i % 3]} with Rosa" for i in range(1200)])
     user_id = alice_session.user_id
-    assert store.snapshot_save(store.load(user_id), user_id)
+    assert snapshots.snapshot_save(store.load(user_id), user_id)
     size = len(store.load(user_id).to_bytes())  # also warms what a first load allocates once
     tracemalloc.start()
     try:
@@ -452,7 +453,7 @@ def test_deletions_a_snapshot_absorbed_make_an_older_cache_reload(alice_session)
     memory = retrieval.user_memory(alice.pk)
     messages_delete(session=alice_session, message_ids=[rows[0].pk])
     index = store.load(alice.pk)
-    store.snapshot_save(index, alice.pk)  # another process's flush, say
+    snapshots.snapshot_save(index, alice.pk)  # another process's flush, say
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM memory_tombstone WHERE user_id = %s", [alice.pk])
         assert cursor.fetchone()[0] == 0

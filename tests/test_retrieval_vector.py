@@ -11,6 +11,7 @@ from django.db import connection
 
 from buffers.services import flush_pending
 from memory import selectors
+from memory.indexing import ann, context
 from memory.models import Message
 from memory.retrieval import vector
 from memory.services.messages import MessageIn, messages_add, messages_delete, messages_update
@@ -135,7 +136,7 @@ def _echo_user(agent, settings, *, distinct: int = 12, times: int = 40) -> tuple
         for i, embedding in enumerate(np.tile(turns, (times // 4, 1)))
     )
     with connection.cursor() as cursor:
-        vector.context_refresh(cursor, seeds=[(second.pk, row.position) for row in rows], bucket=user.ann_bucket)
+        context.context_refresh(cursor, seeds=[(second.pk, row.position) for row in rows], bucket=user.ann_bucket)
     return user, first, second
 
 
@@ -196,7 +197,7 @@ def test_a_move_to_the_hnsw_index_in_batches_puts_each_context_embedding_in_once
     turns = unit(np.random.default_rng(8).normal(size=(6, EMBEDDING_DIM)))
     user, _ = flushed_user(agent, "batches", np.tile(turns, (20, 1)))
 
-    assert vector.ann_enable(user_id=user.pk, batch=7) is not None
+    assert ann.ann_enable(user_id=user.pk, batch=7) is not None
 
     groups = _rows_in_the_index(user)
     assert sum(len(flags) for flags in groups.values()) == 120
@@ -252,7 +253,7 @@ def test_the_move_to_the_hnsw_index_takes_turns_with_a_flush_of_the_user(agent):
     def flush_write():
         try:
             with transaction.atomic(), connection.cursor() as cursor:
-                vector.lock_context_writes(cursor, user_id=user.pk)
+                context.lock_context_writes(cursor, user_id=user.pk)
                 flush_holds.set()
                 flush_may_end.wait(10)
         finally:
@@ -260,7 +261,7 @@ def test_the_move_to_the_hnsw_index_takes_turns_with_a_flush_of_the_user(agent):
 
     def move():
         try:
-            moved.append(vector.ann_enable(user_id=user.pk, batch=10))
+            moved.append(ann.ann_enable(user_id=user.pk, batch=10))
         finally:
             connection.close()
 
@@ -291,9 +292,9 @@ def test_a_move_to_the_hnsw_index_puts_the_rest_where_an_earlier_move_put_rows(a
     neighbour, _ = flushed_user(agent, "neighbour", vectors[:3])
     User.objects.filter(pk=neighbour.pk).update(ann_bucket=7)  # bucket 7 is the most shared
     with connection.cursor() as cursor:
-        assert vector.ann_place(cursor, user_id=user.pk, bucket=7, limit=10) == 10
+        assert ann.ann_place(cursor, user_id=user.pk, bucket=7, limit=10) == 10
 
-    assert vector.ann_enable(user_id=user.pk, batch=5) == 7
+    assert ann.ann_enable(user_id=user.pk, batch=5) == 7
 
     assert set(Message.objects.filter(pk__in=ids).values_list("ann_bucket", flat=True)) == {7}
 
@@ -307,7 +308,7 @@ def test_a_flush_that_waited_for_the_move_to_the_hnsw_index_writes_into_its_buck
 
     from django.db import transaction
 
-    from memory import flush
+    from memory.indexing import flush
     from memory.models import EMBEDDING_DIM
     from tests.locks import a_backend_waits_for_a_lock
 
@@ -323,9 +324,9 @@ def test_a_flush_that_waited_for_the_move_to_the_hnsw_index_writes_into_its_buck
         try:
             with transaction.atomic(), connection.cursor() as cursor:
                 cursor.execute("SELECT FROM memory_user WHERE id = %s FOR KEY SHARE", [user.pk])
-                vector.lock_context_writes(cursor, user_id=user.pk)
+                context.lock_context_writes(cursor, user_id=user.pk)
                 cursor.execute("UPDATE memory_user SET ann_bucket = 5 WHERE id = %s", [user.pk])
-                vector.ann_place(cursor, user_id=user.pk, bucket=5)
+                ann.ann_place(cursor, user_id=user.pk, bucket=5)
                 move_holds.set()
                 move_may_commit.wait(10)
         finally:
@@ -364,13 +365,13 @@ def test_the_repair_migration_puts_a_users_stray_rows_back_into_their_bucket(age
     repair = importlib.import_module("memory.migrations.0012_ann_bucket_repair")
     turns = unit(np.random.default_rng(11).normal(size=(8, EMBEDDING_DIM)))
     moved, moved_ids = flushed_user(agent, "split-moved", np.tile(turns, (5, 1)))
-    bucket = vector.ann_enable(user_id=moved.pk)
+    bucket = ann.ann_enable(user_id=moved.pk)
     Message.objects.filter(pk__in=moved_ids[:12]).update(ann_bucket=(bucket + 1) % 32)
     Message.objects.filter(pk__in=moved_ids[12:15]).update(ann_bucket=None, context_digest=None, ann_duplicate=False)
     unmoved, unmoved_ids = flushed_user(agent, "split-unmoved", turns)
     with connection.cursor() as cursor:
-        vector.ann_place(cursor, user_id=unmoved.pk, bucket=3, limit=4)
-        vector.ann_place(cursor, user_id=unmoved.pk, bucket=4)
+        ann.ann_place(cursor, user_id=unmoved.pk, bucket=3, limit=4)
+        ann.ann_place(cursor, user_id=unmoved.pk, bucket=4)
     moved.refresh_from_db()
     assert not _top_k_are_the_exact_top_k(moved, turns[:3])
 
@@ -382,7 +383,7 @@ def test_the_repair_migration_puts_a_users_stray_rows_back_into_their_bucket(age
     assert all(flags.count(False) == 1 for flags in _rows_in_the_index(moved).values())
     assert _top_k_are_the_exact_top_k(moved, turns[:3])
     assert set(Message.objects.filter(pk__in=unmoved_ids).values_list("ann_bucket", flat=True)) == {None}
-    placed = vector.ann_enable(user_id=unmoved.pk)
+    placed = ann.ann_enable(user_id=unmoved.pk)
     assert User.objects.get(pk=unmoved.pk).ann_bucket == placed
     assert set(Message.objects.filter(pk__in=unmoved_ids).values_list("ann_bucket", flat=True)) == {placed}
 

@@ -16,7 +16,7 @@ from buffers import heartbeats
 from buffers import services as buffers
 from buffers.models import FlushJob, Priority, Reason, State, WorkerProcess
 from buffers.workers import FlushWorkerPool
-from memory import flush
+from memory.indexing import flush
 from memory.models import Message
 from memory.services.messages import MessageIn, messages_add
 from tests.subprocesses import subprocess_env

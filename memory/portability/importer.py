@@ -30,7 +30,7 @@ the database when the import starts: ``memory.embedding_model``): those messages
 as flushed (context embeddings derived as a flush does). Otherwise messages are pending, and
 a flush is queued as an add past the size trigger does; knowledge items are embedded during
 the import (their add embeds them too). Each write of vectors checks the model in its
-transaction (``embedding_model.guard_write``): when a ``reembed`` switches the model in the
+transaction (``active_model.guard_write``): when a ``reembed`` switches the model in the
 middle of an import, the rest of the file's messages are written pending and its knowledge
 items embedded again, by the new model.
 """
@@ -51,15 +51,16 @@ from buffers import backlog
 from buffers import services as buffers
 from buffers.jobs import pending_summary
 from buffers.models import Priority, Reason
-from memory import embedding_model, flush
+from memory import embedding_model
 from memory.errors import Conflict, Forbidden, NotFound, TooLarge, Unavailable
+from memory.indexing import active_model, flush
+from memory.indexing.context import context_refresh
 from memory.inference import registry
 from memory.models import KeyScope, User
 from memory.portability import records, staging
 from memory.portability.records import invalid
 from memory.portability.staging import TABLE
 from memory.retrieval import cache
-from memory.retrieval.vector import context_refresh
 
 # _bump_memory_version: the user row lock every writer of a user's messages takes first.
 from memory.services.common import _bump_memory_version
@@ -432,7 +433,7 @@ def _write_run(
         try:
             with transaction.atomic(), connection.cursor() as cursor:
                 if use_embeddings:
-                    embedding_model.guard_write(cursor, generation=generation)
+                    active_model.guard_write(cursor, generation=generation)
                 bucket = _bump_memory_version(target_id)
                 cursor.execute("SELECT 1 FROM memory_session WHERE id = %s AND user_id = %s", [session_id, target_id])
                 if cursor.fetchone() is None:
@@ -462,7 +463,7 @@ def _write_run(
             if progress:
                 progress(len(batch))
             return written, following, use_embeddings
-        except embedding_model.ModelChanged:  # nothing was written nor read: pending, like the rest
+        except active_model.ModelChanged:  # nothing was written nor read: pending, like the rest
             use_embeddings = False
 
 
@@ -583,7 +584,7 @@ def _write_knowledge_batch(
         try:
             written = _insert_knowledge(new, vectors, checked=items, target_id=target_id, generation=generation)
             return written, use_embeddings, generation
-        except embedding_model.ModelChanged:
+        except active_model.ModelChanged:
             use_embeddings = False
             generation = embedding_model.follow_active_model(force=True)
 
@@ -592,7 +593,7 @@ def _insert_knowledge(new: list[dict], vectors: dict, *, checked: list[dict], ta
     """One transaction: ``new`` inserted with their ``vectors`` (by id); then every item of
     ``checked`` not inserted must be the user's, else ``Conflict`` (rolled back)."""
     with transaction.atomic(), connection.cursor() as cursor:
-        embedding_model.guard_write(cursor, generation=generation)
+        active_model.guard_write(cursor, generation=generation)
         _bump_memory_version(target_id)
         use_binary_vectors(cursor)
         cursor.execute(

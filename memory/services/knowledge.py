@@ -8,6 +8,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from memory import embedding_model
+from memory.indexing import active_model
 from memory.inference import registry
 from memory.models import Knowledge, User
 from memory.selectors import knowledge_by_ids
@@ -16,37 +17,37 @@ from memory.services.common import _bump_memory_version
 
 def knowledge_add(*, user: User, contents: list[str]) -> list[Knowledge]:
     """Store user-level facts, embedded in one batch; returns them in input order."""
-    while True:  # again when a reembed switched the model meanwhile (embedding_model.guard_write)
+    while True:  # again when a reembed switched the model meanwhile (active_model.guard_write)
         generation = embedding_model.follow_active_model()
         embeddings = registry.embed_documents(contents)
         try:
             with transaction.atomic():
                 with connection.cursor() as cursor:
-                    embedding_model.guard_write(cursor, generation=generation)
+                    active_model.guard_write(cursor, generation=generation)
                 _bump_memory_version(user.pk)
                 return Knowledge.objects.bulk_create(
                     [Knowledge(user=user, content=c, embedding=e) for c, e in zip(contents, embeddings)]
                 )
-        except embedding_model.ModelChanged:
+        except active_model.ModelChanged:
             continue
 
 
 def knowledge_update(*, user: User, knowledge_ids: list[uuid.UUID], new_contents: list[str]) -> list[Knowledge]:
     """Replace the content of the given items, re-embedding them. ``NotFound`` on unknown ids."""
     knowledge_by_ids(user=user, knowledge_ids=knowledge_ids)
-    while True:  # again when a reembed switched the model meanwhile (embedding_model.guard_write)
+    while True:  # again when a reembed switched the model meanwhile (active_model.guard_write)
         generation = embedding_model.follow_active_model()
         embeddings = registry.embed_documents(new_contents)
         try:
             return _knowledge_write(user=user, knowledge_ids=knowledge_ids, new_contents=new_contents, embeddings=embeddings, generation=generation)
-        except embedding_model.ModelChanged:
+        except active_model.ModelChanged:
             continue
 
 
 def _knowledge_write(*, user: User, knowledge_ids, new_contents, embeddings, generation: int | None) -> list[Knowledge]:
     with transaction.atomic():
         with connection.cursor() as cursor:
-            embedding_model.guard_write(cursor, generation=generation)
+            active_model.guard_write(cursor, generation=generation)
         _bump_memory_version(user.pk)
         rows = knowledge_by_ids(user=user, knowledge_ids=knowledge_ids, for_update=True)
         now = timezone.now()  # bulk_update does not apply auto_now

@@ -16,8 +16,10 @@ from buffers import jobs as buffers_jobs
 from buffers.models import Priority
 from memory import metrics
 from memory.errors import NotFound, Unavailable
+from memory.indexing.context import context_refresh
 from memory.inference import registry
 from memory.models import Message, Session
+from memory.retrieval import cache
 from memory.selectors import messages_by_ids
 from memory.services.common import _bump_memory_version, _delete_messages
 
@@ -97,7 +99,7 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
     the user row's lock, then the session row's (its ``next_position`` counter gives the
     positions), inserts the rows, reads the user's pending summary and, past the size
     trigger, queues a flush job (``buffers.jobs``' fragments); they are durable when this
-    returns. Embedding is left to that flush (``memory.flush``, run by ``buffers``' workers).
+    returns. Embedding is left to that flush (``memory.indexing.flush``, run by ``buffers``' workers).
     One statement is all or nothing, one exchange with the database and one commit (one WAL
     flush): the add is the hottest write of the service. Raises ``NotFound`` (field
     ``session_id``) when the session was deleted meanwhile, ``Unavailable`` (503) when the
@@ -190,8 +192,6 @@ def _prefetch_embeddings(user_id: uuid.UUID, rows: list[Message]) -> None:
     """Keep the newest of ``rows`` (pending) embedding for the queries that will want them
     before their flush: the chat pattern is an add, then a query (``UserMemory.prefetch``).
     Their model calls started with the add (``_start_embeddings``)."""
-    from memory.retrieval import cache
-
     newest = _newest_to_embed(rows)
     if newest:
         memory = cache.user_memory(user_id)
@@ -209,8 +209,6 @@ def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messa
     embedding. Raises ``NotFound`` (field ``message_ids``) when any id is not a message of
     ``session``; then nothing is changed.
     """
-    from memory.retrieval.vector import context_refresh
-
     with transaction.atomic():
         bucket = _bump_memory_version(session.user_id)
         rows = messages_by_ids(session=session, message_ids=message_ids, for_update=True)
@@ -237,8 +235,6 @@ def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messa
 
 def messages_delete(*, session: Session, message_ids: list[uuid.UUID]) -> None:
     """Delete the given messages. Raises ``NotFound`` when any id is not in ``session``."""
-    from memory.retrieval.vector import context_refresh
-
     with transaction.atomic():
         bucket = _bump_memory_version(session.user_id)
         messages_by_ids(session=session, message_ids=message_ids, for_update=True)

@@ -7,6 +7,7 @@ from django.db import transaction
 from memory import tenancy
 from memory.errors import InvalidInput
 from memory.models import ApiKey, Tenant
+from memory.retrieval import cache
 from memory.services.common import _bump_memory_version, _create_unique
 
 
@@ -30,8 +31,6 @@ def tenant_delete(*, tenant: Tenant) -> None:
     memory and the tenant's keys are forgotten by this process on commit (other processes
     within ``API_KEY_CACHE_SECONDS``).
     """
-    from memory.retrieval import cache
-
     with transaction.atomic():
         user_ids = sorted(tenant.users.values_list("pk", flat=True))
         for user_id in user_ids:

@@ -7,6 +7,7 @@ import uuid
 from django.db import transaction
 
 from memory.models import User
+from memory.retrieval import cache
 from memory.services.common import _bump_memory_version, _create_unique, _update_fields
 
 
@@ -22,8 +23,6 @@ def user_update(*, user: User, name: str | None = None, description: str | None 
 
 def user_delete(*, user: User) -> None:
     """Delete a user with its sessions, messages and knowledge, in one transaction."""
-    from memory.retrieval import cache
-
     with transaction.atomic():
         _bump_memory_version(user.pk)
         user.delete()
