@@ -17,7 +17,7 @@ from buffers import services as buffers
 from buffers.models import FlushJob
 from memory.errors import InvalidInput, TooLarge, Unavailable
 from memory.models import Agent, KeyScope, Knowledge, Message, Session, User
-from memory.portability import export, importer
+from memory.portability import export, import_rows, importer
 from memory.services.agents import agent_create
 from memory.services.api_keys import api_key_create
 from memory.services.knowledge import knowledge_add
@@ -147,7 +147,7 @@ def test_an_interrupted_import_resumes_without_redoing_work(api, alice_memory, m
     """Killed after its first session, an import run again writes the rest once; the first session is not rewritten."""
     lines = export_lines(api, alice_memory.pk, embeddings=True)
     delete_user(alice_memory)
-    real_insert = importer._insert_messages
+    real_insert = import_rows._insert_messages
     calls = []
 
     def interrupted(cursor, rows, **kwargs):
@@ -156,12 +156,12 @@ def test_an_interrupted_import_resumes_without_redoing_work(api, alice_memory, m
             raise KeyboardInterrupt  # the process is stopped between two sessions
         return real_insert(cursor, rows, **kwargs)
 
-    monkeypatch.setattr(importer, "_insert_messages", interrupted)
+    monkeypatch.setattr(import_rows, "_insert_messages", interrupted)
     with pytest.raises(KeyboardInterrupt):
         post_import(api, alice_memory.pk, lines)
     assert Message.objects.filter(user_id=alice_memory.pk).count() == 3  # the first session, whole
     first_seq = dict(Message.objects.filter(user_id=alice_memory.pk).values_list("id", "seq"))
-    monkeypatch.setattr(importer, "_insert_messages", real_insert)
+    monkeypatch.setattr(import_rows, "_insert_messages", real_insert)
 
     response = post_import(api, alice_memory.pk, lines)
 
@@ -623,14 +623,14 @@ def test_a_message_id_taken_after_validation_is_a_conflict_in_its_writing_transa
     lines = export_lines(api, alice_memory.pk)
     delete_user(alice_memory)
     taken = lines[5]["id"]
-    real_write = importer._write_messages
+    real_write = importer.write_messages
 
     def taken_meanwhile(*args, **kwargs):
         with connection.cursor() as cursor:
             cursor.execute("UPDATE memory_message SET id = %s WHERE id = %s", [taken, bob_messages[0].id])
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(importer, "_write_messages", taken_meanwhile)
+    monkeypatch.setattr(importer, "write_messages", taken_meanwhile)
 
     response = post_import(api, alice_memory.pk, lines)
 

@@ -323,6 +323,32 @@ def test_a_flush_write_embedded_by_a_replaced_model_is_refused(alice_session):
     assert flush._write(user_id=alice_session.user_id, token=token, ids=ids, vectors=np.ones((1, 384)) / np.sqrt(384))
 
 
+@pytest.mark.django_db
+def test_embed_guarded_embeds_and_writes_again_with_the_active_model_after_a_switch(alice):
+    """A write whose guard finds another active model than the one its vectors came from
+    writes nothing; ``embed_guarded`` follows the active model, calls ``on_change``, embeds
+    again and writes with the active model's generation."""
+    embedded, generations, changes = [], [], []
+
+    def embed() -> str:
+        embedded.append(len(embedded))
+        return f"vectors {len(embedded)}"
+
+    def write(vectors: str, generation: int | None) -> str:
+        generations.append(generation)
+        with transaction.atomic(), connection.cursor() as cursor:
+            active_model.guard_write(cursor, generation=generation)
+            cursor.execute("UPDATE memory_user SET description = %s WHERE id = %s", [vectors, alice.pk])
+        return vectors
+
+    written = active_model.embed_guarded(embed, write, generation=12345, on_change=lambda: changes.append(1))
+
+    assert written == "vectors 2" and embedded == [0, 1] and changes == [1]
+    assert generations == [12345, embedding_model.active_model(max_age=0.0).id]
+    alice.refresh_from_db()
+    assert alice.description == "vectors 2"
+
+
 @pytest.mark.django_db(transaction=True)
 def test_an_import_after_a_switch_ignores_the_old_models_embeddings(tenant, agent, tiny_embedder, restored_schema):
     """A file exported with the previous model's embeddings, imported by a process that has

@@ -23,7 +23,7 @@ from memory.inference import registry
 from memory.retrieval import store
 from memory.retrieval.bm25 import KINDS, KNOWLEDGE, MESSAGE, BM25Index, Document
 from memory.retrieval.keys import DocKey
-from memory.services.common import _bump_memory_version
+from memory.services.common import memory_version_bump
 from memory.services.knowledge import knowledge_add
 from memory.services.messages import MessageIn, messages_add, messages_delete, messages_update
 from memory.services.sessions import session_create
@@ -309,7 +309,7 @@ def test_a_snapshot_write_waits_for_a_delete_of_its_user_and_then_writes_nothing
     _add(alice_session, ["Then we swam in the lake."])
     newer = store.load(user.pk)
     holds, may_go, results = threading.Event(), threading.Event(), {}
-    real_bump = _bump_memory_version
+    real_bump = memory_version_bump
 
     def pausing(user_id):
         bucket = real_bump(user_id)
@@ -317,7 +317,7 @@ def test_a_snapshot_write_waits_for_a_delete_of_its_user_and_then_writes_nothing
         may_go.wait(20)
         return bucket
 
-    monkeypatch.setattr("memory.services.users._bump_memory_version", pausing)
+    monkeypatch.setattr("memory.services.users.memory_version_bump", pausing)
 
     def run(name, work):
         try:

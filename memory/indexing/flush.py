@@ -30,7 +30,7 @@ from pgvector import Vector
 
 from buffers import events
 from memfuse_project.pool import is_database_unavailable
-from memory import embedding_model, metrics
+from memory import metrics
 from memory.indexing import active_model, ann, snapshots
 from memory.indexing.context import context_refresh, lock_context_writes
 from memory.inference import registry
@@ -84,7 +84,7 @@ def _write(
     around them (``memory.indexing.context.context_refresh``); returns ``[(id, session_id)]``.
 
     Takes ``FOR KEY SHARE`` on the user's row first: the lock order of every writer of a
-    user's messages (see ``memory.services.common._bump_memory_version``), so this ``UPDATE`` and an
+    user's messages (see ``memory.services.common.memory_version_bump``), so this ``UPDATE`` and an
     edit or a cascade delete never deadlock. Adds (``FOR NO KEY UPDATE``) do not conflict
     with it: an add never waits for this write. Two flushes of one user, and a flush and the
     user's move to the HNSW index (``ann.ann_enable``), take turns (``lock_context_writes``):
@@ -292,20 +292,22 @@ def _flush_batches(
             # loads the snapshot, so it is brought up to date before that batch is written.
             maintain_indexes(user_id, current=True)
         ids = [row[0] for row in claimed]
-        while True:
-            generation = embedding_model.follow_active_model()
+
+        def embed(claimed=claimed) -> np.ndarray:
             if not connection.in_atomic_block:
                 # Give the connection back to the pool while the model works (seconds): flush
                 # workers would otherwise hold one each and starve requests of connections.
                 connection.close()
-            vectors = _embed_claimed(user_id, claimed)
-            try:
-                written = _write(user_id=user_id, token=token, ids=ids, vectors=vectors, generation=generation)
-                break
-            except active_model.ModelChanged:
-                # A reembed switched the columns while this batch was embedded: the rows are
-                # still ours (claimed); embed them again with the new model.
-                embedding_model.follow_active_model(force=True)
+            return _embed_claimed(user_id, claimed)
+
+        # A reembed that switches the columns while a batch is embedded leaves the rows ours
+        # (claimed): embed_guarded embeds them again with the new model.
+        written = active_model.embed_guarded(
+            embed,
+            lambda vectors, generation, ids=ids: _write(
+                user_id=user_id, token=token, ids=ids, vectors=vectors, generation=generation
+            ),
+        )
         flushed += len(written)
         by_session: dict[uuid.UUID, list[str]] = {}
         for message_id, message_session in written:

@@ -7,7 +7,7 @@ import uuid
 from django.db import transaction
 
 from memory.models import Agent
-from memory.services.common import _bump_memory_version, _create_unique, _delete_messages, _update_fields
+from memory.services.common import _create_unique, _delete_messages, _update_fields, memory_version_bump
 
 
 def agent_create(*, tenant_id: uuid.UUID, name: str, description: str = "", metadata: dict | None = None) -> Agent:
@@ -24,6 +24,6 @@ def agent_delete(*, agent: Agent) -> None:
     """Delete an agent with its sessions and their messages, in one transaction."""
     with transaction.atomic():
         for user_id in sorted(set(agent.sessions.values_list("user_id", flat=True))):  # one lock order
-            _bump_memory_version(user_id)
+            memory_version_bump(user_id)
         _delete_messages("session_id IN (SELECT id FROM memory_session WHERE agent_id = %s)", [agent.pk])
         agent.delete()

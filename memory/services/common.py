@@ -10,7 +10,7 @@ from django.db import IntegrityError, connection, transaction
 from memory.errors import Conflict
 
 
-def _bump_memory_version(user_id: uuid.UUID) -> int | None:
+def memory_version_bump(user_id: uuid.UUID) -> int | None:
     """Mark the user's memory as changed: caches keyed by ``memory_version`` go stale.
 
     Called FIRST in every transaction that changes or deletes a user's existing messages or
@@ -37,7 +37,7 @@ def _bump_memory_version(user_id: uuid.UUID) -> int | None:
 def _delete_messages(where: str, params: list) -> list[tuple]:
     """Delete the messages ``where`` selects, leaving a tombstone for each (cached indexes
     drop them); returns the ``(session_id, position)`` they held. The caller holds the lock
-    of every user concerned (``_bump_memory_version``)."""
+    of every user concerned (``memory_version_bump``)."""
     with connection.cursor() as cursor:
         cursor.execute(
             f"""

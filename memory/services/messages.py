@@ -10,6 +10,7 @@ from datetime import datetime
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
+from pgvector import Vector
 
 from buffers import backlog, events
 from buffers import jobs as buffers_jobs
@@ -21,7 +22,8 @@ from memory.inference import registry
 from memory.models import Message, Session
 from memory.retrieval import cache
 from memory.selectors import messages_by_ids
-from memory.services.common import _bump_memory_version, _delete_messages
+from memory.services.common import _delete_messages, memory_version_bump
+from memory.vectors import VectorArray, use_binary_vectors
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class AddedMessages(list):
 _ADD_SQL = f"""
 WITH bumped AS (
     -- First, as in every writer of a user's messages: the user row lock orders this add
-    -- against edits and a cascade delete (see _bump_memory_version). It is the FOR NO KEY
+    -- against edits and a cascade delete (see memory_version_bump). It is the FOR NO KEY
     -- UPDATE lock of a plain UPDATE: a flush's write (FOR KEY SHARE) does not block it.
     UPDATE memory_user SET memory_version = memory_version + 1 WHERE id = %(user)s RETURNING id
 ), slot AS (
@@ -210,7 +212,7 @@ def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messa
     ``session``; then nothing is changed.
     """
     with transaction.atomic():
-        bucket = _bump_memory_version(session.user_id)
+        bucket = memory_version_bump(session.user_id)
         rows = messages_by_ids(session=session, message_ids=message_ids, for_update=True)
         now = timezone.now()  # bulk_update does not apply auto_now
         for row, new in zip(rows, new_messages):
@@ -236,8 +238,63 @@ def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messa
 def messages_delete(*, session: Session, message_ids: list[uuid.UUID]) -> None:
     """Delete the given messages. Raises ``NotFound`` when any id is not in ``session``."""
     with transaction.atomic():
-        bucket = _bump_memory_version(session.user_id)
+        bucket = memory_version_bump(session.user_id)
         messages_by_ids(session=session, message_ids=message_ids, for_update=True)
         seeds = _delete_messages("session_id = %s AND id = ANY(%s)", [session.pk, list(message_ids)])
         with connection.cursor() as cursor:
             context_refresh(cursor, seeds=seeds, bucket=bucket)  # the neighbours' windows move on
+
+
+_INSERT_BULK_SQL = """
+INSERT INTO memory_message (id, session_id, user_id, position, role, content, metadata, index_text,
+                            embedding, flushed_at, flush_count, created_at, updated_at)
+SELECT m.id, m.session_id, %(user)s, m.position, m.role, m.content, m.metadata, m.index_text,
+       m.embedding, CASE WHEN m.embedding IS NULL THEN NULL ELSE %(now)s::timestamptz END,
+       CASE WHEN m.embedding IS NULL THEN 0 ELSE 1 END, m.created_at, %(now)s
+FROM unnest(%(ids)s::uuid[], %(sessions)s::uuid[], %(positions)s::int[], %(roles)s::text[],
+            %(contents)s::text[], %(metadata)s::jsonb[], %(index_texts)s::text[], %(vectors)s::vector[],
+            %(created)s::timestamptz[])
+     AS m(id, session_id, position, role, content, metadata, index_text, embedding, created_at)
+ORDER BY m.position
+ON CONFLICT DO NOTHING
+RETURNING id, session_id, position, embedding IS NOT NULL
+"""
+
+
+def messages_insert_bulk(
+    cursor, *, user_id: uuid.UUID, rows: list[dict], embeddings: list[Vector | None], bucket: int | None
+) -> list[tuple[uuid.UUID, uuid.UUID, int, bool]]:
+    """Insert messages as they are given, ids, positions and ``created_at`` kept, in one
+    statement: the bulk path of an import (``memory.portability``). Returns the rows inserted,
+    ``[(id, session_id, position, embedded)]``; a row whose id or position is taken is left
+    out (``ON CONFLICT DO NOTHING``: the caller tells an existing row from a clash).
+
+    ``rows``: dicts with ``id``, ``session_id``, ``position``, ``role``, ``content``,
+    ``metadata`` (a dict), ``metadata_json`` (its JSON) and ``created_at``; ``embeddings[i]``:
+    row ``i``'s document embedding, or ``None`` (the row is pending; with one it is stored as
+    flushed and the context embeddings around it are derived as a flush does). The caller's
+    transaction holds the user's lock (``memory_version_bump``, whose ``ann_bucket`` is
+    ``bucket``) and, with embeddings, the write guard (``active_model.guard_write``).
+    ``next_position`` of the sessions is the caller's to move past the rows.
+    """
+    now = timezone.now()
+    use_binary_vectors(cursor)
+    cursor.execute(
+        _INSERT_BULK_SQL,
+        {
+            "user": user_id,
+            "now": now,
+            "ids": [v["id"] for v in rows],
+            "sessions": [v["session_id"] for v in rows],
+            "positions": [v["position"] for v in rows],
+            "roles": [v["role"] for v in rows],
+            "contents": [v["content"] for v in rows],
+            "metadata": [v["metadata_json"] for v in rows],
+            "index_texts": [message_index_text(content=v["content"], metadata=v["metadata"]) for v in rows],
+            "vectors": VectorArray(embeddings),
+            "created": [v["created_at"] for v in rows],
+        },
+    )
+    inserted = cursor.fetchall()
+    context_refresh(cursor, seeds=[(s, p) for _, s, p, embedded in inserted if embedded], bucket=bucket)
+    return inserted

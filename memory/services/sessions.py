@@ -8,7 +8,7 @@ from django.db import transaction
 
 from memory.errors import NotFound
 from memory.models import Agent, Session, User
-from memory.services.common import _bump_memory_version, _create_unique, _delete_messages, _update_fields
+from memory.services.common import _create_unique, _delete_messages, _update_fields, memory_version_bump
 
 
 def session_create(*, user: User, agent: Agent, name: str | None = None, metadata: dict | None = None) -> Session:
@@ -36,6 +36,6 @@ def session_update(*, session: Session, name: str | None = None, metadata: dict 
 def session_delete(*, session: Session) -> None:
     """Delete a session with its messages, in one transaction."""
     with transaction.atomic():
-        _bump_memory_version(session.user_id)
+        memory_version_bump(session.user_id)
         _delete_messages("session_id = %s", [session.pk])
         session.delete()

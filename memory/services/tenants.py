@@ -8,7 +8,7 @@ from memory import tenancy
 from memory.errors import InvalidInput
 from memory.models import ApiKey, Tenant
 from memory.retrieval import cache
-from memory.services.common import _bump_memory_version, _create_unique
+from memory.services.common import _create_unique, memory_version_bump
 
 
 def tenant_create(*, name: str) -> Tenant:
@@ -24,7 +24,7 @@ def tenant_delete(*, tenant: Tenant) -> None:
     message, knowledge item and flush job, in one transaction.
 
     Lock order (docs/architecture.md): every user of the tenant ``FOR UPDATE``, in ascending id
-    order (``_bump_memory_version``), before any of their rows. A flush writing one of them
+    order (``memory_version_bump``), before any of their rows. A flush writing one of them
     holds its user row ``FOR KEY SHARE``: the delete waits for that write to commit instead of
     locking message rows the flush is about to write (a deadlock). No tombstones: they belong
     to their user and go with it, and every read finds the user first. The users' cached
@@ -34,7 +34,7 @@ def tenant_delete(*, tenant: Tenant) -> None:
     with transaction.atomic():
         user_ids = sorted(tenant.users.values_list("pk", flat=True))
         for user_id in user_ids:
-            _bump_memory_version(user_id)
+            memory_version_bump(user_id)
         prefixes = list(ApiKey.objects.filter(tenant=tenant).values_list("prefix", flat=True))
         tenant.delete()
 

@@ -8,7 +8,7 @@ from django.db import transaction
 
 from memory.models import User
 from memory.retrieval import cache
-from memory.services.common import _bump_memory_version, _create_unique, _update_fields
+from memory.services.common import _create_unique, _update_fields, memory_version_bump
 
 
 def user_create(*, tenant_id: uuid.UUID, name: str, description: str = "", metadata: dict | None = None) -> User:
@@ -24,6 +24,6 @@ def user_update(*, user: User, name: str | None = None, description: str | None 
 def user_delete(*, user: User) -> None:
     """Delete a user with its sessions, messages and knowledge, in one transaction."""
     with transaction.atomic():
-        _bump_memory_version(user.pk)
+        memory_version_bump(user.pk)
         user.delete()
     cache.forget(user.pk)
