@@ -4,7 +4,7 @@ LoCoMo: Maharana et al., "Evaluating Very Long-Term Conversational Memory of LLM
 ACL 2024. One user per conversation, one session per LoCoMo session, every turn stored
 through the import (``memory.portability``: ``import_memory --format locomo``'s records,
 stored pending as an add stores them, write-behind), each user then
-flushed through ``buffers.services.flush_pending`` (what the flush workers run), and every
+flushed through ``memory.indexing.flush.flush_pending`` (what the flush workers run), and every
 question outside category 5 asked through ``selectors.memory_query`` (the REST API's query
 function). Flushing before querying measures the index as it stands in production; the
 ingest time includes the flush (the embedding).
@@ -29,10 +29,10 @@ from django.conf import settings
 from django.core.management.base import CommandError
 from tqdm import tqdm
 
-from buffers.services import flush_pending
 from memfuse_project.embedded_pg import migrate_if_embedded
 from memory import selectors
 from memory.api.serializers import RetrievalOverrides
+from memory.indexing.flush import flush_pending
 from memory.models import Agent, Tenant, User
 from memory.portability import importer
 from memory.portability.locomo import DIA_ID_KEY, conversation_sessions, locomo_records

@@ -25,9 +25,9 @@ from django.db.models import F, QuerySet
 from django.db.models.functions import Least
 from django.utils import timezone
 
-from buffers import events, jobs
-from buffers.jobs import pending_summary, sql_states
-from buffers.models import ACTIVE_STATES, WAITING_STATES, FlushJob, Priority, Reason, State
+from buffers import events, jobs, pending
+from buffers.models import ACTIVE_STATES, WAITING_STATES, FlushJob, Priority, Reason, State, sql_states
+from buffers.pending import pending_summary
 from memfuse_project.pool import is_database_unavailable
 
 logger = logging.getLogger(__name__)
@@ -97,28 +97,6 @@ def hooks() -> FlushHooks:
     if _hooks is None:
         raise RuntimeError("no flush registered: buffers.services.use_hooks runs in memory's AppConfig.ready")
     return _hooks
-
-
-def flush_pending(
-    *,
-    user_id: uuid.UUID,
-    session_id: uuid.UUID | None = None,
-    deadline: float | None = None,
-    slice_end: float | None = None,
-    batch_size: int | None = None,
-    token: uuid.UUID | None = None,
-) -> int:
-    """Flush the user's (or one session's) pending messages now, in this thread; returns how many.
-
-    The registered flush (``FlushHooks.flush``: ``memory.indexing.flush.flush_pending`` says what it
-    does and raises). ``deadline`` and ``slice_end`` are ``time.monotonic()`` values: past the
-    deadline the flush fails, past the end of its slice it stops between batches and returns
-    (the rest stays pending); ``token`` the claim token of the messages (a job's
-    ``claim_token``; default new).
-    """
-    return hooks().flush(
-        user_id=user_id, session_id=session_id, deadline=deadline, slice_end=slice_end, batch_size=batch_size, token=token
-    )
 
 
 # --- jobs ---------------------------------------------------------------------------------------
@@ -213,8 +191,13 @@ def run_job(job: FlushJob) -> None:
     deadline = started + config["TIMEOUT_SECONDS"]
     slice_end = started + config["SLICE_SECONDS"] if config["SLICE_SECONDS"] > 0 else None
     try:
-        flushed = flush_pending(
-            user_id=job.user_id, session_id=job.session_id, deadline=deadline, slice_end=slice_end, token=job.claim_token
+        flushed = hooks().flush(
+            user_id=job.user_id,
+            session_id=job.session_id,
+            deadline=deadline,
+            slice_end=slice_end,
+            batch_size=None,
+            token=job.claim_token,
         )
     except Exception as exc:  # any failure of the store or the model: retry, then fail
         if is_database_unavailable(exc):
@@ -224,7 +207,7 @@ def run_job(job: FlushJob) -> None:
     if (
         slice_end is not None
         and time.monotonic() >= slice_end
-        and jobs.unclaimed_pending(user_id=job.user_id, session_id=job.session_id)
+        and pending.unclaimed_pending(user_id=job.user_id, session_id=job.session_id)
     ):
         _requeue(job, state=State.QUEUED, error="", flushed=flushed, attempt_used=False)
         return
@@ -362,20 +345,7 @@ def recover(*, all_pending: bool = False) -> int:
         logger.warning("flush job %s lost its worker %s; requeued", job.pk, job.worker)
         job_lost(job, error="worker lost (lease expired)")
     interval = 0.0 if all_pending else settings.BUFFERS["INTERVAL_SECONDS"]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"""
-            SELECT m.user_id FROM memory_message m
-            WHERE m.flushed_at IS NULL AND (m.claimed_until IS NULL OR m.claimed_until < now())
-            GROUP BY m.user_id
-            HAVING min(m.updated_at) <= now() - make_interval(secs => %s)
-               AND NOT EXISTS (SELECT 1 FROM buffers_flushjob j
-                               WHERE j.user_id = m.user_id AND j.session_id IS NULL
-                                 AND j.state IN ({sql_states(ACTIVE_STATES)}))
-            """,
-            [interval],
-        )
-        user_ids = [row[0] for row in cursor.fetchall()]
+    user_ids = pending.users_due(older_than_seconds=interval)
     reason = Reason.RECOVERY if all_pending else Reason.TIME
     for user_id in user_ids:
         with transaction.atomic():
@@ -385,20 +355,11 @@ def recover(*, all_pending: bool = False) -> int:
 
 def request_shutdown_flushes() -> int:
     """At a graceful stop: a critical flush for every user with pending messages."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT DISTINCT user_id FROM memory_message WHERE flushed_at IS NULL")
-        user_ids = [row[0] for row in cursor.fetchall()]
+    user_ids = pending.users_with_pending()
     for user_id in user_ids:
         with transaction.atomic():
             request_flush(user_id=user_id, priority=Priority.CRITICAL, reason=Reason.SHUTDOWN)
     return len(user_ids)
-
-
-def pending_total() -> int:
-    """Pending messages of all users."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM memory_message WHERE flushed_at IS NULL")
-        return cursor.fetchone()[0]
 
 
 # Rows one purge statement deletes: a short statement, whatever the number of old jobs.

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from django.conf import settings
 from django.db import close_old_connections
 
-from buffers import events, heartbeats, services
+from buffers import events, heartbeats, pending, services
 from buffers.models import FlushJob, State
 from memfuse_project.pool import is_database_unavailable, is_pool_exhausted
 
@@ -242,7 +242,7 @@ class FlushWorkerPool:
         remaining = 0
         while time.monotonic() < deadline:
             self.wake()
-            remaining = services.pending_total()
+            remaining = pending.pending_total()
             if remaining == 0:
                 break
             time.sleep(0.1)

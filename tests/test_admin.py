@@ -13,6 +13,7 @@ from django.db import connection, transaction
 from buffers import services as buffers
 from buffers.models import FlushJob, Priority, Reason, State
 from memory import retrieval, selectors
+from memory.indexing.flush import flush_pending
 from memory.models import Knowledge, Message, Tenant, Tombstone, User
 from memory.services.knowledge import knowledge_add
 from tests.locks import a_backend_waits_for_a_lock
@@ -33,7 +34,7 @@ def test_list_pages_render(staff_client, alice_messages, model):
 
 def test_message_list_shows_flushed_state_and_no_vector(staff_client, alice_messages):
     """The message list says whether each message is flushed and never prints an embedding."""
-    buffers.flush_pending(user_id=alice_messages[0].user_id)
+    flush_pending(user_id=alice_messages[0].user_id)
     page = staff_client.get("/admin/memory/message/").content.decode()
     assert "Biscuit" in page and "icon-yes" in page
     assert "embedding" not in page.lower().split("<table")[1]
@@ -69,7 +70,7 @@ def test_revoke_action_revokes_keys_for_good(staff_client, tenant_key):
 
 def test_message_list_filters_pending_and_flushed(staff_client, alice_messages, bob_messages):
     """The 'flushed' filter separates flushed messages from those still pending."""
-    buffers.flush_pending(user_id=alice_messages[0].user_id)
+    flush_pending(user_id=alice_messages[0].user_id)
 
     pending = staff_client.get("/admin/memory/message/?flushed=no").content.decode()
     flushed = staff_client.get("/admin/memory/message/?flushed=yes").content.decode()
@@ -130,7 +131,7 @@ def test_an_admin_edit_of_a_message_reindexes_it_and_makes_it_pending(staff_clie
 
     message = alice_messages[2]  # "My sister lives in Lisbon and works as an architect."
     user = message.user
-    buffers.flush_pending(user_id=user.pk)
+    flush_pending(user_id=user.pk)
     assert _hits(user, "Lisbon architect")[0] == str(message.pk)  # cached, as a running service has it
     said = "My brother moved to Oslo to study medicine."
 
@@ -226,7 +227,7 @@ def test_deleting_a_tenant_while_its_flush_writes_neither_deadlocks_nor_fails(st
         finally:
             connection.close()
 
-    flusher = threading.Thread(target=run, args=("flush", lambda: buffers.flush_pending(user_id=alice.pk)))
+    flusher = threading.Thread(target=run, args=("flush", lambda: flush_pending(user_id=alice.pk)))
     flusher.start()
     assert holds.wait(10)
     delete = lambda: staff_client.post(f"/admin/memory/tenant/{tenant.pk}/delete/", {"post": "yes"}).status_code  # noqa: E731

@@ -8,7 +8,7 @@ import pytest
 from django.conf import settings
 from django.contrib.postgres.search import SearchQuery
 
-from buffers.services import flush_pending
+from memory.indexing.flush import flush_pending
 from memory.models import Message
 from tests.envelopes import assert_error, assert_success
 

@@ -9,8 +9,8 @@ import pytest
 from django.db import connection
 
 from buffers import backlog
-from buffers.services import flush_pending
 from memory.errors import Unavailable
+from memory.indexing.flush import flush_pending
 from memory.models import Message
 from memory.services.messages import MessageIn, messages_add
 from tests.envelopes import assert_error, assert_success

@@ -22,6 +22,7 @@ from buffers.models import FlushJob, FlushTurn, Priority, Reason, State
 from buffers.workers import FlushWorkerPool
 from memory import selectors
 from memory.indexing import flush
+from memory.indexing.flush import flush_pending
 from memory.inference import registry
 from memory.models import Message, User
 from memory.retrieval import store
@@ -118,7 +119,7 @@ def test_buffer_endpoint_reports_pending_messages(api, alice_session):
     add(alice_session, 3)
     assert assert_success(api.get(f"/api/v1/users/{alice_session.user_id}/buffer"))["pending_messages"] == 3
 
-    buffers.flush_pending(user_id=alice_session.user_id)
+    flush_pending(user_id=alice_session.user_id)
     assert assert_success(api.get(f"/api/v1/users/{alice_session.user_id}/buffer"))["pending_messages"] == 0
 
 
@@ -282,7 +283,7 @@ def test_flush_times_out_between_batches(alice_session):
     add(alice_session, 6)
 
     with pytest.raises(flush.FlushTimeout):
-        buffers.flush_pending(user_id=alice_session.user_id, deadline=time.monotonic() - 1, batch_size=2)
+        flush_pending(user_id=alice_session.user_id, deadline=time.monotonic() - 1, batch_size=2)
     assert Message.objects.filter(user=alice_session.user, flushed_at__isnull=True).count() == 6
 
 
@@ -481,7 +482,7 @@ def test_two_concurrent_flushes_embed_each_message_once(alice_session, monkeypat
     def flush():
         barrier.wait()
         try:
-            flushed.append(buffers.flush_pending(user_id=alice_session.user_id, batch_size=4))
+            flushed.append(flush_pending(user_id=alice_session.user_id, batch_size=4))
         finally:
             connection.close()
 
@@ -515,7 +516,7 @@ def test_update_during_flush_is_not_overwritten(alice_session, monkeypatch):
         return vectors
 
     monkeypatch.setattr(registry, "embed", embed_then_edit)
-    assert buffers.flush_pending(user_id=alice_session.user_id) == 1
+    assert flush_pending(user_id=alice_session.user_id) == 1
     monkeypatch.undo()
 
     message.refresh_from_db()
@@ -538,7 +539,7 @@ def test_query_right_after_add_finds_the_message_with_its_flushed_score(alice_se
     alice.refresh_from_db()
 
     before = selectors.memory_query(user=alice, query="What boat did I buy?", top_k=3)
-    buffers.flush_pending(user_id=alice.pk)
+    flush_pending(user_id=alice.pk)
     alice.refresh_from_db()
     after = selectors.memory_query(user=alice, query="What boat did I buy?", top_k=3)
 
@@ -585,7 +586,7 @@ def test_a_backlog_past_ann_min_messages_moves_to_the_hnsw_index_while_it_is_flu
     add(alice_session, 120)
     buckets = _recording_writes(monkeypatch, lambda: User.objects.values_list("ann_bucket", flat=True).get(pk=alice_session.user_id))
 
-    buffers.flush_pending(user_id=alice_session.user_id, batch_size=32)
+    flush_pending(user_id=alice_session.user_id, batch_size=32)
 
     assert buckets[0] is None and buckets[-1] is not None
     assert set(Message.objects.filter(user=alice_session.user).values_list("ann_bucket", flat=True)) == {buckets[-1]}
@@ -598,11 +599,11 @@ def test_the_flush_of_a_backlog_brings_the_snapshot_up_to_date_before_its_last_b
     that holds every message, in any process."""
     monkeypatch.setitem(settings.MEMFUSE, "SNAPSHOT_MIN_CHANGES", 8)
     add(alice_session, 200)
-    buffers.flush_pending(user_id=alice_session.user_id)
+    flush_pending(user_id=alice_session.user_id)
     add(alice_session, 15)  # fewer than a tenth of the 200 documents, more than SNAPSHOT_MIN_CHANGES
     lags = _recording_writes(monkeypatch, lambda: store.snapshot_lag(alice_session.user_id))
 
-    buffers.flush_pending(user_id=alice_session.user_id, batch_size=4)
+    flush_pending(user_id=alice_session.user_id, batch_size=4)
 
     assert [changes for _, _, changes in lags] == [15, 15, 15, 0]
 
@@ -621,7 +622,7 @@ def test_the_flush_of_a_backlog_leaves_the_planner_statistics_of_messages_curren
             add(alice_session, 120)
             cursor.execute("SELECT pg_stat_force_next_flush()")  # this connection's counts, shared at once
 
-            buffers.flush_pending(user_id=alice_session.user_id, batch_size=32)
+            flush_pending(user_id=alice_session.user_id, batch_size=32)
 
             cursor.execute(
                 "SELECT c.reltuples, s.last_analyze FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid "

@@ -13,9 +13,9 @@ from django.core.management import call_command
 from django.db import connection
 
 from buffers import backlog
-from buffers import services as buffers
 from buffers.models import FlushJob
 from memory.errors import InvalidInput, TooLarge, Unavailable
+from memory.indexing.flush import flush_pending
 from memory.models import Agent, KeyScope, Knowledge, Message, Session, User
 from memory.portability import export, import_rows, importer
 from memory.services.agents import agent_create
@@ -67,7 +67,7 @@ def alice_memory(alice, alice_session, agent):
             MessageIn(role="user", content="My sister lives in Lisbon and works as an architect."),
         ],
     )
-    buffers.flush_pending(user_id=alice.pk)
+    flush_pending(user_id=alice.pk)
     later = session_create(user=alice, agent=agent, name="later")
     messages_add(session=later, messages=[MessageIn(role="user", content="Biscuit chewed my shoes today.")])
     knowledge_add(user=alice, contents=["Alice is allergic to cats."])
@@ -239,7 +239,7 @@ def test_embeddings_of_another_model_are_ignored_and_the_messages_queued(api, al
     assert response.json()["data"]["embeddings_used"] is False
     assert not Message.objects.filter(user_id=alice_memory.pk, flushed_at__isnull=False).exists()
     assert FlushJob.objects.filter(user_id=alice_memory.pk, state="queued").exists()
-    assert buffers.flush_pending(user_id=alice_memory.pk) == 4
+    assert flush_pending(user_id=alice_memory.pk) == 4
 
 
 def test_a_model_switch_during_an_import_writes_the_rest_pending(api, alice_memory, monkeypatch):
@@ -261,7 +261,7 @@ def test_a_model_switch_during_an_import_writes_the_rest_pending(api, alice_memo
     assert Message.objects.filter(user_id=alice_memory.pk).count() == 4
     assert not Message.objects.filter(user_id=alice_memory.pk, flushed_at__isnull=False).exists()
     assert Knowledge.objects.filter(user_id=alice_memory.pk, embedding__isnull=False).count() == 1
-    assert buffers.flush_pending(user_id=alice_memory.pk) == 4
+    assert flush_pending(user_id=alice_memory.pk) == 4
 
 
 def test_a_user_key_exports_its_own_user_only(alice_memory, bob):

@@ -21,9 +21,9 @@ import pytest
 from django.conf import settings
 from django.db import connection, transaction
 
-from buffers.services import flush_pending
 from memory import checks, embedding_model, selectors
 from memory.indexing import active_model
+from memory.indexing.flush import flush_pending
 from memory.indexing.reembed import DocumentEmbedder, reembed_run
 from memory.indexing.reembed_columns import HNSW_INDEX, reembed_abort
 from memory.inference import default_model_path, registry

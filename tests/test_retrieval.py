@@ -13,6 +13,7 @@ import pytest
 
 from memory import retrieval, selectors
 from memory.indexing import context
+from memory.indexing.flush import flush_pending
 from memory.inference import registry
 from memory.retrieval import DocKey, rrf_fuse, tsvector_tokens, vector
 from memory.services.messages import MessageIn, messages_add
@@ -118,7 +119,6 @@ def test_user_cache_counts_hits_misses_and_evictions(tiny_user_cache):
 
 def test_evicting_a_user_with_pending_messages_loses_nothing(alice_session, bob_session):
     """Alice's service is evicted while her messages are pending: they stay pending, are found, then flushed."""
-    from buffers import services as buffers
 
     [kayak] = messages_add(
         session=alice_session, messages=[MessageIn(role="user", content="I bought a red kayak for the lake.")]
@@ -147,7 +147,7 @@ def test_evicting_a_user_with_pending_messages_loses_nothing(alice_session, bob_
     assert (found["id"], found["metadata"]["flushed"]) == (str(kayak.pk), False)
     assert retrieval.user_memory(alice.pk) is not alice_service
 
-    buffers.flush_pending(user_id=alice.pk)
+    flush_pending(user_id=alice.pk)
     kayak.refresh_from_db()
     assert kayak.flushed_at is not None and kayak.embedding is not None
     retrieval.reset_user_cache()
@@ -378,7 +378,7 @@ def test_prf_scores_against_the_query_moved_toward_the_feedback_documents(alice_
     """Rocchio: every document (flushed or pending) is scored by its cosine to
     normalise(q + 0.75 * mean(feedback embeddings)); pending feedback documents are skipped.
     (No neighbour smoothing here: each score is the document's own cosine.)"""
-    from buffers.services import flush_pending
+    from memory.indexing.flush import flush_pending
 
     settings.MEMFUSE = {**settings.MEMFUSE, "VECTOR_CONTEXT_TURNS": 0}
     rows = messages_add(session=alice_session, messages=[MessageIn(role="user", content=t) for t in GARDEN])
@@ -401,7 +401,7 @@ def test_prf_scores_against_the_query_moved_toward_the_feedback_documents(alice_
 
 def test_prf_brings_bm25s_top_document_up_the_vector_ranking(alice_session):
     """With PRF on, the vector retriever ranks BM25's top hit higher than without (or first either way)."""
-    from buffers.services import flush_pending
+    from memory.indexing.flush import flush_pending
 
     alice, _ = _garden(alice_session)
     flush_pending(user_id=alice.pk)
@@ -442,7 +442,7 @@ def _vector_ranking(alice, query, **overrides):
 def test_vector_retriever_finds_an_answer_through_its_neighbours(alice, agent, settings, flushed, context_turns):
     """With context, an answer turn unlike the query outranks a lone look-alike turn elsewhere;
     without, it does not: flushed (context embeddings) and pending (scored on demand) alike."""
-    from buffers.services import flush_pending
+    from memory.indexing.flush import flush_pending
 
     settings.MEMFUSE = {**settings.MEMFUSE, "VECTOR_CONTEXT_TURNS": context_turns, "VECTOR_OWN_WEIGHT": 2}
     trip, other = (session_create(user=alice, agent=agent, name=name) for name in ("trip", "other"))
@@ -462,7 +462,7 @@ def test_vector_retriever_finds_an_answer_through_its_neighbours(alice, agent, s
 
 def test_vector_context_score_is_the_weighted_mean_of_the_sessions_neighbours(alice, agent, settings):
     """A turn's vector score is (own_weight x its cosine + its session neighbours' cosines) / their count."""
-    from buffers.services import flush_pending
+    from memory.indexing.flush import flush_pending
 
     settings.MEMFUSE = {**settings.MEMFUSE, "VECTOR_CONTEXT_TURNS": 1, "VECTOR_OWN_WEIGHT": 2}
     trip, other = (session_create(user=alice, agent=agent, name=name) for name in ("trip", "other"))

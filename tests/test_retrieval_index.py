@@ -16,9 +16,9 @@ import bm25s
 import pytest
 from django.db import connection
 
-from buffers.services import flush_pending
 from memory import retrieval, selectors
 from memory.indexing import snapshots
+from memory.indexing.flush import flush_pending
 from memory.inference import registry
 from memory.retrieval import store
 from memory.retrieval.bm25 import KINDS, KNOWLEDGE, MESSAGE, BM25Index, Document

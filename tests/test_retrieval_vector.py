@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from django.db import connection
 
-from buffers.services import flush_pending
 from memory import selectors
 from memory.indexing import ann, context
+from memory.indexing.flush import flush_pending
 from memory.models import Message
 from memory.retrieval import vector
 from memory.services.messages import MessageIn, messages_add, messages_delete, messages_update

@@ -14,7 +14,7 @@ import pytest
 from channels.testing import WebsocketCommunicator
 from django.db import close_old_connections
 
-from buffers.services import flush_pending
+from memory.indexing.flush import flush_pending
 from memory.models import Knowledge
 from memory.services.knowledge import knowledge_add
 from memory.services.messages import MessageIn, messages_add

@@ -24,8 +24,8 @@ from django.db import close_old_connections
 from django.utils import timezone
 
 from buffers import events
-from buffers.services import flush_pending
 from memory.api import consumers
+from memory.indexing.flush import flush_pending
 from memory.inference import EmbeddingProcessError, registry
 from memory.models import ApiKey, KeyScope, Message
 from memory.services.api_keys import api_key_create, api_key_revoke

@@ -17,6 +17,7 @@ from buffers import services as buffers
 from buffers.models import FlushJob, Priority, Reason, State, WorkerProcess
 from buffers.workers import FlushWorkerPool
 from memory.indexing import flush
+from memory.indexing.flush import flush_pending
 from memory.models import Message
 from memory.services.messages import MessageIn, messages_add
 from tests.subprocesses import subprocess_env
@@ -148,6 +149,6 @@ def test_claims_of_a_worker_killed_mid_flush_are_released_within_10_s(alice_sess
     job.refresh_from_db()
     assert job.state in (State.RETRYING, State.DONE) and "died" in job.last_error, (job.state, job.last_error)
     assert 4 < released_after < 10  # the heartbeat timeout (5 s), not the 120 s lease
-    buffers.flush_pending(user_id=alice_session.user_id)
+    flush_pending(user_id=alice_session.user_id)
     counts = list(Message.objects.filter(session=alice_session).values_list("flush_count", flat=True))
     assert len(counts) == total and set(counts) == {1}

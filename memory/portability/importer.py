@@ -47,8 +47,8 @@ from django.db import connection, transaction
 
 from buffers import backlog
 from buffers import services as buffers
-from buffers.jobs import pending_summary
 from buffers.models import Priority, Reason
+from buffers.pending import pending_summary
 from memory import embedding_model
 from memory.errors import Conflict, Forbidden, NotFound, TooLarge, Unavailable
 from memory.indexing import flush

@@ -15,6 +15,7 @@ from pgvector import Vector
 from buffers import backlog, events
 from buffers import jobs as buffers_jobs
 from buffers.models import Priority
+from buffers.pending import pending_sql
 from memory import metrics
 from memory.errors import NotFound, Unavailable
 from memory.indexing.context import context_refresh
@@ -84,7 +85,7 @@ WITH bumped AS (
 ), pending AS (
     -- The user's pending messages as before this add (one snapshot) plus the added ones;
     -- oldest_age is the backpressure figure for the client.
-    {buffers_jobs.pending_sql(plus="added")}
+    {pending_sql(plus="added")}
 ), job AS (
     -- The size trigger, in the same statement so the add commits once. An existing job of
     -- the same or a higher priority is left alone (nothing written).
