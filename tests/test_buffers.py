@@ -17,6 +17,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from benchmarks.server import free_loopback_port, uvicorn_command
+from buffers import recovery
 from buffers import services as buffers
 from buffers.models import FlushJob, FlushTurn, Priority, Reason, State
 from buffers.workers import FlushWorkerPool
@@ -74,7 +75,7 @@ def test_time_trigger_flushes_old_pending_messages_at_low_priority(alice_session
     old = timezone.now() - timedelta(seconds=settings.BUFFERS["INTERVAL_SECONDS"] + 1)
     Message.objects.filter(user=alice_session.user).update(updated_at=old)
 
-    assert buffers.recover() == 1
+    assert recovery.recover() == 1
 
     [job] = FlushJob.objects.all()
     assert (job.user_id, job.priority, job.reason) == (alice_session.user_id, Priority.LOW, Reason.TIME)
@@ -370,7 +371,7 @@ def test_finished_jobs_are_purged_after_their_retention(alice_session, settings)
     job(State.FAILED, 7200)
     FlushTurn.objects.create(tenant_id=alice_session.user.tenant_id, claimed_at=now - timedelta(seconds=120))
 
-    purged = [buffers.purge_finished_jobs(batch=2), buffers.purge_finished_jobs(), buffers.purge_finished_jobs()]
+    purged = [recovery.purge_finished_jobs(batch=2), recovery.purge_finished_jobs(), recovery.purge_finished_jobs()]
 
     assert purged == [2, 2, 0]
     assert set(FlushJob.objects.values_list("pk", flat=True)) == kept
