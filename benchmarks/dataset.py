@@ -29,9 +29,10 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from memory.indexing import ann, context, snapshots
 from memory.models import Agent, Tenant, User
 from memory.portability.locomo import DIA_ID_KEY, conversation_sessions
-from memory.services import message_index_text
+from memory.services.messages import message_index_text
 
 DATASET_FORMAT = 2  # bump when the rows written change, so old datasets are rebuilt
 SLICE_STRIDE = 7  # turns between the starts of two users holding the same conversation
@@ -369,27 +370,26 @@ def _copy(*, tenant_name, agent_name, agent_metadata, now, user_rows, sessions, 
 
 def _derive(user_ids: list[uuid.UUID], large: list[uuid.UUID], *, log) -> None:
     """What flushes derive: context embeddings, index snapshots, and HNSW buckets for ``large``."""
-    from memory.retrieval import store, vector
+    from memory.retrieval import store
 
     log("context embeddings")
     with connection.cursor() as cursor:
-        vector.context_refresh_all(cursor, user_ids=user_ids)
+        context.context_refresh_all(cursor, user_ids=user_ids)
         cursor.execute("ANALYZE memory_message")
     log("index snapshots")
     for user_id in user_ids:
-        store.snapshot_save(store.load(user_id), user_id)
+        snapshots.snapshot_save(store.load(user_id), user_id)
     if large:
         log(f"HNSW index with {len(large)} more users")
         ann_rebuild(large)
 
 
 def ann_rebuild(user_ids: list[uuid.UUID]) -> None:
-    """Give ``user_ids`` HNSW buckets (the least shared, as ``vector.ann_enable`` does), place
-    their rows as ``vector.ann_place`` does (copies of a context embedding as copies), and
+    """Give ``user_ids`` HNSW buckets (the least shared, as ``ann.ann_enable`` does), place
+    their rows as ``ann.ann_place`` does (copies of a context embedding as copies), and
     rebuild those buckets' indexes in one pass each (CREATE INDEX, the model's definition),
     instead of inserting every row one by one."""
     from memory.models import ANN_BUCKETS, Message
-    from memory.retrieval import vector
 
     with connection.cursor() as cursor:
         cursor.execute(
@@ -405,7 +405,7 @@ def ann_rebuild(user_ids: list[uuid.UUID]) -> None:
             index = next(i for i in Message._meta.indexes if i.name == f"memory_message_context_hnsw_{bucket}")
             cursor.execute(f'DROP INDEX IF EXISTS "{index.name}"')
             for user_id in [user_id for user_id, b in buckets.items() if b == bucket]:
-                vector.ann_place(cursor, user_id=user_id, bucket=bucket)
+                ann.ann_place(cursor, user_id=user_id, bucket=bucket)
             with connection.schema_editor() as editor:
                 editor.add_index(Message, index)
         cursor.execute("RESET maintenance_work_mem")
@@ -459,10 +459,10 @@ def notes_user(*, tenant_name: str, agent_name: str, user_name: str, messages: i
 
 def tenant_delete(tenant: Tenant) -> None:
     """Delete ``tenant`` and everything in it while a server may be flushing its users: each
-    user first through ``services.user_delete``, which takes the user's lock before the rows',
+    user first through ``user_delete``, which takes the user's lock before the rows',
     the order a running flush takes them in (a cascade from the tenant does not)."""
-    from memory import services
+    from memory.services.users import user_delete
 
     for user in User.objects.filter(tenant=tenant):
-        services.user_delete(user=user)
+        user_delete(user=user)
     tenant.delete()

@@ -4,7 +4,7 @@ LoCoMo: Maharana et al., "Evaluating Very Long-Term Conversational Memory of LLM
 ACL 2024. One user per conversation, one session per LoCoMo session, every turn stored
 through the import (``memory.portability``: ``import_memory --format locomo``'s records,
 stored pending as an add stores them, write-behind), each user then
-flushed through ``buffers.services.flush_pending`` (what the flush workers run), and every
+flushed through ``memory.indexing.flush.flush_pending`` (what the flush workers run), and every
 question outside category 5 asked through ``selectors.memory_query`` (the REST API's query
 function). Flushing before querying measures the index as it stands in production; the
 ingest time includes the flush (the embedding).
@@ -29,14 +29,17 @@ from django.conf import settings
 from django.core.management.base import CommandError
 from tqdm import tqdm
 
-from buffers.services import flush_pending
 from memfuse_project.embedded_pg import migrate_if_embedded
-from memory import selectors, services
+from memory import selectors
 from memory.api.serializers import RetrievalOverrides
+from memory.indexing.flush import flush_pending
 from memory.models import Agent, Tenant, User
 from memory.portability import importer
 from memory.portability.locomo import DIA_ID_KEY, conversation_sessions, locomo_records
 from memory.retrieval import RetrievalConfig
+from memory.services.agents import agent_create
+from memory.services.tenants import tenant_create
+from memory.services.users import user_delete
 
 KS = (5, 10, 20)
 EVIDENCE_ID = re.compile(r"D(\d+):(\d+)")
@@ -73,8 +76,8 @@ def locomo_eval(options: dict, *, write) -> dict:
     config = RetrievalConfig.from_settings(**retrieval_overrides(options))
     run = uuid.uuid4().hex[:8]
     # Its own tenant, so its users and agent never share names with a client's.
-    tenant = Tenant.objects.filter(name=EVAL_TENANT).first() or services.tenant_create(name=EVAL_TENANT)
-    agent = Agent.objects.filter(tenant=tenant, name="locomo-eval").first() or services.agent_create(
+    tenant = Tenant.objects.filter(name=EVAL_TENANT).first() or tenant_create(name=EVAL_TENANT)
+    agent = Agent.objects.filter(tenant=tenant, name="locomo-eval").first() or agent_create(
         tenant_id=tenant.pk, name="locomo-eval"
     )
     users = []
@@ -84,7 +87,7 @@ def locomo_eval(options: dict, *, write) -> dict:
     finally:
         if not options["keep"]:
             for user in users:
-                services.user_delete(user=user)
+                user_delete(user=user)
     report = {**recall_report(hits, latencies, n_messages, ingest_seconds), "retrieval": dataclasses.asdict(config)}
     write(table(report))
     if options["json_out"]:

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db import connection
+
+from buffers.pending import pending_by_tenant
 
 
 @dataclass(frozen=True)
@@ -48,17 +49,6 @@ class _Reading:
 _lock = threading.Lock()
 _cached: tuple[float, _Reading] | None = None  # (time.monotonic() of the read, figures)
 
-# Per user first (the partial index of pending messages is by user), then by tenant: the join
-# reads one memory_user row per user with pending messages, not one per message.
-_READ_SQL = """
-SELECT u.tenant_id, sum(p.messages)::bigint, max(p.oldest_age)
-FROM (SELECT user_id, count(*) AS messages,
-             greatest(extract(epoch FROM now() - min(updated_at)), 0) AS oldest_age
-      FROM memory_message WHERE flushed_at IS NULL GROUP BY user_id) p
-JOIN memory_user u ON u.id = p.user_id
-GROUP BY u.tenant_id
-"""
-
 
 def clear_cache() -> None:
     """Forget the figures: the next read goes to the database."""
@@ -67,9 +57,7 @@ def clear_cache() -> None:
 
 
 def _read() -> _Reading:
-    with connection.cursor() as cursor:
-        cursor.execute(_READ_SQL)
-        rows = cursor.fetchall()
+    rows = pending_by_tenant()
     tenants = {tenant_id: messages for tenant_id, messages, _ in rows}
     oldest = max((float(age) for _, _, age in rows), default=0.0)
     return _Reading(total=Backlog(messages=sum(tenants.values()), oldest_age_seconds=oldest), tenants=tenants)

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from django.conf import settings
 from django.db import connection, transaction
 
-from buffers import services
+from buffers import pending, services
 from buffers.models import FlushJob, State
 
 logger = logging.getLogger(__name__)
@@ -133,15 +133,7 @@ def _release_jobs(jobs: list[FlushJob], *, error: str) -> int:
     tokens = [job.claim_token for job in jobs if job.claim_token is not None]
     released = 0
     if tokens:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                """
-                UPDATE memory_message SET flush_claim = NULL, claimed_until = NULL
-                WHERE user_id = ANY(%(users)s) AND flushed_at IS NULL AND flush_claim = ANY(%(tokens)s)
-                """,
-                {"users": list({job.user_id for job in jobs}), "tokens": tokens},
-            )
-            released = cursor.rowcount
+        released = pending.release_claims(user_ids={job.user_id for job in jobs}, tokens=tokens)
     for job in jobs:
         services.job_lost(job, error=error)
     return released

@@ -1,6 +1,7 @@
-"""The rules of flush jobs written once: the pending summary, the size trigger, the job upsert.
+"""The rules of flush jobs written once: the size trigger and the job upsert (the pending
+summary they read is ``buffers.pending``'s).
 
-They are SQL fragments because the hottest write of the service, ``memory.services.
+They are SQL fragments because the hottest write of the service, ``memory.services.messages.
 messages_add``, applies them inside its own single statement (one exchange with the database, one commit);
 ``buffers.services`` composes the same fragments for its own statements. A composing
 statement binds ``%(user)s`` to the user's id and adds the parameters of ``job_params`` (and,
@@ -13,66 +14,13 @@ it, since an ``ON CONFLICT`` clause must repeat the unique index's predicate as 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import connection, transaction
 
 from buffers import events
-from buffers.models import WAITING_STATES, Priority, Reason, State
-
-
-def sql_states(states) -> str:
-    """``states`` as a SQL list of literals: ``'queued', 'retrying'``."""
-    return ", ".join(f"'{State(state).value}'" for state in states)
-
-
-@dataclass(frozen=True)
-class PendingSummary:
-    """A user's pending messages: how many, estimated tokens (chars / 4), oldest change age (s)."""
-
-    messages: int
-    tokens: int
-    oldest_age_seconds: float
-
-
-def pending_sql(*, plus: str | None = None) -> str:
-    """A ``SELECT`` of one row ``(messages, chars, oldest_age)``: the pending (not yet flushed)
-    messages of user ``%(user)s``, from the partial index on them; ``oldest_age`` is seconds
-    since the oldest one changed, at least 0 (an add stamps ``updated_at`` with its own
-    clock, which may run a moment ahead of ``now()``).
-
-    ``plus`` names a relation of rows with a ``chars`` column that the statement's snapshot
-    cannot see yet (the rows an ``INSERT`` of the same statement adds): they are counted too.
-    """
-    added_messages = f" + (SELECT count(*) FROM {plus})" if plus else ""
-    added_chars = f" + (SELECT coalesce(sum(chars), 0) FROM {plus})" if plus else ""
-    return f"""SELECT count(*){added_messages} AS messages,
-           coalesce(sum(length(index_text)), 0){added_chars} AS chars,
-           greatest(extract(epoch FROM now() - min(updated_at)), 0) AS oldest_age
-    FROM memory_message WHERE user_id = %(user)s AND flushed_at IS NULL"""
-
-
-def pending_summary(*, user_id: uuid.UUID) -> PendingSummary:
-    """The user's pending (not yet flushed) messages (``pending_sql``)."""
-    with connection.cursor() as cursor:
-        cursor.execute(pending_sql(), {"user": user_id})
-        count, chars, age = cursor.fetchone()
-    return PendingSummary(messages=count, tokens=int(chars) // 4, oldest_age_seconds=float(age))
-
-
-def unclaimed_pending(*, user_id: uuid.UUID, session_id: uuid.UUID | None = None) -> bool:
-    """Whether the user (or one session) has pending messages that no live flush claims: what
-    a flush that stopped at the end of its time slice left to do."""
-    session_filter = "AND session_id = %(session)s" if session_id is not None else ""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"""SELECT EXISTS (SELECT FROM memory_message
-                               WHERE user_id = %(user)s {session_filter} AND flushed_at IS NULL
-                                 AND (claimed_until IS NULL OR claimed_until < now()))""",
-            {"user": user_id, "session": session_id},
-        )
-        return cursor.fetchone()[0]
+from buffers.models import WAITING_STATES, Priority, Reason, State, sql_states
+from buffers.pending import PendingSummary, pending_sql
 
 
 def job_upsert_sql(*, source: str = "", session: bool = False) -> str:

@@ -43,6 +43,11 @@ WAITING_STATES = (State.QUEUED, State.RETRYING)
 ACTIVE_STATES = (*WAITING_STATES, State.RUNNING)
 
 
+def sql_states(states) -> str:
+    """``states`` as a SQL list of literals: ``'queued', 'retrying'``."""
+    return ", ".join(f"'{State(state).value}'" for state in states)
+
+
 class FlushJob(models.Model):
     """One flush request. ``session`` narrows it to one session's pending messages."""
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from django.db import connection
 from django.db.models import Count
 
 from buffers.models import FlushJob, Priority, State
+from buffers.pending import pending_overview
 from buffers.services import job_dict
 
 
@@ -18,28 +18,11 @@ def buffers_overview(*, top_users: int = 10, failed_jobs: int = 10) -> dict:
     "failed_jobs": [job_dict] (most recent first, at most ``failed_jobs``), "failed_total"}``.
     Ages are seconds since the message was last written.
     """
-    with connection.cursor() as cursor:
-        # The partial index on pending messages keeps these scans to the pending rows. An add
-        # stamps updated_at with its own clock, which may run a moment ahead of now(): ages are
-        # at least 0.
-        cursor.execute(
-            "SELECT count(*), count(DISTINCT user_id), greatest(extract(epoch FROM now() - min(updated_at)), 0) "
-            "FROM memory_message WHERE flushed_at IS NULL"
-        )
-        total, users, oldest = cursor.fetchone()
-        cursor.execute(
-            """
-            SELECT m.user_id, u.name, count(*), greatest(extract(epoch FROM now() - min(m.updated_at)), 0)
-            FROM memory_message m JOIN memory_user u ON u.id = m.user_id
-            WHERE m.flushed_at IS NULL
-            GROUP BY m.user_id, u.name ORDER BY count(*) DESC, u.name LIMIT %s
-            """,
-            [top_users],
-        )
-        top = [
-            {"user_id": str(user_id), "name": name, "pending_messages": count, "oldest_pending_age_s": round(float(age), 1)}
-            for user_id, name, count, age in cursor.fetchall()
-        ]
+    total, users, oldest, rows = pending_overview(top_users=top_users)
+    top = [
+        {"user_id": str(user_id), "name": name, "pending_messages": count, "oldest_pending_age_s": round(float(age), 1)}
+        for user_id, name, count, age in rows
+    ]
     jobs = {state: 0 for state in State.values}
     jobs.update(dict(FlushJob.objects.values_list("state").annotate(n=Count("id")).values_list("state", "n")))
     waiting = FlushJob.objects.filter(state__in=[State.QUEUED, State.RETRYING]).values_list("priority").annotate(n=Count("id"))

@@ -3,7 +3,7 @@
 A message is durable (a row) before its add is acknowledged; a flush job only says "flush
 this user (or session) soon, at this priority" (``buffers.models``). Workers
 (``buffers.workers``) claim jobs with ``SKIP LOCKED`` and run the flush that the ``memory``
-app registers (``FlushHooks``; ``memory.flush`` describes the flush itself); a failed flush
+app registers (``FlushHooks``; ``memory.indexing.flush`` describes the flush itself); a failed flush
 is retried with exponential backoff, then left ``failed`` for an operator.
 """
 
@@ -25,9 +25,9 @@ from django.db.models import F, QuerySet
 from django.db.models.functions import Least
 from django.utils import timezone
 
-from buffers import events, jobs
-from buffers.jobs import pending_summary, sql_states
-from buffers.models import ACTIVE_STATES, WAITING_STATES, FlushJob, Priority, Reason, State
+from buffers import events, jobs, pending
+from buffers.models import ACTIVE_STATES, WAITING_STATES, FlushJob, Priority, State, sql_states
+from buffers.pending import pending_summary
 from memfuse_project.pool import is_database_unavailable
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class FlushHooks:
     which registers them in its ``AppConfig.ready``): ``buffers`` never imports that app.
 
     - ``flush(*, user_id, session_id, deadline, slice_end, batch_size, token) -> int``: embed
-      and index the pending messages (``memory.flush.flush_pending``);
+      and index the pending messages (``memory.indexing.flush.flush_pending``);
     - ``warm_up()``: load what a flush needs (the background embedding model) before the first.
     """
 
@@ -97,28 +97,6 @@ def hooks() -> FlushHooks:
     if _hooks is None:
         raise RuntimeError("no flush registered: buffers.services.use_hooks runs in memory's AppConfig.ready")
     return _hooks
-
-
-def flush_pending(
-    *,
-    user_id: uuid.UUID,
-    session_id: uuid.UUID | None = None,
-    deadline: float | None = None,
-    slice_end: float | None = None,
-    batch_size: int | None = None,
-    token: uuid.UUID | None = None,
-) -> int:
-    """Flush the user's (or one session's) pending messages now, in this thread; returns how many.
-
-    The registered flush (``FlushHooks.flush``: ``memory.flush.flush_pending`` says what it
-    does and raises). ``deadline`` and ``slice_end`` are ``time.monotonic()`` values: past the
-    deadline the flush fails, past the end of its slice it stops between batches and returns
-    (the rest stays pending); ``token`` the claim token of the messages (a job's
-    ``claim_token``; default new).
-    """
-    return hooks().flush(
-        user_id=user_id, session_id=session_id, deadline=deadline, slice_end=slice_end, batch_size=batch_size, token=token
-    )
 
 
 # --- jobs ---------------------------------------------------------------------------------------
@@ -213,8 +191,13 @@ def run_job(job: FlushJob) -> None:
     deadline = started + config["TIMEOUT_SECONDS"]
     slice_end = started + config["SLICE_SECONDS"] if config["SLICE_SECONDS"] > 0 else None
     try:
-        flushed = flush_pending(
-            user_id=job.user_id, session_id=job.session_id, deadline=deadline, slice_end=slice_end, token=job.claim_token
+        flushed = hooks().flush(
+            user_id=job.user_id,
+            session_id=job.session_id,
+            deadline=deadline,
+            slice_end=slice_end,
+            batch_size=None,
+            token=job.claim_token,
         )
     except Exception as exc:  # any failure of the store or the model: retry, then fail
         if is_database_unavailable(exc):
@@ -224,7 +207,7 @@ def run_job(job: FlushJob) -> None:
     if (
         slice_end is not None
         and time.monotonic() >= slice_end
-        and jobs.unclaimed_pending(user_id=job.user_id, session_id=job.session_id)
+        and pending.unclaimed_pending(user_id=job.user_id, session_id=job.session_id)
     ):
         _requeue(job, state=State.QUEUED, error="", flushed=flushed, attempt_used=False)
         return
@@ -348,93 +331,6 @@ def failed_jobs_retry(*, job_ids: list[int] | None = None) -> int:
         job_retry(job=job)
         retried += 1
     return retried
-
-
-def recover(*, all_pending: bool = False) -> int:
-    """Requeue work no live worker holds; returns how many flushes were requested.
-
-    - running jobs whose lease expired (their worker died) go back to the queue;
-    - users with pending messages not under a live claim get a flush: at low priority for the
-      time trigger (oldest pending change older than ``FLUSH_INTERVAL_SECONDS``), or for every
-      such user with ``all_pending`` (at start: reason ``recovery``).
-    """
-    for job in FlushJob.objects.filter(state=State.RUNNING, lease_until__lt=timezone.now()):
-        logger.warning("flush job %s lost its worker %s; requeued", job.pk, job.worker)
-        job_lost(job, error="worker lost (lease expired)")
-    interval = 0.0 if all_pending else settings.BUFFERS["INTERVAL_SECONDS"]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"""
-            SELECT m.user_id FROM memory_message m
-            WHERE m.flushed_at IS NULL AND (m.claimed_until IS NULL OR m.claimed_until < now())
-            GROUP BY m.user_id
-            HAVING min(m.updated_at) <= now() - make_interval(secs => %s)
-               AND NOT EXISTS (SELECT 1 FROM buffers_flushjob j
-                               WHERE j.user_id = m.user_id AND j.session_id IS NULL
-                                 AND j.state IN ({sql_states(ACTIVE_STATES)}))
-            """,
-            [interval],
-        )
-        user_ids = [row[0] for row in cursor.fetchall()]
-    reason = Reason.RECOVERY if all_pending else Reason.TIME
-    for user_id in user_ids:
-        with transaction.atomic():
-            request_flush(user_id=user_id, priority=Priority.LOW, reason=reason)
-    return len(user_ids)
-
-
-def request_shutdown_flushes() -> int:
-    """At a graceful stop: a critical flush for every user with pending messages."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT DISTINCT user_id FROM memory_message WHERE flushed_at IS NULL")
-        user_ids = [row[0] for row in cursor.fetchall()]
-    for user_id in user_ids:
-        with transaction.atomic():
-            request_flush(user_id=user_id, priority=Priority.CRITICAL, reason=Reason.SHUTDOWN)
-    return len(user_ids)
-
-
-def pending_total() -> int:
-    """Pending messages of all users."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM memory_message WHERE flushed_at IS NULL")
-        return cursor.fetchone()[0]
-
-
-# Rows one purge statement deletes: a short statement, whatever the number of old jobs.
-PURGE_BATCH = 500
-
-
-def purge_finished_jobs(*, batch: int = PURGE_BATCH) -> int:
-    """Delete up to ``batch`` finished jobs: done ones finished ``FLUSH_DONE_RETENTION_SECONDS``
-    ago, failed ones ``FLUSH_FAILED_RETENTION_SECONDS`` ago (0: kept); and the turns
-    (``FlushTurn``) of tenants not served for the first of these. Returns how many jobs.
-
-    The ticker of every process calls it; ``SKIP LOCKED``, so two never wait for each other.
-    """
-    config = settings.BUFFERS
-    done_after, failed_after = config["DONE_RETENTION_SECONDS"], config["FAILED_RETENTION_SECONDS"]
-    purged = 0
-    with connection.cursor() as cursor:
-        for state, after in ((State.DONE, done_after), (State.FAILED, failed_after)):
-            if after <= 0 or purged >= batch:
-                continue
-            cursor.execute(
-                """
-                DELETE FROM buffers_flushjob WHERE id IN (
-                    SELECT id FROM buffers_flushjob
-                    WHERE state = %(state)s AND finished_at < now() - make_interval(secs => %(after)s)
-                    LIMIT %(batch)s FOR UPDATE SKIP LOCKED
-                )
-                """,
-                {"state": state.value, "after": after, "batch": batch - purged},
-            )
-            purged += cursor.rowcount
-        if done_after > 0:
-            cursor.execute(
-                "DELETE FROM buffers_flushturn WHERE claimed_at < now() - make_interval(secs => %s)", [done_after]
-            )
-    return purged
 
 
 # Waits for a flush in progress in this process, by tenant (FLUSH_WAIT_MAX_PER_TENANT).

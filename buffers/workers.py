@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from django.conf import settings
 from django.db import close_old_connections
 
-from buffers import events, heartbeats, services
+from buffers import events, heartbeats, pending, recovery, services
 from buffers.models import FlushJob, State
 from memfuse_project.pool import is_database_unavailable, is_pool_exhausted
 
@@ -193,9 +193,9 @@ class FlushWorkerPool:
         while not self._stopping.is_set():
             delay = self.poll_seconds
             try:
-                if services.recover(all_pending=first):
+                if recovery.recover(all_pending=first):
                     self.wake()
-                services.purge_finished_jobs()
+                recovery.purge_finished_jobs()
                 first = False
                 failures = 0
                 self.outage.succeeded()
@@ -237,12 +237,12 @@ class FlushWorkerPool:
         Returns how many messages were still pending at the end (0 when fully drained).
         Pending work left over stays in the database for the next start.
         """
-        services.request_shutdown_flushes()
+        recovery.request_shutdown_flushes()
         deadline = time.monotonic() + deadline_seconds
         remaining = 0
         while time.monotonic() < deadline:
             self.wake()
-            remaining = services.pending_total()
+            remaining = pending.pending_total()
             if remaining == 0:
                 break
             time.sleep(0.1)

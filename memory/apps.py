@@ -8,7 +8,8 @@ class MemoryConfig(AppConfig):
     def ready(self) -> None:
         from buffers import services as buffers
         from memfuse_project import serving
-        from memory import checks, flush  # noqa: F401  (checks registers the system checks)
+        from memory import checks  # noqa: F401  (checks registers the system checks)
+        from memory.indexing import flush
         from memory.inference import registry
 
         # memory sits above buffers (buffers never imports it): the write-behind tier runs

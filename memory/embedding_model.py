@@ -2,15 +2,15 @@
 
 The active ``EmbeddingModel`` row names the model of the vectors in ``memory_message`` and
 ``memory_knowledge``; without one they are the configured model's. ``reembed``
-(``memory.reembed``) replaces them and the row in one transaction; every process that
+(``memory.indexing.reembed``) replaces them and the row in one transaction; every process that
 embeds (web, ``runworker``, their inference children) reads the row at most every
 ``ACTIVE_MODEL_TTL_SECONDS`` (one indexed read) and reloads when it changed
 (``registry.use_embedding_model``).
 
 A vector must never be written by one model into columns that hold another's: every write
-of embeddings (a flush's, a knowledge item's) runs ``guard_write`` in its transaction. It
-takes a shared transaction-level advisory lock, which the switch takes exclusively, and
-checks that the active model is still the one that embedded; if not it raises
+of embeddings (a flush's, a knowledge item's) runs ``memory.indexing.active_model.guard_write``
+in its transaction. It takes a shared transaction-level advisory lock, which the switch takes
+exclusively, and checks that the active model is still the one that embedded; if not it raises
 ``ModelChanged`` and the caller embeds again with the new model.
 """
 
@@ -26,18 +26,10 @@ from django.db import connection
 from memory import inference
 from memory.inference import registry
 
-# pg_advisory_xact_lock key of the switch (exclusive) and of embedding writes (shared).
-SWITCH_LOCK_KEY = 0x6D656D66_7573_0001 & 0x7FFF_FFFF_FFFF_FFFF
-
 # How stale a process's idea of the active model may be (s): the window in which a query
 # embedded by the old model may meet the new model's vectors after a switch. A dimension
 # mismatch in that window is caught and retried at once (memory.retrieval.search).
 ACTIVE_MODEL_TTL_SECONDS = 1.0
-
-
-class ModelChanged(Exception):
-    """The stored vectors were switched to another model after this write's texts were
-    embedded: embed them again (``follow_active_model(force=True)`` first)."""
 
 
 @dataclass(frozen=True)
@@ -91,18 +83,6 @@ def follow_active_model(*, force: bool = False) -> int | None:
     if registry.use_embedding_model(model.path, dimension):
         cache.reset_user_cache()
     return model.id
-
-
-def guard_write(cursor, *, generation: int | None) -> None:
-    """In the transaction of an embedding write: block the switch until it commits, and raise
-    ``ModelChanged`` when the active model is no longer ``generation`` (what
-    ``follow_active_model`` returned before embedding)."""
-    cursor.execute("SELECT pg_advisory_xact_lock_shared(%s)", [SWITCH_LOCK_KEY])
-    cursor.execute("SELECT id FROM memory_embeddingmodel WHERE state = 'active'")
-    row = cursor.fetchone()
-    if (row[0] if row else None) != generation:
-        forget_active_model()
-        raise ModelChanged(f"the stored vectors are now those of embedding model {row[0] if row else None}")
 
 
 def embedding_models_overview() -> dict:

@@ -72,7 +72,7 @@ class User(Named):
     memory_version = models.BigIntegerField(default=0)
     # The HNSW index (of ANN_BUCKETS) that holds every context embedding of the user's
     # flushed messages, or NULL: set by a flush once the user holds ``ANN_MIN_MESSAGES``
-    # messages, after it has put the older ones there (``memory.retrieval.vector.ann_enable``).
+    # messages, after it has put the older ones there (``memory.indexing.ann.ann_enable``).
     ann_bucket = models.SmallIntegerField(null=True, blank=True)
 
     class Meta(Named.Meta):
@@ -94,7 +94,7 @@ class Session(Named):
     user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="sessions")
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="sessions")
     # Position of the session's next message: an add takes its positions by incrementing this
-    # counter in the statement that inserts the messages (``memory.services.messages_add``).
+    # counter in the statement that inserts the messages (``memory.services.messages.messages_add``).
     next_position = models.PositiveIntegerField(default=0, editable=False)
 
     class Meta(Named.Meta):
@@ -130,7 +130,7 @@ class Message(models.Model):
     """One message of a session.
 
     ``position`` is the message's place in its session (0, 1, ...). ``index_text`` is what is
-    embedded and full-text indexed (see ``memory.services.message_index_text``).
+    embedded and full-text indexed (see ``memory.services.messages.message_index_text``).
 
     Write-behind: a message is stored (and full-text indexed) at once, and embedded later by a
     flush (``buffers``). Until then ``flushed_at`` is NULL: the message is *pending*. A flush
@@ -154,7 +154,7 @@ class Message(models.Model):
     embedding = VectorField(dimensions=EMBEDDING_DIM, null=True, blank=True)
     # The mean of the embeddings of this turn (counted VECTOR_OWN_WEIGHT times) and of the
     # VECTOR_CONTEXT_TURNS turns either side in its session that are embedded: what the vector
-    # retriever searches. Written by the flush (memory.retrieval.vector.context_refresh);
+    # retriever searches. Written by the flush (memory.indexing.context.context_refresh);
     # NULL while the message is pending. Stored inline (STORAGE PLAIN, migration 0007): a
     # search reads it for every candidate row, and a TOAST fetch per row would double that.
     context_embedding = VectorField(dimensions=EMBEDDING_DIM, null=True, blank=True)
@@ -339,7 +339,7 @@ class ApiKey(AbstractAPIKey):
     key. ``scope``: a tenant key acts for its tenant, a user key for one user of it, an
     operator key only on operator endpoints (no tenant).
 
-    ``parent``: the user key that created this one over REST (``memory.services.api_key_create``),
+    ``parent``: the user key that created this one over REST (``memory.services.api_keys.api_key_create``),
     else NULL. A child key is its parent's user's, expires no later than its parent, and is
     revoked with it (``api_key_revoke`` revokes a key's descendants in the same statement).
     """
@@ -385,7 +385,7 @@ class EmbeddingModel(models.Model):
     path = models.TextField()
     dimension = models.PositiveIntegerField()
     state = models.CharField(max_length=16, choices=State.choices, default=State.BUILDING)
-    # The run's phase (memory.reembed.PHASES) and counts of rows done out of total in it.
+    # The run's phase (memory.indexing.reembed.PHASES) and counts of rows done out of total in it.
     phase = models.CharField(max_length=32, blank=True, default="")
     done = models.BigIntegerField(default=0)
     total = models.BigIntegerField(default=0)

@@ -12,8 +12,10 @@ from django.db import connection, transaction
 
 from buffers import services as buffers
 from buffers.models import FlushJob, Priority, Reason, State
-from memory import retrieval, selectors, services
+from memory import retrieval, selectors
+from memory.indexing.flush import flush_pending
 from memory.models import Knowledge, Message, Tenant, Tombstone, User
+from memory.services.knowledge import knowledge_add
 from tests.locks import a_backend_waits_for_a_lock
 
 
@@ -32,7 +34,7 @@ def test_list_pages_render(staff_client, alice_messages, model):
 
 def test_message_list_shows_flushed_state_and_no_vector(staff_client, alice_messages):
     """The message list says whether each message is flushed and never prints an embedding."""
-    buffers.flush_pending(user_id=alice_messages[0].user_id)
+    flush_pending(user_id=alice_messages[0].user_id)
     page = staff_client.get("/admin/memory/message/").content.decode()
     assert "Biscuit" in page and "icon-yes" in page
     assert "embedding" not in page.lower().split("<table")[1]
@@ -68,7 +70,7 @@ def test_revoke_action_revokes_keys_for_good(staff_client, tenant_key):
 
 def test_message_list_filters_pending_and_flushed(staff_client, alice_messages, bob_messages):
     """The 'flushed' filter separates flushed messages from those still pending."""
-    buffers.flush_pending(user_id=alice_messages[0].user_id)
+    flush_pending(user_id=alice_messages[0].user_id)
 
     pending = staff_client.get("/admin/memory/message/?flushed=no").content.decode()
     flushed = staff_client.get("/admin/memory/message/?flushed=yes").content.decode()
@@ -110,7 +112,7 @@ def test_admin_deletes_of_sessions_agents_and_knowledge_leave_tombstones(staff_c
     """Deleting a session or an agent from the admin leaves a tombstone for each of its
     messages, a knowledge item one for itself, and moves the user's memory_version."""
     user = alice_messages[0].user
-    services.knowledge_add(user=user, contents=["Alice is vegetarian."])
+    knowledge_add(user=user, contents=["Alice is vegetarian."])
     before = User.objects.get(pk=user.pk).memory_version
     target = {"session": alice_messages[0].session, "agent": agent, "knowledge": Knowledge.objects.get(user=user)}[model]
     gone = {("knowledge", target.pk)} if model == "knowledge" else {("message", row.pk) for row in alice_messages}
@@ -129,7 +131,7 @@ def test_an_admin_edit_of_a_message_reindexes_it_and_makes_it_pending(staff_clie
 
     message = alice_messages[2]  # "My sister lives in Lisbon and works as an architect."
     user = message.user
-    buffers.flush_pending(user_id=user.pk)
+    flush_pending(user_id=user.pk)
     assert _hits(user, "Lisbon architect")[0] == str(message.pk)  # cached, as a running service has it
     said = "My brother moved to Oslo to study medicine."
 
@@ -159,7 +161,7 @@ def test_an_admin_edit_of_a_message_is_validated_as_the_api_validates_it(staff_c
 def test_messages_and_knowledge_cannot_be_added_and_knowledge_not_edited_in_the_admin(staff_client, alice_messages):
     """Messages and knowledge are added through the API only; a knowledge item's page is read-only."""
     user = alice_messages[0].user
-    services.knowledge_add(user=user, contents=["Alice is vegetarian."])
+    knowledge_add(user=user, contents=["Alice is vegetarian."])
     item = Knowledge.objects.get(user=user)
 
     assert staff_client.get("/admin/memory/message/add/").status_code == 403
@@ -200,7 +202,7 @@ def test_deleting_a_tenant_while_its_flush_writes_neither_deadlocks_nor_fails(st
     """A tenant deleted from the admin while a flush of one of its users is writing waits for
     that write (every user row first: the lock order), then deletes all; the flush ends
     without an error. Django's cascade would delete the messages first and deadlock with it."""
-    from memory import flush as memory_flush
+    from memory.indexing import flush as memory_flush
     from memory.models import EMBEDDING_DIM
 
     alice = alice_messages[0].user
@@ -225,7 +227,7 @@ def test_deleting_a_tenant_while_its_flush_writes_neither_deadlocks_nor_fails(st
         finally:
             connection.close()
 
-    flusher = threading.Thread(target=run, args=("flush", lambda: buffers.flush_pending(user_id=alice.pk)))
+    flusher = threading.Thread(target=run, args=("flush", lambda: flush_pending(user_id=alice.pk)))
     flusher.start()
     assert holds.wait(10)
     delete = lambda: staff_client.post(f"/admin/memory/tenant/{tenant.pk}/delete/", {"post": "yes"}).status_code  # noqa: E731

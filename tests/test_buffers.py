@@ -17,20 +17,25 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from benchmarks.server import free_loopback_port, uvicorn_command
+from buffers import recovery
 from buffers import services as buffers
 from buffers.models import FlushJob, FlushTurn, Priority, Reason, State
 from buffers.workers import FlushWorkerPool
-from memory import flush, selectors, services
+from memory import selectors
+from memory.indexing import flush
+from memory.indexing.flush import flush_pending
 from memory.inference import registry
 from memory.models import Message, User
 from memory.retrieval import store
-from memory.services import MessageIn
+from memory.services.messages import MessageIn, messages_add, messages_update
+from memory.services.sessions import session_create
+from memory.services.users import user_create
 from tests.envelopes import assert_error, assert_success
 from tests.subprocesses import subprocess_env
 
 
 def add(session, n: int, text: str = "message") -> list[Message]:
-    return services.messages_add(
+    return messages_add(
         session=session, messages=[MessageIn(role="user" if i % 2 == 0 else "assistant", content=f"{text} {i}") for i in range(n)]
     )
 
@@ -58,7 +63,7 @@ def test_size_trigger_queues_one_normal_flush(alice_session):
 def test_token_size_trigger(alice_session):
     """A few long messages pass the token threshold (characters / 4) and queue a flush."""
     long_text = "word " * (settings.BUFFERS["SIZE_TOKENS"] * 4 // 5 + 1)
-    services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=long_text)])
+    messages_add(session=alice_session, messages=[MessageIn(role="user", content=long_text)])
 
     assert FlushJob.objects.get().reason == Reason.SIZE
 
@@ -70,7 +75,7 @@ def test_time_trigger_flushes_old_pending_messages_at_low_priority(alice_session
     old = timezone.now() - timedelta(seconds=settings.BUFFERS["INTERVAL_SECONDS"] + 1)
     Message.objects.filter(user=alice_session.user).update(updated_at=old)
 
-    assert buffers.recover() == 1
+    assert recovery.recover() == 1
 
     [job] = FlushJob.objects.all()
     assert (job.user_id, job.priority, job.reason) == (alice_session.user_id, Priority.LOW, Reason.TIME)
@@ -115,7 +120,7 @@ def test_buffer_endpoint_reports_pending_messages(api, alice_session):
     add(alice_session, 3)
     assert assert_success(api.get(f"/api/v1/users/{alice_session.user_id}/buffer"))["pending_messages"] == 3
 
-    buffers.flush_pending(user_id=alice_session.user_id)
+    flush_pending(user_id=alice_session.user_id)
     assert assert_success(api.get(f"/api/v1/users/{alice_session.user_id}/buffer"))["pending_messages"] == 0
 
 
@@ -125,7 +130,7 @@ def test_buffer_endpoint_reports_pending_messages(api, alice_session):
 def test_jobs_of_one_tenant_run_by_priority_then_fifo(alice, bob, agent, settings):
     """Within a tenant, claim_next_job takes critical > high > normal > low, and the oldest first within a priority."""
     settings.BUFFERS = {**settings.BUFFERS, "MAX_RUNNING_PER_TENANT": 0}  # every job claimed, none run
-    sessions = [services.session_create(user=user, agent=agent) for user in (alice, bob, alice, bob, bob, bob)]
+    sessions = [session_create(user=user, agent=agent) for user in (alice, bob, alice, bob, bob, bob)]
     priorities = [Priority.LOW, Priority.NORMAL, Priority.HIGH, Priority.LOW, Priority.CRITICAL, Priority.HIGH]
     created = []
     for priority, session in zip(priorities, sessions):
@@ -145,7 +150,7 @@ def queue_session_flushes(user, agent, priorities: list[int]) -> list[int]:
     """A manual flush job per priority, each of a new session of ``user``; their ids, in order."""
     ids = []
     for priority in priorities:
-        session = services.session_create(user=user, agent=agent)
+        session = session_create(user=user, agent=agent)
         with transaction.atomic():
             ids.append(buffers.request_flush(user_id=user.pk, session_id=session.pk, priority=priority, reason=Reason.MANUAL))
     return ids
@@ -219,7 +224,7 @@ def test_repeated_session_flush_requests_merge_into_one_waiting_job(api, alice_s
     """POST sessions/{id}/flush twice: one waiting job, whose id both answers carry; a request of
     a higher priority raises it, one asking no more leaves its row as it was (no new version, no
     lock). Another session's request is a job of its own."""
-    other = services.session_create(user=alice_session.user, agent=alice_session.agent)
+    other = session_create(user=alice_session.user, agent=alice_session.agent)
     with transaction.atomic():
         queued = buffers.request_flush(
             user_id=alice_session.user_id, session_id=alice_session.pk, priority=Priority.LOW, reason=Reason.TIME
@@ -279,7 +284,7 @@ def test_flush_times_out_between_batches(alice_session):
     add(alice_session, 6)
 
     with pytest.raises(flush.FlushTimeout):
-        buffers.flush_pending(user_id=alice_session.user_id, deadline=time.monotonic() - 1, batch_size=2)
+        flush_pending(user_id=alice_session.user_id, deadline=time.monotonic() - 1, batch_size=2)
     assert Message.objects.filter(user=alice_session.user, flushed_at__isnull=True).count() == 6
 
 
@@ -366,7 +371,7 @@ def test_finished_jobs_are_purged_after_their_retention(alice_session, settings)
     job(State.FAILED, 7200)
     FlushTurn.objects.create(tenant_id=alice_session.user.tenant_id, claimed_at=now - timedelta(seconds=120))
 
-    purged = [buffers.purge_finished_jobs(batch=2), buffers.purge_finished_jobs(), buffers.purge_finished_jobs()]
+    purged = [recovery.purge_finished_jobs(batch=2), recovery.purge_finished_jobs(), recovery.purge_finished_jobs()]
 
     assert purged == [2, 2, 0]
     assert set(FlushJob.objects.values_list("pk", flat=True)) == kept
@@ -478,7 +483,7 @@ def test_two_concurrent_flushes_embed_each_message_once(alice_session, monkeypat
     def flush():
         barrier.wait()
         try:
-            flushed.append(buffers.flush_pending(user_id=alice_session.user_id, batch_size=4))
+            flushed.append(flush_pending(user_id=alice_session.user_id, batch_size=4))
         finally:
             connection.close()
 
@@ -499,7 +504,7 @@ def test_update_during_flush_is_not_overwritten(alice_session, monkeypatch):
     """A message edited after a flush claimed it is re-claimed: only the edited text's embedding is written."""
     import numpy as np
 
-    monkeypatch.setattr(services, "_start_embeddings", lambda rows: None)  # the flush embeds, and is overtaken
+    monkeypatch.setattr("memory.services.messages._start_embeddings", lambda rows: None)  # the flush embeds, and is overtaken
     [message] = add(alice_session, 1, text="original")
     real_embed = registry.embed
     edits = []
@@ -508,11 +513,11 @@ def test_update_during_flush_is_not_overwritten(alice_session, monkeypatch):
         vectors = real_embed(texts, **kwargs)
         if not edits:  # the first batch is overtaken by an edit
             edits.append(texts)
-            services.messages_update(session=alice_session, message_ids=[message.pk], new_messages=[MessageIn(role="user", content="edited")])
+            messages_update(session=alice_session, message_ids=[message.pk], new_messages=[MessageIn(role="user", content="edited")])
         return vectors
 
     monkeypatch.setattr(registry, "embed", embed_then_edit)
-    assert buffers.flush_pending(user_id=alice_session.user_id) == 1
+    assert flush_pending(user_id=alice_session.user_id) == 1
     monkeypatch.undo()
 
     message.refresh_from_db()
@@ -528,14 +533,14 @@ def test_query_right_after_add_finds_the_message_with_its_flushed_score(alice_se
     """A message is found before its flush, with the vector similarity it has after the flush:
     the query model embeds it on demand as the flush does (DOCUMENT_EMBEDDING_INT8)."""
     add(alice_session, 4, text="filler")
-    [kayak] = services.messages_add(
+    [kayak] = messages_add(
         session=alice_session, messages=[MessageIn(role="user", content="I bought a red kayak for the lake.")]
     )
     alice = alice_session.user
     alice.refresh_from_db()
 
     before = selectors.memory_query(user=alice, query="What boat did I buy?", top_k=3)
-    buffers.flush_pending(user_id=alice.pk)
+    flush_pending(user_id=alice.pk)
     alice.refresh_from_db()
     after = selectors.memory_query(user=alice, query="What boat did I buy?", top_k=3)
 
@@ -582,7 +587,7 @@ def test_a_backlog_past_ann_min_messages_moves_to_the_hnsw_index_while_it_is_flu
     add(alice_session, 120)
     buckets = _recording_writes(monkeypatch, lambda: User.objects.values_list("ann_bucket", flat=True).get(pk=alice_session.user_id))
 
-    buffers.flush_pending(user_id=alice_session.user_id, batch_size=32)
+    flush_pending(user_id=alice_session.user_id, batch_size=32)
 
     assert buckets[0] is None and buckets[-1] is not None
     assert set(Message.objects.filter(user=alice_session.user).values_list("ann_bucket", flat=True)) == {buckets[-1]}
@@ -595,11 +600,11 @@ def test_the_flush_of_a_backlog_brings_the_snapshot_up_to_date_before_its_last_b
     that holds every message, in any process."""
     monkeypatch.setitem(settings.MEMFUSE, "SNAPSHOT_MIN_CHANGES", 8)
     add(alice_session, 200)
-    buffers.flush_pending(user_id=alice_session.user_id)
+    flush_pending(user_id=alice_session.user_id)
     add(alice_session, 15)  # fewer than a tenth of the 200 documents, more than SNAPSHOT_MIN_CHANGES
     lags = _recording_writes(monkeypatch, lambda: store.snapshot_lag(alice_session.user_id))
 
-    buffers.flush_pending(user_id=alice_session.user_id, batch_size=4)
+    flush_pending(user_id=alice_session.user_id, batch_size=4)
 
     assert [changes for _, _, changes in lags] == [15, 15, 15, 0]
 
@@ -618,7 +623,7 @@ def test_the_flush_of_a_backlog_leaves_the_planner_statistics_of_messages_curren
             add(alice_session, 120)
             cursor.execute("SELECT pg_stat_force_next_flush()")  # this connection's counts, shared at once
 
-            buffers.flush_pending(user_id=alice_session.user_id, batch_size=32)
+            flush_pending(user_id=alice_session.user_id, batch_size=32)
 
             cursor.execute(
                 "SELECT c.reltuples, s.last_analyze FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid "
@@ -657,7 +662,7 @@ def test_one_tenants_flood_of_flushes_does_not_hold_back_anothers(tenant, agent,
     """Acme's twelve users' flushes queued first, and a slow model: globex's messages, added
     after them, are flushed by a running pool while most of acme's still wait."""
     settings.BUFFERS = {**settings.BUFFERS, "MAX_RUNNING_PER_TENANT": 1}
-    monkeypatch.setattr(services, "_start_embeddings", lambda rows: None)  # every text goes through the flush's model
+    monkeypatch.setattr("memory.services.messages._start_embeddings", lambda rows: None)  # every text goes through the flush's model
     real_embed = registry.embed
 
     def slow_embed(texts, **kwargs):
@@ -665,9 +670,9 @@ def test_one_tenants_flood_of_flushes_does_not_hold_back_anothers(tenant, agent,
         return real_embed(texts, **kwargs)
 
     monkeypatch.setattr(registry, "embed", slow_embed)
-    acme = [services.user_create(tenant_id=tenant.pk, name=f"user {i}") for i in range(12)]
+    acme = [user_create(tenant_id=tenant.pk, name=f"user {i}") for i in range(12)]
     for user in acme:
-        add(services.session_create(user=user, agent=agent), settings.BUFFERS["SIZE_MESSAGES"])
+        add(session_create(user=user, agent=agent), settings.BUFFERS["SIZE_MESSAGES"])
     pool = FlushWorkerPool(workers=2, poll_seconds=0.1)
     pool.start()
     try:

@@ -66,7 +66,7 @@ def test_the_check_finds_every_form_of_import():
     and passes imports of buffers itself and of names that only begin with "memory"."""
     source = """
 import memory
-import memory.flush as flush
+import memory.indexing.flush as flush
 from memory.errors import ServiceError
 from .. import memory as sibling
 from ..memory import services
@@ -74,7 +74,7 @@ from ..memory import services
 def later():
     from memory import registry
     importlib.import_module("memory.selectors")
-    return import_string("memory.flush.flush_pending")
+    return import_string("memory.indexing.flush.flush_pending")
 
 import buffers.jobs
 from buffers import events
@@ -84,13 +84,13 @@ import memoryview_helpers
     found = {name for _, name in upper_imports(source, module="buffers.workers")}
     assert found == {
         "memory",
-        "memory.flush",
+        "memory.indexing.flush",
         "memory.errors",
         "memory.errors.ServiceError",
         "memory.services",
         "memory.registry",
         "memory.selectors",
-        "memory.flush.flush_pending",
+        "memory.indexing.flush.flush_pending",
     }
     # "from .. import memory" in buffers.workers is the top-level memory package.
     assert any(name == "memory" and line == 5 for line, name in upper_imports(source, module="buffers.workers"))

@@ -10,10 +10,10 @@ import pytest
 from django.contrib.auth import get_user_model
 from prometheus_client.parser import text_string_to_metric_families
 
-from buffers import services as buffers
-from memory import services
+from memory.indexing.flush import flush_pending
 from memory.inference import registry
 from memory.models import KeyScope
+from memory.services.api_keys import api_key_create
 from tests.conftest import key_client
 from tests.subprocesses import subprocess_env
 
@@ -30,7 +30,7 @@ def scrape_token(settings) -> str:
 
 @pytest.fixture
 def operator_key(db) -> str:
-    return services.api_key_create(scope=KeyScope.OPERATOR, name="prometheus")[1]
+    return api_key_create(scope=KeyScope.OPERATOR, name="prometheus")[1]
 
 
 def scrape(client) -> dict[tuple[str, tuple], float]:
@@ -100,7 +100,7 @@ def test_counters_move_after_an_add_a_query_and_a_flush(
         if model and "calls" in model:
             assert after_query[("memfuse_model_calls_total", (("model", role),))] == model["calls"], role
 
-    assert buffers.flush_pending(user_id=alice.pk) == 2
+    assert flush_pending(user_id=alice.pk) == 2
     after_flush = scrape(scraper)
     assert moved(after_flush, after_query, "memfuse_flushes_total", outcome="ok") == 1
     assert moved(after_flush, after_query, "memfuse_messages_flushed_total") == 2

@@ -16,13 +16,18 @@ import bm25s
 import pytest
 from django.db import connection
 
-from buffers.services import flush_pending
-from memory import retrieval, selectors, services
+from memory import retrieval, selectors
+from memory.indexing import snapshots
+from memory.indexing.flush import flush_pending
 from memory.inference import registry
-from memory.retrieval import cache, store
+from memory.retrieval import store
 from memory.retrieval.bm25 import KINDS, KNOWLEDGE, MESSAGE, BM25Index, Document
 from memory.retrieval.keys import DocKey
-from memory.services import MessageIn
+from memory.services.common import memory_version_bump
+from memory.services.knowledge import knowledge_add
+from memory.services.messages import MessageIn, messages_add, messages_delete, messages_update
+from memory.services.sessions import session_create
+from memory.services.users import user_delete
 
 
 def context_documents(tokens: list[list[str]], sessions: list, *, window: int, own_weight: int) -> list[list[str]]:
@@ -113,7 +118,7 @@ def test_index_changed_in_place_scores_as_bm25s_over_the_context_documents():
 
 
 def _add(session, texts, **metadata):
-    return services.messages_add(session=session, messages=[MessageIn(role="user", content=t, metadata=metadata) for t in texts])
+    return messages_add(session=session, messages=[MessageIn(role="user", content=t, metadata=metadata) for t in texts])
 
 
 def _bm25(user, query: str, limit: int = 50):
@@ -150,7 +155,7 @@ def test_a_write_does_not_make_the_next_query_rebuild_the_index(alice_session):
     [boat] = _add(alice_session, ["I bought a red kayak."])
     alice.refresh_from_db()
     found = selectors.memory_query(user=alice, query="kayak", top_k=1)
-    services.messages_update(session=alice_session, message_ids=[boat.pk], new_messages=[MessageIn(role="user", content="I bought a canoe.")])
+    messages_update(session=alice_session, message_ids=[boat.pk], new_messages=[MessageIn(role="user", content="I bought a canoe.")])
     alice.refresh_from_db()
     after_edit = selectors.memory_query(user=alice, query="canoe", top_k=1)
 
@@ -163,7 +168,7 @@ def test_an_index_kept_up_by_writes_ranks_as_one_built_from_scratch(alice, agent
     BM25 ranking (keys and scores) equals that of an index built from the rows."""
     rng = random.Random(3)
     words = "lisbon kayak garden pottery glacier bakery trail sister architect picnic".split()
-    sessions = [services.session_create(user=alice, agent=agent, name=f"s{i}") for i in range(3)]
+    sessions = [session_create(user=alice, agent=agent, name=f"s{i}") for i in range(3)]
     queries = ["kayak trail", "sister lisbon architect", "garden picnic pottery", "glacier"]
     added = []
     for step in range(24):
@@ -173,15 +178,15 @@ def test_an_index_kept_up_by_writes_ranks_as_one_built_from_scratch(alice, agent
             added += _add(rng.choice(sessions), texts)
         elif choice < 0.75:
             victim = added.pop(rng.randrange(len(added)))
-            services.messages_delete(session=victim.session, message_ids=[victim.pk])
+            messages_delete(session=victim.session, message_ids=[victim.pk])
         elif choice < 0.9:
             target = rng.choice(added)
-            services.messages_update(
+            messages_update(
                 session=target.session, message_ids=[target.pk],
                 new_messages=[MessageIn(role="user", content=" ".join(rng.sample(words, 3)))],
             )
         else:
-            services.knowledge_add(user=alice, contents=[" ".join(rng.sample(words, 2))])
+            knowledge_add(user=alice, contents=[" ".join(rng.sample(words, 2))])
         if step == 12:
             flush_pending(user_id=alice.pk)  # a snapshot too, and context embeddings
         for query in queries:
@@ -196,10 +201,10 @@ def test_edits_and_deletes_are_reflected_at_once_by_both_retrievers(alice_sessio
     flush_pending(user_id=alice_session.user_id)
     beagle, _, bread = rows
     alice = alice_session.user
-    services.messages_update(
+    messages_update(
         session=alice_session, message_ids=[beagle.pk], new_messages=[MessageIn(role="user", content="I adopted a cat called Miso.")]
     )
-    services.messages_delete(session=alice_session, message_ids=[bread.pk])
+    messages_delete(session=alice_session, message_ids=[bread.pk])
     alice.refresh_from_db()
 
     def ids(query, **overrides):
@@ -268,13 +273,13 @@ def test_a_snapshot_is_stored_in_bounded_parts_and_read_back_whole(alice_session
     """A snapshot larger than a part is split into parts no larger than SNAPSHOT_PART_BYTES
     (so no row or bound parameter is larger); it loads back byte for byte and ranks as a
     build from the rows; a later, smaller snapshot leaves none of the earlier parts."""
-    monkeypatch.setattr(store, "SNAPSHOT_PART_BYTES", 1000)
+    monkeypatch.setattr(snapshots, "SNAPSHOT_PART_BYTES", 1000)
     rows = _add(alice_session, [f"hike number {i} up the ridge with {i % 7} friends" for i in range(40)])
     user_id = alice_session.user_id
     index = store.load(user_id)
     data = index.to_bytes()
 
-    assert store.snapshot_save(index, user_id)
+    assert snapshots.snapshot_save(index, user_id)
 
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*), max(octet_length(data)) FROM memory_indexsnapshotpart WHERE user_id = %s", [user_id])
@@ -283,9 +288,9 @@ def test_a_snapshot_is_stored_in_bounded_parts_and_read_back_whole(alice_session
     assert _snapshot_bytes(user_id) == data
     assert store.load(user_id).search(retrieval.query_tokens("ridge hike"), limit=50) == _fresh_bm25(alice_session.user, "ridge hike")
 
-    services.messages_delete(session=alice_session, message_ids=[row.pk for row in rows[5:]])
+    messages_delete(session=alice_session, message_ids=[row.pk for row in rows[5:]])
     smaller = store.load(user_id)
-    assert store.snapshot_save(smaller, user_id)
+    assert snapshots.snapshot_save(smaller, user_id)
     assert _snapshot_bytes(user_id) == smaller.to_bytes() and len(smaller.to_bytes()) < len(data)
 
 
@@ -300,11 +305,11 @@ def test_a_snapshot_write_waits_for_a_delete_of_its_user_and_then_writes_nothing
 
     user = alice_session.user
     _add(alice_session, ["We hiked the ridge at dawn."])
-    assert store.snapshot_save(store.load(user.pk), user.pk)
+    assert snapshots.snapshot_save(store.load(user.pk), user.pk)
     _add(alice_session, ["Then we swam in the lake."])
     newer = store.load(user.pk)
     holds, may_go, results = threading.Event(), threading.Event(), {}
-    real_bump = services._bump_memory_version
+    real_bump = memory_version_bump
 
     def pausing(user_id):
         bucket = real_bump(user_id)
@@ -312,7 +317,7 @@ def test_a_snapshot_write_waits_for_a_delete_of_its_user_and_then_writes_nothing
         may_go.wait(20)
         return bucket
 
-    monkeypatch.setattr(services, "_bump_memory_version", pausing)
+    monkeypatch.setattr("memory.services.users.memory_version_bump", pausing)
 
     def run(name, work):
         try:
@@ -322,10 +327,10 @@ def test_a_snapshot_write_waits_for_a_delete_of_its_user_and_then_writes_nothing
         finally:
             connection.close()
 
-    deleter = threading.Thread(target=run, args=("delete", lambda: services.user_delete(user=user)))
+    deleter = threading.Thread(target=run, args=("delete", lambda: user_delete(user=user)))
     deleter.start()
     assert holds.wait(10)
-    writer = threading.Thread(target=run, args=("snapshot", lambda: store.snapshot_save(newer, user.pk)))
+    writer = threading.Thread(target=run, args=("snapshot", lambda: snapshots.snapshot_save(newer, user.pk)))
     writer.start()
     waited = a_backend_waits_for_a_lock()
     may_go.set()
@@ -354,7 +359,7 @@ def test_one_process_at_a_time_rewrites_a_users_snapshot(alice_session):
     def writer():
         try:
             with transaction.atomic():
-                assert store.snapshot_writer_lock(user_id)
+                assert snapshots.snapshot_writer_lock(user_id)
                 holds.set()
                 may_end.wait(10)
         finally:
@@ -364,13 +369,13 @@ def test_one_process_at_a_time_rewrites_a_users_snapshot(alice_session):
     thread.start()
     assert holds.wait(10)
     try:
-        meanwhile = cache.refresh_snapshot(user_id)
+        meanwhile = snapshots.refresh_snapshot(user_id)
     finally:
         may_end.set()
         thread.join(10)
 
     assert meanwhile is False and store.snapshot_lag(user_id)[0] is None
-    assert cache.refresh_snapshot(user_id) is True
+    assert snapshots.refresh_snapshot(user_id) is True
 
 
 def test_a_snapshot_follows_a_tenth_of_the_users_documents_and_a_hundredth_when_current(alice_session, settings):
@@ -381,12 +386,12 @@ def test_a_snapshot_follows_a_tenth_of_the_users_documents_and_a_hundredth_when_
     settings.MEMFUSE = {**settings.MEMFUSE, "SNAPSHOT_MIN_CHANGES": 8}
     user_id = alice_session.user_id
     _add(alice_session, [f"Note {i} about the garden." for i in range(200)])
-    assert cache.refresh_snapshot(user_id)
+    assert snapshots.refresh_snapshot(user_id)
     _add(alice_session, [f"Later note {i} about the roses." for i in range(15)])
     retrieval.reset_user_cache()
 
-    assert cache.refresh_snapshot(user_id) is False
-    assert cache.refresh_snapshot(user_id, current=True) is True
+    assert snapshots.refresh_snapshot(user_id) is False
+    assert snapshots.refresh_snapshot(user_id, current=True) is True
 
 
 def test_a_snapshot_read_in_parts_of_any_size_is_the_same_index():
@@ -424,10 +429,10 @@ def test_a_load_holds_little_beyond_the_index_it_builds(alice_session, monkeypat
     its peak, a load holds less than the snapshot's size beyond the index it returns (the
     arithmetic of the rows' context lengths, not the snapshot again as parts and as their join). Measured by ``tracemalloc``, which sees Python's and numpy's
     allocations (libpq's, which single-row mode holds to one row, it does not)."""
-    monkeypatch.setattr(store, "SNAPSHOT_PART_BYTES", 2000)
+    monkeypatch.setattr(snapshots, "SNAPSHOT_PART_BYTES", 2000)
     _add(alice_session, [f"day {i}: a walk to the {('harbour', 'market', 'old mill')[i % 3]} with Rosa" for i in range(1200)])
     user_id = alice_session.user_id
-    assert store.snapshot_save(store.load(user_id), user_id)
+    assert snapshots.snapshot_save(store.load(user_id), user_id)
     size = len(store.load(user_id).to_bytes())  # also warms what a first load allocates once
     tracemalloc.start()
     try:
@@ -446,9 +451,9 @@ def test_deletions_a_snapshot_absorbed_make_an_older_cache_reload(alice_session)
     alice = alice_session.user
     _bm25(alice, "pottery")  # cached at this version
     memory = retrieval.user_memory(alice.pk)
-    services.messages_delete(session=alice_session, message_ids=[rows[0].pk])
+    messages_delete(session=alice_session, message_ids=[rows[0].pk])
     index = store.load(alice.pk)
-    store.snapshot_save(index, alice.pk)  # another process's flush, say
+    snapshots.snapshot_save(index, alice.pk)  # another process's flush, say
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM memory_tombstone WHERE user_id = %s", [alice.pk])
         assert cursor.fetchone()[0] == 0
@@ -487,8 +492,8 @@ def test_a_query_after_a_large_add_embeds_at_most_the_bound_and_finds_the_newest
     """After an add of 300 messages, a query embeds at most PENDING_EMBED_MAX of them (the
     newest), still finds the newest by meaning, and the oldest by its words (BM25)."""
     settings.MEMFUSE = {**settings.MEMFUSE, "PENDING_EMBED_MAX": 8}
-    monkeypatch.setattr(services, "_start_embeddings", lambda *args: None)  # all on demand, counted
-    monkeypatch.setattr(services, "_prefetch_embeddings", lambda *args: None)
+    monkeypatch.setattr("memory.services.messages._start_embeddings", lambda *args: None)  # all on demand, counted
+    monkeypatch.setattr("memory.services.messages._prefetch_embeddings", lambda *args: None)
     submitted = []
     submit_query = registry.submit_query
 

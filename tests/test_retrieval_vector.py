@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from django.db import connection
 
-from buffers.services import flush_pending
-from memory import selectors, services
+from memory import selectors
+from memory.indexing import ann, context
+from memory.indexing.flush import flush_pending
 from memory.models import Message
 from memory.retrieval import vector
-from memory.services import MessageIn
+from memory.services.messages import MessageIn, messages_add, messages_delete, messages_update
+from memory.services.sessions import session_create, session_delete
 from memory.vectors import use_binary_vectors
 from tests.test_retrieval import flushed_user, smoothed_cosines, unit
 
@@ -36,9 +38,9 @@ def _expected_contexts(embeddings: np.ndarray, *, window: int = 2, own: int = 2)
 def test_flush_writes_each_turns_context_embedding(alice_session):
     """After a flush, each turn's context embedding is the weighted mean of its own and its
     neighbours' embeddings (VECTOR_CONTEXT_TURNS either side, its own VECTOR_OWN_WEIGHT times)."""
-    services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=f"Turn {i} about hiking.") for i in range(6)])
+    messages_add(session=alice_session, messages=[MessageIn(role="user", content=f"Turn {i} about hiking.") for i in range(6)])
     flush_pending(user_id=alice_session.user_id)
-    services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="A late turn about kayaks.")])
+    messages_add(session=alice_session, messages=[MessageIn(role="user", content="A late turn about kayaks.")])
     flush_pending(user_id=alice_session.user_id)  # the earlier turns' windows now reach it
 
     _, embeddings, contexts = _contexts(alice_session)
@@ -49,10 +51,10 @@ def test_flush_writes_each_turns_context_embedding(alice_session):
 def test_edits_and_deletes_rewrite_the_neighbours_context_embeddings(alice_session):
     """An edited turn leaves its neighbours' contexts (until its flush puts its new text in);
     a deleted one leaves them for good, and their windows move on to the next turns."""
-    rows = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=f"Note {i} on gardens.") for i in range(7)])
+    rows = messages_add(session=alice_session, messages=[MessageIn(role="user", content=f"Note {i} on gardens.") for i in range(7)])
     flush_pending(user_id=alice_session.user_id)
-    services.messages_update(session=alice_session, message_ids=[rows[3].pk], new_messages=[MessageIn(role="user", content="Edited.")])
-    services.messages_delete(session=alice_session, message_ids=[rows[5].pk])
+    messages_update(session=alice_session, message_ids=[rows[3].pk], new_messages=[MessageIn(role="user", content="Edited.")])
+    messages_delete(session=alice_session, message_ids=[rows[5].pk])
 
     ids, embeddings, _ = zip(*[(r.pk, r.embedding, r.context_embedding) for r in Message.objects.filter(session=alice_session).order_by("position")])
     by_id = {r.pk: r for r in Message.objects.filter(session=alice_session)}
@@ -91,7 +93,7 @@ def test_a_long_history_moves_to_the_hnsw_index_and_keeps_its_ranking(agent, set
     vectors = unit(rng.normal(size=(400, EMBEDDING_DIM)))
     user, ids = flushed_user(agent, "long", vectors)
     small, _ = flushed_user(agent, "short", unit(rng.normal(size=(50, EMBEDDING_DIM))))
-    services.messages_add(session=user.sessions.get(), messages=[MessageIn(role="user", content="one more turn")])
+    messages_add(session=user.sessions.get(), messages=[MessageIn(role="user", content="one more turn")])
     flush_pending(user_id=user.pk)  # the flush that notices the history's length
     flush_pending(user_id=small.pk)
     user.refresh_from_db()
@@ -123,10 +125,10 @@ def _echo_user(agent, settings, *, distinct: int = 12, times: int = 40) -> tuple
     turns = unit(np.random.default_rng(3).normal(size=(distinct, EMBEDDING_DIM)))
     user, _ = flushed_user(agent, "echo", np.tile(turns, (times, 1)))
     first = user.sessions.get()
-    services.messages_add(session=first, messages=[MessageIn(role="user", content="one more turn")])
+    messages_add(session=first, messages=[MessageIn(role="user", content="one more turn")])
     flush_pending(user_id=user.pk)  # the flush that moves the user to the index
     user.refresh_from_db()
-    second = services.session_create(user=user, agent=agent, name="echo-again")
+    second = session_create(user=user, agent=agent, name="echo-again")
     now = timezone.now()
     rows = Message.objects.bulk_create(
         Message(session=second, user=user, position=i, role="user", content=f"again {i}", index_text=f"again {i}",
@@ -134,7 +136,7 @@ def _echo_user(agent, settings, *, distinct: int = 12, times: int = 40) -> tuple
         for i, embedding in enumerate(np.tile(turns, (times // 4, 1)))
     )
     with connection.cursor() as cursor:
-        vector.context_refresh(cursor, seeds=[(second.pk, row.position) for row in rows], bucket=user.ann_bucket)
+        context.context_refresh(cursor, seeds=[(second.pk, row.position) for row in rows], bucket=user.ann_bucket)
     return user, first, second
 
 
@@ -195,7 +197,7 @@ def test_a_move_to_the_hnsw_index_in_batches_puts_each_context_embedding_in_once
     turns = unit(np.random.default_rng(8).normal(size=(6, EMBEDDING_DIM)))
     user, _ = flushed_user(agent, "batches", np.tile(turns, (20, 1)))
 
-    assert vector.ann_enable(user_id=user.pk, batch=7) is not None
+    assert ann.ann_enable(user_id=user.pk, batch=7) is not None
 
     groups = _rows_in_the_index(user)
     assert sum(len(flags) for flags in groups.values()) == 120
@@ -216,15 +218,15 @@ def test_when_the_row_in_the_index_leaves_a_copy_takes_its_place(agent, settings
     deleted, edited = in_index.order_by("position").values_list("pk", flat=True)[4:6]
     digests = dict(Message.objects.filter(pk__in=[deleted, edited]).values_list("pk", "context_digest"))
 
-    services.messages_delete(session=first, message_ids=[deleted])
-    services.messages_update(session=first, message_ids=[edited], new_messages=[MessageIn(role="user", content="changed")])
+    messages_delete(session=first, message_ids=[deleted])
+    messages_update(session=first, message_ids=[edited], new_messages=[MessageIn(role="user", content="changed")])
 
     groups = _rows_in_the_index(user)
     assert groups[digests[deleted]].count(False) == 1 and groups[digests[edited]].count(False) == 1
     assert not Message.objects.filter(pk=edited, ann_bucket__isnull=False).exists()
     assert _top_k_are_the_exact_top_k(user, queries)
 
-    services.session_delete(session=first)
+    session_delete(session=first)
 
     groups = _rows_in_the_index(user)
     assert groups and set(Message.objects.filter(user=user).values_list("session", flat=True)) == {second.pk}
@@ -251,7 +253,7 @@ def test_the_move_to_the_hnsw_index_takes_turns_with_a_flush_of_the_user(agent):
     def flush_write():
         try:
             with transaction.atomic(), connection.cursor() as cursor:
-                vector.lock_context_writes(cursor, user_id=user.pk)
+                context.lock_context_writes(cursor, user_id=user.pk)
                 flush_holds.set()
                 flush_may_end.wait(10)
         finally:
@@ -259,7 +261,7 @@ def test_the_move_to_the_hnsw_index_takes_turns_with_a_flush_of_the_user(agent):
 
     def move():
         try:
-            moved.append(vector.ann_enable(user_id=user.pk, batch=10))
+            moved.append(ann.ann_enable(user_id=user.pk, batch=10))
         finally:
             connection.close()
 
@@ -290,9 +292,9 @@ def test_a_move_to_the_hnsw_index_puts_the_rest_where_an_earlier_move_put_rows(a
     neighbour, _ = flushed_user(agent, "neighbour", vectors[:3])
     User.objects.filter(pk=neighbour.pk).update(ann_bucket=7)  # bucket 7 is the most shared
     with connection.cursor() as cursor:
-        assert vector.ann_place(cursor, user_id=user.pk, bucket=7, limit=10) == 10
+        assert ann.ann_place(cursor, user_id=user.pk, bucket=7, limit=10) == 10
 
-    assert vector.ann_enable(user_id=user.pk, batch=5) == 7
+    assert ann.ann_enable(user_id=user.pk, batch=5) == 7
 
     assert set(Message.objects.filter(pk__in=ids).values_list("ann_bucket", flat=True)) == {7}
 
@@ -306,14 +308,14 @@ def test_a_flush_that_waited_for_the_move_to_the_hnsw_index_writes_into_its_buck
 
     from django.db import transaction
 
-    from memory import flush
+    from memory.indexing import flush
     from memory.models import EMBEDDING_DIM
     from tests.locks import a_backend_waits_for_a_lock
 
     vectors = unit(np.random.default_rng(10).normal(size=(20, EMBEDDING_DIM)))
     user, _ = flushed_user(agent, "moving", vectors)
     session = user.sessions.get()
-    services.messages_add(session=session, messages=[MessageIn(role="user", content=f"new {i}") for i in range(3)])
+    messages_add(session=session, messages=[MessageIn(role="user", content=f"new {i}") for i in range(3)])
     token = uuid.uuid4()
     claimed = flush._claim(user_id=user.pk, session_id=None, token=token, limit=10)
     move_holds, move_may_commit = threading.Event(), threading.Event()
@@ -322,9 +324,9 @@ def test_a_flush_that_waited_for_the_move_to_the_hnsw_index_writes_into_its_buck
         try:
             with transaction.atomic(), connection.cursor() as cursor:
                 cursor.execute("SELECT FROM memory_user WHERE id = %s FOR KEY SHARE", [user.pk])
-                vector.lock_context_writes(cursor, user_id=user.pk)
+                context.lock_context_writes(cursor, user_id=user.pk)
                 cursor.execute("UPDATE memory_user SET ann_bucket = 5 WHERE id = %s", [user.pk])
-                vector.ann_place(cursor, user_id=user.pk, bucket=5)
+                ann.ann_place(cursor, user_id=user.pk, bucket=5)
                 move_holds.set()
                 move_may_commit.wait(10)
         finally:
@@ -363,13 +365,13 @@ def test_the_repair_migration_puts_a_users_stray_rows_back_into_their_bucket(age
     repair = importlib.import_module("memory.migrations.0012_ann_bucket_repair")
     turns = unit(np.random.default_rng(11).normal(size=(8, EMBEDDING_DIM)))
     moved, moved_ids = flushed_user(agent, "split-moved", np.tile(turns, (5, 1)))
-    bucket = vector.ann_enable(user_id=moved.pk)
+    bucket = ann.ann_enable(user_id=moved.pk)
     Message.objects.filter(pk__in=moved_ids[:12]).update(ann_bucket=(bucket + 1) % 32)
     Message.objects.filter(pk__in=moved_ids[12:15]).update(ann_bucket=None, context_digest=None, ann_duplicate=False)
     unmoved, unmoved_ids = flushed_user(agent, "split-unmoved", turns)
     with connection.cursor() as cursor:
-        vector.ann_place(cursor, user_id=unmoved.pk, bucket=3, limit=4)
-        vector.ann_place(cursor, user_id=unmoved.pk, bucket=4)
+        ann.ann_place(cursor, user_id=unmoved.pk, bucket=3, limit=4)
+        ann.ann_place(cursor, user_id=unmoved.pk, bucket=4)
     moved.refresh_from_db()
     assert not _top_k_are_the_exact_top_k(moved, turns[:3])
 
@@ -381,7 +383,7 @@ def test_the_repair_migration_puts_a_users_stray_rows_back_into_their_bucket(age
     assert all(flags.count(False) == 1 for flags in _rows_in_the_index(moved).values())
     assert _top_k_are_the_exact_top_k(moved, turns[:3])
     assert set(Message.objects.filter(pk__in=unmoved_ids).values_list("ann_bucket", flat=True)) == {None}
-    placed = vector.ann_enable(user_id=unmoved.pk)
+    placed = ann.ann_enable(user_id=unmoved.pk)
     assert User.objects.get(pk=unmoved.pk).ann_bucket == placed
     assert set(Message.objects.filter(pk__in=unmoved_ids).values_list("ann_bucket", flat=True)) == {placed}
 
@@ -390,9 +392,9 @@ def test_a_query_of_an_ann_user_finds_a_pending_message_too(alice_session, setti
     """Read your writes holds on the approximate path: a message added after the user moved
     to the HNSW index is found before its flush, and after it."""
     settings.MEMFUSE = {**settings.MEMFUSE, "ANN_MIN_MESSAGES": 20}
-    services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=f"Log {i}: tea at noon.") for i in range(25)])
+    messages_add(session=alice_session, messages=[MessageIn(role="user", content=f"Log {i}: tea at noon.") for i in range(25)])
     flush_pending(user_id=alice_session.user_id)
-    [boat] = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="I bought a red kayak for the lake.")])
+    [boat] = messages_add(session=alice_session, messages=[MessageIn(role="user", content="I bought a red kayak for the lake.")])
     alice = alice_session.user
     alice.refresh_from_db()
     assert alice.ann_bucket is not None
@@ -414,12 +416,12 @@ def test_a_flush_writes_the_embedding_a_query_made_for_a_pending_turn(alice_sess
     from memory.inference import registry
 
     assert registry.queries_embed_documents()
-    monkeypatch.setattr(services, "_start_embeddings", lambda rows: None)  # only what a query embedded
-    [asked] = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="I adopted a grey kitten named Ash.")])
+    monkeypatch.setattr("memory.services.messages._start_embeddings", lambda rows: None)  # only what a query embedded
+    [asked] = messages_add(session=alice_session, messages=[MessageIn(role="user", content="I adopted a grey kitten named Ash.")])
     user = alice_session.user
     user.refresh_from_db()
     retrieval.hybrid_search(user_id=user.pk, memory_version=user.memory_version, query="Which pet did I adopt?", top_k=3)
-    [later] = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="Ash sleeps on the piano.")])
+    [later] = messages_add(session=alice_session, messages=[MessageIn(role="user", content="Ash sleeps on the piano.")])
     embedded: list[str] = []
     real_embed = registry.embed
     monkeypatch.setattr(registry, "embed", lambda texts, **options: embedded.extend(texts) or real_embed(texts, **options))
@@ -442,12 +444,12 @@ def test_a_flush_writes_the_turns_query_embedding_for_the_message_with_its_words
     from memory.inference import registry
 
     said = "We finally booked the cabin in the mountains for July."
-    monkeypatch.setattr(services, "_start_embeddings", lambda rows: None)  # the query's embedding alone
+    monkeypatch.setattr("memory.services.messages._start_embeddings", lambda rows: None)  # the query's embedding alone
     user = alice_session.user
     user.refresh_from_db()
     retrieval.reset_user_cache()  # nothing of alice's cached: the reuse is the query model's alone
     retrieval.hybrid_search(user_id=user.pk, memory_version=user.memory_version, query=said, top_k=3)
-    added = services.messages_add(
+    added = messages_add(
         session=alice_session,
         messages=[MessageIn(role="user", content=said), MessageIn(role="assistant", content="That sounds lovely, enjoy July!")],
     )
@@ -470,7 +472,7 @@ def test_an_add_starts_embedding_its_newest_messages_and_the_flush_writes_those(
 
     settings.MEMFUSE = {**settings.MEMFUSE, "PENDING_EMBED_MAX": 2}
     texts = ["The ferry leaves at seven.", "We packed sandwiches.", "Dad forgot the tickets.", "We took the next boat."]
-    rows = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=text) for text in texts])
+    rows = messages_add(session=alice_session, messages=[MessageIn(role="user", content=text) for text in texts])
     embedded: list[str] = []
     real_embed = registry.embed
     monkeypatch.setattr(registry, "embed", lambda batch, **options: embedded.extend(batch) or real_embed(batch, **options))

@@ -14,7 +14,7 @@ from django.utils.dateparse import parse_datetime
 from rest_framework import serializers
 
 from memory.models import Agent, ApiKey, Knowledge, Message, Role, Session, User
-from memory.services import MessageIn
+from memory.services.messages import MessageIn
 
 # One instance of each ``reusable`` serializer class, its fields built and bound once.
 _reusable: dict[type[serializers.Serializer], serializers.Serializer] = {}

@@ -30,7 +30,7 @@ the database when the import starts: ``memory.embedding_model``): those messages
 as flushed (context embeddings derived as a flush does). Otherwise messages are pending, and
 a flush is queued as an add past the size trigger does; knowledge items are embedded during
 the import (their add embeds them too). Each write of vectors checks the model in its
-transaction (``embedding_model.guard_write``): when a ``reembed`` switches the model in the
+transaction (``active_model.guard_write``): when a ``reembed`` switches the model in the
 middle of an import, the rest of the file's messages are written pending and its knowledge
 items embedded again, by the new model.
 """
@@ -44,33 +44,21 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.utils import timezone
-from pgvector import Vector
 
 from buffers import backlog
 from buffers import services as buffers
-from buffers.jobs import pending_summary
 from buffers.models import Priority, Reason
-from memory import embedding_model, flush
+from buffers.pending import pending_summary
+from memory import embedding_model
 from memory.errors import Conflict, Forbidden, NotFound, TooLarge, Unavailable
+from memory.indexing import flush
 from memory.inference import registry
 from memory.models import KeyScope, User
-from memory.portability import records, staging
-from memory.portability.records import invalid
+from memory.portability import staging
+from memory.portability.import_rows import write_knowledge, write_messages
+from memory.portability.records import Source, invalid
 from memory.portability.staging import TABLE
 from memory.retrieval import cache
-from memory.retrieval.vector import context_refresh
-
-# _bump_memory_version: the user row lock every writer of a user's messages takes first.
-from memory.services import _bump_memory_version, message_index_text
-from memory.vectors import VectorArray, use_binary_vectors
-
-WRITE_BATCH = 1000  # rows per INSERT statement, at most
-WRITE_BATCH_BYTES = 8 * 1024 * 1024  # and about this many bytes of their lines' JSON
-RUN_ROWS = 10 * WRITE_BATCH  # messages of one session per transaction, at most
-
-Source = Callable[[], Iterator[tuple[int, object]]]
-"""A re-readable source of records: each call iterates ``(line number, decoded JSON)`` from the start."""
 
 
 @dataclass
@@ -175,13 +163,13 @@ def memory_import(
         progress(2 + plan.agents + plan.sessions)  # with the header
     written = 0
     if plan.messages:
-        written, use_embeddings = _write_messages(
+        written, use_embeddings = write_messages(
             source, target_id=target_id, use_embeddings=use_embeddings, generation=generation, progress=progress
         )
     report.created["messages"], report.existing["messages"] = written, plan.messages - written
     written = 0
     if plan.knowledge:
-        written = _write_knowledge(
+        written = write_knowledge(
             source, target_id=target_id, use_embeddings=use_embeddings, generation=generation, progress=progress
         )
     report.created["knowledge"], report.existing["knowledge"] = written, plan.knowledge - written
@@ -375,259 +363,6 @@ def _write_sessions(cursor, *, target_id) -> int:
             raise staging.conflict(line, "name", "session", name)
         raise staging.conflict(line, "id", "session", session_id)
     return created
-
-
-def _records(source: Source, kinds: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
-    """The messages or knowledge items (``kinds``), checked again (they were in pass 1: the
-    same file); each with ``_line`` (its line number), ``metadata_json`` and ``_size`` (about
-    the bytes it holds: content, metadata, embedding)."""
-    dimension = None
-    first = True
-    for line, record in source():
-        if first:
-            embedding = records.check_header(line, record)
-            dimension = embedding and embedding["dimension"]
-            first = False
-            continue
-        if not isinstance(record, dict) or record.get("type") not in kinds:
-            continue
-        kind, values = records.check_record(line, record, dimension=dimension)
-        values["_line"] = line
-        values["metadata_json"] = json.dumps(values["metadata"])
-        embedded = values["embedding"] is not None
-        values["_size"] = len(values["content"]) + len(values["metadata_json"]) + (4 * dimension if embedded else 0)
-        yield kind, values
-
-
-def _write_messages(
-    source: Source, *, target_id, use_embeddings: bool, generation: int | None, progress
-) -> tuple[int, bool]:
-    """The messages, a transaction per run of one session's lines. Returns how many were new
-    and whether the file's embeddings were still used at the end (not after a model switch)."""
-    messages = (values for _, values in _records(source, ("message",)))
-    written = 0
-    first = next(messages, None)
-    while first is not None:
-        count, first, use_embeddings = _write_run(
-            first, messages, target_id=target_id, use_embeddings=use_embeddings, generation=generation, progress=progress
-        )
-        written += count
-    return written, use_embeddings
-
-
-def _write_run(
-    first: dict, messages: Iterator[dict], *, target_id, use_embeddings: bool, generation: int | None, progress
-) -> tuple[int, dict | None, bool]:
-    """One transaction: ``first`` and the messages after it of the same session (``RUN_ROWS``
-    at most), inserted a batch at a time. Returns ``(how many were new, the first message of
-    the next run or None, whether the file's embeddings are still used)``.
-
-    The session is checked to be the user's in the transaction, under the user row's lock
-    (a delete of the session takes it first). When the model switched since the import
-    read it, ``guard_write`` refuses before anything is read past ``first``: the run is
-    written again, pending."""
-    session_id = first["session_id"]
-    while True:
-        try:
-            with transaction.atomic(), connection.cursor() as cursor:
-                if use_embeddings:
-                    embedding_model.guard_write(cursor, generation=generation)
-                bucket = _bump_memory_version(target_id)
-                cursor.execute("SELECT 1 FROM memory_session WHERE id = %s AND user_id = %s", [session_id, target_id])
-                if cursor.fetchone() is None:
-                    raise NotFound(f"Session '{session_id}' not found", field=f"lines[{first['_line']}].session_id")
-                use_binary_vectors(cursor)
-                written, rows, top = 0, 0, -1
-                batch, size, following = [first], first["_size"], None
-                for values in messages:
-                    if values["session_id"] != session_id or rows + len(batch) >= RUN_ROWS:
-                        following = values
-                        break
-                    if len(batch) >= WRITE_BATCH or size >= WRITE_BATCH_BYTES:
-                        written += _insert_messages(cursor, batch, target_id=target_id, use_embeddings=use_embeddings, bucket=bucket)
-                        rows, top = rows + len(batch), max(top, *(v["position"] for v in batch))
-                        if progress:
-                            progress(len(batch))
-                        batch, size = [], 0
-                    batch.append(values)
-                    size += values["_size"]
-                written += _insert_messages(cursor, batch, target_id=target_id, use_embeddings=use_embeddings, bucket=bucket)
-                top = max(top, *(v["position"] for v in batch))
-                # An add continues after the highest position (memory.services.messages_add).
-                cursor.execute(
-                    "UPDATE memory_session SET next_position = GREATEST(next_position, %s) WHERE id = %s",
-                    [top + 1, session_id],
-                )
-            if progress:
-                progress(len(batch))
-            return written, following, use_embeddings
-        except embedding_model.ModelChanged:  # nothing was written nor read: pending, like the rest
-            use_embeddings = False
-
-
-def _insert_messages(cursor, rows: list[dict], *, target_id, use_embeddings: bool, bucket) -> int:
-    """One ``INSERT`` of ``rows`` (one session's) in the caller's transaction; returns how many
-    were new. A row not inserted must be there as the file has it (the same user, session and
-    position), else ``Conflict`` naming its line, and the caller's transaction rolls back."""
-    now = timezone.now()
-    vectors = VectorArray(_vector(v) if use_embeddings else None for v in rows)
-    cursor.execute(
-        """
-        INSERT INTO memory_message (id, session_id, user_id, position, role, content, metadata, index_text,
-                                    embedding, flushed_at, flush_count, created_at, updated_at)
-        SELECT m.id, m.session_id, %(user)s, m.position, m.role, m.content, m.metadata, m.index_text,
-               m.embedding, CASE WHEN m.embedding IS NULL THEN NULL ELSE %(now)s::timestamptz END,
-               CASE WHEN m.embedding IS NULL THEN 0 ELSE 1 END, m.created_at, %(now)s
-        FROM unnest(%(ids)s::uuid[], %(sessions)s::uuid[], %(positions)s::int[], %(roles)s::text[],
-                    %(contents)s::text[], %(metadata)s::jsonb[], %(index_texts)s::text[], %(vectors)s::vector[],
-                    %(created)s::timestamptz[])
-             AS m(id, session_id, position, role, content, metadata, index_text, embedding, created_at)
-        ORDER BY m.position
-        ON CONFLICT DO NOTHING
-        RETURNING id, session_id, position, embedding IS NOT NULL
-        """,
-        {
-            "user": target_id,
-            "now": now,
-            "ids": [v["id"] for v in rows],
-            "sessions": [v["session_id"] for v in rows],
-            "positions": [v["position"] for v in rows],
-            "roles": [v["role"] for v in rows],
-            "contents": [v["content"] for v in rows],
-            "metadata": [v["metadata_json"] for v in rows],
-            "index_texts": [message_index_text(content=v["content"], metadata=v["metadata"]) for v in rows],
-            "vectors": vectors,
-            "created": [v["created_at"] for v in rows],
-        },
-    )
-    inserted = cursor.fetchall()
-    if len(inserted) < len(rows):
-        new = {row[0] for row in inserted}
-        others = [v for v in rows if v["id"] not in new]
-        # Each join on its own unique index, as in staging.check_stored.
-        cursor.execute(
-            """
-            WITH f AS (SELECT * FROM unnest(%s::uuid[], %s::int[], %s::int[]) AS f(id, position, line))
-            SELECT f.line, 'id', f.id, NULL::integer FROM f JOIN memory_message m ON m.id = f.id
-            WHERE (m.user_id, m.session_id, m.position) IS DISTINCT FROM (%s, %s, f.position)
-            UNION ALL
-            SELECT f.line, 'position', %s, f.position FROM f LEFT JOIN memory_message m ON m.id = f.id
-            WHERE m.id IS NULL
-            ORDER BY 1 LIMIT 1
-            """,
-            [
-                [v["id"] for v in others],
-                [v["position"] for v in others],
-                [v["_line"] for v in others],
-                target_id,
-                rows[0]["session_id"],
-                rows[0]["session_id"],
-            ],
-        )
-        clash = cursor.fetchone()
-        if clash is not None:
-            line, field_name, value, position = clash
-            raise staging.conflict(line, field_name, "message", value, position)
-    context_refresh(cursor, seeds=[(s, p) for _, s, p, has in inserted if has], bucket=bucket)
-    return len(inserted)
-
-
-def _vector(values: dict) -> Vector | None:
-    """A record's embedding as a query parameter (``None``: the record has none)."""
-    return None if values["embedding"] is None else Vector(values["embedding"])
-
-
-def _write_knowledge(source: Source, *, target_id, use_embeddings: bool, generation: int | None, progress) -> int:
-    """The knowledge items, a transaction per batch of ``FLUSH_BATCH_SIZE``; returns how many were new."""
-    size = max(1, settings.BUFFERS["BATCH_SIZE"])
-    written = 0
-    batch: list[dict] = []
-    for _, values in _records(source, ("knowledge",)):
-        batch.append(values)
-        if len(batch) >= size:
-            count, use_embeddings, generation = _write_knowledge_batch(
-                batch, target_id=target_id, use_embeddings=use_embeddings, generation=generation
-            )
-            written += count
-            if progress:
-                progress(len(batch))
-            batch = []
-    if batch:
-        count, use_embeddings, generation = _write_knowledge_batch(
-            batch, target_id=target_id, use_embeddings=use_embeddings, generation=generation
-        )
-        written += count
-        if progress:
-            progress(len(batch))
-    return written
-
-
-def _write_knowledge_batch(
-    items: list[dict], *, target_id, use_embeddings: bool, generation: int | None
-) -> tuple[int, bool, int | None]:
-    """One batch of knowledge items: those not stored yet are embedded (outside the
-    transaction, at background priority: an import waits for it, no query does), then
-    inserted in one transaction. Returns ``(how many were new, use_embeddings, generation)``,
-    the last two changed when a reembed switched the model (the batch is embedded again)."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT id FROM memory_knowledge WHERE id = ANY(%s)", [[v["id"] for v in items]])
-        present = {row[0] for row in cursor.fetchall()}
-    new = [v for v in items if v["id"] not in present]
-    while True:
-        vectors = {v["id"]: v["embedding"] for v in new if use_embeddings and v["embedding"] is not None}
-        missing = [v for v in new if v["id"] not in vectors]
-        if missing:
-            embedded = registry.embed([v["content"] for v in missing], priority=registry.BACKGROUND)
-            vectors.update(zip((v["id"] for v in missing), embedded))
-        try:
-            written = _insert_knowledge(new, vectors, checked=items, target_id=target_id, generation=generation)
-            return written, use_embeddings, generation
-        except embedding_model.ModelChanged:
-            use_embeddings = False
-            generation = embedding_model.follow_active_model(force=True)
-
-
-def _insert_knowledge(new: list[dict], vectors: dict, *, checked: list[dict], target_id, generation: int | None) -> int:
-    """One transaction: ``new`` inserted with their ``vectors`` (by id); then every item of
-    ``checked`` not inserted must be the user's, else ``Conflict`` (rolled back)."""
-    with transaction.atomic(), connection.cursor() as cursor:
-        embedding_model.guard_write(cursor, generation=generation)
-        _bump_memory_version(target_id)
-        use_binary_vectors(cursor)
-        cursor.execute(
-            """
-            INSERT INTO memory_knowledge (id, user_id, content, metadata, embedding, created_at, updated_at)
-            SELECT k.id, %(user)s, k.content, k.metadata, k.embedding, k.created_at, now()
-            FROM unnest(%(ids)s::uuid[], %(contents)s::text[], %(metadata)s::jsonb[], %(vectors)s::vector[],
-                        %(created)s::timestamptz[]) AS k(id, content, metadata, embedding, created_at)
-            ON CONFLICT DO NOTHING
-            RETURNING id
-            """,
-            {
-                "user": target_id,
-                "ids": [v["id"] for v in new],
-                "contents": [v["content"] for v in new],
-                "metadata": [v["metadata_json"] for v in new],
-                "vectors": VectorArray(_as_vector(vectors.get(v["id"])) for v in new),
-                "created": [v["created_at"] for v in new],
-            },
-        )
-        inserted = {row[0] for row in cursor.fetchall()}
-        others = [v for v in checked if v["id"] not in inserted]
-        if others:
-            cursor.execute(
-                "SELECT f.line, f.id FROM unnest(%s::uuid[], %s::int[]) AS f(id, line) "
-                "LEFT JOIN memory_knowledge k ON k.id = f.id WHERE k.user_id IS DISTINCT FROM %s ORDER BY f.line LIMIT 1",
-                [[v["id"] for v in others], [v["_line"] for v in others], target_id],
-            )
-            clash = cursor.fetchone()
-            if clash is not None:
-                raise staging.conflict(clash[0], "id", "knowledge", clash[1])
-    return len(inserted)
-
-
-def _as_vector(value) -> Vector | None:
-    return None if value is None else Vector(value)
 
 
 def records_of(lines: Iterable[dict]) -> Source:

@@ -1,13 +1,15 @@
 """Validation of the records of an export file (``memory.portability``), one line at a time.
 
 ``check_record`` turns a decoded line into the values the importer writes, or raises
-``InvalidInput`` naming the line and the field (``lines[7].content``). No database access.
+``InvalidInput`` naming the line and the field (``lines[7].content``); ``checked_records``
+reads a ``Source`` again for the records of some types, checked. No database access.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable, Iterator
 from datetime import datetime
 
 import numpy as np
@@ -191,3 +193,29 @@ def check_record(line: int, record, *, dimension: int | None) -> tuple[str, dict
         values["content"] = check.text("content", max_length=settings.MEMFUSE["MAX_MESSAGE_CHARS"], blank=False)
         values["embedding"] = check.vector("embedding", dimension)
     return kind, values
+
+
+Source = Callable[[], Iterator[tuple[int, object]]]
+"""A re-readable source of records: each call iterates ``(line number, decoded JSON)`` from the start."""
+
+
+def checked_records(source: Source, kinds: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
+    """The messages or knowledge items (``kinds``), checked again (they were in pass 1: the
+    same file); each with ``_line`` (its line number), ``metadata_json`` and ``_size`` (about
+    the bytes it holds: content, metadata, embedding)."""
+    dimension = None
+    first = True
+    for line, record in source():
+        if first:
+            embedding = check_header(line, record)
+            dimension = embedding and embedding["dimension"]
+            first = False
+            continue
+        if not isinstance(record, dict) or record.get("type") not in kinds:
+            continue
+        kind, values = check_record(line, record, dimension=dimension)
+        values["_line"] = line
+        values["metadata_json"] = json.dumps(values["metadata"])
+        embedded = values["embedding"] is not None
+        values["_size"] = len(values["content"]) + len(values["metadata_json"]) + (4 * dimension if embedded else 0)
+        yield kind, values

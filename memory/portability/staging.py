@@ -59,7 +59,7 @@ class Staged:
 
 
 def stage(cursor, source, *, progress: Callable[[Staged], None] | None = None) -> Staged:
-    """Read every record of ``source`` (``importer.Source``) into ``TABLE``, created here in the
+    """Read every record of ``source`` (``records.Source``) into ``TABLE``, created here in the
     caller's transaction, checking each line alone and the order the format asks (header
     first, then one user before the rest). Raises ``InvalidInput`` naming the line and field,
     ``TooLarge`` (413) at the line past ``IMPORT_MAX_RECORDS``. ``progress(staged)``, with the

@@ -16,7 +16,6 @@ from concurrent.futures import Future
 import numpy as np
 from cachetools import Cache, LRUCache
 from django.conf import settings
-from django.db import transaction
 
 from memory.inference import registry
 from memory.retrieval import store
@@ -217,47 +216,6 @@ def _store(cache: UserMemoryCache, memory: UserMemory) -> None:
         cache[memory.user_id] = memory
     except ValueError:  # larger than the whole cache
         cache.pop(memory.user_id, None)
-
-
-# The share of a user's documents their snapshot may lag by: after a flush, a tenth (a long
-# history is not written again every few turns); at the end of a backlog or an import, a
-# hundredth (the user's next query, in a process that has not cached them, catches up with
-# few rows, while a backlog that keeps coming back does not rewrite a long history each time).
-LAG_SHARE = 10
-CURRENT_LAG_SHARE = 100
-
-
-def refresh_snapshot(user_id: uuid.UUID, *, current: bool = False) -> bool:
-    """Rewrite the user's index snapshot if it lags: none yet, or as many changes not in it
-    as ``SNAPSHOT_MIN_CHANGES`` and as a tenth (``LAG_SHARE``) of the user's documents (in
-    the snapshot, or in this process's cached index if more), whichever is more: a flush
-    worker seldom has its users cached, and a rewrite at every ``SNAPSHOT_MIN_CHANGES`` would
-    load and save a long history that often. ``current``: a hundredth (``CURRENT_LAG_SHARE``)
-    of them, at the end of a backlog or an import.
-    Uses this process's cached index when it has one (caught up first), else loads one
-    without caching it (a flush worker should not fill the cache). Returns whether it wrote.
-
-    One writer of a user's snapshot at a time (``store.snapshot_writer_lock``): the flushes
-    of one user that end together, in any process, leave it to the first.
-    """
-    through, documents, changes = store.snapshot_lag(user_id)
-    memory = cached_user_memory(user_id)
-    if memory is not None and memory.index is not None:
-        documents = max(documents, len(memory.index))
-    share = CURRENT_LAG_SHARE if current else LAG_SHARE
-    if not changes or (through is not None and changes < max(settings.MEMFUSE["SNAPSHOT_MIN_CHANGES"], documents // share)):
-        return False
-    with transaction.atomic():
-        if not store.snapshot_writer_lock(user_id):
-            return False
-        if memory is not None and memory.index is not None:
-            with memory.lock:
-                if not store.catch_up(memory.index, user_id):
-                    memory.index = store.load(user_id)
-                written = store.snapshot_save(memory.index, user_id)
-            resized(memory)
-            return written
-        return store.snapshot_save(store.load(user_id), user_id)
 
 
 def forget(user_id: uuid.UUID) -> None:

@@ -20,16 +20,12 @@ from datetime import datetime
 
 import psycopg
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection
 
 from memory.retrieval.bm25 import KNOWLEDGE, MESSAGE, BM25Index, Document
 from memory.retrieval.lexemes import tsvector_counts
 
 logger = logging.getLogger(__name__)
-
-# The size of a snapshot's parts (IndexSnapshotPart), in bytes: what one row or bound
-# parameter moves, and so what a pooled connection's libpq buffers grow to for snapshots.
-SNAPSHOT_PART_BYTES = 256 * 1024
 
 _CHANGES_SQL = """
 SELECT 0, m.id, m.session_id, m.position, m.search_vector::text, m.metadata->>'speaker',
@@ -135,58 +131,6 @@ def snapshot_parts(user_id: uuid.UUID) -> Iterator[Iterator[bytes]]:
                 pass
 
 
-def snapshot_save(index: BM25Index, user_id: uuid.UUID) -> bool:
-    """Write ``index`` as the user's snapshot (unless a newer one is there) and delete the
-    tombstones it has absorbed. Returns whether it was written. Compacts ``index``.
-
-    The bytes go in parts of ``SNAPSHOT_PART_BYTES``, each its own bound parameter (in binary,
-    not as hex in the statement's text; see ``IndexSnapshotPart``), made as they are sent
-    (``BM25Index.to_parts``): the snapshot is never held whole.
-    """
-    parts = index.to_parts(SNAPSHOT_PART_BYTES)  # compacts the index before anything is read from it
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            # The user row first, as every writer of a user's rows (docs/architecture.md, "Lock
-            # order"): a delete of the user under way is waited for, and then nothing is written.
-            # Locked later, the snapshot row could be this write's while the delete holds the
-            # parts it deleted first, each waiting for the other.
-            cursor.execute("SELECT FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
-            if cursor.rowcount != 1:
-                return False
-            cursor.execute(
-                """
-                INSERT INTO memory_indexsnapshot (user_id, through_seq, pruned_seq, documents, updated_at)
-                SELECT %(user)s, %(seq)s, 0, %(documents)s, now()
-                WHERE EXISTS (SELECT FROM memory_user WHERE id = %(user)s)
-                ON CONFLICT (user_id) DO UPDATE SET
-                    through_seq = EXCLUDED.through_seq, documents = EXCLUDED.documents, updated_at = now()
-                WHERE memory_indexsnapshot.through_seq < EXCLUDED.through_seq
-                """,
-                {"user": user_id, "seq": index.seq, "documents": len(index)},
-            )
-            if cursor.rowcount != 1:
-                return False
-            cursor.execute("DELETE FROM memory_indexsnapshotpart WHERE user_id = %s", [user_id])
-        with psycopg.Cursor(connection.connection) as cursor:
-            # executemany pipelines the inserts; libpq sends its buffer on as it fills.
-            cursor.executemany(
-                "INSERT INTO memory_indexsnapshotpart (user_id, part, data) VALUES (%s, %s, %b)",
-                ((user_id, number, part) for number, part in enumerate(parts)),
-            )
-        with connection.cursor() as cursor:
-            # The deletions the snapshot holds need no tombstone any more; a cache that has not
-            # seen them reloads (catch_up), told by pruned_seq.
-            cursor.execute(
-                """
-                WITH pruned AS (DELETE FROM memory_tombstone WHERE user_id = %(user)s AND seq <= %(seq)s RETURNING seq)
-                UPDATE memory_indexsnapshot SET pruned_seq = greatest(pruned_seq, (SELECT max(seq) FROM pruned))
-                WHERE user_id = %(user)s AND EXISTS (SELECT FROM pruned)
-                """,
-                {"user": user_id, "seq": index.seq},
-            )
-        return True
-
-
 def snapshot_lag(user_id: uuid.UUID) -> tuple[int | None, int, int]:
     """``(through_seq of the user's snapshot or None, documents in it, changes numbered after it)``."""
     with connection.cursor() as cursor:
@@ -203,11 +147,3 @@ def snapshot_lag(user_id: uuid.UUID) -> tuple[int | None, int, int]:
         )
         through, documents, changes = cursor.fetchone()
     return through, documents, changes
-
-
-def snapshot_writer_lock(user_id: uuid.UUID) -> bool:
-    """Try to become the one writer of the user's snapshot until the caller's transaction
-    ends (a transaction-level advisory lock, tried, not waited for); whether it was taken."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_xact_lock(hashtextextended(%s::text, 1))", [user_id])
-        return cursor.fetchone()[0]

@@ -3,7 +3,7 @@
 
 Re-embeds every message and knowledge item with the sentence-transformers model at PATH
 while the service keeps answering with the current one, then switches queries to it
-(``memory.reembed``). Run it again after an interruption: it resumes where it stopped.
+(``memory.indexing.reembed``). Run it again after an interruption: it resumes where it stopped.
 Prints a progress bar per phase and, at the end, its throughput against the model's own.
 """
 
@@ -16,7 +16,7 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from memfuse_project.embedded_pg import migrate_if_embedded
-from memory import reembed
+from memory.indexing import reembed, reembed_columns
 
 
 class Command(BaseCommand):
@@ -44,11 +44,11 @@ class Command(BaseCommand):
             raise CommandError("--batch-size: must be at least 1")
         migrate_if_embedded()
         if abort:
-            found = reembed.reembed_abort()
+            found = reembed_columns.reembed_abort()
             self.stdout.write("unfinished run dropped" if found else "no unfinished run")
             return
         if model is None:
-            found = reembed.reembed_drop_old()
+            found = reembed_columns.reembed_drop_old()
             self.stdout.write("old embeddings dropped" if found else "no old embeddings to drop")
             return
         bars: dict[str, tqdm] = {}

@@ -14,21 +14,21 @@ one short transaction then swaps them in. Phases (``PHASES``), each resumable af
    skipped, so a resumed run redoes nothing finished, and an edit is seen. Pending messages
    are left out: their flush embeds them, with the new model once it is active.
 3. **context**: the context embeddings of the new vectors, user by user, with the served
-   formula (``memory.retrieval.vector.context_refresh_all`` on the shadow columns).
+   formula (``memory.indexing.context.context_refresh_all`` on the shadow columns).
 4. **indexes**: the ``ANN_BUCKETS`` partial HNSW indexes on ``context_embedding_next``,
    ``CREATE INDEX CONCURRENTLY`` (writes go on); an invalid one left by a kill is rebuilt.
 5. **catch-up**: rows flushed, edited or added during the run are embedded (and their users'
    context embeddings recomputed, as are those of users with deletions since), without locks,
    pass after pass, until fewer than a batch remain.
 6. **switch**, one transaction: the advisory lock every embedding write takes shared
-   (``memory.embedding_model.guard_write``), taken exclusively, and ``LOCK TABLE ... IN
+   (``memory.indexing.active_model.guard_write``), taken exclusively, and ``LOCK TABLE ... IN
    EXCLUSIVE MODE`` (writes wait, queries go on); the last rows are caught up (under a
    batch: a fraction of a second); then ``ACCESS EXCLUSIVE`` for the renames (instant):
    ``embedding`` becomes ``embedding_old`` and ``embedding_next`` ``embedding`` (so for the
    context column and the indexes), and the new row becomes ``active``. Serving processes
    follow within ``embedding_model.ACTIVE_MODEL_TTL_SECONDS``; a flush or knowledge write
    embedded by the old model meanwhile is refused and embedded again.
-7. **drop** (``--drop-old``, or a later ``reembed --drop-old``): the ``*_old`` columns and
+7. **drop** (``--drop-old``, or a later ``reembed --drop-old``; ``reembed_columns``): the ``*_old`` columns and
    their indexes.
 
 Throughput: the run counts its texts per second of wall time against the model's own
@@ -51,17 +51,18 @@ from django.utils import timezone
 from pgvector import Vector
 
 from memory import inference
-from memory.embedding_model import SWITCH_LOCK_KEY, forget_active_model
+from memory.embedding_model import forget_active_model
+from memory.indexing.active_model import SWITCH_LOCK_KEY
+from memory.indexing.context import context_refresh_all
+from memory.indexing.reembed_columns import HNSW_INDEX, reembed_drop_old, swap_columns
 from memory.inference import registry
 from memory.models import ANN_BUCKETS, EmbeddingModel
-from memory.retrieval.vector import context_refresh_all
 from memory.vectors import VectorArray, use_binary_vectors
 
 logger = logging.getLogger(__name__)
 
 PHASES = ("prepare", "messages", "knowledge", "context", "indexes", "catch-up", "switch", "done")
 
-HNSW_INDEX = "memory_message_context_hnsw_{bucket}"  # memory.models.Message.Meta.indexes
 
 # Users per statement of the context phase.
 CONTEXT_USERS_PER_STATEMENT = 200
@@ -427,7 +428,7 @@ def _switch(
                 if left:
                     raise ReembedError(f"{left} rows still lack the new model's embedding after the catch-up")
                 cursor.execute("LOCK TABLE memory_message, memory_knowledge IN ACCESS EXCLUSIVE MODE")
-                _swap(cursor)
+                swap_columns(cursor)
                 EmbeddingModel.objects.filter(state=EmbeddingModel.State.ACTIVE).update(
                     state=EmbeddingModel.State.RETIRED
                 )
@@ -442,64 +443,3 @@ def _switch(
             time.sleep(1.0)
     forget_active_model()
     progress("switch", 1, 1)
-
-
-def _swap(cursor) -> None:
-    """Rename the served columns and indexes to ``*_old`` and the shadow ones into their
-    place. Runs under ``ACCESS EXCLUSIVE`` locks of both tables."""
-    cursor.execute(
-        "ALTER TABLE memory_message DROP COLUMN IF EXISTS embedding_old, DROP COLUMN IF EXISTS context_embedding_old"
-    )
-    cursor.execute("ALTER TABLE memory_knowledge DROP COLUMN IF EXISTS embedding_old")
-    for table, columns in (
-        ("memory_message", ("embedding", "context_embedding")),
-        ("memory_knowledge", ("embedding",)),
-    ):
-        for column in columns:
-            cursor.execute(f"ALTER TABLE {table} RENAME COLUMN {column} TO {column}_old")
-            cursor.execute(f"ALTER TABLE {table} RENAME COLUMN {column}_next TO {column}")
-        cursor.execute(f"ALTER TABLE {table} DROP COLUMN embedding_next_seq")
-    for bucket in range(ANN_BUCKETS):
-        name = HNSW_INDEX.format(bucket=bucket)
-        cursor.execute(f"ALTER INDEX IF EXISTS {name} RENAME TO {name}_old")
-        cursor.execute(f"ALTER INDEX {name}_next RENAME TO {name}")
-
-
-def reembed_drop_old() -> bool:
-    """Drop the previous model's columns (and with them their indexes), left by a switch so
-    that an operator can still compare; returns whether there were any."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_attribute WHERE attrelid IN ('memory_message'::regclass, 'memory_knowledge'::regclass) "
-            "AND attname IN ('embedding_old', 'context_embedding_old') AND NOT attisdropped"
-        )
-        if not cursor.fetchone()[0]:
-            return False
-        cursor.execute("SET lock_timeout = '5s'")
-        try:
-            cursor.execute(
-                "ALTER TABLE memory_message DROP COLUMN IF EXISTS embedding_old, DROP COLUMN IF EXISTS context_embedding_old"
-            )
-            cursor.execute("ALTER TABLE memory_knowledge DROP COLUMN IF EXISTS embedding_old")
-        finally:
-            cursor.execute("RESET lock_timeout")
-    return True
-
-
-def reembed_abort() -> bool:
-    """Drop an unfinished run: its shadow columns, their indexes and its ``building`` row.
-    Returns whether there was one."""
-    run = EmbeddingModel.objects.filter(state=EmbeddingModel.State.BUILDING).first()
-    with connection.cursor() as cursor:
-        for bucket in range(ANN_BUCKETS):
-            cursor.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {HNSW_INDEX.format(bucket=bucket)}_next")
-        cursor.execute(
-            "ALTER TABLE memory_message DROP COLUMN IF EXISTS embedding_next, DROP COLUMN IF EXISTS context_embedding_next, "
-            "DROP COLUMN IF EXISTS embedding_next_seq"
-        )
-        cursor.execute(
-            "ALTER TABLE memory_knowledge DROP COLUMN IF EXISTS embedding_next, DROP COLUMN IF EXISTS embedding_next_seq"
-        )
-    if run is not None:
-        run.delete()
-    return run is not None

@@ -30,10 +30,11 @@ from pgvector import Vector
 
 from buffers import events
 from memfuse_project.pool import is_database_unavailable
-from memory import embedding_model, metrics
+from memory import metrics
+from memory.indexing import active_model, ann, snapshots
+from memory.indexing.context import context_refresh, lock_context_writes
 from memory.inference import registry
 from memory.retrieval import cache
-from memory.retrieval.vector import context_refresh, lock_context_writes
 from memory.vectors import VectorArray, use_binary_vectors
 
 logger = logging.getLogger(__name__)
@@ -80,22 +81,22 @@ def _write(
     *, user_id: uuid.UUID, token: uuid.UUID, ids: list[uuid.UUID], vectors, generation: int | None = None
 ) -> list[tuple]:
     """Write embeddings where ``token`` still holds the claim, and the context embeddings
-    around them (``memory.retrieval.vector.context_refresh``); returns ``[(id, session_id)]``.
+    around them (``memory.indexing.context.context_refresh``); returns ``[(id, session_id)]``.
 
     Takes ``FOR KEY SHARE`` on the user's row first: the lock order of every writer of a
-    user's messages (see ``memory.services._bump_memory_version``), so this ``UPDATE`` and an
+    user's messages (see ``memory.services.common.memory_version_bump``), so this ``UPDATE`` and an
     edit or a cascade delete never deadlock. Adds (``FOR NO KEY UPDATE``) do not conflict
     with it: an add never waits for this write. Two flushes of one user, and a flush and the
-    user's move to the HNSW index (``vector.ann_enable``), take turns (``lock_context_writes``):
+    user's move to the HNSW index (``ann.ann_enable``), take turns (``lock_context_writes``):
     each rewrites rows the other locks.
 
     ``generation``: the active embedding model the vectors come from (what
     ``embedding_model.follow_active_model`` returned before embedding); raises
-    ``embedding_model.ModelChanged``, writing nothing, when a ``reembed`` switched since.
+    ``active_model.ModelChanged``, writing nothing, when a ``reembed`` switched since.
     """
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(_NO_FSYNC)
-        embedding_model.guard_write(cursor, generation=generation)
+        active_model.guard_write(cursor, generation=generation)
         cursor.execute("SELECT FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
         if cursor.rowcount != 1:
             return []  # the user was deleted meanwhile
@@ -161,13 +162,11 @@ def flush_pending(
 
 def maintain_indexes(user_id: uuid.UUID, *, current: bool = False) -> None:
     """After a flush, and between the batches of a backlog's: move a user whose history
-    passed ``ANN_MIN_MESSAGES`` to the HNSW index (``vector.ann_enable``) and rewrite their
-    lexical index's snapshot when it lags (``retrieval.cache.refresh_snapshot``). ``current``: at the end of a backlog or an
-    import, the snapshot within ``SNAPSHOT_MIN_CHANGES`` of the rows and the planner's
-    statistics of the messages current (``refresh_statistics``). Derived data only: a
-    failure is logged, and the next flush tries again."""
-    from memory.retrieval import vector
-
+    passed ``ANN_MIN_MESSAGES`` to the HNSW index (``ann.ann_enable``) and rewrite their
+    lexical index's snapshot when it lags (``snapshots.refresh_snapshot``). ``current``: at
+    the end of a backlog or an import, the snapshot within ``SNAPSHOT_MIN_CHANGES`` of the
+    rows and the planner's statistics of the messages current (``refresh_statistics``).
+    Derived data only: a failure is logged, and the next flush tries again."""
     try:
         with connection.cursor() as cursor:
             # The positions the user's sessions have handed out bound their messages from
@@ -182,8 +181,8 @@ def maintain_indexes(user_id: uuid.UUID, *, current: bool = False) -> None:
             )
             row = cursor.fetchone()
         if row and row[0]:
-            vector.ann_enable(user_id=user_id)
-        cache.refresh_snapshot(user_id, current=current)
+            ann.ann_enable(user_id=user_id)
+        snapshots.refresh_snapshot(user_id, current=current)
         if current:
             refresh_statistics()
     except Exception:
@@ -293,20 +292,22 @@ def _flush_batches(
             # loads the snapshot, so it is brought up to date before that batch is written.
             maintain_indexes(user_id, current=True)
         ids = [row[0] for row in claimed]
-        while True:
-            generation = embedding_model.follow_active_model()
+
+        def embed(claimed=claimed) -> np.ndarray:
             if not connection.in_atomic_block:
                 # Give the connection back to the pool while the model works (seconds): flush
                 # workers would otherwise hold one each and starve requests of connections.
                 connection.close()
-            vectors = _embed_claimed(user_id, claimed)
-            try:
-                written = _write(user_id=user_id, token=token, ids=ids, vectors=vectors, generation=generation)
-                break
-            except embedding_model.ModelChanged:
-                # A reembed switched the columns while this batch was embedded: the rows are
-                # still ours (claimed); embed them again with the new model.
-                embedding_model.follow_active_model(force=True)
+            return _embed_claimed(user_id, claimed)
+
+        # A reembed that switches the columns while a batch is embedded leaves the rows ours
+        # (claimed): embed_guarded embeds them again with the new model.
+        written = active_model.embed_guarded(
+            embed,
+            lambda vectors, generation, ids=ids: _write(
+                user_id=user_id, token=token, ids=ids, vectors=vectors, generation=generation
+            ),
+        )
         flushed += len(written)
         by_session: dict[uuid.UUID, list[str]] = {}
         for message_id, message_session in written:
