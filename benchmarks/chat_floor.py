@@ -63,11 +63,12 @@ def postgres_floor_ms(users: list, rounds: list[tuple[str, str]], *, turns_per_u
     is not on this host (its backend's CPU cannot be read here)."""
     from django.test.utils import CaptureQueriesContext
 
-    from buffers import services as buffer_services
-    from memory import selectors, services
+    from memory import selectors
     from memory.api.serializers import MessagesAdd, validated
+    from memory.indexing.flush import flush_pending
     from memory.models import Session, User
     from memory.retrieval import RetrievalConfig
+    from memory.services.messages import messages_add
 
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
@@ -96,10 +97,10 @@ def postgres_floor_ms(users: list, rounds: list[tuple[str, str]], *, turns_per_u
                         {"role": "assistant", "content": assistant_text},
                     ]
                 }
-                services.messages_add(session=sessions[user.user_id], messages=validated(MessagesAdd, body)["messages"])
+                messages_add(session=sessions[user.user_id], messages=validated(MessagesAdd, body)["messages"])
                 turns += 1
         for user in users:
-            buffer_services.flush_pending(user_id=user.user_id)
+            flush_pending(user_id=user.user_id)
     used = _process_cpu(backend) - before
     return {
         "per_turn_ms": round(1000 * used / turns, 3),
