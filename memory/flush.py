@@ -30,8 +30,9 @@ from pgvector import Vector
 
 from buffers import events
 from memfuse_project.pool import is_database_unavailable
-from memory import embedding_model, metrics
+from memory import embedding_model
 from memory.inference import registry
+from memory.operator import metrics
 from memory.retrieval import cache
 from memory.retrieval.vector import context_refresh, lock_context_writes
 from memory.vectors import VectorArray, use_binary_vectors

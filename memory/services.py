@@ -20,10 +20,11 @@ from django.utils import timezone
 from buffers import backlog, events
 from buffers import jobs as buffers_jobs
 from buffers.models import Priority
-from memory import embedding_model, metrics, tenancy
+from memory import embedding_model, tenancy
 from memory.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated, Unavailable
 from memory.inference import registry
 from memory.models import Agent, ApiKey, KeyScope, Knowledge, Message, Session, Tenant, User
+from memory.operator import metrics
 from memory.selectors import knowledge_by_ids, messages_by_ids
 
 

@@ -25,7 +25,7 @@ from buffers.services import flush_pending
 from memory import checks, embedding_model, selectors, services
 from memory.inference import default_model_path, registry
 from memory.models import ANN_BUCKETS, EmbeddingModel, Message
-from memory.operator_stats import operator_stats
+from memory.operator.stats import operator_stats
 from memory.reembed import HNSW_INDEX, DocumentEmbedder, reembed_abort, reembed_run
 from memory.services import MessageIn
 from tests.subprocesses import subprocess_env
