@@ -33,9 +33,9 @@ from memfuse_project.pool import is_database_unavailable
 from memory import embedding_model
 from memory.inference import registry
 from memory.operator import metrics
+from memory.pgvector_binary import VectorArray, use_binary_vectors
 from memory.retrieval import cache
 from memory.retrieval.vector import context_refresh, lock_context_writes
-from memory.vectors import VectorArray, use_binary_vectors
 
 logger = logging.getLogger(__name__)
 

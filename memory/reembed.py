@@ -54,8 +54,8 @@ from memory import inference
 from memory.embedding_model import SWITCH_LOCK_KEY, forget_active_model
 from memory.inference import registry
 from memory.models import ANN_BUCKETS, EmbeddingModel
+from memory.pgvector_binary import VectorArray, use_binary_vectors
 from memory.retrieval.vector import context_refresh_all
-from memory.vectors import VectorArray, use_binary_vectors
 
 logger = logging.getLogger(__name__)
 

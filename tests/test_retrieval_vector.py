@@ -12,9 +12,9 @@ from django.db import connection
 from buffers.services import flush_pending
 from memory import selectors, services
 from memory.models import Message
+from memory.pgvector_binary import use_binary_vectors
 from memory.retrieval import vector
 from memory.services import MessageIn
-from memory.vectors import use_binary_vectors
 from tests.test_retrieval import flushed_user, smoothed_cosines, unit
 
 

@@ -1,6 +1,6 @@
 """Tier 1: model inference, one registry of models per process.
 
-- ``models``: the embedding model (``Embedder``), its int8 query copy (``QueryEmbedder``) and
+- ``encoders``: the embedding model (``Embedder``), its int8 query copy (``QueryEmbedder``) and
   that copy's TorchScript trace (``TracedEncoder``);
 - ``process``: a model in a child process (``ProcessEmbedder``) and the child's main;
 - ``batcher``: one model call for the requests of many callers (``EmbeddingBatcher``);
@@ -11,15 +11,7 @@
 """
 
 from memory.inference.batcher import BACKGROUND, INTERACTIVE, EmbeddingBatcher
-from memory.inference.model_registry import (
-    ModelRegistry,
-    document_model,
-    documents_int8,
-    queries_embed_documents,
-    registry,
-    reranker_path,
-)
-from memory.inference.models import (
+from memory.inference.encoders import (
     Embedder,
     ModelStats,
     QueryEmbedder,
@@ -27,6 +19,14 @@ from memory.inference.models import (
     default_model_path,
     model_dimension_from_config,
     model_name,
+)
+from memory.inference.model_registry import (
+    ModelRegistry,
+    document_model,
+    documents_int8,
+    queries_embed_documents,
+    registry,
+    reranker_path,
 )
 from memory.inference.process import EmbeddingProcessError, ProcessEmbedder
 from memory.inference.reranker import Reranker, RerankerLoadError

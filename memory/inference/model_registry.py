@@ -23,7 +23,7 @@ from cachetools import LRUCache
 from django.conf import settings
 
 from memory.inference.batcher import BACKGROUND, INTERACTIVE, EmbeddingBatcher
-from memory.inference.models import Embedder, QueryEmbedder, default_model_path, model_name
+from memory.inference.encoders import Embedder, QueryEmbedder, default_model_path, model_name
 from memory.inference.process import ProcessEmbedder
 from memory.inference.reranker import Reranker, RerankerLoadError
 

@@ -55,6 +55,7 @@ from memory import embedding_model, flush
 from memory.errors import Conflict, Forbidden, NotFound, TooLarge, Unavailable
 from memory.inference import registry
 from memory.models import KeyScope, User
+from memory.pgvector_binary import VectorArray, use_binary_vectors
 from memory.portability import records, staging
 from memory.portability.records import invalid
 from memory.portability.staging import TABLE
@@ -63,7 +64,6 @@ from memory.retrieval.vector import context_refresh
 
 # _bump_memory_version: the user row lock every writer of a user's messages takes first.
 from memory.services import _bump_memory_version, message_index_text
-from memory.vectors import VectorArray, use_binary_vectors
 
 WRITE_BATCH = 1000  # rows per INSERT statement, at most
 WRITE_BATCH_BYTES = 8 * 1024 * 1024  # and about this many bytes of their lines' JSON

@@ -52,8 +52,8 @@ from django.conf import settings
 from django.db import connection, transaction
 from pgvector import Vector
 
+from memory.pgvector_binary import use_binary_vectors
 from memory.retrieval.keys import DocKey
-from memory.vectors import use_binary_vectors
 
 # --- context embeddings (writes) -------------------------------------------------------------
 
