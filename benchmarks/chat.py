@@ -203,11 +203,11 @@ class ChatBench:
             self.users = self.dataset.users()
             log(f"dataset: {'reused' if built['reused'] else 'built'} in {time.perf_counter() - started:.1f} s")
             report["dataset"] = {**built, "users": {group: len(members) for group, members in self.users.items()}}
-        from memory import services
         from memory.models import KeyScope
+        from memory.services.api_keys import api_key_create
 
         # To read the server's cache figures (GET admin/stats); deleted in finish().
-        self.operator_key, self._operator_secret = services.api_key_create(scope=KeyScope.OPERATOR, name=f"bench {self.run_id}")
+        self.operator_key, self._operator_secret = api_key_create(scope=KeyScope.OPERATOR, name=f"bench {self.run_id}")
         if self.options["recall_queries"]:
             log("recall of the approximate search ...")
             report["ann_recall"] = self._ann_recall()

@@ -171,11 +171,11 @@ class ChatDataset:
     def trim(self, *, log=print) -> int:
         """Delete what the benchmark's own adds left in the users (each user's newest messages
         beyond its ``size``, by change number: a bulk load numbers its rows before any add),
-        through ``services.messages_delete`` as a client's delete would. Returns how many."""
+        through ``messages_delete`` as a client's delete would. Returns how many."""
         from django.db import connection
 
-        from memory import services
         from memory.models import Session
+        from memory.services.messages import messages_delete
 
         with connection.cursor() as cursor:
             cursor.execute(
@@ -197,7 +197,7 @@ class ChatDataset:
             doomed = cursor.fetchall()
         deleted = 0
         for session_id, message_ids in doomed:
-            services.messages_delete(session=Session.objects.get(pk=session_id), message_ids=message_ids)
+            messages_delete(session=Session.objects.get(pk=session_id), message_ids=message_ids)
             deleted += len(message_ids)
         if deleted:
             log(f"dataset: deleted {deleted} messages that earlier runs added")

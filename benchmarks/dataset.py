@@ -31,7 +31,7 @@ from django.utils import timezone
 
 from memory.models import Agent, Tenant, User
 from memory.portability.locomo import DIA_ID_KEY, conversation_sessions
-from memory.services import message_index_text
+from memory.services.messages import message_index_text
 
 DATASET_FORMAT = 2  # bump when the rows written change, so old datasets are rebuilt
 SLICE_STRIDE = 7  # turns between the starts of two users holding the same conversation
@@ -459,10 +459,10 @@ def notes_user(*, tenant_name: str, agent_name: str, user_name: str, messages: i
 
 def tenant_delete(tenant: Tenant) -> None:
     """Delete ``tenant`` and everything in it while a server may be flushing its users: each
-    user first through ``services.user_delete``, which takes the user's lock before the rows',
+    user first through ``user_delete``, which takes the user's lock before the rows',
     the order a running flush takes them in (a cascade from the tenant does not)."""
-    from memory import services
+    from memory.services.users import user_delete
 
     for user in User.objects.filter(tenant=tenant):
-        services.user_delete(user=user)
+        user_delete(user=user)
     tenant.delete()

@@ -249,7 +249,7 @@ def raw_model_throughput(texts: list[str]) -> dict:
     import torch
 
     from memory.inference import registry
-    from memory.services import message_index_text
+    from memory.services.messages import message_index_text
 
     embedder = registry.local_document_embedder()
     # The model at its best, with the threads flush inference uses: one for the int8 model

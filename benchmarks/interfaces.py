@@ -42,9 +42,13 @@ from benchmarks.dataset import tenant_delete
 from benchmarks.errors import BenchError
 from benchmarks.server import bench_rate_limit, serving
 from benchmarks.stats import latency_summary
-from memory import services
 from memory.models import KeyScope
-from memory.services import MessageIn
+from memory.services.agents import agent_create
+from memory.services.api_keys import api_key_create
+from memory.services.messages import MessageIn, messages_add
+from memory.services.sessions import session_create
+from memory.services.tenants import tenant_create
+from memory.services.users import user_create
 
 TOPICS = [
     "I moved to Lisbon last spring and started learning Portuguese",
@@ -77,8 +81,8 @@ def interfaces_bench(options: dict, *, write, log) -> dict:
     """
     if options["messages"] < 10 or options["calls"] < 1:
         raise CommandError("--messages must be at least 10 and --calls at least 1")
-    tenant = services.tenant_create(name=f"interfaces-bench-{secrets.token_hex(3)}")
-    _, key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="interfaces_bench")
+    tenant = tenant_create(name=f"interfaces-bench-{secrets.token_hex(3)}")
+    _, key = api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="interfaces_bench")
     log_path = Path(tempfile.gettempdir()) / "interfaces_bench_server.log"
     server_env = {"API_RATE_LIMIT": bench_rate_limit()}
     try:
@@ -108,16 +112,16 @@ def interfaces_bench(options: dict, *, write, log) -> dict:
 def history(tenant, count: int):
     """A user with ``count`` turns, one an hour back from now, flushed by the server; the window
     ``(since, until)`` (ISO 8601) holds the middle tenth of them. Returns ``(user, session, window)``."""
-    agent = services.agent_create(tenant_id=tenant.pk, name="assistant")
-    user = services.user_create(tenant_id=tenant.pk, name="history")
-    session = services.session_create(user=user, agent=agent, name="history")
+    agent = agent_create(tenant_id=tenant.pk, name="assistant")
+    user = user_create(tenant_id=tenant.pk, name="history")
+    session = session_create(user=user, agent=agent, name="history")
     start = timezone.now() - timedelta(hours=count)
     turns = [
         MessageIn(role="user", content=f"{TOPICS[i % len(TOPICS)]} (note {i}).", created_at=start + timedelta(hours=i))
         for i in range(count)
     ]
     for offset in range(0, count, 100):
-        services.messages_add(session=session, messages=turns[offset : offset + 100])
+        messages_add(session=session, messages=turns[offset : offset + 100])
     since = start + timedelta(hours=count * 45 // 100)
     until = start + timedelta(hours=count * 55 // 100)
     return user, session, (since.isoformat(), until.isoformat())

@@ -31,12 +31,15 @@ from tqdm import tqdm
 
 from buffers.services import flush_pending
 from memfuse_project.embedded_pg import migrate_if_embedded
-from memory import selectors, services
+from memory import selectors
 from memory.api.serializers import RetrievalOverrides
 from memory.models import Agent, Tenant, User
 from memory.portability import importer
 from memory.portability.locomo import DIA_ID_KEY, conversation_sessions, locomo_records
 from memory.retrieval import RetrievalConfig
+from memory.services.agents import agent_create
+from memory.services.tenants import tenant_create
+from memory.services.users import user_delete
 
 KS = (5, 10, 20)
 EVIDENCE_ID = re.compile(r"D(\d+):(\d+)")
@@ -73,8 +76,8 @@ def locomo_eval(options: dict, *, write) -> dict:
     config = RetrievalConfig.from_settings(**retrieval_overrides(options))
     run = uuid.uuid4().hex[:8]
     # Its own tenant, so its users and agent never share names with a client's.
-    tenant = Tenant.objects.filter(name=EVAL_TENANT).first() or services.tenant_create(name=EVAL_TENANT)
-    agent = Agent.objects.filter(tenant=tenant, name="locomo-eval").first() or services.agent_create(
+    tenant = Tenant.objects.filter(name=EVAL_TENANT).first() or tenant_create(name=EVAL_TENANT)
+    agent = Agent.objects.filter(tenant=tenant, name="locomo-eval").first() or agent_create(
         tenant_id=tenant.pk, name="locomo-eval"
     )
     users = []
@@ -84,7 +87,7 @@ def locomo_eval(options: dict, *, write) -> dict:
     finally:
         if not options["keep"]:
             for user in users:
-                services.user_delete(user=user)
+                user_delete(user=user)
     report = {**recall_report(hits, latencies, n_messages, ingest_seconds), "retrieval": dataclasses.asdict(config)}
     write(table(report))
     if options["json_out"]:

@@ -28,10 +28,10 @@ def _setup() -> None:
 def bench_metrics(scrapes: int) -> dict:
     from django.test import Client
 
-    from memory import services
     from memory.models import ApiKey, KeyScope
+    from memory.services.api_keys import api_key_create
 
-    api_key, key = services.api_key_create(scope=KeyScope.OPERATOR, name="benchmarks.portability")
+    api_key, key = api_key_create(scope=KeyScope.OPERATOR, name="benchmarks.portability")
     try:
         client = Client(headers={"Authorization": f"Bearer {key}"})
         client.get("/metrics")  # warm: imports, the first connection
@@ -64,7 +64,7 @@ def bench_export_import(messages: int, profile: bool = False) -> dict:
     from django.conf import settings
 
     from benchmarks.dataset import notes_user
-    from memory import services
+    from memory.services.users import user_delete
 
     user = notes_user(
         tenant_name="bench-portability",
@@ -82,7 +82,7 @@ def bench_export_import(messages: int, profile: bool = False) -> dict:
         path = Path(directory) / "user.jsonl"
         report["export"] = _measure_export(user, path, messages)
         user, report["import"] = _measure_import(user, path, messages, profile)
-    services.user_delete(user=user)
+    user_delete(user=user)
     return report
 
 
@@ -112,15 +112,15 @@ def _measure_import(user, path, messages: int, profile: bool) -> tuple:
     """Delete the user and import it back, twice (untraced, then traced): ``(user, report)``."""
     import tracemalloc
 
-    from memory import services
     from memory.models import User
     from memory.portability import importer
+    from memory.services.users import user_delete
 
     tenant_id = user.tenant_id
     report: dict = {}
     for traced in (False, True):
         user_id = user.pk
-        services.user_delete(user=user)
+        user_delete(user=user)
         if traced:
             tracemalloc.start()
         if profile and not traced:

@@ -32,10 +32,10 @@ def bench_reembed(messages: int, model: Path | None, batch_size: int) -> dict:
     from memory.management.bench_dataset import Turn, bulk_load
     from sentence_transformers import SentenceTransformer
 
-    from memory import services
     from memory.inference import default_model_path, registry
     from memory.models import Message, User
     from memory.reembed import reembed_run
+    from memory.services.users import user_delete
 
     model = model or default_model_path()
     topics = ["the weather", "a trip", "dinner plans", "a book", "the garden", "work", "a concert"]
@@ -55,7 +55,7 @@ def bench_reembed(messages: int, model: Path | None, batch_size: int) -> dict:
     try:
         stats = reembed_run(model_path=model, batch_size=batch_size, drop_old=True)
     finally:
-        services.user_delete(user=user)
+        user_delete(user=user)
     encoder = SentenceTransformer(str(model), device="cpu", local_files_only=True)
     encoder.encode(texts[:64], batch_size=settings.MEMFUSE["EMBEDDING_BATCH_SIZE"])  # warm
     started = time.perf_counter()

@@ -90,13 +90,14 @@ def bench_key(run_id: str, *, tenant=None) -> tuple:
     Otherwise a new tenant ``bench-<run_id>``. Returns ``(tenant created or None, ApiKey, key)``:
     what to delete afterwards, and the key to send.
     """
-    from memory import services
     from memory.models import KeyScope
+    from memory.services.api_keys import api_key_create
+    from memory.services.tenants import tenant_create
 
     created = None
     if tenant is None:
-        tenant = created = services.tenant_create(name=f"bench-{run_id}")
-    api_key, key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name=f"memfuse_bench {run_id}")
+        tenant = created = tenant_create(name=f"bench-{run_id}")
+    api_key, key = api_key_create(scope=KeyScope.TENANT, tenant=tenant, name=f"memfuse_bench {run_id}")
     return created, (None if created else api_key), key
 
 

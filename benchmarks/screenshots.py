@@ -138,12 +138,13 @@ def chat_send(page, number: int, text: str, *, timeout_ms: int) -> None:
 def chat_screenshot(options: dict, *, write, log) -> dict:
     """The chat page in use as a PNG; ``{"out", "url", "turns"}``, also written as JSON through
     ``write(str)``. Raises ``CommandError`` for a missing browser or a server that does not start."""
-    from memory import services
     from memory.models import KeyScope
+    from memory.services.api_keys import api_key_create
+    from memory.services.tenants import tenant_create
 
     out = browser_check(options)
-    tenant = services.tenant_create(name=f"chat-screenshot-{secrets.token_hex(3)}")
-    _, key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="chat_screenshot")
+    tenant = tenant_create(name=f"chat-screenshot-{secrets.token_hex(3)}")
+    _, key = api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="chat_screenshot")
     log_path = Path(tempfile.gettempdir()) / "chat_screenshot_server.log"
     try:
         with serving(options["url"], log_path=log_path, log=log) as (url, _):
@@ -178,8 +179,10 @@ def dashboard_screenshot(options: dict, *, write, log) -> dict:
     """The operator dashboard as a PNG; ``{"out", "url", "sample_users"}``, also written as JSON
     through ``write(str)``. Raises ``CommandError`` for a missing browser or a server that does
     not start."""
-    from memory import services
     from memory.models import KeyScope
+    from memory.services.agents import agent_create
+    from memory.services.api_keys import api_key_create
+    from memory.services.tenants import tenant_create
 
     out = browser_check(options)
     log_path = Path(tempfile.gettempdir()) / "admin_screenshot_server.log"
@@ -194,9 +197,9 @@ def dashboard_screenshot(options: dict, *, write, log) -> dict:
             try:
                 if not options["no_sample"]:
                     # The sample lives in a tenant of its own, deleted with everything in it afterwards.
-                    tenant = services.tenant_create(name=f"{SAMPLE_PREFIX}{secrets.token_hex(3)}")
-                    _, key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="admin_screenshot")
-                    agent = services.agent_create(tenant_id=tenant.pk, name="assistant")
+                    tenant = tenant_create(name=f"{SAMPLE_PREFIX}{secrets.token_hex(3)}")
+                    _, key = api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="admin_screenshot")
+                    agent = agent_create(tenant_id=tenant.pk, name="assistant")
                     samples = _add_samples(url, agent, key, log=log)
                 save_page_png(Path(options["chromium"]), out, width=options["width"], drive=lambda page: _login(page, url, password))
             finally:
@@ -234,16 +237,17 @@ def _add_samples(url: str, agent, key: str, *, log) -> list:
     """Three users' messages (one flushed by the server, two pending) and a few REST queries."""
     from django.conf import settings
 
-    from memory import services
     from memory.models import Message
-    from memory.services import MessageIn
+    from memory.services.messages import MessageIn, messages_add
+    from memory.services.sessions import session_create
+    from memory.services.users import user_create
 
     users = []
     for index, count in enumerate([settings.BUFFERS["SIZE_MESSAGES"] + 2, 5, 2]):
-        user = services.user_create(tenant_id=agent.tenant_id, name=f"{SAMPLE_PREFIX}{secrets.token_hex(3)}-{index}")
-        session = services.session_create(user=user, agent=agent, name="sample")
+        user = user_create(tenant_id=agent.tenant_id, name=f"{SAMPLE_PREFIX}{secrets.token_hex(3)}-{index}")
+        session = session_create(user=user, agent=agent, name="sample")
         texts = [SAMPLE_MESSAGES[i % len(SAMPLE_MESSAGES)] for i in range(count)]
-        services.messages_add(session=session, messages=[MessageIn(role="user", content=text) for text in texts])
+        messages_add(session=session, messages=[MessageIn(role="user", content=text) for text in texts])
         users.append(user)
     # The first user is over the size trigger: wait for the server's workers to flush it.
     deadline = time.monotonic() + SAMPLE_FLUSH_TIMEOUT

@@ -194,12 +194,13 @@ def bench_tenant(name: str, *, operator: bool = False) -> Iterator[tuple[str, st
     database with a key of its own, and an operator key when ``operator`` (to read a server's
     ``GET /api/v1/admin/stats``). On leaving, the tenant is deleted with all it holds, and the
     operator key with it."""
-    from memory import services
     from memory.models import KeyScope, Tenant
+    from memory.services.api_keys import api_key_create
+    from memory.services.tenants import tenant_create
 
-    tenant = services.tenant_create(name=name)
-    key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name=name)[1]
-    operator_key, operator_secret = services.api_key_create(scope=KeyScope.OPERATOR, name=name) if operator else (None, None)
+    tenant = tenant_create(name=name)
+    key = api_key_create(scope=KeyScope.TENANT, tenant=tenant, name=name)[1]
+    operator_key, operator_secret = api_key_create(scope=KeyScope.OPERATOR, name=name) if operator else (None, None)
     try:
         yield key, operator_secret
     finally:

@@ -348,8 +348,9 @@ def pool_check(iterations: int) -> dict:
 
 def soak(options: dict, env: dict) -> dict:
     """The mixed load against ``--url`` or a uvicorn started here with ``env`` added; the report."""
-    from memory import services
     from memory.models import KeyScope, Tenant
+    from memory.services.api_keys import api_key_create
+    from memory.services.tenants import tenant_create
 
     run = uuid.uuid4().hex[:8]
     server = None
@@ -358,10 +359,10 @@ def soak(options: dict, env: dict) -> dict:
     operator_secret = options.get("operator_key")
     try:
         if not url:
-            tenant = services.tenant_create(name=f"soak-{run}")
-            key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="soak")[1]
+            tenant = tenant_create(name=f"soak-{run}")
+            key = api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="soak")[1]
             # To read the server's per-user cache (its bytes are part of the web process's).
-            operator, operator_secret = services.api_key_create(scope=KeyScope.OPERATOR, name=f"soak {run}")
+            operator, operator_secret = api_key_create(scope=KeyScope.OPERATOR, name=f"soak {run}")
             log = Path(f"/tmp/memfuse-soak-{run}-server.log")
             server = ServerProcess(log_path=log, env={"API_RATE_LIMIT": bench_rate_limit(), **env}, kind="uvicorn")
             url = server.start()

@@ -1,6 +1,6 @@
 """The rules of flush jobs written once: the pending summary, the size trigger, the job upsert.
 
-They are SQL fragments because the hottest write of the service, ``memory.services.
+They are SQL fragments because the hottest write of the service, ``memory.services.messages.
 messages_add``, applies them inside its own single statement (one exchange with the database, one commit);
 ``buffers.services`` composes the same fragments for its own statements. A composing
 statement binds ``%(user)s`` to the user's id and adds the parameters of ``job_params`` (and,

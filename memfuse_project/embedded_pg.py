@@ -350,9 +350,10 @@ def local_tenant_if_embedded() -> Path | None:
     """
     from django.conf import settings
 
-    from memory import services
     from memory.errors import Conflict
     from memory.models import KeyScope, Tenant
+    from memory.services.api_keys import api_key_create
+    from memory.services.tenants import tenant_create
 
     if not (settings.USING_EMBEDDED_DB and settings.MEMFUSE["LOCAL_TENANT"]):
         return None
@@ -361,10 +362,10 @@ def local_tenant_if_embedded() -> Path | None:
         logger.info("development tenant '%s': its first API key is in %s", LOCAL_TENANT, key_file)
         return key_file
     try:
-        tenant = services.tenant_create(name=LOCAL_TENANT)
+        tenant = tenant_create(name=LOCAL_TENANT)
     except Conflict:  # another process created it meanwhile
         return key_file
-    _, key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="local development")
+    _, key = api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="local development")
     key_file.touch(mode=0o600)
     key_file.write_text(key + "\n")
     logger.warning(

@@ -20,9 +20,15 @@ from django.utils.text import capfirst
 from rest_framework_api_key.admin import APIKeyModelAdmin
 from rest_framework_api_key.models import APIKey
 
-from memory import services
 from memory.api.serializers import MessageInSerializer
 from memory.models import Agent, ApiKey, Knowledge, Message, Session, Tenant, User
+from memory.services.agents import agent_delete
+from memory.services.api_keys import api_key_revoke
+from memory.services.knowledge import knowledge_delete
+from memory.services.messages import messages_delete, messages_update
+from memory.services.sessions import session_delete
+from memory.services.tenants import tenant_delete
+from memory.services.users import user_delete
 
 # The library's own key model is unused (ours adds scope and owner): keep it out of the admin.
 admin.site.unregister(APIKey)
@@ -97,7 +103,7 @@ class TenantAdmin(ServiceDeletes, admin.ModelAdmin):
 
     def delete_rows(self, objs: list) -> None:
         for tenant in objs:
-            services.tenant_delete(tenant=tenant)
+            tenant_delete(tenant=tenant)
 
     def get_queryset(self, request):
         return (
@@ -129,12 +135,12 @@ class ApiKeyAdmin(APIKeyModelAdmin):
     def save_model(self, request, obj, form=None, change=False):
         super().save_model(request, obj, form, change)
         if obj.revoked:
-            services.api_key_revoke(api_key=obj)  # its descendants too, and forgotten at once
+            api_key_revoke(api_key=obj)  # its descendants too, and forgotten at once
 
     @admin.action(description="Revoke the selected API keys")
     def revoke(self, request, queryset):
         for api_key in queryset:
-            services.api_key_revoke(api_key=api_key)
+            api_key_revoke(api_key=api_key)
 
 
 @admin.register(User)
@@ -156,7 +162,7 @@ class UserAdmin(ServiceDeletes, admin.ModelAdmin):
 
     def delete_rows(self, objs: list) -> None:
         for user in objs:  # ascending ids: the lock order, should the request be one transaction
-            services.user_delete(user=user)
+            user_delete(user=user)
 
     def get_queryset(self, request):
         return (
@@ -191,7 +197,7 @@ class AgentAdmin(ServiceDeletes, admin.ModelAdmin):
 
     def delete_rows(self, objs: list) -> None:
         for agent in objs:
-            services.agent_delete(agent=agent)
+            agent_delete(agent=agent)
 
 
 @admin.register(Session)
@@ -208,7 +214,7 @@ class SessionAdmin(ServiceDeletes, admin.ModelAdmin):
 
     def delete_rows(self, objs: list) -> None:
         for session in sorted(objs, key=lambda session: session.user_id):  # the users' lock order
-            services.session_delete(session=session)
+            session_delete(session=session)
 
 
 class FlushedFilter(admin.SimpleListFilter):
@@ -262,7 +268,7 @@ class MessageForm(forms.ModelForm):
 @admin.register(Message)
 class MessageAdmin(ServiceDeletes, admin.ModelAdmin):
     """Messages are added through the API only (positions, the flush); an edit of role,
-    content or metadata goes through ``services.messages_update`` (new index text, pending
+    content or metadata goes through ``messages_update`` (new index text, pending
     again, the old embedding dropped), and everything else is read-only: moving a message to
     another session, user or position has no service."""
 
@@ -284,14 +290,14 @@ class MessageAdmin(ServiceDeletes, admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if change and form.has_changed():
-            services.messages_update(session=obj.session, message_ids=[obj.pk], new_messages=[form.message_in])
+            messages_update(session=obj.session, message_ids=[obj.pk], new_messages=[form.message_in])
 
     def delete_rows(self, objs: list) -> None:
         # One service call per session, users in ascending id order (the lock order).
         ordered = sorted(objs, key=lambda message: (message.user_id, message.session_id))
         sessions = Session.objects.in_bulk({message.session_id for message in ordered})
         for session_id, messages in groupby(ordered, key=lambda message: message.session_id):
-            services.messages_delete(session=sessions[session_id], message_ids=[message.pk for message in messages])
+            messages_delete(session=sessions[session_id], message_ids=[message.pk for message in messages])
 
     @admin.display(description="content")
     def short_content(self, message):
@@ -304,7 +310,7 @@ class MessageAdmin(ServiceDeletes, admin.ModelAdmin):
 
 @admin.register(Knowledge)
 class KnowledgeAdmin(ServiceDeletes, admin.ModelAdmin):
-    """Read-only but for deletes (``services.knowledge_delete``). An edit or an add embeds the
+    """Read-only but for deletes (``knowledge_delete``). An edit or an add embeds the
     content (``knowledge_update``, ``knowledge_add``): a model call the admin's change view
     would make inside its transaction, holding a connection; the API does both."""
 
@@ -327,7 +333,7 @@ class KnowledgeAdmin(ServiceDeletes, admin.ModelAdmin):
         ordered = sorted(objs, key=lambda item: item.user_id)  # the users' lock order
         users = User.objects.in_bulk({item.user_id for item in ordered})
         for user_id, items in groupby(ordered, key=lambda item: item.user_id):
-            services.knowledge_delete(user=users[user_id], knowledge_ids=[item.pk for item in items])
+            knowledge_delete(user=users[user_id], knowledge_ids=[item.pk for item in items])
 
     @admin.display(description="content")
     def short_content(self, item):

@@ -84,7 +84,7 @@ def _write(
     around them (``memory.retrieval.vector.context_refresh``); returns ``[(id, session_id)]``.
 
     Takes ``FOR KEY SHARE`` on the user's row first: the lock order of every writer of a
-    user's messages (see ``memory.services._bump_memory_version``), so this ``UPDATE`` and an
+    user's messages (see ``memory.services.common._bump_memory_version``), so this ``UPDATE`` and an
     edit or a cascade delete never deadlock. Adds (``FOR NO KEY UPDATE``) do not conflict
     with it: an add never waits for this write. Two flushes of one user, and a flush and the
     user's move to the HNSW index (``vector.ann_enable``), take turns (``lock_context_writes``):

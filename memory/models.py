@@ -94,7 +94,7 @@ class Session(Named):
     user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="sessions")
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="sessions")
     # Position of the session's next message: an add takes its positions by incrementing this
-    # counter in the statement that inserts the messages (``memory.services.messages_add``).
+    # counter in the statement that inserts the messages (``memory.services.messages.messages_add``).
     next_position = models.PositiveIntegerField(default=0, editable=False)
 
     class Meta(Named.Meta):
@@ -130,7 +130,7 @@ class Message(models.Model):
     """One message of a session.
 
     ``position`` is the message's place in its session (0, 1, ...). ``index_text`` is what is
-    embedded and full-text indexed (see ``memory.services.message_index_text``).
+    embedded and full-text indexed (see ``memory.services.messages.message_index_text``).
 
     Write-behind: a message is stored (and full-text indexed) at once, and embedded later by a
     flush (``buffers``). Until then ``flushed_at`` is NULL: the message is *pending*. A flush
@@ -339,7 +339,7 @@ class ApiKey(AbstractAPIKey):
     key. ``scope``: a tenant key acts for its tenant, a user key for one user of it, an
     operator key only on operator endpoints (no tenant).
 
-    ``parent``: the user key that created this one over REST (``memory.services.api_key_create``),
+    ``parent``: the user key that created this one over REST (``memory.services.api_keys.api_key_create``),
     else NULL. A child key is its parent's user's, expires no later than its parent, and is
     revoked with it (``api_key_revoke`` revokes a key's descendants in the same statement).
     """

@@ -2,7 +2,7 @@
 
 A key resolves with at most one indexed lookup (``ApiKey.prefix`` is unique), and resolved
 keys are kept in a per-process TTL cache (``API_KEY_CACHE_SECONDS``, default 10 s) so the add
-path usually pays no query at all. Revoking a key through ``memory.services.api_key_revoke``
+path usually pays no query at all. Revoking a key through ``memory.services.api_keys.api_key_revoke``
 drops it (and the keys it created, revoked with it) from this process's cache at once; another process may still accept it for up to
 ``API_KEY_CACHE_SECONDS`` (the cross-process staleness bound). Expiry is checked on every
 request, cached or not.

@@ -16,9 +16,14 @@ from pathlib import Path
 import pytest
 from rest_framework.test import APIClient
 
-from memory import services, tenancy
+from memory import tenancy
 from memory.models import KeyScope
-from memory.services import MessageIn
+from memory.services.agents import agent_create
+from memory.services.api_keys import api_key_create
+from memory.services.messages import MessageIn, messages_add
+from memory.services.sessions import session_create
+from memory.services.tenants import tenant_create
+from memory.services.users import user_create
 
 
 @pytest.fixture(autouse=True)
@@ -58,12 +63,12 @@ def key_client(key: str | None) -> APIClient:
 
 @pytest.fixture
 def tenant(db):
-    return services.tenant_create(name="acme")
+    return tenant_create(name="acme")
 
 
 @pytest.fixture
 def tenant_key(tenant) -> str:
-    return services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="acme test key")[1]
+    return api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="acme test key")[1]
 
 
 @pytest.fixture
@@ -79,27 +84,27 @@ def anonymous_api() -> APIClient:
 
 @pytest.fixture
 def agent(tenant):
-    return services.agent_create(tenant_id=tenant.pk, name="assistant")
+    return agent_create(tenant_id=tenant.pk, name="assistant")
 
 
 @pytest.fixture
 def alice(tenant):
-    return services.user_create(tenant_id=tenant.pk, name="alice")
+    return user_create(tenant_id=tenant.pk, name="alice")
 
 
 @pytest.fixture
 def bob(tenant):
-    return services.user_create(tenant_id=tenant.pk, name="bob")
+    return user_create(tenant_id=tenant.pk, name="bob")
 
 
 @pytest.fixture
 def other_tenant(db):
-    return services.tenant_create(name="globex")
+    return tenant_create(name="globex")
 
 
 @pytest.fixture
 def other_tenant_key(other_tenant) -> str:
-    return services.api_key_create(scope=KeyScope.TENANT, tenant=other_tenant, name="globex test key")[1]
+    return api_key_create(scope=KeyScope.TENANT, tenant=other_tenant, name="globex test key")[1]
 
 
 @pytest.fixture
@@ -111,32 +116,32 @@ def globex_api(other_tenant_key) -> APIClient:
 @pytest.fixture
 def globex_alice(other_tenant):
     """Globex's own user called alice (same name as acme's: names are per tenant)."""
-    return services.user_create(tenant_id=other_tenant.pk, name="alice")
+    return user_create(tenant_id=other_tenant.pk, name="alice")
 
 
 @pytest.fixture
 def globex_agent(other_tenant):
-    return services.agent_create(tenant_id=other_tenant.pk, name="assistant")
+    return agent_create(tenant_id=other_tenant.pk, name="assistant")
 
 
 @pytest.fixture
 def globex_session(globex_alice, globex_agent):
-    return services.session_create(user=globex_alice, agent=globex_agent, name="alice-chat")
+    return session_create(user=globex_alice, agent=globex_agent, name="alice-chat")
 
 
 @pytest.fixture
 def alice_session(alice, agent):
-    return services.session_create(user=alice, agent=agent, name="alice-chat")
+    return session_create(user=alice, agent=agent, name="alice-chat")
 
 
 @pytest.fixture
 def bob_session(bob, agent):
-    return services.session_create(user=bob, agent=agent, name="bob-chat")
+    return session_create(user=bob, agent=agent, name="bob-chat")
 
 
 @pytest.fixture
 def alice_messages(alice_session):
-    return services.messages_add(
+    return messages_add(
         session=alice_session,
         messages=[
             MessageIn(role="user", content="I adopted a golden retriever puppy named Biscuit last week."),
@@ -148,7 +153,7 @@ def alice_messages(alice_session):
 
 @pytest.fixture
 def bob_messages(bob_session):
-    return services.messages_add(
+    return messages_add(
         session=bob_session,
         messages=[
             MessageIn(role="user", content="My dog is a beagle called Pepper and she loves the beach."),

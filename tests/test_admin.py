@@ -12,8 +12,9 @@ from django.db import connection, transaction
 
 from buffers import services as buffers
 from buffers.models import FlushJob, Priority, Reason, State
-from memory import retrieval, selectors, services
+from memory import retrieval, selectors
 from memory.models import Knowledge, Message, Tenant, Tombstone, User
+from memory.services.knowledge import knowledge_add
 from tests.locks import a_backend_waits_for_a_lock
 
 
@@ -110,7 +111,7 @@ def test_admin_deletes_of_sessions_agents_and_knowledge_leave_tombstones(staff_c
     """Deleting a session or an agent from the admin leaves a tombstone for each of its
     messages, a knowledge item one for itself, and moves the user's memory_version."""
     user = alice_messages[0].user
-    services.knowledge_add(user=user, contents=["Alice is vegetarian."])
+    knowledge_add(user=user, contents=["Alice is vegetarian."])
     before = User.objects.get(pk=user.pk).memory_version
     target = {"session": alice_messages[0].session, "agent": agent, "knowledge": Knowledge.objects.get(user=user)}[model]
     gone = {("knowledge", target.pk)} if model == "knowledge" else {("message", row.pk) for row in alice_messages}
@@ -159,7 +160,7 @@ def test_an_admin_edit_of_a_message_is_validated_as_the_api_validates_it(staff_c
 def test_messages_and_knowledge_cannot_be_added_and_knowledge_not_edited_in_the_admin(staff_client, alice_messages):
     """Messages and knowledge are added through the API only; a knowledge item's page is read-only."""
     user = alice_messages[0].user
-    services.knowledge_add(user=user, contents=["Alice is vegetarian."])
+    knowledge_add(user=user, contents=["Alice is vegetarian."])
     item = Knowledge.objects.get(user=user)
 
     assert staff_client.get("/admin/memory/message/add/").status_code == 403

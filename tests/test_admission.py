@@ -17,9 +17,10 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import HttpCommunicator
 
-from memory import selectors, services
+from memory import selectors
 from memory.api import admission, auth
 from memory.models import KeyScope
+from memory.services.api_keys import api_key_create
 from tests.test_hostile_input import HUGE, answer_without_a_body, bearer
 from tests.test_websocket import application, return_connections_to_the_pool  # noqa: F401  (fixtures)
 
@@ -172,7 +173,7 @@ async def test_a_key_refused_by_its_rate_limit_is_answered_at_the_edge_until_its
     counted = []
     real_usage = auth.rate_usage
     monkeypatch.setattr(auth, "rate_usage", lambda principal: counted.append(principal.key_id) or real_usage(principal))
-    other_key = (await sync_to_async(services.api_key_create)(scope=KeyScope.TENANT, tenant=tenant, name="second"))[1]
+    other_key = (await sync_to_async(api_key_create)(scope=KeyScope.TENANT, tenant=tenant, name="second"))[1]
 
     statuses = [
         (await get(application, "/api/v1/users", tenant_key).get_response(timeout=30))["status"] for _ in range(3)

@@ -77,8 +77,7 @@ def test_concurrent_adds_to_one_session_get_distinct_consecutive_positions(alice
 
     from django.db import connection
 
-    from memory import services
-    from memory.services import MessageIn
+    from memory.services.messages import MessageIn, messages_add
 
     barrier = threading.Barrier(8)
     added = []
@@ -87,7 +86,7 @@ def test_concurrent_adds_to_one_session_get_distinct_consecutive_positions(alice
         barrier.wait()
         try:
             for round_index in range(5):
-                rows = services.messages_add(
+                rows = messages_add(
                     session=alice_session,
                     messages=[MessageIn(role="user", content=f"w{index} r{round_index} q"), MessageIn(role="assistant", content=f"w{index} r{round_index} a")],
                 )
@@ -108,14 +107,13 @@ def test_concurrent_adds_to_one_session_get_distinct_consecutive_positions(alice
 
 def test_add_to_a_session_deleted_meanwhile_is_404_and_stores_nothing(alice_session):
     """The add's single statement finds no session row: NotFound naming session_id, no message stored."""
-    from memory import services
     from memory.errors import NotFound
     from memory.models import Session
-    from memory.services import MessageIn
+    from memory.services.messages import MessageIn, messages_add
 
     Session.objects.filter(pk=alice_session.pk).delete()  # the caller still holds the old object
     with pytest.raises(NotFound) as raised:
-        services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="too late")])
+        messages_add(session=alice_session, messages=[MessageIn(role="user", content="too late")])
     assert raised.value.errors[0]["field"] == "session_id"
     assert not Message.objects.filter(content="too late").exists()
 

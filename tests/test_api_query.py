@@ -6,8 +6,9 @@ import uuid
 
 import pytest
 
-from memory import services
-from memory.services import MessageIn
+from memory.services.agents import agent_create
+from memory.services.messages import MessageIn, messages_add
+from memory.services.sessions import session_create
 from tests.envelopes import assert_error, assert_success
 
 pytestmark = pytest.mark.django_db
@@ -30,8 +31,8 @@ def run_query(api, user_id, text: str, **params) -> list[dict]:
 @pytest.fixture
 def alice_second_session(alice, agent):
     """A second session of alice's, with the same agent, about her garden."""
-    session = services.session_create(user=alice, agent=agent, name="alice-garden")
-    services.messages_add(
+    session = session_create(user=alice, agent=agent, name="alice-garden")
+    messages_add(
         session=session, messages=[MessageIn(role="user", content="I planted tomatoes and basil in my garden.")]
     )
     return session
@@ -74,7 +75,7 @@ def test_top_k_caps_the_results(api, alice, alice_messages, alice_second_session
 
 def test_top_k_defaults_to_five(api, alice, alice_session, alice_messages):
     """Without top_k the query answers at most 5 results."""
-    services.messages_add(
+    messages_add(
         session=alice_session, messages=[MessageIn(role="user", content=f"note number {i}") for i in range(4)]
     )
 
@@ -92,7 +93,7 @@ def test_relevant_message_ranks_first(api, alice, alice_messages, alice_second_s
 def test_query_sees_messages_added_after_an_earlier_query(api, alice, alice_session, alice_messages):
     """A message added after a query is found by the next one (the per-user BM25 cache goes stale)."""
     run_query(api, alice.pk, "kayak", top_k=3)
-    [kayak] = services.messages_add(
+    [kayak] = messages_add(
         session=alice_session, messages=[MessageIn(role="user", content="I bought a kayak yesterday.")]
     )
 
@@ -125,9 +126,9 @@ def test_scope_is_relative_to_the_given_session(api, alice, alice_session, alice
 
 def test_agent_id_restricts_to_that_agents_sessions(api, alice, agent, alice_session, alice_messages):
     """With agent_id, only messages of that agent's sessions come back."""
-    other_agent = services.agent_create(tenant_id=agent.tenant_id, name="gardener")
-    other_session = services.session_create(user=alice, agent=other_agent, name="alice-with-gardener")
-    [other_message] = services.messages_add(
+    other_agent = agent_create(tenant_id=agent.tenant_id, name="gardener")
+    other_session = session_create(user=alice, agent=other_agent, name="alice-with-gardener")
+    [other_message] = messages_add(
         session=other_session, messages=[MessageIn(role="user", content="My puppy Biscuit digs up the tulips.")]
     )
 

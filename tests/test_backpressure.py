@@ -10,10 +10,9 @@ from django.db import connection
 
 from buffers import backlog
 from buffers.services import flush_pending
-from memory import services
 from memory.errors import Unavailable
 from memory.models import Message
-from memory.services import MessageIn
+from memory.services.messages import MessageIn, messages_add
 from tests.envelopes import assert_error, assert_success
 from tests.test_websocket import application, connect, receive, return_connections_to_the_pool, stored  # noqa: F401
 
@@ -32,7 +31,7 @@ def small_backlog(settings):
 
 
 def add(session, n: int):
-    return services.messages_add(session=session, messages=[MessageIn(role="user", content=f"message {i}") for i in range(n)])
+    return messages_add(session=session, messages=[MessageIn(role="user", content=f"message {i}") for i in range(n)])
 
 
 def age_pending(session, seconds: float) -> None:

@@ -20,17 +20,19 @@ from benchmarks.server import free_loopback_port, uvicorn_command
 from buffers import services as buffers
 from buffers.models import FlushJob, FlushTurn, Priority, Reason, State
 from buffers.workers import FlushWorkerPool
-from memory import flush, selectors, services
+from memory import flush, selectors
 from memory.inference import registry
 from memory.models import Message, User
 from memory.retrieval import store
-from memory.services import MessageIn
+from memory.services.messages import MessageIn, messages_add, messages_update
+from memory.services.sessions import session_create
+from memory.services.users import user_create
 from tests.envelopes import assert_error, assert_success
 from tests.subprocesses import subprocess_env
 
 
 def add(session, n: int, text: str = "message") -> list[Message]:
-    return services.messages_add(
+    return messages_add(
         session=session, messages=[MessageIn(role="user" if i % 2 == 0 else "assistant", content=f"{text} {i}") for i in range(n)]
     )
 
@@ -58,7 +60,7 @@ def test_size_trigger_queues_one_normal_flush(alice_session):
 def test_token_size_trigger(alice_session):
     """A few long messages pass the token threshold (characters / 4) and queue a flush."""
     long_text = "word " * (settings.BUFFERS["SIZE_TOKENS"] * 4 // 5 + 1)
-    services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=long_text)])
+    messages_add(session=alice_session, messages=[MessageIn(role="user", content=long_text)])
 
     assert FlushJob.objects.get().reason == Reason.SIZE
 
@@ -125,7 +127,7 @@ def test_buffer_endpoint_reports_pending_messages(api, alice_session):
 def test_jobs_of_one_tenant_run_by_priority_then_fifo(alice, bob, agent, settings):
     """Within a tenant, claim_next_job takes critical > high > normal > low, and the oldest first within a priority."""
     settings.BUFFERS = {**settings.BUFFERS, "MAX_RUNNING_PER_TENANT": 0}  # every job claimed, none run
-    sessions = [services.session_create(user=user, agent=agent) for user in (alice, bob, alice, bob, bob, bob)]
+    sessions = [session_create(user=user, agent=agent) for user in (alice, bob, alice, bob, bob, bob)]
     priorities = [Priority.LOW, Priority.NORMAL, Priority.HIGH, Priority.LOW, Priority.CRITICAL, Priority.HIGH]
     created = []
     for priority, session in zip(priorities, sessions):
@@ -145,7 +147,7 @@ def queue_session_flushes(user, agent, priorities: list[int]) -> list[int]:
     """A manual flush job per priority, each of a new session of ``user``; their ids, in order."""
     ids = []
     for priority in priorities:
-        session = services.session_create(user=user, agent=agent)
+        session = session_create(user=user, agent=agent)
         with transaction.atomic():
             ids.append(buffers.request_flush(user_id=user.pk, session_id=session.pk, priority=priority, reason=Reason.MANUAL))
     return ids
@@ -219,7 +221,7 @@ def test_repeated_session_flush_requests_merge_into_one_waiting_job(api, alice_s
     """POST sessions/{id}/flush twice: one waiting job, whose id both answers carry; a request of
     a higher priority raises it, one asking no more leaves its row as it was (no new version, no
     lock). Another session's request is a job of its own."""
-    other = services.session_create(user=alice_session.user, agent=alice_session.agent)
+    other = session_create(user=alice_session.user, agent=alice_session.agent)
     with transaction.atomic():
         queued = buffers.request_flush(
             user_id=alice_session.user_id, session_id=alice_session.pk, priority=Priority.LOW, reason=Reason.TIME
@@ -499,7 +501,7 @@ def test_update_during_flush_is_not_overwritten(alice_session, monkeypatch):
     """A message edited after a flush claimed it is re-claimed: only the edited text's embedding is written."""
     import numpy as np
 
-    monkeypatch.setattr(services, "_start_embeddings", lambda rows: None)  # the flush embeds, and is overtaken
+    monkeypatch.setattr("memory.services.messages._start_embeddings", lambda rows: None)  # the flush embeds, and is overtaken
     [message] = add(alice_session, 1, text="original")
     real_embed = registry.embed
     edits = []
@@ -508,7 +510,7 @@ def test_update_during_flush_is_not_overwritten(alice_session, monkeypatch):
         vectors = real_embed(texts, **kwargs)
         if not edits:  # the first batch is overtaken by an edit
             edits.append(texts)
-            services.messages_update(session=alice_session, message_ids=[message.pk], new_messages=[MessageIn(role="user", content="edited")])
+            messages_update(session=alice_session, message_ids=[message.pk], new_messages=[MessageIn(role="user", content="edited")])
         return vectors
 
     monkeypatch.setattr(registry, "embed", embed_then_edit)
@@ -528,7 +530,7 @@ def test_query_right_after_add_finds_the_message_with_its_flushed_score(alice_se
     """A message is found before its flush, with the vector similarity it has after the flush:
     the query model embeds it on demand as the flush does (DOCUMENT_EMBEDDING_INT8)."""
     add(alice_session, 4, text="filler")
-    [kayak] = services.messages_add(
+    [kayak] = messages_add(
         session=alice_session, messages=[MessageIn(role="user", content="I bought a red kayak for the lake.")]
     )
     alice = alice_session.user
@@ -657,7 +659,7 @@ def test_one_tenants_flood_of_flushes_does_not_hold_back_anothers(tenant, agent,
     """Acme's twelve users' flushes queued first, and a slow model: globex's messages, added
     after them, are flushed by a running pool while most of acme's still wait."""
     settings.BUFFERS = {**settings.BUFFERS, "MAX_RUNNING_PER_TENANT": 1}
-    monkeypatch.setattr(services, "_start_embeddings", lambda rows: None)  # every text goes through the flush's model
+    monkeypatch.setattr("memory.services.messages._start_embeddings", lambda rows: None)  # every text goes through the flush's model
     real_embed = registry.embed
 
     def slow_embed(texts, **kwargs):
@@ -665,9 +667,9 @@ def test_one_tenants_flood_of_flushes_does_not_hold_back_anothers(tenant, agent,
         return real_embed(texts, **kwargs)
 
     monkeypatch.setattr(registry, "embed", slow_embed)
-    acme = [services.user_create(tenant_id=tenant.pk, name=f"user {i}") for i in range(12)]
+    acme = [user_create(tenant_id=tenant.pk, name=f"user {i}") for i in range(12)]
     for user in acme:
-        add(services.session_create(user=user, agent=agent), settings.BUFFERS["SIZE_MESSAGES"])
+        add(session_create(user=user, agent=agent), settings.BUFFERS["SIZE_MESSAGES"])
     pool = FlushWorkerPool(workers=2, poll_seconds=0.1)
     pool.start()
     try:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from memory import services
 from memory.models import Agent, Knowledge, Message, Session, User
-from memory.services import MessageIn
+from memory.services.agents import agent_create
+from memory.services.knowledge import knowledge_add
+from memory.services.messages import MessageIn, messages_add
+from memory.services.sessions import session_create
 from tests.envelopes import assert_success
 
 pytestmark = pytest.mark.django_db
@@ -28,11 +30,11 @@ def world(alice, bob, agent, alice_session, bob_session, alice_messages, bob_mes
 
     Rows: 2 users, 2 agents, 3 sessions, 3 + 2 + 1 messages, 2 + 1 knowledge items.
     """
-    gardener = services.agent_create(tenant_id=agent.tenant_id, name="gardener")
-    garden_session = services.session_create(user=alice, agent=gardener, name="alice-garden")
-    services.messages_add(session=garden_session, messages=[MessageIn(role="user", content="Tomatoes need sun.")])
-    services.knowledge_add(user=alice, contents=["Alice is vegetarian.", "Alice speaks Portuguese."])
-    services.knowledge_add(user=bob, contents=["Bob keeps bees."])
+    gardener = agent_create(tenant_id=agent.tenant_id, name="gardener")
+    garden_session = session_create(user=alice, agent=gardener, name="alice-garden")
+    messages_add(session=garden_session, messages=[MessageIn(role="user", content="Tomatoes need sun.")])
+    knowledge_add(user=alice, contents=["Alice is vegetarian.", "Alice speaks Portuguese."])
+    knowledge_add(user=bob, contents=["Bob keeps bees."])
     assert counts() == {"users": 2, "agents": 2, "sessions": 3, "messages": 6, "knowledge": 3}
     return {"gardener": gardener, "garden_session": garden_session}
 

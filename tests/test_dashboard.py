@@ -8,8 +8,8 @@ from django.db import transaction
 
 from buffers import services as buffers
 from buffers.models import FlushJob, Priority, Reason, State
-from memory import retrieval, services
-from memory.services import MessageIn
+from memory import retrieval
+from memory.services.messages import MessageIn, messages_add
 
 
 @pytest.fixture
@@ -22,8 +22,8 @@ def staff_client(client, db):
 @pytest.fixture
 def busy_buffers(alice_session, bob_session):
     """Alice: 3 pending messages; bob: 1 pending and a failed flush."""
-    services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=f"note {i}") for i in range(3)])
-    services.messages_add(session=bob_session, messages=[MessageIn(role="user", content="my beagle Pepper")])
+    messages_add(session=alice_session, messages=[MessageIn(role="user", content=f"note {i}") for i in range(3)])
+    messages_add(session=bob_session, messages=[MessageIn(role="user", content="my beagle Pepper")])
     with transaction.atomic():
         job_id = buffers.request_flush(user_id=bob_session.user_id, priority=Priority.HIGH, reason=Reason.MANUAL)
     FlushJob.objects.filter(pk=job_id).update(state=State.FAILED, attempts=4, last_error="embedding timed out")

@@ -12,8 +12,9 @@ import pytest
 from django.contrib.auth import get_user_model
 
 from benchmarks.server import ServerProcess
-from memory import services
 from memory.models import KeyScope
+from memory.services.api_keys import api_key_create
+from memory.services.tenants import tenant_create
 from tests.subprocesses import subprocess_env
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -34,8 +35,8 @@ def test_the_dashboard_charts_adds_queries_latency_backlog_and_flushes(tmp_path)
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     if not CHROMIUM.exists():
         pytest.skip("no Chromium at /usr/bin/chromium (apt-get install chromium)")
-    tenant = services.tenant_create(name="charts")
-    _, key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="charts")
+    tenant = tenant_create(name="charts")
+    _, key = api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="charts")
     password = secrets.token_urlsafe(12)
     get_user_model().objects.create_superuser("charts-operator", "op@example.com", password)
     env = subprocess_env(DASHBOARD_SAMPLE_SECONDS="0.5", QUERY_EMBEDDING="thread", FLUSH_INTERVAL_SECONDS="600")

@@ -156,18 +156,18 @@ def refused_key(which: str, tenant) -> str | None:
 
     from django.utils import timezone
 
-    from memory import services
     from memory.models import ApiKey, KeyScope
+    from memory.services.api_keys import api_key_create, api_key_revoke
 
     if which == "none":
         return None
     if which == "unknown":
         return "nope1234.abcdefghijklmnopqrstuvwxyz012345"
-    api_key, key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name=which)
+    api_key, key = api_key_create(scope=KeyScope.TENANT, tenant=tenant, name=which)
     if which == "expired":
         ApiKey.objects.filter(pk=api_key.pk).update(expiry_date=timezone.now() - timedelta(seconds=1))
     if which == "revoked":
-        services.api_key_revoke(api_key=api_key)
+        api_key_revoke(api_key=api_key)
     return key
 
 
@@ -339,16 +339,16 @@ async def test_the_import_limit_is_only_for_a_key_that_may_import_into_that_user
     """POST users/{id}/import may send MAX_IMPORT_BYTES with a tenant key (any user id) or the user's own key; any other key MAX_REQUEST_BYTES."""
     from asgiref.sync import sync_to_async
 
-    from memory import services
     from memory.models import KeyScope
+    from memory.services.api_keys import api_key_create
 
     settings.MEMFUSE = {**settings.MEMFUSE, **IMPORT_LIMITS}
 
     def make_key() -> str:
         if key in ("alice", "bob"):
-            return services.api_key_create(scope=KeyScope.USER, user=alice if key == "alice" else bob, name=key)[1]
+            return api_key_create(scope=KeyScope.USER, user=alice if key == "alice" else bob, name=key)[1]
         if key == "operator":
-            return services.api_key_create(scope=KeyScope.OPERATOR, name="ops")[1]
+            return api_key_create(scope=KeyScope.OPERATOR, name="ops")[1]
         return tenant_key if key == "tenant" else other_tenant_key
 
     secret = await sync_to_async(make_key)()
@@ -585,12 +585,12 @@ async def test_ws_connect_counts_against_the_tenants_rate_limit_with_its_other_k
     from channels.testing import WebsocketCommunicator
     from django.core.cache import cache
 
-    from memory import services
     from memory.models import KeyScope
+    from memory.services.api_keys import api_key_create
 
     settings.MEMFUSE = {**settings.MEMFUSE, "API_RATE_LIMIT": "100/hour", "API_TENANT_RATE_LIMIT": "2/hour"}
     await cache.aclear()
-    first, second = [await sync_to_async(services.api_key_create)(scope=KeyScope.TENANT, tenant=tenant, name=n) for n in "ab"]
+    first, second = [await sync_to_async(api_key_create)(scope=KeyScope.TENANT, tenant=tenant, name=n) for n in "ab"]
     for _ in range(2):
         assert (await HttpCommunicator(application, "GET", "/api/v1/users", headers=[bearer(first[1])]).get_response(timeout=30))["status"] == 200
     headers = [(b"origin", b"http://127.0.0.1"), bearer(second[1])]

@@ -25,9 +25,9 @@ from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
 from benchmarks.server import ServerProcess
-from memory import services
 from memory.models import KeyScope, Message, Session, User
-from memory.services import MessageIn
+from memory.services.api_keys import api_key_create
+from memory.services.messages import MessageIn, messages_add
 from tests.subprocesses import subprocess_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -100,7 +100,7 @@ def rest_query(base_url: str, key: str, user_id: str, body: dict) -> list[dict]:
 @pytest.fixture
 def user_key(alice) -> str:
     """A user key of acme's alice."""
-    return services.api_key_create(scope=KeyScope.USER, user=alice, name="alice's key")[1]
+    return api_key_create(scope=KeyScope.USER, user=alice, name="alice's key")[1]
 
 
 # --- HTTP --------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def test_add_then_query_reads_its_writes_before_a_flush(server, tenant_key):
 
 def test_memory_query_takes_a_time_window(server, tenant_key, alice, alice_session):
     """since/until keep the window's messages only; a naive bound is a tool error naming it."""
-    old, new = services.messages_add(
+    old, new = messages_add(
         session=alice_session,
         messages=[
             MessageIn(role="user", content="I planned a trip to Lisbon.", created_at=_at("2026-03-01T09:00:00+00:00")),

@@ -11,9 +11,9 @@ from django.contrib.auth import get_user_model
 from prometheus_client.parser import text_string_to_metric_families
 
 from buffers import services as buffers
-from memory import services
 from memory.inference import registry
 from memory.models import KeyScope
+from memory.services.api_keys import api_key_create
 from tests.conftest import key_client
 from tests.subprocesses import subprocess_env
 
@@ -30,7 +30,7 @@ def scrape_token(settings) -> str:
 
 @pytest.fixture
 def operator_key(db) -> str:
-    return services.api_key_create(scope=KeyScope.OPERATOR, name="prometheus")[1]
+    return api_key_create(scope=KeyScope.OPERATOR, name="prometheus")[1]
 
 
 def scrape(client) -> dict[tuple[str, tuple], float]:

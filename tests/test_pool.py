@@ -20,8 +20,8 @@ from websockets.sync.client import connect as ws_connect
 
 from benchmarks.server import free_loopback_port
 from memfuse_project import pool
-from memory import services
 from memory.models import KeyScope, Message
+from memory.services.api_keys import api_key_create
 from tests.subprocesses import subprocess_env
 
 
@@ -162,7 +162,7 @@ def _conninfo() -> dict:
 def test_exhausted_pool_answers_503_with_retry_after(tiny_pool_server, alice_session, tenant_key):
     """With its only connection held, the server answers REST (a key to resolve too), admin and WebSocket with 503s, then recovers."""
     url = tiny_pool_server
-    unresolved_key = services.api_key_create(scope=KeyScope.TENANT, tenant=alice_session.user.tenant, name="never used")[1]
+    unresolved_key = api_key_create(scope=KeyScope.TENANT, tenant=alice_session.user.tenant, name="never used")[1]
     # The key resolved at the first connect stays in the server's key cache for the second.
     origin = {"origin": "http://127.0.0.1", "additional_headers": {"Authorization": f"Bearer {tenant_key}"}}
     socket_url = url.replace("http", "ws") + f"/ws/v1/sessions/{alice_session.pk}/"

@@ -15,11 +15,15 @@ from django.db import connection
 from buffers import backlog
 from buffers import services as buffers
 from buffers.models import FlushJob
-from memory import services
 from memory.errors import InvalidInput, TooLarge, Unavailable
 from memory.models import Agent, KeyScope, Knowledge, Message, Session, User
 from memory.portability import export, importer
-from memory.services import MessageIn
+from memory.services.agents import agent_create
+from memory.services.api_keys import api_key_create
+from memory.services.knowledge import knowledge_add
+from memory.services.messages import MessageIn, messages_add
+from memory.services.sessions import session_create, session_delete
+from memory.services.users import user_delete
 from tests.conftest import key_client
 
 
@@ -36,9 +40,9 @@ def post_import(client, user_id, lines: list[dict] | bytes):
 
 
 def delete_user(user: User) -> None:
-    """``services.user_delete``, the instance keeping its id (Django clears it) for what the test checks next."""
+    """``user_delete``, the instance keeping its id (Django clears it) for what the test checks next."""
     user_id = user.pk
-    services.user_delete(user=user)
+    user_delete(user=user)
     user.pk = user.id = user_id
 
 
@@ -53,7 +57,7 @@ def message_rows(user_id) -> list[tuple]:
 @pytest.fixture
 def alice_memory(alice, alice_session, agent):
     """Alice: a flushed session of three turns, a second session with one pending turn, a fact."""
-    services.messages_add(
+    messages_add(
         session=alice_session,
         messages=[
             MessageIn(
@@ -64,9 +68,9 @@ def alice_memory(alice, alice_session, agent):
         ],
     )
     buffers.flush_pending(user_id=alice.pk)
-    later = services.session_create(user=alice, agent=agent, name="later")
-    services.messages_add(session=later, messages=[MessageIn(role="user", content="Biscuit chewed my shoes today.")])
-    services.knowledge_add(user=alice, contents=["Alice is allergic to cats."])
+    later = session_create(user=alice, agent=agent, name="later")
+    messages_add(session=later, messages=[MessageIn(role="user", content="Biscuit chewed my shoes today.")])
+    knowledge_add(user=alice, contents=["Alice is allergic to cats."])
     return alice
 
 
@@ -118,7 +122,7 @@ def test_round_trip_keeps_ids_timestamps_metadata_and_ranking(api, alice_memory)
     assert ranking(api, alice_memory.pk, query) == before_ranking
     # An add continues after the imported positions.
     session = Session.objects.get(user_id=alice_memory.pk, name="alice-chat")
-    added = services.messages_add(session=session, messages=[MessageIn(role="user", content="one more")])
+    added = messages_add(session=session, messages=[MessageIn(role="user", content="one more")])
     assert added[0].position == 3
 
 
@@ -262,7 +266,7 @@ def test_a_model_switch_during_an_import_writes_the_rest_pending(api, alice_memo
 
 def test_a_user_key_exports_its_own_user_only(alice_memory, bob):
     """A user key exports its own memory (the person's copy) but not another user's, nor imports into one."""
-    _, key = services.api_key_create(scope=KeyScope.USER, user=alice_memory, name="alice's key")
+    _, key = api_key_create(scope=KeyScope.USER, user=alice_memory, name="alice's key")
     client = key_client(key)
     lines = export_lines(client, alice_memory.pk)
     assert lines[1]["id"] == str(alice_memory.pk)
@@ -378,7 +382,7 @@ async def test_the_export_streams_under_asgi(async_client, big_user_committed):
 @pytest.fixture
 def big_user_committed(transactional_db, big_user):
     """``big_user`` committed (a transactional test), with a tenant key of its tenant."""
-    _, key = services.api_key_create(scope=KeyScope.TENANT, tenant=big_user.tenant, name="big")
+    _, key = api_key_create(scope=KeyScope.TENANT, tenant=big_user.tenant, name="big")
     return big_user, key
 
 
@@ -559,12 +563,12 @@ def test_knowledge_is_embedded_in_batches_at_background_priority(api, alice_memo
 def test_a_user_key_import_maps_the_files_agents_to_the_tenants_only(alice_memory, agent, other_tenant, api):
     """A user key's file naming an agent the tenant lacks is a 403 naming the line, worded alike
     for an unknown id and another tenant's, nothing written; by an existing name it imports."""
-    globex_agent = services.agent_create(tenant_id=other_tenant.pk, name="globex-bot")
+    globex_agent = agent_create(tenant_id=other_tenant.pk, name="globex-bot")
     lines = export_lines(api, alice_memory.pk)
-    _, key = services.api_key_create(scope=KeyScope.USER, user=alice_memory, name="alice's key")
+    _, key = api_key_create(scope=KeyScope.USER, user=alice_memory, name="alice's key")
     client = key_client(key)
     for session in Session.objects.filter(user=alice_memory):
-        services.session_delete(session=session)
+        session_delete(session=session)
     agents = Agent.objects.count()
     answers = []
     for agent_id in (str(uuid.uuid4()), str(globex_agent.pk)):
@@ -588,7 +592,7 @@ def test_a_user_key_import_maps_the_files_agents_to_the_tenants_only(alice_memor
 def test_ids_another_user_holds_are_conflicts_worded_as_existing_ids(api, alice_memory, bob_messages):
     """A session or knowledge id of another user is a 409 saying the id exists, as for any taken id, never whose."""
     bob_session = bob_messages[0].session_id
-    bob_fact = services.knowledge_add(user=Session.objects.get(pk=bob_session).user, contents=["Bob likes jazz."])[0]
+    bob_fact = knowledge_add(user=Session.objects.get(pk=bob_session).user, contents=["Bob likes jazz."])[0]
     lines = export_lines(api, alice_memory.pk)
     delete_user(alice_memory)
     for change, field, text in (

@@ -19,8 +19,9 @@ import pytest
 from django.conf import settings
 
 from benchmarks.server import ServerProcess
-from memory import services
 from memory.models import KeyScope, Message
+from memory.services.api_keys import api_key_create
+from memory.services.tenants import tenant_create
 from tests.subprocesses import subprocess_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -51,8 +52,8 @@ def test_two_web_processes_see_each_others_writes_at_once_with_the_same_scores(t
         REDIS_URL="redis://127.0.0.1:6379", CHANNEL_LAYER_PREFIX=prefix, CACHE_KEY_PREFIX=prefix,
         API_RATE_LIMIT="100000/minute", QUERY_EMBEDDING="thread",
     )
-    tenant = services.tenant_create(name="processes")
-    _, key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="processes")
+    tenant = tenant_create(name="processes")
+    _, key = api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="processes")
     servers = [ServerProcess(log_path=tmp_path / f"web-{name}.log", env=env, kind="uvicorn") for name in "ab"]
     worker = None
     try:

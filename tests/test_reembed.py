@@ -22,12 +22,15 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from buffers.services import flush_pending
-from memory import checks, embedding_model, selectors, services
+from memory import checks, embedding_model, selectors
 from memory.inference import default_model_path, registry
 from memory.models import ANN_BUCKETS, EmbeddingModel, Message
 from memory.operator.stats import operator_stats
 from memory.reembed import HNSW_INDEX, DocumentEmbedder, reembed_abort, reembed_run
-from memory.services import MessageIn
+from memory.services.knowledge import knowledge_add
+from memory.services.messages import MessageIn, messages_add, messages_update
+from memory.services.sessions import session_create
+from memory.services.users import user_create, user_delete
 from tests.subprocesses import subprocess_env
 
 TINY_DIM = 32
@@ -114,12 +117,12 @@ def restored_schema():
 def _world(tenant, agent, *, sessions: int = 3, turns: int = 6):
     """alice (``sessions`` sessions of ``turns`` flushed turns, two knowledge items) and bob
     (one session): every row embedded by the configured model."""
-    alice = services.user_create(tenant_id=tenant.pk, name="alice")
-    bob = services.user_create(tenant_id=tenant.pk, name="bob")
+    alice = user_create(tenant_id=tenant.pk, name="alice")
+    bob = user_create(tenant_id=tenant.pk, name="bob")
     for user, count in ((alice, sessions), (bob, 1)):
         for s in range(count):
-            session = services.session_create(user=user, agent=agent, name=f"s{s}")
-            services.messages_add(
+            session = session_create(user=user, agent=agent, name=f"s{s}")
+            messages_add(
                 session=session,
                 messages=[
                     MessageIn(
@@ -130,7 +133,7 @@ def _world(tenant, agent, *, sessions: int = 3, turns: int = 6):
                 ],
             )
         flush_pending(user_id=user.pk)
-    services.knowledge_add(user=alice, contents=["Alice's dog is a beagle called Pepper.", "Alice lives by the sea."])
+    knowledge_add(user=alice, contents=["Alice's dog is a beagle called Pepper.", "Alice lives by the sea."])
     return alice, bob
 
 
@@ -153,8 +156,8 @@ def test_reembed_answers_queries_throughout_and_switches_with_nothing_lost(
     """Queries are answered during the run (old model) and after the switch (new model); rows
     flushed, edited and added during the run and a pending add all end with 32-dim vectors."""
     alice, bob = _world(tenant, agent)
-    pending_session = services.session_create(user=bob, agent=agent, name="pending")
-    services.messages_add(
+    pending_session = session_create(user=bob, agent=agent, name="pending")
+    messages_add(
         session=pending_session, messages=[MessageIn(role="user", content="a pending note about kayaks")]
     )
 
@@ -167,13 +170,13 @@ def test_reembed_answers_queries_throughout_and_switches_with_nothing_lost(
 
     # During the run: the old model answers; writes go on.
     assert _vector_hits(alice, "beach dogs")
-    session = services.session_create(user=alice, agent=agent, name="during")
-    services.messages_add(session=session, messages=[MessageIn(role="user", content="written during the reembed")])
+    session = session_create(user=alice, agent=agent, name="during")
+    messages_add(session=session, messages=[MessageIn(role="user", content="written during the reembed")])
     flush_pending(user_id=alice.pk)
     # The run fills in id order (random UUIDs), so the lowest id of the rows it saw is filled
     # already and its shadow vector goes stale; the row written during the run may sort first.
     edited = Message.objects.filter(user=alice).exclude(session=session).order_by("id").first()
-    services.messages_update(
+    messages_update(
         session=edited.session,
         message_ids=[edited.pk],
         new_messages=[MessageIn(role="user", content="an edited turn about kites")],
@@ -210,7 +213,7 @@ def test_reembed_answers_queries_throughout_and_switches_with_nothing_lost(
     assert flush_pending(user_id=bob.pk) == 1
     assert not Message.objects.filter(embedding__isnull=True).exists()
     assert _dimensions("memory_message", "embedding") == {TINY_DIM}
-    services.knowledge_add(user=bob, contents=["Bob knits."])
+    knowledge_add(user=bob, contents=["Bob knits."])
     assert _dimensions("memory_knowledge", "embedding") == {TINY_DIM}
     assert selectors.memory_query(user=bob, query="kayaks", top_k=3)[0]["content"] == "a pending note about kayaks"
 
@@ -304,7 +307,7 @@ def test_a_flush_write_embedded_by_a_replaced_model_is_refused(alice_session):
     and writes nothing (the flush then embeds its rows again with the active model)."""
     from memory import flush
 
-    services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="hello there")])
+    messages_add(session=alice_session, messages=[MessageIn(role="user", content="hello there")])
     token = uuid.uuid4()
     claimed = flush._claim(user_id=alice_session.user_id, session_id=None, token=token, limit=10)
     ids = [row[0] for row in claimed]
@@ -328,7 +331,7 @@ def test_an_import_after_a_switch_ignores_the_old_models_embeddings(tenant, agen
 
     alice, _ = _world(tenant, agent, sessions=1, turns=4)
     exported = io.BytesIO(b"".join(export.user_export(user=alice, embeddings=True)))
-    services.user_delete(user=alice)
+    user_delete(user=alice)
     assert reembed_run(model_path=tiny_embedder, batch_size=8).switched
     # A process that last looked before the switch (this process's reembed_run followed it).
     registry.use_embedding_model(default_model_path(), settings.MEMFUSE["EMBEDDING_DIM"])

@@ -817,11 +817,10 @@ def test_a_flood_of_adds_keeps_at_most_the_read_ahead_bound_queued(
     read-ahead requests of a user and READ_AHEAD_MAX of a tenant queued; the others, and what
     a user's prefetch trims, are cancelled and never embedded; a query that wants a cancelled
     one embeds it on demand."""
-    from memory import services
     from memory.inference import EmbeddingBatcher
     from memory.models import Message
     from memory.retrieval import cache
-    from memory.services import MessageIn
+    from memory.services.messages import MessageIn, messages_add
 
     settings.MEMFUSE = {**settings.MEMFUSE, "PENDING_EMBED_MAX": 4, "READ_AHEAD_MAX": 6}
     embedded, release = [], threading.Event()
@@ -848,7 +847,7 @@ def test_a_flood_of_adds_keeps_at_most_the_read_ahead_bound_queued(
         for session in (alice_session, bob_session, globex_session):
             turns = [MessageIn(role="user", content=f"{speakers[session.pk]} says line {i}.{j}") for j in range(3)]
             with django_capture_on_commit_callbacks(execute=True):
-                last_add[session.pk] = services.messages_add(session=session, messages=turns)
+                last_add[session.pk] = messages_add(session=session, messages=turns)
     alice = alice_session.user
     with batcher._queue.mutex:
         entries = list(batcher._queue.queue)

@@ -11,10 +11,12 @@ import uuid
 import numpy as np
 import pytest
 
-from memory import retrieval, selectors, services
+from memory import retrieval, selectors
 from memory.inference import registry
 from memory.retrieval import DocKey, rrf_fuse, tsvector_tokens, vector
-from memory.services import MessageIn
+from memory.services.messages import MessageIn, messages_add
+from memory.services.sessions import session_create
+from memory.services.users import user_create
 
 
 def test_tsvector_tokens_repeat_each_lexeme_per_position():
@@ -49,7 +51,7 @@ def test_rrf_weights_order_the_fusion():
 
 
 def _trail_conversation(alice_session):
-    return services.messages_add(
+    return messages_add(
         session=alice_session,
         messages=[
             MessageIn(role="user", content="Which hiking trail did you pick in Patagonia?"),
@@ -117,12 +119,12 @@ def test_evicting_a_user_with_pending_messages_loses_nothing(alice_session, bob_
     """Alice's service is evicted while her messages are pending: they stay pending, are found, then flushed."""
     from buffers import services as buffers
 
-    [kayak] = services.messages_add(
-        session=alice_session, messages=[services.MessageIn(role="user", content="I bought a red kayak for the lake.")]
+    [kayak] = messages_add(
+        session=alice_session, messages=[MessageIn(role="user", content="I bought a red kayak for the lake.")]
     )
-    services.messages_add(
+    messages_add(
         session=bob_session,
-        messages=[services.MessageIn(role="user", content=f"My dog Pepper chased ball number {i}.") for i in range(20)],
+        messages=[MessageIn(role="user", content=f"My dog Pepper chased ball number {i}.") for i in range(20)],
     )
     alice, bob = alice_session.user, bob_session.user
     alice.refresh_from_db()
@@ -169,8 +171,8 @@ def flushed_user(agent, name: str, vectors: np.ndarray, texts: list[str] | None 
 
     from memory.models import Message
 
-    user = services.user_create(tenant_id=agent.tenant_id, name=name)
-    session = services.session_create(user=user, agent=agent, name=f"{name}-chat")
+    user = user_create(tenant_id=agent.tenant_id, name=name)
+    session = session_create(user=user, agent=agent, name=f"{name}-chat")
     now = timezone.now()
     texts = texts or [f"turn {i}" for i in range(len(vectors))]
     rows = Message.objects.bulk_create(
@@ -264,7 +266,7 @@ def _cross_encoder_order(path, query: str, texts: list[str]) -> list[int]:
 
 
 def _garden(alice_session):
-    rows = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=t) for t in GARDEN])
+    rows = messages_add(session=alice_session, messages=[MessageIn(role="user", content=t) for t in GARDEN])
     alice = alice_session.user
     alice.refresh_from_db()
     return alice, {row.pk: row.index_text for row in rows}
@@ -378,9 +380,9 @@ def test_prf_scores_against_the_query_moved_toward_the_feedback_documents(alice_
     from buffers.services import flush_pending
 
     settings.MEMFUSE = {**settings.MEMFUSE, "VECTOR_CONTEXT_TURNS": 0}
-    rows = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=t) for t in GARDEN])
+    rows = messages_add(session=alice_session, messages=[MessageIn(role="user", content=t) for t in GARDEN])
     flush_pending(user_id=alice_session.user_id)
-    pending = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="Not flushed.")])
+    pending = messages_add(session=alice_session, messages=[MessageIn(role="user", content="Not flushed.")])
     documents = registry.embed_documents([row.index_text for row in rows + pending])
     query = registry.embed(["weather forecast"])[0]
     moved = query + 0.75 * documents[:2].mean(axis=0)
@@ -442,9 +444,9 @@ def test_vector_retriever_finds_an_answer_through_its_neighbours(alice, agent, s
     from buffers.services import flush_pending
 
     settings.MEMFUSE = {**settings.MEMFUSE, "VECTOR_CONTEXT_TURNS": context_turns, "VECTOR_OWN_WEIGHT": 2}
-    trip, other = (services.session_create(user=alice, agent=agent, name=name) for name in ("trip", "other"))
-    _, answer, _ = services.messages_add(session=trip, messages=[MessageIn(role="user", content=t) for t in PATAGONIA])
-    _, lookalike, _ = services.messages_add(
+    trip, other = (session_create(user=alice, agent=agent, name=name) for name in ("trip", "other"))
+    _, answer, _ = messages_add(session=trip, messages=[MessageIn(role="user", content=t) for t in PATAGONIA])
+    _, lookalike, _ = messages_add(
         session=other, messages=[MessageIn(role="user", content=t) for t in ELSEWHERE]
     )
     if flushed:
@@ -462,9 +464,9 @@ def test_vector_context_score_is_the_weighted_mean_of_the_sessions_neighbours(al
     from buffers.services import flush_pending
 
     settings.MEMFUSE = {**settings.MEMFUSE, "VECTOR_CONTEXT_TURNS": 1, "VECTOR_OWN_WEIGHT": 2}
-    trip, other = (services.session_create(user=alice, agent=agent, name=name) for name in ("trip", "other"))
-    rows = services.messages_add(session=trip, messages=[MessageIn(role="user", content=t) for t in PATAGONIA])
-    rows += services.messages_add(session=other, messages=[MessageIn(role="user", content=t) for t in ELSEWHERE])
+    trip, other = (session_create(user=alice, agent=agent, name=name) for name in ("trip", "other"))
+    rows = messages_add(session=trip, messages=[MessageIn(role="user", content=t) for t in PATAGONIA])
+    rows += messages_add(session=other, messages=[MessageIn(role="user", content=t) for t in ELSEWHERE])
     flush_pending(user_id=alice.pk)
     alice.refresh_from_db()
     query = "glacier hike"
@@ -521,7 +523,7 @@ def _pottery_exchange(session):
         ("Will you bring one to the picnic?", "Will"),
         ("I loved the class, the teacher was so patient.", "Caroline"),
     ]
-    return services.messages_add(
+    return messages_add(
         session=session,
         messages=[MessageIn(role="user", content=text, metadata={"speaker": speaker}) for text, speaker in turns],
     )

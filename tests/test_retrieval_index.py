@@ -17,12 +17,16 @@ import pytest
 from django.db import connection
 
 from buffers.services import flush_pending
-from memory import retrieval, selectors, services
+from memory import retrieval, selectors
 from memory.inference import registry
 from memory.retrieval import cache, store
 from memory.retrieval.bm25 import KINDS, KNOWLEDGE, MESSAGE, BM25Index, Document
 from memory.retrieval.keys import DocKey
-from memory.services import MessageIn
+from memory.services.common import _bump_memory_version
+from memory.services.knowledge import knowledge_add
+from memory.services.messages import MessageIn, messages_add, messages_delete, messages_update
+from memory.services.sessions import session_create
+from memory.services.users import user_delete
 
 
 def context_documents(tokens: list[list[str]], sessions: list, *, window: int, own_weight: int) -> list[list[str]]:
@@ -113,7 +117,7 @@ def test_index_changed_in_place_scores_as_bm25s_over_the_context_documents():
 
 
 def _add(session, texts, **metadata):
-    return services.messages_add(session=session, messages=[MessageIn(role="user", content=t, metadata=metadata) for t in texts])
+    return messages_add(session=session, messages=[MessageIn(role="user", content=t, metadata=metadata) for t in texts])
 
 
 def _bm25(user, query: str, limit: int = 50):
@@ -150,7 +154,7 @@ def test_a_write_does_not_make_the_next_query_rebuild_the_index(alice_session):
     [boat] = _add(alice_session, ["I bought a red kayak."])
     alice.refresh_from_db()
     found = selectors.memory_query(user=alice, query="kayak", top_k=1)
-    services.messages_update(session=alice_session, message_ids=[boat.pk], new_messages=[MessageIn(role="user", content="I bought a canoe.")])
+    messages_update(session=alice_session, message_ids=[boat.pk], new_messages=[MessageIn(role="user", content="I bought a canoe.")])
     alice.refresh_from_db()
     after_edit = selectors.memory_query(user=alice, query="canoe", top_k=1)
 
@@ -163,7 +167,7 @@ def test_an_index_kept_up_by_writes_ranks_as_one_built_from_scratch(alice, agent
     BM25 ranking (keys and scores) equals that of an index built from the rows."""
     rng = random.Random(3)
     words = "lisbon kayak garden pottery glacier bakery trail sister architect picnic".split()
-    sessions = [services.session_create(user=alice, agent=agent, name=f"s{i}") for i in range(3)]
+    sessions = [session_create(user=alice, agent=agent, name=f"s{i}") for i in range(3)]
     queries = ["kayak trail", "sister lisbon architect", "garden picnic pottery", "glacier"]
     added = []
     for step in range(24):
@@ -173,15 +177,15 @@ def test_an_index_kept_up_by_writes_ranks_as_one_built_from_scratch(alice, agent
             added += _add(rng.choice(sessions), texts)
         elif choice < 0.75:
             victim = added.pop(rng.randrange(len(added)))
-            services.messages_delete(session=victim.session, message_ids=[victim.pk])
+            messages_delete(session=victim.session, message_ids=[victim.pk])
         elif choice < 0.9:
             target = rng.choice(added)
-            services.messages_update(
+            messages_update(
                 session=target.session, message_ids=[target.pk],
                 new_messages=[MessageIn(role="user", content=" ".join(rng.sample(words, 3)))],
             )
         else:
-            services.knowledge_add(user=alice, contents=[" ".join(rng.sample(words, 2))])
+            knowledge_add(user=alice, contents=[" ".join(rng.sample(words, 2))])
         if step == 12:
             flush_pending(user_id=alice.pk)  # a snapshot too, and context embeddings
         for query in queries:
@@ -196,10 +200,10 @@ def test_edits_and_deletes_are_reflected_at_once_by_both_retrievers(alice_sessio
     flush_pending(user_id=alice_session.user_id)
     beagle, _, bread = rows
     alice = alice_session.user
-    services.messages_update(
+    messages_update(
         session=alice_session, message_ids=[beagle.pk], new_messages=[MessageIn(role="user", content="I adopted a cat called Miso.")]
     )
-    services.messages_delete(session=alice_session, message_ids=[bread.pk])
+    messages_delete(session=alice_session, message_ids=[bread.pk])
     alice.refresh_from_db()
 
     def ids(query, **overrides):
@@ -283,7 +287,7 @@ def test_a_snapshot_is_stored_in_bounded_parts_and_read_back_whole(alice_session
     assert _snapshot_bytes(user_id) == data
     assert store.load(user_id).search(retrieval.query_tokens("ridge hike"), limit=50) == _fresh_bm25(alice_session.user, "ridge hike")
 
-    services.messages_delete(session=alice_session, message_ids=[row.pk for row in rows[5:]])
+    messages_delete(session=alice_session, message_ids=[row.pk for row in rows[5:]])
     smaller = store.load(user_id)
     assert store.snapshot_save(smaller, user_id)
     assert _snapshot_bytes(user_id) == smaller.to_bytes() and len(smaller.to_bytes()) < len(data)
@@ -304,7 +308,7 @@ def test_a_snapshot_write_waits_for_a_delete_of_its_user_and_then_writes_nothing
     _add(alice_session, ["Then we swam in the lake."])
     newer = store.load(user.pk)
     holds, may_go, results = threading.Event(), threading.Event(), {}
-    real_bump = services._bump_memory_version
+    real_bump = _bump_memory_version
 
     def pausing(user_id):
         bucket = real_bump(user_id)
@@ -312,7 +316,7 @@ def test_a_snapshot_write_waits_for_a_delete_of_its_user_and_then_writes_nothing
         may_go.wait(20)
         return bucket
 
-    monkeypatch.setattr(services, "_bump_memory_version", pausing)
+    monkeypatch.setattr("memory.services.users._bump_memory_version", pausing)
 
     def run(name, work):
         try:
@@ -322,7 +326,7 @@ def test_a_snapshot_write_waits_for_a_delete_of_its_user_and_then_writes_nothing
         finally:
             connection.close()
 
-    deleter = threading.Thread(target=run, args=("delete", lambda: services.user_delete(user=user)))
+    deleter = threading.Thread(target=run, args=("delete", lambda: user_delete(user=user)))
     deleter.start()
     assert holds.wait(10)
     writer = threading.Thread(target=run, args=("snapshot", lambda: store.snapshot_save(newer, user.pk)))
@@ -446,7 +450,7 @@ def test_deletions_a_snapshot_absorbed_make_an_older_cache_reload(alice_session)
     alice = alice_session.user
     _bm25(alice, "pottery")  # cached at this version
     memory = retrieval.user_memory(alice.pk)
-    services.messages_delete(session=alice_session, message_ids=[rows[0].pk])
+    messages_delete(session=alice_session, message_ids=[rows[0].pk])
     index = store.load(alice.pk)
     store.snapshot_save(index, alice.pk)  # another process's flush, say
     with connection.cursor() as cursor:
@@ -487,8 +491,8 @@ def test_a_query_after_a_large_add_embeds_at_most_the_bound_and_finds_the_newest
     """After an add of 300 messages, a query embeds at most PENDING_EMBED_MAX of them (the
     newest), still finds the newest by meaning, and the oldest by its words (BM25)."""
     settings.MEMFUSE = {**settings.MEMFUSE, "PENDING_EMBED_MAX": 8}
-    monkeypatch.setattr(services, "_start_embeddings", lambda *args: None)  # all on demand, counted
-    monkeypatch.setattr(services, "_prefetch_embeddings", lambda *args: None)
+    monkeypatch.setattr("memory.services.messages._start_embeddings", lambda *args: None)  # all on demand, counted
+    monkeypatch.setattr("memory.services.messages._prefetch_embeddings", lambda *args: None)
     submitted = []
     submit_query = registry.submit_query
 

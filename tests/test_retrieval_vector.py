@@ -10,11 +10,12 @@ import pytest
 from django.db import connection
 
 from buffers.services import flush_pending
-from memory import selectors, services
+from memory import selectors
 from memory.models import Message
 from memory.pgvector_binary import use_binary_vectors
 from memory.retrieval import vector
-from memory.services import MessageIn
+from memory.services.messages import MessageIn, messages_add, messages_delete, messages_update
+from memory.services.sessions import session_create, session_delete
 from tests.test_retrieval import flushed_user, smoothed_cosines, unit
 
 
@@ -36,9 +37,9 @@ def _expected_contexts(embeddings: np.ndarray, *, window: int = 2, own: int = 2)
 def test_flush_writes_each_turns_context_embedding(alice_session):
     """After a flush, each turn's context embedding is the weighted mean of its own and its
     neighbours' embeddings (VECTOR_CONTEXT_TURNS either side, its own VECTOR_OWN_WEIGHT times)."""
-    services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=f"Turn {i} about hiking.") for i in range(6)])
+    messages_add(session=alice_session, messages=[MessageIn(role="user", content=f"Turn {i} about hiking.") for i in range(6)])
     flush_pending(user_id=alice_session.user_id)
-    services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="A late turn about kayaks.")])
+    messages_add(session=alice_session, messages=[MessageIn(role="user", content="A late turn about kayaks.")])
     flush_pending(user_id=alice_session.user_id)  # the earlier turns' windows now reach it
 
     _, embeddings, contexts = _contexts(alice_session)
@@ -49,10 +50,10 @@ def test_flush_writes_each_turns_context_embedding(alice_session):
 def test_edits_and_deletes_rewrite_the_neighbours_context_embeddings(alice_session):
     """An edited turn leaves its neighbours' contexts (until its flush puts its new text in);
     a deleted one leaves them for good, and their windows move on to the next turns."""
-    rows = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=f"Note {i} on gardens.") for i in range(7)])
+    rows = messages_add(session=alice_session, messages=[MessageIn(role="user", content=f"Note {i} on gardens.") for i in range(7)])
     flush_pending(user_id=alice_session.user_id)
-    services.messages_update(session=alice_session, message_ids=[rows[3].pk], new_messages=[MessageIn(role="user", content="Edited.")])
-    services.messages_delete(session=alice_session, message_ids=[rows[5].pk])
+    messages_update(session=alice_session, message_ids=[rows[3].pk], new_messages=[MessageIn(role="user", content="Edited.")])
+    messages_delete(session=alice_session, message_ids=[rows[5].pk])
 
     ids, embeddings, _ = zip(*[(r.pk, r.embedding, r.context_embedding) for r in Message.objects.filter(session=alice_session).order_by("position")])
     by_id = {r.pk: r for r in Message.objects.filter(session=alice_session)}
@@ -91,7 +92,7 @@ def test_a_long_history_moves_to_the_hnsw_index_and_keeps_its_ranking(agent, set
     vectors = unit(rng.normal(size=(400, EMBEDDING_DIM)))
     user, ids = flushed_user(agent, "long", vectors)
     small, _ = flushed_user(agent, "short", unit(rng.normal(size=(50, EMBEDDING_DIM))))
-    services.messages_add(session=user.sessions.get(), messages=[MessageIn(role="user", content="one more turn")])
+    messages_add(session=user.sessions.get(), messages=[MessageIn(role="user", content="one more turn")])
     flush_pending(user_id=user.pk)  # the flush that notices the history's length
     flush_pending(user_id=small.pk)
     user.refresh_from_db()
@@ -123,10 +124,10 @@ def _echo_user(agent, settings, *, distinct: int = 12, times: int = 40) -> tuple
     turns = unit(np.random.default_rng(3).normal(size=(distinct, EMBEDDING_DIM)))
     user, _ = flushed_user(agent, "echo", np.tile(turns, (times, 1)))
     first = user.sessions.get()
-    services.messages_add(session=first, messages=[MessageIn(role="user", content="one more turn")])
+    messages_add(session=first, messages=[MessageIn(role="user", content="one more turn")])
     flush_pending(user_id=user.pk)  # the flush that moves the user to the index
     user.refresh_from_db()
-    second = services.session_create(user=user, agent=agent, name="echo-again")
+    second = session_create(user=user, agent=agent, name="echo-again")
     now = timezone.now()
     rows = Message.objects.bulk_create(
         Message(session=second, user=user, position=i, role="user", content=f"again {i}", index_text=f"again {i}",
@@ -216,15 +217,15 @@ def test_when_the_row_in_the_index_leaves_a_copy_takes_its_place(agent, settings
     deleted, edited = in_index.order_by("position").values_list("pk", flat=True)[4:6]
     digests = dict(Message.objects.filter(pk__in=[deleted, edited]).values_list("pk", "context_digest"))
 
-    services.messages_delete(session=first, message_ids=[deleted])
-    services.messages_update(session=first, message_ids=[edited], new_messages=[MessageIn(role="user", content="changed")])
+    messages_delete(session=first, message_ids=[deleted])
+    messages_update(session=first, message_ids=[edited], new_messages=[MessageIn(role="user", content="changed")])
 
     groups = _rows_in_the_index(user)
     assert groups[digests[deleted]].count(False) == 1 and groups[digests[edited]].count(False) == 1
     assert not Message.objects.filter(pk=edited, ann_bucket__isnull=False).exists()
     assert _top_k_are_the_exact_top_k(user, queries)
 
-    services.session_delete(session=first)
+    session_delete(session=first)
 
     groups = _rows_in_the_index(user)
     assert groups and set(Message.objects.filter(user=user).values_list("session", flat=True)) == {second.pk}
@@ -313,7 +314,7 @@ def test_a_flush_that_waited_for_the_move_to_the_hnsw_index_writes_into_its_buck
     vectors = unit(np.random.default_rng(10).normal(size=(20, EMBEDDING_DIM)))
     user, _ = flushed_user(agent, "moving", vectors)
     session = user.sessions.get()
-    services.messages_add(session=session, messages=[MessageIn(role="user", content=f"new {i}") for i in range(3)])
+    messages_add(session=session, messages=[MessageIn(role="user", content=f"new {i}") for i in range(3)])
     token = uuid.uuid4()
     claimed = flush._claim(user_id=user.pk, session_id=None, token=token, limit=10)
     move_holds, move_may_commit = threading.Event(), threading.Event()
@@ -390,9 +391,9 @@ def test_a_query_of_an_ann_user_finds_a_pending_message_too(alice_session, setti
     """Read your writes holds on the approximate path: a message added after the user moved
     to the HNSW index is found before its flush, and after it."""
     settings.MEMFUSE = {**settings.MEMFUSE, "ANN_MIN_MESSAGES": 20}
-    services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=f"Log {i}: tea at noon.") for i in range(25)])
+    messages_add(session=alice_session, messages=[MessageIn(role="user", content=f"Log {i}: tea at noon.") for i in range(25)])
     flush_pending(user_id=alice_session.user_id)
-    [boat] = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="I bought a red kayak for the lake.")])
+    [boat] = messages_add(session=alice_session, messages=[MessageIn(role="user", content="I bought a red kayak for the lake.")])
     alice = alice_session.user
     alice.refresh_from_db()
     assert alice.ann_bucket is not None
@@ -414,12 +415,12 @@ def test_a_flush_writes_the_embedding_a_query_made_for_a_pending_turn(alice_sess
     from memory.inference import registry
 
     assert registry.queries_embed_documents()
-    monkeypatch.setattr(services, "_start_embeddings", lambda rows: None)  # only what a query embedded
-    [asked] = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="I adopted a grey kitten named Ash.")])
+    monkeypatch.setattr("memory.services.messages._start_embeddings", lambda rows: None)  # only what a query embedded
+    [asked] = messages_add(session=alice_session, messages=[MessageIn(role="user", content="I adopted a grey kitten named Ash.")])
     user = alice_session.user
     user.refresh_from_db()
     retrieval.hybrid_search(user_id=user.pk, memory_version=user.memory_version, query="Which pet did I adopt?", top_k=3)
-    [later] = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content="Ash sleeps on the piano.")])
+    [later] = messages_add(session=alice_session, messages=[MessageIn(role="user", content="Ash sleeps on the piano.")])
     embedded: list[str] = []
     real_embed = registry.embed
     monkeypatch.setattr(registry, "embed", lambda texts, **options: embedded.extend(texts) or real_embed(texts, **options))
@@ -442,12 +443,12 @@ def test_a_flush_writes_the_turns_query_embedding_for_the_message_with_its_words
     from memory.inference import registry
 
     said = "We finally booked the cabin in the mountains for July."
-    monkeypatch.setattr(services, "_start_embeddings", lambda rows: None)  # the query's embedding alone
+    monkeypatch.setattr("memory.services.messages._start_embeddings", lambda rows: None)  # the query's embedding alone
     user = alice_session.user
     user.refresh_from_db()
     retrieval.reset_user_cache()  # nothing of alice's cached: the reuse is the query model's alone
     retrieval.hybrid_search(user_id=user.pk, memory_version=user.memory_version, query=said, top_k=3)
-    added = services.messages_add(
+    added = messages_add(
         session=alice_session,
         messages=[MessageIn(role="user", content=said), MessageIn(role="assistant", content="That sounds lovely, enjoy July!")],
     )
@@ -470,7 +471,7 @@ def test_an_add_starts_embedding_its_newest_messages_and_the_flush_writes_those(
 
     settings.MEMFUSE = {**settings.MEMFUSE, "PENDING_EMBED_MAX": 2}
     texts = ["The ferry leaves at seven.", "We packed sandwiches.", "Dad forgot the tickets.", "We took the next boat."]
-    rows = services.messages_add(session=alice_session, messages=[MessageIn(role="user", content=text) for text in texts])
+    rows = messages_add(session=alice_session, messages=[MessageIn(role="user", content=text) for text in texts])
     embedded: list[str] = []
     real_embed = registry.embed
     monkeypatch.setattr(registry, "embed", lambda batch, **options: embedded.extend(batch) or real_embed(batch, **options))

@@ -20,9 +20,12 @@ from django.db import close_old_connections
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from memory import services
 from memory.models import Agent, Session, User
-from memory.services import MessageIn
+from memory.services.agents import agent_create
+from memory.services.knowledge import knowledge_add
+from memory.services.messages import MessageIn, messages_add
+from memory.services.sessions import session_create
+from memory.services.users import user_create
 from tests.envelopes import assert_error, assert_success
 
 MAX_EXAMPLES = 6  # per operation and phase: enough to reach every status, short enough for the suite
@@ -123,13 +126,13 @@ def _ensure_objects(world: dict) -> dict[str, str]:
     """Real ids for the path parameters: alice, an agent and her session, made again (under fresh
     names) when a fuzzed DELETE removed them. Fuzzed PUTs may rename them, so they are kept by id."""
     tenant = world["tenant"]
-    user = User.objects.filter(pk=world.get("user_id")).first() or services.user_create(
+    user = User.objects.filter(pk=world.get("user_id")).first() or user_create(
         tenant_id=tenant.pk, name=f"alice-{uuid.uuid4().hex[:8]}"
     )
-    agent = Agent.objects.filter(pk=world.get("agent_id")).first() or services.agent_create(
+    agent = Agent.objects.filter(pk=world.get("agent_id")).first() or agent_create(
         tenant_id=tenant.pk, name=f"assistant-{uuid.uuid4().hex[:8]}"
     )
-    session = Session.objects.filter(pk=world.get("session_id"), user=user, agent=agent).first() or services.session_create(
+    session = Session.objects.filter(pk=world.get("session_id"), user=user, agent=agent).first() or session_create(
         user=user, agent=agent, name=f"chat-{uuid.uuid4().hex[:8]}"
     )
     world.update(user_id=str(user.pk), agent_id=str(agent.pk), session_id=str(session.pk))
@@ -140,14 +143,14 @@ def _query_user(world: dict) -> str:
     """Queries go to bob, with a few messages and a fact: a query embeds the user's pending
     messages, and alice gets thousands of fuzzed ones (minutes of embedding)."""
     if "bob_id" not in world:
-        bob = services.user_create(tenant_id=world["tenant"].pk, name="bob")
-        agent = services.agent_create(tenant_id=world["tenant"].pk, name="bob-agent")
-        session = services.session_create(user=bob, agent=agent, name="bob-chat")
-        services.messages_add(
+        bob = user_create(tenant_id=world["tenant"].pk, name="bob")
+        agent = agent_create(tenant_id=world["tenant"].pk, name="bob-agent")
+        session = session_create(user=bob, agent=agent, name="bob-chat")
+        messages_add(
             session=session,
             messages=[MessageIn(role="user", content="My dog Pepper loves the beach."), MessageIn(role="assistant", content="Nice!")],
         )
-        services.knowledge_add(user=bob, contents=["Bob lives in Porto."])
+        knowledge_add(user=bob, contents=["Bob lives in Porto."])
         world["bob_id"] = str(bob.pk)
     return world["bob_id"]
 

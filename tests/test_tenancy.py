@@ -13,9 +13,12 @@ from django.utils import timezone
 from rest_framework.request import Request
 from rest_framework.test import APIRequestFactory
 
-from memory import services, tenancy
+from memory import tenancy
 from memory.api.auth import ApiKeyAuthentication, is_operator
 from memory.models import Agent, ApiKey, KeyScope, Knowledge, Message, Session, User
+from memory.services.api_keys import api_key_create, api_key_revoke
+from memory.services.knowledge import knowledge_add
+from memory.services.sessions import session_create
 from tests.conftest import key_client
 from tests.envelopes import assert_error, assert_success
 
@@ -28,14 +31,14 @@ def unusable_key(which: str, tenant) -> str | None:
         return None
     if which == "unknown":
         return "nope1234.abcdefghijklmnopqrstuvwxyz012345"
-    api_key, key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name=which)
+    api_key, key = api_key_create(scope=KeyScope.TENANT, tenant=tenant, name=which)
     if which == "wrong-secret":
         prefix, secret = key.split(".")
         return f"{prefix}.{'x' if secret[0] != 'x' else 'y'}{secret[1:]}"
     if which == "expired":
         ApiKey.objects.filter(pk=api_key.pk).update(expiry_date=timezone.now() - timedelta(seconds=1))
     if which == "revoked":
-        services.api_key_revoke(api_key=api_key)
+        api_key_revoke(api_key=api_key)
     return key
 
 
@@ -66,11 +69,11 @@ def test_health_needs_no_key_and_ignores_a_bad_one(db, anonymous_api):
 
 def test_revoked_key_is_refused_at_once_in_this_process(api, tenant):
     """A key cached by an earlier request is forgotten when revoked (no wait for the cache TTL)."""
-    api_key, key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="soon revoked")
+    api_key, key = api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="soon revoked")
     client = key_client(key)
     assert_success(client.get("/api/v1/users"))
 
-    services.api_key_revoke(api_key=api_key)
+    api_key_revoke(api_key=api_key)
 
     assert_error(client.get("/api/v1/users"), 401, None)
 
@@ -85,7 +88,7 @@ def test_keys_are_stored_hashed(tenant, tenant_key):
 
 def test_operator_key_sees_no_tenant_data_but_is_an_operator(alice):
     """An operator key is refused (403) on tenant endpoints; is_operator accepts it and staff sessions only."""
-    _, operator_key = services.api_key_create(scope=KeyScope.OPERATOR, name="ops")
+    _, operator_key = api_key_create(scope=KeyScope.OPERATOR, name="ops")
     assert_error(key_client(operator_key).get("/api/v1/users"), 403, None)
 
     factory = APIRequestFactory()
@@ -95,7 +98,7 @@ def test_operator_key_sees_no_tenant_data_but_is_an_operator(alice):
         request.user  # noqa: B018  (runs authentication)
         return request
 
-    tenant_key = services.api_key_create(scope=KeyScope.TENANT, tenant=alice.tenant, name="t")[1]
+    tenant_key = api_key_create(scope=KeyScope.TENANT, tenant=alice.tenant, name="t")[1]
     assert is_operator(request_with(operator_key))
     assert not is_operator(request_with(tenant_key))
     staff_request = factory.get("/")
@@ -111,8 +114,8 @@ def test_operator_key_sees_no_tenant_data_but_is_an_operator(alice):
 @pytest.fixture
 def acme_world(alice, agent, alice_session, alice_messages):
     """Acme's alice with a session, messages, knowledge and a user key."""
-    [knowledge] = services.knowledge_add(user=alice, contents=["Alice is vegetarian."])
-    api_key, _ = services.api_key_create(scope=KeyScope.USER, user=alice, name="alice key")
+    [knowledge] = knowledge_add(user=alice, contents=["Alice is vegetarian."])
+    api_key, _ = api_key_create(scope=KeyScope.USER, user=alice, name="alice key")
     return {
         "user": alice.pk,
         "agent": agent.pk,
@@ -243,7 +246,7 @@ def test_same_names_in_two_tenants(api, globex_api, alice, agent):
 
 @pytest.fixture
 def bob_api(bob):
-    return key_client(services.api_key_create(scope=KeyScope.USER, user=bob, name="bob key")[1])
+    return key_client(api_key_create(scope=KeyScope.USER, user=bob, name="bob key")[1])
 
 
 @pytest.mark.parametrize("method, path, body", ALICE_OBJECT_ENDPOINTS, ids=lambda v: v if isinstance(v, str) else "")
@@ -343,7 +346,7 @@ def create_key(client, user, **body) -> dict:
 
 def test_a_key_made_by_a_user_key_is_revoked_with_it_and_its_descendants_at_once(api, alice):
     """A user key's child and grandchild record their parents; revoking the first revokes all three in this process at once, not the keys the tenant made."""
-    _, parent_key = services.api_key_create(scope=KeyScope.USER, user=alice, name="phone")
+    _, parent_key = api_key_create(scope=KeyScope.USER, user=alice, name="phone")
     child = create_key(key_client(parent_key), alice, name="child")
     grandchild = create_key(key_client(child["key"]), alice, name="grandchild")
     sibling = create_key(api, alice, name="made by the tenant")
@@ -369,7 +372,7 @@ def test_a_key_made_by_a_user_key_is_revoked_with_it_and_its_descendants_at_once
 def test_a_key_made_by_a_user_key_expires_no_later_than_it(alice):
     """No expires_at: the child takes its parent's expiry; a later one is a 400 naming expires_at; an earlier one is kept."""
     parent_expiry = timezone.now() + timedelta(days=1)
-    _, parent_key = services.api_key_create(scope=KeyScope.USER, user=alice, name="phone", expires_at=parent_expiry)
+    _, parent_key = api_key_create(scope=KeyScope.USER, user=alice, name="phone", expires_at=parent_expiry)
     as_parent = key_client(parent_key)
 
     inherited = create_key(as_parent, alice)
@@ -391,13 +394,13 @@ def test_a_key_created_while_its_parent_is_being_revoked_is_refused(alice):
 
     from memory.errors import Unauthenticated
 
-    parent, parent_key = services.api_key_create(scope=KeyScope.USER, user=alice, name="phone")
+    parent, parent_key = api_key_create(scope=KeyScope.USER, user=alice, name="phone")
     creator = tenancy.resolve_key(parent_key)
     outcome = []
 
     def create_child():
         try:
-            outcome.append(services.api_key_create(scope=KeyScope.USER, user=alice, name="child", created_by=creator))
+            outcome.append(api_key_create(scope=KeyScope.USER, user=alice, name="child", created_by=creator))
         except Unauthenticated as exc:
             outcome.append(exc)
         finally:
@@ -405,7 +408,7 @@ def test_a_key_created_while_its_parent_is_being_revoked_is_refused(alice):
 
     thread = threading.Thread(target=create_child)
     with transaction.atomic():
-        services.api_key_revoke(api_key=parent)
+        api_key_revoke(api_key=parent)
         thread.start()
         thread.join(timeout=1)
         waited = thread.is_alive()
@@ -450,27 +453,27 @@ def test_rate_limit_per_key_answers_429_with_retry_after(api, tenant, settings):
 
     assert_error(response, 429, None)
     assert 0 < int(response["Retry-After"]) <= 3600
-    other = key_client(services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="other")[1])
+    other = key_client(api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="other")[1])
     assert_success(other.get("/api/v1/users"))
 
 
 def test_the_tenant_rate_limit_counts_every_key_of_the_tenant(api, tenant, alice, settings, globex_api):
     """Past API_TENANT_RATE_LIMIT the tenant's keys, new ones too, get 429 naming it; another tenant and operator keys are not counted."""
     settings.MEMFUSE = {**settings.MEMFUSE, "API_RATE_LIMIT": "4/hour", "API_TENANT_RATE_LIMIT": "6/hour"}
-    user_key = key_client(services.api_key_create(scope=KeyScope.USER, user=alice, name="alice")[1])
+    user_key = key_client(api_key_create(scope=KeyScope.USER, user=alice, name="alice")[1])
     for _ in range(4):
         assert_success(api.get("/api/v1/users"))
     assert_success(user_key.get("/api/v1/users"))
     assert_success(user_key.get("/api/v1/users"))
 
     refused = user_key.get("/api/v1/users")
-    new_key = key_client(services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="new")[1])
+    new_key = key_client(api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="new")[1])
 
     body = assert_error(refused, 429, None)
     assert "API_TENANT_RATE_LIMIT" in body["message"] and 0 < int(refused["Retry-After"]) <= 3600
     assert "API_TENANT_RATE_LIMIT" in assert_error(new_key.get("/api/v1/users"), 429, None)["message"]
     assert_success(globex_api.get("/api/v1/users"))
-    _, operator_key = services.api_key_create(scope=KeyScope.OPERATOR, name="ops")
+    _, operator_key = api_key_create(scope=KeyScope.OPERATOR, name="ops")
     for _ in range(4):
         assert_success(key_client(operator_key).get("/api/v1/admin/stats"))
 
@@ -483,7 +486,7 @@ def test_a_key_past_its_own_limit_does_not_use_up_its_tenants_budget(api, tenant
     for _ in range(5):
         assert "(API_RATE_LIMIT)" in assert_error(api.get("/api/v1/users"), 429, None)["message"]
 
-    other = key_client(services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="other")[1])
+    other = key_client(api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="other")[1])
 
     assert_success(other.get("/api/v1/users"))
     assert_success(other.get("/api/v1/users"))
@@ -590,7 +593,7 @@ def test_services_refuse_a_session_across_tenants(alice, globex_agent):
     from memory.errors import NotFound
 
     with pytest.raises(NotFound):
-        services.session_create(user=alice, agent=globex_agent)
+        session_create(user=alice, agent=globex_agent)
     assert not Session.objects.exists()
 
 

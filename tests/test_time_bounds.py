@@ -15,9 +15,9 @@ from channels.testing import WebsocketCommunicator
 from django.db import close_old_connections
 
 from buffers.services import flush_pending
-from memory import services
 from memory.models import Knowledge
-from memory.services import MessageIn
+from memory.services.knowledge import knowledge_add
+from memory.services.messages import MessageIn, messages_add
 from tests.envelopes import assert_error, assert_success
 
 MARCH_1 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
@@ -54,7 +54,7 @@ def query(api, user, **body) -> list[dict]:
 @pytest.fixture
 def plans(alice_session):
     """Alice's three plans, one a week (1, 8 and 15 March 2026, 09:00 UTC), as an imported chat would set them."""
-    rows = services.messages_add(
+    rows = messages_add(
         session=alice_session, messages=[MessageIn(role="user", content=text, created_at=at) for at, text in PLANS]
     )
     return {at: row for (at, _), row in zip(PLANS, rows)}
@@ -146,7 +146,7 @@ def test_a_window_with_nothing_in_it_is_an_empty_result(api, alice, plans):
 @pytest.mark.django_db
 def test_knowledge_is_filtered_by_its_creation_time(api, alice, plans):
     """A knowledge item created on 8 March is found in a window around that day, not in one before."""
-    (fact,) = services.knowledge_add(user=alice, contents=["Alice plans every holiday trip with her sister."])
+    (fact,) = knowledge_add(user=alice, contents=["Alice plans every holiday trip with her sister."])
     Knowledge.objects.filter(pk=fact.pk).update(created_at=MARCH_8 + timedelta(hours=2))
 
     around = query(api, alice, since=iso(MARCH_8 + timedelta(hours=1)), until=iso(MARCH_8 + timedelta(hours=3)))

@@ -25,10 +25,10 @@ from django.utils import timezone
 
 from buffers import events
 from buffers.services import flush_pending
-from memory import services
 from memory.api import consumers
 from memory.inference import EmbeddingProcessError, registry
 from memory.models import ApiKey, KeyScope, Message
+from memory.services.api_keys import api_key_create, api_key_revoke
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -163,11 +163,11 @@ async def test_authorize_refusal_looks_like_an_unknown_session(connect, alice_se
 
 def _unusable_keys(tenant) -> dict[str, str | None]:
     """A missing, unknown, wrong-secret, expired and revoked key (committed rows)."""
-    live, live_key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="live")
-    expired, expired_key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="expired")
+    live, live_key = api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="live")
+    expired, expired_key = api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="expired")
     ApiKey.objects.filter(pk=expired.pk).update(expiry_date=timezone.now() - timedelta(seconds=1))
-    revoked, revoked_key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="revoked")
-    services.api_key_revoke(api_key=revoked)
+    revoked, revoked_key = api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="revoked")
+    api_key_revoke(api_key=revoked)
     prefix, secret = live_key.split(".")
     return {
         "none": None,
@@ -197,14 +197,14 @@ async def test_key_revoked_or_expired_while_open_ends_the_socket_at_the_next_fra
     connect, alice_session, tenant, monkeypatch, ending
 ):
     """The key works, then is revoked (or reaches its expiry): the next frame gets 401 and close 4401, nothing stored."""
-    api_key, key = await database_sync_to_async(services.api_key_create)(
+    api_key, key = await database_sync_to_async(api_key_create)(
         scope=KeyScope.TENANT, tenant=tenant, name="short-lived", expires_at=timezone.now() + timedelta(hours=1)
     )
     communicator = await connect(alice_session.pk, key=key)
     await add(communicator, [{"role": "user", "content": "before"}])
 
     if ending == "revoked":
-        await database_sync_to_async(services.api_key_revoke)(api_key=api_key)
+        await database_sync_to_async(api_key_revoke)(api_key=api_key)
     else:
         later = timezone.now() + timedelta(hours=2)
         monkeypatch.setattr("memory.tenancy.timezone.now", lambda: later)
@@ -228,7 +228,7 @@ async def test_another_tenants_session_is_an_unknown_session(connect, alice_sess
 
 async def test_operator_key_sees_no_session(connect, alice_session):
     """An operator key belongs to no tenant: every session is unknown to it (404, close 4404)."""
-    _, operator_key = await database_sync_to_async(services.api_key_create)(scope=KeyScope.OPERATOR, name="ops")
+    _, operator_key = await database_sync_to_async(api_key_create)(scope=KeyScope.OPERATOR, name="ops")
     communicator = await connect(alice_session.pk, key=operator_key)
 
     assert (await receive(communicator))["error"]["code"] == 404
@@ -237,7 +237,7 @@ async def test_operator_key_sees_no_session(connect, alice_session):
 
 async def test_user_key_reaches_its_users_session_only(connect, alice, alice_session, bob_session):
     """A user key of bob opens bob's session, and alice's is unknown to it."""
-    _, bob_key = await database_sync_to_async(services.api_key_create)(
+    _, bob_key = await database_sync_to_async(api_key_create)(
         scope=KeyScope.USER, user=bob_session.user, name="bob"
     )
     own = await connect(bob_session.pk, key=bob_key)
@@ -479,7 +479,7 @@ async def test_unexpected_error_gets_500_frame_and_the_connection_stays_open(con
     communicator = await connect(alice_session.pk)
 
     with monkeypatch.context() as patch, caplog.at_level(logging.ERROR, logger="memory.api.consumers"):
-        patch.setattr(services, "messages_add", broken_messages_add)
+        patch.setattr("memory.api.consumers.messages_add", broken_messages_add)
         await communicator.send_json_to({"type": "messages.add", "messages": [VALID_MESSAGE], "request_id": "boom"})
         error = await receive(communicator)
 

@@ -16,16 +16,16 @@ from buffers import heartbeats
 from buffers import services as buffers
 from buffers.models import FlushJob, Priority, Reason, State, WorkerProcess
 from buffers.workers import FlushWorkerPool
-from memory import flush, services
+from memory import flush
 from memory.models import Message
-from memory.services import MessageIn
+from memory.services.messages import MessageIn, messages_add
 from tests.subprocesses import subprocess_env
 from tests.test_buffers import _start_worker, _wait_for
 
 
 def claim_for(process: str, session, n: int) -> FlushJob:
     """A running job of ``process`` whose flush has claimed ``n`` of ``session``'s pending messages."""
-    services.messages_add(session=session, messages=[MessageIn(role="user", content=f"claimed {i}") for i in range(n)])
+    messages_add(session=session, messages=[MessageIn(role="user", content=f"claimed {i}") for i in range(n)])
     FlushJob.objects.create(user_id=session.user_id, priority=Priority.NORMAL, reason=Reason.MANUAL, max_attempts=4)
     job = buffers.claim_next_job(worker=f"{process}/0", process=process)
     flush._claim(user_id=session.user_id, session_id=None, token=job.claim_token, limit=n)
@@ -108,7 +108,7 @@ def test_claims_of_a_worker_killed_mid_flush_are_released_within_10_s(alice_sess
     total = 240
     words = " ".join(f"word{i}" for i in range(120))  # long texts: a batch takes a while to embed
     for start in range(0, total, 80):
-        services.messages_add(
+        messages_add(
             session=alice_session, messages=[MessageIn(role="user", content=f"{start + i} {words}") for i in range(80)]
         )
     env = subprocess_env(FLUSH_BATCH_SIZE="16", FLUSH_WORKERS="1", FLUSH_TICK_SECONDS="0.5", TORCH_THREADS="1", BACKGROUND_EMBEDDING="thread")

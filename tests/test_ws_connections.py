@@ -23,8 +23,12 @@ from django.conf import settings
 from django.db import connection
 
 from benchmarks.server import free_loopback_port, uvicorn_command
-from memory import services
 from memory.models import KeyScope
+from memory.services.agents import agent_create
+from memory.services.api_keys import api_key_create
+from memory.services.sessions import session_create
+from memory.services.tenants import tenant_create
+from memory.services.users import user_create
 from tests.subprocesses import subprocess_env
 
 # Tens of seconds on two cores, longer under load (the 500 queries embed on the server's
@@ -133,13 +137,13 @@ SERVER_COMMANDS = {
 @pytest.mark.parametrize("server_kind", SERVER_COMMANDS)
 def test_500_websocket_clients_stay_within_the_pool(tmp_path, server_kind):
     """500 sockets over 200 users' sessions: the server never holds more than DB_POOL_MAX_SIZE connections, and every client is answered."""
-    tenant = services.tenant_create(name="stress")
-    key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="stress key")[1]
-    agent = services.agent_create(tenant_id=tenant.pk, name="assistant")
+    tenant = tenant_create(name="stress")
+    key = api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="stress key")[1]
+    agent = agent_create(tenant_id=tenant.pk, name="assistant")
     session_ids = []
     for i in range(USERS):
-        user = services.user_create(tenant_id=tenant.pk, name=f"user-{i}")
-        session_ids.append(str(services.session_create(user=user, agent=agent, name="chat").pk))
+        user = user_create(tenant_id=tenant.pk, name=f"user-{i}")
+        session_ids.append(str(session_create(user=user, agent=agent, name="chat").pk))
 
     env = subprocess_env(DB_POOL_MAX_SIZE=str(POOL_MAX), DB_POOL_MIN_SIZE="1", FLUSH_WORKERS="1")
     env["DATABASE_URL"] += f"?application_name={APP_NAME}"

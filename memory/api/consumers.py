@@ -15,7 +15,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
 from buffers import events
-from memory import selectors, services, tenancy
+from memory import selectors, tenancy
 from memory.api import limits
 from memory.api import serializers as s
 from memory.api.auth import WS_SUBPROTOCOL, check_rate
@@ -23,6 +23,7 @@ from memory.api.serializers import validated
 from memory.errors import InvalidInput, NotFound, Unauthenticated, error_for
 from memory.models import Session
 from memory.retrieval import RetrievalConfig
+from memory.services.messages import AddedMessages, messages_add
 from memory.tenancy import Principal
 
 logger = logging.getLogger(__name__)
@@ -283,13 +284,13 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             }
         )
 
-    def _messages_add(self, data: dict) -> services.AddedMessages:
+    def _messages_add(self, data: dict) -> AddedMessages:
         """Validate the whole batch, then store it (worker thread)."""
         principal = self._principal()
         messages = validated(s.MessagesAdd, data)["messages"]
         # Fresh: it may have been deleted.
         session = selectors.session_get(principal=principal, session_id=self.session_id)
-        return services.messages_add(session=session, messages=messages)
+        return messages_add(session=session, messages=messages)
 
     async def memory_query_frame(self, content: dict, request_id: str | int | None) -> None:
         data = _fields(content, "query", "top_k", "session_id", "agent_id", "retrieval", "since", "until")

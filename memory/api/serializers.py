@@ -12,7 +12,7 @@ from django.utils.dateparse import parse_datetime
 from rest_framework import serializers
 
 from memory.models import Agent, ApiKey, Knowledge, Message, Role, Session, User
-from memory.services import MessageIn
+from memory.services.messages import MessageIn
 
 
 def validated(serializer_class: type[serializers.Serializer], data) -> dict:

@@ -21,7 +21,7 @@ from django.db import connection, transaction
 from buffers import backlog as buffer_backlog
 from buffers import services as buffer_services
 from buffers.models import Priority, Reason, State
-from memory import selectors, services
+from memory import selectors
 from memory.api import admission
 from memory.api import serializers as s
 from memory.api.base import ConcurrentAPIView as APIView
@@ -31,6 +31,12 @@ from memory.api.serializers import validated
 from memory.errors import Forbidden, NotFound
 from memory.models import KeyScope
 from memory.retrieval import RetrievalConfig
+from memory.services.agents import agent_create, agent_delete, agent_update
+from memory.services.api_keys import api_key_create, api_key_revoke
+from memory.services.knowledge import knowledge_add, knowledge_delete, knowledge_update
+from memory.services.messages import messages_add, messages_delete, messages_update
+from memory.services.sessions import session_create, session_delete, session_update
+from memory.services.users import user_create, user_delete, user_update
 from memory.tenancy import Principal
 
 API_VERSION = "0.3.0"  # the MemFuse API generation we are compatible with (client 0.3.x)
@@ -108,7 +114,7 @@ class UsersView(APIView):
     def post(self, request):
         principal = _tenant_key_only(request, "create users")
         data = validated(s.NamedIn, request.data)
-        user = services.user_create(tenant_id=principal.tenant_id, **data)
+        user = user_create(tenant_id=principal.tenant_id, **data)
         return envelope({"user": s.UserOut(user).data}, code=201, message="User created successfully")
 
 
@@ -120,13 +126,13 @@ class UserDetailView(APIView):
     @api_doc("User", {"user": s.UserOut()}, request=s.NamedUpdate, errors=WITH_CONFLICT)
     def put(self, request, user_id):
         user = _user(request, user_id)
-        user = services.user_update(user=user, **validated(s.NamedUpdate, request.data))
+        user = user_update(user=user, **validated(s.NamedUpdate, request.data))
         return envelope({"user": s.UserOut(user).data}, message="User updated successfully")
 
     @api_doc("UserDeleted", {"user_id": s.serializers.UUIDField()})
     def delete(self, request, user_id):
         user = _user(request, user_id)
-        services.user_delete(user=user)
+        user_delete(user=user)
         return envelope({"user_id": user_id}, message="User deleted successfully")
 
 
@@ -165,21 +171,21 @@ class UserKnowledgeView(APIView):
     @api_doc("KnowledgeIds", ids("knowledge_ids"), code=201, request=s.KnowledgeAdd)
     def post(self, request, user_id):
         user = _user(request, user_id)
-        rows = services.knowledge_add(user=user, contents=validated(s.KnowledgeAdd, request.data)["knowledge"])
+        rows = knowledge_add(user=user, contents=validated(s.KnowledgeAdd, request.data)["knowledge"])
         return envelope({"knowledge_ids": [str(r.pk) for r in rows]}, code=201, message="Knowledge added successfully")
 
     @api_doc("KnowledgeIds", ids("knowledge_ids"), request=s.KnowledgeUpdate)
     def put(self, request, user_id):
         user = _user(request, user_id)
         data = validated(s.KnowledgeUpdate, request.data)
-        rows = services.knowledge_update(user=user, knowledge_ids=data["knowledge_ids"], new_contents=data["new_knowledge"])
+        rows = knowledge_update(user=user, knowledge_ids=data["knowledge_ids"], new_contents=data["new_knowledge"])
         return envelope({"knowledge_ids": [str(r.pk) for r in rows]}, message="Knowledge updated successfully")
 
     @api_doc("KnowledgeIds", ids("knowledge_ids"), request=s.KnowledgeIds)
     def delete(self, request, user_id):
         user = _user(request, user_id)
         ids = validated(s.KnowledgeIds, request.data)["knowledge_ids"]
-        services.knowledge_delete(user=user, knowledge_ids=ids)
+        knowledge_delete(user=user, knowledge_ids=ids)
         return envelope({"knowledge_ids": [str(i) for i in ids]}, message="Knowledge deleted successfully")
 
 
@@ -207,7 +213,7 @@ class AgentsView(APIView):
     @api_doc("Agent", {"agent": s.AgentOut()}, code=201, request=s.NamedIn, errors=WITH_CONFLICT)
     def post(self, request):
         principal = _tenant_key_only(request, "create agents")
-        agent = services.agent_create(tenant_id=principal.tenant_id, **validated(s.NamedIn, request.data))
+        agent = agent_create(tenant_id=principal.tenant_id, **validated(s.NamedIn, request.data))
         return envelope({"agent": s.AgentOut(agent).data}, code=201, message="Agent created successfully")
 
 
@@ -219,13 +225,13 @@ class AgentDetailView(APIView):
     @api_doc("Agent", {"agent": s.AgentOut()}, request=s.NamedUpdate, errors=WITH_CONFLICT)
     def put(self, request, agent_id):
         _tenant_key_only(request, "change agents")
-        agent = services.agent_update(agent=_agent(request, agent_id), **validated(s.NamedUpdate, request.data))
+        agent = agent_update(agent=_agent(request, agent_id), **validated(s.NamedUpdate, request.data))
         return envelope({"agent": s.AgentOut(agent).data}, message="Agent updated successfully")
 
     @api_doc("AgentDeleted", {"agent_id": s.serializers.UUIDField()})
     def delete(self, request, agent_id):
         _tenant_key_only(request, "delete agents")
-        services.agent_delete(agent=_agent(request, agent_id))
+        agent_delete(agent=_agent(request, agent_id))
         return envelope({"agent_id": agent_id}, message="Agent deleted successfully")
 
 
@@ -246,7 +252,7 @@ class SessionsView(APIView):
         data = validated(s.SessionIn, request.data)
         user = selectors.user_get(principal=request.auth, user_id=data["user_id"])
         agent = selectors.agent_get(principal=request.auth, agent_id=data["agent_id"])
-        session = services.session_create(user=user, agent=agent, name=data.get("name"), metadata=data.get("metadata"))
+        session = session_create(user=user, agent=agent, name=data.get("name"), metadata=data.get("metadata"))
         return envelope({"session": s.SessionOut(session).data}, code=201, message="Session created successfully")
 
 
@@ -257,12 +263,12 @@ class SessionDetailView(APIView):
 
     @api_doc("Session", {"session": s.SessionOut()}, request=s.SessionUpdate, errors=WITH_CONFLICT)
     def put(self, request, session_id):
-        session = services.session_update(session=_session(request, session_id), **validated(s.SessionUpdate, request.data))
+        session = session_update(session=_session(request, session_id), **validated(s.SessionUpdate, request.data))
         return envelope({"session": s.SessionOut(session).data}, message="Session updated successfully")
 
     @api_doc("SessionDeleted", {"session_id": s.serializers.UUIDField()})
     def delete(self, request, session_id):
-        services.session_delete(session=_session(request, session_id))
+        session_delete(session=_session(request, session_id))
         return envelope({"session_id": session_id}, message="Session deleted successfully")
 
 
@@ -298,7 +304,7 @@ class SessionMessagesView(APIView):
             principal=request.auth, session_id=parse_id(session_id, field="session_id", what="Session")
         )
         messages = validated(s.MessagesAdd, request.data)["messages"]
-        rows = services.messages_add(session=session, messages=messages)
+        rows = messages_add(session=session, messages=messages)
         return envelope(
             {"message_ids": [str(r.pk) for r in rows], "pending_messages": rows.pending, "oldest_pending_age_s": rows.oldest_pending_age_s},
             code=201,
@@ -309,14 +315,14 @@ class SessionMessagesView(APIView):
     def put(self, request, session_id):
         session = _session(request, session_id)
         data = validated(s.MessagesUpdate, request.data)
-        rows = services.messages_update(session=session, message_ids=data["message_ids"], new_messages=data["new_messages"])
+        rows = messages_update(session=session, message_ids=data["message_ids"], new_messages=data["new_messages"])
         return envelope({"message_ids": [str(r.pk) for r in rows]}, message="Messages updated successfully")
 
     @api_doc("MessageIds", ids("message_ids"), request=s.MessageIds)
     def delete(self, request, session_id):
         session = _session(request, session_id)
         ids = validated(s.MessageIds, request.data)["message_ids"]
-        services.messages_delete(session=session, message_ids=ids)
+        messages_delete(session=session, message_ids=ids)
         return envelope({"message_ids": [str(i) for i in ids]}, message="Messages deleted successfully")
 
 
@@ -402,7 +408,7 @@ class UserBufferView(APIView):
 class UserApiKeysView(APIView):
     """A user's keys: a tenant key manages any user's, a user key its own user's. A key made
     with a user key is its child: it expires no later than it and is revoked with it
-    (``services.api_key_create``); a user has at most ``MAX_API_KEYS_PER_USER`` live keys (409)."""
+    (``api_key_create``); a user has at most ``MAX_API_KEYS_PER_USER`` live keys (409)."""
 
     @api_doc("ApiKeyList", {"api_keys": s.ApiKeyOut(many=True)})
     def get(self, request, user_id):
@@ -413,7 +419,7 @@ class UserApiKeysView(APIView):
     def post(self, request, user_id):
         user = _user(request, user_id)
         data = validated(s.ApiKeyIn, request.data)
-        api_key, key = services.api_key_create(
+        api_key, key = api_key_create(
             scope=KeyScope.USER,
             user=user,
             name=data.get("name") or f"{user.name[:40]} key",
@@ -430,5 +436,5 @@ class UserApiKeyDetailView(APIView):
     @api_doc("ApiKeyRevoked", {"api_key_id": s.serializers.CharField()})
     def delete(self, request, user_id, api_key_id):
         api_key = selectors.api_key_get(user=_user(request, user_id), api_key_id=api_key_id)
-        services.api_key_revoke(api_key=api_key)
+        api_key_revoke(api_key=api_key)
         return envelope({"api_key_id": api_key.prefix}, message="API key revoked")

@@ -326,7 +326,7 @@ class ModelRegistry:
 
     def read_ahead(self, text: str, *, user_id: object, tenant_id: object) -> Future:
         """Start the query model on ``text``, a pending message of ``user_id`` that a query will
-        soon want (read your writes: ``memory.services._start_embeddings``,
+        soon want (read your writes: ``memory.services.messages._start_embeddings``,
         ``UserMemory.prefetch``): ``submit_query([text], priority=BACKGROUND, scope=user_id)``,
         bounded. At most ``PENDING_EMBED_MAX`` read-ahead requests of a user stay queued (a
         query only ever asks for the user's newest that many) and ``READ_AHEAD_MAX`` of a

@@ -33,12 +33,17 @@ from pydantic import Field
 from rest_framework.exceptions import ValidationError
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
-from memory import selectors, services, tenancy
+from memory import selectors, tenancy
 from memory.api import serializers as s
 from memory.api.serializers import validated
 from memory.errors import Conflict, ErrorAnswer, Forbidden, InvalidInput, NotFound, Unauthenticated, error_for
 from memory.models import Agent, Session, User
 from memory.retrieval import RetrievalConfig
+from memory.services import knowledge as knowledge_services
+from memory.services.agents import agent_create
+from memory.services.messages import messages_add, messages_delete
+from memory.services.sessions import session_create, session_delete
+from memory.services.users import user_create, user_delete
 from memory.tenancy import Principal
 
 PRINCIPAL_SCOPE_KEY = "memfuse.principal"  # set on the ASGI scope by memory.mcp.http
@@ -165,7 +170,7 @@ def _user(principal: Principal, user: str | None, *, create: bool = False) -> Us
         return found
     if create and user_id is None and not principal.is_user_key:
         try:
-            return services.user_create(tenant_id=principal.tenant_id, name=user)
+            return user_create(tenant_id=principal.tenant_id, name=user)
         except Conflict:  # created meanwhile by another call
             return selectors.users_list(principal=principal, name=user).get()
     raise NotFound(f"User '{user}' not found", field="user")
@@ -185,7 +190,7 @@ def _agent(principal: Principal, name: str) -> Agent:
     if principal.is_user_key:
         raise Forbidden(f"Agent '{name}' does not exist and a user key cannot create agents", field="agent")
     try:
-        return services.agent_create(tenant_id=principal.tenant_id, name=name)
+        return agent_create(tenant_id=principal.tenant_id, name=name)
     except Conflict:
         return selectors.agents_list(principal=principal, name=name).get()
 
@@ -200,7 +205,7 @@ def _named_session(principal: Principal, *, user: str | None, agent: str, sessio
     if existing is not None:
         return existing
     try:
-        return services.session_create(user=owner, agent=_agent(principal, agent), name=session)
+        return session_create(user=owner, agent=_agent(principal, agent), name=session)
     except Conflict:
         return selectors.sessions_list(principal=principal, user_id=owner.pk, name=session).get()
 
@@ -263,7 +268,7 @@ async def memory_add(
                 if session_id is not None
                 else _named_session(principal, user=user, agent=agent, session=session)
             )
-            rows = services.messages_add(session=target, messages=batch)
+            rows = messages_add(session=target, messages=batch)
         return {
             "session_id": str(target.pk),
             "user_id": str(target.user_id),
@@ -379,18 +384,18 @@ async def memory_delete(
         if what == "user":
             owner = _user(principal, user)
             owner_id = str(owner.pk)  # Model.delete() clears it
-            services.user_delete(user=owner)
+            user_delete(user=owner)
             return {"deleted": "user", "ids": [owner_id]}
         if session_id is None:
             raise InvalidInput(f"session_id is required to delete {what}", field="session_id")
         target = _session(principal, session_id)
         if what == "session":
-            services.session_delete(session=target)
+            session_delete(session=target)
             return {"deleted": "session", "ids": [str(target.pk)]}
         if message_ids is None:
             raise InvalidInput("message_ids is required to delete messages", field="message_ids")
         ids = validated(s.MessageIds, {"message_ids": message_ids})["message_ids"]
-        services.messages_delete(session=target, message_ids=ids)
+        messages_delete(session=target, message_ids=ids)
         return {"deleted": "messages", "ids": [str(i) for i in ids]}
 
     data = await _call(ctx, work)
@@ -410,7 +415,7 @@ async def knowledge_add(
     def work(principal: Principal) -> dict:
         contents = validated(s.KnowledgeAdd, {"knowledge": knowledge})["knowledge"]
         owner = _user(principal, user, create=True)
-        rows = services.knowledge_add(user=owner, contents=contents)
+        rows = knowledge_services.knowledge_add(user=owner, contents=contents)
         return {"user_id": str(owner.pk), "knowledge_ids": [str(row.pk) for row in rows]}
 
     data = await _call(ctx, work)

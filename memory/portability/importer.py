@@ -63,7 +63,8 @@ from memory.retrieval import cache
 from memory.retrieval.vector import context_refresh
 
 # _bump_memory_version: the user row lock every writer of a user's messages takes first.
-from memory.services import _bump_memory_version, message_index_text
+from memory.services.common import _bump_memory_version
+from memory.services.messages import message_index_text
 
 WRITE_BATCH = 1000  # rows per INSERT statement, at most
 WRITE_BATCH_BYTES = 8 * 1024 * 1024  # and about this many bytes of their lines' JSON
@@ -453,7 +454,7 @@ def _write_run(
                     size += values["_size"]
                 written += _insert_messages(cursor, batch, target_id=target_id, use_embeddings=use_embeddings, bucket=bucket)
                 top = max(top, *(v["position"] for v in batch))
-                # An add continues after the highest position (memory.services.messages_add).
+                # An add continues after the highest position (memory.services.messages.messages_add).
                 cursor.execute(
                     "UPDATE memory_session SET next_position = GREATEST(next_position, %s) WHERE id = %s",
                     [top + 1, session_id],

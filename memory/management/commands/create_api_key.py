@@ -7,9 +7,9 @@ from datetime import timedelta
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from memory import services
 from memory.errors import ServiceError
 from memory.models import KeyScope, Tenant, User
+from memory.services.api_keys import api_key_create
 
 
 class Command(BaseCommand):
@@ -48,7 +48,7 @@ class Command(BaseCommand):
                 raise CommandError("--expires-in: must be a positive number of days")
             expires_at = timezone.now() + timedelta(days=options["expires_in"])
         try:
-            api_key, key = services.api_key_create(
+            api_key, key = api_key_create(
                 scope=scope,
                 name=options["name"] or f"{scope} key",
                 tenant=None if user is not None else tenant,

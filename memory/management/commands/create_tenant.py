@@ -5,9 +5,10 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from memory import services
 from memory.errors import ServiceError
 from memory.models import KeyScope
+from memory.services.api_keys import api_key_create
+from memory.services.tenants import tenant_create
 
 
 class Command(BaseCommand):
@@ -20,8 +21,8 @@ class Command(BaseCommand):
     def handle(self, *args, name: str, quiet: bool, **options):
         try:
             with transaction.atomic():
-                tenant = services.tenant_create(name=name)
-                api_key, key = services.api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="first key")
+                tenant = tenant_create(name=name)
+                api_key, key = api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="first key")
         except ServiceError as exc:
             raise CommandError(f"{exc.errors[0]['field'] or 'name'}: {exc.message}") from None
         if quiet:

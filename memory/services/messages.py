@@ -1,0 +1,247 @@
+"""Messages: add (write-behind, one statement), update and delete."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from buffers import backlog, events
+from buffers import jobs as buffers_jobs
+from buffers.models import Priority
+from memory.errors import NotFound, Unavailable
+from memory.inference import registry
+from memory.models import Message, Session
+from memory.operator import metrics
+from memory.selectors import messages_by_ids
+from memory.services.common import _bump_memory_version, _delete_messages
+
+
+@dataclass(frozen=True)
+class MessageIn:
+    """One message to store. ``metadata`` may carry ``speaker`` and ``image_caption``."""
+
+    role: str
+    content: str
+    metadata: dict = field(default_factory=dict)
+    created_at: datetime | None = None
+
+
+def message_index_text(*, content: str, metadata: dict) -> str:
+    """The text that is embedded and full-text indexed for a message.
+
+    What was said: ``"speaker: content"`` (the speaker's display name from
+    ``metadata["speaker"]``, when given) plus ``metadata["image_caption"]``, the caption of an
+    image shared with the message, which is part of what was said.
+    """
+    speaker = metadata.get("speaker")
+    text = f"{speaker}: {content}" if isinstance(speaker, str) and speaker else content
+    caption = metadata.get("image_caption")
+    if isinstance(caption, str) and caption:
+        text = f"{text} [image: {caption}]"
+    return text
+
+
+class AddedMessages(list):
+    """The stored messages, in input order, with ``pending``: the user's messages awaiting a flush,
+    and ``oldest_pending_age_s``: how long (s) the oldest of them has waited (0 when none did)."""
+
+    def __init__(self, rows: list[Message], *, pending: int, oldest_pending_age_s: float = 0.0) -> None:
+        super().__init__(rows)
+        self.pending = pending
+        self.oldest_pending_age_s = oldest_pending_age_s
+
+
+_ADD_SQL = f"""
+WITH bumped AS (
+    -- First, as in every writer of a user's messages: the user row lock orders this add
+    -- against edits and a cascade delete (see _bump_memory_version). It is the FOR NO KEY
+    -- UPDATE lock of a plain UPDATE: a flush's write (FOR KEY SHARE) does not block it.
+    UPDATE memory_user SET memory_version = memory_version + 1 WHERE id = %(user)s RETURNING id
+), slot AS (
+    -- The session row lock serialises adds to one session; the counter gives their positions.
+    UPDATE memory_session SET next_position = next_position + %(count)s
+    WHERE id = %(session)s AND EXISTS (SELECT FROM bumped)
+    RETURNING next_position - %(count)s AS start
+), added AS (
+    INSERT INTO memory_message (id, session_id, user_id, position, role, content, metadata, index_text,
+                                flush_count, created_at, updated_at)
+    SELECT m.id, %(session)s, %(user)s, slot.start + m.ord - 1, m.role, m.content, m.metadata,
+           m.index_text, 0, m.created_at, %(now)s
+    FROM slot, unnest(%(ids)s::uuid[], %(roles)s::text[], %(contents)s::text[], %(metadata)s::jsonb[],
+                      %(index_texts)s::text[], %(created)s::timestamptz[]) WITH ORDINALITY
+               AS m(id, role, content, metadata, index_text, created_at, ord)
+    RETURNING position, length(index_text) AS chars
+), pending AS (
+    -- The user's pending messages as before this add (one snapshot) plus the added ones;
+    -- oldest_age is the backpressure figure for the client.
+    {buffers_jobs.pending_sql(plus="added")}
+), job AS (
+    -- The size trigger, in the same statement so the add commits once. An existing job of
+    -- the same or a higher priority is left alone (nothing written).
+    {buffers_jobs.size_trigger_sql(condition="EXISTS (SELECT FROM added)")}
+)
+SELECT (SELECT min(position) FROM added), messages, EXISTS (SELECT FROM job), oldest_age FROM pending
+"""
+
+
+def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessages:
+    """Store ``messages`` at the end of ``session``; returns them in input order (``AddedMessages``).
+
+    Write-behind: the rows are written (and full-text indexed) by ONE statement, which takes
+    the user row's lock, then the session row's (its ``next_position`` counter gives the
+    positions), inserts the rows, reads the user's pending summary and, past the size
+    trigger, queues a flush job (``buffers.jobs``' fragments); they are durable when this
+    returns. Embedding is left to that flush (``memory.flush``, run by ``buffers``' workers).
+    One statement is all or nothing, one exchange with the database and one commit (one WAL
+    flush): the add is the hottest write of the service. Raises ``NotFound`` (field
+    ``session_id``) when the session was deleted meanwhile, ``Unavailable`` (503) when the
+    flush backlog of the session's tenant would pass ``MAX_BACKLOG_MESSAGES`` (or the
+    tenant holds its share of a backlog past ``MAX_BACKLOG_MESSAGES_TOTAL``: ``buffers.backlog``);
+    then nothing is stored.
+    """
+    if not messages:
+        return AddedMessages([], pending=0)
+    try:
+        backlog.check_accepting(tenant_id=_tenant_of(session), adding=len(messages))
+    except backlog.BacklogFull as exc:
+        raise Unavailable(exc.message, retry_after=exc.retry_after) from None
+    now = timezone.now()
+    rows = [
+        Message(
+            id=uuid.uuid4(),
+            session=session,
+            user_id=session.user_id,
+            role=m.role,
+            content=m.content,
+            metadata=m.metadata,
+            index_text=message_index_text(content=m.content, metadata=m.metadata),
+            created_at=m.created_at or now,
+            updated_at=now,
+        )
+        for m in messages
+    ]
+    _start_embeddings(rows)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _ADD_SQL,
+            {
+                "user": session.user_id,
+                "session": session.pk,
+                "count": len(rows),
+                "now": now,
+                "ids": [row.id for row in rows],
+                "roles": [row.role for row in rows],
+                "contents": [row.content for row in rows],
+                "metadata": [json.dumps(row.metadata) for row in rows],
+                "index_texts": [row.index_text for row in rows],
+                "created": [row.created_at for row in rows],
+                **buffers_jobs.size_trigger_params(),
+            },
+        )
+        start, count, job_queued, oldest_age = cursor.fetchone()
+    if start is None:
+        raise NotFound(f"Session '{session.pk}' not found", field="session_id")
+    for offset, row in enumerate(rows):
+        row.position = start + offset
+        row._state.adding, row._state.db = False, connection.alias
+    if job_queued:
+        transaction.on_commit(lambda: events.notify_flush(user_id=session.user_id, priority=Priority.NORMAL))
+    transaction.on_commit(lambda: metrics.MESSAGES_ADDED.inc(len(rows)))
+    transaction.on_commit(lambda: _prefetch_embeddings(session.user_id, rows))
+    return AddedMessages(rows, pending=count, oldest_pending_age_s=round(float(oldest_age), 3))
+
+
+def _tenant_of(session: Session) -> uuid.UUID:
+    """The tenant of ``session``'s user, from what its lookup loaded (``selectors.session_ref``
+    and ``session_get`` load the user with it, ``session_create`` was given it); one query
+    otherwise."""
+    return session.user.tenant_id
+
+
+def _newest_to_embed(rows: list[Message]) -> list[Message]:
+    """The rows of an add that a query right after it embeds on demand (read your writes):
+    the newest ``PENDING_EMBED_MAX``, when the vector retriever and the read-ahead
+    (``READ_AHEAD_MAX``) are on."""
+    bound = settings.MEMFUSE["PENDING_EMBED_MAX"]
+    if bound <= 0 or settings.MEMFUSE["VECTOR_WEIGHT"] <= 0 or settings.MEMFUSE["READ_AHEAD_MAX"] <= 0:
+        return []
+    return rows[-bound:]
+
+
+def _start_embeddings(rows: list[Message]) -> None:
+    """Start the query model on the newest of ``rows`` while they are written: the query that
+    follows an add finds them embedded, or nearly (the model's recent calls of the user are
+    shared by text). Behind every query, bounded per user and tenant (``registry.read_ahead``:
+    past the bound the oldest are cancelled); wasted only if the add fails."""
+    newest = _newest_to_embed(rows)
+    if newest:
+        tenant_id = _tenant_of(newest[0].session)
+        for row in newest:
+            registry.read_ahead(row.index_text, user_id=row.user_id, tenant_id=tenant_id)
+
+
+def _prefetch_embeddings(user_id: uuid.UUID, rows: list[Message]) -> None:
+    """Keep the newest of ``rows`` (pending) embedding for the queries that will want them
+    before their flush: the chat pattern is an add, then a query (``UserMemory.prefetch``).
+    Their model calls started with the add (``_start_embeddings``)."""
+    from memory.retrieval import cache
+
+    newest = _newest_to_embed(rows)
+    if newest:
+        memory = cache.user_memory(user_id)
+        memory.prefetch(
+            [(row.id, row.updated_at, row.index_text) for row in newest], tenant_id=_tenant_of(newest[0].session)
+        )
+        cache.resized(memory)
+
+
+def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messages: list[MessageIn]) -> list[Message]:
+    """Replace role, content and metadata of the given messages; they are pending again.
+
+    ``message_ids[i]`` gets ``new_messages[i]``. The old embedding is dropped with the old text
+    and the claim of any flush under way is cleared, so that flush cannot write a stale
+    embedding. Raises ``NotFound`` (field ``message_ids``) when any id is not a message of
+    ``session``; then nothing is changed.
+    """
+    from memory.retrieval.vector import context_refresh
+
+    with transaction.atomic():
+        bucket = _bump_memory_version(session.user_id)
+        rows = messages_by_ids(session=session, message_ids=message_ids, for_update=True)
+        now = timezone.now()  # bulk_update does not apply auto_now
+        for row, new in zip(rows, new_messages):
+            row.role, row.content, row.metadata = new.role, new.content, new.metadata
+            row.index_text = message_index_text(content=new.content, metadata=new.metadata)
+            row.embedding = row.context_embedding = row.flushed_at = row.flush_claim = row.claimed_until = None
+            row.ann_bucket = None
+            row.updated_at = now
+        Message.objects.bulk_update(
+            rows,
+            ["role", "content", "metadata", "index_text", "embedding", "context_embedding", "ann_bucket", "flushed_at",
+             "flush_claim", "claimed_until", "updated_at"],
+        )
+        with connection.cursor() as cursor:
+            # A new change number: cached indexes replace the old text (memory.retrieval.store).
+            cursor.execute("UPDATE memory_message SET seq = nextval('memory_change_seq') WHERE id = ANY(%s)", [message_ids])
+            # The neighbours' context embeddings lose the old text's embedding.
+            context_refresh(cursor, seeds=[(row.session_id, row.position) for row in rows], bucket=bucket)
+        buffers_jobs.note_pending(user_id=session.user_id)
+    return rows
+
+
+def messages_delete(*, session: Session, message_ids: list[uuid.UUID]) -> None:
+    """Delete the given messages. Raises ``NotFound`` when any id is not in ``session``."""
+    from memory.retrieval.vector import context_refresh
+
+    with transaction.atomic():
+        bucket = _bump_memory_version(session.user_id)
+        messages_by_ids(session=session, message_ids=message_ids, for_update=True)
+        seeds = _delete_messages("session_id = %s AND id = ANY(%s)", [session.pk, list(message_ids)])
+        with connection.cursor() as cursor:
+            context_refresh(cursor, seeds=seeds, bucket=bucket)  # the neighbours' windows move on
