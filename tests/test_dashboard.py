@@ -73,7 +73,7 @@ def test_dashboard_is_for_staff_only(client, db):
 
 def test_stats_endpoint_shape(staff_client, busy_buffers, alice):
     """GET /api/v1/admin/stats returns the same figures in the envelope."""
-    retrieval.user_memory(alice.pk)
+    retrieval.user_index(alice.pk)
 
     body = staff_client.get("/api/v1/admin/stats").json()
 

@@ -872,7 +872,7 @@ def test_a_flood_of_adds_keeps_at_most_the_read_ahead_bound_queued(
     newest = list(last_add[alice_session.pk])
     older = Message.objects.get(session=alice_session, position=newest[0].position - 1)
     rows = [(row.id, row.updated_at, row.index_text) for row in [older, *newest]]
-    vectors = cache.user_memory(alice.pk).pending_embeddings(rows)
+    vectors = cache.user_index(alice.pk).pending_embeddings(rows)
     assert vectors.shape == (4, 4) and embedded[len(kept) + 2 :] == ["alice says line 18.2"]
 
 

@@ -300,7 +300,7 @@ class ModelRegistry:
         """``embed_query`` without waiting: a ``Future`` of the rows (the caller works meanwhile).
 
         ``BACKGROUND``: texts that may wait behind every query (pending messages embedded ahead
-        of the queries that will need them: ``memory.retrieval.cache.UserMemory.prefetch``).
+        of the queries that will need them: ``memory.retrieval.cache.UserIndex.prefetch``).
         With a ``scope`` (the user's id), one text that the query model embedded a moment ago
         for that scope, or is embedding now, is not embedded again (``RecentEmbeddings``): the
         future of that call is returned. In the chat pattern the turn's query is the user's
@@ -327,7 +327,7 @@ class ModelRegistry:
     def read_ahead(self, text: str, *, user_id: object, tenant_id: object) -> Future:
         """Start the query model on ``text``, a pending message of ``user_id`` that a query will
         soon want (read your writes: ``memory.services.messages._start_embeddings``,
-        ``UserMemory.prefetch``): ``submit_query([text], priority=BACKGROUND, scope=user_id)``,
+        ``UserIndex.prefetch``): ``submit_query([text], priority=BACKGROUND, scope=user_id)``,
         bounded. At most ``PENDING_EMBED_MAX`` read-ahead requests of a user stay queued (a
         query only ever asks for the user's newest that many) and ``READ_AHEAD_MAX`` of a
         tenant (a tenant's many users share it; tenants are few, made by operators). Past a

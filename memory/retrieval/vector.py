@@ -35,7 +35,7 @@ leaves it, a trigger puts a copy in its place (migration 0010).
 
 **Pending messages** (not flushed yet) have no embedding in the database. The newest
 ``PENDING_EMBED_MAX`` of them are embedded on demand by the query model
-(``memory.retrieval.cache.UserMemory.pending_embeddings``) and scored like flushed ones, with
+(``memory.retrieval.cache.UserIndex.pending_embeddings``) and scored like flushed ones, with
 their flushed (or also on-demand embedded) neighbours: a query finds what was just added,
 and the work a query may wait for is bounded however large a burst was. Older pending
 messages are found by BM25 until their flush.

@@ -188,17 +188,17 @@ def _start_embeddings(rows: list[Message]) -> None:
 
 def _prefetch_embeddings(user_id: uuid.UUID, rows: list[Message]) -> None:
     """Keep the newest of ``rows`` (pending) embedding for the queries that will want them
-    before their flush: the chat pattern is an add, then a query (``UserMemory.prefetch``).
+    before their flush: the chat pattern is an add, then a query (``UserIndex.prefetch``).
     Their model calls started with the add (``_start_embeddings``)."""
     from memory.retrieval import cache
 
     newest = _newest_to_embed(rows)
     if newest:
-        memory = cache.user_memory(user_id)
-        memory.prefetch(
+        entry = cache.user_index(user_id)
+        entry.prefetch(
             [(row.id, row.updated_at, row.index_text) for row in newest], tenant_id=_tenant_of(newest[0].session)
         )
-        cache.resized(memory)
+        cache.resized(entry)
 
 
 def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messages: list[MessageIn]) -> list[Message]:
