@@ -20,6 +20,9 @@ from memory.models import Message, Session
 from memory.operator import metrics
 from memory.selectors import messages_by_ids
 from memory.services.common import _bump_memory_version, _delete_messages
+from memory.services.sessions import session_get_or_create
+from memory.services.users import user_get_or_create
+from memory.tenancy import Principal
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,24 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
     transaction.on_commit(lambda: metrics.MESSAGES_ADDED.inc(len(rows)))
     transaction.on_commit(lambda: _prefetch_embeddings(session.user_id, rows))
     return AddedMessages(rows, pending=count, oldest_pending_age_s=round(float(oldest_age), 3))
+
+
+def messages_add_to_named_session(
+    *, principal: Principal, user: uuid.UUID | str | None, agent_name: str, session_name: str, messages: list[MessageIn]
+) -> tuple[Session, AddedMessages]:
+    """Store ``messages`` at the end of the session called ``session_name`` of the user
+    ``principal`` names by ``user`` (an id, a name, or ``None`` for a user key's own user).
+
+    The user (``user_get_or_create``), the session and its agent called ``agent_name``
+    (``session_get_or_create``) are created on first use, in the add's transaction: with the
+    add, or not at all. Returns the session and ``messages_add``'s rows. Raises what those
+    raise: ``InvalidInput`` or ``NotFound`` (field ``user``), ``Forbidden`` (field ``agent``),
+    and ``messages_add``'s refusals.
+    """
+    with transaction.atomic():
+        owner = user_get_or_create(principal=principal, user=user)
+        session = session_get_or_create(principal=principal, user=owner, name=session_name, agent_name=agent_name)
+        return session, messages_add(session=session, messages=messages)
 
 
 def _tenant_of(session: Session) -> uuid.UUID:
