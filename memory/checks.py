@@ -13,7 +13,7 @@ from django.db.utils import DatabaseError
 
 from memory.inference import registry
 from memory.inference.encoders import default_model_path, model_dimension_from_config
-from memory.inference.model_registry import reranker_path
+from memory.inference.modes import reranker_path
 from memory.inference.reranker import reranker_path_problem
 
 
