@@ -504,13 +504,13 @@ def _operator_figures(url: str, operator_secret: str | None) -> dict:
             url.rstrip("/") + "/api/v1/admin/stats", headers={"Authorization": f"Bearer {operator_secret}"}, timeout=5
         )
         data = response.json()["data"]
-        memory = data["process"].get("memory") or {}
+        ram = data["process"].get("ram") or {}
         return {
             "pending_messages": data["buffers"]["pending_messages"],
             "oldest_pending_age_s": data["buffers"]["oldest_pending_age_s"],
             "user_cache_mb": round(data["user_cache"]["bytes"] / 2**20, 1),
-            "heap_in_use_mb": memory.get("heap_in_use_mb"),
-            "heap_free_mb": memory.get("heap_free_mb"),
+            "heap_in_use_mb": ram.get("heap_in_use_mb"),
+            "heap_free_mb": ram.get("heap_free_mb"),
         }
     except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError):
         return {}

@@ -134,7 +134,7 @@ def start() -> None:
 
         from buffers import workers
         from memfuse_project import embedded_pg
-        from memory import metrics_history
+        from memory.operator import history
 
         embedded_pg.start_if_embedded()
         embedded_pg.migrate_if_embedded()
@@ -142,7 +142,7 @@ def start() -> None:
         if runs_flush_workers():
             workers.start_pool()
         if _role == WEB:
-            metrics_history.start()  # the dashboard's charts of the last hour
+            history.start()  # the dashboard's charts of the last hour
         # The starting thread serves no request: give back the pool connections it used, or
         # it would hold one for ever.
         connections.close_all()

@@ -267,7 +267,7 @@ MEMFUSE = {
     # core; more threads than cores make one encode many times slower (oversubscription).
     "TORCH_THREADS": envint("TORCH_THREADS", os.cpu_count() or 1),
     # torch threads of the query model (one short text at a time), and of a serving process's
-    # own model when flushes embed in the background process (inference.model_registry.serving_threads).
+    # own model when flushes embed in the background process (memory.inference.modes.serving_threads).
     "QUERY_TORCH_THREADS": envint("QUERY_TORCH_THREADS", 1),
     # One-text calls the query process runs at once (int8; memory.inference.ProcessEmbedder):
     # a query's embedding does not wait for the pending messages embedded for another, and
@@ -454,15 +454,37 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "filters": {"one_line_refusals": {"()": "memfuse_project.pool.OneLineRefusals"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
+        # Django's own default: its loggers print only with DEBUG.
+        "debug_console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "level": "INFO",
+            "filters": ["require_debug_true"],
+        },
+    },
+    "filters": {
+        "one_line_refusals": {"()": "memfuse_project.pool.OneLineRefusals"},
+        "require_debug_true": {"()": "django.utils.log.RequireDebugTrue"},
+    },
+    # The root logger holds the handler; the named loggers propagate to it, so a line prints
+    # once. Configured, the root is also left alone by a library's logging.basicConfig (the MCP
+    # SDK's server runs one), which would otherwise add a second handler.
+    "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
-        "memory": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
-        "memfuse_project": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
-        "buffers": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
+        "memory": {"level": envstr("LOG_LEVEL", "INFO")},
+        "memfuse_project": {"level": envstr("LOG_LEVEL", "INFO")},
+        "buffers": {"level": envstr("LOG_LEVEL", "INFO")},
+        "django": {"handlers": ["debug_console"], "level": "INFO", "propagate": False},
         # A request refused while the database is down: one line, not a traceback per request.
-        "django.request": {"handlers": ["console"], "level": "ERROR", "filters": ["one_line_refusals"]},
+        "django.request": {
+            "handlers": ["console"],
+            "level": "ERROR",
+            "filters": ["one_line_refusals"],
+            "propagate": False,
+        },
         # psycopg_pool's one-line warnings (a failed reconnection, a closed connection dropped).
-        "psycopg": {"handlers": ["console"], "level": "WARNING"},
+        "psycopg": {"level": "WARNING"},
     },
 }

@@ -3,8 +3,8 @@ from django.urls import include, path
 from django.views.generic import TemplateView
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from memory.admin_dashboard import DashboardStatsView, dashboard
-from memory.metrics_view import metrics_view
+from memory.operator.dashboard import DashboardStatsView, dashboard
+from memory.operator.metrics_view import metrics_view
 
 urlpatterns = [
     path("admin/dashboard/", admin.site.admin_view(dashboard), name="memfuse-dashboard"),

@@ -12,8 +12,8 @@ from django.db import connection
 from django.db.utils import DatabaseError
 
 from memory.inference import registry
-from memory.inference.model_registry import reranker_path
-from memory.inference.models import default_model_path, model_dimension_from_config
+from memory.inference.encoders import default_model_path, model_dimension_from_config
+from memory.inference.modes import reranker_path
 from memory.inference.reranker import reranker_path_problem
 
 

@@ -15,7 +15,7 @@ from datetime import datetime
 from django.db import connection
 from django.db.models import QuerySet
 
-from memory.errors import NotFound
+from memory.errors import InvalidInput, NotFound
 from memory.models import Agent, ApiKey, Knowledge, Message, Session, User
 from memory.retrieval import RetrievalConfig, hybrid_search, hybrid_search_stages
 from memory.tenancy import Principal
@@ -135,6 +135,23 @@ def users_list(*, principal: Principal, name: str | None = None) -> QuerySet[Use
     """Users ``principal`` may see, oldest first; only the one called ``name`` when given."""
     queryset = users_visible(principal=principal)
     return queryset.filter(name=name) if name is not None else queryset
+
+
+def user_find(*, principal: Principal, user: uuid.UUID | str | None, field: str = "user") -> User:
+    """The user ``principal`` names by ``user``: an id, a name, or ``None`` for a user key's own user.
+
+    Raises ``InvalidInput`` (naming ``field``) for ``None`` with a tenant key, and ``NotFound``
+    (naming ``field``) for a user the key may not see, exactly as for an unknown one.
+    """
+    if user is None:
+        if principal.is_user_key:
+            return user_get(principal=principal, user_id=principal.user_id, field=field)
+        raise InvalidInput(f"{field} is required with a tenant key: a user's name or id", field=field)
+    visible = users_visible(principal=principal)
+    found = visible.filter(pk=user).first() if isinstance(user, uuid.UUID) else visible.filter(name=user).first()
+    if found is None:
+        raise NotFound(f"User '{user}' not found", field=field)
+    return found
 
 
 def agents_list(*, principal: Principal, name: str | None = None) -> QuerySet[Agent]:

@@ -51,7 +51,7 @@ def test_dashboard_shows_pending_messages_and_failed_flushes(staff_client, busy_
     assert ">4 (2)<" in html and "alice" in html and "embedding timed out" in html
     assert f"#{busy_buffers}" in html and "Retry all 1 failed flush(es)" in html
     assert stats["pool"]["in_use"] >= 1 and "Database pool" in html
-    assert f"{stats['process']['memory']['resident_mb']} MB" in html
+    assert f"{stats['process']['ram']['resident_mb']} MB" in html
 
 
 def test_dashboard_retries_every_failed_flush(staff_client, busy_buffers):
@@ -73,7 +73,7 @@ def test_dashboard_is_for_staff_only(client, db):
 
 def test_stats_endpoint_shape(staff_client, busy_buffers, alice):
     """GET /api/v1/admin/stats returns the same figures in the envelope."""
-    retrieval.user_memory(alice.pk)
+    retrieval.user_index(alice.pk)
 
     body = staff_client.get("/api/v1/admin/stats").json()
 
@@ -83,9 +83,9 @@ def test_stats_endpoint_shape(staff_client, busy_buffers, alice):
     assert {"enabled", "size", "in_use", "idle", "requests_waiting", "requests_errors", "refused_503"} <= set(data["pool"])
     assert {"size", "bytes", "max_bytes", "hits", "misses", "evictions", "hit_rate"} == set(data["user_cache"])
     assert data["user_cache"]["size"] >= 1
-    assert set(data["process"]) == {"host", "pid", "memory"}
-    assert set(data["process"]["memory"]) == {"resident_mb", "heap_in_use_mb", "heap_free_mb"}
-    assert data["process"]["memory"]["resident_mb"] > 0
+    assert set(data["process"]) == {"host", "pid", "ram"}
+    assert set(data["process"]["ram"]) == {"resident_mb", "heap_in_use_mb", "heap_free_mb"}
+    assert data["process"]["ram"]["resident_mb"] > 0
     assert set(data["models"]) == {"embedding", "query_embedding", "background_embedding", "reranker", "active", "reembed"}
     assert (data["models"]["active"], data["models"]["reembed"]) == (None, None)  # no reembed ran
     assert data["buffers"]["pending_messages"] == 4 and data["buffers"]["failed_total"] == 1

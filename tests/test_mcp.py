@@ -103,6 +103,32 @@ def user_key(alice) -> str:
     return api_key_create(scope=KeyScope.USER, user=alice, name="alice's key")[1]
 
 
+BUILD_THE_SERVER = """
+import logging, os, django
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+django.setup()
+from memory.mcp import tools
+root = logging.getLogger()
+before = list(root.handlers)
+print("built at import:", tools._server is not None)
+tools.mcp_server()
+print("root handlers kept:", root.handlers == before)
+logging.getLogger("memory.mcp").warning("one line")
+"""
+
+
+def test_the_server_is_built_on_first_use_and_leaves_the_logging_alone():
+    """Importing the tools builds no MCP server; building it (the first /mcp request, mcp_stdio)
+    keeps the root logger's handlers, so a project log line prints once."""
+    result = subprocess.run(
+        [sys.executable, "-c", BUILD_THE_SERVER], env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["built at import: False", "root handlers kept: True"]
+    assert result.stderr.count("one line") == 1, result.stderr
+
+
 # --- HTTP --------------------------------------------------------------------------------------
 
 
@@ -162,6 +188,19 @@ def test_memory_query_takes_a_time_window(server, tenant_key, alice, alice_sessi
     assert [r["id"] for r in ok(call(server.url, tenant_key, "memory_query", window))["results"]] == [str(old.pk)]
     assert ok(call(server.url, tenant_key, "memory_query", {**window, "until": "2025-01-01T00:00:00Z"}))["total"] == 0
     refused(call(server.url, tenant_key, "memory_query", {**window, "since": "2026-03-01T00:00:00"}), "since")
+
+
+def test_memory_query_takes_the_rest_querys_retrieval_overrides(server, tenant_key, alice, alice_messages):
+    """retrieval.vector_weight = 0 ranks by BM25 alone, as in REST; a bad override is a tool error
+    naming retrieval.<field>, as REST's 400 names it."""
+    query = {"user": str(alice.pk), "query": "Biscuit puppy", "top_k": 3}
+    bm25_only = ok(call(server.url, tenant_key, "memory_query", {**query, "retrieval": {"vector_weight": 0}}))["results"]
+    default = ok(call(server.url, tenant_key, "memory_query", query))["results"]
+
+    assert bm25_only and all(set(r["metadata"]["retrievers"]) == {"bm25"} for r in bm25_only)
+    assert any("vector" in r["metadata"]["retrievers"] for r in default)
+    for bad, field in (({"colour": 1}, "retrieval.colour"), ({"rrf_k": 0}, "retrieval.rrf_k")):
+        refused(call(server.url, tenant_key, "memory_query", {**query, "retrieval": bad}), field)
 
 
 def _at(text: str) -> datetime:

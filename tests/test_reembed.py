@@ -28,7 +28,7 @@ from memory.indexing.reembed import DocumentEmbedder, reembed_run
 from memory.indexing.reembed_columns import HNSW_INDEX, reembed_abort
 from memory.inference import default_model_path, registry
 from memory.models import ANN_BUCKETS, EmbeddingModel, Message
-from memory.operator_stats import operator_stats
+from memory.operator.stats import operator_stats
 from memory.services.knowledge import knowledge_add
 from memory.services.messages import MessageIn, messages_add, messages_update
 from memory.services.sessions import session_create

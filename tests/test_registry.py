@@ -18,7 +18,7 @@ from django.conf import settings
 import manage
 from memfuse_project import serving
 from memory import checks, inference
-from memory.inference import model_registry, registry
+from memory.inference import builders, model_registry, registry
 from tests.subprocesses import subprocess_env
 
 
@@ -54,7 +54,7 @@ def fresh_registry(monkeypatch):
     monkeypatch.setattr(registry, "_recent", None)  # the stand-in's vectors stay in this test
     monkeypatch.setattr(registry, "_background_batcher", None)
     monkeypatch.setattr(registry, "_local_document_embedder", None)
-    monkeypatch.setattr(model_registry, "Embedder", CountingDeterministicEmbedder)
+    monkeypatch.setattr(builders, "Embedder", CountingDeterministicEmbedder)
     monkeypatch.setattr(CountingDeterministicEmbedder, "constructed", 0)
     return registry
 
@@ -188,7 +188,8 @@ def test_servers_preload_a_query_process_and_runworker_none(fresh_registry, prel
         def wait_ready(self):
             waited.append(True)
 
-    monkeypatch.setattr(model_registry, "ProcessEmbedder", RecordingProcessEmbedder)
+    monkeypatch.setattr(builders, "ProcessEmbedder", RecordingProcessEmbedder)  # what is spawned
+    monkeypatch.setattr(model_registry, "ProcessEmbedder", RecordingProcessEmbedder)  # what is waited for
     monkeypatch.setitem(settings.MEMFUSE, "QUERY_EMBEDDING", "process")
     monkeypatch.setitem(settings.MEMFUSE, "DOCUMENT_EMBEDDING_INT8", documents_int8)
 
@@ -222,7 +223,8 @@ def test_reset_forgets_every_model_and_stops_its_processes(fresh_registry, monke
         def close(self):
             closed.append(True)
 
-    monkeypatch.setattr(model_registry, "ProcessEmbedder", ClosingProcessEmbedder)
+    monkeypatch.setattr(builders, "ProcessEmbedder", ClosingProcessEmbedder)  # what is spawned
+    monkeypatch.setattr(model_registry, "ProcessEmbedder", ClosingProcessEmbedder)  # what is closed
     monkeypatch.setitem(settings.MEMFUSE, "QUERY_EMBEDDING", "process")
     first = fresh_registry.get_embedder()
     query = fresh_registry.get_query_embedder()
@@ -872,7 +874,7 @@ def test_a_flood_of_adds_keeps_at_most_the_read_ahead_bound_queued(
     newest = list(last_add[alice_session.pk])
     older = Message.objects.get(session=alice_session, position=newest[0].position - 1)
     rows = [(row.id, row.updated_at, row.index_text) for row in [older, *newest]]
-    vectors = cache.user_memory(alice.pk).pending_embeddings(rows)
+    vectors = cache.user_index(alice.pk).pending_embeddings(rows)
     assert vectors.shape == (4, 4) and embedded[len(kept) + 2 :] == ["alice says line 18.2"]
 
 

@@ -123,10 +123,10 @@ def test_user_cache_counts_hits_misses_and_evictions(tiny_user_cache):
     """Lookups and evictions are counted; an entry that no longer fits evicts the least recent."""
     first, second = uuid.uuid4(), uuid.uuid4()
 
-    service = retrieval.user_memory(first)
-    assert retrieval.user_memory(first) is service
-    retrieval.user_memory(second)
-    retrieval.user_memory(uuid.uuid4())  # three empty entries (1 KB each) fit; hits and misses count
+    service = retrieval.user_index(first)
+    assert retrieval.user_index(first) is service
+    retrieval.user_index(second)
+    retrieval.user_index(uuid.uuid4())  # three empty entries (1 KB each) fit; hits and misses count
 
     stats = retrieval.cache_stats()
     assert (stats["size"], stats["hits"], stats["misses"], stats["evictions"]) == (3, 1, 3, 0)
@@ -148,20 +148,20 @@ def test_evicting_a_user_with_pending_messages_loses_nothing(alice_session, bob_
     bob.refresh_from_db()
     selectors.memory_query(user=bob, query="dog", top_k=1)
     selectors.memory_query(user=alice, query="What boat did I buy?", top_k=1)
-    bob_bytes, alice_bytes = retrieval.user_memory(bob.pk).nbytes, retrieval.user_memory(alice.pk).nbytes
+    bob_bytes, alice_bytes = retrieval.user_index(bob.pk).nbytes, retrieval.user_index(alice.pk).nbytes
     # Room for bob, not for both: alice is cached first, then bob's entry evicts her.
     retrieval.reset_user_cache(max_bytes=bob_bytes + alice_bytes // 2)
     assert selectors.memory_query(user=alice, query="What boat did I buy?", top_k=1)[0]["id"] == str(kayak.pk)
-    alice_service = retrieval.user_memory(alice.pk)
+    alice_service = retrieval.user_index(alice.pk)
     assert alice_service._pending  # her pending message's embedding is cached here
     selectors.memory_query(user=bob, query="dog", top_k=1)
 
-    assert retrieval.cache_stats()["evictions"] >= 1 and retrieval.cached_user_memory(alice.pk) is None
+    assert retrieval.cache_stats()["evictions"] >= 1 and retrieval.cached_user_index(alice.pk) is None
     kayak.refresh_from_db()
     assert kayak.flushed_at is None and kayak.embedding is None  # still pending, in the database
     [found] = selectors.memory_query(user=alice, query="What boat did I buy?", top_k=1)
     assert (found["id"], found["metadata"]["flushed"]) == (str(kayak.pk), False)
-    assert retrieval.user_memory(alice.pk) is not alice_service
+    assert retrieval.user_index(alice.pk) is not alice_service
 
     flush_pending(user_id=alice.pk)
     kayak.refresh_from_db()
@@ -386,7 +386,7 @@ def vector_scores(user_id, query: np.ndarray, **kwargs) -> dict:
     flushed, pending, moved = vector.candidates(user_id=user_id, embedding=query, limit=100, **kwargs)
     if pending:
         rows = [(doc_id, updated_at, text) for doc_id, updated_at, text, *_ in pending]
-        flushed += vector.pending_scores(pending, retrieval.user_memory(user_id).pending_embeddings(rows), moved)
+        flushed += vector.pending_scores(pending, retrieval.user_index(user_id).pending_embeddings(rows), moved)
     return {key.id: score for key, score in flushed}
 
 
@@ -515,9 +515,9 @@ def test_bm25_index_keys_round_trip_through_its_arrays(alice_session):
     fact = Knowledge.objects.create(user_id=alice_session.user_id, content="Alice owns a kayak")
     alice_session.user.refresh_from_db()
 
-    memory = retrieval.user_memory(alice_session.user_id)
-    with memory.lock:
-        index = memory.sync(alice_session.user.memory_version + 1)
+    entry = retrieval.user_index(alice_session.user_id)
+    with entry.lock:
+        index = entry.sync(alice_session.user.memory_version + 1)
         keys = [DocKey("message", doc_id) for doc_id in ids] + [DocKey("knowledge", fact.pk)]
         rows = [index.row(key) for key in keys]
         assert sorted(rows) == [0, 1, 2, 3] and [index.key(row) for row in rows] == keys
@@ -561,9 +561,9 @@ def test_a_query_names_a_speaker_by_a_lexeme_of_their_name(alice_session, query,
     _pottery_exchange(alice_session)
     alice = alice_session.user
     alice.refresh_from_db()
-    memory = retrieval.user_memory(alice.pk)
-    with memory.lock:
-        index = memory.sync(alice.memory_version)
+    entry = retrieval.user_index(alice.pk)
+    with entry.lock:
+        index = entry.sync(alice.memory_version)
 
     code = index.named_speaker(retrieval.query_tokens(query))
 
@@ -630,15 +630,15 @@ def test_pending_embeddings_survive_a_concurrent_query_that_saw_other_pending_me
     """A query of the user, run while this one embeds, that trims the cache to its own pending set loses this one nothing."""
     from concurrent.futures import Future
 
-    memory = retrieval.UserMemory(uuid.uuid4())
+    entry = retrieval.UserIndex(uuid.uuid4())
     cached, new, other = (uuid.uuid4(), 1, "cached"), (uuid.uuid4(), 1, "new"), (uuid.uuid4(), 1, "other")
-    memory._pending = {cached[:2]: np.ones(3, dtype=np.float32)}
+    entry._pending = {cached[:2]: np.ones(3, dtype=np.float32)}
     value = {"new": 2.0, "other": 3.0}
 
     class Embedding(Future):
         def result(self, timeout=None):
             if self.texts == ["new"]:  # while it is awaited, a query that sees only `other` pending
-                memory.pending_embeddings([other])
+                entry.pending_embeddings([other])
             return super().result(timeout)
 
     def submit_query(texts, **kwargs):
@@ -649,6 +649,6 @@ def test_pending_embeddings_survive_a_concurrent_query_that_saw_other_pending_me
 
     monkeypatch.setattr(registry, "submit_query", submit_query)
 
-    vectors = memory.pending_embeddings([cached, new])
+    vectors = entry.pending_embeddings([cached, new])
 
     assert vectors.tolist() == [[1, 1, 1], [2, 2, 2]]

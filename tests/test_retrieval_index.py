@@ -124,10 +124,10 @@ def _add(session, texts, **metadata):
 def _bm25(user, query: str, limit: int = 50):
     """The BM25 list of the user's cached index at their current version: ``[(key, score)]``."""
     user.refresh_from_db()
-    memory = retrieval.user_memory(user.pk)
-    with memory.lock:
-        found = memory.sync(user.memory_version).search(retrieval.query_tokens(query), limit=limit)
-    retrieval.cache.resized(memory)
+    entry = retrieval.user_index(user.pk)
+    with entry.lock:
+        found = entry.sync(user.memory_version).search(retrieval.query_tokens(query), limit=limit)
+    retrieval.cache.resized(entry)
     return found
 
 
@@ -149,8 +149,8 @@ def test_a_write_does_not_make_the_next_query_rebuild_the_index(alice_session):
     alice = alice_session.user
     alice.refresh_from_db()
     selectors.memory_query(user=alice, query="Where does my sister live?")
-    memory = retrieval.user_memory(alice.pk)
-    assert (memory.loads, memory.catch_ups) == (1, 0)
+    entry = retrieval.user_index(alice.pk)
+    assert (entry.loads, entry.catch_ups) == (1, 0)
 
     [boat] = _add(alice_session, ["I bought a red kayak."])
     alice.refresh_from_db()
@@ -160,7 +160,7 @@ def test_a_write_does_not_make_the_next_query_rebuild_the_index(alice_session):
     after_edit = selectors.memory_query(user=alice, query="canoe", top_k=1)
 
     assert found[0]["id"] == after_edit[0]["id"] == str(boat.pk)
-    assert (memory.loads, memory.catch_ups) == (1, 2)
+    assert (entry.loads, entry.catch_ups) == (1, 2)
 
 
 def test_an_index_kept_up_by_writes_ranks_as_one_built_from_scratch(alice, agent):
@@ -192,7 +192,7 @@ def test_an_index_kept_up_by_writes_ranks_as_one_built_from_scratch(alice, agent
         for query in queries:
             cached = [(key, round(score, 9)) for key, score in _bm25(alice, query)]
             assert cached == [(key, round(score, 9)) for key, score in _fresh_bm25(alice, query)], (step, query)
-    assert retrieval.user_memory(alice.pk).loads == 1
+    assert retrieval.user_index(alice.pk).loads == 1
 
 
 def test_edits_and_deletes_are_reflected_at_once_by_both_retrievers(alice_session):
@@ -241,7 +241,7 @@ def test_a_process_without_the_user_loads_their_snapshot_and_catches_up(alice_se
 
     cached = _bm25(alice_session.user, "glacier lake trip")
 
-    assert loaded == [True] and retrieval.user_memory(alice_session.user_id).index.seq > through
+    assert loaded == [True] and retrieval.user_index(alice_session.user_id).index.seq > through
     assert cached == _fresh_bm25(alice_session.user, "glacier lake trip")
     assert cached[0][0].id == late.pk
 
@@ -450,7 +450,7 @@ def test_deletions_a_snapshot_absorbed_make_an_older_cache_reload(alice_session)
     rows = _add(alice_session, [f"pottery class {i}" for i in range(5)])
     alice = alice_session.user
     _bm25(alice, "pottery")  # cached at this version
-    memory = retrieval.user_memory(alice.pk)
+    entry = retrieval.user_index(alice.pk)
     messages_delete(session=alice_session, message_ids=[rows[0].pk])
     index = store.load(alice.pk)
     snapshots.snapshot_save(index, alice.pk)  # another process's flush, say
@@ -461,7 +461,7 @@ def test_deletions_a_snapshot_absorbed_make_an_older_cache_reload(alice_session)
     found = {key.id for key, _ in _bm25(alice, "pottery")}
 
     assert rows[0].pk not in found and found == {row.pk for row in rows[1:]}
-    assert memory.loads == 2
+    assert entry.loads == 2
 
 
 def test_the_cache_evicts_by_bytes(alice_session, bob_session):
@@ -472,19 +472,19 @@ def test_the_cache_evicts_by_bytes(alice_session, bob_session):
     alice, bob = alice_session.user, bob_session.user
     _bm25(alice, "lisbon")
     _bm25(bob, "beagle")
-    alice_bytes, bob_bytes = (retrieval.user_memory(u.pk).nbytes for u in (alice, bob))
+    alice_bytes, bob_bytes = (retrieval.user_index(u.pk).nbytes for u in (alice, bob))
     assert bob_bytes > 2 * alice_bytes
 
     retrieval.reset_user_cache(max_bytes=bob_bytes + alice_bytes // 2)
     _bm25(alice, "lisbon")
     _bm25(bob, "beagle")  # bob's bytes push alice out
     stats = retrieval.cache_stats()
-    assert retrieval.cached_user_memory(alice.pk) is None and stats["evictions"] == 1
+    assert retrieval.cached_user_index(alice.pk) is None and stats["evictions"] == 1
     assert stats["bytes"] <= stats["max_bytes"] and stats["size"] == 1
 
     retrieval.reset_user_cache(max_bytes=bob_bytes // 2)
     assert _bm25(bob, "beagle")  # served, though it does not fit
-    assert retrieval.cached_user_memory(bob.pk) is None
+    assert retrieval.cached_user_index(bob.pk) is None
     retrieval.reset_user_cache()
 
 
@@ -527,6 +527,6 @@ def test_adds_without_queries_keep_at_most_the_bound_of_pending_embeddings(
         with django_capture_on_commit_callbacks(execute=True):
             added += _add(alice_session, [f"line {i}-{j}" for j in range(3)])
 
-    pending = retrieval.user_memory(alice_session.user_id)._pending
+    pending = retrieval.user_index(alice_session.user_id)._pending
 
     assert [doc_id for doc_id, _ in pending] == [row.pk for row in added[-4:]]

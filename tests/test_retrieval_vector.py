@@ -13,10 +13,10 @@ from memory import selectors
 from memory.indexing import ann, context
 from memory.indexing.flush import flush_pending
 from memory.models import Message
+from memory.pgvector_binary import use_binary_vectors
 from memory.retrieval import vector
 from memory.services.messages import MessageIn, messages_add, messages_delete, messages_update
 from memory.services.sessions import session_create, session_delete
-from memory.vectors import use_binary_vectors
 from tests.test_retrieval import flushed_user, smoothed_cosines, unit
 
 

@@ -6,8 +6,8 @@ redirect a POST to add a slash, so both forms are routed directly.
 
 from django.urls import re_path
 
-from memory.admin_dashboard import AdminStatsView
 from memory.api import portability, views
+from memory.operator.dashboard import AdminStatsView
 
 ID = r"(?P<{}>[^/]+)"
 

@@ -30,12 +30,12 @@ from pgvector import Vector
 
 from buffers import events
 from memfuse_project.pool import is_database_unavailable
-from memory import metrics
 from memory.indexing import active_model, ann, snapshots
 from memory.indexing.context import context_refresh, lock_context_writes
 from memory.inference import registry
+from memory.operator import metrics
+from memory.pgvector_binary import VectorArray, use_binary_vectors
 from memory.retrieval import cache
-from memory.vectors import VectorArray, use_binary_vectors
 
 logger = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ from memory.indexing.context import context_refresh_all
 from memory.indexing.reembed_columns import HNSW_INDEX, reembed_drop_old, swap_columns
 from memory.inference import registry
 from memory.models import ANN_BUCKETS, EmbeddingModel
-from memory.vectors import VectorArray, use_binary_vectors
+from memory.pgvector_binary import VectorArray, use_binary_vectors
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from django.db import connection, transaction
 
 from memory.retrieval import store
 from memory.retrieval.bm25 import BM25Index
-from memory.retrieval.cache import cached_user_memory, resized
+from memory.retrieval.cache import cached_user_index, resized
 
 # The size of a snapshot's parts (IndexSnapshotPart), in bytes: what one row or bound
 # parameter moves, and so what a pooled connection's libpq buffers grow to for snapshots.
@@ -99,20 +99,20 @@ def refresh_snapshot(user_id: uuid.UUID, *, current: bool = False) -> bool:
     of one user that end together, in any process, leave it to the first.
     """
     through, documents, changes = store.snapshot_lag(user_id)
-    memory = cached_user_memory(user_id)
-    if memory is not None and memory.index is not None:
-        documents = max(documents, len(memory.index))
+    entry = cached_user_index(user_id)
+    if entry is not None and entry.index is not None:
+        documents = max(documents, len(entry.index))
     share = CURRENT_LAG_SHARE if current else LAG_SHARE
     if not changes or (through is not None and changes < max(settings.MEMFUSE["SNAPSHOT_MIN_CHANGES"], documents // share)):
         return False
     with transaction.atomic():
         if not snapshot_writer_lock(user_id):
             return False
-        if memory is not None and memory.index is not None:
-            with memory.lock:
-                if not store.catch_up(memory.index, user_id):
-                    memory.index = store.load(user_id)
-                written = snapshot_save(memory.index, user_id)
-            resized(memory)
+        if entry is not None and entry.index is not None:
+            with entry.lock:
+                if not store.catch_up(entry.index, user_id):
+                    entry.index = store.load(user_id)
+                written = snapshot_save(entry.index, user_id)
+            resized(entry)
             return written
         return snapshot_save(store.load(user_id), user_id)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from memory.inference.models import Embedder, QueryEmbedder
+    from memory.inference.encoders import Embedder, QueryEmbedder
     from memory.inference.process import ProcessEmbedder
 
 logger = logging.getLogger(__name__)

@@ -22,8 +22,10 @@ import numpy as np
 from cachetools import LRUCache
 from django.conf import settings
 
+from memory.inference import builders
 from memory.inference.batcher import BACKGROUND, INTERACTIVE, EmbeddingBatcher
-from memory.inference.models import Embedder, QueryEmbedder, default_model_path, model_name
+from memory.inference.encoders import Embedder, QueryEmbedder, default_model_path, model_name
+from memory.inference.modes import documents_int8, needs_own_model, queries_embed_documents, reranker_path
 from memory.inference.process import ProcessEmbedder
 from memory.inference.reranker import Reranker, RerankerLoadError
 
@@ -44,49 +46,9 @@ SLOTS = (
 )
 
 
-def documents_int8() -> bool:
-    """Whether stored documents are embedded by the int8 model (``DOCUMENT_EMBEDDING_INT8``),
-    each text alone, as queries are: then a pending message embedded on demand by the query
-    model has exactly the embedding its flush writes."""
-    return settings.MEMFUSE["DOCUMENT_EMBEDDING_INT8"]
-
-
-def queries_embed_documents() -> bool:
-    """Whether the query model gives exactly the embedding a flush writes (the same int8
-    model, one text per call: ``DOCUMENT_EMBEDDING_INT8`` and ``QUERY_EMBEDDING_INT8``). Then
-    a pending message a query embedded for read-your-writes need not be embedded again by
-    its flush."""
-    return documents_int8() and settings.MEMFUSE["QUERY_EMBEDDING_INT8"]
-
-
 def document_model() -> dict:
     """``registry.document_model()``: the model stored embeddings come from."""
     return registry.document_model()
-
-
-def serving_threads() -> int:
-    """torch threads of this process's model: ``QUERY_TORCH_THREADS`` when flushes embed in the
-    background process (this model then embeds a few texts at a time: queries with
-    ``QUERY_EMBEDDING="thread"``, pending messages on demand; a second thread barely helps
-    there and, on a busy machine, makes one encode many times slower), else ``TORCH_THREADS``
-    (it embeds the flushes' batches too)."""
-    config = settings.MEMFUSE
-    return config["QUERY_TORCH_THREADS"] if config["BACKGROUND_EMBEDDING"] == "process" else config["TORCH_THREADS"]
-
-
-def reranker_path() -> Path | None:
-    """The configured ``RERANKER_MODEL_PATH``, or ``None``: reranking is off without one."""
-    configured = settings.MEMFUSE["RERANKER_MODEL_PATH"]
-    return Path(configured) if configured else None
-
-
-def needs_own_model() -> bool:
-    """Whether a serving process needs the full model itself: when queries or flushes are
-    embedded in the process (``"thread"`` modes), or documents by the full model (knowledge
-    items are embedded where the add runs). Otherwise its models are in child processes."""
-    config = settings.MEMFUSE
-    in_process = config["QUERY_EMBEDDING"] == "thread" or config["BACKGROUND_EMBEDDING"] == "thread"
-    return in_process or not documents_int8() or not config["QUERY_EMBEDDING_INT8"]
 
 
 class ModelRegistry:
@@ -191,17 +153,7 @@ class ModelRegistry:
 
     def get_embedder(self) -> Embedder:
         """The process's embedding model, loaded on first use."""
-        return self._slot("_embedder", self._load_embedder)
-
-    def _load_embedder(self) -> Embedder:
-        path = self.serving_model_path()
-        embedder = Embedder(
-            path, batch_size=settings.MEMFUSE["EMBEDDING_BATCH_SIZE"], threads=serving_threads()
-        )
-        logger.info(
-            "embedding model loaded from %s in %.2f s (dimension %d)", path, embedder.stats.load_seconds, embedder.dimension
-        )
-        return embedder
+        return self._slot("_embedder", lambda: builders.load_embedder(self.serving_model_path()))
 
     def loaded_embedder(self) -> Embedder | None:
         """The embedding model if this process has loaded it, without loading it."""
@@ -215,27 +167,10 @@ class ModelRegistry:
         loading: its first ``embed`` (or ``wait_ready``) waits for it."""
         config = settings.MEMFUSE
         if config["QUERY_EMBEDDING"] == "process":
-            return self._slot("_query_embedder", self._spawn_query_process)
+            return self._slot("_query_embedder", lambda: builders.spawn_query_process(self.serving_model_path()))
         if not config["QUERY_EMBEDDING_INT8"]:
             return self.get_embedder()
-        return self._slot("_query_embedder", self._build_query_embedder)
-
-    def _spawn_query_process(self) -> ProcessEmbedder:
-        config = settings.MEMFUSE
-        return ProcessEmbedder(
-            self.serving_model_path(),
-            batch_size=config["EMBEDDING_BATCH_SIZE"],
-            threads=config["QUERY_TORCH_THREADS"],
-            nice=0,
-            role="query",
-            int8=config["QUERY_EMBEDDING_INT8"],
-            concurrency=config["QUERY_EMBEDDING_CONCURRENCY"],
-        )
-
-    def _build_query_embedder(self) -> QueryEmbedder:
-        query = QueryEmbedder(self.get_embedder())
-        logger.info("int8 query embedder built in %.2f s", query.stats.load_seconds)
-        return query
+        return self._slot("_query_embedder", lambda: builders.build_query_embedder(self.get_embedder()))
 
     def local_document_embedder(self) -> Embedder | QueryEmbedder:
         """This process's own copy of the document model (tools that bulk-load rows as flushes
@@ -252,19 +187,7 @@ class ModelRegistry:
         path = reranker_path()
         if path is None:
             return None
-        return self._slot("_reranker", lambda: self._load_reranker(path))
-
-    @staticmethod
-    def _load_reranker(path: Path) -> Reranker:
-        config = settings.MEMFUSE
-        reranker = Reranker(
-            path,
-            batch_size=config["EMBEDDING_BATCH_SIZE"],
-            threads=serving_threads(),  # torch's thread count is per process
-            max_length=config["RERANK_MAX_TOKENS"],
-        )
-        logger.info("reranker loaded from %s in %.2f s", path, reranker.stats.load_seconds)
-        return reranker
+        return self._slot("_reranker", lambda: builders.load_reranker(path))
 
     # --- inference --------------------------------------------------------------------------
 
@@ -280,10 +203,7 @@ class ModelRegistry:
         """
         if priority == BACKGROUND:
             return self._get_background_batcher().embed(texts, priority=priority)
-        batcher = self._slot(
-            "_batcher",
-            lambda: EmbeddingBatcher(self.get_embedder(), max_texts=settings.MEMFUSE["EMBEDDING_MAX_BATCH_TEXTS"]),
-        )
+        batcher = self._slot("_batcher", lambda: builders.interactive_batcher(self.get_embedder()))
         return batcher.embed(texts, priority=priority)
 
     def embed_query(self, texts: list[str]) -> np.ndarray:
@@ -300,7 +220,7 @@ class ModelRegistry:
         """``embed_query`` without waiting: a ``Future`` of the rows (the caller works meanwhile).
 
         ``BACKGROUND``: texts that may wait behind every query (pending messages embedded ahead
-        of the queries that will need them: ``memory.retrieval.cache.UserMemory.prefetch``).
+        of the queries that will need them: ``memory.retrieval.cache.UserIndex.prefetch``).
         With a ``scope`` (the user's id), one text that the query model embedded a moment ago
         for that scope, or is embedding now, is not embedded again (``RecentEmbeddings``): the
         future of that call is returned. In the chat pattern the turn's query is the user's
@@ -311,7 +231,7 @@ class ModelRegistry:
         return self._submit_query(texts, priority=priority, scope=scope)
 
     def _submit_query(self, texts: list[str], *, priority: int, scope: object, bounds: tuple = ()) -> Future:
-        batcher = self._slot("_query_batcher", self._build_query_batcher)
+        batcher = self._slot("_query_batcher", lambda: builders.query_batcher(self.get_query_embedder()))
         recent = self._recent_embeddings() if scope is not None and len(texts) == 1 else None
         if recent is not None:
             future = recent.get(scope, texts[0])
@@ -327,7 +247,7 @@ class ModelRegistry:
     def read_ahead(self, text: str, *, user_id: object, tenant_id: object) -> Future:
         """Start the query model on ``text``, a pending message of ``user_id`` that a query will
         soon want (read your writes: ``memory.services.messages._start_embeddings``,
-        ``UserMemory.prefetch``): ``submit_query([text], priority=BACKGROUND, scope=user_id)``,
+        ``UserIndex.prefetch``): ``submit_query([text], priority=BACKGROUND, scope=user_id)``,
         bounded. At most ``PENDING_EMBED_MAX`` read-ahead requests of a user stay queued (a
         query only ever asks for the user's newest that many) and ``READ_AHEAD_MAX`` of a
         tenant (a tenant's many users share it; tenants are few, made by operators). Past a
@@ -351,14 +271,6 @@ class ModelRegistry:
         if batcher is None:
             return 0
         return batcher.queued(("user", user_id) if user_id is not None else ("tenant", tenant_id))
-
-    def _build_query_batcher(self) -> EmbeddingBatcher:
-        embedder = self.get_query_embedder()
-        return EmbeddingBatcher(
-            embedder,
-            max_texts=settings.MEMFUSE["EMBEDDING_MAX_BATCH_TEXTS"],
-            workers=embedder.concurrency if isinstance(embedder, ProcessEmbedder) else 1,
-        )
 
     def recent_query_embeddings(self, texts: list[str], *, scope: object, wait_seconds: float = 0.0) -> dict[str, np.ndarray]:
         """The query model's embeddings of those of ``texts`` it computed a moment ago for
@@ -404,29 +316,9 @@ class ModelRegistry:
         return reranker.score(query, texts)
 
     def _get_background_batcher(self) -> EmbeddingBatcher:
-        return self._slot("_background_batcher", self._build_background_batcher)
-
-    def _build_background_batcher(self) -> EmbeddingBatcher:
-        config = settings.MEMFUSE
-        int8 = documents_int8()
-        in_process = config["BACKGROUND_EMBEDDING"] != "process"
-        if in_process:
-            embedder = self.local_document_embedder()
-        else:
-            # int8 embeds one text per call (QueryEmbedder): a second thread does not help it,
-            # and leaves the other core to the requests.
-            embedder = ProcessEmbedder(
-                self.serving_model_path(),
-                batch_size=config["EMBEDDING_BATCH_SIZE"],
-                threads=1 if int8 else config["TORCH_THREADS"],
-                nice=config["EMBEDDING_NICE"],
-                int8=int8,
-            )
-        return EmbeddingBatcher(
-            embedder,
-            max_texts=config["EMBEDDING_MAX_BATCH_TEXTS"],
-            nice=config["EMBEDDING_NICE"] if in_process else 0,
-            linger_seconds=config["EMBEDDING_LINGER_SECONDS"],
+        return self._slot(
+            "_background_batcher",
+            lambda: builders.background_batcher(self.serving_model_path(), self.local_document_embedder),
         )
 
     def start_background_embedder(self) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memory.inference.models import Embedder, ModelStats, QueryEmbedder
+from memory.inference.encoders import Embedder, ModelStats, QueryEmbedder
 
 logger = logging.getLogger(__name__)
 

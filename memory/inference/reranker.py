@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memory.inference.models import ModelStats
+from memory.inference.encoders import ModelStats
 
 
 class RerankerLoadError(RuntimeError):

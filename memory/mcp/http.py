@@ -87,7 +87,7 @@ class MCPApplication:
         loop = asyncio.get_running_loop()
         entry = self._by_loop.get(loop)
         if entry is None:
-            app = tools.server.streamable_http_app(
+            app = tools.mcp_server().streamable_http_app(
                 streamable_http_path=PATH,
                 stateless_http=True,
                 json_response=True,

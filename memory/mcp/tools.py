@@ -7,24 +7,28 @@ user key reaches its own user only) and the same result shapes as REST. Results 
 structured content (``structuredContent``) with a short text rendering beside it. A refused
 call is an MCP tool error (``isError``) whose text names the argument, and writes nothing.
 
+The tools only parse their arguments and call: getting or creating a user, an agent and a
+session is the services' (``user_get_or_create``, ``session_get_or_create``,
+``messages_add_to_named_session``), as REST and the WebSocket would call them.
+
 The principal of an HTTP call is put on the request by ``memory.mcp.http`` (the Bearer key,
 resolved as REST resolves it); over stdio it is the key ``manage.py mcp_stdio`` was started
 with (``use_stdio_key``), re-checked on every call. Database work and model inference run in
-a worker thread, never on the event loop.
+a worker thread, never on the event loop. The server (``mcp_server``) is built on first use,
+by the transport that serves it.
 
 Protocol: https://modelcontextprotocol.io/specification/2025-06-18/server/tools
 """
 
 from __future__ import annotations
 
-import logging
+import threading
 import uuid
 from collections.abc import Callable
-from contextlib import contextmanager
 from typing import Annotated, Any, Literal, NotRequired
 
 from channels.db import database_sync_to_async
-from django.db import close_old_connections, connections, transaction
+from django.db import close_old_connections, connections
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
@@ -36,14 +40,13 @@ from typing_extensions import TypedDict  # pydantic needs this one before Python
 from memory import selectors, tenancy
 from memory.api import serializers as s
 from memory.api.serializers import validated
-from memory.errors import Conflict, ErrorAnswer, Forbidden, InvalidInput, NotFound, Unauthenticated, error_for
-from memory.models import Agent, Session, User
+from memory.errors import ErrorAnswer, InvalidInput, NotFound, Unauthenticated, error_for
+from memory.models import Session
 from memory.retrieval import RetrievalConfig
 from memory.services import knowledge as knowledge_services
-from memory.services.agents import agent_create
-from memory.services.messages import messages_add, messages_delete
-from memory.services.sessions import session_create, session_delete
-from memory.services.users import user_create, user_delete
+from memory.services.messages import messages_add, messages_add_to_named_session, messages_delete
+from memory.services.sessions import session_delete
+from memory.services.users import user_delete, user_get_or_create
 from memory.tenancy import Principal
 
 PRINCIPAL_SCOPE_KEY = "memfuse.principal"  # set on the ASGI scope by memory.mcp.http
@@ -60,29 +63,39 @@ def use_stdio_key(principal: Principal) -> None:
     _stdio_principal = principal
 
 
-@contextmanager
-def _root_logging_kept():
-    """``MCPServer()`` runs ``logging.basicConfig`` (a handler and level on the root logger); the
-    project's loggers have their own handlers and propagate, so every line would print twice."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
+INSTRUCTIONS = (
+    "Long-term memory of chats. memory_add stores turns, memory_query finds what is relevant "
+    "(hybrid BM25 + vector retrieval, optionally within a time window), memory_list browses "
+    "sessions and messages, memory_delete forgets, knowledge_add stores facts about a user. "
+    "With a tenant key, name the user in each call; a user key acts for its own user."
+)
+
+_tools: list[tuple[Callable, ToolAnnotations]] = []
+_server: MCPServer | None = None
+_server_lock = threading.Lock()
 
 
-with _root_logging_kept():
-    server = MCPServer(
-        name="memfuse",
-        instructions=(
-            "Long-term memory of chats. memory_add stores turns, memory_query finds what is relevant "
-            "(hybrid BM25 + vector retrieval, optionally within a time window), memory_list browses "
-            "sessions and messages, memory_delete forgets, knowledge_add stores facts about a user. "
-            "With a tenant key, name the user in each call; a user key acts for its own user."
-        ),
-    )
+def _tool(annotations: ToolAnnotations):
+    """Declare the decorated coroutine a tool of the server ``mcp_server`` builds."""
+
+    def declare(function: Callable) -> Callable:
+        _tools.append((function, annotations))
+        return function
+
+    return declare
+
+
+def mcp_server() -> MCPServer:
+    """The MCP server with every tool of this module, built on first use (once per process):
+    by ``memory.mcp.http`` on the first request to ``/mcp``, by ``manage.py mcp_stdio``."""
+    global _server
+    with _server_lock:
+        if _server is None:
+            server = MCPServer(name="memfuse", instructions=INSTRUCTIONS)
+            for function, annotations in _tools:
+                server.add_tool(function, annotations=annotations)
+            _server = server
+        return _server
 
 
 # --- calling ---------------------------------------------------------------------------------
@@ -147,33 +160,21 @@ def _as_uuid(value: str) -> uuid.UUID | None:
         return None
 
 
-def _user(principal: Principal, user: str | None, *, create: bool = False) -> User:
-    """The user named by ``user`` (a name or an id) as ``principal`` sees it.
-
-    A user key's own user when ``user`` is ``None``; with a tenant key ``user`` is required
-    and, with ``create``, a name not taken yet creates that user (the ``memfuse`` client's
-    ``init``). Raises ``NotFound`` (argument ``user``) for a user the key may not see.
-    """
+def _user_ref(user: str | None) -> uuid.UUID | str | None:
+    """The ``user`` argument parsed: an id, a name, or ``None`` (a user key's own user).
+    Raises ``InvalidInput`` (argument ``user``) for a value that is neither."""
     if user is None:
-        if principal.is_user_key:
-            return selectors.user_get(principal=principal, user_id=principal.user_id, field="user")
-        raise InvalidInput("user is required with a tenant key: a user's name or id", field="user")
+        return None
     if not isinstance(user, str) or not user.strip() or len(user) > 255 or not s.storable(user):
         raise InvalidInput("user must be a user's name or id (1 to 255 characters)", field="user")
-    user_id = _as_uuid(user)
-    found = (
-        selectors.users_visible(principal=principal).filter(pk=user_id).first()
-        if user_id is not None
-        else selectors.users_list(principal=principal, name=user).first()
-    )
-    if found is not None:
-        return found
-    if create and user_id is None and not principal.is_user_key:
-        try:
-            return user_create(tenant_id=principal.tenant_id, name=user)
-        except Conflict:  # created meanwhile by another call
-            return selectors.users_list(principal=principal, name=user).get()
-    raise NotFound(f"User '{user}' not found", field="user")
+    return _as_uuid(user) or user
+
+
+def _name(value: str, field: str) -> str:
+    """An agent's or session's name argument; ``InvalidInput`` naming ``field`` unless storable, 1 to 255 characters."""
+    if not value.strip() or len(value) > 255 or not s.storable(value):
+        raise InvalidInput(f"{field} must be a name of 1 to 255 characters", field=field)
+    return value
 
 
 def _session(principal: Principal, session_id: str, *, field: str = "session_id") -> Session:
@@ -181,33 +182,6 @@ def _session(principal: Principal, session_id: str, *, field: str = "session_id"
     if session_uuid is None:
         raise NotFound(f"Session '{session_id}' not found", field=field)
     return selectors.session_get(principal=principal, session_id=session_uuid, field=field)
-
-
-def _agent(principal: Principal, name: str) -> Agent:
-    agent = selectors.agents_list(principal=principal, name=name).first()
-    if agent is not None:
-        return agent
-    if principal.is_user_key:
-        raise Forbidden(f"Agent '{name}' does not exist and a user key cannot create agents", field="agent")
-    try:
-        return agent_create(tenant_id=principal.tenant_id, name=name)
-    except Conflict:
-        return selectors.agents_list(principal=principal, name=name).get()
-
-
-def _named_session(principal: Principal, *, user: str | None, agent: str, session: str) -> Session:
-    """The session called ``session`` of the user, created with ``agent`` (created too) on first use."""
-    for name, value in (("agent", agent), ("session", session)):
-        if not value.strip() or len(value) > 255 or not s.storable(value):
-            raise InvalidInput(f"{name} must be a name of 1 to 255 characters", field=name)
-    owner = _user(principal, user, create=True)
-    existing = selectors.sessions_list(principal=principal, user_id=owner.pk, name=session).first()
-    if existing is not None:
-        return existing
-    try:
-        return session_create(user=owner, agent=_agent(principal, agent), name=session)
-    except Conflict:
-        return selectors.sessions_list(principal=principal, user_id=owner.pk, name=session).get()
 
 
 # --- arguments ----------------------------------------------------------------------------------
@@ -220,7 +194,9 @@ class MessageArg(TypedDict):
     content: Annotated[str, Field(description="What was said.")]
     name: NotRequired[Annotated[str, Field(description="The speaker's display name (stored as metadata.speaker).")]]
     created_at: NotRequired[
-        Annotated[str, Field(description="When it was said, ISO 8601 with a UTC offset (imports of old chats); default: now.")]
+        Annotated[
+            str, Field(description="When it was said, ISO 8601 with a UTC offset (imports of old chats); default: now.")
+        ]
     ]
     metadata: NotRequired[Annotated[dict[str, Any], Field(description="Any JSON object kept with the message.")]]
 
@@ -235,24 +211,40 @@ UserArg = Annotated[
 SessionIdArg = Annotated[str | None, Field(description="A session's id.")]
 SinceArg = Annotated[
     str | None,
-    Field(description="Only memories created at or after this instant: ISO 8601 with a UTC offset (2026-03-01T00:00:00+01:00)."),
+    Field(
+        description="Only memories created at or after this instant: ISO 8601 with a UTC offset (2026-03-01T00:00:00+01:00)."
+    ),
 ]
 UntilArg = Annotated[
     str | None, Field(description="Only memories created at or before this instant: ISO 8601 with a UTC offset.")
+]
+RetrievalArg = Annotated[
+    dict[str, Any] | None,
+    Field(
+        description="Per-query overrides of the retrieval settings, as in the REST query: bm25_weight, "
+        "vector_weight, rrf_k, bm25_candidates, vector_candidates, rerank, rerank_top_n, prf_docs, prf_weight, "
+        "fusion (rrf or convex), speaker_weight. An unknown or out-of-range field is refused, named."
+    ),
 ]
 
 
 # --- tools -------------------------------------------------------------------------------------
 
 
-@server.tool(annotations=ToolAnnotations(title="Add messages to a session", destructive_hint=False))
+@_tool(ToolAnnotations(title="Add messages to a session", destructive_hint=False))
 async def memory_add(
     messages: Annotated[list[MessageArg], Field(description="The turns to store, in order.")],
     ctx: Context,
-    session_id: Annotated[str | None, Field(description="The session's id; or give user, agent and session names.")] = None,
+    session_id: Annotated[
+        str | None, Field(description="The session's id; or give user, agent and session names.")
+    ] = None,
     user: UserArg = None,
-    agent: Annotated[str, Field(description="The agent's name, created on first use (not by a user key).")] = DEFAULT_AGENT,
-    session: Annotated[str, Field(description="The session's name, created for the user on first use.")] = DEFAULT_SESSION,
+    agent: Annotated[
+        str, Field(description="The agent's name, created on first use (not by a user key).")
+    ] = DEFAULT_AGENT,
+    session: Annotated[
+        str, Field(description="The session's name, created for the user on first use.")
+    ] = DEFAULT_SESSION,
 ) -> CallToolResult:
     """Store chat turns at the end of a session: by session_id, or by user + agent + session names
     (each created on first use). The turns are searchable at once (before they are embedded).
@@ -262,13 +254,17 @@ async def memory_add(
 
     def work(principal: Principal) -> dict:
         batch = validated(s.MessagesAdd, {"messages": messages})["messages"]
-        with transaction.atomic():  # a session created here goes with the add, or not at all
-            target = (
-                _session(principal, session_id)
-                if session_id is not None
-                else _named_session(principal, user=user, agent=agent, session=session)
-            )
+        if session_id is not None:
+            target = _session(principal, session_id)
             rows = messages_add(session=target, messages=batch)
+        else:
+            target, rows = messages_add_to_named_session(
+                principal=principal,
+                user=_user_ref(user),
+                agent_name=_name(agent, "agent"),
+                session_name=_name(session, "session"),
+                messages=batch,
+            )
         return {
             "session_id": str(target.pk),
             "user_id": str(target.user_id),
@@ -281,7 +277,7 @@ async def memory_add(
     return _result(data, f"Stored {len(data['message_ids'])} message(s) in session {data['session_id']}.")
 
 
-@server.tool(annotations=ToolAnnotations(title="Search the memory", read_only_hint=True))
+@_tool(ToolAnnotations(title="Search the memory", read_only_hint=True))
 async def memory_query(
     query: Annotated[str, Field(description="What to look for, in words.")],
     ctx: Context,
@@ -293,10 +289,12 @@ async def memory_query(
     agent_id: Annotated[str | None, Field(description="Only messages of this agent's sessions.")] = None,
     since: SinceArg = None,
     until: UntilArg = None,
+    retrieval: RetrievalArg = None,
 ) -> CallToolResult:
     """Find the user's messages and knowledge most relevant to a query (hybrid BM25 + vector
     retrieval, fused by RRF), optionally within a time window (since/until, inclusive, on each
-    memory's creation time). Messages not embedded yet are found too.
+    memory's creation time) and with per-query retrieval overrides (as in the REST query).
+    Messages not embedded yet are found too.
 
     Returns {results: [{id, type, content, role, score, created_at, metadata: {session_id,
     session_name, scope, retrievers, ...}}], total}, best first: the REST query's results."""
@@ -304,19 +302,27 @@ async def memory_query(
     def work(principal: Principal) -> dict:
         data = validated(
             s.QueryIn,
-            _present(query=query, top_k=top_k, session_id=session_id, agent_id=agent_id, since=since, until=until),
+            _present(
+                query=query,
+                top_k=top_k,
+                session_id=session_id,
+                agent_id=agent_id,
+                since=since,
+                until=until,
+                retrieval=retrieval,
+            ),
         )
         if user is None and not principal.is_user_key and data.get("session_id") is not None:
             owner = selectors.session_get(principal=principal, session_id=data["session_id"]).user
         else:
-            owner = _user(principal, user)
+            owner = selectors.user_find(principal=principal, user=_user_ref(user))
         results = selectors.memory_query(
             user=owner,
             query=data["query"],
             top_k=data["top_k"],
             session_id=data.get("session_id"),
             agent_id=data.get("agent_id"),
-            config=RetrievalConfig.from_settings(),
+            config=RetrievalConfig.from_settings(**(data.get("retrieval") or {})),
             since=data.get("since"),
             until=data.get("until"),
         )
@@ -330,11 +336,13 @@ async def memory_query(
     return _result(data, "\n".join(lines) if lines else "No memories found.")
 
 
-@server.tool(annotations=ToolAnnotations(title="List sessions or messages", read_only_hint=True))
+@_tool(ToolAnnotations(title="List sessions or messages", read_only_hint=True))
 async def memory_list(
     ctx: Context,
     user: UserArg = None,
-    session_id: Annotated[str | None, Field(description="List this session's messages instead of the user's sessions.")] = None,
+    session_id: Annotated[
+        str | None, Field(description="List this session's messages instead of the user's sessions.")
+    ] = None,
     limit: Annotated[int, Field(ge=1, le=1000, description="Page size.")] = 20,
     offset: Annotated[int, Field(ge=0, description="Items to skip: the next_offset of the previous page.")] = 0,
 ) -> CallToolResult:
@@ -350,7 +358,7 @@ async def memory_list(
             )
             key, items = "messages", s.MessageOut(rows[:limit], many=True).data
         else:
-            owner = _user(principal, user)
+            owner = selectors.user_find(principal=principal, user=_user_ref(user))
             rows = list(selectors.sessions_list(principal=principal, user_id=owner.pk)[offset : offset + limit + 1])
             key, items = "sessions", s.SessionOut(rows[:limit], many=True).data
         return {key: items, "next_offset": offset + limit if len(rows) > limit else None}
@@ -364,12 +372,14 @@ async def memory_list(
     return _result(data, ("\n".join(lines) or "Nothing to list.") + more)
 
 
-@server.tool(annotations=ToolAnnotations(title="Forget memories", destructive_hint=True, idempotent_hint=True))
+@_tool(ToolAnnotations(title="Forget memories", destructive_hint=True, idempotent_hint=True))
 async def memory_delete(
     what: Annotated[
         Literal["messages", "session", "user"],
-        Field(description="messages: the given message_ids of session_id; session: a whole session; user: "
-              "the user with all of their memory."),
+        Field(
+            description="messages: the given message_ids of session_id; session: a whole session; user: "
+            "the user with all of their memory."
+        ),
     ],
     ctx: Context,
     session_id: SessionIdArg = None,
@@ -382,7 +392,7 @@ async def memory_delete(
 
     def work(principal: Principal) -> dict:
         if what == "user":
-            owner = _user(principal, user)
+            owner = selectors.user_find(principal=principal, user=_user_ref(user))
             owner_id = str(owner.pk)  # Model.delete() clears it
             user_delete(user=owner)
             return {"deleted": "user", "ids": [owner_id]}
@@ -402,7 +412,7 @@ async def memory_delete(
     return _result(data, f"Deleted {data['deleted']}: {', '.join(data['ids'])}.")
 
 
-@server.tool(annotations=ToolAnnotations(title="Add facts about a user", destructive_hint=False))
+@_tool(ToolAnnotations(title="Add facts about a user", destructive_hint=False))
 async def knowledge_add(
     knowledge: Annotated[list[str], Field(description="Facts about the user, one per item.")],
     ctx: Context,
@@ -414,7 +424,7 @@ async def knowledge_add(
 
     def work(principal: Principal) -> dict:
         contents = validated(s.KnowledgeAdd, {"knowledge": knowledge})["knowledge"]
-        owner = _user(principal, user, create=True)
+        owner = user_get_or_create(principal=principal, user=_user_ref(user))
         rows = knowledge_services.knowledge_add(user=owner, contents=contents)
         return {"user_id": str(owner.pk), "knowledge_ids": [str(row.pk) for row in rows]}
 

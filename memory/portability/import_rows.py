@@ -14,12 +14,12 @@ from pgvector import Vector
 from memory.errors import NotFound
 from memory.indexing import active_model
 from memory.inference import registry
+from memory.pgvector_binary import use_binary_vectors
 from memory.portability import staging
 from memory.portability.records import Source, checked_records
 from memory.services.common import memory_version_bump
 from memory.services.knowledge import knowledge_insert_bulk
 from memory.services.messages import messages_insert_bulk
-from memory.vectors import use_binary_vectors
 
 WRITE_BATCH = 1000  # rows per INSERT statement, at most
 WRITE_BATCH_BYTES = 8 * 1024 * 1024  # and about this many bytes of their lines' JSON

@@ -15,7 +15,7 @@ docs/retrieval.md describes the pipeline and its measurements.
 """
 
 from memory.retrieval.bm25 import BM25Index
-from memory.retrieval.cache import UserMemory, cache_stats, cached_user_memory, reset_user_cache, user_memory
+from memory.retrieval.cache import UserIndex, cache_stats, cached_user_index, reset_user_cache, user_index
 from memory.retrieval.config import RetrievalConfig
 from memory.retrieval.fusion import convex_fuse, rrf_fuse
 from memory.retrieval.keys import DocKey
@@ -26,9 +26,9 @@ __all__ = [
     "BM25Index",
     "DocKey",
     "RetrievalConfig",
-    "UserMemory",
+    "UserIndex",
     "cache_stats",
-    "cached_user_memory",
+    "cached_user_index",
     "convex_fuse",
     "document_texts",
     "hybrid_search",
@@ -38,5 +38,5 @@ __all__ = [
     "reset_user_cache",
     "rrf_fuse",
     "tsvector_tokens",
-    "user_memory",
+    "user_index",
 ]

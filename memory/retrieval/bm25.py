@@ -73,7 +73,7 @@ class BM25Index(BM25Scoring):
     or deleted document's row stays, dead, until then. ``window`` / ``own_weight``: the
     context documents' shape (``BM25_CONTEXT_TURNS``, ``BM25_OWN_WEIGHT``). ``seq``: the
     highest change number (``memory_change_seq``) applied. Not thread-safe: the caller
-    (``memory.retrieval.cache.UserMemory``) holds a lock around every use.
+    (``memory.retrieval.cache.UserIndex``) holds a lock around every use.
 
     Memory: about 30 bytes per posting (a turn's distinct lexemes, ~10-15) and 60 per row,
     plus the vocabulary; ``nbytes`` counts it.

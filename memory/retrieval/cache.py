@@ -1,6 +1,6 @@
-"""Tier 2: one ``UserMemory`` per user, in a thread-safe LRU cache bounded in bytes.
+"""Tier 2: one ``UserIndex`` per user, in a thread-safe LRU cache bounded in bytes.
 
-A ``UserMemory`` holds what is worth keeping between a user's queries: their lexical index
+A ``UserIndex`` holds what is worth keeping between a user's queries: their lexical index
 (``memory.retrieval.bm25``), caught up with the database at each query that finds the user's
 ``memory_version`` moved, and the embeddings of their newest pending messages. Everything in
 it can be rebuilt from the database, so evicting it loses nothing; a user who comes back is
@@ -25,8 +25,8 @@ from memory.retrieval.bm25 import BM25Index
 _PENDING_ENTRY_BYTES = 4 * 384 + 250
 
 
-class UserMemory:
-    """One user's memory service (see the module docstring).
+class UserIndex:
+    """One user's lexical index and pending embeddings, cached by this process (see the module docstring).
 
     ``lock`` guards ``index``: hold it for ``sync`` and for every read of the index that
     follows (``memory.retrieval.search`` does). ``loads`` and ``catch_ups`` count how the
@@ -137,13 +137,13 @@ class UserMemory:
         return found
 
 
-class UserMemoryCache(LRUCache):
+class UserIndexCache(LRUCache):
     """cachetools' ``LRUCache`` bounded in bytes (``maxsize``; each entry's ``nbytes``), that
     counts its hits, misses and evictions (for operators). Not thread-safe by itself, like
     its base: the functions below hold ``_cache_lock``."""
 
     def __init__(self, max_bytes: int) -> None:
-        super().__init__(maxsize=max_bytes, getsizeof=lambda memory: memory.nbytes)
+        super().__init__(maxsize=max_bytes, getsizeof=lambda entry: entry.nbytes)
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -160,62 +160,62 @@ class UserMemoryCache(LRUCache):
 
 
 _cache_lock = threading.Lock()
-_cache: UserMemoryCache | None = None
+_cache: UserIndexCache | None = None
 
 
 def _max_bytes() -> int:
     return int(settings.MEMFUSE["USER_CACHE_MB"] * 1024 * 1024)
 
 
-def _user_cache() -> UserMemoryCache:
+def _user_cache() -> UserIndexCache:
     """The process's cache, created on first use (caller holds ``_cache_lock``)."""
     global _cache
     if _cache is None:
-        _cache = UserMemoryCache(_max_bytes())
+        _cache = UserIndexCache(_max_bytes())
     return _cache
 
 
-def user_memory(user_id: uuid.UUID) -> UserMemory:
-    """The process's ``UserMemory`` for ``user_id``, from the LRU cache (``USER_CACHE_MB``)."""
+def user_index(user_id: uuid.UUID) -> UserIndex:
+    """The process's ``UserIndex`` for ``user_id``, from the LRU cache (``USER_CACHE_MB``)."""
     with _cache_lock:
         cache = _user_cache()
-        memory = cache.get(user_id)
-        if memory is None:
+        entry = cache.get(user_id)
+        if entry is None:
             cache.misses += 1
-            memory = UserMemory(user_id)
-            _store(cache, memory)
+            entry = UserIndex(user_id)
+            _store(cache, entry)
         else:
             cache.hits += 1
-        return memory
+        return entry
 
 
-def cached_user_memory(user_id: uuid.UUID) -> UserMemory | None:
-    """The user's ``UserMemory`` if this process has it cached (no lookup is counted)."""
+def cached_user_index(user_id: uuid.UUID) -> UserIndex | None:
+    """The user's ``UserIndex`` if this process has it cached (no lookup is counted)."""
     with _cache_lock:
         return _user_cache().peek(user_id) if _cache is not None else None
 
 
 def embedded_pending(user_id: uuid.UUID, keys: list[tuple[uuid.UUID, object]]) -> dict:
-    """``UserMemory.embedded`` of the user if this process has them cached, else ``{}``: what
+    """``UserIndex.embedded`` of the user if this process has them cached, else ``{}``: what
     a flush may take instead of embedding again (``registry.queries_embed_documents``)."""
-    memory = cached_user_memory(user_id)
-    return memory.embedded(keys) if memory is not None else {}
+    entry = cached_user_index(user_id)
+    return entry.embedded(keys) if entry is not None else {}
 
 
-def resized(memory: UserMemory) -> None:
-    """Account for ``memory``'s new size (after its index was loaded or grew); it may evict
+def resized(entry: UserIndex) -> None:
+    """Account for ``entry``'s new size (after its index was loaded or grew); it may evict
     others, or itself when it alone is over the bound (it then serves this query uncached)."""
     with _cache_lock:
         cache = _user_cache()
-        if cache.peek(memory.user_id) is memory:
-            _store(cache, memory)
+        if cache.peek(entry.user_id) is entry:
+            _store(cache, entry)
 
 
-def _store(cache: UserMemoryCache, memory: UserMemory) -> None:
+def _store(cache: UserIndexCache, entry: UserIndex) -> None:
     try:
-        cache[memory.user_id] = memory
+        cache[entry.user_id] = entry
     except ValueError:  # larger than the whole cache
-        cache.pop(memory.user_id, None)
+        cache.pop(entry.user_id, None)
 
 
 def forget(user_id: uuid.UUID) -> None:
@@ -247,10 +247,10 @@ def cache_stats() -> dict:
 
 
 def reset_user_cache(*, max_bytes: int | None = None) -> None:
-    """Drop every cached ``UserMemory`` and the counters; ``max_bytes`` overrides the setting.
+    """Drop every cached ``UserIndex`` and the counters; ``max_bytes`` overrides the setting.
 
     For tests and for an operator who wants a fresh start; nothing durable is lost.
     """
     global _cache
     with _cache_lock:
-        _cache = UserMemoryCache(max_bytes or _max_bytes())
+        _cache = UserIndexCache(max_bytes or _max_bytes())

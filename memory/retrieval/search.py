@@ -15,10 +15,11 @@ from datetime import datetime
 
 from django.db import DataError, connection
 
-from memory import embedding_model, metrics
+from memory import embedding_model
 from memory.inference import registry
+from memory.operator import metrics
 from memory.retrieval import fusion, vector
-from memory.retrieval.cache import resized, user_memory
+from memory.retrieval.cache import resized, user_index
 from memory.retrieval.config import RetrievalConfig
 from memory.retrieval.fusion import Hits
 from memory.retrieval.keys import DocKey
@@ -68,18 +69,18 @@ def hybrid_search_stages(
     if config.vector_weight > 0:
         embedding_model.follow_active_model()
     embedding = registry.submit_query([query], scope=user_id) if config.vector_weight > 0 else None
-    memory = user_memory(user_id)
+    entry = user_index(user_id)
     speaker, tokens = None, None
     if config.bm25_weight > 0 or config.speaker_weight > 0:
         tokens = query_tokens(query) if config.bm25_weight > 0 else None
-        with memory.lock:
-            index = memory.sync(memory_version)
+        with entry.lock:
+            index = entry.sync(memory_version)
             has_speakers = bool(index.speakers)
         if tokens is None and config.speaker_weight > 0 and has_speakers:
             tokens = query_tokens(query)
         if tokens is not None:
-            with memory.lock:
-                index = memory.sync(memory_version)
+            with entry.lock:
+                index = entry.sync(memory_version)
                 if config.speaker_weight > 0:
                     speaker = index.named_speaker(tokens)
                 if config.bm25_weight > 0:
@@ -92,7 +93,7 @@ def hybrid_search_stages(
                             until_us=_epoch_us(until),
                         )
         if partial and config.vector_weight > 0 and "bm25" in ranked:
-            yield "partial", _fused(ranked, config, memory, speaker, limit=top_k)[:top_k]
+            yield "partial", _fused(ranked, config, entry, speaker, limit=top_k)[:top_k]
     if embedding is not None:
         with metrics.query_stage("embed"):
             query_embedding = embedding.result()[0]
@@ -116,16 +117,16 @@ def hybrid_search_stages(
             # process last looked (embedding_model.ACTIVE_MODEL_TTL_SECONDS): follow it now.
             embedding_model.follow_active_model(force=True)
             query_embedding = registry.submit_query([query], scope=user_id).result()[0]
-            memory = user_memory(user_id)
+            entry = user_index(user_id)
             flushed, pending, moved = vector.candidates(embedding=query_embedding, **search)
         if pending:
-            embeddings = memory.pending_embeddings([(doc_id, updated_at, text) for doc_id, updated_at, text, *_ in pending])
+            embeddings = entry.pending_embeddings([(doc_id, updated_at, text) for doc_id, updated_at, text, *_ in pending])
             flushed = sorted(flushed + vector.pending_scores(pending, embeddings, moved), key=lambda item: -item[1])
         ranked["vector"] = flushed[: config.vector_candidates]
         metrics.QUERY_STAGE_SECONDS.labels("vector").observe(time.perf_counter() - vector_start)
-    resized(memory)  # its index and pending embeddings, as they are now
+    resized(entry)  # its index and pending embeddings, as they are now
     with metrics.query_stage("fusion"):
-        hits = _fused(ranked, config, memory, speaker, limit=max(top_k, config.rerank_top_n) if config.rerank else top_k)
+        hits = _fused(ranked, config, entry, speaker, limit=max(top_k, config.rerank_top_n) if config.rerank else top_k)
     if config.rerank:
         with metrics.query_stage("rerank"):
             hits = rerank(user_id=user_id, query=query, hits=hits, top_n=config.rerank_top_n)
@@ -134,14 +135,14 @@ def hybrid_search_stages(
     yield "final", hits[:top_k]
 
 
-def _fused(ranked: dict[str, list], config: RetrievalConfig, memory, speaker: int | None, *, limit: int) -> Hits:
+def _fused(ranked: dict[str, list], config: RetrievalConfig, entry, speaker: int | None, *, limit: int) -> Hits:
     """``fusion.fuse`` of ``ranked``, with the named speaker's turns when there is one: at
     least the first ``limit`` hits (all of them with a speaker, whose list may lift any)."""
     if speaker is None:
         return fusion.fuse(ranked, config, limit=limit)
     hits = fusion.fuse(ranked, config)
-    with memory.lock:
-        spoken = fusion.speaker_candidates(hits, memory.index, speaker)
+    with entry.lock:
+        spoken = fusion.speaker_candidates(hits, entry.index, speaker)
     return fusion.add_speaker(hits, ranked, config, spoken)
 
 

@@ -35,7 +35,7 @@ leaves it, a trigger puts a copy in its place (migration 0010).
 
 **Pending messages** (not flushed yet) have no embedding in the database. The newest
 ``PENDING_EMBED_MAX`` of them are embedded on demand by the query model
-(``memory.retrieval.cache.UserMemory.pending_embeddings``) and scored like flushed ones, with
+(``memory.retrieval.cache.UserIndex.pending_embeddings``) and scored like flushed ones, with
 their flushed (or also on-demand embedded) neighbours: a query finds what was just added,
 and the work a query may wait for is bounded however large a burst was. Older pending
 messages are found by BM25 until their flush.
@@ -52,8 +52,8 @@ from django.conf import settings
 from django.db import connection, transaction
 from pgvector import Vector
 
+from memory.pgvector_binary import use_binary_vectors
 from memory.retrieval.keys import DocKey
-from memory.vectors import use_binary_vectors
 
 
 def candidates(**search) -> tuple[list[tuple[DocKey, float]], list[tuple], np.ndarray | None]:

@@ -4,8 +4,10 @@ tombstones, and unique-name creates and updates that map a violation to ``Confli
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Model, QuerySet
 
 from memory.errors import Conflict
 
@@ -60,6 +62,19 @@ def _create_unique(model, *, field_name: str = "name", **values):
             f"{model._meta.verbose_name.capitalize()} with {field_name} '{values.get(field_name)}' already exists",
             field=field_name,
         ) from None
+
+
+def _get_or_create(find: Callable[[], QuerySet], create: Callable[[], Model]):
+    """``find().first()``, else ``create()``. When a concurrent call creates the same row
+    first, ``create`` raises ``Conflict`` (the unique constraint orders them, in a savepoint:
+    ``_create_unique``) and the row that call created is returned instead."""
+    found = find().first()
+    if found is not None:
+        return found
+    try:
+        return create()
+    except Conflict:
+        return find().get()
 
 
 def _update_fields(obj, *, field_name: str = "name", **changes):

@@ -11,9 +11,9 @@ from pgvector import Vector
 from memory.indexing import active_model
 from memory.inference import registry
 from memory.models import Knowledge, User
+from memory.pgvector_binary import VectorArray, use_binary_vectors
 from memory.selectors import knowledge_by_ids
 from memory.services.common import memory_version_bump
-from memory.vectors import VectorArray, use_binary_vectors
 
 
 def knowledge_add(*, user: User, contents: list[str]) -> list[Knowledge]:

@@ -16,15 +16,18 @@ from buffers import backlog, events
 from buffers import jobs as buffers_jobs
 from buffers.models import Priority
 from buffers.pending import pending_sql
-from memory import metrics
 from memory.errors import NotFound, Unavailable
 from memory.indexing.context import context_refresh
 from memory.inference import registry
 from memory.models import Message, Session
+from memory.operator import metrics
+from memory.pgvector_binary import VectorArray, use_binary_vectors
 from memory.retrieval import cache
 from memory.selectors import messages_by_ids
 from memory.services.common import _delete_messages, memory_version_bump
-from memory.vectors import VectorArray, use_binary_vectors
+from memory.services.sessions import session_get_or_create
+from memory.services.users import user_get_or_create
+from memory.tenancy import Principal
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,24 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
     return AddedMessages(rows, pending=count, oldest_pending_age_s=round(float(oldest_age), 3))
 
 
+def messages_add_to_named_session(
+    *, principal: Principal, user: uuid.UUID | str | None, agent_name: str, session_name: str, messages: list[MessageIn]
+) -> tuple[Session, AddedMessages]:
+    """Store ``messages`` at the end of the session called ``session_name`` of the user
+    ``principal`` names by ``user`` (an id, a name, or ``None`` for a user key's own user).
+
+    The user (``user_get_or_create``), the session and its agent called ``agent_name``
+    (``session_get_or_create``) are created on first use, in the add's transaction: with the
+    add, or not at all. Returns the session and ``messages_add``'s rows. Raises what those
+    raise: ``InvalidInput`` or ``NotFound`` (field ``user``), ``Forbidden`` (field ``agent``),
+    and ``messages_add``'s refusals.
+    """
+    with transaction.atomic():
+        owner = user_get_or_create(principal=principal, user=user)
+        session = session_get_or_create(principal=principal, user=owner, name=session_name, agent_name=agent_name)
+        return session, messages_add(session=session, messages=messages)
+
+
 def _tenant_of(session: Session) -> uuid.UUID:
     """The tenant of ``session``'s user, from what its lookup loaded (``selectors.session_ref``
     and ``session_get`` load the user with it, ``session_create`` was given it); one query
@@ -193,15 +214,15 @@ def _start_embeddings(rows: list[Message]) -> None:
 
 def _prefetch_embeddings(user_id: uuid.UUID, rows: list[Message]) -> None:
     """Keep the newest of ``rows`` (pending) embedding for the queries that will want them
-    before their flush: the chat pattern is an add, then a query (``UserMemory.prefetch``).
+    before their flush: the chat pattern is an add, then a query (``UserIndex.prefetch``).
     Their model calls started with the add (``_start_embeddings``)."""
     newest = _newest_to_embed(rows)
     if newest:
-        memory = cache.user_memory(user_id)
-        memory.prefetch(
+        entry = cache.user_index(user_id)
+        entry.prefetch(
             [(row.id, row.updated_at, row.index_text) for row in newest], tenant_id=_tenant_of(newest[0].session)
         )
-        cache.resized(memory)
+        cache.resized(entry)
 
 
 def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messages: list[MessageIn]) -> list[Message]:

@@ -6,9 +6,18 @@ import uuid
 
 from django.db import transaction
 
+from memory import selectors
 from memory.errors import NotFound
 from memory.models import Agent, Session, User
-from memory.services.common import _create_unique, _delete_messages, _update_fields, memory_version_bump
+from memory.services.agents import agent_get_or_create
+from memory.services.common import (
+    _create_unique,
+    _delete_messages,
+    _get_or_create,
+    _update_fields,
+    memory_version_bump,
+)
+from memory.tenancy import Principal
 
 
 def session_create(*, user: User, agent: Agent, name: str | None = None, metadata: dict | None = None) -> Session:
@@ -25,6 +34,19 @@ def session_create(*, user: User, agent: Agent, name: str | None = None, metadat
         agent=agent,
         name=name or f"session-{uuid.uuid4().hex[:12]}",
         metadata=metadata or {},
+    )
+
+
+def session_get_or_create(*, principal: Principal, user: User, name: str, agent_name: str) -> Session:
+    """The session of ``user`` called ``name``; on first use created with the agent called
+    ``agent_name``, itself created when missing (``agent_get_or_create``).
+
+    Raises ``Forbidden`` (field ``agent``) when the session and the agent are both missing
+    and ``principal`` is a user key.
+    """
+    return _get_or_create(
+        lambda: selectors.sessions_list(principal=principal, user_id=user.pk, name=name),
+        lambda: session_create(user=user, agent=agent_get_or_create(principal=principal, name=agent_name), name=name),
     )
 
 

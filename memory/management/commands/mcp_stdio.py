@@ -42,7 +42,7 @@ class Command(BaseCommand):
         # Until stdin closes. The SDK points fd 1 at stderr while it serves, so stray output
         # (and child processes started meanwhile, such as the embedding process) cannot corrupt
         # the protocol's stream.
-        tools.server.run("stdio")
+        tools.mcp_server().run("stdio")
 
     @staticmethod
     def api_key(options: dict) -> str:

@@ -1,101 +1,34 @@
-"""Prometheus metrics (``prometheus-client``): what ``GET /metrics`` exports.
+"""The Prometheus text exposition of ``GET /metrics``: the events and the operator's snapshot.
 
 Two kinds of figures:
 
-- Events counted where they happen: requests by route (latency histogram), queries by stage
-  (latency histogram), messages added, flushes and their duration. Module-level
-  ``Counter``/``Histogram`` objects; recording one costs a few microseconds.
+- Events counted where they happen (``memory.operator.metrics``).
 - Snapshots read at scrape time by ``OperatorCollector``, the dashboard's figures
-  (``memory.operator_stats``): the database pool, the model registry's counters, the per-user
+  (``memory.operator.stats``): the database pool, the model registry's counters, the per-user
   cache, the pending messages and the flush jobs.
 
-Several processes (``uvicorn --workers``, ``runworker``): with ``PROMETHEUS_MULTIPROC_DIR``
-set (an empty directory, shared by the processes, emptied before they start), the client
-library's multiprocess mode writes the events of every process to files there, and a scrape
-of any process sums them. The snapshot figures of the pool, the models and the cache are
+In multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set) a scrape of any process sums the
+events of every process. The snapshot figures of the pool, the models and the cache are
 those of the process that answers the scrape (labelled with its ``pid``); pending messages
-and flush jobs are read from the database and so cover every process. Without the variable,
-everything is this process's. https://prometheus.github.io/client_python/multiprocess/
+and flush jobs are read from the database and so cover every process.
+https://prometheus.github.io/client_python/multiprocess/
 """
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import multiprocess as prometheus_multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-# The events' registry. In multiprocess mode the values live in PROMETHEUS_MULTIPROC_DIR and a
-# scrape reads them from there (``scrape``); this registry is then only where they are declared.
-EVENTS = CollectorRegistry(auto_describe=True)
-
-# Request latency: the buckets cover 1 ms to 10 s, from an add or a cached user's query to a
-# query with a reranker or a cold user (docs/benchmarks.md has the service's latencies).
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-REQUEST_SECONDS = Histogram(
-    "memfuse_http_request_duration_seconds",
-    "Latency of REST API requests (s), by route name (memory.api.urls), method and status class.",
-    ["route", "method", "status"],
-    buckets=LATENCY_BUCKETS,
-    registry=EVENTS,
-)
-QUERY_STAGE_SECONDS = Histogram(
-    "memfuse_query_stage_duration_seconds",
-    "Time of each stage of a memory query (s): bm25, embed (waiting for the query embedding), vector, fusion, rerank.",
-    ["stage"],
-    buckets=(0.0001, 0.00025, 0.0005, *LATENCY_BUCKETS),
-    registry=EVENTS,
-)
-QUERY_SECONDS = Histogram(
-    "memfuse_query_duration_seconds",
-    "Time of a whole memory query (s), REST or WebSocket, from its start to its final results.",
-    buckets=LATENCY_BUCKETS,
-    registry=EVENTS,
-)
-QUERIES = Counter("memfuse_queries", "Memory queries answered (REST and WebSocket).", registry=EVENTS)
-MESSAGES_ADDED = Counter("memfuse_messages_added", "Messages stored by adds (committed).", registry=EVENTS)
-FLUSHES = Counter(
-    "memfuse_flushes",
-    "Flushes run (memory.indexing.flush.flush_pending), by outcome: ok or error.",
-    ["outcome"],
-    registry=EVENTS,
-)
-MESSAGES_FLUSHED = Counter("memfuse_messages_flushed", "Messages embedded and indexed by flushes.", registry=EVENTS)
-FLUSH_SECONDS = Histogram(
-    "memfuse_flush_duration_seconds",
-    "Duration of a flush (s): claim, embed and write of every batch.",
-    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
-    registry=EVENTS,
-)
-
-
-def multiprocess() -> bool:
-    """Whether the client library's multiprocess mode is on (``PROMETHEUS_MULTIPROC_DIR`` set)."""
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-
-
-def status_class(status: int) -> str:
-    """``"2xx"``, ``"4xx"``, ...: the label of a response status (few values, so few series)."""
-    return f"{status // 100}xx"
-
-
-@contextmanager
-def query_stage(stage: str) -> Iterator[None]:
-    """Time the block as ``stage`` of a query (``QUERY_STAGE_SECONDS``)."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        QUERY_STAGE_SECONDS.labels(stage).observe(time.perf_counter() - start)
+from memory.operator.metrics import EVENTS, multiprocess
+from memory.operator.stats import operator_stats
 
 
 class OperatorCollector(Collector):
-    """The dashboard's figures (``memory.operator_stats``) as Prometheus metrics, read at each scrape.
+    """The dashboard's figures (``memory.operator.stats``) as Prometheus metrics, read at each scrape.
 
     Runs the dashboard's database reads (two aggregate statements on the pending rows, two
     on the flush jobs): a scrape costs what a dashboard refresh costs.
@@ -105,8 +38,6 @@ class OperatorCollector(Collector):
         return []  # nothing read at registration: the figures are read at scrape time only
 
     def collect(self) -> Iterator[Metric]:
-        from memory.operator_stats import operator_stats
-
         stats = operator_stats(top_users=0)
         pid = str(stats["process"]["pid"])
         yield from _pool_metrics(stats["pool"], pid)
@@ -219,9 +150,7 @@ def scrape() -> bytes:
     """
     registry = CollectorRegistry()
     if multiprocess():
-        from prometheus_client import multiprocess as mp
-
-        mp.MultiProcessCollector(registry)
+        prometheus_multiprocess.MultiProcessCollector(registry)
     else:
         registry.register(_Events())
     registry.register(OperatorCollector())

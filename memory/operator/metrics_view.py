@@ -1,4 +1,4 @@
-"""``GET /metrics``: the Prometheus text format (``memory.metrics.scrape``), for operators and scrapers."""
+"""``GET /metrics``: the Prometheus text format (``memory.operator.exposition.scrape``), for operators and scrapers."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from memory import metrics
 from memory.api.auth import bearer_token
 from memory.api.errors import error_body
+from memory.operator.exposition import scrape
 from memory.tenancy import resolve_key
 
 
@@ -23,7 +23,7 @@ def _scrape_token_matches(token: str | None) -> bool:
 
 @require_GET
 def metrics_view(request: HttpRequest) -> HttpResponse:
-    """The metrics of ``memory.metrics`` for ``Authorization: Bearer <token>`` with the scrape
+    """The metrics of ``memory.operator.exposition`` for ``Authorization: Bearer <token>`` with the scrape
     token (``METRICS_TOKEN``) or an operator key, or for a staff user's admin session.
 
     401 (the API's envelope) without credentials or with a token that is neither; 404 for
@@ -49,4 +49,4 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
 
 
 def _metrics() -> HttpResponse:
-    return HttpResponse(metrics.scrape(), content_type=CONTENT_TYPE_LATEST)
+    return HttpResponse(scrape(), content_type=CONTENT_TYPE_LATEST)

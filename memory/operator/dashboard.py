@@ -14,12 +14,12 @@ from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from buffers import services as buffers
-from memory import metrics_history
 from memory.api.auth import is_authenticated, is_operator
 from memory.api.errors import envelope
 from memory.api.schema import api_doc
 from memory.errors import NotFound, Unauthenticated
-from memory.operator_stats import operator_stats
+from memory.operator import history
+from memory.operator.stats import operator_stats
 
 REFRESH_SECONDS = 5
 
@@ -42,10 +42,10 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "title": "MemFuse dashboard",
         "is_nav_sidebar_enabled": False,  # the figures need the width
         "stats": operator_stats(),
-        "charts": metrics_history.charts(),
-        "chart_minutes": round(metrics_history.span_seconds() / 60),
-        "chart_width": metrics_history.CHART_WIDTH,
-        "chart_height": metrics_history.CHART_HEIGHT,
+        "charts": history.charts(),
+        "chart_minutes": round(history.span_seconds() / 60),
+        "chart_width": history.CHART_WIDTH,
+        "chart_height": history.CHART_HEIGHT,
         "refresh_seconds": REFRESH_SECONDS,
         "failed_jobs_url": reverse("admin:buffers_flushjob_changelist") + "?state__exact=failed",
         "stats_url": reverse("memfuse-dashboard-stats"),

@@ -19,7 +19,7 @@ from memory.inference import registry
 def operator_stats(*, top_users: int = 10) -> dict:
     """Live figures of this process and of the shared database.
 
-    ``{"generated_at" (ISO 8601), "process": {"host", "pid", "memory": memfuse_project.heap.heap_stats()}, "pool": memfuse_project.pool.pool_stats(),
+    ``{"generated_at" (ISO 8601), "process": {"host", "pid", "ram": memfuse_project.heap.heap_stats()}, "pool": memfuse_project.pool.pool_stats(),
     "models": memory.inference.registry.stats() with memory.embedding_model.embedding_models_overview()
     ("active": the stored vectors' model, "reembed": a run's progress), "user_cache": memory.retrieval.cache_stats(),
     "buffers": buffers.selectors.buffers_overview() plus "workers": {"workers", "busy",
@@ -31,7 +31,7 @@ def operator_stats(*, top_users: int = 10) -> dict:
     buffers["workers"] = workers.local_pool_status()
     return {
         "generated_at": timezone.now().isoformat(),
-        "process": {"host": socket.gethostname(), "pid": os.getpid(), "memory": heap_stats()},
+        "process": {"host": socket.gethostname(), "pid": os.getpid(), "ram": heap_stats()},
         "pool": pool_stats(),
         "models": {**registry.stats(), **embedding_models_overview()},
         "user_cache": retrieval.cache_stats(),

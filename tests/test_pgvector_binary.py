@@ -8,7 +8,7 @@ from pgvector import Vector
 from psycopg.adapt import PyFormat, Transformer
 from psycopg.pq import Format
 
-from memory.vectors import VectorArray, use_binary_vectors
+from memory.pgvector_binary import VectorArray, use_binary_vectors
 
 
 def _awkward_vectors(count: int) -> np.ndarray:
