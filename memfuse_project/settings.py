@@ -6,10 +6,12 @@ Importing this module only reads the environment: the embedded server is started
 points (``memfuse_project.embedded_pg.start_if_embedded``).
 """
 
+import math
 import os
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -22,21 +24,49 @@ def envstr(name: str, default: str = "") -> str:
     return os.environ.get(name, default)
 
 
+# The words envbool knows, case-insensitive; any other value is a mistake to report, not to read
+# as false ("flase", "enabled").
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
 def envbool(name: str, default: bool) -> bool:
+    """Env var ``name`` as a bool: ``1/true/yes/on`` or ``0/false/no/off`` (any case), ``default``
+    when unset or empty. Raises ``ImproperlyConfigured`` naming the variable on any other value
+    (healthchecks' ``hc/settings.py`` does the same)."""
     value = os.environ.get(name)
-    if value is None or value == "":
+    if value is None or value.strip() == "":
         return default
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+    word = value.strip().lower()
+    if word not in _TRUE | _FALSE:
+        raise ImproperlyConfigured(f"{name}={value!r} is not a boolean: use one of 1/0, true/false, yes/no, on/off")
+    return word in _TRUE
 
 
 def envint(name: str, default: int) -> int:
+    """Env var ``name`` as an int, ``default`` when unset or empty. Raises
+    ``ImproperlyConfigured`` naming the variable when it is not an integer."""
     value = os.environ.get(name)
-    return default if value is None or value == "" else int(value)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not an integer") from None
 
 
 def envfloat(name: str, default: float) -> float:
+    """Env var ``name`` as a finite float, ``default`` when unset or empty. Raises
+    ``ImproperlyConfigured`` naming the variable when it is not a finite number."""
     value = os.environ.get(name)
-    return default if value is None or value == "" else float(value)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ImproperlyConfigured(f"{name}={value!r} is not a finite number")
+    return number
 
 
 def scaled_rate(rate: str, factor: int) -> str:
@@ -167,8 +197,6 @@ DATABASES = {"default": _default_db}
 # would be a key anyone can read.
 SECRET_KEY = envstr("SECRET_KEY")
 if not SECRET_KEY and not USING_EMBEDDED_DB:
-    from django.core.exceptions import ImproperlyConfigured
-
     raise ImproperlyConfigured(
         "SECRET_KEY is not set. With DATABASE_URL the service needs SECRET_KEY (or SECRET_KEY_FILE): "
         "50 or more random characters, e.g. python -c 'import secrets; print(secrets.token_urlsafe(50))'"
