@@ -3,9 +3,10 @@
 Every value has a default that works on a laptop: without ``DATABASE_URL`` the service runs
 an embedded PostgreSQL (the ``pgserver`` package) in ``.pgdata/`` inside the working directory.
 Importing this module only reads the environment: the embedded server is started by the entry
-points (``memfuse_project.embedded_pg.start_if_embedded``).
+points (``runtime.embedded_pg.start_if_embedded``).
 """
 
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -118,6 +119,14 @@ INSTALLED_APPS = [
     "buffers",
 ]
 
+# The development tools (benchmarks, the soak, the screenshots: the ``benchmarks`` app and its
+# management commands) beside the product, never inside it. Installed when the package is
+# there to import (a source checkout) unless MEMFUSE_TOOLS is off; a deployment sets it off, or
+# ships without ``benchmarks/``, and its ``manage.py`` then knows only the operator commands.
+MEMFUSE_TOOLS = envbool("MEMFUSE_TOOLS", importlib.util.find_spec("benchmarks") is not None)
+if MEMFUSE_TOOLS:
+    INSTALLED_APPS.append("benchmarks")
+
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -128,7 +137,7 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
-# The REST API's requests (``/api/`` under ASGI, see ``memfuse_project.asgi.APIHandler``) skip
+# The REST API's requests (``/api/`` under ASGI, see ``memfuse_project.lifespan.APIHandler``) skip
 # the middlewares above: it keeps no sessions or cookies and authenticates every request.
 API_MIDDLEWARE: list[str] = []
 
@@ -166,7 +175,7 @@ USING_EMBEDDED_DB = not envstr("DATABASE_URL")
 if not USING_EMBEDDED_DB:
     _default_db = dj_database_url.parse(envstr("DATABASE_URL"))
 else:
-    from memfuse_project.embedded_pg import database_settings
+    from runtime.embedded_pg import database_settings
 
     _default_db = database_settings(EMBEDDED_PG_DIR)
 
@@ -312,7 +321,7 @@ MEMFUSE = {
     # one text per call (memory.inference.documents_int8): 2-3x the flush's throughput on one core
     # instead of two, and a pending message's on-demand embedding equals its flushed one.
     "DOCUMENT_EMBEDDING_INT8": envbool("DOCUMENT_EMBEDDING_INT8", True),
-    # Load the models at start in serving processes (memfuse_project.serving.preload_models).
+    # Load the models at start in serving processes (memory.startup.load_models).
     "PRELOAD_MODELS": envbool("PRELOAD_MODELS", True),
     "MAX_MESSAGE_CHARS": envint("MAX_MESSAGE_CHARS", 32_000),
     "MAX_BATCH_MESSAGES": envint("MAX_BATCH_MESSAGES", 500),
@@ -483,7 +492,7 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "filters": {"one_line_refusals": {"()": "memfuse_project.pool.OneLineRefusals"}},
+    "filters": {"one_line_refusals": {"()": "runtime.pool.OneLineRefusals"}},
     "loggers": {
         "memory": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
         "memfuse_project": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},

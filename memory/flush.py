@@ -29,12 +29,12 @@ from django.db import connection, transaction
 from pgvector import Vector
 
 from buffers import events
-from memfuse_project.pool import is_database_unavailable
 from memory import embedding_model, metrics
 from memory.inference import registry
 from memory.retrieval import cache
 from memory.retrieval.vector import context_refresh, lock_context_writes
 from memory.vectors import VectorArray, use_binary_vectors
+from runtime.pool import is_database_unavailable
 
 logger = logging.getLogger(__name__)
 

@@ -30,13 +30,13 @@ from django.core.management.base import CommandError
 from tqdm import tqdm
 
 from buffers.services import flush_pending
-from memfuse_project.embedded_pg import migrate_if_embedded
 from memory import selectors, services
 from memory.api.serializers import RetrievalOverrides
 from memory.models import Agent, Tenant, User
 from memory.portability import importer
 from memory.portability.locomo import DIA_ID_KEY, conversation_sessions, locomo_records
 from memory.retrieval import RetrievalConfig
+from runtime.embedded_pg import migrate_if_embedded
 
 KS = (5, 10, 20)
 EVIDENCE_ID = re.compile(r"D(\d+):(\d+)")
@@ -134,7 +134,11 @@ def ingest(conversations: list[dict], agent, run: str) -> tuple[float, int, list
         for index, item in enumerate(conversations):
             records = list(
                 locomo_records(
-                    item, index=index, user_name=lambda sample_id: f"locomo-{sample_id}-{run}", agent_name=agent.name, seed=run
+                    item,
+                    index=index,
+                    user_name=lambda sample_id: f"locomo-{sample_id}-{run}",
+                    agent_name=agent.name,
+                    seed=run,
                 )
             )
             messages = sum(1 for record in records if record["type"] == "message")
