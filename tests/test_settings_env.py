@@ -1,7 +1,13 @@
 """The settings read the environment strictly: a value a helper does not know is an
-``ImproperlyConfigured`` naming the variable, never a silent default."""
+``ImproperlyConfigured`` naming the variable, never a silent default; and the development
+tools are installed only where ``MEMFUSE_TOOLS`` says."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
@@ -60,3 +66,32 @@ def test_numbers_are_read(monkeypatch):
     monkeypatch.setenv("MEMFUSE_PROBE", " 42 ")
     assert envint("MEMFUSE_PROBE", 1) == 42
     assert envfloat("MEMFUSE_PROBE", 1.0) == 42.0
+
+
+def manage_commands(**env: str) -> set[str]:
+    """The command names ``manage.py help --commands`` lists with ``env`` added (and no
+    ``MEMFUSE_TOOLS`` of the caller's)."""
+    inherited = {key: value for key, value in os.environ.items() if key != "MEMFUSE_TOOLS"}
+    root = Path(__file__).resolve().parent.parent
+    listed = subprocess.run(
+        [sys.executable, "manage.py", "help", "--commands"],
+        cwd=root,
+        env={**inherited, "DJANGO_SETTINGS_MODULE": "memfuse_project.settings", "SECRET_KEY": "x", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    return set(listed.stdout.split())
+
+
+TOOL_COMMANDS = {"memfuse_bench", "soak_bench", "interfaces_bench", "admin_screenshot", "chat_screenshot"}
+OPERATOR_COMMANDS = {"create_tenant", "create_api_key", "import_memory", "reembed", "mcp_stdio", "locomo_eval"}
+
+
+def test_the_tools_are_installed_only_where_memfuse_tools_says():
+    """With MEMFUSE_TOOLS off, manage.py knows the operator commands and none of the tools';
+    in a source checkout, by default, it knows both."""
+    without = manage_commands(MEMFUSE_TOOLS="off")
+    assert OPERATOR_COMMANDS <= without and not TOOL_COMMANDS & without
+    assert TOOL_COMMANDS | OPERATOR_COMMANDS <= manage_commands()
