@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +21,8 @@ from django.urls import get_resolver
 from buffers import events, workers
 from memfuse_project import serving
 from runtime import roles
+
+logger = logging.getLogger(__name__)
 
 _frozen = False
 
@@ -94,7 +97,8 @@ class ServerLoopRegistration:
     point declared a role already, then runs the serving start-up (``start_serving``). An
     application imported once Django runs (``runserver`` declares its own role; tests, with
     none) starts only what a declared role asks for. Also answers the ASGI lifespan protocol:
-    at shutdown it drains the flush workers (``workers.drain_at_shutdown``).
+    a start-up that fails there (a model that does not load) stops the server, and at shutdown
+    it drains the flush workers (``workers.drain_at_shutdown``).
 
     The default executor runs the API's views (``memory.api.base.ConcurrentAPIView``) and the
     WebSocket consumers' blocking calls. Its size is set here, whatever the ASGI server, rather
@@ -115,25 +119,37 @@ class ServerLoopRegistration:
             loop.set_default_executor(
                 ThreadPoolExecutor(max_workers=settings.MEMFUSE["ASGI_THREADS"], thread_name_prefix="asgi")
             )
-        if not self._started:
-            if roles.role() is None and (scope["type"] == "lifespan" or self.loaded_by_server):
-                # On the loop's thread, before the start-up's thread allocates: the arena cap
-                # (runtime.heap.limit_malloc_arenas) then covers every thread but this one.
-                roles.declare(roles.WEB)
-            # Database work: in a thread, never on the loop. Concurrent first connections all
-            # wait for the one start-up (serving.start holds a lock).
-            await loop.run_in_executor(None, start_serving)
-            self._started = True
         if scope["type"] == "lifespan":
             return await self.lifespan(receive, send)
+        if not self._started:
+            await self.start(server=self.loaded_by_server)
         return await self.app(scope, receive, send)
 
-    @staticmethod
-    async def lifespan(receive, send) -> None:
-        """ASGI lifespan (uvicorn; daphne does not speak it and drains at exit instead)."""
+    async def start(self, *, server: bool) -> None:
+        """Declare a ``WEB`` process when ``server`` and no entry point declared a role, then
+        run the serving start-up once. Raises what the start-up raises (a model that fails
+        to load)."""
+        if server and roles.role() is None:
+            # On the loop's thread, before the start-up's thread allocates: the arena cap
+            # (runtime.heap.limit_malloc_arenas) then covers every thread but this one.
+            roles.declare(roles.WEB)
+        # Database work: in a thread, never on the loop. Concurrent first connections all
+        # wait for the one start-up (serving.start holds a lock).
+        await asyncio.get_running_loop().run_in_executor(None, start_serving)
+        self._started = True
+
+    async def lifespan(self, receive, send) -> None:
+        """ASGI lifespan (uvicorn; daphne does not speak it and drains at exit instead). A
+        start-up that fails answers ``lifespan.startup.failed``, which stops the server."""
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                try:
+                    await self.start(server=True)
+                except Exception as exc:
+                    logger.exception("the serving start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
+                    return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await asyncio.get_running_loop().run_in_executor(None, workers.drain_at_shutdown)

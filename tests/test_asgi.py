@@ -108,3 +108,23 @@ def test_importing_the_application_starts_nothing_and_the_lifespan_starts_the_se
     after = report["after_startup"]
     assert after["role"] == "web" and after["caps"] == 1 and after["started"] is True
     assert after["models"]["query_embedding"] is True and after["models"]["background_embedding"] is False
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_start_up_that_fails_at_the_lifespan_stops_the_server(application, settings, monkeypatch, tmp_path):
+    """A model that does not load at the lifespan's startup (a bad RERANKER_MODEL_PATH) is
+    answered with lifespan.startup.failed naming the error, so that the server stops rather
+    than serve without it."""
+    from asgiref.testing import ApplicationCommunicator
+
+    from memory.inference import registry
+
+    settings.MEMFUSE = {**settings.MEMFUSE, "RERANKER_MODEL_PATH": str(tmp_path / "missing"), "PRELOAD_MODELS": True}
+    monkeypatch.setattr(registry, "_reranker", None)
+
+    lifespan = ApplicationCommunicator(application, {"type": "lifespan", "asgi": {"version": "3.0"}})
+    await lifespan.send_input({"type": "lifespan.startup"})
+    answer = await lifespan.receive_output(timeout=60)
+
+    assert answer["type"] == "lifespan.startup.failed"
+    assert "RerankerLoadError" in answer["message"] and "not a directory" in answer["message"]
