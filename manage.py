@@ -1,16 +1,17 @@
 #!/usr/bin/env python
 """Django's command-line utility for administrative tasks.
 
-The entry point of ``runserver`` and ``runworker``: it declares what they serve before Django
-starts (``memfuse_project.serving``), so that ``MemoryConfig.ready()`` loads their models,
-and runs their start-up step before the command. Every command gets the embedded database
-started when no ``DATABASE_URL`` is set.
+The entry point of ``runserver`` and ``runworker`` (the flush workers): it declares what they
+serve before Django starts (``runtime.roles``: the malloc arena cap then precedes every thread)
+and runs their start-up (``memfuse_project.serving.start``: the models, the embedded database,
+the flush workers) before the command. Every command gets the embedded database started when
+no ``DATABASE_URL`` is set.
 """
 
 import os
 import sys
 
-# The commands that serve, and what they serve as (memfuse_project.serving).
+# The commands that serve, and what they serve as (runtime.roles).
 SERVING_COMMANDS = {"runserver": "web", "runworker": "worker"}
 
 
@@ -32,14 +33,17 @@ def main() -> None:
     import django
     from django.core.management import execute_from_command_line
 
-    from memfuse_project import embedded_pg, serving
+    from runtime import embedded_pg, roles
 
     role = serving_role(sys.argv)
     if role is not None:
-        serving.declare(role)
+        roles.declare(role)
     embedded_pg.start_if_embedded()
     if role is not None:
         django.setup()
+        # Imported once Django runs: the start-up imports the apps' models.
+        from memfuse_project import serving
+
         # Before the command: runserver's check for unapplied migrations then finds none.
         serving.start()
     execute_from_command_line(sys.argv)

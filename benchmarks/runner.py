@@ -37,7 +37,7 @@ from benchmarks.errors import BenchError
 from benchmarks.ingest import IngestBench
 from benchmarks.query import QueryBench
 from benchmarks.server import HEALTH_PATH, ServerProcess, bench_rate_limit, health_ok
-from memfuse_project.embedded_pg import migrate_if_embedded
+from runtime.embedded_pg import migrate_if_embedded
 
 
 class Benchmark(Protocol):

@@ -55,6 +55,7 @@ from benchmarks.index_load import index_load
 from benchmarks.respawn import respawn
 from benchmarks.server import ServerProcess, bench_rate_limit, children_rss_mb, health, rss_mb
 from benchmarks.stats import latency_summary, slope_mb_per_hour
+from benchmarks.targets import Target, soak_targets
 from benchmarks.tenants import TENANTS_DEFAULTS, tenants_bench
 from benchmarks.ws_connections import ws_connections
 
@@ -94,14 +95,6 @@ class Recorder:
     def snapshot(self) -> list[Outcome]:
         with self._lock:
             return list(self.outcomes)
-
-
-@dataclass(frozen=True)
-class Target:
-    """A session to load: its user, the session, and the key to use."""
-
-    user_id: str
-    session_id: str
 
 
 def _round(client: int, n: int) -> list[dict]:
@@ -379,26 +372,6 @@ def soak(options: dict, env: dict) -> dict:
             operator.delete()
     result["server"] = {"url": url, "env": env, **stopped}
     return result
-
-
-def soak_targets(url: str, key: str, users: int, run: str) -> list[Target]:
-    """``users`` users ``soak-<run>-<i>`` of one agent, a session each, made over HTTP."""
-    headers = {"Authorization": f"Bearer {key}"}
-    base = url.rstrip("/") + "/api/v1"
-
-    def post(path: str, body: dict) -> dict:
-        response = requests.post(base + path, json=body, headers=headers, timeout=REQUEST_TIMEOUT)
-        if response.status_code != 201:
-            raise BenchError(f"POST {path}: HTTP {response.status_code}: {response.text[:200]}")
-        return response.json()["data"]
-
-    agent = post("/agents", {"name": f"soak-{run}"})["agent"]
-    targets = []
-    for index in range(users):
-        user = post("/users", {"name": f"soak-{run}-{index}"})["user"]
-        session = post("/sessions", {"user_id": user["id"], "agent_id": agent["id"], "name": f"soak-{run}-{index}"})["session"]
-        targets.append(Target(user_id=user["id"], session_id=session["id"]))
-    return targets
 
 
 def _soak_run(url: str, key: str, targets: list[Target], pid: int | None, options, *, operator_secret: str | None) -> dict:

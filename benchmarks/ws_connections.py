@@ -26,6 +26,7 @@ from websockets.exceptions import WebSocketException
 
 from benchmarks.errors import BenchError
 from benchmarks.server import ServerProcess, bench_rate_limit, bench_tenant, rss_mb
+from benchmarks.targets import soak_targets
 
 SETTLE_S = 2.0  # s between the last answer and a reading: the server's last writes are done
 REQUEST_TIMEOUT = 30.0
@@ -37,8 +38,6 @@ def ws_connections(connections: int, users: int, env: dict) -> dict:
     Raises ``CommandError`` when ``connections`` or ``users`` is not positive, or the run fails
     (the server does not start, a connection is refused, dropped or not answered in 30 s).
     """
-    from benchmarks.soak import soak_targets
-
     if connections <= 0 or users <= 0:
         raise CommandError("--connections and --users must be positive")
     run = uuid.uuid4().hex[:8]

@@ -28,7 +28,7 @@ from django.utils import timezone
 from buffers import events, jobs, pending
 from buffers.models import ACTIVE_STATES, WAITING_STATES, FlushJob, Priority, State, sql_states
 from buffers.pending import pending_summary
-from memfuse_project.pool import is_database_unavailable
+from runtime.pool import is_database_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def run_job(job: FlushJob) -> None:
     messages are left, the job goes back to the queue with its attempt given back, behind
     the other tenants' turns (``claim_next_job``): one user's long flush never holds a worker
     for long. Errors of the flush are recorded on the job, never raised, except an
-    unreachable database (``memfuse_project.pool.is_database_unavailable``), which cannot be
+    unreachable database (``runtime.pool.is_database_unavailable``), which cannot be
     recorded: it is raised, and the job stays running until its process releases it
     (``buffers.heartbeats``) once the database is back.
 

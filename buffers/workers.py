@@ -27,7 +27,7 @@ from django.db import close_old_connections
 
 from buffers import events, heartbeats, pending, recovery, services
 from buffers.models import FlushJob, State
-from memfuse_project.pool import is_database_unavailable, is_pool_exhausted
+from runtime.pool import is_database_unavailable, is_pool_exhausted
 
 logger = logging.getLogger(__name__)
 

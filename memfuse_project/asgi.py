@@ -1,32 +1,22 @@
 """ASGI entry point: HTTP through Django, WebSocket and worker channels through Channels.
 
-Imported before Django starts, this module is the process's entry point (daphne, uvicorn): it
-declares a ``WEB`` process (``memfuse_project.serving``) and builds the application. Imported
-once Django runs (``runserver``, ``runworker``, tests), it leaves the role to the process's own
-entry point. ``MemoryConfig.ready()`` loads the models meanwhile. The rest of the start-up
-(``memfuse_project.serving.start``: the embedded database, its migrations and development
-tenant, the flush workers, the dashboard's sampler) runs at the ASGI lifespan's startup, or
-before the first connection under a server that does not speak lifespan (daphne), off the
-event loop.
+Importing it builds the application and starts nothing: the serving start-up (the process's
+role, the models, the embedded database, the flush workers, the dashboard's sampler) runs at
+the ASGI lifespan's startup, or before the first connection under a server that does not
+speak lifespan (``memfuse_project.lifespan``).
 """
 
-import asyncio
-import gc
 import os
-import weakref
-from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "memfuse_project.settings")
 
 from django.apps import apps  # noqa: E402
 
-from memfuse_project import serving  # noqa: E402
-
-if not apps.ready:
-    serving.declare(serving.WEB)
+# Imported before Django starts: a server (uvicorn, daphne) loads this application; imported
+# once Django runs: runserver, runworker or a test, whose role is theirs to declare.
+loaded_by_server = not apps.ready
 
 from django.core.asgi import get_asgi_application  # noqa: E402
-from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 
 # Build the HTTP app first: it calls django.setup(), which must precede any model import.
 django_asgi_app = get_asgi_application()
@@ -36,132 +26,21 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.db import connections  # noqa: E402
-from django.urls import get_resolver  # noqa: E402
 
-from buffers import events, workers  # noqa: E402
 from buffers.consumers import FlushConsumer  # noqa: E402
+from memfuse_project.lifespan import APIHandler, PathPrefixRouter, ServerLoopRegistration  # noqa: E402
 from memory.api.admission import TenantAdmission  # noqa: E402
 from memory.api.auth import HTTPAuthMiddleware, WebSocketAuthMiddleware  # noqa: E402
 from memory.api.limits import BodySizeLimit  # noqa: E402
 from memory.api.routing import websocket_urlpatterns  # noqa: E402
 from memory.mcp.http import application as mcp_application  # noqa: E402
+from runtime import roles  # noqa: E402
 
-if apps.ready and serving.role() is not None:
+if not loaded_by_server and roles.role() is not None:
     # Imported by runserver once its checks ran, on their thread: that thread serves no
     # request, so it gives back the pool connection the migration check took, or it would
     # hold one for ever.
     connections.close_all()
-
-_frozen = False
-
-
-def start_serving() -> None:
-    """The serving start-up (``serving.start``), then the garbage collector's freeze, once.
-
-    Everything built by then (Django, the apps and URLconf, torch and the models: about half
-    a million objects) lives as long as the process. Moving it out of reach of Python's cyclic
-    garbage collector keeps each of its full passes from walking all of it while holding the
-    GIL, a pause of a good fraction of a second every few seconds under load. Reference
-    counting still frees these objects; only cycles among them would never be collected.
-    """
-    global _frozen
-    serving.start()
-    if not _frozen and serving.role() is not None:
-        _ = get_resolver().url_patterns  # import the views now, so that they are frozen too
-        gc.freeze()
-        _frozen = True
-
-
-class APIHandler(ASGIHandler):
-    """Django's ASGI handler with the API's middleware (``settings.API_MIDDLEWARE``) only.
-
-    Django runs every sync middleware of an ASGI request through ``sync_to_async``: two thread
-    hand-offs per middleware, on a thread created for each request. With the middlewares
-    the admin needs, that is most of a health check's CPU time, and under load each hand-off
-    waits for the GIL behind the embedding thread. The REST API needs none of them
-    (no sessions, cookies, CSRF or messages: it authenticates every request itself), so
-    ``/api/`` gets a handler built with its own, shorter list.
-
-    It also serves without asgiref's ``ThreadSensitiveContext``, which starts (and stops) a
-    thread for every request to run its thread-sensitive calls. With no middleware left,
-    those are only the request_started/finished signal receivers (``close_old_connections``,
-    ``reset_queries``), which then run on asgiref's one shared thread; the views themselves
-    run in the thread pool (``memory.api.base.ConcurrentAPIView``) and return their
-    connections to the pool there.
-    """
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            raise ValueError(f"APIHandler serves HTTP only, not {scope['type']}")
-        await self.handle(scope, receive, send)
-
-    def load_middleware(self, is_async=False):
-        # BaseHandler.load_middleware reads settings.MIDDLEWARE; swap the list in for the build.
-        full = settings.MIDDLEWARE
-        settings.MIDDLEWARE = settings.API_MIDDLEWARE
-        try:
-            super().load_middleware(is_async=is_async)
-        finally:
-            settings.MIDDLEWARE = full
-
-
-class PathPrefixRouter:
-    """Sends HTTP requests whose path starts with ``prefix`` to ``matched``, others to ``default``."""
-
-    def __init__(self, prefix: str, matched, default):
-        self.prefix, self.matched, self.default = prefix, matched, default
-
-    async def __call__(self, scope, receive, send):
-        app = self.matched if scope["path"].startswith(self.prefix) else self.default
-        return await app(scope, receive, send)
-
-
-class ServerLoopRegistration:
-    """On the first connection of each event loop: remembers the loop (see ``buffers.events``) and
-    gives it a default executor of ``MEMFUSE["ASGI_THREADS"]`` threads. Before the first
-    connection (the lifespan's startup, where the server speaks it) it runs the serving start-up
-    (``start_serving``). Also answers the ASGI lifespan protocol: at shutdown it drains the
-    flush workers (``workers.drain_at_shutdown``).
-
-    The default executor runs the API's views (``memory.api.base.ConcurrentAPIView``) and the
-    WebSocket consumers' blocking calls. Its size is set here, whatever the ASGI server, rather
-    than through daphne's ``ASGI_THREADS`` variable, which uvicorn does not read.
-    """
-
-    def __init__(self, app):
-        self.app = app
-        self._loops: weakref.WeakSet = weakref.WeakSet()
-        self._started = False
-
-    async def __call__(self, scope, receive, send):
-        loop = asyncio.get_running_loop()
-        if loop not in self._loops:
-            self._loops.add(loop)
-            events.register_server_loop(loop)
-            loop.set_default_executor(
-                ThreadPoolExecutor(max_workers=settings.MEMFUSE["ASGI_THREADS"], thread_name_prefix="asgi")
-            )
-        if not self._started:
-            # Database work: in a thread, never on the loop. Concurrent first connections all
-            # wait for the one start-up (serving.start holds a lock).
-            await loop.run_in_executor(None, start_serving)
-            self._started = True
-        if scope["type"] == "lifespan":
-            return await self.lifespan(receive, send)
-        return await self.app(scope, receive, send)
-
-    @staticmethod
-    async def lifespan(receive, send) -> None:
-        """ASGI lifespan (uvicorn; daphne does not speak it and drains at exit instead)."""
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await asyncio.get_running_loop().run_in_executor(None, workers.drain_at_shutdown)
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
 
 application = ServerLoopRegistration(
     ProtocolTypeRouter(
@@ -189,5 +68,6 @@ application = ServerLoopRegistration(
             "websocket": AllowedHostsOriginValidator(WebSocketAuthMiddleware(URLRouter(websocket_urlpatterns))),
             "channel": ChannelNameRouter({settings.BUFFERS["CHANNEL"]: FlushConsumer.as_asgi()}),
         }
-    )
+    ),
+    loaded_by_server=loaded_by_server,
 )

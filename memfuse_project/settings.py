@@ -3,13 +3,16 @@
 Every value has a default that works on a laptop: without ``DATABASE_URL`` the service runs
 an embedded PostgreSQL (the ``pgserver`` package) in ``.pgdata/`` inside the working directory.
 Importing this module only reads the environment: the embedded server is started by the entry
-points (``memfuse_project.embedded_pg.start_if_embedded``).
+points (``runtime.embedded_pg.start_if_embedded``).
 """
 
+import importlib.util
+import math
 import os
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -22,21 +25,49 @@ def envstr(name: str, default: str = "") -> str:
     return os.environ.get(name, default)
 
 
+# The words envbool knows, case-insensitive; any other value is a mistake to report, not to read
+# as false ("flase", "enabled").
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
 def envbool(name: str, default: bool) -> bool:
+    """Env var ``name`` as a bool: ``1/true/yes/on`` or ``0/false/no/off`` (any case), ``default``
+    when unset or empty. Raises ``ImproperlyConfigured`` naming the variable on any other value
+    (healthchecks' ``hc/settings.py`` does the same)."""
     value = os.environ.get(name)
-    if value is None or value == "":
+    if value is None or value.strip() == "":
         return default
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+    word = value.strip().lower()
+    if word not in _TRUE | _FALSE:
+        raise ImproperlyConfigured(f"{name}={value!r} is not a boolean: use one of 1/0, true/false, yes/no, on/off")
+    return word in _TRUE
 
 
 def envint(name: str, default: int) -> int:
+    """Env var ``name`` as an int, ``default`` when unset or empty. Raises
+    ``ImproperlyConfigured`` naming the variable when it is not an integer."""
     value = os.environ.get(name)
-    return default if value is None or value == "" else int(value)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not an integer") from None
 
 
 def envfloat(name: str, default: float) -> float:
+    """Env var ``name`` as a finite float, ``default`` when unset or empty. Raises
+    ``ImproperlyConfigured`` naming the variable when it is not a finite number."""
     value = os.environ.get(name)
-    return default if value is None or value == "" else float(value)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ImproperlyConfigured(f"{name}={value!r} is not a finite number")
+    return number
 
 
 def scaled_rate(rate: str, factor: int) -> str:
@@ -88,6 +119,14 @@ INSTALLED_APPS = [
     "buffers",
 ]
 
+# The development tools (benchmarks, the soak, the screenshots: the ``benchmarks`` app and its
+# management commands) beside the product, never inside it. Installed when the package is
+# there to import (a source checkout) unless MEMFUSE_TOOLS is off; a deployment sets it off, or
+# ships without ``benchmarks/``, and its ``manage.py`` then knows only the operator commands.
+MEMFUSE_TOOLS = envbool("MEMFUSE_TOOLS", importlib.util.find_spec("benchmarks") is not None)
+if MEMFUSE_TOOLS:
+    INSTALLED_APPS.append("benchmarks")
+
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -98,7 +137,7 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
-# The REST API's requests (``/api/`` under ASGI, see ``memfuse_project.asgi.APIHandler``) skip
+# The REST API's requests (``/api/`` under ASGI, see ``memfuse_project.lifespan.APIHandler``) skip
 # the middlewares above: it keeps no sessions or cookies and authenticates every request.
 API_MIDDLEWARE: list[str] = []
 
@@ -136,7 +175,7 @@ USING_EMBEDDED_DB = not envstr("DATABASE_URL")
 if not USING_EMBEDDED_DB:
     _default_db = dj_database_url.parse(envstr("DATABASE_URL"))
 else:
-    from memfuse_project.embedded_pg import database_settings
+    from runtime.embedded_pg import database_settings
 
     _default_db = database_settings(EMBEDDED_PG_DIR)
 
@@ -167,8 +206,6 @@ DATABASES = {"default": _default_db}
 # would be a key anyone can read.
 SECRET_KEY = envstr("SECRET_KEY")
 if not SECRET_KEY and not USING_EMBEDDED_DB:
-    from django.core.exceptions import ImproperlyConfigured
-
     raise ImproperlyConfigured(
         "SECRET_KEY is not set. With DATABASE_URL the service needs SECRET_KEY (or SECRET_KEY_FILE): "
         "50 or more random characters, e.g. python -c 'import secrets; print(secrets.token_urlsafe(50))'"
@@ -284,7 +321,7 @@ MEMFUSE = {
     # one text per call (memory.inference.documents_int8): faster than the full model on the
     # flush process's one thread, and a pending message's on-demand embedding equals its flushed one.
     "DOCUMENT_EMBEDDING_INT8": envbool("DOCUMENT_EMBEDDING_INT8", True),
-    # Load the models at start in serving processes (memfuse_project.serving.preload_models).
+    # Load the models at start in serving processes (memory.startup.load_models).
     "PRELOAD_MODELS": envbool("PRELOAD_MODELS", True),
     "MAX_MESSAGE_CHARS": envint("MAX_MESSAGE_CHARS", 32_000),
     "MAX_BATCH_MESSAGES": envint("MAX_BATCH_MESSAGES", 500),
@@ -465,7 +502,7 @@ LOGGING = {
         },
     },
     "filters": {
-        "one_line_refusals": {"()": "memfuse_project.pool.OneLineRefusals"},
+        "one_line_refusals": {"()": "runtime.pool.OneLineRefusals"},
         "require_debug_true": {"()": "django.utils.log.RequireDebugTrue"},
     },
     # The root logger holds the handler; the named loggers propagate to it, so a line prints

@@ -9,7 +9,7 @@ from memory.operator.metrics_view import metrics_view
 urlpatterns = [
     path("admin/dashboard/", admin.site.admin_view(dashboard), name="memfuse-dashboard"),
     # The same JSON as /api/v1/admin/stats for a staff session: under ASGI, /api/ is served
-    # without the session middleware (memfuse_project.asgi.APIHandler), so keys only there.
+    # without the session middleware (memfuse_project.lifespan.APIHandler), so keys only there.
     path("admin/dashboard/stats", DashboardStatsView.as_view(), name="memfuse-dashboard-stats"),
     path("admin/", admin.site.urls),
     path("metrics", metrics_view, name="metrics"),

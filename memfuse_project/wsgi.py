@@ -1,9 +1,9 @@
 """WSGI entry point (HTTP only; WebSocket needs the ASGI application).
 
-Imported before Django starts (gunicorn), it declares a ``WEB`` process
-(``memfuse_project.serving``), so that ``MemoryConfig.ready()`` loads the models; the rest of
-the start-up (``serving.start``: the embedded database and its migrations, the flush workers)
-runs before the first request.
+Importing it builds the application and starts nothing. WSGI has no start-up event, so the
+process's first request runs the serving start-up (``memfuse_project.serving.serve``): it
+declares a ``WEB`` process when a server (gunicorn) imported this module before Django
+started, then loads the models, starts the embedded database and the flush workers.
 """
 
 import os
@@ -13,27 +13,32 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "memfuse_project.settings")
 
 from django.apps import apps  # noqa: E402
 
-from memfuse_project import serving  # noqa: E402
-
-if not apps.ready:
-    serving.declare(serving.WEB)
+# Imported before Django starts: a WSGI server loads this application (see asgi.py).
+loaded_by_server = not apps.ready
 
 from django.core.wsgi import get_wsgi_application  # noqa: E402
 
+from memfuse_project import serving  # noqa: E402
+from runtime import roles  # noqa: E402
+
 
 class StartingWSGIApplication:
-    """Django's WSGI application, run after ``serving.start()``: WSGI has no start-up event,
-    so the first request of the process runs it (the others wait for it)."""
+    """Django's WSGI application, run after the serving start-up: the first request of the
+    process runs it (the others wait for it)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, *, loaded_by_server: bool) -> None:
         self.app = app
+        self.loaded_by_server = loaded_by_server
         self._started = threading.Event()
 
     def __call__(self, environ, start_response):
         if not self._started.is_set():
-            serving.start()
+            if self.loaded_by_server:
+                serving.serve(roles.WEB)
+            else:
+                serving.start()
             self._started.set()
         return self.app(environ, start_response)
 
 
-application = StartingWSGIApplication(get_wsgi_application())
+application = StartingWSGIApplication(get_wsgi_application(), loaded_by_server=loaded_by_server)

@@ -14,6 +14,15 @@ from dataclasses import dataclass
 from django.http import Http404
 from rest_framework import exceptions as drf_exceptions
 
+from memory.inference import EmbeddingProcessError
+from runtime.pool import (
+    RETRY_AFTER_SECONDS,
+    is_database_unavailable,
+    is_pool_exhausted,
+    note_database_unavailable,
+    note_pool_exhausted,
+)
+
 logger = logging.getLogger(__name__)
 
 
@@ -173,22 +182,11 @@ def error_for(exc: BaseException | None) -> ErrorAnswer | None:
     - a DRF ``ValidationError``: 400 naming each field (``flatten_errors``); another DRF
       ``APIException``: its status and detail (``Retry-After`` from a throttle's ``wait``);
       ``Http404``: 404;
-    - the database's refusals (``memfuse_project.pool``: no connection free in time, or the database
+    - the database's refusals (``runtime.pool``: no connection free in time, or the database
       unreachable): 503 with ``retry_after``, counted for the dashboard;
     - an inference process that died under a query (``EmbeddingProcessError``: the next query
       starts a new one): 503 with ``retry_after``, logged.
     """
-    # Imported here: memfuse_project.pool and the registry import Django's database layer and numpy,
-    # which the modules that only raise these errors must not pull in.
-    from memfuse_project.pool import (
-        RETRY_AFTER_SECONDS,
-        is_database_unavailable,
-        is_pool_exhausted,
-        note_database_unavailable,
-        note_pool_exhausted,
-    )
-    from memory.inference import EmbeddingProcessError
-
     if isinstance(exc, ServiceError):
         return ErrorAnswer(exc.status, exc.message, exc.errors, exc.retry_after)
     if isinstance(exc, drf_exceptions.ValidationError):

@@ -38,11 +38,11 @@ def stop_the_flush_pool_a_test_started():
 
 @pytest.fixture(autouse=True)
 def undeclared_process(monkeypatch):
-    """The test process serves nothing (``memfuse_project.serving``): a tool command a test
-    runs in-process (``locomo_eval``) declares itself a ``TOOL`` for that test only."""
-    from memfuse_project import serving
+    """The test process serves nothing (``runtime.roles``): a tool command a test runs
+    in-process (``locomo_eval``) declares itself a ``TOOL`` for that test only."""
+    from runtime import roles
 
-    monkeypatch.setattr(serving, "_role", None)
+    monkeypatch.setattr(roles, "_role", None)
 
 
 @pytest.fixture(autouse=True)

@@ -35,3 +35,96 @@ async def test_first_request_gives_the_loop_an_executor_of_asgi_threads(applicat
 
     assert len(set(names)) == 3
     assert all(name.startswith("asgi") for name in names)
+
+
+# Counts the arena caps, then imports the application as a server does (before Django starts),
+# then runs the ASGI lifespan's startup and shutdown.
+_LIFESPAN_PROBE = """
+import asyncio, json, multiprocessing, threading
+import runtime.heap
+caps = []
+runtime.heap.limit_malloc_arenas = lambda: caps.append(1) or True
+from asgiref.testing import ApplicationCommunicator
+
+import memfuse_project.asgi as asgi
+from memfuse_project import serving
+from memory.inference import registry
+from runtime import roles
+
+report = {"at_import": {
+    "role": roles.role(), "caps": len(caps), "started": serving._started,
+    "models": {name: value is not None for name, value in registry.stats().items()},
+    "children": len(multiprocessing.active_children()),
+}}
+
+async def lifespan():
+    app = ApplicationCommunicator(asgi.application, {"type": "lifespan", "asgi": {"version": "3.0"}})
+    await app.send_input({"type": "lifespan.startup"})
+    assert (await app.receive_output(timeout=120))["type"] == "lifespan.startup.complete"
+    report["after_startup"] = {
+        "role": roles.role(), "caps": len(caps), "started": serving._started,
+        "models": {name: value is not None for name, value in registry.stats().items()},
+    }
+    await app.send_input({"type": "lifespan.shutdown"})
+    assert (await app.receive_output(timeout=60))["type"] == "lifespan.shutdown.complete"
+
+asyncio.run(lifespan())
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_importing_the_application_starts_nothing_and_the_lifespan_starts_the_server():
+    """Imported as a server imports it, asgi.py declares no role, caps no malloc arena, loads
+    no model and starts no process; the lifespan's startup then declares a web process, caps
+    the arenas once and loads its query model."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.subprocesses import subprocess_env
+
+    env = subprocess_env(DJANGO_SETTINGS_MODULE="tests.settings", FLUSH_IN_PROCESS="off", QUERY_EMBEDDING="thread")
+    env.pop("MALLOC_ARENA_MAX", None)
+    probe = subprocess.run(
+        [sys.executable, "-c", _LIFESPAN_PROBE],
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    report = json.loads(probe.stdout.strip().splitlines()[-1])
+
+    assert report["at_import"] == {
+        "role": None,
+        "caps": 0,
+        "started": False,
+        "models": dict.fromkeys(report["at_import"]["models"], False),
+        "children": 0,
+    }
+    after = report["after_startup"]
+    assert after["role"] == "web" and after["caps"] == 1 and after["started"] is True
+    assert after["models"]["query_embedding"] is True and after["models"]["background_embedding"] is False
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_start_up_that_fails_at_the_lifespan_stops_the_server(application, settings, monkeypatch, tmp_path):
+    """A model that does not load at the lifespan's startup (a bad RERANKER_MODEL_PATH) is
+    answered with lifespan.startup.failed naming the error, so that the server stops rather
+    than serve without it."""
+    from asgiref.testing import ApplicationCommunicator
+
+    from memory.inference import registry
+
+    settings.MEMFUSE = {**settings.MEMFUSE, "RERANKER_MODEL_PATH": str(tmp_path / "missing"), "PRELOAD_MODELS": True}
+    monkeypatch.setattr(registry, "_reranker", None)
+
+    lifespan = ApplicationCommunicator(application, {"type": "lifespan", "asgi": {"version": "3.0"}})
+    await lifespan.send_input({"type": "lifespan.startup"})
+    answer = await lifespan.receive_output(timeout=60)
+
+    assert answer["type"] == "lifespan.startup.failed"
+    assert "RerankerLoadError" in answer["message"] and "not a directory" in answer["message"]

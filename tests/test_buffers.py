@@ -384,7 +384,7 @@ def test_finished_jobs_are_purged_after_their_retention(alice_session, settings)
 @pytest.mark.django_db(transaction=True)
 def test_a_waiting_flush_holds_no_database_connection(alice_session, monkeypatch):
     """Each time wait_for_job sleeps between polls, its thread has given its connection back to the pool."""
-    from memfuse_project.pool import pool_stats
+    from runtime.pool import pool_stats
 
     assert pool_stats()["enabled"]
     with transaction.atomic():

@@ -28,7 +28,7 @@ from django.conf import settings
 
 from benchmarks.server import free_loopback_port, uvicorn_command
 from benchmarks.soak import MixedLoad, Target
-from memfuse_project.embedded_pg import DATABASE_NAME, ensure_server, restart_server, stop_server
+from runtime.embedded_pg import DATABASE_NAME, ensure_server, restart_server, stop_server
 
 LOAD_BEFORE = 2.5  # s of load before the restart
 LOAD_AFTER = 8.0  # s of load after the database is back

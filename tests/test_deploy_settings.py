@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from django.conf import settings
 
-from memfuse_project.embedded_pg import embedded_secret_key, ensure_server, socket_host, stop_server
+from runtime.embedded_pg import embedded_secret_key, ensure_server, socket_host, stop_server
 from tests.subprocesses import subprocess_env
 
 # The production configuration of docs/operations.md ("Deploy"), besides DATABASE_URL and SECRET_KEY.
@@ -86,7 +86,7 @@ def test_embedded_secret_key_is_made_once_private_and_kept(tmp_path):
 
 
 START_AND_PRINT_KEY = (
-    "import django; django.setup(); from memfuse_project.embedded_pg import start_if_embedded; "
+    "import django; django.setup(); from runtime.embedded_pg import start_if_embedded; "
     "start_if_embedded(); from django.conf import settings; print(settings.SECRET_KEY)"
 )
 
@@ -231,9 +231,9 @@ glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallo
 # Six threads alive at once, each allocating, then glibc's count of arenas (malloc_info).
 _ARENA_PROBE = """
 import ctypes, os, tempfile, threading
-from memfuse_project import serving
+from runtime import roles
 if os.environ["PROBE_ROLE"] != "none":
-    serving.declare(os.environ["PROBE_ROLE"])
+    roles.declare(os.environ["PROBE_ROLE"])
 barrier = threading.Barrier(6)
 def allocate():
     blocks = [bytearray(4096) for _ in range(64)]
@@ -269,9 +269,9 @@ def test_declaring_a_serving_role_caps_the_arenas_before_any_thread_allocates(ro
 def test_serving_processes_cap_glibc_malloc_arenas(monkeypatch):
     """A serving process caps glibc's malloc arenas (mallopt M_ARENA_MAX) unless the operator
     set MALLOC_ARENA_MAX, which glibc reads itself."""
-    from memfuse_project import serving
+    from runtime.heap import limit_malloc_arenas
 
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    assert serving.limit_malloc_arenas() is True
+    assert limit_malloc_arenas() is True
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    assert serving.limit_malloc_arenas() is False
+    assert limit_malloc_arenas() is False

@@ -20,7 +20,7 @@ CONFIGURATION = ROOT / "docs" / "configuration.md"
 OUTSIDE_SECTION = "Read outside the settings"
 VARIABLE = re.compile(r"^[A-Z][A-Z0-9_]*[A-Z0-9]$")
 # Product code that may read the environment outside the settings (not tests, not tools).
-PRODUCT_DIRS = ("memfuse_project", "memory", "buffers")
+PRODUCT_DIRS = ("memfuse_project", "memory", "buffers", "runtime")
 
 
 def settings_sources() -> list[Path]:

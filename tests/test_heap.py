@@ -1,4 +1,4 @@
-"""The process's C heap figures (``memfuse_project.heap``), which the operator's stats show."""
+"""The process's C heap figures (``runtime.heap``), which the operator's stats show."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ctypes
 
 import pytest
 
-from memfuse_project import heap
+from runtime import heap
 
 pytestmark = pytest.mark.skipif(
     heap.glibc() is None or not hasattr(heap.glibc(), "mallinfo2"), reason="glibc 2.33 or later"

@@ -1,8 +1,10 @@
-"""The apps depend one way: ``memory`` uses ``buffers``; ``buffers`` never imports ``memory``.
+"""Dependencies run one way: ``memfuse_project`` > ``memory`` > ``buffers`` > ``runtime``,
+and no package of the product imports the tools (``benchmarks``).
 
-The same rule as the import-linter contract in ``pyproject.toml``, checked here on the
-direct imports of every module of ``buffers`` (top-level or inside a function, absolute or
-relative, and ``importlib.import_module`` / ``import_string`` of a literal name).
+The same rules as the import-linter contracts in ``pyproject.toml``, checked here on the
+direct imports of every module of each layer (top-level or inside a function, absolute or
+relative, and ``importlib.import_module`` / ``import_string`` of a literal name). A lower
+layer imports no higher one; ``runtime`` imports only Django and third-party libraries.
 """
 
 from __future__ import annotations
@@ -10,8 +12,12 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
-LOWER, UPPER = "buffers", "memory"
+# From the top (the entry points) down to the base; each imports only those after it.
+LAYERS = ("memfuse_project", "memory", "buffers", "runtime")
+TOOLS = "benchmarks"
 _DYNAMIC_IMPORTS = {"import_module", "import_string", "__import__"}
 
 
@@ -43,27 +49,47 @@ def imports_of(name: str, package: str) -> bool:
     return name == package or name.startswith(package + ".")
 
 
-def upper_imports(source: str, *, module: str) -> list[tuple[int, str]]:
-    """The imports of the upper app in ``source`` (the text of ``module``)."""
-    return [(line, name) for line, name in imported_names(ast.parse(source), module=module) if imports_of(name, UPPER)]
+def forbidden_imports(source: str, *, module: str, forbidden: tuple[str, ...]) -> list[tuple[int, str]]:
+    """The imports of any package of ``forbidden`` in ``source`` (the text of ``module``)."""
+    return [
+        (line, name)
+        for line, name in imported_names(ast.parse(source), module=module)
+        if any(imports_of(name, package) for package in forbidden)
+    ]
 
 
-def test_buffers_never_imports_memory():
-    """No module of buffers imports memory (memory reaches buffers, never the reverse)."""
-    offenders = []
-    for path in sorted((ROOT / LOWER).rglob("*.py")):
+def modules_of(package: str):
+    """``(path, dotted module name)`` of every Python file of ``package``."""
+    for path in sorted((ROOT / package).rglob("*.py")):
         relative = path.relative_to(ROOT).with_suffix("")
         module = ".".join(relative.parts[:-1] if relative.name == "__init__" else relative.parts)
         if relative.name == "__init__":
             module += ".__init__"  # so that a relative import resolves from the package itself
-        for line, name in upper_imports(path.read_text(encoding="utf-8"), module=module):
-            offenders.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
-    assert not offenders, "buffers must not import memory:\n" + "\n".join(offenders)
+        yield path, module
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_no_layer_imports_a_higher_one_or_the_tools(layer):
+    """No module of a layer imports a layer above it, nor benchmarks."""
+    higher = (*LAYERS[: LAYERS.index(layer)], TOOLS)
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line} imports {name}"
+        for path, module in modules_of(layer)
+        for line, name in forbidden_imports(path.read_text(encoding="utf-8"), module=module, forbidden=higher)
+    ]
+    assert not offenders, f"{layer} must not import {', '.join(higher)}:\n" + "\n".join(offenders)
+
+
+def test_every_first_party_package_is_a_layer_or_a_tool():
+    """Each package at the root of the repository is placed: a layer, the tools or the tests
+    (a new package must be given its place here and in pyproject.toml)."""
+    packages = {path.parent.name for path in ROOT.glob("*/__init__.py")}
+    assert packages <= {*LAYERS, TOOLS, "tests"}, packages - {*LAYERS, TOOLS, "tests"}
 
 
 def test_the_check_finds_every_form_of_import():
-    """The check finds plain, from-, relative, function-local and dynamic imports of memory,
-    and passes imports of buffers itself and of names that only begin with "memory"."""
+    """The check finds plain, from-, relative, function-local and dynamic imports of a higher
+    layer, and passes imports of the layer itself and of names that only begin with one."""
     source = """
 import memory
 import memory.indexing.flush as flush
@@ -81,7 +107,7 @@ from buffers import events
 from . import models
 import memoryview_helpers
 """
-    found = {name for _, name in upper_imports(source, module="buffers.workers")}
+    found = {name for _, name in forbidden_imports(source, module="buffers.workers", forbidden=("memory",))}
     assert found == {
         "memory",
         "memory.indexing.flush",
@@ -93,4 +119,5 @@ import memoryview_helpers
         "memory.indexing.flush.flush_pending",
     }
     # "from .. import memory" in buffers.workers is the top-level memory package.
-    assert any(name == "memory" and line == 5 for line, name in upper_imports(source, module="buffers.workers"))
+    lines = forbidden_imports(source, module="buffers.workers", forbidden=("memory",))
+    assert any(name == "memory" and line == 5 for line, name in lines)

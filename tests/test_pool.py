@@ -19,9 +19,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from benchmarks.server import free_loopback_port
-from memfuse_project import pool
 from memory.models import KeyScope, Message
 from memory.services.api_keys import api_key_create
+from runtime import pool
 from tests.subprocesses import subprocess_env
 
 

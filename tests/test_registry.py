@@ -16,9 +16,9 @@ import pytest
 from django.conf import settings
 
 import manage
-from memfuse_project import serving
-from memory import checks, inference
+from memory import checks, inference, startup
 from memory.inference import builders, model_registry, registry
+from runtime import roles
 from tests.subprocesses import subprocess_env
 
 
@@ -119,10 +119,10 @@ def preload_enabled(monkeypatch):
         (["manage.py", "check"], None),
         (["manage.py", "shell"], None),
         (["manage.py"], None),
-        (["manage.py", "runserver", "--noreload"], serving.WEB),
+        (["manage.py", "runserver", "--noreload"], roles.WEB),
         (["manage.py", "runserver"], None),  # the autoreloader's parent only watches files
-        (["manage.py", "runworker", "memfuse-flush"], serving.WORKER),
-        (["manage.py", "locomo_eval"], None),  # a tool declares itself (serving.TOOL)
+        (["manage.py", "runworker", "memfuse-flush"], roles.WORKER),
+        (["manage.py", "locomo_eval"], None),  # a tool declares itself (roles.TOOL)
     ],
 )
 def test_manage_py_declares_only_its_serving_commands(preload_enabled, argv, expected):
@@ -134,12 +134,12 @@ def test_runserver_child_serves(preload_enabled, monkeypatch):
     """runserver with the autoreloader serves only in its child (RUN_MAIN=true)."""
     monkeypatch.setenv("RUN_MAIN", "true")
 
-    assert manage.serving_role(["manage.py", "runserver"]) == serving.WEB
+    assert manage.serving_role(["manage.py", "runserver"]) == roles.WEB
 
 
 def test_an_undeclared_process_preloads_nothing(fresh_registry, preload_enabled):
     """A process whose entry point declared no role (tests, migrate) loads no model at start."""
-    serving.preload_models()
+    startup.load_models()
 
     assert CountingDeterministicEmbedder.constructed == 0
     assert fresh_registry.stats() == {"embedding": None, "query_embedding": None, "background_embedding": None, "reranker": None}
@@ -148,29 +148,29 @@ def test_an_undeclared_process_preloads_nothing(fresh_registry, preload_enabled)
 def test_an_unknown_role_is_refused():
     """declare() names the roles it knows rather than serving something undefined."""
     with pytest.raises(ValueError, match="web, worker, tool"):
-        serving.declare("everything")
-    assert serving.role() is None
+        roles.declare("everything")
+    assert roles.role() is None
 
 
 @pytest.mark.parametrize(
     "role, mode, layer, expected",
     [
         (None, "auto", "channels.layers.InMemoryChannelLayer", False),
-        (serving.WEB, "auto", "channels.layers.InMemoryChannelLayer", True),
-        (serving.WEB, "auto", "channels_redis.core.RedisChannelLayer", False),
-        (serving.WEB, "on", "channels_redis.core.RedisChannelLayer", True),
-        (serving.WORKER, "auto", "channels_redis.core.RedisChannelLayer", True),
-        (serving.WORKER, "off", "channels_redis.core.RedisChannelLayer", False),
-        (serving.TOOL, "on", "channels.layers.InMemoryChannelLayer", False),
+        (roles.WEB, "auto", "channels.layers.InMemoryChannelLayer", True),
+        (roles.WEB, "auto", "channels_redis.core.RedisChannelLayer", False),
+        (roles.WEB, "on", "channels_redis.core.RedisChannelLayer", True),
+        (roles.WORKER, "auto", "channels_redis.core.RedisChannelLayer", True),
+        (roles.WORKER, "off", "channels_redis.core.RedisChannelLayer", False),
+        (roles.TOOL, "on", "channels.layers.InMemoryChannelLayer", False),
     ],
 )
 def test_flush_workers_run_where_the_role_and_flush_in_process_say(monkeypatch, role, mode, layer, expected):
     """runworker flushes; a web server with the in-memory layer (or FLUSH_IN_PROCESS=on); tools never."""
-    monkeypatch.setattr(serving, "_role", role)
+    monkeypatch.setattr(roles, "_role", role)
     monkeypatch.setitem(settings.BUFFERS, "IN_PROCESS", mode)
     monkeypatch.setitem(settings.CHANNEL_LAYERS["default"], "BACKEND", layer)
 
-    assert serving.runs_flush_workers() is expected
+    assert roles.runs_flush_workers() is expected
 
 
 @pytest.mark.parametrize("documents_int8, own_model", [(False, 1), (True, 0)])
@@ -193,10 +193,12 @@ def test_servers_preload_a_query_process_and_runworker_none(fresh_registry, prel
     monkeypatch.setitem(settings.MEMFUSE, "QUERY_EMBEDDING", "process")
     monkeypatch.setitem(settings.MEMFUSE, "DOCUMENT_EMBEDDING_INT8", documents_int8)
 
-    serving.declare(serving.WORKER)  # Django runs already: declaring loads the models now
+    roles.declare(roles.WORKER)
+    startup.load_models()
     assert CountingDeterministicEmbedder.constructed == own_model and spawned == ["background"] and len(waited) == 1
 
-    serving.declare(serving.WEB)  # the background process is the one the worker started
+    roles.declare(roles.WEB)  # the background process is the one the worker started
+    startup.load_models()
     assert spawned == ["background", "query"] and len(waited) == 3
     assert CountingDeterministicEmbedder.constructed == own_model
 
@@ -205,7 +207,8 @@ def test_preload_can_be_switched_off(fresh_registry, monkeypatch):
     """PRELOAD_MODELS=False: not even a server preloads."""
     monkeypatch.setitem(settings.MEMFUSE, "PRELOAD_MODELS", False)
 
-    serving.declare(serving.WEB)
+    roles.declare(roles.WEB)
+    startup.load_models()
 
     assert CountingDeterministicEmbedder.constructed == 0 and fresh_registry.stats()["query_embedding"] is None
 
@@ -679,8 +682,9 @@ def test_serving_process_with_a_bad_reranker_path_fails_at_start(monkeypatch, tm
     monkeypatch.setitem(settings.MEMFUSE, "PRELOAD_MODELS", True)
     monkeypatch.setattr(registry, "_reranker", None)
 
+    roles.declare(roles.WEB)
     with pytest.raises(inference.RerankerLoadError, match="not a directory"):
-        serving.declare(serving.WEB)
+        startup.load_models()
 
 
 def test_reranker_loads_once_scores_and_reports_stats(reranker_path):

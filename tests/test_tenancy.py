@@ -599,7 +599,7 @@ def test_services_refuse_a_session_across_tenants(alice, globex_agent):
 
 def test_embedded_default_creates_the_local_tenant_once(db, settings, tmp_path):
     """On the embedded default the first start creates tenant 'local' and writes a working key (0600); later starts reuse it."""
-    from memfuse_project.embedded_pg import local_tenant_if_embedded
+    from memory.startup import local_tenant_if_embedded
 
     settings.USING_EMBEDDED_DB = True
     settings.EMBEDDED_PG_DIR = tmp_path
@@ -615,7 +615,7 @@ def test_embedded_default_creates_the_local_tenant_once(db, settings, tmp_path):
 
 def test_no_local_tenant_with_a_database_url(db, settings, tmp_path):
     """With DATABASE_URL (not the embedded default) no tenant is created at start."""
-    from memfuse_project.embedded_pg import local_tenant_if_embedded
+    from memory.startup import local_tenant_if_embedded
 
     settings.USING_EMBEDDED_DB = False
     settings.EMBEDDED_PG_DIR = tmp_path

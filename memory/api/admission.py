@@ -39,13 +39,13 @@ from django.conf import settings
 
 from buffers import backlog
 from buffers import services as buffer_services
-from memfuse_project import pool
 from memory.api.auth import known_refusal, may_have_body
 from memory.api.errors import answer_body, error_body, send_json
 from memory.api.limits import IMPORT_PATH, content_length
 from memory.errors import RateLimited, Unavailable, error_for, pool_exhausted_message
 from memory.inference import registry
 from memory.tenancy import PRINCIPAL_SCOPE_KEY, Principal
+from runtime import pool
 
 PLACE_SCOPE_KEY = "memfuse.admission"
 ADD_PATH = re.compile(r"^/api/v1/sessions/[^/]+/messages/?$")
@@ -182,7 +182,7 @@ async def _import_refused(receive, full: backlog.BacklogFull):
 
 
 async def _pool_is_short() -> bool:
-    """``memfuse_project.pool.is_short``, off the event loop (the pool's lock)."""
+    """``runtime.pool.is_short``, off the event loop (the pool's lock)."""
     return await sync_to_async(pool.is_short, thread_sensitive=False)()
 
 

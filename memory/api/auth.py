@@ -32,10 +32,10 @@ from django.conf import settings
 from django_ratelimit.core import get_usage
 from rest_framework import authentication, exceptions, permissions, throttling
 
-from memfuse_project.pool import is_database_unavailable, is_pool_exhausted
 from memory.api.errors import answer_body, error_body, send_json
 from memory.errors import RateLimited, Unauthenticated, error_for
 from memory.tenancy import PRINCIPAL_SCOPE_KEY, Principal, resolve_cached, resolve_key
+from runtime.pool import is_database_unavailable, is_pool_exhausted
 
 WS_SUBPROTOCOL = "memfuse"
 WS_KEY_SUBPROTOCOL_PREFIX = "bearer."

@@ -29,13 +29,13 @@ from django.db import connection, transaction
 from pgvector import Vector
 
 from buffers import events
-from memfuse_project.pool import is_database_unavailable
 from memory.indexing import active_model, ann, snapshots
 from memory.indexing.context import context_refresh, lock_context_writes
 from memory.inference import registry
 from memory.operator import metrics
 from memory.pgvector_binary import VectorArray, use_binary_vectors
 from memory.retrieval import cache
+from runtime.pool import is_database_unavailable
 
 logger = logging.getLogger(__name__)
 

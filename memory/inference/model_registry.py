@@ -2,9 +2,9 @@
 
 One embedding model per process, and optionally one cross-encoder reranker
 (``RERANKER_MODEL_PATH``), each loaded once under the registry's lock and shared by every user
-and request. A serving process fills the registry from ``MemoryConfig.ready()`` before its
-first request (``preload``, after the entry point declared what the process serves:
-``memfuse_project.serving``); other processes (``migrate``, ``check``, tests) load a model on
+and request. A serving process fills the registry at its start-up, before its first request
+(``preload``, from ``memory.startup.load_models`` once its entry point declared what the
+process serves: ``runtime.roles``); other processes (``migrate``, ``check``, tests) load a model on
 its first use.
 """
 

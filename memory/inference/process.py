@@ -27,7 +27,7 @@ def _serve_embeddings(path: str, batch_size: int, threads: int, nice: int, conns
     """
     import signal
 
-    from memfuse_project.serving import limit_malloc_arenas
+    from runtime.heap import limit_malloc_arenas
 
     # Each connection's thread would otherwise keep a malloc arena of its own (see there).
     limit_malloc_arenas()

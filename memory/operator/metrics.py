@@ -53,7 +53,7 @@ QUERIES = Counter("memfuse_queries", "Memory queries answered (REST and WebSocke
 MESSAGES_ADDED = Counter("memfuse_messages_added", "Messages stored by adds (committed).", registry=EVENTS)
 FLUSHES = Counter(
     "memfuse_flushes",
-    "Flushes run (memory.flush.flush_pending), by outcome: ok or error.",
+    "Flushes run (memory.indexing.flush.flush_pending), by outcome: ok or error.",
     ["outcome"],
     registry=EVENTS,
 )

@@ -9,17 +9,17 @@ from django.utils import timezone
 
 from buffers import workers
 from buffers.selectors import buffers_overview
-from memfuse_project.heap import heap_stats
-from memfuse_project.pool import pool_stats
 from memory import retrieval
 from memory.embedding_model import embedding_models_overview
 from memory.inference import registry
+from runtime.heap import heap_stats
+from runtime.pool import pool_stats
 
 
 def operator_stats(*, top_users: int = 10) -> dict:
     """Live figures of this process and of the shared database.
 
-    ``{"generated_at" (ISO 8601), "process": {"host", "pid", "ram": memfuse_project.heap.heap_stats()}, "pool": memfuse_project.pool.pool_stats(),
+    ``{"generated_at" (ISO 8601), "process": {"host", "pid", "ram": runtime.heap.heap_stats()}, "pool": runtime.pool.pool_stats(),
     "models": memory.inference.registry.stats() with memory.embedding_model.embedding_models_overview()
     ("active": the stored vectors' model, "reembed": a run's progress), "user_cache": memory.retrieval.cache_stats(),
     "buffers": buffers.selectors.buffers_overview() plus "workers": {"workers", "busy",

@@ -16,11 +16,11 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from memfuse_project.embedded_pg import migrate_if_embedded
 from memory.errors import ServiceError
 from memory.models import KeyScope, Tenant
 from memory.portability import importer
 from memory.portability.locomo import locomo_records
+from runtime.embedded_pg import migrate_if_embedded
 
 
 class Command(BaseCommand):

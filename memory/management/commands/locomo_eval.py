@@ -1,4 +1,4 @@
-"""``python manage.py locomo_eval PATH``: retrieval recall@k on a LoCoMo-format file (``benchmarks.locomo``)."""
+"""``python manage.py locomo_eval PATH``: retrieval recall@k on a LoCoMo-format file (``memory.evaluation``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand
 
-from benchmarks.locomo import locomo_eval
-from memfuse_project import serving
-from memfuse_project.embedded_pg import migrate_if_embedded
+from memory import startup
+from memory.evaluation import locomo_eval
+from runtime import roles
+from runtime.embedded_pg import migrate_if_embedded
 
 
 class Command(BaseCommand):
@@ -32,6 +33,7 @@ class Command(BaseCommand):
         parser.add_argument("--rerank-top-n", type=int, help="override RERANK_TOP_N for this run")
 
     def handle(self, *args, **options):
-        serving.declare(serving.TOOL)  # a process running retrieval: loads its models
+        roles.declare(roles.TOOL)  # a process running retrieval: loads its models
+        startup.load_models()
         migrate_if_embedded()  # the embedded database may be new
         locomo_eval(options, write=self.stdout.write)

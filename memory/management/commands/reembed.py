@@ -15,8 +15,8 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from memfuse_project.embedded_pg import migrate_if_embedded
 from memory.indexing import reembed, reembed_columns
+from runtime.embedded_pg import migrate_if_embedded
 
 
 class Command(BaseCommand):

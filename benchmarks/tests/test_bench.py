@@ -67,7 +67,6 @@ def test_generated_texts_are_reproducible_from_the_seed():
     assert len(generated_turn_texts(random.Random(7), count=10)) == 10
 
 
-
 def test_recall_counts_the_exact_top_k_and_forgives_ties():
     """Recall@k is the share of the exact top k returned; an equal-scored stand-in counts."""
     similarities = {"a": 0.9, "b": 0.8, "c": 0.8, "d": 0.1}
@@ -92,7 +91,9 @@ def test_user_slices_are_contiguous_and_spread_over_conversations():
     assert user_slice(0, turn_counts=counts, per_user=5) == (0, 0)
     assert user_slice(1, turn_counts=counts, per_user=5) == (1, 0)
     assert user_slice(2, turn_counts=counts, per_user=5) == (0, SLICE_STRIDE % 6)
-    assert all(start + 5 <= counts[c] for c, start in (user_slice(i, turn_counts=counts, per_user=5) for i in range(50)))
+    assert all(
+        start + 5 <= counts[c] for c, start in (user_slice(i, turn_counts=counts, per_user=5) for i in range(50))
+    )
     with pytest.raises(ValueError):
         user_slice(0, turn_counts=counts, per_user=11)
 
@@ -100,22 +101,30 @@ def test_user_slices_are_contiguous_and_spread_over_conversations():
 def test_locomo_conversations_keep_turns_and_answerable_questions(tmp_path):
     """Turns become messages as locomo_eval stores them; a question is asked only of users holding its evidence."""
     path = tmp_path / "locomo.json"
-    path.write_text(json.dumps([{
-        "sample_id": "c1",
-        "conversation": {
-            "speaker_a": "Ann", "speaker_b": "Ben", "session_1_date_time": "1:56 pm on 8 May, 2023",
-            "session_1": [
-                {"speaker": "Ann", "dia_id": "D1:1", "text": "I adopted a cat named Miso."},
-                {"speaker": "Ben", "dia_id": "D1:2", "text": "Cute!", "blip_caption": "a kitten"},
-                {"speaker": "Ann", "dia_id": "D1:3", "text": "She is orange."},
-            ],
-        },
-        "qa": [
-            {"question": "Cat's name?", "evidence": ["D1:1"], "category": 4},
-            {"question": "Colour?", "evidence": ["D1:3"], "category": 1},
-            {"question": "Dog's name?", "evidence": ["D1:1"], "category": 5},
-        ],
-    }]))
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "sample_id": "c1",
+                    "conversation": {
+                        "speaker_a": "Ann",
+                        "speaker_b": "Ben",
+                        "session_1_date_time": "1:56 pm on 8 May, 2023",
+                        "session_1": [
+                            {"speaker": "Ann", "dia_id": "D1:1", "text": "I adopted a cat named Miso."},
+                            {"speaker": "Ben", "dia_id": "D1:2", "text": "Cute!", "blip_caption": "a kitten"},
+                            {"speaker": "Ann", "dia_id": "D1:3", "text": "She is orange."},
+                        ],
+                    },
+                    "qa": [
+                        {"question": "Cat's name?", "evidence": ["D1:1"], "category": 4},
+                        {"question": "Colour?", "evidence": ["D1:3"], "category": 1},
+                        {"question": "Dog's name?", "evidence": ["D1:1"], "category": 5},
+                    ],
+                }
+            ]
+        )
+    )
 
     (conversation,) = load_conversations(path)
 

@@ -12,7 +12,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         add_screenshot_arguments(parser, out="docs/dashboard.png", keep="the sample users and the staff user")
-        parser.add_argument("--no-sample", action="store_true", help="add no sample data: show the server's state as it is")
+        parser.add_argument(
+            "--no-sample", action="store_true", help="add no sample data: show the server's state as it is"
+        )
 
     def handle(self, *args, **options):
         dashboard_screenshot(options, write=self.stdout.write, log=self.stderr.write)

@@ -13,7 +13,8 @@ from django.core.management.base import BaseCommand
 
 from benchmarks.runner import BENCHMARKS, memfuse_bench
 from benchmarks.server import SERVERS
-from memfuse_project import serving
+from memory import startup
+from runtime import roles
 
 
 class Command(BaseCommand):
@@ -42,6 +43,7 @@ class Command(BaseCommand):
             bench.add_arguments(sub)
 
     def handle(self, *args, **options):
-        serving.declare(serving.TOOL)  # a process running retrieval: loads its models
+        roles.declare(roles.TOOL)  # a process running retrieval: loads its models
+        startup.load_models()
         # memfuse_bench checks the options, then migrates the embedded database (it may be new).
         memfuse_bench(options, stdout=self.stdout, stderr=self.stderr)

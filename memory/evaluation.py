@@ -29,7 +29,6 @@ from django.conf import settings
 from django.core.management.base import CommandError
 from tqdm import tqdm
 
-from memfuse_project.embedded_pg import migrate_if_embedded
 from memory import selectors
 from memory.api.serializers import RetrievalOverrides
 from memory.indexing.flush import flush_pending
@@ -40,6 +39,7 @@ from memory.retrieval import RetrievalConfig
 from memory.services.agents import agent_create
 from memory.services.tenants import tenant_create
 from memory.services.users import user_delete
+from runtime.embedded_pg import migrate_if_embedded
 
 KS = (5, 10, 20)
 EVIDENCE_ID = re.compile(r"D(\d+):(\d+)")
@@ -137,7 +137,11 @@ def ingest(conversations: list[dict], agent, run: str) -> tuple[float, int, list
         for index, item in enumerate(conversations):
             records = list(
                 locomo_records(
-                    item, index=index, user_name=lambda sample_id: f"locomo-{sample_id}-{run}", agent_name=agent.name, seed=run
+                    item,
+                    index=index,
+                    user_name=lambda sample_id: f"locomo-{sample_id}-{run}",
+                    agent_name=agent.name,
+                    seed=run,
                 )
             )
             messages = sum(1 for record in records if record["type"] == "message")

@@ -4,7 +4,7 @@ A serving process allocates and frees in many threads: the event loop, the reque
 the flush workers. ``heap_stats()`` tells the resident size apart from what glibc's ``malloc``
 holds (in use, and free inside its arenas), which is where a C library's or a large Python
 object's memory lives; Python's small objects live in CPython's own allocator, outside these
-figures. ``memfuse_project.serving.limit_malloc_arenas`` caps the arenas through ``glibc()``.
+figures. ``limit_malloc_arenas`` caps glibc's arenas.
 """
 
 from __future__ import annotations
@@ -18,7 +18,18 @@ class _MallInfo2(ctypes.Structure):
     # glibc 2.33+ ``struct mallinfo2`` (malloc.h): every field a size_t.
     _fields_ = [
         (name, ctypes.c_size_t)
-        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
     ]
 
 
@@ -77,3 +88,25 @@ def heap_stats() -> dict:
         result["heap_in_use_mb"] = round((info.uordblks + info.hblkhd) / 2**20, 1)
         result["heap_free_mb"] = round(info.fordblks / 2**20, 1)
     return result
+
+
+# glibc's mallopt() parameter for the most arenas (malloc.h).
+_M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas() -> bool:
+    """Cap glibc's malloc at ``MALLOC_ARENAS`` arenas in this process (``mallopt(M_ARENA_MAX)``),
+    unless ``MALLOC_ARENA_MAX`` is in the environment (glibc read it at start) or the C
+    library is not glibc. Returns whether it set the cap.
+
+    glibc gives threads that allocate at the same time arenas of their own, up to eight per
+    core, and keeps what is freed in each; a server's request threads and flush workers (and an
+    inference process's connection threads) then hold memory that no thread uses any more, and
+    the process grows for hours under a steady load (docs/benchmarks.md, the soak). Python's
+    own objects come from its allocator's pools, whatever the arenas; what the cap slows is C
+    code's allocations (psycopg, numpy), which wait for a lock a little more often.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ or _LIBC is None:
+        return False
+    return bool(_LIBC.mallopt(_M_ARENA_MAX, MALLOC_ARENAS))

@@ -6,7 +6,8 @@ Used when ``DATABASE_URL`` is not set. Importing the settings starts nothing: th
 server's socket (``socket_host``) in the data folder (``.pgdata/`` in the working directory,
 ``EMBEDDED_PG_DIR``), and each entry point calls ``start_if_embedded()`` before Django opens a
 connection (``manage.py``, the serving start-up ``memfuse_project.serving.start``, the test
-settings). The first process starts the server and later ones reuse it: ``manage.py migrate``
+settings). The development tenant of a new embedded database is created by
+``memory.startup.local_tenant_if_embedded``. The first process starts the server and later ones reuse it: ``manage.py migrate``
 and the ASGI server share one running server, which outlives them.
 
 The server trusts every local connection as its superuser (``initdb --auth=trust``), so who
@@ -146,7 +147,18 @@ def _start(data_dir: Path) -> None:
     uid = _server_uid(handle.system_user)
     data_dir.chmod(0o700)
     host = socket_host(data_dir, create_for=uid)
-    arguments = ["-w", "-t", "60", "-o", f'-h "" -k {shlex.quote(str(host))}', "-l", str(data_dir / "log"), "-D", str(data_dir), "start"]
+    arguments = [
+        "-w",
+        "-t",
+        "60",
+        "-o",
+        f'-h "" -k {shlex.quote(str(host))}',
+        "-l",
+        str(data_dir / "log"),
+        "-D",
+        str(data_dir),
+        "start",
+    ]
     pgserver.pgexec.pgexec("pg_ctl", arguments, bin_path=handle.bin_path, user=handle.system_user, timeout=90)
 
 
@@ -184,7 +196,9 @@ def socket_host(data_dir: Path, *, create_for: int | None = None) -> Path:
         if _fits(alias):
             break
     else:
-        raise RuntimeError(f"no path short enough for the embedded PostgreSQL's socket: set TMPDIR to a short folder ({target})")
+        raise RuntimeError(
+            f"no path short enough for the embedded PostgreSQL's socket: set TMPDIR to a short folder ({target})"
+        )
     if create_for is not None:
         _private_directory(alias.parent, create_for)
         if not (alias.is_symlink() and os.readlink(alias) == str(target)):
@@ -335,42 +349,3 @@ def embedded_secret_key(data_dir: Path) -> str:
         file.write(key + "\n")
     logger.info("generated the embedded default's SECRET_KEY in %s", path)
     return key
-
-
-LOCAL_TENANT = "local"
-LOCAL_KEY_FILE = "local-api-key"
-
-
-def local_tenant_if_embedded() -> Path | None:
-    """On the embedded default, create the development tenant ``local`` once; returns its key file.
-
-    Its first key is written to ``<EMBEDDED_PG_DIR>/local-api-key`` (mode 0600, next to the
-    database files it unlocks) and the log says where. Off with ``LOCAL_TENANT=0``; never with
-    a ``DATABASE_URL``, where tenants come from ``manage.py create_tenant``.
-    """
-    from django.conf import settings
-
-    from memory.errors import Conflict
-    from memory.models import KeyScope, Tenant
-    from memory.services.api_keys import api_key_create
-    from memory.services.tenants import tenant_create
-
-    if not (settings.USING_EMBEDDED_DB and settings.MEMFUSE["LOCAL_TENANT"]):
-        return None
-    key_file = Path(settings.EMBEDDED_PG_DIR) / LOCAL_KEY_FILE
-    if Tenant.objects.filter(name=LOCAL_TENANT).exists():
-        logger.info("development tenant '%s': its first API key is in %s", LOCAL_TENANT, key_file)
-        return key_file
-    try:
-        tenant = tenant_create(name=LOCAL_TENANT)
-    except Conflict:  # another process created it meanwhile
-        return key_file
-    _, key = api_key_create(scope=KeyScope.TENANT, tenant=tenant, name="local development")
-    key_file.touch(mode=0o600)
-    key_file.write_text(key + "\n")
-    logger.warning(
-        "created development tenant '%s'; its API key is in %s (send it as Authorization: Bearer <key>)",
-        LOCAL_TENANT,
-        key_file,
-    )
-    return key_file

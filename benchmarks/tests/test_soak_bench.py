@@ -44,6 +44,7 @@ def test_the_slopes_are_also_fitted_over_windows_after_the_warm_up():
     """A process that rises 2 MB a minute for 10 minutes after its warm-up, then 1 MB, then
     stays level: one slope per 10-minute window (the last, 5 minutes, on its own; a 2-minute
     tail joins the window before it)."""
+
     def rss(t):
         return 100 + 2 * min(t, 600) / 60 + max(0, min(t, 1200) - 600) / 60
 
@@ -91,11 +92,16 @@ def test_index_load_loads_each_user_in_fresh_processes(tmp_path, monkeypatch):
 
     report = json.loads(out.read_text())
     users = report["users"]
-    assert [(user["messages"], user["documents"], len(user["load_ms"]), len(user["peak_rise_mb"])) for user in users] == [
+    assert [
+        (user["messages"], user["documents"], len(user["load_ms"]), len(user["peak_rise_mb"])) for user in users
+    ] == [
         (40, 40, 2, 2),
         (90, 90, 2, 2),
     ]
-    assert 0 < users[0]["snapshot_bytes"] < users[1]["snapshot_bytes"] and 0 < users[0]["index_bytes"] < users[1]["index_bytes"]
+    assert (
+        0 < users[0]["snapshot_bytes"] < users[1]["snapshot_bytes"]
+        and 0 < users[0]["index_bytes"] < users[1]["index_bytes"]
+    )
     assert all(user["load_ms_median"] > 0 and user["peak_rise_mb_median"] >= 0 for user in users)
     assert "building" in first.getvalue()
     again = io.StringIO()
@@ -136,7 +142,9 @@ def test_pool_check_reports_the_cost_of_the_connection_check(db, tmp_path):
 
     figures = json.loads(out.read_text())
     assert figures["check_connection"]["median_us"] > figures["no_check"]["median_us"] > 0
-    assert figures["check_cost_us"] == round(figures["check_connection"]["median_us"] - figures["no_check"]["median_us"], 1)
+    assert figures["check_cost_us"] == round(
+        figures["check_connection"]["median_us"] - figures["no_check"]["median_us"], 1
+    )
 
 
 @pytest.mark.servers
@@ -153,7 +161,10 @@ def test_ws_connections_holds_connections_open_on_the_server_it_starts(tmp_path,
 
     report = json.loads(out.read_text())
     assert (report["connections"], report["users"], report["extension"]) == (40, 3, None)
-    assert report["server"]["env"] == {"UVICORN_WS_PER_MESSAGE_DEFLATE": "false"} and report["server"]["log_error_lines"] == 0
+    assert (
+        report["server"]["env"] == {"UVICORN_WS_PER_MESSAGE_DEFLATE": "false"}
+        and report["server"]["log_error_lines"] == 0
+    )
     # Readings of a live Python process with Django and the models' clients imported.
     assert all(reading > 100 for reading in report["web_rss_mb"].values()), report["web_rss_mb"]
     assert report["open_seconds"] > 0
@@ -188,7 +199,15 @@ def test_tenants_runs_the_well_behaved_tenants_alone_then_beside_the_abuser(tmp_
         assert well_behaved["flush_lag_s"]["messages"] == 2 * well_behaved["answers"]["add"].get("201", 0)
         assert run["server_memory_mb"]["web_rss"]["max"] > 100, run["server_memory_mb"]
     abuser = report["runs"]["with_abuser"]["abuser"]
-    assert {"adds", "backlog", "flush-waits", "imports", "keyless_import", "keyless_import_chunked", "keyless_add"} <= set(abuser)
+    assert {
+        "adds",
+        "backlog",
+        "flush-waits",
+        "imports",
+        "keyless_import",
+        "keyless_import_chunked",
+        "keyless_add",
+    } <= set(abuser)
     for kind in ("keyless_import", "keyless_import_chunked", "keyless_add"):
         assert set(abuser[kind]["answers"]) <= {"401", "413"}, abuser[kind]
     assert "503" in abuser["backlog"]["answers"] and abuser["backlog"]["errors"]["503"], abuser["backlog"]
