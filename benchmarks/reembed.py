@@ -29,8 +29,9 @@ def _setup() -> None:
 
 def bench_reembed(messages: int, model: Path | None, batch_size: int) -> dict:
     from django.conf import settings
-    from memory.management.bench_dataset import Turn, bulk_load
     from sentence_transformers import SentenceTransformer
+
+    from benchmarks.dataset import Turn, bulk_load
 
     from memory.indexing.reembed import reembed_run
     from memory.inference import default_model_path, registry
