@@ -32,7 +32,6 @@ def bench_reembed(messages: int, model: Path | None, batch_size: int) -> dict:
     from sentence_transformers import SentenceTransformer
 
     from benchmarks.dataset import Turn, bulk_load
-
     from memory.indexing.reembed import reembed_run
     from memory.inference import default_model_path, registry
     from memory.models import Message, User
