@@ -135,12 +135,14 @@ def start() -> None:
         from buffers import workers
         from memfuse_project import embedded_pg
         from memory import metrics_history
+        from memory.facts import worker as facts_worker
 
         embedded_pg.start_if_embedded()
         embedded_pg.migrate_if_embedded()
         embedded_pg.local_tenant_if_embedded()
         if runs_flush_workers():
             workers.start_pool()
+            facts_worker.start()  # the facts layer's extraction, when LLM_BASE_URL is set
         if _role == WEB:
             metrics_history.start()  # the dashboard's charts of the last hour
         # The starting thread serves no request: give back the pool connections it used, or

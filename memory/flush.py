@@ -31,6 +31,7 @@ from pgvector import Vector
 from buffers import events
 from memfuse_project.pool import is_database_unavailable
 from memory import embedding_model, metrics
+from memory.facts.services import facts_queue
 from memory.inference import registry
 from memory.retrieval import cache
 from memory.retrieval.vector import context_refresh, lock_context_writes
@@ -313,6 +314,8 @@ def _flush_batches(
             by_session.setdefault(message_session, []).append(str(message_id))
         for message_session, message_ids in by_session.items():
             events.flush_completed(session_id=message_session, message_ids=message_ids)
+        # The facts layer (M1) extracts from what was just written, in its own workers.
+        facts_queue(user_id=user_id, by_session=by_session)
         if len(claimed) == batch_size:
             # More may be pending: the move to the HNSW index and the snapshot follow the
             # backlog as it is flushed, not only once it is all written (queries meanwhile

@@ -1,0 +1,390 @@
+"""The facts layer (M1): extraction beside the flush, its failure modes, consolidation,
+provenance, the budget, tenant isolation and the ``layers`` option of the REST query.
+
+Every test that turns the layer on points ``LLM_BASE_URL`` at ``tests.llm_server.LLMServer``,
+a real HTTP server answering by rules the tests predict.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from django.utils import timezone
+
+from buffers import services as buffers
+from memory import services
+from memory.facts import services as facts
+from memory.facts import times, worker
+from memory.facts.models import Fact, FactJob, FactSource, LlmCall
+from memory.services import MessageIn
+from tests.envelopes import assert_error, assert_success
+from tests.llm_server import LLMServer
+
+SESSION_DAY = datetime(2023, 5, 8, 14, 0, tzinfo=UTC)  # a Monday
+
+
+@pytest.fixture
+def llm_server():
+    server = LLMServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def llm_on(settings, llm_server):
+    """The facts layer on, against the test server; no retries inside a call, no backoff."""
+    settings.LLM = {
+        **settings.LLM,
+        "BASE_URL": llm_server.base_url,
+        "MODEL": "test-model",
+        "TIMEOUT_SECONDS": 2.0,
+        "MAX_RETRIES": 0,
+        "BACKOFF_SECONDS": 0.0,
+        "BACKOFF_MAX_SECONDS": 0.0,
+        "TENANT_CALLS_PER_MINUTE": 0,
+        "TENANT_TOKENS_PER_MINUTE": 0,
+    }
+    return llm_server
+
+
+def say(session, *contents: str, at: datetime = SESSION_DAY) -> list:
+    return services.messages_add(
+        session=session, messages=[MessageIn(role="user", content=c, created_at=at) for c in contents]
+    )
+
+
+def live_facts(user) -> list[Fact]:
+    return list(
+        Fact.objects.filter(user=user, superseded_by__isnull=True, deleted_at__isnull=True).order_by("created_at")
+    )
+
+
+def query(api, user_id, text: str, **params) -> list[dict]:
+    data = assert_success(api.post(f"/api/v1/users/{user_id}/query", {"query": text, **params}, format="json"))
+    return data["results"]
+
+
+def make_runnable() -> None:
+    FactJob.objects.filter(state=FactJob.State.QUEUED).update(next_attempt_at=timezone.now() - timedelta(seconds=1))
+
+
+# --- times ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        ("last Saturday", date(2023, 5, 6)),
+        ("yesterday", date(2023, 5, 7)),
+        ("next Friday", date(2023, 5, 12)),
+        ("2 weeks ago", date(2023, 4, 24)),
+        ("2023-01-02", date(2023, 1, 2)),
+        ("the weekend", None),
+    ],
+)
+def test_relative_times_resolve_against_the_session_date(words, expected):
+    """Time words are resolved against the date they were said on (Monday 8 May 2023)."""
+    assert times.resolve(words, on=SESSION_DAY.date()) == expected
+
+
+# --- extraction -----------------------------------------------------------------------------------
+
+
+def test_flush_queues_a_job_and_facts_are_written_with_sources_and_times(llm_on, alice, alice_session):
+    """A flush queues one job per session; the worker writes each fact with its source
+    message, the resolved date, the model and an embedding, in one call for the window."""
+    rows = say(alice_session, "I went hiking with my sister last Saturday in the hills.", "ok")
+    buffers.flush_pending(user_id=alice.pk)
+    job = FactJob.objects.get(session=alice_session)
+    assert job.state == FactJob.State.QUEUED and set(job.message_ids) == {r.pk for r in rows}
+    assert worker.run_once() == 1
+    [fact] = live_facts(alice)
+    assert fact.valid_from == date(2023, 5, 6)
+    assert fact.time_expression == "last Saturday"
+    assert fact.model == "test-model" and fact.kind == "event" and fact.embedding is not None
+    assert [s.message_id for s in FactSource.objects.filter(fact=fact)] == [rows[0].pk]
+    assert llm_on.calls == 1
+    assert FactJob.objects.get(pk=job.pk).state == FactJob.State.DONE
+    assert LlmCall.objects.filter(tenant=alice.tenant, ok=True).count() == 1
+
+
+def test_the_window_shows_earlier_turns_as_context(llm_on, alice, alice_session):
+    """The turns before the flushed ones are in the prompt as context, not extracted again."""
+    say(alice_session, "My favourite food is a spicy ramen bowl.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    say(alice_session, "I started learning the cello two weeks ago.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    prompt = [r for r in llm_on.requests if "extract" in r["messages"][0]["content"]][-1]["messages"][1]["content"]
+    assert "Context (earlier turns):" in prompt and "spicy ramen" in prompt.split("Turns to extract from:")[0]
+    assert "cello" in prompt.split("Turns to extract from:")[1]
+
+
+def test_nothing_is_queued_while_the_layer_is_off(alice, alice_session):
+    """Without LLM_BASE_URL a flush queues no job and a query reads no fact."""
+    say(alice_session, "I went hiking with my sister last Saturday in the hills.")
+    buffers.flush_pending(user_id=alice.pk)
+    assert not FactJob.objects.exists()
+
+
+def test_an_endpoint_without_structured_outputs_is_asked_for_a_json_object(llm_on, alice, alice_session):
+    """A 400 for response_format json_schema is retried with json_object, and validated."""
+    llm_on.mode = "no_json_schema"
+    say(alice_session, "I went hiking with my sister last Saturday in the hills.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    assert len(live_facts(alice)) == 1
+    assert llm_on.requests[-1]["response_format"] == {"type": "json_object"}
+
+
+# --- failure modes: M0 never waits ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["hang", "5xx", "429", "malformed", "down"])
+def test_m0_is_served_while_the_llm_fails_and_m1_catches_up(llm_on, settings, api, alice, alice_session, mode):
+    """With the LLM hanging, failing, rate limiting, answering garbage or down, the flush
+    and the query answer as usual; the job is retried with backoff (at least Retry-After),
+    and once the endpoint answers again its facts are written."""
+    settings.LLM = {**settings.LLM, "TIMEOUT_SECONDS": 0.5}
+    llm_on.retry_after = 30
+    if mode == "down":
+        llm_on.stop()
+    else:
+        llm_on.mode = mode
+    rows = say(alice_session, "I adopted a grey cat called Miso yesterday afternoon.")
+    started = time.monotonic()
+    assert buffers.flush_pending(user_id=alice.pk) == 1
+    assert time.monotonic() - started < 5
+    results = query(api, alice.pk, "cat called Miso")
+    assert results[0]["id"] == str(rows[0].pk) and results[0]["layer"] == "m0"
+    worker.run_once()
+    job = FactJob.objects.get(session=alice_session)
+    assert job.state == FactJob.State.QUEUED and job.attempts == 1 and job.last_error
+    assert not live_facts(alice)
+    if mode == "429":
+        assert job.next_attempt_at >= timezone.now() + timedelta(seconds=25)
+    assert query(api, alice.pk, "cat called Miso")[0]["id"] == str(rows[0].pk)
+    if mode == "down":
+        return
+    llm_on.mode = "ok"
+    llm_on.release()
+    make_runnable()
+    worker.run_once()
+    assert [f.text for f in live_facts(alice)] == [
+        "alice: I adopted a grey cat called Miso yesterday afternoon."
+    ] or len(live_facts(alice)) == 1
+
+
+def test_a_job_is_dead_after_its_attempts_and_a_rerun_queues_it(llm_on, settings, alice, alice_session):
+    """Past FACTS_MAX_ATTEMPTS failures the job is dead with its error; re-run queues it again."""
+    settings.LLM = {**settings.LLM, "MAX_ATTEMPTS": 2}
+    llm_on.mode = "5xx"
+    say(alice_session, "I adopted a grey cat called Miso yesterday afternoon.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    make_runnable()
+    worker.run_once()
+    job = FactJob.objects.get(session=alice_session)
+    assert job.state == FactJob.State.DEAD and "500" in job.last_error
+    llm_on.mode = "ok"
+    assert facts.facts_rerun(job_ids=[job.pk]) == 1
+    worker.run_once()
+    assert len(live_facts(alice)) == 1
+
+
+# --- consolidation --------------------------------------------------------------------------------
+
+
+def test_an_update_keeps_the_previous_version_and_both_sources(llm_on, alice, alice_session):
+    """A fact that changes an existing one supersedes it; the old row stays, with the history."""
+    first = say(alice_session, "My favourite colour is blue like the sea.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    second = say(alice_session, "My favourite colour is green like the sea now.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    [current] = live_facts(alice)
+    assert "green" in current.text and current.version == 2
+    old = Fact.objects.get(superseded_by=current)
+    assert "blue" in old.text and old.version == 1
+    assert set(FactSource.objects.filter(fact=current).values_list("message_id", flat=True)) == {
+        first[0].pk,
+        second[0].pk,
+    }
+    from memory.facts.selectors import fact_history
+
+    assert [v["version"] for v in fact_history(user_id=alice.pk, fact_id=current.pk)] == [1, 2]
+
+
+def test_a_contradiction_deletes_the_existing_fact(llm_on, alice, alice_session):
+    """DELETE marks the contradicted fact deleted; it is no longer current."""
+    say(alice_session, "Alice plays tennis every weekend at the club.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    say(alice_session, "Alice no longer plays tennis at the club.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    assert live_facts(alice) == []
+    assert Fact.objects.filter(user=alice, deleted_at__isnull=False).count() == 1
+
+
+def test_a_repeated_fact_is_not_added_twice(llm_on, alice, alice_session):
+    """NONE: the same fact said again adds its message as a source, not a second fact."""
+    say(alice_session, "I work as a nurse at the city hospital.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    say(alice_session, "I work as a nurse at the city hospital.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    [fact] = live_facts(alice)
+    assert fact.sources.count() == 2
+
+
+# --- provenance -----------------------------------------------------------------------------------
+
+
+def test_deleting_the_source_message_removes_the_fact(llm_on, api, alice, alice_session):
+    """A fact whose only source is deleted is never returned again, and the sweep deletes it."""
+    rows = say(alice_session, "I adopted a grey cat called Miso yesterday afternoon.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    assert any(r["layer"] == "m1" for r in query(api, alice.pk, "grey cat Miso"))
+    services.messages_delete(session=alice_session, message_ids=[rows[0].pk])
+    assert not [r for r in query(api, alice.pk, "grey cat Miso") if r["layer"] == "m1"]
+    assert facts.facts_sweep() == 1
+    assert not Fact.objects.filter(user=alice).exists()
+
+
+def test_editing_the_source_message_replaces_its_facts(llm_on, api, alice, alice_session):
+    """An edited message's old facts stop being returned; its new text is extracted again."""
+    rows = say(alice_session, "I adopted a grey cat called Miso yesterday afternoon.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    services.messages_update(
+        session=alice_session,
+        message_ids=[rows[0].pk],
+        new_messages=[MessageIn(role="user", content="I adopted a black dog called Rex last Saturday.")],
+    )
+    assert not [r for r in query(api, alice.pk, "grey cat Miso") if r["layer"] == "m1"]
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    facts.facts_sweep()
+    assert [f.text for f in live_facts(alice)] == ["alice: I adopted a black dog called Rex last Saturday."] or [
+        "Rex" in f.text for f in live_facts(alice)
+    ] == [True]
+
+
+def test_deleting_a_user_removes_their_facts(llm_on, alice, alice_session):
+    """A user's deletion takes their facts, sources and jobs with it."""
+    say(alice_session, "I adopted a grey cat called Miso yesterday afternoon.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    services.user_delete(user=alice)
+    assert not Fact.objects.exists() and not FactSource.objects.exists() and not FactJob.objects.exists()
+
+
+def test_deleting_a_session_removes_its_facts(llm_on, alice, alice_session):
+    """A session's deletion removes the facts of its messages (read at once, swept later)."""
+    say(alice_session, "I adopted a grey cat called Miso yesterday afternoon.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    services.session_delete(session=alice_session)
+    facts.facts_sweep()
+    assert not Fact.objects.exists()
+
+
+# --- budget and isolation -------------------------------------------------------------------------
+
+
+def test_a_tenant_past_its_budget_waits_and_others_go_on(llm_on, settings, alice, alice_session, globex_session):
+    """Past LLM_TENANT_CALLS_PER_MINUTE a tenant's jobs are not claimed; another tenant's are."""
+    settings.LLM = {**settings.LLM, "TENANT_CALLS_PER_MINUTE": 1}
+    say(alice_session, "I adopted a grey cat called Miso yesterday afternoon.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    say(alice_session, "I started learning the cello two weeks ago.")
+    buffers.flush_pending(user_id=alice.pk)
+    say(globex_session, "I started learning the violin two weeks ago.")
+    buffers.flush_pending(user_id=globex_session.user_id)
+    assert worker.run_once() == 1
+    assert FactJob.objects.get(session=alice_session, state=FactJob.State.QUEUED)
+    assert FactJob.objects.get(session=globex_session).state == FactJob.State.DONE
+    LlmCall.objects.update(at=timezone.now() - timedelta(minutes=2))  # the minute slides on
+    assert worker.run_once() == 1
+
+
+def test_a_tenant_past_its_token_budget_waits(llm_on, settings, alice, alice_session):
+    """Past LLM_TENANT_TOKENS_PER_MINUTE the tenant's next job waits."""
+    settings.LLM = {**settings.LLM, "TENANT_TOKENS_PER_MINUTE": 10}
+    say(alice_session, "I adopted a grey cat called Miso yesterday afternoon.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    say(alice_session, "I started learning the cello two weeks ago.")
+    buffers.flush_pending(user_id=alice.pk)
+    assert worker.run_once() == 0
+
+
+def test_facts_never_cross_users(llm_on, api, alice, bob, alice_session, bob_session):
+    """Bob's facts are extracted from his messages only, compared with his facts only
+    (no consolidation call for his first fact) and never returned to alice."""
+    say(alice_session, "I work as a nurse at the city hospital.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    calls = llm_on.calls
+    say(bob_session, "I work as a nurse at the city hospital.")
+    buffers.flush_pending(user_id=bob.pk)
+    worker.run_once()
+    assert llm_on.calls == calls + 1  # extraction only: alice's identical fact was not compared
+    assert len(live_facts(bob)) == 1 and len(live_facts(alice)) == 1
+    alice_fact = str(live_facts(alice)[0].pk)
+    assert alice_fact not in {r["id"] for r in query(api, bob.pk, "nurse city hospital")}
+    bob_sources = FactSource.objects.filter(fact__user=bob).values_list("message_id", flat=True)
+    assert set(bob_sources) <= set(bob.messages.values_list("pk", flat=True))
+
+
+# --- layers ---------------------------------------------------------------------------------------
+
+
+def test_the_query_returns_both_layers_by_default_when_on(llm_on, api, alice, alice_session):
+    """With the layer on, results carry their layer and facts their source message ids."""
+    rows = say(alice_session, "I adopted a grey cat called Miso yesterday afternoon.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    results = query(api, alice.pk, "grey cat Miso")
+    assert {r["layer"] for r in results} == {"m0", "m1"}
+    fact = next(r for r in results if r["layer"] == "m1")
+    assert fact["type"] == "fact" and fact["metadata"]["source_message_ids"] == [str(rows[0].pk)]
+    assert fact["metadata"]["valid_from"] == "2023-05-07"
+    assert {r["layer"] for r in query(api, alice.pk, "grey cat Miso", layers=["m0"])} == {"m0"}
+    assert {r["layer"] for r in query(api, alice.pk, "grey cat Miso", layers=["m1"])} == {"m1"}
+
+
+def test_layers_are_validated(llm_on, api, alice):
+    """An unknown layer, or an empty list, is a 400 naming layers."""
+    assert_error(
+        api.post(f"/api/v1/users/{alice.pk}/query", {"query": "x", "layers": ["m2"]}, format="json"), 400, "layers[0]"
+    )
+    assert_error(
+        api.post(f"/api/v1/users/{alice.pk}/query", {"query": "x", "layers": []}, format="json"), 400, "layers"
+    )
+
+
+def test_with_the_layer_off_results_are_unchanged_and_m1_is_refused(api, alice, alice_session, alice_messages):
+    """Off: no "layer" key on results, and asking for m1 is a 400 naming layers."""
+    results = query(api, alice.pk, "golden retriever")
+    assert results and all("layer" not in r for r in results)
+    assert_error(
+        api.post(f"/api/v1/users/{alice.pk}/query", {"query": "x", "layers": ["m1"]}, format="json"), 400, "layers"
+    )
+
+
+def test_a_job_whose_messages_are_gone_is_harmless(llm_on, alice, alice_session):
+    """A job whose messages are gone completes with no call and no fact."""
+    FactJob.objects.create(tenant=alice.tenant, user=alice, session=alice_session, message_ids=[uuid.uuid4()])
+    make_runnable()  # created in the test's transaction: after its now()
+    assert worker.run_once() == 1
+    assert llm_on.calls == 0 and FactJob.objects.get().state == FactJob.State.DONE
