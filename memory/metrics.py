@@ -29,6 +29,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from memory.facts.metrics import FactsCollector
+
 # The events' registry. In multiprocess mode the values live in PROMETHEUS_MULTIPROC_DIR and a
 # scrape reads them from there (``scrape``); this registry is then only where they are declared.
 EVENTS = CollectorRegistry(auto_describe=True)
@@ -225,6 +227,7 @@ def scrape() -> bytes:
     else:
         registry.register(_Events())
     registry.register(OperatorCollector())
+    registry.register(FactsCollector())  # the facts layer's, per tenant (nothing while it is off)
     return generate_latest(registry)
 
 

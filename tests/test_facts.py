@@ -174,9 +174,7 @@ def test_m0_is_served_while_the_llm_fails_and_m1_catches_up(llm_on, settings, ap
     llm_on.release()
     make_runnable()
     worker.run_once()
-    assert [f.text for f in live_facts(alice)] == [
-        "alice: I adopted a grey cat called Miso yesterday afternoon."
-    ] or len(live_facts(alice)) == 1
+    assert [f.text for f in live_facts(alice)] == ["I adopted a grey cat called Miso yesterday afternoon."]
 
 
 def test_a_job_is_dead_after_its_attempts_and_a_rerun_queues_it(llm_on, settings, alice, alice_session):
@@ -273,9 +271,7 @@ def test_editing_the_source_message_replaces_its_facts(llm_on, api, alice, alice
     buffers.flush_pending(user_id=alice.pk)
     worker.run_once()
     facts.facts_sweep()
-    assert [f.text for f in live_facts(alice)] == ["alice: I adopted a black dog called Rex last Saturday."] or [
-        "Rex" in f.text for f in live_facts(alice)
-    ] == [True]
+    assert [f.text for f in live_facts(alice)] == ["I adopted a black dog called Rex last Saturday."]
 
 
 def test_deleting_a_user_removes_their_facts(llm_on, alice, alice_session):
@@ -388,3 +384,76 @@ def test_a_job_whose_messages_are_gone_is_harmless(llm_on, alice, alice_session)
     make_runnable()  # created in the test's transaction: after its now()
     assert worker.run_once() == 1
     assert llm_on.calls == 0 and FactJob.objects.get().state == FactJob.State.DONE
+
+
+# --- system checks --------------------------------------------------------------------------------
+
+
+def test_system_checks_name_a_misconfigured_llm(settings):
+    """LLM_BASE_URL without LLM_MODEL is E012; a non-positive concurrency is E013; off, nothing."""
+    from memory.checks import check_llm
+
+    assert check_llm() == []
+    settings.LLM = {**settings.LLM, "BASE_URL": "http://127.0.0.1:1/v1", "MODEL": ""}
+    assert [e.id for e in check_llm()] == ["memory.E012"]
+    settings.LLM = {**settings.LLM, "MODEL": "m", "CONCURRENCY": 0}
+    assert [e.id for e in check_llm()] == ["memory.E013"]
+
+
+# --- admin ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def staff_client(client, db):
+    from django.contrib.auth import get_user_model
+
+    get_user_model().objects.create_superuser("operator", "op@example.com", "pw")
+    client.login(username="operator", password="pw")
+    return client
+
+
+def test_dead_letters_show_in_the_admin_and_rerun_queues_them(llm_on, settings, staff_client, alice, alice_session):
+    """A dead job is listed with its error; the admin's re-run action queues it again; the
+    fact pages render (and show no vector)."""
+    settings.LLM = {**settings.LLM, "MAX_ATTEMPTS": 1}
+    llm_on.mode = "malformed"
+    say(alice_session, "I adopted a grey cat called Miso yesterday afternoon.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    job = FactJob.objects.get()
+    page = staff_client.get("/admin/memory/factjob/?state=dead").content.decode()
+    assert "does not match the extract schema" in page
+    staff_client.post("/admin/memory/factjob/", {"action": "rerun", "_selected_action": [job.pk]})
+    assert FactJob.objects.filter(state=FactJob.State.QUEUED).count() == 1
+    llm_on.mode = "ok"
+    worker.run_once()
+    fact = live_facts(alice)[0]
+    assert staff_client.get("/admin/memory/fact/").status_code == 200
+    detail = staff_client.get(f"/admin/memory/fact/{fact.pk}/change/")
+    assert detail.status_code == 200
+
+
+# --- figures --------------------------------------------------------------------------------------
+
+
+def test_metrics_show_calls_tokens_failures_and_the_backlog_per_tenant(
+    llm_on, settings, alice, alice_session, globex_session
+):
+    """/metrics gives per-tenant calls, failures, tokens and the M1 backlog."""
+    from tests.conftest import key_client
+    from tests.test_metrics import SCRAPE_TOKEN, scrape
+
+    settings.MEMFUSE = {**settings.MEMFUSE, "METRICS_TOKEN": SCRAPE_TOKEN}
+    say(alice_session, "I adopted a grey cat called Miso yesterday afternoon.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    llm_on.mode = "5xx"
+    say(globex_session, "I started learning the violin two weeks ago.")
+    buffers.flush_pending(user_id=globex_session.user_id)
+    worker.run_once()
+    samples = scrape(key_client(SCRAPE_TOKEN))
+    assert samples[("memfuse_llm_calls_last_hour", (("tenant", "acme"),))] == 1
+    assert samples[("memfuse_llm_failures_last_hour", (("tenant", "globex"),))] == 1
+    assert samples[("memfuse_llm_prompt_tokens_last_hour", (("tenant", "acme"),))] == llm_on.prompt_tokens
+    assert samples[("memfuse_facts_backlog_jobs", (("tenant", "globex"),))] == 1
+    assert samples[("memfuse_facts_backlog_jobs", (("tenant", "acme"),))] == 0

@@ -178,3 +178,41 @@ def with_facts(*, user_id: uuid.UUID, query: str, top_k: int, messages: list[dic
     ranked += [(1.0 / (RRF_K + rank), 1, rank, result) for rank, result in enumerate(facts, start=1)]
     ranked.sort(key=lambda item: (-item[0], item[1], item[2]))
     return [result for *_, result in ranked[:top_k]]
+
+
+def facts_stats() -> list[dict]:
+    """The facts layer's figures per tenant, over every process (from the rows):
+    ``[{"tenant_id", "tenant", "calls", "failures", "prompt_tokens", "completion_tokens",
+    "latency_ms_p50", "latency_ms_p95", "backlog_jobs", "backlog_messages", "dead_jobs"}]``;
+    calls, tokens and latencies over the last hour (``LlmCall`` rows are kept that long),
+    the backlog (queued and running jobs, and their messages) and dead jobs now. One
+    statement; tenants with neither calls nor jobs are left out."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            WITH calls AS (
+                SELECT tenant_id, count(*) AS calls, count(*) FILTER (WHERE NOT ok) AS failures,
+                       sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
+                       percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50,
+                       percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS p95
+                FROM memory_llmcall WHERE at > now() - interval '1 hour' GROUP BY tenant_id
+            ), jobs AS (
+                SELECT tenant_id,
+                       count(*) FILTER (WHERE state IN ('queued', 'running')) AS backlog_jobs,
+                       coalesce(sum(cardinality(message_ids)) FILTER (WHERE state IN ('queued', 'running')), 0) AS backlog_messages,
+                       count(*) FILTER (WHERE state = 'dead') AS dead_jobs
+                FROM memory_factjob WHERE state IN ('queued', 'running', 'dead') GROUP BY tenant_id
+            )
+            SELECT t.id, t.name, coalesce(c.calls, 0), coalesce(c.failures, 0), coalesce(c.prompt_tokens, 0),
+                   coalesce(c.completion_tokens, 0), coalesce(c.p50, 0), coalesce(c.p95, 0),
+                   coalesce(j.backlog_jobs, 0), coalesce(j.backlog_messages, 0), coalesce(j.dead_jobs, 0)
+            FROM memory_tenant t LEFT JOIN calls c ON c.tenant_id = t.id LEFT JOIN jobs j ON j.tenant_id = t.id
+            WHERE c.tenant_id IS NOT NULL OR j.tenant_id IS NOT NULL
+            ORDER BY t.name
+            """
+        )
+        names = [
+            "tenant_id", "tenant", "calls", "failures", "prompt_tokens", "completion_tokens",
+            "latency_ms_p50", "latency_ms_p95", "backlog_jobs", "backlog_messages", "dead_jobs",
+        ]  # fmt: skip
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
