@@ -68,7 +68,8 @@ def query(api, user_id, text: str, **params) -> list[dict]:
 
 
 def make_runnable() -> None:
-    FactJob.objects.filter(state=FactJob.State.QUEUED).update(next_attempt_at=timezone.now() - timedelta(seconds=1))
+    """Queued jobs runnable at once: before the test transaction's ``now()``."""
+    FactJob.objects.filter(state=FactJob.State.QUEUED).update(next_attempt_at=timezone.now() - timedelta(hours=1))
 
 
 # --- times ----------------------------------------------------------------------------------------
