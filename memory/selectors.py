@@ -254,8 +254,16 @@ def memory_query_stages(
     config: RetrievalConfig | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    layers: list[str] | None = None,
 ) -> Iterator[tuple[str, list[dict]]]:
-    """``memory_query`` in stages: ``("partial", results)`` (BM25), then ``("final", results)``."""
+    """``memory_query`` in stages: ``("partial", results)`` (BM25), then ``("final", results)``.
+
+    With the facts layer on, ``layers`` as in ``memory_query``: the partial stage is M0's
+    (tagged ``"layer": "m0"``; none when only ``m1`` is asked for), the final one has the facts too."""
+    layers = (layers or facts_selectors.default_layers()) if llm.enabled() else None
+    if layers is not None and "m0" not in layers:
+        yield "final", facts_selectors.with_facts(user_id=user.pk, query=query, top_k=top_k, messages=[], layers=layers)
+        return
     for stage, hits in hybrid_search_stages(
         user_id=user.pk,
         memory_version=user.memory_version,
@@ -267,7 +275,13 @@ def memory_query_stages(
         until=until,
         ann_bucket=user.ann_bucket,
     ):
-        yield stage, _results(user, hits, session_id=session_id)
+        results = _results(user, hits, session_id=session_id)
+        if layers is not None:
+            messages = results if stage == "final" else []
+            results = facts_selectors.with_facts(
+                user_id=user.pk, query=query, top_k=top_k, messages=results, layers=layers if messages else ["m0"]
+            )
+        yield stage, results
 
 
 def memory_query(

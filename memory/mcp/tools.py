@@ -288,6 +288,10 @@ async def memory_query(
     agent_id: Annotated[str | None, Field(description="Only messages of this agent's sessions.")] = None,
     since: SinceArg = None,
     until: UntilArg = None,
+    layers: Annotated[
+        list[str] | None,
+        Field(description='Memory layers to search: "m0" (messages, knowledge), "m1" (facts, when the LLM layer is on).'),
+    ] = None,
 ) -> CallToolResult:
     """Find the user's messages and knowledge most relevant to a query (hybrid BM25 + vector
     retrieval, fused by RRF), optionally within a time window (since/until, inclusive, on each
@@ -299,7 +303,7 @@ async def memory_query(
     def work(principal: Principal) -> dict:
         data = validated(
             s.QueryIn,
-            _present(query=query, top_k=top_k, session_id=session_id, agent_id=agent_id, since=since, until=until),
+            _present(query=query, top_k=top_k, session_id=session_id, agent_id=agent_id, since=since, until=until, layers=layers),
         )
         if user is None and not principal.is_user_key and data.get("session_id") is not None:
             owner = selectors.session_get(principal=principal, session_id=data["session_id"]).user
@@ -314,6 +318,7 @@ async def memory_query(
             config=RetrievalConfig.from_settings(),
             since=data.get("since"),
             until=data.get("until"),
+            layers=data.get("layers"),
         )
         return {"results": results, "total": len(results)}
 
