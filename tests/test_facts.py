@@ -22,6 +22,7 @@ from memory.facts.models import Fact, FactJob, FactSource, LlmCall
 from memory.services import MessageIn
 from tests.envelopes import assert_error, assert_success
 from tests.llm_server import LLMServer
+from tests.test_reembed import restored_schema, tiny_embedder  # noqa: F401  (fixtures)
 
 SESSION_DAY = datetime(2023, 5, 8, 14, 0, tzinfo=UTC)  # a Monday
 
@@ -458,3 +459,39 @@ def test_metrics_show_calls_tokens_failures_and_the_backlog_per_tenant(
     assert samples[("memfuse_llm_prompt_tokens_last_hour", (("tenant", "acme"),))] == llm_on.prompt_tokens
     assert samples[("memfuse_facts_backlog_jobs", (("tenant", "globex"),))] == 1
     assert samples[("memfuse_facts_backlog_jobs", (("tenant", "acme"),))] == 0
+
+
+# --- reembed --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restored_fact_column():
+    """After the test: memory_fact.embedding is the migrations' vector(384) again."""
+    yield
+    from django.conf import settings as django_settings
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"ALTER TABLE memory_fact ALTER COLUMN embedding TYPE vector({django_settings.MEMFUSE['EMBEDDING_DIM']}) USING NULL"
+        )
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("restored_schema", "restored_fact_column")
+def test_reembed_covers_facts_without_calling_the_llm(llm_on, alice, alice_session, request):
+    """After a switch to a 32-dimensional model, every fact has a 32-dimensional vector of the
+    new generation, and no LLM call was made."""
+    from memory.reembed import reembed_run
+    from tests.test_reembed import TINY_DIM
+
+    say(alice_session, "I adopted a grey cat called Miso yesterday afternoon.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    calls = llm_on.calls
+    stats = reembed_run(model_path=request.getfixturevalue("tiny_embedder"), batch_size=8)
+    assert stats.switched and stats.embedded["facts"] == 1
+    fact = Fact.objects.get()
+    assert len(fact.embedding) == TINY_DIM and fact.embedding_generation is not None
+    assert llm_on.calls == calls
+    assert facts.facts_reembed() == 0  # nothing left of the old model

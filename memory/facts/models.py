@@ -54,6 +54,10 @@ class Fact(models.Model):
     confidence = models.FloatField(default=1.0)
     model = models.CharField(max_length=255)
     embedding = VectorField(dimensions=EMBEDDING_DIM, null=True, blank=True)
+    # The EmbeddingModel row active when ``embedding`` was written (NULL: the configured model,
+    # no reembed yet). A fact of another model is re-embedded (memory.facts.services.facts_reembed)
+    # and meanwhile found by its words only.
+    embedding_generation = models.BigIntegerField(null=True, blank=True)
     search_vector = models.GeneratedField(
         expression=SearchVector("text", config="english"), output_field=SearchVectorField(), db_persist=True
     )

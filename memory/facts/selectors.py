@@ -14,6 +14,7 @@ import numpy as np
 from django.db import connection
 from pgvector import Vector
 
+from memory.embedding_model import active_model
 from memory.vectors import use_binary_vectors
 
 _LIVE = """
@@ -41,12 +42,16 @@ def facts_similar(
             use_binary_vectors(cursor)
             cursor.execute(
                 f"SELECT f.id FROM memory_fact f WHERE {_LIVE} AND f.embedding IS NOT NULL "
+                "AND f.embedding_generation IS NOT DISTINCT FROM %(generation)s "
                 "AND f.embedding <=> %(q)s <= %(max)s ORDER BY f.embedding <=> %(q)s LIMIT %(limit)s",
                 {
                     "user": user_id,
                     "q": Vector(np.asarray(embedding, dtype=np.float32)),
                     "limit": limit,
                     "max": max_distance,
+                    # Only vectors of the model the query was embedded with: after a reembed's
+                    # switch, facts of the old one wait to be embedded again (facts_reembed).
+                    "generation": active_model().id,
                 },
             )
             ranked.append([row[0] for row in cursor.fetchall()])

@@ -25,7 +25,7 @@ from memory.facts import prompts, times
 from memory.facts.models import FactJob, LlmCall
 from memory.facts.selectors import facts_similar
 from memory.inference import BACKGROUND, llm, registry
-from memory.vectors import use_binary_vectors
+from memory.vectors import VectorArray, use_binary_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -296,9 +296,9 @@ def _consolidate(job: FactJob, new: list[_NewFact]) -> list[tuple[_NewFact, str,
 
 _INSERT_FACT_SQL = """
 INSERT INTO memory_fact (id, user_id, text, kind, entities, valid_from, time_expression, confidence,
-                         model, embedding, version, created_at)
+                         model, embedding, embedding_generation, version, created_at)
 VALUES (%(id)s, %(user)s, %(text)s, %(kind)s, %(entities)s, %(valid_from)s, %(expression)s,
-        %(confidence)s, %(model)s, %(embedding)s, %(version)s, now())
+        %(confidence)s, %(model)s, %(embedding)s, %(generation)s, %(version)s, now())
 """
 
 
@@ -364,6 +364,7 @@ def _write(job: FactJob, decisions, *, generation: int | None) -> int:
                     "confidence": fact.confidence,
                     "model": llm.model_name(),
                     "embedding": Vector(fact.embedding) if fact.embedding is not None else None,
+                    "generation": generation,
                     "version": version,
                 },
             )
@@ -453,6 +454,69 @@ def _fail(job: FactJob, exc: Exception) -> None:
                 claimed_until=None,
                 last_error=error,
             )
+
+
+# --- reembed -------------------------------------------------------------------------------------
+
+
+def facts_reembed(*, embed=None, generation: int | None = None, batch_size: int = 256) -> int:
+    """Embed again, without the LLM, the facts whose embedding is not the active embedding
+    model's (``Fact.embedding_generation``); returns how many. Run by ``reembed`` after its
+    switch, and by the extraction workers when idle (so a switch made while the layer was off
+    is caught up too).
+
+    ``embed(texts) -> (n, dim)`` float32 (default: this process's background model, after
+    ``follow_active_model``); ``generation``: the active ``EmbeddingModel`` id (default: read).
+    When the active model's dimension is not the column's, the column is retyped first
+    (``ALTER TABLE ... TYPE vector(dim) USING NULL``: every fact is then found by its words
+    only until it is embedded again). A fact's text never changes, so a batch is written
+    without a claim; the write takes the switch's shared lock (``guard_write``) and stops
+    when another switch happened meanwhile."""
+    from memory.embedding_model import ModelChanged, active_model, follow_active_model
+
+    if embed is None:
+        generation = follow_active_model(force=True)
+        embed = lambda texts: registry.embed(texts, priority=BACKGROUND)  # noqa: E731
+    model = active_model(max_age=0.0)
+    if generation is None:
+        generation = model.id
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT atttypmod FROM pg_attribute WHERE attrelid = 'memory_fact'::regclass AND attname = 'embedding'"
+        )
+        column_dimension = cursor.fetchone()[0]
+        if model.dimension and model.dimension != column_dimension:
+            cursor.execute(
+                f"ALTER TABLE memory_fact ALTER COLUMN embedding TYPE vector({int(model.dimension)}) USING NULL"
+            )
+    done = 0
+    while True:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT id, text FROM memory_fact WHERE embedding_generation IS DISTINCT FROM %s "
+                "OR embedding IS NULL ORDER BY id LIMIT %s",
+                [generation, batch_size],
+            )
+            rows = cursor.fetchall()
+        if not rows:
+            return done
+        vectors = embed([text for _, text in rows])
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                embedding_model.guard_write(cursor, generation=generation)
+                use_binary_vectors(cursor)
+                cursor.execute(
+                    "UPDATE memory_fact f SET embedding = v.embedding, embedding_generation = %(generation)s "
+                    "FROM unnest(%(ids)s::uuid[], %(vectors)s::vector[]) AS v(id, embedding) WHERE f.id = v.id",
+                    {
+                        "generation": generation,
+                        "ids": [str(row[0]) for row in rows],
+                        "vectors": VectorArray(Vector(vector) for vector in vectors),
+                    },
+                )
+        except ModelChanged:
+            return done
+        done += len(rows)
 
 
 # --- provenance ----------------------------------------------------------------------------------

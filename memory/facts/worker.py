@@ -4,7 +4,7 @@
 ``memfuse_project.serving.start``), or in their own process with ``manage.py runfacts``.
 Each loops: claim a job (``facts_claim``: fair per tenant, skipping tenants over their
 budget), run it, and when none is runnable sweep the facts of deleted or edited messages,
-purge old rows and sleep a second. None starts while the layer is off.
+purge old rows, embed again the facts of an older embedding model and sleep a second. None starts while the layer is off.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def run_forever(stop: threading.Event) -> None:
             if time.monotonic() - last_sweep > SWEEP_SECONDS:
                 services.facts_sweep()
                 services.facts_purge()
+                services.facts_reembed()
                 last_sweep = time.monotonic()
         except Exception:
             logger.warning("facts worker failed; retrying", exc_info=True)
