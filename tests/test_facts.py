@@ -59,7 +59,9 @@ def say(session, *contents: str, at: datetime = SESSION_DAY) -> list:
 
 def live_facts(user) -> list[Fact]:
     return list(
-        Fact.objects.filter(user=user, superseded_by__isnull=True, deleted_at__isnull=True).order_by("created_at")
+        Fact.objects.filter(
+            user_id=getattr(user, "pk", user), superseded_by__isnull=True, deleted_at__isnull=True
+        ).order_by("created_at")
     )
 
 
@@ -495,3 +497,62 @@ def test_reembed_covers_facts_without_calling_the_llm(llm_on, alice, alice_sessi
     assert len(fact.embedding) == TINY_DIM and fact.embedding_generation is not None
     assert llm_on.calls == calls
     assert facts.facts_reembed() == 0  # nothing left of the old model
+
+
+# --- export and import ----------------------------------------------------------------------------
+
+
+def test_export_and_import_carry_facts_with_their_sources(llm_on, tenant, alice, alice_session):
+    """An export holds each fact (versions too) with its source message ids; importing it
+    as another user writes the facts bound to the imported messages, embedded again, with
+    their history, and no LLM call; a second import writes nothing new."""
+    import io
+    import json
+
+    from memory.portability import export, importer
+
+    say(alice_session, "My favourite colour is blue like the sea.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    say(alice_session, "My favourite colour is green like the sea now.")
+    buffers.flush_pending(user_id=alice.pk)
+    worker.run_once()
+    data = b"".join(export.user_export(user=alice))
+    records = [json.loads(line) for line in data.decode().splitlines()]
+    exported = [r for r in records if r["type"] == "fact"]
+    assert [r["version"] for r in exported] == [1, 2]
+    messages = {r["id"] for r in records if r["type"] == "message"}
+    assert all(set(r["sources"]) <= messages for r in exported)
+    calls = llm_on.calls
+    services.user_delete(user=alice)
+
+    report = importer.memory_import(source=importer.jsonl_source(io.BytesIO(data)), tenant_id=tenant.pk)
+    assert report.created["facts"] == 2
+    [current] = live_facts(report.user_id)
+    assert "green" in current.text and current.version == 2 and current.embedding is not None
+    assert Fact.objects.get(superseded_by=current).version == 1
+    assert {str(s) for s in current.sources.values_list("message_id", flat=True)} == set(exported[1]["sources"])
+    assert llm_on.calls == calls
+    again = importer.memory_import(source=importer.jsonl_source(io.BytesIO(data)), tenant_id=tenant.pk)
+    assert again.created["facts"] == 0 and again.existing["facts"] == 2
+
+
+def test_an_invalid_fact_record_is_a_400_naming_its_field(llm_on, tenant):
+    """A fact record with a kind outside the schema names lines[n].kind."""
+    import io
+    import json
+
+    from memory.errors import InvalidInput
+    from memory.portability import FORMAT, VERSION, importer
+
+    user_id = str(uuid.uuid4())
+    lines = [
+        {"type": "header", "format": FORMAT, "version": VERSION},
+        {"type": "user", "id": user_id, "name": "carol", "metadata": {}, "created_at": "2023-05-08T00:00:00+00:00"},
+        {"type": "fact", "id": str(uuid.uuid4()), "text": "x", "kind": "gossip", "sources": [str(uuid.uuid4())],
+         "metadata": {}, "created_at": "2023-05-08T00:00:00+00:00"},
+    ]  # fmt: skip
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    with pytest.raises(InvalidInput) as raised:
+        importer.memory_import(source=importer.jsonl_source(io.BytesIO(data)), tenant_id=tenant.pk)
+    assert raised.value.errors[0]["field"] == "lines[3].kind"

@@ -53,6 +53,7 @@ from buffers.jobs import pending_summary
 from buffers.models import Priority, Reason
 from memory import embedding_model, flush
 from memory.errors import Conflict, Forbidden, NotFound, TooLarge, Unavailable
+from memory.facts.portability import facts_import
 from memory.inference import registry
 from memory.models import KeyScope, User
 from memory.portability import records, staging
@@ -185,6 +186,9 @@ def memory_import(
             source, target_id=target_id, use_embeddings=use_embeddings, generation=generation, progress=progress
         )
     report.created["knowledge"], report.existing["knowledge"] = written, plan.knowledge - written
+    if plan.facts:  # the facts layer's records, after the messages they cite
+        written = facts_import(records=(values for _, values in _records(source, ("fact",))), user_id=target_id)
+        report.created["facts"], report.existing["facts"] = written, plan.facts - written
 
     report.pending_messages = pending_summary(user_id=target_id).messages
     if report.pending_messages and queue_flush:
