@@ -556,3 +556,18 @@ def test_an_invalid_fact_record_is_a_400_naming_its_field(llm_on, tenant):
     with pytest.raises(InvalidInput) as raised:
         importer.memory_import(source=importer.jsonl_source(io.BytesIO(data)), tenant_id=tenant.pk)
     assert raised.value.errors[0]["field"] == "lines[3].kind"
+
+
+def test_locomo_eval_layers_reports_m0_only_without_an_llm(settings):
+    """locomo_eval --layers m0,m1 with no LLM says so and searches M0 only; an unknown layer is refused."""
+    from django.core.management.base import CommandError
+
+    from benchmarks.locomo import eval_layers
+
+    said = []
+    assert eval_layers("m0,m1", write=said.append) == ["m0"]
+    assert "reporting M0 only" in said[0]
+    settings.LLM = {**settings.LLM, "BASE_URL": "http://127.0.0.1:1/v1", "MODEL": "m"}
+    assert eval_layers("m0,m1", write=said.append) == ["m0", "m1"]
+    with pytest.raises(CommandError, match="--layers"):
+        eval_layers("m2", write=said.append)
