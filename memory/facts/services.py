@@ -315,6 +315,14 @@ def _write(job: FactJob, decisions, *, generation: int | None) -> int:
         cursor.execute("SELECT FROM memory_user WHERE id = %s FOR KEY SHARE", [job.user_id])
         if cursor.rowcount != 1:
             return 0
+        # Only while this run's claim stands: a run whose lease expired (its calls outlasted
+        # it) and whose job another worker claimed since writes nothing, so no fact is doubled.
+        cursor.execute(
+            "SELECT FROM memory_factjob WHERE id = %s AND state = 'running' AND attempts = %s FOR UPDATE",
+            [job.pk, job.attempts],
+        )
+        if cursor.rowcount != 1:
+            return 0
         message_ids = {str(t.id) for fact, *_ in decisions for t in fact.sources}
         cursor.execute(
             "SELECT id, seq FROM memory_message WHERE id = ANY(%s::uuid[]) FOR KEY SHARE", [list(message_ids)]
@@ -413,7 +421,7 @@ def facts_run_job(job: FactJob) -> int:
     except Exception as exc:
         _fail(job, exc)
         return 0
-    FactJob.objects.filter(pk=job.pk, state=FactJob.State.RUNNING).update(
+    FactJob.objects.filter(pk=job.pk, state=FactJob.State.RUNNING, attempts=job.attempts).update(
         state=FactJob.State.DONE, finished_at=timezone.now(), claimed_until=None, facts_written=written, last_error=""
     )
     return written
@@ -424,7 +432,7 @@ def _fail(job: FactJob, exc: Exception) -> None:
     error = f"{type(exc).__name__}: {exc}"[:2000]
     if job.attempts >= config["MAX_ATTEMPTS"]:
         logger.warning("facts job %s is dead after %s attempts: %s", job.pk, job.attempts, error)
-        FactJob.objects.filter(pk=job.pk).update(
+        FactJob.objects.filter(pk=job.pk, state=FactJob.State.RUNNING, attempts=job.attempts).update(
             state=FactJob.State.DEAD, finished_at=timezone.now(), claimed_until=None, last_error=error
         )
         return
@@ -444,11 +452,11 @@ def _fail(job: FactJob, exc: Exception) -> None:
                     _QUEUE_SQL,
                     {"session": job.session_id, "ids": [str(i) for i in job.message_ids], "user": job.user_id},
                 )
-            FactJob.objects.filter(pk=job.pk).update(
+            FactJob.objects.filter(pk=job.pk, state=FactJob.State.RUNNING, attempts=job.attempts).update(
                 state=FactJob.State.DONE, finished_at=timezone.now(), last_error=error
             )
         else:
-            FactJob.objects.filter(pk=job.pk).update(
+            FactJob.objects.filter(pk=job.pk, state=FactJob.State.RUNNING, attempts=job.attempts).update(
                 state=FactJob.State.QUEUED,
                 next_attempt_at=timezone.now() + timedelta(seconds=delay),
                 claimed_until=None,
