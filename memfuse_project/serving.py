@@ -21,6 +21,7 @@ from django.db import connections
 
 from buffers import workers
 from memory import startup
+from memory.facts import worker as facts_worker
 from memory.operator import history
 from runtime import embedded_pg, roles
 
@@ -61,6 +62,7 @@ def start() -> None:
         startup.load_models()
         if roles.runs_flush_workers():
             workers.start_pool()
+            facts_worker.start()  # the facts layer's extraction, when LLM_BASE_URL is set
         if role == roles.WEB:
             history.start()  # the dashboard's charts of the last hour
         # The starting thread serves no request: give back the pool connections it used, or

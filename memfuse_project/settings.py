@@ -479,6 +479,39 @@ BUFFERS = {
     "BACKLOG_DEGRADED_SECONDS": envfloat("BACKLOG_DEGRADED_SECONDS", 60.0),
 }
 
+# --- Facts (M1): an LLM distils facts from the flushed messages (memory.facts, docs/facts.md) ---
+# Off while LLM_BASE_URL is empty: no fact is extracted, read or returned.
+LLM = {
+    # Any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, Ollama, llama.cpp, LiteLLM).
+    "BASE_URL": envstr("LLM_BASE_URL"),
+    "MODEL": envstr("LLM_MODEL"),
+    "API_KEY": envstr("LLM_API_KEY"),
+    "TIMEOUT_SECONDS": envfloat("LLM_TIMEOUT_SECONDS", 60.0),
+    # Retries of one call by the openai client (it honours Retry-After); past them the job
+    # backs off (FACTS_BACKOFF_SECONDS, doubling) for up to FACTS_MAX_ATTEMPTS attempts.
+    "MAX_RETRIES": envint("LLM_MAX_RETRIES", 1),
+    # Calls in flight at once per process, all tenants together.
+    "CONCURRENCY": envint("LLM_CONCURRENCY", 4),
+    # Per tenant, over the last minute, all processes together (0: no bound). Past either,
+    # that tenant's extraction waits; M0 never does.
+    "TENANT_CALLS_PER_MINUTE": envint("LLM_TENANT_CALLS_PER_MINUTE", 60),
+    "TENANT_TOKENS_PER_MINUTE": envint("LLM_TENANT_TOKENS_PER_MINUTE", 100_000),
+    # Turns of the session before the flushed ones that a window shows the LLM as context.
+    "CONTEXT_TURNS": envint("FACTS_CONTEXT_TURNS", 4),
+    # Flushed turns in one extraction call at most (a larger flush makes several jobs).
+    "WINDOW_TURNS": envint("FACTS_WINDOW_TURNS", 24),
+    # Existing facts of the user a new fact is compared with (consolidation).
+    "SIMILAR_FACTS": envint("FACTS_SIMILAR", 5),
+    # ... and only those at least this similar (cosine), or sharing words with it: a window
+    # with no similar fact costs no consolidation call.
+    "SIMILARITY_MIN": envfloat("FACTS_SIMILARITY_MIN", 0.5),
+    "MAX_ATTEMPTS": envint("FACTS_MAX_ATTEMPTS", 5),
+    "BACKOFF_SECONDS": envfloat("FACTS_BACKOFF_SECONDS", 5.0),
+    "BACKOFF_MAX_SECONDS": envfloat("FACTS_BACKOFF_MAX_SECONDS", 600.0),
+    # Extraction threads in each process that runs flush workers (0: only manage.py runfacts).
+    "WORKERS": envint("FACTS_WORKERS", 1),
+}
+
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True

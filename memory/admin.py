@@ -338,3 +338,6 @@ class KnowledgeAdmin(ServiceDeletes, admin.ModelAdmin):
     @admin.display(description="content")
     def short_content(self, item):
         return item.content[:80]
+
+# The facts layer's pages live with it (memory.facts.admin); imported to register them.
+from memory.facts import admin as facts_admin  # noqa: E402, F401

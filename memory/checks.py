@@ -178,3 +178,57 @@ def check_rate_limit(app_configs=None, **kwargs) -> list[Error]:
         if not (isinstance(rate, str) and RATE_LIMIT.fullmatch(rate)):
             errors.append(Error(f"{name} is {rate!r}; expected '<n>/<second|minute|hour|day>', e.g. '{example}'.", id="memory.E006"))
     return errors
+
+
+@register()
+def check_llm(app_configs=None, **kwargs) -> list[Error]:
+    """memory.E012/E013: the facts layer's LLM settings (``settings.LLM``, docs/facts.md)
+    hold together: E012, ``LLM_BASE_URL`` is set without ``LLM_MODEL``, or is not an http(s)
+    URL; E013, a bound that must be positive is not (``LLM_TIMEOUT_SECONDS``,
+    ``LLM_CONCURRENCY``, ``FACTS_WINDOW_TURNS``, ``FACTS_MAX_ATTEMPTS``) or one that must not be
+    negative is (``LLM_MAX_RETRIES``, the per-tenant budgets, ``FACTS_CONTEXT_TURNS``,
+    ``FACTS_WORKERS``). Nothing is checked while ``LLM_BASE_URL`` is empty (the layer is off)."""
+    config = settings.LLM
+    if not config["BASE_URL"]:
+        return []
+    errors = []
+    if not config["MODEL"]:
+        errors.append(
+            Error(
+                "LLM_BASE_URL is set but LLM_MODEL is not.",
+                hint="Set LLM_MODEL to the model the endpoint serves.",
+                id="memory.E012",
+            )
+        )
+    if not re.match(r"^https?://", config["BASE_URL"]):
+        errors.append(
+            Error(
+                f"LLM_BASE_URL {config['BASE_URL']!r} is not an http(s) URL.",
+                hint="An OpenAI-compatible base URL, such as http://127.0.0.1:11434/v1 or https://api.openai.com/v1.",
+                id="memory.E012",
+            )
+        )
+    positive = {
+        "LLM_TIMEOUT_SECONDS": config["TIMEOUT_SECONDS"],
+        "LLM_CONCURRENCY": config["CONCURRENCY"],
+        "FACTS_WINDOW_TURNS": config["WINDOW_TURNS"],
+        "FACTS_MAX_ATTEMPTS": config["MAX_ATTEMPTS"],
+    }
+    not_negative = {
+        "LLM_MAX_RETRIES": config["MAX_RETRIES"],
+        "LLM_TENANT_CALLS_PER_MINUTE": config["TENANT_CALLS_PER_MINUTE"],
+        "LLM_TENANT_TOKENS_PER_MINUTE": config["TENANT_TOKENS_PER_MINUTE"],
+        "FACTS_CONTEXT_TURNS": config["CONTEXT_TURNS"],
+        "FACTS_WORKERS": config["WORKERS"],
+    }
+    errors += [
+        Error(f"{name} must be positive (it is {value}).", id="memory.E013")
+        for name, value in positive.items()
+        if value <= 0
+    ]
+    errors += [
+        Error(f"{name} must not be negative (it is {value}).", id="memory.E013")
+        for name, value in not_negative.items()
+        if value < 0
+    ]
+    return errors

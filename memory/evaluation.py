@@ -74,6 +74,7 @@ def locomo_eval(options: dict, *, write) -> dict:
     if options["rerank"] and not settings.MEMFUSE["RERANKER_MODEL_PATH"]:
         raise CommandError("--rerank: no reranker is configured (set RERANKER_MODEL_PATH)")
     config = RetrievalConfig.from_settings(**retrieval_overrides(options))
+    layers = eval_layers(options.get("layers") or "m0", write=write)
     run = uuid.uuid4().hex[:8]
     # Its own tenant, so its users and agent never share names with a client's.
     tenant = Tenant.objects.filter(name=EVAL_TENANT).first() or tenant_create(name=EVAL_TENANT)
@@ -83,17 +84,47 @@ def locomo_eval(options: dict, *, write) -> dict:
     users = []
     try:
         ingest_seconds, n_messages, users = ingest(conversations, agent, run)
-        hits, latencies = ask(conversations, users, config)
+        if "m1" in layers:
+            extract_facts()
+        hits, latencies = ask(conversations, users, config, layers=layers)
     finally:
         if not options["keep"]:
             for user in users:
                 user_delete(user=user)
-    report = {**recall_report(hits, latencies, n_messages, ingest_seconds), "retrieval": dataclasses.asdict(config)}
+    report = {
+        **recall_report(hits, latencies, n_messages, ingest_seconds),
+        "retrieval": dataclasses.asdict(config),
+        "layers": layers,
+    }
     write(table(report))
     if options["json_out"]:
         options["json_out"].write_text(json.dumps(report, indent=2) + "\n")
         write(f"wrote {options['json_out']}")
     return report
+
+
+def eval_layers(value: str, *, write) -> list[str]:
+    """The layers of ``--layers`` (``"m0,m1"``); ``m1`` without an LLM (``LLM_BASE_URL``
+    unset) is dropped, and the run says it reports M0 only. Raises ``CommandError`` for an
+    unknown layer."""
+    from memory.inference import llm
+
+    layers = [layer.strip() for layer in value.split(",") if layer.strip()]
+    unknown = sorted(set(layers) - {"m0", "m1"})
+    if unknown or not layers:
+        raise CommandError(f"--layers: expected m0 and/or m1, not {value!r}")
+    if "m1" in layers and not llm.enabled():
+        write("--layers: no LLM is configured (LLM_BASE_URL is unset): the facts layer (m1) is off; reporting M0 only")
+        layers = [layer for layer in layers if layer != "m1"] or ["m0"]
+    return layers
+
+
+def extract_facts() -> None:
+    """Run the facts layer's extraction of the flushed conversations until no job is left
+    (in this process: ``memory.facts.worker.run_once``)."""
+    from memory.facts import worker
+
+    worker.run_once()
 
 
 def retrieval_overrides(options: dict) -> dict:
@@ -156,11 +187,21 @@ def ingest(conversations: list[dict], agent, run: str) -> tuple[float, int, list
     return time.perf_counter() - started, n_messages, users
 
 
-def ask(conversations: list[dict], users: list, config: RetrievalConfig):
-    """Every question outside category 5 with known evidence, asked of its user.
+def ask(conversations: list[dict], users: list, config: RetrievalConfig, *, layers: list[str] | None = None):
+    """Every question outside category 5 with known evidence, asked of its user, over
+    ``layers`` (default ``["m0"]``): a fact (M1) counts as the turns it was extracted from.
 
     Returns ``(hits, latencies)``: ``[(category, sample id, {k: recall})]`` and query ms.
     """
+    layers = layers or ["m0"]
+    dia_ids = {}
+    if "m1" in layers:
+        from memory.models import Message
+
+        dia_ids = {
+            str(pk): metadata.get(DIA_ID_KEY)
+            for pk, metadata in Message.objects.filter(user__in=users).values_list("pk", "metadata")
+        }
     hits: list[tuple[str, str, dict[int, float]]] = []
     latencies: list[float] = []
     questions = []
@@ -177,9 +218,14 @@ def ask(conversations: list[dict], users: list, config: RetrievalConfig):
     for user, sample_id, category, question, evidence in tqdm(questions, desc="queries", unit="q", disable=None):
         user.refresh_from_db(fields=["memory_version"])
         started = time.perf_counter()
-        results = selectors.memory_query(user=user, query=question, top_k=max(KS), config=config)
+        results = selectors.memory_query(user=user, query=question, top_k=max(KS), config=config, layers=layers)
         latencies.append((time.perf_counter() - started) * 1000)
-        ranked = [r["metadata"].get(DIA_ID_KEY) for r in results]
+        ranked = [
+            r["metadata"].get(DIA_ID_KEY)
+            if r.get("layer") != "m1"
+            else next((dia_ids.get(source) for source in r["metadata"]["source_message_ids"]), None)
+            for r in results
+        ]
         hits.append((category, sample_id, {k: len(set(ranked[:k]) & set(evidence)) / len(evidence) for k in KS}))
     return hits, latencies
 

@@ -16,6 +16,8 @@ from django.db import connection
 from django.db.models import QuerySet
 
 from memory.errors import InvalidInput, NotFound
+from memory.facts import selectors as facts_selectors
+from memory.inference import llm
 from memory.models import Agent, ApiKey, Knowledge, Message, Session, User
 from memory.retrieval import RetrievalConfig, hybrid_search, hybrid_search_stages
 from memory.tenancy import Principal
@@ -269,8 +271,16 @@ def memory_query_stages(
     config: RetrievalConfig | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    layers: list[str] | None = None,
 ) -> Iterator[tuple[str, list[dict]]]:
-    """``memory_query`` in stages: ``("partial", results)`` (BM25), then ``("final", results)``."""
+    """``memory_query`` in stages: ``("partial", results)`` (BM25), then ``("final", results)``.
+
+    With the facts layer on, ``layers`` as in ``memory_query``: the partial stage is M0's
+    (tagged ``"layer": "m0"``; none when only ``m1`` is asked for), the final one has the facts too."""
+    layers = (layers or facts_selectors.default_layers()) if llm.enabled() else None
+    if layers is not None and "m0" not in layers:
+        yield "final", facts_selectors.with_facts(user_id=user.pk, query=query, top_k=top_k, messages=[], layers=layers)
+        return
     for stage, hits in hybrid_search_stages(
         user_id=user.pk,
         memory_version=user.memory_version,
@@ -282,7 +292,13 @@ def memory_query_stages(
         until=until,
         ann_bucket=user.ann_bucket,
     ):
-        yield stage, _results(user, hits, session_id=session_id)
+        results = _results(user, hits, session_id=session_id)
+        if layers is not None:
+            messages = results if stage == "final" else []
+            results = facts_selectors.with_facts(
+                user_id=user.pk, query=query, top_k=top_k, messages=results, layers=layers if messages else ["m0"]
+            )
+        yield stage, results
 
 
 def memory_query(
@@ -295,6 +311,7 @@ def memory_query(
     config: RetrievalConfig | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    layers: list[str] | None = None,
 ) -> list[dict]:
     """The ``top_k`` messages and knowledge items of ``user`` most relevant to ``query``.
 
@@ -308,7 +325,26 @@ def memory_query(
     own rows are ever read. Messages not flushed yet are found too (read your writes).
     ``since`` / ``until`` (aware datetimes, both inclusive) keep only what was created in that
     window (a message's ``created_at`` may be set by its add), inside each retriever.
+
+    ``layers``: ``["m0"]`` (messages and knowledge), ``["m1"]`` (facts), or both; default
+    ``memory.facts.selectors.default_layers()``. While the facts layer is on, every result
+    carries ``"layer": "m0"|"m1"`` and facts are merged in (``memory.facts.selectors.with_facts``);
+    while it is off, results are exactly M0's (``layers`` is not read).
     """
+    if not llm.enabled():
+        return _m0_query(
+            user=user, query=query, top_k=top_k, session_id=session_id, agent_id=agent_id, config=config, since=since, until=until
+        )
+    layers = layers or facts_selectors.default_layers()
+    messages = (
+        _m0_query(user=user, query=query, top_k=top_k, session_id=session_id, agent_id=agent_id, config=config, since=since, until=until)
+        if "m0" in layers
+        else []
+    )
+    return facts_selectors.with_facts(user_id=user.pk, query=query, top_k=top_k, messages=messages, layers=layers)
+
+
+def _m0_query(*, user: User, query: str, top_k: int, session_id, agent_id, config, since, until) -> list[dict]:
     hits = hybrid_search(
         user_id=user.pk,
         memory_version=user.memory_version,

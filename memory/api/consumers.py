@@ -293,7 +293,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         return messages_add(session=session, messages=messages)
 
     async def memory_query_frame(self, content: dict, request_id: str | int | None) -> None:
-        data = _fields(content, "query", "top_k", "session_id", "agent_id", "retrieval", "since", "until")
+        data = _fields(content, "query", "top_k", "session_id", "agent_id", "retrieval", "since", "until", "layers")
         stages = await in_thread(self._memory_query_stages)(data)
         # One step of the generator per thread hop, so the partial frame leaves before the
         # query is embedded for the final stage.
@@ -326,6 +326,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             config=RetrievalConfig.from_settings(**(data.get("retrieval") or {})),
             since=data.get("since"),
             until=data.get("until"),
+            layers=data.get("layers"),
         )
 
     # --- server frames --------------------------------------------------------------------

@@ -13,6 +13,7 @@ from django.http import QueryDict
 from django.utils.dateparse import parse_datetime
 from rest_framework import serializers
 
+from memory.inference import llm
 from memory.models import Agent, ApiKey, Knowledge, Message, Role, Session, User
 from memory.services.messages import MessageIn
 
@@ -321,7 +322,17 @@ class QueryIn(serializers.Serializer):
         required=False, allow_null=True, help_text="Only what was created at or before this instant (inclusive)."
     )
 
+    # Which layers to search: "m0" (messages, knowledge), "m1" (facts); default both while
+    # the facts layer is on (memory.facts.selectors.default_layers).
+    layers = serializers.ListField(
+        child=serializers.ChoiceField(choices=["m0", "m1"]), required=False, allow_empty=False, max_length=2
+    )
+
     def validate(self, attrs):
+        if "m1" in attrs.get("layers", ()) and not llm.enabled():
+            raise serializers.ValidationError({"layers": ["The m1 layer (facts) is off: LLM_BASE_URL is not set."]})
+        if "layers" in attrs:
+            attrs["layers"] = list(dict.fromkeys(attrs["layers"]))
         since, until = attrs.get("since"), attrs.get("until")
         if since is not None and until is not None and since > until:
             raise serializers.ValidationError({"until": ["Must not be before since."]})

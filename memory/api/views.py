@@ -158,6 +158,7 @@ class UserQueryView(APIView):
             config=RetrievalConfig.from_settings(**(data.get("retrieval") or {})),
             since=data.get("since"),
             until=data.get("until"),
+            layers=data.get("layers"),
         )
         return envelope({"results": results, "total": len(results)})
 

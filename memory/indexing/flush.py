@@ -29,6 +29,7 @@ from django.db import connection, transaction
 from pgvector import Vector
 
 from buffers import events
+from memory.facts.services import facts_queue
 from memory.indexing import active_model, ann, snapshots
 from memory.indexing.context import context_refresh, lock_context_writes
 from memory.inference import registry
@@ -314,6 +315,8 @@ def _flush_batches(
             by_session.setdefault(message_session, []).append(str(message_id))
         for message_session, message_ids in by_session.items():
             events.flush_completed(session_id=message_session, message_ids=message_ids)
+        # The facts layer (M1) extracts from what was just written, in its own workers.
+        facts_queue(user_id=user_id, by_session=by_session)
         if len(claimed) == batch_size:
             # More may be pending: the move to the HNSW index and the snapshot follow the
             # backlog as it is flushed, not only once it is all written (queries meanwhile

@@ -52,6 +52,7 @@ from pgvector import Vector
 
 from memory import inference
 from memory.embedding_model import forget_active_model
+from memory.facts.services import facts_reembed
 from memory.indexing.active_model import SWITCH_LOCK_KEY
 from memory.indexing.context import context_refresh_all
 from memory.indexing.reembed_columns import HNSW_INDEX, reembed_drop_old, swap_columns
@@ -174,6 +175,8 @@ def reembed_run(
     stats.embedded["catch-up"] = _catch_up(run, embedder=embedder, batch_size=batch_size, progress=progress)
     _switch(run, embedder=embedder, batch_size=batch_size, progress=progress)
     stats.switched = True
+    # The facts layer's vectors follow, with this run's model and no LLM call.
+    stats.embedded["facts"] = facts_reembed(embed=embedder.embed, generation=run.id, batch_size=batch_size)
     if drop_old:
         reembed_drop_old()
     _set_phase(run, "done", 1, 1)

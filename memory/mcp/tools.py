@@ -290,6 +290,10 @@ async def memory_query(
     since: SinceArg = None,
     until: UntilArg = None,
     retrieval: RetrievalArg = None,
+    layers: Annotated[
+        list[str] | None,
+        Field(description='Memory layers to search: "m0" (messages, knowledge), "m1" (facts, when the LLM layer is on).'),
+    ] = None,
 ) -> CallToolResult:
     """Find the user's messages and knowledge most relevant to a query (hybrid BM25 + vector
     retrieval, fused by RRF), optionally within a time window (since/until, inclusive, on each
@@ -310,6 +314,7 @@ async def memory_query(
                 since=since,
                 until=until,
                 retrieval=retrieval,
+                layers=layers,
             ),
         )
         if user is None and not principal.is_user_key and data.get("session_id") is not None:
@@ -325,6 +330,7 @@ async def memory_query(
             config=RetrievalConfig.from_settings(**(data.get("retrieval") or {})),
             since=data.get("since"),
             until=data.get("until"),
+            layers=data.get("layers"),
         )
         return {"results": results, "total": len(results)}
 

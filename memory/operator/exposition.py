@@ -23,6 +23,7 @@ from prometheus_client import multiprocess as prometheus_multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from memory.facts.metrics import FactsCollector
 from memory.operator.metrics import EVENTS, multiprocess
 from memory.operator.stats import operator_stats
 
@@ -154,6 +155,7 @@ def scrape() -> bytes:
     else:
         registry.register(_Events())
     registry.register(OperatorCollector())
+    registry.register(FactsCollector())  # the facts layer's, per tenant (nothing while it is off)
     return generate_latest(registry)
 
 

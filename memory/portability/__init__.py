@@ -11,7 +11,11 @@ The format (``FORMAT``, version ``VERSION``), one JSON object a line, each with 
 4. ``{"type": "session", "id", "name", "agent_id", "metadata", "created_at"}``;
 5. ``{"type": "message", "id", "session_id", "position", "role", "content", "metadata",
    "created_at"[, "embedding": [float, ...]]}``, by session, then position;
-6. ``{"type": "knowledge", "id", "content", "metadata", "created_at"[, "embedding"]}``.
+6. ``{"type": "knowledge", "id", "content", "metadata", "created_at"[, "embedding"]}``;
+7. ``{"type": "fact", "id", "text", "kind", "entities", "valid_from", "time_expression",
+   "confidence", "model", "version", "superseded_by", "deleted_at", "metadata", "created_at",
+   "sources": [message id, ...]}``: the facts layer's (``memory.facts.portability``), only
+   when the user has facts; never an embedding (an import embeds them again).
 
 Ids are UUIDs, times ISO 8601 with a zone. A record refers only to records above it.
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from django.db import connection
 from django.utils import timezone
 
+from memory.facts.portability import fact_records
 from memory.inference import registry
 from memory.models import User
 from memory.portability import FORMAT, VERSION
@@ -115,7 +116,7 @@ def user_export(*, user: User, embeddings: bool = False, page_rows: int = PAGE_R
             )
             rows = cursor.fetchall()
         if not rows:
-            return
+            break
         lines = []
         for knowledge_id, content, metadata, created_at, embedding in rows:
             record = {
@@ -128,6 +129,10 @@ def user_export(*, user: User, embeddings: bool = False, page_rows: int = PAGE_R
             lines.append(_line(record, embedding) if embedding else _line(record))
         yield "".join(lines).encode()
         after = rows[-1][0]
+    # The facts layer's (memory.facts.portability), when the user has any.
+    facts = [_line(record) for record in fact_records(user_id=user.pk)]
+    if facts:
+        yield "".join(facts).encode()
 
 
 def _json(value):

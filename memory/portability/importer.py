@@ -51,10 +51,11 @@ from buffers.models import Priority, Reason
 from buffers.pending import pending_summary
 from memory import embedding_model
 from memory.errors import Conflict, Forbidden, NotFound, TooLarge, Unavailable
+from memory.facts.portability import facts_import
 from memory.indexing import flush
 from memory.inference import registry
 from memory.models import KeyScope, User
-from memory.portability import staging
+from memory.portability import records, staging
 from memory.portability.import_rows import write_knowledge, write_messages
 from memory.portability.records import Source, invalid
 from memory.portability.staging import TABLE
@@ -173,6 +174,9 @@ def memory_import(
             source, target_id=target_id, use_embeddings=use_embeddings, generation=generation, progress=progress
         )
     report.created["knowledge"], report.existing["knowledge"] = written, plan.knowledge - written
+    if plan.facts:  # the facts layer's records, after the messages they cite
+        written = facts_import(records=(values for _, values in records.checked_records(source, ("fact",))), user_id=target_id)
+        report.created["facts"], report.existing["facts"] = written, plan.facts - written
 
     report.pending_messages = pending_summary(user_id=target_id).messages
     if report.pending_messages and queue_flush:

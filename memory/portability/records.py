@@ -18,10 +18,11 @@ from django.conf import settings
 from memory.api.limits import JSONTooDeep, check_depth, too_deep_message
 from memory.api.serializers import UNSTORABLE, storable
 from memory.errors import InvalidInput
+from memory.facts.portability import check_fact
 from memory.models import Role
 from memory.portability import FORMAT, VERSION
 
-RECORD_TYPES = ("header", "user", "agent", "session", "message", "knowledge")
+RECORD_TYPES = ("header", "user", "agent", "session", "message", "knowledge", "fact")
 ROLES = frozenset(Role.values)  # once: Role.values builds its list on every read
 
 
@@ -189,6 +190,8 @@ def check_record(line: int, record, *, dimension: int | None) -> tuple[str, dict
         values["role"] = role
         values["content"] = check.text("content", max_length=settings.MEMFUSE["MAX_MESSAGE_CHARS"])
         values["embedding"] = check.vector("embedding", dimension)
+    elif kind == "fact":  # the facts layer's (memory.facts.portability)
+        check_fact(check, values)
     else:
         values["content"] = check.text("content", max_length=settings.MEMFUSE["MAX_MESSAGE_CHARS"], blank=False)
         values["embedding"] = check.vector("embedding", dimension)

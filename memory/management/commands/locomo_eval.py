@@ -31,6 +31,11 @@ class Command(BaseCommand):
             help="rerank with the RERANKER_MODEL_PATH cross-encoder (default: RERANK when a model is set)",
         )
         parser.add_argument("--rerank-top-n", type=int, help="override RERANK_TOP_N for this run")
+        parser.add_argument(
+            "--layers",
+            default="m0",
+            help="memory layers to search, comma-separated: m0 (messages), m1 (facts; needs LLM_BASE_URL). Default m0",
+        )
 
     def handle(self, *args, **options):
         roles.declare(roles.TOOL)  # a process running retrieval: loads its models
