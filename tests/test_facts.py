@@ -18,8 +18,7 @@ from memory.facts import services as facts
 from memory.facts import times, worker
 from memory.facts.models import Fact, FactJob, FactSource, LlmCall
 from memory.indexing.flush import flush_pending
-from memory.services import MessageIn
-from memory.services.messages import messages_add, messages_delete, messages_update
+from memory.services.messages import MessageIn, messages_add, messages_delete, messages_update
 from memory.services.sessions import session_delete
 from memory.services.users import user_delete
 from tests.envelopes import assert_error, assert_success

@@ -8,8 +8,8 @@ import types
 import pytest
 from channels.db import database_sync_to_async
 
-from buffers import services as buffers
 from memory.facts import worker
+from memory.indexing.flush import flush_pending
 from memory.mcp import tools
 from memory.tenancy import Principal
 from tests.test_facts import llm_on, llm_server, say  # noqa: F401  (fixtures)
@@ -22,7 +22,7 @@ CAT = "I adopted a grey cat called Miso yesterday afternoon."
 
 def _extracted(alice, alice_session) -> str:
     [row] = say(alice_session, CAT)
-    buffers.flush_pending(user_id=alice.pk)
+    flush_pending(user_id=alice.pk)
     assert worker.run_once() == 1
     return str(row.pk)
 

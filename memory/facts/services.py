@@ -481,12 +481,11 @@ def facts_reembed(*, embed=None, generation: int | None = None, batch_size: int 
     only until it is embedded again). A fact's text never changes, so a batch is written
     without a claim; the write takes the switch's shared lock (``guard_write``) and stops
     when another switch happened meanwhile."""
-    from memory.embedding_model import ModelChanged, active_model, follow_active_model
 
     if embed is None:
-        generation = follow_active_model(force=True)
+        generation = embedding_model.follow_active_model(force=True)
         embed = lambda texts: registry.embed(texts, priority=BACKGROUND)  # noqa: E731
-    model = active_model(max_age=0.0)
+    model = embedding_model.active_model(max_age=0.0)
     if generation is None:
         generation = model.id
     with connection.cursor() as cursor:
@@ -523,7 +522,7 @@ def facts_reembed(*, embed=None, generation: int | None = None, batch_size: int 
                         "vectors": VectorArray(Vector(vector) for vector in vectors),
                     },
                 )
-        except ModelChanged:
+        except active_model.ModelChanged:
             return done
         done += len(rows)
 
