@@ -561,8 +561,9 @@ def test_an_invalid_fact_record_is_a_400_naming_its_field(llm_on, tenant):
 
 def test_locomo_eval_layers_reports_m0_only_without_an_llm(settings):
     """locomo_eval --layers m0,m1 with no LLM says so and searches M0 only; an unknown layer is refused."""
-    from benchmarks.locomo import eval_layers
     from django.core.management.base import CommandError
+
+    from memory.evaluation import eval_layers
 
     said = []
     assert eval_layers("m0,m1", write=said.append) == ["m0"]
