@@ -40,7 +40,7 @@ from django.conf import settings
 from buffers import backlog
 from buffers import services as buffer_services
 from memory.api.auth import known_refusal, may_have_body
-from memory.api.errors import answer_body, error_body, send_json
+from memory.api.errors import answer_body, send_json
 from memory.api.limits import IMPORT_PATH, content_length
 from memory.errors import RateLimited, Unavailable, error_for, pool_exhausted_message
 from memory.inference import registry
@@ -181,9 +181,19 @@ async def _import_refused(receive, full: backlog.BacklogFull):
     return None, _replaying(messages, receive)
 
 
-async def _pool_is_short() -> bool:
-    """``runtime.pool.is_short``, off the event loop (the pool's lock)."""
-    return await sync_to_async(pool.is_short, thread_sensitive=False)()
+async def _no_place_refusal() -> Unavailable | RateLimited:
+    """The answer to a request whose tenant has no place left in this process: the pool's 503
+    when the process itself lacks connections (``runtime.pool.is_short``, checked off the event
+    loop: a database restarting, a pool every tenant exhausts; the tenant is then not over its
+    share, and its requests in progress get that 503 if they time out), else the tenant's 429."""
+    if await sync_to_async(pool.is_short, thread_sensitive=False)():
+        return Unavailable(pool_exhausted_message(RETRY_AFTER_SECONDS), retry_after=RETRY_AFTER_SECONDS)
+    bound = settings.MEMFUSE["API_TENANT_CONCURRENCY"]
+    message = (
+        f"{bound} requests of this tenant are in progress in this process (API_TENANT_CONCURRENCY): "
+        f"retry in {RETRY_AFTER_SECONDS} s"
+    )
+    return RateLimited(message, retry_after=RETRY_AFTER_SECONDS)
 
 
 class TenantAdmission:
@@ -219,25 +229,12 @@ class TenantAdmission:
             and buffer_services.waits_full(tenant_id=principal.tenant_id) is not None
         ):
             refused, receive = await _flush_wait_refused(scope, receive, principal.tenant_id)
+        place = take_place(principal.tenant_id) if refused is None else None
+        if refused is None and place is None:
+            refused = await _no_place_refusal()
         if refused is not None:
             answer = error_for(refused)
             return await send_json(send, answer.status, answer_body(answer), answer.headers, close=may_have_body(scope))
-        place = take_place(principal.tenant_id)
-        if place is None and await _pool_is_short():
-            # The tenant's requests in progress wait for connections the whole process lacks (a
-            # database restarting, a pool every tenant exhausts): the service is short, not the
-            # tenant over its share, and the answer is the 503 those requests get if they time out.
-            message = pool_exhausted_message(RETRY_AFTER_SECONDS)
-            headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
-            return await send_json(send, 503, error_body(503, message), headers, close=may_have_body(scope))
-        if place is None:
-            bound = settings.MEMFUSE["API_TENANT_CONCURRENCY"]
-            message = (
-                f"{bound} requests of this tenant are in progress in this process (API_TENANT_CONCURRENCY): "
-                f"retry in {RETRY_AFTER_SECONDS} s"
-            )
-            headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
-            return await send_json(send, 429, error_body(429, message), headers, close=may_have_body(scope))
 
         async def send_releasing(message):
             await send(message)
