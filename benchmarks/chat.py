@@ -168,10 +168,11 @@ class ChatBench:
         self.run_id = run_id
         self.rng = random.Random(options["seed"])
         self._asked = itertools.count(1)
+        many_users, cold_users = self.dataset_users(options)
         try:
             self.dataset = ChatDataset(
-                tag=options["tag"], sizes=options["size_list"], cold_users=options["cold_users"],
-                cold_size=options["cold_size"], many_users=options["many_users"], user_size=options["user_size"],
+                tag=options["tag"], sizes=options["size_list"], cold_users=cold_users,
+                cold_size=options["cold_size"], many_users=many_users, user_size=options["user_size"],
                 distinct_size=options["distinct_size"], path=options["data"],
             )
             self.texts = locomo_turn_texts(options["data"])
@@ -182,6 +183,20 @@ class ChatBench:
         self.operator_key = None
         self.backlog_users: set = set()
         self._log = print
+
+    @staticmethod
+    def dataset_users(options: dict) -> tuple[int, int]:
+        """``(many users, cold users)`` the phases to run need built: the many users serve the
+        many-users and cold phases, and the backlog phase only its ``--backlog-users`` of them;
+        the long histories only the cold phase."""
+        skip = options["skip_set"]
+        if {"many", "cold"} - skip:
+            many = options["many_users"]
+        elif "backlog" not in skip:
+            many = min(options["backlog_users"], options["many_users"])
+        else:
+            many = 0
+        return many, 0 if "cold" in skip else options["cold_users"]
 
     def config(self) -> dict:
         keys = ("sizes", "rounds", "backlog_users", "backlog_messages", "many_users", "user_size", "zipf", "rate",

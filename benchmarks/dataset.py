@@ -246,6 +246,8 @@ def embed_texts(texts: list[str]) -> np.ndarray:
     # The model itself, in this thread: the registry's batcher thread runs at a lowered
     # priority (it yields to requests), which a build that waits for it does not want.
     embedder = registry.local_document_embedder()
+    if not texts:
+        return embedder.embed([])
     if not registry.documents_int8():
         import torch
 

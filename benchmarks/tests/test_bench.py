@@ -12,6 +12,7 @@ import random
 import numpy as np
 import pytest
 
+from benchmarks.chat import ChatBench
 from benchmarks.dataset import SLICE_STRIDE, answerable_questions, load_conversations, user_slice
 from benchmarks.server import BENCH_RATE_LIMIT, bench_rate_limit
 from benchmarks.stats import cosine_similarities, latency_summary, recall_at_k, scheduled_offsets
@@ -132,3 +133,21 @@ def test_locomo_conversations_keep_turns_and_answerable_questions(tmp_path):
     assert conversation.turns[1].index_text == "Ben: Cute! [image: a kitten]"
     assert answerable_questions(conversation, conversation.turns[:2]) == ["Cat's name?"]
     assert answerable_questions(conversation, conversation.turns) == ["Cat's name?", "Colour?"]
+
+
+@pytest.mark.parametrize(
+    ("skip", "built"),
+    [
+        (set(), (100, 4)),
+        ({"many"}, (100, 4)),  # the cold phase queries the many users too
+        ({"many", "cold"}, (7, 0)),  # the backlog phase takes only its users
+        ({"many", "cold", "backlog"}, (0, 0)),
+        ({"history", "backlog", "many", "cold", "fresh"}, (0, 0)),
+    ],
+)
+def test_chat_dataset_builds_only_the_users_the_phases_run(skip, built):
+    """The chat benchmark's dataset holds the many users only for the phases that run: all of
+    them for the many-users and cold phases, the backlog's users for the backlog phase alone,
+    none otherwise; the long histories only for the cold phase."""
+    options = {"skip_set": skip, "many_users": 100, "backlog_users": 7, "cold_users": 4}
+    assert ChatBench.dataset_users(options) == built
