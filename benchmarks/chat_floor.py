@@ -67,7 +67,7 @@ def postgres_floor_ms(users: list, rounds: list[tuple[str, str]], *, turns_per_u
     from memory.api.serializers import MessagesAdd, validated
     from memory.indexing.flush import flush_pending
     from memory.models import Session, User
-    from memory.retrieval import RetrievalConfig
+    from memory.retrieval import MemoryQuery, RetrievalConfig
     from memory.services.messages import messages_add
 
     with connection.cursor() as cursor:
@@ -80,7 +80,8 @@ def postgres_floor_ms(users: list, rounds: list[tuple[str, str]], *, turns_per_u
     config = RetrievalConfig.from_settings()
     sessions = {user.user_id: Session.objects.select_related("user").get(pk=user.session_id) for user in users}
     for user in users:  # each user's index loaded, not measured
-        selectors.memory_query(user=sessions[user.user_id].user, query=rounds[0][0], top_k=top_k, config=config)
+        first = MemoryQuery(user=sessions[user.user_id].user, query=rounds[0][0], top_k=top_k, config=config)
+        selectors.memory_query(first)
     texts = iter(rounds[1:])
     turns = 0
     before = _process_cpu(backend)
@@ -90,7 +91,7 @@ def postgres_floor_ms(users: list, rounds: list[tuple[str, str]], *, turns_per_u
                 user_text, assistant_text = next(texts)
                 # The user row as the server reads it before every query (its memory version).
                 row = User.objects.only("id", "tenant_id", "memory_version", "ann_bucket").get(pk=user.user_id)
-                selectors.memory_query(user=row, query=user_text, top_k=top_k, config=config)
+                selectors.memory_query(MemoryQuery(user=row, query=user_text, top_k=top_k, config=config))
                 body = {
                     "messages": [
                         {"role": "user", "content": user_text},

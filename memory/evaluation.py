@@ -35,7 +35,7 @@ from memory.indexing.flush import flush_pending
 from memory.models import Agent, Tenant, User
 from memory.portability import importer
 from memory.portability.locomo import DIA_ID_KEY, conversation_sessions, locomo_records
-from memory.retrieval import RetrievalConfig
+from memory.retrieval import MemoryQuery, RetrievalConfig
 from memory.services.agents import agent_create
 from memory.services.tenants import tenant_create
 from memory.services.users import user_delete
@@ -193,7 +193,7 @@ def ask(conversations: list[dict], users: list, config: RetrievalConfig, *, laye
 
     Returns ``(hits, latencies)``: ``[(category, sample id, {k: recall})]`` and query ms.
     """
-    layers = layers or ["m0"]
+    layers = tuple(layers or ["m0"])
     dia_ids = {}
     if "m1" in layers:
         from memory.models import Message
@@ -218,7 +218,9 @@ def ask(conversations: list[dict], users: list, config: RetrievalConfig, *, laye
     for user, sample_id, category, question, evidence in tqdm(questions, desc="queries", unit="q", disable=None):
         user.refresh_from_db(fields=["memory_version"])
         started = time.perf_counter()
-        results = selectors.memory_query(user=user, query=question, top_k=max(KS), config=config, layers=layers)
+        results = selectors.memory_query(
+            MemoryQuery(user=user, query=question, top_k=max(KS), config=config, layers=layers)
+        )
         latencies.append((time.perf_counter() - started) * 1000)
         ranked = [
             r["metadata"].get(DIA_ID_KEY)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
 
 from django.db import connection
 from django.db.models import QuerySet
@@ -19,7 +18,7 @@ from memory.errors import InvalidInput, NotFound
 from memory.facts import selectors as facts_selectors
 from memory.inference import llm
 from memory.models import Agent, ApiKey, Knowledge, Message, Session, User
-from memory.retrieval import RetrievalConfig, hybrid_search, hybrid_search_stages
+from memory.retrieval import MemoryQuery, hybrid_search, hybrid_search_stages
 from memory.tenancy import Principal
 
 
@@ -261,102 +260,54 @@ def knowledge_list(*, user: User) -> QuerySet[Knowledge]:
     return Knowledge.objects.filter(user=user).defer("embedding")
 
 
-def memory_query_stages(
-    *,
-    user: User,
-    query: str,
-    top_k: int = 5,
-    session_id: uuid.UUID | None = None,
-    agent_id: uuid.UUID | None = None,
-    config: RetrievalConfig | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    layers: list[str] | None = None,
-) -> Iterator[tuple[str, list[dict]]]:
-    """``memory_query`` in stages: ``("partial", results)`` (BM25), then ``("final", results)``.
+def memory_query_stages(q: MemoryQuery) -> Iterator[tuple[str, list[dict]]]:
+    """``memory_query(q)`` in stages: ``("partial", results)`` (BM25), then ``("final", results)``.
 
-    With the facts layer on, ``layers`` as in ``memory_query``: the partial stage is M0's
+    With the facts layer on, ``q.layers`` as in ``memory_query``: the partial stage is M0's
     (tagged ``"layer": "m0"``; none when only ``m1`` is asked for), the final one has the facts too."""
-    layers = (layers or facts_selectors.default_layers()) if llm.enabled() else None
+    layers = (q.layers or facts_selectors.default_layers()) if llm.enabled() else None
     if layers is not None and "m0" not in layers:
-        yield "final", facts_selectors.with_facts(user_id=user.pk, query=query, top_k=top_k, messages=[], layers=layers)
+        yield "final", facts_selectors.with_facts(user_id=q.user.pk, query=q.query, top_k=q.top_k, messages=[], layers=layers)
         return
-    for stage, hits in hybrid_search_stages(
-        user_id=user.pk,
-        memory_version=user.memory_version,
-        query=query,
-        top_k=top_k,
-        agent_id=agent_id,
-        config=config,
-        since=since,
-        until=until,
-        ann_bucket=user.ann_bucket,
-    ):
-        results = _results(user, hits, session_id=session_id)
+    for stage, hits in hybrid_search_stages(q):
+        results = _results(q.user, hits, session_id=q.session_id)
         if layers is not None:
             messages = results if stage == "final" else []
             results = facts_selectors.with_facts(
-                user_id=user.pk, query=query, top_k=top_k, messages=results, layers=layers if messages else ["m0"]
+                user_id=q.user.pk, query=q.query, top_k=q.top_k, messages=results, layers=layers if messages else ["m0"]
             )
         yield stage, results
 
 
-def memory_query(
-    *,
-    user: User,
-    query: str,
-    top_k: int = 5,
-    session_id: uuid.UUID | None = None,
-    agent_id: uuid.UUID | None = None,
-    config: RetrievalConfig | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    layers: list[str] | None = None,
-) -> list[dict]:
-    """The ``top_k`` messages and knowledge items of ``user`` most relevant to ``query``.
+def memory_query(q: MemoryQuery) -> list[dict]:
+    """The ``q.top_k`` messages and knowledge items of ``q.user`` most relevant to ``q.query``
+    (``MemoryQuery`` gives the fields' shapes and defaults).
 
     Each result is ``{"id", "type": "message"|"knowledge", "content", "role", "score",
     "created_at", "metadata": {"session_id", "session_name", "scope", "retrievers", ...}}``,
     best first; ``score`` is the fused score (RRF, or convex with ``config.fusion``). When
     the cross-encoder reranks (``config.rerank``), the order follows its scores, reported in
     ``metadata.retrievers.reranker``, and ``score`` stays the fused one. ``scope`` is ``"in_session"`` or
-    ``"cross_session"`` relative to ``session_id`` (``None`` when no session is given, and
-    for knowledge). ``agent_id`` restricts messages to that agent's sessions. Only ``user``'s
+    ``"cross_session"`` relative to ``q.session_id`` (``None`` when no session is given, and
+    for knowledge). ``q.agent_id`` restricts messages to that agent's sessions. Only ``q.user``'s
     own rows are ever read. Messages not flushed yet are found too (read your writes).
-    ``since`` / ``until`` (aware datetimes, both inclusive) keep only what was created in that
+    ``q.since`` / ``q.until`` (aware datetimes, both inclusive) keep only what was created in that
     window (a message's ``created_at`` may be set by its add), inside each retriever.
 
-    ``layers``: ``["m0"]`` (messages and knowledge), ``["m1"]`` (facts), or both; default
+    ``q.layers``: ``("m0",)`` (messages and knowledge), ``("m1",)`` (facts), or both; default
     ``memory.facts.selectors.default_layers()``. While the facts layer is on, every result
     carries ``"layer": "m0"|"m1"`` and facts are merged in (``memory.facts.selectors.with_facts``);
-    while it is off, results are exactly M0's (``layers`` is not read).
+    while it is off, results are exactly M0's (``q.layers`` is not read).
     """
     if not llm.enabled():
-        return _m0_query(
-            user=user, query=query, top_k=top_k, session_id=session_id, agent_id=agent_id, config=config, since=since, until=until
-        )
-    layers = layers or facts_selectors.default_layers()
-    messages = (
-        _m0_query(user=user, query=query, top_k=top_k, session_id=session_id, agent_id=agent_id, config=config, since=since, until=until)
-        if "m0" in layers
-        else []
-    )
-    return facts_selectors.with_facts(user_id=user.pk, query=query, top_k=top_k, messages=messages, layers=layers)
+        return _m0_query(q)
+    layers = q.layers or facts_selectors.default_layers()
+    messages = _m0_query(q) if "m0" in layers else []
+    return facts_selectors.with_facts(user_id=q.user.pk, query=q.query, top_k=q.top_k, messages=messages, layers=layers)
 
 
-def _m0_query(*, user: User, query: str, top_k: int, session_id, agent_id, config, since, until) -> list[dict]:
-    hits = hybrid_search(
-        user_id=user.pk,
-        memory_version=user.memory_version,
-        query=query,
-        top_k=top_k,
-        agent_id=agent_id,
-        config=config,
-        since=since,
-        until=until,
-        ann_bucket=user.ann_bucket,
-    )
-    return _results(user, hits, session_id=session_id)
+def _m0_query(q: MemoryQuery) -> list[dict]:
+    return _results(q.user, hybrid_search(q), session_id=q.session_id)
 
 
 def _results(user: User, hits: list, *, session_id: uuid.UUID | None) -> list[dict]:

@@ -15,6 +15,7 @@ from buffers.models import FlushJob, Priority, Reason, State
 from memory import retrieval, selectors
 from memory.indexing.flush import flush_pending
 from memory.models import Knowledge, Message, Tenant, Tombstone, User
+from memory.retrieval import MemoryQuery
 from memory.services.knowledge import knowledge_add
 from tests.locks import a_backend_waits_for_a_lock
 
@@ -83,7 +84,7 @@ def _hits(user, query: str) -> list[str]:
     """The ids of the user's messages a BM25-only query finds, best first."""
     user.refresh_from_db()
     config = retrieval.RetrievalConfig.from_settings(vector_weight=0.0)
-    found = selectors.memory_query(user=user, query=query, top_k=10, config=config)
+    found = selectors.memory_query(MemoryQuery(user=user, query=query, top_k=10, config=config))
     return [hit["id"] for hit in found if hit["type"] == "message"]
 
 

@@ -26,7 +26,7 @@ from memory.indexing import flush
 from memory.indexing.flush import flush_pending
 from memory.inference import registry
 from memory.models import Message, User
-from memory.retrieval import store
+from memory.retrieval import MemoryQuery, store
 from memory.services.messages import MessageIn, messages_add, messages_update
 from memory.services.sessions import session_create
 from memory.services.users import user_create
@@ -539,10 +539,10 @@ def test_query_right_after_add_finds_the_message_with_its_flushed_score(alice_se
     alice = alice_session.user
     alice.refresh_from_db()
 
-    before = selectors.memory_query(user=alice, query="What boat did I buy?", top_k=3)
+    before = selectors.memory_query(MemoryQuery(user=alice, query="What boat did I buy?", top_k=3))
     flush_pending(user_id=alice.pk)
     alice.refresh_from_db()
-    after = selectors.memory_query(user=alice, query="What boat did I buy?", top_k=3)
+    after = selectors.memory_query(MemoryQuery(user=alice, query="What boat did I buy?", top_k=3))
 
     assert before[0]["id"] == after[0]["id"] == str(kayak.pk)
     assert before[0]["metadata"]["flushed"] is False and after[0]["metadata"]["flushed"] is True

@@ -232,7 +232,7 @@ def _dotted_name_exists(dotted: str) -> bool:
 def test_dotted_name_check_can_fail():
     """A module, a module's function and an unknown name are told apart."""
     assert _dotted_name_exists("memory.checks")
-    assert _dotted_name_exists("memfuse_project.settings.envbool")
+    assert _dotted_name_exists("memfuse_project.env.envbool")
     assert not _dotted_name_exists("memory.no_such_module_here")
 
 

@@ -29,6 +29,7 @@ from memory.indexing.reembed_columns import HNSW_INDEX, reembed_abort
 from memory.inference import default_model_path, registry
 from memory.models import ANN_BUCKETS, EmbeddingModel, Message
 from memory.operator.stats import operator_stats
+from memory.retrieval import MemoryQuery
 from memory.services.knowledge import knowledge_add
 from memory.services.messages import MessageIn, messages_add, messages_update
 from memory.services.sessions import session_create
@@ -146,7 +147,7 @@ def _dimensions(table: str, column: str) -> set[int | None]:
 
 
 def _vector_hits(user, query: str) -> list[dict]:
-    results = selectors.memory_query(user=user, query=query, top_k=5)
+    results = selectors.memory_query(MemoryQuery(user=user, query=query, top_k=5))
     assert results, "the query found nothing"
     return [r for r in results if "vector" in r["metadata"]["retrievers"]]
 
@@ -217,7 +218,7 @@ def test_reembed_answers_queries_throughout_and_switches_with_nothing_lost(
     assert _dimensions("memory_message", "embedding") == {TINY_DIM}
     knowledge_add(user=bob, contents=["Bob knits."])
     assert _dimensions("memory_knowledge", "embedding") == {TINY_DIM}
-    assert selectors.memory_query(user=bob, query="kayaks", top_k=3)[0]["content"] == "a pending note about kayaks"
+    assert selectors.memory_query(MemoryQuery(user=bob, query="kayaks", top_k=3))[0]["content"] == "a pending note about kayaks"
 
 
 @pytest.mark.django_db(transaction=True)

@@ -15,7 +15,7 @@ from memory import retrieval, selectors
 from memory.indexing import context
 from memory.indexing.flush import flush_pending
 from memory.inference import registry
-from memory.retrieval import DocKey, rrf_fuse, tsvector_tokens, vector
+from memory.retrieval import DocKey, MemoryQuery, rrf_fuse, tsvector_tokens, vector
 from memory.services.messages import MessageIn, messages_add
 from memory.services.sessions import session_create
 from memory.services.users import user_create
@@ -88,8 +88,8 @@ def test_bm25_finds_a_turn_through_its_neighbours_words(alice_session, settings,
     alice.refresh_from_db()
 
     hits = retrieval.hybrid_search(
-        user_id=alice.pk, memory_version=alice.memory_version, query="Patagonia hiking trail", top_k=3,
-        config=retrieval.RetrievalConfig.from_settings(vector_weight=0.0),
+        MemoryQuery(user=alice, query="Patagonia hiking trail", top_k=3,
+                    config=retrieval.RetrievalConfig.from_settings(vector_weight=0.0))
     )
 
     assert (DocKey("message", answer.pk) in [key for key, _, _ in hits]) is found
@@ -101,7 +101,7 @@ def test_query_stages_stream_bm25_then_the_fused_ranking(alice_session):
     alice = alice_session.user
     alice.refresh_from_db()
 
-    stages = list(selectors.memory_query_stages(user=alice, query="glacier trail", top_k=2))
+    stages = list(selectors.memory_query_stages(MemoryQuery(user=alice, query="glacier trail", top_k=2)))
 
     assert [stage for stage, _ in stages] == ["partial", "final"]
     assert all(set(r["metadata"]["retrievers"]) == {"bm25"} for r in stages[0][1])
@@ -146,20 +146,20 @@ def test_evicting_a_user_with_pending_messages_loses_nothing(alice_session, bob_
     alice, bob = alice_session.user, bob_session.user
     alice.refresh_from_db()
     bob.refresh_from_db()
-    selectors.memory_query(user=bob, query="dog", top_k=1)
-    selectors.memory_query(user=alice, query="What boat did I buy?", top_k=1)
+    selectors.memory_query(MemoryQuery(user=bob, query="dog", top_k=1))
+    selectors.memory_query(MemoryQuery(user=alice, query="What boat did I buy?", top_k=1))
     bob_bytes, alice_bytes = retrieval.user_index(bob.pk).nbytes, retrieval.user_index(alice.pk).nbytes
     # Room for bob, not for both: alice is cached first, then bob's entry evicts her.
     retrieval.reset_user_cache(max_bytes=bob_bytes + alice_bytes // 2)
-    assert selectors.memory_query(user=alice, query="What boat did I buy?", top_k=1)[0]["id"] == str(kayak.pk)
+    assert selectors.memory_query(MemoryQuery(user=alice, query="What boat did I buy?", top_k=1))[0]["id"] == str(kayak.pk)
     alice_service = retrieval.user_index(alice.pk)
     assert alice_service._pending  # her pending message's embedding is cached here
-    selectors.memory_query(user=bob, query="dog", top_k=1)
+    selectors.memory_query(MemoryQuery(user=bob, query="dog", top_k=1))
 
     assert retrieval.cache_stats()["evictions"] >= 1 and retrieval.cached_user_index(alice.pk) is None
     kayak.refresh_from_db()
     assert kayak.flushed_at is None and kayak.embedding is None  # still pending, in the database
-    [found] = selectors.memory_query(user=alice, query="What boat did I buy?", top_k=1)
+    [found] = selectors.memory_query(MemoryQuery(user=alice, query="What boat did I buy?", top_k=1))
     assert (found["id"], found["metadata"]["flushed"]) == (str(kayak.pk), False)
     assert retrieval.user_index(alice.pk) is not alice_service
 
@@ -291,8 +291,8 @@ def _garden(alice_session):
 
 def _search(alice, query, **overrides):
     return retrieval.hybrid_search(
-        user_id=alice.pk, memory_version=alice.memory_version, query=query, top_k=5,
-        config=retrieval.RetrievalConfig.from_settings(**overrides),
+        MemoryQuery(user=alice, query=query, top_k=5,
+                    config=retrieval.RetrievalConfig.from_settings(**overrides))
     )
 
 
@@ -447,8 +447,8 @@ ELSEWHERE = ["My sister adopted a cat.", "I watched a documentary about Patagoni
 
 def _vector_ranking(alice, query, **overrides):
     hits = retrieval.hybrid_search(
-        user_id=alice.pk, memory_version=alice.memory_version, query=query, top_k=10,
-        config=retrieval.RetrievalConfig.from_settings(bm25_weight=0.0, **overrides),
+        MemoryQuery(user=alice, query=query, top_k=10,
+                    config=retrieval.RetrievalConfig.from_settings(bm25_weight=0.0, **overrides))
     )
     return [key for key, _, _ in hits], {key: found["vector"]["score"] for key, _, found in hits}
 
@@ -582,8 +582,8 @@ def test_the_named_speakers_turns_are_a_third_list_of_the_fusion(alice_session, 
     alice.refresh_from_db()
 
     hits = retrieval.hybrid_search(
-        user_id=alice.pk, memory_version=alice.memory_version, query="What did Caroline think of the pottery class?",
-        top_k=3, config=retrieval.RetrievalConfig.from_settings(speaker_weight=speaker_weight),
+        MemoryQuery(user=alice, query="What did Caroline think of the pottery class?",
+                    top_k=3, config=retrieval.RetrievalConfig.from_settings(speaker_weight=speaker_weight))
     )
 
     keys = [key for key, _, _ in hits]
@@ -603,8 +603,7 @@ def test_no_speaker_list_when_the_query_names_both_speakers(alice_session):
     alice.refresh_from_db()
 
     hits = retrieval.hybrid_search(
-        user_id=alice.pk, memory_version=alice.memory_version, query="Did Caroline and Melanie like the pottery class?",
-        top_k=3,
+        MemoryQuery(user=alice, query="Did Caroline and Melanie like the pottery class?", top_k=3)
     )
 
     assert hits and all(set(found) <= {"bm25", "vector"} for _, _, found in hits)
@@ -617,8 +616,8 @@ def test_convex_fusion_takes_the_speaker_list_too(alice_session):
     alice.refresh_from_db()
 
     hits = retrieval.hybrid_search(
-        user_id=alice.pk, memory_version=alice.memory_version, query="What did Caroline think of the pottery class?",
-        top_k=6, config=retrieval.RetrievalConfig.from_settings(fusion="convex"),
+        MemoryQuery(user=alice, query="What did Caroline think of the pottery class?",
+                    top_k=6, config=retrieval.RetrievalConfig.from_settings(fusion="convex"))
     )
 
     with_list = {key for key, _, found in hits if "speaker" in found}

@@ -20,7 +20,7 @@ from memory import retrieval, selectors
 from memory.indexing import snapshots
 from memory.indexing.flush import flush_pending
 from memory.inference import registry
-from memory.retrieval import store
+from memory.retrieval import MemoryQuery, store
 from memory.retrieval.bm25 import KINDS, KNOWLEDGE, MESSAGE, BM25Index, Document
 from memory.retrieval.keys import DocKey
 from memory.services.common import memory_version_bump
@@ -148,16 +148,16 @@ def test_a_write_does_not_make_the_next_query_rebuild_the_index(alice_session):
     _add(alice_session, ["My sister lives in Lisbon.", "She works as an architect."])
     alice = alice_session.user
     alice.refresh_from_db()
-    selectors.memory_query(user=alice, query="Where does my sister live?")
+    selectors.memory_query(MemoryQuery(user=alice, query="Where does my sister live?"))
     entry = retrieval.user_index(alice.pk)
     assert (entry.loads, entry.catch_ups) == (1, 0)
 
     [boat] = _add(alice_session, ["I bought a red kayak."])
     alice.refresh_from_db()
-    found = selectors.memory_query(user=alice, query="kayak", top_k=1)
+    found = selectors.memory_query(MemoryQuery(user=alice, query="kayak", top_k=1))
     messages_update(session=alice_session, message_ids=[boat.pk], new_messages=[MessageIn(role="user", content="I bought a canoe.")])
     alice.refresh_from_db()
-    after_edit = selectors.memory_query(user=alice, query="canoe", top_k=1)
+    after_edit = selectors.memory_query(MemoryQuery(user=alice, query="canoe", top_k=1))
 
     assert found[0]["id"] == after_edit[0]["id"] == str(boat.pk)
     assert (entry.loads, entry.catch_ups) == (1, 2)
@@ -209,7 +209,7 @@ def test_edits_and_deletes_are_reflected_at_once_by_both_retrievers(alice_sessio
 
     def ids(query, **overrides):
         config = retrieval.RetrievalConfig.from_settings(**overrides)
-        return [r["id"] for r in selectors.memory_query(user=alice, query=query, top_k=5, config=config)]
+        return [r["id"] for r in selectors.memory_query(MemoryQuery(user=alice, query=query, top_k=5, config=config))]
 
     assert str(beagle.pk) not in ids("beagle Pepper", vector_weight=0.0)
     assert ids("cat Miso", vector_weight=0.0)[0] == str(beagle.pk)
@@ -507,9 +507,9 @@ def test_a_query_after_a_large_add_embeds_at_most_the_bound_and_finds_the_newest
     alice = alice_session.user
     alice.refresh_from_db()
 
-    newest = selectors.memory_query(user=alice, query="Which reptile did I get as a pet?", top_k=3,
-                                    config=retrieval.RetrievalConfig.from_settings(bm25_weight=0.0, prf_docs=0))
-    oldest = selectors.memory_query(user=alice, query="saffron recipe", top_k=1)
+    vector_only = retrieval.RetrievalConfig.from_settings(bm25_weight=0.0, prf_docs=0)
+    newest = selectors.memory_query(MemoryQuery(user=alice, query="Which reptile did I get as a pet?", top_k=3, config=vector_only))
+    oldest = selectors.memory_query(MemoryQuery(user=alice, query="saffron recipe", top_k=1))
 
     assert newest[0]["id"] == str(rows[-1].pk)
     assert oldest[0]["id"] == str(rows[0].pk)

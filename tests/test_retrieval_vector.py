@@ -14,7 +14,7 @@ from memory.indexing import ann, context
 from memory.indexing.flush import flush_pending
 from memory.models import Message
 from memory.pgvector_binary import use_binary_vectors
-from memory.retrieval import vector
+from memory.retrieval import MemoryQuery, vector
 from memory.services.messages import MessageIn, messages_add, messages_delete, messages_update
 from memory.services.sessions import session_create, session_delete
 from tests.test_retrieval import flushed_user, smoothed_cosines, unit
@@ -399,10 +399,10 @@ def test_a_query_of_an_ann_user_finds_a_pending_message_too(alice_session, setti
     alice.refresh_from_db()
     assert alice.ann_bucket is not None
 
-    before = selectors.memory_query(user=alice, query="What boat did I buy?", top_k=1)
+    before = selectors.memory_query(MemoryQuery(user=alice, query="What boat did I buy?", top_k=1))
     flush_pending(user_id=alice.pk)
     alice.refresh_from_db()
-    after = selectors.memory_query(user=alice, query="What boat did I buy?", top_k=1)
+    after = selectors.memory_query(MemoryQuery(user=alice, query="What boat did I buy?", top_k=1))
 
     assert before[0]["id"] == after[0]["id"] == str(boat.pk)
     assert Message.objects.get(pk=boat.pk).ann_bucket == alice.ann_bucket
@@ -420,7 +420,7 @@ def test_a_flush_writes_the_embedding_a_query_made_for_a_pending_turn(alice_sess
     [asked] = messages_add(session=alice_session, messages=[MessageIn(role="user", content="I adopted a grey kitten named Ash.")])
     user = alice_session.user
     user.refresh_from_db()
-    retrieval.hybrid_search(user_id=user.pk, memory_version=user.memory_version, query="Which pet did I adopt?", top_k=3)
+    retrieval.hybrid_search(MemoryQuery(user=user, query="Which pet did I adopt?", top_k=3))
     [later] = messages_add(session=alice_session, messages=[MessageIn(role="user", content="Ash sleeps on the piano.")])
     embedded: list[str] = []
     real_embed = registry.embed
@@ -448,7 +448,7 @@ def test_a_flush_writes_the_turns_query_embedding_for_the_message_with_its_words
     user = alice_session.user
     user.refresh_from_db()
     retrieval.reset_user_cache()  # nothing of alice's cached: the reuse is the query model's alone
-    retrieval.hybrid_search(user_id=user.pk, memory_version=user.memory_version, query=said, top_k=3)
+    retrieval.hybrid_search(MemoryQuery(user=user, query=said, top_k=3))
     added = messages_add(
         session=alice_session,
         messages=[MessageIn(role="user", content=said), MessageIn(role="assistant", content="That sounds lovely, enjoy July!")],

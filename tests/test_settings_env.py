@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from memfuse_project.settings import envbool, envfloat, envint
+from memfuse_project.env import envbool, envfloat, envint
 
 
 @pytest.mark.parametrize("value", ["flase", "enabled", "2", "tru e"])

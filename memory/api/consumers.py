@@ -22,7 +22,6 @@ from memory.api.auth import WS_SUBPROTOCOL, check_rate
 from memory.api.serializers import validated
 from memory.errors import InvalidInput, NotFound, Unauthenticated, error_for
 from memory.models import Session
-from memory.retrieval import RetrievalConfig
 from memory.services.messages import AddedMessages, messages_add
 from memory.tenancy import Principal
 
@@ -317,17 +316,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
         # The user is read per query: its memory_version keys the BM25 cache, and a copy
         # kept since connect would miss the messages added since.
         session = selectors.session_get(principal=principal, session_id=self.session_id)
-        return selectors.memory_query_stages(
-            user=session.user,
-            query=data["query"],
-            top_k=data["top_k"],
-            session_id=data.get("session_id") or self.session_id,
-            agent_id=data.get("agent_id"),
-            config=RetrievalConfig.from_settings(**(data.get("retrieval") or {})),
-            since=data.get("since"),
-            until=data.get("until"),
-            layers=data.get("layers"),
-        )
+        return selectors.memory_query_stages(s.memory_query_of(data, user=session.user, session_id=self.session_id))
 
     # --- server frames --------------------------------------------------------------------
 

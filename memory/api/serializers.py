@@ -7,6 +7,7 @@ not text silently made of it.
 from __future__ import annotations
 
 import threading
+import uuid
 
 from django.conf import settings
 from django.http import QueryDict
@@ -15,6 +16,7 @@ from rest_framework import serializers
 
 from memory.inference import llm
 from memory.models import Agent, ApiKey, Knowledge, Message, Role, Session, User
+from memory.retrieval import MemoryQuery, RetrievalConfig
 from memory.services.messages import MessageIn
 
 # One instance of each ``reusable`` serializer class, its fields built and bound once.
@@ -337,6 +339,24 @@ class QueryIn(serializers.Serializer):
         if since is not None and until is not None and since > until:
             raise serializers.ValidationError({"until": ["Must not be before since."]})
         return attrs
+
+
+def memory_query_of(data: dict, *, user: User, session_id: uuid.UUID | None = None) -> MemoryQuery:
+    """The query ``QueryIn``'s validated ``data`` asks of ``user``'s memory, its ``retrieval``
+    overrides applied to the settings' defaults; ``session_id`` (the WebSocket's own session)
+    when ``data`` names none."""
+    layers = data.get("layers")
+    return MemoryQuery(
+        user=user,
+        query=data["query"],
+        top_k=data["top_k"],
+        session_id=data.get("session_id") or session_id,
+        agent_id=data.get("agent_id"),
+        config=RetrievalConfig.from_settings(**(data.get("retrieval") or {})),
+        since=data.get("since"),
+        until=data.get("until"),
+        layers=tuple(layers) if layers is not None else None,
+    )
 
 
 def _knowledge_list() -> serializers.ListField:

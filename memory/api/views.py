@@ -30,7 +30,6 @@ from memory.api.schema import WITH_CONFLICT, Buffer, FlushJob, QueryResult, api_
 from memory.api.serializers import validated
 from memory.errors import Forbidden, NotFound
 from memory.models import KeyScope
-from memory.retrieval import RetrievalConfig
 from memory.services.agents import agent_create, agent_delete, agent_update
 from memory.services.api_keys import api_key_create, api_key_revoke
 from memory.services.knowledge import knowledge_add, knowledge_delete, knowledge_update
@@ -149,17 +148,7 @@ class UserQueryView(APIView):
     def post(self, request, user_id):
         user = selectors.user_ref(principal=request.auth, user_id=parse_id(user_id, field="user_id", what="User"))
         data = validated(s.QueryIn, request.data)
-        results = selectors.memory_query(
-            user=user,
-            query=data["query"],
-            top_k=data["top_k"],
-            session_id=data.get("session_id"),
-            agent_id=data.get("agent_id"),
-            config=RetrievalConfig.from_settings(**(data.get("retrieval") or {})),
-            since=data.get("since"),
-            until=data.get("until"),
-            layers=data.get("layers"),
-        )
+        results = selectors.memory_query(s.memory_query_of(data, user=user))
         return envelope({"results": results, "total": len(results)})
 
 

@@ -9,6 +9,7 @@ removes it.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 
 import numpy as np
 from django.db import connection
@@ -160,7 +161,7 @@ def default_layers() -> list[str]:
     return ["m0", "m1"] if llm.enabled() else ["m0"]
 
 
-def with_facts(*, user_id: uuid.UUID, query: str, top_k: int, messages: list[dict], layers: list[str]) -> list[dict]:
+def with_facts(*, user_id: uuid.UUID, query: str, top_k: int, messages: list[dict], layers: Collection[str]) -> list[dict]:
     """The query's results across ``layers``: ``messages`` (M0's results, each tagged
     ``"layer": "m0"``) and the user's live facts most similar to ``query`` (``facts_results``),
     merged by reciprocal rank (the i-th of either list scores ``1 / (60 + i)``: M0's fused

@@ -42,7 +42,6 @@ from memory.api import serializers as s
 from memory.api.serializers import validated
 from memory.errors import ErrorAnswer, InvalidInput, NotFound, Unauthenticated, error_for
 from memory.models import Session
-from memory.retrieval import RetrievalConfig
 from memory.services import knowledge as knowledge_services
 from memory.services.messages import messages_add, messages_add_to_named_session, messages_delete
 from memory.services.sessions import session_delete
@@ -321,17 +320,7 @@ async def memory_query(
             owner = selectors.session_get(principal=principal, session_id=data["session_id"]).user
         else:
             owner = selectors.user_find(principal=principal, user=_user_ref(user))
-        results = selectors.memory_query(
-            user=owner,
-            query=data["query"],
-            top_k=data["top_k"],
-            session_id=data.get("session_id"),
-            agent_id=data.get("agent_id"),
-            config=RetrievalConfig.from_settings(**(data.get("retrieval") or {})),
-            since=data.get("since"),
-            until=data.get("until"),
-            layers=data.get("layers"),
-        )
+        results = selectors.memory_query(s.memory_query_of(data, user=owner))
         return {"results": results, "total": len(results)}
 
     data = await _call(ctx, work)

@@ -9,6 +9,7 @@ One module per concern:
 - ``vector``: the vector retriever (context embeddings in PostgreSQL, exact or HNSW search);
 - ``fusion``: RRF, convex fusion, the named speaker's list;
 - ``cache``: the per-user services in an LRU cache bounded in bytes (tier 2);
+- ``query``: what one query asks (``MemoryQuery``);
 - ``search``: the query itself (``hybrid_search``), and the optional reranking.
 
 docs/retrieval.md describes the pipeline and its measurements.
@@ -20,11 +21,13 @@ from memory.retrieval.config import RetrievalConfig
 from memory.retrieval.fusion import convex_fuse, rrf_fuse
 from memory.retrieval.keys import DocKey
 from memory.retrieval.lexemes import query_tokens, tsvector_tokens
+from memory.retrieval.query import MemoryQuery
 from memory.retrieval.search import document_texts, hybrid_search, hybrid_search_stages, rerank
 
 __all__ = [
     "BM25Index",
     "DocKey",
+    "MemoryQuery",
     "RetrievalConfig",
     "UserIndex",
     "cache_stats",

@@ -24,45 +24,36 @@ from memory.retrieval.config import RetrievalConfig
 from memory.retrieval.fusion import Hits
 from memory.retrieval.keys import DocKey
 from memory.retrieval.lexemes import query_tokens
+from memory.retrieval.query import MemoryQuery
 
 
 def _epoch_us(moment: datetime | None) -> int | None:
     return None if moment is None else int(moment.timestamp() * 1_000_000)
 
 
-def hybrid_search_stages(
-    *,
-    user_id: uuid.UUID,
-    memory_version: int,
-    query: str,
-    top_k: int,
-    agent_id: uuid.UUID | None = None,
-    config: RetrievalConfig | None = None,
-    partial: bool = True,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    ann_bucket: int | None = None,
-) -> Iterator[tuple[str, Hits]]:
-    """The search in stages: ``("partial", hits)`` from BM25 alone, then ``("final", hits)``.
+def hybrid_search_stages(q: MemoryQuery, *, partial: bool = True) -> Iterator[tuple[str, Hits]]:
+    """The search of ``q`` in stages: ``("partial", hits)`` from BM25 alone, then ``("final", hits)``.
 
-    ``hits`` are ``(key, fused_score, retrievers)``, at most ``top_k``. BM25 is fast and
+    ``hits`` are ``(key, fused_score, retrievers)``, at most ``q.top_k``. BM25 is fast and
     covers pending messages, so a UI can show its ranking before the query is embedded.
-    ``memory_version``: the user's, as just read (the index catches up to it). ``agent_id``
-    restricts messages to that agent's sessions (knowledge is user-level). ``since`` /
-    ``until`` (aware datetimes, inclusive) keep only documents created in that window, in
-    each retriever before its cut. ``ann_bucket``: the user's ``User.ann_bucket`` (approximate
-    vector search through that index; ``None``: exact). With a retriever switched off (weight 0), or ``partial=False``, only the final
-    stage comes. Raises ``memory.inference.EmbeddingProcessError`` when the query model fails.
+    Reads ``q.user``'s ``pk``, ``memory_version`` (the index catches up to it) and
+    ``ann_bucket`` (approximate vector search through that index; ``None``: exact).
+    ``q.agent_id`` restricts messages to that agent's sessions (knowledge is user-level).
+    ``q.since`` / ``q.until`` apply in each retriever before its cut. ``q.session_id`` and
+    ``q.layers`` are the selectors' (not read here). With a retriever switched off (weight 0),
+    or ``partial=False``, only the final stage comes. Raises
+    ``memory.inference.EmbeddingProcessError`` when the query model fails.
     """
     # One generator: the stages share the query's state (index, embedding future, cut), and a
     # split would pass all of it between functions.
     started = time.perf_counter()
-    config = config or RetrievalConfig.from_settings()
+    user_id, query, top_k, since, until = q.user.pk, q.query, q.top_k, q.since, q.until
+    config = q.config or RetrievalConfig.from_settings()
     sessions = None
-    if agent_id is not None:
+    if q.agent_id is not None:
         from memory.models import Session
 
-        sessions = list(Session.objects.filter(user_id=user_id, agent_id=agent_id).values_list("id", flat=True))
+        sessions = list(Session.objects.filter(user_id=user_id, agent_id=q.agent_id).values_list("id", flat=True))
     ranked: dict[str, list] = {}
     # The query is embedded while BM25 runs (its SQL, and a cold user's index load): both are
     # on the critical path, and the model works in its own process.
@@ -74,13 +65,13 @@ def hybrid_search_stages(
     if config.bm25_weight > 0 or config.speaker_weight > 0:
         tokens = query_tokens(query) if config.bm25_weight > 0 else None
         with entry.lock:
-            index = entry.sync(memory_version)
+            index = entry.sync(q.user.memory_version)
             has_speakers = bool(index.speakers)
         if tokens is None and config.speaker_weight > 0 and has_speakers:
             tokens = query_tokens(query)
         if tokens is not None:
             with entry.lock:
-                index = entry.sync(memory_version)
+                index = entry.sync(q.user.memory_version)
                 if config.speaker_weight > 0:
                     speaker = index.named_speaker(tokens)
                 if config.bm25_weight > 0:
@@ -101,7 +92,7 @@ def hybrid_search_stages(
         search = dict(
             user_id=user_id,
             limit=config.vector_candidates,
-            ann_bucket=ann_bucket,
+            ann_bucket=q.user.ann_bucket,
             sessions=sessions,
             since=since,
             until=until,
@@ -146,9 +137,9 @@ def _fused(ranked: dict[str, list], config: RetrievalConfig, entry, speaker: int
     return fusion.add_speaker(hits, ranked, config, spoken)
 
 
-def hybrid_search(**kwargs) -> Hits:
-    """The final stage of ``hybrid_search_stages`` (same arguments; no partial stage is computed)."""
-    *_, (_, hits) = hybrid_search_stages(**kwargs, partial=False)
+def hybrid_search(q: MemoryQuery) -> Hits:
+    """The final stage of ``hybrid_search_stages(q)`` (no partial stage is computed)."""
+    *_, (_, hits) = hybrid_search_stages(q, partial=False)
     return hits
 
 
