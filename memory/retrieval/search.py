@@ -117,7 +117,6 @@ def hybrid_search_stages(
             # process last looked (embedding_model.ACTIVE_MODEL_TTL_SECONDS): follow it now.
             embedding_model.follow_active_model(force=True)
             query_embedding = registry.submit_query([query], scope=user_id).result()[0]
-            entry = user_index(user_id)
             flushed, pending, moved = vector.candidates(embedding=query_embedding, **search)
         if pending:
             embeddings = vector.pending_embeddings(user_id=user_id, texts=[text for _, _, text, *_ in pending])
