@@ -272,16 +272,19 @@ MEMFUSE = {
     # default holds a message an add could store (MAX_REQUEST_BYTES) with its embedding.
     "IMPORT_MAX_LINE_BYTES": envint("IMPORT_MAX_LINE_BYTES", 8 * 1024 * 1024),
     "IMPORT_MAX_RECORDS": envint("IMPORT_MAX_RECORDS", 2_000_000),
-    # Bytes of per-user services (lexical indexes, pending embeddings) the process's LRU cache
-    # keeps, in MB; the least recently used users go first (memory.retrieval.cache).
+    # Bytes of per-user services (lexical indexes) the process's LRU cache keeps, in MB; the
+    # least recently used users go first (memory.retrieval.cache).
     "USER_CACHE_MB": envfloat("USER_CACHE_MB", 256.0),
     # Most pending (not yet flushed) messages a query embeds on demand, newest first: the
     # bound on what a query may wait for after a burst (memory.retrieval.vector).
     "PENDING_EMBED_MAX": envint("PENDING_EMBED_MAX", 16),
-    # One-text calls of the query model remembered by text (memory.inference.model_registry.RecentEmbeddings):
-    # a text embedded again soon after (the chat turn's query, then the same words added as
-    # its message) costs no second model call. About 2.1 KB each once done; 0: none.
+    # One-text calls of the query model remembered by user and text, in all and per user
+    # (memory.inference.model_registry.RecentEmbeddings): they hold the embeddings of pending
+    # messages a query scores (read your writes), and a text embedded again soon after (the
+    # chat turn's query, then the same words added as its message) costs no second model
+    # call. About 2.1 KB each once done; 0: none (a query embeds its pending messages anew).
     "RECENT_EMBEDDINGS": envint("RECENT_EMBEDDINGS", 2048),
+    "RECENT_EMBEDDINGS_PER_USER": envint("RECENT_EMBEDDINGS_PER_USER", 64),
     # Read-ahead: an add starts the query model on its newest messages, behind every query
     # (memory.inference.ModelRegistry.read_ahead). At most PENDING_EMBED_MAX of a user and this
     # many of a tenant stay queued; past it the oldest is cancelled (a query embeds it on

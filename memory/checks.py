@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from django.conf import settings
-from django.core.checks import Error, Tags, register
+from django.core.checks import Error, Tags, Warning, register
 from django.db import connection
 from django.db.utils import DatabaseError
 
@@ -232,3 +232,22 @@ def check_llm(app_configs=None, **kwargs) -> list[Error]:
         if value < 0
     ]
     return errors
+
+
+@register()
+def check_recent_embeddings(app_configs=None, **kwargs) -> list[Warning]:
+    """memory.W001: the query model's recent calls of a user (``RECENT_EMBEDDINGS_PER_USER``,
+    capped by ``RECENT_EMBEDDINGS``) cannot hold the pending messages a query scores
+    (``PENDING_EMBED_MAX``): every query would embed some of them again."""
+    config = settings.MEMFUSE
+    held = min(config["RECENT_EMBEDDINGS"], config["RECENT_EMBEDDINGS_PER_USER"])
+    if 0 < held < config["PENDING_EMBED_MAX"]:
+        return [
+            Warning(
+                f"RECENT_EMBEDDINGS_PER_USER (or RECENT_EMBEDDINGS) holds {held} embeddings of a user, fewer than "
+                f"PENDING_EMBED_MAX ({config['PENDING_EMBED_MAX']}): queries embed pending messages again.",
+                hint="Raise RECENT_EMBEDDINGS_PER_USER to at least PENDING_EMBED_MAX, or set it to 0 to hold none.",
+                id="memory.W001",
+            )
+        ]
+    return []

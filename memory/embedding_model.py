@@ -71,17 +71,15 @@ def forget_active_model() -> None:
 
 def follow_active_model(*, force: bool = False) -> int | None:
     """Make this process embed with the active model (loading it on the next embedding if
-    it changed; the per-process cache of pending embeddings is dropped with the old model).
-    Returns the active row's id, what ``guard_write`` compares. ``force``: read the row now.
+    it changed; the query model's recent calls, pending messages' embeddings among them, are
+    dropped with the old model: ``registry.use_embedding_model``). Returns the active row's
+    id, what ``guard_write`` compares. ``force``: read the row now.
     """
-    from memory.retrieval import cache
-
     model = active_model(max_age=0.0 if force else ACTIVE_MODEL_TTL_SECONDS)
     if model.id is None and registry.serving_model_path() == model.path:
         return None
     dimension = model.dimension or inference.model_dimension_from_config(model.path) or 0
-    if registry.use_embedding_model(model.path, dimension):
-        cache.reset_user_cache()
+    registry.use_embedding_model(model.path, dimension)
     return model.id
 
 

@@ -52,6 +52,7 @@ def test_dashboard_shows_pending_messages_and_failed_flushes(staff_client, busy_
     assert f"#{busy_buffers}" in html and "Retry all 1 failed flush(es)" in html
     assert stats["pool"]["in_use"] >= 1 and "Database pool" in html
     assert f"{stats['process']['ram']['resident_mb']} MB" in html
+    assert "Recent query embeddings" in html
 
 
 def test_dashboard_retries_every_failed_flush(staff_client, busy_buffers):
@@ -86,7 +87,9 @@ def test_stats_endpoint_shape(staff_client, busy_buffers, alice):
     assert set(data["process"]) == {"host", "pid", "ram"}
     assert set(data["process"]["ram"]) == {"resident_mb", "heap_in_use_mb", "heap_free_mb"}
     assert data["process"]["ram"]["resident_mb"] > 0
-    assert set(data["models"]) == {"embedding", "query_embedding", "background_embedding", "reranker", "active", "reembed"}
+    assert set(data["models"]) == {
+        "embedding", "query_embedding", "background_embedding", "reranker", "recent_embeddings", "active", "reembed"
+    }
     assert (data["models"]["active"], data["models"]["reembed"]) == (None, None)  # no reembed ran
     assert data["buffers"]["pending_messages"] == 4 and data["buffers"]["failed_total"] == 1
     assert {"top_users", "jobs", "queue_depth", "failed_jobs", "oldest_pending_age_s", "workers"} <= set(data["buffers"])

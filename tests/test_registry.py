@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -99,7 +100,9 @@ def test_embed_goes_through_the_loaded_model(fresh_registry):
 def test_stats_before_any_load_report_no_model(fresh_registry):
     """Before first use, stats name no model and loaded_embedder() does not load one."""
     assert fresh_registry.loaded_embedder() is None
-    assert fresh_registry.stats() == {"embedding": None, "query_embedding": None, "background_embedding": None, "reranker": None}
+    assert fresh_registry.stats() == {
+        "embedding": None, "query_embedding": None, "background_embedding": None, "reranker": None, "recent_embeddings": None
+    }
     assert CountingDeterministicEmbedder.constructed == 0
 
 
@@ -142,7 +145,9 @@ def test_an_undeclared_process_preloads_nothing(fresh_registry, preload_enabled)
     startup.load_models()
 
     assert CountingDeterministicEmbedder.constructed == 0
-    assert fresh_registry.stats() == {"embedding": None, "query_embedding": None, "background_embedding": None, "reranker": None}
+    assert fresh_registry.stats() == {
+        "embedding": None, "query_embedding": None, "background_embedding": None, "reranker": None, "recent_embeddings": None
+    }
 
 
 def test_an_unknown_role_is_refused():
@@ -380,7 +385,7 @@ def test_a_finished_recent_call_is_held_as_its_own_rows():
 
     from memory.inference.model_registry import RecentEmbeddings
 
-    recent = RecentEmbeddings(maxsize=8)
+    recent = RecentEmbeddings(maxsize=8, per_scope=8)
     batch = np.arange(3 * 4, dtype=np.float32).reshape(3, 4)
     under_way, failing = Future(), Future()
     recent.put("alice", "hello", under_way)
@@ -389,13 +394,54 @@ def test_a_finished_recent_call_is_held_as_its_own_rows():
 
     under_way.set_result(batch[1:2])
     failing.set_exception(RuntimeError("model failed"))
-    held = recent._entries[recent._key("alice", "hello")]
+    held = recent._scopes["alice"][recent._key("hello")]
     later = recent.get("alice", "hello")
 
     assert isinstance(held, np.ndarray) and held.base is None
     assert later is not under_way and later.done()
     np.testing.assert_array_equal(later.result(), batch[1:2])
     assert recent.get("alice", "broken") is None and recent.get("bob", "hello") is None
+
+
+def test_recent_calls_check_warns_when_a_user_cannot_hold_a_querys_pending_messages(monkeypatch):
+    """System check memory.W001 fires when a user's recent calls hold fewer than
+    PENDING_EMBED_MAX embeddings, not when they hold enough or none at all."""
+    monkeypatch.setitem(settings.MEMFUSE, "PENDING_EMBED_MAX", 16)
+    monkeypatch.setitem(settings.MEMFUSE, "RECENT_EMBEDDINGS_PER_USER", 8)
+    assert [w.id for w in checks.check_recent_embeddings()] == ["memory.W001"]
+
+    monkeypatch.setitem(settings.MEMFUSE, "RECENT_EMBEDDINGS_PER_USER", 0)
+    assert checks.check_recent_embeddings() == []
+    monkeypatch.setitem(settings.MEMFUSE, "RECENT_EMBEDDINGS_PER_USER", 64)
+    assert checks.check_recent_embeddings() == []
+
+
+def test_recent_calls_are_bounded_per_user_and_in_all():
+    """A user's flood of texts keeps at most ``per_scope`` of theirs, the newest, and leaves
+    the others' alone; past the bound in all, the least recently used user's go first;
+    ``forget`` drops a user's (known by their id as text or UUID)."""
+    from concurrent.futures import Future
+
+    from memory.inference.model_registry import RecentEmbeddings
+
+    def done() -> Future:
+        future = Future()
+        future.set_result(np.ones((1, 4), dtype=np.float32))
+        return future
+
+    alice = uuid.uuid4()
+    recent = RecentEmbeddings(maxsize=4, per_scope=2)
+    for text in "abc":
+        recent.put(alice, text, done())
+    recent.put("bob", "x", done())
+    assert [text for text in "abc" if recent.get(alice, text) is not None] == ["b", "c"]  # alice used last
+    recent.put("carol", "y", done())
+    recent.put("carol", "z", done())  # five entries: bob, the least recently used, goes
+
+    assert recent.get("bob", "x") is None and recent.get(str(alice), "c") is not None
+    recent.forget(alice)
+    assert recent.get(alice, "c") is None
+    assert recent.stats() == {"entries": 2, "under_way": 0, "users": 1, "max_entries": 4, "max_per_user": 2}
 
 
 @pytest.mark.integration
@@ -820,12 +866,11 @@ def test_a_flood_of_adds_keeps_at_most_the_read_ahead_bound_queued(
     alice_session, bob_session, globex_session, settings, monkeypatch, django_capture_on_commit_callbacks
 ):
     """While the query model is busy, a flood of adds leaves at most PENDING_EMBED_MAX
-    read-ahead requests of a user and READ_AHEAD_MAX of a tenant queued; the others, and what
-    a user's prefetch trims, are cancelled and never embedded; a query that wants a cancelled
-    one embeds it on demand."""
+    read-ahead requests of a user and READ_AHEAD_MAX of a tenant queued; the others are
+    cancelled and never embedded; a query that wants a cancelled one embeds it on demand."""
     from memory.inference import EmbeddingBatcher
     from memory.models import Message
-    from memory.retrieval import cache
+    from memory.retrieval import cache, vector
     from memory.services.messages import MessageIn, messages_add
 
     settings.MEMFUSE = {**settings.MEMFUSE, "PENDING_EMBED_MAX": 4, "READ_AHEAD_MAX": 6}
@@ -877,8 +922,7 @@ def test_a_flood_of_adds_keeps_at_most_the_read_ahead_bound_queued(
     # on demand when a query wants it; the others are not embedded again.
     newest = list(last_add[alice_session.pk])
     older = Message.objects.get(session=alice_session, position=newest[0].position - 1)
-    rows = [(row.id, row.updated_at, row.index_text) for row in [older, *newest]]
-    vectors = cache.user_index(alice.pk).pending_embeddings(rows)
+    vectors = vector.pending_embeddings(user_id=alice.pk, texts=[row.index_text for row in [older, *newest]])
     assert vectors.shape == (4, 4) and embedded[len(kept) + 2 :] == ["alice says line 18.2"]
 
 

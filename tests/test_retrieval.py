@@ -153,10 +153,11 @@ def test_evicting_a_user_with_pending_messages_loses_nothing(alice_session, bob_
     retrieval.reset_user_cache(max_bytes=bob_bytes + alice_bytes // 2)
     assert selectors.memory_query(MemoryQuery(user=alice, query="What boat did I buy?", top_k=1))[0]["id"] == str(kayak.pk)
     alice_service = retrieval.user_index(alice.pk)
-    assert alice_service._pending  # her pending message's embedding is cached here
+    assert registry.recent_query_embeddings([kayak.index_text], scope=alice.pk)  # her pending message's embedding
     selectors.memory_query(MemoryQuery(user=bob, query="dog", top_k=1))
 
     assert retrieval.cache_stats()["evictions"] >= 1 and retrieval.cached_user_index(alice.pk) is None
+    assert registry.recent_query_embeddings([kayak.index_text], scope=alice.pk)  # not the evicted entry's to lose
     kayak.refresh_from_db()
     assert kayak.flushed_at is None and kayak.embedding is None  # still pending, in the database
     [found] = selectors.memory_query(MemoryQuery(user=alice, query="What boat did I buy?", top_k=1))
@@ -385,8 +386,8 @@ def vector_scores(user_id, query: np.ndarray, **kwargs) -> dict:
     """The vector retriever's scores as the search computes them, flushed and pending: ``{id: score}``."""
     flushed, pending, moved = vector.candidates(user_id=user_id, embedding=query, limit=100, **kwargs)
     if pending:
-        rows = [(doc_id, updated_at, text) for doc_id, updated_at, text, *_ in pending]
-        flushed += vector.pending_scores(pending, retrieval.user_index(user_id).pending_embeddings(rows), moved)
+        texts = [text for _, _, text, *_ in pending]
+        flushed += vector.pending_scores(pending, vector.pending_embeddings(user_id=user_id, texts=texts), moved)
     return {key.id: score for key, score in flushed}
 
 
@@ -625,29 +626,34 @@ def test_convex_fusion_takes_the_speaker_list_too(alice_session):
     assert all(0.0 <= score <= 1.0 for _, score, _ in hits)
 
 
-def test_pending_embeddings_survive_a_concurrent_query_that_saw_other_pending_messages(monkeypatch):
-    """A query of the user, run while this one embeds, that trims the cache to its own pending set loses this one nothing."""
-    from concurrent.futures import Future
+def test_pending_messages_of_one_text_share_a_call_and_a_failed_call_is_asked_again(monkeypatch):
+    """Read your writes: pending messages of one text cost one model call, which the query
+    model's recent calls of the user keep for the next query; a failed call is forgotten,
+    and the next query asks again."""
+    from memory.inference import EmbeddingBatcher
 
-    entry = retrieval.UserIndex(uuid.uuid4())
-    cached, new, other = (uuid.uuid4(), 1, "cached"), (uuid.uuid4(), 1, "new"), (uuid.uuid4(), 1, "other")
-    entry._pending = {cached[:2]: np.ones(3, dtype=np.float32)}
-    value = {"new": 2.0, "other": 3.0}
+    calls, failing = [], {"broken"}
 
-    class Embedding(Future):
-        def result(self, timeout=None):
-            if self.texts == ["new"]:  # while it is awaited, a query that sees only `other` pending
-                entry.pending_embeddings([other])
-            return super().result(timeout)
+    class Counting:
+        dimension = 3
 
-    def submit_query(texts, **kwargs):
-        future = Embedding()
-        future.texts = texts
-        future.set_result(np.array([[value[text]] * 3 for text in texts], dtype=np.float32))
-        return future
+        def embed(self, texts):
+            calls.append(list(texts))
+            if failing & set(texts):
+                raise RuntimeError("model failed")
+            return np.array([[len(text), 1.0, 0.0] for text in texts], dtype=np.float32)
 
-    monkeypatch.setattr(registry, "submit_query", submit_query)
+    monkeypatch.setattr(registry, "_query_batcher", EmbeddingBatcher(Counting(), max_texts=1))
+    monkeypatch.setattr(registry, "_recent", None)
+    user_id = uuid.uuid4()
 
-    vectors = entry.pending_embeddings([cached, new])
+    first = vector.pending_embeddings(user_id=user_id, texts=["same", "same", "other"])
+    again = vector.pending_embeddings(user_id=user_id, texts=["other", "same"])
+    with pytest.raises(RuntimeError):
+        vector.pending_embeddings(user_id=user_id, texts=["broken"])
+    failing.clear()
+    recovered = vector.pending_embeddings(user_id=user_id, texts=["broken"])
 
-    assert vectors.tolist() == [[1, 1, 1], [2, 2, 2]]
+    assert calls == [["same"], ["other"], ["broken"], ["broken"]]
+    assert first[:, 0].tolist() == [4, 4, 5] and again[:, 0].tolist() == [5, 4]
+    assert recovered[:, 0].tolist() == [6]

@@ -447,7 +447,6 @@ def test_a_flush_writes_the_turns_query_embedding_for_the_message_with_its_words
     monkeypatch.setattr("memory.services.messages._start_embeddings", lambda rows: None)  # the query's embedding alone
     user = alice_session.user
     user.refresh_from_db()
-    retrieval.reset_user_cache()  # nothing of alice's cached: the reuse is the query model's alone
     retrieval.hybrid_search(MemoryQuery(user=user, query=said, top_k=3))
     added = messages_add(
         session=alice_session,

@@ -35,7 +35,6 @@ from memory.indexing.context import context_refresh, lock_context_writes
 from memory.inference import registry
 from memory.operator import metrics
 from memory.pgvector_binary import VectorArray, use_binary_vectors
-from memory.retrieval import cache
 from runtime.pool import is_database_unavailable
 
 logger = logging.getLogger(__name__)
@@ -251,20 +250,18 @@ def _embed_claimed(user_id: uuid.UUID, claimed: list[tuple]) -> np.ndarray:
     In the chat pattern a query embeds the turn just added before its flush does (read
     your writes), and the user's message of a turn has the words of that turn's query: when
     the query model's embedding is exactly the flush's (``registry.queries_embed_documents``)
-    and still in this process's cache of the user, or among the query model's recent calls
-    (``registry.recent_query_embeddings``: an add starts them on its newest messages), it is
-    written as it is; the rest are embedded in the background. Raises ``EmbeddingProcessError``.
+    and among the query model's recent calls of the user (``registry.recent_query_embeddings``:
+    an add starts them on its newest messages, a query on those it scores), it is written as
+    it is; the rest are embedded in the background. Raises ``EmbeddingProcessError``.
     """
     reused = {}
     if registry.queries_embed_documents():
-        reused = cache.embedded_pending(user_id, [(row[0], row[2]) for row in claimed])
-        recent = registry.recent_query_embeddings(
-            [row[1] for row in claimed if (row[0], row[2]) not in reused], scope=user_id, wait_seconds=_REUSE_WAIT_SECONDS
+        reused = registry.recent_query_embeddings(
+            [row[1] for row in claimed], scope=user_id, wait_seconds=_REUSE_WAIT_SECONDS
         )
-        reused.update({(row[0], row[2]): recent[row[1]] for row in claimed if row[1] in recent})
-    missing = [row[1] for row in claimed if (row[0], row[2]) not in reused]
+    missing = [row[1] for row in claimed if row[1] not in reused]
     embedded = iter(registry.embed(missing, priority=registry.BACKGROUND) if missing else ())
-    return np.stack([reused[(row[0], row[2])] if (row[0], row[2]) in reused else next(embedded) for row in claimed])
+    return np.stack([reused[row[1]] if row[1] in reused else next(embedded) for row in claimed])
 
 
 def _flush_batches(

@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from cachetools import LRUCache
+from cachetools import Cache, LRUCache
 from django.conf import settings
 
 from memory.inference import builders
@@ -220,12 +220,12 @@ class ModelRegistry:
         """``embed_query`` without waiting: a ``Future`` of the rows (the caller works meanwhile).
 
         ``BACKGROUND``: texts that may wait behind every query (pending messages embedded ahead
-        of the queries that will need them: ``memory.retrieval.cache.UserIndex.prefetch``).
+        of the queries that will need them: ``read_ahead``).
         With a ``scope`` (the user's id), one text that the query model embedded a moment ago
         for that scope, or is embedding now, is not embedded again (``RecentEmbeddings``): the
-        future of that call is returned. In the chat pattern the turn's query is the user's
-        message that the next add stores, and with ``queries_embed_documents()`` that message's
-        embedding is the query's. Scoped by user, so that one tenant's texts never make
+        future of that call is returned, promoted to query priority when ``INTERACTIVE``. In
+        the chat pattern the turn's query is the user's message that the next add stores, and
+        with ``queries_embed_documents()`` that message's embedding is the query's. Scoped by user, so that one tenant's texts never make
         another's queries faster (a timing channel between tenants).
         """
         return self._submit_query(texts, priority=priority, scope=scope)
@@ -246,10 +246,11 @@ class ModelRegistry:
 
     def read_ahead(self, text: str, *, user_id: object, tenant_id: object) -> Future:
         """Start the query model on ``text``, a pending message of ``user_id`` that a query will
-        soon want (read your writes: ``memory.services.messages._start_embeddings``,
-        ``UserIndex.prefetch``): ``submit_query([text], priority=BACKGROUND, scope=user_id)``,
-        bounded. At most ``PENDING_EMBED_MAX`` read-ahead requests of a user stay queued (a
-        query only ever asks for the user's newest that many) and ``READ_AHEAD_MAX`` of a
+        soon want (read your writes: ``memory.services.messages._start_embeddings``; the query
+        finds it in ``RecentEmbeddings``, ``memory.retrieval.vector.pending_embeddings``):
+        ``submit_query([text], priority=BACKGROUND, scope=user_id)``, bounded. At most
+        ``PENDING_EMBED_MAX`` read-ahead requests of a user stay queued (a query only ever
+        asks for the user's newest that many) and ``READ_AHEAD_MAX`` of a
         tenant (a tenant's many users share it; tenants are few, made by operators). Past a
         bound the oldest is cancelled and never embedded: a query that then needs it embeds
         it on demand. A request a query promoted is never cancelled. The future may come out
@@ -279,9 +280,19 @@ class ModelRegistry:
         not done by then are left out."""
         return self._recent_embeddings().embeddings(scope, texts, wait_seconds=wait_seconds)
 
+    def forget_recent_embeddings(self, scope: Hashable) -> None:
+        """Drop what ``RecentEmbeddings`` holds for ``scope`` (a user deleted or replaced)."""
+        recent = self._recent
+        if recent is not None:
+            recent.forget(scope)
+
     def _recent_embeddings(self) -> RecentEmbeddings:
-        # A slot: forgotten with the query model (reset, use_embedding_model), whose vectors it holds.
-        return self._slot("_recent", lambda: RecentEmbeddings(settings.MEMFUSE["RECENT_EMBEDDINGS"]))
+        # A slot: forgotten with the query model (reset, use_embedding_model), whose vectors it
+        # holds. That is how pending embeddings follow a model change.
+        config = settings.MEMFUSE
+        return self._slot(
+            "_recent", lambda: RecentEmbeddings(config["RECENT_EMBEDDINGS"], config["RECENT_EMBEDDINGS_PER_USER"])
+        )
 
     def promote_query(self, future: Future, texts: list[str]) -> bool:
         """A ``submit_query(texts, priority=BACKGROUND)`` (or ``read_ahead``) request that a
@@ -350,7 +361,9 @@ class ModelRegistry:
         """Statistics for operators: which models are loaded and their counters.
 
         ``{"embedding", "query_embedding", "background_embedding", "reranker"}``, each ``None``
-        when not loaded, else a dict of the model's ``ModelStats`` (seconds, calls, texts).
+        when not loaded, else a dict of the model's ``ModelStats`` (seconds, calls, texts), and
+        ``"recent_embeddings"``: ``RecentEmbeddings.stats()`` (the query model's recent calls,
+        pending messages' embeddings among them), ``None`` before the first.
         """
         embedder, reranker, query = self._embedder, self._reranker, self._query_embedder
         background = self._background_batcher.embedder if self._background_batcher is not None else None
@@ -370,37 +383,47 @@ class ModelRegistry:
             result["background_embedding"] = {"mode": "thread"}
         if reranker is not None:
             result["reranker"] = {"path": str(reranker.path), **reranker.stats.as_dict()}
+        recent = self._recent
+        result["recent_embeddings"] = recent.stats() if recent is not None else None
         return result
 
 
 class RecentEmbeddings:
-    """The query model's last ``maxsize`` one-text calls, by scope (a user) and text: a
-    thread-safe LRU (cachetools' ``LRUCache``), keyed by a 16-byte BLAKE2b digest of both, so
-    that a long message costs no more than a short one. A call under way is held as its
+    """The query model's recent one-text calls, by scope (a user) and text: the one holder in
+    this process of the embeddings of a user's pending messages (read your writes: an add
+    starts them, a query waits for them, a flush writes them) and of their recent queries.
+
+    Two levels of cachetools' ``LRUCache``: the scopes, bounded by their entries in all
+    (``maxsize``; the least recently used scope goes first, whole), and in each scope its
+    texts, at most ``per_scope`` (so that one user's flood of texts never evicts the others'
+    pending embeddings). A scope is known by ``str(scope)`` (a user's id, as ``UUID`` or text),
+    a text by a 16-byte BLAKE2b digest of it, so that a long message costs no more than a
+    short one. Thread-safe. A call under way is held as its
     future, a finished one as its rows alone (a future and its condition variable would
-    double the entry); a failed call is forgotten, so the next caller asks the model again.
-    ``maxsize`` 0 keeps nothing. Memory: about 2.1 KB a finished entry at 384 dimensions.
+    double the entry); a failed or cancelled call is forgotten, so the next caller asks the
+    model again. ``maxsize`` or ``per_scope`` 0 keeps nothing. Memory: about 2.1 KB a
+    finished entry at 384 dimensions (``RECENT_EMBEDDINGS``).
     """
 
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
+    def __init__(self, maxsize: int, per_scope: int) -> None:
+        self.maxsize = max(0, maxsize)
+        self.per_scope = max(0, min(per_scope, self.maxsize))
         self._lock = threading.Lock()
-        self._entries: LRUCache | None = LRUCache(maxsize=maxsize) if maxsize > 0 else None
+        # str(scope) -> LRUCache(text digest -> Future | (1, dim) float32), sized by its entries.
+        self._scopes: LRUCache | None = LRUCache(maxsize=self.maxsize, getsizeof=len) if self.per_scope > 0 else None
 
     @staticmethod
-    def _key(scope: object, text: str) -> bytes:
-        digest = hashlib.blake2b(str(scope).encode(), digest_size=16)
-        digest.update(b"\0")
-        digest.update(text.encode("utf-8", "surrogatepass"))
-        return digest.digest()
+    def _key(text: str) -> bytes:
+        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
-    def get(self, scope: object, text: str) -> Future | None:
+    def get(self, scope: Hashable, text: str) -> Future | None:
         """The future of ``text``'s call for ``scope`` (a finished one: a new, done future of its
         rows), if it is recent and has not failed."""
-        if self._entries is None:
+        if self._scopes is None:
             return None
         with self._lock:
-            entry = self._entries.get(self._key(scope, text))
+            texts = self._scopes.get(str(scope))
+            entry = texts.get(self._key(text)) if texts is not None else None
         if isinstance(entry, np.ndarray):
             future: Future = Future()
             future.set_result(entry)
@@ -409,29 +432,46 @@ class RecentEmbeddings:
             return None
         return entry
 
-    def put(self, scope: object, text: str, future: Future) -> None:
+    def put(self, scope: Hashable, text: str, future: Future) -> None:
         """Remember ``future`` as ``text``'s call for ``scope``: its rows once it succeeds, nothing
-        if it fails."""
-        if self._entries is None:
+        if it fails or is cancelled."""
+        if self._scopes is None:
             return
-        key = self._key(scope, text)
+        scope, key = str(scope), self._key(text)
         with self._lock:
-            self._entries[key] = future
+            texts = self._scopes.get(scope)
+            if texts is None:
+                texts = LRUCache(maxsize=self.per_scope)
+            texts[key] = future
+            self._scopes[scope] = texts  # accounts for its new size: may evict other scopes
 
         def settle(done: Future) -> None:
             failed = done.cancelled() or done.exception() is not None
             # A copy: the rows may be a view of a whole batch's array, which it would keep alive.
             rows = None if failed else np.array(done.result(), dtype=np.float32)
             with self._lock:
-                if self._entries.get(key) is done:
-                    if failed:
-                        del self._entries[key]
-                    else:
-                        self._entries[key] = rows
+                held = _peek(self._scopes, scope)
+                if held is None or _peek(held, key) is not done:
+                    return
+                if not failed:
+                    # Cache's own setter keeps the entry's place in the LRU order: finishing is no use.
+                    Cache.__setitem__(held, key, rows)
+                    return
+                del held[key]
+                if held:
+                    self._scopes[scope] = held
+                else:
+                    del self._scopes[scope]
 
         future.add_done_callback(settle)
 
-    def embeddings(self, scope: object, texts: list[str], *, wait_seconds: float = 0.0) -> dict[str, np.ndarray]:
+    def forget(self, scope: Hashable) -> None:
+        """Drop every entry of ``scope`` (a deleted user's texts)."""
+        if self._scopes is not None:
+            with self._lock:
+                self._scopes.pop(str(scope), None)
+
+    def embeddings(self, scope: Hashable, texts: list[str], *, wait_seconds: float = 0.0) -> dict[str, np.ndarray]:
         """``{text: (dim,) float32}`` of those of ``texts`` whose call for ``scope`` has
         succeeded, waiting up to ``wait_seconds`` in all for the calls still under way."""
         futures = {text: future for text in texts if (future := self.get(scope, text)) is not None}
@@ -442,6 +482,25 @@ class RecentEmbeddings:
             for text, future in futures.items()
             if future.done() and not future.cancelled() and future.exception() is None
         }
+
+    def stats(self) -> dict:
+        """``{"entries", "under_way", "users", "max_entries", "max_per_user"}``: the calls held
+        (``under_way``: of them, those not finished), the scopes holding them, and the bounds."""
+        with self._lock:
+            scopes = list(self._scopes.values()) if self._scopes is not None else []
+            entries = [entry for texts in scopes for entry in texts.values()]
+        return {
+            "entries": len(entries),
+            "under_way": sum(1 for entry in entries if isinstance(entry, Future)),
+            "users": len(scopes),
+            "max_entries": self.maxsize,
+            "max_per_user": self.per_scope,
+        }
+
+
+def _peek(cache: LRUCache, key: Hashable):
+    """``cache[key]`` or ``None``, without making it the most recently used."""
+    return Cache.__getitem__(cache, key) if key in cache else None
 
 
 registry = ModelRegistry()

@@ -2,18 +2,17 @@
 
 A ``UserIndex`` holds what is worth keeping between a user's queries: their lexical index
 (``memory.retrieval.bm25``), caught up with the database at each query that finds the user's
-``memory_version`` moved, and the embeddings of their newest pending messages. Everything in
-it can be rebuilt from the database, so evicting it loses nothing; a user who comes back is
-loaded from their snapshot (``memory.retrieval.store``).
+``memory_version`` moved. Everything in it can be rebuilt from the database, so evicting it
+loses nothing; a user who comes back is loaded from their snapshot (``memory.retrieval.store``).
+The embeddings of pending messages are not here: the query model's recent calls hold them
+(``memory.inference.model_registry.RecentEmbeddings``), dropped with that model.
 """
 
 from __future__ import annotations
 
 import threading
 import uuid
-from concurrent.futures import Future
 
-import numpy as np
 from cachetools import Cache, LRUCache
 from django.conf import settings
 
@@ -21,12 +20,9 @@ from memory.inference import registry
 from memory.retrieval import store
 from memory.retrieval.bm25 import BM25Index
 
-# A pending message's embedding as cached (the vector and its dict entry), in bytes.
-_PENDING_ENTRY_BYTES = 4 * 384 + 250
-
 
 class UserIndex:
-    """One user's lexical index and pending embeddings, cached by this process (see the module docstring).
+    """One user's lexical index, cached by this process (see the module docstring).
 
     ``lock`` guards ``index``: hold it for ``sync`` and for every read of the index that
     follows (``memory.retrieval.search`` does). ``loads`` and ``catch_ups`` count how the
@@ -40,14 +36,12 @@ class UserIndex:
         self.version: int | None = None
         self.loads = 0
         self.catch_ups = 0
-        self._pending: dict[tuple, Future | np.ndarray] = {}
-        self._pending_lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
-        """What this entry holds, in bytes: its index and pending embeddings (estimated)."""
+        """What this entry holds, in bytes: its index (estimated)."""
         held = self.index.nbytes if self.index is not None else 0
-        return held + len(self._pending) * _PENDING_ENTRY_BYTES + 1024
+        return held + 1024
 
     def sync(self, version: int) -> BM25Index:
         """The index as of ``version`` (the user's ``memory_version``, read by the caller):
@@ -64,77 +58,6 @@ class UserIndex:
                 self.loads += 1
         self.version = version
         return self.index
-
-    def prefetch(self, rows: list[tuple[uuid.UUID, object, str]], *, tenant_id: uuid.UUID) -> None:
-        """Start embedding pending messages ``[(id, updated_at, text)]`` of this user, of
-        ``tenant_id``, that a query will soon need (called after an add), behind every query,
-        one text per model call (``registry.read_ahead``)."""
-        with self._pending_lock:
-            for doc_id, updated_at, text in rows:
-                if (doc_id, updated_at) not in self._pending:
-                    self._pending[(doc_id, updated_at)] = registry.read_ahead(
-                        text, user_id=self.user_id, tenant_id=tenant_id
-                    )
-            # Only the newest are ever asked for (PENDING_EMBED_MAX): a user who adds and
-            # adds without a query keeps no more than that, and the model never embeds the
-            # others for nothing (a call a query waits for is not cancelled: promote_query).
-            trimmed = list(self._pending)[: max(0, len(self._pending) - settings.MEMFUSE["PENDING_EMBED_MAX"])]
-            dropped = [self._pending.pop(key) for key in trimmed]
-            kept = {id(entry) for entry in self._pending.values()}  # two messages of one text share a call
-            for entry in dropped:
-                if isinstance(entry, Future) and id(entry) not in kept:
-                    registry.cancel_read_ahead(entry)
-
-    def pending_embeddings(self, rows: list[tuple[uuid.UUID, object, str]]) -> np.ndarray:
-        """Embeddings ``(len(rows), dim)`` of pending messages ``[(id, updated_at, text)]``.
-
-        Read your writes: a message not flushed yet is embedded on demand by the query
-        model, once per version of its text (cached by ``(id, updated_at)``, or already on its
-        way from ``prefetch``); entries of messages not asked for any more are dropped. Raises
-        ``memory.inference.EmbeddingProcessError`` when the query process fails.
-        """
-        keys = [(doc_id, updated_at) for doc_id, updated_at, _ in rows]
-        with self._pending_lock:
-            self._pending = {key: self._pending[key] for key in keys if key in self._pending}
-            for key, (_, _, text) in zip(keys, rows):
-                entry = self._pending.get(key)
-                # Started by an add behind every query: this query waits for it now, unless it
-                # was cancelled past the read-ahead's bound (then asked for again).
-                if isinstance(entry, Future) and not registry.promote_query(entry, [text]):
-                    entry = None
-                if entry is None:
-                    self._pending[key] = registry.submit_query([text], scope=self.user_id)
-            waiting = [self._pending[key] for key in keys]
-        vectors = []
-        for key, entry in zip(keys, waiting):
-            if isinstance(entry, Future):
-                try:
-                    entry = entry.result()[0]
-                except BaseException:
-                    with self._pending_lock:
-                        self._pending.pop(key, None)  # the next query asks again
-                    raise
-                with self._pending_lock:
-                    if key in self._pending:
-                        self._pending[key] = entry
-            vectors.append(entry)
-        return np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
-
-
-    def embedded(self, keys: list[tuple[uuid.UUID, object]]) -> dict:
-        """The embeddings already computed for pending messages ``[(id, updated_at)]``:
-        ``{key: (dim,) float32}``, leaving out those not asked for or still on their way."""
-        found = {}
-        with self._pending_lock:
-            for key in keys:
-                entry = self._pending.get(key)
-                if isinstance(entry, Future):
-                    if not entry.done() or entry.cancelled() or entry.exception() is not None:
-                        continue
-                    entry = entry.result()[0]
-                if entry is not None:
-                    found[key] = entry
-        return found
 
 
 class UserIndexCache(LRUCache):
@@ -195,13 +118,6 @@ def cached_user_index(user_id: uuid.UUID) -> UserIndex | None:
         return _user_cache().peek(user_id) if _cache is not None else None
 
 
-def embedded_pending(user_id: uuid.UUID, keys: list[tuple[uuid.UUID, object]]) -> dict:
-    """``UserIndex.embedded`` of the user if this process has them cached, else ``{}``: what
-    a flush may take instead of embedding again (``registry.queries_embed_documents``)."""
-    entry = cached_user_index(user_id)
-    return entry.embedded(keys) if entry is not None else {}
-
-
 def resized(entry: UserIndex) -> None:
     """Account for ``entry``'s new size (after its index was loaded or grew); it may evict
     others, or itself when it alone is over the bound (it then serves this query uncached)."""
@@ -219,10 +135,12 @@ def _store(cache: UserIndexCache, entry: UserIndex) -> None:
 
 
 def forget(user_id: uuid.UUID) -> None:
-    """Drop the user's entry (the user was deleted)."""
+    """Drop what this process holds of the user (deleted, or replaced by an import): their
+    entry, and the query model's recent calls for them (``registry.forget_recent_embeddings``)."""
     with _cache_lock:
         if _cache is not None:
             _cache.pop(user_id, None)
+    registry.forget_recent_embeddings(user_id)
 
 
 def cache_stats() -> dict:

@@ -108,14 +108,13 @@ def hybrid_search_stages(q: MemoryQuery, *, partial: bool = True) -> Iterator[tu
             # process last looked (embedding_model.ACTIVE_MODEL_TTL_SECONDS): follow it now.
             embedding_model.follow_active_model(force=True)
             query_embedding = registry.submit_query([query], scope=user_id).result()[0]
-            entry = user_index(user_id)
             flushed, pending, moved = vector.candidates(embedding=query_embedding, **search)
         if pending:
-            embeddings = entry.pending_embeddings([(doc_id, updated_at, text) for doc_id, updated_at, text, *_ in pending])
+            embeddings = vector.pending_embeddings(user_id=user_id, texts=[text for _, _, text, *_ in pending])
             flushed = sorted(flushed + vector.pending_scores(pending, embeddings, moved), key=lambda item: -item[1])
         ranked["vector"] = flushed[: config.vector_candidates]
         metrics.QUERY_STAGE_SECONDS.labels("vector").observe(time.perf_counter() - vector_start)
-    resized(entry)  # its index and pending embeddings, as they are now
+    resized(entry)  # its index, as it is now
     with metrics.query_stage("fusion"):
         hits = _fused(ranked, config, entry, speaker, limit=max(top_k, config.rerank_top_n) if config.rerank else top_k)
     if config.rerank:

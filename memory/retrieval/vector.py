@@ -34,8 +34,9 @@ leaves it, a trigger puts a copy in its place (migration 0010).
 ``q / beta + mean``: same direction).
 
 **Pending messages** (not flushed yet) have no embedding in the database. The newest
-``PENDING_EMBED_MAX`` of them are embedded on demand by the query model
-(``memory.retrieval.cache.UserIndex.pending_embeddings``) and scored like flushed ones, with
+``PENDING_EMBED_MAX`` of them are embedded by the query model (``pending_embeddings``: the
+add started them, ``registry.read_ahead``, and the model's recent calls of the user hold
+them) and scored like flushed ones, with
 their flushed (or also on-demand embedded) neighbours: a query finds what was just added,
 and the work a query may wait for is bounded however large a burst was. Older pending
 messages are found by BM25 until their flush.
@@ -52,6 +53,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from pgvector import Vector
 
+from memory.inference import registry
 from memory.pgvector_binary import use_binary_vectors
 from memory.retrieval.keys import DocKey
 
@@ -230,6 +232,24 @@ def search_statement(
             "SET LOCAL jit = off",
         ]
     return sql, params, local_settings
+
+
+def pending_embeddings(*, user_id: uuid.UUID, texts: list[str]) -> np.ndarray:
+    """Embeddings ``(len(texts), dim)`` float32 of pending messages' ``index_text`` of
+    ``user_id``, by the query model: read your writes.
+
+    One call per distinct text, scoped by the user (``registry.submit_query``): the call an
+    add started (``registry.read_ahead``) or an earlier query made is taken from the model's
+    recent calls (``RecentEmbeddings``, the one holder of pending embeddings) and waited for
+    at query priority; one cancelled past the read-ahead's bound, failed or forgotten is
+    asked again. Raises ``memory.inference.EmbeddingProcessError`` when the query process
+    fails (the failed call is forgotten: the next query asks again).
+    """
+    if not texts:
+        return np.zeros((0, 0), dtype=np.float32)
+    futures = {text: registry.submit_query([text], scope=user_id) for text in dict.fromkeys(texts)}
+    rows = {text: future.result()[0] for text, future in futures.items()}
+    return np.stack([rows[text] for text in texts])
 
 
 def pending_scores(pending: list[tuple], embeddings: np.ndarray, query: np.ndarray) -> list[tuple[DocKey, float]]:

@@ -22,7 +22,6 @@ from memory.inference import registry
 from memory.models import Message, Session
 from memory.operator import metrics
 from memory.pgvector_binary import VectorArray, use_binary_vectors
-from memory.retrieval import cache
 from memory.selectors import messages_by_ids
 from memory.services.common import _delete_messages, memory_version_bump
 from memory.services.sessions import session_get_or_create
@@ -161,7 +160,6 @@ def messages_add(*, session: Session, messages: list[MessageIn]) -> AddedMessage
     if job_queued:
         transaction.on_commit(lambda: events.notify_flush(user_id=session.user_id, priority=Priority.NORMAL))
     transaction.on_commit(lambda: metrics.MESSAGES_ADDED.inc(len(rows)))
-    transaction.on_commit(lambda: _prefetch_embeddings(session.user_id, rows))
     return AddedMessages(rows, pending=count, oldest_pending_age_s=round(float(oldest_age), 3))
 
 
@@ -191,38 +189,29 @@ def _tenant_of(session: Session) -> uuid.UUID:
 
 
 def _newest_to_embed(rows: list[Message]) -> list[Message]:
-    """The rows of an add that a query right after it embeds on demand (read your writes):
-    the newest ``PENDING_EMBED_MAX``, when the vector retriever and the read-ahead
-    (``READ_AHEAD_MAX``) are on."""
-    bound = settings.MEMFUSE["PENDING_EMBED_MAX"]
-    if bound <= 0 or settings.MEMFUSE["VECTOR_WEIGHT"] <= 0 or settings.MEMFUSE["READ_AHEAD_MAX"] <= 0:
+    """The rows of an add that a query right after it embeds (read your writes): the newest
+    ``PENDING_EMBED_MAX``, when the vector retriever, the read-ahead (``READ_AHEAD_MAX``) and
+    the query model's recent calls that hold its results (``RECENT_EMBEDDINGS``) are on."""
+    config = settings.MEMFUSE
+    bound = config["PENDING_EMBED_MAX"]
+    if bound <= 0 or config["VECTOR_WEIGHT"] <= 0 or config["READ_AHEAD_MAX"] <= 0:
+        return []
+    if config["RECENT_EMBEDDINGS"] <= 0 or config["RECENT_EMBEDDINGS_PER_USER"] <= 0:
         return []
     return rows[-bound:]
 
 
 def _start_embeddings(rows: list[Message]) -> None:
     """Start the query model on the newest of ``rows`` while they are written: the query that
-    follows an add finds them embedded, or nearly (the model's recent calls of the user are
-    shared by text). Behind every query, bounded per user and tenant (``registry.read_ahead``:
-    past the bound the oldest are cancelled); wasted only if the add fails."""
+    follows an add finds them embedded, or nearly, among the model's recent calls of the user
+    (``RecentEmbeddings``, shared by text), and so does their flush. Behind every query,
+    bounded per user and tenant (``registry.read_ahead``: past the bound the oldest are
+    cancelled); wasted only if the add fails."""
     newest = _newest_to_embed(rows)
     if newest:
         tenant_id = _tenant_of(newest[0].session)
         for row in newest:
             registry.read_ahead(row.index_text, user_id=row.user_id, tenant_id=tenant_id)
-
-
-def _prefetch_embeddings(user_id: uuid.UUID, rows: list[Message]) -> None:
-    """Keep the newest of ``rows`` (pending) embedding for the queries that will want them
-    before their flush: the chat pattern is an add, then a query (``UserIndex.prefetch``).
-    Their model calls started with the add (``_start_embeddings``)."""
-    newest = _newest_to_embed(rows)
-    if newest:
-        entry = cache.user_index(user_id)
-        entry.prefetch(
-            [(row.id, row.updated_at, row.index_text) for row in newest], tenant_id=_tenant_of(newest[0].session)
-        )
-        cache.resized(entry)
 
 
 def messages_update(*, session: Session, message_ids: list[uuid.UUID], new_messages: list[MessageIn]) -> list[Message]:
