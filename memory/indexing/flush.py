@@ -29,11 +29,11 @@ from django.db import connection, transaction
 from pgvector import Vector
 
 from buffers import events
+from memory import metrics
 from memory.facts.services import facts_queue
 from memory.indexing import active_model, ann, snapshots
 from memory.indexing.context import context_refresh, lock_context_writes
 from memory.inference import registry
-from memory.operator import metrics
 from memory.pgvector_binary import VectorArray, use_binary_vectors
 from memory.retrieval import cache
 from runtime.pool import is_database_unavailable

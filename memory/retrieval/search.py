@@ -15,9 +15,8 @@ from datetime import datetime
 
 from django.db import DataError, connection
 
-from memory import embedding_model
+from memory import embedding_model, metrics
 from memory.inference import registry
-from memory.operator import metrics
 from memory.retrieval import fusion, vector
 from memory.retrieval.cache import resized, user_index
 from memory.retrieval.config import RetrievalConfig

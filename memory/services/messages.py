@@ -16,11 +16,11 @@ from buffers import backlog, events
 from buffers import jobs as buffers_jobs
 from buffers.models import Priority
 from buffers.pending import pending_sql
+from memory import metrics
 from memory.errors import NotFound, Unavailable
 from memory.indexing.context import context_refresh
 from memory.inference import registry
 from memory.models import Message, Session
-from memory.operator import metrics
 from memory.pgvector_binary import VectorArray, use_binary_vectors
 from memory.retrieval import cache
 from memory.selectors import messages_by_ids
