@@ -20,11 +20,10 @@ from django.db import connection, transaction
 from django.utils import timezone
 from pgvector import Vector
 
-from memory import embedding_model
+from memory import embedding_guard, embedding_model
 from memory.facts import prompts, times
 from memory.facts.models import FactJob, LlmCall
 from memory.facts.selectors import facts_similar
-from memory.indexing import active_model
 from memory.inference import BACKGROUND, llm, registry
 from memory.pgvector_binary import VectorArray, use_binary_vectors
 
@@ -312,7 +311,7 @@ def _write(job: FactJob, decisions, *, generation: int | None) -> int:
     window was read are not written, and a fact left with none is dropped."""
     written = 0
     with transaction.atomic(), connection.cursor() as cursor:
-        active_model.guard_write(cursor, generation=generation)
+        embedding_guard.guard_write(cursor, generation=generation)
         cursor.execute("SELECT FROM memory_user WHERE id = %s FOR KEY SHARE", [job.user_id])
         if cursor.rowcount != 1:
             return 0
@@ -417,7 +416,7 @@ def facts_run_job(job: FactJob) -> int:
                 try:
                     written = _write(job, decisions, generation=generation)
                     break
-                except active_model.ModelChanged:
+                except embedding_guard.ModelChanged:
                     embedding_model.follow_active_model(force=True)
     except Exception as exc:
         _fail(job, exc)
@@ -511,7 +510,7 @@ def facts_reembed(*, embed=None, generation: int | None = None, batch_size: int 
         vectors = embed([text for _, text in rows])
         try:
             with transaction.atomic(), connection.cursor() as cursor:
-                active_model.guard_write(cursor, generation=generation)
+                embedding_guard.guard_write(cursor, generation=generation)
                 use_binary_vectors(cursor)
                 cursor.execute(
                     "UPDATE memory_fact f SET embedding = v.embedding, embedding_generation = %(generation)s "
@@ -522,7 +521,7 @@ def facts_reembed(*, embed=None, generation: int | None = None, batch_size: int 
                         "vectors": VectorArray(Vector(vector) for vector in vectors),
                     },
                 )
-        except active_model.ModelChanged:
+        except embedding_guard.ModelChanged:
             return done
         done += len(rows)
 

@@ -296,7 +296,7 @@ def messages_insert_bulk(
     row ``i``'s document embedding, or ``None`` (the row is pending; with one it is stored as
     flushed and the context embeddings around it are derived as a flush does). The caller's
     transaction holds the user's lock (``memory_version_bump``, whose ``ann_bucket`` is
-    ``bucket``) and, with embeddings, the write guard (``active_model.guard_write``).
+    ``bucket``) and, with embeddings, the write guard (``embedding_guard.guard_write``).
     ``next_position`` of the sessions is the caller's to move past the rows.
     """
     now = timezone.now()
