@@ -30,7 +30,7 @@ from pgvector import Vector
 
 from buffers import events
 from memory import embedding_guard, metrics
-from memory.facts.services import facts_queue
+from memory.facts.jobs import facts_queue
 from memory.indexing import ann, snapshots
 from memory.indexing.context import context_refresh, lock_context_writes
 from memory.inference import registry

@@ -53,7 +53,7 @@ from pgvector import Vector
 from memory import inference
 from memory.embedding_guard import SWITCH_LOCK_KEY
 from memory.embedding_model import forget_active_model
-from memory.facts.services import facts_reembed
+from memory.facts.reembed import facts_reembed
 from memory.indexing.context import context_refresh_all
 from memory.indexing.reembed_columns import HNSW_INDEX, reembed_drop_old, swap_columns
 from memory.inference import registry
