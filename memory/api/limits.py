@@ -28,6 +28,7 @@ from rest_framework import exceptions
 from rest_framework.parsers import JSONParser
 from rest_framework.utils.json import strict_constant
 
+from memory.api.errors import error_body, send_json
 from memory.tenancy import PRINCIPAL_SCOPE_KEY, Principal
 from memory.validation import JSONTooDeep, check_depth
 
@@ -172,6 +173,4 @@ def content_length(scope) -> int | None:
 
 
 async def _send_413(send, limit: int, setting: str) -> None:
-    from memory.api.errors import error_body, send_json
-
     await send_json(send, 413, error_body(413, too_large_message(limit, setting=setting)), close=True)

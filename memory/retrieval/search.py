@@ -17,6 +17,7 @@ from django.db import DataError, connection
 
 from memory import embedding_model, metrics
 from memory.inference import registry
+from memory.models import Session
 from memory.retrieval import fusion, vector
 from memory.retrieval.cache import resized, user_index
 from memory.retrieval.config import RetrievalConfig
@@ -59,8 +60,6 @@ def hybrid_search_stages(
     config = config or RetrievalConfig.from_settings()
     sessions = None
     if agent_id is not None:
-        from memory.models import Session
-
         sessions = list(Session.objects.filter(user_id=user_id, agent_id=agent_id).values_list("id", flat=True))
     ranked: dict[str, list] = {}
     # The query is embedded while BM25 runs (its SQL, and a cold user's index load): both are
