@@ -9,9 +9,9 @@ class MemoryConfig(AppConfig):
         """This app's models: ``memory.models`` and the facts layer's (``memory.facts.models``).
 
         Django registers an app's models while it imports them, before any ``ready()``. The
-        facts layer keeps its models in its own package, which imports ``memory.models``
-        (and, through its services, rooms that do too): imported here rather than from
-        ``memory.models``, so that ``memory.models`` stays below the facts layer."""
+        facts layer keeps its models in its own package, whose modules import
+        ``memory.models``: imported here rather than from ``memory.models``, so that
+        ``memory.models`` stays below the facts layer."""
         super().import_models()
         from memory.facts import models  # noqa: F401  (registers Fact, FactSource, FactJob, LlmCall)
 
