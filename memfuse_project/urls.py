@@ -3,8 +3,7 @@ from django.urls import include, path
 from django.views.generic import TemplateView
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from memory.operator.dashboard import DashboardStatsView, dashboard
-from memory.operator.metrics_view import metrics_view
+from memory.api.operator import DashboardStatsView, dashboard, metrics_view
 
 urlpatterns = [
     path("admin/dashboard/", admin.site.admin_view(dashboard), name="memfuse-dashboard"),

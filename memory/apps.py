@@ -5,6 +5,16 @@ class MemoryConfig(AppConfig):
     name = "memory"
     verbose_name = "Memory"
 
+    def import_models(self) -> None:
+        """This app's models: ``memory.models`` and the facts layer's (``memory.facts.models``).
+
+        Django registers an app's models while it imports them, before any ``ready()``. The
+        facts layer keeps its models in its own package, whose modules import
+        ``memory.models``: imported here rather than from ``memory.models``, so that
+        ``memory.models`` stays below the facts layer."""
+        super().import_models()
+        from memory.facts import models  # noqa: F401  (registers Fact, FactSource, FactJob, LlmCall)
+
     def ready(self) -> None:
         """Register the system checks and give ``buffers`` this app's flush. Loads no model:
         a serving process's entry point does (``memory.startup.load_models``), so that

@@ -8,7 +8,7 @@ embeds (web, ``runworker``, their inference children) reads the row at most ever
 (``registry.use_embedding_model``).
 
 A vector must never be written by one model into columns that hold another's: every write
-of embeddings (a flush's, a knowledge item's) runs ``memory.indexing.active_model.guard_write``
+of embeddings (a flush's, a knowledge item's) runs ``memory.embedding_guard.guard_write``
 in its transaction. It takes a shared transaction-level advisory lock, which the switch takes
 exclusively, and checks that the active model is still the one that embedded; if not it raises
 ``ModelChanged`` and the caller embeds again with the new model.

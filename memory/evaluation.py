@@ -31,8 +31,10 @@ from tqdm import tqdm
 
 from memory import selectors
 from memory.api.serializers import RetrievalOverrides
+from memory.facts import worker
 from memory.indexing.flush import flush_pending
-from memory.models import Agent, Tenant, User
+from memory.inference import llm
+from memory.models import Agent, Message, Tenant, User
 from memory.portability import importer
 from memory.portability.locomo import DIA_ID_KEY, conversation_sessions, locomo_records
 from memory.retrieval import MemoryQuery, RetrievalConfig
@@ -107,8 +109,6 @@ def eval_layers(value: str, *, write) -> list[str]:
     """The layers of ``--layers`` (``"m0,m1"``); ``m1`` without an LLM (``LLM_BASE_URL``
     unset) is dropped, and the run says it reports M0 only. Raises ``CommandError`` for an
     unknown layer."""
-    from memory.inference import llm
-
     layers = [layer.strip() for layer in value.split(",") if layer.strip()]
     unknown = sorted(set(layers) - {"m0", "m1"})
     if unknown or not layers:
@@ -122,8 +122,6 @@ def eval_layers(value: str, *, write) -> list[str]:
 def extract_facts() -> None:
     """Run the facts layer's extraction of the flushed conversations until no job is left
     (in this process: ``memory.facts.worker.run_once``)."""
-    from memory.facts import worker
-
     worker.run_once()
 
 
@@ -196,8 +194,6 @@ def ask(conversations: list[dict], users: list, config: RetrievalConfig, *, laye
     layers = tuple(layers or ["m0"])
     dia_ids = {}
     if "m1" in layers:
-        from memory.models import Message
-
         dia_ids = {
             str(pk): metadata.get(DIA_ID_KEY)
             for pk, metadata in Message.objects.filter(user__in=users).values_list("pk", "metadata")

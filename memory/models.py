@@ -408,8 +408,3 @@ class EmbeddingModel(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.dimension} dims, {self.state})"
-
-
-# The facts layer (M1) keeps its models in its own package; imported here so that they are
-# this app's models.
-from memory.facts.models import Fact, FactJob, FactSource, LlmCall  # noqa: E402, F401

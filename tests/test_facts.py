@@ -14,9 +14,10 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 from django.utils import timezone
 
-from memory.facts import services as facts
-from memory.facts import times, worker
+from memory.facts import jobs, times, worker
 from memory.facts.models import Fact, FactJob, FactSource, LlmCall
+from memory.facts.provenance import facts_sweep
+from memory.facts.reembed import facts_reembed
 from memory.indexing.flush import flush_pending
 from memory.services.messages import MessageIn, messages_add, messages_delete, messages_update
 from memory.services.sessions import session_delete
@@ -194,7 +195,7 @@ def test_a_job_is_dead_after_its_attempts_and_a_rerun_queues_it(llm_on, settings
     job = FactJob.objects.get(session=alice_session)
     assert job.state == FactJob.State.DEAD and "500" in job.last_error
     llm_on.mode = "ok"
-    assert facts.facts_rerun(job_ids=[job.pk]) == 1
+    assert jobs.facts_rerun(job_ids=[job.pk]) == 1
     worker.run_once()
     assert len(live_facts(alice)) == 1
 
@@ -258,7 +259,7 @@ def test_deleting_the_source_message_removes_the_fact(llm_on, api, alice, alice_
     assert any(r["layer"] == "m1" for r in query(api, alice.pk, "grey cat Miso"))
     messages_delete(session=alice_session, message_ids=[rows[0].pk])
     assert not [r for r in query(api, alice.pk, "grey cat Miso") if r["layer"] == "m1"]
-    assert facts.facts_sweep() == 1
+    assert facts_sweep() == 1
     assert not Fact.objects.filter(user=alice).exists()
 
 
@@ -275,7 +276,7 @@ def test_editing_the_source_message_replaces_its_facts(llm_on, api, alice, alice
     assert not [r for r in query(api, alice.pk, "grey cat Miso") if r["layer"] == "m1"]
     flush_pending(user_id=alice.pk)
     worker.run_once()
-    facts.facts_sweep()
+    facts_sweep()
     assert [f.text for f in live_facts(alice)] == ["I adopted a black dog called Rex last Saturday."]
 
 
@@ -294,7 +295,7 @@ def test_deleting_a_session_removes_its_facts(llm_on, alice, alice_session):
     flush_pending(user_id=alice.pk)
     worker.run_once()
     session_delete(session=alice_session)
-    facts.facts_sweep()
+    facts_sweep()
     assert not Fact.objects.exists()
 
 
@@ -497,7 +498,7 @@ def test_reembed_covers_facts_without_calling_the_llm(llm_on, alice, alice_sessi
     fact = Fact.objects.get()
     assert len(fact.embedding) == TINY_DIM and fact.embedding_generation is not None
     assert llm_on.calls == calls
-    assert facts.facts_reembed() == 0  # nothing left of the old model
+    assert facts_reembed() == 0  # nothing left of the old model
 
 
 # --- export and import ----------------------------------------------------------------------------
@@ -578,7 +579,7 @@ def test_a_run_whose_claim_was_taken_over_writes_nothing(llm_on, alice, alice_se
     """A run that outlived its lease, whose job another worker claimed since, writes no fact."""
     say(alice_session, "I adopted a grey cat called Miso yesterday afternoon.")
     flush_pending(user_id=alice.pk)
-    job = facts.facts_claim()
+    job = jobs.facts_claim()
     FactJob.objects.filter(pk=job.pk).update(attempts=job.attempts + 1)  # claimed again elsewhere
-    assert facts.facts_run_job(job) == 0
+    assert jobs.facts_run_job(job) == 0
     assert not Fact.objects.exists()

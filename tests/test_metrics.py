@@ -109,7 +109,7 @@ def test_counters_move_after_an_add_a_query_and_a_flush(
     assert after_flush[("memfuse_flush_jobs", (("state", "failed"),))] == 0
 
 
-COUNT_ADDS = "import sys; from memory.operator import metrics; metrics.MESSAGES_ADDED.inc(int(sys.argv[1]))"
+COUNT_ADDS = "import sys; from memory import metrics; metrics.MESSAGES_ADDED.inc(int(sys.argv[1]))"
 SCRAPE = (
     "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'tests.settings'); django.setup(); "
     "from memory.operator.exposition import scrape; print(scrape().decode())"

@@ -21,8 +21,7 @@ import pytest
 from django.conf import settings
 from django.db import connection, transaction
 
-from memory import checks, embedding_model, selectors
-from memory.indexing import active_model
+from memory import checks, embedding_guard, embedding_model, selectors
 from memory.indexing.flush import flush_pending
 from memory.indexing.reembed import DocumentEmbedder, reembed_run
 from memory.indexing.reembed_columns import HNSW_INDEX, reembed_abort
@@ -315,7 +314,7 @@ def test_a_flush_write_embedded_by_a_replaced_model_is_refused(alice_session):
     claimed = flush._claim(user_id=alice_session.user_id, session_id=None, token=token, limit=10)
     ids = [row[0] for row in claimed]
 
-    with pytest.raises(active_model.ModelChanged):
+    with pytest.raises(embedding_guard.ModelChanged):
         flush._write(
             user_id=alice_session.user_id, token=token, ids=ids, vectors=np.zeros((1, 384)), generation=12345
         )
@@ -338,11 +337,11 @@ def test_embed_guarded_embeds_and_writes_again_with_the_active_model_after_a_swi
     def write(vectors: str, generation: int | None) -> str:
         generations.append(generation)
         with transaction.atomic(), connection.cursor() as cursor:
-            active_model.guard_write(cursor, generation=generation)
+            embedding_guard.guard_write(cursor, generation=generation)
             cursor.execute("UPDATE memory_user SET description = %s WHERE id = %s", [vectors, alice.pk])
         return vectors
 
-    written = active_model.embed_guarded(embed, write, generation=12345, on_change=lambda: changes.append(1))
+    written = embedding_guard.embed_guarded(embed, write, generation=12345, on_change=lambda: changes.append(1))
 
     assert written == "vectors 2" and embedded == [0, 1] and changes == [1]
     assert generations == [12345, embedding_model.active_model(max_age=0.0).id]

@@ -9,7 +9,7 @@ from django.core.handlers.asgi import ASGIRequest
 from django.db import close_old_connections, connections
 from rest_framework.views import APIView
 
-from memory.operator import metrics
+from memory import metrics
 
 
 def _run_view_concurrently(view, request, *args, **kwargs):

@@ -24,6 +24,7 @@ from memory.errors import InvalidInput, NotFound, Unauthenticated, error_for
 from memory.models import Session
 from memory.services.messages import AddedMessages, messages_add
 from memory.tenancy import Principal
+from memory.validation import JSONTooDeep
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ class SessionConsumer(AsyncJsonWebsocketConsumer):
             return
         try:
             content = await self.decode_json(text_data)
-        except limits.JSONTooDeep as exc:
+        except JSONTooDeep as exc:
             await self.send_error(None, 400, str(exc), [{"field": exc.path, "message": str(exc)}])
             return
         except ValueError as exc:  # JSONDecodeError, a number out of range

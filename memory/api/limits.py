@@ -9,7 +9,8 @@ Every limit is a setting (``MEMFUSE``; docs/configuration.md, "Limits"):
 - ``WS_MAX_FRAME_BYTES``: a WebSocket text frame over it gets a 413 error frame, unparsed;
 - ``MAX_JSON_DEPTH``: JSON nested deeper (objects and arrays, the document itself being
   level 1) is a 400 naming the limit: Python's decoder recurses per level (5,000 levels were
-  a ``RecursionError``, a 500), and so do our validators and PostgreSQL's ``jsonb`` input.
+  a ``RecursionError``, a 500), and so do our validators and PostgreSQL's ``jsonb`` input
+  (``memory.validation.check_depth``, which the import's records use too).
 
 Numbers: ``NaN`` and ``Infinity`` are refused (DRF's strict JSON), and so are numbers too
 large for a float (``1e400``, which Python reads as infinity and ``jsonb`` cannot store).
@@ -27,7 +28,9 @@ from rest_framework import exceptions
 from rest_framework.parsers import JSONParser
 from rest_framework.utils.json import strict_constant
 
+from memory.api.errors import error_body, send_json
 from memory.tenancy import PRINCIPAL_SCOPE_KEY, Principal
+from memory.validation import JSONTooDeep, check_depth
 
 IMPORT_PATH = re.compile(r"^/api/v1/users/(?P<user_id>[^/]+)/import/?$")
 
@@ -37,18 +40,6 @@ class RequestTooLarge(exceptions.APIException):
 
     status_code = 413
     default_code = "request_too_large"
-
-
-class JSONTooDeep(ValueError):
-    """JSON nested deeper than ``MAX_JSON_DEPTH``; ``path`` names where (``messages[0].metadata.a``), if known."""
-
-    def __init__(self, path: str | None = None):
-        self.path = path
-        super().__init__(too_deep_message())
-
-
-def too_deep_message() -> str:
-    return f"JSON nested deeper than {settings.MEMFUSE['MAX_JSON_DEPTH']} levels (MAX_JSON_DEPTH)"
 
 
 def too_large_message(limit: int, what: str = "request body", setting: str = "MAX_REQUEST_BYTES") -> str:
@@ -74,41 +65,6 @@ def loads(text: str | bytes):
         raise JSONTooDeep() from None
     check_depth(value)
     return value
-
-
-def check_depth(value, limit: int | None = None) -> None:
-    """Raise ``JSONTooDeep`` (with the path of the first too-deep value) if ``value`` nests past ``limit``.
-
-    Iterative (a decoded document may be nested up to the interpreter's recursion limit):
-    one pass over the containers; the path is worked out only for a refusal.
-    """
-    limit = settings.MEMFUSE["MAX_JSON_DEPTH"] if limit is None else limit
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        if depth > limit:
-            raise JSONTooDeep(_path_to_depth(value, limit + 1))
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-
-
-def _path_to_depth(value, depth: int) -> str | None:
-    """The field name (``messages[0].metadata.a``) of the first container at ``depth`` in ``value``."""
-    stack = [(value, 1, "")]
-    while stack:
-        item, level, path = stack.pop()
-        if level == depth:
-            return path or None
-        if isinstance(item, dict):
-            stack.extend((child, level + 1, f"{path}.{key}" if path else str(key)) for key, child in item.items() if isinstance(child, dict | list))
-        elif isinstance(item, list):
-            stack.extend((child, level + 1, f"{path}[{index}]") for index, child in enumerate(item) if isinstance(child, dict | list))
-    return None
 
 
 class BoundedJSONParser(JSONParser):
@@ -217,6 +173,4 @@ def content_length(scope) -> int | None:
 
 
 async def _send_413(send, limit: int, setting: str) -> None:
-    from memory.api.errors import error_body, send_json
-
     await send_json(send, 413, error_body(413, too_large_message(limit, setting=setting)), close=True)

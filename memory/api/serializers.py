@@ -18,6 +18,7 @@ from memory.inference import llm
 from memory.models import Agent, ApiKey, Knowledge, Message, Role, Session, User
 from memory.retrieval import MemoryQuery, RetrievalConfig
 from memory.services.messages import MessageIn
+from memory.validation import UNSTORABLE, jsonb_storable, storable
 
 # One instance of each ``reusable`` serializer class, its fields built and bound once.
 _reusable: dict[type[serializers.Serializer], serializers.Serializer] = {}
@@ -64,21 +65,6 @@ def validated(serializer_class: type[serializers.Serializer], data) -> dict:
     return serializer.validated_data
 
 
-def storable(value: str) -> bool:
-    """Whether PostgreSQL can store ``value`` as text: UTF-8 encodable (no unpaired surrogate,
-    which JSON's ``\\ud800`` escapes can produce) and without NUL (refused in text and jsonb)."""
-    if "\x00" in value:
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-UNSTORABLE = "Must be valid Unicode text without NUL characters or unpaired surrogates."
-
-
 class StrictCharField(serializers.CharField):
     """A ``CharField`` that accepts only JSON strings that PostgreSQL can store."""
 
@@ -99,19 +85,9 @@ class JSONObjectField(serializers.DictField):
 
     def to_internal_value(self, data):
         value = super().to_internal_value(data)
-        if not self._storable(value):
+        if not jsonb_storable(value):
             self.fail("unstorable")
         return value
-
-    @classmethod
-    def _storable(cls, value) -> bool:
-        if isinstance(value, str):
-            return storable(value)
-        if isinstance(value, dict):
-            return all(storable(key) and cls._storable(item) for key, item in value.items())
-        if isinstance(value, list):
-            return all(cls._storable(item) for item in value)
-        return True
 
 
 class StrictIntegerField(serializers.IntegerField):

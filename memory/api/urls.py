@@ -6,8 +6,7 @@ redirect a POST to add a slash, so both forms are routed directly.
 
 from django.urls import re_path
 
-from memory.api import portability, views
-from memory.operator.dashboard import AdminStatsView
+from memory.api import operator, portability, views
 
 ID = r"(?P<{}>[^/]+)"
 
@@ -18,7 +17,7 @@ def route(pattern: str, view, name: str):
 
 urlpatterns = [
     route("health", views.HealthView, "health"),
-    route("admin/stats", AdminStatsView, "admin-stats"),
+    route("admin/stats", operator.AdminStatsView, "admin-stats"),
     route("users", views.UsersView, "users"),
     route(f"users/{ID.format('user_id')}", views.UserDetailView, "user-detail"),
     route(f"users/{ID.format('user_id')}/query", views.UserQueryView, "user-query"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from django.contrib import admin, messages
 
-from memory.facts import services
+from memory.facts import jobs
 from memory.facts.models import Fact, FactJob, FactSource
 
 
@@ -77,5 +77,5 @@ class FactJobAdmin(admin.ModelAdmin):
 
     @admin.action(description="Re-run the selected jobs (dead or done)")
     def rerun(self, request, queryset):
-        count = services.facts_rerun(job_ids=list(queryset.values_list("pk", flat=True)))
+        count = jobs.facts_rerun(job_ids=list(queryset.values_list("pk", flat=True)))
         self.message_user(request, f"{count} jobs queued again.", messages.SUCCESS)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from memory.facts.selectors import facts_stats
 from memory.inference import llm
 
 _FIGURES = [
@@ -40,8 +41,6 @@ class FactsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         if not llm.enabled():
             return
-        from memory.facts.selectors import facts_stats
-
         stats = facts_stats()
         for key, name, doc in _FIGURES:
             metric = GaugeMetricFamily(name, doc, labels=["tenant"])

@@ -3,7 +3,7 @@
 A ``Fact`` is scoped to one user; its ``FactSource`` rows name the messages (and the version
 of each, its ``seq``) it was extracted from. A fact is *live* while at least one source
 message still exists with the ``seq`` it had: a deleted or edited message takes its facts
-with it (``memory.facts.services.facts_sweep``; reads check the sources themselves). A fact
+with it (``memory.facts.provenance.facts_sweep``; reads check the sources themselves). A fact
 replaced by consolidation's UPDATE keeps its row and points at its successor
 (``superseded_by``), so a fact's history is the chain of versions.
 
@@ -55,7 +55,7 @@ class Fact(models.Model):
     model = models.CharField(max_length=255)
     embedding = VectorField(dimensions=EMBEDDING_DIM, null=True, blank=True)
     # The EmbeddingModel row active when ``embedding`` was written (NULL: the configured model,
-    # no reembed yet). A fact of another model is re-embedded (memory.facts.services.facts_reembed)
+    # no reembed yet). A fact of another model is re-embedded (memory.facts.reembed.facts_reembed)
     # and meanwhile found by its words only.
     embedding_generation = models.BigIntegerField(null=True, blank=True)
     search_vector = models.GeneratedField(
@@ -87,7 +87,7 @@ class FactSource(models.Model):
     """A message a fact was extracted from, at the version (``seq``) it was read in.
 
     ``message_id`` is not a foreign key: messages are deleted by plain SQL
-    (``memory.services._delete_messages``); a source whose message is gone, or whose ``seq``
+    (``memory.services.common._delete_messages``); a source whose message is gone, or whose ``seq``
     changed (an edit), no longer supports its fact.
     """
 

@@ -16,8 +16,7 @@ from datetime import date
 from django.db import connection, transaction
 from pgvector import Vector
 
-from memory import embedding_model
-from memory.indexing import active_model
+from memory import embedding_guard, embedding_model
 from memory.inference import BACKGROUND, registry
 from memory.pgvector_binary import use_binary_vectors
 
@@ -144,7 +143,7 @@ def _import_batch(batch: list[dict], *, user_id: uuid.UUID, links: list) -> int:
     vectors = registry.embed([values["content"] for values in batch], priority=BACKGROUND)
     written = 0
     with transaction.atomic(), connection.cursor() as cursor:
-        active_model.guard_write(cursor, generation=generation)
+        embedding_guard.guard_write(cursor, generation=generation)
         cursor.execute("SELECT FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
         if cursor.rowcount != 1:
             return 0

@@ -16,6 +16,7 @@ from django.db import connection
 from pgvector import Vector
 
 from memory.embedding_model import active_model
+from memory.inference import llm, registry
 from memory.pgvector_binary import use_binary_vectors
 
 _LIVE = """
@@ -156,8 +157,6 @@ def fact_history(*, user_id: uuid.UUID, fact_id: uuid.UUID) -> list[dict]:
 
 def default_layers() -> list[str]:
     """``["m0", "m1"]`` while the facts layer is on, else ``["m0"]``."""
-    from memory.inference import llm
-
     return ["m0", "m1"] if llm.enabled() else ["m0"]
 
 
@@ -168,8 +167,6 @@ def with_facts(*, user_id: uuid.UUID, query: str, top_k: int, messages: list[dic
     scores and M1's are not on one scale) and cut to ``top_k``; ties keep M0 first. The query's
     embedding is the one M0's search asked for (``registry.submit_query`` with the user's
     scope returns that call). Raises ``memory.inference.EmbeddingProcessError`` like M0."""
-    from memory.inference import registry
-
     for result in messages:
         result["layer"] = "m0"
     if "m1" not in layers:

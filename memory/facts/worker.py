@@ -16,7 +16,9 @@ import time
 from django.conf import settings
 from django.db import close_old_connections, connection
 
-from memory.facts import services
+from memory.facts import jobs
+from memory.facts.provenance import facts_sweep
+from memory.facts.reembed import facts_reembed
 from memory.inference import llm
 
 logger = logging.getLogger(__name__)
@@ -30,8 +32,8 @@ def run_once() -> int:
     """Claim and run runnable jobs until none is left; returns the jobs run. For tests and
     for ``runfacts --once``."""
     ran = 0
-    while (job := services.facts_claim()) is not None:
-        services.facts_run_job(job)
+    while (job := jobs.facts_claim()) is not None:
+        jobs.facts_run_job(job)
         ran += 1
     return ran
 
@@ -43,14 +45,14 @@ def run_forever(stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             close_old_connections()
-            job = services.facts_claim()
+            job = jobs.facts_claim()
             if job is not None:
-                services.facts_run_job(job)
+                jobs.facts_run_job(job)
                 continue
             if time.monotonic() - last_sweep > SWEEP_SECONDS:
-                services.facts_sweep()
-                services.facts_purge()
-                services.facts_reembed()
+                facts_sweep()
+                jobs.facts_purge()
+                facts_reembed()
                 last_sweep = time.monotonic()
         except Exception:
             logger.warning("facts worker failed; retrying", exc_info=True)

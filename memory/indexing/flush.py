@@ -29,11 +29,11 @@ from django.db import connection, transaction
 from pgvector import Vector
 
 from buffers import events
-from memory.facts.services import facts_queue
-from memory.indexing import active_model, ann, snapshots
+from memory import embedding_guard, metrics
+from memory.facts.jobs import facts_queue
+from memory.indexing import ann, snapshots
 from memory.indexing.context import context_refresh, lock_context_writes
 from memory.inference import registry
-from memory.operator import metrics
 from memory.pgvector_binary import VectorArray, use_binary_vectors
 from runtime.pool import is_database_unavailable
 
@@ -92,11 +92,11 @@ def _write(
 
     ``generation``: the active embedding model the vectors come from (what
     ``embedding_model.follow_active_model`` returned before embedding); raises
-    ``active_model.ModelChanged``, writing nothing, when a ``reembed`` switched since.
+    ``embedding_guard.ModelChanged``, writing nothing, when a ``reembed`` switched since.
     """
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(_NO_FSYNC)
-        active_model.guard_write(cursor, generation=generation)
+        embedding_guard.guard_write(cursor, generation=generation)
         cursor.execute("SELECT FROM memory_user WHERE id = %s FOR KEY SHARE", [user_id])
         if cursor.rowcount != 1:
             return []  # the user was deleted meanwhile
@@ -300,7 +300,7 @@ def _flush_batches(
 
         # A reembed that switches the columns while a batch is embedded leaves the rows ours
         # (claimed): embed_guarded embeds them again with the new model.
-        written = active_model.embed_guarded(
+        written = embedding_guard.embed_guarded(
             embed,
             lambda vectors, generation, ids=ids: _write(
                 user_id=user_id, token=token, ids=ids, vectors=vectors, generation=generation

@@ -21,7 +21,7 @@ one short transaction then swaps them in. Phases (``PHASES``), each resumable af
    context embeddings recomputed, as are those of users with deletions since), without locks,
    pass after pass, until fewer than a batch remain.
 6. **switch**, one transaction: the advisory lock every embedding write takes shared
-   (``memory.indexing.active_model.guard_write``), taken exclusively, and ``LOCK TABLE ... IN
+   (``memory.embedding_guard.guard_write``), taken exclusively, and ``LOCK TABLE ... IN
    EXCLUSIVE MODE`` (writes wait, queries go on); the last rows are caught up (under a
    batch: a fraction of a second); then ``ACCESS EXCLUSIVE`` for the renames (instant):
    ``embedding`` becomes ``embedding_old`` and ``embedding_next`` ``embedding`` (so for the
@@ -51,9 +51,9 @@ from django.utils import timezone
 from pgvector import Vector
 
 from memory import inference
+from memory.embedding_guard import SWITCH_LOCK_KEY
 from memory.embedding_model import forget_active_model
-from memory.facts.services import facts_reembed
-from memory.indexing.active_model import SWITCH_LOCK_KEY
+from memory.facts.reembed import facts_reembed
 from memory.indexing.context import context_refresh_all
 from memory.indexing.reembed_columns import HNSW_INDEX, reembed_drop_old, swap_columns
 from memory.inference import registry

@@ -105,7 +105,7 @@ class ModelRegistry:
         ``reembed`` switched the stored vectors to it (``memory.embedding_model``). Drops the
         embedding models, their batchers and child processes (not the reranker); the next call
         loads ``path``. Requests in flight on the old model finish on it (their callers then see
-        the new model's vectors stored: ``memory.indexing.active_model.ModelChanged``). Returns
+        the new model's vectors stored: ``memory.embedding_guard.ModelChanged``). Returns
         whether anything changed.
         """
         with self._lock:

@@ -47,6 +47,7 @@ from memory.services.messages import messages_add, messages_add_to_named_session
 from memory.services.sessions import session_delete
 from memory.services.users import user_delete, user_get_or_create
 from memory.tenancy import Principal
+from memory.validation import storable
 
 PRINCIPAL_SCOPE_KEY = "memfuse.principal"  # set on the ASGI scope by memory.mcp.http
 DEFAULT_AGENT = "mcp"  # the agent and session names memory_add uses when none is given
@@ -164,14 +165,14 @@ def _user_ref(user: str | None) -> uuid.UUID | str | None:
     Raises ``InvalidInput`` (argument ``user``) for a value that is neither."""
     if user is None:
         return None
-    if not isinstance(user, str) or not user.strip() or len(user) > 255 or not s.storable(user):
+    if not isinstance(user, str) or not user.strip() or len(user) > 255 or not storable(user):
         raise InvalidInput("user must be a user's name or id (1 to 255 characters)", field="user")
     return _as_uuid(user) or user
 
 
 def _name(value: str, field: str) -> str:
     """An agent's or session's name argument; ``InvalidInput`` naming ``field`` unless storable, 1 to 255 characters."""
-    if not value.strip() or len(value) > 255 or not s.storable(value):
+    if not value.strip() or len(value) > 255 or not storable(value):
         raise InvalidInput(f"{field} must be a name of 1 to 255 characters", field=field)
     return value
 

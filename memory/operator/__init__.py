@@ -1,8 +1,9 @@
 """Operator figures: what an operator reads about the running service.
 
-- ``metrics``: Prometheus counters and histograms of events, recorded where they happen.
 - ``stats``: the snapshot of this process and of the database (pool, models, cache, buffers).
-- ``exposition``: both as the Prometheus text format; ``metrics_view``: ``GET /metrics``.
+- ``exposition``: the events (``memory.metrics``) and that snapshot as the Prometheus text format.
 - ``history``: the last hour of samples, drawn as the dashboard's charts.
-- ``dashboard``: the admin dashboard page and ``GET /api/v1/admin/stats``.
+
+Their HTTP views (the dashboard, ``GET /api/v1/admin/stats``, ``GET /metrics``) are the API's:
+``memory.api.operator``.
 """

@@ -2,7 +2,7 @@
 
 Two kinds of figures:
 
-- Events counted where they happen (``memory.operator.metrics``).
+- Events counted where they happen (``memory.metrics``).
 - Snapshots read at scrape time by ``OperatorCollector``, the dashboard's figures
   (``memory.operator.stats``): the database pool, the model registry's counters, the per-user
   cache, the pending messages and the flush jobs.
@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from memory.facts.metrics import FactsCollector
-from memory.operator.metrics import EVENTS, multiprocess
+from memory.metrics import EVENTS, multiprocess
 from memory.operator.stats import operator_stats
 
 

@@ -1,7 +1,7 @@
 """The last hour of this process's figures, for the dashboard's charts.
 
 A daemon thread (``start``, in web processes: ``memfuse_project.serving``) samples every ``DASHBOARD_SAMPLE_SECONDS``
-the counters of ``memory.operator.metrics`` (adds, queries and their latency histogram, flushes,
+the counters of ``memory.metrics`` (adds, queries and their latency histogram, flushes,
 errors) and the pending backlog (one count on the partial index of pending rows); ``charts``
 turns consecutive samples into rates per second, the query p95 of each interval (from the
 histogram's buckets: the upper bound of the bucket holding the 95th percentile) and the
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.db import connection
 
-from memory.operator import metrics
+from memory import metrics
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from django.conf import settings
 from django.db import connection, transaction
 from pgvector import Vector
 
+from memory import embedding_guard
 from memory.errors import NotFound
-from memory.indexing import active_model
 from memory.inference import registry
 from memory.pgvector_binary import use_binary_vectors
 from memory.portability import staging
@@ -58,7 +58,7 @@ def _write_run(
     def write(_, generation: int | None) -> tuple[int, dict | None]:
         with transaction.atomic(), connection.cursor() as cursor:
             if use_embeddings:
-                active_model.guard_write(cursor, generation=generation)
+                embedding_guard.guard_write(cursor, generation=generation)
             bucket = memory_version_bump(target_id)
             cursor.execute("SELECT 1 FROM memory_session WHERE id = %s AND user_id = %s", [session_id, target_id])
             if cursor.fetchone() is None:
@@ -94,7 +94,7 @@ def _write_run(
         use_embeddings = False
 
     # The file's vectors, read in the transaction: nothing to embed before it.
-    written, following = active_model.embed_guarded(lambda: None, write, generation=generation, on_change=written_pending)
+    written, following = embedding_guard.embed_guarded(lambda: None, write, generation=generation, on_change=written_pending)
     return written, following, use_embeddings
 
 
@@ -194,7 +194,7 @@ def _write_knowledge_batch(
         nonlocal use_embeddings
         use_embeddings = False
 
-    written = active_model.embed_guarded(embed, write, generation=generation, on_change=embed_all)
+    written = embedding_guard.embed_guarded(embed, write, generation=generation, on_change=embed_all)
     return written, use_embeddings, generation
 
 
@@ -202,7 +202,7 @@ def _insert_knowledge(new: list[dict], vectors: dict, *, checked: list[dict], ta
     """One transaction: ``new`` inserted with their ``vectors`` (by id); then every item of
     ``checked`` not inserted must be the user's, else ``Conflict`` (rolled back)."""
     with transaction.atomic(), connection.cursor() as cursor:
-        active_model.guard_write(cursor, generation=generation)
+        embedding_guard.guard_write(cursor, generation=generation)
         memory_version_bump(target_id)
         inserted = knowledge_insert_bulk(
             cursor, user_id=target_id, rows=new, embeddings=[_as_vector(vectors.get(v["id"])) for v in new]

@@ -30,7 +30,7 @@ the database when the import starts: ``memory.embedding_model``): those messages
 as flushed (context embeddings derived as a flush does). Otherwise messages are pending, and
 a flush is queued as an add past the size trigger does; knowledge items are embedded during
 the import (their add embeds them too). Each write of vectors checks the model in its
-transaction (``active_model.guard_write``): when a ``reembed`` switches the model in the
+transaction (``embedding_guard.guard_write``): when a ``reembed`` switches the model in the
 middle of an import, the rest of the file's messages are written pending and its knowledge
 items embedded again, by the new model.
 """

@@ -15,12 +15,11 @@ from datetime import datetime
 import numpy as np
 from django.conf import settings
 
-from memory.api.limits import JSONTooDeep, check_depth, too_deep_message
-from memory.api.serializers import UNSTORABLE, storable
 from memory.errors import InvalidInput
 from memory.facts.portability import check_fact
 from memory.models import Role
 from memory.portability import FORMAT, VERSION
+from memory.validation import UNSTORABLE, JSONTooDeep, check_depth, jsonb_storable, storable, too_deep_message
 
 RECORD_TYPES = ("header", "user", "agent", "session", "message", "knowledge", "fact")
 ROLES = frozenset(Role.values)  # once: Role.values builds its list on every read
@@ -80,7 +79,7 @@ class Checker:
                 raise self.fail(field, too_deep_message()) from None
             except ValueError:
                 raise self.fail(field, "Numbers must be finite.") from None
-            if not _storable(value):
+            if not jsonb_storable(value):
                 raise self.fail(field, UNSTORABLE)
         return value
 
@@ -123,18 +122,6 @@ class Checker:
 
 def _raise():
     raise ValueError
-
-
-def _storable(value) -> bool:
-    """Whether jsonb can hold ``value``'s keys and strings (``api.serializers.storable``, at
-    every depth); the depth is bounded by ``MAX_JSON_DEPTH`` beforehand."""
-    if isinstance(value, str):
-        return storable(value)
-    if isinstance(value, dict):
-        return all(storable(key) and _storable(item) for key, item in value.items())
-    if isinstance(value, list):
-        return all(_storable(item) for item in value)
-    return True
 
 
 def check_header(line: int, record: dict) -> dict | None:

@@ -15,9 +15,9 @@ from datetime import datetime
 
 from django.db import DataError, connection
 
-from memory import embedding_model
+from memory import embedding_model, metrics
 from memory.inference import registry
-from memory.operator import metrics
+from memory.models import Session
 from memory.retrieval import fusion, vector
 from memory.retrieval.cache import resized, user_index
 from memory.retrieval.config import RetrievalConfig
@@ -51,8 +51,6 @@ def hybrid_search_stages(q: MemoryQuery, *, partial: bool = True) -> Iterator[tu
     config = q.config or RetrievalConfig.from_settings()
     sessions = None
     if q.agent_id is not None:
-        from memory.models import Session
-
         sessions = list(Session.objects.filter(user_id=user_id, agent_id=q.agent_id).values_list("id", flat=True))
     ranked: dict[str, list] = {}
     # The query is embedded while BM25 runs (its SQL, and a cold user's index load): both are

@@ -8,7 +8,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 from pgvector import Vector
 
-from memory.indexing import active_model
+from memory import embedding_guard
 from memory.inference import registry
 from memory.models import Knowledge, User
 from memory.pgvector_binary import VectorArray, use_binary_vectors
@@ -22,19 +22,19 @@ def knowledge_add(*, user: User, contents: list[str]) -> list[Knowledge]:
     def write(embeddings, generation: int | None) -> list[Knowledge]:
         with transaction.atomic():
             with connection.cursor() as cursor:
-                active_model.guard_write(cursor, generation=generation)
+                embedding_guard.guard_write(cursor, generation=generation)
             memory_version_bump(user.pk)
             return Knowledge.objects.bulk_create(
                 [Knowledge(user=user, content=c, embedding=e) for c, e in zip(contents, embeddings)]
             )
 
-    return active_model.embed_guarded(lambda: registry.embed_documents(contents), write)
+    return embedding_guard.embed_guarded(lambda: registry.embed_documents(contents), write)
 
 
 def knowledge_update(*, user: User, knowledge_ids: list[uuid.UUID], new_contents: list[str]) -> list[Knowledge]:
     """Replace the content of the given items, re-embedding them. ``NotFound`` on unknown ids."""
     knowledge_by_ids(user=user, knowledge_ids=knowledge_ids)
-    return active_model.embed_guarded(
+    return embedding_guard.embed_guarded(
         lambda: registry.embed_documents(new_contents),
         lambda embeddings, generation: _knowledge_write(
             user=user, knowledge_ids=knowledge_ids, new_contents=new_contents, embeddings=embeddings, generation=generation
@@ -45,7 +45,7 @@ def knowledge_update(*, user: User, knowledge_ids: list[uuid.UUID], new_contents
 def _knowledge_write(*, user: User, knowledge_ids, new_contents, embeddings, generation: int | None) -> list[Knowledge]:
     with transaction.atomic():
         with connection.cursor() as cursor:
-            active_model.guard_write(cursor, generation=generation)
+            embedding_guard.guard_write(cursor, generation=generation)
         memory_version_bump(user.pk)
         rows = knowledge_by_ids(user=user, knowledge_ids=knowledge_ids, for_update=True)
         now = timezone.now()  # bulk_update does not apply auto_now
@@ -82,7 +82,7 @@ def knowledge_insert_bulk(cursor, *, user_id: uuid.UUID, rows: list[dict], embed
 
     ``rows``: dicts with ``id``, ``content``, ``metadata_json`` (the metadata's JSON) and
     ``created_at``; ``embeddings[i]``: item ``i``'s embedding. The caller's transaction holds
-    the write guard (``active_model.guard_write``) and the user's lock
+    the write guard (``embedding_guard.guard_write``) and the user's lock
     (``memory_version_bump``), in that order.
     """
     use_binary_vectors(cursor)

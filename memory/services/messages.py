@@ -16,11 +16,11 @@ from buffers import backlog, events
 from buffers import jobs as buffers_jobs
 from buffers.models import Priority
 from buffers.pending import pending_sql
+from memory import metrics
 from memory.errors import NotFound, Unavailable
 from memory.indexing.context import context_refresh
 from memory.inference import registry
 from memory.models import Message, Session
-from memory.operator import metrics
 from memory.pgvector_binary import VectorArray, use_binary_vectors
 from memory.selectors import messages_by_ids
 from memory.services.common import _delete_messages, memory_version_bump
@@ -285,7 +285,7 @@ def messages_insert_bulk(
     row ``i``'s document embedding, or ``None`` (the row is pending; with one it is stored as
     flushed and the context embeddings around it are derived as a flush does). The caller's
     transaction holds the user's lock (``memory_version_bump``, whose ``ann_bucket`` is
-    ``bucket``) and, with embeddings, the write guard (``active_model.guard_write``).
+    ``bucket``) and, with embeddings, the write guard (``embedding_guard.guard_write``).
     ``next_position`` of the sessions is the caller's to move past the rows.
     """
     now = timezone.now()

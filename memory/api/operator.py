@@ -1,25 +1,36 @@
-"""The operator dashboard: an admin page and ``GET /api/v1/admin/stats``, both from ``operator_stats``."""
+"""The operator's HTTP views: the admin dashboard page and ``GET /api/v1/admin/stats`` (both
+``memory.operator.stats.operator_stats``), and ``GET /metrics`` (the Prometheus text format,
+``memory.operator.exposition.scrape``). ``memory.operator`` computes the figures; the views
+that answer for them live with the API, whose authentication and error envelope they use.
+"""
 
 from __future__ import annotations
 
+import hmac
+
+from django.conf import settings
 from django.contrib import admin, messages
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
+from django.views.decorators.http import require_GET
 from drf_spectacular.utils import extend_schema, extend_schema_view
+from prometheus_client import CONTENT_TYPE_LATEST
 from rest_framework import serializers
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from buffers import services as buffers
-from memory.api.auth import is_authenticated, is_operator
-from memory.api.errors import envelope
+from memory.api.auth import bearer_token, is_authenticated, is_operator
+from memory.api.errors import envelope, error_body
 from memory.api.schema import api_doc
 from memory.errors import NotFound, Unauthenticated
 from memory.operator import history
+from memory.operator.exposition import scrape
 from memory.operator.stats import operator_stats
+from memory.tenancy import resolve_key
 
 REFRESH_SECONDS = 5
 
@@ -89,3 +100,40 @@ class AdminStatsView(APIView):
 @extend_schema_view(get=extend_schema(exclude=True))
 class DashboardStatsView(AdminStatsView):
     """``AdminStatsView`` for the admin's staff session at ``/admin/dashboard/stats`` (not in the API schema)."""
+
+
+def _scrape_token_matches(token: str | None) -> bool:
+    configured = settings.MEMFUSE["METRICS_TOKEN"]
+    # compare_digest: the time taken does not tell how much of the token was right.
+    return bool(configured and token and hmac.compare_digest(token.encode(), configured.encode()))
+
+
+@require_GET
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """The metrics of ``memory.operator.exposition`` for ``Authorization: Bearer <token>`` with the scrape
+    token (``METRICS_TOKEN``) or an operator key, or for a staff user's admin session.
+
+    401 (the API's envelope) without credentials or with a token that is neither; 404 for
+    credentials that are not an operator's (a tenant or user key, a non-staff session): the
+    endpoint does not exist for them, as ``/api/v1/admin/stats``.
+    """
+    token = bearer_token(dict(request.headers))
+    if token is not None:
+        if _scrape_token_matches(token):
+            return _metrics()
+        principal = resolve_key(token)
+        if principal is None:
+            return JsonResponse(error_body(401, "Invalid scrape token or API key"), status=401)
+        if principal.is_operator:
+            return _metrics()
+        return JsonResponse(error_body(404, f"No endpoint at {request.path}"), status=404)
+    user = getattr(request, "user", None)
+    if user is None or not user.is_authenticated:
+        return JsonResponse(error_body(401, "Authentication required: operators only"), status=401)
+    if user.is_active and user.is_staff:
+        return _metrics()
+    return JsonResponse(error_body(404, f"No endpoint at {request.path}"), status=404)
+
+
+def _metrics() -> HttpResponse:
+    return HttpResponse(scrape(), content_type=CONTENT_TYPE_LATEST)

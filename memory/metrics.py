@@ -3,7 +3,9 @@
 Requests by route (latency histogram), queries by stage (latency histogram), messages added,
 flushes and their duration: module-level ``Counter``/``Histogram`` objects; recording one costs
 a few microseconds. ``memory.operator.exposition`` exports them at ``GET /metrics`` with the
-snapshot figures read at scrape time.
+snapshot figures read at scrape time. It imports nothing of ``memory``: the rooms that record
+(the API, the services, the flush, the query) and ``memory.operator``, which reads them back,
+all sit above it.
 
 Several processes (``uvicorn --workers``, ``runworker``): with ``PROMETHEUS_MULTIPROC_DIR``
 set (an empty directory, shared by the processes, emptied before they start), the client

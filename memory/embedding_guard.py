@@ -1,7 +1,10 @@
 """The write side of the active embedding model (``memory.embedding_model`` reads it): every
 write of embeddings runs ``guard_write`` in its transaction (``embed_guarded`` is the loop
-around it), and ``reembed``'s switch takes
-``SWITCH_LOCK_KEY`` exclusively."""
+around it), and ``reembed``'s switch takes ``SWITCH_LOCK_KEY`` exclusively.
+
+Below every room that writes embeddings: the flush and ``reembed`` (``memory.indexing``), the
+facts layer (``memory.facts``, which the flush calls), the services and the import.
+"""
 
 from __future__ import annotations
 
