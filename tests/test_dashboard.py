@@ -9,7 +9,10 @@ from django.db import transaction
 from buffers import services as buffers
 from buffers.models import FlushJob, Priority, Reason, State
 from memory import retrieval
+from memory.facts import worker
+from memory.indexing.flush import flush_pending
 from memory.services.messages import MessageIn, messages_add
+from tests.test_facts import llm_on, llm_server, say  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
@@ -80,7 +83,7 @@ def test_stats_endpoint_shape(staff_client, busy_buffers, alice):
 
     assert (body["status"], body["code"]) == ("success", 200)
     data = body["data"]
-    assert set(data) == {"generated_at", "process", "pool", "models", "user_cache", "buffers"}
+    assert set(data) == {"generated_at", "process", "pool", "models", "user_cache", "buffers", "facts"}
     assert {"enabled", "size", "in_use", "idle", "requests_waiting", "requests_errors", "refused_503"} <= set(data["pool"])
     assert {"size", "bytes", "max_bytes", "hits", "misses", "evictions", "hit_rate"} == set(data["user_cache"])
     assert data["user_cache"]["size"] >= 1
@@ -108,3 +111,25 @@ def test_stats_endpoint_refuses_non_operators(anonymous_api, api, client, db):
     client.login(username="visitor", password="pw")
     refused = client.get("/api/v1/admin/stats")
     assert refused.status_code == 404 and refused.json()["code"] == 404
+
+
+def test_dashboard_shows_the_facts_layer_per_tenant(staff_client, llm_on, alice, alice_session):  # noqa: F811
+    """With the facts layer on, the dashboard and admin/stats give each tenant's LLM calls,
+    tokens and extraction backlog (the messages a flush queued for extraction); off, neither
+    shows a facts section."""
+    say(alice_session, "I adopted a grey cat called Miso yesterday afternoon.")
+    flush_pending(user_id=alice.pk)
+    waiting = staff_client.get("/admin/dashboard/")
+    [row] = waiting.context["stats"]["facts"]
+    assert (row["tenant"], row["calls"], row["backlog_jobs"], row["backlog_messages"]) == (alice.tenant.name, 0, 1, 1)
+    assert 'id="mf-facts"' in waiting.content.decode()
+
+    assert worker.run_once() == 1
+    [row] = staff_client.get("/api/v1/admin/stats").json()["data"]["facts"]
+    assert row["calls"] >= 1 and row["prompt_tokens"] > 0 and row["backlog_jobs"] == 0 and row["failures"] == 0
+
+
+def test_dashboard_has_no_facts_section_while_the_layer_is_off(staff_client, alice):
+    """The facts layer off: ``facts`` is null and the page has no facts table."""
+    page = staff_client.get("/admin/dashboard/")
+    assert page.context["stats"]["facts"] is None and 'id="mf-facts"' not in page.content.decode()

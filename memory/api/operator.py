@@ -59,6 +59,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "chart_height": history.CHART_HEIGHT,
         "refresh_seconds": REFRESH_SECONDS,
         "failed_jobs_url": reverse("admin:buffers_flushjob_changelist") + "?state__exact=failed",
+        "dead_facts_url": reverse("admin:memory_factjob_changelist") + "?state__exact=dead",
         "stats_url": reverse("memfuse-dashboard-stats"),
     }
     return TemplateResponse(request, "admin/memfuse_dashboard.html", context)
@@ -85,9 +86,10 @@ class AdminStatsView(APIView):
             "models": serializers.DictField(),
             "user_cache": serializers.DictField(),
             "buffers": serializers.DictField(),
+            "facts": serializers.ListField(child=serializers.DictField(), allow_null=True),
         },
         errors=(401, 404, 429, 500, 503),
-        summary="Operator figures (pool, models, user cache, buffers) for monitoring",
+        summary="Operator figures (pool, models, user cache, buffers, facts) for monitoring",
     )
     def get(self, request):
         if not is_operator(request):

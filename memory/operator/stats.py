@@ -11,7 +11,8 @@ from buffers import workers
 from buffers.selectors import buffers_overview
 from memory import retrieval
 from memory.embedding_model import embedding_models_overview
-from memory.inference import registry
+from memory.facts.selectors import facts_stats
+from memory.inference import llm, registry
 from runtime.heap import heap_stats
 from runtime.pool import pool_stats
 
@@ -23,9 +24,12 @@ def operator_stats(*, top_users: int = 10) -> dict:
     "models": memory.inference.registry.stats() with memory.embedding_model.embedding_models_overview()
     ("active": the stored vectors' model, "reembed": a run's progress), "user_cache": memory.retrieval.cache_stats(),
     "buffers": buffers.selectors.buffers_overview() plus "workers": {"workers", "busy",
-    "jobs_done", "jobs_failed"} or None when this process runs no flush workers}``.
-    Pool, models, cache and workers are per process; the buffers part is read from the
-    database and so covers every process.
+    "jobs_done", "jobs_failed"} or None when this process runs no flush workers,
+    "facts": memory.facts.selectors.facts_stats() (the facts layer per tenant: LLM calls,
+    tokens, latency and failures over the last hour, the extraction backlog, dead jobs), or
+    None while the layer is off}``.
+    Pool, models, cache and workers are per process; the buffers and facts parts are read
+    from the database and so cover every process.
     """
     buffers = buffers_overview(top_users=top_users)
     buffers["workers"] = workers.local_pool_status()
@@ -36,4 +40,5 @@ def operator_stats(*, top_users: int = 10) -> dict:
         "models": {**registry.stats(), **embedding_models_overview()},
         "user_cache": retrieval.cache_stats(),
         "buffers": buffers,
+        "facts": facts_stats() if llm.enabled() else None,
     }
