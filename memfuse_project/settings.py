@@ -279,7 +279,7 @@ MEMFUSE = {
     # bound on what a query may wait for after a burst (memory.retrieval.vector).
     "PENDING_EMBED_MAX": envint("PENDING_EMBED_MAX", 16),
     # One-text calls of the query model remembered by user and text, in all and per user
-    # (memory.inference.model_registry.RecentEmbeddings): they hold the embeddings of pending
+    # (memory.inference.recent.RecentEmbeddings): they hold the embeddings of pending
     # messages a query scores (read your writes), and a text embedded again soon after (the
     # chat turn's query, then the same words added as its message) costs no second model
     # call. About 2.1 KB each once done; 0: none (a query embeds its pending messages anew).

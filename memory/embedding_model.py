@@ -25,6 +25,7 @@ from django.db import connection
 
 from memory import inference
 from memory.inference import registry
+from memory.models import EmbeddingModel
 
 # How stale a process's idea of the active model may be (s): the window in which a query
 # embedded by the old model may meet the new model's vectors after a switch. A dimension
@@ -88,8 +89,6 @@ def embedding_models_overview() -> dict:
     ``{"name", "path", "dimension", "phase", "done", "total", "texts_per_second",
     "raw_texts_per_second", "updated_at" (ISO 8601)}``: the model of the stored vectors (no
     row: the configured one) and an unfinished ``reembed`` run's progress."""
-    from memory.models import EmbeddingModel
-
     rows = {
         row.state: row
         for row in EmbeddingModel.objects.filter(state__in=[EmbeddingModel.State.ACTIVE, EmbeddingModel.State.BUILDING])

@@ -383,7 +383,7 @@ def test_a_finished_recent_call_is_held_as_its_own_rows():
     done future of them; a failed call is forgotten."""
     from concurrent.futures import Future
 
-    from memory.inference.model_registry import RecentEmbeddings
+    from memory.inference.recent import RecentEmbeddings
 
     recent = RecentEmbeddings(maxsize=8, per_scope=8)
     batch = np.arange(3 * 4, dtype=np.float32).reshape(3, 4)
@@ -422,7 +422,7 @@ def test_recent_calls_are_bounded_per_user_and_in_all():
     ``forget`` drops a user's (known by their id as text or UUID)."""
     from concurrent.futures import Future
 
-    from memory.inference.model_registry import RecentEmbeddings
+    from memory.inference.recent import RecentEmbeddings
 
     def done() -> Future:
         future = Future()

@@ -5,7 +5,7 @@ A ``UserIndex`` holds what is worth keeping between a user's queries: their lexi
 ``memory_version`` moved. Everything in it can be rebuilt from the database, so evicting it
 loses nothing; a user who comes back is loaded from their snapshot (``memory.retrieval.store``).
 The embeddings of pending messages are not here: the query model's recent calls hold them
-(``memory.inference.model_registry.RecentEmbeddings``), dropped with that model.
+(``memory.inference.recent.RecentEmbeddings``), dropped with that model.
 """
 
 from __future__ import annotations
