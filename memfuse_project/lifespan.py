@@ -14,9 +14,12 @@ import logging
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.core.handlers.asgi import ASGIHandler
-from django.urls import get_resolver
+from django.core import signals
+from django.core.exceptions import RequestAborted
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.urls import Resolver404, get_resolver, set_script_prefix, set_urlconf
 
 from buffers import events, workers
 from memfuse_project import serving
@@ -55,17 +58,93 @@ class APIHandler(ASGIHandler):
     ``/api/`` gets a handler built with its own, shorter list.
 
     It also serves without asgiref's ``ThreadSensitiveContext``, which starts (and stops) a
-    thread for every request to run its thread-sensitive calls. With no middleware left,
-    those are only the request_started/finished signal receivers (``close_old_connections``,
-    ``reset_queries``), which then run on asgiref's one shared thread; the views themselves
-    run in the thread pool (``memory.api.base.ConcurrentAPIView``) and return their
-    connections to the pool there.
+    thread for every request to run its thread-sensitive calls. With no middleware, a request
+    to a REST endpoint (``memory.api.base.ConcurrentAPIView``) is served whole in one thread
+    of the pool, its request_started/finished signal receivers (``close_old_connections``,
+    ``reset_queries``) included (``handle``); any other runs them on asgiref's one shared
+    thread.
     """
+
+    _whole_in_thread = False  # no middleware: a REST request may skip Django's request cycle
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             raise ValueError(f"APIHandler serves HTTP only, not {scope['type']}")
         await self.handle(scope, receive, send)
+
+    async def handle(self, scope, receive, send):
+        """Django's ``ASGIHandler.handle``, but a request to a ``ConcurrentAPIView`` (every REST
+        endpoint) is served whole in one hop to a worker thread (its ``serve_whole``): the
+        signals, the view, its rendering and its error handling, with no middleware to run
+        between them. Other paths (the schema pages, an unknown URL) go Django's way."""
+        match = self._resolve(scope) if self._whole_in_thread else None
+        serve_whole = getattr(match.func, "serve_whole", None) if match is not None else None
+        if serve_whole is None:
+            return await super().handle(scope, receive, send)
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        set_script_prefix(get_script_prefix(scope))
+        request, error_response = self.create_request(scope, body_file)
+        if request is None:
+            await signals.request_started.asend(sender=self.__class__, scope=scope)
+            body_file.close()
+            await self.send_response(error_response, send)
+            await sync_to_async(error_response.close)()
+            return
+        set_urlconf(settings.ROOT_URLCONF)
+        request.resolver_match = match
+
+        async def process_request():
+            response = await serve_whole(request, match, self.__class__)
+            try:
+                await self.send_response(response, send)
+            except asyncio.CancelledError:
+                pass  # the client left while it was sent
+            return response
+
+        # As Django's handler: a client that leaves cancels the sending of the answer (a
+        # streamed export stops); the view's thread finishes its work either way.
+        tasks = [
+            asyncio.create_task(self.listen_for_disconnect(receive)),
+            asyncio.create_task(process_request()),
+        ]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            if task.done():
+                try:
+                    task.result()
+                except RequestAborted:
+                    pass
+                except AssertionError:
+                    body_file.close()
+                    raise
+            else:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        try:
+            response = tasks[1].result()
+        except asyncio.CancelledError:
+            await signals.request_finished.asend(sender=self.__class__)
+        else:
+            if response.streaming:  # a response not streamed was closed in the view's thread
+                await sync_to_async(response.close)()
+        body_file.close()
+
+    @staticmethod
+    def _resolve(scope):
+        """The URL's ``ResolverMatch`` (``request.path_info`` as ``ASGIRequest`` works it out), or
+        ``None`` for an unknown URL."""
+        script_name = get_script_prefix(scope)
+        path_info = scope["path"].removeprefix(script_name) if script_name else scope["path"]
+        try:
+            return get_resolver().resolve(path_info)
+        except Resolver404:
+            return None
 
     def load_middleware(self, is_async=False):
         # BaseHandler.load_middleware reads settings.MIDDLEWARE; swap the list in for the build.
@@ -75,6 +154,7 @@ class APIHandler(ASGIHandler):
             super().load_middleware(is_async=is_async)
         finally:
             settings.MIDDLEWARE = full
+        self._whole_in_thread = not settings.API_MIDDLEWARE
 
 
 class PathPrefixRouter:

@@ -1,4 +1,5 @@
-"""The ASGI application sizes the serving loop's thread pool (``MEMFUSE["ASGI_THREADS"]``) whatever the server."""
+"""The ASGI application: the serving loop's thread pool (``MEMFUSE["ASGI_THREADS"]``) whatever the
+server, its start-up and shutdown, and a REST request served whole in one thread of that pool."""
 
 from __future__ import annotations
 
@@ -128,3 +129,60 @@ async def test_a_start_up_that_fails_at_the_lifespan_stops_the_server(applicatio
 
     assert answer["type"] == "lifespan.startup.failed"
     assert "RerankerLoadError" in answer["message"] and "not a directory" in answer["message"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_rest_request_runs_its_signals_and_view_in_one_pool_thread(application, monkeypatch):
+    """A REST request through the application: request_started, the view and request_finished
+    once each, all in the same thread of the pool, never on the event loop's thread."""
+    from django.core.signals import request_finished, request_started
+
+    from memory.api.views import HealthView
+
+    threads: list[tuple[str, str]] = []
+
+    def record(what: str):
+        def receiver(**kwargs):
+            threads.append((what, threading.current_thread().name))
+
+        return receiver
+
+    started, finished = record("started"), record("finished")
+    get = HealthView.get
+
+    def recorded_get(self, request):
+        threads.append(("view", threading.current_thread().name))
+        return get(self, request)
+
+    monkeypatch.setattr(HealthView, "get", recorded_get)
+    request_started.connect(started)
+    request_finished.connect(finished)
+    try:
+        response = await HttpCommunicator(application, "GET", "/api/v1/health").get_response(timeout=30)
+    finally:
+        request_started.disconnect(started)
+        request_finished.disconnect(finished)
+
+    assert response["status"] == 200
+    assert [what for what, _ in threads] == ["started", "view", "finished"]
+    assert len({name for _, name in threads}) == 1
+    assert threads[0][1] != threading.current_thread().name
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_unexpected_error_of_a_rest_view_is_the_500_envelope(application, monkeypatch):
+    """A REST view that raises something unexpected answers Django's handler500 through the
+    application too: a 500 in the envelope, details left to the log."""
+    import json
+
+    from memory.api.views import HealthView
+
+    def boom(self, request):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(HealthView, "get", boom)
+    response = await HttpCommunicator(application, "GET", "/api/v1/health").get_response(timeout=30)
+
+    assert response["status"] == 500
+    body = json.loads(response["body"])
+    assert body["status"] == "error" and body["code"] == 500 and body["message"] == "Internal server error"

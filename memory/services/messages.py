@@ -76,12 +76,14 @@ WITH bumped AS (
     WHERE id = %(session)s AND EXISTS (SELECT FROM bumped)
     RETURNING next_position - %(count)s AS start
 ), added AS (
+    -- The arrays are bound in binary format (the b placeholders): in the text format psycopg
+    -- quotes and escapes every element in Python, and this statement runs on every add.
     INSERT INTO memory_message (id, session_id, user_id, position, role, content, metadata, index_text,
                                 flush_count, created_at, updated_at)
     SELECT m.id, %(session)s, %(user)s, slot.start + m.ord - 1, m.role, m.content, m.metadata,
            m.index_text, 0, m.created_at, %(now)s
-    FROM slot, unnest(%(ids)s::uuid[], %(roles)s::text[], %(contents)s::text[], %(metadata)s::jsonb[],
-                      %(index_texts)s::text[], %(created)s::timestamptz[]) WITH ORDINALITY
+    FROM slot, unnest(%(ids)b::uuid[], %(roles)b::text[], %(contents)b::text[], %(metadata)b::jsonb[],
+                      %(index_texts)b::text[], %(created)b::timestamptz[]) WITH ORDINALITY
                AS m(id, role, content, metadata, index_text, created_at, ord)
     RETURNING position, length(index_text) AS chars
 ), pending AS (
