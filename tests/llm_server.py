@@ -182,3 +182,28 @@ class LLMServer:
         self._released.set()
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.llm_server [--mode slow] [--delay 2]``: serve until interrupted, the
+    base URL (``LLM_BASE_URL``) on the first line; for benchmarks of the service beside it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--mode", default="ok", choices=["ok", "slow", "hang", "5xx", "429", "malformed", "no_json_schema"])
+    parser.add_argument("--delay", type=float, default=2.0, help="seconds before each answer in mode slow")
+    options = parser.parse_args(argv)
+    server = LLMServer()
+    server.mode, server.delay = options.mode, options.delay
+    print(server.base_url, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print(f"calls {server.calls}, prompt tokens {server.prompt_tokens}, completion tokens {server.completion_tokens}")
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
