@@ -267,15 +267,13 @@ def memory_query_stages(q: MemoryQuery) -> Iterator[tuple[str, list[dict]]]:
     (tagged ``"layer": "m0"``; none when only ``m1`` is asked for), the final one has the facts too."""
     layers = (q.layers or facts_selectors.default_layers()) if llm.enabled() else None
     if layers is not None and "m0" not in layers:
-        yield "final", facts_selectors.with_facts(user_id=q.user.pk, query=q.query, top_k=q.top_k, messages=[], layers=layers)
+        yield "final", _with_facts(q, messages=[], layers=layers)
         return
     for stage, hits in hybrid_search_stages(q):
         results = _results(q.user, hits, session_id=q.session_id)
         if layers is not None:
             messages = results if stage == "final" else []
-            results = facts_selectors.with_facts(
-                user_id=q.user.pk, query=q.query, top_k=q.top_k, messages=results, layers=layers if messages else ["m0"]
-            )
+            results = _with_facts(q, messages=results, layers=layers if messages else ["m0"])
         yield stage, results
 
 
@@ -303,7 +301,15 @@ def memory_query(q: MemoryQuery) -> list[dict]:
         return _m0_query(q)
     layers = q.layers or facts_selectors.default_layers()
     messages = _m0_query(q) if "m0" in layers else []
-    return facts_selectors.with_facts(user_id=q.user.pk, query=q.query, top_k=q.top_k, messages=messages, layers=layers)
+    return _with_facts(q, messages=messages, layers=layers)
+
+
+def _with_facts(q: MemoryQuery, *, messages: list[dict], layers) -> list[dict]:
+    """``memory.facts.selectors.with_facts`` for ``q``: its facts bounded as its messages are."""
+    return facts_selectors.with_facts(
+        user_id=q.user.pk, query=q.query, top_k=q.top_k, messages=messages, layers=layers,
+        agent_id=q.agent_id, since=q.since, until=q.until,
+    )  # fmt: skip
 
 
 def _m0_query(q: MemoryQuery) -> list[dict]:

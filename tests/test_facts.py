@@ -19,8 +19,9 @@ from memory.facts.models import Fact, FactJob, FactSource, LlmCall
 from memory.facts.provenance import facts_sweep
 from memory.facts.reembed import facts_reembed
 from memory.indexing.flush import flush_pending
+from memory.services.agents import agent_create
 from memory.services.messages import MessageIn, messages_add, messages_delete, messages_update
-from memory.services.sessions import session_delete
+from memory.services.sessions import session_create, session_delete
 from memory.services.users import user_delete
 from tests.envelopes import assert_error, assert_success
 from tests.llm_server import LLMServer
@@ -363,6 +364,30 @@ def test_the_query_returns_both_layers_by_default_when_on(llm_on, api, alice, al
     assert fact["metadata"]["valid_from"] == "2023-05-07"
     assert {r["layer"] for r in query(api, alice.pk, "grey cat Miso", layers=["m0"])} == {"m0"}
     assert {r["layer"] for r in query(api, alice.pk, "grey cat Miso", layers=["m1"])} == {"m1"}
+
+
+def test_facts_are_bounded_by_agent_and_time_as_messages_are(llm_on, api, alice, alice_session):
+    """``agent_id``, ``since`` and ``until`` keep only the facts with a source said in that
+    agent's sessions and window, as they keep M0's messages."""
+    coach = agent_create(tenant_id=alice.tenant_id, name="coach")
+    later = session_create(user=alice, agent=coach, name="alice-coaching")
+    week_later = SESSION_DAY + timedelta(days=7)
+    say(alice_session, "I adopted a grey cat called Miso yesterday afternoon.")
+    say(later, "My grey cat Miso now sleeps on the piano every night.", at=week_later)
+    flush_pending(user_id=alice.pk)
+    make_runnable()
+    while worker.run_once():
+        pass
+
+    def facts(**bounds) -> set[str]:
+        return {r["content"] for r in query(api, alice.pk, "grey cat Miso", layers=["m1"], top_k=10, **bounds)}
+
+    first, second = "I adopted a grey cat called Miso yesterday afternoon.", "My grey cat Miso now sleeps on the piano every night."
+    assert facts() == {first, second}
+    assert facts(since=(SESSION_DAY + timedelta(days=1)).isoformat()) == {second}
+    assert facts(until=(SESSION_DAY + timedelta(days=1)).isoformat()) == {first}
+    assert facts(agent_id=str(coach.pk)) == {second}
+    assert facts(agent_id=str(coach.pk), until=(SESSION_DAY + timedelta(days=1)).isoformat()) == set()
 
 
 def test_layers_are_validated(llm_on, api, alice):

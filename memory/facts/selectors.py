@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection
+from datetime import datetime
 
 import numpy as np
 from django.db import connection
@@ -22,31 +23,60 @@ from memory.pgvector_binary import use_binary_vectors
 _LIVE = """
     f.user_id = %(user)s AND f.superseded_by_id IS NULL AND f.deleted_at IS NULL
     AND EXISTS (SELECT 1 FROM memory_factsource s JOIN memory_message m
-                ON m.id = s.message_id AND m.seq = s.message_seq WHERE s.fact_id = f.id)
+                ON m.id = s.message_id AND m.seq = s.message_seq WHERE s.fact_id = f.id{sources})
 """
+
+
+def _live(*, agent_id: uuid.UUID | None, since: datetime | None, until: datetime | None) -> tuple[str, dict]:
+    """The condition of a live fact of ``%(user)s`` and its parameters: a current version, one
+    of its sources still as it was read, and, when a bound is given, that source said in the
+    window (its message's ``created_at``, both ends inclusive, as M0's ``since``/``until``) and
+    in a session of ``agent_id``."""
+    sources, params = "", {}
+    if since is not None:
+        sources += " AND m.created_at >= %(since)s"
+        params["since"] = since
+    if until is not None:
+        sources += " AND m.created_at <= %(until)s"
+        params["until"] = until
+    if agent_id is not None:
+        sources += " AND m.session_id IN (SELECT id FROM memory_session WHERE user_id = %(user)s AND agent_id = %(agent)s)"
+        params["agent"] = agent_id
+    return _LIVE.format(sources=sources), params
 
 # Reciprocal rank fusion's constant (Cormack et al. 2009), as the message retrieval uses.
 RRF_K = 60
 
 
 def facts_similar(
-    *, user_id: uuid.UUID, text: str, embedding: np.ndarray | None, limit: int, max_distance: float = 2.0
+    *,
+    user_id: uuid.UUID,
+    text: str,
+    embedding: np.ndarray | None,
+    limit: int,
+    max_distance: float = 2.0,
+    agent_id: uuid.UUID | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> list[tuple[uuid.UUID, float]]:
     """The user's live facts most similar to ``text``: ``[(fact_id, rrf_score)]``, best first,
     at most ``limit``. Hybrid, like the message retrieval: the ``limit`` nearest by cosine
     distance of ``embedding`` (``(dim,)`` float32; ``None``: lexical only) and the ``limit``
     best by ``ts_rank_cd`` of any of ``text``'s words, fused by RRF. ``max_distance``: the
-    vector side keeps only facts within that cosine distance (2: all). Only ``user_id``'s
-    rows are read."""
+    vector side keeps only facts within that cosine distance (2: all). ``agent_id``,
+    ``since``, ``until`` (aware datetimes): only facts with a source said in that agent's
+    sessions and window (``_live``). Only ``user_id``'s rows are read."""
+    live, bounds = _live(agent_id=agent_id, since=since, until=until)
     ranked: list[list[uuid.UUID]] = []
     with connection.cursor() as cursor:
         if embedding is not None:
             use_binary_vectors(cursor)
             cursor.execute(
-                f"SELECT f.id FROM memory_fact f WHERE {_LIVE} AND f.embedding IS NOT NULL "
+                f"SELECT f.id FROM memory_fact f WHERE {live} AND f.embedding IS NOT NULL "
                 "AND f.embedding_generation IS NOT DISTINCT FROM %(generation)s "
                 "AND f.embedding <=> %(q)s <= %(max)s ORDER BY f.embedding <=> %(q)s LIMIT %(limit)s",
                 {
+                    **bounds,
                     "user": user_id,
                     "q": Vector(np.asarray(embedding, dtype=np.float32)),
                     "limit": limit,
@@ -61,10 +91,10 @@ def facts_similar(
         cursor.execute(
             f"""
             WITH q AS (SELECT nullif(replace(plainto_tsquery('english', %(text)s)::text, '&', '|'), '')::tsquery AS q)
-            SELECT f.id FROM memory_fact f, q WHERE q.q IS NOT NULL AND {_LIVE} AND f.search_vector @@ q.q
+            SELECT f.id FROM memory_fact f, q WHERE q.q IS NOT NULL AND {live} AND f.search_vector @@ q.q
             ORDER BY ts_rank_cd(f.search_vector, q.q) DESC, f.created_at DESC LIMIT %(limit)s
             """,
-            {"user": user_id, "text": text, "limit": limit},
+            {**bounds, "user": user_id, "text": text, "limit": limit},
         )
         ranked.append([row[0] for row in cursor.fetchall()])
     scores: dict[uuid.UUID, float] = {}
@@ -160,20 +190,35 @@ def default_layers() -> list[str]:
     return ["m0", "m1"] if llm.enabled() else ["m0"]
 
 
-def with_facts(*, user_id: uuid.UUID, query: str, top_k: int, messages: list[dict], layers: Collection[str]) -> list[dict]:
+def with_facts(
+    *,
+    user_id: uuid.UUID,
+    query: str,
+    top_k: int,
+    messages: list[dict],
+    layers: Collection[str],
+    agent_id: uuid.UUID | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[dict]:
     """The query's results across ``layers``: ``messages`` (M0's results, each tagged
     ``"layer": "m0"``) and the user's live facts most similar to ``query`` (``facts_results``),
     merged by reciprocal rank (the i-th of either list scores ``1 / (60 + i)``: M0's fused
     scores and M1's are not on one scale) and cut to ``top_k``; ties keep M0 first. The query's
     embedding is the one M0's search asked for (``registry.submit_query`` with the user's
-    scope returns that call). Raises ``memory.inference.EmbeddingProcessError`` like M0."""
+    scope returns that call). ``agent_id``, ``since``, ``until`` bound the facts by their
+    sources as M0's messages are bound (``facts_similar``). Raises
+    ``memory.inference.EmbeddingProcessError`` like M0."""
     for result in messages:
         result["layer"] = "m0"
     if "m1" not in layers:
         return messages
     embedding = registry.submit_query([query], scope=user_id).result()[0]
     facts = facts_results(
-        user_id=user_id, scored=facts_similar(user_id=user_id, text=query, embedding=embedding, limit=top_k)
+        user_id=user_id,
+        scored=facts_similar(
+            user_id=user_id, text=query, embedding=embedding, limit=top_k, agent_id=agent_id, since=since, until=until
+        ),
     )
     if "m0" not in layers:
         return facts[:top_k]
