@@ -264,6 +264,26 @@ def test_deleting_the_source_message_removes_the_fact(llm_on, api, alice, alice_
     assert not Fact.objects.filter(user=alice).exists()
 
 
+def test_a_batched_sweep_looks_at_a_batch_of_facts_and_goes_round(llm_on, alice, alice_session):
+    """A sweep with ``batch`` looks at that many facts a run, going on where the last stopped
+    and wrapping round: facts whose sources are gone are all deleted within a pass, the live
+    one never."""
+    rows = say(
+        alice_session,
+        "I adopted a grey cat called Miso yesterday afternoon.",
+        "I work as a nurse at the city hospital downtown.",
+        "My sister Anna lives in Lisbon with her two kids.",
+    )
+    flush_pending(user_id=alice.pk)
+    worker.run_once()
+    assert len(live_facts(alice)) == 3
+    messages_delete(session=alice_session, message_ids=[rows[0].pk, rows[2].pk])
+    deleted = [facts_sweep(batch=1) for _ in range(4)]  # a pass of three runs, and the next one
+    assert all(count <= 1 for count in deleted) and sum(deleted) == 2
+    assert [f.text for f in Fact.objects.filter(user=alice)] == ["I work as a nurse at the city hospital downtown."]
+    assert facts_sweep(batch=2) == 0 and facts_sweep(batch=2) == 0
+
+
 def test_editing_the_source_message_replaces_its_facts(llm_on, api, alice, alice_session):
     """An edited message's old facts stop being returned; its new text is extracted again."""
     rows = say(alice_session, "I adopted a grey cat called Miso yesterday afternoon.")

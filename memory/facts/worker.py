@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 IDLE_SECONDS = 1.0
 # How often an idle worker sweeps and purges (s).
 SWEEP_SECONDS = 10.0
+# Facts a sweep looks at each time: its work bounded however many facts there are (a pass
+# over a million facts takes 100 sweeps).
+SWEEP_BATCH = 10_000
 
 
 def run_once() -> int:
@@ -50,7 +53,7 @@ def run_forever(stop: threading.Event) -> None:
                 jobs.facts_run_job(job)
                 continue
             if time.monotonic() - last_sweep > SWEEP_SECONDS:
-                facts_sweep()
+                facts_sweep(batch=SWEEP_BATCH)
                 jobs.facts_purge()
                 facts_reembed()
                 last_sweep = time.monotonic()
