@@ -28,6 +28,12 @@ def _run_view_concurrently(view, request, *args, **kwargs):
     connection until the thread ends.
     """
     close_old_connections()
+    return _render_and_release(view, request, *args, **kwargs)
+
+
+def _render_and_release(view, request, *args, **kwargs):
+    """The view's rendered response; this thread's connections go back to the pool whatever
+    the view does."""
     try:
         response = view(request, *args, **kwargs)
         if hasattr(response, "render"):
@@ -44,9 +50,11 @@ def _serve_whole(view, request, args, kwargs, handler_class) -> HttpResponse:
     the log line of a 4xx/5xx (``log_response``) and, for a response that is not streamed,
     ``response.close()`` (``request_finished``, before the body is sent). A streamed response
     is closed by the handler once sent, as Django does."""
+    # request_started's receivers include close_old_connections: the view's thread needs no
+    # other clean-up before the view.
     signals.request_started.send(sender=handler_class, scope=request.scope)
     try:
-        response = _run_view_concurrently(view, request, *args, **kwargs)
+        response = _render_and_release(view, request, *args, **kwargs)
     except Exception as exc:
         response = response_for_exception(request, exc)
     response._resource_closers.append(request.close)
