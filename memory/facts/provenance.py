@@ -4,15 +4,14 @@ such facts themselves (``memory.facts.selectors``); the sweep reclaims their row
 
 from __future__ import annotations
 
-import threading
 import uuid
 
 from django.db import connection, transaction
 
 # Where this process's batched sweep goes on from (fact ids in their order; wraps round).
-# Processes sweep independently: deleting what no longer holds is the same from any of them.
+# Threads and processes sweeping the same facts at once are harmless: deleting what no
+# longer holds is the same from any of them.
 _after = uuid.UUID(int=0)
-_after_lock = threading.Lock()
 
 
 def facts_sweep(*, batch: int | None = None) -> int:
@@ -26,40 +25,30 @@ def facts_sweep(*, batch: int | None = None) -> int:
     bounded whatever the number of facts. ``None``: every fact at once (two anti-joins over
     all sources). Reads already skip such facts (``memory.facts.selectors``); this reclaims
     their rows. A fact's older versions go with it: they share its sources."""
-    if batch is None:
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(
-                """
-                DELETE FROM memory_factsource s WHERE NOT EXISTS (
-                    SELECT 1 FROM memory_message m WHERE m.id = s.message_id AND m.seq = s.message_seq)
-                """
-            )
-            cursor.execute(
-                "DELETE FROM memory_fact f WHERE NOT EXISTS (SELECT 1 FROM memory_factsource s WHERE s.fact_id = f.id)"
-            )
-            return cursor.rowcount
     global _after
-    with _after_lock:
-        after = _after
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT array(SELECT id FROM memory_fact WHERE id > %s ORDER BY id LIMIT %s)", [after, batch]
-        )
+        if batch is None:
+            return _delete_unsupported(cursor, ids=None)
+        cursor.execute("SELECT array(SELECT id FROM memory_fact WHERE id > %s ORDER BY id LIMIT %s)", [_after, batch])
         ids = cursor.fetchone()[0]
-        if ids:
-            cursor.execute(
-                """
-                DELETE FROM memory_factsource s WHERE s.fact_id = ANY(%(ids)s) AND NOT EXISTS (
-                    SELECT 1 FROM memory_message m WHERE m.id = s.message_id AND m.seq = s.message_seq)
-                """,
-                {"ids": ids},
-            )
-            cursor.execute(
-                "DELETE FROM memory_fact f WHERE f.id = ANY(%(ids)s) "
-                "AND NOT EXISTS (SELECT 1 FROM memory_factsource s WHERE s.fact_id = f.id)",
-                {"ids": ids},
-            )
-        deleted = cursor.rowcount if ids else 0
-    with _after_lock:
-        _after = ids[-1] if len(ids) == batch else uuid.UUID(int=0)
+        deleted = _delete_unsupported(cursor, ids=ids) if ids else 0
+    _after = ids[-1] if len(ids) == batch else uuid.UUID(int=0)
     return deleted
+
+
+def _delete_unsupported(cursor, *, ids: list[uuid.UUID] | None) -> int:
+    """Delete the sources of facts ``ids`` (``None``: of every fact) whose message is gone or
+    changed, then those facts left with no source; returns how many facts."""
+    params = {"ids": ids} if ids is not None else None
+    among = "s.fact_id = ANY(%(ids)s) AND" if ids is not None else ""
+    cursor.execute(
+        f"DELETE FROM memory_factsource s WHERE {among} NOT EXISTS ("
+        "SELECT 1 FROM memory_message m WHERE m.id = s.message_id AND m.seq = s.message_seq)",
+        params,
+    )
+    among = "f.id = ANY(%(ids)s) AND" if ids is not None else ""
+    cursor.execute(
+        f"DELETE FROM memory_fact f WHERE {among} NOT EXISTS (SELECT 1 FROM memory_factsource s WHERE s.fact_id = f.id)",
+        params,
+    )
+    return cursor.rowcount
