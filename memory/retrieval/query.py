@@ -22,9 +22,10 @@ class MemoryQuery:
     read: the BM25 index catches up to it) and ``ann_bucket`` loaded. ``query``: the text.
     ``top_k``: the most results (the API allows 1 to 100). ``session_id``: the caller's
     session, for each result's ``scope`` tag (``None``: no tag). ``agent_id``: only messages of
-    that agent's sessions (knowledge is user-level). ``config``: the retrieval knobs (``None``:
-    ``RetrievalConfig.from_settings()``). ``since`` / ``until``: aware datetimes, both
-    inclusive: only what was created in that window. ``layers``: ``("m0",)`` (messages and
+    that agent's sessions, and facts with a source there (knowledge is user-level).
+    ``config``: the retrieval knobs (``None``: ``RetrievalConfig.from_settings()``).
+    ``since`` / ``until``: aware datetimes, both inclusive: only what was created in that
+    window (a fact: a source said in it). ``layers``: ``("m0",)`` (messages and
     knowledge), ``("m1",)`` (facts), or both; ``None``: ``memory.facts.selectors.default_layers()``
     (read only while the facts layer is on).
     """
